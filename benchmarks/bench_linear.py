@@ -1,0 +1,156 @@
+"""w4a16_linear speed against its peers, side by side in one run.
+
+    python benchmarks/bench_linear.py                 # CUDA when present, else CPU
+    python benchmarks/bench_linear.py --device cpu --threads 2
+
+CUDA columns (median us, triton.testing.do_bench, L2 flushed between calls, fp16 activations,
+group 128, asymmetric zeros): this op (fp16, bf16, act-order), cuBLAS fp16 (x @ w.t()),
+torch.ops.aten._weight_int4pack_mm (tinygemm, bf16), dequantize-then-matmul, and the memory floor
+(int4 weights + fp16 scales + packed zeros + activations + output at the measured copy bandwidth).
+CPU columns: this op, dense fp32 and bf16 F.linear, and the int4 bytes per second against the
+read bandwidth measured in the same run.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import torch_ops
+
+SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
+MS = [1, 4, 16, 64, 256, 1024, 4096]
+
+
+def make(K, N, G, device, act_order=False):
+    w = torch.randn(N, K, device=device) * 0.02
+    t = torch_ops.quantize(w, 4, G)
+    if act_order:  # a scattered g_idx with the same tensors: exercises the gather path
+        t["g_idx"] = t["g_idx"][torch.randperm(K, device=device)].contiguous()
+    t["qzeros"], t["group_size"] = t["qzeros"], G
+    return w, t
+
+
+def fmt(t):
+    return "n/a" if t is None else f"{t:,.1f}"
+
+
+# ---- CUDA -------------------------------------------------------------------------------------
+
+def bench_cuda(shapes, ms, G):
+    import triton.testing
+
+    def bench(fn):
+        try:
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+        except Exception:  # a peer that refuses the shape
+            return None
+
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-6)  # bytes/s, read + write
+    del src, dst
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"copy bandwidth {copy_bw / 1e9:,.0f} GB/s, group {G}")
+    print("| K x N | M | w4a16 fp16 | w4a16 bf16 | act-order fp16 | cuBLAS fp16 | tinygemm bf16 "
+          "| dequant+mm | floor | vs cuBLAS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for K, N in shapes:
+        w, t = make(K, N, G, "cuda")
+        _, t_act = make(K, N, G, "cuda", act_order=True)
+        w16 = w.half()
+        t_bf = dict(t, scales=t["scales"].bfloat16())
+        try:  # tinygemm: bf16, float-domain zero: w = (q - 8) * s + zero, zero = s * (8 - z)
+            q = torch_ops.unpack(t["qweight"], 4, dim=0).t().contiguous()  # [N, K]
+            z = torch_ops.unpack(t["qzeros"], 4, dim=1).float() + 1  # v1 -> z
+            s = t["scales"].float()
+            sz = torch.stack([s, s * (8 - z)], -1).bfloat16().contiguous()  # [K/G, N, 2]
+            packed = torch._convert_weight_to_int4pack(((q[:, 1::2] << 4) | q[:, ::2]).contiguous(), 8)
+        except Exception:
+            packed = None
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            xb = x.bfloat16()
+            ours = bench(lambda: torch_ops.w4a16_linear(x, **t))
+            ours_bf = bench(lambda: torch_ops.w4a16_linear(xb, **t_bf))
+            act = bench(lambda: torch_ops.w4a16_linear(x, **t_act))
+            cublas = bench(lambda: x @ w16.t())
+            tiny = None if packed is None else bench(
+                lambda: torch._weight_int4pack_mm(xb, packed, G, sz))
+            deq = bench(lambda: x @ torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"],
+                                                       group_size=G).t())
+            nbytes = K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2 + M * (K + N) * 2
+            floor = nbytes / copy_bw * 1e6
+            ratio = f"{cublas / ours:.2f}x" if ours and cublas else "n/a"
+            print(f"| {K} x {N} | {M} | {fmt(ours)} | {fmt(ours_bf)} | {fmt(act)} | {fmt(cublas)} "
+                  f"| {fmt(tiny)} | {fmt(deq)} | {floor:,.1f} | {ratio} |", flush=True)
+        # group sizes at one shape, M = 1 and 16
+        if (K, N) == (8192, 8192):
+            for g in (32, 64, -1):
+                _, tg = make(K, N, K if g == -1 else g, "cuda")
+                tg["group_size"] = g
+                for M in (1, 16):
+                    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                    print(f"| {K} x {N}, group {g} | {M} | {fmt(bench(lambda: torch_ops.w4a16_linear(x, **tg)))} "
+                          f"| | | | | | | |", flush=True)
+
+
+# ---- CPU --------------------------------------------------------------------------------------
+
+def bench_cpu(shapes, ms, G, reps):
+    def bench(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e6
+
+    buf = torch.empty(1 << 28, dtype=torch.uint8).random_()
+    read_bw = buf.numel() / (bench(lambda: buf.view(torch.int64).sum()) * 1e-6)
+    del buf
+    print(f"device: cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"read bandwidth {read_bw / 1e9:.1f} GB/s, isa {['scalar', 'avx2', 'avx512'][torch_ops._C.cpu_isa()]}, group {G}")
+    print("| K x N | M | w4a16 fp32 x (us) | int4 GB/s | of read bw | F.linear fp32 | F.linear bf16 "
+          "| vs fp32 | vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for K, N in shapes:
+        w, t = make(K, N, G, "cpu")
+        wb = w.bfloat16()
+        for M in ms:
+            x = torch.randn(M, K)
+            xb = x.bfloat16()
+            ours = bench(lambda: torch_ops.w4a16_linear(x, **t))
+            dense = bench(lambda: F.linear(x, w))
+            dense_bf = bench(lambda: F.linear(xb, wb))
+            gbs = K * N / 2 / (ours * 1e-6) / 1e9
+            print(f"| {K} x {N} | {M} | {ours:,.0f} | {gbs:.1f} | {gbs * 1e9 / read_bw:.0%} "
+                  f"| {dense:,.0f} | {dense_bf:,.0f} | {dense / ours:.1f}x | {dense_bf / ours:.1f}x |",
+                  flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x8192 (K x N)")
+    p.add_argument("--ms", default=None, help="e.g. 1,16,64")
+    p.add_argument("--reps", type=int, default=5)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    shapes = ([tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes
+              else (SHAPES if a.device == "cuda" else [(4096, 4096), (8192, 8192)]))
+    ms = [int(m) for m in a.ms.split(",")] if a.ms else (MS if a.device == "cuda" else [1, 4, 16, 64])
+    torch.manual_seed(0)
+    if a.device == "cuda":
+        bench_cuda(shapes, ms, a.group_size)
+    else:
+        bench_cpu(shapes, ms, a.group_size, a.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,632 @@
+// ops.cpp - the op registry of torch_ops: every schema in one place, the argument checks (each
+// naming the op, the argument and the value received), output allocation, and the dispatch to the
+// C core (CPU, split across torch's threads) or to the CUDA wrappers (ops_cuda.cpp).
+// Fake (meta) kernels and autograd are registered in Python (torch_ops/_ops.py).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <tuple>
+
+#include "ops.h"
+
+namespace torch_ops {
+
+void check_status(int status, const char *op) {
+    TORCH_CHECK(status == TOPS_OK, op, ": kernel failed: ", tops_status_name(status));
+}
+
+namespace {
+
+// ---- argument checks ------------------------------------------------------------------------
+
+std::string shape_str(at::IntArrayRef s) {
+    std::ostringstream o;
+    o << "[";
+    for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+    o << "]";
+    return o.str();
+}
+
+void check_dtype(const char *op, const char *arg, const at::Tensor &t, at::ScalarType want) {
+    TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", arg, " must be ", want, ", got ",
+                     t.scalar_type());
+}
+
+void check_float(const char *op, const char *arg, const at::Tensor &t) {
+    auto s = t.scalar_type();
+    TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", arg,
+                     " must be float32, float16 or bfloat16, got ", s);
+}
+
+void check_ndim(const char *op, const char *arg, const at::Tensor &t, int64_t ndim) {
+    TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", arg, " must be ", ndim, "-D, got shape ",
+                      shape_str(t.sizes()));
+}
+
+void check_shape(const char *op, const char *arg, const at::Tensor &t, at::IntArrayRef want,
+                 const char *formula) {
+    TORCH_CHECK_VALUE(t.sizes() == want, op, ": ", arg, " must have shape ", formula, " = ",
+                      shape_str(want), ", got ", shape_str(t.sizes()));
+}
+
+void check_device(const char *op, const char *arg, const at::Tensor &t, const at::Tensor &ref) {
+    TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(),
+                      " but the other inputs are on ", ref.device());
+    TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), op, ": ", arg,
+                      " must be a CPU or CUDA tensor, got ", t.device());
+}
+
+void check_bits(const char *op, int64_t bits, std::initializer_list<int64_t> allowed) {
+    bool ok = false;
+    std::ostringstream o;
+    for (auto b : allowed) {
+        ok |= b == bits;
+        o << (o.tellp() > 0 ? ", " : "") << b;
+    }
+    TORCH_CHECK_VALUE(ok, op, ": bits must be one of {", o.str(), "}, got ", bits);
+}
+
+int parse_order(const char *op, c10::string_view order) {
+    if (order == "sequential") return TOPS_ORDER_SEQUENTIAL;
+    if (order == "awq") return TOPS_ORDER_AWQ;
+    TORCH_CHECK_VALUE(false, op, ": order must be \"sequential\" or \"awq\", got \"",
+                      std::string(order), "\"");
+}
+
+int parse_zero_format(const char *op, const char *arg, c10::string_view zf) {
+    if (zf == "v1") return TOPS_ZEROS_V1;
+    if (zf == "v2") return TOPS_ZEROS_V2;
+    TORCH_CHECK_VALUE(false, op, ": ", arg, " must be \"v1\" or \"v2\", got \"", std::string(zf),
+                      "\"");
+}
+
+int tops_dtype_of(at::ScalarType s) {
+    return s == at::kHalf ? TOPS_F16 : s == at::kBFloat16 ? TOPS_BF16 : TOPS_F32;
+}
+
+int64_t resolve_group_size(const char *op, int64_t group_size, int64_t K) {
+    TORCH_CHECK_VALUE(group_size == -1 || group_size > 0, op,
+                      ": group_size must be positive or -1 (one group), got ", group_size);
+    return group_size == -1 ? K : group_size;
+}
+
+// Every value of `t` (uint8) below 2**bits; one reduction (and, on CUDA, one sync: these are
+// load-time ops, and a silent wrong packing is worse).
+void check_value_range(const char *op, const char *arg, const at::Tensor &t, int64_t bits) {
+    if (t.numel() == 0 || bits >= 8) return;
+    int64_t mx = t.max().item<int64_t>();
+    TORCH_CHECK_VALUE(mx < (int64_t(1) << bits), op, ": ", arg, " values must be < 2**bits = ",
+                      int64_t(1) << bits, ", got a value of ", mx);
+}
+
+// g_idx entries in [0, groups). On CUDA this needs a sync, so a g_idx already seen unchanged
+// (same storage, size and version) is not checked again, and none is checked while a CUDA graph
+// is being captured (it was checked by the eager warm-up that capture requires).
+void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) {
+    if (g_idx.numel() == 0) return;
+    struct Seen {
+        const void *ptr = nullptr;
+        int64_t numel = -1, groups = -1;
+        uint32_t version = 0;
+    };
+    static std::mutex mu;
+    static Seen seen;
+    uint32_t version = g_idx.unsafeGetTensorImpl()->version_counter().current_version();
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        if (seen.ptr == g_idx.data_ptr() && seen.numel == g_idx.numel() && seen.groups == groups &&
+            seen.version == version)
+            return;
+    }
+#ifdef TOPS_WITH_CUDA
+    if (g_idx.is_cuda() && cuda::is_capturing(g_idx)) return;
+#endif
+    auto [mn, mx] = at::aminmax(g_idx);
+    int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < groups, op, ": g_idx values must be in [0, ", groups,
+                      ") (one per group of scales), got values in [", lo, ", ", hi, "]");
+    std::lock_guard<std::mutex> lock(mu);
+    seen = Seen{g_idx.data_ptr(), g_idx.numel(), groups, version};
+}
+
+// Split [0, n) across torch's intra-op threads in chunks of at least `grain`; the first failing
+// chunk's status becomes an error naming the op.
+template <typename F>
+void run_cpu(const char *op, int64_t n, int64_t grain, const F &f) {
+    std::atomic<int> status{TOPS_OK};
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        int s = f(b, e);
+        if (s != TOPS_OK) status.store(s);
+    });
+    check_status(status.load(), op);
+}
+
+#ifndef TOPS_WITH_CUDA
+[[noreturn]] void no_cuda(const char *op) {
+    TORCH_CHECK(false, op, ": this build of torch_ops has no CUDA kernels (rebuild with nvcc and a "
+                           "CUDA build of torch)");
+}
+#define TOPS_CUDA(op, call) no_cuda(op)
+#else
+#define TOPS_CUDA(op, call) call
+#endif
+
+// ---- pack / unpack ------------------------------------------------------------------------------
+
+int word_bytes_of(const char *op, at::ScalarType dtype) {
+    TORCH_CHECK_TYPE(dtype == at::kInt || dtype == at::kByte, op,
+                     ": dtype must be torch.int32 or torch.uint8, got ", dtype);
+    return dtype == at::kInt ? 4 : 1;
+}
+
+at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::string_view order_s,
+                at::ScalarType dtype) {
+    const char *op = "pack";
+    check_dtype(op, "values", values_in, at::kByte);
+    check_device(op, "values", values_in, values_in);
+    check_bits(op, bits, {1, 2, 3, 4, 8});
+    TORCH_CHECK_VALUE(values_in.dim() >= 1, op, ": values must have at least 1 dimension");
+    int wb = word_bytes_of(op, dtype);
+    int order = parse_order(op, order_s);
+    TORCH_CHECK_VALUE(order == TOPS_ORDER_SEQUENTIAL || (bits == 4 && wb == 4), op,
+                      ": order=\"awq\" needs bits=4 and dtype=torch.int32, got bits=", bits,
+                      " and dtype=", dtype);
+    dim = c10::maybe_wrap_dim(dim, values_in.dim());
+    int64_t len = values_in.size(dim);
+    int64_t group = tops_pack_group((int)bits, wb);
+    TORCH_CHECK_VALUE(len % group == 0, op, ": values.shape[", dim, "] = ", len,
+                      " must be a multiple of ", group, " (bits=", bits, " into ", dtype, ")");
+    at::Tensor values = values_in.contiguous();
+    check_value_range(op, "values", values, bits);
+    auto shape = values.sizes().vec();
+    shape[dim] = len * bits / (8 * wb);
+    at::Tensor out = at::empty(shape, values.options().dtype(dtype));
+    if (values.numel() == 0) return out.zero_();
+    int64_t outer = c10::multiply_integers(values.sizes().begin(), values.sizes().begin() + dim);
+    int64_t inner = c10::multiply_integers(values.sizes().begin() + dim + 1, values.sizes().end());
+    if (values.is_cuda()) {
+        TOPS_CUDA(op, cuda::pack(out, values, outer, len, inner, bits, wb, order));
+    } else {
+        run_cpu(op, outer, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, len * inner)),
+                [&](int64_t b, int64_t e) {
+                    return tops_pack(out.data_ptr(), values.data_ptr<uint8_t>(), outer, len, inner,
+                                     (int)bits, wb, order, b, e);
+                });
+    }
+    return out;
+}
+
+at::Tensor unpack(const at::Tensor &packed_in, int64_t bits, int64_t dim, c10::string_view order_s) {
+    const char *op = "unpack";
+    check_device(op, "packed", packed_in, packed_in);
+    int wb = word_bytes_of(op, packed_in.scalar_type());
+    check_bits(op, bits, {1, 2, 3, 4, 8});
+    TORCH_CHECK_VALUE(packed_in.dim() >= 1, op, ": packed must have at least 1 dimension");
+    int order = parse_order(op, order_s);
+    TORCH_CHECK_VALUE(order == TOPS_ORDER_SEQUENTIAL || (bits == 4 && wb == 4), op,
+                      ": order=\"awq\" needs bits=4 and int32 words, got bits=", bits,
+                      " and packed.dtype=", packed_in.scalar_type());
+    dim = c10::maybe_wrap_dim(dim, packed_in.dim());
+    int64_t nwords = packed_in.size(dim);
+    int64_t words_per_group = tops_pack_group((int)bits, wb) * bits / (8 * wb);
+    TORCH_CHECK_VALUE(nwords % words_per_group == 0, op, ": packed.shape[", dim, "] = ", nwords,
+                      " is not a whole number of words: bits=", bits, " spans ", words_per_group,
+                      " words per group, so it must be a multiple of ", words_per_group);
+    at::Tensor packed = packed_in.contiguous();
+    auto shape = packed.sizes().vec();
+    shape[dim] = nwords * 8 * wb / bits;
+    at::Tensor out = at::empty(shape, packed.options().dtype(at::kByte));
+    if (out.numel() == 0) return out;
+    int64_t outer = c10::multiply_integers(packed.sizes().begin(), packed.sizes().begin() + dim);
+    int64_t inner = c10::multiply_integers(packed.sizes().begin() + dim + 1, packed.sizes().end());
+    if (packed.is_cuda()) {
+        TOPS_CUDA(op, cuda::unpack(out, packed, outer, nwords, inner, bits, wb, order));
+    } else {
+        run_cpu(op, outer, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, nwords * inner)),
+                [&](int64_t b, int64_t e) {
+                    return tops_unpack(out.data_ptr<uint8_t>(), packed.data_ptr(), outer, nwords,
+                                       inner, (int)bits, wb, order, b, e);
+                });
+    }
+    return out;
+}
+
+// ---- AWQ <-> GPTQ -------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> awq_to_gptq(const at::Tensor &qweight_in,
+                                               const at::Tensor &qzeros_in,
+                                               c10::string_view zero_format) {
+    const char *op = "awq_to_gptq";
+    check_dtype(op, "qweight", qweight_in, at::kInt);
+    check_dtype(op, "qzeros", qzeros_in, at::kInt);
+    check_device(op, "qweight", qweight_in, qweight_in);
+    check_device(op, "qzeros", qzeros_in, qweight_in);
+    check_ndim(op, "qweight", qweight_in, 2);
+    check_ndim(op, "qzeros", qzeros_in, 2);
+    int zf = parse_zero_format(op, "zero_format", zero_format);
+    int64_t K = qweight_in.size(0), N = qweight_in.size(1) * 8, G = qzeros_in.size(0);
+    TORCH_CHECK_VALUE(K % 8 == 0, op, ": K = qweight.shape[0] = ", K,
+                      " must be a multiple of 8 (GPTQ packs 8 rows per int32)");
+    TORCH_CHECK_VALUE(G >= 1 && K % G == 0, op, ": qzeros.shape[0] = ", G,
+                      " groups must divide K = qweight.shape[0] = ", K);
+    check_shape(op, "qzeros", qzeros_in, {G, N / 8}, "[K/G, N/8]");
+    at::Tensor qweight = qweight_in.contiguous(), qzeros = qzeros_in.contiguous();
+    at::Tensor qw = at::empty({K / 8, N}, qweight.options());
+    at::Tensor qz = at::empty({G, N / 8}, qzeros.options());
+    if (qweight.is_cuda()) {
+        TOPS_CUDA(op, cuda::awq_to_gptq(qw, qz, qweight, qzeros, K, N, zf));
+    } else if (qweight.numel() > 0) {
+        run_cpu(op, K / 8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N)),
+                [&](int64_t b, int64_t e) {
+                    return tops_awq_to_gptq_qweight(qw.data_ptr<int32_t>(),
+                                                    qweight.data_ptr<int32_t>(), K, N, b, e);
+                });
+        check_status(tops_awq_to_gptq_qzeros(qz.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(),
+                                             qzeros.numel(), zf),
+                     op);
+    }
+    return {qw, qz};
+}
+
+std::tuple<at::Tensor, at::Tensor> gptq_to_awq(const at::Tensor &qweight_in,
+                                               const at::Tensor &qzeros_in,
+                                               c10::string_view zero_format,
+                                               const c10::optional<at::Tensor> &g_idx) {
+    const char *op = "gptq_to_awq";
+    check_dtype(op, "qweight", qweight_in, at::kInt);
+    check_dtype(op, "qzeros", qzeros_in, at::kInt);
+    check_device(op, "qweight", qweight_in, qweight_in);
+    check_device(op, "qzeros", qzeros_in, qweight_in);
+    check_ndim(op, "qweight", qweight_in, 2);
+    check_ndim(op, "qzeros", qzeros_in, 2);
+    int zf = parse_zero_format(op, "zero_format", zero_format);
+    int64_t K = qweight_in.size(0) * 8, N = qweight_in.size(1), G = qzeros_in.size(0);
+    TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N,
+                      " must be a multiple of 8 (AWQ packs 8 columns per int32)");
+    TORCH_CHECK_VALUE(G >= 1 && K % G == 0, op, ": qzeros.shape[0] = ", G,
+                      " groups must divide K = 8 * qweight.shape[0] = ", K);
+    check_shape(op, "qzeros", qzeros_in, {G, N / 8}, "[K/G, N/8]");
+    if (g_idx.has_value()) {
+        check_device(op, "g_idx", *g_idx, qweight_in);
+        check_shape(op, "g_idx", *g_idx, {K}, "[K]");
+        at::Tensor expected =
+            at::arange(K, g_idx->options().dtype(at::kLong)).div(K / G, "floor");
+        TORCH_CHECK_VALUE(at::equal(g_idx->to(at::kLong), expected), op,
+                          ": g_idx is act-order (desc_act: rows are not grouped in order), which "
+                          "AWQ cannot express; only g_idx == arange(K) // group_size converts");
+    }
+    at::Tensor qweight = qweight_in.contiguous(), qzeros = qzeros_in.contiguous();
+    at::Tensor qw = at::empty({K, N / 8}, qweight.options());
+    at::Tensor qz = at::empty({G, N / 8}, qzeros.options());
+    if (qweight.is_cuda()) {
+        TOPS_CUDA(op, cuda::gptq_to_awq(qw, qz, qweight, qzeros, K, N, zf));
+    } else if (qweight.numel() > 0) {
+        run_cpu(op, K / 8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N)),
+                [&](int64_t b, int64_t e) {
+                    return tops_gptq_to_awq_qweight(qw.data_ptr<int32_t>(),
+                                                    qweight.data_ptr<int32_t>(), K, N, b, e);
+                });
+        check_status(tops_gptq_to_awq_qzeros(qz.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(),
+                                             qzeros.numel(), zf),
+                     op);
+    }
+    return {qw, qz};
+}
+
+at::Tensor convert_gptq_zeros(const at::Tensor &qzeros_in, int64_t bits, c10::string_view src,
+                              c10::string_view dst) {
+    const char *op = "convert_gptq_zeros";
+    check_dtype(op, "qzeros", qzeros_in, at::kInt);
+    check_device(op, "qzeros", qzeros_in, qzeros_in);
+    check_ndim(op, "qzeros", qzeros_in, 2);
+    check_bits(op, bits, {2, 3, 4, 8});
+    int s = parse_zero_format(op, "src", src), d = parse_zero_format(op, "dst", dst);
+    at::Tensor qzeros = qzeros_in.contiguous();
+    if (s == d) return qzeros.clone();
+    at::Tensor out = at::empty_like(qzeros);
+    if (qzeros.numel() == 0) return out;
+    int delta = s == TOPS_ZEROS_V1 ? 1 : -1;
+    if (qzeros.is_cuda()) {
+        TOPS_CUDA(op, cuda::convert_gptq_zeros(out, qzeros, (int)bits, delta));
+    } else {
+        check_status(tops_convert_gptq_zeros(out.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(),
+                                             qzeros.size(0), qzeros.size(1), (int)bits, delta),
+                     op);
+    }
+    return out;
+}
+
+// ---- quanto pack_v2 -----------------------------------------------------------------------------
+
+at::Tensor pack_v2(const at::Tensor &unpacked_in) {
+    const char *op = "pack_v2";
+    check_dtype(op, "unpacked", unpacked_in, at::kByte);
+    check_device(op, "unpacked", unpacked_in, unpacked_in);
+    check_ndim(op, "unpacked", unpacked_in, 2);
+    int64_t N = unpacked_in.size(0), K = unpacked_in.size(1);
+    TORCH_CHECK_VALUE(N % 4 == 0, op, ": N = unpacked.shape[0] = ", N, " must be a multiple of 4");
+    TORCH_CHECK_VALUE(K % 64 == 0, op, ": K = unpacked.shape[1] = ", K,
+                      " must be a multiple of 64");
+    at::Tensor unpacked = unpacked_in.contiguous();
+    check_value_range(op, "unpacked", unpacked, 4);
+    at::Tensor out = at::empty({N / 4, K}, unpacked.options().dtype(at::kShort));
+    if (out.numel() == 0) return out;
+    if (unpacked.is_cuda()) {
+        TOPS_CUDA(op, cuda::pack_v2(out, unpacked));
+    } else {
+        run_cpu(op, N / 4, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t b, int64_t e) {
+            return tops_pack_v2(out.data_ptr<int16_t>(), unpacked.data_ptr<uint8_t>(), N, K, b, e);
+        });
+    }
+    return out;
+}
+
+at::Tensor unpack_v2(const at::Tensor &packed_in) {
+    const char *op = "unpack_v2";
+    check_dtype(op, "packed", packed_in, at::kShort);
+    check_device(op, "packed", packed_in, packed_in);
+    check_ndim(op, "packed", packed_in, 2);
+    int64_t N = packed_in.size(0) * 4, K = packed_in.size(1);
+    TORCH_CHECK_VALUE(K % 64 == 0, op, ": K = packed.shape[1] = ", K, " must be a multiple of 64");
+    at::Tensor packed = packed_in.contiguous();
+    at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kByte));
+    if (out.numel() == 0) return out;
+    if (packed.is_cuda()) {
+        TOPS_CUDA(op, cuda::unpack_v2(out, packed));
+    } else {
+        run_cpu(op, N / 4, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t b, int64_t e) {
+            return tops_unpack_v2(out.data_ptr<uint8_t>(), packed.data_ptr<int16_t>(), N, K, b, e);
+        });
+    }
+    return out;
+}
+
+// ---- dequantize ---------------------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
+                      const c10::optional<at::Tensor> &qzeros_in, c10::string_view format_s,
+                      int64_t bits, int64_t group_size, const c10::optional<at::Tensor> &g_idx_in,
+                      c10::string_view zero_format) {
+    const char *op = "dequantize";
+    int format;
+    if (format_s == "gptq")
+        format = TOPS_FORMAT_GPTQ;
+    else if (format_s == "awq")
+        format = TOPS_FORMAT_AWQ;
+    else
+        TORCH_CHECK_VALUE(false, op, ": format must be \"gptq\" or \"awq\", got \"",
+                          std::string(format_s), "\"");
+    check_dtype(op, "qweight", qweight_in, at::kInt);
+    check_float(op, "scales", scales_in);
+    check_device(op, "qweight", qweight_in, qweight_in);
+    check_device(op, "scales", scales_in, qweight_in);
+    check_ndim(op, "qweight", qweight_in, 2);
+    check_ndim(op, "scales", scales_in, 2);
+    int zf = parse_zero_format(op, "zero_format", zero_format);
+    int64_t G = scales_in.size(0), N = scales_in.size(1), K;
+    if (format == TOPS_FORMAT_AWQ) {
+        TORCH_CHECK_VALUE(bits == 4, op, ": format=\"awq\" is 4-bit only, got bits=", bits);
+        TORCH_CHECK_VALUE(!g_idx_in.has_value(), op, ": format=\"awq\" takes no g_idx");
+        K = qweight_in.size(0);
+        check_shape(op, "qweight", qweight_in, {K, N / 8}, "[K, N/8]");
+        TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = scales.shape[1] = ", N,
+                          " must be a multiple of 8 for AWQ");
+    } else {
+        check_bits(op, bits, {2, 3, 4, 8});
+        TORCH_CHECK_VALUE(qweight_in.size(1) == N, op, ": qweight.shape[1] = ", qweight_in.size(1),
+                          " must equal N = scales.shape[1] = ", N);
+        int64_t rows = qweight_in.size(0);
+        if (g_idx_in.has_value()) {
+            check_device(op, "g_idx", *g_idx_in, qweight_in);
+            check_ndim(op, "g_idx", *g_idx_in, 1);
+            K = g_idx_in->size(0);
+        } else {
+            TORCH_CHECK_VALUE((rows * 32) % bits == 0, op, ": qweight.shape[0] = ", rows,
+                              " is not a whole number of ", bits,
+                              "-bit groups (bits=3 needs a multiple of 3 rows)");
+            K = rows * 32 / bits;
+        }
+        TORCH_CHECK_VALUE(rows == ceil_div(K * bits, 32), op, ": qweight must have shape ",
+                          "[ceil(K*bits/32), N] = ", shape_str({ceil_div(K * bits, 32), N}),
+                          " for K = ", K, ", got ", shape_str(qweight_in.sizes()));
+    }
+    int64_t gs = resolve_group_size(op, group_size, K);
+    if (!(g_idx_in.has_value())) {
+        TORCH_CHECK_VALUE(G == ceil_div(K, gs), op, ": scales must have shape [K/G, N] = ",
+                          shape_str({ceil_div(K, gs), N}), " for K = ", K,
+                          " and group_size = ", group_size, ", got ", shape_str(scales_in.sizes()));
+    }
+    at::Tensor qweight = qweight_in.contiguous(), scales = scales_in.contiguous();
+    at::Tensor qzeros, g_idx;
+    if (qzeros_in.has_value()) {
+        check_dtype(op, "qzeros", *qzeros_in, at::kInt);
+        check_device(op, "qzeros", *qzeros_in, qweight_in);
+        int64_t zb = format == TOPS_FORMAT_AWQ ? 4 : bits;
+        check_shape(op, "qzeros", *qzeros_in, {G, ceil_div(N * zb, 32)}, "[K/G, ceil(N*bits/32)]");
+        qzeros = qzeros_in->contiguous();
+    }
+    if (g_idx_in.has_value()) {
+        TORCH_CHECK_TYPE(g_idx_in->scalar_type() == at::kInt || g_idx_in->scalar_type() == at::kLong,
+                         op, ": g_idx must be int32 or int64, got ", g_idx_in->scalar_type());
+        g_idx = g_idx_in->to(at::kInt).contiguous();
+        check_g_idx_range(op, g_idx, G);
+    }
+    at::Tensor out = at::empty({N, K}, scales.options());
+    if (out.numel() == 0) return out;
+    tops_dequant_args a{};
+    a.format = format;
+    a.bits = (int)bits;
+    a.K = K;
+    a.N = N;
+    a.groups = G;
+    a.group_size = gs;
+    a.qweight = qweight.data_ptr<int32_t>();
+    a.qzeros = qzeros.defined() ? qzeros.data_ptr<int32_t>() : nullptr;
+    a.zero_format = zf;
+    a.scales = scales.data_ptr();
+    a.scales_dtype = tops_dtype_of(scales.scalar_type());
+    a.g_idx = g_idx.defined() ? g_idx.data_ptr<int32_t>() : nullptr;
+    a.out = out.data_ptr();
+    a.out_dtype = a.scales_dtype;
+    if (qweight.is_cuda()) {
+        TOPS_CUDA(op, cuda::dequantize(a, qweight));
+    } else {
+        run_cpu(op, N, std::max<int64_t>(1, (1 << 15) / K),
+                [&](int64_t b, int64_t e) { return tops_dequantize(&a, b, e); });
+    }
+    return out;
+}
+
+// ---- w4a16 linear -------------------------------------------------------------------------------
+
+at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
+                        const at::Tensor &scales_in, const c10::optional<at::Tensor> &qzeros_in,
+                        int64_t group_size, const c10::optional<at::Tensor> &g_idx_in,
+                        const c10::optional<at::Tensor> &bias_in, c10::string_view zero_format) {
+    const char *op = "w4a16_linear";
+    check_float(op, "x", x_in);
+    check_dtype(op, "qweight", qweight_in, at::kInt);
+    check_float(op, "scales", scales_in);
+    check_device(op, "x", x_in, x_in);
+    check_device(op, "qweight", qweight_in, x_in);
+    check_device(op, "scales", scales_in, x_in);
+    check_ndim(op, "qweight", qweight_in, 2);
+    check_ndim(op, "scales", scales_in, 2);
+    TORCH_CHECK_VALUE(x_in.dim() >= 1, op, ": x must have at least 1 dimension");
+    int zf = parse_zero_format(op, "zero_format", zero_format);
+    int64_t K = qweight_in.size(0) * 8, N = qweight_in.size(1);
+    TORCH_CHECK_VALUE(x_in.size(-1) == K, op, ": x.shape[-1] = ", x_in.size(-1),
+                      " must equal K = 8 * qweight.shape[0] = ", K);
+    TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N, " must be a multiple of 8");
+    int64_t gs = resolve_group_size(op, group_size, K);
+    TORCH_CHECK_VALUE(K % gs == 0, op, ": K = ", K, " must be a multiple of group_size = ", gs);
+    int64_t G = K / gs;
+    check_shape(op, "scales", scales_in, {G, N}, "[K/group_size, N]");
+    bool on_cuda = x_in.is_cuda();
+    auto xs = x_in.scalar_type();
+    at::Tensor qzeros, g_idx, bias;
+    if (qzeros_in.has_value()) {
+        check_dtype(op, "qzeros", *qzeros_in, at::kInt);
+        check_device(op, "qzeros", *qzeros_in, x_in);
+        check_shape(op, "qzeros", *qzeros_in, {G, N / 8}, "[K/group_size, N/8]");
+        qzeros = qzeros_in->contiguous();
+    }
+    if (g_idx_in.has_value()) {
+        TORCH_CHECK_TYPE(g_idx_in->scalar_type() == at::kInt || g_idx_in->scalar_type() == at::kLong,
+                         op, ": g_idx must be int32 or int64, got ", g_idx_in->scalar_type());
+        check_device(op, "g_idx", *g_idx_in, x_in);
+        check_shape(op, "g_idx", *g_idx_in, {K}, "[K]");
+        g_idx = g_idx_in->to(at::kInt).contiguous();
+        check_g_idx_range(op, g_idx, G);
+    }
+    if (bias_in.has_value()) {
+        check_float(op, "bias", *bias_in);
+        check_device(op, "bias", *bias_in, x_in);
+        check_shape(op, "bias", *bias_in, {N}, "[N]");
+        bias = on_cuda ? bias_in->to(xs).contiguous() : bias_in->contiguous();
+    }
+    // the CUDA kernels read scales in the activation dtype (a small [K/G, N] conversion)
+    at::Tensor scales = on_cuda ? scales_in.to(xs).contiguous() : scales_in.contiguous();
+    at::Tensor qweight = qweight_in.contiguous();
+    at::Tensor x = x_in.reshape({-1, K});
+    if (x.size(0) > 0 && (x.stride(1) != 1 || on_cuda)) x = x.contiguous();
+    int64_t M = x.size(0);
+    auto out_shape = x_in.sizes().vec();
+    out_shape.back() = N;
+    at::Tensor out = at::empty({M, N}, x.options());
+    if (M == 0 || N == 0) return out.view(out_shape);
+    if (K == 0) {
+        out.zero_();
+        if (bias.defined()) out.add_(bias.to(xs));
+        return out.view(out_shape);
+    }
+    tops_w4a16_args a{};
+    a.M = M;
+    a.K = K;
+    a.N = N;
+    a.groups = G;
+    a.group_size = gs;
+    a.x = x.data_ptr();
+    a.x_dtype = tops_dtype_of(xs);
+    a.x_row_stride = M > 1 ? x.stride(0) : K;
+    a.qweight = qweight.data_ptr<int32_t>();
+    a.scales = scales.data_ptr();
+    a.scales_dtype = tops_dtype_of(scales.scalar_type());
+    a.qzeros = qzeros.defined() ? qzeros.data_ptr<int32_t>() : nullptr;
+    a.zero_format = zf;
+    a.g_idx = g_idx.defined() ? g_idx.data_ptr<int32_t>() : nullptr;
+    a.bias = bias.defined() ? bias.data_ptr() : nullptr;
+    a.bias_dtype = bias.defined() ? tops_dtype_of(bias.scalar_type()) : TOPS_F32;
+    a.out = out.data_ptr();
+    a.out_dtype = a.x_dtype;
+    if (on_cuda) {
+        TOPS_CUDA(op, cuda::w4a16_linear(a, x));
+    } else {
+        // threads own whole column blocks of 8 (no reduction); at least 64 columns per chunk
+        int64_t blocks = N / 8;
+        int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+        int64_t grain = std::max<int64_t>(8, blocks / threads);
+        run_cpu(op, blocks, grain, [&](int64_t b, int64_t e) {
+            return tops_w4a16_linear(&a, b * 8, e * 8);
+        });
+    }
+    return out.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torch_ops, m) {
+    m.def("pack(Tensor values, int bits, int dim=-1, str order=\"sequential\", "
+          "ScalarType dtype=int32) -> Tensor");
+    m.def("unpack(Tensor packed, int bits, int dim=-1, str order=\"sequential\") -> Tensor");
+    m.def("awq_to_gptq(Tensor qweight, Tensor qzeros, str zero_format=\"v1\") -> (Tensor, Tensor)");
+    m.def("gptq_to_awq(Tensor qweight, Tensor qzeros, str zero_format=\"v1\", "
+          "Tensor? g_idx=None) -> (Tensor, Tensor)");
+    m.def("convert_gptq_zeros(Tensor qzeros, int bits, str src, str dst) -> Tensor");
+    m.def("pack_v2(Tensor unpacked) -> Tensor");
+    m.def("unpack_v2(Tensor packed) -> Tensor");
+    m.def("dequantize(Tensor qweight, Tensor scales, Tensor? qzeros=None, str format=\"gptq\", "
+          "int bits=4, int group_size=128, Tensor? g_idx=None, str zero_format=\"v1\") -> Tensor");
+    m.def("w4a16_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros=None, "
+          "int group_size=128, Tensor? g_idx=None, Tensor? bias=None, "
+          "str zero_format=\"v1\") -> Tensor");
+}
+
+// The same functions serve both devices: they check, allocate, then call the C core or the CUDA
+// wrappers by the tensors' device.
+#define TOPS_IMPLS(m)                                    \
+    m.impl("pack", &pack);                               \
+    m.impl("unpack", &unpack);                           \
+    m.impl("awq_to_gptq", &awq_to_gptq);                 \
+    m.impl("gptq_to_awq", &gptq_to_awq);                 \
+    m.impl("convert_gptq_zeros", &convert_gptq_zeros);   \
+    m.impl("pack_v2", &pack_v2);                         \
+    m.impl("unpack_v2", &unpack_v2);                     \
+    m.impl("dequantize", &dequantize);                   \
+    m.impl("w4a16_linear", &w4a16_linear)
+
+TORCH_LIBRARY_IMPL(torch_ops, CPU, m) { TOPS_IMPLS(m); }
+#ifdef TOPS_WITH_CUDA
+TORCH_LIBRARY_IMPL(torch_ops, CUDA, m) { TOPS_IMPLS(m); }
+#endif
+
+}  // namespace torch_ops
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "torch_ops kernels; the ops themselves are torch.ops.torch_ops.*";
+    m.def("cpu_isa", &tops_cpu_isa, "instruction set in use: 0 scalar, 1 AVX2, 2 AVX-512");
+    m.def("cpu_isa_detected", &tops_cpu_isa_detected, "best instruction set of this CPU");
+    m.def("cpu_isa_set", &tops_cpu_isa_set, "use at most this level (-1: the detected one)");
+#ifdef TOPS_WITH_CUDA
+    m.attr("with_cuda") = true;
+#else
+    m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,37 @@
+// ops.h - what the op registry (ops.cpp) needs from the CUDA wrappers (ops_cuda.cpp).
+// Each wrapper runs one launcher of ../cuda/tops_cuda.h on tensors already checked, made
+// contiguous and allocated by ops.cpp: device guard, current stream, status check.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../core/tops.h"
+
+namespace torch_ops {
+
+// Turns a core/launcher status into an error that names the op.
+void check_status(int status, const char *op);
+
+#ifdef TOPS_WITH_CUDA
+namespace cuda {
+// true while the current stream of t's device is capturing a CUDA graph
+bool is_capturing(const at::Tensor &t);
+void pack(const at::Tensor &dst, const at::Tensor &src, int64_t outer, int64_t len, int64_t inner,
+          int bits, int word_bytes, int order);
+void unpack(const at::Tensor &dst, const at::Tensor &src, int64_t outer, int64_t nwords,
+            int64_t inner, int bits, int word_bytes, int order);
+void awq_to_gptq(const at::Tensor &qweight_out, const at::Tensor &qzeros_out,
+                 const at::Tensor &qweight, const at::Tensor &qzeros, int64_t K, int64_t N,
+                 int zero_format);
+void gptq_to_awq(const at::Tensor &qweight_out, const at::Tensor &qzeros_out,
+                 const at::Tensor &qweight, const at::Tensor &qzeros, int64_t K, int64_t N,
+                 int zero_format);
+void convert_gptq_zeros(const at::Tensor &dst, const at::Tensor &src, int bits, int delta);
+void pack_v2(const at::Tensor &dst, const at::Tensor &src);
+void unpack_v2(const at::Tensor &dst, const at::Tensor &src);
+void dequantize(const tops_dequant_args &args, const at::Tensor &like);
+void w4a16_linear(const tops_w4a16_args &args, const at::Tensor &like);
+}  // namespace cuda
+#endif
+
+}  // namespace torch_ops

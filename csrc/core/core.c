@@ -1,0 +1,42 @@
+/* core.c - status names and run-time CPU feature detection of the C core. */
+#include "tops.h"
+
+const char *tops_status_name(int status) {
+    switch (status) {
+    case TOPS_OK: return "ok";
+    case TOPS_ERR_ARG: return "invalid argument";
+    case TOPS_ERR_RANGE: return "value out of range";
+    case TOPS_ERR_UNSUPPORTED: return "unsupported";
+    case TOPS_ERR_CUDA: return "CUDA error";
+    default: return "unknown status";
+    }
+}
+
+/* The vectorised paths are compiled with per-function target attributes, so one build runs on any
+ * x86-64 machine; the level below picks among them at run time. */
+int tops_cpu_isa_detected(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+        return TOPS_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        return TOPS_ISA_AVX2;
+#endif
+    return TOPS_ISA_SCALAR;
+}
+
+static int g_isa = -1; /* -1: not yet detected */
+
+int tops_cpu_isa(void) {
+    if (g_isa < 0) g_isa = tops_cpu_isa_detected();
+    return g_isa;
+}
+
+int tops_cpu_isa_set(int level) {
+    int detected = tops_cpu_isa_detected();
+    if (level < 0 || level > detected) level = detected;
+    g_isa = level;
+    return g_isa;
+}

@@ -1,0 +1,724 @@
+/*
+ * w4a16.c - the CPU fused w4a16 linear: out = x @ dequant(GPTQ 4-bit weight) + bias.
+ *
+ *   out[m, n] = sum_k x[m, k] * s[g(k), n] * (q[k, n] - z[g(k), n]) + bias[n]
+ *
+ * fp32 accumulation, one rounding to out_dtype at the end. GPTQ layout (FORMATS.md section 3):
+ * q[k, n] = (qweight[k / 8, n] >> 4 * (k % 8)) & 15, so one int32 of a qweight row holds 8
+ * consecutive k of one column and a row of qweight is contiguous along N: every path below
+ * vectorises across N (8 columns per AVX2 vector, 16 per AVX-512 vector).
+ *
+ * Two algorithms, chosen by M:
+ *
+ * - M <= W4_GEMV_MAX_M ("GEMV"): the weight is never materialised. For every K-chunk that lies in
+ *   one group the zero point is factored out,
+ *       y[m, n] += s[g, n] * (sum_k q[k, n] * x[m, k]  -  z[g, n] * sum_k x[m, k]),
+ *   so the inner loop is unpack + FMA only. The unpack of nibble j avoids the shift: the word is
+ *   masked in place (q << 4j, exact as an int -> float conversion) and multiplied by x[k] * 2^-4j,
+ *   pre-scaled once per call (nibble 7 uses a logical shift by 28, which also drops the sign bit).
+ *   That is 3 vector operations per 8 (AVX2) / 16 (AVX-512) weights and row of x. Loop order:
+ *   K-chunk (up to W4_CHUNK_ROWS words, one group) outside, column blocks inside, so the reads are
+ *   W4_CHUNK_ROWS sequential streams, with software prefetch a few blocks ahead.
+ *   Act-order (g_idx whose groups change inside a word of 8 k) cannot factor per chunk: there the
+ *   loop runs column block by column block over all of K with the per-k scale gathered from a small
+ *   fp32 table (one FMA operand more), and the zero term sum_g s z sum_{g(k)=g} x is added once.
+ *
+ * - Larger M ("blocked"): per tile of W4_KT x NT weights, dequantize once into an fp32 buffer
+ *   laid out as panels of 2 vectors, then a register-blocked 6 x (2 vectors) micro-kernel runs it
+ *   against every row of x; C accumulates in an fp32 [rows, NT] buffer. Scales and -z*s of the
+ *   column tile are converted once per tile into a [G][NT] table, which also serves act-order.
+ *
+ * Instruction sets: the AVX2 (+FMA, F16C) and AVX-512 variants are one template (the second half
+ * of this file, included twice with different vector primitives), compiled with per-function
+ * target attributes and picked at run time with tops_cpu_isa(); the scalar path is independent
+ * plain C (direct dequantization, no factoring) and is what the tests check the others against.
+ * The AVX-512 path takes multiples of 16 columns; an 8-column tail goes to the AVX2 path.
+ *
+ * Memory: one malloc per call (x in fp32, per-call tables and accumulators), freed before return;
+ * TOPS_ERR_UNSUPPORTED if it fails (the header has no out-of-memory status).
+ * Numerics: the x * 2^-4j pre-scaling loses precision only for |x| < 2^-102 (fp32 subnormal range).
+ */
+#ifndef W4_TEMPLATE_PASS
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define W4_X86 1
+#else
+#define W4_X86 0
+#endif
+
+/* ---- tuning ------------------------------------------------------------------------------------ */
+#define W4_GEMV_MAX_M 4   /* M above this uses the blocked (dequantize + GEMM) path */
+#define W4_CHUNK_ROWS 16  /* qweight rows (8 k each) per K-chunk in the GEMV path */
+#define W4_PF_BLOCKS 4    /* GEMV: prefetch this many column blocks ahead in the same rows */
+#define W4_PF_ROWS 16     /* act-order GEMV and dequant: prefetch this many qweight rows ahead */
+#define W4_KT 256         /* blocked: k per dequantized tile (multiple of 8) */
+#define W4_MC 256         /* blocked: rows of x per pass */
+
+/* ---- shared helpers ---------------------------------------------------------------------------- */
+static inline int64_t w4_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* zero point of (group g, column n), as a float */
+static inline float w4_zero(const tops_w4a16_args *a, int64_t g, int64_t n) {
+    if (!a->qzeros) return 8.0f;
+    uint32_t w = (uint32_t)a->qzeros[g * (a->N / 8) + n / 8];
+    uint32_t f = (w >> (4 * (n % 8))) & 15u;
+    if (a->zero_format == TOPS_ZEROS_V1) f = (f + 1u) & 15u;
+    return (float)f;
+}
+
+/* group of every k into gk[K]; returns 1 when each word of 8 k lies in one group */
+static int w4_groups(const tops_w4a16_args *a, int32_t *gk) {
+    const int64_t K = a->K;
+    if (a->g_idx) {
+        memcpy(gk, a->g_idx, (size_t)K * sizeof(int32_t));
+    } else {
+        for (int64_t k = 0; k < K; k++) gk[k] = (int32_t)(k / a->group_size);
+    }
+    for (int64_t k = 0; k < K; k += 8)
+        for (int64_t j = 1; j < 8; j++)
+            if (gk[k + j] != gk[k]) return 0;
+    return 1;
+}
+
+static size_t w4_align(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+static int w4_check(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end) {
+    if (!a) return TOPS_ERR_ARG;
+    if (a->M < 0 || a->K <= 0 || a->N <= 0 || a->K % 8 || a->N % 8) return TOPS_ERR_ARG;
+    if (a->group_size <= 0 || a->K % a->group_size || a->groups <= 0) return TOPS_ERR_ARG;
+    if (!a->g_idx && a->groups != a->K / a->group_size) return TOPS_ERR_ARG;
+    if (a->groups > INT32_MAX) return TOPS_ERR_ARG;
+    if (!tops_dtype_valid(a->x_dtype) || !tops_dtype_valid(a->scales_dtype) ||
+        !tops_dtype_valid(a->out_dtype))
+        return TOPS_ERR_ARG;
+    if (a->bias && !tops_dtype_valid(a->bias_dtype)) return TOPS_ERR_ARG;
+    if (a->qzeros && a->zero_format != TOPS_ZEROS_V1 && a->zero_format != TOPS_ZEROS_V2)
+        return TOPS_ERR_ARG;
+    if (!a->qweight || !a->scales || (a->M > 0 && (!a->x || !a->out))) return TOPS_ERR_ARG;
+    if (a->M > 1 && a->x_row_stride < a->K) return TOPS_ERR_ARG;
+    if (n_begin < 0 || n_end > a->N || n_begin > n_end) return TOPS_ERR_ARG;
+    if (n_begin % 8 || (n_end % 8 && n_end != a->N)) return TOPS_ERR_ARG;
+    if (a->g_idx)
+        for (int64_t k = 0; k < a->K; k++)
+            if (a->g_idx[k] < 0 || a->g_idx[k] >= a->groups) return TOPS_ERR_RANGE;
+    return TOPS_OK;
+}
+
+static inline void w4_store_out(const tops_w4a16_args *a, int64_t m, int64_t n, float v) {
+    if (a->bias) v += tops_load(a->bias, a->bias_dtype, n);
+    tops_store(a->out, a->out_dtype, m * a->N + n, v);
+}
+
+/* ---- scalar path: direct dequantization, 8 columns (one qzeros word) at a time ------------------ */
+static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
+    const int64_t M = a->M, K = a->K, N = a->N;
+    size_t bytes = w4_align((size_t)(M * K) * sizeof(float)) + w4_align((size_t)(M * 8) * sizeof(float)) +
+                   w4_align((size_t)K * sizeof(int32_t));
+    char *ws = (char *)malloc(bytes);
+    if (!ws) return TOPS_ERR_UNSUPPORTED;
+    float *xf = (float *)ws;
+    float *y = (float *)(ws + w4_align((size_t)(M * K) * sizeof(float)));
+    int32_t *gk = (int32_t *)((char *)y + w4_align((size_t)(M * 8) * sizeof(float)));
+    w4_groups(a, gk);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++)
+            xf[m * K + k] = tops_load(a->x, a->x_dtype, m * a->x_row_stride + k);
+    for (int64_t n0 = nb; n0 < ne; n0 += 8) {
+        float s[8], z[8], w[8];
+        int64_t gprev = -1;
+        memset(y, 0, (size_t)(M * 8) * sizeof(float));
+        for (int64_t k = 0; k < K; k++) {
+            int64_t g = gk[k];
+            if (g != gprev) {
+                for (int c = 0; c < 8; c++) {
+                    s[c] = tops_load(a->scales, a->scales_dtype, g * N + n0 + c);
+                    z[c] = w4_zero(a, g, n0 + c);
+                }
+                gprev = g;
+            }
+            const int32_t *row = a->qweight + (k / 8) * N + n0;
+            for (int c = 0; c < 8; c++) {
+                uint32_t q = ((uint32_t)row[c] >> (4 * (k % 8))) & 15u;
+                w[c] = s[c] * ((float)q - z[c]);
+            }
+            for (int64_t m = 0; m < M; m++) {
+                float xv = xf[m * K + k];
+                for (int c = 0; c < 8; c++) y[m * 8 + c] += xv * w[c];
+            }
+        }
+        for (int64_t m = 0; m < M; m++)
+            for (int c = 0; c < 8; c++) w4_store_out(a, m, n0 + c, y[m * 8 + c]);
+    }
+    free(ws);
+    return TOPS_OK;
+}
+
+#if W4_X86
+#define W4_CAT2(a, b) a##_##b
+#define W4_CAT(a, b) W4_CAT2(a, b)
+#define KN(name) W4_CAT(name, W4_ISA)
+#define W4_INLINE inline __attribute__((always_inline))
+
+static inline void w4_prefetch(const void *p, int64_t off) {
+    _mm_prefetch((const char *)((uintptr_t)p + (uintptr_t)off), _MM_HINT_T0);
+}
+
+/* ================================ AVX2 + FMA + F16C primitives ================================== */
+#define W4_ISA avx2
+#define KATTR __attribute__((target("avx2,fma,f16c")))
+#define VW 8
+#define VF __m256
+#define VI __m256i
+#define vf_zero() _mm256_setzero_ps()
+#define vf_set1(f) _mm256_set1_ps(f)
+#define vf_bcast(p) _mm256_broadcast_ss(p)
+#define vf_load(p) _mm256_loadu_ps(p)
+#define vf_store(p, v) _mm256_storeu_ps(p, v)
+#define vf_add(a, b) _mm256_add_ps(a, b)
+#define vf_sub(a, b) _mm256_sub_ps(a, b)
+#define vf_mul(a, b) _mm256_mul_ps(a, b)
+#define vf_fma(a, b, c) _mm256_fmadd_ps(a, b, c)   /* a * b + c */
+#define vf_fnma(a, b, c) _mm256_fnmadd_ps(a, b, c) /* c - a * b */
+#define vi_load(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
+#define vi_set1(i) _mm256_set1_epi32(i)
+#define vi_and(a, b) _mm256_and_si256(a, b)
+#define vi_srli(a, c) _mm256_srli_epi32(a, c)
+#define vi_cvt(a) _mm256_cvtepi32_ps(a)
+
+static KATTR W4_INLINE VF w4_load_avx2(const void *p, int dtype, int64_t i) {
+    switch (dtype) {
+    case TOPS_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    case TOPS_BF16:
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    default: return _mm256_loadu_ps((const float *)p + i);
+    }
+}
+
+/* zero points of columns n .. n+7 of group g (n a multiple of 8: one qzeros word) */
+static KATTR W4_INLINE VF w4_zeros_avx2(const tops_w4a16_args *a, int64_t g, int64_t n) {
+    if (!a->qzeros) return _mm256_set1_ps(8.0f);
+    __m256i w = _mm256_set1_epi32(a->qzeros[g * (a->N / 8) + n / 8]);
+    __m256i f = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                 _mm256_set1_epi32(15));
+    if (a->zero_format == TOPS_ZEROS_V1)
+        f = _mm256_and_si256(_mm256_add_epi32(f, _mm256_set1_epi32(1)), _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(f);
+}
+
+/* round v to bfloat16 (nearest even, NaN kept quiet) as 32-bit lanes holding the 16-bit result */
+static KATTR W4_INLINE __m256i w4_bf16_bits_avx2(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(
+        u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                            _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    r = _mm256_srli_epi32(r, 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    __m256i qn = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(r, qn, nan);
+}
+
+static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 v) {
+    switch (dtype) {
+    case TOPS_F16:
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        break;
+    case TOPS_BF16: {
+        __m256i r = w4_bf16_bits_avx2(v);
+        r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_castsi256_si128(r));
+        break;
+    }
+    default: _mm256_storeu_ps((float *)p + i, v); break;
+    }
+}
+
+#define vf_loadt(p, dtype, i) w4_load_avx2(p, dtype, i)
+#define vf_storet(p, dtype, i, v) w4_store_avx2(p, dtype, i, v)
+#define vf_zeros(a, g, n) w4_zeros_avx2(a, g, n)
+
+#define W4_TEMPLATE_PASS 1
+#include "w4a16.c"
+#undef W4_TEMPLATE_PASS
+
+#undef W4_ISA
+#undef KATTR
+#undef VW
+#undef VF
+#undef VI
+#undef vf_zero
+#undef vf_set1
+#undef vf_bcast
+#undef vf_load
+#undef vf_store
+#undef vf_add
+#undef vf_sub
+#undef vf_mul
+#undef vf_fma
+#undef vf_fnma
+#undef vi_load
+#undef vi_set1
+#undef vi_and
+#undef vi_srli
+#undef vi_cvt
+#undef vf_loadt
+#undef vf_storet
+#undef vf_zeros
+
+/* ===================== AVX-512 (F, BW, VL) primitives: the same code, 16 lanes ===================== */
+#define W4_ISA avx512
+#define KATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define VW 16
+#define VF __m512
+#define VI __m512i
+#define vf_zero() _mm512_setzero_ps()
+#define vf_set1(f) _mm512_set1_ps(f)
+#define vf_bcast(p) _mm512_set1_ps(*(p))
+#define vf_load(p) _mm512_loadu_ps(p)
+#define vf_store(p, v) _mm512_storeu_ps(p, v)
+#define vf_add(a, b) _mm512_add_ps(a, b)
+#define vf_sub(a, b) _mm512_sub_ps(a, b)
+#define vf_mul(a, b) _mm512_mul_ps(a, b)
+#define vf_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vf_fnma(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define vi_load(p) _mm512_loadu_si512((const void *)(p))
+#define vi_set1(i) _mm512_set1_epi32(i)
+#define vi_and(a, b) _mm512_and_si512(a, b)
+#define vi_srli(a, c) _mm512_srli_epi32(a, c)
+#define vi_cvt(a) _mm512_cvtepi32_ps(a)
+
+static KATTR W4_INLINE __m512 w4_load_avx512(const void *p, int dtype, int64_t i) {
+    switch (dtype) {
+    case TOPS_F16:
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+    case TOPS_BF16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    default: return _mm512_loadu_ps((const float *)p + i);
+    }
+}
+
+/* zero points of columns n .. n+15 of group g (two qzeros words) */
+static KATTR W4_INLINE __m512 w4_zeros_avx512(const tops_w4a16_args *a, int64_t g, int64_t n) {
+    if (!a->qzeros) return _mm512_set1_ps(8.0f);
+    const int32_t *p = a->qzeros + g * (a->N / 8) + n / 8;
+    __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(p[0])),
+                                   _mm256_set1_epi32(p[1]), 1);
+    __m512i f = _mm512_and_si512(
+        _mm512_srlv_epi32(w, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm512_set1_epi32(15));
+    if (a->zero_format == TOPS_ZEROS_V1)
+        f = _mm512_and_si512(_mm512_add_epi32(f, _mm512_set1_epi32(1)), _mm512_set1_epi32(15));
+    return _mm512_cvtepi32_ps(f);
+}
+
+static KATTR W4_INLINE void w4_store_avx512(void *p, int dtype, int64_t i, __m512 v) {
+    switch (dtype) {
+    case TOPS_F16:
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        break;
+    case TOPS_BF16: {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i r = _mm512_add_epi32(
+            u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        r = _mm512_srli_epi32(r, 16);
+        __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+        r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(r));
+        break;
+    }
+    default: _mm512_storeu_ps((float *)p + i, v); break;
+    }
+}
+
+#define vf_loadt(p, dtype, i) w4_load_avx512(p, dtype, i)
+#define vf_storet(p, dtype, i, v) w4_store_avx512(p, dtype, i, v)
+#define vf_zeros(a, g, n) w4_zeros_avx512(a, g, n)
+
+#define W4_TEMPLATE_PASS 1
+#include "w4a16.c"
+#undef W4_TEMPLATE_PASS
+#endif /* W4_X86 */
+
+int tops_w4a16_linear(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end) {
+    int st = w4_check(a, n_begin, n_end);
+    if (st != TOPS_OK) return st;
+    if (a->M == 0 || n_begin == n_end) return TOPS_OK;
+#if W4_X86
+    int isa = tops_cpu_isa();
+    if (isa >= TOPS_ISA_AVX512) {
+        int64_t mid = n_begin + (n_end - n_begin) / 16 * 16;
+        if (mid > n_begin && (st = w4_run_avx512(a, n_begin, mid)) != TOPS_OK) return st;
+        return mid < n_end ? w4_run_avx2(a, mid, n_end) : TOPS_OK;
+    }
+    if (isa >= TOPS_ISA_AVX2) return w4_run_avx2(a, n_begin, n_end);
+#endif
+    return w4_scalar(a, n_begin, n_end);
+}
+
+#else /* W4_TEMPLATE_PASS: the vectorised paths, instantiated once per instruction set ============= */
+
+#define W4_NVMAX 4            /* GEMV: vectors per column block */
+#define W4_BW (W4_NVMAX * VW) /* GEMV: columns per block (act-order table row) */
+#define W4_PW (2 * VW)        /* blocked: panel width */
+#define W4_NT (4 * W4_PW)     /* blocked: columns per tile */
+
+/* slot j of a word as q * 2^(4j) (j < 7) or q (j == 7), exact in fp32; pairs with x * 2^-4j */
+static KATTR W4_INLINE VF KN(w4_unpack_scaled)(VI w, const int j) {
+    if (j == 7) return vi_cvt(vi_srli(w, 28));
+    return vi_cvt(vi_and(w, vi_set1(15 << (4 * j))));
+}
+
+/* slot j of a word as q */
+static KATTR W4_INLINE VF KN(w4_unpack)(VI w, const int j) {
+    if (j == 0) return vi_cvt(vi_and(w, vi_set1(15)));
+    if (j == 7) return vi_cvt(vi_srli(w, 28));
+    return vi_cvt(vi_and(vi_srli(w, 4 * j), vi_set1(15)));
+}
+
+/* x rows [m0, m0 + rows) -> fp32 dst[rows][K] */
+static KATTR void KN(w4_convert_x)(const tops_w4a16_args *a, int64_t m0, int64_t rows, float *dst) {
+    const int64_t K = a->K;
+    for (int64_t m = 0; m < rows; m++) {
+        int64_t src = (m0 + m) * a->x_row_stride;
+        float *d = dst + m * K;
+        int64_t k = 0;
+        for (; k + VW <= K; k += VW) vf_store(d + k, vf_loadt(a->x, a->x_dtype, src + k));
+        for (; k < K; k++) d[k] = tops_load(a->x, a->x_dtype, src + k);
+    }
+}
+
+/* out[m, n .. n+VW) = src + bias */
+static KATTR W4_INLINE void KN(w4_out)(const tops_w4a16_args *a, int64_t m, int64_t n, VF v) {
+    if (a->bias) v = vf_add(v, vf_loadt(a->bias, a->bias_dtype, n));
+    vf_storet(a->out, a->out_dtype, m * a->N + n, v);
+}
+
+/* ---- GEMV kernel: acc[MR][NV vectors] = sum over nrows words of unpack(q) * xp ------------------
+ * qw: first word (row r0, column n0), ldq = N; xp: pre-scaled x at k = 8 r0 of the first row, ldx
+ * apart; act: scales gathered per k from stab[gk[k] * W4_BW + column]. Prefetches qw + pf bytes. */
+static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const int act,
+                                             const int32_t *qw, int64_t ldq, int64_t nrows, int64_t pf,
+                                             const float *xp, int64_t ldx, const float *stab,
+                                             const int32_t *gk, float *acc_out) {
+    VF acc[4][W4_NVMAX];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) acc[m][v] = vf_zero();
+    for (int64_t r = 0; r < nrows; r++) {
+        const int32_t *row = qw + r * ldq;
+#pragma GCC unroll 4
+        for (int l = 0; l < (NV * VW * 4 + 63) / 64; l++) w4_prefetch(row + l * 16, pf);
+        VI w[W4_NVMAX];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) w[v] = vi_load(row + v * VW);
+        const float *xr = xp + 8 * r;
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            VF xb[4];
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; m++) xb[m] = vf_bcast(xr + m * ldx + j);
+            const float *srow = act ? stab + (int64_t)gk[8 * r + j] * W4_BW : stab;
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) {
+                VF t = KN(w4_unpack_scaled)(w[v], j);
+                if (act) t = vf_mul(t, vf_load(srow + v * VW));
+#pragma GCC unroll 4
+                for (int m = 0; m < MR; m++) acc[m][v] = vf_fma(t, xb[m], acc[m][v]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) vf_store(acc_out + m * W4_BW + v * VW, acc[m][v]);
+}
+
+static KATTR void KN(w4_gemv_call)(int mr, int nv, int act, const int32_t *qw, int64_t ldq,
+                                   int64_t nrows, int64_t pf, const float *xp, int64_t ldx,
+                                   const float *stab, const int32_t *gk, float *acc_out) {
+#define W4_GC(MR, NV, ACT)                                                                     \
+    case MR * 16 + NV * 2 + ACT:                                                               \
+        KN(w4_gemv_kern)(MR, NV, ACT, qw, ldq, nrows, pf, xp, ldx, stab, gk, acc_out); \
+        break;
+#define W4_GC2(MR, NV) W4_GC(MR, NV, 0) W4_GC(MR, NV, 1)
+    switch (mr * 16 + nv * 2 + act) {
+        W4_GC2(1, 1) W4_GC2(1, 2) W4_GC2(1, 4)
+        W4_GC2(2, 1) W4_GC2(2, 2) W4_GC2(2, 4)
+        W4_GC2(3, 1) W4_GC2(3, 2)
+        W4_GC2(4, 1) W4_GC2(4, 2)
+    default: break;
+    }
+#undef W4_GC2
+#undef W4_GC
+}
+
+/* widest supported vector count <= min(rem, nvb) among {4, 2, 1} */
+static inline int KN(w4_pick_nv)(int64_t rem, int nvb) {
+    int64_t lim = rem < nvb ? rem : nvb;
+    return lim >= 4 ? 4 : lim >= 2 ? 2 : 1;
+}
+
+static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws,
+                             const int32_t *gk, int uniform) {
+    const int64_t M = a->M, K = a->K, N = a->N, G = a->groups, ncols = ne - nb, R = K / 8;
+    const int nvb = M <= 2 ? 4 : 2; /* keeps MR * NV accumulators + NV words in 16 registers */
+    float *xf = (float *)ws;
+    ws += w4_align((size_t)(M * K) * sizeof(float));
+    float *xp = (float *)ws;
+    ws += w4_align((size_t)(M * K) * sizeof(float));
+    float *y = (float *)ws;
+    ws += w4_align((size_t)(M * ncols) * sizeof(float));
+    float *acc = (float *)ws; /* [4][W4_BW] */
+    ws += w4_align((size_t)(4 * W4_BW) * sizeof(float));
+    KN(w4_convert_x)(a, 0, M, xf);
+    memcpy(xp, xf, (size_t)(M * K) * sizeof(float));
+    {
+        static const float ps[8] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
+        for (int64_t i = 0; i < M * K; i++) xp[i] *= ps[i & 7]; /* K % 8 == 0 */
+    }
+    memset(y, 0, (size_t)(M * ncols) * sizeof(float));
+
+    if (uniform) {
+        /* K-chunks inside one group; columns inside; zero point factored per chunk */
+        float xc[W4_GEMV_MAX_M];
+        for (int64_t r0 = 0; r0 < R;) {
+            const int64_t g = gk[8 * r0];
+            int64_t r1 = r0 + 1;
+            while (r1 < R && r1 - r0 < W4_CHUNK_ROWS && gk[8 * r1] == g) r1++;
+            for (int64_t m = 0; m < M; m++) {
+                float sum = 0.0f;
+                for (int64_t k = 8 * r0; k < 8 * r1; k++) sum += xf[m * K + k];
+                xc[m] = sum;
+            }
+            for (int64_t n0 = 0; n0 < ncols;) {
+                const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
+                const int64_t n = nb + n0;
+                const int64_t pf = (int64_t)W4_PF_BLOCKS * nv * VW * 4;
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                    const int mr = (int)w4_min(4, M - m0);
+                    KN(w4_gemv_call)(mr, nv, 0, a->qweight + r0 * N + n, N, r1 - r0, pf,
+                                     xp + m0 * K + 8 * r0, K, NULL, NULL, acc);
+                    for (int v = 0; v < nv; v++) {
+                        VF s = vf_loadt(a->scales, a->scales_dtype, g * N + n + v * VW);
+                        VF z = vf_zeros(a, g, n + v * VW);
+                        for (int m = 0; m < mr; m++) {
+                            float *yp = y + (m0 + m) * ncols + n0 + v * VW;
+                            VF t = vf_fnma(z, vf_set1(xc[m0 + m]), vf_load(acc + m * W4_BW + v * VW));
+                            vf_store(yp, vf_fma(s, t, vf_load(yp)));
+                        }
+                    }
+                }
+                n0 += (int64_t)nv * VW;
+            }
+            r0 = r1;
+        }
+    } else {
+        /* act-order: column blocks outside, all of K inside, per-k scales from a table */
+        float *xg = (float *)ws; /* [M][G] sums of x per group */
+        ws += w4_align((size_t)(M * G) * sizeof(float));
+        float *stab = (float *)ws; /* [G][W4_BW] */
+        ws += w4_align((size_t)(G * W4_BW) * sizeof(float));
+        float *corr = (float *)ws; /* [M][W4_BW] */
+        memset(xg, 0, (size_t)(M * G) * sizeof(float));
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k < K; k++) xg[m * G + gk[k]] += xf[m * K + k];
+        for (int64_t n0 = 0; n0 < ncols;) {
+            const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
+            const int64_t n = nb + n0;
+            memset(corr, 0, (size_t)(M * W4_BW) * sizeof(float));
+            for (int v = 0; v < nv; v++)
+                for (int64_t g = 0; g < G; g++) {
+                    VF s = vf_loadt(a->scales, a->scales_dtype, g * N + n + v * VW);
+                    vf_store(stab + g * W4_BW + v * VW, s);
+                    VF sz = vf_mul(s, vf_zeros(a, g, n + v * VW));
+                    for (int64_t m = 0; m < M; m++) {
+                        float *cp = corr + m * W4_BW + v * VW;
+                        vf_store(cp, vf_fma(sz, vf_set1(xg[m * G + g]), vf_load(cp)));
+                    }
+                }
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const int mr = (int)w4_min(4, M - m0);
+                KN(w4_gemv_call)(mr, nv, 1, a->qweight + n, N, R, (int64_t)W4_PF_ROWS * N * 4,
+                                 xp + m0 * K, K, stab, gk, acc);
+                for (int v = 0; v < nv; v++)
+                    for (int m = 0; m < mr; m++)
+                        vf_store(y + (m0 + m) * ncols + n0 + v * VW,
+                                 vf_sub(vf_load(acc + m * W4_BW + v * VW),
+                                        vf_load(corr + (m0 + m) * W4_BW + v * VW)));
+            }
+            n0 += (int64_t)nv * VW;
+        }
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n0 = 0; n0 < ncols; n0 += VW) KN(w4_out)(a, m, nb + n0, vf_load(y + m * ncols + n0));
+    return TOPS_OK;
+}
+
+/* ---- blocked path --------------------------------------------------------------------------------- */
+
+/* dequantize rows (8 k each) x ntv vectors of qweight (first word qw) into panels
+ * dq[p][kk][W4_PW] (p = v / 2), kk = 8 r + j; tab[2 g][W4_NT] = s, tab[2 g + 1][W4_NT] = -z s */
+static KATTR void KN(w4_dequant)(const int32_t *qw, int64_t ldq, int64_t rows, int ntv,
+                                 const int32_t *gk, const float *tab, float *dq) {
+    const int64_t pf = (int64_t)W4_PF_ROWS * ldq * 4;
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *row = qw + r * ldq;
+        for (int l = 0; l < (ntv * VW * 4 + 63) / 64; l++) w4_prefetch(row + l * 16, pf);
+        const int32_t *g8 = gk + 8 * r;
+        for (int v = 0; v < ntv; v++) {
+            VI w = vi_load(row + v * VW);
+            float *d = dq + (int64_t)(v / 2) * W4_KT * W4_PW + 8 * r * W4_PW + (v % 2) * VW;
+            const float *tv = tab + v * VW;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const float *t = tv + (int64_t)g8[j] * 2 * W4_NT;
+                vf_store(d + j * W4_PW, vf_fma(KN(w4_unpack)(w, j), vf_load(t), vf_load(t + W4_NT)));
+            }
+        }
+        if (ntv % 2) {
+            float *d = dq + (int64_t)(ntv / 2) * W4_KT * W4_PW + 8 * r * W4_PW + VW;
+            for (int j = 0; j < 8; j++) vf_store(d + j * W4_PW, vf_zero());
+        }
+    }
+}
+
+/* C[MR][2 vectors] (ldc apart) += A[MR][kt] (lda apart) * B[kt][W4_PW] */
+static KATTR W4_INLINE void KN(w4_micro)(const int MR, const float *A, int64_t lda, const float *B,
+                                         int64_t kt, float *C, int64_t ldc) {
+    VF c0[6], c1[6];
+    const float *ap[6];
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; i++) {
+        c0[i] = vf_load(C + i * ldc);
+        c1[i] = vf_load(C + i * ldc + VW);
+        ap[i] = A + i * lda;
+    }
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < kt; k++) {
+        VF b0 = vf_load(B + k * W4_PW), b1 = vf_load(B + k * W4_PW + VW);
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; i++) {
+            VF av = vf_bcast(ap[i] + k);
+            c0[i] = vf_fma(av, b0, c0[i]);
+            c1[i] = vf_fma(av, b1, c1[i]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; i++) {
+        vf_store(C + i * ldc, c0[i]);
+        vf_store(C + i * ldc + VW, c1[i]);
+    }
+}
+
+static KATTR void KN(w4_micro_call)(int mr, const float *A, int64_t lda, const float *B, int64_t kt,
+                                    float *C, int64_t ldc) {
+    switch (mr) {
+    case 1: KN(w4_micro)(1, A, lda, B, kt, C, ldc); break;
+    case 2: KN(w4_micro)(2, A, lda, B, kt, C, ldc); break;
+    case 3: KN(w4_micro)(3, A, lda, B, kt, C, ldc); break;
+    case 4: KN(w4_micro)(4, A, lda, B, kt, C, ldc); break;
+    case 5: KN(w4_micro)(5, A, lda, B, kt, C, ldc); break;
+    default: KN(w4_micro)(6, A, lda, B, kt, C, ldc); break;
+    }
+}
+
+static KATTR int KN(w4_blocked)(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws,
+                                const int32_t *gk) {
+    const int64_t M = a->M, K = a->K, N = a->N, G = a->groups, mce = w4_min(M, W4_MC);
+    float *xbuf = NULL;
+    if (a->x_dtype != TOPS_F32) {
+        xbuf = (float *)ws;
+        ws += w4_align((size_t)(mce * K) * sizeof(float));
+    }
+    float *tab = (float *)ws;
+    ws += w4_align((size_t)(2 * G * W4_NT) * sizeof(float));
+    float *dq = (float *)ws;
+    ws += w4_align((size_t)(W4_KT * W4_NT) * sizeof(float));
+    float *cbuf = (float *)ws;
+
+    for (int64_t m0 = 0; m0 < M; m0 += W4_MC) {
+        const int64_t mc = w4_min(W4_MC, M - m0);
+        const float *A;
+        int64_t lda;
+        if (xbuf) {
+            KN(w4_convert_x)(a, m0, mc, xbuf);
+            A = xbuf;
+            lda = K;
+        } else {
+            A = (const float *)a->x + m0 * a->x_row_stride;
+            lda = a->x_row_stride;
+        }
+        for (int64_t n0 = nb; n0 < ne; n0 += W4_NT) {
+            const int ntv = (int)(w4_min(W4_NT, ne - n0) / VW);
+            const int npan = (ntv + 1) / 2;
+            for (int64_t g = 0; g < G; g++)
+                for (int v = 0; v < ntv; v++) {
+                    VF s = vf_loadt(a->scales, a->scales_dtype, g * N + n0 + v * VW);
+                    VF z = vf_zeros(a, g, n0 + v * VW);
+                    vf_store(tab + 2 * g * W4_NT + v * VW, s);
+                    vf_store(tab + (2 * g + 1) * W4_NT + v * VW, vf_mul(vf_sub(vf_zero(), z), s));
+                }
+            memset(cbuf, 0, (size_t)(mc * W4_NT) * sizeof(float));
+            for (int64_t k0 = 0; k0 < K; k0 += W4_KT) {
+                const int64_t kt = w4_min(W4_KT, K - k0);
+                KN(w4_dequant)(a->qweight + (k0 / 8) * N + n0, N, kt / 8, ntv, gk + k0, tab, dq);
+                for (int p = 0; p < npan; p++)
+                    for (int64_t mb = 0; mb < mc; mb += 6)
+                        KN(w4_micro_call)((int)w4_min(6, mc - mb), A + mb * lda + k0, lda,
+                                          dq + (int64_t)p * W4_KT * W4_PW, kt,
+                                          cbuf + mb * W4_NT + p * W4_PW, W4_NT);
+            }
+            for (int64_t m = 0; m < mc; m++)
+                for (int v = 0; v < ntv; v++)
+                    KN(w4_out)(a, m0 + m, n0 + v * VW, vf_load(cbuf + m * W4_NT + v * VW));
+        }
+    }
+    return TOPS_OK;
+}
+
+static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
+    const int64_t M = a->M, K = a->K, G = a->groups, ncols = ne - nb;
+    size_t bytes = w4_align((size_t)K * sizeof(int32_t));
+    const int gemv = M <= W4_GEMV_MAX_M;
+    if (gemv) {
+        bytes += 2 * w4_align((size_t)(M * K) * sizeof(float)) +
+                 w4_align((size_t)(M * ncols) * sizeof(float)) +
+                 w4_align((size_t)(4 * W4_BW) * sizeof(float)) +
+                 w4_align((size_t)(M * G) * sizeof(float)) +
+                 w4_align((size_t)(G * W4_BW) * sizeof(float)) +
+                 w4_align((size_t)(M * W4_BW) * sizeof(float));
+    } else {
+        const int64_t mce = w4_min(M, W4_MC);
+        if (a->x_dtype != TOPS_F32) bytes += w4_align((size_t)(mce * K) * sizeof(float));
+        bytes += w4_align((size_t)(2 * G * W4_NT) * sizeof(float)) +
+                 w4_align((size_t)(W4_KT * W4_NT) * sizeof(float)) +
+                 w4_align((size_t)(mce * W4_NT) * sizeof(float));
+    }
+    char *raw = (char *)malloc(bytes + 64);
+    if (!raw) return TOPS_ERR_UNSUPPORTED;
+    char *ws = (char *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    int32_t *gk = (int32_t *)ws;
+    ws += w4_align((size_t)K * sizeof(int32_t));
+    int uniform = w4_groups(a, gk);
+    int st = gemv ? KN(w4_gemv)(a, nb, ne, ws, gk, uniform) : KN(w4_blocked)(a, nb, ne, ws, gk);
+    free(raw);
+    return st;
+}
+
+#undef W4_NVMAX
+#undef W4_BW
+#undef W4_PW
+#undef W4_NT
+#endif /* W4_TEMPLATE_PASS */

@@ -1,0 +1,55 @@
+/*
+ * tops_cuda.h - C-callable launchers of the CUDA kernels (no torch headers, so every .cu file
+ * compiles with a bare nvcc). Pointers are device pointers; `stream` is a cudaStream_t passed as
+ * void*. Each launcher checks its sizes, launches on `stream`, checks the launch and returns a
+ * tops_status (TOPS_ERR_CUDA when a CUDA call failed). None synchronises the host, none allocates:
+ * all of them are safe to capture in a CUDA graph.
+ *
+ * The semantics (layouts, ranges, orders, zero formats) are exactly those of the matching CPU
+ * function in ../core/tops.h; the CPU and CUDA results must be bit-identical for the integer ops.
+ * Input value ranges (values < 2**bits, g_idx in [0, G)) are validated by the caller.
+ */
+#ifndef TOPS_CUDA_H
+#define TOPS_CUDA_H
+
+#include "../core/tops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int tops_cuda_pack(void *dst, const uint8_t *src, int64_t outer, int64_t len, int64_t inner,
+                   int bits, int word_bytes, int order, void *stream);
+int tops_cuda_unpack(uint8_t *dst, const void *src, int64_t outer, int64_t nwords, int64_t inner,
+                     int bits, int word_bytes, int order, void *stream);
+
+int tops_cuda_awq_to_gptq_qweight(int32_t *dst, const int32_t *src, int64_t K, int64_t N,
+                                  void *stream);
+int tops_cuda_gptq_to_awq_qweight(int32_t *dst, const int32_t *src, int64_t K, int64_t N,
+                                  void *stream);
+int tops_cuda_awq_to_gptq_qzeros(int32_t *dst, const int32_t *src, int64_t nwords,
+                                 int zero_format, void *stream);
+int tops_cuda_gptq_to_awq_qzeros(int32_t *dst, const int32_t *src, int64_t nwords,
+                                 int zero_format, void *stream);
+int tops_cuda_convert_gptq_zeros(int32_t *dst, const int32_t *src, int64_t rows,
+                                 int64_t row_words, int bits, int delta, void *stream);
+
+int tops_cuda_pack_v2(int16_t *dst, const uint8_t *src, int64_t N, int64_t K, void *stream);
+int tops_cuda_unpack_v2(uint8_t *dst, const int16_t *src, int64_t N, int64_t K, void *stream);
+
+/* whole output, [N, K] */
+int tops_cuda_dequantize(const tops_dequant_args *a, void *stream);
+
+/* w4a16 linear on CUDA. Supported: x_dtype F16 with scales F16, BF16 with BF16, F32 with F32
+ * (the caller converts scales to the activation dtype); out_dtype == x_dtype; bias (optional) in
+ * x_dtype; x contiguous (x_row_stride == K). Any N % 8 == 0 and K % group_size == 0 (K % 8 == 0).
+ * The workspace (fp32 scratch for split-K, say) is allocated by the caller with at least
+ * tops_cuda_w4a16_workspace_bytes(a) bytes; its content on entry is arbitrary. */
+size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a);
+int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes,
+                           void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TOPS_CUDA_H */

@@ -1,0 +1,66 @@
+"""Build torch_ops._C: the C core (compiled as C11), the C++ op registry and, when torch was built
+with CUDA and nvcc is found, the CUDA kernels.
+
+    pip install --no-build-isolation -e .       # uses the torch already installed
+
+Environment: TORCH_OPS_CUDA=0 forces a CPU-only build; TORCH_CUDA_ARCH_LIST picks the CUDA
+targets (default "8.0;9.0"); MAX_JOBS bounds parallel compilation.
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+C_SOURCES = sorted(glob.glob(os.path.join("csrc", "core", "*.c")))
+CPP_SOURCES = ["csrc/bindings/ops.cpp"]
+CUDA_SOURCES = ["csrc/bindings/ops_cuda.cpp"] + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+C_FLAGS = ["-std=c11", "-O3", "-fPIC", "-Wall", "-Wextra", "-fvisibility=hidden"]
+
+
+def want_cuda() -> bool:
+    if os.environ.get("TORCH_OPS_CUDA", "1") == "0":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+class Build(BuildExtension):
+    """Compiles csrc/core/*.c with the C compiler and C flags (BuildExtension would push them
+    through the C++ flags), then links the objects into the extension."""
+
+    def build_extensions(self):
+        for ext in self.extensions:
+            objects = self.compiler.compile(
+                C_SOURCES, output_dir=self.build_temp, include_dirs=["csrc/core"],
+                extra_postargs=C_FLAGS)
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extensions()
+
+
+def extension():
+    cxx = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"]
+    include = [os.path.join(ROOT, "csrc")]
+    if want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension(
+            "torch_ops._C", CPP_SOURCES + CUDA_SOURCES, include_dirs=include,
+            define_macros=[("TOPS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx + ["-DTOPS_WITH_CUDA=1"], "nvcc": nvcc})
+    return CppExtension("torch_ops._C", CPP_SOURCES, include_dirs=include,
+                        extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="torch_ops",
+    version="0.1.0",
+    description="Bit packing, AWQ/GPTQ repacking and a fused w4a16 linear as PyTorch ops (C/CUDA)",
+    packages=["torch_ops"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": Build},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "safetensors", "tqdm"],
+)

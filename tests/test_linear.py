@@ -1,0 +1,189 @@
+"""The fused w4a16 linear against a float64 reference: shapes, dtypes, group sizes, act-order,
+zero formats, bias, every CPU instruction-set path and CUDA; autograd, opcheck, torch.compile,
+CUDA graphs and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_ops
+from torch_ops import _C
+from torch_ops import reference as ref
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_weights(K, N, group_size, zeros="v1", act_order=False, device="cpu",
+                 scales_dtype=torch.float16):
+    """Random GPTQ tensors with every zero point (0 and 15 included) and non-trivial scales."""
+    G = K if group_size == -1 else group_size
+    q = torch.randint(0, 16, (K, N), dtype=torch.uint8)
+    z = torch.randint(0, 16, (K // G, N), dtype=torch.uint8)
+    z[0, :2] = torch.tensor([0, 15], dtype=torch.uint8)
+    t = {
+        "qweight": torch_ops.pack(q, 4, dim=0).to(device),
+        "scales": ((torch.rand(K // G, N) + 0.5) / 64).to(scales_dtype).to(device),
+        "qzeros": None if zeros == "sym" else torch_ops.pack(
+            ((z.long() - (zeros == "v1")) & 15).to(torch.uint8), 4, dim=1).to(device),
+        "group_size": group_size,
+        "g_idx": ((torch.randperm(K) // G).to(torch.int32).to(device) if act_order else None),
+        "zero_format": "v2" if zeros == "sym" else zeros,
+    }
+    return t
+
+
+def reference(x, t, bias=None):
+    w = ref.dequantize(t["qweight"].cpu(), t["scales"].cpu().float(),
+                       None if t["qzeros"] is None else t["qzeros"].cpu(), "gptq", 4,
+                       t["group_size"], None if t["g_idx"] is None else t["g_idx"].cpu(),
+                       t["zero_format"]).double()
+    return F.linear(x.cpu().double(), w, None if bias is None else bias.cpu().double())
+
+
+def rel_err(out, expected):
+    return ((out.cpu().double() - expected).norm() / expected.norm()).item()
+
+
+def isa_levels():
+    return list(range(_C.cpu_isa_detected() + 1))
+
+
+@pytest.fixture(params=isa_levels(), ids=lambda level: ["scalar", "avx2", "avx512"][level])
+def cpu_isa(request):
+    _C.cpu_isa_set(request.param)
+    yield request.param
+    _C.cpu_isa_set(-1)
+
+
+@pytest.mark.parametrize("x_shape", [(1,), (3,), (2, 5), (33,), (64,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_batch_shapes_and_dtypes(device, x_shape, dtype):
+    K, N = 256, 200
+    t = make_weights(K, N, 64, device=device)
+    x = torch.randn(*x_shape, K, device=device).to(dtype)
+    out = torch_ops.w4a16_linear(x, **t)
+    assert out.shape == (*x_shape, N) and out.dtype == dtype
+    assert rel_err(out, reference(x, t)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("zeros", ["v1", "v2", "sym"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_group_sizes_zero_formats_act_order(device, group_size, zeros, act_order):
+    K, N, M = 512, 72, 5
+    t = make_weights(K, N, group_size, zeros, act_order, device)
+    x = torch.randn(M, K, device=device, dtype=torch.float16)
+    assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("M", [1, 4, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_cpu_isa_path(cpu_isa, M, dtype):
+    K, N = 384, 264
+    t = make_weights(K, N, 128, act_order=M == 4)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    out = torch_ops.w4a16_linear(x, bias=bias, **t)
+    assert rel_err(out, reference(x, t, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("K,N", [(32, 8), (96, 24), (4224, 8), (128, 4104)])
+def test_no_shape_cliffs(device, K, N):
+    t = make_weights(K, N, 32, device=device)
+    for M in (1, 9, 80):
+        x = torch.randn(M, K, device=device, dtype=torch.float16)
+        assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[torch.float16]
+
+
+def test_bias_and_non_contiguous_x(device):
+    K, N = 256, 48
+    t = make_weights(K, N, 128, device=device)
+    x = torch.randn(K, 7, device=device, dtype=torch.float16).t()  # [7, K], column-major
+    bias = torch.randn(N, device=device, dtype=torch.float16)
+    assert not x.is_contiguous()
+    out = torch_ops.w4a16_linear(x, bias=bias, **t)
+    assert rel_err(out, reference(x, t, bias)) < TOL[torch.float16]
+    sliced = torch.randn(3, 2 * K, device=device)[:, ::2]  # strided rows
+    assert rel_err(torch_ops.w4a16_linear(sliced, **t), reference(sliced, t)) < TOL[torch.float32]
+
+
+def test_mixed_scales_dtype(device):
+    K, N = 128, 32
+    t = make_weights(K, N, 64, device=device, scales_dtype=torch.float16)
+    x = torch.randn(4, K, device=device, dtype=torch.bfloat16)
+    assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[torch.bfloat16]
+
+
+def test_empty_batch(device):
+    t = make_weights(64, 16, 32, device=device)
+    out = torch_ops.w4a16_linear(torch.empty(0, 64, device=device), **t)
+    assert out.shape == (0, 16)
+
+
+def test_gradient_wrt_x(device):
+    K, N = 128, 40
+    t = make_weights(K, N, 64, act_order=True, device=device)
+    x = torch.randn(2, 3, K, device=device, requires_grad=True)
+    bias = torch.randn(N, device=device, requires_grad=True)
+    out = torch_ops.w4a16_linear(x, bias=bias, **t)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    w = ref.dequantize(t["qweight"].cpu(), t["scales"].cpu().float(), t["qzeros"].cpu(), "gptq", 4,
+                       64, t["g_idx"].cpu(), "v1")
+    assert torch.allclose(x.grad.cpu(), grad.cpu() @ w, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(bias.grad.cpu(), grad.cpu().sum((0, 1)), rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck(device):
+    t = make_weights(128, 24, 32, act_order=True, device=device)
+    x = torch.randn(3, 128, device=device, requires_grad=True)
+    bias = torch.randn(24, device=device)
+    torch.library.opcheck(torch.ops.torch_ops.w4a16_linear,
+                          (x, t["qweight"], t["scales"], t["qzeros"], 32, t["g_idx"], bias, "v1"))
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    t = make_weights(256, 64, 128, device=device)
+
+    def mlp(x):
+        return torch.relu(torch_ops.w4a16_linear(x, **t)) * 2
+
+    x = torch.randn(4, 256, device=device, dtype=torch.float16)
+    assert torch.equal(torch.compile(mlp, fullgraph=True)(x), mlp(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture():
+    t = make_weights(512, 256, 128, act_order=True, device="cuda")
+    x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+    expected = torch_ops.w4a16_linear(x, **t)  # eager warm-up (also validates g_idx)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch_ops.w4a16_linear(x, **t)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(x, t)) < TOL[torch.float16]
+    assert not torch.equal(out, expected)
+
+
+def test_bad_input(device):
+    t = make_weights(128, 16, 64, device=device)
+    x = torch.randn(2, 128, device=device)
+    cases = [
+        (dict(x=torch.randn(2, 120, device=device)), r"w4a16_linear: x.shape\[-1\] = 120 must equal K = 8 \* qweight.shape\[0\] = 128"),
+        (dict(x=x.to(torch.int32)), r"w4a16_linear: x must be float32, float16 or bfloat16, got Int"),
+        (dict(qweight=t["qweight"].float()), r"w4a16_linear: qweight must be Int, got Float"),
+        (dict(g_idx=torch.full((128,), 2, dtype=torch.int32, device=device)), r"w4a16_linear: g_idx values must be in \[0, 2\)"),
+        (dict(g_idx=torch.zeros(64, dtype=torch.int32, device=device)), r"w4a16_linear: g_idx must have shape \[K\] = \[128\], got \[64\]"),
+        (dict(scales=t["scales"][:1]), r"w4a16_linear: scales must have shape \[K/group_size, N\] = \[2, 16\], got \[1, 16\]"),
+        (dict(group_size=48), r"w4a16_linear: K = 128 must be a multiple of group_size = 48"),
+        (dict(qzeros=t["qzeros"][:, :1]), r"w4a16_linear: qzeros must have shape \[K/group_size, N/8\] = \[2, 2\], got \[2, 1\]"),
+        (dict(bias=torch.zeros(15, device=device)), r"w4a16_linear: bias must have shape \[N\] = \[16\], got \[15\]"),
+        (dict(zero_format="v9"), r'w4a16_linear: zero_format must be "v1" or "v2", got "v9"'),
+    ]
+    for change, pattern in cases:
+        args = dict(t, x=x)
+        args.update(change)
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+            torch_ops.w4a16_linear(**args)

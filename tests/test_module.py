@@ -1,0 +1,308 @@
+"""QuantLinear and quantize_model, against torch_ops.reference (the pure-torch oracle)."""
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ops
+from torch_ops import QuantLinear, quantize_model
+from torch_ops import reference as ref
+
+K, N, G = 256, 128, 64
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def random_words(*shape, device="cpu"):
+    """int32 words with every bit pattern possible (nibble 7 >= 8 included: negative words)."""
+    return torch.randint(-2**31, 2**31, shape, dtype=torch.int32, device=device)
+
+
+def random_awq(device="cpu", k=K, n=N, g=G):
+    ng = 1 if g == -1 else k // g
+    return {"qweight": random_words(k, n // 8, device=device),
+            "qzeros": random_words(ng, n // 8, device=device),
+            "scales": (torch.rand(ng, n, device=device) * 0.02 + 0.001).half()}
+
+
+def random_gptq(device="cpu", k=K, n=N, g=G):
+    ng = 1 if g == -1 else k // g
+    return {"qweight": random_words(k // 8, n, device=device),
+            "qzeros": random_words(ng, n // 8, device=device),
+            "scales": (torch.rand(ng, n, device=device) * 0.02 + 0.001).half()}
+
+
+def act_order_g_idx(k=K, g=G, device="cpu"):
+    """g_idx of act-order: row k belongs to group rank(k) // G for a random column order."""
+    perm = torch.randperm(k, device=device)
+    g_idx = (torch.argsort(perm) // g).to(torch.int32)
+    assert not torch.equal(g_idx, (torch.arange(k, device=device) // g).to(torch.int32))
+    return g_idx
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------- constructors and export
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_awq_round_trip_is_bit_exact(device, group_size):
+    awq = random_awq(device, g=group_size)
+    awq["bias"] = torch.randn(N, device=device, dtype=torch.float16)
+    layer = QuantLinear.from_awq(**awq, group_size=group_size)
+    assert (layer.in_features, layer.out_features, layer.group_size) == (K, N, group_size)
+    assert layer.qweight.shape == (K // 8, N) and layer.qweight.device.type == device
+    assert_same(layer.to_awq(), awq)
+    gq = layer.to_gptq("v1")
+    qweight, qzeros = ref.awq_to_gptq(awq["qweight"].cpu(), awq["qzeros"].cpu(), "v1")
+    assert torch.equal(gq["qweight"].cpu(), qweight) and torch.equal(gq["qzeros"].cpu(), qzeros)
+    assert torch.equal(gq["g_idx"].cpu(), (torch.arange(K) // (K if group_size == -1 else group_size)).int())
+    # and back through the GPTQ constructor
+    assert_same(QuantLinear.from_gptq(**gq, group_size=group_size).to_awq(), awq)
+
+
+@pytest.mark.parametrize("zero_format", ["v1", "v2"])
+def test_gptq_round_trip_is_bit_exact(device, zero_format):
+    gq = random_gptq(device)
+    layer = QuantLinear.from_gptq(**gq, group_size=G, zero_format=zero_format)
+    out = layer.to_gptq(zero_format)
+    assert_same({k: v for k, v in out.items() if k != "g_idx"}, gq)
+    other = "v2" if zero_format == "v1" else "v1"
+    assert torch.equal(layer.to_gptq(other)["qzeros"].cpu(),
+                       ref.convert_gptq_zeros(gq["qzeros"].cpu(), 4, zero_format, other))
+    expected = ref.dequantize(gq["qweight"].cpu(), gq["scales"].cpu(), gq["qzeros"].cpu(), "gptq",
+                              4, G, None, zero_format)
+    assert torch.equal(layer.dequantize().cpu(), expected)
+
+
+def test_v1_zero_point_zero_survives(device):
+    # z = 0 is stored as nibble 15 in v1 (FORMATS.md section 3): [0,5,3,9,15,1,8,2] -> 0x170E824F
+    z = torch.tensor([0, 5, 3, 9, 15, 1, 8, 2], dtype=torch.uint8)
+    v2 = ref.pack(z.repeat(K // G, N // 8).reshape(K // G, N), 4, dim=1)
+    gq = random_gptq(device)
+    gq["qzeros"] = v2.to(device)
+    layer = QuantLinear.from_gptq(**gq, group_size=G, zero_format="v2")
+    assert int(layer.to_gptq("v1")["qzeros"][0, 0]) == 0x170E824F
+    assert torch.equal(layer.to_gptq("v2")["qzeros"], gq["qzeros"])
+
+
+def test_g_idx_trivial_dropped_act_order_kept(device):
+    gq = random_gptq(device)
+    plain = QuantLinear.from_gptq(**gq, g_idx=(torch.arange(K, device=device) // G).int(), group_size=G)
+    assert plain.g_idx is None and not plain.act_order
+    g_idx = act_order_g_idx(device=device)
+    layer = QuantLinear.from_gptq(**gq, g_idx=g_idx, group_size=G)
+    assert layer.act_order and torch.equal(layer.g_idx, g_idx)
+    assert torch.equal(layer.to_gptq()["g_idx"], g_idx)
+    with pytest.raises(ValueError, match="act-order"):
+        layer.to_awq()
+    expected = ref.dequantize(gq["qweight"].cpu(), gq["scales"].cpu(), gq["qzeros"].cpu(), "gptq",
+                              4, G, g_idx.cpu(), "v1")
+    assert torch.equal(layer.dequantize().cpu(), expected)
+    with pytest.raises(ValueError, match=r"g_idx values must lie in \[0, 4\)"):
+        QuantLinear.from_gptq(**gq, g_idx=g_idx + 1, group_size=G)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="in_features must be a positive multiple of 8"):
+        QuantLinear(100, 64)
+    with pytest.raises(ValueError, match="group_size must be -1 or a positive divisor"):
+        QuantLinear(256, 64, group_size=96)
+    awq = random_awq()
+    with pytest.raises(ValueError, match=re.escape("from_awq: scales must have shape [4, 128]")):
+        QuantLinear.from_awq(awq["qweight"], awq["qzeros"], awq["scales"][:, :64], group_size=G)
+
+
+# ---------------------------------------------------------------- forward
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_forward_matches_reference(device, dtype, act_order):
+    gq = random_gptq(device)
+    g_idx = act_order_g_idx(device=device) if act_order else None
+    bias = torch.randn(N, device=device, dtype=torch.float16)
+    layer = QuantLinear.from_gptq(**gq, g_idx=g_idx, bias=bias, group_size=G)
+    x = torch.randn(3, 5, K, device=device, dtype=dtype)
+    y = layer(x)
+    assert y.shape == (3, 5, N) and y.dtype == dtype
+    expected = ref.w4a16_linear(x.cpu(), gq["qweight"].cpu(), gq["scales"].cpu(), gq["qzeros"].cpu(),
+                                G, None if g_idx is None else g_idx.cpu(), bias.cpu(), "v1")
+    torch.testing.assert_close(y.cpu(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_from_linear_is_close_to_float(device):
+    lin = nn.Linear(K, N).to(device)
+    layer = QuantLinear.from_linear(lin, group_size=G)
+    q = ref.quantize(lin.weight.detach().cpu(), 4, G, False, "gptq", "v1")
+    assert torch.equal(layer.qweight.cpu(), q["qweight"]) and torch.equal(layer.qzeros.cpu(), q["qzeros"])
+    assert torch.equal(layer.bias, lin.bias.detach())
+    x = torch.randn(4, K, device=device)
+    err = (layer(x) - lin(x)).abs().max() / lin(x).abs().max()
+    assert err < 0.05, err
+    assert "format=linear" in repr(layer)
+
+
+# ---------------------------------------------------------------- state dict
+def test_state_dict_round_trip_from_awq_keys():
+    awq = random_awq()
+    awq["bias"] = torch.randn(N, dtype=torch.float16)
+    layer = QuantLinear(K, N, group_size=G)
+    assert layer.load_state_dict(awq) is not None
+    assert layer.loaded_from == "awq"
+    sd = layer.state_dict()
+    assert set(sd) == {"qweight", "qzeros", "scales", "bias"} and sd["qweight"].shape == (K // 8, N)
+    again = QuantLinear(K, N, group_size=G)
+    again.load_state_dict(sd)
+    assert again.loaded_from == "gptq"
+    assert_same(again.to_awq(), awq)
+
+
+@pytest.mark.parametrize("zero_format", ["v1", "v2"])
+def test_state_dict_round_trip_from_gptq_keys(zero_format):
+    gq = random_gptq()
+    g_idx = act_order_g_idx()
+    layer = QuantLinear(K, N, bias=False, group_size=G, checkpoint_zero_format=zero_format)
+    layer.load_state_dict({**gq, "g_idx": g_idx})
+    assert layer.act_order and layer.loaded_from == "gptq"
+    sd = layer.state_dict()
+    assert_same(sd, {**gq, "g_idx": g_idx})  # written back in the zero format it reads
+    expected = ref.dequantize(gq["qweight"], gq["scales"], gq["qzeros"], "gptq", 4, G, g_idx, zero_format)
+    assert torch.equal(layer.dequantize(), expected)
+    # a non-act-order state dict clears the act-order
+    layer.load_state_dict({**gq, "g_idx": (torch.arange(K) // G).int()})
+    assert not layer.act_order and "g_idx" not in layer.state_dict()
+
+
+def test_load_state_dict_copies_in_place_on_the_module_device(device):
+    layer = QuantLinear(K, N, group_size=G, device=device)
+    ptr = layer.qweight.data_ptr()
+    gq = random_gptq()  # on the CPU
+    layer.load_state_dict({**gq, "bias": torch.zeros(N, dtype=torch.float16)})
+    assert layer.qweight.data_ptr() == ptr  # same storage: CUDA graphs captured on it stay valid
+    assert layer.qweight.device.type == device and torch.equal(layer.qweight.cpu(), gq["qweight"])
+
+
+def test_load_state_dict_names_key_and_shapes():
+    awq = random_awq()
+    layer = nn.Sequential(QuantLinear(K, N, bias=False, group_size=G))
+    bad = {"0.qweight": awq["qweight"][:, :3], "0.qzeros": awq["qzeros"], "0.scales": awq["scales"]}
+    with pytest.raises(RuntimeError) as info:
+        layer.load_state_dict(bad)
+    msg = str(info.value)
+    for part in ["0.qweight", "[32, 128]", "[256, 16]", "[256, 3]", "GPTQ", "AWQ"]:
+        assert part in msg, (part, msg)
+    bad = {"0.qweight": awq["qweight"], "0.qzeros": awq["qzeros"][:, :5], "0.scales": awq["scales"]}
+    with pytest.raises(RuntimeError, match=re.escape("0.qzeros must have shape [4, 16]")):
+        layer.load_state_dict(bad)
+
+
+def test_load_state_dict_missing_and_unexpected_keys():
+    awq = random_awq()
+    layer = QuantLinear(K, N, group_size=G)  # has a bias
+    with pytest.raises(RuntimeError, match="Missing key.*bias.*\n?.*Unexpected key.*extra"):
+        layer.load_state_dict({**awq, "extra": torch.zeros(1)})
+    result = layer.load_state_dict({"qweight": awq["qweight"]}, strict=False)
+    assert sorted(result.missing_keys) == ["bias", "qzeros", "scales"]
+    no_bias = QuantLinear(K, N, bias=False, group_size=G)
+    with pytest.raises(RuntimeError, match="Unexpected key.*bias"):
+        no_bias.load_state_dict({**awq, "bias": torch.zeros(N)})
+
+
+# ---------------------------------------------------------------- module behaviour
+def test_extra_repr():
+    layer = QuantLinear.from_awq(**random_awq(), group_size=G)
+    text = repr(layer)
+    for part in ["in_features=256", "out_features=128", "bits=4", "group_size=64", "format=awq",
+                 "act_order=False", "bias=False"]:
+        assert part in text, text
+    layer = QuantLinear.from_gptq(**random_gptq(), g_idx=act_order_g_idx(), group_size=G)
+    assert "format=gptq" in repr(layer) and "act_order=True" in repr(layer)
+
+
+def test_to_dtype_and_device(device):
+    layer = QuantLinear.from_gptq(**random_gptq(), bias=torch.randn(N, dtype=torch.float16), group_size=G)
+    x = torch.randn(2, K)
+    expected = layer(x)
+    moved = copy.deepcopy(layer).to(device)
+    assert {b.device.type for b in moved.buffers()} == {device}
+    torch.testing.assert_close(moved(x.to(device)).cpu(), expected, rtol=1e-4, atol=1e-4)
+    bf = moved.to(torch.bfloat16)
+    assert bf.scales.dtype == torch.bfloat16 and bf.bias.dtype == torch.bfloat16
+    assert bf.qweight.dtype == torch.int32 and bf.qzeros.dtype == torch.int32
+    y = bf(x.to(device, torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float().cpu(), expected, rtol=5e-2, atol=5e-2)
+
+
+def test_compile_fullgraph(device):
+    gq = random_gptq(device)
+    layer = QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device),
+                                  bias=torch.randn(N, device=device, dtype=torch.float16), group_size=G)
+    x = torch.randn(4, K, device=device, dtype=torch.float16)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-3, atol=1e-3)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_cuda_graph_replay(device):
+    if device != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    layer = QuantLinear.from_gptq(**random_gptq("cuda"), group_size=G)
+    x = torch.randn(2, K, device="cuda", dtype=torch.float16)
+    layer(x)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    x.copy_(torch.randn_like(x))
+    layer.load_state_dict(random_gptq("cuda"))  # new weights, same storage
+    graph.replay()
+    torch.testing.assert_close(y, layer(x), rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------- quantize_model
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(128, 256)
+        self.down = nn.Linear(256, 128, bias=False)
+        self.lm_head = nn.Linear(128, 40)
+
+    def forward(self, x):
+        return self.lm_head(self.down(torch.relu(self.up(x))))
+
+
+def test_quantize_model(device):
+    model = Tiny().to(device)
+    reference_model = copy.deepcopy(model)
+    assert quantize_model(model, group_size=G) is model
+    assert isinstance(model.up, QuantLinear) and isinstance(model.down, QuantLinear)
+    assert type(model.lm_head) is nn.Linear  # skipped by name
+    x = torch.randn(3, 128, device=device)
+    expected = reference_model(x)
+    err = (model(x) - expected).abs().max() / expected.abs().max()
+    assert err < 0.05, err
+    # the same as quantizing each layer by hand
+    by_hand = QuantLinear.from_linear(reference_model.up, group_size=G)
+    assert torch.equal(model.up.qweight, by_hand.qweight)
+
+
+def test_quantize_model_refuses_unquantizable_layers_before_changing_anything():
+    model = Tiny()
+    with pytest.raises(ValueError, match="lm_head.*out_features must be a positive multiple of 8"):
+        quantize_model(model, group_size=G, skip=())
+    assert type(model.up) is nn.Linear  # untouched
+    quantize_model(model, group_size=G, skip=["lm_head", "up"])
+    assert type(model.up) is nn.Linear and isinstance(model.down, QuantLinear)
+
+
+def test_quantize_model_keeps_shared_layers_shared():
+    shared = nn.Linear(128, 128)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    quantize_model(model, group_size=G)
+    assert isinstance(model[0], QuantLinear) and model[0] is model[2]

@@ -1,0 +1,359 @@
+"""The packing ops (pack, unpack, awq_to_gptq, gptq_to_awq, convert_gptq_zeros, pack_v2,
+unpack_v2, dequantize, quantize) against the literal vectors of FORMATS.md and the pure-torch
+reference, on every device; opcheck, torch.compile, and the errors bad input gets."""
+import pytest
+import torch
+
+import torch_ops
+from torch_ops import reference as ref
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def u32(t):
+    """int32 words as unsigned Python ints, for comparing bit patterns"""
+    return [int(v) & 0xFFFFFFFF for v in t.flatten().tolist()]
+
+
+def rand_values(shape, bits, device):
+    return torch.randint(0, 2**bits, shape, dtype=torch.uint8, device=device)
+
+
+# ---- literal vectors from FORMATS.md --------------------------------------------------------------
+
+def test_awq_and_sequential_words(device):
+    v = torch.arange(8, dtype=torch.uint8, device=device)[None]
+    assert u32(torch_ops.pack(v, 4, order="awq")) == [0x75316420]
+    assert u32(torch_ops.pack(v, 4)) == [0x76543210]
+    v = v + 1
+    awq, seq = torch_ops.pack(v, 4, order="awq"), torch_ops.pack(v, 4)
+    assert u32(awq) == [0x86427531] and u32(seq) == [0x87654321]
+    assert seq.item() < 0 and awq.item() < 0  # signed int32 words: nibble 7 >= 8 is negative
+    assert torch.equal(torch_ops.unpack(awq, 4, order="awq"), v)
+    assert torch.equal(torch_ops.unpack(seq, 4), v)
+
+
+def test_seed_002_two_bit_bytes(device):
+    v = torch.tensor([1, 0, 3, 2, 3, 3, 3, 3], dtype=torch.uint8, device=device)
+    packed = torch_ops.pack(v, 2, dtype=torch.uint8)
+    assert packed.tolist() == [177, 255]
+    assert torch.equal(torch_ops.unpack(packed, 2), v)
+
+
+def test_seed_000_awq_packing_loop(device):
+    # seed 000 packs [0, 4, 8, 14, 2, 6, 10, 12] right to left into one word
+    v = torch.tensor([0, 4, 8, 14, 2, 6, 10, 12], dtype=torch.uint8, device=device)
+    assert u32(torch_ops.pack(v, 4)) == [0b11001010011000101110100001000000]
+
+
+def test_three_bit_stream_straddles_words(device):
+    # 32 values in 3 words: value 10 spans bits 30..32, value 21 bits 63..65
+    v = torch.tensor([(7 * i + 3) % 8 for i in range(32)], dtype=torch.uint8, device=device)
+    stream = sum(int(x) << (3 * i) for i, x in enumerate(v.tolist()))
+    words = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(3)]
+    packed = torch_ops.pack(v, 3)
+    assert u32(packed) == words
+    assert torch.equal(torch_ops.unpack(packed, 3), v)
+    as_bytes = torch_ops.pack(v, 3, dtype=torch.uint8)  # the same stream cut into bytes
+    assert as_bytes.tolist() == [(stream >> (8 * i)) & 0xFF for i in range(12)]
+
+
+def test_zero_point_zero_v1_word(device):
+    # AWQ zeros with z = 0: v1 must store the nibble 15 (masked), never borrow from its neighbour
+    z = torch.tensor([[0, 5, 3, 9, 15, 1, 8, 2]], dtype=torch.uint8, device=device)
+    awq_qzeros = torch_ops.pack(z, 4, order="awq")
+    awq_qweight = torch.zeros(8, 1, dtype=torch.int32, device=device)
+    _, qzeros = torch_ops.awq_to_gptq(awq_qweight, awq_qzeros, "v1")
+    assert u32(qzeros) == [0x170E824F]
+    _, back = torch_ops.gptq_to_awq(torch.zeros(1, 8, dtype=torch.int32, device=device), qzeros)
+    assert torch.equal(back, awq_qzeros)
+    assert torch.equal(torch_ops.unpack(torch_ops.convert_gptq_zeros(qzeros, 4, "v1", "v2"), 4), z)
+
+
+@pytest.mark.parametrize("bits,v1,v2", [(2, 0x55555555, 0xAAAAAAAA), (4, 0x77777777, 0x88888888),
+                                        (8, 0x7F7F7F7F, 0x80808080)])
+def test_symmetric_qzeros_words(device, bits, v1, v2):
+    words = torch.tensor([[v1 - 2**32 * (v1 >= 2**31)] * 3], dtype=torch.int32, device=device)
+    converted = torch_ops.convert_gptq_zeros(words, bits, "v1", "v2")
+    assert u32(converted) == [v2] * 3
+    assert u32(torch_ops.convert_gptq_zeros(converted, bits, "v2", "v1")) == [v1] * 3
+
+
+# ---- pack / unpack against the reference ----------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_pack_matches_reference(device, bits, dtype, dim):
+    group = {(3, torch.int32): 32, (3, torch.uint8): 8}.get((bits, dtype),
+                                                           (32 if dtype == torch.int32 else 8) // bits)
+    shape = [3, 5, 7]
+    shape[dim] = group * 3
+    values = rand_values(shape, bits, device)
+    packed = torch_ops.pack(values, bits, dim=dim, dtype=dtype)
+    expected = ref.pack(values.cpu(), bits, dim=dim, dtype=dtype)
+    assert packed.dtype == dtype and torch.equal(packed.cpu(), expected)
+    assert torch.equal(torch_ops.unpack(packed, bits, dim=dim), values)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_pack_awq_order_matches_reference(device, dim):
+    values = rand_values((16, 24) if dim == 0 else (5, 24), 4, device)
+    packed = torch_ops.pack(values, 4, dim=dim, order="awq")
+    assert torch.equal(packed.cpu(), ref.pack(values.cpu(), 4, dim=dim, order="awq"))
+    assert torch.equal(torch_ops.unpack(packed, 4, dim=dim, order="awq"), values)
+
+
+def test_pack_non_contiguous_and_empty(device):
+    values = rand_values((16, 10), 4, device).t()  # [10, 16], non-contiguous
+    assert torch.equal(torch_ops.pack(values, 4).cpu(), ref.pack(values.cpu(), 4))
+    empty = torch_ops.pack(torch.empty(0, 8, dtype=torch.uint8, device=device), 4)
+    assert empty.shape == (0, 1)
+
+
+# ---- AWQ <-> GPTQ ------------------------------------------------------------------------------------
+
+def awq_tensors(K, N, G, device):
+    q = rand_values((K, N), 4, device)
+    z = rand_values((K // G, N), 4, device)
+    z[0, :8] = torch.tensor([0, 15, 0, 1, 0, 0, 15, 8])  # z = 0 next to 15: the borrow trap
+    return torch_ops.pack(q, 4, dim=1, order="awq"), torch_ops.pack(z, 4, dim=1, order="awq")
+
+
+@pytest.mark.parametrize("K,N,G", [(8, 8, 8), (64, 24, 32), (256, 136, 128), (384, 1000, 384)])
+@pytest.mark.parametrize("zero_format", ["v1", "v2"])
+def test_awq_to_gptq_matches_reference_and_round_trips(device, K, N, G, zero_format):
+    qweight, qzeros = awq_tensors(K, N, G, device)
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros, zero_format)
+    rq, rz = ref.awq_to_gptq(qweight.cpu(), qzeros.cpu(), zero_format)
+    assert gq.shape == (K // 8, N) and gz.shape == (K // G, N // 8)
+    assert torch.equal(gq.cpu(), rq) and torch.equal(gz.cpu(), rz)
+    g_idx = torch.arange(K, device=device, dtype=torch.int32) // G
+    aq, az = torch_ops.gptq_to_awq(gq, gz, zero_format, g_idx=g_idx)
+    assert torch.equal(aq, qweight) and torch.equal(az, qzeros)
+
+
+def test_gptq_to_awq_refuses_act_order(device):
+    K, N, G = 64, 16, 16
+    qweight, qzeros = torch_ops.awq_to_gptq(*awq_tensors(K, N, G, device))
+    g_idx = (torch.randperm(K) // G).to(torch.int32).to(device)
+    with pytest.raises(ValueError, match="gptq_to_awq: g_idx is act-order"):
+        torch_ops.gptq_to_awq(qweight, qzeros, g_idx=g_idx)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_convert_gptq_zeros_matches_reference(device, bits):
+    N = 64 if bits != 3 else 96
+    z = rand_values((5, N), bits, device)
+    z[:, :4] = torch.tensor([0, 2**bits - 1, 0, 1], dtype=torch.uint8)
+    qzeros = torch_ops.pack(z, bits, dim=1)
+    for src, dst in [("v1", "v2"), ("v2", "v1")]:
+        out = torch_ops.convert_gptq_zeros(qzeros, bits, src, dst)
+        assert torch.equal(out.cpu(), ref.convert_gptq_zeros(qzeros.cpu(), bits, src, dst))
+        assert torch.equal(torch_ops.convert_gptq_zeros(out, bits, dst, src), qzeros)
+
+
+# ---- pack_v2 ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("N,K", [(4, 64), (8, 128), (12, 192), (64, 4096)])
+def test_pack_v2_matches_seed_001(device, N, K):
+    unpacked = rand_values((N, K), 4, device)
+    packed = torch_ops.pack_v2(unpacked)
+    assert packed.dtype == torch.int16 and packed.shape == (N // 4, K)
+    assert torch.equal(packed.cpu(), ref.pack_v2(unpacked.cpu()))
+    assert torch.equal(torch_ops.unpack_v2(packed), unpacked)
+
+
+def test_pack_v2_first_word(device):
+    # per 8 K-values the seed's reorder is [0, 8, 16, 24, 1, 9, 17, 25]; four of them per int16
+    unpacked = (torch.arange(64, device=device) % 16).to(torch.uint8).repeat(4, 1)
+    first = torch_ops.pack_v2(unpacked)[0, 0].item() & 0xFFFF
+    assert first == (0 | 8 << 4 | 0 << 8 | 8 << 12)
+
+
+# ---- dequantize / quantize ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("zeros", ["v1", "v2", "sym"])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_gptq_matches_reference(device, bits, zeros, act_order, dtype):
+    K, N, G = 128, 96, 32
+    q = rand_values((K, N), bits, device)
+    z = rand_values((K // G, N), bits, device)
+    scales = (torch.rand(K // G, N, device=device) + 0.1).to(dtype)
+    qweight = torch_ops.pack(q, bits, dim=0)
+    qzeros = None if zeros == "sym" else torch_ops.pack(z, bits, dim=1)
+    g_idx = (torch.randperm(K) // G if act_order else torch.arange(K) // G).to(torch.int32).to(device)
+    w = torch_ops.dequantize(qweight, scales, qzeros, "gptq", bits, G, g_idx if act_order else None,
+                             "v2" if zeros == "sym" else zeros)
+    expected = ref.dequantize(qweight.cpu(), scales.cpu(), None if qzeros is None else qzeros.cpu(),
+                              "gptq", bits, G, g_idx.cpu() if act_order else None,
+                              "v2" if zeros == "sym" else zeros)
+    assert w.dtype == dtype and w.shape == (N, K)
+    assert torch.equal(w.cpu(), expected)
+    # spot check the formula itself: W[n, k] = s[g, n] * (q[k, n] - z[g, n])
+    k, n = 5, 7
+    g = int(g_idx[k])
+    stored = int(z[g, n])  # v1 stores z - 1: the reader adds 1 back, masked
+    zero = 2 ** (bits - 1) if zeros == "sym" else (stored + (zeros == "v1")) % 2**bits
+    assert w[n, k].item() == (scales[g, n].float() * (int(q[k, n]) - zero)).to(dtype).item()
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_dequantize_awq_matches_gptq_view(device, group_size):
+    K, N = 64, 40
+    G = K if group_size == -1 else group_size
+    qweight, qzeros = awq_tensors(K, N, G, device)
+    scales = torch.rand(K // G, N, device=device).half()
+    w = torch_ops.dequantize(qweight, scales, qzeros, "awq", 4, group_size)
+    assert torch.equal(w.cpu(), ref.dequantize(qweight.cpu(), scales.cpu(), qzeros.cpu(), "awq", 4,
+                                               group_size))
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+    assert torch.equal(torch_ops.dequantize(gq, scales, gz, group_size=group_size), w)
+
+
+@pytest.mark.parametrize("format", ["gptq", "awq"])
+@pytest.mark.parametrize("sym", [False, True])
+def test_quantize_round_to_nearest(device, format, sym):
+    weight = torch.randn(64, 256, device=device)
+    t = torch_ops.quantize(weight, 4, 64, sym, format)
+    expected = ref.quantize(weight.cpu(), 4, 64, sym, format)
+    assert t.keys() == expected.keys()
+    for key in t:
+        assert torch.equal(t[key].cpu(), expected[key]), key
+    w = torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], format, 4, 64).float()
+    step = t["scales"].float().repeat_interleave(64, 0).t()
+    # every weight within half a grid step (plus fp16 rounding of the scale) of its original
+    assert ((w - weight).abs() <= 0.5 * step + 1e-3).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_quantize_other_bits_round_trips(device, bits):
+    weight = torch.randn(64, 128, device=device)
+    t = torch_ops.quantize(weight, bits, 32, zero_format="v2")
+    w = torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], "gptq", bits, 32,
+                             zero_format="v2").float()
+    assert (w - weight).abs().mean() < weight.abs().mean() * 2.0 / (2**bits - 1)
+
+
+# ---- large tensors: 64-bit index arithmetic ------------------------------------------------------
+
+def _free_bytes(device):
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def test_pack_unpack_past_2_31_elements(device):
+    n = 2**31 + 64  # more elements than an int32 index can address
+    if _free_bytes(device) < 3 * n:
+        pytest.skip("not enough memory for a 2**31-element tensor")
+    values = torch.zeros(n, dtype=torch.uint8, device=device)
+    tail = torch.arange(64, dtype=torch.uint8, device=device) % 16
+    values[-64:] = tail
+    packed = torch_ops.pack(values, 4)
+    assert packed.shape == (n // 8,)
+    assert u32(packed[-8:].cpu()) == u32(ref.pack(tail.cpu(), 4))
+    assert int(packed[: n // 8 - 8].count_nonzero()) == 0
+    del values
+    unpacked = torch_ops.unpack(packed, 4)
+    assert torch.equal(unpacked[-64:], tail)
+
+
+# ---- bad input: a clear error naming the op, the argument and the value ---------------------------
+
+def test_errors_name_op_argument_and_value(device):
+    u8 = lambda *s: torch.zeros(*s, dtype=torch.uint8, device=device)  # noqa: E731
+    i32 = lambda *s: torch.zeros(*s, dtype=torch.int32, device=device)  # noqa: E731
+    cases = [
+        (lambda: torch_ops.pack(u8(4, 12), 4), r"pack: values.shape\[1\] = 12 must be a multiple of 8"),
+        (lambda: torch_ops.pack(u8(4, 16), 5), r"pack: bits must be one of \{1, 2, 3, 4, 8\}, got 5"),
+        (lambda: torch_ops.pack(u8(4, 16) + 16, 4), r"pack: values values must be < 2\*\*bits = 16, got a value of 16"),
+        (lambda: torch_ops.pack(i32(4, 8), 4), r"pack: values must be Byte, got Int"),
+        (lambda: torch_ops.pack(u8(8), 2, order="awq"), r'order="awq" needs bits=4'),
+        (lambda: torch_ops.pack(u8(8), 4, order="zigzag"), r'pack: order must be "sequential" or "awq", got "zigzag"'),
+        (lambda: torch_ops.pack(u8(8), 4, dtype=torch.int16), r"pack: dtype must be torch.int32 or torch.uint8"),
+        (lambda: torch_ops.unpack(i32(4), 3), r"unpack: packed.shape\[0\] = 4 is not a whole number of words"),
+        (lambda: torch_ops.awq_to_gptq(i32(12, 2), i32(1, 2)), r"awq_to_gptq: K = qweight.shape\[0\] = 12 must be a multiple of 8"),
+        (lambda: torch_ops.awq_to_gptq(i32(16, 2), i32(2, 3)), r"awq_to_gptq: qzeros must have shape \[K/G, N/8\] = \[2, 2\], got \[2, 3\]"),
+        (lambda: torch_ops.awq_to_gptq(i32(16, 2), i32(3, 2)), r"qzeros.shape\[0\] = 3 groups must divide K"),
+        (lambda: torch_ops.awq_to_gptq(i32(16, 2), i32(2, 2), "v3"), r'awq_to_gptq: zero_format must be "v1" or "v2", got "v3"'),
+        (lambda: torch_ops.convert_gptq_zeros(i32(2, 2), 5, "v1", "v2"), r"convert_gptq_zeros: bits must be one of"),
+        (lambda: torch_ops.pack_v2(u8(6, 64)), r"pack_v2: N = unpacked.shape\[0\] = 6 must be a multiple of 4"),
+        (lambda: torch_ops.pack_v2(u8(4, 96)), r"pack_v2: K = unpacked.shape\[1\] = 96 must be a multiple of 64"),
+        (lambda: torch_ops.pack_v2(u8(4, 64) + 16), r"pack_v2: unpacked values must be < 2\*\*bits = 16"),
+        (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(2, 16, device=device), group_size=16),
+         r"dequantize: scales must have shape \[K/G, N\] = \[2, 16\] for K = 32"),
+        (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, device=device), g_idx=i32(32) + 1),
+         r"dequantize: g_idx values must be in \[0, 1\)"),
+        (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, device=device), format="exl2"),
+         r'dequantize: format must be "gptq" or "awq", got "exl2"'),
+        (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, dtype=torch.int32, device=device)),
+         r"dequantize: scales must be float32, float16 or bfloat16, got Int"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+            fn()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_error_on_mixed_devices():
+    with pytest.raises(ValueError, match="awq_to_gptq: qzeros is on cpu but the other inputs are on cuda"):
+        torch_ops.awq_to_gptq(torch.zeros(8, 1, dtype=torch.int32, device="cuda"),
+                              torch.zeros(1, 1, dtype=torch.int32))
+
+
+def test_failed_op_leaves_input_untouched(device):
+    values = rand_values((4, 16), 4, device)
+    values[0, 0] = 200
+    before = values.clone()
+    with pytest.raises(ValueError):
+        torch_ops.pack(values, 4)
+    assert torch.equal(values, before)
+
+
+# ---- opcheck and torch.compile -------------------------------------------------------------------
+
+def _op_samples(device):
+    qweight, qzeros = awq_tensors(64, 16, 32, device)
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+    scales = torch.rand(2, 16, device=device).half()
+    ops = torch.ops.torch_ops
+    return [
+        (ops.pack, (rand_values((4, 16), 4, device), 4), {"dim": 1, "order": "awq"}),
+        (ops.pack, (rand_values((32, 3), 3, device), 3), {"dim": 0, "dtype": torch.uint8}),
+        (ops.unpack, (gq, 4), {"dim": 0}),
+        (ops.awq_to_gptq, (qweight, qzeros), {"zero_format": "v2"}),
+        (ops.gptq_to_awq, (gq, gz), {}),
+        (ops.convert_gptq_zeros, (gz, 4, "v1", "v2"), {}),
+        (ops.pack_v2, (rand_values((8, 128), 4, device),), {}),
+        (ops.unpack_v2, (torch_ops.pack_v2(rand_values((8, 128), 4, device)),), {}),
+        (ops.dequantize, (gq, scales, gz), {"group_size": 32}),
+        (ops.dequantize, (qweight, scales, qzeros), {"format": "awq", "group_size": 32}),
+        (ops.quantize, (torch.randn(16, 64, device=device), 4, 32, False, "gptq", "v1", None), {}),
+    ]
+
+
+def test_opcheck(device):
+    for op, args, kwargs in _op_samples(device):
+        torch.library.opcheck(op, args, kwargs)
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    qweight, qzeros = awq_tensors(64, 16, 32, device)
+    scales = torch.rand(2, 16, device=device).half()
+
+    def convert_and_dequantize(qweight, qzeros, scales):
+        gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+        w = torch_ops.dequantize(gq, scales, gz, group_size=32)
+        q = torch_ops.unpack(gq, 4, dim=0)
+        return w, torch_ops.pack(q, 4, dim=0), torch_ops.unpack_v2(torch_ops.pack_v2(q.t().contiguous()))
+
+    eager = convert_and_dequantize(qweight, qzeros, scales)
+    compiled = torch.compile(convert_and_dequantize, fullgraph=True)(qweight, qzeros, scales)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)

@@ -1,0 +1,249 @@
+"""The public functions of torch_ops, the fake (meta) kernels that let torch.compile trace the
+ops, and the autograd formula of w4a16_linear.
+
+The ops themselves (schemas, argument checks, CPU and CUDA kernels) live in the compiled
+extension as ``torch.ops.torch_ops.*``; each function here is a thin, documented call of one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loading it registers torch.ops.torch_ops.*)
+from . import reference as _reference
+
+_ops = torch.ops.torch_ops
+
+
+def _word_bytes(dtype: torch.dtype) -> int:
+    return 4 if dtype == torch.int32 else 1
+
+
+# ---- the functions --------------------------------------------------------------------------------
+
+def pack(values: torch.Tensor, bits: int, dim: int = -1, order: str = "sequential",
+         dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Pack uint8 ``values`` (each < 2**bits) least-significant first along ``dim`` into
+    ``dtype`` words (torch.int32 or torch.uint8). bits in {1, 2, 3, 4, 8}; 3-bit is one bit
+    stream (32 values per 3 int32 words, 8 per 3 bytes). ``order="awq"`` applies the AWQ
+    interleave [0,2,4,6,1,3,5,7] within each int32 (4-bit only)."""
+    return _ops.pack(values, bits, dim, order, dtype)
+
+
+def unpack(packed: torch.Tensor, bits: int, dim: int = -1, order: str = "sequential") -> torch.Tensor:
+    """Exact inverse of :func:`pack`: uint8 values; the word size is ``packed.dtype``'s."""
+    return _ops.unpack(packed, bits, dim, order)
+
+
+def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = "v1"):
+    """AWQ qweight [K, N/8] / qzeros [K/G, N/8] -> GPTQ qweight [K/8, N] / qzeros [K/G, N/8].
+    ``"v1"`` stores (z - 1) & 15 per nibble (z = 0 included), ``"v2"`` stores z. Lossless."""
+    return tuple(_ops.awq_to_gptq(qweight, qzeros, zero_format))
+
+
+def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = "v1",
+                g_idx: Optional[torch.Tensor] = None):
+    """GPTQ -> AWQ, the exact inverse of :func:`awq_to_gptq`. Refuses an act-order ``g_idx``."""
+    return tuple(_ops.gptq_to_awq(qweight, qzeros, zero_format, g_idx))
+
+
+def convert_gptq_zeros(qzeros: torch.Tensor, bits: int, src: str, dst: str) -> torch.Tensor:
+    """GPTQ qzeros "v1" (z - 1) <-> "v2" (z) for bits 2/3/4/8, field by field (no carries)."""
+    return _ops.convert_gptq_zeros(qzeros, bits, src, dst)
+
+
+def pack_v2(unpacked: torch.Tensor) -> torch.Tensor:
+    """quanto's pack_v2: uint8 [N, K] (values < 16) -> int16 [N/4, K]; N % 4 == 0, K % 64 == 0."""
+    return _ops.pack_v2(unpacked)
+
+
+def unpack_v2(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_v2`: int16 [N/4, K] -> uint8 [N, K]."""
+    return _ops.unpack_v2(packed)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[torch.Tensor] = None,
+               format: str = "gptq", bits: int = 4, group_size: int = 128,
+               g_idx: Optional[torch.Tensor] = None, zero_format: str = "v1") -> torch.Tensor:
+    """Float weight [N, K] (nn.Linear orientation) in ``scales.dtype``: s * (q - z).
+    ``format="awq"`` reads AWQ tensors (4-bit); ``"gptq"`` reads bits 2/3/4/8 and ``g_idx``.
+    ``qzeros=None`` is symmetric (z = 2**(bits-1)); ``group_size=-1`` is one group."""
+    return _ops.dequantize(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
+
+
+def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
+             format: str = "gptq", zero_format: str = "v1",
+             scales_dtype: Optional[torch.dtype] = None) -> dict:
+    """Round-to-nearest quantization of an nn.Linear weight [N, K] with the GPTQ (``"gptq"``) or
+    AutoAWQ (``"awq"``) formulas. Returns ``qweight``, ``qzeros``, ``scales`` and, for GPTQ,
+    ``g_idx`` (= arange(K) // group_size)."""
+    qweight, qzeros, scales, g_idx = _ops.quantize(weight, bits, group_size, sym, format,
+                                                   zero_format, scales_dtype)
+    out = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
+    if format == "gptq":
+        out["g_idx"] = g_idx
+    return out
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 qzeros: Optional[torch.Tensor] = None, group_size: int = 128,
+                 g_idx: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                 zero_format: str = "v1") -> torch.Tensor:
+    """``F.linear(x, dequantize(...), bias)`` fused: x [..., K] (fp16/bf16/fp32) times 4-bit
+    GPTQ weights (qweight [K/8, N], scales [K/G, N], qzeros [K/G, N/8] or None for symmetric,
+    optional act-order g_idx [K]); returns [..., N] in x.dtype, accumulated in fp32.
+    Differentiable with respect to x (and bias)."""
+    return _ops.w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format)
+
+
+# ---- quantize: a composite op (torch math + the pack kernels), so it traces and runs anywhere ----
+
+@torch.library.custom_op("torch_ops::quantize", mutates_args=())
+def _quantize_op(weight: torch.Tensor, bits: int, group_size: int, sym: bool, format: str,
+                 zero_format: str, scales_dtype: Optional[torch.dtype]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_quantize_args(weight, bits, group_size, format, zero_format)
+    q, z, scales = _reference.rtn(weight, bits, group_size, sym, format, scales_dtype)
+    K = q.shape[0]
+    g_idx = (torch.arange(K, device=weight.device) // (K if group_size == -1 else group_size)
+             ).to(torch.int32)
+    if format == "awq":
+        return pack(q, 4, 1, "awq"), pack(z, 4, 1, "awq"), scales, g_idx
+    z = ((z.to(torch.int32) - (1 if zero_format == "v1" else 0)) & (2**bits - 1)).to(torch.uint8)
+    return pack(q, bits, 0), pack(z, bits, 1), scales, g_idx
+
+
+def _check_quantize_args(weight, bits, group_size, format, zero_format):
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize: weight must be a 2-D float tensor [N, K], got "
+                         f"{weight.dtype} of shape {list(weight.shape)}")
+    if format not in ("gptq", "awq"):
+        raise ValueError(f'quantize: format must be "gptq" or "awq", got "{format}"')
+    if zero_format not in ("v1", "v2"):
+        raise ValueError(f'quantize: zero_format must be "v1" or "v2", got "{zero_format}"')
+    if bits not in ((4,) if format == "awq" else (2, 3, 4, 8)):
+        raise ValueError(f"quantize: bits={bits} is not supported for format={format}")
+    N, K = weight.shape
+    G = K if group_size == -1 else group_size
+    if G <= 0 or K % G:
+        raise ValueError(f"quantize: K = weight.shape[1] = {K} must be a multiple of "
+                         f"group_size = {group_size}")
+    pf = 32 // bits if bits != 3 else 32
+    if K % pf or (format == "awq" and N % 8) or (N * bits) % 32:
+        raise ValueError(f"quantize: weight shape {list(weight.shape)} does not pack into "
+                         f"{bits}-bit {format} words (K must be a multiple of {pf} and N of "
+                         f"{8 if format == 'awq' else 32 // __import__('math').gcd(32, bits)})")
+
+
+@_quantize_op.register_fake
+def _(weight, bits, group_size, sym, format, zero_format, scales_dtype):
+    _check_quantize_args(weight, bits, group_size, format, zero_format)
+    N, K = weight.shape
+    G = 1 if group_size == -1 else K // group_size
+    if scales_dtype is None:
+        scales_dtype = (weight.dtype if weight.dtype in (torch.float16, torch.bfloat16)
+                        else torch.float16)
+    i32 = dict(dtype=torch.int32, device=weight.device)
+    scales = weight.new_empty((G, N), dtype=scales_dtype)
+    g_idx = weight.new_empty((K,), **i32)
+    if format == "awq":
+        return (weight.new_empty((K, N // 8), **i32), weight.new_empty((G, N // 8), **i32),
+                scales, g_idx)
+    return (weight.new_empty((K * bits // 32, N), **i32),
+            weight.new_empty((G, N * bits // 32), **i32), scales, g_idx)
+
+
+# ---- fake kernels of the compiled ops --------------------------------------------------------------
+
+def _resized(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = size
+    return t.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("torch_ops::pack")
+def _(values, bits, dim=-1, order="sequential", dtype=torch.int32):
+    dim = dim % values.dim()
+    return _resized(values, dim, values.shape[dim] * bits // (8 * _word_bytes(dtype)), dtype)
+
+
+@torch.library.register_fake("torch_ops::unpack")
+def _(packed, bits, dim=-1, order="sequential"):
+    dim = dim % packed.dim()
+    wb = _word_bytes(packed.dtype)
+    return _resized(packed, dim, packed.shape[dim] * 8 * wb // bits, torch.uint8)
+
+
+@torch.library.register_fake("torch_ops::awq_to_gptq")
+def _(qweight, qzeros, zero_format="v1"):
+    K, N = qweight.shape[0], qweight.shape[1] * 8
+    return qweight.new_empty((K // 8, N)), qzeros.new_empty(qzeros.shape)
+
+
+@torch.library.register_fake("torch_ops::gptq_to_awq")
+def _(qweight, qzeros, zero_format="v1", g_idx=None):
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    return qweight.new_empty((K, N // 8)), qzeros.new_empty(qzeros.shape)
+
+
+@torch.library.register_fake("torch_ops::convert_gptq_zeros")
+def _(qzeros, bits, src, dst):
+    return torch.empty_like(qzeros)
+
+
+@torch.library.register_fake("torch_ops::pack_v2")
+def _(unpacked):
+    N, K = unpacked.shape
+    return unpacked.new_empty((N // 4, K), dtype=torch.int16)
+
+
+@torch.library.register_fake("torch_ops::unpack_v2")
+def _(packed):
+    R, K = packed.shape
+    return packed.new_empty((R * 4, K), dtype=torch.uint8)
+
+
+@torch.library.register_fake("torch_ops::dequantize")
+def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx=None,
+      zero_format="v1"):
+    N = scales.shape[1]
+    if format == "awq":
+        K = qweight.shape[0]
+    elif g_idx is not None:
+        K = g_idx.shape[0]
+    else:
+        K = qweight.shape[0] * 32 // bits
+    return scales.new_empty((N, K))
+
+
+@torch.library.register_fake("torch_ops::w4a16_linear")
+def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, zero_format="v1"):
+    torch._check(x.shape[-1] == qweight.shape[0] * 8,
+                 lambda: f"w4a16_linear: x.shape[-1] = {x.shape[-1]} must equal "
+                         f"K = 8 * qweight.shape[0] = {qweight.shape[0] * 8}")
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+# ---- autograd: d/dx of x @ W^T is grad @ W, with W dequantized by the kernel ----------------------
+
+def _w4a16_setup_context(ctx, inputs, output):
+    x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format = inputs
+    ctx.save_for_backward(qweight, scales, qzeros, g_idx)
+    ctx.group_size, ctx.zero_format = group_size, zero_format
+
+
+def _w4a16_backward(ctx, grad):
+    qweight, scales, qzeros, g_idx = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = _ops.dequantize(qweight, scales, qzeros, "gptq", 4, ctx.group_size, g_idx,
+                            ctx.zero_format)
+        grad_x = grad @ w.to(grad.dtype)
+    if ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, None, grad_bias, None
+
+
+torch.library.register_autograd("torch_ops::w4a16_linear", _w4a16_backward,
+                                setup_context=_w4a16_setup_context)

@@ -1,0 +1,697 @@
+"""Hugging Face style quantized checkpoints: load into a model, convert AWQ <-> GPTQ, inspect.
+
+A checkpoint is a folder with ``config.json`` (its ``quantization_config``, FORMATS.md section 7) and
+one or more ``*.safetensors`` files, sharded with ``model.safetensors.index.json`` or not. Per
+quantized Linear: ``<prefix>.qweight``, ``.qzeros``, ``.scales`` (``.g_idx`` for GPTQ), ``.bias``.
+
+Every error a user can cause (bad or unsupported config, truncated or corrupt file, missing tensor,
+act-order to AWQ) is a :class:`CheckpointError` with a one-line message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import _ops
+from .module import QuantLinear, check_dims, name_matches, replace_module, trivial_g_idx
+
+__all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
+           "inspect_checkpoint", "save_quantized", "read_quant_config"]
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+# older side files holding the same quantization config (AutoGPTQ, AutoAWQ)
+LEGACY_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+_REQUIRED = ("qweight", "qzeros", "scales")
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, converted or loaded; the message is meant for the user."""
+
+
+# ---------------------------------------------------------------------- config
+@dataclass
+class QuantConfig:
+    method: str  # "awq" or "gptq"
+    bits: int
+    group_size: int
+    zero_format: str  # GPTQ: "v1" or "v2"; AWQ: "as-is" (zeros stored without offset)
+    desc_act: bool = False
+    sym: bool = False
+    modules_to_not_convert: list = field(default_factory=list)
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def loader_zero_format(self) -> str:
+        return self.zero_format if self.method == "gptq" else "v1"
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantConfig:
+    """Normalise an AWQ or GPTQ ``quantization_config`` dict (raises CheckpointError if unsupported)."""
+    method = str(qc.get("quant_method", "")).lower()
+    if not method:
+        method = "awq" if ("w_bit" in qc or "version" in qc or "zero_point" in qc) else (
+            "gptq" if ("desc_act" in qc or "checkpoint_format" in qc) else "")
+    if method not in ("awq", "gptq"):
+        raise CheckpointError(f"{where}: unsupported quant_method {qc.get('quant_method')!r} "
+                              "(supported: awq, gptq)")
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4:
+        raise CheckpointError(f"{where}: unsupported bits={bits!r} (only 4-bit is supported)")
+    group_size = qc.get("group_size", qc.get("q_group_size"))
+    if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise CheckpointError(f"{where}: group_size must be -1 or a positive integer, "
+                              f"got {group_size!r}")
+    skip = qc.get("modules_to_not_convert") or []
+    if isinstance(skip, str):
+        skip = [skip]
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise CheckpointError(f"{where}: unsupported AWQ version {qc.get('version')!r} "
+                                  "(only 'gemm' is supported)")
+        if qc.get("zero_point", True) is False:
+            raise CheckpointError(f"{where}: AWQ without zero points (zero_point=false) "
+                                  "is not supported")
+        return QuantConfig("awq", 4, group_size, "as-is", False, False, list(skip), dict(qc))
+    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"{where}: unsupported GPTQ checkpoint_format {fmt!r} "
+                              "(supported: gptq, gptq_v2)")
+    return QuantConfig("gptq", 4, group_size, "v2" if fmt == "gptq_v2" else "v1",
+                       bool(qc.get("desc_act", False)), bool(qc.get("sym", False)), list(skip),
+                       dict(qc))
+
+
+def read_quant_config(folder) -> tuple[dict, QuantConfig | None]:
+    """(config.json contents, its QuantConfig), falling back to quantize_config.json (AutoGPTQ)
+    or quant_config.json (AutoAWQ); QuantConfig is None for a checkpoint that is not quantized."""
+    folder = Path(folder)
+    config = _load_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
+    qc = config.get("quantization_config")
+    where = f"{folder / CONFIG_NAME}: quantization_config"
+    if qc is None:
+        for name, method in LEGACY_CONFIGS.items():
+            if (folder / name).is_file():
+                qc, where = {"quant_method": method, **_load_json(folder / name)}, str(folder / name)
+                break
+    if qc is None:
+        return config, None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    return config, parse_quant_config(qc, where)
+
+
+def quant_config_dict(method: str, group_size: int, zero_format: str = "v1", desc_act: bool = False,
+                      sym: bool = False, modules_to_not_convert=None) -> dict:
+    """The ``quantization_config`` entry this project writes for AWQ ("gemm") or GPTQ."""
+    if method == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": modules_to_not_convert or None}
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act,
+          "sym": sym, "checkpoint_format": "gptq_v2" if zero_format == "v2" else "gptq"}
+    if modules_to_not_convert:
+        qc["modules_to_not_convert"] = modules_to_not_convert
+    return qc
+
+
+# ---------------------------------------------------------------------- safetensors files
+def read_safetensors_header(path: Path) -> tuple[dict, dict]:
+    """({name: (dtype, shape, nbytes)}, __metadata__) of a safetensors file, checking that every
+    tensor's bytes lie inside the file (a truncated or corrupt file raises CheckpointError)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated or not a safetensors file "
+                                      f"({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(claims {n} bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None) or {}
+        data_len = size - 8 - n
+        tensors = {}
+        for name, info in header.items():
+            dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= d
+            if dtype not in _DTYPE_BYTES or end - start != numel * _DTYPE_BYTES[dtype]:
+                raise ValueError(f"bad entry for {name}")
+            if not 0 <= start <= end <= data_len:
+                raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {end} "
+                                      f"of the data section, the file holds {data_len}")
+            tensors[name] = (dtype, shape, end - start)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    return tensors, meta
+
+
+class Checkpoint:
+    """The safetensors side of a checkpoint folder (or a single file): which tensor lives in which
+    shard, shapes and dtypes from the headers, and tensors read on demand."""
+
+    def __init__(self, path):
+        path = Path(path)
+        self.path = path
+        self.index = None
+        if path.is_file():
+            self.folder, shards = path.parent, [path]
+        elif path.is_dir():
+            self.folder = path
+            if (path / INDEX_NAME).is_file():
+                self.index = _load_json(path / INDEX_NAME)
+                weight_map = self.index.get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise CheckpointError(f"{path / INDEX_NAME}: no weight_map")
+                shards = [path / s for s in dict.fromkeys(weight_map.values())]
+            else:
+                shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+            if not shards:
+                raise CheckpointError(f"{path}: no *.safetensors files")
+        else:
+            raise CheckpointError(f"{path}: no such file or folder")
+        self.shards = shards
+        self.headers, self.metadata, self.shard_of = {}, {}, {}
+        for shard in shards:
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: listed in {INDEX_NAME} but missing")
+            self.headers[shard], self.metadata[shard] = read_safetensors_header(shard)
+            for key in self.headers[shard]:
+                if key in self.shard_of:
+                    raise CheckpointError(f"tensor {key} is in both {self.shard_of[key].name} "
+                                          f"and {shard.name}")
+                self.shard_of[key] = shard
+        if self.index is not None:
+            for key, shard in self.index["weight_map"].items():
+                if self.shard_of.get(key) != self.folder / shard:
+                    raise CheckpointError(f"{INDEX_NAME} maps {key} to {shard}, "
+                                          "but that file does not hold it")
+        self._open = {}
+
+    def keys(self):
+        return self.shard_of.keys()
+
+    def shape(self, key) -> list:
+        return self.headers[self.shard_of[key]][key][1]
+
+    def nbytes(self) -> int:
+        return sum(h[2] for hdr in self.headers.values() for h in hdr.values())
+
+    def tensor(self, key) -> torch.Tensor:
+        from safetensors import safe_open  # imported here: only file I/O paths need it
+
+        shard = self.shard_of[key]
+        try:
+            if shard not in self._open:
+                self._open[shard] = safe_open(str(shard), framework="pt", device="cpu")
+            return self._open[shard].get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{shard}: cannot read tensor {key} ({e})") from None
+
+    def close(self):
+        self._open.clear()
+
+    def quantized_prefixes(self) -> list:
+        return [k[: -len(".qweight")] for k in self.keys() if k.endswith(".qweight")]
+
+    def layer(self, prefix) -> dict:
+        """{suffix: tensor} of the quantized tensors of one layer (qweight, qzeros, scales, g_idx)."""
+        missing = [f"{prefix}.{s}" for s in _REQUIRED if f"{prefix}.{s}" not in self.shard_of]
+        if missing:
+            raise CheckpointError(f"missing tensors: {', '.join(missing)}")
+        return {s: self.tensor(f"{prefix}.{s}") for s in QUANT_SUFFIXES
+                if f"{prefix}.{s}" in self.shard_of}
+
+
+def _missing_layer_tensors(ckpt: Checkpoint, prefixes) -> list:
+    return [f"{p}.{s}" for p in prefixes for s in _REQUIRED if f"{p}.{s}" not in ckpt.shard_of]
+
+
+def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, int]:
+    """(K, N) of a quantized layer from its qweight shape, checked against the config's layout."""
+    rows, cols = ckpt.shape(prefix + ".qweight")
+    K, N = (rows, cols * 8) if qc.method == "awq" else (rows * 8, cols)
+    scales = ckpt.shape(prefix + ".scales")
+    ng = 1 if qc.group_size == -1 else (K // qc.group_size if K % qc.group_size == 0 else -1)
+    if scales != [ng, N]:
+        raise CheckpointError(
+            f"{prefix}: qweight {[rows, cols]} and scales {scales} do not fit the {qc.method.upper()} "
+            f"layout with group_size={qc.group_size} (expected scales [{ng}, {N}] for K={K}, N={N})")
+    return K, N
+
+
+# ---------------------------------------------------------------------- loading into a model
+def _state_tensors(model: nn.Module) -> dict:
+    """{state_dict key: tensor} without building the state dict (what state_dict() would list)."""
+    out = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        p = f"{mname}." if mname else ""
+        for n, t in m._parameters.items():
+            if t is not None:
+                out[p + n] = t
+        for n, t in m._buffers.items():
+            if t is not None and n not in m._non_persistent_buffers_set:
+                out[p + n] = t
+    return out
+
+
+def load_quantized(model: nn.Module, path) -> nn.Module:
+    """Load a quantized checkpoint folder into ``model`` (built with float ``nn.Linear`` layers).
+
+    Every ``nn.Linear`` the checkpoint quantizes (it has ``<name>.qweight``, and the name does not
+    match ``modules_to_not_convert``) becomes a :class:`QuantLinear`; then every tensor is loaded,
+    shard by shard, quantized or not (float tensors are cast into the model's parameters). Missing
+    or unexpected tensors raise CheckpointError listing them, before anything is loaded."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    _, qc = read_quant_config(folder)
+    if qc is None:
+        raise CheckpointError(f"{folder}: config.json has no quantization_config")
+    ckpt = Checkpoint(folder)
+    keys = set(ckpt.keys())
+    qprefixes = set(ckpt.quantized_prefixes())
+
+    quant_names = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, QuantLinear)) or name_matches(name, qc.modules_to_not_convert):
+            continue
+        if f"{name}.weight" in keys and name not in qprefixes:
+            continue  # stored unquantized (e.g. lm_head): stays a float nn.Linear
+        quant_names.append(name)
+        if name in qprefixes and f"{name}.scales" in keys:
+            K, N = _layer_dims(ckpt, name, qc)
+            if (K, N) != (m.in_features, m.out_features):
+                raise CheckpointError(
+                    f"{name}: the checkpoint holds a {K}->{N} layer, the model a "
+                    f"{m.in_features}->{m.out_features} one")
+    for name in quant_names:
+        m = model.get_submodule(name)
+        if isinstance(m, QuantLinear):
+            if m.group_size != qc.group_size:
+                raise CheckpointError(f"{name}: QuantLinear has group_size={m.group_size}, "
+                                      f"the checkpoint {qc.group_size}")
+            m.checkpoint_zero_format = qc.loader_zero_format
+            continue
+        try:
+            check_dims(m.in_features, m.out_features, qc.group_size, what=name)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        ref = m.weight
+        ql = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None,
+                         group_size=qc.group_size, dtype=torch.float16, device=ref.device,
+                         checkpoint_zero_format=qc.loader_zero_format)
+        replace_module(model, name, ql)
+
+    expected = _state_tensors(model)
+    optional = {f"{n}.g_idx" for n in quant_names}
+    present_ids = {id(t) for k, t in expected.items() if k in keys}
+    missing = sorted(k for k, t in expected.items() if k not in keys and id(t) not in present_ids)
+    unexpected = sorted(keys - expected.keys() - optional)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+        raise CheckpointError(f"{folder}: checkpoint does not match the model: " + "; ".join(parts))
+
+    assign = any(t.is_meta for t in expected.values())
+    owner = {}  # key -> quantized layer name, for the tensors loaded layer by layer
+    for name in quant_names:
+        for s in QUANT_SUFFIXES + ("bias",):
+            if f"{name}.{s}" in keys:
+                owner[f"{name}.{s}"] = name
+    need = {}
+    for k, name in owner.items():
+        need[name] = need.get(name, 0) + 1
+    pending = {}
+    try:
+        for shard in ckpt.shards:
+            plain = {}
+            for key in ckpt.headers[shard]:
+                t = ckpt.tensor(key)
+                name = owner.get(key)
+                if name is None:
+                    plain[key] = t
+                    continue
+                group = pending.setdefault(name, {})
+                group[key[len(name) + 1:]] = t
+                if len(group) == need[name]:  # a layer's tensors may span shards
+                    model.get_submodule(name).load_state_dict(pending.pop(name), assign=assign)
+            if plain:
+                model.load_state_dict(plain, strict=False, assign=assign)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: {' '.join(str(e).split())}") from None
+    finally:
+        ckpt.close()
+    return model
+
+
+# ---------------------------------------------------------------------- saving from a model
+def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str = "v1",
+                   max_shard_bytes: int | None = None, config: dict | None = None) -> None:
+    """Write ``model`` (with QuantLinear layers) as a checkpoint folder in AWQ or GPTQ format:
+    config.json (``config`` plus quantization_config) and model.safetensors, or shards of at most
+    ``max_shard_bytes`` with model.safetensors.index.json. Float tensors are written as they are."""
+    from safetensors.torch import save_file
+
+    if format not in ("awq", "gptq"):
+        raise ValueError(f"save_quantized: format must be 'awq' or 'gptq', got {format!r}")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("save_quantized: the model has no QuantLinear layer")
+    sizes = {m.group_size for m in layers.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"save_quantized: layers use several group sizes {sorted(sizes)}")
+    tensors, seen = {}, set()
+    for key, t in _state_tensors(model).items():
+        name, _, suffix = key.rpartition(".")
+        if name in layers or id(t) in seen:
+            continue  # quantized layers come below; a tied tensor is written once
+        seen.add(id(t))
+        tensors[key] = t.detach()
+    act_order = False
+    for name, m in layers.items():
+        exported = m.to_awq() if format == "awq" else m.to_gptq(zero_format)
+        act_order |= m.act_order
+        tensors.update({f"{name}.{s}": t for s, t in exported.items()})
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    qc = quant_config_dict(format, sizes.pop(), zero_format, act_order, False, skip)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / CONFIG_NAME, "w") as f:
+        json.dump({**(config or {}), "quantization_config": qc}, f, indent=2)
+    shards, size = [{}], 0
+    for key in sorted(tensors):
+        nb = tensors[key].numel() * tensors[key].element_size()
+        if max_shard_bytes and shards[-1] and size + nb > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nb
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(folder / INDEX_NAME, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ---------------------------------------------------------------------- conversion
+def _convert_layer(tensors: dict, src: QuantConfig, to: str, zero_format: str, prefix: str) -> dict:
+    """Repack one layer's quantized tensors (scales copied as they are)."""
+    try:
+        if src.method == "awq":
+            layer = QuantLinear.from_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"],
+                                         group_size=src.group_size)
+        else:
+            layer = QuantLinear.from_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"],
+                                          g_idx=tensors.get("g_idx"), group_size=src.group_size,
+                                          zero_format=src.zero_format)
+        out = layer.to_awq() if to == "awq" else layer.to_gptq(zero_format)
+    except ValueError as e:
+        raise CheckpointError(f"{prefix}: {e}") from None
+    out["scales"] = tensors["scales"]
+    return out
+
+
+def _dequantize_layer(tensors: dict, qc: QuantConfig) -> torch.Tensor:
+    return _ops.dequantize(tensors["qweight"], tensors["scales"], tensors["qzeros"],
+                           format=qc.method, bits=4, group_size=qc.group_size,
+                           g_idx=tensors.get("g_idx") if qc.method == "gptq" else None,
+                           zero_format=qc.loader_zero_format)
+
+
+def _check_destination(src: Path, dst: Path) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise CheckpointError(f"destination {dst} is the source folder or inside it")
+    if dst.exists() or dst.is_symlink():
+        raise CheckpointError(f"destination {dst} already exists")
+    if d in s.parents:
+        raise CheckpointError(f"destination {dst} contains the source folder")
+
+
+def _act_order_layers(ckpt: Checkpoint, qc: QuantConfig, prefixes) -> list:
+    out = []
+    if qc.method != "gptq":
+        return out
+    for p in prefixes:
+        if f"{p}.g_idx" in ckpt.shard_of:
+            K, _ = _layer_dims(ckpt, p, qc)
+            g_idx = ckpt.tensor(f"{p}.g_idx")
+            if g_idx.shape != (K,) or not torch.equal(g_idx.to(torch.int32),
+                                                      trivial_g_idx(K, qc.group_size)):
+                out.append(p)
+    return out
+
+
+def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", verify: bool = False,
+                       progress: bool = True) -> dict:
+    """Convert a checkpoint folder to GPTQ (``zero_format`` v1 or v2) or AWQ, shard by shard.
+
+    Quantized layers are repacked with the ops (GPTQ output always has g_idx), every other tensor is
+    copied unchanged, config.json's quantization_config is rewritten, the shard layout and index are
+    kept and other files copied. The result is written to a temporary folder beside ``dst`` and
+    renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
+    ``verify`` re-reads the written files and checks that every layer dequantizes to exactly the
+    same weight and every other tensor is equal. Returns a summary dict."""
+    src, dst = Path(src), Path(dst)
+    if to not in ("gptq", "awq"):
+        raise CheckpointError(f"unsupported target format {to!r} (use gptq or awq)")
+    if zero_format not in ("v1", "v2"):
+        raise CheckpointError(f"unsupported zero format {zero_format!r} (use v1 or v2)")
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a checkpoint folder")
+    _check_destination(src, dst)
+    config, qc = read_quant_config(src)
+    if qc is None:
+        raise CheckpointError(f"{src}: config.json has no quantization_config (not quantized)")
+    ckpt = Checkpoint(src)
+    prefixes = ckpt.quantized_prefixes()
+    if not prefixes:
+        raise CheckpointError(f"{src}: no quantized layers (no *.qweight tensors)")
+    missing = _missing_layer_tensors(ckpt, prefixes)
+    if missing:
+        raise CheckpointError(f"{src}: missing tensors: {', '.join(missing)}")
+    for p in prefixes:
+        _layer_dims(ckpt, p, qc)
+    act_order = _act_order_layers(ckpt, qc, prefixes)
+    if to == "awq" and act_order:
+        raise CheckpointError(
+            f"{src}: {len(act_order)} layer(s) use act-order (desc_act, e.g. {act_order[0]}), "
+            "which AWQ cannot express; convert to gptq instead")
+
+    # where each output tensor goes: same shard as in the source; a new g_idx beside its qweight
+    qset = set(prefixes)
+    plan = {shard: [] for shard in ckpt.shards}
+    for key, shard in ckpt.shard_of.items():
+        prefix, _, suffix = key.rpartition(".")
+        if prefix in qset and suffix == "g_idx":
+            continue  # re-derived from the layer
+        plan[shard].append(key)
+        if prefix in qset and suffix == "qweight" and to == "gptq":
+            plan[shard].append(f"{prefix}.g_idx")
+
+    dst_parent = dst.parent.resolve()
+    first_new = next((p for p in [dst_parent, *dst_parent.parents][::-1] if not p.exists()), None)
+    dst_parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst_parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        weight_map, total = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress)
+        new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order),
+                                   qc.sym if qc.method == "gptq" else False,
+                                   qc.modules_to_not_convert)
+        if to == "gptq" and "format" in qc.raw and "checkpoint_format" not in qc.raw:
+            new_qc["format"] = new_qc["checkpoint_format"]
+        _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total)
+        if verify:
+            _verify(ckpt, Checkpoint(tmp), qc, read_quant_config(tmp)[1], prefixes, progress)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        raise
+    finally:
+        ckpt.close()
+    return {"layers": len(prefixes), "tensors": len(weight_map), "shards": len(ckpt.shards),
+            "bytes": total, "act_order_layers": len(act_order), "verified": verify,
+            "src_format": qc.method, "dst_format": to}
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=not enabled, file=sys.stderr, leave=False)
+
+
+def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress):
+    from safetensors.torch import save_file
+
+    weight_map, total = {}, 0
+    with _progress(ckpt.nbytes(), progress, "convert") as bar:
+        for shard in ckpt.shards:
+            out, converted = {}, {}
+            for key in plan[shard]:
+                prefix, _, suffix = key.rpartition(".")
+                if prefix in qset and suffix in QUANT_SUFFIXES:
+                    if prefix not in converted:  # once per layer and shard
+                        converted[prefix] = _convert_layer(ckpt.layer(prefix), qc, to, zero_format,
+                                                           prefix)
+                    t = converted[prefix][suffix]
+                else:
+                    t = ckpt.tensor(key)
+                out[key] = t.contiguous()
+                if key in ckpt.shard_of:
+                    bar.update(ckpt.headers[shard][key][2])
+            try:
+                save_file(out, str(tmp / shard.name), metadata=ckpt.metadata[shard] or None)
+            except Exception as e:
+                raise CheckpointError(f"cannot write {tmp / shard.name} ({e})") from None
+            for key, t in out.items():
+                weight_map[key] = shard.name
+                total += t.numel() * t.element_size()
+    return weight_map, total
+
+
+def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
+    shard_names = {s.name for s in ckpt.shards}
+    handled = shard_names | {CONFIG_NAME, INDEX_NAME} | set(LEGACY_CONFIGS)
+    if ckpt.index is not None:
+        index = dict(ckpt.index)
+        index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        with open(tmp / INDEX_NAME, "w") as f:
+            json.dump(index, f, indent=2)
+    with open(tmp / CONFIG_NAME, "w") as f:
+        json.dump({**config, "quantization_config": new_qc}, f, indent=2)
+    for name, method in LEGACY_CONFIGS.items():
+        if (src / name).is_file() and method == to:  # rewritten; a side file of the other kind goes
+            with open(tmp / name, "w") as f:
+                json.dump(new_qc, f, indent=2)
+    for item in src.iterdir():
+        if item.name in handled:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, tmp / item.name, symlinks=True)
+        else:
+            shutil.copy2(item, tmp / item.name)
+
+
+def _verify(src: Checkpoint, dst: Checkpoint, src_qc, dst_qc, prefixes, progress):
+    try:
+        qset = set(prefixes)
+        with _progress(src.nbytes(), progress, "verify") as bar:
+            for key in src.keys():
+                prefix, _, suffix = key.rpartition(".")
+                if prefix in qset and suffix in QUANT_SUFFIXES:
+                    if suffix == "qweight":
+                        a = _dequantize_layer(src.layer(prefix), src_qc)
+                        b = _dequantize_layer(dst.layer(prefix), dst_qc)
+                        if not torch.equal(a, b):
+                            raise CheckpointError(f"verify: {prefix} dequantizes differently "
+                                                  "after conversion")
+                elif key not in dst.shard_of or not torch.equal(
+                        src.tensor(key).view(-1).view(torch.uint8),
+                        dst.tensor(key).view(-1).view(torch.uint8)):
+                    raise CheckpointError(f"verify: tensor {key} differs after conversion")
+                bar.update(src.headers[src.shard_of[key]][key][2])
+    finally:
+        dst.close()
+
+
+# ---------------------------------------------------------------------- inspection
+def _infer_layout(ckpt: Checkpoint, prefix: str) -> tuple[str, int, int]:
+    """(format, K, group_size) guessed from one layer's shapes, for files without a config."""
+    rows, cols = ckpt.shape(prefix + ".qweight")
+    ng, n = ckpt.shape(prefix + ".scales")
+    if f"{prefix}.g_idx" in ckpt.shard_of or n == cols:
+        fmt, K = "gptq", rows * 8
+    elif n == cols * 8:
+        fmt, K = "awq", rows
+    else:
+        raise CheckpointError(f"{prefix}: qweight {[rows, cols]} and scales {[ng, n]} fit neither "
+                              "AWQ nor GPTQ 4-bit")
+    return fmt, K, (-1 if ng == 1 else K // ng)
+
+
+def inspect_checkpoint(path) -> dict:
+    """Describe a checkpoint folder or a single .safetensors file: format, bits, group size, zero
+    format, act-order, number of quantized layers, tensors, shards and total size in bytes."""
+    path = Path(path)
+    ckpt = Checkpoint(path)
+    try:
+        prefixes = ckpt.quantized_prefixes()
+        qc = read_quant_config(path)[1] if path.is_dir() else None
+        info = {"path": str(path), "format": None, "bits": None, "group_size": None,
+                "zero_format": None, "act_order": False, "quantized_layers": len(prefixes),
+                "tensors": len(ckpt.shard_of), "shards": len(ckpt.shards)}
+        if qc is None and prefixes:
+            fmt, _, group_size = _infer_layout(ckpt, prefixes[0])
+            qc = QuantConfig(fmt, 4, group_size, "as-is" if fmt == "awq" else "v1")
+            info["zero_format"] = "as-is" if fmt == "awq" else "v1 (assumed: no config)"
+        elif qc is not None:
+            info["zero_format"] = qc.zero_format
+        if qc is not None:
+            info.update(format=qc.method, bits=qc.bits, group_size=qc.group_size)
+            if prefixes:
+                info["scales_dtype"] = ckpt.headers[ckpt.shard_of[prefixes[0] + ".scales"]][
+                    prefixes[0] + ".scales"][0]
+            act = _act_order_layers(ckpt, qc, [p for p in prefixes
+                                               if f"{p}.scales" in ckpt.shard_of])
+            info["act_order"] = bool(act)
+            info["act_order_layers"] = len(act)
+        if qc is not None and qc.method == "gptq":
+            info["desc_act"] = qc.desc_act
+            info["sym"] = qc.sym
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        info["total_bytes"] = sum(p.stat().st_size for p in files)
+        info["tensor_bytes"] = ckpt.nbytes()
+        return info
+    finally:
+        ckpt.close()

@@ -1,0 +1,97 @@
+"""Command line: ``python -m torch_ops convert SRC DST --to gptq|awq`` and ``python -m torch_ops inspect PATH``.
+
+Errors end the command with exit status 1 and one line on stderr, never a traceback (set
+TORCH_OPS_TRACEBACK=1 to see one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m torch_ops",
+                                description="Convert and inspect 4-bit AWQ / GPTQ checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="repack a checkpoint folder to GPTQ or AWQ",
+                       description="Convert a Hugging Face style AWQ or GPTQ checkpoint folder. "
+                       "SRC is never modified; DST must not exist and is created only on success.")
+    c.add_argument("src", metavar="SRC", help="source checkpoint folder")
+    c.add_argument("dst", metavar="DST", help="destination folder (must not exist)")
+    c.add_argument("--to", required=True, choices=("gptq", "awq"), help="target format")
+    c.add_argument("--zero-format", choices=("v1", "v2"), default=None,
+                   help="GPTQ zero-point format of the output: v1 (checkpoint_format 'gptq', "
+                   "stores z-1, the default) or v2 ('gptq_v2', stores z)")
+    c.add_argument("--verify", action="store_true",
+                   help="re-read the output and check every layer dequantizes identically")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    i = sub.add_parser("inspect", help="describe a checkpoint folder or .safetensors file")
+    i.add_argument("path", metavar="PATH", help="checkpoint folder or .safetensors file")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    return p
+
+
+def _convert(args) -> int:
+    from .checkpoint import CheckpointError, convert_checkpoint
+
+    if args.to == "awq" and args.zero_format is not None:
+        raise CheckpointError("--zero-format applies to --to gptq only (AWQ stores zeros as they are)")
+    info = convert_checkpoint(args.src, args.dst, to=args.to, zero_format=args.zero_format or "v1",
+                              verify=args.verify, progress=not args.quiet)
+    if not args.quiet:
+        zf = f" ({args.zero_format or 'v1'} zeros)" if args.to == "gptq" else ""
+        print(f"converted {info['layers']} quantized layers, {info['tensors']} tensors in "
+              f"{info['shards']} shard(s) from {info['src_format']} to {args.to}{zf}: {args.dst}"
+              + (" (verified: every layer dequantizes identically)" if args.verify else ""))
+    return 0
+
+
+def _inspect(args) -> int:
+    from .checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [("path", info["path"]),
+            ("format", info["format"] or "not quantized"),
+            ("bits", info["bits"]),
+            ("group size", info["group_size"]),
+            ("zero format", info["zero_format"]),
+            ("act-order", "yes" if info["act_order"] else "no"),
+            ("quantized layers", info["quantized_layers"]),
+            ("tensors", info["tensors"]),
+            ("shards", info["shards"]),
+            ("total size", f"{_size(info['total_bytes'])} ({info['total_bytes']} bytes)")]
+    if "scales_dtype" in info:
+        rows.insert(5, ("scales dtype", info["scales_dtype"]))
+    if "sym" in info:
+        rows.insert(6, ("symmetric", "yes" if info["sym"] else "no"))
+    for k, v in rows:
+        print(f"{k + ':':<18}{'-' if v is None else v}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _convert(args) if args.command == "convert" else _inspect(args)
+    except KeyboardInterrupt:
+        print(f"torch_ops {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line, no traceback: the message names file and tensor
+        if os.environ.get("TORCH_OPS_TRACEBACK"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"torch_ops {args.command}: error: {msg}", file=sys.stderr)
+        return 1

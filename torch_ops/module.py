@@ -1,0 +1,350 @@
+"""``QuantLinear``: a drop-in for ``nn.Linear`` holding 4-bit weights, and ``quantize_model``.
+
+Whatever a layer is built or loaded from (AWQ tensors, GPTQ tensors with v1 or v2 zeros, a float
+``nn.Linear``), it keeps one canonical form, the GPTQ layout with v1 zeros (FORMATS.md section 3):
+
+    qweight [K/8, N] int32   qzeros [K/G, N/8] int32 (v1: z - 1 per nibble)   scales [K/G, N]
+    g_idx   [K] int32, only for act-order (None otherwise)                     bias [N] or None
+
+All of them are buffers, so ``.to()``, ``.cuda()``, ``state_dict()`` and ``load_state_dict()``
+work as for any module. ``forward`` is a single call to ``torch_ops.w4a16_linear``: no host sync,
+no Python branching on tensor values, so it traces under ``torch.compile(fullgraph=True)`` and
+replays in CUDA graphs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _ops
+
+__all__ = ["QuantLinear", "quantize_model"]
+
+BITS = 4
+PACK = 32 // BITS  # 4-bit values per int32 word
+ZERO_FORMATS = ("v1", "v2")
+STORED_ZERO_FORMAT = "v1"  # the zero format of the qzeros buffer, whatever was loaded
+_QUANT_KEYS = ("qweight", "qzeros", "scales")
+_KEYS = _QUANT_KEYS + ("g_idx", "bias")
+
+
+def _group_len(K: int, group_size: int) -> int:
+    return K if group_size == -1 else group_size
+
+
+def _shape(t) -> list:
+    return list(t.shape)
+
+
+def _check_zero_format(zero_format: str, what: str) -> str:
+    if zero_format not in ZERO_FORMATS:
+        raise ValueError(f"{what} must be one of {ZERO_FORMATS}, got {zero_format!r}")
+    return zero_format
+
+
+def check_dims(in_features: int, out_features: int, group_size: int, what: str = "QuantLinear"):
+    """Raise ValueError unless a [out_features, in_features] weight fits the 4-bit GEMM layouts."""
+    K, N = in_features, out_features
+    problems = []
+    if K <= 0 or K % PACK:
+        problems.append(f"in_features must be a positive multiple of {PACK}")
+    if N <= 0 or N % PACK:
+        problems.append(f"out_features must be a positive multiple of {PACK}")
+    if group_size != -1 and (group_size <= 0 or K % group_size):
+        problems.append("group_size must be -1 or a positive divisor of in_features")
+    if problems:
+        raise ValueError(f"{what}: in_features={K}, out_features={N}, group_size={group_size}: "
+                         + "; ".join(problems))
+
+
+def trivial_g_idx(K: int, group_size: int, device=None) -> torch.Tensor:
+    """The g_idx of a layer without act-order: ``arange(K) // group_size`` as int32."""
+    return (torch.arange(K, device=device) // _group_len(K, group_size)).to(torch.int32)
+
+
+class QuantLinear(nn.Module):
+    """4-bit weight-only linear layer: ``y = x @ dequantize().T + bias`` computed by ``w4a16_linear``.
+
+    ``checkpoint_zero_format`` ("v1" or "v2") is the zero format of the GPTQ state dicts this module
+    reads and writes (``load_state_dict`` / ``state_dict``); GPTQ checkpoints are v1 unless their
+    config says ``gptq_v2``. AWQ state dicts are recognised by the shape of ``qweight`` and need no flag.
+    """
+
+    bits = BITS
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 *, dtype: torch.dtype = torch.float16, device=None,
+                 checkpoint_zero_format: str = "v1"):
+        super().__init__()
+        check_dims(in_features, out_features, group_size)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.checkpoint_zero_format = _check_zero_format(checkpoint_zero_format,
+                                                         "checkpoint_zero_format")
+        self.loaded_from = None  # "awq", "gptq" or "linear" once weights were put in
+        K, N, ng = in_features, out_features, self.num_groups
+        self.register_buffer("qweight", torch.zeros(K // PACK, N, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(ng, N // PACK, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(ng, N, dtype=dtype, device=device))
+        self.register_buffer("g_idx", None)
+        self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_groups(self) -> int:
+        return 1 if self.group_size == -1 else self.in_features // self.group_size
+
+    @property
+    def act_order(self) -> bool:
+        return self.g_idx is not None
+
+    def _expected(self) -> dict:
+        K, N, ng = self.in_features, self.out_features, self.num_groups
+        return {"gptq": [K // PACK, N], "awq": [K, N // PACK], "qzeros": [ng, N // PACK],
+                "scales": [ng, N], "g_idx": [K], "bias": [N]}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, bias=None, group_size=128):
+        """From AutoAWQ "gemm" tensors: qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N]."""
+        K, N = qweight.shape[0], qweight.shape[1] * PACK
+        layer = cls(K, N, bias=bias is not None, group_size=group_size, dtype=scales.dtype,
+                    device=qweight.device)
+        layer._put_quantized("awq", qweight, qzeros, scales, None, None, "from_awq: ", assign=False)
+        if bias is not None:
+            layer._put("bias", layer._checked("bias", bias, "from_awq: "), assign=False)
+        return layer
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, group_size=128,
+                  zero_format="v1"):
+        """From GPTQ tensors: qweight [K/8, N], qzeros [K/G, N/8] (v1 or v2 zeros), scales [K/G, N].
+
+        A g_idx equal to ``arange(K) // group_size`` is dropped; any other one (act-order) is kept."""
+        _check_zero_format(zero_format, "from_gptq: zero_format")
+        K, N = qweight.shape[0] * PACK, qweight.shape[1]
+        layer = cls(K, N, bias=bias is not None, group_size=group_size, dtype=scales.dtype,
+                    device=qweight.device, checkpoint_zero_format=zero_format)
+        layer._put_quantized("gptq", qweight, qzeros, scales, g_idx, zero_format, "from_gptq: ",
+                             assign=False)
+        if bias is not None:
+            layer._put("bias", layer._checked("bias", bias, "from_gptq: "), assign=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, sym: bool = False):
+        """Round-to-nearest quantization of a float ``nn.Linear`` (via ``torch_ops.quantize``)."""
+        N, K = linear.weight.shape
+        check_dims(K, N, group_size, what=f"from_linear({linear})")
+        q = _ops.quantize(linear.weight.detach(), bits=BITS, group_size=group_size, sym=sym,
+                          format="gptq", zero_format=STORED_ZERO_FORMAT)
+        layer = cls.from_gptq(q["qweight"], q["qzeros"], q["scales"], g_idx=q.get("g_idx"),
+                              bias=None if linear.bias is None else linear.bias.detach().clone(),
+                              group_size=group_size, zero_format=STORED_ZERO_FORMAT)
+        layer.loaded_from = "linear"
+        return layer
+
+    # ------------------------------------------------------------------ export
+    def to_awq(self) -> dict:
+        """AWQ "gemm" tensors: dict(qweight [K, N/8], qzeros [K/G, N/8], scales[, bias])."""
+        if self.act_order:
+            raise ValueError(
+                f"to_awq: this layer ({self.in_features}->{self.out_features}) uses act-order "
+                "(its g_idx is not arange(K) // group_size); AWQ has no g_idx and cannot express "
+                "it. Export it with to_gptq() instead.")
+        qweight, qzeros = _ops.gptq_to_awq(self.qweight, self.qzeros, zero_format=STORED_ZERO_FORMAT)
+        out = {"qweight": qweight, "qzeros": qzeros, "scales": self.scales.clone()}
+        if self.bias is not None:
+            out["bias"] = self.bias.clone()
+        return out
+
+    def to_gptq(self, zero_format: str = "v1") -> dict:
+        """GPTQ tensors: dict(qweight [K/8, N], qzeros [K/G, N/8] in ``zero_format``, scales,
+        g_idx [K] int32[, bias]); g_idx is ``arange(K) // group_size`` unless act-order."""
+        _check_zero_format(zero_format, "to_gptq: zero_format")
+        g_idx = self.g_idx if self.act_order else trivial_g_idx(
+            self.in_features, self.group_size, self.qweight.device)
+        out = {"qweight": self.qweight.clone(), "qzeros": self._qzeros_as(zero_format),
+               "scales": self.scales.clone(), "g_idx": g_idx.clone()}
+        if self.bias is not None:
+            out["bias"] = self.bias.clone()
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [N, K] (nn.Linear orientation) in the dtype of ``scales``."""
+        return _ops.dequantize(self.qweight, self.scales, self.qzeros, format="gptq", bits=BITS,
+                               group_size=self.group_size, g_idx=self.g_idx,
+                               zero_format=STORED_ZERO_FORMAT)
+
+    def _qzeros_as(self, zero_format: str) -> torch.Tensor:
+        if zero_format == STORED_ZERO_FORMAT:
+            return self.qzeros.clone()
+        return _ops.convert_gptq_zeros(self.qzeros, BITS, STORED_ZERO_FORMAT, zero_format)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ops.w4a16_linear(x, self.qweight, self.scales, qzeros=self.qzeros,
+                                 group_size=self.group_size, g_idx=self.g_idx, bias=self.bias,
+                                 zero_format=STORED_ZERO_FORMAT)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
+                f"format={self.loaded_from}, act_order={self.act_order}")
+
+    # ------------------------------------------------------------------ putting tensors in
+    def _checked(self, name: str, t: torch.Tensor, where: str, expected=None) -> torch.Tensor:
+        expected = self._expected()[name] if expected is None else expected
+        if _shape(t) != expected:
+            raise ValueError(f"{where}{name} must have shape {expected} for in_features="
+                             f"{self.in_features}, out_features={self.out_features}, group_size="
+                             f"{self.group_size}; got {_shape(t)}")
+        if name == "g_idx" and t.dtype in (torch.int64, torch.int16, torch.uint8):
+            t = t.to(torch.int32)
+        if name in ("qweight", "qzeros", "g_idx") and t.dtype != torch.int32:
+            raise ValueError(f"{where}{name} must be torch.int32, got {t.dtype}")
+        if name in ("scales", "bias") and not t.is_floating_point():
+            raise ValueError(f"{where}{name} must be a floating-point tensor, got {t.dtype}")
+        return t
+
+    def _detect_format(self, qweight: torch.Tensor, key: str) -> str:
+        exp = self._expected()
+        if _shape(qweight) == exp["gptq"]:
+            return "gptq"
+        if _shape(qweight) == exp["awq"]:
+            return "awq"
+        raise ValueError(
+            f"{key}: shape {_shape(qweight)} fits neither the GPTQ layout [K/8, N] = {exp['gptq']} "
+            f"nor the AWQ layout [K, N/8] = {exp['awq']} of QuantLinear(in_features="
+            f"{self.in_features}, out_features={self.out_features}, group_size={self.group_size})")
+
+    def _put_quantized(self, fmt, qweight, qzeros, scales, g_idx, zero_format, where, assign):
+        """Check AWQ or GPTQ tensors against this layer, convert them to the canonical form, store."""
+        exp = self._expected()
+        self._checked("qweight", qweight, where, exp[fmt])
+        self._checked("qzeros", qzeros, where)
+        self._checked("scales", scales, where)
+        if fmt == "awq":
+            if g_idx is not None and not self._is_trivial(g_idx):
+                raise ValueError(f"{where}g_idx is act-order but qweight has the AWQ layout, "
+                                 "which has no act-order")
+            qweight, qzeros = _ops.awq_to_gptq(qweight, qzeros, zero_format=STORED_ZERO_FORMAT)
+            g_idx = None
+        else:
+            if zero_format != STORED_ZERO_FORMAT:
+                qzeros = _ops.convert_gptq_zeros(qzeros, BITS, zero_format, STORED_ZERO_FORMAT)
+            if g_idx is not None:
+                g_idx = self._checked("g_idx", g_idx, where)
+                g_idx = None if self._is_trivial(g_idx) else self._checked_act_order(g_idx, where)
+        self._put("qweight", qweight, assign)
+        self._put("qzeros", qzeros, assign)
+        self._put("scales", scales, assign)
+        self._put("g_idx", g_idx, assign)
+        self.loaded_from = fmt
+
+    def _is_trivial(self, g_idx: torch.Tensor) -> bool:
+        return torch.equal(g_idx.to(torch.int32),
+                           trivial_g_idx(self.in_features, self.group_size, g_idx.device))
+
+    def _checked_act_order(self, g_idx: torch.Tensor, where: str) -> torch.Tensor:
+        lo, hi = int(g_idx.min()), int(g_idx.max())
+        if lo < 0 or hi >= self.num_groups:
+            raise ValueError(f"{where}g_idx values must lie in [0, {self.num_groups}) (K/G groups), "
+                             f"got values in [{lo}, {hi}]")
+        return g_idx
+
+    def _put(self, name: str, value, assign: bool):
+        """Store a buffer. Unless ``assign`` (or the module lives on the meta device), the value goes
+        to the module's device, copied in place when shape and dtype allow (keeping the storage that
+        CUDA graphs captured on it rely on); scales and bias keep the dtype they come in."""
+        current = getattr(self, name)
+        device = self.qweight.device
+        if value is not None and not assign and device.type != "meta":
+            if (current is not None and current.shape == value.shape
+                    and current.dtype == value.dtype and current.device == device):
+                with torch.no_grad():
+                    current.copy_(value)
+                return
+            value = value.to(device)
+        setattr(self, name, value)
+
+    # ------------------------------------------------------------------ state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.checkpoint_zero_format != STORED_ZERO_FORMAT:
+            destination[prefix + "qzeros"] = self._qzeros_as(self.checkpoint_zero_format)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        got = {n: state_dict[prefix + n] for n in _KEYS if prefix + n in state_dict}
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix):
+                    name = key[len(prefix):].split(".", 1)[0]
+                    if name not in _KEYS or (name == "bias" and self.bias is None):
+                        unexpected_keys.append(key)
+        if self.bias is not None and "bias" not in got:
+            missing_keys.append(prefix + "bias")
+        absent = [n for n in _QUANT_KEYS if n not in got]
+        missing_keys.extend(prefix + n for n in absent)
+        try:
+            if not absent:
+                fmt = self._detect_format(got["qweight"], prefix + "qweight")
+                self._put_quantized(fmt, got["qweight"], got["qzeros"], got["scales"],
+                                    got.get("g_idx"), self.checkpoint_zero_format, prefix, assign)
+            if self.bias is not None and "bias" in got:
+                self._put("bias", self._checked("bias", got["bias"], prefix), assign)
+        except ValueError as e:
+            error_msgs.append(str(e))
+
+
+# ---------------------------------------------------------------------- model level
+def name_matches(name: str, patterns) -> bool:
+    """True if a dotted module name contains one of ``patterns`` as a run of whole components:
+    "lm_head" matches "lm_head" and "model.lm_head" (not "lm_head2"); "layers.0" matches everything
+    under "model.layers.0"; "mlp.gate" matches "x.mlp.gate" but not "x.mlp.gate_proj"."""
+    if not patterns:
+        return False
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    parts = name.split(".")
+    for pattern in patterns:
+        p = pattern.split(".")
+        if any(parts[i:i + len(p)] == p for i in range(len(parts) - len(p) + 1)):
+            return True
+    return False
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
+                   skip=("lm_head",)) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
+    :func:`name_matches`) with ``QuantLinear.from_linear``, in place; returns ``model``.
+
+    Raises ValueError, before changing anything, if a layer's shape cannot be quantized with
+    ``group_size`` (in/out features multiples of 8, in_features a multiple of group_size)."""
+    if isinstance(model, nn.Linear):
+        raise ValueError("quantize_model: model is itself an nn.Linear; use QuantLinear.from_linear")
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+               if isinstance(m, nn.Linear) and not name_matches(name, skip)]
+    bad = []
+    for name, m in targets:
+        try:
+            check_dims(m.in_features, m.out_features, group_size, what=name)
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError("quantize_model: cannot quantize these layers (add them to skip=...): "
+                         + " | ".join(bad))
+    done = {}  # a Linear shared by several names is quantized once and stays shared
+    for name, m in targets:
+        if id(m) not in done:
+            done[id(m)] = QuantLinear.from_linear(m, group_size=group_size, sym=sym)
+        replace_module(model, name, done[id(m)])
+    return model

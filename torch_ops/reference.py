@@ -1,0 +1,201 @@
+"""Pure-PyTorch reference implementations of every torch_ops op.
+
+These are the oracle the tests compare the C and CUDA kernels against, and readable documentation
+of the formats (see FORMATS.md): slow, simple, and written from the spec rather than from the
+kernels. Signatures match the public functions in ``torch_ops``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ word holds logical column AWQ_ORDER[i]
+AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # logical column j sits in nibble AWQ_REVERSE[j]
+
+
+def _word_bits(dtype: torch.dtype) -> int:
+    if dtype == torch.int32:
+        return 32
+    if dtype == torch.uint8:
+        return 8
+    raise ValueError(f"pack: dtype must be torch.int32 or torch.uint8, got {dtype}")
+
+
+def _to_word_dtype(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # words hold unsigned values in int64; int32 words are the same bit pattern, two's complement
+    if dtype == torch.int32:
+        words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(dtype)
+
+
+def pack(values, bits, dim=-1, order="sequential", dtype=torch.int32):
+    """Pack uint8 values (< 2**bits) least-significant first along ``dim`` into ``dtype`` words.
+
+    A packed run is one little-endian bit stream cut into words, so 3-bit packs 32 values into
+    3 int32 words (8 into 3 bytes). ``order="awq"`` stores logical column 8c + AWQ_ORDER[i] in
+    nibble i of word c (4-bit int32 only)."""
+    wbits = _word_bits(dtype)
+    v = values.movedim(dim, -1).to(torch.int64)
+    if order == "awq":
+        v = v.unflatten(-1, (-1, 8))[..., AWQ_ORDER].flatten(-2)
+    shifts = torch.arange(bits, device=v.device)
+    stream = ((v.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., L*bits], LSB first
+    stream = stream.unflatten(-1, (-1, wbits))
+    words = (stream << torch.arange(wbits, device=v.device)).sum(-1)
+    return _to_word_dtype(words, dtype).movedim(-1, dim).contiguous()
+
+
+def unpack(packed, bits, dim=-1, order="sequential"):
+    """Exact inverse of :func:`pack`: returns uint8 values."""
+    wbits = _word_bits(packed.dtype)
+    w = packed.movedim(dim, -1).to(torch.int64) & (2**wbits - 1)
+    stream = ((w.unsqueeze(-1) >> torch.arange(wbits, device=w.device)) & 1).flatten(-2)
+    stream = stream.unflatten(-1, (-1, bits))
+    v = (stream << torch.arange(bits, device=w.device)).sum(-1)
+    if order == "awq":
+        v = v.unflatten(-1, (-1, 8))[..., AWQ_REVERSE].flatten(-2)
+    return v.to(torch.uint8).movedim(-1, dim).contiguous()
+
+
+def _zeros_encode(z, zero_format, bits=4):
+    # v1 stores z - 1, masked per field (z = 0 is stored as 2**bits - 1, never a borrow)
+    return (z.to(torch.int64) - (1 if zero_format == "v1" else 0)) & (2**bits - 1)
+
+
+def _zeros_decode(field, zero_format, bits=4):
+    return (field.to(torch.int64) + (1 if zero_format == "v1" else 0)) & (2**bits - 1)
+
+
+def awq_to_gptq(qweight, qzeros, zero_format="v1"):
+    """AWQ qweight [K, N/8] / qzeros [K/G, N/8] -> GPTQ qweight [K/8, N] / qzeros [K/G, N/8]."""
+    q = unpack(qweight, 4, dim=1, order="awq")  # [K, N]
+    z = unpack(qzeros, 4, dim=1, order="awq")  # [G, N]
+    return pack(q, 4, dim=0), pack(_zeros_encode(z, zero_format).to(torch.uint8), 4, dim=1)
+
+
+def gptq_to_awq(qweight, qzeros, zero_format="v1", g_idx=None):
+    """GPTQ -> AWQ, the exact inverse of :func:`awq_to_gptq` (refuses act-order g_idx)."""
+    if g_idx is not None:
+        K = qweight.shape[0] * 8
+        G = qzeros.shape[0]
+        if K % G != 0 or not torch.equal(
+            g_idx.to(torch.int64).cpu(), torch.arange(K) // (K // G)
+        ):
+            raise ValueError("gptq_to_awq: g_idx is act-order (not arange(K) // group_size)")
+    q = unpack(qweight, 4, dim=0)
+    z = _zeros_decode(unpack(qzeros, 4, dim=1), zero_format)
+    return pack(q, 4, dim=1, order="awq"), pack(z.to(torch.uint8), 4, dim=1, order="awq")
+
+
+def convert_gptq_zeros(qzeros, bits, src, dst):
+    """GPTQ qzeros v1 <-> v2, field by field (no carry or borrow between fields)."""
+    if src == dst:
+        return qzeros.clone()
+    z = unpack(qzeros, bits, dim=1).to(torch.int64)
+    z = (z + (1 if src == "v1" else -1)) & (2**bits - 1)
+    return pack(z.to(torch.uint8), bits, dim=1)
+
+
+def pack_v2(unpacked):
+    """quanto pack_v2: uint8 [N, K] -> int16 [N/4, K] (seed 001, same reshapes)."""
+    N, K = unpacked.shape
+    p = unpacked.reshape(N, K // 32, 4, 4, 2).permute(0, 1, 3, 2, 4)
+    p = p.permute(0, 1, 2, 4, 3).reshape(N, K)
+    p = p.reshape(N // 4, 4, K // 64, 64).permute(0, 2, 1, 3).reshape(N // 4, K // 64, 64, 4)
+    p = p.to(torch.int32)
+    p = p[..., 0] | (p[..., 1] << 4) | (p[..., 2] << 8) | (p[..., 3] << 12)
+    return p.reshape(N // 4, K).to(torch.int16).contiguous()
+
+
+def unpack_v2(packed):
+    """Inverse of :func:`pack_v2`: int16 [N/4, K] -> uint8 [N, K]."""
+    R, K = packed.shape
+    w = packed.to(torch.int32) & 0xFFFF
+    p = torch.stack([(w >> (4 * j)) & 15 for j in range(4)], dim=-1)  # [R, K, 4]
+    p = p.reshape(R, K // 64, 4, 64).permute(0, 2, 1, 3).reshape(R * 4, K)
+    # undo the per-32 reorder: position 8b + 4e + a holds original 8a + 2b + e
+    p = p.reshape(R * 4, K // 32, 4, 2, 4).permute(0, 1, 4, 2, 3).reshape(R * 4, K)
+    return p.to(torch.uint8).contiguous()
+
+
+def _groups(K, group_size):
+    return K if group_size == -1 else group_size
+
+
+def dequantize(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx=None,
+               zero_format="v1"):
+    """Float weight [N, K] (nn.Linear orientation) in scales.dtype, from AWQ or GPTQ tensors."""
+    if format == "awq":
+        q = unpack(qweight, 4, dim=1, order="awq").to(torch.int64)  # [K, N]
+        K = q.shape[0]
+        G = _groups(K, group_size)
+        z = (unpack(qzeros, 4, dim=1, order="awq").to(torch.int64) if qzeros is not None
+             else torch.full_like(scales, 8, dtype=torch.int64))
+        g = torch.arange(K, device=q.device) // G
+    else:
+        q = unpack(qweight, bits, dim=0).to(torch.int64)  # [K', N]
+        N = scales.shape[1]
+        K = q.shape[0] if g_idx is None else g_idx.shape[0]
+        q = q[:K, :N]
+        G = _groups(K, group_size)
+        if qzeros is None:
+            z = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int64, device=q.device)
+        else:
+            z = _zeros_decode(unpack(qzeros, bits, dim=1), zero_format, bits)[:, :N]
+        g = (torch.arange(K, device=q.device) // G if g_idx is None else g_idx.to(torch.int64))
+    w = scales[g].float() * (q - z[g]).float()  # [K, N], fp32, rounded once below
+    return w.t().contiguous().to(scales.dtype)
+
+
+def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=None):
+    """Round-to-nearest grid of an nn.Linear weight [N, K]: returns (q [K, N] uint8,
+    z [K/G, N] uint8, scales [K/G, N]).
+
+    format "gptq": GPTQ's formulas (range widened to include 0; symmetric z = 2**(bits-1));
+    format "awq": AutoAWQ's (s = (max - min) / maxq, z = clamp(-round(min / s), 0, maxq)).
+    Scales are kept in ``scales_dtype`` (default: the weight's dtype when fp16/bf16, else fp16)
+    and q is computed with the stored scale, so dequantize() gives the nearest grid point."""
+    N, K = weight.shape
+    G = _groups(K, group_size)
+    maxq = 2**bits - 1
+    if scales_dtype is None:
+        scales_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    w = weight.detach().float().reshape(N, K // G, G)
+    wmin, wmax = w.amin(-1), w.amax(-1)
+    if sym:
+        amax = torch.maximum(wmin.abs(), wmax)
+        s = (2 * amax / maxq).clamp(min=1e-5)
+        z = torch.full_like(s, 2 ** (bits - 1))
+    elif format == "awq":
+        s = (wmax - wmin).clamp(min=1e-5) / maxq
+        z = (-torch.round(wmin / s)).clamp(0, maxq)
+    else:
+        wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
+        s = ((wmax - wmin) / maxq).clamp(min=1e-5)
+        z = torch.round(-wmin / s).clamp(0, maxq)
+    s = s.to(scales_dtype)
+    q = (torch.round(w / s.float().unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
+    q = q.reshape(N, K).to(torch.uint8).t().contiguous()
+    return q, z.to(torch.uint8).t().contiguous(), s.t().contiguous()
+
+
+def quantize(weight, bits=4, group_size=128, sym=False, format="gptq", zero_format="v1",
+             scales_dtype=None):
+    """Quantize an nn.Linear weight [N, K] (see :func:`rtn`) into AWQ or GPTQ tensors."""
+    q, z, scales = rtn(weight, bits, group_size, sym, format, scales_dtype)
+    if format == "awq":
+        return {"qweight": pack(q, 4, dim=1, order="awq"),
+                "qzeros": pack(z, 4, dim=1, order="awq"), "scales": scales}
+    K = q.shape[0]
+    return {"qweight": pack(q, bits, dim=0),
+            "qzeros": pack(_zeros_encode(z, zero_format, bits).to(torch.uint8), bits, dim=1),
+            "scales": scales,
+            "g_idx": (torch.arange(K, device=q.device) // _groups(K, group_size)).to(torch.int32)}
+
+
+def w4a16_linear(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None,
+                 zero_format="v1"):
+    """F.linear(x, dequantize(...), bias) with the product computed in fp32."""
+    w = dequantize(qweight, scales.float(), qzeros, "gptq", 4, group_size, g_idx, zero_format)
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
