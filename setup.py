@@ -41,7 +41,7 @@ class Build(BuildExtension):
 
 
 def extension():
-    cxx = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function"]
     include = [os.path.join(ROOT, "csrc")]
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

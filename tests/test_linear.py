@@ -23,7 +23,7 @@ def make_weights(K, N, group_size, zeros="v1", act_order=False, device="cpu",
         "qweight": torch_ops.pack(q, 4, dim=0).to(device),
         "scales": ((torch.rand(K // G, N) + 0.5) / 64).to(scales_dtype).to(device),
         "qzeros": None if zeros == "sym" else torch_ops.pack(
-            ((z.long() - (zeros == "v1")) & 15).to(torch.uint8), 4, dim=1).to(device),
+            ((z.long() - int(zeros == "v1")) & 15).to(torch.uint8), 4, dim=1).to(device),
         "group_size": group_size,
         "g_idx": ((torch.randperm(K) // G).to(torch.int32).to(device) if act_order else None),
         "zero_format": "v2" if zeros == "sym" else zeros,

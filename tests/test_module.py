@@ -41,6 +41,11 @@ def act_order_g_idx(k=K, g=G, device="cpu"):
     return g_idx
 
 
+@torch.no_grad()
+def rel_error(y, expected):
+    return float((y - expected).norm() / expected.norm())
+
+
 def assert_same(a: dict, b: dict):
     assert a.keys() == b.keys()
     for key in a:
@@ -140,8 +145,9 @@ def test_from_linear_is_close_to_float(device):
     assert torch.equal(layer.qweight.cpu(), q["qweight"]) and torch.equal(layer.qzeros.cpu(), q["qzeros"])
     assert torch.equal(layer.bias, lin.bias.detach())
     x = torch.randn(4, K, device=device)
-    err = (layer(x) - lin(x)).abs().max() / lin(x).abs().max()
-    assert err < 0.05, err
+    w = ref.dequantize(q["qweight"], q["scales"].float(), q["qzeros"], "gptq", 4, G).to(device)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, w, lin.bias), rtol=1e-4, atol=1e-4)
+    assert rel_error(layer(x), lin(x)) < 0.1  # 4-bit RTN of uniform weights: about 1/15
     assert "format=linear" in repr(layer)
 
 
@@ -244,7 +250,9 @@ def test_compile_fullgraph(device):
     x = torch.randn(4, K, device=device, dtype=torch.float16)
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
+        # aot_eager traces the whole graph through the fake kernels, as inductor would, without
+        # spending half a minute generating C++ (examples/demo.py runs the inductor path)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # a graph break raises
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-3, atol=1e-3)
     finally:
         torch._dynamo.reset()
@@ -271,7 +279,7 @@ class Tiny(nn.Module):
         super().__init__()
         self.up = nn.Linear(128, 256)
         self.down = nn.Linear(256, 128, bias=False)
-        self.lm_head = nn.Linear(128, 40)
+        self.lm_head = nn.Linear(128, 36)
 
     def forward(self, x):
         return self.lm_head(self.down(torch.relu(self.up(x))))
@@ -284,9 +292,7 @@ def test_quantize_model(device):
     assert isinstance(model.up, QuantLinear) and isinstance(model.down, QuantLinear)
     assert type(model.lm_head) is nn.Linear  # skipped by name
     x = torch.randn(3, 128, device=device)
-    expected = reference_model(x)
-    err = (model(x) - expected).abs().max() / expected.abs().max()
-    assert err < 0.05, err
+    assert rel_error(model(x), reference_model(x)) < 0.15  # two 4-bit layers in a row
     # the same as quantizing each layer by hand
     by_hand = QuantLinear.from_linear(reference_model.up, group_size=G)
     assert torch.equal(model.up.qweight, by_hand.qweight)

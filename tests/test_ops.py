@@ -285,7 +285,7 @@ def test_errors_name_op_argument_and_value(device):
         (lambda: torch_ops.pack_v2(u8(6, 64)), r"pack_v2: N = unpacked.shape\[0\] = 6 must be a multiple of 4"),
         (lambda: torch_ops.pack_v2(u8(4, 96)), r"pack_v2: K = unpacked.shape\[1\] = 96 must be a multiple of 64"),
         (lambda: torch_ops.pack_v2(u8(4, 64) + 16), r"pack_v2: unpacked values must be < 2\*\*bits = 16"),
-        (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(2, 16, device=device), group_size=16),
+        (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(3, 16, device=device), group_size=16),
          r"dequantize: scales must have shape \[K/G, N\] = \[2, 16\] for K = 32"),
         (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, device=device), g_idx=i32(32) + 1),
          r"dequantize: g_idx values must be in \[0, 1\)"),

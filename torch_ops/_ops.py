@@ -231,16 +231,18 @@ def _w4a16_setup_context(ctx, inputs, output):
     x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format = inputs
     ctx.save_for_backward(qweight, scales, qzeros, g_idx)
     ctx.group_size, ctx.zero_format = group_size, zero_format
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 
 def _w4a16_backward(ctx, grad):
     qweight, scales, qzeros, g_idx = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = _ops.dequantize(qweight, scales, qzeros, "gptq", 4, ctx.group_size, g_idx,
-                            ctx.zero_format)
-        grad_x = grad @ w.to(grad.dtype)
-    if ctx.needs_input_grad[6]:
+        # W in the gradient's dtype, from scales in that dtype: one rounding, as in the forward
+        w = _ops.dequantize(qweight, scales.to(grad.dtype), qzeros, "gptq", 4, ctx.group_size,
+                            g_idx, ctx.zero_format)
+        grad_x = grad @ w
+    if ctx.bias_needs_grad:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
     return grad_x, None, None, None, None, None, grad_bias, None
 

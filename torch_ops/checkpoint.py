@@ -261,15 +261,39 @@ def _missing_layer_tensors(ckpt: Checkpoint, prefixes) -> list:
 
 
 def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, int]:
-    """(K, N) of a quantized layer from its qweight shape, checked against the config's layout."""
-    rows, cols = ckpt.shape(prefix + ".qweight")
+    """(K, N) of a quantized layer from its headers, after checking that the shapes and dtypes of
+    qweight, qzeros, scales (and g_idx) fit the config's layout, so that errors name the tensor."""
+    header = ckpt.headers
+
+    def info(suffix):
+        key = f"{prefix}.{suffix}"
+        return header[ckpt.shard_of[key]][key]
+
+    dtype, shape, _ = info("qweight")
+    if len(shape) != 2 or dtype != "I32":
+        raise CheckpointError(f"{prefix}.qweight must be a 2-D int32 tensor, got {dtype} {shape}")
+    rows, cols = shape
     K, N = (rows, cols * 8) if qc.method == "awq" else (rows * 8, cols)
-    scales = ckpt.shape(prefix + ".scales")
-    ng = 1 if qc.group_size == -1 else (K // qc.group_size if K % qc.group_size == 0 else -1)
-    if scales != [ng, N]:
+    if f"{prefix}.scales" in ckpt.shard_of and info("scales")[1][-1:] != [N]:
         raise CheckpointError(
-            f"{prefix}: qweight {[rows, cols]} and scales {scales} do not fit the {qc.method.upper()} "
-            f"layout with group_size={qc.group_size} (expected scales [{ng}, {N}] for K={K}, N={N})")
+            f"{prefix}: qweight {shape} and scales {info('scales')[1]} do not fit the "
+            f"{qc.method.upper()} layout the config names (qweight [K, N/8] for AWQ, [K/8, N] for "
+            "GPTQ, scales [K/G, N])")
+    G = K if qc.group_size == -1 else qc.group_size
+    layout = (f"{qc.method.upper()} layout with K={K}, N={N}, group_size={qc.group_size}")
+    if K % G:
+        raise CheckpointError(f"{prefix}.qweight {shape} gives K={K}, not a multiple of "
+                              f"group_size={qc.group_size}")
+    expected = {"qzeros": ([K // G, N // 8], ("I32",)), "scales": ([K // G, N], ("F16", "BF16", "F32")),
+                "g_idx": ([K], ("I32", "I64"))}
+    for suffix, (exp_shape, dtypes) in expected.items():
+        if f"{prefix}.{suffix}" not in ckpt.shard_of:
+            continue
+        dtype, shape, _ = info(suffix)
+        if shape != exp_shape or dtype not in dtypes:
+            raise CheckpointError(f"{prefix}.{suffix} is {dtype} {shape}, expected "
+                                  f"{'/'.join(dtypes)} {exp_shape} for qweight {[rows, cols]} in the "
+                                  f"{layout}")
     return K, N
 
 
@@ -527,11 +551,12 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     plan = {shard: [] for shard in ckpt.shards}
     for key, shard in ckpt.shard_of.items():
         prefix, _, suffix = key.rpartition(".")
-        if prefix in qset and suffix == "g_idx":
-            continue  # re-derived from the layer
+        if prefix in qset and suffix == "g_idx" and to == "awq":
+            continue  # AWQ has no g_idx
         plan[shard].append(key)
-        if prefix in qset and suffix == "qweight" and to == "gptq":
-            plan[shard].append(f"{prefix}.g_idx")
+        new_g_idx = f"{prefix}.g_idx"
+        if prefix in qset and suffix == "qweight" and to == "gptq" and new_g_idx not in ckpt.shard_of:
+            plan[shard].append(new_g_idx)
 
     dst_parent = dst.parent.resolve()
     first_new = next((p for p in [dst_parent, *dst_parent.parents][::-1] if not p.exists()), None)
@@ -587,8 +612,8 @@ def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress):
                 else:
                     t = ckpt.tensor(key)
                 out[key] = t.contiguous()
-                if key in ckpt.shard_of:
-                    bar.update(ckpt.headers[shard][key][2])
+                bar.update(ckpt.headers[shard].get(key, (0, 0, 0))[2])
+            bar.update(sum(ckpt.headers[shard][k][2] for k in ckpt.headers[shard] if k not in out))
             try:
                 save_file(out, str(tmp / shard.name), metadata=ckpt.metadata[shard] or None)
             except Exception as e:
@@ -666,10 +691,12 @@ def inspect_checkpoint(path) -> dict:
     path = Path(path)
     ckpt = Checkpoint(path)
     try:
-        prefixes = ckpt.quantized_prefixes()
+        prefixes = [p for p in ckpt.quantized_prefixes()  # a shard may hold part of a layer
+                    if not _missing_layer_tensors(ckpt, [p])]
         qc = read_quant_config(path)[1] if path.is_dir() else None
         info = {"path": str(path), "format": None, "bits": None, "group_size": None,
-                "zero_format": None, "act_order": False, "quantized_layers": len(prefixes),
+                "zero_format": None, "act_order": False,
+                "quantized_layers": len(ckpt.quantized_prefixes()),
                 "tensors": len(ckpt.shard_of), "shards": len(ckpt.shards)}
         if qc is None and prefixes:
             fmt, _, group_size = _infer_layout(ckpt, prefixes[0])
@@ -682,8 +709,7 @@ def inspect_checkpoint(path) -> dict:
             if prefixes:
                 info["scales_dtype"] = ckpt.headers[ckpt.shard_of[prefixes[0] + ".scales"]][
                     prefixes[0] + ".scales"][0]
-            act = _act_order_layers(ckpt, qc, [p for p in prefixes
-                                               if f"{p}.scales" in ckpt.shard_of])
+            act = _act_order_layers(ckpt, qc, prefixes)
             info["act_order"] = bool(act)
             info["act_order_layers"] = len(act)
         if qc is not None and qc.method == "gptq":

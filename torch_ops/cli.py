@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    "stores z-1, the default) or v2 ('gptq_v2', stores z)")
     c.add_argument("--verify", action="store_true",
                    help="re-read the output and check every layer dequantizes identically")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    c.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar (shown only on a terminal anyway) and no summary")
     i = sub.add_parser("inspect", help="describe a checkpoint folder or .safetensors file")
     i.add_argument("path", metavar="PATH", help="checkpoint folder or .safetensors file")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -47,7 +48,7 @@ def _convert(args) -> int:
     if args.to == "awq" and args.zero_format is not None:
         raise CheckpointError("--zero-format applies to --to gptq only (AWQ stores zeros as they are)")
     info = convert_checkpoint(args.src, args.dst, to=args.to, zero_format=args.zero_format or "v1",
-                              verify=args.verify, progress=not args.quiet)
+                              verify=args.verify, progress=not args.quiet and sys.stderr.isatty())
     if not args.quiet:
         zf = f" ({args.zero_format or 'v1'} zeros)" if args.to == "gptq" else ""
         print(f"converted {info['layers']} quantized layers, {info['tensors']} tensors in "

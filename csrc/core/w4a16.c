@@ -54,12 +54,27 @@
 #endif
 
 /* ---- tuning ------------------------------------------------------------------------------------ */
-#define W4_GEMV_MAX_M 4   /* M above this uses the blocked (dequantize + GEMM) path */
+#ifndef W4_PF_LOCALITY
+#define W4_PF_LOCALITY 3 /* __builtin_prefetch locality: 3 = T0 */
+#endif
+#ifndef W4_GEMV_MAX_M
+#define W4_GEMV_MAX_M 8   /* M above this uses the blocked (dequantize + GEMM) path */
+#endif
+#ifndef W4_CHUNK_ROWS
 #define W4_CHUNK_ROWS 16  /* qweight rows (8 k each) per K-chunk in the GEMV path */
+#endif
+#ifndef W4_PF_BLOCKS
 #define W4_PF_BLOCKS 4    /* GEMV: prefetch this many column blocks ahead in the same rows */
+#endif
+#ifndef W4_PF_ROWS
 #define W4_PF_ROWS 16     /* act-order GEMV and dequant: prefetch this many qweight rows ahead */
-#define W4_KT 256         /* blocked: k per dequantized tile (multiple of 8) */
+#endif
+#ifndef W4_KT
+#define W4_KT 256         /* blocked: k per dequantized tile for AVX2 (AVX-512: half; multiple of 16) */
+#endif
+#ifndef W4_MC
 #define W4_MC 256         /* blocked: rows of x per pass */
+#endif
 
 /* ---- shared helpers ---------------------------------------------------------------------------- */
 static inline int64_t w4_min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -79,7 +94,8 @@ static int w4_groups(const tops_w4a16_args *a, int32_t *gk) {
     if (a->g_idx) {
         memcpy(gk, a->g_idx, (size_t)K * sizeof(int32_t));
     } else {
-        for (int64_t k = 0; k < K; k++) gk[k] = (int32_t)(k / a->group_size);
+        for (int64_t g = 0, k = 0; k < K; g++)
+            for (int64_t e = k + a->group_size; k < e; k++) gk[k] = (int32_t)g;
     }
     for (int64_t k = 0; k < K; k += 8)
         for (int64_t j = 1; j < 8; j++)
@@ -166,9 +182,8 @@ static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
 #define KN(name) W4_CAT(name, W4_ISA)
 #define W4_INLINE inline __attribute__((always_inline))
 
-static inline void w4_prefetch(const void *p, int64_t off) {
-    _mm_prefetch((const char *)((uintptr_t)p + (uintptr_t)off), _MM_HINT_T0);
-}
+/* prefetch p + off bytes (possibly past the array: a prefetch never faults) */
+#define w4_prefetch(p, off) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(off)), 0, W4_PF_LOCALITY)
 
 /* ================================ AVX2 + FMA + F16C primitives ================================== */
 #define W4_ISA avx2
@@ -372,6 +387,7 @@ int tops_w4a16_linear(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end) 
 #define W4_BW (W4_NVMAX * VW) /* GEMV: columns per block (act-order table row) */
 #define W4_PW (2 * VW)        /* blocked: panel width */
 #define W4_NT (4 * W4_PW)     /* blocked: columns per tile */
+#define W4_KTI (W4_KT * 8 / VW) /* blocked: k per tile (a panel of W4_KTI x W4_PW floats: 16 KB) */
 
 /* slot j of a word as q * 2^(4j) (j < 7) or q (j == 7), exact in fp32; pairs with x * 2^-4j */
 static KATTR W4_INLINE VF KN(w4_unpack_scaled)(VI w, const int j) {
@@ -483,10 +499,13 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     float *acc = (float *)ws; /* [4][W4_BW] */
     ws += w4_align((size_t)(4 * W4_BW) * sizeof(float));
     KN(w4_convert_x)(a, 0, M, xf);
-    memcpy(xp, xf, (size_t)(M * K) * sizeof(float));
     {
-        static const float ps[8] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
-        for (int64_t i = 0; i < M * K; i++) xp[i] *= ps[i & 7]; /* K % 8 == 0 */
+        static const float ps[16] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f,
+                                     1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
+        const VF psv = vf_load(ps);
+        int64_t i = 0;
+        for (; i + VW <= M * K; i += VW) vf_store(xp + i, vf_mul(vf_load(xf + i), psv));
+        for (; i < M * K; i++) xp[i] = xf[i] * ps[i & 7]; /* K % 8 == 0 */
     }
     memset(y, 0, (size_t)(M * ncols) * sizeof(float));
 
@@ -498,9 +517,10 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
             int64_t r1 = r0 + 1;
             while (r1 < R && r1 - r0 < W4_CHUNK_ROWS && gk[8 * r1] == g) r1++;
             for (int64_t m = 0; m < M; m++) {
-                float sum = 0.0f;
-                for (int64_t k = 8 * r0; k < 8 * r1; k++) sum += xf[m * K + k];
-                xc[m] = sum;
+                float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                for (int64_t k = 8 * r0; k < 8 * r1; k += 8)
+                    for (int i = 0; i < 8; i++) part[i] += xf[m * K + k + i];
+                xc[m] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
             }
             for (int64_t n0 = 0; n0 < ncols;) {
                 const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
@@ -579,7 +599,7 @@ static KATTR void KN(w4_dequant)(const int32_t *qw, int64_t ldq, int64_t rows, i
         const int32_t *g8 = gk + 8 * r;
         for (int v = 0; v < ntv; v++) {
             VI w = vi_load(row + v * VW);
-            float *d = dq + (int64_t)(v / 2) * W4_KT * W4_PW + 8 * r * W4_PW + (v % 2) * VW;
+            float *d = dq + (int64_t)(v / 2) * W4_KTI * W4_PW + 8 * r * W4_PW + (v % 2) * VW;
             const float *tv = tab + v * VW;
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
@@ -588,7 +608,7 @@ static KATTR void KN(w4_dequant)(const int32_t *qw, int64_t ldq, int64_t rows, i
             }
         }
         if (ntv % 2) {
-            float *d = dq + (int64_t)(ntv / 2) * W4_KT * W4_PW + 8 * r * W4_PW + VW;
+            float *d = dq + (int64_t)(ntv / 2) * W4_KTI * W4_PW + 8 * r * W4_PW + VW;
             for (int j = 0; j < 8; j++) vf_store(d + j * W4_PW, vf_zero());
         }
     }
@@ -645,7 +665,7 @@ static KATTR int KN(w4_blocked)(const tops_w4a16_args *a, int64_t nb, int64_t ne
     float *tab = (float *)ws;
     ws += w4_align((size_t)(2 * G * W4_NT) * sizeof(float));
     float *dq = (float *)ws;
-    ws += w4_align((size_t)(W4_KT * W4_NT) * sizeof(float));
+    ws += w4_align((size_t)(W4_KTI * W4_NT) * sizeof(float));
     float *cbuf = (float *)ws;
 
     for (int64_t m0 = 0; m0 < M; m0 += W4_MC) {
@@ -671,13 +691,13 @@ static KATTR int KN(w4_blocked)(const tops_w4a16_args *a, int64_t nb, int64_t ne
                     vf_store(tab + (2 * g + 1) * W4_NT + v * VW, vf_mul(vf_sub(vf_zero(), z), s));
                 }
             memset(cbuf, 0, (size_t)(mc * W4_NT) * sizeof(float));
-            for (int64_t k0 = 0; k0 < K; k0 += W4_KT) {
-                const int64_t kt = w4_min(W4_KT, K - k0);
+            for (int64_t k0 = 0; k0 < K; k0 += W4_KTI) {
+                const int64_t kt = w4_min(W4_KTI, K - k0);
                 KN(w4_dequant)(a->qweight + (k0 / 8) * N + n0, N, kt / 8, ntv, gk + k0, tab, dq);
                 for (int p = 0; p < npan; p++)
                     for (int64_t mb = 0; mb < mc; mb += 6)
                         KN(w4_micro_call)((int)w4_min(6, mc - mb), A + mb * lda + k0, lda,
-                                          dq + (int64_t)p * W4_KT * W4_PW, kt,
+                                          dq + (int64_t)p * W4_KTI * W4_PW, kt,
                                           cbuf + mb * W4_NT + p * W4_PW, W4_NT);
             }
             for (int64_t m = 0; m < mc; m++)
@@ -703,7 +723,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
         const int64_t mce = w4_min(M, W4_MC);
         if (a->x_dtype != TOPS_F32) bytes += w4_align((size_t)(mce * K) * sizeof(float));
         bytes += w4_align((size_t)(2 * G * W4_NT) * sizeof(float)) +
-                 w4_align((size_t)(W4_KT * W4_NT) * sizeof(float)) +
+                 w4_align((size_t)(W4_KTI * W4_NT) * sizeof(float)) +
                  w4_align((size_t)(mce * W4_NT) * sizeof(float));
     }
     char *raw = (char *)malloc(bytes + 64);
@@ -721,4 +741,5 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
 #undef W4_BW
 #undef W4_PW
 #undef W4_NT
+#undef W4_KTI
 #endif /* W4_TEMPLATE_PASS */

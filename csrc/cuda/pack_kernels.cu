@@ -116,7 +116,7 @@ constexpr int kRepackWarps = kThreads / 32;
 
 __device__ __forceinline__ int swz(int owner, int i) { return owner * 8 + (i ^ (owner & 7)); }
 
-__global__ void __launch_bounds__(kThreads) awq_to_gptq_vec_kernel(uint4 *__restrict__ dst,
+__global__ void __launch_bounds__(kThreads, 4) awq_to_gptq_vec_kernel(uint4 *__restrict__ dst,
                                                                    const uint4 *__restrict__ src,
                                                                    int64_t kblocks, int64_t nc4) {
     __shared__ uint4 smem[kRepackWarps][256];
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) awq_to_gptq_vec_kernel(uint4 *__rest
     }
 }
 
-__global__ void __launch_bounds__(kThreads) gptq_to_awq_vec_kernel(uint4 *__restrict__ dst,
+__global__ void __launch_bounds__(kThreads, 4) gptq_to_awq_vec_kernel(uint4 *__restrict__ dst,
                                                                    const uint4 *__restrict__ src,
                                                                    int64_t kblocks, int64_t nc4) {
     __shared__ uint4 smem[kRepackWarps][256];
@@ -854,6 +854,32 @@ __device__ __forceinline__ uint32_t out_bits(float v) {
     else return __float_as_uint(v);
 }
 
+/* scale and zero point of (group g, column n); out of line: called only when the group changes */
+template <int BITS, bool AWQ>
+__device__ __noinline__ float2 fetch_scale_zero(const void *scales, int scales_dtype,
+                                                 const uint32_t *qzeros, int64_t zrow_words,
+                                                 int zero_v1, int64_t N, int64_t g, int64_t n) {
+    constexpr uint32_t MASK = (1u << BITS) - 1u;
+    const float s = load_scale(scales, scales_dtype, g * N + n);
+    int z;
+    if (!qzeros) {
+        z = 1 << (BITS - 1);
+    } else if constexpr (AWQ) {
+        const uint32_t zw = qzeros[g * zrow_words + (n >> 3)];
+        z = (int)((zw >> (4 * awq_reverse((int)(n & 7)))) & 0xFu);
+    } else {
+        const int64_t bit = n * BITS;
+        const int64_t wi = g * zrow_words + (bit >> 5);
+        const int off = (int)(bit & 31);
+        uint32_t f = qzeros[wi] >> off;
+        if (BITS == 3 && off > 29) f |= qzeros[wi + 1] << (32 - off);
+        f &= MASK;
+        if (zero_v1) f = (f + 1u) & MASK;
+        z = (int)f;
+    }
+    return make_float2(s, (float)z);
+}
+
 /* BITS 2/3/4/8 with AWQ false: GPTQ; BITS 4 with AWQ true: AWQ */
 template <int BITS, bool AWQ, int OUT>
 __global__ void __launch_bounds__(kThreads) dequant_kernel(DqParams p) {
@@ -891,14 +917,14 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(DqParams p) {
             }
         }
 
-        /* group tracking */
-        int64_t g = -1, gcur = 0, gnext = 0;
+        /* group of each k: g_idx[k], or k / group_size tracked incrementally */
+        int64_t gcur = 0, gnext = 0;
         if (!p.g_idx) {
             gcur = k0 / p.group_size;
             gnext = (gcur + 1) * p.group_size;
         }
-        float s = 0.f;
-        int z = 0;
+        int64_t g = -1;
+        float2 sz = make_float2(0.f, 0.f);
         uint32_t ow[OB == 2 ? 16 : 32];
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
@@ -916,24 +942,11 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(DqParams p) {
                 }
                 if (gk != g) {
                     g = gk;
-                    s = load_scale(p.scales, p.scales_dtype, g * p.N + n);
-                    if (!p.qzeros) {
-                        z = 1 << (BITS - 1);
-                    } else if constexpr (AWQ) {
-                        const uint32_t zw = p.qzeros[g * p.zrow_words + (n >> 3)];
-                        z = (int)((zw >> (4 * awq_reverse((int)(n & 7)))) & 0xFu);
-                    } else {
-                        const int64_t bit = n * BITS;
-                        const int64_t wi = g * p.zrow_words + (bit >> 5);
-                        const int off = (int)(bit & 31);
-                        uint32_t f = p.qzeros[wi] >> off;
-                        if (BITS == 3 && off > 29) f |= p.qzeros[wi + 1] << (32 - off);
-                        f &= MASK;
-                        if (p.zero_v1) f = (f + 1u) & MASK;
-                        z = (int)f;
-                    }
+                    sz = fetch_scale_zero<BITS, AWQ>(p.scales, p.scales_dtype, p.qzeros, p.zrow_words,
+                                                     p.zero_v1, p.N, g, n);
                 }
-                const float v = s * (float)((int)q[i] - z);
+                /* (q - z) is a small integer, exact in fp32: the product is s * (float)(q - z) */
+                const float v = sz.x * ((float)q[i] - sz.y);
                 const uint32_t bits = out_bits<OUT>(v);
                 if constexpr (OB == 2) {
                     if (i & 1) ow[i >> 1] |= bits << 16;

@@ -775,6 +775,12 @@ static void test_dequant(void) {
                     run_dequant_case(TOPS_FORMAT_AWQ, 4, K, N, si == 2 ? 128 : 16, zmode ? TOPS_ZEROS_V2 : 0, 0, sdt, odt);
                 }
 
+    /* bigger blocks: several K chunks, a full AWQ column block of 128 plus a ragged one */
+    run_dequant_case(TOPS_FORMAT_AWQ, 4, 96, 264, 32, TOPS_ZEROS_V2, 0, TOPS_F16, TOPS_BF16);
+    run_dequant_case(TOPS_FORMAT_GPTQ, 4, 1100, 40, 128, TOPS_ZEROS_V1, 1, TOPS_BF16, TOPS_F16);
+    run_dequant_case(TOPS_FORMAT_GPTQ, 3, 1100, 40, 100, TOPS_ZEROS_V2, 0, TOPS_F32, TOPS_F32);
+    run_dequant_case(TOPS_FORMAT_GPTQ, 2, 1100, 17, 64, TOPS_ZEROS_V1, 0, TOPS_F16, TOPS_F32);
+
     /* argument errors */
     int32_t qw[64] = {0}, qz[8] = {0};
     uint16_t sc[64] = {0};
@@ -865,7 +871,14 @@ static void *bench_run(void *p) {
     case 0: tops_awq_to_gptq_qweight(j->dst, j->src, j->a, j->b, j->begin, j->end); break;
     case 1: tops_gptq_to_awq_qweight(j->dst, j->src, j->a, j->b, j->begin, j->end); break;
     case 2: tops_pack_v2(j->dst, j->src, j->a, j->b, j->begin, j->end); break;
-    default: tops_unpack_v2(j->dst, j->src, j->a, j->b, j->begin, j->end); break;
+    case 3: tops_unpack_v2(j->dst, j->src, j->a, j->b, j->begin, j->end); break;
+    case 4: /* AWQ qweight from unpacked [K, N]: pack along the last axis */
+        tops_pack(j->dst, j->src, j->a, j->b, 1, 4, 4, TOPS_ORDER_AWQ, j->begin, j->end);
+        break;
+    case 5: /* GPTQ qweight from unpacked [K, N]: viewed as [K/8, 8, N], pack along the 8 */
+        tops_pack(j->dst, j->src, j->a / 8, 8, j->b, 4, 4, TOPS_ORDER_SEQUENTIAL, j->begin, j->end);
+        break;
+    default: tops_dequantize(j->src, j->begin, j->end); break;
     }
     return NULL;
 }
@@ -913,6 +926,47 @@ static void bench(void) {
                 printf("  %-7s %-20s %d thread%s %8.3f ms %7.2f GB/s\n", isas[lvl], names[w], threads,
                        threads > 1 ? "s" : " ", t * 1e3, (double)bytes / t / 1e9);
             }
+    }
+    tops_cpu_isa_set(-1);
+    /* not vectorised per ISA; for information */
+    for (int threads = 1; threads <= 2; threads++) {
+        double t = bench_one(4, a, u, K, N, K, threads);
+        printf("  %-7s %-20s %d thread%s %8.3f ms %7.2f GB/s\n", "-", "pack 4b AWQ (N)", threads,
+               threads > 1 ? "s" : " ", t * 1e3, (double)(qbytes + ubytes) / t / 1e9);
+        t = bench_one(5, a, u, K, N, K / 8, threads);
+        printf("  %-7s %-20s %d thread%s %8.3f ms %7.2f GB/s\n", "-", "pack 4b GPTQ (K)", threads,
+               threads > 1 ? "s" : " ", t * 1e3, (double)(qbytes + ubytes) / t / 1e9);
+    }
+    {
+        const int64_t gs = 128, G = K / gs;
+        uint16_t *sc = xmalloc((size_t)(G * N) * 2), *out = xmalloc((size_t)(N * K) * 2);
+        int32_t *qz = xmalloc((size_t)(G * N / 8) * 4);
+        for (int64_t i = 0; i < G * N; i++) sc[i] = tops_f32_to_f16(0.01f);
+        fill_random(qz, (size_t)(G * N / 8) * 4);
+        memset(out, 0, (size_t)(N * K) * 2);
+        tops_dequant_args da;
+        memset(&da, 0, sizeof da);
+        da.format = TOPS_FORMAT_GPTQ;
+        da.bits = 4;
+        da.K = K;
+        da.N = N;
+        da.groups = G;
+        da.group_size = gs;
+        da.qweight = (const int32_t *)a;
+        da.qzeros = qz;
+        da.zero_format = TOPS_ZEROS_V2;
+        da.scales = sc;
+        da.scales_dtype = TOPS_F16;
+        da.out = out;
+        da.out_dtype = TOPS_F16;
+        for (int threads = 1; threads <= 2; threads++) {
+            double t = bench_one(6, NULL, &da, 0, 0, N, threads);
+            printf("  %-7s %-20s %d thread%s %8.3f ms %7.2f GB/s\n", "-", "dequant gptq4 f16", threads,
+                   threads > 1 ? "s" : " ", t * 1e3, (double)(qbytes + (size_t)(N * K) * 2) / t / 1e9);
+        }
+        free(sc);
+        free(out);
+        free(qz);
     }
     tops_cpu_isa_set(-1);
     free(a);

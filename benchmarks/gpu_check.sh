@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build for sm_90, run the whole test suite, then the benchmarks.
+# Logs go to $OUT (or ./gpu_logs). Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [pytest args]
+set -o pipefail
+what=${1:-all}; shift || true
+OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/env.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/env.txt"
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+if [ "$what" != bench ]; then
+    timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
+fi
+if [ "$what" != tests ]; then
+    timeout 120 python3 benchmarks/bench_repack.py 2>&1 | tee "$OUT/bench_repack.md"
+    timeout 300 python3 benchmarks/bench_linear.py 2>&1 | tee "$OUT/bench_linear.md"
+fi

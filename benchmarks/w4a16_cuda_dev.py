@@ -1,0 +1,448 @@
+#!/usr/bin/env python3
+"""Development harness for the CUDA w4a16 linear (csrc/cuda/w4a16_kernels.cu), without the torch
+extension: builds (or loads) the kernel file as a plain shared library, calls
+tops_cuda_w4a16_linear through ctypes, checks it against a float64 reference over many shapes and
+formats, then times it against cuBLAS fp16 with triton.testing.do_bench.
+
+    python3 benchmarks/w4a16_cuda_dev.py [--lib PATH] [--quick] [--no-bench] [--out DIR]
+
+The library is built with
+    nvcc -shared -Xcompiler -fPIC -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc \
+         -o .devbuild/libw4.so csrc/cuda/w4a16_kernels.cu
+when --lib does not exist. Full logs go to --out (default: $OUT or .devbuild).
+"""
+import argparse
+import ctypes
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPS_F32, TOPS_F16, TOPS_BF16 = 0, 1, 2
+ZV1, ZV2 = 1, 2
+DT = {torch.float32: TOPS_F32, torch.float16: TOPS_F16, torch.bfloat16: TOPS_BF16}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+class Args(ctypes.Structure):
+    """mirror of tops_w4a16_args (csrc/core/tops.h)"""
+    _fields_ = [
+        ("M", ctypes.c_int64), ("K", ctypes.c_int64), ("N", ctypes.c_int64),
+        ("groups", ctypes.c_int64), ("group_size", ctypes.c_int64),
+        ("x", ctypes.c_void_p), ("x_dtype", ctypes.c_int), ("x_row_stride", ctypes.c_int64),
+        ("qweight", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p), ("scales_dtype", ctypes.c_int),
+        ("qzeros", ctypes.c_void_p), ("zero_format", ctypes.c_int),
+        ("g_idx", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p), ("bias_dtype", ctypes.c_int),
+        ("out", ctypes.c_void_p), ("out_dtype", ctypes.c_int),
+    ]
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOGF.write(s + "\n")
+    LOGF.flush()
+
+
+def build(lib):
+    os.makedirs(os.path.dirname(lib), exist_ok=True)
+    cmd = ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17",
+           "-gencode=arch=compute_90,code=sm_90", "-I" + os.path.join(ROOT, "csrc"),
+           "-o", lib, os.path.join(ROOT, "csrc/cuda/w4a16_kernels.cu")]
+    log("building:", " ".join(cmd))
+    t = time.time()
+    subprocess.check_call(cmd)
+    log(f"built in {time.time() - t:.1f} s")
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def make_case(M, K, N, gs, zf, act, bias, dtype, dev="cuda", seed=0):
+    """random GPTQ layer: zf in (None, 1, 2); gs == -1 means K"""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    G_ = K if gs == -1 else gs
+    G = K // G_
+    qweight = torch.randint(-2**31, 2**31, (K // 8, N), generator=g, dtype=torch.int64).to(torch.int32)
+    qzeros = None
+    if zf is not None:
+        qzeros = torch.randint(-2**31, 2**31, (G, N // 8), generator=g, dtype=torch.int64).to(torch.int32)
+    scales = (torch.rand(G, N, generator=g) * 1.5 + 0.25) / math.sqrt(K) * 0.25
+    x = torch.randn(M, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    g_idx = None
+    if act:
+        perm = torch.randperm(K, generator=g)
+        g_idx = torch.empty(K, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(K) // G_).to(torch.int32)
+    c = dict(M=M, K=K, N=N, gs=G_, G=G, zf=zf, dtype=dtype,
+             qweight=qweight.to(dev), qzeros=None if qzeros is None else qzeros.to(dev),
+             scales=scales.to(dtype).to(dev), x=x.to(dtype).to(dev),
+             bias=None if b is None else b.to(dtype).to(dev),
+             g_idx=None if g_idx is None else g_idx.to(dev))
+    return c
+
+
+def dequant_ref(c):
+    """float64 W [K, N]"""
+    K, N = c["K"], c["N"]
+    dev = c["qweight"].device
+    k = torch.arange(K, device=dev)
+    q = (c["qweight"][k // 8] >> (4 * (k % 8)).to(torch.int32)[:, None]) & 15
+    grp = c["g_idx"].long() if c["g_idx"] is not None else k // c["gs"]
+    if c["qzeros"] is None:
+        z = torch.full((c["G"], N), 8, dtype=torch.int32, device=dev)
+    else:
+        n = torch.arange(N, device=dev)
+        z = (c["qzeros"][:, n // 8] >> (4 * (n % 8)).to(torch.int32)[None, :]) & 15
+        if c["zf"] == ZV1:
+            z = (z + 1) & 15
+    s = c["scales"].double()
+    return s[grp] * (q.double() - z[grp].double())
+
+
+def ref_out(c):
+    y = c["x"].double() @ dequant_ref(c)
+    if c["bias"] is not None:
+        y = y + c["bias"].double()
+    return y
+
+
+def self_test_reference():
+    """the reference against a scalar loop, on the CPU (a wrong oracle would waste a GPU run)"""
+    for act in (False, True):
+        for zf in (None, ZV1, ZV2):
+            c = make_case(3, 64, 16, 32, zf, act, True, torch.float32, dev="cpu", seed=5)
+            W = dequant_ref(c)
+            qw, qz = c["qweight"], c["qzeros"]
+            for kk in (0, 7, 33, 63):
+                for nn in (0, 5, 9, 15):
+                    gg = int(c["g_idx"][kk]) if act else kk // 32
+                    q = (int(qw[kk // 8, nn]) >> (4 * (kk % 8))) & 15
+                    if qz is None:
+                        z = 8
+                    else:
+                        z = (int(qz[gg, nn // 8]) >> (4 * (nn % 8))) & 15
+                        if zf == ZV1:
+                            z = (z + 1) & 15
+                    w = float(c["scales"][gg, nn]) * (q - z)
+                    assert abs(float(W[kk, nn]) - w) < 1e-12, (kk, nn, float(W[kk, nn]), w)
+    # FORMATS.md worked example: v1 zeros [0,5,3,9,15,1,8,2] pack to 0x170E824F
+    zs = [0, 5, 3, 9, 15, 1, 8, 2]
+    word = 0
+    for i, z in enumerate(zs):
+        word |= ((z - 1) & 15) << (4 * i)
+    assert word == 0x170E824F
+    log("reference self-test: ok")
+
+
+# ---- calling the kernel ---------------------------------------------------------------------
+
+def ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def make_args(c, out, x=None, qweight=None):
+    a = Args()
+    a.M, a.K, a.N = c["M"], c["K"], c["N"]
+    a.groups, a.group_size = c["G"], c["gs"]
+    xx = c["x"] if x is None else x
+    a.x, a.x_dtype, a.x_row_stride = ptr(xx), DT[c["dtype"]], c["K"]
+    a.qweight = ptr(c["qweight"] if qweight is None else qweight)
+    a.scales, a.scales_dtype = ptr(c["scales"]), DT[c["dtype"]]
+    a.qzeros = ptr(c["qzeros"])
+    a.zero_format = c["zf"] if c["zf"] is not None else 0
+    a.g_idx = ptr(c["g_idx"])
+    a.bias, a.bias_dtype = ptr(c["bias"]), DT[c["dtype"]]
+    a.out, a.out_dtype = ptr(out), DT[c["dtype"]]
+    return a
+
+
+def call(a):
+    st = LIB.tops_cuda_w4a16_linear(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+    return st
+
+
+def check(c, force=(-1, 0), label=""):
+    LOGF.write("run " + desc(c, force) + "\n")
+    LOGF.flush()
+    LIB.tops_cuda_w4a16_dev_force(force[0], force[1])
+    out = torch.full((c["M"], c["N"]), float("nan"), dtype=c["dtype"], device="cuda")
+    a = make_args(c, out)
+    st = call(a)
+    torch.cuda.synchronize()
+    LIB.tops_cuda_w4a16_dev_force(-1, 0)
+    if st != 0:
+        return False, f"status {st}"
+    ref = ref_out(c)
+    o = out.double()
+    if torch.isnan(o).any():
+        return False, f"NaN/unwritten: {int(torch.isnan(o).sum())} of {o.numel()}"
+    rel = float((o - ref).norm() / ref.norm().clamp_min(1e-30))
+    return rel < TOL[c["dtype"]], f"rel {rel:.2e}"
+
+
+def desc(c, force=None):
+    dn = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}[c["dtype"]]
+    z = {None: "sym", 1: "v1", 2: "v2"}[c["zf"]]
+    s = (f"M={c['M']} K={c['K']} N={c['N']} gs={c['gs']} {z} act={int(c['g_idx'] is not None)} "
+         f"bias={int(c['bias'] is not None)} {dn}")
+    if force is not None and force != (-1, 0):
+        s += f" cfg={force[0]} split={force[1]}"
+    return s
+
+
+def correctness(quick):
+    fails = 0
+    total = 0
+    worst = {}
+
+    def run(c, force=(-1, 0)):
+        nonlocal fails, total
+        ok, msg = check(c, force)
+        total += 1
+        key = (c["dtype"], c["g_idx"] is not None)
+        r = float(msg.split()[1]) if msg.startswith("rel") else float("inf")
+        worst[key] = max(worst.get(key, 0.0), r)
+        if not ok:
+            fails += 1
+            log("FAIL", desc(c, force), msg)
+        return ok
+
+    Ms = [1, 2, 3, 5, 8, 16, 17, 33, 64, 65, 128, 256, 1024]
+    shapes = [(32, 8, [32, -1]), (128, 24, [32, 64, -1]), (256, 200, [64, 128, -1]),
+              (4224, 72, [32, 128, -1]), (1024, 520, [128, 64]), (4224, 4104, [128, 32, -1]),
+              (96, 40, [32, -1]), (8, 16, [-1]), (24, 8, [-1, 8])]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    zfs = [ZV1, ZV2, None]
+    seed = 0
+    for si, (K, N, gss) in enumerate(shapes):
+        for mi, M in enumerate(Ms):
+            if K * N > 1_000_000 and M not in (1, 5, 16, 17, 64, 65, 256, 1024):
+                continue
+            if quick and mi % 3 != 0:
+                continue
+            seed += 1
+            gs = gss[(mi + si) % len(gss)]
+            zf = zfs[(mi + 2 * si) % 3]
+            dt = dtypes[(mi + si) % 3]
+            if dt == torch.float32 and M * K * N > 2e9:
+                dt = torch.float16
+            act = (mi + si) % 4 == 1
+            bias = (mi % 2) == 0
+            run(make_case(M, K, N, gs, zf, act, bias, dt, seed=seed))
+            # the other dtype / act-order on the same shape, now and then
+            if mi % 4 == 2:
+                run(make_case(M, K, N, gs, zfs[(mi + 1) % 3], not act, not bias,
+                              torch.bfloat16 if dt == torch.float16 else torch.float16, seed=seed + 1000))
+    log(f"random shapes: {total - fails}/{total} passed")
+
+    # every tile config and split, forced, on awkward shapes (the automatic choice covers few)
+    t0 = total
+    for cfg in range(6):
+        for split in (1, 3, 8):
+            for (M, K, N, gs, act, dt) in [(5, 4224, 4104, 128, False, torch.float16),
+                                           (37, 2048, 1000, 64, True, torch.bfloat16),
+                                           (130, 1024, 520, 32, False, torch.bfloat16),
+                                           (70, 4096, 264, -1, True, torch.float16)]:
+                if quick and split == 3:
+                    continue
+                seed += 1
+                run(make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], act, seed % 2 == 0, dt, seed=seed),
+                    force=(cfg, split))
+    log(f"forced configs: {total - t0} cases run; total so far {total - fails}/{total} passed")
+
+    # the benchmark shapes themselves
+    t1 = total
+    for (M, K, N) in [(1, 8192, 8192), (16, 8192, 8192), (64, 8192, 8192), (256, 8192, 8192),
+                      (1, 4096, 4096), (3, 8192, 28672)] + ([] if quick else [(1024, 8192, 8192)]):
+        for dt in (torch.float16, torch.bfloat16):
+            for act in (False, True):
+                seed += 1
+                run(make_case(M, K, N, 128, ZV1 if act else ZV2, act, M == 1, dt, seed=seed))
+    log(f"benchmark shapes: {total - t1} cases run")
+
+    # argument checks
+    c = make_case(4, 64, 16, 32, ZV2, False, False, torch.float16, seed=1)
+    out = torch.empty(4, 16, dtype=torch.float16, device="cuda")
+    bad = []
+    for field, val in [("N", 12), ("K", 60), ("group_size", 48), ("x_dtype", TOPS_BF16),
+                       ("out_dtype", TOPS_F32), ("x_row_stride", 72), ("zero_format", 3), ("groups", 3)]:
+        a = make_args(c, out)
+        setattr(a, field, val)
+        st = call(a)
+        total += 1
+        if st != 1:
+            fails += 1
+            bad.append((field, val, st))
+    a = make_args(c, out)
+    a.M = 0
+    st = call(a)
+    total += 1
+    if st != 0:
+        fails += 1
+        bad.append(("M", 0, st))
+    log("argument checks:", "ok" if not bad else f"FAIL {bad}")
+
+    # CUDA graph capture (split-K cluster launch inside a graph)
+    for (M, K, N, dt) in [(1, 4096, 4096, torch.float16), (300, 1024, 1024, torch.bfloat16)]:
+        c = make_case(M, K, N, 128, ZV1, False, True, dt, seed=77)
+        out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
+        a = make_args(c, out)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            call(a)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            st = call(a)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = ref_out(c)
+        rel = float((out.double() - ref).norm() / ref.norm())
+        total += 1
+        ok = st == 0 and not torch.isnan(out.double()).any() and rel < TOL[dt]
+        if not ok:
+            fails += 1
+        log(f"graph capture M={M} K={K} N={N}: {'ok' if ok else 'FAIL'} rel {rel:.2e} status {st}")
+
+    wl = ", ".join(f"{ {torch.float16: 'f16', torch.bfloat16: 'bf16', torch.float32: 'f32'}[k[0]]}{'/act' if k[1] else ''}: {v:.1e}"
+                   for k, v in sorted(worst.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])))
+    log(f"CORRECTNESS: {total - fails}/{total} passed; worst rel err: {wl}")
+    return fails
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def bench_us(fn):
+    import triton
+    return triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median") * 1000.0
+
+
+def auto_cfg(M, N, sms=132):
+    if M <= 8: return 0
+    if M <= 16: return 1
+    if M <= 32: return 2
+    if M <= 64: return 3
+    return 5 if ((M + 127) // 128) * ((N + 255) // 256) >= sms else 4
+
+
+def bench_case(M, K, N, dt=torch.float16, act=False, force=(-1, 0), cublas=True):
+    c = make_case(M, K, N, 128, ZV2 if not act else ZV1, act, False, dt, seed=123)
+    wbytes = K * N // 2
+    ncopy = max(1, min(8, (200 << 20) // wbytes + 1))
+    qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
+    out = torch.empty(M, N, dtype=dt, device="cuda")
+    args = [make_args(c, out, qweight=q) for q in qws]
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    fnc = LIB.tops_cuda_w4a16_linear
+    i = [0]
+
+    def ours():
+        i[0] += 1
+        fnc(ctypes.byref(args[i[0] % ncopy]), None, 0, stream)
+
+    LIB.tops_cuda_w4a16_dev_force(force[0], force[1])
+    st = call(args[0])
+    torch.cuda.synchronize()
+    assert st == 0, st
+    t = bench_us(ours)
+    LIB.tops_cuda_w4a16_dev_force(-1, 0)
+    tc = float("nan")
+    if cublas:
+        w = torch.randn(N, K, device="cuda", dtype=torch.float16)
+        xh = c["x"].to(torch.float16)
+        tc = bench_us(lambda: xh @ w.t())
+        del w
+    G = K // 128
+    floor = (K * N / 2 + G * N * 2 + G * N / 2 + M * K * 2 + M * N * 2) / 3.0e12 * 1e6
+    del qws, args
+    return t, tc, floor
+
+
+def benchmarks(quick):
+    rows = []
+
+    def row(K, N, M, dt=torch.float16, act=False, force=(-1, 0), cublas=True, tag=""):
+        LOGF.write(f"bench {K}x{N} M={M} {dt} act={act} force={force}\n")
+        LOGF.flush()
+        t, tc, fl = bench_case(M, K, N, dt, act, force, cublas)
+        dn = "f16" if dt == torch.float16 else "bf16"
+        cfg = force[0] if force[0] >= 0 else auto_cfg(M, N)
+        r = dict(K=K, N=N, M=M, dt=dn + ("/act" if act else ""), cfg=f"{cfg}/{force[1] or 'a'}", t=t, tc=tc, fl=fl, tag=tag)
+        rows.append(r)
+        log(f"{K}x{N} M={M} {r['dt']} cfg={r['cfg']}: ours {t:.1f} us  cublas {tc:.1f} us  floor {fl:.1f} us {tag}")
+        return r
+
+    K = N = 8192
+    for M in [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]:
+        row(K, N, M)
+    for M in [1, 16] + ([] if quick else [1024]):
+        row(8192, 28672, M)
+    row(4096, 4096, 1)
+    row(4096, 4096, 16)
+    row(14336, 4096, 1)
+    row(4096, 14336, 1)
+    for M in [1, 16, 64, 256, 1024]:
+        row(K, N, M, dt=torch.bfloat16, cublas=False)
+        row(K, N, M, act=True, cublas=False)
+    # config sweeps (forced) to tune the thresholds
+    for (M, cfg, split) in [(1, 0, 4), (1, 0, 2), (16, 0, 0), (16, 1, 4), (32, 2, 0), (32, 3, 0), (64, 3, 4), (64, 4, 0),
+                            (128, 4, 1), (128, 4, 0), (128, 5, 0), (256, 4, 1), (256, 5, 0), (1024, 4, 0), (1024, 5, 0),
+                            (4096, 4, 0)]:
+        row(K, N, M, force=(cfg, split), cublas=False, tag="sweep")
+    return rows
+
+
+def main():
+    global LIB, LOGF
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", default=os.path.join(ROOT, ".devbuild", "libw4.so"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, ".devbuild")))
+    ap.add_argument("--log", default="w4a16_dev.log")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    LOGF = open(os.path.join(args.out, args.log), "w")
+    if not torch.cuda.is_available():
+        self_test_reference()
+        print("no CUDA device: only the reference self-test ran")
+        return 0
+    if not os.path.exists(args.lib):
+        build(args.lib)
+    LIB = ctypes.CDLL(args.lib)
+    LIB.tops_cuda_w4a16_linear.restype = ctypes.c_int
+    LIB.tops_cuda_w4a16_linear.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    LIB.tops_cuda_w4a16_dev_force.argtypes = [ctypes.c_int, ctypes.c_int]
+    p = torch.cuda.get_device_properties(0)
+    log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
+    self_test_reference()
+    fails = 0
+    if not args.no_check:
+        t = time.time()
+        fails = correctness(args.quick)
+        log(f"correctness took {time.time() - t:.1f} s")
+    if not args.no_bench:
+        torch.cuda.empty_cache()
+        rows = benchmarks(args.quick)
+        log("")
+        log("| K x N | M | dtype | cfg/split | ours us | cuBLAS fp16 us | speedup | floor us | floor/ours |")
+        log("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            sp = r["tc"] / r["t"] if r["tc"] == r["tc"] else float("nan")
+            log(f"| {r['K']}x{r['N']} | {r['M']} | {r['dt']} | {r['cfg']}{' (sweep)' if r['tag'] else ''} | {r['t']:.1f} | "
+                f"{r['tc']:.1f} | {sp:.2f} | {r['fl']:.1f} | {r['fl'] / r['t']:.2f} |")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

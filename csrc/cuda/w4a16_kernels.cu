@@ -1,0 +1,863 @@
+/*
+ * w4a16_kernels.cu - fused w4a16 linear on CUDA: fp16 / bf16 / fp32 activations times 4-bit GPTQ
+ * weights (qweight [K/8, N] int32 packed along K, scales [G, N], qzeros [G, N/8] v1 / v2 / none,
+ * optional act-order g_idx), fp32 accumulation, one rounding to the activation dtype.
+ *
+ * Semantics: exactly tops_w4a16_linear of ../core/tops.h (see tops_cuda.h for the launcher).
+ *
+ * Design (one kernel family for fp16 / bf16, a plain CUDA-core kernel for the rest):
+ *
+ *  - "Swap A and B" tensor-core GEMM: we compute out^T = W^T x^T with mma.sync.m16n8k16, the
+ *    dequantised weights being the 16-row A operand (16 output columns n) and the activations the
+ *    8-wide B operand (8 rows m of x). Small batches then waste at most 7/8 of a cheap mma instead of
+ *    15/16, and the same code is a normal tiled GEMM for large M.
+ *
+ *  - k permutation instead of a weight repack. A thread (g = lane/4, t = lane%4) owns the k slots
+ *    {2t, 2t+1, 2t+8, 2t+9} of an m16n8k16 in both A and B, so any bijection between slots and real
+ *    k that is applied to both operands leaves the product unchanged. Over 32 k (two mmas) thread t
+ *    takes k-word t of the GPTQ layout (8 consecutive k of one column): nibbles (0,4) fill slots
+ *    (2t,2t+1) of the first mma, (1,5) slots (2t+8,2t+9), (2,6) and (3,7) those of the second one.
+ *    Those nibble pairs are exactly what the magic-number trick yields in one lop3:
+ *    ((w >> 4i) & 0x000F000F) | 0x64006400 is the half2 (1024 + q_i, 1024 + q_{i+4}) (bf16: 0x4300,
+ *    128 + q). The activations are permuted to match with 4 byte-permutes of a 16-byte load
+ *    (x0,x4) (x1,x5) (x2,x6) (x3,x7).
+ *
+ *  - Columns: a 16-byte load of qweight gives 4 consecutive columns of one k-word. They become the
+ *    rows g and g+8 of two n16 mma tiles, so a warp covers 32 columns per 16-byte load, and each
+ *    thread ends up owning 4 consecutive output columns (8-byte stores).
+ *
+ *  - Dequant: (q - z) * s as half2: sub (exact: small integers) then mul (one rounding), both as
+ *    fma.rn.{f16,bf16}x2; z and s are per column and group.
+ *
+ *  - Pipeline: weights, activations and the scales / zeros of the stage's groups are copied with
+ *    cp.async (16-byte, zero-filled outside the matrix) into STAGES shared-memory stages; every
+ *    thread reads its fragments back with 16-byte shared loads (XOR-swizzled, conflict-free).
+ *
+ *  - Split-K: when the output tiles alone cannot fill the GPU (small M), up to 8 blocks split K and
+ *    form a thread-block cluster (sm_90); their fp32 partial tiles are reduced through distributed
+ *    shared memory by one launch, no workspace, no atomics, deterministic.
+ *
+ *  - Act-order (g_idx, or a group size that is not a power of two >= 32): the block first builds a
+ *    table (scale, -(magic + zero)) for every group and each of its columns in shared memory; each
+ *    k then looks its group up (g_idx staged with the stage).
+ *
+ *  - fp32 activations, unaligned pointers or an act-order table too large for shared memory: a
+ *    simple CUDA-core kernel (correct, not fast).
+ */
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cooperative_groups.h>
+#include <stdint.h>
+
+#include <algorithm>
+
+#include "tops_cuda.h"
+
+namespace cg = cooperative_groups;
+
+namespace {
+
+/* ---- small device helpers ----------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* element-type traits: bit patterns only (uint16_t storage) */
+struct F16 {
+    static constexpr uint32_t MAGIC = 0x64006400u;  /* half2 (1024, 1024) */
+    static constexpr uint32_t NEGMAG = 0xE400u;     /* -(1024) as fp16 bits, | z gives -(1024 + z) */
+    static constexpr uint32_t ONE2 = 0x3C003C00u;   /* half2 (1, 1) */
+    static constexpr bool FAST = true;              /* 1024 + 16 q is exact: lo/hi nibble trick */
+    __device__ static __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+        uint32_t d;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+        return d;
+    }
+    __device__ static __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ static __forceinline__ float to_f(uint16_t v) { return __half2float(__ushort_as_half(v)); }
+    __device__ static __forceinline__ uint16_t from_f(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+struct BF16 {
+    static constexpr uint32_t MAGIC = 0x43004300u;  /* bf16x2 (128, 128) */
+    static constexpr uint32_t NEGMAG = 0xC300u;
+    static constexpr uint32_t ONE2 = 0x3F803F80u;
+    static constexpr bool FAST = false;             /* 128 + 16 q would reach the exponent */
+    __device__ static __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+        uint32_t d;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+        return d;
+    }
+    __device__ static __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ static __forceinline__ float to_f(uint16_t v) {
+        return __bfloat162float(__ushort_as_bfloat16(v));
+    }
+    __device__ static __forceinline__ uint16_t from_f(float v) {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    }
+};
+/* (a & MASK) | c in one lop3 (the compiler splits two immediates into two instructions) */
+template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));
+    return d;
+}
+static constexpr uint32_t NEG_ZERO2 = 0x80008000u; /* (-0, -0): x * s + (-0) == x * s exactly */
+
+/* zero point of field f (4 bits) for zmode 0 (symmetric: 8), 1 (v1: f + 1), 2 (v2: f) */
+__device__ __forceinline__ uint32_t zero_of(uint32_t f, int zmode) {
+    return zmode == 0 ? 8u : (zmode == 1 ? ((f + 1u) & 15u) : (f & 15u));
+}
+
+struct LinParams {
+    const uint16_t *x;
+    const int32_t *qw;
+    const uint16_t *sc;
+    const int32_t *qz;
+    const int32_t *gidx;
+    const uint16_t *bias;
+    uint16_t *out;
+    int M, K, N, K8, G, gsize, gshift, zmode;
+    int m_tiles, n_tiles, KT, kt_per_split;
+};
+
+/* ---- the tensor-core kernel ----------------------------------------------------------------
+ * Block tile: BN output columns x BM rows of x, BK k per pipeline stage; 8 warps laid out
+ * WARPS_N x WARPS_M, a warp owning WTN = BN/WARPS_N columns (CN chunks of 32) and WTM = BM/WARPS_M
+ * rows (MT m8 tiles). blockIdx.x: output tile (grouped raster), blockIdx.y: K split (cluster rank).
+ * FACT (small MT, plain groups): the mma accumulates sum (q - z) x for one group at a time and the
+ * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
+ */
+template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_>
+struct Cfg {
+    static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
+    static constexpr bool ACT = ACT_;
+    static constexpr int WARPS = 8, WARPS_M = WARPS / WARPS_N;
+    static constexpr int WTN = BN / WARPS_N, CN = WTN / 32;
+    static constexpr int WTM = BM / WARPS_M, MT = WTM / 8;
+    static constexpr bool FACT = !ACT && MT <= 2;
+    static constexpr int KW = BK / 8;   /* k-words (rows of qweight) per stage */
+    static constexpr int NSUB = BK / 32;
+    static constexpr int NG = ACT ? 0 : BK / 32; /* scale rows per stage (group >= 32) */
+    static constexpr int W_BYTES = KW * BN * 4;
+    static constexpr int X_BYTES = BM * BK * 2;
+    static constexpr int S_BYTES = NG * BN * 2;
+    static constexpr int Z_BYTES = NG * (BN / 8) * 4;
+    static constexpr int GI_BYTES = ACT ? BK * 4 : 0;
+    static constexpr int STAGE_BYTES = W_BYTES + X_BYTES + S_BYTES + Z_BYTES + GI_BYTES;
+    static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+    static constexpr int OUT_BYTES = BM * BN * 4; /* fp32 partial tile for the split-K reduction */
+    static_assert(CN >= 1 && WTN % 32 == 0, "warp columns");
+    static_assert(MT >= 1 && WTM % 8 == 0, "warp rows");
+    static_assert(BK >= 64 && BK % 32 == 0 && KW <= 256 && 256 % KW == 0, "BK");
+    static_assert(BN >= 32 && BN <= 1024 && 256 % (BN / 8) == 0, "BN");
+    static_assert(W_BYTES % 16 == 0 && X_BYTES % 16 == 0 && S_BYTES % 16 == 0 && Z_BYTES % 16 == 0,
+                  "16-byte aligned sections");
+};
+
+template <class C, class T>
+__global__ void __launch_bounds__(256, (C::BM * C::BN >= 128 * 256) ? 1 : 2)
+    w4a16_tc_kernel(const LinParams p) {
+    constexpr int BN = C::BN, BM = C::BM, BK = C::BK, STAGES = C::STAGES, KW = C::KW;
+    constexpr int CN = C::CN, MT = C::MT, NSUB = C::NSUB, NG = C::NG;
+    constexpr bool FAST = T::FAST && !C::ACT; /* fp16 lo/hi nibble trick (one shift per word) */
+    extern __shared__ __align__(16) unsigned char smem[];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wn = warp % C::WARPS_N, wm = warp / C::WARPS_N;
+
+    /* tile coordinates: grouped raster so that concurrently running blocks share x and weights */
+    int mt_i, nt_i;
+    {
+        const int GROUP_M = 8;
+        const int pid = blockIdx.x;
+        const int in_group = GROUP_M * p.n_tiles;
+        const int first_m = (pid / in_group) * GROUP_M;
+        const int gsz = min(p.m_tiles - first_m, GROUP_M);
+        mt_i = first_m + (pid % in_group) % gsz;
+        nt_i = (pid % in_group) / gsz;
+    }
+    const int m0 = mt_i * BM, n0 = nt_i * BN;
+    const int split = blockIdx.y, nsplit = gridDim.y;
+    const int kt_begin = split * p.kt_per_split;
+    const int kt_end = min(p.KT, kt_begin + p.kt_per_split);
+    const int nkt = max(0, kt_end - kt_begin);
+
+    const int pipe_bytes = (nsplit > 1 && C::OUT_BYTES > C::PIPE_BYTES) ? C::OUT_BYTES : C::PIPE_BYTES;
+    uint32_t *tab = reinterpret_cast<uint32_t *>(smem + pipe_bytes); /* ACT only: [G][BN] */
+    const uint32_t smem_base = smem_u32(smem);
+    const int N8 = p.N >> 3;
+
+    /* ---- static copy assignments (the same for every stage) ---- */
+    /* weights: KW rows x BN/4 16-byte chunks; chunk c of row r lands at c ^ 2(r&3) */
+    constexpr int W_CH = KW * (BN / 4), W_J = (W_CH + 255) / 256, W_RS = 256 / (BN / 4);
+    const int w_c = tid % (BN / 4), w_r0 = tid / (BN / 4);
+    const bool w_colv = n0 + 4 * w_c < p.N;
+    const int32_t *w_src0 = p.qw + (int64_t)w_r0 * p.N + n0 + 4 * w_c;
+    const int64_t w_rstep = (int64_t)W_RS * p.N;
+    const uint32_t w_dst0 = (uint32_t)((w_r0 * BN + ((w_c ^ ((w_r0 & 3) << 1)) << 2)) * 4);
+    /* activations: BM rows x KW chunks of 8; chunk c of row r lands at c ^ 4(r&1) */
+    constexpr int X_CH = BM * KW, X_J = (X_CH + 255) / 256, X_RS = 256 / KW;
+    const int x_c = tid % KW, x_r0 = tid / KW;
+    const uint16_t *x_src0 = p.x + (int64_t)(m0 + x_r0) * p.K + 8 * x_c;
+    const uint32_t x_dst0 = (uint32_t)(C::W_BYTES + (x_r0 * BK + ((x_c ^ ((x_r0 & 1) << 2)) << 3)) * 2);
+    /* scales / zeros: NG rows x BN/8 chunks (16 bytes of scales, one word of zeros) */
+    constexpr int S_CH = NG * (BN / 8), S_J = (S_CH + 255) / 256, S_RS = 256 / (BN / 8);
+    const int s_c = tid % (BN / 8), s_r0 = tid / (BN / 8);
+    const bool s_colv = n0 + 8 * s_c < p.N;
+
+    auto load_stage = [&](int buf, int kt) {
+        const uint32_t st = smem_base + (uint32_t)(buf * C::STAGE_BYTES);
+        {
+            const int32_t *src = w_src0 + (int64_t)kt * KW * p.N;
+#pragma unroll
+            for (int j = 0; j < W_J; ++j) {
+                const int r = w_r0 + j * W_RS;
+                if (W_CH % 256 == 0 || r < KW) {
+                    const bool v = w_colv && kt * KW + r < p.K8;
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst0 + j * W_RS * BN * 4),
+                                 "l"(v ? src : p.qw), "r"(v ? 16 : 0));
+                }
+                src += w_rstep;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < X_J; ++j) {
+            const int r = x_r0 + j * X_RS;
+            if (X_CH % 256 == 0 || r < BM) {
+                const bool v = m0 + r < p.M && kt * KW + x_c < p.K8;
+                const uint16_t *src = x_src0 + (int64_t)j * X_RS * p.K + kt * BK;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * X_RS * BK * 2),
+                             "l"(v ? src : p.x), "r"(v ? 16 : 0));
+            }
+        }
+        if constexpr (!C::ACT) {
+            const int k0 = kt * BK;
+            const int g0 = k0 >> p.gshift;
+            const int glast = (min(k0 + BK, p.K) - 1) >> p.gshift;
+#pragma unroll
+            for (int j = 0; j < S_J; ++j) {
+                const int r = s_r0 + j * S_RS;
+                if (S_CH % 256 == 0 || r < NG) {
+                    const int gg = g0 + r;
+                    const bool v = s_colv && gg <= glast;
+                    const uint16_t *src = p.sc + (int64_t)gg * p.N + n0 + 8 * s_c;
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                     st + C::W_BYTES + C::X_BYTES + (r * BN + 8 * s_c) * 2),
+                                 "l"(v ? src : p.sc), "r"(v ? 16 : 0));
+                    if (p.zmode != 0) {
+                        const int32_t *zsrc = p.qz + (int64_t)gg * N8 + (n0 >> 3) + s_c;
+                        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                                         st + C::W_BYTES + C::X_BYTES + C::S_BYTES + (r * (BN / 8) + s_c) * 4),
+                                     "l"(v ? zsrc : p.qz), "r"(v ? 4 : 0));
+                    }
+                }
+            }
+        } else {
+            int32_t *sG = reinterpret_cast<int32_t *>(smem + buf * C::STAGE_BYTES + C::W_BYTES + C::X_BYTES);
+            const int k0 = kt * BK;
+            if (p.gidx != nullptr) {
+                if (tid < BK / 4) {
+                    const int k = k0 + 4 * tid;
+                    cp_async16(sG + 4 * tid, k < p.K ? p.gidx + k : p.gidx, k < p.K);
+                }
+            } else {
+                for (int i = tid; i < BK; i += 256) {
+                    const int k = k0 + i;
+                    sG[i] = k < p.K ? k / p.gsize : 0;
+                }
+            }
+        }
+    };
+
+    /* prologue: start the first STAGES-1 stages, then (act-order) build the group table while
+     * they are in flight */
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < nkt) load_stage(s, kt_begin + s);
+        cp_async_commit();
+    }
+    if constexpr (C::ACT) {
+        for (int i = tid; i < p.G * (BN / 4); i += 256) {
+            const int gg = i / (BN / 4), c4 = i % (BN / 4);
+            const int col = n0 + 4 * c4;
+            uint4 e = make_uint4(0, 0, 0, 0);
+            if (col < p.N) {
+                const uint2 s4 = __ldg(reinterpret_cast<const uint2 *>(p.sc + (int64_t)gg * p.N + col));
+                uint32_t zz = 0;
+                if (p.zmode != 0) zz = (uint32_t)__ldg(p.qz + (int64_t)gg * N8 + (col >> 3)) >> ((col & 4) * 4);
+                const uint32_t z0 = zero_of(zz & 15u, p.zmode), z1 = zero_of((zz >> 4) & 15u, p.zmode);
+                const uint32_t z2 = zero_of((zz >> 8) & 15u, p.zmode), z3 = zero_of((zz >> 12) & 15u, p.zmode);
+                e.x = (s4.x & 0xFFFFu) | ((T::NEGMAG | z0) << 16);
+                e.y = (s4.x >> 16) | ((T::NEGMAG | z1) << 16);
+                e.z = (s4.y & 0xFFFFu) | ((T::NEGMAG | z2) << 16);
+                e.w = (s4.y >> 16) | ((T::NEGMAG | z3) << 16);
+            }
+            *reinterpret_cast<uint4 *>(tab + gg * BN + 4 * c4) = e;
+        }
+    }
+
+    float acc[MT][2 * CN][4];
+    float pacc[C::FACT ? MT : 1][2 * CN][4]; /* FACT: partial sums of the current group */
+#pragma unroll
+    for (int a = 0; a < MT; ++a)
+#pragma unroll
+        for (int b = 0; b < 2 * CN; ++b)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[a][b][r] = 0.f;
+#pragma unroll
+    for (int a = 0; a < (C::FACT ? MT : 1); ++a)
+#pragma unroll
+        for (int b = 0; b < 2 * CN; ++b)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pacc[a][b][r] = 0.f;
+
+    /* per-group constants of this thread's 4 CN columns (plain groups): zero offsets as half2,
+     * scales as half2 (per-weight scaling) or fp32 (FACT) */
+    int cur_g = -1;
+    uint32_t nzlo[CN][4], nzhi[CN][4], sdup[CN][4];
+    float sf[CN][4];
+#pragma unroll
+    for (int c = 0; c < CN; ++c)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            nzlo[c][j] = nzhi[c][j] = sdup[c][j] = 0u;
+            sf[c][j] = 0.f;
+        }
+    auto flush = [&]() { /* FACT: acc += s * partial; partial = 0 */
+#pragma unroll
+        for (int a = 0; a < (C::FACT ? MT : 1); ++a)
+#pragma unroll
+            for (int c = 0; c < CN; ++c)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        acc[a][2 * c + h][r] = fmaf(pacc[a][2 * c + h][r], sf[c][2 * h + (r >> 1)], acc[a][2 * c + h][r]);
+                        pacc[a][2 * c + h][r] = 0.f;
+                    }
+    };
+
+    const uint32_t magic = T::MAGIC; /* in a register: lop3 takes one immediate */
+    for (int it = 0; it < nkt; ++it) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        {
+            const int nx = it + STAGES - 1;
+            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx);
+            cp_async_commit();
+        }
+        const int kt = kt_begin + it;
+        const unsigned char *st = smem + (it % STAGES) * C::STAGE_BYTES;
+        const uint32_t *sW = reinterpret_cast<const uint32_t *>(st);
+        const uint16_t *sX = reinterpret_cast<const uint16_t *>(st + C::W_BYTES);
+
+#pragma unroll
+        for (int sub = 0; sub < NSUB; ++sub) {
+            const int kwl = sub * 4 + t; /* this thread's k-word inside the stage */
+            if constexpr (!C::ACT) {
+                /* group of this sub-step (32 k, never straddles a group): warp-uniform */
+                const int gabs = (kt * BK + sub * 32) >> p.gshift;
+                if (gabs != cur_g) {
+                    if constexpr (C::FACT) {
+                        if (cur_g >= 0) flush();
+                    }
+                    cur_g = gabs;
+                    const int gl = gabs - ((kt * BK) >> p.gshift);
+                    const uint16_t *sS = reinterpret_cast<const uint16_t *>(st + C::W_BYTES + C::X_BYTES);
+                    const uint32_t *sZ = reinterpret_cast<const uint32_t *>(st + C::W_BYTES + C::X_BYTES + C::S_BYTES);
+#pragma unroll
+                    for (int c = 0; c < CN; ++c) {
+                        const int lc = wn * C::WTN + 32 * c + 4 * g;
+                        const uint2 s4 = *reinterpret_cast<const uint2 *>(sS + gl * BN + lc);
+                        uint32_t zz = 0;
+                        if (p.zmode != 0) zz = sZ[gl * (BN / 8) + (lc >> 3)] >> ((lc & 4) * 4);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const uint32_t z = zero_of((zz >> (4 * j)) & 15u, p.zmode);
+                            nzlo[c][j] = (T::NEGMAG | z) * 0x10001u;
+                            if constexpr (FAST) nzhi[c][j] = (0xD400u + (z << 4)) * 0x10001u; /* -(64 + z) */
+                            const uint32_t sh = (j & 1) ? ((j < 2 ? s4.x : s4.y) >> 16) : ((j < 2 ? s4.x : s4.y) & 0xFFFFu);
+                            if constexpr (C::FACT) sf[c][j] = T::to_f((uint16_t)sh);
+                            else sdup[c][j] = sh * 0x10001u;
+                        }
+                    }
+                }
+            }
+            uint32_t af[CN][2][2][4]; /* [chunk][n16 tile in chunk][k16][reg] */
+#pragma unroll
+            for (int c = 0; c < CN; ++c) {
+                const int lc = wn * C::WTN + 32 * c + 4 * g; /* local column of word 0 */
+                const uint4 wv = *reinterpret_cast<const uint4 *>(sW + kwl * BN + (((lc >> 2) ^ (t << 1)) << 2));
+                const uint32_t w[4] = {wv.x, wv.y, wv.z, wv.w};
+                uint32_t d[4][4]; /* [column j][nibble pair i]: pair i = nibbles (i, i+4) */
+                if constexpr (!C::ACT) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        if constexpr (FAST) {
+                            /* (1024+q0, 1024+q4), (1024+16q1, 1024+16q5), then the same from w >> 8 */
+                            const uint32_t w8 = w[j] >> 8;
+                            d[j][0] = T::fma2(and_or<0x000F000Fu>(w[j], magic), T::ONE2, nzlo[c][j]);
+                            d[j][1] = T::fma2(and_or<0x00F000F0u>(w[j], magic), 0x2C002C00u, nzhi[c][j]);
+                            d[j][2] = T::fma2(and_or<0x000F000Fu>(w8, magic), T::ONE2, nzlo[c][j]);
+                            d[j][3] = T::fma2(and_or<0x00F000F0u>(w8, magic), 0x2C002C00u, nzhi[c][j]);
+                        } else {
+#pragma unroll
+                            for (int i = 0; i < 4; ++i)
+                                d[j][i] = T::fma2(and_or<0x000F000Fu>(w[j] >> (4 * i), magic), T::ONE2, nzlo[c][j]);
+                        }
+                        if constexpr (!C::FACT) {
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) d[j][i] = T::fma2(d[j][i], sdup[c][j], NEG_ZERO2);
+                        }
+                    }
+                } else {
+                    const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::W_BYTES + C::X_BYTES);
+                    const int4 ga = *reinterpret_cast<const int4 *>(sG + kwl * 8);
+                    const int4 gb = *reinterpret_cast<const int4 *>(sG + kwl * 8 + 4);
+                    const int gi[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const uint4 ta = *reinterpret_cast<const uint4 *>(tab + gi[i] * BN + lc);
+                        const uint4 tb = *reinterpret_cast<const uint4 *>(tab + gi[i + 4] * BN + lc);
+                        const uint32_t TA[4] = {ta.x, ta.y, ta.z, ta.w}, TB[4] = {tb.x, tb.y, tb.z, tb.w};
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const uint32_t sp = __byte_perm(TA[j], TB[j], 0x5410);
+                            const uint32_t zp = __byte_perm(TA[j], TB[j], 0x7632);
+                            const uint32_t q = and_or<0x000F000Fu>(w[j] >> (4 * i), magic);
+                            d[j][i] = T::fma2(T::fma2(q, T::ONE2, zp), sp, NEG_ZERO2);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int kk = 0; kk < 2; ++kk) {
+                        af[c][h][kk][0] = d[2 * h][2 * kk];
+                        af[c][h][kk][1] = d[2 * h + 1][2 * kk];
+                        af[c][h][kk][2] = d[2 * h][2 * kk + 1];
+                        af[c][h][kk][3] = d[2 * h + 1][2 * kk + 1];
+                    }
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int row = wm * C::WTM + mt * 8 + g;
+                const uint4 xv = *reinterpret_cast<const uint4 *>(sX + row * BK + ((kwl ^ ((row & 1) << 2)) << 3));
+                const uint32_t b00 = __byte_perm(xv.x, xv.z, 0x5410), b01 = __byte_perm(xv.x, xv.z, 0x7632);
+                const uint32_t b10 = __byte_perm(xv.y, xv.w, 0x5410), b11 = __byte_perm(xv.y, xv.w, 0x7632);
+#pragma unroll
+                for (int c = 0; c < CN; ++c)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        float *a = C::FACT ? pacc[C::FACT ? mt : 0][2 * c + h] : acc[mt][2 * c + h];
+                        T::mma(a, af[c][h][0], b00, b01);
+                        T::mma(a, af[c][h][1], b10, b11);
+                    }
+            }
+        }
+    }
+    if constexpr (C::FACT) {
+        if (cur_g >= 0) flush();
+    }
+
+    /* ---- epilogue ---- */
+    if (nsplit == 1) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int c = 0; c < CN; ++c)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int m = m0 + wm * C::WTM + mt * 8 + 2 * t + e;
+                    const int col = n0 + wn * C::WTN + 32 * c + 4 * g;
+                    if (m < p.M && col < p.N) {
+                        float v[4] = {acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
+                                      acc[mt][2 * c + 1][2 + e]};
+                        if (p.bias != nullptr) {
+                            const uint2 b = *reinterpret_cast<const uint2 *>(p.bias + col);
+                            v[0] += T::to_f((uint16_t)(b.x & 0xFFFFu));
+                            v[1] += T::to_f((uint16_t)(b.x >> 16));
+                            v[2] += T::to_f((uint16_t)(b.y & 0xFFFFu));
+                            v[3] += T::to_f((uint16_t)(b.y >> 16));
+                        }
+                        uint2 o;
+                        o.x = (uint32_t)T::from_f(v[0]) | ((uint32_t)T::from_f(v[1]) << 16);
+                        o.y = (uint32_t)T::from_f(v[2]) | ((uint32_t)T::from_f(v[3]) << 16);
+                        *reinterpret_cast<uint2 *>(p.out + (int64_t)m * p.N + col) = o;
+                    }
+                }
+        return;
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    /* split-K: fp32 partial tile in shared memory, reduced across the cluster */
+    cp_async_wait<0>();
+    __syncthreads();
+    float *sO = reinterpret_cast<float *>(smem);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < CN; ++c)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int ml = wm * C::WTM + mt * 8 + 2 * t + e;
+                const int lc = wn * C::WTN + 32 * c + 4 * g;
+                *reinterpret_cast<float4 *>(sO + ml * BN + lc) =
+                    make_float4(acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
+                                acc[mt][2 * c + 1][2 + e]);
+            }
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    for (int idx = split * 256 + tid; idx < BM * (BN / 4); idx += nsplit * 256) {
+        const int ml = idx / (BN / 4), c4 = idx % (BN / 4);
+        const int m = m0 + ml, col = n0 + 4 * c4;
+        if (m < p.M && col < p.N) {
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int q = 0; q < nsplit; ++q) {
+                const float4 r = *reinterpret_cast<const float4 *>(cluster.map_shared_rank(sO, q) + 4 * idx);
+                v.x += r.x;
+                v.y += r.y;
+                v.z += r.z;
+                v.w += r.w;
+            }
+            if (p.bias != nullptr) {
+                const uint2 b = *reinterpret_cast<const uint2 *>(p.bias + col);
+                v.x += T::to_f((uint16_t)(b.x & 0xFFFFu));
+                v.y += T::to_f((uint16_t)(b.x >> 16));
+                v.z += T::to_f((uint16_t)(b.y & 0xFFFFu));
+                v.w += T::to_f((uint16_t)(b.y >> 16));
+            }
+            uint2 o;
+            o.x = (uint32_t)T::from_f(v.x) | ((uint32_t)T::from_f(v.y) << 16);
+            o.y = (uint32_t)T::from_f(v.z) | ((uint32_t)T::from_f(v.w) << 16);
+            *reinterpret_cast<uint2 *>(p.out + (int64_t)m * p.N + col) = o;
+        }
+    }
+    cluster.sync(); /* keep this block's shared memory alive until every rank has read it */
+#endif
+}
+
+/* ---- generic CUDA-core kernel (fp32, and fallbacks) ------------------------------------------
+ * One thread per output column and MB rows; k-word loop with coalesced qweight rows. */
+template <typename E> struct Elt;
+template <> struct Elt<float> {
+    __device__ static __forceinline__ float ld(const float *p, int64_t i) { return p[i]; }
+    __device__ static __forceinline__ void st(float *p, int64_t i, float v) { p[i] = v; }
+};
+template <> struct Elt<__half> {
+    __device__ static __forceinline__ float ld(const __half *p, int64_t i) { return __half2float(p[i]); }
+    __device__ static __forceinline__ void st(__half *p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+};
+template <> struct Elt<__nv_bfloat16> {
+    __device__ static __forceinline__ float ld(const __nv_bfloat16 *p, int64_t i) { return __bfloat162float(p[i]); }
+    __device__ static __forceinline__ void st(__nv_bfloat16 *p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+};
+
+struct GenParams {
+    const void *x;
+    const int32_t *qw;
+    const void *sc;
+    const int32_t *qz;
+    const int32_t *gidx;
+    const void *bias;
+    void *out;
+    int64_t M, K, N, gsize;
+    int zmode;
+};
+
+template <typename E, int MB>
+__global__ void __launch_bounds__(128) w4a16_generic_kernel(const GenParams p) {
+    const int64_t n = (int64_t)blockIdx.x * 128 + threadIdx.x;
+    const int64_t m0 = (int64_t)blockIdx.y * MB;
+    if (n >= p.N) return;
+    const E *x = static_cast<const E *>(p.x);
+    const E *sc = static_cast<const E *>(p.sc);
+    const int64_t N8 = p.N >> 3;
+    float acc[MB];
+#pragma unroll
+    for (int i = 0; i < MB; ++i) acc[i] = 0.f;
+    const int64_t K8 = p.K >> 3;
+    for (int64_t kw = 0; kw < K8; ++kw) {
+        const uint32_t w = (uint32_t)p.qw[kw * p.N + n];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int64_t k = kw * 8 + e;
+            const int64_t gg = p.gidx ? (int64_t)p.gidx[k] : k / p.gsize;
+            const float s = Elt<E>::ld(sc, gg * p.N + n);
+            uint32_t f = 0;
+            if (p.zmode != 0) f = ((uint32_t)p.qz[gg * N8 + (n >> 3)] >> (4 * (n & 7))) & 15u;
+            const float z = (float)zero_of(f, p.zmode);
+            const float wv = s * ((float)((w >> (4 * e)) & 15u) - z);
+#pragma unroll
+            for (int i = 0; i < MB; ++i)
+                if (m0 + i < p.M) acc[i] = fmaf(Elt<E>::ld(x, (m0 + i) * p.K + k), wv, acc[i]);
+        }
+    }
+    const float b = p.bias ? Elt<E>::ld(static_cast<const E *>(p.bias), n) : 0.f;
+#pragma unroll
+    for (int i = 0; i < MB; ++i)
+        if (m0 + i < p.M) Elt<E>::st(static_cast<E *>(p.out), (m0 + i) * p.N + n, acc[i] + b);
+}
+
+/* ---- host side ------------------------------------------------------------------------------ */
+
+/* development overrides (benchmarks/w4a16_cuda_dev.py): force a tile config / split */
+int g_force_cfg = -1;
+int g_force_split = 0;
+
+struct DevInfo {
+    int dev = 0, sms = 0, major = 0, optin_smem = 0;
+};
+DevInfo dev_info() {
+    static DevInfo cache[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) dev = 0;
+    if (dev >= 64) dev = 63;
+    DevInfo &d = cache[dev];
+    if (d.sms == 0) {
+        DevInfo n;
+        n.dev = dev;
+        cudaDeviceGetAttribute(&n.sms, cudaDevAttrMultiProcessorCount, dev);
+        cudaDeviceGetAttribute(&n.major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&n.optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        if (n.sms <= 0) n.sms = 1;
+        d = n;
+    }
+    return d;
+}
+
+template <class C, class T>
+int launch_tc(const LinParams &base, int split_target, void *stream) {
+    const DevInfo di = dev_info();
+    LinParams p = base;
+    p.m_tiles = (p.M + C::BM - 1) / C::BM;
+    p.n_tiles = (p.N + C::BN - 1) / C::BN;
+    p.KT = (p.K + C::BK - 1) / C::BK;
+    const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
+    if (tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
+
+    int split = 1;
+    if (di.major >= 9) {
+        if (g_force_split > 0) {
+            split = g_force_split;
+        } else if (tiles < split_target) {
+            split = (int)((split_target + tiles - 1) / tiles);
+        }
+        split = std::max(1, std::min(split, std::min(8, p.KT / 2)));
+        if (g_force_split <= 0) { /* automatic: a power of two (trailing splits may be empty) */
+            int p2 = 1;
+            while (p2 * 2 <= split) p2 *= 2;
+            split = p2;
+        }
+    }
+    p.kt_per_split = (p.KT + split - 1) / split;
+
+    size_t pipe = C::PIPE_BYTES;
+    if (split > 1 && (size_t)C::OUT_BYTES > pipe) pipe = C::OUT_BYTES;
+    const size_t smem = pipe + (C::ACT ? (size_t)p.G * C::BN * 4 : 0);
+    if (smem > (size_t)di.optin_smem) return -1; /* caller falls back */
+
+    auto kern = w4a16_tc_kernel<C, T>;
+    static size_t smem_set[64] = {0}; /* per device: largest dynamic shared memory allowed so far */
+    if (smem > 48 * 1024 && smem > smem_set[di.dev]) {
+        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
+            return TOPS_ERR_CUDA;
+        smem_set[di.dev] = smem;
+    }
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    if (split == 1) {
+        kern<<<dim3((unsigned)tiles, 1, 1), 256, smem, s>>>(p);
+    } else {
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3((unsigned)tiles, (unsigned)split, 1);
+        cfg.blockDim = dim3(256, 1, 1);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = s;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1;
+        attr[0].val.clusterDim.y = (unsigned)split;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        if (cudaLaunchKernelEx(&cfg, kern, p) != cudaSuccess) return TOPS_ERR_CUDA;
+    }
+    return cudaGetLastError() == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
+}
+
+/* tile configurations, by batch size */
+template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT>;   /* M <= 8 */
+template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 5, ACT>;  /* M <= 16 */
+template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
+template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
+template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
+template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
+
+template <class T, bool ACT>
+int dispatch_tc(const LinParams &p, int cfg, int sms, void *stream) {
+    switch (cfg) {
+    case 0: return launch_tc<CfgA<ACT>, T>(p, 2 * sms, stream);
+    case 1: return launch_tc<CfgB<ACT>, T>(p, 2 * sms, stream);
+    case 2: return launch_tc<CfgC<ACT>, T>(p, 2 * sms, stream);
+    case 3: return launch_tc<CfgD<ACT>, T>(p, 2 * sms, stream);
+    case 4: return launch_tc<CfgE<ACT>, T>(p, sms, stream);
+    default: return launch_tc<CfgF<ACT>, T>(p, sms, stream);
+    }
+}
+
+int choose_cfg(int64_t M, int64_t N, int sms) {
+    if (g_force_cfg >= 0) return g_force_cfg;
+    if (M <= 8) return 0;
+    if (M <= 16) return 1;
+    if (M <= 32) return 2;
+    if (M <= 64) return 3;
+    /* F (128 x 256 tiles) once it still gives every SM a tile, else E (128 x 128) */
+    const int64_t tilesF = ((M + 127) / 128) * ((N + 255) / 256);
+    return tilesF >= sms ? 5 : 4;
+}
+
+template <typename E>
+int launch_generic(const tops_w4a16_args *a, int zmode, void *stream) {
+    GenParams p;
+    p.x = a->x;
+    p.qw = a->qweight;
+    p.sc = a->scales;
+    p.qz = a->qzeros;
+    p.gidx = a->g_idx;
+    p.bias = a->bias;
+    p.out = a->out;
+    p.M = a->M;
+    p.K = a->K;
+    p.N = a->N;
+    p.gsize = a->group_size;
+    p.zmode = zmode;
+    constexpr int MB = 4;
+    const int64_t gy = (a->M + MB - 1) / MB;
+    if (gy > 65535) {
+        /* very large M: several launches over row blocks */
+        for (int64_t m = 0; m < a->M; m += 65535LL * MB) {
+            GenParams q = p;
+            const int64_t rows = (a->M - m < 65535LL * MB) ? a->M - m : 65535LL * MB;
+            q.M = rows;
+            q.x = static_cast<const E *>(p.x) + m * a->K;
+            q.out = static_cast<E *>(p.out) + m * a->N;
+            w4a16_generic_kernel<E, MB><<<dim3((unsigned)((a->N + 127) / 128), (unsigned)((rows + MB - 1) / MB)),
+                                          128, 0, static_cast<cudaStream_t>(stream)>>>(q);
+            if (cudaGetLastError() != cudaSuccess) return TOPS_ERR_CUDA;
+        }
+        return TOPS_OK;
+    }
+    w4a16_generic_kernel<E, MB><<<dim3((unsigned)((a->N + 127) / 128), (unsigned)gy), 128, 0,
+                                  static_cast<cudaStream_t>(stream)>>>(p);
+    return cudaGetLastError() == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
+}
+
+bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
+
+} // namespace
+
+extern "C" {
+
+/* development hooks, not part of tops_cuda.h: force the tile config (0..5, -1 = automatic) and
+ * the K split (0 = automatic). Used by benchmarks/w4a16_cuda_dev.py. */
+void tops_cuda_w4a16_dev_force(int cfg, int split) {
+    g_force_cfg = cfg;
+    g_force_split = split;
+}
+
+size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
+    (void)a;
+    return 0; /* split-K reduces through cluster shared memory: no scratch needed */
+}
+
+int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes,
+                           void *stream) {
+    (void)workspace;
+    (void)workspace_bytes;
+    if (a == nullptr) return TOPS_ERR_ARG;
+    const int64_t M = a->M, K = a->K, N = a->N;
+    if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
+    if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
+    if (a->group_size <= 0 || K % a->group_size != 0 || a->groups <= 0) return TOPS_ERR_ARG;
+    if (a->g_idx == nullptr && a->groups != K / a->group_size) return TOPS_ERR_ARG;
+    if (a->x_dtype != TOPS_F32 && a->x_dtype != TOPS_F16 && a->x_dtype != TOPS_BF16) return TOPS_ERR_ARG;
+    if (a->scales_dtype != a->x_dtype || a->out_dtype != a->x_dtype) return TOPS_ERR_ARG;
+    if (a->bias != nullptr && a->bias_dtype != a->x_dtype) return TOPS_ERR_ARG;
+    if (a->x_row_stride != K) return TOPS_ERR_ARG;
+    if (a->qweight == nullptr || a->scales == nullptr || a->out == nullptr) return TOPS_ERR_ARG;
+    if (M > 0 && a->x == nullptr) return TOPS_ERR_ARG;
+    int zmode = 0;
+    if (a->qzeros != nullptr) {
+        if (a->zero_format == TOPS_ZEROS_V1) zmode = 1;
+        else if (a->zero_format == TOPS_ZEROS_V2) zmode = 2;
+        else return TOPS_ERR_ARG;
+    }
+    if (M == 0) return TOPS_OK;
+    if (a->groups > 0x7fffffffLL) return TOPS_ERR_ARG;
+
+    if (a->x_dtype == TOPS_F32) return launch_generic<float>(a, zmode, stream);
+
+    const DevInfo di = dev_info();
+    const int64_t gs = a->group_size;
+    const bool pow2 = (gs & (gs - 1)) == 0;
+    const bool act = a->g_idx != nullptr || !(gs == K || (pow2 && gs >= 32));
+    int gshift = 31;
+    if (gs != K) {
+        gshift = 0;
+        while ((1LL << gshift) < gs) ++gshift;
+    }
+    const bool ok_align = aligned(a->x, 16) && aligned(a->qweight, 16) && aligned(a->scales, 16) &&
+                          aligned(a->qzeros, 4) && aligned(a->g_idx, 16) && aligned(a->bias, 8) &&
+                          aligned(a->out, 8);
+    if (ok_align) {
+        LinParams p;
+        p.x = static_cast<const uint16_t *>(a->x);
+        p.qw = a->qweight;
+        p.sc = static_cast<const uint16_t *>(a->scales);
+        p.qz = a->qzeros;
+        p.gidx = a->g_idx;
+        p.bias = static_cast<const uint16_t *>(a->bias);
+        p.out = static_cast<uint16_t *>(a->out);
+        p.M = (int)M;
+        p.K = (int)K;
+        p.N = (int)N;
+        p.K8 = (int)(K >> 3);
+        p.G = (int)a->groups;
+        p.gsize = (int)gs;
+        p.gshift = gshift;
+        p.zmode = zmode;
+        p.m_tiles = p.n_tiles = p.KT = p.kt_per_split = 0;
+        const int cfg = choose_cfg(M, N, di.sms);
+        int st;
+        if (a->x_dtype == TOPS_F16)
+            st = act ? dispatch_tc<F16, true>(p, cfg, di.sms, stream) : dispatch_tc<F16, false>(p, cfg, di.sms, stream);
+        else
+            st = act ? dispatch_tc<BF16, true>(p, cfg, di.sms, stream) : dispatch_tc<BF16, false>(p, cfg, di.sms, stream);
+        if (st >= 0) return st;
+        /* st < 0: the configuration does not fit (act-order table too large): generic path */
+    }
+    if (a->x_dtype == TOPS_F16) return launch_generic<__half>(a, zmode, stream);
+    return launch_generic<__nv_bfloat16>(a, zmode, stream);
+}
+
+} /* extern "C" */

@@ -1,0 +1,379 @@
+"""Checkpoint folders on disk: load_quantized, convert_checkpoint, inspect_checkpoint.
+
+Checkpoints are written here with safetensors directly from torch_ops.reference tensors (not with
+the code under test), and the loaded models are compared with float models holding the
+reference-dequantized weights."""
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import torch_ops
+from torch_ops import QuantLinear, convert_checkpoint, inspect_checkpoint, load_quantized
+from torch_ops import reference as ref
+from torch_ops.checkpoint import CheckpointError
+
+G = 64
+QUANTIZED = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+
+
+class Block(nn.Module):
+    def __init__(self, hidden=128, inner=256):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.up = nn.Linear(hidden, inner)
+        self.down = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=48, hidden=128):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList([Block(hidden), Block(hidden)])
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def act_order_gptq(weight, zero_format, sym):
+    """GPTQ tensors with act-order: groups formed over a random column order, rows kept in place."""
+    N, K = weight.shape
+    perm = torch.randperm(K)
+    q = ref.quantize(weight[:, perm], 4, G, sym, "gptq", zero_format)
+    rows = ref.unpack(q["qweight"], 4, dim=0)[torch.argsort(perm)]  # back to the original order
+    q["qweight"] = ref.pack(rows, 4, dim=0)
+    q["g_idx"] = (torch.argsort(perm) // G).to(torch.int32)
+    return q
+
+
+def make_checkpoint(folder, fmt="awq", zero_format="v1", act_order=False, sym=False, shards=1,
+                    skip=(), config_extra=None, seed=0):
+    """Write a TinyLM checkpoint; returns (float model, oracle model with dequantized weights)."""
+    torch.manual_seed(seed)
+    model = TinyLM()
+    oracle = copy.deepcopy(model)
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name in QUANTIZED:
+        if name in skip:
+            continue
+        weight = tensors.pop(f"{name}.weight")
+        if fmt == "awq":
+            q = ref.quantize(weight, 4, G, sym, "awq")
+        elif act_order:
+            q = act_order_gptq(weight, zero_format, sym)
+        else:
+            q = ref.quantize(weight, 4, G, sym, "gptq", zero_format)
+        tensors.update({f"{name}.{k}": v for k, v in q.items()})
+        deq = ref.dequantize(q["qweight"], q["scales"].float(), q["qzeros"], fmt, 4, G,
+                             q.get("g_idx"), zero_format)
+        oracle.get_submodule(name).weight.data.copy_(deq)
+    if fmt == "awq":
+        qc = {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True,
+              "version": "gemm", "modules_to_not_convert": list(skip) or None}
+    else:
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": act_order, "sym": sym,
+              "checkpoint_format": "gptq_v2" if zero_format == "v2" else "gptq"}
+        if skip:
+            qc["modules_to_not_convert"] = list(skip)
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    config = {"model_type": "tiny", "hidden_size": 128, "quantization_config": qc, **(config_extra or {})}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text('{"model": "none"}')
+    write_shards(folder, tensors, shards)
+    return model, oracle
+
+
+def write_shards(folder, tensors, shards, assign=None):
+    """Save ``tensors`` into ``shards`` files (contiguous runs of sorted keys, or ``assign``:
+    key -> shard number), with an index when there is more than one."""
+    keys = sorted(tensors)
+    if assign is None:
+        assign = {k: i * shards // len(keys) for i, k in enumerate(keys)}
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    for i, name in enumerate(names):
+        save_file({k: tensors[k] for k in keys if assign[k] == i}, str(folder / name),
+                  metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {k: names[assign[k]] for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def tree_digest(folder):
+    """{relative path: sha256} of every file under ``folder``."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def all_tensors(folder):
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def check_logits(model, oracle, device="cpu"):
+    ids = torch.randint(0, 48, (2, 7), device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), oracle.to(device)(ids), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- load_quantized
+@pytest.mark.parametrize("shards", [1, 3])
+def test_load_awq(tmp_path, device, shards):
+    _, oracle = make_checkpoint(tmp_path / "awq", "awq", shards=shards)
+    model = TinyLM().to(device)
+    assert load_quantized(model, tmp_path / "awq") is model
+    for name in QUANTIZED:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantLinear) and layer.loaded_from == "awq"
+        assert layer.qweight.device.type == device
+    assert type(model.lm_head) is nn.Linear  # stored as a float weight
+    check_logits(model, oracle, device)
+
+
+@pytest.mark.parametrize("zero_format,act_order,sym", [("v1", False, False), ("v2", False, True),
+                                                       ("v1", True, False), ("v2", True, True)])
+def test_load_gptq(tmp_path, zero_format, act_order, sym):
+    _, oracle = make_checkpoint(tmp_path / "gptq", "gptq", zero_format, act_order, sym, shards=2)
+    model = load_quantized(TinyLM(), tmp_path / "gptq")
+    layer = model.blocks[1].down
+    assert layer.act_order == act_order and layer.checkpoint_zero_format == zero_format
+    check_logits(model, oracle)
+
+
+def test_load_honours_modules_to_not_convert(tmp_path):
+    _, oracle = make_checkpoint(tmp_path / "c", "awq", skip=["blocks.1.up"])
+    model = load_quantized(TinyLM(), tmp_path / "c")
+    assert type(model.blocks[1].up) is nn.Linear and isinstance(model.blocks[0].up, QuantLinear)
+    check_logits(model, oracle)
+
+
+def test_load_layer_split_across_shards(tmp_path):
+    folder = tmp_path / "split"
+    _, oracle = make_checkpoint(folder, "gptq", shards=1)
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    # blocks.0.up.qweight alone in the last shard, its qzeros and scales in the first
+    assign = {k: (2 if k == "blocks.0.up.qweight" else 0 if k.startswith("blocks.0") else 1) for k in tensors}
+    write_shards(folder, tensors, 3, assign)
+    check_logits(load_quantized(TinyLM(), folder), oracle)
+    convert_checkpoint(folder, tmp_path / "awq", to="awq", verify=True, progress=False)
+    check_logits(load_quantized(TinyLM(), tmp_path / "awq"), oracle)
+
+
+def test_load_reports_missing_and_unexpected_tensors(tmp_path):
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "awq")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["blocks.1.down.qzeros"], tensors["blocks.0.norm.bias"]
+    tensors["blocks.0.extra"] = torch.zeros(3)
+    save_file(tensors, str(folder / "model.safetensors"))
+    model = TinyLM()
+    with pytest.raises(CheckpointError) as info:
+        load_quantized(model, folder)
+    msg = str(info.value)
+    assert "missing tensors (2): blocks.0.norm.bias, blocks.1.down.qzeros" in msg
+    assert "unexpected tensors (1): blocks.0.extra" in msg
+
+
+def test_load_refuses_unsupported_configs(tmp_path):
+    for i, (qc_change, message) in enumerate([
+            ({"bits": 8}, "only 4-bit"), ({"version": "gemv_fast"}, "AWQ version"),
+            ({"quant_method": "bitsandbytes"}, "unsupported quant_method")]):
+        folder = tmp_path / str(i)
+        make_checkpoint(folder, "awq")
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"].update(qc_change)
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=message):
+            load_quantized(TinyLM(), folder)
+
+
+def test_load_gptq_tensors_with_awq_config_is_refused(tmp_path):
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "gptq")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": G, "version": "gemm"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not fit the AWQ layout"):
+        load_quantized(TinyLM(), folder)
+
+
+# ---------------------------------------------------------------- convert_checkpoint
+@pytest.mark.parametrize("shards", [1, 2])
+def test_awq_gptq_awq_round_trip_is_bit_exact(tmp_path, shards):
+    src = tmp_path / "awq"
+    _, oracle = make_checkpoint(src, "awq", shards=shards)
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("kept")
+    before = tree_digest(src)
+    info = convert_checkpoint(src, tmp_path / "gptq", to="gptq", progress=False)
+    assert info["layers"] == 4 and info["shards"] == shards
+    assert tree_digest(src) == before
+
+    gptq = all_tensors(tmp_path / "gptq")
+    awq = all_tensors(src)
+    for name in QUANTIZED:
+        qweight, qzeros = ref.awq_to_gptq(awq[f"{name}.qweight"], awq[f"{name}.qzeros"], "v1")
+        assert torch.equal(gptq[f"{name}.qweight"], qweight)
+        assert torch.equal(gptq[f"{name}.qzeros"], qzeros)
+        assert torch.equal(gptq[f"{name}.g_idx"], (torch.arange(gptq[f"{name}.g_idx"].numel()) // G).int())
+    for key, t in awq.items():  # everything else byte for byte
+        if not key.endswith((".qweight", ".qzeros")):
+            assert gptq[key].dtype == t.dtype and torch.equal(gptq[key], t), key
+    qc = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert qc["model_type"] == "tiny"
+    assert qc["quantization_config"] == {"quant_method": "gptq", "bits": 4, "group_size": G,
+                                         "desc_act": False, "sym": False, "checkpoint_format": "gptq"}
+    assert (tmp_path / "gptq" / "extra" / "notes.txt").read_text() == "kept"
+    assert (tmp_path / "gptq" / "tokenizer.json").is_file()
+    if shards > 1:
+        index = json.loads((tmp_path / "gptq" / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(gptq)
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in gptq.values())
+        for key, shard in index["weight_map"].items():
+            assert key in load_file(str(tmp_path / "gptq" / shard))
+    check_logits(load_quantized(TinyLM(), tmp_path / "gptq"), oracle)
+
+    convert_checkpoint(tmp_path / "gptq", tmp_path / "back", to="awq", verify=True, progress=False)
+    back = tree_digest(tmp_path / "back")
+    for name, digest in before.items():  # shards and every other file identical to the source's
+        if not name.endswith(".json") or name == "tokenizer.json":
+            assert back[name] == digest, name
+    assert set(back) == set(before)
+    if shards > 1:  # same index (rewritten, so compared as JSON)
+        name = "model.safetensors.index.json"
+        assert json.loads((src / name).read_text()) == json.loads((tmp_path / "back" / name).read_text())
+
+
+def test_convert_gptq_zero_formats_and_act_order(tmp_path):
+    src = tmp_path / "v1"
+    _, oracle = make_checkpoint(src, "gptq", "v1", act_order=True, shards=2)
+    convert_checkpoint(src, tmp_path / "v2", to="gptq", zero_format="v2", verify=True, progress=False)
+    a, b = all_tensors(src), all_tensors(tmp_path / "v2")
+    for name in QUANTIZED:
+        assert torch.equal(b[f"{name}.qzeros"], ref.convert_gptq_zeros(a[f"{name}.qzeros"], 4, "v1", "v2"))
+        assert torch.equal(b[f"{name}.g_idx"], a[f"{name}.g_idx"])
+        assert torch.equal(b[f"{name}.qweight"], a[f"{name}.qweight"])
+    qc = json.loads((tmp_path / "v2" / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == "gptq_v2" and qc["desc_act"] is True
+    check_logits(load_quantized(TinyLM(), tmp_path / "v2"), oracle)
+    # act-order cannot become AWQ: refused before anything is written
+    before = tree_digest(src)
+    with pytest.raises(CheckpointError, match="act-order"):
+        convert_checkpoint(src, tmp_path / "awq", to="awq", progress=False)
+    assert not (tmp_path / "awq").exists() and tree_digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v2"]
+
+
+def test_convert_refuses_bad_tensor_shape(tmp_path):
+    folder = tmp_path / "src"
+    make_checkpoint(folder, "gptq", shards=2)
+    bad = folder / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(bad))
+    key = next(k for k in tensors if k.endswith(".qzeros"))
+    tensors[key] = tensors[key][:, :3].contiguous()
+    save_file(tensors, str(bad), metadata={"format": "pt"})
+    before = tree_digest(folder)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.") + r" is I32 \[4, 3\], expected"):
+        convert_checkpoint(folder, tmp_path / "dst", to="awq", progress=False)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        load_quantized(TinyLM(), folder)
+    assert tree_digest(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_error_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    folder = tmp_path / "src"
+    make_checkpoint(folder, "awq", shards=2)
+    before = tree_digest(folder)
+    written = []
+
+    def save_file_then_fail(tensors, filename, metadata=None):  # the disk fills up on shard 2
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(filename)
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file_then_fail)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        convert_checkpoint(folder, tmp_path / "out" / "dst", to="gptq", progress=False)
+    assert len(written) == 1  # the first shard had been written, beside DST
+    assert Path(written[0]).parent.parent == tmp_path / "out"
+    assert tree_digest(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no temp, no new parent
+
+
+def test_convert_refuses_truncated_shard(tmp_path):
+    folder = tmp_path / "src"
+    make_checkpoint(folder, "awq", shards=2)
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = tree_digest(folder)
+    with pytest.raises(CheckpointError, match="truncated"):
+        convert_checkpoint(folder, tmp_path / "dst", to="gptq", progress=False)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_quantized(TinyLM(), folder)
+    assert tree_digest(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_refuses_destination_inside_source(tmp_path):
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    for dst in [src, src / "sub", tmp_path / "src" / ".." / "src"]:
+        with pytest.raises(CheckpointError, match="source folder"):
+            convert_checkpoint(src, dst, to="gptq", progress=False)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert_checkpoint(src, tmp_path / "taken", to="gptq", progress=False)
+    assert not (src / "sub").exists()
+
+
+# ---------------------------------------------------------------- inspect_checkpoint
+def test_inspect(tmp_path):
+    make_checkpoint(tmp_path / "awq", "awq", shards=2)
+    info = inspect_checkpoint(tmp_path / "awq")
+    files = [p for p in (tmp_path / "awq").rglob("*") if p.is_file()]
+    assert info["format"] == "awq" and info["bits"] == 4 and info["group_size"] == G
+    assert info["quantized_layers"] == 4 and info["shards"] == 2 and info["act_order"] is False
+    assert info["zero_format"] == "as-is" and info["scales_dtype"] == "F16"
+    assert info["total_bytes"] == sum(p.stat().st_size for p in files)
+
+    make_checkpoint(tmp_path / "gptq", "gptq", "v2", act_order=True)
+    info = inspect_checkpoint(tmp_path / "gptq")
+    assert (info["format"], info["zero_format"], info["act_order"]) == ("gptq", "v2", True)
+    single = tmp_path / "gptq" / "model.safetensors"
+    info = inspect_checkpoint(single)  # no config: read from the shapes
+    assert (info["format"], info["group_size"], info["act_order"]) == ("gptq", G, True)
+    assert info["total_bytes"] == single.stat().st_size
+    info = inspect_checkpoint(tmp_path / "awq" / "model-00001-of-00002.safetensors")
+    assert info["format"] == "awq" and info["group_size"] == G
+
+
+def test_save_quantized_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    ids = torch.randint(0, 48, (2, 5))
+    expected = model(ids)
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "awq", "awq", max_shard_bytes=100_000)
+    assert (tmp_path / "awq" / "model.safetensors.index.json").is_file()
+    loaded = load_quantized(TinyLM(), tmp_path / "awq")
+    assert torch.equal(loaded(ids), expected)

@@ -1,0 +1,156 @@
+"""``python -m torch_ops convert|inspect``: success, output, and every refusal (one line on stderr,
+exit status 1, SRC untouched, nothing left at DST)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torch_ops
+from torch_ops.cli import main
+from test_checkpoint import QUANTIZED, TinyLM, all_tensors, check_logits, make_checkpoint, tree_digest
+
+
+def run_module(*args):
+    """Run ``python -m torch_ops`` in a fresh interpreter on this checkout's package."""
+    root = str(Path(torch_ops.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "torch_ops", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(err: str, command="convert"):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"torch_ops {command}: error: "), err
+    assert "Traceback" not in err
+
+
+def test_module_entry_point_convert_and_refusal(tmp_path):
+    src = tmp_path / "awq"
+    _, oracle = make_checkpoint(src, "awq", shards=2)
+    result = run_module("convert", src, tmp_path / "gptq", "--to", "gptq", "--zero-format", "v2",
+                        "--verify")
+    assert result.returncode == 0, result.stderr
+    assert "converted 4 quantized layers" in result.stdout and "verified" in result.stdout
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert config["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    check_logits(torch_ops.load_quantized(TinyLM(), tmp_path / "gptq"), oracle)
+
+    result = run_module("convert", tmp_path / "missing", tmp_path / "out", "--to", "awq")
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr)
+    assert "missing" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_convert_in_process(tmp_path, capsys):
+    src = tmp_path / "gptq"
+    make_checkpoint(src, "gptq", "v1")
+    assert main(["convert", str(src), str(tmp_path / "awq"), "--to", "awq", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    a, b = all_tensors(src), all_tensors(tmp_path / "awq")
+    for name in QUANTIZED:
+        qweight, qzeros = torch_ops.reference.gptq_to_awq(a[f"{name}.qweight"], a[f"{name}.qzeros"], "v1")
+        assert torch.equal(b[f"{name}.qweight"], qweight) and torch.equal(b[f"{name}.qzeros"], qzeros)
+        assert f"{name}.g_idx" not in b
+    qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["version"], qc["group_size"]) == ("awq", "gemm", 64)
+
+
+def _truncate_shard(folder):
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+def _corrupt_config(folder):
+    (folder / "config.json").write_text("{not json")
+
+
+def _unsupported_bits(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["bits"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _drop_scales(folder):
+    shard = folder / "model-00001-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    del tensors["blocks.0.up.scales"]
+    from safetensors.torch import save_file
+    save_file(tensors, str(shard))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["blocks.0.up.scales"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _garbage_shard(folder):
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"\x05" * 64)
+
+
+@pytest.mark.parametrize("damage,to,message", [
+    (_truncate_shard, "gptq", "truncated"),
+    (_corrupt_config, "gptq", "cannot read JSON"),
+    (_unsupported_bits, "gptq", "only 4-bit"),
+    (_drop_scales, "gptq", "missing tensors: blocks.0.up.scales"),
+    (_garbage_shard, "gptq", "corrupt or truncated safetensors header"),
+    (None, "awq", "act-order"),
+])
+def test_convert_refusals(tmp_path, capsys, damage, to, message):
+    src = tmp_path / "src"
+    make_checkpoint(src, "gptq", act_order=damage is None, shards=2)
+    if damage is not None:
+        damage(src)
+    before = tree_digest(src)
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--to", to]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert message in err
+    assert tree_digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no temp folder
+
+
+def test_convert_refuses_bad_destinations_and_arguments(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    (tmp_path / "exists").mkdir()
+    before = tree_digest(src)
+    cases = [([str(src), str(src), "--to", "gptq"], "is the source folder or inside it"),
+             ([str(src), str(src / "sub" / "dst"), "--to", "gptq"], "is the source folder or inside it"),
+             ([str(src), str(tmp_path / "exists"), "--to", "gptq"], "already exists"),
+             ([str(src), str(tmp_path / "dst"), "--to", "awq", "--zero-format", "v2"],
+              "--zero-format applies to --to gptq only")]
+    for args, message in cases:
+        assert main(["convert", *args]) == 1
+        err = capsys.readouterr().err
+        assert_one_line_error(err)
+        assert message in err, err
+    assert tree_digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "src"]
+    assert sorted(p.name for p in (tmp_path / "exists").iterdir()) == []
+
+
+def test_inspect_output(tmp_path, capsys):
+    folder = tmp_path / "gptq"
+    make_checkpoint(folder, "gptq", "v2", act_order=True, sym=True, shards=2)
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    rows = dict(line.split(":", 1) for line in out.strip().splitlines())
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert rows["format"] == "gptq" and rows["bits"] == "4" and rows["group size"] == "64"
+    assert rows["zero format"] == "v2" and rows["act-order"] == "yes" and rows["symmetric"] == "yes"
+    assert rows["quantized layers"] == "4" and rows["shards"] == "2"
+    assert rows["total size"].endswith(f"({size} bytes)")
+
+    assert main(["inspect", "--json", str(folder / "model-00001-of-00002.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "gptq" and info["group_size"] == 64 and info["act_order"] is True
+
+    assert main(["inspect", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "inspect")
+    assert "no such file or folder" in err
