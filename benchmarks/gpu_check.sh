@@ -10,7 +10,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/env.txt"
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 if [ "$what" != bench ]; then
-    timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
+    timeout 420 python3 -m pytest -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [ "$what" != tests ]; then
     timeout 120 python3 benchmarks/bench_repack.py 2>&1 | tee "$OUT/bench_repack.md"

@@ -401,6 +401,23 @@ def benchmarks(quick):
     return rows
 
 
+def profile_cases(spec):
+    """run a few cases twice each (for ncu): spec 'M:K:N:dtype:act:cfg:split,...'"""
+    for item in spec.split(","):
+        M, K, N, dt, act, cfg, split = item.split(":")
+        dt = {"f16": torch.float16, "bf16": torch.bfloat16}[dt]
+        c = make_case(int(M), int(K), int(N), 128, ZV2, act == "1", False, dt, seed=9)
+        out = torch.empty(int(M), int(N), dtype=dt, device="cuda")
+        a = make_args(c, out)
+        LIB.tops_cuda_w4a16_dev_force(int(cfg), int(split))
+        for _ in range(2):
+            st = call(a)
+            assert st == 0, st
+        torch.cuda.synchronize()
+        LIB.tops_cuda_w4a16_dev_force(-1, 0)
+        log("profiled", item)
+
+
 def main():
     global LIB, LOGF
     ap = argparse.ArgumentParser()
@@ -410,6 +427,7 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, ".devbuild")))
     ap.add_argument("--log", default="w4a16_dev.log")
+    ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     LOGF = open(os.path.join(args.out, args.log), "w")
@@ -425,6 +443,9 @@ def main():
     LIB.tops_cuda_w4a16_dev_force.argtypes = [ctypes.c_int, ctypes.c_int]
     p = torch.cuda.get_device_properties(0)
     log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
+    if args.profile:
+        profile_cases(args.profile)
+        return 0
     self_test_reference()
     fails = 0
     if not args.no_check:

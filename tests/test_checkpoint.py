@@ -178,6 +178,17 @@ def test_load_layer_split_across_shards(tmp_path):
     check_logits(load_quantized(TinyLM(), tmp_path / "awq"), oracle)
 
 
+def test_load_autogptq_bias_on_a_layer_without_one(tmp_path):
+    folder = tmp_path / "c"
+    _, oracle = make_checkpoint(folder, "gptq")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["blocks.0.down.bias"] = torch.zeros(128, dtype=torch.float16)  # AutoGPTQ writes these
+    save_file(tensors, str(folder / "model.safetensors"))
+    model = load_quantized(TinyLM(), folder)
+    assert torch.equal(model.blocks[0].down.bias, tensors["blocks.0.down.bias"])
+    check_logits(model, oracle)
+
+
 def test_load_reports_missing_and_unexpected_tensors(tmp_path):
     folder = tmp_path / "c"
     make_checkpoint(folder, "awq")
@@ -191,6 +202,7 @@ def test_load_reports_missing_and_unexpected_tensors(tmp_path):
     msg = str(info.value)
     assert "missing tensors (2): blocks.0.norm.bias, blocks.1.down.qzeros" in msg
     assert "unexpected tensors (1): blocks.0.extra" in msg
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # the model is as it was
 
 
 def test_load_refuses_unsupported_configs(tmp_path):
@@ -320,6 +332,24 @@ def test_convert_error_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     assert Path(written[0]).parent.parent == tmp_path / "out"
     assert tree_digest(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no temp, no new parent
+
+
+def test_convert_verify_catches_a_wrong_repack(tmp_path, monkeypatch):
+    import torch_ops.checkpoint as ckpt_module
+
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    real = ckpt_module._convert_layer
+
+    def off_by_one_bit(tensors, *args):
+        out = real(tensors, *args)
+        out["qweight"] = out["qweight"] ^ 1  # one nibble of each word off by one
+        return out
+
+    monkeypatch.setattr(ckpt_module, "_convert_layer", off_by_one_bit)
+    with pytest.raises(CheckpointError, match="verify: blocks.0.down dequantizes differently"):
+        convert_checkpoint(src, tmp_path / "dst", to="gptq", verify=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_convert_refuses_truncated_shard(tmp_path):

@@ -234,7 +234,7 @@ def test_to_dtype_and_device(device):
     expected = layer(x)
     moved = copy.deepcopy(layer).to(device)
     assert {b.device.type for b in moved.buffers()} == {device}
-    torch.testing.assert_close(moved(x.to(device)).cpu(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(moved(x.to(device)).cpu(), expected, rtol=1e-3, atol=1e-3)
     bf = moved.to(torch.bfloat16)
     assert bf.scales.dtype == torch.bfloat16 and bf.bias.dtype == torch.bfloat16
     assert bf.qweight.dtype == torch.int32 and bf.qzeros.dtype == torch.int32

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import shutil
 import sys
 import tempfile
@@ -318,7 +319,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     Every ``nn.Linear`` the checkpoint quantizes (it has ``<name>.qweight``, and the name does not
     match ``modules_to_not_convert``) becomes a :class:`QuantLinear`; then every tensor is loaded,
     shard by shard, quantized or not (float tensors are cast into the model's parameters). Missing
-    or unexpected tensors raise CheckpointError listing them, before anything is loaded."""
+    or unexpected tensors raise CheckpointError listing them, before the model is changed."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -342,46 +343,49 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                 raise CheckpointError(
                     f"{name}: the checkpoint holds a {K}->{N} layer, the model a "
                     f"{m.in_features}->{m.out_features} one")
+    replaced = []  # (name, original module): put back if the checkpoint does not fit
+    try:
+        for name in quant_names:
+            m = model.get_submodule(name)
+            if isinstance(m, QuantLinear):
+                if m.group_size != qc.group_size:
+                    raise CheckpointError(f"{name}: QuantLinear has group_size={m.group_size}, "
+                                          f"the checkpoint {qc.group_size}")
+                continue
+            try:
+                check_dims(m.in_features, m.out_features, qc.group_size, what=name)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            # AutoGPTQ writes a (zero) bias for every layer, also where the model has none: keep it
+            bias = m.bias is not None or f"{name}.bias" in keys
+            replace_module(model, name, QuantLinear(
+                m.in_features, m.out_features, bias=bias, group_size=qc.group_size,
+                dtype=torch.float16, device=m.weight.device))
+            replaced.append((name, m))
+        expected = _state_tensors(model)
+        optional = {f"{n}.g_idx" for n in quant_names}
+        present_ids = {id(t) for k, t in expected.items() if k in keys}
+        missing = sorted(k for k, t in expected.items() if k not in keys and id(t) not in present_ids)
+        unexpected = sorted(keys - expected.keys() - optional)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+            if unexpected:
+                parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+            raise CheckpointError(f"{folder}: checkpoint does not match the model: "
+                                  + "; ".join(parts))
+    except CheckpointError:
+        for name, m in replaced:
+            replace_module(model, name, m)
+        raise
     for name in quant_names:
-        m = model.get_submodule(name)
-        if isinstance(m, QuantLinear):
-            if m.group_size != qc.group_size:
-                raise CheckpointError(f"{name}: QuantLinear has group_size={m.group_size}, "
-                                      f"the checkpoint {qc.group_size}")
-            m.checkpoint_zero_format = qc.loader_zero_format
-            continue
-        try:
-            check_dims(m.in_features, m.out_features, qc.group_size, what=name)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        ref = m.weight
-        ql = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None,
-                         group_size=qc.group_size, dtype=torch.float16, device=ref.device,
-                         checkpoint_zero_format=qc.loader_zero_format)
-        replace_module(model, name, ql)
-
-    expected = _state_tensors(model)
-    optional = {f"{n}.g_idx" for n in quant_names}
-    present_ids = {id(t) for k, t in expected.items() if k in keys}
-    missing = sorted(k for k, t in expected.items() if k not in keys and id(t) not in present_ids)
-    unexpected = sorted(keys - expected.keys() - optional)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-        raise CheckpointError(f"{folder}: checkpoint does not match the model: " + "; ".join(parts))
+        model.get_submodule(name).checkpoint_zero_format = qc.loader_zero_format
 
     assign = any(t.is_meta for t in expected.values())
-    owner = {}  # key -> quantized layer name, for the tensors loaded layer by layer
-    for name in quant_names:
-        for s in QUANT_SUFFIXES + ("bias",):
-            if f"{name}.{s}" in keys:
-                owner[f"{name}.{s}"] = name
-    need = {}
-    for k, name in owner.items():
-        need[name] = need.get(name, 0) + 1
+    owner = {f"{name}.{s}": name for name in quant_names  # loaded layer by layer
+             for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in keys}
+    need = Counter(owner.values())
     pending = {}
     try:
         for shard in ckpt.shards:

@@ -94,12 +94,15 @@ int tops_dequantize(const tops_dequant_args *a, int64_t n_begin, int64_t n_end) 
             const int kn = (int)(K - k0 < KT ? K - k0 : KT);
             /* 1. qb[c * KT + t] = q[k0 + t, n0 + c] */
             if (a->format == TOPS_FORMAT_AWQ) {
+                int wofs[128], shs[128]; /* word and nibble shift of each column of the block */
+                for (int c = 0; c < nb; c++) {
+                    wofs[c] = (int)((n0 + c) / 8 - n0 / 8);
+                    shs[c] = 4 * awq_reverse[(n0 + c) % 8];
+                }
                 for (int t = 0; t < kn; t++) {
-                    const int32_t *row = a->qweight + (k0 + t) * nw;
-                    for (int c = 0; c < nb; c++) {
-                        const int64_t n = n0 + c;
-                        qb[c * KT + t] = (uint8_t)(((uint32_t)row[n / 8] >> (4 * awq_reverse[n % 8])) & 15u);
-                    }
+                    const int32_t *row = a->qweight + (k0 + t) * nw + n0 / 8;
+                    for (int c = 0; c < nb; c++)
+                        qb[c * KT + t] = (uint8_t)(((uint32_t)row[wofs[c]] >> shs[c]) & 15u);
                 }
             } else if (bits == 3) {
                 for (int t = 0; t < kn; t++)

@@ -18,6 +18,7 @@
  *
  * inner > 1 ("along rows") is handled by working on a tile of up to TILE inner columns at once,
  * so the loads of one value row are contiguous and the accumulators stay on the stack.
+ * 4-bit int32 with inner == 1 (AWQ qweight, qzeros) has a 64-bit SWAR path, 8 values per step.
  */
 #include "common.h"
 

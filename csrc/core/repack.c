@@ -13,8 +13,9 @@
  * 1x1 nibble blocks: distances 16, 8, 4 bits between words 4, 2, 1 apart). It is written as a plain
  * loop over the packed column c with the 8 words in scalars, so the compiler vectorises across c
  * (each stage becomes shifts/xors/ands on vectors of columns; the ORDER scatter of the 8 results
- * becomes an 8 x 8 word transpose in registers). Nothing is buffered beyond registers: each input
- * word is read once and each output word written once.
+ * becomes an 8 x 8 word transpose in registers). GPTQ -> AWQ writes 8 AWQ rows, so its results
+ * go through an 8 x 16-word stack tile (512 bytes) before the row stores (see g2a_cols). Each
+ * input word is read once and each output word written once; no other intermediate.
  *
  * The hot loops are compiled three times (scalar default, AVX2, AVX-512 via target attributes, the
  * same source inlined into each) and picked at run time with tops_cpu_isa(); all variants compute

@@ -31,22 +31,26 @@
  * Instruction sets: the AVX2 (+FMA, F16C) and AVX-512 variants are one template (the second half
  * of this file, included twice with different vector primitives), compiled with per-function
  * target attributes and picked at run time with tops_cpu_isa(); the scalar path is independent
- * plain C (direct dequantization, no factoring) and is what the tests check the others against.
+ * plain C (direct dequantization, no factoring; the only path off x86 or with -DW4_NO_SIMD).
+ * Tests hold every path to a float64 reference.
  * The AVX-512 path takes multiples of 16 columns; an 8-column tail goes to the AVX2 path.
  *
  * Memory: one malloc per call (x in fp32, per-call tables and accumulators), freed before return;
  * TOPS_ERR_UNSUPPORTED if it fails (the header has no out-of-memory status).
- * Numerics: the x * 2^-4j pre-scaling loses precision only for |x| < 2^-102 (fp32 subnormal range).
+ * Numerics: x * 2^-4j stays a normal float: a row of x whose largest |x| is below 2^-60 is scaled
+ * up by a power of two first (exact) and its results scaled back.
  */
 #ifndef W4_TEMPLATE_PASS
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(W4_NO_SIMD)
 #include <immintrin.h>
 #define W4_X86 1
 #else
@@ -201,6 +205,8 @@ static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
 #define vf_mul(a, b) _mm256_mul_ps(a, b)
 #define vf_fma(a, b, c) _mm256_fmadd_ps(a, b, c)   /* a * b + c */
 #define vf_fnma(a, b, c) _mm256_fnmadd_ps(a, b, c) /* c - a * b */
+#define vf_max(a, b) _mm256_max_ps(a, b)
+#define vf_abs(a) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a)
 #define vi_load(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
 #define vi_set1(i) _mm256_set1_epi32(i)
 #define vi_and(a, b) _mm256_and_si256(a, b)
@@ -279,6 +285,8 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 #undef vf_mul
 #undef vf_fma
 #undef vf_fnma
+#undef vf_max
+#undef vf_abs
 #undef vi_load
 #undef vi_set1
 #undef vi_and
@@ -304,6 +312,8 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 #define vf_mul(a, b) _mm512_mul_ps(a, b)
 #define vf_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vf_fnma(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define vf_max(a, b) _mm512_max_ps(a, b)
+#define vf_abs(a) _mm512_abs_ps(a)
 #define vi_load(p) _mm512_loadu_si512((const void *)(p))
 #define vi_set1(i) _mm512_set1_epi32(i)
 #define vi_and(a, b) _mm512_and_si512(a, b)
@@ -498,7 +508,27 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     ws += w4_align((size_t)(M * ncols) * sizeof(float));
     float *acc = (float *)ws; /* [4][W4_BW] */
     ws += w4_align((size_t)(4 * W4_BW) * sizeof(float));
+    float down[W4_GEMV_MAX_M];
     KN(w4_convert_x)(a, 0, M, xf);
+    for (int64_t m = 0; m < M; m++) {
+        /* rows of tiny x are scaled up by 2^S (exact) so that x * 2^-24 stays normal; y is scaled
+         * back once at the end */
+        float mx = 0.0f, mv[VW];
+        VF mxv = vf_zero();
+        int64_t k = 0;
+        for (; k + VW <= K; k += VW) mxv = vf_max(mxv, vf_abs(vf_load(xf + m * K + k)));
+        for (; k < K; k++) mx = fabsf(xf[m * K + k]) > mx ? fabsf(xf[m * K + k]) : mx;
+        vf_store(mv, mxv);
+        for (int i = 0; i < VW; i++) mx = mv[i] > mx ? mv[i] : mx;
+        down[m] = 1.0f;
+        if (mx > 0.0f && mx < 0x1p-60f) {
+            int S = -ilogbf(mx);
+            if (S > 126) S = 126;
+            const float up = ldexpf(1.0f, S);
+            down[m] = ldexpf(1.0f, -S);
+            for (k = 0; k < K; k++) xf[m * K + k] *= up;
+        }
+    }
     {
         static const float ps[16] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f,
                                      1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
@@ -581,8 +611,11 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
             n0 += (int64_t)nv * VW;
         }
     }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n0 = 0; n0 < ncols; n0 += VW) KN(w4_out)(a, m, nb + n0, vf_load(y + m * ncols + n0));
+    for (int64_t m = 0; m < M; m++) {
+        const VF dn = vf_set1(down[m]);
+        for (int64_t n0 = 0; n0 < ncols; n0 += VW)
+            KN(w4_out)(a, m, nb + n0, vf_mul(vf_load(y + m * ncols + n0), dn));
+    }
     return TOPS_OK;
 }
 

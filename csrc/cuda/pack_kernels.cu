@@ -27,7 +27,8 @@
 #include "tops_cuda.h"
 
 #ifndef TOPS_EMU
-/* launch a kernel through its pointer and report the launch status */
+/* launch a kernel through its pointer and report the launch status (a host-side emulation used to
+ * test the index maps without a GPU defines TOPS_EMU and its own tops_launch) */
 template <typename... KArgs, typename... Args>
 static cudaError_t tops_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t stream,
                                Args... args) {
@@ -157,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 4) awq_to_gptq_vec_kernel(uint4 *__r
     }
 }
 
-__global__ void __launch_bounds__(kThreads, 4) gptq_to_awq_vec_kernel(uint4 *__restrict__ dst,
+__global__ void __launch_bounds__(kThreads, 3) gptq_to_awq_vec_kernel(uint4 *__restrict__ dst,
                                                                    const uint4 *__restrict__ src,
                                                                    int64_t kblocks, int64_t nc4) {
     __shared__ uint4 smem[kRepackWarps][256];

@@ -44,101 +44,15 @@
  *  - fp32 activations, unaligned pointers or an act-order table too large for shared memory: a
  *    simple CUDA-core kernel (correct, not fast).
  */
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
 #include <cooperative_groups.h>
-#include <stdint.h>
 
-#include <algorithm>
+#include <type_traits>
 
-#include "tops_cuda.h"
+#include "w4a16_common.cuh"
 
 namespace cg = cooperative_groups;
 
-namespace {
-
-/* ---- small device helpers ----------------------------------------------------------------- */
-
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-/* element-type traits: bit patterns only (uint16_t storage) */
-struct F16 {
-    static constexpr uint32_t MAGIC = 0x64006400u;  /* half2 (1024, 1024) */
-    static constexpr uint32_t NEGMAG = 0xE400u;     /* -(1024) as fp16 bits, | z gives -(1024 + z) */
-    static constexpr uint32_t ONE2 = 0x3C003C00u;   /* half2 (1, 1) */
-    static constexpr bool FAST = true;              /* 1024 + 16 q is exact: lo/hi nibble trick */
-    __device__ static __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
-        uint32_t d;
-        asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-        return d;
-    }
-    __device__ static __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    __device__ static __forceinline__ float to_f(uint16_t v) { return __half2float(__ushort_as_half(v)); }
-    __device__ static __forceinline__ uint16_t from_f(float v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-struct BF16 {
-    static constexpr uint32_t MAGIC = 0x43004300u;  /* bf16x2 (128, 128) */
-    static constexpr uint32_t NEGMAG = 0xC300u;
-    static constexpr uint32_t ONE2 = 0x3F803F80u;
-    static constexpr bool FAST = false;             /* 128 + 16 q would reach the exponent */
-    __device__ static __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
-        uint32_t d;
-        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-        return d;
-    }
-    __device__ static __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    __device__ static __forceinline__ float to_f(uint16_t v) {
-        return __bfloat162float(__ushort_as_bfloat16(v));
-    }
-    __device__ static __forceinline__ uint16_t from_f(float v) {
-        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-    }
-};
-/* (a & MASK) | c in one lop3 (the compiler splits two immediates into two instructions) */
-template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
-    uint32_t d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));
-    return d;
-}
-static constexpr uint32_t NEG_ZERO2 = 0x80008000u; /* (-0, -0): x * s + (-0) == x * s exactly */
-
-/* zero point of field f (4 bits) for zmode 0 (symmetric: 8), 1 (v1: f + 1), 2 (v2: f) */
-__device__ __forceinline__ uint32_t zero_of(uint32_t f, int zmode) {
-    return zmode == 0 ? 8u : (zmode == 1 ? ((f + 1u) & 15u) : (f & 15u));
-}
-
-struct LinParams {
-    const uint16_t *x;
-    const int32_t *qw;
-    const uint16_t *sc;
-    const int32_t *qz;
-    const int32_t *gidx;
-    const uint16_t *bias;
-    uint16_t *out;
-    int M, K, N, K8, G, gsize, gshift, zmode;
-    int m_tiles, n_tiles, KT, kt_per_split;
-};
+namespace tops_w4 {
 
 /* ---- the tensor-core kernel ----------------------------------------------------------------
  * Block tile: BN output columns x BM rows of x, BK k per pipeline stage; 8 warps laid out
@@ -188,15 +102,7 @@ __global__ void __launch_bounds__(256, (C::BM * C::BN >= 128 * 256) ? 1 : 2)
 
     /* tile coordinates: grouped raster so that concurrently running blocks share x and weights */
     int mt_i, nt_i;
-    {
-        const int GROUP_M = 8;
-        const int pid = blockIdx.x;
-        const int in_group = GROUP_M * p.n_tiles;
-        const int first_m = (pid / in_group) * GROUP_M;
-        const int gsz = min(p.m_tiles - first_m, GROUP_M);
-        mt_i = first_m + (pid % in_group) % gsz;
-        nt_i = (pid % in_group) / gsz;
-    }
+    tile_coords(blockIdx.x, p.m_tiles, p.n_tiles, mt_i, nt_i);
     const int m0 = mt_i * BM, n0 = nt_i * BN;
     const int split = blockIdx.y, nsplit = gridDim.y;
     const int kt_begin = split * p.kt_per_split;
@@ -359,15 +265,14 @@ __global__ void __launch_bounds__(256, (C::BM * C::BN >= 128 * 256) ? 1 : 2)
     };
 
     const uint32_t magic = T::MAGIC; /* in a register: lop3 takes one immediate */
-    for (int it = 0; it < nkt; ++it) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        {
-            const int nx = it + STAGES - 1;
-            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx);
-            cp_async_commit();
-        }
+    /* one pipeline stage; PS: the whole stage lies in one group (group >= BK), so the group is
+     * checked once per stage and the unrolled sub-steps are branch-free */
+    auto stage_body = [&](int it, auto ps) {
+        constexpr bool PS = decltype(ps)::value;
+        (void)ps;
         const int kt = kt_begin + it;
+        (void)PS;
+        (void)kt;
         const unsigned char *st = smem + (it % STAGES) * C::STAGE_BYTES;
         const uint32_t *sW = reinterpret_cast<const uint32_t *>(st);
         const uint16_t *sX = reinterpret_cast<const uint16_t *>(st + C::W_BYTES);
@@ -378,7 +283,7 @@ __global__ void __launch_bounds__(256, (C::BM * C::BN >= 128 * 256) ? 1 : 2)
             if constexpr (!C::ACT) {
                 /* group of this sub-step (32 k, never straddles a group): warp-uniform */
                 const int gabs = (kt * BK + sub * 32) >> p.gshift;
-                if (gabs != cur_g) {
+                if ((!PS || sub == 0) && gabs != cur_g) {
                     if constexpr (C::FACT) {
                         if (cur_g >= 0) flush();
                     }
@@ -476,6 +381,18 @@ __global__ void __launch_bounds__(256, (C::BM * C::BN >= 128 * 256) ? 1 : 2)
                     }
             }
         }
+    };
+    const bool stage_group = !C::ACT && (1 << min(p.gshift, 30)) >= BK;
+    for (int it = 0; it < nkt; ++it) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        {
+            const int nx = it + STAGES - 1;
+            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx);
+            cp_async_commit();
+        }
+        if (stage_group) stage_body(it, std::true_type{});
+        else stage_body(it, std::false_type{});
     }
     if constexpr (C::FACT) {
         if (cur_g >= 0) flush();
@@ -621,88 +538,15 @@ __global__ void __launch_bounds__(128) w4a16_generic_kernel(const GenParams p) {
 
 /* ---- host side ------------------------------------------------------------------------------ */
 
-/* development overrides (benchmarks/w4a16_cuda_dev.py): force a tile config / split */
-int g_force_cfg = -1;
-int g_force_split = 0;
-
-struct DevInfo {
-    int dev = 0, sms = 0, major = 0, optin_smem = 0;
-};
-DevInfo dev_info() {
-    static DevInfo cache[64];
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) dev = 0;
-    if (dev >= 64) dev = 63;
-    DevInfo &d = cache[dev];
-    if (d.sms == 0) {
-        DevInfo n;
-        n.dev = dev;
-        cudaDeviceGetAttribute(&n.sms, cudaDevAttrMultiProcessorCount, dev);
-        cudaDeviceGetAttribute(&n.major, cudaDevAttrComputeCapabilityMajor, dev);
-        cudaDeviceGetAttribute(&n.optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-        if (n.sms <= 0) n.sms = 1;
-        d = n;
-    }
-    return d;
-}
-
 template <class C, class T>
-int launch_tc(const LinParams &base, int split_target, void *stream) {
-    const DevInfo di = dev_info();
+int launch_tc(const LinParams &base, void *stream) {
     LinParams p = base;
     p.m_tiles = (p.M + C::BM - 1) / C::BM;
     p.n_tiles = (p.N + C::BN - 1) / C::BN;
     p.KT = (p.K + C::BK - 1) / C::BK;
     const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
-    if (tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
-
-    int split = 1;
-    if (di.major >= 9) {
-        if (g_force_split > 0) {
-            split = g_force_split;
-        } else if (tiles < split_target) {
-            split = (int)((split_target + tiles - 1) / tiles);
-        }
-        split = std::max(1, std::min(split, std::min(8, p.KT / 2)));
-        if (g_force_split <= 0) { /* automatic: a power of two (trailing splits may be empty) */
-            int p2 = 1;
-            while (p2 * 2 <= split) p2 *= 2;
-            split = p2;
-        }
-    }
-    p.kt_per_split = (p.KT + split - 1) / split;
-
-    size_t pipe = C::PIPE_BYTES;
-    if (split > 1 && (size_t)C::OUT_BYTES > pipe) pipe = C::OUT_BYTES;
-    const size_t smem = pipe + (C::ACT ? (size_t)p.G * C::BN * 4 : 0);
-    if (smem > (size_t)di.optin_smem) return -1; /* caller falls back */
-
-    auto kern = w4a16_tc_kernel<C, T>;
-    static size_t smem_set[64] = {0}; /* per device: largest dynamic shared memory allowed so far */
-    if (smem > 48 * 1024 && smem > smem_set[di.dev]) {
-        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
-            return TOPS_ERR_CUDA;
-        smem_set[di.dev] = smem;
-    }
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (split == 1) {
-        kern<<<dim3((unsigned)tiles, 1, 1), 256, smem, s>>>(p);
-    } else {
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3((unsigned)tiles, (unsigned)split, 1);
-        cfg.blockDim = dim3(256, 1, 1);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = s;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 1;
-        attr[0].val.clusterDim.y = (unsigned)split;
-        attr[0].val.clusterDim.z = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        if (cudaLaunchKernelEx(&cfg, kern, p) != cudaSuccess) return TOPS_ERR_CUDA;
-    }
-    return cudaGetLastError() == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
+    return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::OUT_BYTES,
+                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream);
 }
 
 /* tile configurations, by batch size */
@@ -714,24 +558,35 @@ template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
 
 template <class T, bool ACT>
-int dispatch_tc(const LinParams &p, int cfg, int sms, void *stream) {
+int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     switch (cfg) {
-    case 0: return launch_tc<CfgA<ACT>, T>(p, 2 * sms, stream);
-    case 1: return launch_tc<CfgB<ACT>, T>(p, 2 * sms, stream);
-    case 2: return launch_tc<CfgC<ACT>, T>(p, 2 * sms, stream);
-    case 3: return launch_tc<CfgD<ACT>, T>(p, 2 * sms, stream);
-    case 4: return launch_tc<CfgE<ACT>, T>(p, sms, stream);
-    default: return launch_tc<CfgF<ACT>, T>(p, sms, stream);
+    case 0: return launch_tc<CfgA<ACT>, T>(p, stream);
+    case 1: return launch_tc<CfgB<ACT>, T>(p, stream);
+    case 2: return launch_tc<CfgC<ACT>, T>(p, stream);
+    case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
+    case 4: return launch_tc<CfgE<ACT>, T>(p, stream);
+    default: return launch_tc<CfgF<ACT>, T>(p, stream);
     }
 }
 
+/* mma.sync configurations 0..5 by batch size; wgmma configurations 10 (m 64), 11 (m 128),
+ * 12 (m 256) on sm_90a */
 int choose_cfg(int64_t M, int64_t N, int sms) {
     if (g_force_cfg >= 0) return g_force_cfg;
     if (M <= 8) return 0;
     if (M <= 16) return 1;
+    if (M <= 64) return 10;
+    if (M <= 128) return 11;
+    /* m 256 tiles once they still give every SM a tile */
+    const int64_t t256 = ((M + 255) / 256) * ((N + 127) / 128);
+    return t256 >= sms ? 12 : 11;
+}
+
+/* the mma.sync configuration that stands in for a wgmma one (no sm_90a build, or no fit) */
+int mma_fallback(int cfg, int64_t M, int64_t N, int sms) {
+    if (cfg < 10) return cfg;
     if (M <= 32) return 2;
     if (M <= 64) return 3;
-    /* F (128 x 256 tiles) once it still gives every SM a tile, else E (128 x 128) */
     const int64_t tilesF = ((M + 127) / 128) * ((N + 255) / 256);
     return tilesF >= sms ? 5 : 4;
 }
@@ -774,7 +629,9 @@ int launch_generic(const tops_w4a16_args *a, int zmode, void *stream) {
 
 bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
 
-} // namespace
+} // namespace tops_w4
+
+using namespace tops_w4;
 
 extern "C" {
 
@@ -847,12 +704,17 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
         p.gshift = gshift;
         p.zmode = zmode;
         p.m_tiles = p.n_tiles = p.KT = p.kt_per_split = 0;
-        const int cfg = choose_cfg(M, N, di.sms);
-        int st;
-        if (a->x_dtype == TOPS_F16)
-            st = act ? dispatch_tc<F16, true>(p, cfg, di.sms, stream) : dispatch_tc<F16, false>(p, cfg, di.sms, stream);
-        else
-            st = act ? dispatch_tc<BF16, true>(p, cfg, di.sms, stream) : dispatch_tc<BF16, false>(p, cfg, di.sms, stream);
+        int cfg = choose_cfg(M, N, di.sms);
+        const bool bf16 = a->x_dtype == TOPS_BF16;
+        int st = -1;
+        if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);
+        if (st < 0) {
+            cfg = mma_fallback(cfg, M, N, di.sms);
+            if (!bf16)
+                st = act ? dispatch_tc<F16, true>(p, cfg, stream) : dispatch_tc<F16, false>(p, cfg, stream);
+            else
+                st = act ? dispatch_tc<BF16, true>(p, cfg, stream) : dispatch_tc<BF16, false>(p, cfg, stream);
+        }
         if (st >= 0) return st;
         /* st < 0: the configuration does not fit (act-order table too large): generic path */
     }

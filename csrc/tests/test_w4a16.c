@@ -31,6 +31,7 @@ typedef struct {
     int zfill;    /* -1 random zeros, else every zero equals this */
     int xd, sd, od, bd; /* bd < 0: no bias */
     int64_t xpad; /* x_row_stride = K + xpad */
+    float xscale; /* |x| < xscale (0: 1); row 1 of x: below xscale / 100 */
 } w4case;
 
 typedef struct {
@@ -79,7 +80,10 @@ static void w4_make(w4data *d, const w4case *c) {
             }
     }
     const int64_t ldx = K + c->xpad;
-    d->x = rand_tensor(M * ldx, c->xd, -1.0f, 1.0f);
+    const float xs = c->xscale > 0 ? c->xscale : 1.0f;
+    d->x = rand_tensor(M * ldx, c->xd, -xs, xs);
+    if (M > 1 && c->xscale > 0)
+        for (int64_t k = 0; k < K; k++) tops_store(d->x, c->xd, ldx + k, frand(-xs, xs) * 1e-2f);
     d->scales = rand_tensor(G * N, c->sd, 0.002f, 0.02f);
     if (c->bd >= 0) d->bias = rand_tensor(N, c->bd, -1.0f, 1.0f);
     d->ref = malloc((size_t)(M * N) * sizeof(double));
@@ -100,7 +104,7 @@ static void w4_make(w4data *d, const w4case *c) {
                 mag += fabs(b);
             }
             d->ref[m * N + n] = acc;
-            d->bound[m * N + n] = mag + 1e-30;
+            d->bound[m * N + n] = mag + 1e-300;
         }
 }
 
@@ -230,6 +234,7 @@ static w4case w4_random_case(int64_t M, int64_t K, int64_t N, int64_t gs) {
     c.od = (int)(tu_rand() % 3);
     c.bd = (int)(tu_rand() % 4) - 1;
     c.xpad = tu_rand() % 2 ? 0 : 8 * (int64_t)(tu_rand() % 3) + (tu_rand() % 2);
+    c.xscale = 0;
     return c;
 }
 
@@ -255,7 +260,7 @@ static void test_dtypes(void) {
         for (int sd = 0; sd < 3; sd++)
             for (int od = 0; od < 3; od++)
                 for (int mi = 0; mi < 2; mi++) {
-                    w4case c = {mi ? 9 : 2, 256, 72, 64, 0, 1, -1, xd, sd, od, (xd + sd + od) % 4 - 1, 3};
+                    w4case c = {mi ? 9 : 2, 256, 72, 64, 0, 1, -1, xd, sd, od, (xd + sd + od) % 4 - 1, 3, 0};
                     w4_case(&c);
                 }
 }
@@ -266,12 +271,12 @@ static void test_zero_edges(void) {
         for (int zv = 0; zv < 2; zv++)
             for (int act = 0; act < 2; act++)
                 for (int mi = 0; mi < 2; mi++) {
-                    w4case c = {mi ? 20 : 1, 128, 40, 32, act, zf, zv ? 15 : 0, TOPS_F32, TOPS_F32, TOPS_F32, -1, 0};
+                    w4case c = {mi ? 20 : 1, 128, 40, 32, act, zf, zv ? 15 : 0, TOPS_F32, TOPS_F32, TOPS_F32, -1, 0, 0};
                     w4_case(&c);
                 }
     /* v1 nibble trap literal: zeros [0,5,3,9,15,1,8,2] pack to 0x170E824F */
     {
-        w4case c = {1, 8, 8, 8, 0, 1, -1, TOPS_F32, TOPS_F32, TOPS_F32, -1, 0};
+        w4case c = {1, 8, 8, 8, 0, 1, -1, TOPS_F32, TOPS_F32, TOPS_F32, -1, 0, 0};
         w4data d;
         w4_make(&d, &c);
         static const uint8_t zz[8] = {0, 5, 3, 9, 15, 1, 8, 2};
@@ -303,17 +308,26 @@ static void test_odd(void) {
             w4_case(&c);
         }
     w4case big[] = {
-        {1, 1024, 520, 128, 0, 2, -1, TOPS_F16, TOPS_F16, TOPS_F16, TOPS_F16, 0},
-        {4, 2048, 136, 128, 1, 1, -1, TOPS_BF16, TOPS_BF16, TOPS_BF16, -1, 0},
-        {17, 1032, 200, 8, 0, 1, -1, TOPS_F16, TOPS_F32, TOPS_F32, TOPS_F32, 5},
-        {300, 520, 40, 40, 1, 2, -1, TOPS_F32, TOPS_F16, TOPS_F16, -1, 8},
-        {5, 4096, 16, 4096, 0, 0, -1, TOPS_F32, TOPS_F32, TOPS_F32, -1, 0},
+        {1, 1024, 520, 128, 0, 2, -1, TOPS_F16, TOPS_F16, TOPS_F16, TOPS_F16, 0, 0},
+        {4, 2048, 136, 128, 1, 1, -1, TOPS_BF16, TOPS_BF16, TOPS_BF16, -1, 0, 0},
+        {17, 1032, 200, 8, 0, 1, -1, TOPS_F16, TOPS_F32, TOPS_F32, TOPS_F32, 5, 0},
+        {300, 520, 40, 40, 1, 2, -1, TOPS_F32, TOPS_F16, TOPS_F16, -1, 8, 0},
+        {5, 4096, 16, 4096, 0, 0, -1, TOPS_F32, TOPS_F32, TOPS_F32, -1, 0, 0},
     };
     for (size_t i = 0; i < sizeof big / sizeof big[0]; i++) w4_case(&big[i]);
+    /* tiny and huge activations (the GEMV path pre-scales x by 2^-4j) */
+    static const float scales[] = {1e-20f, 1e-37f, 1e15f};
+    for (int i = 0; i < 3; i++)
+        for (int xd = 0; xd < 3; xd += 2)
+            for (int act = 0; act < 2; act++)
+                for (int mi = 0; mi < 2; mi++) {
+                    w4case c = {mi ? 12 : 3, 256, 40, 64, act, 1, -1, xd, TOPS_F32, TOPS_F32, -1, 0, scales[i]};
+                    w4_case(&c);
+                }
 }
 
 static void test_errors(void) {
-    w4case c = {2, 64, 32, 32, 1, 1, -1, TOPS_F32, TOPS_F16, TOPS_F32, TOPS_F32, 0};
+    w4case c = {2, 64, 32, 32, 1, 1, -1, TOPS_F32, TOPS_F16, TOPS_F32, TOPS_F32, 0, 0};
     w4data d;
     w4_make(&d, &c);
     float out[64];

@@ -1,0 +1,256 @@
+/*
+ * w4a16_common.cuh - shared pieces of the CUDA w4a16 linear (w4a16_kernels.cu, w4a16_wgmma.cu):
+ * cp.async / lop3 helpers, the fp16 / bf16 traits, the kernel parameters, and the host-side
+ * launch helper that picks the K split (a thread-block cluster) from the occupancy.
+ * Internal: nothing here is part of the C API (tops_cuda.h).
+ */
+#ifndef TOPS_W4A16_COMMON_CUH
+#define TOPS_W4A16_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+#include "tops_cuda.h"
+
+namespace tops_w4 {
+
+/* ---- small device helpers ----------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* element-type traits: bit patterns only (uint16_t storage) */
+struct F16 {
+    static constexpr uint32_t MAGIC = 0x64006400u;  /* half2 (1024, 1024) */
+    static constexpr uint32_t NEGMAG = 0xE400u;     /* -(1024) as fp16 bits, | z gives -(1024 + z) */
+    static constexpr uint32_t ONE2 = 0x3C003C00u;   /* half2 (1, 1) */
+    static constexpr bool FAST = true;              /* 1024 + 16 q is exact: lo/hi nibble trick */
+    __device__ static __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+        uint32_t d;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+        return d;
+    }
+    __device__ static __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ static __forceinline__ float to_f(uint16_t v) { return __half2float(__ushort_as_half(v)); }
+    __device__ static __forceinline__ uint16_t from_f(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+struct BF16 {
+    static constexpr uint32_t MAGIC = 0x43004300u;  /* bf16x2 (128, 128) */
+    static constexpr uint32_t NEGMAG = 0xC300u;
+    static constexpr uint32_t ONE2 = 0x3F803F80u;
+    static constexpr bool FAST = false;             /* 128 + 16 q would reach the exponent */
+    __device__ static __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+        uint32_t d;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+        return d;
+    }
+    __device__ static __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ static __forceinline__ float to_f(uint16_t v) {
+        return __bfloat162float(__ushort_as_bfloat16(v));
+    }
+    __device__ static __forceinline__ uint16_t from_f(float v) {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    }
+};
+/* (a & MASK) | c in one lop3 (the compiler splits two immediates into two instructions) */
+template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));
+    return d;
+}
+static constexpr uint32_t NEG_ZERO2 = 0x80008000u; /* (-0, -0): x * s + (-0) == x * s exactly */
+
+/* zero point of field f (4 bits) for zmode 0 (symmetric: 8), 1 (v1: f + 1), 2 (v2: f) */
+__device__ __forceinline__ uint32_t zero_of(uint32_t f, int zmode) {
+    return zmode == 0 ? 8u : (zmode == 1 ? ((f + 1u) & 15u) : (f & 15u));
+}
+
+struct LinParams {
+    const uint16_t *x;
+    const int32_t *qw;
+    const uint16_t *sc;
+    const int32_t *qz;
+    const int32_t *gidx;
+    const uint16_t *bias;
+    uint16_t *out;
+    int M, K, N, K8, G, gsize, gshift, zmode;
+    int m_tiles, n_tiles, KT, kt_per_split;
+};
+
+
+/* ---- host side -------------------------------------------------------------------------------- */
+
+/* development overrides (benchmarks/w4a16_cuda_dev.py): force a tile config / K split */
+inline int g_force_cfg = -1;
+inline int g_force_split = 0;
+
+struct DevInfo {
+    int dev = 0, sms = 0, major = 0, minor = 0, optin_smem = 0;
+};
+inline DevInfo dev_info() {
+    static DevInfo cache[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) dev = 0;
+    if (dev >= 64) dev = 63;
+    DevInfo &d = cache[dev];
+    if (d.sms == 0) {
+        DevInfo n;
+        n.dev = dev;
+        cudaDeviceGetAttribute(&n.major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&n.minor, cudaDevAttrComputeCapabilityMinor, dev);
+        cudaDeviceGetAttribute(&n.optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        cudaDeviceGetAttribute(&n.sms, cudaDevAttrMultiProcessorCount, dev);
+        if (n.sms <= 0) n.sms = 1;
+        d = n;
+    }
+    return d;
+}
+
+/* Blocks (split == 1) or clusters of `split` blocks (split > 1) of 256 threads that can be resident
+ * at once, cached per kernel, shared memory size, split and device. 0 when it cannot run. */
+template <class Kern>
+inline int resident(Kern kern, size_t smem, int split, const DevInfo &di) {
+    struct E {
+        const void *f;
+        size_t smem;
+        int split, dev, val;
+    };
+    static E cache[128];
+    static int n = 0;
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < n; ++i)
+        if (cache[i].f == (const void *)kern && cache[i].smem == smem && cache[i].split == split && cache[i].dev == di.dev)
+            return cache[i].val;
+    int v = 0;
+    if (split == 1) {
+        int nb = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, 256, smem) == cudaSuccess) v = nb * di.sms;
+    } else {
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(1, (unsigned)split, 1);
+        cfg.blockDim = dim3(256, 1, 1);
+        cfg.dynamicSmemBytes = smem;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1;
+        attr[0].val.clusterDim.y = (unsigned)split;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        int nc = 0;
+        if (cudaOccupancyMaxActiveClusters(&nc, kern, &cfg) == cudaSuccess) v = nc;
+    }
+    (void)cudaGetLastError();
+    if (n < 128) cache[n++] = E{(const void *)kern, smem, split, di.dev, v};
+    return v;
+}
+
+/* Launch `kern` over `tiles` output tiles, choosing the K split (1..8, a cluster along gridDim.y on
+ * sm_90+) that minimises the estimated time: waves x (k-tiles per block) x (blocks per SM) /
+ * sqrt(blocks per SM) (two resident blocks hide latency better than one, not twice as well).
+ * pipe: shared memory of the pipeline; out: of the fp32 partial tile (split > 1); tab: extra.
+ * Returns -1 when even one block does not fit (the caller falls back). */
+template <class Kern>
+inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream) {
+    const DevInfo di = dev_info();
+    if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
+    const size_t smem_max = std::max(pipe, out) + tab;
+    static int smem_set[64] = {0}; /* per device: dynamic shared memory already allowed */
+    {
+        const size_t need = std::min(smem_max, (size_t)di.optin_smem);
+        if (need > 48 * 1024 && (int)need > smem_set[di.dev]) {
+            if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)need) != cudaSuccess)
+                return TOPS_ERR_CUDA;
+            smem_set[di.dev] = (int)need;
+        }
+    }
+    int split = 1;
+    if (di.major >= 9) {
+        const int smax = std::min(8, std::max(1, p.KT / 2));
+        if (g_force_split > 0) {
+            split = std::min(g_force_split, 8);
+        } else {
+            double best = 1e300;
+            for (int s = 1; s <= smax; ++s) {
+                const size_t smem = (s > 1 ? std::max(pipe, out) : pipe) + tab;
+                if (smem > (size_t)di.optin_smem) continue;
+                const int occ = resident(kern, smem, s, di);
+                if (occ <= 0) continue;
+                const double waves = (double)((tiles + occ - 1) / occ);
+                const double blocks = (double)std::min<int64_t>(tiles, occ) * s;
+                const double per_sm = std::max(1.0, std::ceil(blocks / di.sms));
+                const double cost = waves * (double)((p.KT + s - 1) / s) * per_sm / std::sqrt(per_sm) + (s > 1 ? 0.5 : 0.0);
+                if (cost < best - 1e-9) {
+                    best = cost;
+                    split = s;
+                }
+            }
+        }
+    }
+    p.kt_per_split = (p.KT + split - 1) / split;
+    const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
+    if (smem > (size_t)di.optin_smem) return -1;
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    if (split == 1) {
+        kern<<<dim3((unsigned)tiles, 1, 1), 256, smem, st>>>(p);
+    } else {
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3((unsigned)tiles, (unsigned)split, 1);
+        cfg.blockDim = dim3(256, 1, 1);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = st;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1;
+        attr[0].val.clusterDim.y = (unsigned)split;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        if (cudaLaunchKernelEx(&cfg, kern, p) != cudaSuccess) return TOPS_ERR_CUDA;
+    }
+    return cudaGetLastError() == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
+}
+
+/* tile raster: groups of 8 m-tiles walk the n-tiles together, so blocks running at the same time
+ * share both their x rows and their weight columns in L2 */
+__device__ __forceinline__ void tile_coords(int pid, int m_tiles, int n_tiles, int &mt, int &nt) {
+    const int GROUP_M = 8;
+    const int in_group = GROUP_M * n_tiles;
+    const int first_m = (pid / in_group) * GROUP_M;
+    const int gsz = min(m_tiles - first_m, GROUP_M);
+    mt = first_m + (pid % in_group) % gsz;
+    nt = (pid % in_group) / gsz;
+}
+
+/* the wgmma path (w4a16_wgmma.cu): returns -1 when it is not built for sm_90a or does not fit */
+int launch_wgmma(const LinParams &p, bool bf16, bool act, int cfg, void *stream);
+
+} // namespace tops_w4
+
+#endif /* TOPS_W4A16_COMMON_CUH */

@@ -1,0 +1,491 @@
+/*
+ * w4a16_wgmma.cu - the Hopper path of the w4a16 linear for batches above 16 (sm_90a: wgmma).
+ *
+ * Same computation as w4a16_kernels.cu (see there), as out^T = W^T x^T with wgmma.m64nNk16:
+ *  - A (64 output columns x 16 k per warpgroup) is the dequantised weight tile, built in registers
+ *    (wgmma's register-A fragment is the mma.m16n8k16 one, per warp): natural k order here, so a
+ *    thread needs byte t of two k-words per row and k16 step; one byte_perm places that byte in
+ *    both half lanes and one lop3 with the 0x6400 magic yields (1024 + q_lo, 1024 + 16 q_hi)
+ *    (fp16) or, from w and w >> 4, (128 + q_lo, 128 + q_hi) (bf16).
+ *    A fragment row g is output column 2g, row g + 8 column 2g + 1 (of the warp's 16), so one
+ *    8-byte shared load gives both rows' words and the epilogue stores column pairs.
+ *  - B (16 k x BM rows of x) is read by the tensor cores straight from shared memory: x tiles of
+ *    64 k are copied with cp.async into the canonical 128-byte-swizzled K-major layout.
+ *  - 2 warpgroups x 64 columns = 128 columns per block, BM in {64, 128, 256} rows; a cp.async
+ *    pipeline of STAGES stages refilled STAGES-2 ahead; A fragments double-buffered so that the
+ *    dequantisation of a stage overlaps the previous stage's wgmmas (wait_group 1).
+ *  - Split-K across a cluster and the epilogue as in w4a16_kernels.cu.
+ * Built for sm_90a only; other targets get an empty kernel, which the host detects (the sm_90a
+ * build carries a 16-byte static shared array) and then uses the mma.sync kernels instead.
+ */
+#include <cooperative_groups.h>
+
+#include <type_traits>
+
+#include "w4a16_common.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace tops_w4 {
+
+template <int BM_, int STAGES_, bool ACT_>
+struct WCfg {
+    static constexpr int BM = BM_, BN = 128, BK = 64, KW = 8, STAGES = STAGES_;
+    static constexpr bool ACT = ACT_;
+    static constexpr int NG = ACT ? 0 : 2;          /* scale rows per stage (group >= 32) */
+    static constexpr int X_BYTES = BM * 128;        /* [BM][64] halves, 128-byte swizzle */
+    static constexpr int W_BYTES = KW * BN * 4;     /* [8][128] words */
+    static constexpr int S_BYTES = NG * BN * 2;
+    static constexpr int Z_BYTES = NG * (BN / 8) * 4;
+    static constexpr int GI_BYTES = ACT ? BK * 4 : 0;
+    static constexpr int STAGE_RAW = X_BYTES + W_BYTES + S_BYTES + Z_BYTES + GI_BYTES;
+    static constexpr int STAGE_BYTES = (STAGE_RAW + 1023) / 1024 * 1024; /* swizzle atoms: 1 KB */
+    static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+    static constexpr int OUT_BYTES = BM * BN * 4;
+    static_assert(BM % 64 == 0 && BM <= 256, "BM");
+    static_assert(STAGES >= 3, "stages");
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
+template <int N, class T> struct Wgmma;
+template <> struct Wgmma<64, F16> {
+    __device__ static __forceinline__ void run(float *d, const uint32_t *a, uint64_t desc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+            "{"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+            "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
+};
+template <> struct Wgmma<64, BF16> {
+    __device__ static __forceinline__ void run(float *d, const uint32_t *a, uint64_t desc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+            "{"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+            "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
+};
+template <> struct Wgmma<128, F16> {
+    __device__ static __forceinline__ void run(float *d, const uint32_t *a, uint64_t desc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+            "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
+};
+template <> struct Wgmma<128, BF16> {
+    __device__ static __forceinline__ void run(float *d, const uint32_t *a, uint64_t desc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+            "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
+};
+template <> struct Wgmma<256, F16> {
+    __device__ static __forceinline__ void run(float *d, const uint32_t *a, uint64_t desc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+            "{"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+            "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+            "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+            "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+            "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+            "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
+};
+template <> struct Wgmma<256, BF16> {
+    __device__ static __forceinline__ void run(float *d, const uint32_t *a, uint64_t desc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+            "{"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+            "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+            "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+            "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+            "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+            "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
+};
+#endif
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void keep_f(float &r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void keep_u(uint32_t &r) { asm volatile("" : "+r"(r)::"memory"); }
+
+template <class C, class T>
+__global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BM = C::BM, BN = C::BN, BK = C::BK, KW = C::KW, STAGES = C::STAGES;
+    constexpr bool FAST = T::FAST && !C::ACT;
+    constexpr int NACC = BM / 2; /* m64 x nBM fp32 accumulator: BM/2 registers per thread */
+    __shared__ uint32_t sm90a_tag[4]; /* the host recognises the sm_90a build by this array */
+    if (p.M < 0) sm90a_tag[threadIdx.x & 3] = 0u;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u; /* swizzled tiles need 1 KB alignment */
+    unsigned char *smem = smem_raw + (base - raw);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wg = warp >> 2, wq = warp & 3;
+    int mt_i, nt_i;
+    tile_coords(blockIdx.x, p.m_tiles, p.n_tiles, mt_i, nt_i);
+    const int m0 = mt_i * BM, n0 = nt_i * BN;
+    const int split = blockIdx.y, nsplit = gridDim.y;
+    const int kt_begin = split * p.kt_per_split;
+    const int kt_end = min(p.KT, kt_begin + p.kt_per_split);
+    const int nkt = max(0, kt_end - kt_begin);
+    const int pipe_bytes = (nsplit > 1 && C::OUT_BYTES > C::PIPE_BYTES) ? C::OUT_BYTES : C::PIPE_BYTES;
+    uint32_t *tab = reinterpret_cast<uint32_t *>(smem + pipe_bytes); /* ACT: [G][BN] (s, -(magic+z)) */
+    const int N8 = p.N >> 3;
+    const int r0 = wg * 64 + wq * 16 + 2 * g; /* local column of A row g; row g + 8 is r0 + 1 */
+
+    /* ---- static copy assignments ---- */
+    constexpr int X_J = BM / 32;
+    const int x_r0 = tid >> 3, x_c = tid & 7;
+    const uint32_t x_dst0 = (uint32_t)(x_r0 * 128 + ((x_c ^ (x_r0 & 7)) << 4));
+    const int w_r = tid >> 5, w_c = tid & 31;
+    const bool w_colv = n0 + 4 * w_c < p.N;
+    const uint32_t w_dst = (uint32_t)(C::X_BYTES + w_r * (BN * 4) + w_c * 16);
+
+    auto load_stage = [&](int buf, int kt) {
+        const uint32_t st = base + (uint32_t)(buf * C::STAGE_BYTES);
+#pragma unroll
+        for (int j = 0; j < X_J; ++j) {
+            const int r = x_r0 + 32 * j;
+            const bool v = m0 + r < p.M && kt * KW + x_c < p.K8;
+            const uint16_t *src = p.x + (int64_t)(m0 + r) * p.K + kt * BK + 8 * x_c;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * 32 * 128),
+                         "l"(v ? src : p.x), "r"(v ? 16 : 0));
+        }
+        {
+            const bool v = w_colv && kt * KW + w_r < p.K8;
+            const int32_t *src = p.qw + (int64_t)(kt * KW + w_r) * p.N + n0 + 4 * w_c;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst), "l"(v ? src : p.qw),
+                         "r"(v ? 16 : 0));
+        }
+        if constexpr (!C::ACT) {
+            if (tid < 32) {
+                const int sr = tid >> 4, sc = tid & 15;
+                const int k0 = kt * BK;
+                const int gg = (k0 >> p.gshift) + sr;
+                const int glast = (min(k0 + BK, p.K) - 1) >> p.gshift;
+                const bool v = gg <= glast && n0 + 8 * sc < p.N;
+                const uint16_t *src = p.sc + (int64_t)gg * p.N + n0 + 8 * sc;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                 st + C::X_BYTES + C::W_BYTES + sr * (BN * 2) + sc * 16),
+                             "l"(v ? src : p.sc), "r"(v ? 16 : 0));
+                if (p.zmode != 0) {
+                    const bool vz = gg <= glast && (n0 >> 3) + sc < N8;
+                    const int32_t *zsrc = p.qz + (int64_t)gg * N8 + (n0 >> 3) + sc;
+                    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                                     st + C::X_BYTES + C::W_BYTES + C::S_BYTES + sr * (BN / 2) + sc * 4),
+                                 "l"(vz ? zsrc : p.qz), "r"(vz ? 4 : 0));
+                }
+            }
+        } else {
+            int32_t *sG = reinterpret_cast<int32_t *>(smem + buf * C::STAGE_BYTES + C::X_BYTES + C::W_BYTES);
+            const int k0 = kt * BK;
+            if (p.gidx != nullptr) {
+                if (tid < BK / 4) {
+                    const int k = k0 + 4 * tid;
+                    cp_async16(sG + 4 * tid, k < p.K ? p.gidx + k : p.gidx, k < p.K);
+                }
+            } else if (tid < BK) {
+                const int k = k0 + tid;
+                sG[tid] = k < p.K ? k / p.gsize : 0;
+            }
+        }
+    };
+
+    /* prologue: STAGES-2 stages in flight (a stage is refilled only once the wgmmas that read it
+     * two iterations earlier have completed) */
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) {
+        if (s < nkt) load_stage(s, kt_begin + s);
+        cp_async_commit();
+    }
+    if constexpr (C::ACT) {
+        for (int i = tid; i < p.G * (BN / 4); i += 256) {
+            const int gg = i / (BN / 4), c4 = i % (BN / 4);
+            const int col = n0 + 4 * c4;
+            uint4 e = make_uint4(0, 0, 0, 0);
+            if (col < p.N) {
+                const uint2 s4 = __ldg(reinterpret_cast<const uint2 *>(p.sc + (int64_t)gg * p.N + col));
+                uint32_t zz = 0;
+                if (p.zmode != 0) zz = (uint32_t)__ldg(p.qz + (int64_t)gg * N8 + (col >> 3)) >> ((col & 4) * 4);
+                const uint32_t z0 = zero_of(zz & 15u, p.zmode), z1 = zero_of((zz >> 4) & 15u, p.zmode);
+                const uint32_t z2 = zero_of((zz >> 8) & 15u, p.zmode), z3 = zero_of((zz >> 12) & 15u, p.zmode);
+                e.x = (s4.x & 0xFFFFu) | ((T::NEGMAG | z0) << 16);
+                e.y = (s4.x >> 16) | ((T::NEGMAG | z1) << 16);
+                e.z = (s4.y & 0xFFFFu) | ((T::NEGMAG | z2) << 16);
+                e.w = (s4.y >> 16) | ((T::NEGMAG | z3) << 16);
+            }
+            *reinterpret_cast<uint4 *>(tab + gg * BN + 4 * c4) = e;
+        }
+    }
+
+    float acc[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+    uint32_t A[2][4][4]; /* [buffer][k16 step][reg] */
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) A[b][j][r] = 0u;
+
+    const uint32_t magic = T::MAGIC;
+    const uint32_t sel_fast = (uint32_t)(t | (t << 8));           /* byte t -> bytes 0 and 2 */
+    const uint32_t sel_shift = (uint32_t)(t | ((t + 4) << 8));    /* byte t of w, of w >> 4 */
+    int cur_g = -1;
+    uint32_t nz[2] = {0u, 0u}, sd[2] = {0u, 0u}; /* per row (r0, r0+1): zero offsets, scale */
+    const uint64_t desc_base = (uint64_t)(((base & 0x3FFFFu) >> 4) & 0x3FFFu) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+
+    auto deq = [&](uint32_t w, uint32_t nzr, uint32_t sdr) -> uint32_t {
+        if constexpr (FAST) {
+            const uint32_t q = and_or<0x00F0000Fu>(__byte_perm(w, w, sel_fast), magic);
+            return T::fma2(T::fma2(q, 0x2C003C00u, nzr), sdr, NEG_ZERO2); /* (1, 1/16) */
+        } else {
+            const uint32_t q = and_or<0x000F000Fu>(__byte_perm(w, w >> 4, sel_shift), magic);
+            return T::fma2(T::fma2(q, T::ONE2, nzr), sdr, NEG_ZERO2);
+        }
+    };
+    auto load_group = [&](const unsigned char *st, int gl) {
+        const uint16_t *sS = reinterpret_cast<const uint16_t *>(st + C::X_BYTES + C::W_BYTES);
+        const uint32_t *sZ = reinterpret_cast<const uint32_t *>(st + C::X_BYTES + C::W_BYTES + C::S_BYTES);
+        const uint32_t s2 = *reinterpret_cast<const uint32_t *>(sS + gl * BN + r0); /* rows r0, r0+1 */
+        uint32_t zz = 0;
+        if (p.zmode != 0) zz = sZ[gl * (BN / 8) + (r0 >> 3)] >> ((r0 & 7) * 4);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const uint32_t z = zero_of((zz >> (4 * r)) & 15u, p.zmode);
+            const uint32_t sh = r ? (s2 >> 16) : (s2 & 0xFFFFu);
+            sd[r] = sh * 0x10001u;
+            if constexpr (FAST) nz[r] = (T::NEGMAG | z) | ((0xD400u + (z << 4)) << 16); /* -(1024+z), -(64+z) */
+            else nz[r] = (T::NEGMAG | z) * 0x10001u;
+        }
+    };
+
+    auto stage = [&](int it, auto bufc, auto psc) {
+        constexpr int B = decltype(bufc)::value;
+        constexpr bool PS = decltype(psc)::value; /* whole stage in one group */
+        (void)psc;
+        (void)bufc;
+        const int kt = kt_begin + it;
+        (void)kt;
+        const unsigned char *st = smem + (it % STAGES) * C::STAGE_BYTES;
+        const uint32_t *sW = reinterpret_cast<const uint32_t *>(st + C::X_BYTES);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint2 wa = *reinterpret_cast<const uint2 *>(sW + (2 * j) * BN + r0);
+            const uint2 wb = *reinterpret_cast<const uint2 *>(sW + (2 * j + 1) * BN + r0);
+            if constexpr (!C::ACT) {
+                const int gabs = (kt * BK + 16 * j) >> p.gshift;
+                if ((!PS || j == 0) && gabs != cur_g) {
+                    cur_g = gabs;
+                    load_group(st, gabs - ((kt * BK) >> p.gshift));
+                }
+                A[B][j][0] = deq(wa.x, nz[0], sd[0]);
+                A[B][j][1] = deq(wa.y, nz[1], sd[1]);
+                A[B][j][2] = deq(wb.x, nz[0], sd[0]);
+                A[B][j][3] = deq(wb.y, nz[1], sd[1]);
+            } else {
+                (void)PS;
+                const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::X_BYTES + C::W_BYTES);
+                const int2 ga = *reinterpret_cast<const int2 *>(sG + 16 * j + 2 * t);
+                const int2 gb = *reinterpret_cast<const int2 *>(sG + 16 * j + 8 + 2 * t);
+                const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + ga.x * BN + r0);
+                const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + ga.y * BN + r0);
+                const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + gb.x * BN + r0);
+                const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + gb.y * BN + r0);
+                A[B][j][0] = deq(wa.x, __byte_perm(ea0.x, ea1.x, 0x7632), __byte_perm(ea0.x, ea1.x, 0x5410));
+                A[B][j][1] = deq(wa.y, __byte_perm(ea0.y, ea1.y, 0x7632), __byte_perm(ea0.y, ea1.y, 0x5410));
+                A[B][j][2] = deq(wb.x, __byte_perm(eb0.x, eb1.x, 0x7632), __byte_perm(eb0.x, eb1.x, 0x5410));
+                A[B][j][3] = deq(wb.y, __byte_perm(eb0.y, eb1.y, 0x7632), __byte_perm(eb0.y, eb1.y, 0x5410));
+            }
+        }
+        wg_fence();
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) keep_f(acc[i]);
+        const uint64_t desc = desc_base + (uint64_t)(((it % STAGES) * C::STAGE_BYTES) >> 4);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) Wgmma<BM, T>::run(acc, A[B][j], desc + (uint64_t)(2 * j));
+        wg_commit();
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) keep_f(acc[i]);
+        wg_wait<1>(); /* the previous stage's wgmmas are done: its A buffer and smem stage are free */
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) keep_u(A[1 - B][j][r]);
+    };
+
+    const bool ps = !C::ACT && (1 << min(p.gshift, 30)) >= BK;
+    for (int it = 0; it < nkt; ++it) {
+        cp_async_wait<STAGES - 3>();
+        __syncthreads();
+        {
+            const int nx = it + STAGES - 2;
+            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx);
+            cp_async_commit();
+        }
+        if ((it & 1) == 0) {
+            if (ps) stage(it, std::integral_constant<int, 0>{}, std::true_type{});
+            else stage(it, std::integral_constant<int, 0>{}, std::false_type{});
+        } else {
+            if (ps) stage(it, std::integral_constant<int, 1>{}, std::true_type{});
+            else stage(it, std::integral_constant<int, 1>{}, std::false_type{});
+        }
+    }
+    wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) keep_f(acc[i]);
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) keep_u(A[b][j][r]);
+
+    /* ---- epilogue: acc[4i + e] holds (row g / g+8 -> column r0 / r0+1, m = 8i + 2t + (e & 1)) ---- */
+    if (nsplit == 1) {
+        const int col = n0 + r0;
+        float b0 = 0.f, b1 = 0.f;
+        if (p.bias != nullptr && col < p.N) {
+            const uint32_t bb = *reinterpret_cast<const uint32_t *>(p.bias + col);
+            b0 = T::to_f((uint16_t)(bb & 0xFFFFu));
+            b1 = T::to_f((uint16_t)(bb >> 16));
+        }
+#pragma unroll
+        for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int m = m0 + 8 * i + 2 * t + e;
+                if (m < p.M && col < p.N) {
+                    const uint32_t o = (uint32_t)T::from_f(acc[4 * i + e] + b0) |
+                                       ((uint32_t)T::from_f(acc[4 * i + 2 + e] + b1) << 16);
+                    *reinterpret_cast<uint32_t *>(p.out + (int64_t)m * p.N + col) = o;
+                }
+            }
+        return;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    float *sO = reinterpret_cast<float *>(smem); /* [BM][BN] */
+#pragma unroll
+    for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int ml = 8 * i + 2 * t + e;
+            *reinterpret_cast<float2 *>(sO + ml * BN + r0) = make_float2(acc[4 * i + e], acc[4 * i + 2 + e]);
+        }
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    for (int idx = split * 256 + tid; idx < BM * (BN / 4); idx += nsplit * 256) {
+        const int ml = idx / (BN / 4), c4 = idx % (BN / 4);
+        const int m = m0 + ml, col = n0 + 4 * c4;
+        if (m < p.M && col < p.N) {
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int q = 0; q < nsplit; ++q) {
+                const float4 r = *reinterpret_cast<const float4 *>(cluster.map_shared_rank(sO, q) + 4 * idx);
+                v.x += r.x;
+                v.y += r.y;
+                v.z += r.z;
+                v.w += r.w;
+            }
+            if (p.bias != nullptr) {
+                const uint2 b = *reinterpret_cast<const uint2 *>(p.bias + col);
+                v.x += T::to_f((uint16_t)(b.x & 0xFFFFu));
+                v.y += T::to_f((uint16_t)(b.x >> 16));
+                v.z += T::to_f((uint16_t)(b.y & 0xFFFFu));
+                v.w += T::to_f((uint16_t)(b.y >> 16));
+            }
+            uint2 o;
+            o.x = (uint32_t)T::from_f(v.x) | ((uint32_t)T::from_f(v.y) << 16);
+            o.y = (uint32_t)T::from_f(v.z) | ((uint32_t)T::from_f(v.w) << 16);
+            *reinterpret_cast<uint2 *>(p.out + (int64_t)m * p.N + col) = o;
+        }
+    }
+    cluster.sync();
+#else
+    (void)p;
+    __trap();
+#endif
+}
+
+template <class C, class T>
+int launch_wg(const LinParams &base, void *stream) {
+    auto kern = w4a16_wgmma_kernel<C, T>;
+    static int built = -1; /* 1: this binary holds the sm_90a kernel */
+    if (built < 0) {
+        cudaFuncAttributes fa;
+        built = (cudaFuncGetAttributes(&fa, kern) == cudaSuccess && fa.sharedSizeBytes >= 16) ? 1 : 0;
+        (void)cudaGetLastError();
+    }
+    if (!built) return -1;
+    LinParams p = base;
+    p.m_tiles = (p.M + C::BM - 1) / C::BM;
+    p.n_tiles = (p.N + C::BN - 1) / C::BN;
+    p.KT = (p.K + C::BK - 1) / C::BK;
+    const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
+    return launch_split(kern, p, tiles, (size_t)C::PIPE_BYTES + 1024, (size_t)C::OUT_BYTES + 1024,
+                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream);
+}
+
+template <class T, bool ACT>
+int dispatch_wg(const LinParams &p, int cfg, void *stream) {
+    switch (cfg) {
+    case 10: return launch_wg<WCfg<64, 6, ACT>, T>(p, stream);
+    case 11: return launch_wg<WCfg<128, 5, ACT>, T>(p, stream);
+    default: return launch_wg<WCfg<256, 4, ACT>, T>(p, stream);
+    }
+}
+
+int launch_wgmma(const LinParams &p, bool bf16, bool act, int cfg, void *stream) {
+    if (bf16) return act ? dispatch_wg<BF16, true>(p, cfg, stream) : dispatch_wg<BF16, false>(p, cfg, stream);
+    return act ? dispatch_wg<F16, true>(p, cfg, stream) : dispatch_wg<F16, false>(p, cfg, stream);
+}
+
+} // namespace tops_w4
