@@ -41,11 +41,12 @@ class Build(BuildExtension):
 
 
 def extension():
-    cxx = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function"]
+    # no -std: torch picks the standard its headers were built with (C++17 in 2.11, C++20 in 2.13)
+    cxx = ["-O3", "-Wall", "-Wno-unused-function"]
     include = [os.path.join(ROOT, "csrc")]
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(
             "torch_ops._C", CPP_SOURCES + CUDA_SOURCES, include_dirs=include,
             define_macros=[("TOPS_WITH_CUDA", "1")],

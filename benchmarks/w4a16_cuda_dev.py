@@ -7,8 +7,9 @@ formats, then times it against cuBLAS fp16 with triton.testing.do_bench.
     python3 benchmarks/w4a16_cuda_dev.py [--lib PATH] [--quick] [--no-bench] [--out DIR]
 
 The library is built with
-    nvcc -shared -Xcompiler -fPIC -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc \
-         -o .devbuild/libw4.so csrc/cuda/w4a16_kernels.cu
+    nvcc -shared -Xcompiler -fPIC -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+         -o .devbuild/libw4.so csrc/cuda/w4a16_kernels.cu csrc/cuda/w4a16_wgmma.cu
+(sm_90a enables the wgmma path; with plain sm_90 the mma.sync kernels serve every batch)
 when --lib does not exist. Full logs go to --out (default: $OUT or .devbuild).
 """
 import argparse
@@ -53,8 +54,9 @@ def log(*a):
 def build(lib):
     os.makedirs(os.path.dirname(lib), exist_ok=True)
     cmd = ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17",
-           "-gencode=arch=compute_90,code=sm_90", "-I" + os.path.join(ROOT, "csrc"),
-           "-o", lib, os.path.join(ROOT, "csrc/cuda/w4a16_kernels.cu")]
+           "-gencode=arch=compute_90a,code=sm_90a", "-I" + os.path.join(ROOT, "csrc"),
+           "-o", lib, os.path.join(ROOT, "csrc/cuda/w4a16_kernels.cu"),
+           os.path.join(ROOT, "csrc/cuda/w4a16_wgmma.cu")]
     log("building:", " ".join(cmd))
     t = time.time()
     subprocess.check_call(cmd)
@@ -244,7 +246,7 @@ def correctness(quick):
 
     # every tile config and split, forced, on awkward shapes (the automatic choice covers few)
     t0 = total
-    for cfg in range(6):
+    for cfg in list(range(6)) + [10, 11, 12]:
         for split in (1, 3, 8):
             for (M, K, N, gs, act, dt) in [(5, 4224, 4104, 128, False, torch.float16),
                                            (37, 2048, 1000, 64, True, torch.bfloat16),
@@ -326,12 +328,10 @@ def bench_us(fn):
     return triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median") * 1000.0
 
 
-def auto_cfg(M, N, sms=132):
-    if M <= 8: return 0
-    if M <= 16: return 1
-    if M <= 32: return 2
-    if M <= 64: return 3
-    return 5 if ((M + 127) // 128) * ((N + 255) // 256) >= sms else 4
+def last_cfg():
+    c, sp = ctypes.c_int(), ctypes.c_int()
+    LIB.tops_cuda_w4a16_dev_last(ctypes.byref(c), ctypes.byref(sp))
+    return c.value, sp.value
 
 
 def bench_case(M, K, N, dt=torch.float16, act=False, force=(-1, 0), cublas=True):
@@ -353,6 +353,7 @@ def bench_case(M, K, N, dt=torch.float16, act=False, force=(-1, 0), cublas=True)
     st = call(args[0])
     torch.cuda.synchronize()
     assert st == 0, st
+    used = last_cfg()
     t = bench_us(ours)
     LIB.tops_cuda_w4a16_dev_force(-1, 0)
     tc = float("nan")
@@ -364,7 +365,7 @@ def bench_case(M, K, N, dt=torch.float16, act=False, force=(-1, 0), cublas=True)
     G = K // 128
     floor = (K * N / 2 + G * N * 2 + G * N / 2 + M * K * 2 + M * N * 2) / 3.0e12 * 1e6
     del qws, args
-    return t, tc, floor
+    return t, tc, floor, used
 
 
 def benchmarks(quick):
@@ -373,10 +374,9 @@ def benchmarks(quick):
     def row(K, N, M, dt=torch.float16, act=False, force=(-1, 0), cublas=True, tag=""):
         LOGF.write(f"bench {K}x{N} M={M} {dt} act={act} force={force}\n")
         LOGF.flush()
-        t, tc, fl = bench_case(M, K, N, dt, act, force, cublas)
+        t, tc, fl, used = bench_case(M, K, N, dt, act, force, cublas)
         dn = "f16" if dt == torch.float16 else "bf16"
-        cfg = force[0] if force[0] >= 0 else auto_cfg(M, N)
-        r = dict(K=K, N=N, M=M, dt=dn + ("/act" if act else ""), cfg=f"{cfg}/{force[1] or 'a'}", t=t, tc=tc, fl=fl, tag=tag)
+        r = dict(K=K, N=N, M=M, dt=dn + ("/act" if act else ""), cfg=f"{used[0]}/{used[1]}", t=t, tc=tc, fl=fl, tag=tag)
         rows.append(r)
         log(f"{K}x{N} M={M} {r['dt']} cfg={r['cfg']}: ours {t:.1f} us  cublas {tc:.1f} us  floor {fl:.1f} us {tag}")
         return r
@@ -388,15 +388,17 @@ def benchmarks(quick):
         row(8192, 28672, M)
     row(4096, 4096, 1)
     row(4096, 4096, 16)
+    row(4096, 4096, 64)
     row(14336, 4096, 1)
     row(4096, 14336, 1)
     for M in [1, 16, 64, 256, 1024]:
         row(K, N, M, dt=torch.bfloat16, cublas=False)
         row(K, N, M, act=True, cublas=False)
     # config sweeps (forced) to tune the thresholds
-    for (M, cfg, split) in [(1, 0, 4), (1, 0, 2), (16, 0, 0), (16, 1, 4), (32, 2, 0), (32, 3, 0), (64, 3, 4), (64, 4, 0),
-                            (128, 4, 1), (128, 4, 0), (128, 5, 0), (256, 4, 1), (256, 5, 0), (1024, 4, 0), (1024, 5, 0),
-                            (4096, 4, 0)]:
+    for (M, cfg, split) in [(1, 0, 4), (1, 0, 6), (1, 0, 7), (1, 0, 8), (16, 1, 4), (16, 1, 7), (16, 10, 0),
+                            (32, 2, 0), (32, 10, 0), (64, 3, 0), (64, 10, 1), (64, 10, 2), (64, 10, 4), (128, 11, 1),
+                            (128, 4, 0), (256, 11, 1), (256, 11, 2), (256, 12, 0), (256, 5, 0), (1024, 11, 0),
+                            (1024, 12, 0), (1024, 5, 0), (4096, 11, 0)]:
         row(K, N, M, force=(cfg, split), cublas=False, tag="sweep")
     return rows
 
@@ -441,6 +443,7 @@ def main():
     LIB.tops_cuda_w4a16_linear.restype = ctypes.c_int
     LIB.tops_cuda_w4a16_linear.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     LIB.tops_cuda_w4a16_dev_force.argtypes = [ctypes.c_int, ctypes.c_int]
+    LIB.tops_cuda_w4a16_dev_last.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     p = torch.cuda.get_device_properties(0)
     log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
     if args.profile:

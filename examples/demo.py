@@ -38,7 +38,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight
 
 
 class MLPBlock(nn.Module):
@@ -122,7 +123,8 @@ def main():
     quantized = torch_ops.quantize_model(copy.deepcopy(float_model), group_size=args.group_size)
     n_quant = sum(isinstance(m, torch_ops.QuantLinear) for m in quantized.modules())
     print(f"model: {args.layers} MLP blocks, hidden {args.hidden}, ffn {args.ffn}; "
-          f"{n_quant} Linear layers quantized to 4 bits (group {args.group_size}), lm_head kept float")
+          f"{n_quant} Linear layers quantized to 4 bits (group {args.group_size}), "
+          "lm_head kept float")
     print(f"weights: {weight_bytes(float_model) / 2**20:.1f} MiB float32 -> "
           f"{weight_bytes(quantized) / 2**20:.1f} MiB with 4-bit linears")
 
@@ -144,8 +146,9 @@ def main():
 
         model = TinyLM(hidden=args.hidden, ffn=args.ffn, layers=args.layers).eval()
         torch_ops.load_quantized(model, gptq_dir)
+        n_loaded = sum(isinstance(m, torch_ops.QuantLinear) for m in model.modules())
         print(f"\nloaded {qc['quant_method']} checkpoint into a fresh model: "
-              f"{sum(isinstance(m, torch_ops.QuantLinear) for m in model.modules())} QuantLinear layers")
+              f"{n_loaded} QuantLinear layers")
         print(" ", model.layers[0].down_proj)
 
     ids = torch.randint(0, 4096, (4, 64))

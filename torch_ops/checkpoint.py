@@ -1,7 +1,7 @@
 """Hugging Face style quantized checkpoints: load into a model, convert AWQ <-> GPTQ, inspect.
 
-A checkpoint is a folder with ``config.json`` (its ``quantization_config``, FORMATS.md section 7) and
-one or more ``*.safetensors`` files, sharded with ``model.safetensors.index.json`` or not. Per
+A checkpoint is a folder with ``config.json`` (its ``quantization_config``, FORMATS.md section 7)
+and one or more ``*.safetensors`` files, sharded with ``model.safetensors.index.json`` or not. Per
 quantized Linear: ``<prefix>.qweight``, ``.qzeros``, ``.scales`` (``.g_idx`` for GPTQ), ``.bias``.
 
 Every error a user can cause (bad or unsupported config, truncated or corrupt file, missing tensor,
@@ -71,7 +71,7 @@ def _load_json(path: Path) -> dict:
 
 
 def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantConfig:
-    """Normalise an AWQ or GPTQ ``quantization_config`` dict (raises CheckpointError if unsupported)."""
+    """Normalise an AWQ or GPTQ ``quantization_config`` (CheckpointError if unsupported)."""
     method = str(qc.get("quant_method", "")).lower()
     if not method:
         method = "awq" if ("w_bit" in qc or "version" in qc or "zero_point" in qc) else (
@@ -117,7 +117,7 @@ def read_quant_config(folder) -> tuple[dict, QuantConfig | None]:
     if qc is None:
         for name, method in LEGACY_CONFIGS.items():
             if (folder / name).is_file():
-                qc, where = {"quant_method": method, **_load_json(folder / name)}, str(folder / name)
+                qc, where = {"quant_method": method, **_load_json(folder / name)}, folder / name
                 break
     if qc is None:
         return config, None
@@ -249,7 +249,7 @@ class Checkpoint:
         return [k[: -len(".qweight")] for k in self.keys() if k.endswith(".qweight")]
 
     def layer(self, prefix) -> dict:
-        """{suffix: tensor} of the quantized tensors of one layer (qweight, qzeros, scales, g_idx)."""
+        """{suffix: tensor} of one layer's quantized tensors (qweight, qzeros, scales, g_idx)."""
         missing = [f"{prefix}.{s}" for s in _REQUIRED if f"{prefix}.{s}" not in self.shard_of]
         if missing:
             raise CheckpointError(f"missing tensors: {', '.join(missing)}")
@@ -285,7 +285,8 @@ def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, in
     if K % G:
         raise CheckpointError(f"{prefix}.qweight {shape} gives K={K}, not a multiple of "
                               f"group_size={qc.group_size}")
-    expected = {"qzeros": ([K // G, N // 8], ("I32",)), "scales": ([K // G, N], ("F16", "BF16", "F32")),
+    expected = {"qzeros": ([K // G, N // 8], ("I32",)),
+                "scales": ([K // G, N], ("F16", "BF16", "F32")),
                 "g_idx": ([K], ("I32", "I64"))}
     for suffix, (exp_shape, dtypes) in expected.items():
         if f"{prefix}.{suffix}" not in ckpt.shard_of:
@@ -293,8 +294,8 @@ def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, in
         dtype, shape, _ = info(suffix)
         if shape != exp_shape or dtype not in dtypes:
             raise CheckpointError(f"{prefix}.{suffix} is {dtype} {shape}, expected "
-                                  f"{'/'.join(dtypes)} {exp_shape} for qweight {[rows, cols]} in the "
-                                  f"{layout}")
+                                  f"{'/'.join(dtypes)} {exp_shape} for qweight {[rows, cols]} "
+                                  f"in the {layout}")
     return K, N
 
 
@@ -332,7 +333,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
 
     quant_names = []
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, QuantLinear)) or name_matches(name, qc.modules_to_not_convert):
+        if (not isinstance(m, (nn.Linear, QuantLinear))
+                or name_matches(name, qc.modules_to_not_convert)):
             continue
         if f"{name}.weight" in keys and name not in qprefixes:
             continue  # stored unquantized (e.g. lm_head): stays a float nn.Linear
@@ -365,7 +367,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         expected = _state_tensors(model)
         optional = {f"{n}.g_idx" for n in quant_names}
         present_ids = {id(t) for k, t in expected.items() if k in keys}
-        missing = sorted(k for k, t in expected.items() if k not in keys and id(t) not in present_ids)
+        missing = sorted(k for k, t in expected.items()
+                         if k not in keys and id(t) not in present_ids)  # tied: one key is enough
         unexpected = sorted(keys - expected.keys() - optional)
         if missing or unexpected:
             parts = []
@@ -559,7 +562,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
             continue  # AWQ has no g_idx
         plan[shard].append(key)
         new_g_idx = f"{prefix}.g_idx"
-        if prefix in qset and suffix == "qweight" and to == "gptq" and new_g_idx not in ckpt.shard_of:
+        if prefix in qset and suffix == "qweight" and to == "gptq" and (
+                new_g_idx not in ckpt.shard_of):
             plan[shard].append(new_g_idx)
 
     dst_parent = dst.parent.resolve()

@@ -1,4 +1,5 @@
-"""Command line: ``python -m torch_ops convert SRC DST --to gptq|awq`` and ``python -m torch_ops inspect PATH``.
+"""Command line: ``python -m torch_ops convert SRC DST --to gptq|awq`` and
+``python -m torch_ops inspect PATH``.
 
 Errors end the command with exit status 1 and one line on stderr, never a traceback (set
 TORCH_OPS_TRACEBACK=1 to see one).
@@ -46,7 +47,8 @@ def _convert(args) -> int:
     from .checkpoint import CheckpointError, convert_checkpoint
 
     if args.to == "awq" and args.zero_format is not None:
-        raise CheckpointError("--zero-format applies to --to gptq only (AWQ stores zeros as they are)")
+        raise CheckpointError("--zero-format applies to --to gptq only "
+                              "(AWQ stores zeros as they are)")
     info = convert_checkpoint(args.src, args.dst, to=args.to, zero_format=args.zero_format or "v1",
                               verify=args.verify, progress=not args.quiet and sys.stderr.isatty())
     if not args.quiet:

@@ -63,17 +63,17 @@ def trivial_g_idx(K: int, group_size: int, device=None) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """4-bit weight-only linear layer: ``y = x @ dequantize().T + bias`` computed by ``w4a16_linear``.
+    """4-bit weight-only linear layer: ``y = x @ dequantize().T + bias``, by ``w4a16_linear``.
 
     ``checkpoint_zero_format`` ("v1" or "v2") is the zero format of the GPTQ state dicts this module
     reads and writes (``load_state_dict`` / ``state_dict``); GPTQ checkpoints are v1 unless their
-    config says ``gptq_v2``. AWQ state dicts are recognised by the shape of ``qweight`` and need no flag.
+    config says ``gptq_v2``. AWQ state dicts are recognised by the shape of ``qweight``.
     """
 
     bits = BITS
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
-                 *, dtype: torch.dtype = torch.float16, device=None,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group_size: int = 128, *, dtype: torch.dtype = torch.float16, device=None,
                  checkpoint_zero_format: str = "v1"):
         super().__init__()
         check_dims(in_features, out_features, group_size)
@@ -121,7 +121,7 @@ class QuantLinear(nn.Module):
                   zero_format="v1"):
         """From GPTQ tensors: qweight [K/8, N], qzeros [K/G, N/8] (v1 or v2 zeros), scales [K/G, N].
 
-        A g_idx equal to ``arange(K) // group_size`` is dropped; any other one (act-order) is kept."""
+        A g_idx equal to ``arange(K) // group_size`` is dropped; another one (act-order) is kept."""
         _check_zero_format(zero_format, "from_gptq: zero_format")
         K, N = qweight.shape[0] * PACK, qweight.shape[1]
         layer = cls(K, N, bias=bias is not None, group_size=group_size, dtype=scales.dtype,
@@ -153,7 +153,8 @@ class QuantLinear(nn.Module):
                 f"to_awq: this layer ({self.in_features}->{self.out_features}) uses act-order "
                 "(its g_idx is not arange(K) // group_size); AWQ has no g_idx and cannot express "
                 "it. Export it with to_gptq() instead.")
-        qweight, qzeros = _ops.gptq_to_awq(self.qweight, self.qzeros, zero_format=STORED_ZERO_FORMAT)
+        qweight, qzeros = _ops.gptq_to_awq(self.qweight, self.qzeros,
+                                           zero_format=STORED_ZERO_FORMAT)
         out = {"qweight": qweight, "qzeros": qzeros, "scales": self.scales.clone()}
         if self.bias is not None:
             out["bias"] = self.bias.clone()
@@ -220,7 +221,7 @@ class QuantLinear(nn.Module):
             f"{self.in_features}, out_features={self.out_features}, group_size={self.group_size})")
 
     def _put_quantized(self, fmt, qweight, qzeros, scales, g_idx, zero_format, where, assign):
-        """Check AWQ or GPTQ tensors against this layer, convert them to the canonical form, store."""
+        """Check AWQ or GPTQ tensors against this layer, convert to the canonical form, store."""
         exp = self._expected()
         self._checked("qweight", qweight, where, exp[fmt])
         self._checked("qzeros", qzeros, where)
@@ -250,14 +251,14 @@ class QuantLinear(nn.Module):
     def _checked_act_order(self, g_idx: torch.Tensor, where: str) -> torch.Tensor:
         lo, hi = int(g_idx.min()), int(g_idx.max())
         if lo < 0 or hi >= self.num_groups:
-            raise ValueError(f"{where}g_idx values must lie in [0, {self.num_groups}) (K/G groups), "
-                             f"got values in [{lo}, {hi}]")
+            raise ValueError(f"{where}g_idx values must lie in [0, {self.num_groups}) "
+                             f"(K/G groups), got values in [{lo}, {hi}]")
         return g_idx
 
     def _put(self, name: str, value, assign: bool):
-        """Store a buffer. Unless ``assign`` (or the module lives on the meta device), the value goes
-        to the module's device, copied in place when shape and dtype allow (keeping the storage that
-        CUDA graphs captured on it rely on); scales and bias keep the dtype they come in."""
+        """Store a buffer. Unless ``assign`` (or the module lives on the meta device), the value
+        goes to the module's device, copied in place when shape and dtype allow (keeping the
+        storage CUDA graphs captured on it rely on); scales and bias keep the dtype they come in."""
         current = getattr(self, name)
         device = self.qweight.device
         if value is not None and not assign and device.type != "meta":
@@ -330,7 +331,8 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     Raises ValueError, before changing anything, if a layer's shape cannot be quantized with
     ``group_size`` (in/out features multiples of 8, in_features a multiple of group_size)."""
     if isinstance(model, nn.Linear):
-        raise ValueError("quantize_model: model is itself an nn.Linear; use QuantLinear.from_linear")
+        raise ValueError("quantize_model: model is itself an nn.Linear; "
+                         "use QuantLinear.from_linear")
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, nn.Linear) and not name_matches(name, skip)]
     bad = []

@@ -430,13 +430,17 @@ static KATTR W4_INLINE void KN(w4_out)(const tops_w4a16_args *a, int64_t m, int6
     vf_storet(a->out, a->out_dtype, m * a->N + n, v);
 }
 
-/* ---- GEMV kernel: acc[MR][NV vectors] = sum over nrows words of unpack(q) * xp ------------------
+/* ---- GEMV kernel ---------------------------------------------------------------------------------
+ * acc[MR][NV vectors] = sum over nrows words of unpack(q) * xp, then
+ *   plain:     y[m] += s * (acc - z * xc[m])     (s, z: the chunk's group, ep[0..NV), ep[W4_BW..))
+ *   act-order: y[m]  = acc - ep[m * W4_BW ..]    (per-k scales from stab[gk[k] * W4_BW + column])
  * qw: first word (row r0, column n0), ldq = N; xp: pre-scaled x at k = 8 r0 of the first row, ldx
- * apart; act: scales gathered per k from stab[gk[k] * W4_BW + column]. Prefetches qw + pf bytes. */
+ * apart; y: [MR] rows ldy apart. Prefetches qw + pf bytes. */
 static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const int act,
                                              const int32_t *qw, int64_t ldq, int64_t nrows, int64_t pf,
                                              const float *xp, int64_t ldx, const float *stab,
-                                             const int32_t *gk, float *acc_out) {
+                                             const int32_t *gk, const float *ep, const float *xc,
+                                             float *y, int64_t ldy) {
     VF acc[4][W4_NVMAX];
 #pragma GCC unroll 4
     for (int m = 0; m < MR; m++)
@@ -466,17 +470,29 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const i
         }
     }
 #pragma GCC unroll 4
-    for (int m = 0; m < MR; m++)
+    for (int v = 0; v < NV; v++) {
+        if (act) {
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) vf_store(acc_out + m * W4_BW + v * VW, acc[m][v]);
+            for (int m = 0; m < MR; m++)
+                vf_store(y + m * ldy + v * VW, vf_sub(acc[m][v], vf_load(ep + m * W4_BW + v * VW)));
+        } else {
+            const VF sv = vf_load(ep + v * VW), zv = vf_load(ep + W4_BW + v * VW);
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; m++) {
+                float *yp = y + m * ldy + v * VW;
+                vf_store(yp, vf_fma(sv, vf_fnma(zv, vf_set1(xc[m]), acc[m][v]), vf_load(yp)));
+            }
+        }
+    }
 }
 
 static KATTR void KN(w4_gemv_call)(int mr, int nv, int act, const int32_t *qw, int64_t ldq,
                                    int64_t nrows, int64_t pf, const float *xp, int64_t ldx,
-                                   const float *stab, const int32_t *gk, float *acc_out) {
-#define W4_GC(MR, NV, ACT)                                                                     \
-    case MR * 16 + NV * 2 + ACT:                                                               \
-        KN(w4_gemv_kern)(MR, NV, ACT, qw, ldq, nrows, pf, xp, ldx, stab, gk, acc_out); \
+                                   const float *stab, const int32_t *gk, const float *ep,
+                                   const float *xc, float *y, int64_t ldy) {
+#define W4_GC(MR, NV, ACT)                                                                         \
+    case MR * 16 + NV * 2 + ACT:                                                                   \
+        KN(w4_gemv_kern)(MR, NV, ACT, qw, ldq, nrows, pf, xp, ldx, stab, gk, ep, xc, y, ldy); \
         break;
 #define W4_GC2(MR, NV) W4_GC(MR, NV, 0) W4_GC(MR, NV, 1)
     switch (mr * 16 + nv * 2 + act) {
@@ -506,8 +522,8 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     ws += w4_align((size_t)(M * K) * sizeof(float));
     float *y = (float *)ws;
     ws += w4_align((size_t)(M * ncols) * sizeof(float));
-    float *acc = (float *)ws; /* [4][W4_BW] */
-    ws += w4_align((size_t)(4 * W4_BW) * sizeof(float));
+    float *ep = (float *)ws; /* epilogue operands: [2][W4_BW] (s, z) or [M][W4_BW] (act-order) */
+    ws += w4_align((size_t)((M > 2 ? M : 2) * W4_BW) * sizeof(float));
     float down[W4_GEMV_MAX_M];
     KN(w4_convert_x)(a, 0, M, xf);
     for (int64_t m = 0; m < M; m++) {
@@ -537,11 +553,11 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
         for (; i + VW <= M * K; i += VW) vf_store(xp + i, vf_mul(vf_load(xf + i), psv));
         for (; i < M * K; i++) xp[i] = xf[i] * ps[i & 7]; /* K % 8 == 0 */
     }
-    memset(y, 0, (size_t)(M * ncols) * sizeof(float));
 
     if (uniform) {
         /* K-chunks inside one group; columns inside; zero point factored per chunk */
         float xc[W4_GEMV_MAX_M];
+        memset(y, 0, (size_t)(M * ncols) * sizeof(float));
         for (int64_t r0 = 0; r0 < R;) {
             const int64_t g = gk[8 * r0];
             int64_t r1 = r0 + 1;
@@ -555,21 +571,14 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
             for (int64_t n0 = 0; n0 < ncols;) {
                 const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
                 const int64_t n = nb + n0;
-                const int64_t pf = (int64_t)W4_PF_BLOCKS * nv * VW * 4;
-                for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    const int mr = (int)w4_min(4, M - m0);
-                    KN(w4_gemv_call)(mr, nv, 0, a->qweight + r0 * N + n, N, r1 - r0, pf,
-                                     xp + m0 * K + 8 * r0, K, NULL, NULL, acc);
-                    for (int v = 0; v < nv; v++) {
-                        VF s = vf_loadt(a->scales, a->scales_dtype, g * N + n + v * VW);
-                        VF z = vf_zeros(a, g, n + v * VW);
-                        for (int m = 0; m < mr; m++) {
-                            float *yp = y + (m0 + m) * ncols + n0 + v * VW;
-                            VF t = vf_fnma(z, vf_set1(xc[m0 + m]), vf_load(acc + m * W4_BW + v * VW));
-                            vf_store(yp, vf_fma(s, t, vf_load(yp)));
-                        }
-                    }
+                for (int v = 0; v < nv; v++) {
+                    vf_store(ep + v * VW, vf_loadt(a->scales, a->scales_dtype, g * N + n + v * VW));
+                    vf_store(ep + W4_BW + v * VW, vf_zeros(a, g, n + v * VW));
                 }
+                for (int64_t m0 = 0; m0 < M; m0 += 4)
+                    KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 0, a->qweight + r0 * N + n, N, r1 - r0,
+                                     (int64_t)W4_PF_BLOCKS * nv * VW * 4, xp + m0 * K + 8 * r0, K, NULL,
+                                     NULL, ep, xc + m0, y + m0 * ncols + n0, ncols);
                 n0 += (int64_t)nv * VW;
             }
             r0 = r1;
@@ -579,35 +588,28 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
         float *xg = (float *)ws; /* [M][G] sums of x per group */
         ws += w4_align((size_t)(M * G) * sizeof(float));
         float *stab = (float *)ws; /* [G][W4_BW] */
-        ws += w4_align((size_t)(G * W4_BW) * sizeof(float));
-        float *corr = (float *)ws; /* [M][W4_BW] */
         memset(xg, 0, (size_t)(M * G) * sizeof(float));
         for (int64_t m = 0; m < M; m++)
             for (int64_t k = 0; k < K; k++) xg[m * G + gk[k]] += xf[m * K + k];
         for (int64_t n0 = 0; n0 < ncols;) {
             const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
             const int64_t n = nb + n0;
-            memset(corr, 0, (size_t)(M * W4_BW) * sizeof(float));
+            /* ep[m] = sum_g s z sum_{g(k) = g} x[m, k]: the zero-point term */
+            memset(ep, 0, (size_t)(M * W4_BW) * sizeof(float));
             for (int v = 0; v < nv; v++)
                 for (int64_t g = 0; g < G; g++) {
                     VF s = vf_loadt(a->scales, a->scales_dtype, g * N + n + v * VW);
                     vf_store(stab + g * W4_BW + v * VW, s);
                     VF sz = vf_mul(s, vf_zeros(a, g, n + v * VW));
                     for (int64_t m = 0; m < M; m++) {
-                        float *cp = corr + m * W4_BW + v * VW;
+                        float *cp = ep + m * W4_BW + v * VW;
                         vf_store(cp, vf_fma(sz, vf_set1(xg[m * G + g]), vf_load(cp)));
                     }
                 }
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                const int mr = (int)w4_min(4, M - m0);
-                KN(w4_gemv_call)(mr, nv, 1, a->qweight + n, N, R, (int64_t)W4_PF_ROWS * N * 4,
-                                 xp + m0 * K, K, stab, gk, acc);
-                for (int v = 0; v < nv; v++)
-                    for (int m = 0; m < mr; m++)
-                        vf_store(y + (m0 + m) * ncols + n0 + v * VW,
-                                 vf_sub(vf_load(acc + m * W4_BW + v * VW),
-                                        vf_load(corr + (m0 + m) * W4_BW + v * VW)));
-            }
+            for (int64_t m0 = 0; m0 < M; m0 += 4)
+                KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 1, a->qweight + n, N, R,
+                                 (int64_t)W4_PF_ROWS * N * 4, xp + m0 * K, K, stab, gk, ep + m0 * W4_BW,
+                                 NULL, y + m0 * ncols + n0, ncols);
             n0 += (int64_t)nv * VW;
         }
     }
@@ -748,10 +750,9 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     if (gemv) {
         bytes += 2 * w4_align((size_t)(M * K) * sizeof(float)) +
                  w4_align((size_t)(M * ncols) * sizeof(float)) +
-                 w4_align((size_t)(4 * W4_BW) * sizeof(float)) +
+                 w4_align((size_t)((M > 2 ? M : 2) * W4_BW) * sizeof(float)) +
                  w4_align((size_t)(M * G) * sizeof(float)) +
-                 w4_align((size_t)(G * W4_BW) * sizeof(float)) +
-                 w4_align((size_t)(M * W4_BW) * sizeof(float));
+                 w4_align((size_t)(G * W4_BW) * sizeof(float));
     } else {
         const int64_t mce = w4_min(M, W4_MC);
         if (a->x_dtype != TOPS_F32) bytes += w4_align((size_t)(mce * K) * sizeof(float));

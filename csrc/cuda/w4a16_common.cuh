@@ -108,6 +108,8 @@ struct LinParams {
 /* development overrides (benchmarks/w4a16_cuda_dev.py): force a tile config / K split */
 inline int g_force_cfg = -1;
 inline int g_force_split = 0;
+inline int g_last_cfg = -1; /* what the last call ran (reported to the benchmark) */
+inline int g_last_split = 0;
 
 struct DevInfo {
     int dev = 0, sms = 0, major = 0, minor = 0, optin_smem = 0;
@@ -181,13 +183,26 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     const size_t smem_max = std::max(pipe, out) + tab;
-    static int smem_set[64] = {0}; /* per device: dynamic shared memory already allowed */
     {
-        const size_t need = std::min(smem_max, (size_t)di.optin_smem);
-        if (need > 48 * 1024 && (int)need > smem_set[di.dev]) {
-            if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)need) != cudaSuccess)
-                return TOPS_ERR_CUDA;
-            smem_set[di.dev] = (int)need;
+        /* raise the kernel's dynamic shared memory limit once per kernel and device */
+        struct E {
+            const void *f;
+            int dev, bytes;
+        };
+        static E done[128];
+        static int n = 0;
+        static std::mutex mu;
+        const int need = (int)std::min(smem_max, (size_t)di.optin_smem);
+        if (need > 48 * 1024) {
+            std::lock_guard<std::mutex> lock(mu);
+            int i = 0;
+            while (i < n && !(done[i].f == (const void *)kern && done[i].dev == di.dev)) ++i;
+            if (i == n || done[i].bytes < need) {
+                if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, need) != cudaSuccess)
+                    return TOPS_ERR_CUDA;
+                if (i == n && n < 128) ++n;
+                if (i < 128) done[i] = E{(const void *)kern, di.dev, need};
+            }
         }
     }
     int split = 1;
@@ -214,6 +229,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
         }
     }
     p.kt_per_split = (p.KT + split - 1) / split;
+    g_last_split = split;
     const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
     if (smem > (size_t)di.optin_smem) return -1;
     cudaStream_t st = static_cast<cudaStream_t>(stream);

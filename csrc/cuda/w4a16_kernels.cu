@@ -641,6 +641,11 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
     g_force_cfg = cfg;
     g_force_split = split;
 }
+/* the tile config (-1: generic kernel) and K split of the last call */
+void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
+    *cfg = g_last_cfg;
+    *split = g_last_split;
+}
 
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
     (void)a;
@@ -672,6 +677,8 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
     if (M == 0) return TOPS_OK;
     if (a->groups > 0x7fffffffLL) return TOPS_ERR_ARG;
 
+    g_last_cfg = -1;
+    g_last_split = 0;
     if (a->x_dtype == TOPS_F32) return launch_generic<float>(a, zmode, stream);
 
     const DevInfo di = dev_info();
@@ -707,9 +714,11 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
         int cfg = choose_cfg(M, N, di.sms);
         const bool bf16 = a->x_dtype == TOPS_BF16;
         int st = -1;
+        g_last_cfg = cfg;
         if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);
         if (st < 0) {
             cfg = mma_fallback(cfg, M, N, di.sms);
+            g_last_cfg = cfg;
             if (!bf16)
                 st = act ? dispatch_tc<F16, true>(p, cfg, stream) : dispatch_tc<F16, false>(p, cfg, stream);
             else
@@ -717,6 +726,8 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
         }
         if (st >= 0) return st;
         /* st < 0: the configuration does not fit (act-order table too large): generic path */
+        g_last_cfg = -1;
+        g_last_split = 0;
     }
     if (a->x_dtype == TOPS_F16) return launch_generic<__half>(a, zmode, stream);
     return launch_generic<__nv_bfloat16>(a, zmode, stream);
