@@ -8,7 +8,7 @@
 
 #include <atomic>
 #include <mutex>
-#include <sstream>
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -25,11 +25,9 @@ namespace {
 // ---- argument checks ------------------------------------------------------------------------
 
 std::string shape_str(at::IntArrayRef s) {
-    std::ostringstream o;
-    o << "[";
-    for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-    o << "]";
-    return o.str();
+    std::string o = "[";
+    for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+    return o + "]";
 }
 
 void check_dtype(const char *op, const char *arg, const at::Tensor &t, at::ScalarType want) {
@@ -62,13 +60,10 @@ void check_device(const char *op, const char *arg, const at::Tensor &t, const at
 }
 
 void check_bits(const char *op, int64_t bits, std::initializer_list<int64_t> allowed) {
-    bool ok = false;
-    std::ostringstream o;
-    for (auto b : allowed) {
-        ok |= b == bits;
-        o << (o.tellp() > 0 ? ", " : "") << b;
-    }
-    TORCH_CHECK_VALUE(ok, op, ": bits must be one of {", o.str(), "}, got ", bits);
+    if (std::find(allowed.begin(), allowed.end(), bits) != allowed.end()) return;
+    std::string list;
+    for (auto b : allowed) list += (list.empty() ? "" : ", ") + std::to_string(b);
+    TORCH_CHECK_VALUE(false, op, ": bits must be one of {", list, "}, got ", bits);
 }
 
 int parse_order(const char *op, c10::string_view order) {

@@ -431,68 +431,76 @@ static KATTR W4_INLINE void KN(w4_out)(const tops_w4a16_args *a, int64_t m, int6
 }
 
 /* ---- GEMV kernel ---------------------------------------------------------------------------------
- * acc[MR][NV vectors] = sum over nrows words of unpack(q) * xp, then
- *   plain:     y[m] += s * (acc - z * xc[m])     (s, z: the chunk's group, ep[0..NV), ep[W4_BW..))
- *   act-order: y[m]  = acc - ep[m * W4_BW ..]    (per-k scales from stab[gk[k] * W4_BW + column])
- * qw: first word (row r0, column n0), ldq = N; xp: pre-scaled x at k = 8 r0 of the first row, ldx
- * apart; y: [MR] rows ldy apart. Prefetches qw + pf bytes. */
+ * For each of nblk column blocks of NV vectors (block b starts at column n + b * NV * VW, word
+ * qw + b * NV * VW): acc[MR][NV] = sum over nrows words of unpack(q) * xp, then
+ *   plain:     y[m] += s * (acc - z * xc[m])   with s, z of group g, loaded here
+ *   act-order: y[m]  = acc - ep[m * W4_BW ..]  (nblk == 1; per-k scales stab[gk[k] * W4_BW + col])
+ * qw: first word (row r0, column n), ldq = N; xp: pre-scaled x at k = 8 r0 of the first row, ldx
+ * apart; y: MR rows ldy apart (column n of the range at y[0]). Prefetches qw + pf bytes. */
 static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const int act,
-                                             const int32_t *qw, int64_t ldq, int64_t nrows, int64_t pf,
-                                             const float *xp, int64_t ldx, const float *stab,
-                                             const int32_t *gk, const float *ep, const float *xc,
-                                             float *y, int64_t ldy) {
-    VF acc[4][W4_NVMAX];
+                                             const tops_w4a16_args *a, int64_t g, int64_t n,
+                                             int64_t nblk, const int32_t *qw, int64_t nrows,
+                                             int64_t pf, const float *xp, int64_t ldx,
+                                             const float *stab, const int32_t *gk, const float *ep,
+                                             const float *xc, float *y, int64_t ldy) {
+    const int64_t ldq = a->N;
+    for (int64_t b = 0; b < nblk; b++, qw += NV * VW, n += NV * VW, y += NV * VW) {
+        VF acc[4][W4_NVMAX];
 #pragma GCC unroll 4
-    for (int m = 0; m < MR; m++)
+        for (int m = 0; m < MR; m++)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) acc[m][v] = vf_zero();
-    for (int64_t r = 0; r < nrows; r++) {
-        const int32_t *row = qw + r * ldq;
+            for (int v = 0; v < NV; v++) acc[m][v] = vf_zero();
+        for (int64_t r = 0; r < nrows; r++) {
+            const int32_t *row = qw + r * ldq;
 #pragma GCC unroll 4
-        for (int l = 0; l < (NV * VW * 4 + 63) / 64; l++) w4_prefetch(row + l * 16, pf);
-        VI w[W4_NVMAX];
+            for (int l = 0; l < (NV * VW * 4 + 63) / 64; l++) w4_prefetch(row + l * 16, pf);
+            VI w[W4_NVMAX];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) w[v] = vi_load(row + v * VW);
-        const float *xr = xp + 8 * r;
+            for (int v = 0; v < NV; v++) w[v] = vi_load(row + v * VW);
+            const float *xr = xp + 8 * r;
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            VF xb[4];
+            for (int j = 0; j < 8; j++) {
+                VF xb[4];
 #pragma GCC unroll 4
-            for (int m = 0; m < MR; m++) xb[m] = vf_bcast(xr + m * ldx + j);
-            const float *srow = act ? stab + (int64_t)gk[8 * r + j] * W4_BW : stab;
+                for (int m = 0; m < MR; m++) xb[m] = vf_bcast(xr + m * ldx + j);
+                const float *srow = act ? stab + (int64_t)gk[8 * r + j] * W4_BW : stab;
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; v++) {
-                VF t = KN(w4_unpack_scaled)(w[v], j);
-                if (act) t = vf_mul(t, vf_load(srow + v * VW));
+                for (int v = 0; v < NV; v++) {
+                    VF t = KN(w4_unpack_scaled)(w[v], j);
+                    if (act) t = vf_mul(t, vf_load(srow + v * VW));
 #pragma GCC unroll 4
-                for (int m = 0; m < MR; m++) acc[m][v] = vf_fma(t, xb[m], acc[m][v]);
+                    for (int m = 0; m < MR; m++) acc[m][v] = vf_fma(t, xb[m], acc[m][v]);
+                }
             }
         }
-    }
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) {
-        if (act) {
+        for (int v = 0; v < NV; v++) {
+            if (act) {
 #pragma GCC unroll 4
-            for (int m = 0; m < MR; m++)
-                vf_store(y + m * ldy + v * VW, vf_sub(acc[m][v], vf_load(ep + m * W4_BW + v * VW)));
-        } else {
-            const VF sv = vf_load(ep + v * VW), zv = vf_load(ep + W4_BW + v * VW);
+                for (int m = 0; m < MR; m++)
+                    vf_store(y + m * ldy + v * VW, vf_sub(acc[m][v], vf_load(ep + m * W4_BW + v * VW)));
+            } else {
+                const VF sv = vf_loadt(a->scales, a->scales_dtype, g * ldq + n + v * VW);
+                const VF zv = vf_zeros(a, g, n + v * VW);
 #pragma GCC unroll 4
-            for (int m = 0; m < MR; m++) {
-                float *yp = y + m * ldy + v * VW;
-                vf_store(yp, vf_fma(sv, vf_fnma(zv, vf_set1(xc[m]), acc[m][v]), vf_load(yp)));
+                for (int m = 0; m < MR; m++) {
+                    float *yp = y + m * ldy + v * VW;
+                    vf_store(yp, vf_fma(sv, vf_fnma(zv, vf_set1(xc[m]), acc[m][v]), vf_load(yp)));
+                }
             }
         }
     }
 }
 
-static KATTR void KN(w4_gemv_call)(int mr, int nv, int act, const int32_t *qw, int64_t ldq,
-                                   int64_t nrows, int64_t pf, const float *xp, int64_t ldx,
-                                   const float *stab, const int32_t *gk, const float *ep,
-                                   const float *xc, float *y, int64_t ldy) {
-#define W4_GC(MR, NV, ACT)                                                                         \
-    case MR * 16 + NV * 2 + ACT:                                                                   \
-        KN(w4_gemv_kern)(MR, NV, ACT, qw, ldq, nrows, pf, xp, ldx, stab, gk, ep, xc, y, ldy); \
+static KATTR void KN(w4_gemv_call)(int mr, int nv, int act, const tops_w4a16_args *a, int64_t g,
+                                   int64_t n, int64_t nblk, const int32_t *qw, int64_t nrows,
+                                   int64_t pf, const float *xp, int64_t ldx, const float *stab,
+                                   const int32_t *gk, const float *ep, const float *xc, float *y,
+                                   int64_t ldy) {
+#define W4_GC(MR, NV, ACT)                                                                        \
+    case MR * 16 + NV * 2 + ACT:                                                                  \
+        KN(w4_gemv_kern)(MR, NV, ACT, a, g, n, nblk, qw, nrows, pf, xp, ldx, stab, gk, ep, xc, y, \
+                         ldy);                                                                    \
         break;
 #define W4_GC2(MR, NV) W4_GC(MR, NV, 0) W4_GC(MR, NV, 1)
     switch (mr * 16 + nv * 2 + act) {
@@ -522,8 +530,8 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     ws += w4_align((size_t)(M * K) * sizeof(float));
     float *y = (float *)ws;
     ws += w4_align((size_t)(M * ncols) * sizeof(float));
-    float *ep = (float *)ws; /* epilogue operands: [2][W4_BW] (s, z) or [M][W4_BW] (act-order) */
-    ws += w4_align((size_t)((M > 2 ? M : 2) * W4_BW) * sizeof(float));
+    float *ep = (float *)ws; /* act-order: [M][W4_BW] zero-point terms of a column block */
+    ws += w4_align((size_t)(M * W4_BW) * sizeof(float));
     float down[W4_GEMV_MAX_M];
     KN(w4_convert_x)(a, 0, M, xf);
     for (int64_t m = 0; m < M; m++) {
@@ -569,17 +577,15 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                 xc[m] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
             }
             for (int64_t n0 = 0; n0 < ncols;) {
+                /* full blocks of nvb vectors in one call, then the narrower tail blocks */
                 const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
-                const int64_t n = nb + n0;
-                for (int v = 0; v < nv; v++) {
-                    vf_store(ep + v * VW, vf_loadt(a->scales, a->scales_dtype, g * N + n + v * VW));
-                    vf_store(ep + W4_BW + v * VW, vf_zeros(a, g, n + v * VW));
-                }
+                const int64_t nblk = nv == nvb ? (ncols - n0) / (nv * VW) : 1;
                 for (int64_t m0 = 0; m0 < M; m0 += 4)
-                    KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 0, a->qweight + r0 * N + n, N, r1 - r0,
+                    KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 0, a, g, nb + n0, nblk,
+                                     a->qweight + r0 * N + nb + n0, r1 - r0,
                                      (int64_t)W4_PF_BLOCKS * nv * VW * 4, xp + m0 * K + 8 * r0, K, NULL,
-                                     NULL, ep, xc + m0, y + m0 * ncols + n0, ncols);
-                n0 += (int64_t)nv * VW;
+                                     NULL, NULL, xc + m0, y + m0 * ncols + n0, ncols);
+                n0 += nblk * nv * VW;
             }
             r0 = r1;
         }
@@ -607,7 +613,7 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     }
                 }
             for (int64_t m0 = 0; m0 < M; m0 += 4)
-                KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 1, a->qweight + n, N, R,
+                KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 1, a, 0, n, 1, a->qweight + n, R,
                                  (int64_t)W4_PF_ROWS * N * 4, xp + m0 * K, K, stab, gk, ep + m0 * W4_BW,
                                  NULL, y + m0 * ncols + n0, ncols);
             n0 += (int64_t)nv * VW;
@@ -750,7 +756,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     if (gemv) {
         bytes += 2 * w4_align((size_t)(M * K) * sizeof(float)) +
                  w4_align((size_t)(M * ncols) * sizeof(float)) +
-                 w4_align((size_t)((M > 2 ? M : 2) * W4_BW) * sizeof(float)) +
+                 w4_align((size_t)(M * W4_BW) * sizeof(float)) +
                  w4_align((size_t)(M * G) * sizeof(float)) +
                  w4_align((size_t)(G * W4_BW) * sizeof(float));
     } else {
