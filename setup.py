@@ -50,9 +50,10 @@ def extension():
         return CUDAExtension(
             "torch_ops._C", CPP_SOURCES + CUDA_SOURCES, include_dirs=include,
             define_macros=[("TOPS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx + ["-DTOPS_WITH_CUDA=1"], "nvcc": nvcc})
+            extra_compile_args={"cxx": cxx + ["-DTOPS_WITH_CUDA=1"], "nvcc": nvcc},
+            extra_link_args=LINK)
     return CppExtension("torch_ops._C", CPP_SOURCES, include_dirs=include,
-                        extra_compile_args={"cxx": cxx})
+                        extra_compile_args={"cxx": cxx}, extra_link_args=LINK)
 
 
 setup(
