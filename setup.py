@@ -40,6 +40,12 @@ class Build(BuildExtension):
         super().build_extensions()
 
 
+# Link libstdc++ dynamically, whatever the compiler driver's default: a static copy inside the
+# extension has iostreams that nothing initialises (seen with a g++ wrapper adding
+# -static-libstdc++), and every error message torch formats with them would crash.
+LINK = ["-lstdc++"]
+
+
 def extension():
     # no -std: torch picks the standard its headers were built with (C++17 in 2.11, C++20 in 2.13)
     cxx = ["-O3", "-Wall", "-Wno-unused-function"]

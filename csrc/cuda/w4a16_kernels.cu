@@ -61,9 +61,10 @@ namespace tops_w4 {
  * FACT (small MT, plain groups): the mma accumulates sum (q - z) x for one group at a time and the
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
-template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_>
+template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, int MINB_ = 0>
 struct Cfg {
     static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
+    static constexpr int MINB = MINB_ ? MINB_ : ((BM_ * BN_ >= 128 * 256) ? 1 : 2); /* blocks per SM */
     static constexpr bool ACT = ACT_;
     static constexpr int WARPS = 8, WARPS_M = WARPS / WARPS_N;
     static constexpr int WTN = BN / WARPS_N, CN = WTN / 32;
@@ -89,8 +90,7 @@ struct Cfg {
 };
 
 template <class C, class T>
-__global__ void __launch_bounds__(256, (C::BM * C::BN >= 128 * 256) ? 1 : 2)
-    w4a16_tc_kernel(const LinParams p) {
+__global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams p) {
     constexpr int BN = C::BN, BM = C::BM, BK = C::BK, STAGES = C::STAGES, KW = C::KW;
     constexpr int CN = C::CN, MT = C::MT, NSUB = C::NSUB, NG = C::NG;
     constexpr bool FAST = T::FAST && !C::ACT; /* fp16 lo/hi nibble trick (one shift per word) */
@@ -556,6 +556,8 @@ template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
+template <bool ACT> using CfgA3 = Cfg<256, 8, 8, 128, 3, ACT, 3>;  /* M <= 8, 3 blocks per SM */
+template <bool ACT> using CfgB3 = Cfg<256, 16, 8, 128, 3, ACT, 3>; /* M <= 16, 3 blocks per SM */
 
 template <class T, bool ACT>
 int dispatch_tc(const LinParams &p, int cfg, void *stream) {
@@ -565,6 +567,8 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     case 2: return launch_tc<CfgC<ACT>, T>(p, stream);
     case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
     case 4: return launch_tc<CfgE<ACT>, T>(p, stream);
+    case 6: return launch_tc<CfgA3<ACT>, T>(p, stream);
+    case 7: return launch_tc<CfgB3<ACT>, T>(p, stream);
     default: return launch_tc<CfgF<ACT>, T>(p, stream);
     }
 }

@@ -15,8 +15,8 @@
  *    pipeline of STAGES stages refilled STAGES-2 ahead; A fragments double-buffered so that the
  *    dequantisation of a stage overlaps the previous stage's wgmmas (wait_group 1).
  *  - Split-K across a cluster and the epilogue as in w4a16_kernels.cu.
- * Built for sm_90a only; other targets get an empty kernel, which the host detects (the sm_90a
- * build carries a 16-byte static shared array) and then uses the mma.sync kernels instead.
+ * Built for sm_90a only; other targets get an empty kernel, which the host detects (its register
+ * count) and then uses the mma.sync kernels instead.
  */
 #include <cooperative_groups.h>
 
@@ -158,8 +158,6 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
     constexpr int BM = C::BM, BN = C::BN, BK = C::BK, KW = C::KW, STAGES = C::STAGES;
     constexpr bool FAST = T::FAST && !C::ACT;
     constexpr int NACC = BM / 2; /* m64 x nBM fp32 accumulator: BM/2 registers per thread */
-    __shared__ uint32_t sm90a_tag[4]; /* the host recognises the sm_90a build by this array */
-    if (p.M < 0) sm90a_tag[threadIdx.x & 3] = 0u;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u; /* swizzled tiles need 1 KB alignment */
@@ -458,10 +456,10 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
 template <class C, class T>
 int launch_wg(const LinParams &base, void *stream) {
     auto kern = w4a16_wgmma_kernel<C, T>;
-    static int built = -1; /* 1: this binary holds the sm_90a kernel */
+    static int built = -1; /* 1: this binary holds the sm_90a kernel (not the empty stand-in) */
     if (built < 0) {
         cudaFuncAttributes fa;
-        built = (cudaFuncGetAttributes(&fa, kern) == cudaSuccess && fa.sharedSizeBytes >= 16) ? 1 : 0;
+        built = (cudaFuncGetAttributes(&fa, kern) == cudaSuccess && fa.numRegs >= 64) ? 1 : 0;
         (void)cudaGetLastError();
     }
     if (!built) return -1;
