@@ -40,12 +40,6 @@ class Build(BuildExtension):
         super().build_extensions()
 
 
-# Link libstdc++ dynamically, whatever the compiler driver's default: a static copy inside the
-# extension has iostreams that nothing initialises (seen with a g++ wrapper adding
-# -static-libstdc++), and every error message torch formats with them would crash.
-LINK = ["-lstdc++"]
-
-
 def extension():
     # no -std: torch picks the standard its headers were built with (C++17 in 2.11, C++20 in 2.13)
     cxx = ["-O3", "-Wall", "-Wno-unused-function"]
@@ -56,10 +50,9 @@ def extension():
         return CUDAExtension(
             "torch_ops._C", CPP_SOURCES + CUDA_SOURCES, include_dirs=include,
             define_macros=[("TOPS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx + ["-DTOPS_WITH_CUDA=1"], "nvcc": nvcc},
-            extra_link_args=LINK)
+            extra_compile_args={"cxx": cxx + ["-DTOPS_WITH_CUDA=1"], "nvcc": nvcc})
     return CppExtension("torch_ops._C", CPP_SOURCES, include_dirs=include,
-                        extra_compile_args={"cxx": cxx}, extra_link_args=LINK)
+                        extra_compile_args={"cxx": cxx})
 
 
 setup(
