@@ -136,45 +136,48 @@ static inline void w4_store_out(const tops_w4a16_args *a, int64_t m, int64_t n, 
     tops_store(a->out, a->out_dtype, m * a->N + n, v);
 }
 
-/* ---- scalar path: direct dequantization, 8 columns (one qzeros word) at a time ------------------ */
+/* ---- scalar path: direct dequantization, 8 columns (one qzeros word) x up to 64 rows at a time -- */
 static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
-    const int64_t M = a->M, K = a->K, N = a->N;
-    size_t bytes = w4_align((size_t)(M * K) * sizeof(float)) + w4_align((size_t)(M * 8) * sizeof(float)) +
+    const int64_t M = a->M, K = a->K, N = a->N, MB = w4_min(M, 64);
+    size_t bytes = w4_align((size_t)(MB * K) * sizeof(float)) + w4_align((size_t)(MB * 8) * sizeof(float)) +
                    w4_align((size_t)K * sizeof(int32_t));
     char *ws = (char *)malloc(bytes);
     if (!ws) return TOPS_ERR_UNSUPPORTED;
     float *xf = (float *)ws;
-    float *y = (float *)(ws + w4_align((size_t)(M * K) * sizeof(float)));
-    int32_t *gk = (int32_t *)((char *)y + w4_align((size_t)(M * 8) * sizeof(float)));
+    float *y = (float *)(ws + w4_align((size_t)(MB * K) * sizeof(float)));
+    int32_t *gk = (int32_t *)((char *)y + w4_align((size_t)(MB * 8) * sizeof(float)));
     w4_groups(a, gk);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++)
-            xf[m * K + k] = tops_load(a->x, a->x_dtype, m * a->x_row_stride + k);
-    for (int64_t n0 = nb; n0 < ne; n0 += 8) {
-        float s[8], z[8], w[8];
-        int64_t gprev = -1;
-        memset(y, 0, (size_t)(M * 8) * sizeof(float));
-        for (int64_t k = 0; k < K; k++) {
-            int64_t g = gk[k];
-            if (g != gprev) {
-                for (int c = 0; c < 8; c++) {
-                    s[c] = tops_load(a->scales, a->scales_dtype, g * N + n0 + c);
-                    z[c] = w4_zero(a, g, n0 + c);
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t mb = w4_min(MB, M - m0);
+        for (int64_t m = 0; m < mb; m++)
+            for (int64_t k = 0; k < K; k++)
+                xf[m * K + k] = tops_load(a->x, a->x_dtype, (m0 + m) * a->x_row_stride + k);
+        for (int64_t n0 = nb; n0 < ne; n0 += 8) {
+            float s[8], z[8], w[8];
+            int64_t gprev = -1;
+            memset(y, 0, (size_t)(mb * 8) * sizeof(float));
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t g = gk[k];
+                if (g != gprev) {
+                    for (int c = 0; c < 8; c++) {
+                        s[c] = tops_load(a->scales, a->scales_dtype, g * N + n0 + c);
+                        z[c] = w4_zero(a, g, n0 + c);
+                    }
+                    gprev = g;
                 }
-                gprev = g;
+                const int32_t *row = a->qweight + (k / 8) * N + n0;
+                for (int c = 0; c < 8; c++) {
+                    uint32_t q = ((uint32_t)row[c] >> (4 * (k % 8))) & 15u;
+                    w[c] = s[c] * ((float)q - z[c]);
+                }
+                for (int64_t m = 0; m < mb; m++) {
+                    const float xv = xf[m * K + k];
+                    for (int c = 0; c < 8; c++) y[m * 8 + c] += xv * w[c];
+                }
             }
-            const int32_t *row = a->qweight + (k / 8) * N + n0;
-            for (int c = 0; c < 8; c++) {
-                uint32_t q = ((uint32_t)row[c] >> (4 * (k % 8))) & 15u;
-                w[c] = s[c] * ((float)q - z[c]);
-            }
-            for (int64_t m = 0; m < M; m++) {
-                float xv = xf[m * K + k];
-                for (int c = 0; c < 8; c++) y[m * 8 + c] += xv * w[c];
-            }
+            for (int64_t m = 0; m < mb; m++)
+                for (int c = 0; c < 8; c++) w4_store_out(a, m0 + m, n0 + c, y[m * 8 + c]);
         }
-        for (int64_t m = 0; m < M; m++)
-            for (int c = 0; c < 8; c++) w4_store_out(a, m, n0 + c, y[m * 8 + c]);
     }
     free(ws);
     return TOPS_OK;

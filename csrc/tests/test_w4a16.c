@@ -501,8 +501,18 @@ static int bench(const char *mlist) {
             if (Ms[mi] > maxm) maxm = Ms[mi];
         void *x = rand_tensor(maxm * K, TOPS_F16, -1.0f, 1.0f);
         void *out = malloc((size_t)(maxm * N) * 2);
-        for (int mi = 0; mi < nm; mi++) {
-            const int64_t M = Ms[mi];
+        int32_t *gidx = malloc((size_t)K * 4); /* act-order: a random permutation of k / 128 */
+        for (int64_t k = 0; k < K; k++) gidx[k] = (int32_t)(k / 128);
+        for (int64_t k = K - 1; k > 0; k--) {
+            int64_t j = (int64_t)(tu_rand() % (unsigned)(k + 1));
+            int32_t t = gidx[k];
+            gidx[k] = gidx[j];
+            gidx[j] = t;
+        }
+        for (int mi = 0; mi < nm + 2; mi++) { /* the last two: act-order at M = 1 and M = 16 */
+            const int act = mi >= nm;
+            const int64_t M = act ? (mi == nm ? 1 : 16) : Ms[mi];
+            if (act && M > maxm) continue;
             tops_w4a16_args as[64];
             for (int c = 0; c < ncopies; c++) {
                 tops_w4a16_args a;
@@ -522,14 +532,15 @@ static int bench(const char *mlist) {
                 a.zero_format = TOPS_ZEROS_V1;
                 a.out = out;
                 a.out_dtype = TOPS_F16;
+                a.g_idx = act ? gidx : NULL;
                 as[c] = a;
             }
             for (int th = 1; th <= 2; th++) {
                 double t = bench_linear(as, ncopies, th, M >= 16 ? 3.0 : 1.5);
                 double gbs = (double)qbytes / t / 1e9;
-                printf("K=%5lld N=%5lld M=%3lld threads=%d: %9.3f ms  %6.2f GB/s int4 (%3.0f%% of read bw)  "
+                printf("K=%5lld N=%5lld M=%3lld%s threads=%d: %9.3f ms  %6.2f GB/s int4 (%3.0f%% of read bw)  "
                        "%7.1f GFLOP/s\n",
-                       (long long)K, (long long)N, (long long)M, th, t * 1e3, gbs,
+                       (long long)K, (long long)N, (long long)M, act ? " act-order" : "", th, t * 1e3, gbs,
                        100.0 * gbs / (th == 1 ? bw1 : bw2), 2.0 * (double)(M * K * N) / t / 1e9);
             }
         }
@@ -538,6 +549,7 @@ static int bench(const char *mlist) {
             free(sc[c]);
             free(qz[c]);
         }
+        free(gidx);
         free(x);
         free(out);
     }
