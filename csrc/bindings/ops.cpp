@@ -129,16 +129,21 @@ void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) 
     seen = Seen{g_idx.data_ptr(), g_idx.numel(), groups, version};
 }
 
-// Split [0, n) across torch's intra-op threads in chunks of at least `grain`; the first failing
-// chunk's status becomes an error naming the op.
+// Split [0, n) across torch's intra-op threads in chunks of at least `grain`; returns the first
+// failing chunk's status.
 template <typename F>
-void run_cpu(const char *op, int64_t n, int64_t grain, const F &f) {
+int run_cpu_status(int64_t n, int64_t grain, const F &f) {
     std::atomic<int> status{TOPS_OK};
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
         int s = f(b, e);
         if (s != TOPS_OK) status.store(s);
     });
-    check_status(status.load(), op);
+    return status.load();
+}
+
+template <typename F>
+void run_cpu(const char *op, int64_t n, int64_t grain, const F &f) {
+    check_status(run_cpu_status(n, grain, f), op);
 }
 
 #ifndef TOPS_WITH_CUDA
@@ -177,7 +182,7 @@ at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::str
     TORCH_CHECK_VALUE(len % group == 0, op, ": values.shape[", dim, "] = ", len,
                       " must be a multiple of ", group, " (bits=", bits, " into ", dtype, ")");
     at::Tensor values = values_in.contiguous();
-    check_value_range(op, "values", values, bits);
+    if (values.is_cuda()) check_value_range(op, "values", values, bits);  // the CPU core checks as it packs
     auto shape = values.sizes().vec();
     shape[dim] = len * bits / (8 * wb);
     at::Tensor out = at::empty(shape, values.options().dtype(dtype));
@@ -187,11 +192,14 @@ at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::str
     if (values.is_cuda()) {
         TOPS_CUDA(op, cuda::pack(out, values, outer, len, inner, bits, wb, order));
     } else {
-        run_cpu(op, outer, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, len * inner)),
-                [&](int64_t b, int64_t e) {
-                    return tops_pack(out.data_ptr(), values.data_ptr<uint8_t>(), outer, len, inner,
-                                     (int)bits, wb, order, b, e);
-                });
+        int status = run_cpu_status(
+            outer, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, len * inner)),
+            [&](int64_t b, int64_t e) {
+                return tops_pack(out.data_ptr(), values.data_ptr<uint8_t>(), outer, len, inner,
+                                 (int)bits, wb, order, b, e);
+            });
+        if (status == TOPS_ERR_RANGE) check_value_range(op, "values", values, bits);
+        check_status(status, op);
     }
     return out;
 }
@@ -348,15 +356,22 @@ at::Tensor pack_v2(const at::Tensor &unpacked_in) {
     TORCH_CHECK_VALUE(K % 64 == 0, op, ": K = unpacked.shape[1] = ", K,
                       " must be a multiple of 64");
     at::Tensor unpacked = unpacked_in.contiguous();
-    check_value_range(op, "unpacked", unpacked, 4);
     at::Tensor out = at::empty({N / 4, K}, unpacked.options().dtype(at::kShort));
     if (out.numel() == 0) return out;
     if (unpacked.is_cuda()) {
-        TOPS_CUDA(op, cuda::pack_v2(out, unpacked));
+        // the kernel flags values > 15 in the same pass; reading the flag is the one sync
+        at::Tensor out_of_range = at::zeros({1}, unpacked.options().dtype(at::kInt));
+        TOPS_CUDA(op, cuda::pack_v2(out, unpacked, out_of_range));
+        if (out_of_range.item<int32_t>() != 0) check_value_range(op, "unpacked", unpacked, 4);
     } else {
-        run_cpu(op, N / 4, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t b, int64_t e) {
-            return tops_pack_v2(out.data_ptr<int16_t>(), unpacked.data_ptr<uint8_t>(), N, K, b, e);
-        });
+        int status = run_cpu_status(N / 4, std::max<int64_t>(1, (1 << 16) / K),
+                                    [&](int64_t b, int64_t e) {
+                                        return tops_pack_v2(out.data_ptr<int16_t>(),
+                                                            unpacked.data_ptr<uint8_t>(), N, K, b, e);
+                                    });
+        // the core flags values > 15 as it packs; find the value for the message only then
+        if (status == TOPS_ERR_RANGE) check_value_range(op, "unpacked", unpacked, 4);
+        check_status(status, op);
     }
     return out;
 }

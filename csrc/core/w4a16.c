@@ -437,17 +437,18 @@ static KATTR W4_INLINE void KN(w4_out)(const tops_w4a16_args *a, int64_t m, int6
  * For each of nblk column blocks of NV vectors (block b starts at column n + b * NV * VW, word
  * qw + b * NV * VW): acc[MR][NV] = sum over nrows words of unpack(q) * xp, then
  *   plain:     y[m] += s * (acc - z * xc[m])   with s, z of group g, loaded here
- *   act-order: y[m]  = acc - ep[m * W4_BW ..]  (nblk == 1; per-k scales stab[gk[k] * W4_BW + col])
+ *   act-order: y[m] += acc                     with the scale of every k inside acc, read from
+ *              stab[gk[k] * lds + column] (stab and gk start at this block and chunk)
  * qw: first word (row r0, column n), ldq = N; xp: pre-scaled x at k = 8 r0 of the first row, ldx
  * apart; y: MR rows ldy apart (column n of the range at y[0]). Prefetches qw + pf bytes. */
 static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const int act,
                                              const tops_w4a16_args *a, int64_t g, int64_t n,
                                              int64_t nblk, const int32_t *qw, int64_t nrows,
                                              int64_t pf, const float *xp, int64_t ldx,
-                                             const float *stab, const int32_t *gk, const float *ep,
+                                             const float *stab, int64_t lds, const int32_t *gk,
                                              const float *xc, float *y, int64_t ldy) {
     const int64_t ldq = a->N;
-    for (int64_t b = 0; b < nblk; b++, qw += NV * VW, n += NV * VW, y += NV * VW) {
+    for (int64_t b = 0; b < nblk; b++, qw += NV * VW, n += NV * VW, y += NV * VW, stab = act ? stab + NV * VW : stab) {
         VF acc[4][W4_NVMAX];
 #pragma GCC unroll 4
         for (int m = 0; m < MR; m++)
@@ -466,7 +467,7 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const i
                 VF xb[4];
 #pragma GCC unroll 4
                 for (int m = 0; m < MR; m++) xb[m] = vf_bcast(xr + m * ldx + j);
-                const float *srow = act ? stab + (int64_t)gk[8 * r + j] * W4_BW : stab;
+                const float *srow = act ? stab + (int64_t)gk[8 * r + j] * lds : stab;
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; v++) {
                     VF t = KN(w4_unpack_scaled)(w[v], j);
@@ -480,8 +481,10 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const i
         for (int v = 0; v < NV; v++) {
             if (act) {
 #pragma GCC unroll 4
-                for (int m = 0; m < MR; m++)
-                    vf_store(y + m * ldy + v * VW, vf_sub(acc[m][v], vf_load(ep + m * W4_BW + v * VW)));
+                for (int m = 0; m < MR; m++) {
+                    float *yp = y + m * ldy + v * VW;
+                    vf_store(yp, vf_add(vf_load(yp), acc[m][v]));
+                }
             } else {
                 const VF sv = vf_loadt(a->scales, a->scales_dtype, g * ldq + n + v * VW);
                 const VF zv = vf_zeros(a, g, n + v * VW);
@@ -498,11 +501,11 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const i
 static KATTR void KN(w4_gemv_call)(int mr, int nv, int act, const tops_w4a16_args *a, int64_t g,
                                    int64_t n, int64_t nblk, const int32_t *qw, int64_t nrows,
                                    int64_t pf, const float *xp, int64_t ldx, const float *stab,
-                                   const int32_t *gk, const float *ep, const float *xc, float *y,
+                                   int64_t lds, const int32_t *gk, const float *xc, float *y,
                                    int64_t ldy) {
 #define W4_GC(MR, NV, ACT)                                                                        \
     case MR * 16 + NV * 2 + ACT:                                                                  \
-        KN(w4_gemv_kern)(MR, NV, ACT, a, g, n, nblk, qw, nrows, pf, xp, ldx, stab, gk, ep, xc, y, \
+        KN(w4_gemv_kern)(MR, NV, ACT, a, g, n, nblk, qw, nrows, pf, xp, ldx, stab, lds, gk, xc, y, \
                          ldy);                                                                    \
         break;
 #define W4_GC2(MR, NV) W4_GC(MR, NV, 0) W4_GC(MR, NV, 1)
@@ -523,6 +526,12 @@ static inline int KN(w4_pick_nv)(int64_t rem, int nvb) {
     return lim >= 4 ? 4 : lim >= 2 ? 2 : 1;
 }
 
+/* act-order GEMV: columns per super-block, so that its fp32 scale table [G][sb] stays near 128 KB */
+static inline int64_t KN(w4_act_sb)(int64_t G) {
+    int64_t nb = (32768 / W4_BW) / (G > 0 ? G : 1);
+    return (nb < 1 ? 1 : nb > 8 ? 8 : nb) * W4_BW;
+}
+
 static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws,
                              const int32_t *gk, int uniform) {
     const int64_t M = a->M, K = a->K, N = a->N, G = a->groups, ncols = ne - nb, R = K / 8;
@@ -533,8 +542,6 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     ws += w4_align((size_t)(M * K) * sizeof(float));
     float *y = (float *)ws;
     ws += w4_align((size_t)(M * ncols) * sizeof(float));
-    float *ep = (float *)ws; /* act-order: [M][W4_BW] zero-point terms of a column block */
-    ws += w4_align((size_t)(M * W4_BW) * sizeof(float));
     float down[W4_GEMV_MAX_M];
     KN(w4_convert_x)(a, 0, M, xf);
     for (int64_t m = 0; m < M; m++) {
@@ -587,39 +594,49 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 0, a, g, nb + n0, nblk,
                                      a->qweight + r0 * N + nb + n0, r1 - r0,
                                      (int64_t)W4_PF_BLOCKS * nv * VW * 4, xp + m0 * K + 8 * r0, K, NULL,
-                                     NULL, NULL, xc + m0, y + m0 * ncols + n0, ncols);
+                                     0, NULL, xc + m0, y + m0 * ncols + n0, ncols);
                 n0 += nblk * nv * VW;
             }
             r0 = r1;
         }
     } else {
-        /* act-order: column blocks outside, all of K inside, per-k scales from a table */
+        /* act-order: super-blocks of sb columns outside; inside, the same K-chunk x column-block
+         * order with the scale of every k gathered from an fp32 table stab[G][sb] of the super-block,
+         * and y started at minus the zero-point term sum_g s z sum_{g(k) = g} x */
         float *xg = (float *)ws; /* [M][G] sums of x per group */
         ws += w4_align((size_t)(M * G) * sizeof(float));
-        float *stab = (float *)ws; /* [G][W4_BW] */
+        float *stab = (float *)ws;
+        const int64_t sb = KN(w4_act_sb)(G);
         memset(xg, 0, (size_t)(M * G) * sizeof(float));
         for (int64_t m = 0; m < M; m++)
             for (int64_t k = 0; k < K; k++) xg[m * G + gk[k]] += xf[m * K + k];
-        for (int64_t n0 = 0; n0 < ncols;) {
-            const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
-            const int64_t n = nb + n0;
-            /* ep[m] = sum_g s z sum_{g(k) = g} x[m, k]: the zero-point term */
-            memset(ep, 0, (size_t)(M * W4_BW) * sizeof(float));
-            for (int v = 0; v < nv; v++)
-                for (int64_t g = 0; g < G; g++) {
-                    VF s = vf_loadt(a->scales, a->scales_dtype, g * N + n + v * VW);
-                    vf_store(stab + g * W4_BW + v * VW, s);
-                    VF sz = vf_mul(s, vf_zeros(a, g, n + v * VW));
+        memset(y, 0, (size_t)(M * ncols) * sizeof(float));
+        for (int64_t s0 = 0; s0 < ncols; s0 += sb) {
+            const int64_t sw = w4_min(sb, ncols - s0);
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t c = 0; c < sw; c += VW) {
+                    VF s = vf_loadt(a->scales, a->scales_dtype, g * N + nb + s0 + c);
+                    vf_store(stab + g * sb + c, s);
+                    VF sz = vf_mul(s, vf_zeros(a, g, nb + s0 + c));
                     for (int64_t m = 0; m < M; m++) {
-                        float *cp = ep + m * W4_BW + v * VW;
-                        vf_store(cp, vf_fma(sz, vf_set1(xg[m * G + g]), vf_load(cp)));
+                        float *yp = y + m * ncols + s0 + c;
+                        vf_store(yp, vf_fnma(sz, vf_set1(xg[m * G + g]), vf_load(yp)));
                     }
                 }
-            for (int64_t m0 = 0; m0 < M; m0 += 4)
-                KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 1, a, 0, n, 1, a->qweight + n, R,
-                                 (int64_t)W4_PF_ROWS * N * 4, xp + m0 * K, K, stab, gk, ep + m0 * W4_BW,
-                                 NULL, y + m0 * ncols + n0, ncols);
-            n0 += (int64_t)nv * VW;
+            for (int64_t r0 = 0; r0 < R; r0 += W4_CHUNK_ROWS) {
+                const int64_t nr = w4_min(W4_CHUNK_ROWS, R - r0);
+                for (int64_t n0 = s0; n0 < s0 + sw;) {
+                    const int nv = KN(w4_pick_nv)((s0 + sw - n0) / VW, nvb);
+                    const int64_t nblk = nv == nvb ? (s0 + sw - n0) / (nv * VW) : 1;
+                    for (int64_t m0 = 0; m0 < M; m0 += 4)
+                        KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 1, a, 0, nb + n0, nblk,
+                                         a->qweight + r0 * N + nb + n0, nr,
+                                         (int64_t)W4_PF_BLOCKS * nv * VW * 4, xp + m0 * K + 8 * r0, K,
+                                         stab + (n0 - s0), sb, gk + 8 * r0, NULL, y + m0 * ncols + n0,
+                                         ncols);
+                    n0 += nblk * nv * VW;
+                }
+            }
         }
     }
     for (int64_t m = 0; m < M; m++) {
@@ -759,9 +776,8 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     if (gemv) {
         bytes += 2 * w4_align((size_t)(M * K) * sizeof(float)) +
                  w4_align((size_t)(M * ncols) * sizeof(float)) +
-                 w4_align((size_t)(M * W4_BW) * sizeof(float)) +
                  w4_align((size_t)(M * G) * sizeof(float)) +
-                 w4_align((size_t)(G * W4_BW) * sizeof(float));
+                 w4_align((size_t)(G * KN(w4_act_sb)(G)) * sizeof(float));
     } else {
         const int64_t mce = w4_min(M, W4_MC);
         if (a->x_dtype != TOPS_F32) bytes += w4_align((size_t)(mce * K) * sizeof(float));

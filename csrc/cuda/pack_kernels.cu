@@ -713,8 +713,10 @@ constexpr int kV2Unroll = 2;
 template <bool VEC>
 __global__ void __launch_bounds__(kThreads) pack_v2_kernel(uint16_t *__restrict__ dst,
                                                            const uint8_t *__restrict__ src,
-                                                           int64_t total, int64_t K) {
+                                                           int64_t total, int64_t K,
+                                                           int32_t *__restrict__ out_of_range) {
     const int64_t k8 = K >> 3;
+    uint32_t seen = 0; /* OR of every input byte: a high nibble set means a value > 15 */
     const int64_t step = (int64_t)gridDim.x * kThreads * kV2Unroll;
     for (int64_t base = (int64_t)blockIdx.x * kThreads * kV2Unroll + threadIdx.x; base < total;
          base += step) {
@@ -741,6 +743,8 @@ __global__ void __launch_bounds__(kThreads) pack_v2_kernel(uint16_t *__restrict_
             const int64_t q = base + u * kThreads;
             if (q < total) {
                 uint32_t o[4];
+#pragma unroll
+                for (int x = 0; x < 8; ++x) seen |= w[u][x];
                 v2_pack8(w[u], o);
                 if (VEC) {
                     ((uint4 *)dst)[q] = make_uint4(o[0], o[1], o[2], o[3]);
@@ -754,6 +758,8 @@ __global__ void __launch_bounds__(kThreads) pack_v2_kernel(uint16_t *__restrict_
             }
         }
     }
+    /* checked in the same pass as the packing: no extra read of the input */
+    if (out_of_range && (seen & 0xF0F0F0F0u)) atomicOr(out_of_range, 1);
 }
 
 template <bool VEC>
@@ -798,7 +804,8 @@ __global__ void __launch_bounds__(kThreads) unpack_v2_kernel(uint8_t *__restrict
     }
 }
 
-int launch_v2(bool pack, int16_t *packed, uint8_t *unpacked, int64_t N, int64_t K, void *stream) {
+int launch_v2(bool pack, int16_t *packed, uint8_t *unpacked, int64_t N, int64_t K,
+              int32_t *out_of_range, void *stream) {
     if (N < 0 || K < 0 || N % 4 != 0 || K % 64 != 0) return TOPS_ERR_ARG;
     if (N == 0 || K == 0) return TOPS_OK;
     if (!packed || !unpacked) return TOPS_ERR_ARG;
@@ -809,9 +816,10 @@ int launch_v2(bool pack, int16_t *packed, uint8_t *unpacked, int64_t N, int64_t 
     cudaError_t e;
     if (pack)
         e = vec ? tops_launch(pack_v2_kernel<true>, dim3(grid), dim3(kThreads), s, (uint16_t *)packed,
-                              (const uint8_t *)unpacked, total, K)
+                              (const uint8_t *)unpacked, total, K, out_of_range)
                 : tops_launch(pack_v2_kernel<false>, dim3(grid), dim3(kThreads), s,
-                              (uint16_t *)packed, (const uint8_t *)unpacked, total, K);
+                              (uint16_t *)packed, (const uint8_t *)unpacked, total, K,
+                              out_of_range);
     else
         e = vec ? tops_launch(unpack_v2_kernel<true>, dim3(grid), dim3(kThreads), s, unpacked,
                               (const uint16_t *)packed, total, K)
@@ -1091,12 +1099,13 @@ int tops_cuda_convert_gptq_zeros(int32_t *dst, const int32_t *src, int64_t rows,
     }
 }
 
-int tops_cuda_pack_v2(int16_t *dst, const uint8_t *src, int64_t N, int64_t K, void *stream) {
-    return launch_v2(true, dst, (uint8_t *)src, N, K, stream);
+int tops_cuda_pack_v2(int16_t *dst, const uint8_t *src, int64_t N, int64_t K,
+                      int32_t *out_of_range, void *stream) {
+    return launch_v2(true, dst, (uint8_t *)src, N, K, out_of_range, stream);
 }
 
 int tops_cuda_unpack_v2(uint8_t *dst, const int16_t *src, int64_t N, int64_t K, void *stream) {
-    return launch_v2(false, (int16_t *)src, dst, N, K, stream);
+    return launch_v2(false, (int16_t *)src, dst, N, K, nullptr, stream);
 }
 
 int tops_cuda_dequantize(const tops_dequant_args *a, void *stream) {

@@ -34,7 +34,10 @@ int tops_cuda_gptq_to_awq_qzeros(int32_t *dst, const int32_t *src, int64_t nword
 int tops_cuda_convert_gptq_zeros(int32_t *dst, const int32_t *src, int64_t rows,
                                  int64_t row_words, int bits, int delta, void *stream);
 
-int tops_cuda_pack_v2(int16_t *dst, const uint8_t *src, int64_t N, int64_t K, void *stream);
+/* out_of_range: NULL, or a device int32 the caller zeroes; set non-zero when an input value is
+ * > 15 (checked in the same pass, so validating costs no extra read of the input) */
+int tops_cuda_pack_v2(int16_t *dst, const uint8_t *src, int64_t N, int64_t K,
+                      int32_t *out_of_range, void *stream);
 int tops_cuda_unpack_v2(uint8_t *dst, const int16_t *src, int64_t N, int64_t K, void *stream);
 
 /* whole output, [N, K] */
