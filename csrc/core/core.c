@@ -8,6 +8,7 @@ const char *tops_status_name(int status) {
     case TOPS_ERR_RANGE: return "value out of range";
     case TOPS_ERR_UNSUPPORTED: return "unsupported";
     case TOPS_ERR_CUDA: return "CUDA error";
+    case TOPS_ERR_NOMEM: return "out of memory";
     default: return "unknown status";
     }
 }

@@ -30,7 +30,8 @@ typedef enum {
     TOPS_ERR_ARG = 1,         /* a size, a bit width or an enum value is invalid */
     TOPS_ERR_RANGE = 2,       /* an input value does not fit in `bits` (pack), or g_idx out of range */
     TOPS_ERR_UNSUPPORTED = 3, /* valid but not implemented for this combination */
-    TOPS_ERR_CUDA = 4         /* a CUDA launch or runtime call failed */
+    TOPS_ERR_CUDA = 4,        /* a CUDA launch or runtime call failed */
+    TOPS_ERR_NOMEM = 5        /* a scratch allocation failed */
 } tops_status;
 
 const char *tops_status_name(int status);

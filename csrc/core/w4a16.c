@@ -19,14 +19,16 @@
  *   That is 3 vector operations per 8 (AVX2) / 16 (AVX-512) weights and row of x. Loop order:
  *   K-chunk (up to W4_CHUNK_ROWS words, one group) outside, column blocks inside, so the reads are
  *   W4_CHUNK_ROWS sequential streams, with software prefetch a few blocks ahead.
- *   Act-order (g_idx whose groups change inside a word of 8 k) cannot factor per chunk: there the
- *   loop runs column block by column block over all of K with the per-k scale gathered from a small
- *   fp32 table (one FMA operand more), and the zero term sum_g s z sum_{g(k)=g} x is added once.
+ *   Act-order (g_idx whose groups change inside a word of 8 k, or group_size % 8 != 0) cannot
+ *   factor per chunk: the same chunk x block loop runs inside column super-blocks whose scales are
+ *   converted once into an fp32 table [G][super-block] (~128 KB), the per-k scale is gathered from
+ *   it (one multiply more per vector), and the zero term sum_g s z sum_{g(k)=g} x starts y.
  *
- * - Larger M ("blocked"): per tile of W4_KT x NT weights, dequantize once into an fp32 buffer
- *   laid out as panels of 2 vectors, then a register-blocked 6 x (2 vectors) micro-kernel runs it
- *   against every row of x; C accumulates in an fp32 [rows, NT] buffer. Scales and -z*s of the
- *   column tile are converted once per tile into a [G][NT] table, which also serves act-order.
+ * - Larger M ("blocked"): per tile of W4_KT (AVX-512: W4_KT / 2) x NT weights, dequantize once into
+ *   an fp32 buffer laid out as panels of 2 vectors (16 KB each), then a register-blocked
+ *   6 x (2 vectors) micro-kernel runs each panel against every row of x (up to W4_MC rows per pass);
+ *   C accumulates in an fp32 [rows, NT] buffer. Scales and -z*s of the column tile are converted
+ *   once per tile into a [G][NT] table, gathered per k, which also serves act-order.
  *
  * Instruction sets: the AVX2 (+FMA, F16C) and AVX-512 variants are one template (the second half
  * of this file, included twice with different vector primitives), compiled with per-function
@@ -36,7 +38,7 @@
  * The AVX-512 path takes multiples of 16 columns; an 8-column tail goes to the AVX2 path.
  *
  * Memory: one malloc per call (x in fp32, per-call tables and accumulators), freed before return;
- * TOPS_ERR_UNSUPPORTED if it fails (the header has no out-of-memory status).
+ * TOPS_ERR_NOMEM if it fails.
  * Numerics: x * 2^-4j stays a normal float: a row of x whose largest |x| is below 2^-60 is scaled
  * up by a power of two first (exact) and its results scaled back.
  */
@@ -142,7 +144,7 @@ static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     size_t bytes = w4_align((size_t)(MB * K) * sizeof(float)) + w4_align((size_t)(MB * 8) * sizeof(float)) +
                    w4_align((size_t)K * sizeof(int32_t));
     char *ws = (char *)malloc(bytes);
-    if (!ws) return TOPS_ERR_UNSUPPORTED;
+    if (!ws) return TOPS_ERR_NOMEM;
     float *xf = (float *)ws;
     float *y = (float *)(ws + w4_align((size_t)(MB * K) * sizeof(float)));
     int32_t *gk = (int32_t *)((char *)y + w4_align((size_t)(MB * 8) * sizeof(float)));
@@ -542,12 +544,15 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     ws += w4_align((size_t)(M * K) * sizeof(float));
     float *y = (float *)ws;
     ws += w4_align((size_t)(M * ncols) * sizeof(float));
+    float *mv = (float *)ws; /* VW floats of scratch (not a local array: ASan's fake stack does not
+                              * honour the 64-byte alignment GCC may assume for it) */
+    ws += w4_align(64 * sizeof(float));
     float down[W4_GEMV_MAX_M];
     KN(w4_convert_x)(a, 0, M, xf);
     for (int64_t m = 0; m < M; m++) {
         /* rows of tiny x are scaled up by 2^S (exact) so that x * 2^-24 stays normal; y is scaled
          * back once at the end */
-        float mx = 0.0f, mv[VW];
+        float mx = 0.0f;
         VF mxv = vf_zero();
         int64_t k = 0;
         for (; k + VW <= K; k += VW) mxv = vf_max(mxv, vf_abs(vf_load(xf + m * K + k)));
@@ -581,10 +586,14 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
             int64_t r1 = r0 + 1;
             while (r1 < R && r1 - r0 < W4_CHUNK_ROWS && gk[8 * r1] == g) r1++;
             for (int64_t m = 0; m < M; m++) {
-                float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (int64_t k = 8 * r0; k < 8 * r1; k += 8)
-                    for (int i = 0; i < 8; i++) part[i] += xf[m * K + k + i];
-                xc[m] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+                float p0 = 0, p1 = 0, p2 = 0, p3 = 0; /* 4 partial sums: the chain is 4x shorter */
+                for (const float *xk = xf + m * K + 8 * r0, *xe = xf + m * K + 8 * r1; xk < xe; xk += 4) {
+                    p0 += xk[0];
+                    p1 += xk[1];
+                    p2 += xk[2];
+                    p3 += xk[3];
+                }
+                xc[m] = (p0 + p1) + (p2 + p3);
             }
             for (int64_t n0 = 0; n0 < ncols;) {
                 /* full blocks of nvb vectors in one call, then the narrower tail blocks */
@@ -602,7 +611,8 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     } else {
         /* act-order: super-blocks of sb columns outside; inside, the same K-chunk x column-block
          * order with the scale of every k gathered from an fp32 table stab[G][sb] of the super-block,
-         * and y started at minus the zero-point term sum_g s z sum_{g(k) = g} x */
+         * and y started at minus the zero-point term sum_g s z sum_{g(k) = g} x. A super-block reads
+         * short runs of each row, so the prefetch targets the same columns of the next chunk. */
         float *xg = (float *)ws; /* [M][G] sums of x per group */
         ws += w4_align((size_t)(M * G) * sizeof(float));
         float *stab = (float *)ws;
@@ -631,7 +641,7 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     for (int64_t m0 = 0; m0 < M; m0 += 4)
                         KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 1, a, 0, nb + n0, nblk,
                                          a->qweight + r0 * N + nb + n0, nr,
-                                         (int64_t)W4_PF_BLOCKS * nv * VW * 4, xp + m0 * K + 8 * r0, K,
+                                         (int64_t)W4_CHUNK_ROWS * N * 4, xp + m0 * K + 8 * r0, K,
                                          stab + (n0 - s0), sb, gk + 8 * r0, NULL, y + m0 * ncols + n0,
                                          ncols);
                     n0 += nblk * nv * VW;
@@ -775,7 +785,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     const int gemv = M <= W4_GEMV_MAX_M;
     if (gemv) {
         bytes += 2 * w4_align((size_t)(M * K) * sizeof(float)) +
-                 w4_align((size_t)(M * ncols) * sizeof(float)) +
+                 w4_align((size_t)(M * ncols) * sizeof(float)) + w4_align(64 * sizeof(float)) +
                  w4_align((size_t)(M * G) * sizeof(float)) +
                  w4_align((size_t)(G * KN(w4_act_sb)(G)) * sizeof(float));
     } else {
@@ -786,7 +796,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
                  w4_align((size_t)(mce * W4_NT) * sizeof(float));
     }
     char *raw = (char *)malloc(bytes + 64);
-    if (!raw) return TOPS_ERR_UNSUPPORTED;
+    if (!raw) return TOPS_ERR_NOMEM;
     char *ws = (char *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
     int32_t *gk = (int32_t *)ws;
     ws += w4_align((size_t)K * sizeof(int32_t));

@@ -179,7 +179,8 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di) {
  * pipe: shared memory of the pipeline; out: of the fp32 partial tile (split > 1); tab: extra.
  * Returns -1 when even one block does not fit (the caller falls back). */
 template <class Kern>
-inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream) {
+inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
+                        double *estimate = nullptr) {
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     const size_t smem_max = std::max(pipe, out) + tab;
@@ -206,12 +207,12 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
         }
     }
     int split = 1;
+    double best = 1e300;
     if (di.major >= 9) {
         const int smax = std::min(8, std::max(1, p.KT / 2));
         if (g_force_split > 0) {
             split = std::min(g_force_split, 8);
         } else {
-            double best = 1e300;
             for (int s = 1; s <= smax; ++s) {
                 const size_t smem = (s > 1 ? std::max(pipe, out) : pipe) + tab;
                 if (smem > (size_t)di.optin_smem) continue;
@@ -227,6 +228,11 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
                 }
             }
         }
+    }
+    if (estimate != nullptr) { /* only the cost of the best split, in k-tiles of the busiest SM */
+        if (best >= 1e299) best = (double)p.KT * (double)((tiles + di.sms - 1) / di.sms);
+        *estimate = best;
+        return TOPS_OK;
     }
     p.kt_per_split = (p.KT + split - 1) / split;
     g_last_split = split;

@@ -61,12 +61,13 @@ namespace tops_w4 {
  * FACT (small MT, plain groups): the mma accumulates sum (q - z) x for one group at a time and the
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
-template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, int MINB_ = 0>
+template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, int MINB_ = 0, int WARPS_K_ = 1>
 struct Cfg {
     static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
+    static constexpr int WARPS_K = WARPS_K_; /* warps splitting each stage's sub-steps */
     static constexpr int MINB = MINB_ ? MINB_ : ((BM_ * BN_ >= 128 * 256) ? 1 : 2); /* blocks per SM */
     static constexpr bool ACT = ACT_;
-    static constexpr int WARPS = 8, WARPS_M = WARPS / WARPS_N;
+    static constexpr int WARPS = 8, WARPS_M = WARPS / (WARPS_N * WARPS_K);
     static constexpr int WTN = BN / WARPS_N, CN = WTN / 32;
     static constexpr int WTM = BM / WARPS_M, MT = WTM / 8;
     static constexpr bool FACT = !ACT && MT <= 2;
@@ -81,6 +82,10 @@ struct Cfg {
     static constexpr int STAGE_BYTES = W_BYTES + X_BYTES + S_BYTES + Z_BYTES + GI_BYTES;
     static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
     static constexpr int OUT_BYTES = BM * BN * 4; /* fp32 partial tile for the split-K reduction */
+    static constexpr int NV = MT * 2 * CN * 4;    /* accumulators per thread */
+    static constexpr int RED_BYTES = (WARPS_K - 1) * WARPS_N * WARPS_M * 32 * NV * 4;
+    static_assert(WARPS_N * WARPS_M * WARPS_K == WARPS && NSUB % WARPS_K == 0, "warp layout");
+    static_assert(RED_BYTES <= PIPE_BYTES, "k-split reduction buffer");
     static_assert(CN >= 1 && WTN % 32 == 0, "warp columns");
     static_assert(MT >= 1 && WTM % 8 == 0, "warp rows");
     static_assert(BK >= 64 && BK % 32 == 0 && KW <= 256 && 256 % KW == 0, "BK");
@@ -98,7 +103,8 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int wn = warp % C::WARPS_N, wm = warp / C::WARPS_N;
+    const int wn = warp % C::WARPS_N, wk = (warp / C::WARPS_N) % C::WARPS_K;
+    const int wm = warp / (C::WARPS_N * C::WARPS_K);
 
     /* tile coordinates: grouped raster so that concurrently running blocks share x and weights */
     int mt_i, nt_i;
@@ -278,12 +284,13 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         const uint16_t *sX = reinterpret_cast<const uint16_t *>(st + C::W_BYTES);
 
 #pragma unroll
-        for (int sub = 0; sub < NSUB; ++sub) {
+        for (int s2 = 0; s2 < NSUB / C::WARPS_K; ++s2) {
+            const int sub = C::WARPS_K == 1 ? s2 : s2 * C::WARPS_K + wk;
             const int kwl = sub * 4 + t; /* this thread's k-word inside the stage */
             if constexpr (!C::ACT) {
                 /* group of this sub-step (32 k, never straddles a group): warp-uniform */
                 const int gabs = (kt * BK + sub * 32) >> p.gshift;
-                if ((!PS || sub == 0) && gabs != cur_g) {
+                if ((!PS || s2 == 0) && gabs != cur_g) {
                     if constexpr (C::FACT) {
                         if (cur_g >= 0) flush();
                     }
@@ -398,8 +405,40 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         if (cur_g >= 0) flush();
     }
 
+    /* ---- warps that split the sub-steps: sum their accumulators ---- */
+    if constexpr (C::WARPS_K > 1) {
+        constexpr int SLOTS = C::WARPS_N * C::WARPS_M, NV = C::NV;
+        cp_async_wait<0>();
+        __syncthreads();
+        float *red = reinterpret_cast<float *>(smem);
+        const int slot = wm * C::WARPS_N + wn;
+        if (wk > 0) {
+            float *r = red + ((wk - 1) * SLOTS + slot) * NV * 32 + lane;
+#pragma unroll
+            for (int a = 0; a < MT; ++a)
+#pragma unroll
+                for (int b = 0; b < 2 * CN; ++b)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) r[((a * 2 * CN + b) * 4 + q) * 32] = acc[a][b][q];
+        }
+        __syncthreads();
+        if (wk == 0) {
+            for (int k2 = 1; k2 < C::WARPS_K; ++k2) {
+                const float *r = red + ((k2 - 1) * SLOTS + slot) * NV * 32 + lane;
+#pragma unroll
+                for (int a = 0; a < MT; ++a)
+#pragma unroll
+                    for (int b = 0; b < 2 * CN; ++b)
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) acc[a][b][q] += r[((a * 2 * CN + b) * 4 + q) * 32];
+            }
+        }
+        __syncthreads();
+    }
+
     /* ---- epilogue ---- */
     if (nsplit == 1) {
+        if (C::WARPS_K > 1 && wk != 0) return;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -437,6 +476,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         for (int c = 0; c < CN; ++c)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
+                if (C::WARPS_K > 1 && wk != 0) continue;
                 const int ml = wm * C::WTM + mt * 8 + 2 * t + e;
                 const int lc = wn * C::WTN + 32 * c + 4 * g;
                 *reinterpret_cast<float4 *>(sO + ml * BN + lc) =
@@ -539,14 +579,14 @@ __global__ void __launch_bounds__(128) w4a16_generic_kernel(const GenParams p) {
 /* ---- host side ------------------------------------------------------------------------------ */
 
 template <class C, class T>
-int launch_tc(const LinParams &base, void *stream) {
+int launch_tc(const LinParams &base, void *stream, double *estimate = nullptr) {
     LinParams p = base;
     p.m_tiles = (p.M + C::BM - 1) / C::BM;
     p.n_tiles = (p.N + C::BN - 1) / C::BN;
     p.KT = (p.K + C::BK - 1) / C::BK;
     const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
     return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::OUT_BYTES,
-                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream);
+                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, estimate);
 }
 
 /* tile configurations, by batch size */
@@ -558,12 +598,17 @@ template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
 template <bool ACT> using CfgA3 = Cfg<256, 8, 8, 128, 3, ACT, 3>;  /* M <= 8, 3 blocks per SM */
 template <bool ACT> using CfgB3 = Cfg<256, 16, 8, 128, 3, ACT, 3>; /* M <= 16, 3 blocks per SM */
+/* 128 columns, 4 column warps x 2 k warps: twice the blocks of A / B (balance on 132 SMs) */
+template <bool ACT> using CfgA2 = Cfg<128, 8, 4, 256, 4, ACT, 2, 2>;
+template <bool ACT> using CfgB2 = Cfg<128, 16, 4, 256, 4, ACT, 2, 2>;
 
 template <class T, bool ACT>
-int dispatch_tc(const LinParams &p, int cfg, void *stream) {
+int dispatch_tc(const LinParams &p, int cfg, void *stream, double *estimate = nullptr) {
     switch (cfg) {
-    case 0: return launch_tc<CfgA<ACT>, T>(p, stream);
-    case 1: return launch_tc<CfgB<ACT>, T>(p, stream);
+    case 0: return launch_tc<CfgA<ACT>, T>(p, stream, estimate);
+    case 1: return launch_tc<CfgB<ACT>, T>(p, stream, estimate);
+    case 8: return launch_tc<CfgA2<ACT>, T>(p, stream, estimate);
+    case 9: return launch_tc<CfgB2<ACT>, T>(p, stream, estimate);
     case 2: return launch_tc<CfgC<ACT>, T>(p, stream);
     case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
     case 4: return launch_tc<CfgE<ACT>, T>(p, stream);
@@ -573,17 +618,20 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     }
 }
 
-/* mma.sync configurations 0..5 by batch size; wgmma configurations 10 (m 64), 11 (m 128),
- * 12 (m 256) on sm_90a */
+/* mma.sync configurations 0..9 (0 / 1 and their 128-column twins 8 / 9 serve M <= 16), wgmma
+ * configurations (sm_90a) 10 (64 x 256), 11 (128 x 256), 12 (256 x 128), 13 (128 x 128) */
 int choose_cfg(int64_t M, int64_t N, int sms) {
+    (void)N;
+    (void)sms;
     if (g_force_cfg >= 0) return g_force_cfg;
     if (M <= 8) return 0;
     if (M <= 16) return 1;
+    if (M <= 32) return 2;
     if (M <= 64) return 10;
     if (M <= 128) return 11;
-    /* m 256 tiles once they still give every SM a tile */
-    const int64_t t256 = ((M + 255) / 256) * ((N + 127) / 128);
-    return t256 >= sms ? 12 : 11;
+    /* 256-row tiles unless their padding costs more than the 128-row tiles' lower efficiency */
+    const int64_t pad256 = (M + 255) / 256 * 256, pad128 = (M + 127) / 128 * 128;
+    return (double)pad256 <= (double)pad128 * 1.15 ? 12 : 11;
 }
 
 /* the mma.sync configuration that stands in for a wgmma one (no sm_90a build, or no fit) */
@@ -718,6 +766,21 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
         int cfg = choose_cfg(M, N, di.sms);
         const bool bf16 = a->x_dtype == TOPS_BF16;
         int st = -1;
+        if (g_force_cfg < 0 && (cfg == 0 || cfg == 1) && di.major >= 9) {
+            /* 256 columns per block (A / B) or 128 columns with two k warps (A2 / B2): whichever
+             * spreads the work more evenly over the SMs (same bytes per stage, so comparable) */
+            const int alt = cfg + 8;
+            double e0 = 0.0, e1 = 0.0;
+            int r0, r1;
+            if (!bf16) {
+                r0 = act ? dispatch_tc<F16, true>(p, cfg, stream, &e0) : dispatch_tc<F16, false>(p, cfg, stream, &e0);
+                r1 = act ? dispatch_tc<F16, true>(p, alt, stream, &e1) : dispatch_tc<F16, false>(p, alt, stream, &e1);
+            } else {
+                r0 = act ? dispatch_tc<BF16, true>(p, cfg, stream, &e0) : dispatch_tc<BF16, false>(p, cfg, stream, &e0);
+                r1 = act ? dispatch_tc<BF16, true>(p, alt, stream, &e1) : dispatch_tc<BF16, false>(p, alt, stream, &e1);
+            }
+            if (r1 == TOPS_OK && (r0 != TOPS_OK || e1 < e0)) cfg = alt;
+        }
         g_last_cfg = cfg;
         if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);
         if (st < 0) {

@@ -12,8 +12,8 @@
  *  - B (16 k x BM rows of x) is read by the tensor cores straight from shared memory: x tiles of
  *    64 k are copied with cp.async into the canonical 128-byte-swizzled K-major layout.
  *  - 2 warpgroups x 64 columns = 128 columns per block, BM in {64, 128, 256} rows; a cp.async
- *    pipeline of STAGES stages refilled STAGES-2 ahead; A fragments double-buffered so that the
- *    dequantisation of a stage overlaps the previous stage's wgmmas (wait_group 1).
+ *    pipeline of STAGES stages refilled STAGES-1 ahead; each stage's wgmmas are waited for within
+ *    the stage (see the comment at the wait: register-A wgmmas and the compiler).
  *  - Split-K across a cluster and the epilogue as in w4a16_kernels.cu.
  * Built for sm_90a only; other targets get an empty kernel, which the host detects (its register
  * count) and then uses the mma.sync kernels instead.
@@ -28,13 +28,23 @@ namespace cg = cooperative_groups;
 
 namespace tops_w4 {
 
-template <int BM_, int STAGES_, bool ACT_>
+/* BM rows of x (the wgmma N), 2 warpgroups x WNT m64 column tiles = BN = 128 WNT columns,
+ * KSUB 64-k sub-tiles per stage (BK = 64 KSUB) */
+template <int BM_, int WNT_, int KSUB_, int STAGES_, bool ACT_, bool OVL_ = false>
 struct WCfg {
-    static constexpr int BM = BM_, BN = 128, BK = 64, KW = 8, STAGES = STAGES_;
+    /* OVL: A fragments double-buffered and each stage's wgmmas waited for one stage later
+     * (wait_group 1), so a warpgroup dequantises stage s+1 while its stage-s wgmmas run; the
+     * loop is unrolled by two in straight-line code so that the compiler never merges the two
+     * buffers' computations (which would rewrite registers an in-flight wgmma reads) */
+    static constexpr bool OVL = OVL_;
+    static constexpr int AHEAD = OVL_ ? STAGES_ - 2 : STAGES_ - 1; /* stages in flight */
+    static constexpr int BM = BM_, WNT = WNT_, KSUB = KSUB_, BN = 128 * WNT_, BK = 64 * KSUB_, KW = BK / 8;
+    static constexpr int STAGES = STAGES_, NSTEP = 4 * KSUB_; /* k16 steps per stage */
     static constexpr bool ACT = ACT_;
-    static constexpr int NG = ACT ? 0 : 2;          /* scale rows per stage (group >= 32) */
-    static constexpr int X_BYTES = BM * 128;        /* [BM][64] halves, 128-byte swizzle */
-    static constexpr int W_BYTES = KW * BN * 4;     /* [8][128] words */
+    static constexpr int NG = ACT ? 0 : BK / 32;    /* scale rows per stage (group >= 32) */
+    static constexpr int XSUB_BYTES = BM * 128;     /* one [BM][64] half tile, 128-byte swizzle */
+    static constexpr int X_BYTES = KSUB * XSUB_BYTES;
+    static constexpr int W_BYTES = KW * BN * 4;     /* [KW][BN] words */
     static constexpr int S_BYTES = NG * BN * 2;
     static constexpr int Z_BYTES = NG * (BN / 8) * 4;
     static constexpr int GI_BYTES = ACT ? BK * 4 : 0;
@@ -43,7 +53,8 @@ struct WCfg {
     static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
     static constexpr int OUT_BYTES = BM * BN * 4;
     static_assert(BM % 64 == 0 && BM <= 256, "BM");
-    static_assert(STAGES >= 3, "stages");
+    static_assert(STAGES >= (OVL ? 3 : 2), "stages");
+    static_assert((KW * BN / 4) % 256 == 0 && NG * (BN / 8) <= 256, "copy split");
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
@@ -156,6 +167,7 @@ template <class C, class T>
 __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int BM = C::BM, BN = C::BN, BK = C::BK, KW = C::KW, STAGES = C::STAGES;
+    constexpr int WNT = C::WNT, NSTEP = C::NSTEP;
     constexpr bool FAST = T::FAST && !C::ACT;
     constexpr int NACC = BM / 2; /* m64 x nBM fp32 accumulator: BM/2 registers per thread */
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -176,35 +188,46 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
     const int pipe_bytes = (nsplit > 1 && C::OUT_BYTES > C::PIPE_BYTES) ? C::OUT_BYTES : C::PIPE_BYTES;
     uint32_t *tab = reinterpret_cast<uint32_t *>(smem + pipe_bytes); /* ACT: [G][BN] (s, -(magic+z)) */
     const int N8 = p.N >> 3;
-    const int r0 = wg * 64 + wq * 16 + 2 * g; /* local column of A row g; row g + 8 is r0 + 1 */
+    /* local column of A row g of column tile nt; row g + 8 is the next column */
+    auto rcol = [&](int nt) { return (wg * WNT + nt) * 64 + wq * 16 + 2 * g; };
 
     /* ---- static copy assignments ---- */
-    constexpr int X_J = BM / 32;
+    constexpr int X_J = BM / 32;                /* per 64-k sub-tile: BM rows x 8 chunks */
     const int x_r0 = tid >> 3, x_c = tid & 7;
     const uint32_t x_dst0 = (uint32_t)(x_r0 * 128 + ((x_c ^ (x_r0 & 7)) << 4));
-    const int w_r = tid >> 5, w_c = tid & 31;
+    const uint16_t *x_src0 = p.x + (int64_t)(m0 + x_r0) * p.K + 8 * x_c;
+    constexpr int W_J = KW * BN / 4 / 256, W_CPR = BN / 4; /* 16-byte chunks per qweight row */
+    const int w_c = tid % W_CPR, w_r0 = tid / W_CPR;
+    constexpr int W_RS = 256 / W_CPR;
     const bool w_colv = n0 + 4 * w_c < p.N;
-    const uint32_t w_dst = (uint32_t)(C::X_BYTES + w_r * (BN * 4) + w_c * 16);
+    const uint32_t w_dst0 = (uint32_t)(C::X_BYTES + w_r0 * (BN * 4) + w_c * 16);
+    const int32_t *w_src0 = p.qw + (int64_t)w_r0 * p.N + n0 + 4 * w_c;
 
     auto load_stage = [&](int buf, int kt) {
         const uint32_t st = base + (uint32_t)(buf * C::STAGE_BYTES);
 #pragma unroll
-        for (int j = 0; j < X_J; ++j) {
-            const int r = x_r0 + 32 * j;
-            const bool v = m0 + r < p.M && kt * KW + x_c < p.K8;
-            const uint16_t *src = p.x + (int64_t)(m0 + r) * p.K + kt * BK + 8 * x_c;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * 32 * 128),
-                         "l"(v ? src : p.x), "r"(v ? 16 : 0));
+        for (int ks = 0; ks < C::KSUB; ++ks) {
+            const bool kv = kt * KW + ks * 8 + x_c < p.K8;
+#pragma unroll
+            for (int j = 0; j < X_J; ++j) {
+                const bool v = kv && m0 + x_r0 + 32 * j < p.M;
+                const uint16_t *src = x_src0 + (int64_t)(32 * j) * p.K + kt * BK + ks * 64;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                 st + ks * C::XSUB_BYTES + x_dst0 + j * 32 * 128),
+                             "l"(v ? src : p.x), "r"(v ? 16 : 0));
+            }
         }
-        {
-            const bool v = w_colv && kt * KW + w_r < p.K8;
-            const int32_t *src = p.qw + (int64_t)(kt * KW + w_r) * p.N + n0 + 4 * w_c;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst), "l"(v ? src : p.qw),
-                         "r"(v ? 16 : 0));
+#pragma unroll
+        for (int j = 0; j < W_J; ++j) {
+            const int r = w_r0 + j * W_RS;
+            const bool v = w_colv && kt * KW + r < p.K8;
+            const int32_t *src = w_src0 + (int64_t)(kt * KW + j * W_RS) * p.N;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst0 + j * W_RS * BN * 4),
+                         "l"(v ? src : p.qw), "r"(v ? 16 : 0));
         }
         if constexpr (!C::ACT) {
-            if (tid < 32) {
-                const int sr = tid >> 4, sc = tid & 15;
+            if (tid < C::NG * (BN / 8)) {
+                const int sr = tid / (BN / 8), sc = tid % (BN / 8);
                 const int k0 = kt * BK;
                 const int gg = (k0 >> p.gshift) + sr;
                 const int glast = (min(k0 + BK, p.K) - 1) >> p.gshift;
@@ -236,10 +259,10 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
         }
     };
 
-    /* prologue: STAGES-2 stages in flight (a stage is refilled only once the wgmmas that read it
-     * two iterations earlier have completed) */
+    /* prologue: AHEAD stages in flight (without OVL each stage's wgmmas complete within its
+     * iteration; with OVL one iteration later, so a buffer is refilled one stage later) */
 #pragma unroll
-    for (int s = 0; s < STAGES - 2; ++s) {
+    for (int s = 0; s < C::AHEAD; ++s) {
         if (s < nkt) load_stage(s, kt_begin + s);
         cp_async_commit();
     }
@@ -263,22 +286,28 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
         }
     }
 
-    float acc[NACC];
+    float acc[WNT][NACC];
 #pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
-    uint32_t A[2][4][4]; /* [buffer][k16 step][reg] */
+    for (int nt = 0; nt < WNT; ++nt)
 #pragma unroll
-    for (int b = 0; b < 2; ++b)
+        for (int i = 0; i < NACC; ++i) acc[nt][i] = 0.f;
+    uint32_t A[C::OVL ? 2 : 1][WNT][NSTEP][4]; /* [buffer][column tile][k16 step][reg] */
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+    for (int b = 0; b < (C::OVL ? 2 : 1); ++b)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) A[b][j][r] = 0u;
+        for (int nt = 0; nt < WNT; ++nt)
+#pragma unroll
+            for (int j = 0; j < NSTEP; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) A[b][nt][j][r] = 0u;
 
     const uint32_t magic = T::MAGIC;
     const uint32_t sel_fast = (uint32_t)(t | (t << 8));           /* byte t -> bytes 0 and 2 */
     const uint32_t sel_shift = (uint32_t)(t | ((t + 4) << 8));    /* byte t of w, of w >> 4 */
     int cur_g = -1;
-    uint32_t nz[2] = {0u, 0u}, sd[2] = {0u, 0u}; /* per row (r0, r0+1): zero offsets, scale */
+    uint32_t nz[WNT][2], sd[WNT][2]; /* per column tile and row (r, r+1): zero offsets, scale */
+#pragma unroll
+    for (int nt = 0; nt < WNT; ++nt) nz[nt][0] = nz[nt][1] = sd[nt][0] = sd[nt][1] = 0u;
     const uint64_t desc_base = (uint64_t)(((base & 0x3FFFFu) >> 4) & 0x3FFFu) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 
     auto deq = [&](uint32_t w, uint32_t nzr, uint32_t sdr) -> uint32_t {
@@ -293,22 +322,26 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
     auto load_group = [&](const unsigned char *st, int gl) {
         const uint16_t *sS = reinterpret_cast<const uint16_t *>(st + C::X_BYTES + C::W_BYTES);
         const uint32_t *sZ = reinterpret_cast<const uint32_t *>(st + C::X_BYTES + C::W_BYTES + C::S_BYTES);
-        const uint32_t s2 = *reinterpret_cast<const uint32_t *>(sS + gl * BN + r0); /* rows r0, r0+1 */
-        uint32_t zz = 0;
-        if (p.zmode != 0) zz = sZ[gl * (BN / 8) + (r0 >> 3)] >> ((r0 & 7) * 4);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const uint32_t z = zero_of((zz >> (4 * r)) & 15u, p.zmode);
-            const uint32_t sh = r ? (s2 >> 16) : (s2 & 0xFFFFu);
-            sd[r] = sh * 0x10001u;
-            if constexpr (FAST) nz[r] = (T::NEGMAG | z) | ((0xD400u + (z << 4)) << 16); /* -(1024+z), -(64+z) */
-            else nz[r] = (T::NEGMAG | z) * 0x10001u;
+        for (int nt = 0; nt < WNT; ++nt) {
+            const int r0 = rcol(nt);
+            const uint32_t s2 = *reinterpret_cast<const uint32_t *>(sS + gl * BN + r0); /* rows r0, r0+1 */
+            uint32_t zz = 0;
+            if (p.zmode != 0) zz = sZ[gl * (BN / 8) + (r0 >> 3)] >> ((r0 & 7) * 4);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const uint32_t z = zero_of((zz >> (4 * r)) & 15u, p.zmode);
+                const uint32_t sh = r ? (s2 >> 16) : (s2 & 0xFFFFu);
+                sd[nt][r] = sh * 0x10001u;
+                if constexpr (FAST) nz[nt][r] = (T::NEGMAG | z) | ((0xD400u + (z << 4)) << 16); /* -(1024+z), -(64+z) */
+                else nz[nt][r] = (T::NEGMAG | z) * 0x10001u;
+            }
         }
     };
 
     auto stage = [&](int it, auto bufc, auto psc) {
-        constexpr int B = decltype(bufc)::value;
         constexpr bool PS = decltype(psc)::value; /* whole stage in one group */
+        constexpr int B = decltype(bufc)::value;  /* A buffer (always 0 without OVL) */
         (void)psc;
         (void)bufc;
         const int kt = kt_begin + it;
@@ -316,109 +349,156 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
         const unsigned char *st = smem + (it % STAGES) * C::STAGE_BYTES;
         const uint32_t *sW = reinterpret_cast<const uint32_t *>(st + C::X_BYTES);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const uint2 wa = *reinterpret_cast<const uint2 *>(sW + (2 * j) * BN + r0);
-            const uint2 wb = *reinterpret_cast<const uint2 *>(sW + (2 * j + 1) * BN + r0);
+        for (int j = 0; j < NSTEP; ++j) {
             if constexpr (!C::ACT) {
                 const int gabs = (kt * BK + 16 * j) >> p.gshift;
                 if ((!PS || j == 0) && gabs != cur_g) {
                     cur_g = gabs;
                     load_group(st, gabs - ((kt * BK) >> p.gshift));
                 }
-                A[B][j][0] = deq(wa.x, nz[0], sd[0]);
-                A[B][j][1] = deq(wa.y, nz[1], sd[1]);
-                A[B][j][2] = deq(wb.x, nz[0], sd[0]);
-                A[B][j][3] = deq(wb.y, nz[1], sd[1]);
-            } else {
-                (void)PS;
-                const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::X_BYTES + C::W_BYTES);
-                const int2 ga = *reinterpret_cast<const int2 *>(sG + 16 * j + 2 * t);
-                const int2 gb = *reinterpret_cast<const int2 *>(sG + 16 * j + 8 + 2 * t);
-                const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + ga.x * BN + r0);
-                const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + ga.y * BN + r0);
-                const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + gb.x * BN + r0);
-                const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + gb.y * BN + r0);
-                A[B][j][0] = deq(wa.x, __byte_perm(ea0.x, ea1.x, 0x7632), __byte_perm(ea0.x, ea1.x, 0x5410));
-                A[B][j][1] = deq(wa.y, __byte_perm(ea0.y, ea1.y, 0x7632), __byte_perm(ea0.y, ea1.y, 0x5410));
-                A[B][j][2] = deq(wb.x, __byte_perm(eb0.x, eb1.x, 0x7632), __byte_perm(eb0.x, eb1.x, 0x5410));
-                A[B][j][3] = deq(wb.y, __byte_perm(eb0.y, eb1.y, 0x7632), __byte_perm(eb0.y, eb1.y, 0x5410));
+            }
+#pragma unroll
+            for (int nt = 0; nt < WNT; ++nt) {
+                const int r0 = rcol(nt);
+                const uint2 wa = *reinterpret_cast<const uint2 *>(sW + (2 * j) * BN + r0);
+                const uint2 wb = *reinterpret_cast<const uint2 *>(sW + (2 * j + 1) * BN + r0);
+                if constexpr (!C::ACT) {
+                    A[B][nt][j][0] = deq(wa.x, nz[nt][0], sd[nt][0]);
+                    A[B][nt][j][1] = deq(wa.y, nz[nt][1], sd[nt][1]);
+                    A[B][nt][j][2] = deq(wb.x, nz[nt][0], sd[nt][0]);
+                    A[B][nt][j][3] = deq(wb.y, nz[nt][1], sd[nt][1]);
+                } else {
+                    (void)PS;
+                    const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::X_BYTES + C::W_BYTES);
+                    const int2 ga = *reinterpret_cast<const int2 *>(sG + 16 * j + 2 * t);
+                    const int2 gb = *reinterpret_cast<const int2 *>(sG + 16 * j + 8 + 2 * t);
+                    const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + ga.x * BN + r0);
+                    const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + ga.y * BN + r0);
+                    const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + gb.x * BN + r0);
+                    const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + gb.y * BN + r0);
+                    A[B][nt][j][0] = deq(wa.x, __byte_perm(ea0.x, ea1.x, 0x7632), __byte_perm(ea0.x, ea1.x, 0x5410));
+                    A[B][nt][j][1] = deq(wa.y, __byte_perm(ea0.y, ea1.y, 0x7632), __byte_perm(ea0.y, ea1.y, 0x5410));
+                    A[B][nt][j][2] = deq(wb.x, __byte_perm(eb0.x, eb1.x, 0x7632), __byte_perm(eb0.x, eb1.x, 0x5410));
+                    A[B][nt][j][3] = deq(wb.y, __byte_perm(eb0.y, eb1.y, 0x7632), __byte_perm(eb0.y, eb1.y, 0x5410));
+                }
             }
         }
         wg_fence();
 #pragma unroll
-        for (int i = 0; i < NACC; ++i) keep_f(acc[i]);
+        for (int nt = 0; nt < WNT; ++nt)
+#pragma unroll
+            for (int i = 0; i < NACC; ++i) keep_f(acc[nt][i]);
         const uint64_t desc = desc_base + (uint64_t)(((it % STAGES) * C::STAGE_BYTES) >> 4);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) Wgmma<BM, T>::run(acc, A[B][j], desc + (uint64_t)(2 * j));
+        for (int j = 0; j < NSTEP; ++j)
+#pragma unroll
+            for (int nt = 0; nt < WNT; ++nt)
+                Wgmma<BM, T>::run(acc[nt], A[B][nt][j],
+                                  desc + (uint64_t)((j >> 2) * (C::XSUB_BYTES >> 4) + 2 * (j & 3)));
         wg_commit();
 #pragma unroll
-        for (int i = 0; i < NACC; ++i) keep_f(acc[i]);
-        wg_wait<1>(); /* the previous stage's wgmmas are done: its A buffer and smem stage are free */
+        for (int nt = 0; nt < WNT; ++nt)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < NACC; ++i) keep_f(acc[nt][i]);
+        /* The wgmmas read A from registers asynchronously, and the compiler, which does not know
+         * that, may reuse (or recompute into) those registers once their last C++ use is issued.
+         * Without OVL: wait for this stage's wgmmas right here, so nothing written afterwards can
+         * be a register an in-flight wgmma still reads (the two warpgroups then overlap each
+         * other's dequantisation with their wgmmas only). With OVL: wait for the previous stage's
+         * group and keep the other buffer alive up to that point. */
+        if constexpr (C::OVL) {
+            wg_wait<1>();
 #pragma unroll
-            for (int r = 0; r < 4; ++r) keep_u(A[1 - B][j][r]);
+            for (int nt = 0; nt < WNT; ++nt)
+#pragma unroll
+                for (int j = 0; j < NSTEP; ++j)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) keep_u(A[1 - B][nt][j][r]);
+        } else {
+            wg_wait<0>();
+#pragma unroll
+            for (int nt = 0; nt < WNT; ++nt)
+#pragma unroll
+                for (int j = 0; j < NSTEP; ++j)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) keep_u(A[B][nt][j][r]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < WNT; ++nt)
+#pragma unroll
+            for (int i = 0; i < NACC; ++i) keep_f(acc[nt][i]);
     };
 
-    const bool ps = !C::ACT && (1 << min(p.gshift, 30)) >= BK;
-    for (int it = 0; it < nkt; ++it) {
-        cp_async_wait<STAGES - 3>();
+    auto iteration = [&](int it, auto bufc, auto psc) {
+        cp_async_wait<C::AHEAD - 1>();
         __syncthreads();
         {
-            const int nx = it + STAGES - 2;
+            const int nx = it + C::AHEAD;
             if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx);
             cp_async_commit();
         }
-        if ((it & 1) == 0) {
-            if (ps) stage(it, std::integral_constant<int, 0>{}, std::true_type{});
-            else stage(it, std::integral_constant<int, 0>{}, std::false_type{});
-        } else {
-            if (ps) stage(it, std::integral_constant<int, 1>{}, std::true_type{});
-            else stage(it, std::integral_constant<int, 1>{}, std::false_type{});
+        stage(it, bufc, psc);
+    };
+    auto run = [&](auto psc) {
+        using B0 = std::integral_constant<int, 0>;
+        using B1 = std::integral_constant<int, C::OVL ? 1 : 0>;
+        int it = 0;
+        for (; it + 1 < nkt; it += 2) { /* straight-line pairs: buffer 0, then buffer 1 */
+            iteration(it, B0{}, psc);
+            iteration(it + 1, B1{}, psc);
         }
-    }
+        if (it < nkt) iteration(it, B0{}, psc);
+    };
+    const bool ps = !C::ACT && (1 << min(p.gshift, 30)) >= BK;
+    if (ps) run(std::true_type{});
+    else run(std::false_type{});
     wg_wait<0>();
 #pragma unroll
-    for (int i = 0; i < NACC; ++i) keep_f(acc[i]);
+    for (int b = 0; b < (C::OVL ? 2 : 1); ++b)
 #pragma unroll
-    for (int b = 0; b < 2; ++b)
+        for (int nt = 0; nt < WNT; ++nt)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+            for (int j = 0; j < NSTEP; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) keep_u(A[b][j][r]);
+                for (int r = 0; r < 4; ++r) keep_u(A[b][nt][j][r]);
 
-    /* ---- epilogue: acc[4i + e] holds (row g / g+8 -> column r0 / r0+1, m = 8i + 2t + (e & 1)) ---- */
+    /* ---- epilogue: acc[nt][4i + e] holds (row g / g+8 -> column rcol / +1, m = 8i + 2t + (e & 1)) ---- */
     if (nsplit == 1) {
-        const int col = n0 + r0;
-        float b0 = 0.f, b1 = 0.f;
-        if (p.bias != nullptr && col < p.N) {
-            const uint32_t bb = *reinterpret_cast<const uint32_t *>(p.bias + col);
-            b0 = T::to_f((uint16_t)(bb & 0xFFFFu));
-            b1 = T::to_f((uint16_t)(bb >> 16));
-        }
 #pragma unroll
-        for (int i = 0; i < BM / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int m = m0 + 8 * i + 2 * t + e;
-                if (m < p.M && col < p.N) {
-                    const uint32_t o = (uint32_t)T::from_f(acc[4 * i + e] + b0) |
-                                       ((uint32_t)T::from_f(acc[4 * i + 2 + e] + b1) << 16);
-                    *reinterpret_cast<uint32_t *>(p.out + (int64_t)m * p.N + col) = o;
-                }
+        for (int nt = 0; nt < WNT; ++nt) {
+            const int col = n0 + rcol(nt);
+            float b0 = 0.f, b1 = 0.f;
+            if (p.bias != nullptr && col < p.N) {
+                const uint32_t bb = *reinterpret_cast<const uint32_t *>(p.bias + col);
+                b0 = T::to_f((uint16_t)(bb & 0xFFFFu));
+                b1 = T::to_f((uint16_t)(bb >> 16));
             }
+#pragma unroll
+            for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int m = m0 + 8 * i + 2 * t + e;
+                    if (m < p.M && col < p.N) {
+                        const uint32_t o = (uint32_t)T::from_f(acc[nt][4 * i + e] + b0) |
+                                           ((uint32_t)T::from_f(acc[nt][4 * i + 2 + e] + b1) << 16);
+                        *reinterpret_cast<uint32_t *>(p.out + (int64_t)m * p.N + col) = o;
+                    }
+                }
+        }
         return;
     }
     cp_async_wait<0>();
     __syncthreads();
     float *sO = reinterpret_cast<float *>(smem); /* [BM][BN] */
 #pragma unroll
-    for (int i = 0; i < BM / 8; ++i)
+    for (int nt = 0; nt < WNT; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int ml = 8 * i + 2 * t + e;
-            *reinterpret_cast<float2 *>(sO + ml * BN + r0) = make_float2(acc[4 * i + e], acc[4 * i + 2 + e]);
-        }
+        for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int ml = 8 * i + 2 * t + e;
+                *reinterpret_cast<float2 *>(sO + ml * BN + rcol(nt)) = make_float2(acc[nt][4 * i + e], acc[nt][4 * i + 2 + e]);
+            }
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
     for (int idx = split * 256 + tid; idx < BM * (BN / 4); idx += nsplit * 256) {
@@ -475,9 +555,13 @@ int launch_wg(const LinParams &base, void *stream) {
 template <class T, bool ACT>
 int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     switch (cfg) {
-    case 10: return launch_wg<WCfg<64, 6, ACT>, T>(p, stream);
-    case 11: return launch_wg<WCfg<128, 5, ACT>, T>(p, stream);
-    default: return launch_wg<WCfg<256, 4, ACT>, T>(p, stream);
+    case 10: return launch_wg<WCfg<64, 2, 2, 4, ACT>, T>(p, stream);  /* 64 x 256, k 128 */
+    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT>, T>(p, stream); /* 128 x 256, k 64 */
+    case 13: return launch_wg<WCfg<128, 1, 1, 5, ACT>, T>(p, stream); /* 128 x 128, k 64 */
+    case 14: return launch_wg<WCfg<64, 2, 2, 4, ACT, true>, T>(p, stream);  /* 10, overlapped */
+    case 15: return launch_wg<WCfg<128, 2, 1, 5, ACT, true>, T>(p, stream); /* 11, overlapped */
+    case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 12, overlapped */
+    default: return launch_wg<WCfg<256, 1, 1, 4, ACT>, T>(p, stream); /* 256 x 128, k 64 */
     }
 }
 
