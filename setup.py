@@ -4,7 +4,7 @@ with CUDA and nvcc is found, the CUDA kernels.
     pip install --no-build-isolation -e .       # uses the torch already installed
 
 Environment: TORCH_OPS_CUDA=0 forces a CPU-only build; TORCH_CUDA_ARCH_LIST picks the CUDA
-targets (default "8.0;9.0"); MAX_JOBS bounds parallel compilation.
+targets (default "8.0;9.0a": sm_90a enables the Hopper wgmma path); MAX_JOBS bounds parallel compilation.
 """
 import glob
 import os
@@ -45,7 +45,7 @@ def extension():
     cxx = ["-O3", "-Wall", "-Wno-unused-function"]
     include = [os.path.join(ROOT, "csrc")]
     if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")  # 9.0a: the wgmma path
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(
             "torch_ops._C", CPP_SOURCES + CUDA_SOURCES, include_dirs=include,

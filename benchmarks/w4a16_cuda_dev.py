@@ -246,7 +246,7 @@ def correctness(quick):
 
     # every tile config and split, forced, on awkward shapes (the automatic choice covers few)
     t0 = total
-    for cfg in list(range(10)) + [10, 11, 12, 13]:
+    for cfg in [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 14, 16]:
         for split in (1, 3, 8):
             for (M, K, N, gs, act, dt) in [(5, 4224, 4104, 128, False, torch.float16),
                                            (37, 2048, 1000, 64, True, torch.bfloat16),
@@ -386,7 +386,7 @@ def benchmarks(quick):
         row(K, N, M)
     for M in [1, 16] + ([] if quick else [1024]):
         row(8192, 28672, M)
-    row(8192, 28672, 1, force=(8, 0), cublas=False, tag="sweep")
+    row(8192, 28672, 1, force=(0, 0), cublas=False, tag="sweep")
     row(4096, 4096, 1)
     row(4096, 4096, 16)
     row(4096, 4096, 64)
@@ -396,10 +396,8 @@ def benchmarks(quick):
         row(K, N, M, dt=torch.bfloat16, cublas=False)
         row(K, N, M, act=True, cublas=False)
     # config sweeps (forced) to tune the thresholds
-    for (M, cfg, split) in [(1, 0, 0), (1, 8, 0), (1, 8, 2), (1, 8, 4), (1, 8, 8), (1, 6, 8), (16, 1, 0), (16, 9, 0),
-                            (32, 2, 0), (32, 10, 0), (64, 10, 2), (64, 10, 4), (64, 3, 0), (128, 11, 0), (128, 13, 0),
-                            (256, 11, 0), (256, 12, 0), (256, 13, 0), (1024, 11, 0), (1024, 12, 0), (4096, 11, 0),
-                            (4096, 12, 0)]:
+    for (M, cfg, split) in [(1, 8, 2), (16, 9, 0), (32, 10, 0), (64, 2, 0), (128, 11, 0), (256, 14, 0),
+                            (1024, 11, 0), (1024, 14, 0)]:
         row(K, N, M, force=(cfg, split), cublas=False, tag="sweep")
     return rows
 

@@ -241,61 +241,73 @@ at::Tensor unpack(const at::Tensor &packed_in, int64_t bits, int64_t dim, c10::s
 
 // ---- AWQ <-> GPTQ -------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> awq_to_gptq(const at::Tensor &qweight_in,
-                                               const at::Tensor &qzeros_in,
-                                               c10::string_view zero_format) {
-    const char *op = "awq_to_gptq";
-    check_dtype(op, "qweight", qweight_in, at::kInt);
-    check_dtype(op, "qzeros", qzeros_in, at::kInt);
-    check_device(op, "qweight", qweight_in, qweight_in);
-    check_device(op, "qzeros", qzeros_in, qweight_in);
-    check_ndim(op, "qweight", qweight_in, 2);
-    check_ndim(op, "qzeros", qzeros_in, 2);
-    int zf = parse_zero_format(op, "zero_format", zero_format);
-    int64_t K = qweight_in.size(0), N = qweight_in.size(1) * 8, G = qzeros_in.size(0);
-    TORCH_CHECK_VALUE(K % 8 == 0, op, ": K = qweight.shape[0] = ", K,
-                      " must be a multiple of 8 (GPTQ packs 8 rows per int32)");
-    TORCH_CHECK_VALUE(G >= 1 && K % G == 0, op, ": qzeros.shape[0] = ", G,
-                      " groups must divide K = qweight.shape[0] = ", K);
-    check_shape(op, "qzeros", qzeros_in, {G, N / 8}, "[K/G, N/8]");
+// Checks shared by both repack directions: int32 2-D qweight and qzeros on one device.
+int check_repack_inputs(const char *op, const at::Tensor &qweight, const at::Tensor &qzeros,
+                        c10::string_view zero_format) {
+    check_dtype(op, "qweight", qweight, at::kInt);
+    check_dtype(op, "qzeros", qzeros, at::kInt);
+    check_device(op, "qweight", qweight, qweight);
+    check_device(op, "qzeros", qzeros, qweight);
+    check_ndim(op, "qweight", qweight, 2);
+    check_ndim(op, "qzeros", qzeros, 2);
+    return parse_zero_format(op, "zero_format", zero_format);
+}
+
+// The body of both directions: qweight in blocks of 8 rows of K (split across threads), qzeros
+// word by word.
+std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at::Tensor &qweight_in,
+                                          const at::Tensor &qzeros_in, int64_t K, int64_t N,
+                                          int zf) {
     at::Tensor qweight = qweight_in.contiguous(), qzeros = qzeros_in.contiguous();
-    at::Tensor qw = at::empty({K / 8, N}, qweight.options());
-    at::Tensor qz = at::empty({G, N / 8}, qzeros.options());
+    at::Tensor qw = to_gptq ? at::empty({K / 8, N}, qweight.options())
+                            : at::empty({K, N / 8}, qweight.options());
+    at::Tensor qz = at::empty_like(qzeros);
     if (qweight.is_cuda()) {
-        TOPS_CUDA(op, cuda::awq_to_gptq(qw, qz, qweight, qzeros, K, N, zf));
+        TOPS_CUDA(op, (to_gptq ? cuda::awq_to_gptq : cuda::gptq_to_awq)(qw, qz, qweight, qzeros, K,
+                                                                         N, zf));
     } else if (qweight.numel() > 0) {
+        auto qweight_fn = to_gptq ? tops_awq_to_gptq_qweight : tops_gptq_to_awq_qweight;
+        auto qzeros_fn = to_gptq ? tops_awq_to_gptq_qzeros : tops_gptq_to_awq_qzeros;
         run_cpu(op, K / 8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N)),
                 [&](int64_t b, int64_t e) {
-                    return tops_awq_to_gptq_qweight(qw.data_ptr<int32_t>(),
-                                                    qweight.data_ptr<int32_t>(), K, N, b, e);
+                    return qweight_fn(qw.data_ptr<int32_t>(), qweight.data_ptr<int32_t>(), K, N, b,
+                                      e);
                 });
-        check_status(tops_awq_to_gptq_qzeros(qz.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(),
-                                             qzeros.numel(), zf),
+        check_status(qzeros_fn(qz.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), qzeros.numel(),
+                               zf),
                      op);
     }
     return {qw, qz};
 }
 
-std::tuple<at::Tensor, at::Tensor> gptq_to_awq(const at::Tensor &qweight_in,
-                                               const at::Tensor &qzeros_in,
+std::tuple<at::Tensor, at::Tensor> awq_to_gptq(const at::Tensor &qweight,
+                                               const at::Tensor &qzeros,
+                                               c10::string_view zero_format) {
+    const char *op = "awq_to_gptq";
+    int zf = check_repack_inputs(op, qweight, qzeros, zero_format);
+    int64_t K = qweight.size(0), N = qweight.size(1) * 8, G = qzeros.size(0);
+    TORCH_CHECK_VALUE(K % 8 == 0, op, ": K = qweight.shape[0] = ", K,
+                      " must be a multiple of 8 (GPTQ packs 8 rows per int32)");
+    TORCH_CHECK_VALUE(G >= 1 && K % G == 0, op, ": qzeros.shape[0] = ", G,
+                      " groups must divide K = qweight.shape[0] = ", K);
+    check_shape(op, "qzeros", qzeros, {G, N / 8}, "[K/G, N/8]");
+    return repack(op, true, qweight, qzeros, K, N, zf);
+}
+
+std::tuple<at::Tensor, at::Tensor> gptq_to_awq(const at::Tensor &qweight,
+                                               const at::Tensor &qzeros,
                                                c10::string_view zero_format,
                                                const c10::optional<at::Tensor> &g_idx) {
     const char *op = "gptq_to_awq";
-    check_dtype(op, "qweight", qweight_in, at::kInt);
-    check_dtype(op, "qzeros", qzeros_in, at::kInt);
-    check_device(op, "qweight", qweight_in, qweight_in);
-    check_device(op, "qzeros", qzeros_in, qweight_in);
-    check_ndim(op, "qweight", qweight_in, 2);
-    check_ndim(op, "qzeros", qzeros_in, 2);
-    int zf = parse_zero_format(op, "zero_format", zero_format);
-    int64_t K = qweight_in.size(0) * 8, N = qweight_in.size(1), G = qzeros_in.size(0);
+    int zf = check_repack_inputs(op, qweight, qzeros, zero_format);
+    int64_t K = qweight.size(0) * 8, N = qweight.size(1), G = qzeros.size(0);
     TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N,
                       " must be a multiple of 8 (AWQ packs 8 columns per int32)");
     TORCH_CHECK_VALUE(G >= 1 && K % G == 0, op, ": qzeros.shape[0] = ", G,
                       " groups must divide K = 8 * qweight.shape[0] = ", K);
-    check_shape(op, "qzeros", qzeros_in, {G, N / 8}, "[K/G, N/8]");
+    check_shape(op, "qzeros", qzeros, {G, N / 8}, "[K/G, N/8]");
     if (g_idx.has_value()) {
-        check_device(op, "g_idx", *g_idx, qweight_in);
+        check_device(op, "g_idx", *g_idx, qweight);
         check_shape(op, "g_idx", *g_idx, {K}, "[K]");
         at::Tensor expected =
             at::arange(K, g_idx->options().dtype(at::kLong)).div(K / G, "floor");
@@ -303,22 +315,7 @@ std::tuple<at::Tensor, at::Tensor> gptq_to_awq(const at::Tensor &qweight_in,
                           ": g_idx is act-order (desc_act: rows are not grouped in order), which "
                           "AWQ cannot express; only g_idx == arange(K) // group_size converts");
     }
-    at::Tensor qweight = qweight_in.contiguous(), qzeros = qzeros_in.contiguous();
-    at::Tensor qw = at::empty({K, N / 8}, qweight.options());
-    at::Tensor qz = at::empty({G, N / 8}, qzeros.options());
-    if (qweight.is_cuda()) {
-        TOPS_CUDA(op, cuda::gptq_to_awq(qw, qz, qweight, qzeros, K, N, zf));
-    } else if (qweight.numel() > 0) {
-        run_cpu(op, K / 8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N)),
-                [&](int64_t b, int64_t e) {
-                    return tops_gptq_to_awq_qweight(qw.data_ptr<int32_t>(),
-                                                    qweight.data_ptr<int32_t>(), K, N, b, e);
-                });
-        check_status(tops_gptq_to_awq_qzeros(qz.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(),
-                                             qzeros.numel(), zf),
-                     op);
-    }
-    return {qw, qz};
+    return repack(op, false, qweight, qzeros, K, N, zf);
 }
 
 at::Tensor convert_gptq_zeros(const at::Tensor &qzeros_in, int64_t bits, c10::string_view src,

@@ -4,8 +4,11 @@
  * optional act-order g_idx), fp32 accumulation, one rounding to the activation dtype.
  *
  * Semantics: exactly tops_w4a16_linear of ../core/tops.h (see tops_cuda.h for the launcher).
+ * This file: the mma.sync kernel (every batch size on sm_80+, batches up to 32 on Hopper), the
+ * CUDA-core fallback and the launcher. w4a16_wgmma.cu: the Hopper wgmma kernel (batches above 32,
+ * needs an sm_90a build). w4a16_common.cuh: shared helpers and the split / cluster launch.
  *
- * Design (one kernel family for fp16 / bf16, a plain CUDA-core kernel for the rest):
+ * Design of the mma.sync kernel:
  *
  *  - "Swap A and B" tensor-core GEMM: we compute out^T = W^T x^T with mma.sync.m16n8k16, the
  *    dequantised weights being the 16-row A operand (16 output columns n) and the activations the
@@ -19,15 +22,18 @@
  *    (2t,2t+1) of the first mma, (1,5) slots (2t+8,2t+9), (2,6) and (3,7) those of the second one.
  *    Those nibble pairs are exactly what the magic-number trick yields in one lop3:
  *    ((w >> 4i) & 0x000F000F) | 0x64006400 is the half2 (1024 + q_i, 1024 + q_{i+4}) (bf16: 0x4300,
- *    128 + q). The activations are permuted to match with 4 byte-permutes of a 16-byte load
+ *    128 + q); fp16 also takes pairs (1,5) and (3,7) unshifted as 1024 + 16 q and scales by 1/16 in
+ *    the same fma. The activations are permuted to match with 4 byte-permutes of a 16-byte load
  *    (x0,x4) (x1,x5) (x2,x6) (x3,x7).
  *
  *  - Columns: a 16-byte load of qweight gives 4 consecutive columns of one k-word. They become the
  *    rows g and g+8 of two n16 mma tiles, so a warp covers 32 columns per 16-byte load, and each
  *    thread ends up owning 4 consecutive output columns (8-byte stores).
  *
- *  - Dequant: (q - z) * s as half2: sub (exact: small integers) then mul (one rounding), both as
- *    fma.rn.{f16,bf16}x2; z and s are per column and group.
+ *  - Dequant: q - z exactly (small integers) in one fma per pair; for small batches (FACT) the
+ *    mma accumulates sum (q - z) x per group and the fp32 scale multiplies that partial sum when
+ *    the group ends; otherwise one more fma multiplies each weight by its half2 scale. Zero points
+ *    and scales are unpacked once per group, not per weight.
  *
  *  - Pipeline: weights, activations and the scales / zeros of the stage's groups are copied with
  *    cp.async (16-byte, zero-filled outside the matrix) into STAGES shared-memory stages; every
@@ -35,7 +41,8 @@
  *
  *  - Split-K: when the output tiles alone cannot fill the GPU (small M), up to 8 blocks split K and
  *    form a thread-block cluster (sm_90); their fp32 partial tiles are reduced through distributed
- *    shared memory by one launch, no workspace, no atomics, deterministic.
+ *    shared memory by one launch, no workspace, no atomics, deterministic. The split is chosen from
+ *    the occupancy (clusters that can be resident) and the balance of blocks over the SMs.
  *
  *  - Act-order (g_idx, or a group size that is not a power of two >= 32): the block first builds a
  *    table (scale, -(magic + zero)) for every group and each of its columns in shared memory; each
@@ -596,8 +603,6 @@ template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
-template <bool ACT> using CfgA3 = Cfg<256, 8, 8, 128, 3, ACT, 3>;  /* M <= 8, 3 blocks per SM */
-template <bool ACT> using CfgB3 = Cfg<256, 16, 8, 128, 3, ACT, 3>; /* M <= 16, 3 blocks per SM */
 /* 128 columns, 4 column warps x 2 k warps: twice the blocks of A / B (balance on 132 SMs) */
 template <bool ACT> using CfgA2 = Cfg<128, 8, 4, 256, 4, ACT, 2, 2>;
 template <bool ACT> using CfgB2 = Cfg<128, 16, 4, 256, 4, ACT, 2, 2>;
@@ -612,14 +617,17 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream, double *estimate = nu
     case 2: return launch_tc<CfgC<ACT>, T>(p, stream);
     case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
     case 4: return launch_tc<CfgE<ACT>, T>(p, stream);
-    case 6: return launch_tc<CfgA3<ACT>, T>(p, stream);
-    case 7: return launch_tc<CfgB3<ACT>, T>(p, stream);
     default: return launch_tc<CfgF<ACT>, T>(p, stream);
     }
 }
 
-/* mma.sync configurations 0..9 (0 / 1 and their 128-column twins 8 / 9 serve M <= 16), wgmma
- * configurations (sm_90a) 10 (64 x 256), 11 (128 x 256), 12 (256 x 128), 13 (128 x 128) */
+/* Tile configuration by batch size (measured on an H100, see benchmarks/w4a16_cuda_dev.py):
+ *   mma.sync (any sm_80+): 0 (M <= 8), 1 (M <= 16), and their 128-column twins 8 / 9 when those
+ *   spread the blocks better over the SMs, 2 (M <= 32); 3, 4, 5 stand in for the wgmma ones
+ *   without sm_90a;
+ *   wgmma (sm_90a, rows x columns): 10 (64 x 256, M <= 64), 11 (128 x 256), 14 (128 x 128,
+ *   M <= 128 and odd sizes above), 16 (256 x 128, M > 128); 14 / 16 overlap the dequantisation
+ *   of one stage with the previous stage's wgmmas. */
 int choose_cfg(int64_t M, int64_t N, int sms) {
     (void)N;
     (void)sms;
@@ -628,10 +636,10 @@ int choose_cfg(int64_t M, int64_t N, int sms) {
     if (M <= 16) return 1;
     if (M <= 32) return 2;
     if (M <= 64) return 10;
-    if (M <= 128) return 11;
+    if (M <= 128) return 14;
     /* 256-row tiles unless their padding costs more than the 128-row tiles' lower efficiency */
     const int64_t pad256 = (M + 255) / 256 * 256, pad128 = (M + 127) / 128 * 128;
-    return (double)pad256 <= (double)pad128 * 1.15 ? 12 : 11;
+    return (double)pad256 <= (double)pad128 * 1.15 ? 16 : 14;
 }
 
 /* the mma.sync configuration that stands in for a wgmma one (no sm_90a build, or no fit) */

@@ -11,9 +11,11 @@
  *    8-byte shared load gives both rows' words and the epilogue stores column pairs.
  *  - B (16 k x BM rows of x) is read by the tensor cores straight from shared memory: x tiles of
  *    64 k are copied with cp.async into the canonical 128-byte-swizzled K-major layout.
- *  - 2 warpgroups x 64 columns = 128 columns per block, BM in {64, 128, 256} rows; a cp.async
- *    pipeline of STAGES stages refilled STAGES-1 ahead; each stage's wgmmas are waited for within
- *    the stage (see the comment at the wait: register-A wgmmas and the compiler).
+ *  - 2 warpgroups x WNT x 64 columns per block, BM in {64, 128, 256} rows, KSUB x 64 k per stage;
+ *    a cp.async pipeline of STAGES stages. Either each stage's wgmmas are waited for within the
+ *    stage, or (OVL) the A fragments are double-buffered and waited for one stage later, so the
+ *    dequantisation of stage s+1 overlaps the tensor cores' work on stage s (see the comments at
+ *    the waits: register-A wgmmas and what the compiler may do to those registers).
  *  - Split-K across a cluster and the epilogue as in w4a16_kernels.cu.
  * Built for sm_90a only; other targets get an empty kernel, which the host detects (its register
  * count) and then uses the mma.sync kernels instead.
@@ -384,10 +386,6 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
             }
         }
         wg_fence();
-#pragma unroll
-        for (int nt = 0; nt < WNT; ++nt)
-#pragma unroll
-            for (int i = 0; i < NACC; ++i) keep_f(acc[nt][i]);
         const uint64_t desc = desc_base + (uint64_t)(((it % STAGES) * C::STAGE_BYTES) >> 4);
 #pragma unroll
         for (int j = 0; j < NSTEP; ++j)
@@ -395,11 +393,8 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
             for (int nt = 0; nt < WNT; ++nt)
                 Wgmma<BM, T>::run(acc[nt], A[B][nt][j],
                                   desc + (uint64_t)((j >> 2) * (C::XSUB_BYTES >> 4) + 2 * (j & 3)));
-        wg_commit();
-#pragma unroll
-        for (int nt = 0; nt < WNT; ++nt)
-#pragma unroll
-            for (int i = 0; i < NACC; ++i) keep_f(acc[nt][i]);
+        wg_commit(); /* (no register fences on acc here: ptxas serialises wgmmas whose accumulators
+                      * another instruction defines while they are in flight) */
         /* The wgmmas read A from registers asynchronously, and the compiler, which does not know
          * that, may reuse (or recompute into) those registers once their last C++ use is issued.
          * Without OVL: wait for this stage's wgmmas right here, so nothing written afterwards can
@@ -423,10 +418,6 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
 #pragma unroll
                     for (int r = 0; r < 4; ++r) keep_u(A[B][nt][j][r]);
         }
-#pragma unroll
-        for (int nt = 0; nt < WNT; ++nt)
-#pragma unroll
-            for (int i = 0; i < NACC; ++i) keep_f(acc[nt][i]);
     };
 
     auto iteration = [&](int it, auto bufc, auto psc) {
@@ -450,8 +441,13 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
         if (it < nkt) iteration(it, B0{}, psc);
     };
     const bool ps = !C::ACT && (1 << min(p.gshift, 30)) >= BK;
-    if (ps) run(std::true_type{});
-    else run(std::false_type{});
+    if constexpr (C::OVL) {
+        run(std::false_type{}); /* one copy of the loop: two would need accumulator moves, which
+                                   make ptxas serialise the wgmmas */
+    } else {
+        if (ps) run(std::true_type{});
+        else run(std::false_type{});
+    }
     wg_wait<0>();
 #pragma unroll
     for (int b = 0; b < (C::OVL ? 2 : 1); ++b)
@@ -461,6 +457,10 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
             for (int j = 0; j < NSTEP; ++j)
 #pragma unroll
                 for (int r = 0; r < 4; ++r) keep_u(A[b][nt][j][r]);
+#pragma unroll
+    for (int nt = 0; nt < WNT; ++nt)
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) keep_f(acc[nt][i]);
 
     /* ---- epilogue: acc[nt][4i + e] holds (row g / g+8 -> column rcol / +1, m = 8i + 2t + (e & 1)) ---- */
     if (nsplit == 1) {
@@ -554,14 +554,12 @@ int launch_wg(const LinParams &base, void *stream) {
 
 template <class T, bool ACT>
 int dispatch_wg(const LinParams &p, int cfg, void *stream) {
-    switch (cfg) {
-    case 10: return launch_wg<WCfg<64, 2, 2, 4, ACT>, T>(p, stream);  /* 64 x 256, k 128 */
-    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT>, T>(p, stream); /* 128 x 256, k 64 */
-    case 13: return launch_wg<WCfg<128, 1, 1, 5, ACT>, T>(p, stream); /* 128 x 128, k 64 */
-    case 14: return launch_wg<WCfg<64, 2, 2, 4, ACT, true>, T>(p, stream);  /* 10, overlapped */
-    case 15: return launch_wg<WCfg<128, 2, 1, 5, ACT, true>, T>(p, stream); /* 11, overlapped */
-    case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 12, overlapped */
-    default: return launch_wg<WCfg<256, 1, 1, 4, ACT>, T>(p, stream); /* 256 x 128, k 64 */
+    switch (cfg) { /* rows x columns, k per stage */
+    case 10: return launch_wg<WCfg<64, 2, 2, 4, ACT>, T>(p, stream);        /* 64 x 256, k 128 */
+    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT>, T>(p, stream);       /* 128 x 256, k 64 */
+    case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true>, T>(p, stream); /* 128 x 128, overlapped */
+    case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 256 x 128, overlapped */
+    default: return -1;
     }
 }
 
