@@ -24,12 +24,26 @@ MS = [1, 4, 16, 64, 256, 1024, 4096]
 
 
 def make(K, N, G, device, act_order=False):
+    """Random weights quantized to GPTQ tensors; act_order gives them a scattered g_idx (the same
+    tensors read through the per-row gather path)."""
     w = torch.randn(N, K, device=device) * 0.02
     t = torch_ops.quantize(w, 4, G)
-    if act_order:  # a scattered g_idx with the same tensors: exercises the gather path
-        t["g_idx"] = t["g_idx"][torch.randperm(K, device=device)].contiguous()
-    t["qzeros"], t["group_size"] = t["qzeros"], G
+    g_idx = t.pop("g_idx")
+    if act_order:
+        t["g_idx"] = g_idx[torch.randperm(K, device=device)].contiguous()
+    t["group_size"] = G
     return w, t
+
+
+def check(x, t):
+    """relative error of this op against x @ dequantize(...)^T in fp32, before any timing"""
+    w = torch_ops.dequantize(t["qweight"], t["scales"].float(), t["qzeros"], "gptq", 4,
+                             t["group_size"], t.get("g_idx"))
+    ref = x.float() @ w.t()
+    out = torch_ops.w4a16_linear(x, **t).float()
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"w4a16_linear is wrong here: relative error {err:.2e}"
+    return err
 
 
 def fmt(t):
@@ -63,15 +77,17 @@ def bench_cuda(shapes, ms, G):
         t_bf = dict(t, scales=t["scales"].bfloat16())
         try:  # tinygemm: bf16, float-domain zero: w = (q - 8) * s + zero, zero = s * (8 - z)
             q = torch_ops.unpack(t["qweight"], 4, dim=0).t().contiguous()  # [N, K]
-            z = torch_ops.unpack(t["qzeros"], 4, dim=1).float() + 1  # v1 -> z
+            z = ((torch_ops.unpack(t["qzeros"], 4, dim=1).long() + 1) % 16).float()  # v1 -> z
             s = t["scales"].float()
             sz = torch.stack([s, s * (8 - z)], -1).bfloat16().contiguous()  # [K/G, N, 2]
-            packed = torch._convert_weight_to_int4pack(((q[:, 1::2] << 4) | q[:, ::2]).contiguous(), 8)
+            packed = torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).contiguous(), 8)
         except Exception:
             packed = None
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             xb = x.bfloat16()
+            if M in (1, 64, 1024):
+                check(x, t), check(xb, t_bf), check(x, t_act)
             ours = bench(lambda: torch_ops.w4a16_linear(x, **t))
             ours_bf = bench(lambda: torch_ops.w4a16_linear(xb, **t_bf))
             act = bench(lambda: torch_ops.w4a16_linear(x, **t_act))
@@ -90,6 +106,7 @@ def bench_cuda(shapes, ms, G):
             for g in (32, 64, -1):
                 _, tg = make(K, N, K if g == -1 else g, "cuda")
                 tg["group_size"] = g
+                check(torch.randn(16, K, device="cuda", dtype=torch.float16), tg)
                 for M in (1, 16):
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                     print(f"| {K} x {N}, group {g} | {M} | {fmt(bench(lambda: torch_ops.w4a16_linear(x, **tg)))} "
@@ -122,6 +139,7 @@ def bench_cpu(shapes, ms, G, reps):
         for M in ms:
             x = torch.randn(M, K)
             xb = x.bfloat16()
+            check(x, t)
             ours = bench(lambda: torch_ops.w4a16_linear(x, **t))
             dense = bench(lambda: F.linear(x, w))
             dense_bf = bench(lambda: F.linear(xb, wb))
