@@ -7,7 +7,7 @@ OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 # the image's CC/CXX (/opt/gcc) wrap g++ with a static libstdc++, whose iostreams nobody
 # initialises inside an extension: every error message torch formats would crash. Use the plain one.
 [ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/env.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/env.txt"
