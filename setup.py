@@ -40,9 +40,14 @@ class Build(BuildExtension):
         super().build_extensions()
 
 
+# at::parallel_for is an OpenMP loop compiled into the caller: without -fopenmp the CPU kernels
+# would run on one thread whatever torch.set_num_threads says.
+OPENMP = ["-fopenmp"]
+
+
 def extension():
     # no -std: torch picks the standard its headers were built with (C++17 in 2.11, C++20 in 2.13)
-    cxx = ["-O3", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-Wall", "-Wno-unused-function"] + OPENMP
     include = [os.path.join(ROOT, "csrc")]
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")  # 9.0a: the wgmma path
@@ -50,9 +55,10 @@ def extension():
         return CUDAExtension(
             "torch_ops._C", CPP_SOURCES + CUDA_SOURCES, include_dirs=include,
             define_macros=[("TOPS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx + ["-DTOPS_WITH_CUDA=1"], "nvcc": nvcc})
+            extra_compile_args={"cxx": cxx + ["-DTOPS_WITH_CUDA=1"], "nvcc": nvcc},
+            extra_link_args=OPENMP)
     return CppExtension("torch_ops._C", CPP_SOURCES, include_dirs=include,
-                        extra_compile_args={"cxx": cxx})
+                        extra_compile_args={"cxx": cxx}, extra_link_args=OPENMP)
 
 
 setup(
