@@ -293,6 +293,11 @@ def test_errors_name_op_argument_and_value(device):
          r'dequantize: format must be "gptq" or "awq", got "exl2"'),
         (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, dtype=torch.int32, device=device)),
          r"dequantize: scales must be float32, float16 or bfloat16, got Int"),
+        (lambda: torch_ops.quantize(torch.randn(12, 128, device=device), bits=3),
+         r"quantize: weight shape \[12, 128\] does not pack into 3-bit gptq words \(K must be a "
+         r"multiple of 32 and N of 32\)"),
+        (lambda: torch_ops.quantize(torch.randn(16, 96, device=device), group_size=64),
+         r"quantize: K = weight.shape\[1\] = 96 must be a multiple of group_size = 64"),
     ]
     for fn, pattern in cases:
         with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):

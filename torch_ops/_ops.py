@@ -6,6 +6,7 @@ extension as ``torch.ops.torch_ops.*``; each function here is a thin, documented
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -129,11 +130,12 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format):
     if G <= 0 or K % G:
         raise ValueError(f"quantize: K = weight.shape[1] = {K} must be a multiple of "
                          f"group_size = {group_size}")
-    pf = 32 // bits if bits != 3 else 32
-    if K % pf or (format == "awq" and N % 8) or (N * bits) % 32:
+    k_multiple = 32 if bits == 3 else 32 // bits  # whole int32 words along K (GPTQ qweight)
+    n_multiple = 8 if format == "awq" else 32 // math.gcd(32, bits)  # whole words of qzeros
+    if K % k_multiple or N % n_multiple:
         raise ValueError(f"quantize: weight shape {list(weight.shape)} does not pack into "
-                         f"{bits}-bit {format} words (K must be a multiple of {pf} and N of "
-                         f"{8 if format == 'awq' else 32 // __import__('math').gcd(32, bits)})")
+                         f"{bits}-bit {format} words (K must be a multiple of {k_multiple} and N "
+                         f"of {n_multiple})")
 
 
 @_quantize_op.register_fake
