@@ -167,6 +167,15 @@ def test_cuda_graph_capture():
     assert not torch.equal(out, expected)
 
 
+def test_g_idx_changed_in_place_is_checked_again(device):
+    t = make_weights(128, 16, 64, act_order=True, device=device)
+    x = torch.randn(2, 128, device=device)
+    torch_ops.w4a16_linear(x, **t)  # validated (and cached) here
+    t["g_idx"][5] = 7  # in place: the version counter moves, so the next call checks again
+    with pytest.raises(ValueError, match=r"w4a16_linear: g_idx values must be in \[0, 2\)"):
+        torch_ops.w4a16_linear(x, **t)
+
+
 def test_bad_input(device):
     t = make_weights(128, 16, 64, device=device)
     x = torch.randn(2, 128, device=device)
