@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build for sm_90, run the whole test suite, then the benchmarks.
 # Logs go to $OUT (or ./gpu_logs). Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [pytest args]
+# (BENCH_ARGS: extra arguments for bench_linear.py)
 set -o pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -17,5 +18,5 @@ if [ "$what" != bench ]; then
 fi
 if [ "$what" != tests ]; then
     timeout 120 python3 benchmarks/bench_repack.py 2>&1 | tee "$OUT/bench_repack.md"
-    timeout 300 python3 benchmarks/bench_linear.py 2>&1 | tee "$OUT/bench_linear.md"
+    timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_linear.py $BENCH_ARGS 2>&1 | tee "$OUT/bench_linear.md"
 fi

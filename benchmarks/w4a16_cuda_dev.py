@@ -402,6 +402,67 @@ def benchmarks(quick):
     return rows
 
 
+def time_graph(launches, calls=48, reps=15):
+    """median us per call of launches[i % n]() replayed from one CUDA graph (the way a decode step
+    runs: back to back, rotating weights, no launch gaps)"""
+    for f in launches:
+        f()
+    torch.cuda.synchronize()
+    calls = max(calls, len(launches))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            launches[i % len(launches)]()
+    for _ in range(3):
+        g.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(reps):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) * 1e3 / calls)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def graph_sweep():
+    """small-batch configurations, forced, under CUDA-graph timing with rotating weights"""
+    fnc = LIB.tops_cuda_w4a16_linear
+
+    def launcher(a):
+        return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+
+    for K, N in [(4096, 4096), (8192, 8192), (8192, 28672)]:
+        for M in (1, 16):
+            c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
+            ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
+            qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
+            out = torch.empty(M, N, dtype=torch.float16, device="cuda")
+            args = [make_args(c, out, qweight=q) for q in qws]
+            read = time_graph([lambda q=q: q.sum() for q in qws])
+            res = []
+            for pdl in (1, 0):
+                LIB.tops_cuda_w4a16_dev_pdl(pdl)
+                LIB.tops_cuda_w4a16_dev_force(-1, 0)
+                t = time_graph([launcher(a) for a in args])
+                res.append((f"auto{'' if pdl else ' nopdl'} {last_cfg()}", t))
+            LIB.tops_cuda_w4a16_dev_pdl(1)
+            base = 0 if M <= 8 else 1
+            for cfg in (base, base + 8):
+                for split in (1, 2, 3, 4, 6, 8):
+                    LIB.tops_cuda_w4a16_dev_force(cfg, split)
+                    try:
+                        res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in args])))
+                    except Exception as e:  # noqa
+                        res.append((f"{cfg}/{split}", float("nan")))
+            LIB.tops_cuda_w4a16_dev_force(-1, 0)
+            log(f"{K}x{N} M={M}: read-only sum {read:.1f} us | " +
+                " | ".join(f"{n} {t:.1f}" for n, t in res))
+            del qws, args
+
+
 def profile_cases(spec):
     """run a few cases twice each (for ncu): spec 'M:K:N:dtype:act:cfg:split,...'"""
     for item in spec.split(","):
@@ -428,6 +489,7 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, ".devbuild")))
     ap.add_argument("--log", default="w4a16_dev.log")
+    ap.add_argument("--sweep", action="store_true", help="only the CUDA-graph sweep of small-M configs")
     ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -443,10 +505,14 @@ def main():
     LIB.tops_cuda_w4a16_linear.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     LIB.tops_cuda_w4a16_dev_force.argtypes = [ctypes.c_int, ctypes.c_int]
     LIB.tops_cuda_w4a16_dev_last.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    LIB.tops_cuda_w4a16_dev_pdl.argtypes = [ctypes.c_int]
     p = torch.cuda.get_device_properties(0)
     log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
     if args.profile:
         profile_cases(args.profile)
+        return 0
+    if args.sweep:
+        graph_sweep()
         return 0
     self_test_reference()
     fails = 0

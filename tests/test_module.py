@@ -41,6 +41,21 @@ def act_order_g_idx(k=K, g=G, device="cpu"):
     return g_idx
 
 
+def irregular_g_idx(k=K, g=G, device="cpu"):
+    """A scattered g_idx whose groups differ in size (group 0 has g + 8 rows, group 1 g - 8): no
+    sort of the rows turns it into arange(K) // G, so it cannot be prepacked."""
+    g_idx = torch.arange(k) // g
+    g_idx[g:g + 8] = 0
+    return g_idx[torch.randperm(k)].to(torch.int32).to(device)
+
+
+def gptq_output(x, gq, g_idx, group_size=G, bias=None):
+    """The pure-torch reference output of GPTQ tensors, computed on the CPU."""
+    return ref.w4a16_linear(x.cpu(), gq["qweight"].cpu(), gq["scales"].cpu(), gq["qzeros"].cpu(),
+                            group_size, None if g_idx is None else g_idx.cpu(),
+                            None if bias is None else bias.cpu(), "v1")
+
+
 @torch.no_grad()
 def rel_error(y, expected):
     return float((y - expected).norm() / expected.norm())
@@ -138,6 +153,165 @@ def test_forward_matches_reference(device, dtype, act_order):
     torch.testing.assert_close(y.cpu(), expected, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+# ---------------------------------------------------------------- act-order prepack
+def test_act_order_prepack(device):
+    gq = random_gptq(device)
+    g_idx = act_order_g_idx(device=device)
+    qweight, perm = torch_ops.act_order_prepack(gq["qweight"], g_idx, G)
+    assert perm.dtype == torch.int32 and perm.device.type == device
+    assert qweight.dtype == torch.int32 and qweight.shape == gq["qweight"].shape
+    # a stable sort by group: group 0's rows in their order, then group 1's, ...
+    expected_perm = torch.cat([torch.nonzero(g_idx.cpu() == i).flatten() for i in range(K // G)])
+    assert torch.equal(perm.cpu().long(), expected_perm)
+    rows = ref.unpack(gq["qweight"].cpu(), 4, dim=0)
+    assert torch.equal(ref.unpack(qweight.cpu(), 4, dim=0), rows[expected_perm])
+    again = torch_ops.act_order_prepack(gq["qweight"], g_idx.long(), G)  # int64 g_idx as well
+    assert torch.equal(again[0], qweight) and torch.equal(again[1], perm)
+    # what it is for: the op without g_idx, on permuted activations
+    x = torch.randn(5, K, device=device, dtype=torch.float16)
+    y = torch_ops.w4a16_linear(x.index_select(-1, perm), qweight, gq["scales"], gq["qzeros"], G)
+    torch.testing.assert_close(y.cpu(), gptq_output(x, gq, g_idx), rtol=TOL[x.dtype],
+                               atol=TOL[x.dtype])
+
+
+def test_act_order_prepack_declines_and_refuses(device):
+    qweight = random_gptq(device)["qweight"]
+    # groups of unequal size, or values that are not 0..K/G-1: only the g_idx path can run them
+    assert torch_ops.act_order_prepack(qweight, irregular_g_idx(device=device), G) is None
+    assert torch_ops.act_order_prepack(qweight, act_order_g_idx(device=device) + 1, G) is None
+    # group_size -1 is one group: the sort is the identity
+    zeros = torch.zeros(K, dtype=torch.int32, device=device)
+    same, perm = torch_ops.act_order_prepack(qweight, zeros, -1)
+    assert torch.equal(same, qweight) and torch.equal(perm.cpu(), torch.arange(K, dtype=torch.int32))
+    assert QuantLinear.from_gptq(**random_gptq(device, g=-1), g_idx=zeros, group_size=-1).perm is None
+    g_idx = act_order_g_idx(device=device)
+    bad = [((qweight.float(), g_idx, G), "qweight must be a 2-D torch.int32 tensor [K/8, N], got "
+                                         "torch.float32 of shape [32, 128]"),
+           ((qweight, g_idx.float(), G), "g_idx must be an int32 or int64 tensor of shape [K] = "
+                                         "[256] (K = 8 * qweight.shape[0]), got torch.float32"),
+           ((qweight, g_idx[:-8], G), "g_idx must be an int32 or int64 tensor of shape [K] = "
+                                      "[256] (K = 8 * qweight.shape[0]), got torch.int32 of shape "
+                                      "[248]"),
+           ((qweight, g_idx, 96), "group_size must be -1 or a positive divisor of K = 256, got 96")]
+    if device == "cuda":
+        bad.append(((qweight, g_idx.cpu(), G), "g_idx is on cpu, qweight on cuda:0"))
+    for args, message in bad:
+        with pytest.raises(ValueError, match=re.escape("act_order_prepack: " + message)):
+            torch_ops.act_order_prepack(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_act_order_prepacked_forward(device, dtype, group_size):
+    gq = random_gptq(device, g=group_size)
+    g_idx = act_order_g_idx(g=group_size, device=device)
+    bias = torch.randn(N, device=device, dtype=torch.float16)
+    layer = QuantLinear.from_gptq(**gq, g_idx=g_idx, bias=bias, group_size=group_size)
+    assert layer.perm is not None and "prepacked=True" in repr(layer)
+    assert not torch.equal(layer.qweight, gq["qweight"])  # kept sorted by group
+    x = torch.randn(3, 5, K, device=device, dtype=dtype)
+    y = layer(x)
+    assert y.shape == (3, 5, N) and y.dtype == dtype
+    tol = dict(rtol=TOL[dtype], atol=TOL[dtype])
+    # the op on its g_idx path, and the pure-torch reference
+    on_g_idx_path = torch_ops.w4a16_linear(x, gq["qweight"], gq["scales"], gq["qzeros"],
+                                           group_size, g_idx, bias)
+    torch.testing.assert_close(y, on_g_idx_path, **tol)
+    torch.testing.assert_close(y.cpu(), gptq_output(x, gq, g_idx, group_size, bias), **tol)
+    with pytest.raises(ValueError, match=r"x.shape\[-1\] = 264 must equal in_features = 256"):
+        layer(torch.randn(2, K + 8, device=device, dtype=dtype))  # index_select alone would not fail
+
+
+def test_act_order_prepacked_backward(device):
+    gq = random_gptq(device)
+    g_idx = act_order_g_idx(device=device)
+    layer = QuantLinear.from_gptq(**gq, g_idx=g_idx, group_size=G)
+    x = torch.randn(3, K, device=device, requires_grad=True)
+    grad = torch.randn(3, N, device=device)
+    layer(x).backward(grad)
+    w = ref.dequantize(gq["qweight"].cpu(), gq["scales"].float().cpu(), gq["qzeros"].cpu(), "gptq",
+                       4, G, g_idx.cpu(), "v1")
+    torch.testing.assert_close(x.grad.cpu(), grad.cpu() @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_irregular_g_idx_keeps_the_g_idx_path(device, dtype):
+    gq = random_gptq(device)
+    g_idx = irregular_g_idx(device=device)
+    layer = QuantLinear.from_gptq(**gq, g_idx=g_idx, group_size=G)
+    assert layer.act_order and layer.perm is None and "prepacked" not in repr(layer)
+    assert torch.equal(layer.qweight, gq["qweight"])
+    x = torch.randn(3, 5, K, device=device, dtype=dtype)
+    torch.testing.assert_close(layer(x).cpu(), gptq_output(x, gq, g_idx), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+    assert_same(layer.to_gptq(), {**gq, "g_idx": g_idx})
+
+
+@pytest.mark.parametrize("zero_format", ["v1", "v2"])
+def test_act_order_prepack_is_invisible_from_outside(device, zero_format):
+    gq = random_gptq(device)
+    g_idx = act_order_g_idx(device=device)
+    bias = torch.randn(N, device=device, dtype=torch.float16)
+    layer = QuantLinear.from_gptq(**gq, g_idx=g_idx, bias=bias, group_size=G, zero_format=zero_format)
+    assert layer.perm is not None
+    original = {**gq, "g_idx": g_idx, "bias": bias}
+    assert_same(layer.state_dict(), original)  # the checkpoint's row order, and no perm
+    assert_same(layer.to_gptq(zero_format), original)
+    with pytest.raises(ValueError, match="act-order"):
+        layer.to_awq()
+    expected = ref.dequantize(gq["qweight"].cpu(), gq["scales"].cpu(), gq["qzeros"].cpu(), "gptq",
+                              4, G, g_idx.cpu(), zero_format)
+    assert torch.equal(layer.dequantize().cpu(), expected)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_switches_act_order_on_and_off(device, assign):
+    layer = QuantLinear(K, N, bias=False, group_size=G, device=device)
+    x = torch.randn(4, K, device=device, dtype=torch.float16)
+    perm_ptr = None
+    for kind in ["act_order", "act_order", "plain", "awq", "irregular", "act_order"]:
+        if kind == "awq":
+            sd = random_awq(device)
+            gq = dict(zip(["qweight", "qzeros"], ref.awq_to_gptq(sd["qweight"].cpu(),
+                                                                sd["qzeros"].cpu(), "v1")),
+                      scales=sd["scales"])
+            g_idx = None
+        else:
+            gq = random_gptq(device)
+            g_idx = {"act_order": act_order_g_idx, "irregular": irregular_g_idx,
+                     "plain": lambda device: (torch.arange(K, device=device) // G).int()}[kind](
+                device=device)
+            sd = {**gq, "g_idx": g_idx}
+            g_idx = None if kind == "plain" else g_idx
+        qweight_ptr = layer.qweight.data_ptr()
+        layer.load_state_dict(sd, assign=assign)
+        assert layer.loaded_from == ("awq" if kind == "awq" else "gptq")
+        assert layer.act_order == (g_idx is not None)
+        assert (layer.perm is not None) == (kind == "act_order")
+        if not assign:  # copied in place, perm too once it exists
+            assert layer.qweight.data_ptr() == qweight_ptr
+            if layer.perm is not None and perm_ptr is not None:
+                assert layer.perm.data_ptr() == perm_ptr
+            perm_ptr = None if layer.perm is None else layer.perm.data_ptr()
+        torch.testing.assert_close(layer(x).cpu(), gptq_output(x, gq, g_idx), rtol=2e-3, atol=2e-3)
+        assert torch.equal(layer.state_dict()["qweight"].cpu(), gq["qweight"].cpu())
+
+
+def test_load_quantized_prepacks_act_order(tmp_path):
+    gq = random_gptq()
+    g_idx = act_order_g_idx()
+    saved = nn.Sequential(QuantLinear.from_gptq(**gq, g_idx=g_idx, group_size=G))
+    torch_ops.checkpoint.save_quantized(saved, tmp_path, "gptq")
+    with torch.device("meta"):  # as transformers builds big models: loaded with assign=True
+        model = nn.Sequential(nn.Linear(K, N, bias=False))
+    layer = torch_ops.load_quantized(model, tmp_path)[0]
+    assert isinstance(layer, QuantLinear) and layer.perm is not None
+    assert {b.device.type for b in layer.buffers()} == {"cpu"}
+    x = torch.randn(2, K, dtype=torch.float16)
+    torch.testing.assert_close(layer(x), gptq_output(x, gq, g_idx), rtol=2e-3, atol=2e-3)
+    assert_same(layer.state_dict(), {**gq, "g_idx": g_idx})
+
+
 def test_from_linear_is_close_to_float(device):
     lin = nn.Linear(K, N).to(device)
     layer = QuantLinear.from_linear(lin, group_size=G)
@@ -172,14 +346,14 @@ def test_state_dict_round_trip_from_gptq_keys(zero_format):
     g_idx = act_order_g_idx()
     layer = QuantLinear(K, N, bias=False, group_size=G, checkpoint_zero_format=zero_format)
     layer.load_state_dict({**gq, "g_idx": g_idx})
-    assert layer.act_order and layer.loaded_from == "gptq"
+    assert layer.act_order and layer.loaded_from == "gptq" and layer.perm is not None
     sd = layer.state_dict()
     assert_same(sd, {**gq, "g_idx": g_idx})  # written back in the zero format it reads
     expected = ref.dequantize(gq["qweight"], gq["scales"], gq["qzeros"], "gptq", 4, G, g_idx, zero_format)
     assert torch.equal(layer.dequantize(), expected)
     # a non-act-order state dict clears the act-order
     layer.load_state_dict({**gq, "g_idx": (torch.arange(K) // G).int()})
-    assert not layer.act_order and "g_idx" not in layer.state_dict()
+    assert not layer.act_order and layer.perm is None and "g_idx" not in layer.state_dict()
 
 
 def test_load_state_dict_copies_in_place_on_the_module_device(device):
@@ -228,25 +402,32 @@ def test_extra_repr():
     assert "format=gptq" in repr(layer) and "act_order=True" in repr(layer)
 
 
-def test_to_dtype_and_device(device):
-    layer = QuantLinear.from_gptq(**random_gptq(), bias=torch.randn(N, dtype=torch.float16), group_size=G)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_to_dtype_and_device(device, act_order):
+    layer = QuantLinear.from_gptq(**random_gptq(), g_idx=act_order_g_idx() if act_order else None,
+                                  bias=torch.randn(N, dtype=torch.float16), group_size=G)
     x = torch.randn(2, K)
     expected = layer(x)
     moved = copy.deepcopy(layer).to(device)
     assert {b.device.type for b in moved.buffers()} == {device}
+    assert (moved.perm is not None) == act_order
     torch.testing.assert_close(moved(x.to(device)).cpu(), expected, rtol=1e-3, atol=1e-3)
     bf = moved.to(torch.bfloat16)
     assert bf.scales.dtype == torch.bfloat16 and bf.bias.dtype == torch.bfloat16
     assert bf.qweight.dtype == torch.int32 and bf.qzeros.dtype == torch.int32
+    assert bf.perm is None or bf.perm.dtype == torch.int32
     y = bf(x.to(device, torch.bfloat16))
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float().cpu(), expected, rtol=5e-2, atol=5e-2)
 
 
-def test_compile_fullgraph(device):
+@pytest.mark.parametrize("g_idx_kind", ["prepacked", "irregular"])
+def test_compile_fullgraph(device, g_idx_kind):
     gq = random_gptq(device)
-    layer = QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device),
+    g_idx = (act_order_g_idx if g_idx_kind == "prepacked" else irregular_g_idx)(device=device)
+    layer = QuantLinear.from_gptq(**gq, g_idx=g_idx,
                                   bias=torch.randn(N, device=device, dtype=torch.float16), group_size=G)
+    assert (layer.perm is not None) == (g_idx_kind == "prepacked")
     x = torch.randn(4, K, device=device, dtype=torch.float16)
     torch._dynamo.reset()
     try:
@@ -258,17 +439,25 @@ def test_compile_fullgraph(device):
         torch._dynamo.reset()
 
 
-def test_cuda_graph_replay(device):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cuda_graph_replay(device, act_order):
     if device != "cuda":
         pytest.skip("CUDA graphs need CUDA")
-    layer = QuantLinear.from_gptq(**random_gptq("cuda"), group_size=G)
+
+    def act_order_keys():
+        return {"g_idx": act_order_g_idx(device="cuda")} if act_order else {}
+
+    layer = QuantLinear.from_gptq(**random_gptq("cuda"), **act_order_keys(), group_size=G)
+    assert (layer.perm is not None) == act_order
     x = torch.randn(2, K, device="cuda", dtype=torch.float16)
     layer(x)  # warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = layer(x)
     x.copy_(torch.randn_like(x))
-    layer.load_state_dict(random_gptq("cuda"))  # new weights, same storage
+    ptrs = [b.data_ptr() for b in layer.buffers()]
+    layer.load_state_dict({**random_gptq("cuda"), **act_order_keys()})  # new weights (and perm)
+    assert [b.data_ptr() for b in layer.buffers()] == ptrs  # in the same storage
     graph.replay()
     torch.testing.assert_close(y, layer(x), rtol=1e-3, atol=1e-3)
 

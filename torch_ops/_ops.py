@@ -98,6 +98,42 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return _ops.w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format)
 
 
+def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: int):
+    """Sort the rows of an act-order (GPTQ ``desc_act``) 4-bit qweight [K/8, N] by group, once at
+    load time, so that :func:`w4a16_linear` can run without ``g_idx`` (its per-row group lookup is
+    the slow path):
+
+        w4a16_linear(x.index_select(-1, perm), qweight_sorted, scales, qzeros, group_size)
+          == w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx=g_idx)
+
+    Returns ``(qweight_sorted, perm)``: ``perm`` [K] int32 is the stable argsort of ``g_idx``, and
+    row k' of the unpacked ``qweight_sorted`` is row ``perm[k']`` of the unpacked ``qweight``.
+    Returns None when sorting does not give ``arange(K) // group_size`` (groups of unequal size,
+    or values outside [0, K/G)): such a g_idx needs the g_idx path. ``group_size=-1`` is one group.
+    Syncs with the device (it inspects g_idx's values)."""
+    if qweight.dim() != 2 or qweight.dtype != torch.int32:
+        raise ValueError(f"act_order_prepack: qweight must be a 2-D torch.int32 tensor [K/8, N], "
+                         f"got {qweight.dtype} of shape {list(qweight.shape)}")
+    K = qweight.shape[0] * 8
+    if g_idx.dtype not in (torch.int32, torch.int64) or list(g_idx.shape) != [K]:
+        raise ValueError(f"act_order_prepack: g_idx must be an int32 or int64 tensor of shape "
+                         f"[K] = [{K}] (K = 8 * qweight.shape[0]), got {g_idx.dtype} of shape "
+                         f"{list(g_idx.shape)}")
+    if g_idx.device != qweight.device:
+        raise ValueError(f"act_order_prepack: g_idx is on {g_idx.device}, qweight on "
+                         f"{qweight.device}; they must be on the same device")
+    if group_size != -1 and (group_size <= 0 or K % group_size):
+        raise ValueError(f"act_order_prepack: group_size must be -1 or a positive divisor of "
+                         f"K = {K}, got {group_size}")
+    G = K if group_size == -1 else group_size
+    sorted_g_idx, perm = torch.sort(g_idx, stable=True)
+    if not torch.equal(sorted_g_idx.to(torch.int64),
+                       torch.arange(K, device=g_idx.device) // G):
+        return None
+    qweight_sorted = pack(unpack(qweight, 4, dim=0).index_select(0, perm), 4, dim=0)
+    return qweight_sorted, perm.to(torch.int32)
+
+
 # ---- quantize: a composite op (torch math + the pack kernels), so it traces and runs anywhere ----
 
 @torch.library.custom_op("torch_ops::quantize", mutates_args=())

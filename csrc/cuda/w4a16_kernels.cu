@@ -145,9 +145,11 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     const int s_c = tid % (BN / 8), s_r0 = tid / (BN / 8);
     const bool s_colv = n0 + 8 * s_c < p.N;
 
-    auto load_stage = [&](int buf, int kt) {
+    /* what: LOAD_W = the layer's own tensors (weights, scales, zeros, g_idx), LOAD_X = the
+     * activations, which the previous kernel may still be writing (programmatic dependent launch) */
+    auto load_stage = [&](int buf, int kt, int what) {
         const uint32_t st = smem_base + (uint32_t)(buf * C::STAGE_BYTES);
-        {
+        if (what & LOAD_W) {
             const int32_t *src = w_src0 + (int64_t)kt * KW * p.N;
 #pragma unroll
             for (int j = 0; j < W_J; ++j) {
@@ -163,13 +165,14 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
         for (int j = 0; j < X_J; ++j) {
             const int r = x_r0 + j * X_RS;
-            if (X_CH % 256 == 0 || r < BM) {
+            if ((what & LOAD_X) && (X_CH % 256 == 0 || r < BM)) {
                 const bool v = m0 + r < p.M && kt * KW + x_c < p.K8;
                 const uint16_t *src = x_src0 + (int64_t)j * X_RS * p.K + kt * BK;
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * X_RS * BK * 2),
                              "l"(v ? src : p.x), "r"(v ? 16 : 0));
             }
         }
+        if (!(what & LOAD_W)) return;
         if constexpr (!C::ACT) {
             const int k0 = kt * BK;
             const int g0 = k0 >> p.gshift;
@@ -210,12 +213,20 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     };
 
     /* prologue: start the first STAGES-1 stages, then (act-order) build the group table while
-     * they are in flight */
+     * they are in flight. The weights of those stages are requested before waiting for the
+     * previous kernel (PDL: it may still be running and writing x); the first commit group then
+     * holds them all, which keeps "stage s is in group <= s". */
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+        if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
+    grid_dependency_wait();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < nkt) load_stage(s, kt_begin + s);
+        if (s < nkt) load_stage(s, kt_begin + s, LOAD_X);
         cp_async_commit();
     }
+    /* the next kernel may start its own prologue as soon as every block of this one is here */
+    grid_dependents_launch();
     if constexpr (C::ACT) {
         for (int i = tid; i < p.G * (BN / 4); i += 256) {
             const int gg = i / (BN / 4), c4 = i % (BN / 4);
@@ -402,7 +413,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         __syncthreads();
         {
             const int nx = it + STAGES - 1;
-            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx);
+            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx, LOAD_W | LOAD_X);
             cp_async_commit();
         }
         if (stage_group) stage_body(it, std::true_type{});
@@ -701,6 +712,8 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
     g_force_cfg = cfg;
     g_force_split = split;
 }
+/* programmatic dependent launch on (1, the default) or off (0) */
+void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
 /* the tile config (-1: generic kernel) and K split of the last call */
 void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
     *cfg = g_last_cfg;
@@ -787,7 +800,9 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
                 r0 = act ? dispatch_tc<BF16, true>(p, cfg, stream, &e0) : dispatch_tc<BF16, false>(p, cfg, stream, &e0);
                 r1 = act ? dispatch_tc<BF16, true>(p, alt, stream, &e1) : dispatch_tc<BF16, false>(p, alt, stream, &e1);
             }
-            if (r1 == TOPS_OK && (r0 != TOPS_OK || e1 < e0)) cfg = alt;
+            /* A2 / B2 pay for a second k warp per column (the in-block reduction, half the
+             * columns per 16-byte load): measured about 5% (8192 x 28672, CUDA graphs) */
+            if (r1 == TOPS_OK && (r0 != TOPS_OK || e1 * 1.05 < e0)) cfg = alt;
         }
         g_last_cfg = cfg;
         if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);

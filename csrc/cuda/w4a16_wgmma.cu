@@ -263,11 +263,13 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
 
     /* prologue: AHEAD stages in flight (without OVL each stage's wgmmas complete within its
      * iteration; with OVL one iteration later, so a buffer is refilled one stage later) */
+    grid_dependency_wait(); /* launched with PDL (launch_split): x may still be being written */
 #pragma unroll
     for (int s = 0; s < C::AHEAD; ++s) {
         if (s < nkt) load_stage(s, kt_begin + s);
         cp_async_commit();
     }
+    grid_dependents_launch();
     if constexpr (C::ACT) {
         for (int i = tid; i < p.G * (BN / 4); i += 256) {
             const int gg = i / (BN / 4), c4 = i % (BN / 4);
