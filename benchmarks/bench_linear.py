@@ -9,7 +9,8 @@ in all, as PERF.md asks), 48 calls captured in one CUDA graph, the graph replaye
 events; this is a decode step as an inference engine runs it (no launch gaps, weights not in L2).
 --timing flush: triton.testing.do_bench, L2 cleared (a 256 MB memset) before each call; the memset
 leaves the L2 full of dirty lines that the timed call must write back, so small calls pay for
-moving up to 50 MB more than they read. Columns: this op (fp16, bf16, act-order), cuBLAS fp16 (x @ w.t()),
+moving up to 50 MB more than they read. Columns: this op (fp16, bf16, act-order through g_idx, and
+act-order prepacked: rows sorted by torch_ops.act_order_prepack, x gathered by perm), cuBLAS fp16 (x @ w.t()),
 torch.ops.aten._weight_int4pack_mm (tinygemm, bf16), dequantize-then-matmul, and the memory floor
 (int4 weights + fp16 scales + packed zeros + activations + output at the measured copy bandwidth).
 CPU columns: this op, dense fp32 and bf16 F.linear, and the int4 bytes per second against the
@@ -148,13 +149,14 @@ def bench_cuda(shapes, ms, G, timing):
             xb = x.bfloat16()
             if M in (1, 64, 1024):
                 check(x, t), check(xb, t_bf), check(x, t_act)
+                if t_pre is not None:
+                    a, b = torch_ops.w4a16_linear(x, **t_pre).float(), torch_ops.w4a16_linear(x, **t_act).float()
+                    assert ((a - b).norm() / b.norm()).item() < 1e-2, "prepacked act-order disagrees"
             ours = bench(lambda d: torch_ops.w4a16_linear(x, **d), t, qbytes)
             ours_bf = bench(lambda d: torch_ops.w4a16_linear(xb, **d), t_bf, qbytes)
             act = bench(lambda d: torch_ops.w4a16_linear(x, **d), t_act, qbytes)
             act_pre = None if t_pre is None else bench(
-                lambda d: torch_ops.w4a16_linear(
-                    x.index_select(-1, d["perm"]), **{k: v for k, v in d.items() if k != "perm"}),
-                t_pre, qbytes)
+                lambda d: torch_ops.w4a16_linear(x, **d), t_pre, qbytes)
             cublas = bench(lambda d: x @ d.t(), w16, w16.numel() * 2)
             tiny = None if tiny_w is None else bench(
                 lambda d: torch._weight_int4pack_mm(xb, d["packed"], G, d["sz"]), tiny_w, qbytes)

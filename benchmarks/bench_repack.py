@@ -86,6 +86,9 @@ def main():
         ("awq_to_gptq", lambda: torch_ops.awq_to_gptq(qw, qz), 2 * (wbytes + qz.numel() * 4), wbytes),
         ("gptq_to_awq", lambda: torch_ops.gptq_to_awq(gq, gz), 2 * (wbytes + qz.numel() * 4), wbytes),
         ("pack_v2", lambda: torch_ops.pack_v2(u), u.numel() * 3 // 2, u.numel() // 2),
+        # the same kernel without reading back its range flag (no device sync)
+        ("pack_v2 (check_range=False)", lambda: torch_ops.pack_v2(u, check_range=False),
+         u.numel() * 3 // 2, u.numel() // 2),
         ("unpack_v2", lambda: torch_ops.unpack_v2(pv), u.numel() * 3 // 2, u.numel()),
     ]
     if not a.skip_seeds:

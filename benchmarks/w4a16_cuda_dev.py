@@ -41,6 +41,7 @@ class Args(ctypes.Structure):
         ("g_idx", ctypes.c_void_p),
         ("bias", ctypes.c_void_p), ("bias_dtype", ctypes.c_int),
         ("out", ctypes.c_void_p), ("out_dtype", ctypes.c_int),
+        ("perm", ctypes.c_void_p),
     ]
 
 

@@ -133,6 +133,38 @@ def test_gradient_wrt_x(device):
     assert torch.allclose(bias.grad.cpu(), grad.cpu().sum((0, 1)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("M", [1, 5, 64, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_perm_reads_permuted_x(device, M, dtype):
+    """perm: the product uses x[..., perm] (act-order rows sorted by act_order_prepack); any index
+    vector in range, repeats included, against the reference on the gathered x"""
+    K, N = 384, 72
+    t = make_weights(K, N, 128, device=device, scales_dtype=dtype if dtype != torch.float32 else torch.float16)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    bias = torch.randn(N, device=device, dtype=dtype)
+    for perm in (torch.randperm(K, device=device).to(torch.int32), torch.randint(0, K, (K,), device=device)):
+        out = torch_ops.w4a16_linear(x, bias=bias, perm=perm, **t)
+        assert rel_err(out, reference(x[:, perm.long()], t, bias)) < TOL[dtype]
+
+
+def test_perm_gradient_and_opcheck(device):
+    K, N = 128, 40
+    t = make_weights(K, N, 64, device=device)
+    perm = torch.randperm(K, device=device).to(torch.int32)
+    perm[:4] = perm[4]  # repeats: their gradients add up
+    x = torch.randn(2, 3, K, device=device, requires_grad=True)
+    out = torch_ops.w4a16_linear(x, perm=perm, **t)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    w = ref.dequantize(t["qweight"].cpu(), t["scales"].cpu().float(), t["qzeros"].cpu(), "gptq", 4,
+                       64, None, "v1")
+    expected = torch.zeros(2, 3, K).index_add_(-1, perm.cpu().long(), grad.cpu() @ w)
+    assert torch.allclose(x.grad.cpu(), expected, rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.torch_ops.w4a16_linear,
+                          (x.detach().requires_grad_(), t["qweight"], t["scales"], t["qzeros"], 64, None,
+                           None, "v1", perm))
+
+
 def test_opcheck(device):
     t = make_weights(128, 24, 32, act_order=True, device=device)
     x = torch.randn(3, 128, device=device, requires_grad=True)
@@ -210,6 +242,11 @@ def test_bad_input(device):
         (dict(qzeros=t["qzeros"][:, :1]), r"w4a16_linear: qzeros must have shape \[K/group_size, N/8\] = \[2, 2\], got \[2, 1\]"),
         (dict(bias=torch.zeros(15, device=device)), r"w4a16_linear: bias must have shape \[N\] = \[16\], got \[15\]"),
         (dict(zero_format="v9"), r'w4a16_linear: zero_format must be "v1" or "v2", got "v9"'),
+        (dict(perm=torch.arange(128, device=device), g_idx=torch.zeros(128, dtype=torch.int32, device=device)),
+         r"w4a16_linear: pass g_idx \(act-order as stored\) or perm \(rows sorted by act_order_prepack\), not both"),
+        (dict(perm=torch.arange(1, 129, device=device)), r"w4a16_linear: perm values must be in \[0, 128\) \(positions in a row of x\), got values in \[1, 128\]"),
+        (dict(perm=torch.arange(64, device=device)), r"w4a16_linear: perm must have shape \[K\] = \[128\], got \[64\]"),
+        (dict(perm=torch.arange(128, device=device).float()), r"w4a16_linear: perm must be int32 or int64, got Float"),
     ]
     for change, pattern in cases:
         args = dict(t, x=x)

@@ -169,9 +169,11 @@ def test_act_order_prepack(device):
     assert torch.equal(again[0], qweight) and torch.equal(again[1], perm)
     # what it is for: the op without g_idx, on permuted activations
     x = torch.randn(5, K, device=device, dtype=torch.float16)
-    y = torch_ops.w4a16_linear(x.index_select(-1, perm), qweight, gq["scales"], gq["qzeros"], G)
+    y = torch_ops.w4a16_linear(x, qweight, gq["scales"], gq["qzeros"], G, perm=perm)
     torch.testing.assert_close(y.cpu(), gptq_output(x, gq, g_idx), rtol=TOL[x.dtype],
                                atol=TOL[x.dtype])
+    y2 = torch_ops.w4a16_linear(x.index_select(-1, perm), qweight, gq["scales"], gq["qzeros"], G)
+    torch.testing.assert_close(y, y2, rtol=TOL[x.dtype], atol=TOL[x.dtype])
 
 
 def test_act_order_prepack_declines_and_refuses(device):
@@ -218,8 +220,8 @@ def test_act_order_prepacked_forward(device, dtype, group_size):
                                            group_size, g_idx, bias)
     torch.testing.assert_close(y, on_g_idx_path, **tol)
     torch.testing.assert_close(y.cpu(), gptq_output(x, gq, g_idx, group_size, bias), **tol)
-    with pytest.raises(ValueError, match=r"x.shape\[-1\] = 264 must equal in_features = 256"):
-        layer(torch.randn(2, K + 8, device=device, dtype=dtype))  # index_select alone would not fail
+    with pytest.raises(ValueError, match=r"x.shape\[-1\] = 264 must equal K = 8 \* qweight"):
+        layer(torch.randn(2, K + 8, device=device, dtype=dtype))
 
 
 def test_act_order_prepacked_backward(device):

@@ -162,6 +162,25 @@ def test_pack_v2_matches_seed_001(device, N, K):
     assert packed.dtype == torch.int16 and packed.shape == (N // 4, K)
     assert torch.equal(packed.cpu(), ref.pack_v2(unpacked.cpu()))
     assert torch.equal(torch_ops.unpack_v2(packed), unpacked)
+    assert torch.equal(torch_ops.pack_v2(unpacked, check_range=False), packed)
+
+
+def test_pack_v2_check_range(device):
+    bad = rand_values((8, 128), 4, device)
+    bad[3, 77] = 16
+    with pytest.raises(ValueError, match=r"pack_v2: unpacked values must be < 2\*\*bits = 16, got a value of 16"):
+        torch_ops.pack_v2(bad)
+    if device == "cpu":  # free on the CPU: checked whatever check_range says
+        with pytest.raises(ValueError, match="pack_v2: unpacked values must be < 2"):
+            torch_ops.pack_v2(bad, check_range=False)
+    else:  # no sync on CUDA: the low 4 bits are packed, so it runs inside graph capture
+        assert torch.equal(torch_ops.pack_v2(bad, check_range=False), torch_ops.pack_v2(bad & 15))
+        good = rand_values((8, 128), 4, device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            packed = torch_ops.pack_v2(good, check_range=False)
+        graph.replay()
+        assert torch.equal(packed.cpu(), ref.pack_v2(good.cpu()))
 
 
 def test_pack_v2_first_word(device):
@@ -335,6 +354,7 @@ def _op_samples(device):
         (ops.gptq_to_awq, (gq, gz), {}),
         (ops.convert_gptq_zeros, (gz, 4, "v1", "v2"), {}),
         (ops.pack_v2, (rand_values((8, 128), 4, device),), {}),
+        (ops.pack_v2, (rand_values((8, 128), 4, device), False), {}),
         (ops.unpack_v2, (torch_ops.pack_v2(rand_values((8, 128), 4, device)),), {}),
         (ops.dequantize, (gq, scales, gz), {"group_size": 32}),
         (ops.dequantize, (qweight, scales, qzeros), {"format": "awq", "group_size": 32}),

@@ -54,9 +54,15 @@ def convert_gptq_zeros(qzeros: torch.Tensor, bits: int, src: str, dst: str) -> t
     return _ops.convert_gptq_zeros(qzeros, bits, src, dst)
 
 
-def pack_v2(unpacked: torch.Tensor) -> torch.Tensor:
-    """quanto's pack_v2: uint8 [N, K] (values < 16) -> int16 [N/4, K]; N % 4 == 0, K % 64 == 0."""
-    return _ops.pack_v2(unpacked)
+def pack_v2(unpacked: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+    """quanto's pack_v2: uint8 [N, K] (values < 16) -> int16 [N/4, K]; N % 4 == 0, K % 64 == 0.
+
+    Values >= 16 raise ValueError. On CUDA that check is done in the packing pass but reading its
+    result is a device sync (about 20 us on an H100, and not allowed in CUDA graph capture);
+    ``check_range=False`` skips it when the values are known to fit (the output of ``unpack`` or
+    ``quantize``, say); an out-of-range value then packs its low 4 bits. The CPU always checks
+    (it costs nothing there)."""
+    return _ops.pack_v2(unpacked, check_range)
 
 
 def unpack_v2(packed: torch.Tensor) -> torch.Tensor:
@@ -90,12 +96,15 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  qzeros: Optional[torch.Tensor] = None, group_size: int = 128,
                  g_idx: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                 zero_format: str = "v1") -> torch.Tensor:
+                 zero_format: str = "v1", perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, dequantize(...), bias)`` fused: x [..., K] (fp16/bf16/fp32) times 4-bit
     GPTQ weights (qweight [K/8, N], scales [K/G, N], qzeros [K/G, N/8] or None for symmetric,
     optional act-order g_idx [K]); returns [..., N] in x.dtype, accumulated in fp32.
+    ``perm`` [K] (instead of g_idx): the product uses ``x[..., perm]``, for act-order weights
+    whose rows :func:`act_order_prepack` sorted by group (the fast path for act-order).
     Differentiable with respect to x (and bias)."""
-    return _ops.w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format)
+    return _ops.w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
+                             perm)
 
 
 def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: int):
@@ -103,7 +112,7 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
     load time, so that :func:`w4a16_linear` can run without ``g_idx`` (its per-row group lookup is
     the slow path):
 
-        w4a16_linear(x.index_select(-1, perm), qweight_sorted, scales, qzeros, group_size)
+        w4a16_linear(x, qweight_sorted, scales, qzeros, group_size, perm=perm)
           == w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx=g_idx)
 
     Returns ``(qweight_sorted, perm)``: ``perm`` [K] int32 is the stable argsort of ``g_idx``, and
@@ -231,7 +240,7 @@ def _(qzeros, bits, src, dst):
 
 
 @torch.library.register_fake("torch_ops::pack_v2")
-def _(unpacked):
+def _(unpacked, check_range=True):
     N, K = unpacked.shape
     return unpacked.new_empty((N // 4, K), dtype=torch.int16)
 
@@ -256,7 +265,8 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
 
 
 @torch.library.register_fake("torch_ops::w4a16_linear")
-def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, zero_format="v1"):
+def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, zero_format="v1",
+      perm=None):
     torch._check(x.shape[-1] == qweight.shape[0] * 8,
                  lambda: f"w4a16_linear: x.shape[-1] = {x.shape[-1]} must equal "
                          f"K = 8 * qweight.shape[0] = {qweight.shape[0] * 8}")
@@ -266,23 +276,25 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
 # ---- autograd: d/dx of x @ W^T is grad @ W, with W dequantized by the kernel ----------------------
 
 def _w4a16_setup_context(ctx, inputs, output):
-    x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format = inputs
-    ctx.save_for_backward(qweight, scales, qzeros, g_idx)
+    x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm = inputs
+    ctx.save_for_backward(qweight, scales, qzeros, g_idx, perm)
     ctx.group_size, ctx.zero_format = group_size, zero_format
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 
 def _w4a16_backward(ctx, grad):
-    qweight, scales, qzeros, g_idx = ctx.saved_tensors
+    qweight, scales, qzeros, g_idx, perm = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         # W in the gradient's dtype, from scales in that dtype: one rounding, as in the forward
         w = _ops.dequantize(qweight, scales.to(grad.dtype), qzeros, "gptq", 4, ctx.group_size,
                             g_idx, ctx.zero_format)
         grad_x = grad @ w
+        if perm is not None:  # the product used x[..., perm]: scatter back (adding repeats)
+            grad_x = torch.zeros_like(grad_x).index_add_(-1, perm.long(), grad_x)
     if ctx.bias_needs_grad:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, None, None, None, None, grad_bias, None
+    return grad_x, None, None, None, None, None, grad_bias, None, None
 
 
 torch.library.register_autograd("torch_ops::w4a16_linear", _w4a16_backward,

@@ -8,15 +8,15 @@ Whatever a layer is built or loaded from (AWQ tensors, GPTQ tensors with v1 or v
 
 An act-order layer whose groups all have group_size rows (GPTQ desc_act) is prepacked at load
 (``torch_ops.act_order_prepack``): qweight is kept with its rows sorted by group, and a
-non-persistent buffer ``perm`` [K] int32 permutes the activations instead, because the kernels'
+non-persistent buffer ``perm`` [K] int32 permutes the activations instead (inside the op), because the kernels'
 per-row g_idx lookup is 1.4-2.3x slower on the GPU. ``perm`` is None otherwise. The prepack is
 invisible from outside: ``state_dict()``, ``to_gptq()`` and ``dequantize()`` give the checkpoint's
 row order.
 
 All of them are buffers, so ``.to()``, ``.cuda()``, ``state_dict()`` and ``load_state_dict()``
-work as for any module. ``forward`` is a single call to ``torch_ops.w4a16_linear`` (after an
-``index_select`` of x by ``perm`` when prepacked): no host sync, no Python branching on tensor
-values, so it traces under ``torch.compile(fullgraph=True)`` and replays in CUDA graphs.
+work as for any module. ``forward`` is a single call to ``torch_ops.w4a16_linear`` (given
+``perm`` when prepacked): no host sync, no Python branching on tensor values, so it traces under
+``torch.compile(fullgraph=True)`` and replays in CUDA graphs.
 """
 from __future__ import annotations
 
@@ -200,17 +200,12 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g_idx = self.g_idx
-        if self.perm is not None:  # act-order prepacked: qweight's rows are sorted by group
-            if x.shape[-1] != self.in_features:
-                # index_select would quietly drop the extra columns of a too-wide x (and fail on
-                # the device for a too-narrow one) before w4a16_linear could check the shape
-                raise ValueError(f"QuantLinear: x.shape[-1] = {x.shape[-1]} must equal "
-                                 f"in_features = {self.in_features}")
-            x, g_idx = x.index_select(-1, self.perm), None
+        # act-order prepacked (perm set): qweight's rows are sorted by group and the op reads
+        # x[..., perm]; otherwise g_idx (None, or an act-order one that could not be prepacked)
         return _ops.w4a16_linear(x, self.qweight, self.scales, qzeros=self.qzeros,
-                                 group_size=self.group_size, g_idx=g_idx, bias=self.bias,
-                                 zero_format=STORED_ZERO_FORMAT)
+                                 group_size=self.group_size,
+                                 g_idx=self.g_idx if self.perm is None else None, bias=self.bias,
+                                 zero_format=STORED_ZERO_FORMAT, perm=self.perm)
 
     def extra_repr(self) -> str:
         prepacked = ", prepacked=True" if self.perm is not None else ""

@@ -100,39 +100,45 @@ void check_value_range(const char *op, const char *arg, const at::Tensor &t, int
                       int64_t(1) << bits, ", got a value of ", mx);
 }
 
-// g_idx entries in [0, groups). On CUDA this needs a sync, so a g_idx already seen unchanged
-// (same address, size, group count and version counter) is not checked again, and none is
-// checked while a CUDA graph is being captured (capture requires an eager warm-up, which checked
-// it). Each entry keeps a reference to its storage, so a cached address cannot be reused by
-// another tensor while the entry lives; one entry per act-order layer.
-void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) {
-    if (g_idx.numel() == 0) return;
+// Index entries (g_idx: groups, perm: positions in a row of x) in [0, limit). On CUDA this needs
+// a sync, so an index tensor already seen unchanged (same address, size, limit and version
+// counter) is not checked again, and none is checked while a CUDA graph is being captured
+// (capture requires an eager warm-up, which checked it). Each entry keeps a reference to its
+// storage, so a cached address cannot be reused by another tensor while the entry lives; one
+// entry per act-order layer.
+void check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
+                       const char *meaning) {
+    if (idx.numel() == 0) return;
     struct Seen {
         c10::Storage storage;
-        int64_t numel, groups;
+        int64_t numel, limit;
         uint32_t version;
     };
     static std::mutex mu;
     static std::unordered_map<const void *, Seen> seen;
-    const void *key = g_idx.data_ptr();
-    uint32_t version = g_idx.unsafeGetTensorImpl()->version_counter().current_version();
+    const void *key = idx.data_ptr();
+    uint32_t version = idx.unsafeGetTensorImpl()->version_counter().current_version();
     {
         std::lock_guard<std::mutex> lock(mu);
         auto it = seen.find(key);
-        if (it != seen.end() && it->second.numel == g_idx.numel() &&
-            it->second.groups == groups && it->second.version == version)
+        if (it != seen.end() && it->second.numel == idx.numel() && it->second.limit == limit &&
+            it->second.version == version)
             return;
     }
 #ifdef TOPS_WITH_CUDA
-    if (g_idx.is_cuda() && cuda::is_capturing(g_idx)) return;
+    if (idx.is_cuda() && cuda::is_capturing(idx)) return;
 #endif
-    auto [mn, mx] = at::aminmax(g_idx);
+    auto [mn, mx] = at::aminmax(idx);
     int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi < groups, op, ": g_idx values must be in [0, ", groups,
-                      ") (one per group of scales), got values in [", lo, ", ", hi, "]");
+    TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit, ") (",
+                      meaning, "), got values in [", lo, ", ", hi, "]");
     std::lock_guard<std::mutex> lock(mu);
     if (seen.size() >= 4096) seen.clear();  // bound what the cache keeps alive
-    seen[key] = Seen{g_idx.storage(), g_idx.numel(), groups, version};
+    seen[key] = Seen{idx.storage(), idx.numel(), limit, version};
+}
+
+void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) {
+    check_index_range(op, "g_idx", g_idx, groups, "one per group of scales");
 }
 
 // Split [0, n) across torch's intra-op threads in chunks of at least `grain`; returns the first
@@ -349,7 +355,7 @@ at::Tensor convert_gptq_zeros(const at::Tensor &qzeros_in, int64_t bits, c10::st
 
 // ---- quanto pack_v2 -----------------------------------------------------------------------------
 
-at::Tensor pack_v2(const at::Tensor &unpacked_in) {
+at::Tensor pack_v2(const at::Tensor &unpacked_in, bool check_range) {
     const char *op = "pack_v2";
     check_dtype(op, "unpacked", unpacked_in, at::kByte);
     check_device(op, "unpacked", unpacked_in, unpacked_in);
@@ -362,10 +368,14 @@ at::Tensor pack_v2(const at::Tensor &unpacked_in) {
     at::Tensor out = at::empty({N / 4, K}, unpacked.options().dtype(at::kShort));
     if (out.numel() == 0) return out;
     if (unpacked.is_cuda()) {
-        // the kernel flags values > 15 in the same pass; reading the flag is the one sync
-        at::Tensor out_of_range = at::zeros({1}, unpacked.options().dtype(at::kInt));
+        // the kernel flags values > 15 in the same pass; reading the flag is the one sync (about
+        // 20 us on an H100, and no sync is allowed in CUDA graph capture): check_range=False
+        // skips it for callers that know their values (unpack's output, say)
+        at::Tensor out_of_range;
+        if (check_range) out_of_range = at::zeros({1}, unpacked.options().dtype(at::kInt));
         TOPS_CUDA(op, cuda::pack_v2(out, unpacked, out_of_range));
-        if (out_of_range.item<int32_t>() != 0) check_value_range(op, "unpacked", unpacked, 4);
+        if (check_range && out_of_range.item<int32_t>() != 0)
+            check_value_range(op, "unpacked", unpacked, 4);
     } else {
         int status = run_cpu_status(N / 4, std::max<int64_t>(1, (1 << 16) / K),
                                     [&](int64_t b, int64_t e) {
@@ -502,7 +512,8 @@ at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
 at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
                         const at::Tensor &scales_in, const c10::optional<at::Tensor> &qzeros_in,
                         int64_t group_size, const c10::optional<at::Tensor> &g_idx_in,
-                        const c10::optional<at::Tensor> &bias_in, c10::string_view zero_format) {
+                        const c10::optional<at::Tensor> &bias_in, c10::string_view zero_format,
+                        const c10::optional<at::Tensor> &perm_in) {
     const char *op = "w4a16_linear";
     check_float(op, "x", x_in);
     check_dtype(op, "qweight", qweight_in, at::kInt);
@@ -539,6 +550,18 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
         check_g_idx_range(op, *g_idx_in, G);  // the caller's tensor: a cache hit next time
         g_idx = g_idx_in->to(at::kInt).contiguous();
     }
+    at::Tensor perm;
+    if (perm_in.has_value()) {
+        TORCH_CHECK_VALUE(!g_idx_in.has_value(), op,
+                          ": pass g_idx (act-order as stored) or perm (rows sorted by "
+                          "act_order_prepack), not both");
+        TORCH_CHECK_TYPE(perm_in->scalar_type() == at::kInt || perm_in->scalar_type() == at::kLong,
+                         op, ": perm must be int32 or int64, got ", perm_in->scalar_type());
+        check_device(op, "perm", *perm_in, x_in);
+        check_shape(op, "perm", *perm_in, {K}, "[K]");
+        check_index_range(op, "perm", *perm_in, K, "positions in a row of x");
+        perm = perm_in->to(at::kInt).contiguous();
+    }
     if (bias_in.has_value()) {
         check_float(op, "bias", *bias_in);
         check_device(op, "bias", *bias_in, x_in);
@@ -549,6 +572,8 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     at::Tensor scales = on_cuda ? scales_in.to(xs).contiguous() : scales_in.contiguous();
     at::Tensor qweight = qweight_in.contiguous();
     at::Tensor x = x_in.reshape({-1, K});
+    // CPU: x[:, perm] here (small next to the weights); CUDA: by a kernel of the launcher's
+    if (perm.defined() && !on_cuda) x = x.index_select(1, perm);
     if (x.size(0) > 0 && (x.stride(1) != 1 || on_cuda)) x = x.contiguous();
     int64_t M = x.size(0);
     auto out_shape = x_in.sizes().vec();
@@ -579,6 +604,7 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     a.bias_dtype = bias.defined() ? tops_dtype_of(bias.scalar_type()) : TOPS_F32;
     a.out = out.data_ptr();
     a.out_dtype = a.x_dtype;
+    a.perm = perm.defined() && on_cuda ? perm.data_ptr<int32_t>() : nullptr;
     if (on_cuda) {
         TOPS_CUDA(op, cuda::w4a16_linear(a, x));
     } else {
@@ -603,13 +629,13 @@ TORCH_LIBRARY(torch_ops, m) {
     m.def("gptq_to_awq(Tensor qweight, Tensor qzeros, str zero_format=\"v1\", "
           "Tensor? g_idx=None) -> (Tensor, Tensor)");
     m.def("convert_gptq_zeros(Tensor qzeros, int bits, str src, str dst) -> Tensor");
-    m.def("pack_v2(Tensor unpacked) -> Tensor");
+    m.def("pack_v2(Tensor unpacked, bool check_range=True) -> Tensor");
     m.def("unpack_v2(Tensor packed) -> Tensor");
     m.def("dequantize(Tensor qweight, Tensor scales, Tensor? qzeros=None, str format=\"gptq\", "
           "int bits=4, int group_size=128, Tensor? g_idx=None, str zero_format=\"v1\") -> Tensor");
     m.def("w4a16_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros=None, "
           "int group_size=128, Tensor? g_idx=None, Tensor? bias=None, "
-          "str zero_format=\"v1\") -> Tensor");
+          "str zero_format=\"v1\", Tensor? perm=None) -> Tensor");
 }
 
 // The same functions serve both devices: they check, allocate, then call the C core or the CUDA

@@ -27,7 +27,7 @@ void gptq_to_awq(const at::Tensor &qweight_out, const at::Tensor &qzeros_out,
                  const at::Tensor &qweight, const at::Tensor &qzeros, int64_t K, int64_t N,
                  int zero_format);
 void convert_gptq_zeros(const at::Tensor &dst, const at::Tensor &src, int bits, int delta);
-// out_of_range: a zeroed int32 [1] the kernel sets when a value is > 15
+// out_of_range: a zeroed int32 [1] the kernel sets when a value is > 15, or undefined (no check)
 void pack_v2(const at::Tensor &dst, const at::Tensor &src, const at::Tensor &out_of_range);
 void unpack_v2(const at::Tensor &dst, const at::Tensor &src);
 void dequantize(const tops_dequant_args &args, const at::Tensor &like);

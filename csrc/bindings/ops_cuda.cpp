@@ -77,8 +77,9 @@ void convert_gptq_zeros(const at::Tensor &dst, const at::Tensor &src, int bits, 
 
 void pack_v2(const at::Tensor &dst, const at::Tensor &src, const at::Tensor &out_of_range) {
     c10::cuda::CUDAGuard guard(src.device());
+    int32_t *flag = out_of_range.defined() ? out_of_range.data_ptr<int32_t>() : nullptr;
     check_status(tops_cuda_pack_v2(dst.data_ptr<int16_t>(), src.data_ptr<uint8_t>(), src.size(0),
-                                   src.size(1), out_of_range.data_ptr<int32_t>(), stream_of(src)),
+                                   src.size(1), flag, stream_of(src)),
                  "pack_v2");
 }
 

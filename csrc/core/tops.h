@@ -141,6 +141,10 @@ typedef struct {
     int bias_dtype;
     void *out;
     int out_dtype;
+    /* NULL: none; else [K] indices into a row of x: the product uses x[m, perm[k]] as its k-th
+     * activation (act-order weights whose rows were sorted by group, act_order_prepack).
+     * CUDA only: the CPU binding gathers x itself. */
+    const int32_t *perm;
 } tops_w4a16_args;
 int tops_w4a16_linear(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end);
 

@@ -46,8 +46,9 @@ int tops_cuda_dequantize(const tops_dequant_args *a, void *stream);
 /* w4a16 linear on CUDA. Supported: x_dtype F16 with scales F16, BF16 with BF16, F32 with F32
  * (the caller converts scales to the activation dtype); out_dtype == x_dtype; bias (optional) in
  * x_dtype; x contiguous (x_row_stride == K). Any N % 8 == 0 and K % group_size == 0 (K % 8 == 0).
- * The workspace (fp32 scratch for split-K, say) is allocated by the caller with at least
- * tops_cuda_w4a16_workspace_bytes(a) bytes; its content on entry is arbitrary. */
+ * perm (optional): x is gathered along K into the workspace first, by a kernel of its own.
+ * The workspace is allocated by the caller with at least tops_cuda_w4a16_workspace_bytes(a)
+ * bytes (0 without perm); its content on entry is arbitrary. */
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a);
 int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes,
                            void *stream);

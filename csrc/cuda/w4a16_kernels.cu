@@ -594,6 +594,54 @@ __global__ void __launch_bounds__(128) w4a16_generic_kernel(const GenParams p) {
         if (m0 + i < p.M) Elt<E>::st(static_cast<E *>(p.out), (m0 + i) * p.N + n, acc[i] + b);
 }
 
+/* ---- perm: x gathered along K -------------------------------------------------------------
+ * dst[m, k] = x[m, perm[k]], 8 consecutive k per thread (16-byte stores). The GEMM launched next
+ * may start at once (PDL) and stream its first weights while this runs. */
+template <typename E>
+__global__ void __launch_bounds__(256) gather_x_kernel(const E *__restrict__ x, const int32_t *__restrict__ perm,
+                                                       E *__restrict__ dst, int64_t M, int64_t K) {
+    grid_dependents_launch();
+    grid_dependency_wait(); /* x may still be being written by the previous kernel */
+    const int64_t K8 = K >> 3;
+    const int64_t total = M * K8;
+    for (int64_t i = (int64_t)blockIdx.x * 256 + threadIdx.x; i < total; i += (int64_t)gridDim.x * 256) {
+        const int64_t m = i / K8, k = (i - m * K8) * 8;
+        const int4 pa = __ldg(reinterpret_cast<const int4 *>(perm + k));
+        const int4 pb = __ldg(reinterpret_cast<const int4 *>(perm + k + 4));
+        const int idx[8] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
+        const E *row = x + m * K;
+        alignas(16) E v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = row[idx[j]];
+#pragma unroll
+        for (int j = 0; j < (int)sizeof(E) / 2; ++j)
+            reinterpret_cast<uint4 *>(dst + m * K + k)[j] = reinterpret_cast<const uint4 *>(v)[j];
+    }
+}
+
+int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
+    const int64_t total = a->M * (a->K >> 3);
+    const int64_t want = (total + 255) / 256;
+    const unsigned blocks = (unsigned)std::min<int64_t>(want, 65535LL * 8);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks, 1, 1);
+    cfg.blockDim = dim3(256, 1, 1);
+    cfg.stream = static_cast<cudaStream_t>(stream);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = (g_pdl && dev_info().major >= 9) ? 1 : 0;
+    cudaError_t e;
+    if (a->x_dtype == TOPS_F32)
+        e = cudaLaunchKernelEx(&cfg, gather_x_kernel<float>, static_cast<const float *>(a->x), a->perm,
+                               static_cast<float *>(dst), a->M, a->K);
+    else
+        e = cudaLaunchKernelEx(&cfg, gather_x_kernel<uint16_t>, static_cast<const uint16_t *>(a->x), a->perm,
+                               static_cast<uint16_t *>(dst), a->M, a->K);
+    return e == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
+}
+
 /* ---- host side ------------------------------------------------------------------------------ */
 
 template <class C, class T>
@@ -721,15 +769,29 @@ void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
 }
 
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
-    (void)a;
-    return 0; /* split-K reduces through cluster shared memory: no scratch needed */
+    /* split-K reduces through cluster shared memory: scratch only for the gathered x */
+    if (a == nullptr || a->perm == nullptr || a->M <= 0 || a->K <= 0) return 0;
+    return (size_t)a->M * (size_t)a->K * (a->x_dtype == TOPS_F32 ? 4 : 2);
 }
 
-int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes,
+int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t workspace_bytes,
                            void *stream) {
-    (void)workspace;
-    (void)workspace_bytes;
-    if (a == nullptr) return TOPS_ERR_ARG;
+    if (a_in == nullptr) return TOPS_ERR_ARG;
+    tops_w4a16_args gathered;
+    const tops_w4a16_args *a = a_in;
+    if (a_in->perm != nullptr && a_in->M > 0) {
+        /* x[:, perm] into the workspace, then the plain product on it */
+        if (workspace == nullptr || workspace_bytes < tops_cuda_w4a16_workspace_bytes(a_in)) return TOPS_ERR_ARG;
+        if ((a_in->K & 7) != 0 || a_in->x_row_stride != a_in->K || !aligned(a_in->perm, 16) ||
+            !aligned(workspace, 16) || a_in->x == nullptr)
+            return TOPS_ERR_ARG;
+        const int st = launch_gather(a_in, workspace, stream);
+        if (st != TOPS_OK) return st;
+        gathered = *a_in;
+        gathered.x = workspace;
+        gathered.perm = nullptr;
+        a = &gathered;
+    }
     const int64_t M = a->M, K = a->K, N = a->N;
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
     if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
