@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build for sm_90, run the whole test suite, then the benchmarks.
-# Logs go to $OUT (or ./gpu_logs). Usage: bash benchmarks/gpu_check.sh [tests|bench|all] [pytest args]
+# Logs go to $OUT (or ./gpu_logs). Usage: bash benchmarks/gpu_check.sh [build|tests|bench|all] [pytest args]
 # (BENCH_ARGS: extra arguments for bench_linear.py)
 set -o pipefail
 what=${1:-all}; shift || true
@@ -13,6 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/env.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/env.txt"
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+[ "$what" = build ] && exit 0
 if [ "$what" != bench ]; then
     timeout 420 python3 -m pytest -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$OUT/tests.log" | tail -25
 fi

@@ -428,38 +428,39 @@ def time_graph(launches, calls=48, reps=15):
     return ts[len(ts) // 2]
 
 
-def graph_sweep():
-    """small-batch configurations, forced, under CUDA-graph timing with rotating weights"""
+MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14, 16)}
+
+
+def graph_sweep(mid=False, auto_only=False):
+    """configurations, forced, under CUDA-graph timing with rotating weights: the small-batch
+    ones (cfg x split), or with mid=True those for M = 32..256 (cfg x split 1, 2, 4)"""
     fnc = LIB.tops_cuda_w4a16_linear
 
     def launcher(a):
         return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
 
     for K, N in [(4096, 4096), (8192, 8192), (8192, 28672)]:
-        for M in (1, 16):
+        for M in (MID_CFGS if mid else (1, 16)):
             c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
             ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
             out = torch.empty(M, N, dtype=torch.float16, device="cuda")
             args = [make_args(c, out, qweight=q) for q in qws]
-            read = time_graph([lambda q=q: q.sum() for q in qws])
             res = []
-            for pdl in (1, 0):
+            for pdl in ((1,) if auto_only else (1, 0)):
                 LIB.tops_cuda_w4a16_dev_pdl(pdl)
                 LIB.tops_cuda_w4a16_dev_force(-1, 0)
                 t = time_graph([launcher(a) for a in args])
                 res.append((f"auto{'' if pdl else ' nopdl'} {last_cfg()}", t))
             LIB.tops_cuda_w4a16_dev_pdl(1)
             base = 0 if M <= 8 else 1
-            for cfg in (base, base + 8):
-                for split in (1, 2, 3, 4, 6, 8):
-                    LIB.tops_cuda_w4a16_dev_force(cfg, split)
-                    try:
-                        res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in args])))
-                    except Exception as e:  # noqa
-                        res.append((f"{cfg}/{split}", float("nan")))
+            sweep = [(cfg, split) for cfg in MID_CFGS[M] for split in (1, 2, 4)] if mid else \
+                [(cfg, split) for cfg in (base, base + 8) for split in (1, 2, 3, 4, 6, 8)]
+            for cfg, split in ([] if auto_only else sweep):
+                LIB.tops_cuda_w4a16_dev_force(cfg, split)
+                res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in args])))
             LIB.tops_cuda_w4a16_dev_force(-1, 0)
-            log(f"{K}x{N} M={M}: read-only sum {read:.1f} us | " +
+            log(f"{K}x{N} M={M}: " +
                 " | ".join(f"{n} {t:.1f}" for n, t in res))
             del qws, args
 
@@ -491,6 +492,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, ".devbuild")))
     ap.add_argument("--log", default="w4a16_dev.log")
     ap.add_argument("--sweep", action="store_true", help="only the CUDA-graph sweep of small-M configs")
+    ap.add_argument("--sweep-mid", action="store_true", help="only the CUDA-graph sweep for M = 32..256")
+    ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
     ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -512,8 +515,11 @@ def main():
     if args.profile:
         profile_cases(args.profile)
         return 0
-    if args.sweep:
-        graph_sweep()
+    if args.sweep or args.sweep_mid:
+        if args.sweep:
+            graph_sweep(auto_only=args.auto_only)
+        if args.sweep_mid:
+            graph_sweep(mid=True, auto_only=args.auto_only)
         return 0
     self_test_reference()
     fails = 0
