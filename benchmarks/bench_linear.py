@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ops
+from timing import time_graph
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
 MS = [1, 4, 16, 64, 256, 1024, 4096]
@@ -59,7 +60,6 @@ def fmt(t):
 # ---- CUDA -------------------------------------------------------------------------------------
 
 ROTATE_BYTES = 200 << 20  # rotating copies: more than 4x the H100's 50 MB L2
-GRAPH_CALLS = 48
 
 
 def copies(tensors, nbytes):
@@ -68,36 +68,6 @@ def copies(tensors, nbytes):
     clone = (lambda d: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in d.items()}) \
         if isinstance(tensors, dict) else (lambda v: v.clone())
     return [tensors] + [clone(tensors) for _ in range(n - 1)]
-
-
-def time_graph(fns):
-    """median us per call of fns[i % len(fns)], replayed from one CUDA graph of up to GRAPH_CALLS calls"""
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for f in fns:
-        f()
-    e0.record()
-    fns[0]()
-    e1.record()
-    e1.synchronize()
-    # fewer calls per graph (and replays) for slow ones: a few ms per replay is plenty
-    est = e0.elapsed_time(e1) * 1e3
-    calls = max(len(fns), min(GRAPH_CALLS, int(4000 / max(est, 1.0)) + 1))
-    reps = 15 if est < 1000 else 5
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    for _ in range(3):
-        g.replay()
-    ts = []
-    for _ in range(reps):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3 / calls)
-    del g
-    return statistics.median(ts)
 
 
 def bench_cuda(shapes, ms, G, timing):

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from timing import time_graph
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPS_F32, TOPS_F16, TOPS_BF16 = 0, 1, 2
 ZV1, ZV2 = 1, 2
@@ -401,31 +403,6 @@ def benchmarks(quick):
                             (1024, 11, 0), (1024, 14, 0)]:
         row(K, N, M, force=(cfg, split), cublas=False, tag="sweep")
     return rows
-
-
-def time_graph(launches, calls=48, reps=15):
-    """median us per call of launches[i % n]() replayed from one CUDA graph (the way a decode step
-    runs: back to back, rotating weights, no launch gaps)"""
-    for f in launches:
-        f()
-    torch.cuda.synchronize()
-    calls = max(calls, len(launches))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            launches[i % len(launches)]()
-    for _ in range(3):
-        g.replay()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(reps):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3 / calls)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14, 16)}

@@ -7,6 +7,7 @@
 #ifndef TOPS_W4A16_COMMON_CUH
 #define TOPS_W4A16_COMMON_CUH
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -118,6 +119,50 @@ struct LinParams {
     int m_tiles, n_tiles, KT, kt_per_split;
 };
 
+
+/* out[m, col .. col+3] = v + bias, rounded once to the activation dtype (8-byte store) */
+template <class T>
+__device__ __forceinline__ void store4(const LinParams &p, int m, int col, float4 v) {
+    if (p.bias != nullptr) {
+        const uint2 b = *reinterpret_cast<const uint2 *>(p.bias + col);
+        v.x += T::to_f((uint16_t)(b.x & 0xFFFFu));
+        v.y += T::to_f((uint16_t)(b.x >> 16));
+        v.z += T::to_f((uint16_t)(b.y & 0xFFFFu));
+        v.w += T::to_f((uint16_t)(b.y >> 16));
+    }
+    uint2 o;
+    o.x = (uint32_t)T::from_f(v.x) | ((uint32_t)T::from_f(v.y) << 16);
+    o.y = (uint32_t)T::from_f(v.z) | ((uint32_t)T::from_f(v.w) << 16);
+    *reinterpret_cast<uint2 *>(p.out + (int64_t)m * p.N + col) = o;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+/* Split-K epilogue (both kernels): every block of the cluster has written its fp32 partial
+ * [BM][BN] tile to sO in its shared memory; rank `split` sums a 1/nsplit slice of the tile over
+ * the cluster (distributed shared memory) and stores it. No workspace, no atomics, deterministic. */
+template <class T, int BM, int BN>
+__device__ __forceinline__ void cluster_reduce_store(const LinParams &p, const float *sO, int m0, int n0,
+                                                     int split, int nsplit, int tid) {
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync();
+    for (int idx = split * 256 + tid; idx < BM * (BN / 4); idx += nsplit * 256) {
+        const int ml = idx / (BN / 4), c4 = idx % (BN / 4);
+        const int m = m0 + ml, col = n0 + 4 * c4;
+        if (m < p.M && col < p.N) {
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int q = 0; q < nsplit; ++q) {
+                const float4 r = *reinterpret_cast<const float4 *>(cluster.map_shared_rank(sO, q) + 4 * idx);
+                v.x += r.x;
+                v.y += r.y;
+                v.z += r.z;
+                v.w += r.w;
+            }
+            store4<T>(p, m, col, v);
+        }
+    }
+    cluster.sync(); /* keep this block's shared memory alive until every rank has read it */
+}
+#endif
 
 /* ---- host side -------------------------------------------------------------------------------- */
 

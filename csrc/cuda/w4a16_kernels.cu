@@ -51,13 +51,9 @@
  *  - fp32 activations, unaligned pointers or an act-order table too large for shared memory: a
  *    simple CUDA-core kernel (correct, not fast).
  */
-#include <cooperative_groups.h>
-
 #include <type_traits>
 
 #include "w4a16_common.cuh"
-
-namespace cg = cooperative_groups;
 
 namespace tops_w4 {
 
@@ -465,21 +461,10 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                 for (int e = 0; e < 2; ++e) {
                     const int m = m0 + wm * C::WTM + mt * 8 + 2 * t + e;
                     const int col = n0 + wn * C::WTN + 32 * c + 4 * g;
-                    if (m < p.M && col < p.N) {
-                        float v[4] = {acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
-                                      acc[mt][2 * c + 1][2 + e]};
-                        if (p.bias != nullptr) {
-                            const uint2 b = *reinterpret_cast<const uint2 *>(p.bias + col);
-                            v[0] += T::to_f((uint16_t)(b.x & 0xFFFFu));
-                            v[1] += T::to_f((uint16_t)(b.x >> 16));
-                            v[2] += T::to_f((uint16_t)(b.y & 0xFFFFu));
-                            v[3] += T::to_f((uint16_t)(b.y >> 16));
-                        }
-                        uint2 o;
-                        o.x = (uint32_t)T::from_f(v[0]) | ((uint32_t)T::from_f(v[1]) << 16);
-                        o.y = (uint32_t)T::from_f(v[2]) | ((uint32_t)T::from_f(v[3]) << 16);
-                        *reinterpret_cast<uint2 *>(p.out + (int64_t)m * p.N + col) = o;
-                    }
+                    if (m < p.M && col < p.N)
+                        store4<T>(p, m, col,
+                                  make_float4(acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
+                                              acc[mt][2 * c + 1][2 + e]));
                 }
         return;
     }
@@ -501,34 +486,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                     make_float4(acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
                                 acc[mt][2 * c + 1][2 + e]);
             }
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    for (int idx = split * 256 + tid; idx < BM * (BN / 4); idx += nsplit * 256) {
-        const int ml = idx / (BN / 4), c4 = idx % (BN / 4);
-        const int m = m0 + ml, col = n0 + 4 * c4;
-        if (m < p.M && col < p.N) {
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (int q = 0; q < nsplit; ++q) {
-                const float4 r = *reinterpret_cast<const float4 *>(cluster.map_shared_rank(sO, q) + 4 * idx);
-                v.x += r.x;
-                v.y += r.y;
-                v.z += r.z;
-                v.w += r.w;
-            }
-            if (p.bias != nullptr) {
-                const uint2 b = *reinterpret_cast<const uint2 *>(p.bias + col);
-                v.x += T::to_f((uint16_t)(b.x & 0xFFFFu));
-                v.y += T::to_f((uint16_t)(b.x >> 16));
-                v.z += T::to_f((uint16_t)(b.y & 0xFFFFu));
-                v.w += T::to_f((uint16_t)(b.y >> 16));
-            }
-            uint2 o;
-            o.x = (uint32_t)T::from_f(v.x) | ((uint32_t)T::from_f(v.y) << 16);
-            o.y = (uint32_t)T::from_f(v.z) | ((uint32_t)T::from_f(v.w) << 16);
-            *reinterpret_cast<uint2 *>(p.out + (int64_t)m * p.N + col) = o;
-        }
-    }
-    cluster.sync(); /* keep this block's shared memory alive until every rank has read it */
+    cluster_reduce_store<T, BM, BN>(p, sO, m0, n0, split, nsplit, tid);
 #endif
 }
 

@@ -20,13 +20,9 @@
  * Built for sm_90a only; other targets get an empty kernel, which the host detects (its register
  * count) and then uses the mma.sync kernels instead.
  */
-#include <cooperative_groups.h>
-
 #include <type_traits>
 
 #include "w4a16_common.cuh"
-
-namespace cg = cooperative_groups;
 
 namespace tops_w4 {
 
@@ -501,34 +497,7 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
                 const int ml = 8 * i + 2 * t + e;
                 *reinterpret_cast<float2 *>(sO + ml * BN + rcol(nt)) = make_float2(acc[nt][4 * i + e], acc[nt][4 * i + 2 + e]);
             }
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    for (int idx = split * 256 + tid; idx < BM * (BN / 4); idx += nsplit * 256) {
-        const int ml = idx / (BN / 4), c4 = idx % (BN / 4);
-        const int m = m0 + ml, col = n0 + 4 * c4;
-        if (m < p.M && col < p.N) {
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (int q = 0; q < nsplit; ++q) {
-                const float4 r = *reinterpret_cast<const float4 *>(cluster.map_shared_rank(sO, q) + 4 * idx);
-                v.x += r.x;
-                v.y += r.y;
-                v.z += r.z;
-                v.w += r.w;
-            }
-            if (p.bias != nullptr) {
-                const uint2 b = *reinterpret_cast<const uint2 *>(p.bias + col);
-                v.x += T::to_f((uint16_t)(b.x & 0xFFFFu));
-                v.y += T::to_f((uint16_t)(b.x >> 16));
-                v.z += T::to_f((uint16_t)(b.y & 0xFFFFu));
-                v.w += T::to_f((uint16_t)(b.y >> 16));
-            }
-            uint2 o;
-            o.x = (uint32_t)T::from_f(v.x) | ((uint32_t)T::from_f(v.y) << 16);
-            o.y = (uint32_t)T::from_f(v.z) | ((uint32_t)T::from_f(v.w) << 16);
-            *reinterpret_cast<uint2 *>(p.out + (int64_t)m * p.N + col) = o;
-        }
-    }
-    cluster.sync();
+    cluster_reduce_store<T, BM, BN>(p, sO, m0, n0, split, nsplit, tid);
 #else
     (void)p;
     __trap();
