@@ -82,9 +82,17 @@ def main():
             # every op allocates its output: this is the floor of "copy into a new tensor"
             ("copy into a new tensor (clone)", lambda: src.clone(), 2 * src.numel(), src.numel())]
     wbytes = qw.numel() * 4
+    gout = (torch.empty_like(gq), torch.empty_like(gz))
+    aout = (torch.empty_like(qw), torch.empty_like(qz))
     rows += [
         ("awq_to_gptq", lambda: torch_ops.awq_to_gptq(qw, qz), 2 * (wbytes + qz.numel() * 4), wbytes),
         ("gptq_to_awq", lambda: torch_ops.gptq_to_awq(gq, gz), 2 * (wbytes + qz.numel() * 4), wbytes),
+        # into reused outputs (out=): what a loader converting layer after layer of one shape
+        # does; on a VM, first-touch page faults of fresh outputs otherwise dominate the CPU ops
+        ("awq_to_gptq (out=, reused)", lambda: torch_ops.awq_to_gptq(qw, qz, out=gout),
+         2 * (wbytes + qz.numel() * 4), wbytes),
+        ("gptq_to_awq (out=, reused)", lambda: torch_ops.gptq_to_awq(gq, gz, out=aout),
+         2 * (wbytes + qz.numel() * 4), wbytes),
         ("pack_v2", lambda: torch_ops.pack_v2(u), u.numel() * 3 // 2, u.numel() // 2),
         # the same kernel without reading back its range flag (no device sync)
         ("pack_v2 (check_range=False)", lambda: torch_ops.pack_v2(u, check_range=False),

@@ -133,6 +133,32 @@ def test_awq_to_gptq_matches_reference_and_round_trips(device, K, N, G, zero_for
     assert torch.equal(aq, qweight) and torch.equal(az, qzeros)
 
 
+def test_repack_into_out(device):
+    """out=: the same words, written into the caller's tensors (reused, no allocation)"""
+    K, N, G = 256, 136, 128
+    qweight, qzeros = awq_tensors(K, N, G, device)
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+    out = (torch.full_like(gq, -1), torch.full_like(gz, -1))
+    got = torch_ops.awq_to_gptq(qweight, qzeros, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    assert torch.equal(out[0], gq) and torch.equal(out[1], gz)
+    back = (torch.zeros_like(qweight), torch.zeros_like(qzeros))
+    torch_ops.gptq_to_awq(gq, gz, out=back)
+    assert torch.equal(back[0], qweight) and torch.equal(back[1], qzeros)
+    cases = [
+        ((out[0].float(), out[1]), "awq_to_gptq: qweight_out must be Int, got Float"),
+        ((out[0][:-1], out[1]), r"awq_to_gptq: qweight_out must have shape the shape of the result = \[32, 136\], got \[31, 136\]"),
+        ((torch.zeros(136, 32, dtype=torch.int32, device=device).t(), out[1]),
+         "awq_to_gptq: qweight_out must be contiguous"),
+        ((out[0], qzeros), "awq_to_gptq: qzeros_out overlaps an input; a repack cannot run in place"),
+    ]
+    for bad_out, message in cases:
+        before = [t.clone() for t in bad_out]
+        with pytest.raises((ValueError, TypeError), match=message):
+            torch_ops.awq_to_gptq(qweight, qzeros, out=bad_out)
+        assert all(torch.equal(a, b) for a, b in zip(bad_out, before))  # nothing written
+
+
 def test_gptq_to_awq_refuses_act_order(device):
     K, N, G = 64, 16, 16
     qweight, qzeros = torch_ops.awq_to_gptq(*awq_tensors(K, N, G, device))
@@ -352,6 +378,10 @@ def _op_samples(device):
         (ops.unpack, (gq, 4), {"dim": 0}),
         (ops.awq_to_gptq, (qweight, qzeros), {"zero_format": "v2"}),
         (ops.gptq_to_awq, (gq, gz), {}),
+        (ops.awq_to_gptq_out, (qweight, qzeros), {"qweight_out": torch.empty_like(gq),
+                                                  "qzeros_out": torch.empty_like(gz)}),
+        (ops.gptq_to_awq_out, (gq, gz, "v1", None), {"qweight_out": torch.empty_like(qweight),
+                                                      "qzeros_out": torch.empty_like(qzeros)}),
         (ops.convert_gptq_zeros, (gz, 4, "v1", "v2"), {}),
         (ops.pack_v2, (rand_values((8, 128), 4, device),), {}),
         (ops.pack_v2, (rand_values((8, 128), 4, device), False), {}),
@@ -374,6 +404,9 @@ def test_compile_fullgraph(device):
 
     def convert_and_dequantize(qweight, qzeros, scales):
         gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+        into = (torch.empty_like(gq), torch.empty_like(gz))
+        torch_ops.awq_to_gptq(qweight, qzeros, out=into)  # the mutating overload traces too
+        gq, gz = into
         w = torch_ops.dequantize(gq, scales, gz, group_size=32)
         q = torch_ops.unpack(gq, 4, dim=0)
         return w, torch_ops.pack(q, 4, dim=0), torch_ops.unpack_v2(torch_ops.pack_v2(q.t().contiguous()))

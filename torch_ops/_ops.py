@@ -37,15 +37,26 @@ def unpack(packed: torch.Tensor, bits: int, dim: int = -1, order: str = "sequent
     return _ops.unpack(packed, bits, dim, order)
 
 
-def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = "v1"):
+def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = "v1",
+                out: Optional[tuple] = None):
     """AWQ qweight [K, N/8] / qzeros [K/G, N/8] -> GPTQ qweight [K/8, N] / qzeros [K/G, N/8].
-    ``"v1"`` stores (z - 1) & 15 per nibble (z = 0 included), ``"v2"`` stores z. Lossless."""
+    ``"v1"`` stores (z - 1) & 15 per nibble (z = 0 included), ``"v2"`` stores z. Lossless.
+    ``out=(qweight_out, qzeros_out)``: write into those (contiguous int32 of the result's shapes,
+    not overlapping the inputs) instead of new tensors, and return them."""
+    if out is not None:
+        _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
+        return tuple(out)
     return tuple(_ops.awq_to_gptq(qweight, qzeros, zero_format))
 
 
 def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = "v1",
-                g_idx: Optional[torch.Tensor] = None):
-    """GPTQ -> AWQ, the exact inverse of :func:`awq_to_gptq`. Refuses an act-order ``g_idx``."""
+                g_idx: Optional[torch.Tensor] = None, out: Optional[tuple] = None):
+    """GPTQ -> AWQ, the exact inverse of :func:`awq_to_gptq`. Refuses an act-order ``g_idx``.
+    ``out``: as for :func:`awq_to_gptq`."""
+    if out is not None:
+        _ops.gptq_to_awq_out(qweight, qzeros, zero_format, g_idx, qweight_out=out[0],
+                             qzeros_out=out[1])
+        return tuple(out)
     return tuple(_ops.gptq_to_awq(qweight, qzeros, zero_format, g_idx))
 
 
@@ -232,6 +243,16 @@ def _(qweight, qzeros, zero_format="v1"):
 def _(qweight, qzeros, zero_format="v1", g_idx=None):
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     return qweight.new_empty((K, N // 8)), qzeros.new_empty(qzeros.shape)
+
+
+@torch.library.register_fake("torch_ops::awq_to_gptq_out")
+def _(qweight, qzeros, zero_format="v1", *, qweight_out, qzeros_out):
+    return None
+
+
+@torch.library.register_fake("torch_ops::gptq_to_awq_out")
+def _(qweight, qzeros, zero_format="v1", g_idx=None, *, qweight_out, qzeros_out):
+    return None
 
 
 @torch.library.register_fake("torch_ops::convert_gptq_zeros")

@@ -4,6 +4,7 @@
 // Fake (meta) kernels and autograd are registered in Python (torch_ops/_ops.py).
 #include <torch/extension.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -12,6 +13,7 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 #include "ops.h"
 
@@ -267,13 +269,38 @@ int check_repack_inputs(const char *op, const at::Tensor &qweight, const at::Ten
 
 // The body of both directions: qweight in blocks of 8 rows of K (split across threads), qzeros
 // word by word.
+// out: the caller's output tensors (the .out overloads), or undefined to allocate them.
+// A repack cannot run in place, so outputs may not overlap the inputs.
+void check_out(const char *op, const char *arg, const at::Tensor &out, at::IntArrayRef shape,
+               const at::Tensor &qweight, const at::Tensor &qzeros) {
+    check_dtype(op, arg, out, at::kInt);
+    check_device(op, arg, out, qweight);
+    check_shape(op, arg, out, shape, "the shape of the result");
+    TORCH_CHECK_VALUE(out.is_contiguous(), op, ": ", arg, " must be contiguous");
+    for (const at::Tensor *in : {&qweight, &qzeros})
+        TORCH_CHECK_VALUE(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No, op, ": ",
+                          arg, " overlaps an input; a repack cannot run in place");
+}
+
 std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at::Tensor &qweight_in,
                                           const at::Tensor &qzeros_in, int64_t K, int64_t N,
-                                          int zf) {
+                                          int zf, const at::Tensor &qw_out = at::Tensor(),
+                                          const at::Tensor &qz_out = at::Tensor()) {
     at::Tensor qweight = qweight_in.contiguous(), qzeros = qzeros_in.contiguous();
-    at::Tensor qw = to_gptq ? at::empty({K / 8, N}, qweight.options())
-                            : at::empty({K, N / 8}, qweight.options());
-    at::Tensor qz = at::empty_like(qzeros);
+    std::vector<int64_t> qw_shape = to_gptq ? std::vector<int64_t>{K / 8, N}
+                                            : std::vector<int64_t>{K, N / 8};
+    at::Tensor qw, qz;
+    if (qw_out.defined()) {
+        check_out(op, "qweight_out", qw_out, qw_shape, qweight_in, qzeros_in);
+        check_out(op, "qzeros_out", qz_out, qzeros.sizes(), qweight_in, qzeros_in);
+        TORCH_CHECK_VALUE(at::get_overlap_status(qw_out, qz_out) == at::MemOverlapStatus::No, op,
+                          ": qweight_out and qzeros_out overlap");
+        qw = qw_out;
+        qz = qz_out;
+    } else {
+        qw = at::empty(qw_shape, qweight.options());
+        qz = at::empty_like(qzeros);
+    }
     if (qweight.is_cuda()) {
         TOPS_CUDA(op, (to_gptq ? cuda::awq_to_gptq : cuda::gptq_to_awq)(qw, qz, qweight, qzeros, K,
                                                                          N, zf));
@@ -292,9 +319,10 @@ std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at
     return {qw, qz};
 }
 
-std::tuple<at::Tensor, at::Tensor> awq_to_gptq(const at::Tensor &qweight,
-                                               const at::Tensor &qzeros,
-                                               c10::string_view zero_format) {
+std::tuple<at::Tensor, at::Tensor> awq_to_gptq_impl(const at::Tensor &qweight,
+                                                    const at::Tensor &qzeros,
+                                                    c10::string_view zero_format,
+                                                    const at::Tensor &qw_out, const at::Tensor &qz_out) {
     const char *op = "awq_to_gptq";
     int zf = check_repack_inputs(op, qweight, qzeros, zero_format);
     int64_t K = qweight.size(0), N = qweight.size(1) * 8, G = qzeros.size(0);
@@ -303,13 +331,14 @@ std::tuple<at::Tensor, at::Tensor> awq_to_gptq(const at::Tensor &qweight,
     TORCH_CHECK_VALUE(G >= 1 && K % G == 0, op, ": qzeros.shape[0] = ", G,
                       " groups must divide K = qweight.shape[0] = ", K);
     check_shape(op, "qzeros", qzeros, {G, N / 8}, "[K/G, N/8]");
-    return repack(op, true, qweight, qzeros, K, N, zf);
+    return repack(op, true, qweight, qzeros, K, N, zf, qw_out, qz_out);
 }
 
-std::tuple<at::Tensor, at::Tensor> gptq_to_awq(const at::Tensor &qweight,
-                                               const at::Tensor &qzeros,
-                                               c10::string_view zero_format,
-                                               const c10::optional<at::Tensor> &g_idx) {
+std::tuple<at::Tensor, at::Tensor> gptq_to_awq_impl(const at::Tensor &qweight,
+                                                    const at::Tensor &qzeros,
+                                                    c10::string_view zero_format,
+                                                    const c10::optional<at::Tensor> &g_idx,
+                                                    const at::Tensor &qw_out, const at::Tensor &qz_out) {
     const char *op = "gptq_to_awq";
     int zf = check_repack_inputs(op, qweight, qzeros, zero_format);
     int64_t K = qweight.size(0) * 8, N = qweight.size(1), G = qzeros.size(0);
@@ -327,7 +356,31 @@ std::tuple<at::Tensor, at::Tensor> gptq_to_awq(const at::Tensor &qweight,
                           ": g_idx is act-order (desc_act: rows are not grouped in order), which "
                           "AWQ cannot express; only g_idx == arange(K) // group_size converts");
     }
-    return repack(op, false, qweight, qzeros, K, N, zf);
+    return repack(op, false, qweight, qzeros, K, N, zf, qw_out, qz_out);
+}
+
+std::tuple<at::Tensor, at::Tensor> awq_to_gptq(const at::Tensor &qweight, const at::Tensor &qzeros,
+                                               c10::string_view zero_format) {
+    return awq_to_gptq_impl(qweight, qzeros, zero_format, at::Tensor(), at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> gptq_to_awq(const at::Tensor &qweight, const at::Tensor &qzeros,
+                                               c10::string_view zero_format,
+                                               const c10::optional<at::Tensor> &g_idx) {
+    return gptq_to_awq_impl(qweight, qzeros, zero_format, g_idx, at::Tensor(), at::Tensor());
+}
+
+// *_out ops (separate names: opcheck refuses ops with overloads): into the caller's tensors (no allocation: a loader converting layer after layer
+// of one shape reuses them, and skips the page faults of fresh memory)
+void awq_to_gptq_out(const at::Tensor &qweight, const at::Tensor &qzeros,
+                     c10::string_view zero_format, at::Tensor &qweight_out, at::Tensor &qzeros_out) {
+    awq_to_gptq_impl(qweight, qzeros, zero_format, qweight_out, qzeros_out);
+}
+
+void gptq_to_awq_out(const at::Tensor &qweight, const at::Tensor &qzeros,
+                     c10::string_view zero_format, const c10::optional<at::Tensor> &g_idx,
+                     at::Tensor &qweight_out, at::Tensor &qzeros_out) {
+    gptq_to_awq_impl(qweight, qzeros, zero_format, g_idx, qweight_out, qzeros_out);
 }
 
 at::Tensor convert_gptq_zeros(const at::Tensor &qzeros_in, int64_t bits, c10::string_view src,
@@ -626,6 +679,10 @@ TORCH_LIBRARY(torch_ops, m) {
           "ScalarType dtype=int32) -> Tensor");
     m.def("unpack(Tensor packed, int bits, int dim=-1, str order=\"sequential\") -> Tensor");
     m.def("awq_to_gptq(Tensor qweight, Tensor qzeros, str zero_format=\"v1\") -> (Tensor, Tensor)");
+    m.def("awq_to_gptq_out(Tensor qweight, Tensor qzeros, str zero_format=\"v1\", *, "
+          "Tensor(a!) qweight_out, Tensor(b!) qzeros_out) -> ()");
+    m.def("gptq_to_awq_out(Tensor qweight, Tensor qzeros, str zero_format=\"v1\", "
+          "Tensor? g_idx=None, *, Tensor(a!) qweight_out, Tensor(b!) qzeros_out) -> ()");
     m.def("gptq_to_awq(Tensor qweight, Tensor qzeros, str zero_format=\"v1\", "
           "Tensor? g_idx=None) -> (Tensor, Tensor)");
     m.def("convert_gptq_zeros(Tensor qzeros, int bits, str src, str dst) -> Tensor");
@@ -645,6 +702,8 @@ TORCH_LIBRARY(torch_ops, m) {
     m.impl("unpack", &unpack);                           \
     m.impl("awq_to_gptq", &awq_to_gptq);                 \
     m.impl("gptq_to_awq", &gptq_to_awq);                 \
+    m.impl("awq_to_gptq_out", &awq_to_gptq_out);         \
+    m.impl("gptq_to_awq_out", &gptq_to_awq_out);         \
     m.impl("convert_gptq_zeros", &convert_gptq_zeros);   \
     m.impl("pack_v2", &pack_v2);                         \
     m.impl("unpack_v2", &unpack_v2);                     \
