@@ -17,10 +17,13 @@
  *   masked in place (q << 4j, exact as an int -> float conversion) and multiplied by x[k] * 2^-4j,
  *   pre-scaled once per call (nibble 7 uses a logical shift by 28, which also drops the sign bit).
  *   That is 3 vector operations per 8 (AVX2) / 16 (AVX-512) weights and row of x. Loop order:
- *   K-chunk (up to W4_CHUNK_ROWS words, one group) outside, column blocks inside, so the reads are
- *   W4_CHUNK_ROWS sequential streams, with software prefetch a few blocks ahead.
+ *   K-chunk (up to W4_CHUNK_ROWS words, one group) outside; inside, passes of W4_PASS_ROWS rows
+ *   over the columns, column blocks innermost, the sums of a chunk kept in a [M][ncols] buffer
+ *   between its passes. Few rows at once because rows N * 4 bytes apart share L1 sets (N a multiple
+ *   of 1024, as usual): 16 rows read together evict each other's lines, prefetched ones included.
+ *   Each row is a stream, prefetched W4_PF_STREAM bytes ahead and on into the next pass.
  *   Act-order (g_idx whose groups change inside a word of 8 k, or group_size % 8 != 0) cannot
- *   factor per chunk: the same chunk x block loop runs inside column super-blocks whose scales are
+ *   factor per chunk: a chunk x block loop runs inside column super-blocks whose scales are
  *   converted once into an fp32 table [G][super-block] (~128 KB), the per-k scale is gathered from
  *   it (one multiply more per vector), and the zero term sum_g s z sum_{g(k)=g} x starts y.
  *
@@ -69,11 +72,14 @@
 #ifndef W4_CHUNK_ROWS
 #define W4_CHUNK_ROWS 16  /* qweight rows (8 k each) per K-chunk in the GEMV path */
 #endif
-#ifndef W4_PF_BLOCKS
-#define W4_PF_BLOCKS 4    /* GEMV: prefetch this many column blocks ahead in the same rows */
+#ifndef W4_PASS_ROWS
+#define W4_PASS_ROWS 4    /* GEMV: qweight rows read together in one pass over the columns */
+#endif
+#ifndef W4_PF_STREAM
+#define W4_PF_STREAM 1024 /* GEMV: prefetch this many bytes ahead in the stream of each row */
 #endif
 #ifndef W4_PF_ROWS
-#define W4_PF_ROWS 16     /* act-order GEMV and dequant: prefetch this many qweight rows ahead */
+#define W4_PF_ROWS 16     /* dequant: prefetch this many qweight rows ahead */
 #endif
 #ifndef W4_KT
 #define W4_KT 256         /* blocked: k per dequantized tile for AVX2 (AVX-512: half; multiple of 16) */
@@ -435,22 +441,80 @@ static KATTR W4_INLINE void KN(w4_out)(const tops_w4a16_args *a, int64_t m, int6
     vf_storet(a->out, a->out_dtype, m * a->N + n, v);
 }
 
-/* ---- GEMV kernel ---------------------------------------------------------------------------------
- * For each of nblk column blocks of NV vectors (block b starts at column n + b * NV * VW, word
- * qw + b * NV * VW): acc[MR][NV] = sum over nrows words of unpack(q) * xp, then
- *   plain:     y[m] += s * (acc - z * xc[m])   with s, z of group g, loaded here
- *   act-order: y[m] += acc                     with the scale of every k inside acc, read from
- *              stab[gk[k] * lds + column] (stab and gk start at this block and chunk)
- * qw: first word (row r0, column n), ldq = N; xp: pre-scaled x at k = 8 r0 of the first row, ldx
- * apart; y: MR rows ldy apart (column n of the range at y[0]). Prefetches qw + pf bytes. */
-static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const int act,
+/* ---- GEMV kernels --------------------------------------------------------------------------------
+ * Plain groups: one pass of nrows rows of a chunk over nblk column blocks of NV vectors (block b
+ * starts at column n + b * NV * VW, word qw + b * NV * VW). Per block,
+ *   acc[MR][NV] = (first ? 0 : part) + sum over the rows of unpack(q) * xp,
+ * then part = acc, or on the last pass of the chunk y[m] += s * (acc - z * xc[m]) with s, z of
+ * group g. qw: first word (row of the pass, column n), ldq = N; xp: pre-scaled x at the first row
+ * of the pass, ldx apart; part and y: MR rows ldy apart, column n at [0]. Each row is a stream:
+ * prefetch pfn words ahead while that stays before the end of the column range (rem: columns from
+ * n to it), else wrap words further, which is the same row of the next pass. */
+static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, int first, int last,
                                              const tops_w4a16_args *a, int64_t g, int64_t n,
                                              int64_t nblk, const int32_t *qw, int64_t nrows,
-                                             int64_t pf, const float *xp, int64_t ldx,
-                                             const float *stab, int64_t lds, const int32_t *gk,
-                                             const float *xc, float *y, int64_t ldy) {
+                                             int64_t pfn, int64_t rem, int64_t wrap, const float *xp,
+                                             int64_t ldx, const float *xc, float *part, float *y,
+                                             int64_t ldy) {
     const int64_t ldq = a->N;
-    for (int64_t b = 0; b < nblk; b++, qw += NV * VW, n += NV * VW, y += NV * VW, stab = act ? stab + NV * VW : stab) {
+    for (int64_t o = 0; o < nblk * NV * VW; o += NV * VW) {
+        const int64_t pf = 4 * (pfn < rem - o ? pfn : pfn + wrap); /* bytes */
+        VF acc[4][W4_NVMAX];
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++)
+                acc[m][v] = first ? vf_zero() : vf_load(part + m * ldy + o + v * VW);
+        for (int64_t r = 0; r < nrows; r++) {
+            const int32_t *row = qw + r * ldq + o;
+#pragma GCC unroll 4
+            for (int l = 0; l < (NV * VW * 4 + 63) / 64; l++) w4_prefetch(row + l * 16, pf);
+            VI w[W4_NVMAX];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) w[v] = vi_load(row + v * VW);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                VF xb[4];
+#pragma GCC unroll 4
+                for (int m = 0; m < MR; m++) xb[m] = vf_bcast(xp + m * ldx + 8 * r + j);
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; v++) {
+                    const VF t = KN(w4_unpack_scaled)(w[v], j);
+#pragma GCC unroll 4
+                    for (int m = 0; m < MR; m++) acc[m][v] = vf_fma(t, xb[m], acc[m][v]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) {
+            const int64_t c = o + v * VW;
+            if (!last) {
+#pragma GCC unroll 4
+                for (int m = 0; m < MR; m++) vf_store(part + m * ldy + c, acc[m][v]);
+                continue;
+            }
+            const VF sv = vf_loadt(a->scales, a->scales_dtype, g * ldq + n + c);
+            const VF zv = vf_zeros(a, g, n + c);
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; m++) {
+                float *yp = y + m * ldy + c;
+                vf_store(yp, vf_fma(sv, vf_fnma(zv, vf_set1(xc[m]), acc[m][v]), vf_load(yp)));
+            }
+        }
+    }
+}
+
+/* Act-order: for each of nblk column blocks of NV vectors (as above),
+ *   y[m] += sum over nrows rows of unpack(q) * s(k) * xp,
+ * the scale of every k read from stab[gk[k] * lds + column] (stab and gk start at this block and
+ * chunk). Prefetches qw + pf bytes (the same columns, W4_CHUNK_ROWS rows on). */
+static KATTR W4_INLINE void KN(w4_gemv_act_kern)(const int MR, const int NV, const tops_w4a16_args *a,
+                                                 int64_t nblk, const int32_t *qw, int64_t nrows,
+                                                 int64_t pf, const float *xp, int64_t ldx,
+                                                 const float *stab, int64_t lds, const int32_t *gk,
+                                                 float *y, int64_t ldy) {
+    const int64_t ldq = a->N;
+    for (int64_t b = 0; b < nblk; b++, qw += NV * VW, y += NV * VW, stab += NV * VW) {
         VF acc[4][W4_NVMAX];
 #pragma GCC unroll 4
         for (int m = 0; m < MR; m++)
@@ -469,58 +533,62 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, const i
                 VF xb[4];
 #pragma GCC unroll 4
                 for (int m = 0; m < MR; m++) xb[m] = vf_bcast(xr + m * ldx + j);
-                const float *srow = act ? stab + (int64_t)gk[8 * r + j] * lds : stab;
+                const float *srow = stab + (int64_t)gk[8 * r + j] * lds;
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; v++) {
-                    VF t = KN(w4_unpack_scaled)(w[v], j);
-                    if (act) t = vf_mul(t, vf_load(srow + v * VW));
+                    const VF t = vf_mul(KN(w4_unpack_scaled)(w[v], j), vf_load(srow + v * VW));
 #pragma GCC unroll 4
                     for (int m = 0; m < MR; m++) acc[m][v] = vf_fma(t, xb[m], acc[m][v]);
                 }
             }
         }
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) {
-            if (act) {
+        for (int v = 0; v < NV; v++)
 #pragma GCC unroll 4
-                for (int m = 0; m < MR; m++) {
-                    float *yp = y + m * ldy + v * VW;
-                    vf_store(yp, vf_add(vf_load(yp), acc[m][v]));
-                }
-            } else {
-                const VF sv = vf_loadt(a->scales, a->scales_dtype, g * ldq + n + v * VW);
-                const VF zv = vf_zeros(a, g, n + v * VW);
-#pragma GCC unroll 4
-                for (int m = 0; m < MR; m++) {
-                    float *yp = y + m * ldy + v * VW;
-                    vf_store(yp, vf_fma(sv, vf_fnma(zv, vf_set1(xc[m]), acc[m][v]), vf_load(yp)));
-                }
+            for (int m = 0; m < MR; m++) {
+                float *yp = y + m * ldy + v * VW;
+                vf_store(yp, vf_add(vf_load(yp), acc[m][v]));
             }
-        }
     }
 }
 
-static KATTR void KN(w4_gemv_call)(int mr, int nv, int act, const tops_w4a16_args *a, int64_t g,
-                                   int64_t n, int64_t nblk, const int32_t *qw, int64_t nrows,
-                                   int64_t pf, const float *xp, int64_t ldx, const float *stab,
-                                   int64_t lds, const int32_t *gk, const float *xc, float *y,
-                                   int64_t ldy) {
-#define W4_GC(MR, NV, ACT)                                                                        \
-    case MR * 16 + NV * 2 + ACT:                                                                  \
-        KN(w4_gemv_kern)(MR, NV, ACT, a, g, n, nblk, qw, nrows, pf, xp, ldx, stab, lds, gk, xc, y, \
-                         ldy);                                                                    \
+/* the kernels for (mr, nv): mr <= 2 with nv in {1, 2, 4}, mr <= 4 with nv in {1, 2} (MR * NV
+ * accumulators + NV words fit in 16 registers) */
+#define W4_GEMV_CASES(C) \
+    C(1, 1) C(1, 2) C(1, 4) C(2, 1) C(2, 2) C(2, 4) C(3, 1) C(3, 2) C(4, 1) C(4, 2)
+
+static KATTR void KN(w4_gemv_call)(int mr, int nv, int first, int last, const tops_w4a16_args *a,
+                                   int64_t g, int64_t n, int64_t nblk, const int32_t *qw,
+                                   int64_t nrows, int64_t pfn, int64_t rem, int64_t wrap,
+                                   const float *xp, int64_t ldx, const float *xc, float *part,
+                                   float *y, int64_t ldy) {
+#define W4_GC(MR, NV)                                                                              \
+    case MR * 8 + NV:                                                                              \
+        KN(w4_gemv_kern)(MR, NV, first, last, a, g, n, nblk, qw, nrows, pfn, rem, wrap, xp, ldx,  \
+                         xc, part, y, ldy);                                                        \
         break;
-#define W4_GC2(MR, NV) W4_GC(MR, NV, 0) W4_GC(MR, NV, 1)
-    switch (mr * 16 + nv * 2 + act) {
-        W4_GC2(1, 1) W4_GC2(1, 2) W4_GC2(1, 4)
-        W4_GC2(2, 1) W4_GC2(2, 2) W4_GC2(2, 4)
-        W4_GC2(3, 1) W4_GC2(3, 2)
-        W4_GC2(4, 1) W4_GC2(4, 2)
+    switch (mr * 8 + nv) {
+        W4_GEMV_CASES(W4_GC)
     default: break;
     }
-#undef W4_GC2
 #undef W4_GC
 }
+
+static KATTR void KN(w4_gemv_act_call)(int mr, int nv, const tops_w4a16_args *a, int64_t nblk,
+                                       const int32_t *qw, int64_t nrows, int64_t pf,
+                                       const float *xp, int64_t ldx, const float *stab, int64_t lds,
+                                       const int32_t *gk, float *y, int64_t ldy) {
+#define W4_GC(MR, NV)                                                                              \
+    case MR * 8 + NV:                                                                              \
+        KN(w4_gemv_act_kern)(MR, NV, a, nblk, qw, nrows, pf, xp, ldx, stab, lds, gk, y, ldy);      \
+        break;
+    switch (mr * 8 + nv) {
+        W4_GEMV_CASES(W4_GC)
+    default: break;
+    }
+#undef W4_GC
+}
+#undef W4_GEMV_CASES
 
 /* widest supported vector count <= min(rem, nvb) among {4, 2, 1} */
 static inline int KN(w4_pick_nv)(int64_t rem, int nvb) {
@@ -547,6 +615,8 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     float *mv = (float *)ws; /* VW floats of scratch (not a local array: ASan's fake stack does not
                               * honour the 64-byte alignment GCC may assume for it) */
     ws += w4_align(64 * sizeof(float));
+    float *part = (float *)ws; /* [M][ncols] sums of a chunk between its passes */
+    ws += w4_align((size_t)(M * ncols) * sizeof(float));
     float down[W4_GEMV_MAX_M];
     KN(w4_convert_x)(a, 0, M, xf);
     for (int64_t m = 0; m < M; m++) {
@@ -578,8 +648,11 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     }
 
     if (uniform) {
-        /* K-chunks inside one group; columns inside; zero point factored per chunk */
+        /* K-chunks inside one group; passes of a few rows; columns inside; zero point factored per
+         * chunk */
         float xc[W4_GEMV_MAX_M];
+        /* at most one pass ahead: a narrow range prefetches the same columns of the next pass */
+        const int64_t pfn = w4_min(W4_PF_STREAM / 4, ncols);
         memset(y, 0, (size_t)(M * ncols) * sizeof(float));
         for (int64_t r0 = 0; r0 < R;) {
             const int64_t g = gk[8 * r0];
@@ -595,24 +668,29 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                 }
                 xc[m] = (p0 + p1) + (p2 + p3);
             }
-            for (int64_t n0 = 0; n0 < ncols;) {
-                /* full blocks of nvb vectors in one call, then the narrower tail blocks */
-                const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
-                const int64_t nblk = nv == nvb ? (ncols - n0) / (nv * VW) : 1;
-                for (int64_t m0 = 0; m0 < M; m0 += 4)
-                    KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 0, a, g, nb + n0, nblk,
-                                     a->qweight + r0 * N + nb + n0, r1 - r0,
-                                     (int64_t)W4_PF_BLOCKS * nv * VW * 4, xp + m0 * K + 8 * r0, K, NULL,
-                                     0, NULL, xc + m0, y + m0 * ncols + n0, ncols);
-                n0 += nblk * nv * VW;
+            for (int64_t p = r0; p < r1; p += W4_PASS_ROWS) {
+                const int64_t np = w4_min(W4_PASS_ROWS, r1 - p);
+                for (int64_t n0 = 0; n0 < ncols;) {
+                    /* full blocks of nvb vectors in one call, then the narrower tail blocks */
+                    const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
+                    const int64_t nblk = nv == nvb ? (ncols - n0) / (nv * VW) : 1;
+                    for (int64_t m0 = 0; m0 < M; m0 += 4)
+                        KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, p == r0, p + np == r1, a, g,
+                                         nb + n0, nblk, a->qweight + p * N + nb + n0, np,
+                                         pfn, ncols - n0, np * N - ncols,
+                                         xp + m0 * K + 8 * p, K, xc + m0, part + m0 * ncols + n0,
+                                         y + m0 * ncols + n0, ncols);
+                    n0 += nblk * nv * VW;
+                }
             }
             r0 = r1;
         }
     } else {
-        /* act-order: super-blocks of sb columns outside; inside, the same K-chunk x column-block
-         * order with the scale of every k gathered from an fp32 table stab[G][sb] of the super-block,
-         * and y started at minus the zero-point term sum_g s z sum_{g(k) = g} x. A super-block reads
-         * short runs of each row, so the prefetch targets the same columns of the next chunk. */
+        /* act-order: super-blocks of sb columns outside; inside, K-chunks of W4_CHUNK_ROWS rows x
+         * column blocks, with the scale of every k gathered from an fp32 table stab[G][sb] of the
+         * super-block, and y started at minus the zero-point term sum_g s z sum_{g(k) = g} x. A
+         * super-block reads short runs of each row, so the prefetch targets the same columns of the
+         * next chunk. */
         float *xg = (float *)ws; /* [M][G] sums of x per group */
         ws += w4_align((size_t)(M * G) * sizeof(float));
         float *stab = (float *)ws;
@@ -639,11 +717,11 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     const int nv = KN(w4_pick_nv)((s0 + sw - n0) / VW, nvb);
                     const int64_t nblk = nv == nvb ? (s0 + sw - n0) / (nv * VW) : 1;
                     for (int64_t m0 = 0; m0 < M; m0 += 4)
-                        KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, 1, a, 0, nb + n0, nblk,
-                                         a->qweight + r0 * N + nb + n0, nr,
-                                         (int64_t)W4_CHUNK_ROWS * N * 4, xp + m0 * K + 8 * r0, K,
-                                         stab + (n0 - s0), sb, gk + 8 * r0, NULL, y + m0 * ncols + n0,
-                                         ncols);
+                        KN(w4_gemv_act_call)((int)w4_min(4, M - m0), nv, a, nblk,
+                                             a->qweight + r0 * N + nb + n0, nr,
+                                             (int64_t)W4_CHUNK_ROWS * N * 4, xp + m0 * K + 8 * r0, K,
+                                             stab + (n0 - s0), sb, gk + 8 * r0, y + m0 * ncols + n0,
+                                             ncols);
                     n0 += nblk * nv * VW;
                 }
             }
@@ -785,7 +863,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     const int gemv = M <= W4_GEMV_MAX_M;
     if (gemv) {
         bytes += 2 * w4_align((size_t)(M * K) * sizeof(float)) +
-                 w4_align((size_t)(M * ncols) * sizeof(float)) + w4_align(64 * sizeof(float)) +
+                 2 * w4_align((size_t)(M * ncols) * sizeof(float)) + w4_align(64 * sizeof(float)) +
                  w4_align((size_t)(M * G) * sizeof(float)) +
                  w4_align((size_t)(G * KN(w4_act_sb)(G)) * sizeof(float));
     } else {

@@ -299,12 +299,14 @@ static void test_zero_edges(void) {
     }
 }
 
-/* group sizes that split a word of 8 k (not a multiple of 8), odd shapes, larger K and N */
+/* group sizes that split a word of 8 k (not a multiple of 8), odd shapes, larger K and N; M = 1
+ * reads a group of 8, 24 or 40 k (1, 3, 5 rows) in passes of up to 4 rows */
 static void test_odd(void) {
     static const int64_t gss[] = {1, 2, 4, 8, 24, 40};
+    static const int64_t ms[] = {3, 11, 1};
     for (int i = 0; i < 6; i++)
-        for (int mi = 0; mi < 2; mi++) {
-            w4case c = w4_random_case(mi ? 11 : 3, 120, 48, gss[i]);
+        for (int mi = 0; mi < 3; mi++) {
+            w4case c = w4_random_case(ms[mi], 120, mi == 2 ? 200 : 48, gss[i]);
             w4_case(&c);
         }
     w4case big[] = {
@@ -320,8 +322,8 @@ static void test_odd(void) {
     for (int i = 0; i < 3; i++)
         for (int xd = 0; xd < 3; xd += 2)
             for (int act = 0; act < 2; act++)
-                for (int mi = 0; mi < 2; mi++) {
-                    w4case c = {mi ? 12 : 3, 256, 40, 64, act, 1, -1, xd, TOPS_F32, TOPS_F32, -1, 0, scales[i]};
+                for (int mi = 0; mi < 3; mi++) {
+                    w4case c = {ms[mi], 256, 40, 64, act, 1, -1, xd, TOPS_F32, TOPS_F32, -1, 0, scales[i]};
                     w4_case(&c);
                 }
 }
