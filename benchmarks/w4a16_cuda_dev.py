@@ -152,7 +152,7 @@ def ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def make_args(c, out, x=None, qweight=None):
+def make_args(c, out, x=None, qweight=None, perm=None):
     a = Args()
     a.M, a.K, a.N = c["M"], c["K"], c["N"]
     a.groups, a.group_size = c["G"], c["gs"]
@@ -165,6 +165,7 @@ def make_args(c, out, x=None, qweight=None):
     a.g_idx = ptr(c["g_idx"])
     a.bias, a.bias_dtype = ptr(c["bias"]), DT[c["dtype"]]
     a.out, a.out_dtype = ptr(out), DT[c["dtype"]]
+    a.perm = ptr(perm)
     return a
 
 
@@ -261,6 +262,33 @@ def correctness(quick):
                 run(make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], act, seed % 2 == 0, dt, seed=seed),
                     force=(cfg, split))
     log(f"forced configs: {total - t0} cases run; total so far {total - fails}/{total} passed")
+
+    # perm (x[:, perm], gathered by a kernel first) with every small-batch config, forced or not
+    t0 = total
+    for cfg in [-1, 0, 1, 8, 9, 2, 10]:
+        for split in (0, 1, 3, 8):
+            for (M, K, N, gs, dt) in [(1, 4224, 4104, 128, torch.float16), (5, 2048, 1000, 64, torch.bfloat16),
+                                      (16, 8192, 520, 32, torch.float16), (13, 1024, 264, -1, torch.bfloat16),
+                                      (40, 1024, 264, 128, torch.float16)]:
+                seed += 1
+                c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
+                perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
+                out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
+                ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
+                LIB.tops_cuda_w4a16_dev_force(cfg, split)
+                st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), ctypes.c_void_p(ws.data_ptr()),
+                                                ws.numel(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                torch.cuda.synchronize()
+                used = last_cfg()
+                LIB.tops_cuda_w4a16_dev_force(-1, 0)
+                ref = ref_out(dict(c, x=c["x"][:, perm.long()]))
+                o = out.double()
+                rel = float((o - ref).norm() / ref.norm().clamp_min(1e-30)) if not torch.isnan(o).any() else float("nan")
+                total += 1
+                if st != 0 or not rel < TOL[dt]:
+                    fails += 1
+                    log(f"FAIL perm {desc(c, (cfg, split))}: status {st} rel {rel:.2e} ran {used}")
+    log(f"perm: {total - t0} cases run; total so far {total - fails}/{total} passed")
 
     # the benchmark shapes themselves
     t1 = total
@@ -408,6 +436,29 @@ def benchmarks(quick):
 MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14, 16)}
 
 
+def perm_sweep():
+    """x[:, perm] at small M: the automatic path with perm against plain, under CUDA-graph timing"""
+    fnc = LIB.tops_cuda_w4a16_linear
+    for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]:
+        for M in (1, 4, 16):
+            c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
+            ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
+            qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
+            out = torch.empty(M, N, dtype=torch.float16, device="cuda")
+            perm = torch.randperm(K).to(torch.int32).cuda()
+            ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
+            res = []
+            for use_perm in (False, True):
+                args = [make_args(c, out, qweight=q, perm=perm if use_perm else None) for q in qws]
+                def launcher(a):
+                    return lambda: fnc(ctypes.byref(a), ctypes.c_void_p(ws.data_ptr()), ws.numel(),
+                                       ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                t = time_graph([launcher(a) for a in args])
+                res.append(f"{'perm' if use_perm else 'plain'} {last_cfg()} {t:.1f}")
+            log(f"{K}x{N} M={M}: " + " | ".join(res))
+            del qws
+
+
 def graph_sweep(mid=False, auto_only=False):
     """configurations, forced, under CUDA-graph timing with rotating weights: the small-batch
     ones (cfg x split), or with mid=True those for M = 32..256 (cfg x split 1, 2, 4)"""
@@ -416,8 +467,8 @@ def graph_sweep(mid=False, auto_only=False):
     def launcher(a):
         return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
 
-    for K, N in [(4096, 4096), (8192, 8192), (8192, 28672)]:
-        for M in (MID_CFGS if mid else (1, 16)):
+    for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]:
+        for M in (MID_CFGS if mid else (1, 4, 16)):
             c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
             ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
@@ -432,7 +483,7 @@ def graph_sweep(mid=False, auto_only=False):
             LIB.tops_cuda_w4a16_dev_pdl(1)
             base = 0 if M <= 8 else 1
             sweep = [(cfg, split) for cfg in MID_CFGS[M] for split in (1, 2, 4)] if mid else \
-                [(cfg, split) for cfg in (base, base + 8) for split in (1, 2, 3, 4, 6, 8)]
+                [(cfg, split) for cfg in (base, base + 8) for split in (2, 3, 4, 6, 8)]
             for cfg, split in ([] if auto_only else sweep):
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
                 res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in args])))
@@ -471,6 +522,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="only the CUDA-graph sweep of small-M configs")
     ap.add_argument("--sweep-mid", action="store_true", help="only the CUDA-graph sweep for M = 32..256")
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
+    ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
     ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -492,11 +544,14 @@ def main():
     if args.profile:
         profile_cases(args.profile)
         return 0
+    if args.perm_sweep:
+        perm_sweep()
     if args.sweep or args.sweep_mid:
         if args.sweep:
             graph_sweep(auto_only=args.auto_only)
         if args.sweep_mid:
             graph_sweep(mid=True, auto_only=args.auto_only)
+    if args.sweep or args.sweep_mid or args.perm_sweep:
         return 0
     self_test_reference()
     fails = 0

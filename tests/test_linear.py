@@ -147,6 +147,21 @@ def test_perm_reads_permuted_x(device, M, dtype):
         assert rel_err(out, reference(x[:, perm.long()], t, bias)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_perm_small_batches_split_k(device, M, dtype):
+    """Small batches with perm on the shapes that split K over several blocks (a K range that
+    ends inside a k-tile, groups of 32 and the whole K, every zero format), 3-D x"""
+    i = M + (dtype == torch.bfloat16)
+    K, N, gs = [(4224, 1000, 128), (8192, 264, 32), (2048, 4104, -1)][i % 3]
+    t = make_weights(K, N, gs, zeros=("v1", "v2", "sym")[i % 3], device=device, scales_dtype=dtype)
+    x = torch.randn(M, 1, K, device=device, dtype=dtype)
+    perm = torch.randperm(K, device=device).to(torch.int32)
+    out = torch_ops.w4a16_linear(x, perm=perm, **t)
+    assert out.shape == (M, 1, N)
+    assert rel_err(out, reference(x[..., perm.long()], t)) < TOL[dtype]
+
+
 def test_perm_gradient_and_opcheck(device):
     K, N = 128, 40
     t = make_weights(K, N, 64, device=device)
