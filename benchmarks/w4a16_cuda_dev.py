@@ -482,7 +482,7 @@ def graph_sweep(mid=False, auto_only=False):
                 res.append((f"auto{'' if pdl else ' nopdl'} {last_cfg()}", t))
             LIB.tops_cuda_w4a16_dev_pdl(1)
             base = 0 if M <= 8 else 1
-            sweep = [(cfg, split) for cfg in MID_CFGS[M] for split in (1, 2, 4)] if mid else \
+            sweep = [(cfg, split) for cfg in MID_CFGS[M] for split in (1, 2, 3, 4, 6, 8)] if mid else \
                 [(cfg, split) for cfg in (base, base + 8) for split in (2, 3, 4, 6, 8)]
             for cfg, split in ([] if auto_only else sweep):
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)

@@ -149,9 +149,72 @@ __device__ __forceinline__ void cluster_reduce_store(const LinParams &p, const f
         const int ml = idx / (BN / 4), c4 = idx % (BN / 4);
         const int m = m0 + ml, col = n0 + 4 * c4;
         if (m < p.M && col < p.N) {
+            /* all remote loads first, then the sums (in rank order, as before): one round trip to
+             * distributed shared memory instead of nsplit dependent ones */
+            float4 r[8];
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+                if (q < nsplit) r[q] = *reinterpret_cast<const float4 *>(cluster.map_shared_rank(sO, q) + 4 * idx);
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+                if (q < nsplit) {
+                    v.x += r[q].x;
+                    v.y += r[q].y;
+                    v.z += r[q].z;
+                    v.w += r[q].w;
+                }
+            store4<T>(p, m, col, v);
+        }
+    }
+    cluster.sync(); /* keep this block's shared memory alive until every rank has read it */
+}
+#endif
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+/* Split-K by pushing (the mma.sync kernel's small tiles): every block sends each float4 of its
+ * partial tile to the block that owns it (float4 i belongs to rank i % nsplit) with st.async into
+ * the owner's receive area [rank][ceil(tile / nsplit)], counted by the owner's mbarrier; an owner
+ * waits for its bytes, sums in rank order and stores. Blocks never read each other's memory, so
+ * nothing waits for the slowest reader before exiting, and the only cluster barrier (are the
+ * mbarriers initialised?) is arrived at in the prologue. Needs the receive area outside the
+ * pipeline: blocks still in their main loop receive. */
+__device__ __forceinline__ void push_barrier_init(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); }
+/* v into rank's shared memory at (its copy of) local address addr, counted on rank's bar */
+__device__ __forceinline__ void push_float4(uint32_t addr, uint32_t bar, int rank, float4 v) {
+    uint32_t ra, rb;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(addr), "r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(bar), "r"(rank));
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(ra),
+                 "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(rb)
+                 : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait_phase0(uint32_t bar) {
+    asm volatile("{\n.reg .pred P;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 P, [%0], 0;\n@!P bra WAIT;\n}\n" ::"r"(
+                     bar)
+                 : "memory");
+}
+/* the owner's part: float4 j of its receive rows is tile float4 j * nsplit + split */
+template <class T, int BM, int BN>
+__device__ __forceinline__ void push_reduce_store(const LinParams &p, const float *recv, int m0, int n0, int split,
+                                                  int nsplit, int tid) {
+    constexpr int TOT4 = BM * (BN / 4);
+    const int per = (TOT4 + nsplit - 1) / nsplit, mine = (TOT4 - split + nsplit - 1) / nsplit;
+    for (int j = tid; j < mine; j += 256) {
+        const int idx = j * nsplit + split;
+        const int ml = idx / (BN / 4), c4 = idx % (BN / 4);
+        const int m = m0 + ml, col = n0 + 4 * c4;
+        if (m < p.M && col < p.N) {
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
             for (int q = 0; q < nsplit; ++q) {
-                const float4 r = *reinterpret_cast<const float4 *>(cluster.map_shared_rank(sO, q) + 4 * idx);
+                const float4 r = *reinterpret_cast<const float4 *>(recv + 4 * (q * per + j));
                 v.x += r.x;
                 v.y += r.y;
                 v.z += r.z;
@@ -160,7 +223,6 @@ __device__ __forceinline__ void cluster_reduce_store(const LinParams &p, const f
             store4<T>(p, m, col, v);
         }
     }
-    cluster.sync(); /* keep this block's shared memory alive until every rank has read it */
 }
 #endif
 

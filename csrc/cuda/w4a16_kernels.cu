@@ -64,7 +64,8 @@ namespace tops_w4 {
  * FACT (small MT, plain groups): the mma accumulates sum (q - z) x for one group at a time and the
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
-template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, int MINB_ = 0, int WARPS_K_ = 1>
+template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, int MINB_ = 0, int WARPS_K_ = 1,
+          bool PUSH_ = false>
 struct Cfg {
     static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
     static constexpr int WARPS_K = WARPS_K_; /* warps splitting each stage's sub-steps */
@@ -85,6 +86,11 @@ struct Cfg {
     static constexpr int STAGE_BYTES = W_BYTES + X_BYTES + S_BYTES + Z_BYTES + GI_BYTES;
     static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
     static constexpr int OUT_BYTES = BM * BN * 4; /* fp32 partial tile for the split-K reduction */
+    /* PUSH: split-K partials pushed into the owning block's receive area (its own region after
+     * the pipeline, [split][ceil(tile / nsplit)] float4) instead of read from every block */
+    static constexpr bool PUSH = PUSH_;
+    static constexpr int RECV_BYTES = PUSH ? OUT_BYTES + 8 * 16 : 0;
+    static constexpr int PUSH_BYTES = PIPE_BYTES + RECV_BYTES + 16; /* + the mbarrier */
     static constexpr int NV = MT * 2 * CN * 4;    /* accumulators per thread */
     static constexpr int RED_BYTES = (WARPS_K - 1) * WARPS_N * WARPS_M * 32 * NV * 4;
     static_assert(WARPS_N * WARPS_M * WARPS_K == WARPS && NSUB % WARPS_K == 0, "warp layout");
@@ -118,10 +124,21 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     const int kt_end = min(p.KT, kt_begin + p.kt_per_split);
     const int nkt = max(0, kt_end - kt_begin);
 
-    const int pipe_bytes = (nsplit > 1 && C::OUT_BYTES > C::PIPE_BYTES) ? C::OUT_BYTES : C::PIPE_BYTES;
+    const int pipe_bytes = nsplit == 1 ? C::PIPE_BYTES
+                           : C::PUSH ? C::PUSH_BYTES
+                                     : (C::OUT_BYTES > C::PIPE_BYTES ? C::OUT_BYTES : C::PIPE_BYTES);
     uint32_t *tab = reinterpret_cast<uint32_t *>(smem + pipe_bytes); /* ACT only: [G][BN] */
     const uint32_t smem_base = smem_u32(smem);
     const int N8 = p.N >> 3;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    /* PUSH: this block's receive barrier expects nsplit copies of its share of the tile */
+    constexpr int TOT4 = BM * (BN / 4); /* float4 of a partial tile */
+    const uint32_t push_bar = smem_base + C::PIPE_BYTES + C::RECV_BYTES;
+    if (C::PUSH && nsplit > 1) {
+        if (tid == 0) push_barrier_init(push_bar, (uint32_t)(nsplit * ((TOT4 - split + nsplit - 1) / nsplit) * 16));
+        cluster_arrive_relaxed();
+    }
+#endif
 
     /* ---- static copy assignments (the same for every stage) ---- */
     /* weights: KW rows x BN/4 16-byte chunks; chunk c of row r lands at c ^ 2(r&3) */
@@ -469,6 +486,30 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         return;
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (C::PUSH) {
+        cluster_wait(); /* every block's receive barrier is initialised */
+        const int per = (TOT4 + nsplit - 1) / nsplit;
+        const uint32_t recv = smem_base + C::PIPE_BYTES;
+        if (!(C::WARPS_K > 1 && wk != 0)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int c = 0; c < CN; ++c)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int ml = wm * C::WTM + mt * 8 + 2 * t + e;
+                        const int lc = wn * C::WTN + 32 * c + 4 * g;
+                        const int idx = ml * (BN / 4) + (lc >> 2);
+                        push_float4(recv + (uint32_t)((split * per + idx / nsplit) * 16), push_bar, idx % nsplit,
+                                    make_float4(acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
+                                                acc[mt][2 * c + 1][2 + e]));
+                    }
+        }
+        mbarrier_wait_phase0(push_bar);
+        push_reduce_store<T, BM, BN>(p, reinterpret_cast<const float *>(smem + C::PIPE_BYTES), m0, n0, split, nsplit,
+                                     tid);
+        return;
+    }
     /* split-K: fp32 partial tile in shared memory, reduced across the cluster */
     cp_async_wait<0>();
     __syncthreads();
@@ -609,19 +650,19 @@ int launch_tc(const LinParams &base, void *stream, double *estimate = nullptr) {
     p.n_tiles = (p.N + C::BN - 1) / C::BN;
     p.KT = (p.K + C::BK - 1) / C::BK;
     const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
-    return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::OUT_BYTES,
+    return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES,
                         C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, estimate);
 }
 
 /* tile configurations, by batch size */
-template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT>;   /* M <= 8 */
+template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, 0, 1, true>; /* M <= 8 */
 template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 5, ACT>;  /* M <= 16 */
 template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
 /* 128 columns, 4 column warps x 2 k warps: twice the blocks of A / B (balance on 132 SMs) */
-template <bool ACT> using CfgA2 = Cfg<128, 8, 4, 256, 4, ACT, 2, 2>;
+template <bool ACT> using CfgA2 = Cfg<128, 8, 4, 256, 4, ACT, 2, 2, true>;
 template <bool ACT> using CfgB2 = Cfg<128, 16, 4, 256, 4, ACT, 2, 2>;
 
 template <class T, bool ACT>
