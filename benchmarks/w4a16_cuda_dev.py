@@ -483,7 +483,7 @@ def graph_sweep(mid=False, auto_only=False):
             LIB.tops_cuda_w4a16_dev_pdl(1)
             base = 0 if M <= 8 else 1
             sweep = [(cfg, split) for cfg in MID_CFGS[M] for split in (1, 2, 3, 4, 6, 8)] if mid else \
-                [(cfg, split) for cfg in (base, base + 8) for split in (2, 3, 4, 6, 8)]
+                [(cfg, split) for cfg in (base, base + 8) for split in (2, 3, 4, 6, 7, 8)]
             for cfg, split in ([] if auto_only else sweep):
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
                 res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in args])))

@@ -41,8 +41,11 @@
  *
  *  - Split-K: when the output tiles alone cannot fill the GPU (small M), up to 8 blocks split K and
  *    form a thread-block cluster (sm_90); their fp32 partial tiles are reduced through distributed
- *    shared memory by one launch, no workspace, no atomics, deterministic. The split is chosen from
- *    the occupancy (clusters that can be resident) and the balance of blocks over the SMs.
+ *    shared memory by one launch, no workspace, no atomics, deterministic. The small-batch tiles
+ *    (PUSH) send each part of their partial tile to the block that owns it (st.async, counted by
+ *    the owner's mbarrier), so a block waits only for its own part and nobody for the readers.
+ *    The split is chosen from the occupancy (clusters that can be resident) and the balance of
+ *    blocks over the SMs.
  *
  *  - Act-order (g_idx, or a group size that is not a power of two >= 32): the block first builds a
  *    table (scale, -(magic + zero)) for every group and each of its columns in shared memory; each
@@ -656,14 +659,14 @@ int launch_tc(const LinParams &base, void *stream, double *estimate = nullptr) {
 
 /* tile configurations, by batch size */
 template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, 0, 1, true>; /* M <= 8 */
-template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 5, ACT>;  /* M <= 16 */
+template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, 0, 1, true>; /* M <= 16 */
 template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
 /* 128 columns, 4 column warps x 2 k warps: twice the blocks of A / B (balance on 132 SMs) */
 template <bool ACT> using CfgA2 = Cfg<128, 8, 4, 256, 4, ACT, 2, 2, true>;
-template <bool ACT> using CfgB2 = Cfg<128, 16, 4, 256, 4, ACT, 2, 2>;
+template <bool ACT> using CfgB2 = Cfg<128, 16, 4, 256, 3, ACT, 2, 2, true>;
 
 template <class T, bool ACT>
 int dispatch_tc(const LinParams &p, int cfg, void *stream, double *estimate = nullptr) {
