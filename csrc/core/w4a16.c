@@ -16,7 +16,13 @@
  *   so the inner loop is unpack + FMA only. The unpack of nibble j avoids the shift: the word is
  *   masked in place (q << 4j, exact as an int -> float conversion) and multiplied by x[k] * 2^-4j,
  *   pre-scaled once per call (nibble 7 uses a logical shift by 28, which also drops the sign bit).
- *   That is 3 vector operations per 8 (AVX2) / 16 (AVX-512) weights and row of x. Loop order:
+ *   That is 3 vector operations per 8 (AVX2) / 16 (AVX-512) weights and row of x. On AMD Zen the
+ *   conversion goes too: the masked word read as a float is the subnormal q * 2^(4j - 149), which
+ *   Zen multiplies at full speed, so x is pre-scaled by 2^(127 - 4j) instead (w4_unpack_sub;
+ *   nibbles 6 and 7 take a shift): 17 operations per 8 nibble slots instead of 24, off the
+ *   conversion pipes that were the limit; with two accumulator sets the M = 1 GEMV runs 1.3x
+ *   faster from L2 on Zen 3. Intel documents microcode assists for subnormal operands (not measured
+ *   here): other CPUs keep the conversion. Loop order:
  *   K-chunk (up to W4_CHUNK_ROWS words, one group) outside; inside, passes of W4_PASS_ROWS rows
  *   over the columns, column blocks innermost, the sums of a chunk kept in a [M][ncols] buffer
  *   between its passes. Few rows at once because rows N * 4 bytes apart share L1 sets (N a multiple
@@ -42,8 +48,9 @@
  *
  * Memory: one malloc per call (x in fp32, per-call tables and accumulators), freed before return;
  * TOPS_ERR_NOMEM if it fails.
- * Numerics: x * 2^-4j stays a normal float: a row of x whose largest |x| is below 2^-60 is scaled
- * up by a power of two first (exact) and its results scaled back.
+ * Numerics: the GEMV scales each row of x by a power of two (exact) so that its largest |x| lies
+ * in [1, 2): x * 2^-4j stays a normal float and x * 2^(127 - 4j) finite; its results are scaled
+ * back at the end.
  */
 #ifndef W4_TEMPLATE_PASS
 
@@ -56,6 +63,7 @@
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(W4_NO_SIMD)
+#include <cpuid.h>
 #include <immintrin.h>
 #define W4_X86 1
 #else
@@ -144,6 +152,43 @@ static inline void w4_store_out(const tops_w4a16_args *a, int64_t m, int64_t n, 
     tops_store(a->out, a->out_dtype, m * a->N + n, v);
 }
 
+/* Whether the GEMV may use the subnormal unpack (w4_unpack_sub), which feeds subnormal operands to
+ * FMAs: at full speed on AMD Zen (family 17h on; measured on Zen 3: the same throughput as normal
+ * operands); Intel documents microcode assists for them. Decided by the CPU vendor and family;
+ * tops_w4a16_subnormal_set (not in tops.h: for the tests) forces it on (1) or off (0), -1 restores
+ * the detected choice. Returns the choice now in force. */
+int tops_w4a16_subnormal_set(int mode);
+static int w4_sub_forced = -1;
+
+static int w4_subnormal_detected(void) {
+#if W4_X86
+    static int zen = -1;
+    if (zen < 0) {
+        unsigned eax, ebx, ecx, edx;
+        int amd = __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541u && edx == 0x69746e65u &&
+                  ecx == 0x444d4163u; /* "AuthenticAMD" */
+        unsigned fam = 0;
+        if (amd && __get_cpuid(1, &eax, &ebx, &ecx, &edx)) {
+            fam = (eax >> 8) & 15u;
+            if (fam == 15u) fam += (eax >> 20) & 255u;
+        }
+        zen = fam >= 0x17u;
+    }
+    return zen;
+#else
+    return 0;
+#endif
+}
+
+static int w4_subnormal_fast(void) {
+    return w4_sub_forced >= 0 ? w4_sub_forced : w4_subnormal_detected();
+}
+
+int tops_w4a16_subnormal_set(int mode) {
+    w4_sub_forced = mode < 0 ? -1 : mode != 0;
+    return w4_subnormal_fast();
+}
+
 /* ---- scalar path: direct dequantization, 8 columns (one qzeros word) x up to 64 rows at a time -- */
 static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     const int64_t M = a->M, K = a->K, N = a->N, MB = w4_min(M, 64);
@@ -223,6 +268,7 @@ static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
 #define vi_and(a, b) _mm256_and_si256(a, b)
 #define vi_srli(a, c) _mm256_srli_epi32(a, c)
 #define vi_cvt(a) _mm256_cvtepi32_ps(a)
+#define vf_cast(a) _mm256_castsi256_ps(a) /* the same bits as floats */
 
 static KATTR W4_INLINE VF w4_load_avx2(const void *p, int dtype, int64_t i) {
     switch (dtype) {
@@ -303,6 +349,7 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 #undef vi_and
 #undef vi_srli
 #undef vi_cvt
+#undef vf_cast
 #undef vf_loadt
 #undef vf_storet
 #undef vf_zeros
@@ -330,6 +377,7 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 #define vi_and(a, b) _mm512_and_si512(a, b)
 #define vi_srli(a, c) _mm512_srli_epi32(a, c)
 #define vi_cvt(a) _mm512_cvtepi32_ps(a)
+#define vf_cast(a) _mm512_castsi512_ps(a)
 
 static KATTR W4_INLINE __m512 w4_load_avx512(const void *p, int dtype, int64_t i) {
     switch (dtype) {
@@ -416,6 +464,17 @@ static KATTR W4_INLINE VF KN(w4_unpack_scaled)(VI w, const int j) {
     return vi_cvt(vi_and(w, vi_set1(15 << (4 * j))));
 }
 
+/* slot j of a word as the float whose bits are the word masked to that nibble: q * 2^(4j - 149), no
+ * conversion instruction. Bits below 2^24 read as a float are i * 2^-149 exactly (subnormals, and
+ * on through the first binade of normals), which covers slots 0 to 5; slots 6 and 7 reach further
+ * into the exponent and are shifted down first (q * 2^-149). Pairs with x * 2^(127 - 4j) (j < 6)
+ * or x * 2^127 (j = 6, 7): every product is x q 2^-22. */
+static KATTR W4_INLINE VF KN(w4_unpack_sub)(VI w, const int j) {
+    if (j == 7) return vf_cast(vi_srli(w, 28));
+    if (j == 6) return vf_cast(vi_and(vi_srli(w, 24), vi_set1(15)));
+    return vf_cast(vi_and(w, vi_set1(15 << (4 * j))));
+}
+
 /* slot j of a word as q */
 static KATTR W4_INLINE VF KN(w4_unpack)(VI w, const int j) {
     if (j == 0) return vi_cvt(vi_and(w, vi_set1(15)));
@@ -446,25 +505,36 @@ static KATTR W4_INLINE void KN(w4_out)(const tops_w4a16_args *a, int64_t m, int6
  * starts at column n + b * NV * VW, word qw + b * NV * VW). Per block,
  *   acc[MR][NV] = (first ? 0 : part) + sum over the rows of unpack(q) * xp,
  * then part = acc, or on the last pass of the chunk y[m] += s * (acc - z * xc[m]) with s, z of
- * group g. qw: first word (row of the pass, column n), ldq = N; xp: pre-scaled x at the first row
- * of the pass, ldx apart; part and y: MR rows ldy apart, column n at [0]. Each row is a stream:
- * prefetch pfn words ahead while that stays before the end of the column range (rem: columns from
- * n to it), else wrap words further, which is the same row of the next pass. */
-static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, int first, int last,
-                                             const tops_w4a16_args *a, int64_t g, int64_t n,
-                                             int64_t nblk, const int32_t *qw, int64_t nrows,
-                                             int64_t pfn, int64_t rem, int64_t wrap, const float *xp,
-                                             int64_t ldx, const float *xc, float *part, float *y,
-                                             int64_t ldy) {
+ * group g. SUB picks the unpack: w4_unpack_sub, else w4_unpack_scaled (xp and xc are scaled to
+ * match). With SUB, slot j of a word adds into accumulator set j % W4_SETS(MR * NV), summed at
+ * the end of the block, so that at least 6 chains of FMAs (latency 4, two per cycle) are in
+ * flight where MR * NV accumulators alone are fewer, within 16 vector registers (M = 1: 4 vectors
+ * x 2 sets, 15% less time than 1 set on Zen 3; 3 or 4 sets spill and are slower). The conversion
+ * unpack is slower with sets (its conversions, not the FMA chains, are the limit) and has one.
+ * qw: first word (row of the pass, column n), ldq = N; xp: pre-scaled x at the first row of the
+ * pass, ldx apart; part and y: MR rows ldy apart, column n at [0]. Each row is a stream: prefetch
+ * pfn words ahead while that stays before the end of the column range (rem: columns from n to
+ * it), else wrap words further, which is the same row of the next pass. */
+#define W4_SETS(n) ((n) >= 6 ? 1 : (n) >= 3 ? 2 : (n) == 2 ? 4 : 8)
+
+static KATTR W4_INLINE void KN(w4_gemv_kern)(const int SUB, const int MR, const int NV, int first,
+                                             int last, const tops_w4a16_args *a, int64_t g,
+                                             int64_t n, int64_t nblk, const int32_t *qw,
+                                             int64_t nrows, int64_t pfn, int64_t rem, int64_t wrap,
+                                             const float *xp, int64_t ldx, const float *xc,
+                                             float *part, float *y, int64_t ldy) {
     const int64_t ldq = a->N;
+    const int S = SUB ? W4_SETS(MR * NV) : 1;
     for (int64_t o = 0; o < nblk * NV * VW; o += NV * VW) {
         const int64_t pf = 4 * (pfn < rem - o ? pfn : pfn + wrap); /* bytes */
-        VF acc[4][W4_NVMAX];
+        VF acc[8][4][W4_NVMAX];
+#pragma GCC unroll 8
+        for (int i = 0; i < S; i++)
 #pragma GCC unroll 4
-        for (int m = 0; m < MR; m++)
+            for (int m = 0; m < MR; m++)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; v++)
-                acc[m][v] = first ? vf_zero() : vf_load(part + m * ldy + o + v * VW);
+                for (int v = 0; v < NV; v++)
+                    acc[i][m][v] = first || i ? vf_zero() : vf_load(part + m * ldy + o + v * VW);
         for (int64_t r = 0; r < nrows; r++) {
             const int32_t *row = qw + r * ldq + o;
 #pragma GCC unroll 4
@@ -479,18 +549,28 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, int fir
                 for (int m = 0; m < MR; m++) xb[m] = vf_bcast(xp + m * ldx + 8 * r + j);
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; v++) {
-                    const VF t = KN(w4_unpack_scaled)(w[v], j);
+                    const VF t = SUB ? KN(w4_unpack_sub)(w[v], j) : KN(w4_unpack_scaled)(w[v], j);
 #pragma GCC unroll 4
-                    for (int m = 0; m < MR; m++) acc[m][v] = vf_fma(t, xb[m], acc[m][v]);
+                    for (int m = 0; m < MR; m++)
+                        acc[j % S][m][v] = vf_fma(t, xb[m], acc[j % S][m][v]);
                 }
             }
         }
+#pragma GCC unroll 4
+        for (int h = S; h > 1; h = (h + 1) / 2) /* pairwise: the upper half of h sets onto the lower */
+#pragma GCC unroll 4
+            for (int k = 0; k < h / 2; k++)
+#pragma GCC unroll 4
+                for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+                    for (int v = 0; v < NV; v++)
+                        acc[k][m][v] = vf_add(acc[k][m][v], acc[k + (h + 1) / 2][m][v]);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) {
             const int64_t c = o + v * VW;
             if (!last) {
 #pragma GCC unroll 4
-                for (int m = 0; m < MR; m++) vf_store(part + m * ldy + c, acc[m][v]);
+                for (int m = 0; m < MR; m++) vf_store(part + m * ldy + c, acc[0][m][v]);
                 continue;
             }
             const VF sv = vf_loadt(a->scales, a->scales_dtype, g * ldq + n + c);
@@ -498,7 +578,7 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int MR, const int NV, int fir
 #pragma GCC unroll 4
             for (int m = 0; m < MR; m++) {
                 float *yp = y + m * ldy + c;
-                vf_store(yp, vf_fma(sv, vf_fnma(zv, vf_set1(xc[m]), acc[m][v]), vf_load(yp)));
+                vf_store(yp, vf_fma(sv, vf_fnma(zv, vf_set1(xc[m]), acc[0][m][v]), vf_load(yp)));
             }
         }
     }
@@ -557,17 +637,21 @@ static KATTR W4_INLINE void KN(w4_gemv_act_kern)(const int MR, const int NV, con
 #define W4_GEMV_CASES(C) \
     C(1, 1) C(1, 2) C(1, 4) C(2, 1) C(2, 2) C(2, 4) C(3, 1) C(3, 2) C(4, 1) C(4, 2)
 
-static KATTR void KN(w4_gemv_call)(int mr, int nv, int first, int last, const tops_w4a16_args *a,
-                                   int64_t g, int64_t n, int64_t nblk, const int32_t *qw,
-                                   int64_t nrows, int64_t pfn, int64_t rem, int64_t wrap,
-                                   const float *xp, int64_t ldx, const float *xc, float *part,
-                                   float *y, int64_t ldy) {
+static KATTR void KN(w4_gemv_call)(int sub, int mr, int nv, int first, int last,
+                                   const tops_w4a16_args *a, int64_t g, int64_t n, int64_t nblk,
+                                   const int32_t *qw, int64_t nrows, int64_t pfn, int64_t rem,
+                                   int64_t wrap, const float *xp, int64_t ldx, const float *xc,
+                                   float *part, float *y, int64_t ldy) {
 #define W4_GC(MR, NV)                                                                              \
     case MR * 8 + NV:                                                                              \
-        KN(w4_gemv_kern)(MR, NV, first, last, a, g, n, nblk, qw, nrows, pfn, rem, wrap, xp, ldx,  \
-                         xc, part, y, ldy);                                                        \
+        KN(w4_gemv_kern)(0, MR, NV, first, last, a, g, n, nblk, qw, nrows, pfn, rem, wrap, xp,    \
+                         ldx, xc, part, y, ldy);                                                   \
+        break;                                                                                     \
+    case 64 + MR * 8 + NV:                                                                         \
+        KN(w4_gemv_kern)(1, MR, NV, first, last, a, g, n, nblk, qw, nrows, pfn, rem, wrap, xp,    \
+                         ldx, xc, part, y, ldy);                                                   \
         break;
-    switch (mr * 8 + nv) {
+    switch (64 * sub + mr * 8 + nv) {
         W4_GEMV_CASES(W4_GC)
     default: break;
     }
@@ -605,7 +689,7 @@ static inline int64_t KN(w4_act_sb)(int64_t G) {
 static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws,
                              const int32_t *gk, int uniform) {
     const int64_t M = a->M, K = a->K, N = a->N, G = a->groups, ncols = ne - nb, R = K / 8;
-    const int nvb = M <= 2 ? 4 : 2; /* keeps MR * NV accumulators + NV words in 16 registers */
+    const int nvb = M <= 2 ? 4 : 2; /* keeps the accumulators + NV words in 16 registers */
     float *xf = (float *)ws;
     ws += w4_align((size_t)(M * K) * sizeof(float));
     float *xp = (float *)ws;
@@ -617,35 +701,47 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     ws += w4_align(64 * sizeof(float));
     float *part = (float *)ws; /* [M][ncols] sums of a chunk between its passes */
     ws += w4_align((size_t)(M * ncols) * sizeof(float));
-    float down[W4_GEMV_MAX_M];
+    /* the subnormal unpack where subnormal operands cost nothing; act-order keeps the conversion (its
+     * kernel multiplies by a gathered scale anyway) */
+    const int sub = uniform && w4_subnormal_fast();
+    /* x * 2^(127 - 4j) / 2^-4j per slot j, for w4_unpack_sub / w4_unpack_scaled (K % 8 == 0) */
+    static const float ps_sub[16] = {0x1p127f, 0x1p123f, 0x1p119f, 0x1p115f, 0x1p111f, 0x1p107f,
+                                     0x1p127f, 0x1p127f, 0x1p127f, 0x1p123f, 0x1p119f, 0x1p115f,
+                                     0x1p111f, 0x1p107f, 0x1p127f, 0x1p127f};
+    static const float ps_cvt[16] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f,
+                                     1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
+    const float *ps = sub ? ps_sub : ps_cvt;
+    int back[W4_GEMV_MAX_M]; /* y of row m is scaled by 2^back[m] at the end */
     KN(w4_convert_x)(a, 0, M, xf);
     for (int64_t m = 0; m < M; m++) {
-        /* rows of tiny x are scaled up by 2^S (exact) so that x * 2^-24 stays normal; y is scaled
-         * back once at the end */
-        float mx = 0.0f;
+        /* each row is scaled by 2^-e (exact), e = ilogb of its largest |x|, so that its largest |x|
+         * lies in [1, 2): x * 2^-24 stays normal and x * 2^127 finite. The subnormal unpack's
+         * products carry 2^-22 more (xc too), so y is scaled back by 2^(e + 22) there, else 2^e. */
+        float *xr = xf + m * K, *xq = xp + m * K, mx = 0.0f;
         VF mxv = vf_zero();
         int64_t k = 0;
-        for (; k + VW <= K; k += VW) mxv = vf_max(mxv, vf_abs(vf_load(xf + m * K + k)));
-        for (; k < K; k++) mx = fabsf(xf[m * K + k]) > mx ? fabsf(xf[m * K + k]) : mx;
+        for (; k + VW <= K; k += VW) mxv = vf_max(mxv, vf_abs(vf_load(xr + k)));
+        for (; k < K; k++) mx = fabsf(xr[k]) > mx ? fabsf(xr[k]) : mx;
         vf_store(mv, mxv);
         for (int i = 0; i < VW; i++) mx = mv[i] > mx ? mv[i] : mx;
-        down[m] = 1.0f;
-        if (mx > 0.0f && mx < 0x1p-60f) {
-            int S = -ilogbf(mx);
-            if (S > 126) S = 126;
-            const float up = ldexpf(1.0f, S);
-            down[m] = ldexpf(1.0f, -S);
-            for (k = 0; k < K; k++) xf[m * K + k] *= up;
+        const int e = mx > 0.0f && isfinite(mx) ? ilogbf(mx) : 0;
+        back[m] = e + (sub ? 22 : 0);
+        /* 2^-e in two factors: e ranges over [-149, 127] */
+        const float f1 = ldexpf(1.0f, -e / 2), f2 = ldexpf(1.0f, -e - -e / 2);
+        const VF f1v = vf_set1(f1), f2v = vf_set1(f2), psv = vf_load(ps);
+        for (k = 0; k + VW <= K; k += VW) {
+            const VF v = vf_mul(vf_mul(vf_load(xr + k), f1v), f2v);
+            vf_store(xr + k, v);
+            vf_store(xq + k, vf_mul(v, psv));
+        }
+        for (; k < K; k++) {
+            xr[k] = xr[k] * f1 * f2;
+            xq[k] = xr[k] * ps[k & 7];
         }
     }
-    {
-        static const float ps[16] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f,
-                                     1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
-        const VF psv = vf_load(ps);
-        int64_t i = 0;
-        for (; i + VW <= M * K; i += VW) vf_store(xp + i, vf_mul(vf_load(xf + i), psv));
-        for (; i < M * K; i++) xp[i] = xf[i] * ps[i & 7]; /* K % 8 == 0 */
-    }
+    /* the subnormal unpack needs its operands read as they are, not as zeros */
+    const int daz = sub && _MM_GET_DENORMALS_ZERO_MODE() == _MM_DENORMALS_ZERO_ON;
+    if (daz) _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_OFF);
 
     if (uniform) {
         /* K-chunks inside one group; passes of a few rows; columns inside; zero point factored per
@@ -666,7 +762,7 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     p2 += xk[2];
                     p3 += xk[3];
                 }
-                xc[m] = (p0 + p1) + (p2 + p3);
+                xc[m] = ((p0 + p1) + (p2 + p3)) * (sub ? 0x1p-22f : 1.0f);
             }
             for (int64_t p = r0; p < r1; p += W4_PASS_ROWS) {
                 const int64_t np = w4_min(W4_PASS_ROWS, r1 - p);
@@ -675,8 +771,8 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
                     const int64_t nblk = nv == nvb ? (ncols - n0) / (nv * VW) : 1;
                     for (int64_t m0 = 0; m0 < M; m0 += 4)
-                        KN(w4_gemv_call)((int)w4_min(4, M - m0), nv, p == r0, p + np == r1, a, g,
-                                         nb + n0, nblk, a->qweight + p * N + nb + n0, np,
+                        KN(w4_gemv_call)(sub, (int)w4_min(4, M - m0), nv, p == r0, p + np == r1, a,
+                                         g, nb + n0, nblk, a->qweight + p * N + nb + n0, np,
                                          pfn, ncols - n0, np * N - ncols,
                                          xp + m0 * K + 8 * p, K, xc + m0, part + m0 * ncols + n0,
                                          y + m0 * ncols + n0, ncols);
@@ -727,10 +823,13 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
             }
         }
     }
+    if (daz) _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
     for (int64_t m = 0; m < M; m++) {
-        const VF dn = vf_set1(down[m]);
+        /* 2^back[m] in two factors of the same sign (|back| <= 149): no spurious overflow */
+        const VF d1 = vf_set1(ldexpf(1.0f, back[m] / 2));
+        const VF d2 = vf_set1(ldexpf(1.0f, back[m] - back[m] / 2));
         for (int64_t n0 = 0; n0 < ncols; n0 += VW)
-            KN(w4_out)(a, m, nb + n0, vf_mul(vf_load(y + m * ncols + n0), dn));
+            KN(w4_out)(a, m, nb + n0, vf_mul(vf_mul(vf_load(y + m * ncols + n0), d1), d2));
     }
     return TOPS_OK;
 }
@@ -884,6 +983,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     return st;
 }
 
+#undef W4_SETS
 #undef W4_NVMAX
 #undef W4_BW
 #undef W4_PW

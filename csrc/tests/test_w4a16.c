@@ -13,6 +13,13 @@
 #include "testutil.h"
 #include "tops.h"
 
+#if defined(__x86_64__)
+#include <pmmintrin.h>
+#endif
+
+/* w4a16.c: force the GEMV's subnormal unpack on (1) or off (0), -1: by CPU (not in tops.h) */
+int tops_w4a16_subnormal_set(int mode);
+
 static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(tu_rand() & 0xffffff) / 16777216.0f; }
 
 static size_t dsize(int dtype) { return dtype == TOPS_F32 ? 4 : 2; }
@@ -194,29 +201,33 @@ static int w4_run_check(const w4data *d, const int64_t *splits, int nsplit, cons
     return bad;
 }
 
-/* the case on every ISA level, whole range and split ranges */
+/* the case on every ISA level (for the vectorised GEMV, with and without the subnormal unpack),
+ * whole range and split ranges */
 static void w4_case(const w4case *c) {
     w4data d;
     w4_make(&d, c);
     const int64_t N = c->N;
     int top = tops_cpu_isa_detected();
-    for (int isa = 0; isa <= top; isa++) {
-        tops_cpu_isa_set(isa);
-        int64_t whole[2] = {0, N};
-        w4_run_check(&d, whole, 1, "whole");
-        if (N > 8) {
-            int64_t s2[3] = {0, 8, N};
-            w4_run_check(&d, s2, 2, "split8");
-            int64_t cut = 8 * (int64_t)(1 + tu_rand() % (unsigned)(N / 8 - 1));
-            int64_t s3[4] = {0, cut, cut, N}; /* includes an empty range */
-            w4_run_check(&d, s3, 3, "split");
+    for (int isa = 0; isa <= top; isa++)
+        for (int sub = 0; sub <= (isa > 0 && c->M <= 8); sub++) {
+            tops_cpu_isa_set(isa);
+            tops_w4a16_subnormal_set(sub);
+            int64_t whole[2] = {0, N};
+            w4_run_check(&d, whole, 1, "whole");
+            if (N > 8) {
+                int64_t s2[3] = {0, 8, N};
+                w4_run_check(&d, s2, 2, "split8");
+                int64_t cut = 8 * (int64_t)(1 + tu_rand() % (unsigned)(N / 8 - 1));
+                int64_t s3[4] = {0, cut, cut, N}; /* includes an empty range */
+                w4_run_check(&d, s3, 3, "split");
+            }
+            if (N > 16) {
+                int64_t mid[2] = {8, N - 8}; /* sentinels on both sides */
+                w4_run_check(&d, mid, 1, "middle");
+            }
         }
-        if (N > 16) {
-            int64_t mid[2] = {8, N - 8}; /* sentinels on both sides */
-            w4_run_check(&d, mid, 1, "middle");
-        }
-    }
     tops_cpu_isa_set(-1);
+    tops_w4a16_subnormal_set(-1);
     w4_free(&d);
 }
 
@@ -326,6 +337,23 @@ static void test_odd(void) {
                     w4case c = {ms[mi], 256, 40, 64, act, 1, -1, xd, TOPS_F32, TOPS_F32, -1, 0, scales[i]};
                     w4_case(&c);
                 }
+}
+
+/* a caller's DAZ (denormals are zero) and FTZ modes: the subnormal unpack still reads its operands
+ * as they are, and both modes are as the caller left them afterwards */
+static void test_daz(void) {
+#if defined(__x86_64__)
+    const unsigned csr = _mm_getcsr();
+    _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
+    _MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON);
+    for (int mi = 0; mi < 2; mi++) {
+        w4case c = {mi ? 5 : 1, 256, 72, 64, 0, 1, -1, TOPS_F32, TOPS_F16, TOPS_F32, -1, 0, 0};
+        w4_case(&c);
+    }
+    CHECK(_MM_GET_DENORMALS_ZERO_MODE() == _MM_DENORMALS_ZERO_ON);
+    CHECK(_MM_GET_FLUSH_ZERO_MODE() == _MM_FLUSH_ZERO_ON);
+    _mm_setcsr(csr);
+#endif
 }
 
 static void test_errors(void) {
@@ -565,6 +593,7 @@ int main(int argc, char **argv) {
     test_zero_edges();
     test_dtypes();
     test_odd();
+    test_daz();
     test_sweep();
     printf("worst error / bound: f32 %.3g, f16 %.3g, bf16 %.3g\n", g_worst[0], g_worst[1], g_worst[2]);
     return tu_report("test_w4a16");
