@@ -471,21 +471,24 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     }
 
     /* ---- epilogue ---- */
-    if (nsplit == 1) {
+    /* f(local row, local column, the 4 consecutive columns there) for each of this thread's
+     * accumulator fragments; warps that split k (WARPS_K > 1) hold nothing after the sum above */
+    auto for_each_out4 = [&](auto f) {
         if (C::WARPS_K > 1 && wk != 0) return;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int c = 0; c < CN; ++c)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int m = m0 + wm * C::WTM + mt * 8 + 2 * t + e;
-                    const int col = n0 + wn * C::WTN + 32 * c + 4 * g;
-                    if (m < p.M && col < p.N)
-                        store4<T>(p, m, col,
-                                  make_float4(acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
-                                              acc[mt][2 * c + 1][2 + e]));
-                }
+                for (int e = 0; e < 2; ++e)
+                    f(wm * C::WTM + mt * 8 + 2 * t + e, wn * C::WTN + 32 * c + 4 * g,
+                      make_float4(acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
+                                  acc[mt][2 * c + 1][2 + e]));
+    };
+    if (nsplit == 1) {
+        for_each_out4([&](int ml, int lc, float4 v) {
+            if (m0 + ml < p.M && n0 + lc < p.N) store4<T>(p, m0 + ml, n0 + lc, v);
+        });
         return;
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -493,21 +496,10 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         cluster_wait(); /* every block's receive barrier is initialised */
         const int per = (TOT4 + nsplit - 1) / nsplit;
         const uint32_t recv = smem_base + C::PIPE_BYTES;
-        if (!(C::WARPS_K > 1 && wk != 0)) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int c = 0; c < CN; ++c)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int ml = wm * C::WTM + mt * 8 + 2 * t + e;
-                        const int lc = wn * C::WTN + 32 * c + 4 * g;
-                        const int idx = ml * (BN / 4) + (lc >> 2);
-                        push_float4(recv + (uint32_t)((split * per + idx / nsplit) * 16), push_bar, idx % nsplit,
-                                    make_float4(acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
-                                                acc[mt][2 * c + 1][2 + e]));
-                    }
-        }
+        for_each_out4([&](int ml, int lc, float4 v) {
+            const int idx = ml * (BN / 4) + (lc >> 2);
+            push_float4(recv + (uint32_t)((split * per + idx / nsplit) * 16), push_bar, idx % nsplit, v);
+        });
         mbarrier_wait_phase0(push_bar);
         push_reduce_store<T, BM, BN>(p, reinterpret_cast<const float *>(smem + C::PIPE_BYTES), m0, n0, split, nsplit,
                                      tid);
@@ -517,19 +509,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     cp_async_wait<0>();
     __syncthreads();
     float *sO = reinterpret_cast<float *>(smem);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int c = 0; c < CN; ++c)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                if (C::WARPS_K > 1 && wk != 0) continue;
-                const int ml = wm * C::WTM + mt * 8 + 2 * t + e;
-                const int lc = wn * C::WTN + 32 * c + 4 * g;
-                *reinterpret_cast<float4 *>(sO + ml * BN + lc) =
-                    make_float4(acc[mt][2 * c][e], acc[mt][2 * c][2 + e], acc[mt][2 * c + 1][e],
-                                acc[mt][2 * c + 1][2 + e]);
-            }
+    for_each_out4([&](int ml, int lc, float4 v) { *reinterpret_cast<float4 *>(sO + ml * BN + lc) = v; });
     cluster_reduce_store<T, BM, BN>(p, sO, m0, n0, split, nsplit, tid);
 #endif
 }
