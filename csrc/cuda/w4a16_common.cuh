@@ -300,13 +300,19 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di) {
 /* Launch `kern` over `tiles` output tiles, choosing the K split (1..8, a cluster along gridDim.y on
  * sm_90+) that minimises the estimated time: waves x (k-tiles per block) x (blocks per SM) /
  * sqrt(blocks per SM) (two resident blocks hide latency better than one, not twice as well).
+ * streaming (the small-batch tiles, which only stream weights): a block's time does not depend on
+ * how many share its SM (measured: a k-tile takes as long alone as beside another block), so the
+ * cost is waves x (k-tiles per block), and the split stops at 6 (clusters of 7 or 8 ran slower
+ * than 6 at every shape measured). On an H100 (CUDA graphs, M = 1) this picks split 6 where the
+ * general model picked 7-8 or the 128-column tiles: 28672 x 4096 45.8 -> 30.1 us, 4096 x 4096
+ * 6.6 -> 6.2; and M = 16 8192 x 8192 22.3 -> 20.8.
  * pipe: shared memory of the pipeline; out: of the fp32 partial tile (split > 1); tab: extra.
  * Returns -1 when even one block does not fit (the caller falls back). */
 constexpr double kFill = 4.0;
 
 template <class Kern>
 inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
-                        double *estimate = nullptr) {
+                        bool streaming = false) {
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     const size_t smem_max = std::max(pipe, out) + tab;
@@ -335,7 +341,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     int split = 1;
     double best = 1e300;
     if (di.major >= 9) {
-        const int smax = std::min(8, std::max(1, p.KT / 2));
+        const int smax = std::min(streaming ? 6 : 8, std::max(1, p.KT / 2));
         if (g_force_split > 0) {
             split = std::min(g_force_split, 8);
         } else {
@@ -350,19 +356,15 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
                 /* + kFill: a block's fixed cost (pipeline fill, epilogue) in k-tiles; without it
                  * a wave-quantised grid (8192 x 28672, M = 256: 224 tiles on 132 SMs) looked
                  * cheaper split 8 ways, and measured 1.3x slower than unsplit */
-                const double cost = waves * ((double)((p.KT + s - 1) / s) + kFill) * per_sm / std::sqrt(per_sm) +
-                                    (s > 1 ? 0.5 : 0.0);
+                const double cost =
+                    waves * ((double)((p.KT + s - 1) / s) + kFill) * (streaming ? 1.0 : per_sm / std::sqrt(per_sm)) +
+                    (s > 1 ? 0.5 : 0.0);
                 if (cost < best - 1e-9) {
                     best = cost;
                     split = s;
                 }
             }
         }
-    }
-    if (estimate != nullptr) { /* only the cost of the best split, in k-tiles of the busiest SM */
-        if (best >= 1e299) best = ((double)p.KT + kFill) * (double)((tiles + di.sms - 1) / di.sms);
-        *estimate = best;
-        return TOPS_OK;
     }
     p.kt_per_split = (p.KT + split - 1) / split;
     g_last_split = split;

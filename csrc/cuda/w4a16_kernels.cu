@@ -67,14 +67,12 @@ namespace tops_w4 {
  * FACT (small MT, plain groups): the mma accumulates sum (q - z) x for one group at a time and the
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
-template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, int MINB_ = 0, int WARPS_K_ = 1,
-          bool PUSH_ = false>
+template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0>
 struct Cfg {
     static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
-    static constexpr int WARPS_K = WARPS_K_; /* warps splitting each stage's sub-steps */
     static constexpr int MINB = MINB_ ? MINB_ : ((BM_ * BN_ >= 128 * 256) ? 1 : 2); /* blocks per SM */
     static constexpr bool ACT = ACT_;
-    static constexpr int WARPS = 8, WARPS_M = WARPS / (WARPS_N * WARPS_K);
+    static constexpr int WARPS = 8, WARPS_M = WARPS / WARPS_N;
     static constexpr int WTN = BN / WARPS_N, CN = WTN / 32;
     static constexpr int WTM = BM / WARPS_M, MT = WTM / 8;
     static constexpr bool FACT = !ACT && MT <= 2;
@@ -94,10 +92,7 @@ struct Cfg {
     static constexpr bool PUSH = PUSH_;
     static constexpr int RECV_BYTES = PUSH ? OUT_BYTES + 8 * 16 : 0;
     static constexpr int PUSH_BYTES = PIPE_BYTES + RECV_BYTES + 16; /* + the mbarrier */
-    static constexpr int NV = MT * 2 * CN * 4;    /* accumulators per thread */
-    static constexpr int RED_BYTES = (WARPS_K - 1) * WARPS_N * WARPS_M * 32 * NV * 4;
-    static_assert(WARPS_N * WARPS_M * WARPS_K == WARPS && NSUB % WARPS_K == 0, "warp layout");
-    static_assert(RED_BYTES <= PIPE_BYTES, "k-split reduction buffer");
+    static_assert(WARPS_N * WARPS_M == WARPS, "warp layout");
     static_assert(CN >= 1 && WTN % 32 == 0, "warp columns");
     static_assert(MT >= 1 && WTM % 8 == 0, "warp rows");
     static_assert(BK >= 64 && BK % 32 == 0 && KW <= 256 && 256 % KW == 0, "BK");
@@ -115,8 +110,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int wn = warp % C::WARPS_N, wk = (warp / C::WARPS_N) % C::WARPS_K;
-    const int wm = warp / (C::WARPS_N * C::WARPS_K);
+    const int wn = warp % C::WARPS_N, wm = warp / C::WARPS_N;
 
     /* tile coordinates: grouped raster so that concurrently running blocks share x and weights */
     int mt_i, nt_i;
@@ -318,13 +312,12 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         const uint16_t *sX = reinterpret_cast<const uint16_t *>(st + C::W_BYTES);
 
 #pragma unroll
-        for (int s2 = 0; s2 < NSUB / C::WARPS_K; ++s2) {
-            const int sub = C::WARPS_K == 1 ? s2 : s2 * C::WARPS_K + wk;
+        for (int sub = 0; sub < NSUB; ++sub) {
             const int kwl = sub * 4 + t; /* this thread's k-word inside the stage */
             if constexpr (!C::ACT) {
                 /* group of this sub-step (32 k, never straddles a group): warp-uniform */
                 const int gabs = (kt * BK + sub * 32) >> p.gshift;
-                if ((!PS || s2 == 0) && gabs != cur_g) {
+                if ((!PS || sub == 0) && gabs != cur_g) {
                     if constexpr (C::FACT) {
                         if (cur_g >= 0) flush();
                     }
@@ -439,42 +432,10 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         if (cur_g >= 0) flush();
     }
 
-    /* ---- warps that split the sub-steps: sum their accumulators ---- */
-    if constexpr (C::WARPS_K > 1) {
-        constexpr int SLOTS = C::WARPS_N * C::WARPS_M, NV = C::NV;
-        cp_async_wait<0>();
-        __syncthreads();
-        float *red = reinterpret_cast<float *>(smem);
-        const int slot = wm * C::WARPS_N + wn;
-        if (wk > 0) {
-            float *r = red + ((wk - 1) * SLOTS + slot) * NV * 32 + lane;
-#pragma unroll
-            for (int a = 0; a < MT; ++a)
-#pragma unroll
-                for (int b = 0; b < 2 * CN; ++b)
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) r[((a * 2 * CN + b) * 4 + q) * 32] = acc[a][b][q];
-        }
-        __syncthreads();
-        if (wk == 0) {
-            for (int k2 = 1; k2 < C::WARPS_K; ++k2) {
-                const float *r = red + ((k2 - 1) * SLOTS + slot) * NV * 32 + lane;
-#pragma unroll
-                for (int a = 0; a < MT; ++a)
-#pragma unroll
-                    for (int b = 0; b < 2 * CN; ++b)
-#pragma unroll
-                        for (int q = 0; q < 4; ++q) acc[a][b][q] += r[((a * 2 * CN + b) * 4 + q) * 32];
-            }
-        }
-        __syncthreads();
-    }
-
     /* ---- epilogue ---- */
     /* f(local row, local column, the 4 consecutive columns there) for each of this thread's
-     * accumulator fragments; warps that split k (WARPS_K > 1) hold nothing after the sum above */
+     * accumulator fragments */
     auto for_each_out4 = [&](auto f) {
-        if (C::WARPS_K > 1 && wk != 0) return;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -627,34 +588,29 @@ int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
 /* ---- host side ------------------------------------------------------------------------------ */
 
 template <class C, class T>
-int launch_tc(const LinParams &base, void *stream, double *estimate = nullptr) {
+int launch_tc(const LinParams &base, void *stream) {
     LinParams p = base;
     p.m_tiles = (p.M + C::BM - 1) / C::BM;
     p.n_tiles = (p.N + C::BN - 1) / C::BN;
     p.KT = (p.K + C::BK - 1) / C::BK;
     const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
     return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES,
-                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, estimate);
+                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32);
 }
 
 /* tile configurations, by batch size */
-template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, 0, 1, true>; /* M <= 8 */
-template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, 0, 1, true>; /* M <= 16 */
+template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true>;  /* M <= 8 */
+template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true>; /* M <= 16 */
 template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
-/* 128 columns, 4 column warps x 2 k warps: twice the blocks of A / B (balance on 132 SMs) */
-template <bool ACT> using CfgA2 = Cfg<128, 8, 4, 256, 4, ACT, 2, 2, true>;
-template <bool ACT> using CfgB2 = Cfg<128, 16, 4, 256, 3, ACT, 2, 2, true>;
 
 template <class T, bool ACT>
-int dispatch_tc(const LinParams &p, int cfg, void *stream, double *estimate = nullptr) {
+int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     switch (cfg) {
-    case 0: return launch_tc<CfgA<ACT>, T>(p, stream, estimate);
-    case 1: return launch_tc<CfgB<ACT>, T>(p, stream, estimate);
-    case 8: return launch_tc<CfgA2<ACT>, T>(p, stream, estimate);
-    case 9: return launch_tc<CfgB2<ACT>, T>(p, stream, estimate);
+    case 0: return launch_tc<CfgA<ACT>, T>(p, stream);
+    case 1: return launch_tc<CfgB<ACT>, T>(p, stream);
     case 2: return launch_tc<CfgC<ACT>, T>(p, stream);
     case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
     case 4: return launch_tc<CfgE<ACT>, T>(p, stream);
@@ -663,9 +619,9 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream, double *estimate = nu
 }
 
 /* Tile configuration by batch size (measured on an H100, see benchmarks/w4a16_cuda_dev.py):
- *   mma.sync (any sm_80+): 0 (M <= 8), 1 (M <= 16), and their 128-column twins 8 / 9 when those
- *   spread the blocks better over the SMs, 2 (M <= 32); 3, 4, 5 stand in for the wgmma ones
- *   without sm_90a;
+ *   mma.sync (any sm_80+): 0 (M <= 8), 1 (M <= 16), 2 (M <= 32); 3, 4, 5 stand in for the wgmma
+ *   ones without sm_90a (128-column twins of 0 / 1 with two k warps per column were dropped: never
+ *   more than 2% faster once the split choice below was right, up to 20% slower);
  *   wgmma (sm_90a, rows x columns): 10 (64 x 256, M <= 64), 11 (128 x 256, M <= 128 with large
  *   N), 14 (128 x 128, M <= 128 and odd sizes above), 16 (256 x 128, M > 128); 14 / 16 overlap the dequantisation
  *   of one stage with the previous stage's wgmmas. */
@@ -832,23 +788,6 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         int cfg = choose_cfg(M, N, di.sms);
         const bool bf16 = a->x_dtype == TOPS_BF16;
         int st = -1;
-        if (g_force_cfg < 0 && (cfg == 0 || cfg == 1) && di.major >= 9) {
-            /* 256 columns per block (A / B) or 128 columns with two k warps (A2 / B2): whichever
-             * spreads the work more evenly over the SMs (same bytes per stage, so comparable) */
-            const int alt = cfg + 8;
-            double e0 = 0.0, e1 = 0.0;
-            int r0, r1;
-            if (!bf16) {
-                r0 = act ? dispatch_tc<F16, true>(p, cfg, stream, &e0) : dispatch_tc<F16, false>(p, cfg, stream, &e0);
-                r1 = act ? dispatch_tc<F16, true>(p, alt, stream, &e1) : dispatch_tc<F16, false>(p, alt, stream, &e1);
-            } else {
-                r0 = act ? dispatch_tc<BF16, true>(p, cfg, stream, &e0) : dispatch_tc<BF16, false>(p, cfg, stream, &e0);
-                r1 = act ? dispatch_tc<BF16, true>(p, alt, stream, &e1) : dispatch_tc<BF16, false>(p, alt, stream, &e1);
-            }
-            /* A2 / B2 pay for a second k warp per column (the in-block reduction, half the
-             * columns per 16-byte load): measured about 5% (8192 x 28672, CUDA graphs) */
-            if (r1 == TOPS_OK && (r0 != TOPS_OK || e1 * 1.05 < e0)) cfg = alt;
-        }
         g_last_cfg = cfg;
         if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);
         if (st < 0) {
