@@ -288,6 +288,27 @@ def correctness(quick):
                 if st != 0 or not rel < TOL[dt]:
                     fails += 1
                     log(f"FAIL perm {desc(c, (cfg, split))}: status {st} rel {rel:.2e} ran {used}")
+    # each way of gathering x (forced), rows of x above the default 48 KB of shared memory included
+    for mode in (1, 2, 3):
+        for (M, K, N, gs, dt) in [(1, 4224, 4104, 128, torch.float16), (40, 1024, 264, 128, torch.bfloat16),
+                                  (33, 28672, 264, 128, torch.float16), (70, 2056, 136, -1, torch.bfloat16)]:
+            seed += 1
+            c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
+            perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
+            out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
+            ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
+            LIB.tops_cuda_w4a16_dev_gather(mode)
+            st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), ctypes.c_void_p(ws.data_ptr()),
+                                            ws.numel(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+            torch.cuda.synchronize()
+            LIB.tops_cuda_w4a16_dev_gather(0)
+            ref = ref_out(dict(c, x=c["x"][:, perm.long()]))
+            o = out.double()
+            rel = float((o - ref).norm() / ref.norm().clamp_min(1e-30)) if not torch.isnan(o).any() else float("nan")
+            total += 1
+            if st != 0 or not rel < TOL[dt]:
+                fails += 1
+                log(f"FAIL perm gather {mode} M={M} K={K} N={N}: status {st} rel {rel:.2e}")
     log(f"perm: {total - t0} cases run; total so far {total - fails}/{total} passed")
 
     # the benchmark shapes themselves
@@ -437,10 +458,14 @@ MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14,
 
 
 def perm_sweep():
-    """x[:, perm] at small M: the automatic path with perm against plain, under CUDA-graph timing"""
+    """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
+    way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
+    signalling the GEMM late, 3 by row)"""
     fnc = LIB.tops_cuda_w4a16_linear
     for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]:
-        for M in (1, 4, 16):
+        for M in (1, 4, 16, 64, 256, 1024):
+            if K * N > 8192 * 8192 and M > 16:
+                continue
             c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
             ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
@@ -448,14 +473,38 @@ def perm_sweep():
             perm = torch.randperm(K).to(torch.int32).cuda()
             ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
             res = []
-            for use_perm in (False, True):
-                args = [make_args(c, out, qweight=q, perm=perm if use_perm else None) for q in qws]
+            for mode in (None, 1, 2, 3):
+                args = [make_args(c, out, qweight=q, perm=None if mode is None else perm) for q in qws]
+                LIB.tops_cuda_w4a16_dev_gather(mode or 0)
                 def launcher(a):
                     return lambda: fnc(ctypes.byref(a), ctypes.c_void_p(ws.data_ptr()), ws.numel(),
                                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
                 t = time_graph([launcher(a) for a in args])
-                res.append(f"{'perm' if use_perm else 'plain'} {last_cfg()} {t:.1f}")
+                res.append(f"{'plain' if mode is None else 'gather' + str(mode)} {last_cfg()} {t:.1f}")
+            LIB.tops_cuda_w4a16_dev_gather(0)
             log(f"{K}x{N} M={M}: " + " | ".join(res))
+            del qws
+
+
+def act_sweep():
+    """raw g_idx (act-order, not prepacked): automatic choice and forced splits, CUDA graphs"""
+    fnc = LIB.tops_cuda_w4a16_linear
+    for K, N in [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]:
+        for M in (1, 16, 64):
+            c = make_case(M, K, N, 128, ZV1, True, False, torch.float16, seed=7)
+            ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
+            qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
+            out = torch.empty(M, N, dtype=torch.float16, device="cuda")
+            res = []
+            for force in [(-1, 0)] + ([(0 if M <= 8 else 1, s) for s in (1, 2, 3, 4, 6)] if M <= 16 else []):
+                args = [make_args(c, out, qweight=q) for q in qws]
+                LIB.tops_cuda_w4a16_dev_force(*force)
+                t = time_graph([lambda a=a: fnc(ctypes.byref(a), None, 0,
+                                                ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                                for a in args])
+                res.append(f"{'auto' if force[0] < 0 else '%d/%d' % force} {last_cfg()} {t:.1f}")
+            LIB.tops_cuda_w4a16_dev_force(-1, 0)
+            log(f"act {K}x{N} M={M}: " + " | ".join(res))
             del qws
 
 
@@ -523,6 +572,7 @@ def main():
     ap.add_argument("--sweep-mid", action="store_true", help="only the CUDA-graph sweep for M = 32..256")
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
+    ap.add_argument("--act-sweep", action="store_true", help="only the raw g_idx timing")
     ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -539,6 +589,7 @@ def main():
     LIB.tops_cuda_w4a16_dev_force.argtypes = [ctypes.c_int, ctypes.c_int]
     LIB.tops_cuda_w4a16_dev_last.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     LIB.tops_cuda_w4a16_dev_pdl.argtypes = [ctypes.c_int]
+    LIB.tops_cuda_w4a16_dev_gather.argtypes = [ctypes.c_int]
     p = torch.cuda.get_device_properties(0)
     log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
     if args.profile:
@@ -546,12 +597,14 @@ def main():
         return 0
     if args.perm_sweep:
         perm_sweep()
+    if args.act_sweep:
+        act_sweep()
     if args.sweep or args.sweep_mid:
         if args.sweep:
             graph_sweep(auto_only=args.auto_only)
         if args.sweep_mid:
             graph_sweep(mid=True, auto_only=args.auto_only)
-    if args.sweep or args.sweep_mid or args.perm_sweep:
+    if args.sweep or args.sweep_mid or args.perm_sweep or args.act_sweep:
         return 0
     self_test_reference()
     fails = 0

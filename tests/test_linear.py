@@ -214,19 +214,20 @@ def test_cuda_graph_capture():
     assert not torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("M", [1, 16, 64, 200])
+@pytest.mark.parametrize("M,K", [(1, 1024), (16, 1024), (12, 4096), (64, 1024), (200, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dependent_layers_back_to_back(device, M, dtype):
+def test_dependent_layers_back_to_back(device, M, K, dtype):
     """Each layer reads the previous one's output with no sync in between. On Hopper the kernel
     starts (programmatic dependent launch) while the previous one still runs and may only read x
-    after waiting for it: a missing wait shows up as a layer computed from a stale input."""
-    K = 1024
+    after waiting for it: a missing wait shows up as a layer computed from a stale input. The
+    shapes take each way of gathering x for perm (by element signalling the GEMM early or, at
+    12 x 4096, late; by row from 32 rows)."""
     layers = []
     for i in range(6):
         t = make_weights(K, K, 128, zeros=("v1", "v2", "sym")[i % 3], device=device,
                          scales_dtype=dtype)
         t["scales"] = t["scales"] * 0.3  # keeps the activations' magnitude about constant
-        if i % 2:  # x gathered by perm (by the GEMM itself for small batches, else a kernel)
+        if i % 2:  # x gathered by perm (a gather kernel, then the GEMM)
             t["perm"] = torch.randperm(K, device=device).to(torch.int32)
         layers.append(t)
     ys = [torch.randn(M, K, device=device, dtype=dtype)]

@@ -136,6 +136,65 @@ __device__ __forceinline__ void store4(const LinParams &p, int m, int col, float
     *reinterpret_cast<uint2 *>(p.out + (int64_t)m * p.N + col) = o;
 }
 
+/* one float4 of a split-K output: the sum of parts[q * stride], q < nsplit (<= 8), in rank order
+ * (deterministic whatever the arrival order), stored */
+template <class T>
+__device__ __forceinline__ void sum_store4(const LinParams &p, int m, int col, const float4 *parts, int stride,
+                                           int nsplit) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+        if (q < nsplit) {
+            const float4 r = parts[q * stride];
+            v.x += r.x;
+            v.y += r.y;
+            v.z += r.z;
+            v.w += r.w;
+        }
+    store4<T>(p, m, col, v);
+}
+
+/* Act-order group table of a block's BN columns: tab[g][c] = scale | -(magic + zero) << 16 for
+ * every group g. SWZ: the 4-column chunk c4 of row g sits at c4 ^ 2(g & 3), so lanes that look up
+ * different groups at the same columns (the mma.sync kernel's four k-words of a quarter warp) hit
+ * different banks more often than not. Built before the PDL wait (scales and zeros are the
+ * layer's own), loads batched U per thread: a loop of one dependent load per iteration cost ~10 us
+ * at K = 8192 (64 groups x 64 chunks over 256 threads). */
+template <int BN, bool SWZ>
+__device__ __forceinline__ int tab_at(int gg, int lc) {
+    return gg * BN + (SWZ ? ((((lc >> 2) ^ ((gg & 3) << 1))) << 2) : lc);
+}
+template <class T, int BN, bool SWZ>
+__device__ __forceinline__ void build_group_table(const LinParams &p, uint32_t *tab, int n0, int tid) {
+    constexpr int C4 = BN / 4, U = 8;
+    const int total = p.G * C4, N8 = p.N >> 3;
+    for (int i0 = 0; i0 < total; i0 += 256 * U) {
+        uint2 s4[U];
+        uint32_t zz[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * 256 + tid, gg = i / C4, col = n0 + 4 * (i % C4);
+            s4[u] = make_uint2(0u, 0u);
+            zz[u] = 0u;
+            if (i < total && col < p.N) {
+                s4[u] = __ldg(reinterpret_cast<const uint2 *>(p.sc + (int64_t)gg * p.N + col));
+                if (p.zmode != 0) zz[u] = (uint32_t)__ldg(p.qz + (int64_t)gg * N8 + (col >> 3)) >> ((col & 4) * 4);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * 256 + tid, gg = i / C4;
+            if (i >= total) break;
+            uint4 e;
+            e.x = (s4[u].x & 0xFFFFu) | ((T::NEGMAG | zero_of(zz[u] & 15u, p.zmode)) << 16);
+            e.y = (s4[u].x >> 16) | ((T::NEGMAG | zero_of((zz[u] >> 4) & 15u, p.zmode)) << 16);
+            e.z = (s4[u].y & 0xFFFFu) | ((T::NEGMAG | zero_of((zz[u] >> 8) & 15u, p.zmode)) << 16);
+            e.w = (s4[u].y >> 16) | ((T::NEGMAG | zero_of((zz[u] >> 12) & 15u, p.zmode)) << 16);
+            *reinterpret_cast<uint4 *>(tab + tab_at<BN, SWZ>(gg, 4 * (i % C4))) = e;
+        }
+    }
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 /* Split-K epilogue (both kernels): every block of the cluster has written its fp32 partial
  * [BM][BN] tile to sO in its shared memory; rank `split` sums a 1/nsplit slice of the tile over
@@ -155,16 +214,7 @@ __device__ __forceinline__ void cluster_reduce_store(const LinParams &p, const f
 #pragma unroll
             for (int q = 0; q < 8; ++q)
                 if (q < nsplit) r[q] = *reinterpret_cast<const float4 *>(cluster.map_shared_rank(sO, q) + 4 * idx);
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-            for (int q = 0; q < 8; ++q)
-                if (q < nsplit) {
-                    v.x += r[q].x;
-                    v.y += r[q].y;
-                    v.z += r[q].z;
-                    v.w += r[q].w;
-                }
-            store4<T>(p, m, col, v);
+            sum_store4<T>(p, m, col, r, 1, nsplit);
         }
     }
     cluster.sync(); /* keep this block's shared memory alive until every rank has read it */
@@ -212,15 +262,7 @@ __device__ __forceinline__ void push_reduce_store(const LinParams &p, const floa
         const int ml = idx / (BN / 4), c4 = idx % (BN / 4);
         const int m = m0 + ml, col = n0 + 4 * c4;
         if (m < p.M && col < p.N) {
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (int q = 0; q < nsplit; ++q) {
-                const float4 r = *reinterpret_cast<const float4 *>(recv + 4 * (q * per + j));
-                v.x += r.x;
-                v.y += r.y;
-                v.z += r.z;
-                v.w += r.w;
-            }
-            store4<T>(p, m, col, v);
+            sum_store4<T>(p, m, col, reinterpret_cast<const float4 *>(recv) + j, per, nsplit);
         }
     }
 }

@@ -54,6 +54,7 @@
  *  - fp32 activations, unaligned pointers or an act-order table too large for shared memory: a
  *    simple CUDA-core kernel (correct, not fast).
  */
+#include <atomic>
 #include <type_traits>
 
 #include "w4a16_common.cuh"
@@ -223,12 +224,13 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     };
 
     /* prologue: start the first STAGES-1 stages, then (act-order) build the group table while
-     * they are in flight. The weights of those stages are requested before waiting for the
-     * previous kernel (PDL: it may still be running and writing x); the first commit group then
-     * holds them all, which keeps "stage s is in group <= s". */
+     * they are in flight. The weights of those stages and the table are loaded before waiting
+     * for the previous kernel (PDL: it may still be running and writing x); the first commit
+     * group then holds all those weights, which keeps "stage s is in group <= s". */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
         if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
+    if constexpr (C::ACT) build_group_table<T, BN, true>(p, tab, n0, tid);
     grid_dependency_wait();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -237,25 +239,6 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     }
     /* the next kernel may start its own prologue as soon as every block of this one is here */
     grid_dependents_launch();
-    if constexpr (C::ACT) {
-        for (int i = tid; i < p.G * (BN / 4); i += 256) {
-            const int gg = i / (BN / 4), c4 = i % (BN / 4);
-            const int col = n0 + 4 * c4;
-            uint4 e = make_uint4(0, 0, 0, 0);
-            if (col < p.N) {
-                const uint2 s4 = __ldg(reinterpret_cast<const uint2 *>(p.sc + (int64_t)gg * p.N + col));
-                uint32_t zz = 0;
-                if (p.zmode != 0) zz = (uint32_t)__ldg(p.qz + (int64_t)gg * N8 + (col >> 3)) >> ((col & 4) * 4);
-                const uint32_t z0 = zero_of(zz & 15u, p.zmode), z1 = zero_of((zz >> 4) & 15u, p.zmode);
-                const uint32_t z2 = zero_of((zz >> 8) & 15u, p.zmode), z3 = zero_of((zz >> 12) & 15u, p.zmode);
-                e.x = (s4.x & 0xFFFFu) | ((T::NEGMAG | z0) << 16);
-                e.y = (s4.x >> 16) | ((T::NEGMAG | z1) << 16);
-                e.z = (s4.y & 0xFFFFu) | ((T::NEGMAG | z2) << 16);
-                e.w = (s4.y >> 16) | ((T::NEGMAG | z3) << 16);
-            }
-            *reinterpret_cast<uint4 *>(tab + gg * BN + 4 * c4) = e;
-        }
-    }
 
     float acc[MT][2 * CN][4];
     float pacc[C::FACT ? MT : 1][2 * CN][4]; /* FACT: partial sums of the current group */
@@ -377,8 +360,8 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                     const int gi[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
-                        const uint4 ta = *reinterpret_cast<const uint4 *>(tab + gi[i] * BN + lc);
-                        const uint4 tb = *reinterpret_cast<const uint4 *>(tab + gi[i + 4] * BN + lc);
+                        const uint4 ta = *reinterpret_cast<const uint4 *>(tab + tab_at<BN, true>(gi[i], lc));
+                        const uint4 tb = *reinterpret_cast<const uint4 *>(tab + tab_at<BN, true>(gi[i + 4], lc));
                         const uint32_t TA[4] = {ta.x, ta.y, ta.z, ta.w}, TB[4] = {tb.x, tb.y, tb.z, tb.w};
 #pragma unroll
                         for (int j = 0; j < 4; ++j) {
@@ -538,36 +521,121 @@ __global__ void __launch_bounds__(128) w4a16_generic_kernel(const GenParams p) {
 }
 
 /* ---- perm: x gathered along K -------------------------------------------------------------
- * dst[m, k] = x[m, perm[k]], 8 consecutive k per thread (16-byte stores). The GEMM launched next
- * may start at once (PDL) and stream its first weights while this runs. */
-template <typename E>
+ * dst[m, k] = x[m, perm[k]]. Two kernels:
+ *  - by element (small M, on the critical path between two layers): 8 consecutive k per thread
+ *    (16-byte stores); the thread's first perm words are fetched before the PDL wait (perm is the
+ *    layer's own), so only the x loads follow the previous kernel.
+ *  - by row (larger M, where scattered 2-byte loads would each pull a 32-byte sector from L2, 4x
+ *    the row): a block copies whole rows of x into shared memory with 16-byte loads, then gathers
+ *    from there; x is read once and written once.
+ * The GEMM launched next may start at once (PDL) and stream its first weights while these run.
+ * LATE (dev hook): signal the next kernel only after this one's stores. */
+template <typename E, bool LATE>
 __global__ void __launch_bounds__(256) gather_x_kernel(const E *__restrict__ x, const int32_t *__restrict__ perm,
                                                        E *__restrict__ dst, int64_t M, int64_t K) {
-    grid_dependents_launch();
-    grid_dependency_wait(); /* x may still be being written by the previous kernel */
+    if (!LATE) grid_dependents_launch();
     const int64_t K8 = K >> 3;
-    const int64_t total = M * K8;
-    for (int64_t i = (int64_t)blockIdx.x * 256 + threadIdx.x; i < total; i += (int64_t)gridDim.x * 256) {
+    const int64_t total = M * K8, stride = (int64_t)gridDim.x * 256;
+    int64_t i = (int64_t)blockIdx.x * 256 + threadIdx.x;
+    int4 pa = make_int4(0, 0, 0, 0), pb = pa;
+    if (i < total) {
+        const int64_t k = (i % K8) * 8;
+        pa = __ldg(reinterpret_cast<const int4 *>(perm + k));
+        pb = __ldg(reinterpret_cast<const int4 *>(perm + k + 4));
+    }
+    grid_dependency_wait(); /* x may still be being written by the previous kernel */
+    for (; i < total; i += stride) {
         const int64_t m = i / K8, k = (i - m * K8) * 8;
-        const int4 pa = __ldg(reinterpret_cast<const int4 *>(perm + k));
-        const int4 pb = __ldg(reinterpret_cast<const int4 *>(perm + k + 4));
         const int idx[8] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
         const E *row = x + m * K;
         alignas(16) E v[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = row[idx[j]];
+        if (i + stride < total) {
+            const int64_t kn = ((i + stride) % K8) * 8;
+            pa = __ldg(reinterpret_cast<const int4 *>(perm + kn));
+            pb = __ldg(reinterpret_cast<const int4 *>(perm + kn + 4));
+        }
 #pragma unroll
         for (int j = 0; j < (int)sizeof(E) / 2; ++j)
             reinterpret_cast<uint4 *>(dst + m * K + k)[j] = reinterpret_cast<const uint4 *>(v)[j];
     }
+    if (LATE) grid_dependents_launch();
+}
+
+template <typename E>
+__global__ void __launch_bounds__(256) gather_rows_kernel(const E *__restrict__ x, const int32_t *__restrict__ perm,
+                                                          E *__restrict__ dst, int64_t M, int64_t K) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    E *srow = reinterpret_cast<E *>(smem);
+    grid_dependents_launch();
+    grid_dependency_wait();
+    const int64_t K8 = K >> 3, V = K * (int64_t)sizeof(E) / 16; /* 16-byte vectors per row */
+    for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
+        const uint4 *src = reinterpret_cast<const uint4 *>(x + m * K);
+        __syncthreads(); /* the previous row's gathers are done with srow */
+        for (int64_t c = threadIdx.x; c < V; c += 256) reinterpret_cast<uint4 *>(srow)[c] = src[c];
+        __syncthreads();
+        for (int64_t k8 = threadIdx.x; k8 < K8; k8 += 256) {
+            const int4 pa = __ldg(reinterpret_cast<const int4 *>(perm + 8 * k8));
+            const int4 pb = __ldg(reinterpret_cast<const int4 *>(perm + 8 * k8 + 4));
+            alignas(16) E v[8] = {srow[pa.x], srow[pa.y], srow[pa.z], srow[pa.w],
+                                  srow[pb.x], srow[pb.y], srow[pb.z], srow[pb.w]};
+#pragma unroll
+            for (int j = 0; j < (int)sizeof(E) / 2; ++j)
+                reinterpret_cast<uint4 *>(dst + m * K + 8 * k8)[j] = reinterpret_cast<const uint4 *>(v)[j];
+        }
+    }
+}
+
+inline int g_gather_mode = 0; /* dev hook: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
+constexpr int64_t kGatherRowsMinM = 32;      /* by row from this many rows */
+constexpr size_t kGatherRowsMaxBytes = 96 << 10; /* a row of x in shared memory at most */
+
+template <typename E>
+int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg) {
+    const E *x = static_cast<const E *>(a->x);
+    E *d = static_cast<E *>(dst);
+    const size_t row_bytes = (size_t)a->K * sizeof(E);
+    const DevInfo di = dev_info();
+    int mode = g_gather_mode;
+    if (mode == 0) {
+        /* by row from 32 rows (H100, CUDA graphs, 14336 x 4096: M = 1024 275 -> 241 us, M = 256
+         * 90 -> 86; plain 220 / 74); by element below, signalling the GEMM late when x is large
+         * and the GEMM's blocks (at most 6 splits of 256 columns) leave SMs idle: there the early
+         * GEMM's weight prefetch held up the gather (14336 x 4096 M = 4: 25.7 us early, 18.8
+         * late, plain 15.8; M = 16 34.0 / 24.0; 4096 x 4096 M = 16 13.0 / 10.6), while with
+         * small x or wide N the early start wins (8192 x 8192 M = 16 22.9 / 26.2; M = 1 17.1 /
+         * 20.7) */
+        if (a->M >= kGatherRowsMinM && row_bytes <= kGatherRowsMaxBytes) mode = 3;
+        else mode = a->M * a->K >= 49152 && (a->N + 255) / 256 * 6 < di.sms ? 2 : 1;
+    }
+    if (mode == 3 && (row_bytes > kGatherRowsMaxBytes || row_bytes > (size_t)di.optin_smem ||
+                      (reinterpret_cast<uintptr_t>(a->x) & 15) != 0))
+        mode = 1;
+    if (mode == 3) {
+        static std::atomic<bool> raised[64];
+        if (row_bytes > 48 * 1024 && !raised[di.dev & 63].load()) {
+            if (cudaFuncSetAttribute(gather_rows_kernel<E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)std::min(kGatherRowsMaxBytes, (size_t)di.optin_smem)) != cudaSuccess)
+                return TOPS_ERR_CUDA;
+            raised[di.dev & 63] = true;
+        }
+        cfg.gridDim = dim3((unsigned)std::min<int64_t>(a->M, (int64_t)di.sms * 8), 1, 1);
+        cfg.dynamicSmemBytes = row_bytes;
+        return cudaLaunchKernelEx(&cfg, gather_rows_kernel<E>, x, a->perm, d, a->M, a->K) == cudaSuccess
+                   ? TOPS_OK
+                   : TOPS_ERR_CUDA;
+    }
+    const int64_t total = a->M * (a->K >> 3);
+    cfg.gridDim = dim3((unsigned)std::min<int64_t>((total + 255) / 256, 65535LL * 8), 1, 1);
+    const cudaError_t e = mode == 2 ? cudaLaunchKernelEx(&cfg, gather_x_kernel<E, true>, x, a->perm, d, a->M, a->K)
+                                    : cudaLaunchKernelEx(&cfg, gather_x_kernel<E, false>, x, a->perm, d, a->M, a->K);
+    return e == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
 }
 
 int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
-    const int64_t total = a->M * (a->K >> 3);
-    const int64_t want = (total + 255) / 256;
-    const unsigned blocks = (unsigned)std::min<int64_t>(want, 65535LL * 8);
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks, 1, 1);
     cfg.blockDim = dim3(256, 1, 1);
     cfg.stream = static_cast<cudaStream_t>(stream);
     cudaLaunchAttribute attr[1];
@@ -575,14 +643,7 @@ int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = (g_pdl && dev_info().major >= 9) ? 1 : 0;
-    cudaError_t e;
-    if (a->x_dtype == TOPS_F32)
-        e = cudaLaunchKernelEx(&cfg, gather_x_kernel<float>, static_cast<const float *>(a->x), a->perm,
-                               static_cast<float *>(dst), a->M, a->K);
-    else
-        e = cudaLaunchKernelEx(&cfg, gather_x_kernel<uint16_t>, static_cast<const uint16_t *>(a->x), a->perm,
-                               static_cast<uint16_t *>(dst), a->M, a->K);
-    return e == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
+    return a->x_dtype == TOPS_F32 ? launch_gather_t<float>(a, dst, cfg) : launch_gather_t<uint16_t>(a, dst, cfg);
 }
 
 /* ---- host side ------------------------------------------------------------------------------ */
@@ -699,6 +760,8 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
     g_force_cfg = cfg;
     g_force_split = split;
 }
+/* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
+void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
 /* programmatic dependent launch on (1, the default) or off (0) */
 void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
 /* the tile config (-1: generic kernel) and K split of the last call */

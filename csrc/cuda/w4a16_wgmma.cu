@@ -259,6 +259,7 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
 
     /* prologue: AHEAD stages in flight (without OVL each stage's wgmmas complete within its
      * iteration; with OVL one iteration later, so a buffer is refilled one stage later) */
+    if constexpr (C::ACT) build_group_table<T, BN, false>(p, tab, n0, tid);
     grid_dependency_wait(); /* launched with PDL (launch_split): x may still be being written */
 #pragma unroll
     for (int s = 0; s < C::AHEAD; ++s) {
@@ -266,25 +267,6 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
         cp_async_commit();
     }
     grid_dependents_launch();
-    if constexpr (C::ACT) {
-        for (int i = tid; i < p.G * (BN / 4); i += 256) {
-            const int gg = i / (BN / 4), c4 = i % (BN / 4);
-            const int col = n0 + 4 * c4;
-            uint4 e = make_uint4(0, 0, 0, 0);
-            if (col < p.N) {
-                const uint2 s4 = __ldg(reinterpret_cast<const uint2 *>(p.sc + (int64_t)gg * p.N + col));
-                uint32_t zz = 0;
-                if (p.zmode != 0) zz = (uint32_t)__ldg(p.qz + (int64_t)gg * N8 + (col >> 3)) >> ((col & 4) * 4);
-                const uint32_t z0 = zero_of(zz & 15u, p.zmode), z1 = zero_of((zz >> 4) & 15u, p.zmode);
-                const uint32_t z2 = zero_of((zz >> 8) & 15u, p.zmode), z3 = zero_of((zz >> 12) & 15u, p.zmode);
-                e.x = (s4.x & 0xFFFFu) | ((T::NEGMAG | z0) << 16);
-                e.y = (s4.x >> 16) | ((T::NEGMAG | z1) << 16);
-                e.z = (s4.y & 0xFFFFu) | ((T::NEGMAG | z2) << 16);
-                e.w = (s4.y >> 16) | ((T::NEGMAG | z3) << 16);
-            }
-            *reinterpret_cast<uint4 *>(tab + gg * BN + 4 * c4) = e;
-        }
-    }
 
     float acc[WNT][NACC];
 #pragma unroll
