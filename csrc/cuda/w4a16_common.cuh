@@ -155,16 +155,18 @@ __device__ __forceinline__ void sum_store4(const LinParams &p, int m, int col, c
 }
 
 /* Act-order group table of a block's BN columns: tab[g][c] = scale | -(magic + zero) << 16 for
- * every group g. SWZ: the 4-column chunk c4 of row g sits at c4 ^ 2(g & 3), so lanes that look up
- * different groups at the same columns (the mma.sync kernel's four k-words of a quarter warp) hit
- * different banks more often than not. Built before the PDL wait (scales and zeros are the
- * layer's own), loads batched U per thread: a loop of one dependent load per iteration cost ~10 us
- * at K = 8192 (64 groups x 64 chunks over 256 threads). */
-template <int BN, bool SWZ>
-__device__ __forceinline__ int tab_at(int gg, int lc) {
-    return gg * BN + (SWZ ? ((((lc >> 2) ^ ((gg & 3) << 1))) << 2) : lc);
+ * every group g. Column c of row g sits at c ^ 8(g & 3): the lanes that look up different groups
+ * at the same columns (different k of one quarter warp in both kernels) then hit different banks
+ * more often than not, where unswizzled rows (a multiple of 128 bytes apart) always collide.
+ * Built before the PDL wait (scales and zeros are the layer's own), loads batched U per thread:
+ * a loop of one dependent load per iteration cost ~10 us at K = 8192 (64 groups x 64 chunks over
+ * 256 threads). */
+template <int BN>
+__device__ __forceinline__ int tab_at(int gg, int col) {
+    static_assert(BN % 32 == 0, "the swizzle moves columns by up to 24");
+    return gg * BN + (col ^ ((gg & 3) << 3));
 }
-template <class T, int BN, bool SWZ>
+template <class T, int BN>
 __device__ __forceinline__ void build_group_table(const LinParams &p, uint32_t *tab, int n0, int tid) {
     constexpr int C4 = BN / 4, U = 8;
     const int total = p.G * C4, N8 = p.N >> 3;
@@ -190,7 +192,7 @@ __device__ __forceinline__ void build_group_table(const LinParams &p, uint32_t *
             e.y = (s4[u].x >> 16) | ((T::NEGMAG | zero_of((zz[u] >> 4) & 15u, p.zmode)) << 16);
             e.z = (s4[u].y & 0xFFFFu) | ((T::NEGMAG | zero_of((zz[u] >> 8) & 15u, p.zmode)) << 16);
             e.w = (s4[u].y >> 16) | ((T::NEGMAG | zero_of((zz[u] >> 12) & 15u, p.zmode)) << 16);
-            *reinterpret_cast<uint4 *>(tab + tab_at<BN, SWZ>(gg, 4 * (i % C4))) = e;
+            *reinterpret_cast<uint4 *>(tab + tab_at<BN>(gg, 4 * (i % C4))) = e;
         }
     }
 }

@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
         if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
-    if constexpr (C::ACT) build_group_table<T, BN, true>(p, tab, n0, tid);
+    if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
     grid_dependency_wait();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -360,8 +360,8 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                     const int gi[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
-                        const uint4 ta = *reinterpret_cast<const uint4 *>(tab + tab_at<BN, true>(gi[i], lc));
-                        const uint4 tb = *reinterpret_cast<const uint4 *>(tab + tab_at<BN, true>(gi[i + 4], lc));
+                        const uint4 ta = *reinterpret_cast<const uint4 *>(tab + tab_at<BN>(gi[i], lc));
+                        const uint4 tb = *reinterpret_cast<const uint4 *>(tab + tab_at<BN>(gi[i + 4], lc));
                         const uint32_t TA[4] = {ta.x, ta.y, ta.z, ta.w}, TB[4] = {tb.x, tb.y, tb.z, tb.w};
 #pragma unroll
                         for (int j = 0; j < 4; ++j) {

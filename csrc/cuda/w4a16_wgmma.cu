@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
 
     /* prologue: AHEAD stages in flight (without OVL each stage's wgmmas complete within its
      * iteration; with OVL one iteration later, so a buffer is refilled one stage later) */
-    if constexpr (C::ACT) build_group_table<T, BN, false>(p, tab, n0, tid);
+    if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
     grid_dependency_wait(); /* launched with PDL (launch_split): x may still be being written */
 #pragma unroll
     for (int s = 0; s < C::AHEAD; ++s) {
@@ -354,10 +354,10 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
                     const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::X_BYTES + C::W_BYTES);
                     const int2 ga = *reinterpret_cast<const int2 *>(sG + 16 * j + 2 * t);
                     const int2 gb = *reinterpret_cast<const int2 *>(sG + 16 * j + 8 + 2 * t);
-                    const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + ga.x * BN + r0);
-                    const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + ga.y * BN + r0);
-                    const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + gb.x * BN + r0);
-                    const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + gb.y * BN + r0);
+                    const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.x, r0));
+                    const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.y, r0));
+                    const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.x, r0));
+                    const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.y, r0));
                     A[B][nt][j][0] = deq(wa.x, __byte_perm(ea0.x, ea1.x, 0x7632), __byte_perm(ea0.x, ea1.x, 0x5410));
                     A[B][nt][j][1] = deq(wa.y, __byte_perm(ea0.y, ea1.y, 0x7632), __byte_perm(ea0.y, ea1.y, 0x5410));
                     A[B][nt][j][2] = deq(wb.x, __byte_perm(eb0.x, eb1.x, 0x7632), __byte_perm(eb0.x, eb1.x, 0x5410));
