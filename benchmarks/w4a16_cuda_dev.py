@@ -291,7 +291,8 @@ def correctness(quick):
     # each way of gathering x (forced), rows of x above the default 48 KB of shared memory included
     for mode in (1, 2, 3):
         for (M, K, N, gs, dt) in [(1, 4224, 4104, 128, torch.float16), (40, 1024, 264, 128, torch.bfloat16),
-                                  (33, 28672, 264, 128, torch.float16), (70, 2056, 136, -1, torch.bfloat16)]:
+                                  (33, 28672, 264, 128, torch.float16), (70, 2056, 136, -1, torch.bfloat16),
+                                  (600, 1024, 72, 128, torch.float16), (300, 12288, 72, 128, torch.bfloat16)]:
             seed += 1
             c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
             perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
@@ -463,7 +464,7 @@ def perm_sweep():
     signalling the GEMM late, 3 by row)"""
     fnc = LIB.tops_cuda_w4a16_linear
     for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]:
-        for M in (1, 4, 16, 64, 256, 1024):
+        for M in (1, 4, 16, 64, 256, 1024, 4096):
             if K * N > 8192 * 8192 and M > 16:
                 continue
             c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)

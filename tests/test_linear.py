@@ -133,11 +133,12 @@ def test_gradient_wrt_x(device):
     assert torch.allclose(bias.grad.cpu(), grad.cpu().sum((0, 1)), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("M", [1, 5, 32, 64, 200])
+@pytest.mark.parametrize("M", [1, 5, 32, 64, 200, 700])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_perm_reads_permuted_x(device, M, dtype):
     """perm: the product uses x[..., perm] (act-order rows sorted by act_order_prepack); any index
-    vector in range, repeats included, against the reference on the gathered x"""
+    vector in range, repeats included, against the reference on the gathered x (M = 700: the CUDA
+    row gather's blocks take several rows each)"""
     K, N = 384, 72
     t = make_weights(K, N, 128, device=device, scales_dtype=dtype if dtype != torch.float32 else torch.float16)
     x = torch.randn(M, K, device=device, dtype=dtype)

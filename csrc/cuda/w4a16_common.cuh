@@ -301,6 +301,26 @@ inline DevInfo dev_info() {
     return d;
 }
 
+/* raise a kernel's dynamic shared memory limit to `bytes` (once per kernel and device) */
+inline bool allow_dyn_smem(const void *kern, size_t bytes, const DevInfo &di) {
+    if (bytes <= 48 * 1024) return true;
+    struct E {
+        const void *f;
+        int dev, bytes;
+    };
+    static E done[128];
+    static int n = 0;
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lock(mu);
+    int i = 0;
+    while (i < n && !(done[i].f == kern && done[i].dev == di.dev)) ++i;
+    if (i < n && done[i].bytes >= (int)bytes) return true;
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess) return false;
+    if (i == n && n < 128) ++n;
+    if (i < 128) done[i] = E{kern, di.dev, (int)bytes};
+    return true;
+}
+
 /* Blocks (split == 1) or clusters of `split` blocks (split > 1) of 256 threads that can be resident
  * at once, cached per kernel, shared memory size, split and device. 0 when it cannot run. */
 template <class Kern>
@@ -360,28 +380,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     const size_t smem_max = std::max(pipe, out) + tab;
-    {
-        /* raise the kernel's dynamic shared memory limit once per kernel and device */
-        struct E {
-            const void *f;
-            int dev, bytes;
-        };
-        static E done[128];
-        static int n = 0;
-        static std::mutex mu;
-        const int need = (int)std::min(smem_max, (size_t)di.optin_smem);
-        if (need > 48 * 1024) {
-            std::lock_guard<std::mutex> lock(mu);
-            int i = 0;
-            while (i < n && !(done[i].f == (const void *)kern && done[i].dev == di.dev)) ++i;
-            if (i == n || done[i].bytes < need) {
-                if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, need) != cudaSuccess)
-                    return TOPS_ERR_CUDA;
-                if (i == n && n < 128) ++n;
-                if (i < 128) done[i] = E{(const void *)kern, di.dev, need};
-            }
-        }
-    }
+    if (!allow_dyn_smem((const void *)kern, std::min(smem_max, (size_t)di.optin_smem), di)) return TOPS_ERR_CUDA;
     int split = 1;
     double best = 1e300;
     if (di.major >= 9) {

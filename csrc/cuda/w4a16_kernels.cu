@@ -54,7 +54,6 @@
  *  - fp32 activations, unaligned pointers or an act-order table too large for shared memory: a
  *    simple CUDA-core kernel (correct, not fast).
  */
-#include <atomic>
 #include <type_traits>
 
 #include "w4a16_common.cuh"
@@ -563,71 +562,115 @@ __global__ void __launch_bounds__(256) gather_x_kernel(const E *__restrict__ x, 
     if (LATE) grid_dependents_launch();
 }
 
-template <typename E>
-__global__ void __launch_bounds__(256) gather_rows_kernel(const E *__restrict__ x, const int32_t *__restrict__ perm,
-                                                          E *__restrict__ dst, int64_t M, int64_t K) {
+/* by row: blockDim.x threads (at most 1024, as many as K has groups of 8 k) own PR such groups
+ * each; their perm words are loaded once, before the PDL wait, and the next row's x is loaded
+ * while this row is gathered */
+template <typename E, int PR>
+__global__ void __launch_bounds__(1024) gather_rows_kernel(const E *__restrict__ x, const int32_t *__restrict__ perm,
+                                                           E *__restrict__ dst, int64_t M, int64_t K) {
     extern __shared__ __align__(16) unsigned char smem[];
-    E *srow = reinterpret_cast<E *>(smem);
-    grid_dependents_launch();
-    grid_dependency_wait();
-    const int64_t K8 = K >> 3, V = K * (int64_t)sizeof(E) / 16; /* 16-byte vectors per row */
-    for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
-        const uint4 *src = reinterpret_cast<const uint4 *>(x + m * K);
-        __syncthreads(); /* the previous row's gathers are done with srow */
-        for (int64_t c = threadIdx.x; c < V; c += 256) reinterpret_cast<uint4 *>(srow)[c] = src[c];
-        __syncthreads();
-        for (int64_t k8 = threadIdx.x; k8 < K8; k8 += 256) {
-            const int4 pa = __ldg(reinterpret_cast<const int4 *>(perm + 8 * k8));
-            const int4 pb = __ldg(reinterpret_cast<const int4 *>(perm + 8 * k8 + 4));
-            alignas(16) E v[8] = {srow[pa.x], srow[pa.y], srow[pa.z], srow[pa.w],
-                                  srow[pb.x], srow[pb.y], srow[pb.z], srow[pb.w]};
+    const E *srow = reinterpret_cast<const E *>(smem);
+    constexpr int VW = (int)sizeof(E) / 2; /* 16-byte vectors per 8 elements */
+    const int K8 = (int)(K >> 3), tid = threadIdx.x, T = blockDim.x;
+    int4 pa[PR], pb[PR];
 #pragma unroll
-            for (int j = 0; j < (int)sizeof(E) / 2; ++j)
-                reinterpret_cast<uint4 *>(dst + m * K + 8 * k8)[j] = reinterpret_cast<const uint4 *>(v)[j];
+    for (int j = 0; j < PR; ++j) {
+        const int c = tid + j * T;
+        pa[j] = pb[j] = make_int4(0, 0, 0, 0);
+        if (c < K8) {
+            pa[j] = __ldg(reinterpret_cast<const int4 *>(perm + 8 * c));
+            pb[j] = __ldg(reinterpret_cast<const int4 *>(perm + 8 * c + 4));
+        }
+    }
+    grid_dependents_launch();
+    grid_dependency_wait(); /* x may still be being written by the previous kernel */
+    uint4 r[PR][VW];
+    auto load_row = [&](int64_t m) {
+        const uint4 *src = reinterpret_cast<const uint4 *>(x + m * K);
+#pragma unroll
+        for (int j = 0; j < PR; ++j)
+#pragma unroll
+            for (int w = 0; w < VW; ++w)
+                if (tid + j * T < K8) r[j][w] = src[(tid + j * T) * VW + w];
+    };
+    int64_t m = blockIdx.x;
+    if (m < M) load_row(m);
+    for (; m < M; m += gridDim.x) {
+        __syncthreads(); /* the previous row's gathers are done with the shared row */
+#pragma unroll
+        for (int j = 0; j < PR; ++j)
+#pragma unroll
+            for (int w = 0; w < VW; ++w)
+                if (tid + j * T < K8) reinterpret_cast<uint4 *>(smem)[(tid + j * T) * VW + w] = r[j][w];
+        __syncthreads();
+        if (m + gridDim.x < M) load_row(m + gridDim.x);
+#pragma unroll
+        for (int j = 0; j < PR; ++j) {
+            const int c = tid + j * T;
+            if (c >= K8) continue;
+            alignas(16) E v[8] = {srow[pa[j].x], srow[pa[j].y], srow[pa[j].z], srow[pa[j].w],
+                                  srow[pb[j].x], srow[pb[j].y], srow[pb[j].z], srow[pb[j].w]};
+#pragma unroll
+            for (int w = 0; w < VW; ++w)
+                reinterpret_cast<uint4 *>(dst + m * K + 8 * c)[w] = reinterpret_cast<const uint4 *>(v)[w];
         }
     }
 }
 
 inline int g_gather_mode = 0; /* dev hook: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
-constexpr int64_t kGatherRowsMinM = 32;      /* by row from this many rows */
-constexpr size_t kGatherRowsMaxBytes = 96 << 10; /* a row of x in shared memory at most */
+constexpr int64_t kGatherRowsMinM = 32; /* by row from this many rows */
+
+template <typename E, int PR>
+int launch_gather_rows(const tops_w4a16_args *a, E *dst, cudaLaunchConfig_t cfg, const DevInfo &di) {
+    const size_t row_bytes = (size_t)a->K * sizeof(E);
+    const void *kern = (const void *)gather_rows_kernel<E, PR>;
+    if (!allow_dyn_smem(kern, row_bytes, di)) return TOPS_ERR_CUDA;
+    /* as many threads as groups of 8 k, rounded to warps (several blocks per SM for short rows) */
+    const int threads = (int)std::min<int64_t>(1024, ((a->K >> 3) + 31) / 32 * 32);
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gather_rows_kernel<E, PR>, threads, row_bytes) !=
+            cudaSuccess ||
+        per_sm < 1)
+        per_sm = 1;
+    cfg.blockDim = dim3((unsigned)threads, 1, 1);
+    cfg.gridDim = dim3((unsigned)std::min<int64_t>(a->M, (int64_t)di.sms * per_sm), 1, 1);
+    cfg.dynamicSmemBytes = row_bytes;
+    return cudaLaunchKernelEx(&cfg, gather_rows_kernel<E, PR>, static_cast<const E *>(a->x), a->perm, dst, a->M,
+                              a->K) == cudaSuccess
+               ? TOPS_OK
+               : TOPS_ERR_CUDA;
+}
 
 template <typename E>
 int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg) {
     const E *x = static_cast<const E *>(a->x);
     E *d = static_cast<E *>(dst);
-    const size_t row_bytes = (size_t)a->K * sizeof(E);
+    const int64_t K8 = a->K >> 3;
     const DevInfo di = dev_info();
+    /* by row: a row of x in shared memory, at most 4 groups of 8 k per thread (K <= 32768) */
+    const bool rows_ok = K8 <= 4 * 1024 && (size_t)a->K * sizeof(E) <= (size_t)di.optin_smem &&
+                         (reinterpret_cast<uintptr_t>(a->x) & 15) == 0;
     int mode = g_gather_mode;
     if (mode == 0) {
-        /* by row from 32 rows (H100, CUDA graphs, 14336 x 4096: M = 1024 275 -> 241 us, M = 256
-         * 90 -> 86; plain 220 / 74); by element below, signalling the GEMM late when x is large
+        /* by row from 32 rows (H100, CUDA graphs, 14336 x 4096: M = 1024 280 -> 237 us, M = 256
+         * 90 -> 78, M = 64 37.7 -> 34.8; plain 226 / 72 / 32), except short rows at large M,
+         * whose scattered loads stay in L1 (4096 x 4096 M = 4096: 296 us by element, 336 by row,
+         * plain 268); by element below, signalling the GEMM late when x is large
          * and the GEMM's blocks (at most 6 splits of 256 columns) leave SMs idle: there the early
          * GEMM's weight prefetch held up the gather (14336 x 4096 M = 4: 25.7 us early, 18.8
          * late, plain 15.8; M = 16 34.0 / 24.0; 4096 x 4096 M = 16 13.0 / 10.6), while with
          * small x or wide N the early start wins (8192 x 8192 M = 16 22.9 / 26.2; M = 1 17.1 /
          * 20.7) */
-        if (a->M >= kGatherRowsMinM && row_bytes <= kGatherRowsMaxBytes) mode = 3;
+        if (a->M >= kGatherRowsMinM && rows_ok && !(a->K <= 4096 && a->M > 1024)) mode = 3;
         else mode = a->M * a->K >= 49152 && (a->N + 255) / 256 * 6 < di.sms ? 2 : 1;
     }
-    if (mode == 3 && (row_bytes > kGatherRowsMaxBytes || row_bytes > (size_t)di.optin_smem ||
-                      (reinterpret_cast<uintptr_t>(a->x) & 15) != 0))
-        mode = 1;
+    if (mode == 3 && !rows_ok) mode = 1;
     if (mode == 3) {
-        static std::atomic<bool> raised[64];
-        if (row_bytes > 48 * 1024 && !raised[di.dev & 63].load()) {
-            if (cudaFuncSetAttribute(gather_rows_kernel<E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     (int)std::min(kGatherRowsMaxBytes, (size_t)di.optin_smem)) != cudaSuccess)
-                return TOPS_ERR_CUDA;
-            raised[di.dev & 63] = true;
-        }
-        cfg.gridDim = dim3((unsigned)std::min<int64_t>(a->M, (int64_t)di.sms * 8), 1, 1);
-        cfg.dynamicSmemBytes = row_bytes;
-        return cudaLaunchKernelEx(&cfg, gather_rows_kernel<E>, x, a->perm, d, a->M, a->K) == cudaSuccess
-                   ? TOPS_OK
-                   : TOPS_ERR_CUDA;
+        if (K8 <= 1024) return launch_gather_rows<E, 1>(a, d, cfg, di);
+        if (K8 <= 2048) return launch_gather_rows<E, 2>(a, d, cfg, di);
+        return launch_gather_rows<E, 4>(a, d, cfg, di);
     }
-    const int64_t total = a->M * (a->K >> 3);
+    const int64_t total = a->M * K8;
     cfg.gridDim = dim3((unsigned)std::min<int64_t>((total + 255) / 256, 65535LL * 8), 1, 1);
     const cudaError_t e = mode == 2 ? cudaLaunchKernelEx(&cfg, gather_x_kernel<E, true>, x, a->perm, d, a->M, a->K)
                                     : cudaLaunchKernelEx(&cfg, gather_x_kernel<E, false>, x, a->perm, d, a->M, a->K);
