@@ -263,6 +263,21 @@ def correctness(quick):
                     force=(cfg, split))
     log(f"forced configs: {total - t0} cases run; total so far {total - fails}/{total} passed")
 
+    def perm_run(M, K, N, gs, dt, seed):
+        """one perm case under the current dev overrides: (status, rel err, config that ran)"""
+        c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
+        perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
+        out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
+        ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
+        st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), ctypes.c_void_p(ws.data_ptr()),
+                                        ws.numel(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        torch.cuda.synchronize()
+        used = last_cfg()
+        ref = ref_out(dict(c, x=c["x"][:, perm.long()]))
+        o = out.double()
+        rel = float((o - ref).norm() / ref.norm().clamp_min(1e-30)) if not torch.isnan(o).any() else float("nan")
+        return st, rel, used
+
     # perm (x[:, perm], gathered by a kernel first) with every small-batch config, forced or not
     t0 = total
     for cfg in [-1, 0, 1, 2, 10]:
@@ -271,41 +286,23 @@ def correctness(quick):
                                       (16, 8192, 520, 32, torch.float16), (13, 1024, 264, -1, torch.bfloat16),
                                       (40, 1024, 264, 128, torch.float16)]:
                 seed += 1
-                c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
-                perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
-                out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
-                ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
-                st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), ctypes.c_void_p(ws.data_ptr()),
-                                                ws.numel(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
-                torch.cuda.synchronize()
-                used = last_cfg()
+                st, rel, used = perm_run(M, K, N, gs, dt, seed)
                 LIB.tops_cuda_w4a16_dev_force(-1, 0)
-                ref = ref_out(dict(c, x=c["x"][:, perm.long()]))
-                o = out.double()
-                rel = float((o - ref).norm() / ref.norm().clamp_min(1e-30)) if not torch.isnan(o).any() else float("nan")
                 total += 1
                 if st != 0 or not rel < TOL[dt]:
                     fails += 1
-                    log(f"FAIL perm {desc(c, (cfg, split))}: status {st} rel {rel:.2e} ran {used}")
-    # each way of gathering x (forced), rows of x above the default 48 KB of shared memory included
+                    log(f"FAIL perm M={M} K={K} N={N} cfg {cfg} split {split}: status {st} rel {rel:.2e} ran {used}")
+    # each way of gathering x (forced), rows of x above the default 48 KB of shared memory and
+    # blocks that gather several rows included
     for mode in (1, 2, 3):
         for (M, K, N, gs, dt) in [(1, 4224, 4104, 128, torch.float16), (40, 1024, 264, 128, torch.bfloat16),
                                   (33, 28672, 264, 128, torch.float16), (70, 2056, 136, -1, torch.bfloat16),
                                   (600, 1024, 72, 128, torch.float16), (300, 12288, 72, 128, torch.bfloat16)]:
             seed += 1
-            c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
-            perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
-            out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
-            ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
             LIB.tops_cuda_w4a16_dev_gather(mode)
-            st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), ctypes.c_void_p(ws.data_ptr()),
-                                            ws.numel(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
-            torch.cuda.synchronize()
+            st, rel, _ = perm_run(M, K, N, gs, dt, seed)
             LIB.tops_cuda_w4a16_dev_gather(0)
-            ref = ref_out(dict(c, x=c["x"][:, perm.long()]))
-            o = out.double()
-            rel = float((o - ref).norm() / ref.norm().clamp_min(1e-30)) if not torch.isnan(o).any() else float("nan")
             total += 1
             if st != 0 or not rel < TOL[dt]:
                 fails += 1
