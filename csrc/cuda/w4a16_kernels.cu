@@ -527,8 +527,9 @@ __global__ void __launch_bounds__(128) w4a16_generic_kernel(const GenParams p) {
  *  - by row (larger M, where scattered 2-byte loads would each pull a 32-byte sector from L2, 4x
  *    the row): a block copies whole rows of x into shared memory with 16-byte loads, then gathers
  *    from there; x is read once and written once.
- * The GEMM launched next may start at once (PDL) and stream its first weights while these run.
- * LATE (dev hook): signal the next kernel only after this one's stores. */
+ * The GEMM launched next may start at once (PDL) and stream its first weights while these run,
+ * except after a LATE element gather, which signals it only after its stores (launch_gather_t
+ * says when that pays). */
 template <typename E, bool LATE>
 __global__ void __launch_bounds__(256) gather_x_kernel(const E *__restrict__ x, const int32_t *__restrict__ perm,
                                                        E *__restrict__ dst, int64_t M, int64_t K) {
