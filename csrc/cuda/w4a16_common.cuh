@@ -253,12 +253,13 @@ __device__ __forceinline__ void mbarrier_wait_phase0(uint32_t bar) {
                      bar)
                  : "memory");
 }
-/* the owner's part: float4 j of its receive rows is tile float4 j * nsplit + split */
+/* the owner's part: float4 j of its receive rows is tile float4 j * nsplit + split, for the tile's
+ * first live4 float4 (its rows that exist) */
 template <class T, int BM, int BN>
 __device__ __forceinline__ void push_reduce_store(const LinParams &p, const float *recv, int m0, int n0, int split,
-                                                  int nsplit, int tid) {
+                                                  int nsplit, int live4, int tid) {
     constexpr int TOT4 = BM * (BN / 4);
-    const int per = (TOT4 + nsplit - 1) / nsplit, mine = (TOT4 - split + nsplit - 1) / nsplit;
+    const int per = (TOT4 + nsplit - 1) / nsplit, mine = (live4 - split + nsplit - 1) / nsplit;
     for (int j = tid; j < mine; j += 256) {
         const int idx = j * nsplit + split;
         const int ml = idx / (BN / 4), c4 = idx % (BN / 4);

@@ -128,11 +128,13 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     const uint32_t smem_base = smem_u32(smem);
     const int N8 = p.N >> 3;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    /* PUSH: this block's receive barrier expects nsplit copies of its share of the tile */
+    /* PUSH: this block's receive barrier expects nsplit copies of its share of the tile's rows
+     * that exist (M = 1 in an 8-row tile: one eighth of the pushes and sums) */
     constexpr int TOT4 = BM * (BN / 4); /* float4 of a partial tile */
+    const int live4 = min(BM, p.M - m0) * (BN / 4);
     const uint32_t push_bar = smem_base + C::PIPE_BYTES + C::RECV_BYTES;
     if (C::PUSH && nsplit > 1) {
-        if (tid == 0) push_barrier_init(push_bar, (uint32_t)(nsplit * ((TOT4 - split + nsplit - 1) / nsplit) * 16));
+        if (tid == 0) push_barrier_init(push_bar, (uint32_t)(nsplit * ((live4 - split + nsplit - 1) / nsplit) * 16));
         cluster_arrive_relaxed();
     }
 #endif
@@ -441,11 +443,12 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         const uint32_t recv = smem_base + C::PIPE_BYTES;
         for_each_out4([&](int ml, int lc, float4 v) {
             const int idx = ml * (BN / 4) + (lc >> 2);
-            push_float4(recv + (uint32_t)((split * per + idx / nsplit) * 16), push_bar, idx % nsplit, v);
+            if (idx < live4)
+                push_float4(recv + (uint32_t)((split * per + idx / nsplit) * 16), push_bar, idx % nsplit, v);
         });
         mbarrier_wait_phase0(push_bar);
         push_reduce_store<T, BM, BN>(p, reinterpret_cast<const float *>(smem + C::PIPE_BYTES), m0, n0, split, nsplit,
-                                     tid);
+                                     live4, tid);
         return;
     }
     /* split-K: fp32 partial tile in shared memory, reduced across the cluster */
