@@ -322,30 +322,32 @@ inline bool allow_dyn_smem(const void *kern, size_t bytes, const DevInfo &di) {
     return true;
 }
 
-/* Blocks (split == 1) or clusters of `split` blocks (split > 1) of 256 threads that can be resident
- * at once, cached per kernel, shared memory size, split and device. 0 when it cannot run. */
+/* Blocks (split == 1) or clusters of `split` blocks (split > 1) of `threads` threads that can be
+ * resident at once on the GPU, cached per kernel, shared memory size, split, block size and device.
+ * 0 when it cannot run. */
 template <class Kern>
-inline int resident(Kern kern, size_t smem, int split, const DevInfo &di) {
+inline int resident(Kern kern, size_t smem, int split, const DevInfo &di, int threads = 256) {
     struct E {
         const void *f;
         size_t smem;
-        int split, dev, val;
+        int split, threads, dev, val;
     };
     static E cache[128];
     static int n = 0;
     static std::mutex mu;
     std::lock_guard<std::mutex> lock(mu);
     for (int i = 0; i < n; ++i)
-        if (cache[i].f == (const void *)kern && cache[i].smem == smem && cache[i].split == split && cache[i].dev == di.dev)
+        if (cache[i].f == (const void *)kern && cache[i].smem == smem && cache[i].split == split &&
+            cache[i].threads == threads && cache[i].dev == di.dev)
             return cache[i].val;
     int v = 0;
     if (split == 1) {
         int nb = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, 256, smem) == cudaSuccess) v = nb * di.sms;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, threads, smem) == cudaSuccess) v = nb * di.sms;
     } else {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(1, (unsigned)split, 1);
-        cfg.blockDim = dim3(256, 1, 1);
+        cfg.blockDim = dim3((unsigned)threads, 1, 1);
         cfg.dynamicSmemBytes = smem;
         cudaLaunchAttribute attr[1];
         attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -358,7 +360,7 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di) {
         if (cudaOccupancyMaxActiveClusters(&nc, kern, &cfg) == cudaSuccess) v = nc;
     }
     (void)cudaGetLastError();
-    if (n < 128) cache[n++] = E{(const void *)kern, smem, split, di.dev, v};
+    if (n < 128) cache[n++] = E{(const void *)kern, smem, split, threads, di.dev, v};
     return v;
 }
 

@@ -631,13 +631,9 @@ int launch_gather_rows(const tops_w4a16_args *a, E *dst, cudaLaunchConfig_t cfg,
     if (!allow_dyn_smem(kern, row_bytes, di)) return TOPS_ERR_CUDA;
     /* as many threads as groups of 8 k, rounded to warps (several blocks per SM for short rows) */
     const int threads = (int)std::min<int64_t>(1024, ((a->K >> 3) + 31) / 32 * 32);
-    int per_sm = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gather_rows_kernel<E, PR>, threads, row_bytes) !=
-            cudaSuccess ||
-        per_sm < 1)
-        per_sm = 1;
+    const int occ = std::max(resident(gather_rows_kernel<E, PR>, row_bytes, 1, di, threads), di.sms);
     cfg.blockDim = dim3((unsigned)threads, 1, 1);
-    cfg.gridDim = dim3((unsigned)std::min<int64_t>(a->M, (int64_t)di.sms * per_sm), 1, 1);
+    cfg.gridDim = dim3((unsigned)std::min<int64_t>(a->M, occ), 1, 1);
     cfg.dynamicSmemBytes = row_bytes;
     return cudaLaunchKernelEx(&cfg, gather_rows_kernel<E, PR>, static_cast<const E *>(a->x), a->perm, dst, a->M,
                               a->K) == cudaSuccess
@@ -656,15 +652,15 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg)
                          (reinterpret_cast<uintptr_t>(a->x) & 15) == 0;
     int mode = g_gather_mode;
     if (mode == 0) {
-        /* by row from 32 rows (H100, CUDA graphs, 14336 x 4096: M = 1024 280 -> 237 us, M = 256
-         * 90 -> 78, M = 64 37.7 -> 34.8; plain 226 / 72 / 32), except short rows at large M,
-         * whose scattered loads stay in L1 (4096 x 4096 M = 4096: 296 us by element, 336 by row,
-         * plain 268); by element below, signalling the GEMM late when x is large
-         * and the GEMM's blocks (at most 6 splits of 256 columns) leave SMs idle: there the early
-         * GEMM's weight prefetch held up the gather (14336 x 4096 M = 4: 25.7 us early, 18.8
-         * late, plain 15.8; M = 16 34.0 / 24.0; 4096 x 4096 M = 16 13.0 / 10.6), while with
-         * small x or wide N the early start wins (8192 x 8192 M = 16 22.9 / 26.2; M = 1 17.1 /
-         * 20.7) */
+        /* Measured on an H100 (CUDA graphs): by row from 32 rows (14336 x 4096: M = 1024 280 ->
+         * 237 us, M = 256 90 -> 78, M = 64 37.7 -> 34.8; plain 226 / 72 / 32), except short rows at
+         * large M, whose scattered loads stay in L1 (4096 x 4096 M = 4096: 296 us by element, 336
+         * by row, plain 268). Below, by element, signalling the GEMM late when x is large and the
+         * GEMM's blocks (at most 6 splits of 256 columns) leave SMs idle, where an early-started
+         * GEMM slowed the gather (14336 x 4096 M = 4: 25.7 us early, 18.8 late, plain 15.8; M =
+         * 16 34.0 / 24.0; 4096 x 4096 M = 16 13.0 / 10.6; why is not understood: requesting fewer
+         * weight stages before the GEMM's PDL wait did not help); elsewhere the early start wins
+         * (8192 x 8192 M = 16 22.9 / 26.2; M = 1 17.1 / 20.7). */
         if (a->M >= kGatherRowsMinM && rows_ok && !(a->K <= 4096 && a->M > 1024)) mode = 3;
         else mode = a->M * a->K >= 49152 && (a->N + 255) / 256 * 6 < di.sms ? 2 : 1;
     }
