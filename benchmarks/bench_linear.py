@@ -150,6 +150,54 @@ def bench_cuda(shapes, ms, G, timing):
                     print(f"| {K} x {N}, group {g} | {M} | {fmt(tm)} | | | | | | | | |", flush=True)
 
 
+def bench_dense_sweep(shapes, ms, G):
+    """The CUDA op's routes side by side: the fused kernels, the dense route (weights dequantised
+    a column chunk at a time, then cuBLAS) in one chunk and in overlapped chunks, and the
+    automatic choice; fp16, and prepacked act-order (fused / automatic), against cuBLAS fp16; then
+    fp32 activations (fused: the CUDA-core fallback). Graph timing. Sets the crossover in
+    csrc/cuda/w4a16_dense.cu."""
+    from torch_ops import _C
+
+    def bench(fn, data, nbytes, mode):
+        _C.cuda_w4a16_dense(mode)
+        try:
+            return time_graph([lambda d=d: fn(d) for d in copies(data, nbytes)])
+        finally:
+            _C.cuda_w4a16_dense(-1)
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, group {G}, timing graph")
+    print("| K x N | M | x | fused | dense, 1 chunk | dense, overlapped | auto | prepacked fused "
+          "| prepacked auto | cuBLAS fp16 | auto vs cuBLAS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for K, N in shapes:
+        w, t = make(K, N, G, "cuda")
+        _, t_act = make(K, N, G, "cuda", act_order=True)
+        qw, perm = torch_ops.act_order_prepack(t_act["qweight"], t_act["g_idx"], G)
+        t_pre = dict(t_act, qweight=qw, perm=perm)
+        del t_pre["g_idx"]
+        qbytes = K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2
+        w16 = w.half()
+        for dtype, mlist in ((torch.float16, ms), (torch.float32, [1, 16, 256])):
+            for M in mlist:
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                td = t if dtype == torch.float16 else dict(t, scales=t["scales"].float())
+                for mode in (0, 1, 2):
+                    _C.cuda_w4a16_dense(mode)
+                    check(x, td)
+                _C.cuda_w4a16_dense(-1)
+                run = lambda d: torch_ops.w4a16_linear(x, **d)
+                fused, one, over, auto = (bench(run, td, qbytes, m) for m in (0, 2, 1, -1))
+                pf = pa = cub = None
+                ratio = "n/a"
+                if dtype == torch.float16:
+                    pf, pa = (bench(run, t_pre, qbytes, m) for m in (0, -1))
+                    cub = bench(lambda d: x @ d.t(), w16, w16.numel() * 2, -1)
+                    ratio = f"{cub / auto:.2f}x"
+                print(f"| {K} x {N} | {M} | {str(dtype)[6:]} | {fmt(fused)} | {fmt(one)} | {fmt(over)} "
+                      f"| {fmt(auto)} | {fmt(pf)} | {fmt(pa)} | {fmt(cub)} | {ratio} |", flush=True)
+        del t_act, t_pre, w16
+
+
 # ---- CPU --------------------------------------------------------------------------------------
 
 def bench_cpu(shapes, ms, G, reps):
@@ -196,6 +244,8 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--timing", choices=("graph", "flush"), default="graph",
                    help="CUDA: rotating weights in a CUDA graph (default) or do_bench with L2 flush")
+    p.add_argument("--dense-sweep", action="store_true",
+                   help="CUDA: the fused kernels against the dense route (dequantise + cuBLAS)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -203,7 +253,10 @@ def main():
               else (SHAPES if a.device == "cuda" else [(4096, 4096), (8192, 8192)]))
     ms = [int(m) for m in a.ms.split(",")] if a.ms else (MS if a.device == "cuda" else [1, 4, 16, 64])
     torch.manual_seed(0)
-    if a.device == "cuda":
+    if a.dense_sweep:
+        bench_dense_sweep(shapes, [int(m) for m in a.ms.split(",")] if a.ms else [256, 1024, 2048, 4096],
+                          a.group_size)
+    elif a.device == "cuda":
         bench_cuda(shapes, ms, a.group_size, a.timing)
     else:
         bench_cpu(shapes, ms, a.group_size, a.reps)

@@ -240,6 +240,102 @@ def test_dependent_layers_back_to_back(device, M, K, dtype):
         assert rel_err(ys[i + 1], expected) < TOL[dtype], f"layer {i}"
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(params=[1, 0], ids=["dense", "fused"])
+def cuda_route(request):
+    """CUDA w4a16_linear's dense route (weights dequantised a column chunk at a time, then cuBLAS;
+    chosen automatically for large batches and fp32 x) forced on or off at every batch size"""
+    _C.cuda_w4a16_dense(request.param)
+    yield request.param
+    _C.cuda_w4a16_dense(-1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("group_size", [32, 128, -1, 96])
+@pytest.mark.parametrize("zeros", ["v1", "v2", "sym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_routes(cuda_route, group_size, zeros, dtype):
+    """Both CUDA routes over zero formats, group sizes (96: not a power of two), raw act-order,
+    perm (repeats included), bias and 3-D x"""
+    K, N, M = 384, 200, 7
+    sdt = torch.float16 if dtype == torch.float32 else dtype
+    x = torch.randn(M, 1, K, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    for act_order in (False, True):
+        t = make_weights(K, N, group_size, zeros, act_order, "cuda", scales_dtype=sdt)
+        out = torch_ops.w4a16_linear(x, bias=bias, **t)
+        assert out.shape == (M, 1, N)
+        assert rel_err(out, reference(x, t, bias)) < TOL[dtype]
+    t = make_weights(K, N, group_size, zeros, False, "cuda", scales_dtype=sdt)
+    perm = torch.randint(0, K, (K,), device="cuda")
+    out = torch_ops.w4a16_linear(x, bias=bias, perm=perm, **t)
+    assert rel_err(out, reference(x[..., perm], t, bias)) < TOL[dtype]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_dense_route_column_chunks(dtype):
+    """K N larger than the dense route's scratch: several column chunks (the last one narrow),
+    dequantised on a second stream while the previous chunk multiplies, each GEMM writing its
+    columns of out; eager and in a CUDA graph"""
+    _C.cuda_w4a16_dense(1)
+    try:
+        K, N = 8192, 4104
+        t = make_weights(K, N, 128, device="cuda", scales_dtype=torch.float16)
+        x = torch.randn(3, K, device="cuda", dtype=dtype)
+        bias = torch.randn(N, device="cuda", dtype=dtype)
+        expected = reference(x, t, bias)
+        assert rel_err(torch_ops.w4a16_linear(x, bias=bias, **t), expected) < TOL[dtype]
+        # the same in a CUDA graph: the second stream forks from and joins the captured one
+        x_in = torch.zeros_like(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = torch_ops.w4a16_linear(x_in, bias=bias, **t)
+        x_in.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, expected) < TOL[dtype]
+    finally:
+        _C.cuda_w4a16_dense(-1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_large_batch_automatic(dtype):
+    """M = 2100: the automatic choice (the dense route, 3 overlapped column chunks); plain,
+    act-order and perm agree with the reference"""
+    K, N, M = 256, 1032, 2100
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    for act_order in (False, True):
+        t = make_weights(K, N, 64, act_order=act_order, device="cuda", scales_dtype=dtype)
+        assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[dtype]
+    perm = torch.randperm(K, device="cuda").to(torch.int32)
+    assert rel_err(torch_ops.w4a16_linear(x, perm=perm, **t | {"g_idx": None}),
+                   reference(x[:, perm.long()], t | {"g_idx": None})) < TOL[dtype]
+
+
+@needs_cuda
+def test_cuda_dense_route_opcheck_compile_and_graph(cuda_route):
+    t = make_weights(256, 64, 64, act_order=True, device="cuda")
+    x = torch.randn(5, 256, device="cuda", dtype=torch.float16, requires_grad=True)
+    bias = torch.randn(64, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.torch_ops.w4a16_linear,
+                          (x, t["qweight"], t["scales"], t["qzeros"], 64, t["g_idx"], bias, "v1"))
+    x = x.detach()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: torch_ops.w4a16_linear(x, bias=bias, **t) * 2, fullgraph=True)
+    assert torch.equal(f(x), torch_ops.w4a16_linear(x, bias=bias, **t) * 2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch_ops.w4a16_linear(x, bias=bias, **t)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(x, t, bias)) < TOL[torch.float16]
+
+
 def test_g_idx_changed_in_place_is_checked_again(device):
     t = make_weights(128, 16, 64, act_order=True, device=device)
     x = torch.randn(2, 128, device=device)

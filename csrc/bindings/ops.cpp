@@ -657,9 +657,9 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     a.bias_dtype = bias.defined() ? tops_dtype_of(bias.scalar_type()) : TOPS_F32;
     a.out = out.data_ptr();
     a.out_dtype = a.x_dtype;
-    a.perm = perm.defined() && on_cuda ? perm.data_ptr<int32_t>() : nullptr;
+    a.perm = nullptr; /* CPU: x is gathered above; CUDA: cuda::w4a16_linear takes perm */
     if (on_cuda) {
-        TOPS_CUDA(op, cuda::w4a16_linear(a, x));
+        TOPS_CUDA(op, cuda::w4a16_linear(a, x, out, bias, perm));
     } else {
         // threads own whole column blocks of 8 (no reduction); at least 64 columns per chunk
         int64_t blocks = N / 8;
@@ -717,6 +717,11 @@ TORCH_LIBRARY_IMPL(torch_ops, CUDA, m) { TOPS_IMPLS(m); }
 
 }  // namespace torch_ops
 
+#ifdef TOPS_WITH_CUDA
+// development hook of csrc/cuda/w4a16_dense.cu (not in tops_cuda.h)
+extern "C" void tops_cuda_w4a16_dev_dense(int mode);
+#endif
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "torch_ops kernels; the ops themselves are torch.ops.torch_ops.*";
     m.def("cpu_isa", &tops_cpu_isa, "instruction set in use: 0 scalar, 1 AVX2, 2 AVX-512");
@@ -724,6 +729,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("cpu_isa_set", &tops_cpu_isa_set, "use at most this level (-1: the detected one)");
 #ifdef TOPS_WITH_CUDA
     m.attr("with_cuda") = true;
+    m.def("cuda_w4a16_dense", &tops_cuda_w4a16_dev_dense,
+          "CUDA w4a16_linear's dense route (dequantise + cuBLAS): -1 automatic, 0 never, 1 "
+          "always; for tests and benchmarks");
 #else
     m.attr("with_cuda") = false;
 #endif

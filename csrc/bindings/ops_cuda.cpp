@@ -1,7 +1,10 @@
 // ops_cuda.cpp - CUDA side of the binding: device guard, current stream, launcher status.
 // Compiled only when the extension is built with CUDA (setup.py); ops.cpp does every check.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <vector>
 
 #include "../cuda/tops_cuda.h"
 #include "ops.h"
@@ -95,14 +98,66 @@ void dequantize(const tops_dequant_args &args, const at::Tensor &like) {
     check_status(tops_cuda_dequantize(&args, stream_of(like)), "dequantize");
 }
 
-void w4a16_linear(const tops_w4a16_args &args, const at::Tensor &like) {
-    c10::cuda::CUDAGuard guard(like.device());
-    size_t bytes = tops_cuda_w4a16_workspace_bytes(&args);
+namespace {
+// The dense route of w4a16_linear (large batches, fp32 x): the weights dequantised `cols` columns
+// at a time into a [K, cols] scratch, each chunk multiplied by cuBLAS (through torch) straight
+// into its columns of out (row stride N). With several chunks, a second stream dequantises chunk
+// i + 1 (into the other of two scratch buffers) while chunk i multiplies; events order the two
+// streams (also inside CUDA graph capture: the side stream forks from and joins the current one).
+void dense_linear(const tops_w4a16_args &args, int64_t cols, const at::Tensor &x,
+                  const at::Tensor &out, const at::Tensor &bias, const at::Tensor &perm) {
+    const int64_t K = args.K, N = args.N, chunks = (N + cols - 1) / cols;
+    const c10::cuda::CUDAStream main = at::cuda::getCurrentCUDAStream(x.device().index());
+    at::Tensor xp = x;
+    if (perm.defined()) {  // x[:, perm], by the fused route's gather kernel
+        xp = at::empty_like(x);
+        tops_w4a16_args g = args;
+        g.perm = perm.data_ptr<int32_t>();
+        check_status(tops_cuda_w4a16_gather_x(&g, xp.data_ptr(), main.stream()), "w4a16_linear");
+    }
+    const c10::cuda::CUDAStream side =
+        chunks > 1 ? at::cuda::getStreamFromPool(false, x.device().index()) : main;
+    at::Tensor scratch[2] = {at::empty({K * cols}, x.options()),
+                             chunks > 1 ? at::empty({K * cols}, x.options()) : at::Tensor()};
+    std::vector<at::cuda::CUDAEvent> dequantised(chunks), multiplied(chunks);
+    if (chunks > 1) {  // the side stream starts after everything queued so far on the main one
+        at::cuda::CUDAEvent fork;
+        fork.record(main);
+        fork.block(side);
+    }
+    for (int64_t i = 0; i < chunks; ++i) {
+        const int64_t n0 = i * cols, n = std::min(cols, N - n0);
+        at::Tensor w = scratch[i & 1].narrow(0, 0, K * n).view({K, n});
+        if (i >= 2) multiplied[i - 2].block(side);  // the GEMM that read this buffer is done
+        check_status(tops_cuda_w4a16_dequant_kn(&args, n0, n, w.data_ptr(), side.stream()),
+                     "w4a16_linear");
+        if (chunks > 1) {
+            dequantised[i].record(side);
+            dequantised[i].block(main);  // the last of these joins the side stream back
+        }
+        at::Tensor o = out.narrow(1, n0, n);
+        if (bias.defined()) at::addmm_out(o, bias.narrow(0, n0, n), xp, w);
+        else at::mm_out(o, xp, w);
+        if (chunks > 1 && i + 2 < chunks) multiplied[i].record(main);
+    }
+}
+}  // namespace
+
+void w4a16_linear(const tops_w4a16_args &args, const at::Tensor &x, const at::Tensor &out,
+                  const at::Tensor &bias, const at::Tensor &perm) {
+    c10::cuda::CUDAGuard guard(x.device());
+    void *s = stream_of(x);
+    if (const int64_t cols = tops_cuda_w4a16_dense_cols(&args)) {
+        dense_linear(args, cols, x, out, bias, perm);
+        return;
+    }
+    tops_w4a16_args a = args;
+    a.perm = perm.defined() ? perm.data_ptr<int32_t>() : nullptr;
+    size_t bytes = tops_cuda_w4a16_workspace_bytes(&a);
     // from the caching allocator: no cudaMalloc on the hot path, and legal inside graph capture
     at::Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)},
-                                     like.options().dtype(at::kByte));
-    check_status(tops_cuda_w4a16_linear(&args, workspace.data_ptr(), bytes, stream_of(like)),
-                 "w4a16_linear");
+                                     x.options().dtype(at::kByte));
+    check_status(tops_cuda_w4a16_linear(&a, workspace.data_ptr(), bytes, s), "w4a16_linear");
 }
 
 }  // namespace cuda

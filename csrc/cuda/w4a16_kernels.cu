@@ -819,6 +819,13 @@ size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
     return (size_t)a->M * (size_t)a->K * (a->x_dtype == TOPS_F32 ? 4 : 2);
 }
 
+int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) {
+    if (a == nullptr || a->perm == nullptr || a->x == nullptr || a->M <= 0 || (a->K & 7) != 0 ||
+        a->x_row_stride != a->K || !aligned(a->perm, 16) || !aligned(dst, 16))
+        return TOPS_ERR_ARG;
+    return launch_gather(a, dst, stream);
+}
+
 int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t workspace_bytes,
                            void *stream) {
     if (a_in == nullptr) return TOPS_ERR_ARG;
@@ -827,10 +834,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     if (a_in->perm != nullptr && a_in->M > 0) {
         /* x[:, perm] into the workspace, then the plain product on it */
         if (workspace == nullptr || workspace_bytes < tops_cuda_w4a16_workspace_bytes(a_in)) return TOPS_ERR_ARG;
-        if ((a_in->K & 7) != 0 || a_in->x_row_stride != a_in->K || !aligned(a_in->perm, 16) ||
-            !aligned(workspace, 16) || a_in->x == nullptr)
-            return TOPS_ERR_ARG;
-        const int st = launch_gather(a_in, workspace, stream);
+        const int st = tops_cuda_w4a16_gather_x(a_in, workspace, stream);
         if (st != TOPS_OK) return st;
         gathered = *a_in;
         gathered.x = workspace;

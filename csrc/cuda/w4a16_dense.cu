@@ -1,0 +1,162 @@
+/*
+ * w4a16_dense.cu - the large-batch route of the w4a16 linear: the weights of a chunk of output
+ * columns are dequantised into a dense [K, n] matrix in the activation dtype, and the caller
+ * multiplies x by it with the dense GEMM (cuBLAS, through torch: ../bindings/ops_cuda.cpp).
+ *
+ * Why: from M of a few thousand the product is bound by the tensor cores, where cuBLAS's GEMM is
+ * ahead of the fused kernels (H100, 8192 x 8192, M = 4096: 858 us against 1,050), and the
+ * dequantisation costs only K N (2.5 bytes of traffic) once per call, a few percent of the GEMM.
+ * fp32 activations have no fused tensor-core kernel at all (w4a16_kernels.cu's CUDA-core
+ * fallback), so they take this route from small M: dequantised fp32 weights and an fp32 GEMM
+ * (TF32 only where torch allows it for matmuls).
+ *
+ * Numerics: each weight is s * (q - z) in fp32, rounded once to the activation dtype (what the
+ * fused large-M kernels compute in their half2 fma), then an fp32-accumulating GEMM.
+ */
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include <algorithm>
+
+#include "w4a16_common.cuh"
+
+namespace tops_w4 {
+
+/* dev hook: -1 automatic, 0 never, 1 always, 2 always in chunks only as small as the scratch
+ * bound needs (no overlap of dequantisation and GEMM where the weights fit in one chunk) */
+inline int g_dense_mode = -1;
+
+/* Measured on an H200 (graph timing, fifth session: bench_linear.py --dense-sweep), dequantising
+ * in one chunk: 8192 x 8192 M = 1024 / 2048 / 4096 fused 257 / 521 / 1,058 us, dense 255 / 459 /
+ * 876 (cuBLAS alone 218 / 431 / 830); 4096 x 14336 265 / 461 / 926 against 231 / 415 / 773.
+ * fp32 x: the CUDA-core fallback is 8-16x slower than the dense route at every M (8192 x 8192
+ * M = 1: 1,501 against 178 us). */
+constexpr int64_t kDenseMinM = 1024;
+constexpr int64_t kScratchBytes = 64ll << 20; /* a dequantised chunk at most this (or 256 columns) */
+constexpr int64_t kOverlapChunks = 4; /* the caller dequantises chunk i + 1 while chunk i multiplies */
+
+struct DqKnParams {
+    const int32_t *qw;   /* [K/8, N] */
+    const void *sc;      /* [G, N], activation dtype */
+    const int32_t *qz;   /* [G, N/8] or null */
+    const int32_t *gidx; /* [K] or null */
+    void *w;             /* [K, n] */
+    int64_t K8, N, n0, n, gsize;
+    int zmode;
+};
+
+template <typename E> struct Vec4;
+template <> struct Vec4<__half> {
+    __device__ static float4 load(const __half *p) {
+        const uint2 v = *reinterpret_cast<const uint2 *>(p);
+        const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
+        const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
+        return make_float4(a.x, a.y, b.x, b.y);
+    }
+    __device__ static void store(__half *p, float4 f) {
+        __half2 a = __floats2half2_rn(f.x, f.y), b = __floats2half2_rn(f.z, f.w);
+        *reinterpret_cast<uint2 *>(p) = make_uint2(*reinterpret_cast<uint32_t *>(&a), *reinterpret_cast<uint32_t *>(&b));
+    }
+};
+template <> struct Vec4<__nv_bfloat16> {
+    __device__ static float4 load(const __nv_bfloat16 *p) {
+        const uint2 v = *reinterpret_cast<const uint2 *>(p);
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v.x));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v.y));
+        return make_float4(a.x, a.y, b.x, b.y);
+    }
+    __device__ static void store(__nv_bfloat16 *p, float4 f) {
+        __nv_bfloat162 a = __floats2bfloat162_rn(f.x, f.y), b = __floats2bfloat162_rn(f.z, f.w);
+        *reinterpret_cast<uint2 *>(p) = make_uint2(*reinterpret_cast<uint32_t *>(&a), *reinterpret_cast<uint32_t *>(&b));
+    }
+};
+template <> struct Vec4<float> {
+    __device__ static float4 load(const float *p) { return *reinterpret_cast<const float4 *>(p); }
+    __device__ static void store(float *p, float4 f) { *reinterpret_cast<float4 *>(p) = f; }
+};
+
+/* One thread: one k-word (8 k) of 4 consecutive columns; a warp writes 128 columns of a row with
+ * one store per thread (8 or 16 bytes), rows of the chunk n elements apart. */
+template <typename E>
+__global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
+    const int64_t quads = p.n >> 2;
+    const int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= quads) return;
+    const int64_t col = p.n0 + 4 * j; /* column in the layer */
+    const E *sc = static_cast<const E *>(p.sc);
+    E *w = static_cast<E *>(p.w);
+    for (int64_t kw = blockIdx.y; kw < p.K8; kw += gridDim.y) {
+        const int4 q = __ldg(reinterpret_cast<const int4 *>(p.qw + kw * p.N + col));
+        const uint32_t qv[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
+        int64_t g_prev = -1;
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int64_t k = kw * 8 + i;
+            const int64_t g = p.gidx ? (int64_t)__ldg(p.gidx + k) : k / p.gsize;
+            if (g != g_prev) { /* once per k-word for groups of 8 and more */
+                g_prev = g;
+                s = Vec4<E>::load(sc + g * p.N + col);
+                const uint32_t zw =
+                    p.zmode ? (uint32_t)__ldg(p.qz + g * (p.N >> 3) + (col >> 3)) >> ((col & 4) * 4) : 0u;
+                z = make_float4((float)zero_of(zw & 15u, p.zmode), (float)zero_of((zw >> 4) & 15u, p.zmode),
+                                (float)zero_of((zw >> 8) & 15u, p.zmode), (float)zero_of((zw >> 12) & 15u, p.zmode));
+            }
+            const float4 v = make_float4(s.x * ((float)((qv[0] >> (4 * i)) & 15u) - z.x),
+                                         s.y * ((float)((qv[1] >> (4 * i)) & 15u) - z.y),
+                                         s.z * ((float)((qv[2] >> (4 * i)) & 15u) - z.z),
+                                         s.w * ((float)((qv[3] >> (4 * i)) & 15u) - z.w));
+            Vec4<E>::store(w + k * p.n + 4 * j, v);
+        }
+    }
+}
+
+} // namespace tops_w4
+
+using namespace tops_w4;
+
+extern "C" {
+
+/* development hook, not part of tops_cuda.h: the dense route -1 automatic, 0 never, 1 always
+ * (where it applies). Used by benchmarks/w4a16_cuda_dev.py and the tests. */
+void tops_cuda_w4a16_dev_dense(int mode) { g_dense_mode = mode < 0 ? -1 : std::min(mode, 2); }
+
+int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a) {
+    if (a == nullptr || a->M <= 0 || a->K <= 0 || a->N <= 0 || (a->N & 7) || (a->K & 7)) return 0;
+    if (g_dense_mode == 0) return 0;
+    if (a->scales_dtype != a->x_dtype || a->out_dtype != a->x_dtype) return 0;
+    const int64_t esz = a->x_dtype == TOPS_F32 ? 4 : 2;
+    if (a->x_dtype != TOPS_F32 && a->x_dtype != TOPS_F16 && a->x_dtype != TOPS_BF16) return 0;
+    /* the kernel's vector loads */
+    if ((reinterpret_cast<uintptr_t>(a->qweight) & 15) || (reinterpret_cast<uintptr_t>(a->scales) & (4 * esz - 1)))
+        return 0;
+    if (g_dense_mode < 0 && a->M < kDenseMinM && a->x_dtype != TOPS_F32) return 0;
+    const int64_t fit = std::max<int64_t>(256, kScratchBytes / (a->K * esz) / 256 * 256);
+    if (g_dense_mode == 2) return std::min(a->N, fit);
+    /* at least kOverlapChunks chunks of 256 columns or more (fewer for small N) */
+    const int64_t overlap = std::max<int64_t>(256, (a->N + 256 * kOverlapChunks - 1) / (256 * kOverlapChunks) * 256);
+    return std::min({a->N, fit, overlap});
+}
+
+int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, void *w, void *stream) {
+    if (a == nullptr || w == nullptr || n <= 0 || (n & 7) || (n0 & 7) || n0 < 0 || n0 + n > a->N) return TOPS_ERR_ARG;
+    if ((a->K & 7) || a->group_size <= 0 || (reinterpret_cast<uintptr_t>(w) & 15)) return TOPS_ERR_ARG;
+    int zmode = 0;
+    if (a->qzeros != nullptr) zmode = a->zero_format == TOPS_ZEROS_V1 ? 1 : 2;
+    DqKnParams p{a->qweight, a->scales, a->qzeros, a->g_idx, w, a->K >> 3, a->N, n0, n, a->group_size, zmode};
+    const int64_t quads = n >> 2;
+    const dim3 block(256), grid((unsigned)((quads + 255) / 256), (unsigned)std::min<int64_t>(p.K8, 65535));
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    switch (a->x_dtype) {
+    case TOPS_F16: dequant_kn_kernel<__half><<<grid, block, 0, s>>>(p); break;
+    case TOPS_BF16: dequant_kn_kernel<__nv_bfloat16><<<grid, block, 0, s>>>(p); break;
+    case TOPS_F32: dequant_kn_kernel<float><<<grid, block, 0, s>>>(p); break;
+    default: return TOPS_ERR_ARG;
+    }
+    return cudaGetLastError() == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
+}
+
+} /* extern "C" */
