@@ -92,7 +92,7 @@ def bench_cuda(shapes, ms, G, timing):
           f"copy bandwidth {copy_bw / 1e9:,.0f} GB/s, group {G}, timing {timing}")
     print("| K x N | M | w4a16 fp16 | w4a16 bf16 | act-order fp16 | act-order prepacked | cuBLAS fp16 "
           "| tinygemm bf16 | dequant+mm | floor | vs cuBLAS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for K, N in shapes:
         w, t = make(K, N, G, "cuda")
         _, t_act = make(K, N, G, "cuda", act_order=True)
@@ -152,8 +152,7 @@ def bench_cuda(shapes, ms, G, timing):
 
 def bench_dense_sweep(shapes, ms, G):
     """The CUDA op's routes side by side: the fused kernels, the dense route (weights dequantised
-    a column chunk at a time, then cuBLAS) in one chunk and in overlapped chunks, and the
-    automatic choice; fp16, and prepacked act-order (fused / automatic), against cuBLAS fp16; then
+    a column chunk at a time, then cuBLAS) and the automatic choice; fp16, and prepacked act-order (fused / automatic), against cuBLAS fp16; then
     fp32 activations (fused: the CUDA-core fallback). Graph timing. Sets the crossover in
     csrc/cuda/w4a16_dense.cu."""
     from torch_ops import _C
@@ -166,9 +165,9 @@ def bench_dense_sweep(shapes, ms, G):
             _C.cuda_w4a16_dense(-1)
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, group {G}, timing graph")
-    print("| K x N | M | x | fused | dense, 1 chunk | dense, overlapped | auto | prepacked fused "
+    print("| K x N | M | x | fused | dense | auto | prepacked fused "
           "| prepacked auto | cuBLAS fp16 | auto vs cuBLAS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for K, N in shapes:
         w, t = make(K, N, G, "cuda")
         _, t_act = make(K, N, G, "cuda", act_order=True)
@@ -181,19 +180,19 @@ def bench_dense_sweep(shapes, ms, G):
             for M in mlist:
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 td = t if dtype == torch.float16 else dict(t, scales=t["scales"].float())
-                for mode in (0, 1, 2):
+                for mode in (0, 1):
                     _C.cuda_w4a16_dense(mode)
                     check(x, td)
                 _C.cuda_w4a16_dense(-1)
                 run = lambda d: torch_ops.w4a16_linear(x, **d)
-                fused, one, over, auto = (bench(run, td, qbytes, m) for m in (0, 2, 1, -1))
+                fused, dense, auto = (bench(run, td, qbytes, m) for m in (0, 1, -1))
                 pf = pa = cub = None
                 ratio = "n/a"
                 if dtype == torch.float16:
                     pf, pa = (bench(run, t_pre, qbytes, m) for m in (0, -1))
                     cub = bench(lambda d: x @ d.t(), w16, w16.numel() * 2, -1)
                     ratio = f"{cub / auto:.2f}x"
-                print(f"| {K} x {N} | {M} | {str(dtype)[6:]} | {fmt(fused)} | {fmt(one)} | {fmt(over)} "
+                print(f"| {K} x {N} | {M} | {str(dtype)[6:]} | {fmt(fused)} | {fmt(dense)} "
                       f"| {fmt(auto)} | {fmt(pf)} | {fmt(pa)} | {fmt(cub)} | {ratio} |", flush=True)
         del t_act, t_pre, w16
 

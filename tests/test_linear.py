@@ -304,8 +304,8 @@ def test_cuda_dense_route_column_chunks(dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_large_batch_automatic(dtype):
-    """M = 2100: the automatic choice (the dense route, 3 overlapped column chunks); plain,
-    act-order and perm agree with the reference"""
+    """M = 2100: the automatic choice (the dense route); plain, act-order and perm agree with the
+    reference"""
     K, N, M = 256, 1032, 2100
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     for act_order in (False, True):

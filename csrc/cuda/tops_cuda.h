@@ -56,8 +56,8 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
 /* Large batches (and fp32 activations): the caller multiplies x by dequantised weights with a
  * dense GEMM instead. tops_cuda_w4a16_dense_cols returns 0 where the fused launcher above is
  * the faster (or the only) way, else the width of the column chunks to dequantise at a time (a
- * multiple of 256, or N; when there are several, dequantising chunk i + 1 on a second stream
- * while chunk i multiplies hides most of it). tops_cuda_w4a16_dequant_kn writes columns
+ * multiple of 256, or N; where there are several, dequantising chunk i + 1 on a second stream
+ * while chunk i multiplies hides some of it). tops_cuda_w4a16_dequant_kn writes columns
  * [n0, n0 + n) of the weights, s * (q - z) in the activation dtype, as a row-major [K, n] matrix w
  * (16-byte aligned): row k is the weight of x's k-th activation, so with perm the caller
  * multiplies x[:, perm] (tops_cuda_w4a16_gather_x: a->perm into dst, [M, K]) by it. */

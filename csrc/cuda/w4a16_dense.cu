@@ -24,18 +24,20 @@
 
 namespace tops_w4 {
 
-/* dev hook: -1 automatic, 0 never, 1 always, 2 always in chunks only as small as the scratch
- * bound needs (no overlap of dequantisation and GEMM where the weights fit in one chunk) */
-inline int g_dense_mode = -1;
+inline int g_dense_mode = -1; /* dev hook: -1 automatic, 0 never, 1 always */
 
-/* Measured on an H200 (graph timing, fifth session: bench_linear.py --dense-sweep), dequantising
- * in one chunk: 8192 x 8192 M = 1024 / 2048 / 4096 fused 257 / 521 / 1,058 us, dense 255 / 459 /
- * 876 (cuBLAS alone 218 / 431 / 830); 4096 x 14336 265 / 461 / 926 against 231 / 415 / 773.
- * fp32 x: the CUDA-core fallback is 8-16x slower than the dense route at every M (8192 x 8192
- * M = 1: 1,501 against 178 us). */
-constexpr int64_t kDenseMinM = 1024;
+/* When: measured on an H200 (graph timing, fifth session: bench_linear.py --dense-sweep),
+ * fused / dense / cuBLAS alone, us:
+ *   8192 x 8192    M = 1024 261 / 257 / 215,  M = 2048 529 / 472 / 419,  M = 4096 1,067 / 912 / 861
+ *   4096 x 14336   M = 1024 269 / 239 / 194,  M = 2048 468 / 430 / 374,  M = 4096   940 / 786 / 741
+ *   14336 x 4096   M = 1024 226 / 244 / 189,  M = 2048 462 / 420 / 360,  M = 4096   922 / 849 / 744
+ * and at M = 512 the fused kernels were 11-29% ahead. fp32 x: the CUDA-core fallback is 9-17x
+ * slower than the dense route at every M (8192 x 8192 M = 1: 1,495 against 161 us).
+ * How: chunks as wide as the scratch bound allows. Splitting further, so that more of the
+ * dequantisation overlaps a GEMM, was as often slower as faster (narrower GEMMs), M = 4096, 4
+ * chunks against 2: 14336 x 4096 765 / 849 us, 4096 x 14336 869 / 786, 8192 x 8192 886 / 912. */
+constexpr int64_t kDenseMinM = 2048, kDenseMinM_WideN = 1024; /* the latter where N >= K */
 constexpr int64_t kScratchBytes = 64ll << 20; /* a dequantised chunk at most this (or 256 columns) */
-constexpr int64_t kOverlapChunks = 4; /* the caller dequantises chunk i + 1 while chunk i multiplies */
 
 struct DqKnParams {
     const int32_t *qw;   /* [K/8, N] */
@@ -122,23 +124,21 @@ extern "C" {
 
 /* development hook, not part of tops_cuda.h: the dense route -1 automatic, 0 never, 1 always
  * (where it applies). Used by benchmarks/w4a16_cuda_dev.py and the tests. */
-void tops_cuda_w4a16_dev_dense(int mode) { g_dense_mode = mode < 0 ? -1 : std::min(mode, 2); }
+void tops_cuda_w4a16_dev_dense(int mode) { g_dense_mode = mode < 0 ? -1 : (mode ? 1 : 0); }
 
 int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a) {
     if (a == nullptr || a->M <= 0 || a->K <= 0 || a->N <= 0 || (a->N & 7) || (a->K & 7)) return 0;
     if (g_dense_mode == 0) return 0;
     if (a->scales_dtype != a->x_dtype || a->out_dtype != a->x_dtype) return 0;
-    const int64_t esz = a->x_dtype == TOPS_F32 ? 4 : 2;
     if (a->x_dtype != TOPS_F32 && a->x_dtype != TOPS_F16 && a->x_dtype != TOPS_BF16) return 0;
+    const int64_t esz = a->x_dtype == TOPS_F32 ? 4 : 2;
     /* the kernel's vector loads */
     if ((reinterpret_cast<uintptr_t>(a->qweight) & 15) || (reinterpret_cast<uintptr_t>(a->scales) & (4 * esz - 1)))
         return 0;
-    if (g_dense_mode < 0 && a->M < kDenseMinM && a->x_dtype != TOPS_F32) return 0;
-    const int64_t fit = std::max<int64_t>(256, kScratchBytes / (a->K * esz) / 256 * 256);
-    if (g_dense_mode == 2) return std::min(a->N, fit);
-    /* at least kOverlapChunks chunks of 256 columns or more (fewer for small N) */
-    const int64_t overlap = std::max<int64_t>(256, (a->N + 256 * kOverlapChunks - 1) / (256 * kOverlapChunks) * 256);
-    return std::min({a->N, fit, overlap});
+    if (g_dense_mode < 0 && a->x_dtype != TOPS_F32 &&
+        a->M < (a->N >= a->K ? kDenseMinM_WideN : kDenseMinM))
+        return 0;
+    return std::min(a->N, std::max<int64_t>(256, kScratchBytes / (a->K * esz) / 256 * 256));
 }
 
 int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, void *w, void *stream) {
