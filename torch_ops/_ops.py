@@ -113,7 +113,12 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     optional act-order g_idx [K]); returns [..., N] in x.dtype, accumulated in fp32.
     ``perm`` [K] (instead of g_idx): the product uses ``x[..., perm]``, for act-order weights
     whose rows :func:`act_order_prepack` sorted by group (the fast path for act-order).
-    Differentiable with respect to x (and bias)."""
+    Differentiable with respect to x (and bias).
+
+    On CUDA, large batches (M >= 2048, or >= 1024 where N >= K) and fp32 x take the dense route:
+    the weights are dequantised a column chunk at a time into at most 64 MiB of scratch (from the
+    caching allocator) and multiplied with cuBLAS, whose GEMM is ahead of any fused kernel
+    there; the result is the same up to rounding."""
     return _ops.w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
                              perm)
 
