@@ -148,6 +148,19 @@ def test_perm_reads_permuted_x(device, M, dtype):
         assert rel_err(out, reference(x[:, perm.long()], t, bias)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("M", [1, 64, 2100])
+def test_perm_view_at_an_offset(device, M):
+    """perm and x as views that start mid-allocation (the CUDA gather reads 16-byte words)"""
+    K, N = 256, 64
+    t = make_weights(K, N, 64, device=device)
+    perm = torch.cat([torch.zeros(1, dtype=torch.int32),
+                      torch.randperm(K).to(torch.int32)]).to(device)[1:]
+    x = torch.randn(M * K + 1, device=device, dtype=torch.float16)[1:].view(M, K)
+    assert perm.data_ptr() % 16 and x.data_ptr() % 16
+    out = torch_ops.w4a16_linear(x, perm=perm, **t)
+    assert rel_err(out, reference(x[:, perm.long()], t)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_perm_small_batches_split_k(device, M, dtype):

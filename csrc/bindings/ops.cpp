@@ -614,6 +614,8 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
         check_shape(op, "perm", *perm_in, {K}, "[K]");
         check_index_range(op, "perm", *perm_in, K, "positions in a row of x");
         perm = perm_in->to(at::kInt).contiguous();
+        // the CUDA gather reads perm in 16-byte words: a view at an odd offset gets a copy
+        if (on_cuda && reinterpret_cast<uintptr_t>(perm.data_ptr()) % 16) perm = perm.clone();
     }
     if (bias_in.has_value()) {
         check_float(op, "bias", *bias_in);
