@@ -70,6 +70,16 @@ def copies(tensors, nbytes):
     return [tensors] + [clone(tensors) for _ in range(n - 1)]
 
 
+def layer_variants(K, N, G):
+    """one CUDA layer as: float weights, GPTQ tensors, the same with a scattered act-order g_idx,
+    that one prepacked (rows sorted, x gathered by perm), and its int4 bytes"""
+    w, t = make(K, N, G, "cuda")
+    _, t_act = make(K, N, G, "cuda", act_order=True)
+    qw, perm = torch_ops.act_order_prepack(t_act["qweight"], t_act["g_idx"], G)
+    t_pre = {k: v for k, v in t_act.items() if k != "g_idx"} | {"qweight": qw, "perm": perm}
+    return w, t, t_act, t_pre, K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2
+
+
 def bench_cuda(shapes, ms, G, timing):
     import triton.testing
 
@@ -92,17 +102,9 @@ def bench_cuda(shapes, ms, G, timing):
           f"copy bandwidth {copy_bw / 1e9:,.0f} GB/s, group {G}, timing {timing}")
     print("| K x N | M | w4a16 fp16 | w4a16 bf16 | act-order fp16 | act-order prepacked | cuBLAS fp16 "
           "| tinygemm bf16 | dequant+mm | floor | vs cuBLAS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for K, N in shapes:
-        w, t = make(K, N, G, "cuda")
-        _, t_act = make(K, N, G, "cuda", act_order=True)
-        qbytes = K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2
-        t_pre = None
-        pre = torch_ops.act_order_prepack(t_act["qweight"], t_act["g_idx"], G) \
-            if hasattr(torch_ops, "act_order_prepack") else None
-        if pre is not None:
-            t_pre = dict(t_act, qweight=pre[0], perm=pre[1])
-            del t_pre["g_idx"]
+        w, t, t_act, t_pre, qbytes = layer_variants(K, N, G)
         w16 = w.half()
         t_bf = dict(t, scales=t["scales"].bfloat16())
         try:  # tinygemm: bf16, float-domain zero: w = (q - 8) * s + zero, zero = s * (8 - z)
@@ -119,14 +121,12 @@ def bench_cuda(shapes, ms, G, timing):
             xb = x.bfloat16()
             if M in (1, 64, 1024):
                 check(x, t), check(xb, t_bf), check(x, t_act)
-                if t_pre is not None:
-                    a, b = torch_ops.w4a16_linear(x, **t_pre).float(), torch_ops.w4a16_linear(x, **t_act).float()
-                    assert ((a - b).norm() / b.norm()).item() < 1e-2, "prepacked act-order disagrees"
+                a, b = torch_ops.w4a16_linear(x, **t_pre).float(), torch_ops.w4a16_linear(x, **t_act).float()
+                assert ((a - b).norm() / b.norm()).item() < 1e-2, "prepacked act-order disagrees"
             ours = bench(lambda d: torch_ops.w4a16_linear(x, **d), t, qbytes)
             ours_bf = bench(lambda d: torch_ops.w4a16_linear(xb, **d), t_bf, qbytes)
             act = bench(lambda d: torch_ops.w4a16_linear(x, **d), t_act, qbytes)
-            act_pre = None if t_pre is None else bench(
-                lambda d: torch_ops.w4a16_linear(x, **d), t_pre, qbytes)
+            act_pre = bench(lambda d: torch_ops.w4a16_linear(x, **d), t_pre, qbytes)
             cublas = bench(lambda d: x @ d.t(), w16, w16.numel() * 2)
             tiny = None if tiny_w is None else bench(
                 lambda d: torch._weight_int4pack_mm(xb, d["packed"], G, d["sz"]), tiny_w, qbytes)
@@ -169,12 +169,7 @@ def bench_dense_sweep(shapes, ms, G):
           "| prepacked auto | cuBLAS fp16 | auto vs cuBLAS |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for K, N in shapes:
-        w, t = make(K, N, G, "cuda")
-        _, t_act = make(K, N, G, "cuda", act_order=True)
-        qw, perm = torch_ops.act_order_prepack(t_act["qweight"], t_act["g_idx"], G)
-        t_pre = dict(t_act, qweight=qw, perm=perm)
-        del t_pre["g_idx"]
-        qbytes = K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2
+        w, t, t_act, t_pre, qbytes = layer_variants(K, N, G)
         w16 = w.half()
         for dtype, mlist in ((torch.float16, ms), (torch.float32, [1, 16, 256])):
             for M in mlist:

@@ -13,9 +13,6 @@
  * Numerics: each weight is s * (q - z) in fp32, rounded once to the activation dtype (what the
  * fused large-M kernels compute in their half2 fma), then an fp32-accumulating GEMM.
  */
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
 #include <stdint.h>
 
 #include <algorithm>
@@ -49,40 +46,32 @@ struct DqKnParams {
     int zmode;
 };
 
-template <typename E> struct Vec4;
-template <> struct Vec4<__half> {
-    __device__ static float4 load(const __half *p) {
+/* 4 consecutive elements <-> float4: fp16 / bf16 (bit patterns) through the traits of
+ * w4a16_common.cuh, fp32 as is */
+struct F32 {};
+template <class T> struct Vec4 {
+    using E = uint16_t;
+    __device__ static float4 load(const uint16_t *p) {
         const uint2 v = *reinterpret_cast<const uint2 *>(p);
-        const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
-        const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
-        return make_float4(a.x, a.y, b.x, b.y);
+        return make_float4(T::to_f((uint16_t)v.x), T::to_f((uint16_t)(v.x >> 16)), T::to_f((uint16_t)v.y),
+                           T::to_f((uint16_t)(v.y >> 16)));
     }
-    __device__ static void store(__half *p, float4 f) {
-        __half2 a = __floats2half2_rn(f.x, f.y), b = __floats2half2_rn(f.z, f.w);
-        *reinterpret_cast<uint2 *>(p) = make_uint2(*reinterpret_cast<uint32_t *>(&a), *reinterpret_cast<uint32_t *>(&b));
+    __device__ static void store(uint16_t *p, float4 f) {
+        *reinterpret_cast<uint2 *>(p) = make_uint2(T::from_f(f.x) | (uint32_t)T::from_f(f.y) << 16,
+                                                   T::from_f(f.z) | (uint32_t)T::from_f(f.w) << 16);
     }
 };
-template <> struct Vec4<__nv_bfloat16> {
-    __device__ static float4 load(const __nv_bfloat16 *p) {
-        const uint2 v = *reinterpret_cast<const uint2 *>(p);
-        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v.x));
-        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v.y));
-        return make_float4(a.x, a.y, b.x, b.y);
-    }
-    __device__ static void store(__nv_bfloat16 *p, float4 f) {
-        __nv_bfloat162 a = __floats2bfloat162_rn(f.x, f.y), b = __floats2bfloat162_rn(f.z, f.w);
-        *reinterpret_cast<uint2 *>(p) = make_uint2(*reinterpret_cast<uint32_t *>(&a), *reinterpret_cast<uint32_t *>(&b));
-    }
-};
-template <> struct Vec4<float> {
+template <> struct Vec4<F32> {
+    using E = float;
     __device__ static float4 load(const float *p) { return *reinterpret_cast<const float4 *>(p); }
     __device__ static void store(float *p, float4 f) { *reinterpret_cast<float4 *>(p) = f; }
 };
 
 /* One thread: one k-word (8 k) of 4 consecutive columns; a warp writes 128 columns of a row with
  * one store per thread (8 or 16 bytes), rows of the chunk n elements apart. */
-template <typename E>
+template <class T>
 __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
+    using E = typename Vec4<T>::E;
     const int64_t quads = p.n >> 2;
     const int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= quads) return;
@@ -101,7 +90,7 @@ __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
             const int64_t g = p.gidx ? (int64_t)__ldg(p.gidx + k) : k / p.gsize;
             if (g != g_prev) { /* once per k-word for groups of 8 and more */
                 g_prev = g;
-                s = Vec4<E>::load(sc + g * p.N + col);
+                s = Vec4<T>::load(sc + g * p.N + col);
                 const uint32_t zw =
                     p.zmode ? (uint32_t)__ldg(p.qz + g * (p.N >> 3) + (col >> 3)) >> ((col & 4) * 4) : 0u;
                 z = make_float4((float)zero_of(zw & 15u, p.zmode), (float)zero_of((zw >> 4) & 15u, p.zmode),
@@ -111,7 +100,7 @@ __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
                                          s.y * ((float)((qv[1] >> (4 * i)) & 15u) - z.y),
                                          s.z * ((float)((qv[2] >> (4 * i)) & 15u) - z.z),
                                          s.w * ((float)((qv[3] >> (4 * i)) & 15u) - z.w));
-            Vec4<E>::store(w + k * p.n + 4 * j, v);
+            Vec4<T>::store(w + k * p.n + 4 * j, v);
         }
     }
 }
@@ -151,9 +140,9 @@ int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, 
     const dim3 block(256), grid((unsigned)((quads + 255) / 256), (unsigned)std::min<int64_t>(p.K8, 65535));
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     switch (a->x_dtype) {
-    case TOPS_F16: dequant_kn_kernel<__half><<<grid, block, 0, s>>>(p); break;
-    case TOPS_BF16: dequant_kn_kernel<__nv_bfloat16><<<grid, block, 0, s>>>(p); break;
-    case TOPS_F32: dequant_kn_kernel<float><<<grid, block, 0, s>>>(p); break;
+    case TOPS_F16: dequant_kn_kernel<F16><<<grid, block, 0, s>>>(p); break;
+    case TOPS_BF16: dequant_kn_kernel<BF16><<<grid, block, 0, s>>>(p); break;
+    case TOPS_F32: dequant_kn_kernel<F32><<<grid, block, 0, s>>>(p); break;
     default: return TOPS_ERR_ARG;
     }
     return cudaGetLastError() == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
