@@ -27,8 +27,8 @@
  *   over the columns, column blocks innermost, the sums of a chunk kept in a [M][ncols] buffer
  *   between its passes. Few rows at once because rows N * 4 bytes apart share L1 sets (N a multiple
  *   of 1024, as usual): 16 rows read together evict each other's lines, prefetched ones included.
- *   Each row is a stream, prefetched W4_PF_STREAM bytes ahead and on into the next pass, into L2
- *   (w4_prefetch_stream). bf16 x on CPUs with AVX512_BF16 skips the float unpack altogether: a
+ *   Each row is a stream, prefetched ahead and on into the next pass (AVX-512: into L2 4 KB ahead,
+ *   into L1 512 B ahead, w4_prefetch_stream; AVX2: into L1 1 KB ahead). bf16 x on CPUs with AVX512_BF16 skips the float unpack altogether: a
  *   nibble pair plus a magic exponent is a bf16 pair, and vdpbf16ps does two exact products per
  *   lane (w4_bf16_kern: 11 vector operations per 8 nibble slots instead of 17).
  *   Act-order (g_idx whose groups change inside a word of 8 k, or group_size % 8 != 0) cannot
@@ -88,10 +88,13 @@
 #define W4_PASS_ROWS 4    /* GEMV: qweight rows read together in one pass over the columns */
 #endif
 #ifndef W4_PF_STREAM
-#define W4_PF_STREAM 4096 /* GEMV: prefetch this many bytes ahead in the stream of each row */
+#define W4_PF_STREAM 1024 /* GEMV, AVX2: prefetch (T0) this many bytes ahead in the stream of each row */
 #endif
-#ifndef W4_PF_STREAM_LOCALITY
-#define W4_PF_STREAM_LOCALITY 2 /* GEMV stream prefetch: 2 = T1, into L2 (see w4_prefetch_stream) */
+#ifndef W4_PF_STREAM512
+#define W4_PF_STREAM512 4096 /* GEMV, AVX-512: the same into L2 (T1, w4_prefetch_stream) ... */
+#endif
+#ifndef W4_PF_NEAR512
+#define W4_PF_NEAR512 512 /* ... and into L1 (T0) this many bytes ahead */
 #endif
 #ifndef W4_PF_ROWS
 #define W4_PF_ROWS 16     /* dequant: prefetch this many qweight rows ahead */
@@ -281,12 +284,13 @@ static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
 
 /* prefetch p + off bytes (possibly past the array: a prefetch never faults) */
 #define w4_prefetch(p, off) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(off)), 0, W4_PF_LOCALITY)
-/* the same into L2 only (prefetcht1), for the GEMV's row streams: a T0 prefetch holds an L1 miss
- * buffer until its line arrives, and with a few dozen of those per core the L1 queue, not DRAM,
- * capped the M = 1 GEMV at 2 threads (Zen 4: T1, 4 KB ahead, 0.82x the time of T0, 1 KB ahead;
- * further ahead than 8 KB is slower again); the loads then hit L2 */
-#define w4_prefetch_stream(p, off) \
-    __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(off)), 0, W4_PF_STREAM_LOCALITY)
+/* The GEMV's row streams, AVX-512 path: each line prefetched into L2 only (prefetcht1) 4 KB ahead,
+ * then into L1 512 B ahead. A T0 prefetch holds an L1 miss buffer until its line arrives from DRAM,
+ * and with a few dozen of those per core, T0 alone 1 KB ahead capped the M = 1 GEMV at 2 threads
+ * (Zen 4, weights streamed from DRAM: T1 4 KB ahead took 0.82x the time, 2-8 KB alike, 16 KB
+ * 0.88x); the near T0 keeps weights that sit in L3 as fast as before (T1 alone: 1.02-1.08x there).
+ * The AVX2 path keeps T0 1 KB ahead (tuned on Zen 3; not re-measured on an AVX2-only CPU). */
+#define w4_prefetch_stream(p, off) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(off)), 0, 2)
 
 /* ================================ AVX2 + FMA + F16C primitives ================================== */
 #define W4_ISA avx2
@@ -363,6 +367,9 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 }
 
 #define W4_BF16DOT 0
+#define W4_PF_FAR W4_PF_STREAM /* GEMV stream prefetch: bytes ahead, T0 */
+#define W4_PF_FAR_T1 0
+#define W4_PF_NEAR 0
 #define vf_loadt(p, dtype, i) w4_load_avx2(p, dtype, i)
 #define vf_storet(p, dtype, i, v) w4_store_avx2(p, dtype, i, v)
 #define vf_zeros(a, g, n) w4_zeros_avx2(a, g, n)
@@ -398,6 +405,9 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 #undef vf_storet
 #undef vf_zeros
 #undef W4_BF16DOT
+#undef W4_PF_FAR
+#undef W4_PF_FAR_T1
+#undef W4_PF_NEAR
 
 /* ===================== AVX-512 (F, BW, VL) primitives: the same code, 16 lanes ===================== */
 #define W4_ISA avx512
@@ -494,6 +504,8 @@ static BATTR W4_INLINE void w4_bf16_kern(const int MR, const int NV, int first, 
     const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
     for (int64_t o = 0; o < nblk * NV * 16; o += NV * 16) {
         const int64_t pf = 4 * (pfn < rem - o ? pfn : pfn + wrap); /* bytes */
+        const int64_t pn = pfn < W4_PF_NEAR512 / 4 ? pfn : W4_PF_NEAR512 / 4;
+        const int64_t pfl = 4 * (pn < rem - o ? pn : pn + wrap);
         __m512 acc[4][4][4];
 #pragma GCC unroll 4
         for (int i = 0; i < S; i++)
@@ -505,7 +517,10 @@ static BATTR W4_INLINE void w4_bf16_kern(const int MR, const int NV, int first, 
         for (int64_t r = 0; r < nrows; r++) {
             const int32_t *row = qw + r * ldq + o;
 #pragma GCC unroll 4
-            for (int l = 0; l < NV; l++) w4_prefetch_stream(row + l * 16, pf);
+            for (int l = 0; l < NV; l++) {
+                w4_prefetch_stream(row + l * 16, pf);
+                w4_prefetch(row + l * 16, pfl);
+            }
             __m512i w[4];
 #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512((const void *)(row + v * 16));
@@ -572,6 +587,9 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
 #undef W4B_SETS
 #undef BATTR
 #define W4_BF16DOT 1
+#define W4_PF_FAR W4_PF_STREAM512 /* GEMV stream prefetch: bytes ahead, T1, then W4_PF_NEAR ahead, T0 */
+#define W4_PF_FAR_T1 1
+#define W4_PF_NEAR W4_PF_NEAR512
 
 #define vf_loadt(p, dtype, i) w4_load_avx512(p, dtype, i)
 #define vf_storet(p, dtype, i, v) w4_store_avx512(p, dtype, i, v)
@@ -675,6 +693,8 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int SUB, const int MR, const 
     const int S = SUB ? W4_SETS(MR * NV) : 1;
     for (int64_t o = 0; o < nblk * NV * VW; o += NV * VW) {
         const int64_t pf = 4 * (pfn < rem - o ? pfn : pfn + wrap); /* bytes */
+        const int64_t pn = pfn < W4_PF_NEAR / 4 ? pfn : W4_PF_NEAR / 4;
+        const int64_t pfl = 4 * (pn < rem - o ? pn : pn + wrap);
         VF acc[8][4][W4_NVMAX];
 #pragma GCC unroll 8
         for (int i = 0; i < S; i++)
@@ -686,7 +706,11 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int SUB, const int MR, const 
         for (int64_t r = 0; r < nrows; r++) {
             const int32_t *row = qw + r * ldq + o;
 #pragma GCC unroll 4
-            for (int l = 0; l < (NV * VW * 4 + 63) / 64; l++) w4_prefetch_stream(row + l * 16, pf);
+            for (int l = 0; l < (NV * VW * 4 + 63) / 64; l++) {
+                if (W4_PF_FAR_T1) w4_prefetch_stream(row + l * 16, pf);
+                else w4_prefetch(row + l * 16, pf);
+                if (W4_PF_NEAR) w4_prefetch(row + l * 16, pfl);
+            }
             VI w[W4_NVMAX];
 #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) w[v] = vi_load(row + v * VW);
@@ -909,7 +933,7 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
          * chunk */
         float xc[W4_GEMV_MAX_M];
         /* at most one pass ahead: a narrow range prefetches the same columns of the next pass */
-        const int64_t pfn = w4_min(W4_PF_STREAM / 4, ncols);
+        const int64_t pfn = w4_min(W4_PF_FAR / 4, ncols);
         memset(y, 0, (size_t)(M * ncols) * sizeof(float));
         for (int64_t r0 = 0; r0 < R;) {
             const int64_t g = gk[8 * r0];
