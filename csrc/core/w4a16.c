@@ -27,7 +27,10 @@
  *   over the columns, column blocks innermost, the sums of a chunk kept in a [M][ncols] buffer
  *   between its passes. Few rows at once because rows N * 4 bytes apart share L1 sets (N a multiple
  *   of 1024, as usual): 16 rows read together evict each other's lines, prefetched ones included.
- *   Each row is a stream, prefetched W4_PF_STREAM bytes ahead and on into the next pass.
+ *   Each row is a stream, prefetched ahead and on into the next pass (AVX-512: into L2 4 KB ahead,
+ *   into L1 512 B ahead, w4_prefetch_stream; AVX2: into L1 1 KB ahead). bf16 x on CPUs with AVX512_BF16 skips the float unpack altogether: a
+ *   nibble pair plus a magic exponent is a bf16 pair, and vdpbf16ps does two exact products per
+ *   lane (w4_bf16_kern: 11 vector operations per 8 nibble slots instead of 17).
  *   Act-order (g_idx whose groups change inside a word of 8 k, or group_size % 8 != 0) cannot
  *   factor per chunk: a chunk x block loop runs inside column super-blocks whose scales are
  *   converted once into an fp32 table [G][super-block] (~128 KB), the per-k scale is gathered from
@@ -41,7 +44,8 @@
  *
  * Instruction sets: the AVX2 (+FMA, F16C) and AVX-512 variants are one template (the second half
  * of this file, included twice with different vector primitives), compiled with per-function
- * target attributes and picked at run time with tops_cpu_isa(); the scalar path is independent
+ * target attributes and picked at run time with tops_cpu_isa(); the AVX512_BF16 kernel (bf16 x,
+ * GEMV, plain groups) is AVX-512 only and picked by cpuid (w4_bf16dot); the scalar path is independent
  * plain C (direct dequantization, no factoring; the only path off x86 or with -DW4_NO_SIMD).
  * Tests hold every path to a float64 reference.
  * The AVX-512 path takes multiples of 16 columns; an 8-column tail goes to the AVX2 path.
@@ -84,7 +88,13 @@
 #define W4_PASS_ROWS 4    /* GEMV: qweight rows read together in one pass over the columns */
 #endif
 #ifndef W4_PF_STREAM
-#define W4_PF_STREAM 1024 /* GEMV: prefetch this many bytes ahead in the stream of each row */
+#define W4_PF_STREAM 1024 /* GEMV, AVX2: prefetch (T0) this many bytes ahead in the stream of each row */
+#endif
+#ifndef W4_PF_STREAM512
+#define W4_PF_STREAM512 4096 /* GEMV, AVX-512: the same into L2 (T1, w4_prefetch_stream) ... */
+#endif
+#ifndef W4_PF_NEAR512
+#define W4_PF_NEAR512 512 /* ... and into L1 (T0) this many bytes ahead */
 #endif
 #ifndef W4_PF_ROWS
 #define W4_PF_ROWS 16     /* dequant: prefetch this many qweight rows ahead */
@@ -189,6 +199,36 @@ int tops_w4a16_subnormal_set(int mode) {
     return w4_subnormal_fast();
 }
 
+/* Whether the GEMV may take bf16 activations through AVX512_BF16's vdpbf16ps (w4_gemv_bf16): two
+ * products per fp32 lane per instruction, each exact (a bf16 x times an integer below 2^8 fits
+ * fp32's 24 bits) and accumulated in fp32. Detected with cpuid (leaf 7, subleaf 1, EAX bit 5);
+ * tops_w4a16_bf16dot_set (not in tops.h: for the tests) turns it off (0) or on (1, where the CPU has
+ * it), -1 restores the detected choice. Returns the choice now in force. */
+int tops_w4a16_bf16dot_set(int mode);
+static int w4_bfd_forced = -1;
+
+static int w4_bf16dot_detected(void) {
+#if W4_X86
+    static int has = -1;
+    if (has < 0) {
+        unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+        has = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 5 & 1u);
+    }
+    return has;
+#else
+    return 0;
+#endif
+}
+
+static int w4_bf16dot(void) {
+    return w4_bfd_forced >= 0 ? w4_bfd_forced && w4_bf16dot_detected() : w4_bf16dot_detected();
+}
+
+int tops_w4a16_bf16dot_set(int mode) {
+    w4_bfd_forced = mode < 0 ? -1 : mode != 0;
+    return w4_bf16dot();
+}
+
 /* ---- scalar path: direct dequantization, 8 columns (one qzeros word) x up to 64 rows at a time -- */
 static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     const int64_t M = a->M, K = a->K, N = a->N, MB = w4_min(M, 64);
@@ -244,6 +284,13 @@ static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
 
 /* prefetch p + off bytes (possibly past the array: a prefetch never faults) */
 #define w4_prefetch(p, off) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(off)), 0, W4_PF_LOCALITY)
+/* The GEMV's row streams, AVX-512 path: each line prefetched into L2 only (prefetcht1) 4 KB ahead,
+ * then into L1 512 B ahead. A T0 prefetch holds an L1 miss buffer until its line arrives from DRAM,
+ * and with a few dozen of those per core, T0 alone 1 KB ahead capped the M = 1 GEMV at 2 threads
+ * (Zen 4, weights streamed from DRAM: T1 4 KB ahead took 0.82x the time, 2-8 KB alike, 16 KB
+ * 0.88x); the near T0 keeps weights that sit in L3 as fast as before (T1 alone: 1.02-1.08x there).
+ * The AVX2 path keeps T0 1 KB ahead (tuned on Zen 3; not re-measured on an AVX2-only CPU). */
+#define w4_prefetch_stream(p, off) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(off)), 0, 2)
 
 /* ================================ AVX2 + FMA + F16C primitives ================================== */
 #define W4_ISA avx2
@@ -319,6 +366,10 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
     }
 }
 
+#define W4_BF16DOT 0
+#define W4_PF_FAR W4_PF_STREAM /* GEMV stream prefetch: bytes ahead, T0 */
+#define W4_PF_FAR_T1 0
+#define W4_PF_NEAR 0
 #define vf_loadt(p, dtype, i) w4_load_avx2(p, dtype, i)
 #define vf_storet(p, dtype, i, v) w4_store_avx2(p, dtype, i, v)
 #define vf_zeros(a, g, n) w4_zeros_avx2(a, g, n)
@@ -353,6 +404,10 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 #undef vf_loadt
 #undef vf_storet
 #undef vf_zeros
+#undef W4_BF16DOT
+#undef W4_PF_FAR
+#undef W4_PF_FAR_T1
+#undef W4_PF_NEAR
 
 /* ===================== AVX-512 (F, BW, VL) primitives: the same code, 16 lanes ===================== */
 #define W4_ISA avx512
@@ -424,6 +479,117 @@ static KATTR W4_INLINE void w4_store_avx512(void *p, int dtype, int64_t i, __m51
     default: _mm512_storeu_ps((float *)p + i, v); break;
     }
 }
+
+/* ---- bf16 activations through vdpbf16ps (AVX512_BF16) ---------------------------------------------
+ * A nibble pair becomes a bf16 pair without a conversion: (w >> 4j) & 0x000F000F | 0x43004300 (one
+ * vpternlogd after the shift) holds the bf16 values 128 + q_j (low half) and 128 + q_{j+4} (high
+ * half), exactly (bf16 128 has an ulp of 1). vdpbf16ps multiplies them by the bf16 pair
+ * (x[8r + j], x[8r + j + 4]) of xq (x scaled as in the GEMV, exact for bf16 x) and adds both products
+ * to the fp32 lane: 4 shifts-or-not + 4 vpternlogd + 4 vdpbf16ps per 8 nibble slots where the
+ * subnormal unpack takes 9 + 8. The 128 goes with the zero point: y += s (acc - (z + 128) xc). The
+ * instruction reads denormal inputs as zero and flushes denormal results: the magic exponent keeps
+ * the weights normal, and x (its largest |x| scaled into [1, 2)) loses only values below 2^-126 of
+ * its largest. Same loop structure and arguments as w4_gemv_kern, xq in place of xp (ldx in
+ * pairs, 4 per row of qweight). Up to 4 rows x 4 vectors: the 32 AVX-512 registers hold them. */
+#define W4B_SETS(n) ((n) >= 8 ? 1 : (n) >= 4 ? 2 : 4)
+#define BATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+
+static BATTR W4_INLINE void w4_bf16_kern(const int MR, const int NV, int first, int last,
+                                         const tops_w4a16_args *a, int64_t g, int64_t n, int64_t nblk,
+                                         const int32_t *qw, int64_t nrows, int64_t pfn, int64_t rem,
+                                         int64_t wrap, const uint32_t *xq, int64_t ldx, const float *xc,
+                                         float *part, float *y, int64_t ldy) {
+    const int64_t ldq = a->N;
+    const int S = W4B_SETS(MR * NV);
+    const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+    for (int64_t o = 0; o < nblk * NV * 16; o += NV * 16) {
+        const int64_t pf = 4 * (pfn < rem - o ? pfn : pfn + wrap); /* bytes */
+        const int64_t pn = pfn < W4_PF_NEAR512 / 4 ? pfn : W4_PF_NEAR512 / 4;
+        const int64_t pfl = 4 * (pn < rem - o ? pn : pn + wrap);
+        __m512 acc[4][4][4];
+#pragma GCC unroll 4
+        for (int i = 0; i < S; i++)
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; v++)
+                    acc[i][m][v] = first || i ? _mm512_setzero_ps() : _mm512_loadu_ps(part + m * ldy + o + v * 16);
+        for (int64_t r = 0; r < nrows; r++) {
+            const int32_t *row = qw + r * ldq + o;
+#pragma GCC unroll 4
+            for (int l = 0; l < NV; l++) {
+                w4_prefetch_stream(row + l * 16, pf);
+                w4_prefetch(row + l * 16, pfl);
+            }
+            __m512i w[4];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512((const void *)(row + v * 16));
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                __m512i xb[4];
+#pragma GCC unroll 4
+                for (int m = 0; m < MR; m++) xb[m] = _mm512_set1_epi32((int)xq[m * ldx + 4 * r + j]);
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; v++) {
+                    const __m512i t =
+                        _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w[v], 4 * j) : w[v], mask, magic, 0xEA);
+#pragma GCC unroll 4
+                    for (int m = 0; m < MR; m++)
+                        acc[j % S][m][v] = _mm512_dpbf16_ps(acc[j % S][m][v], (__m512bh)t, (__m512bh)xb[m]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int h = S; h > 1; h = (h + 1) / 2)
+#pragma GCC unroll 4
+            for (int k = 0; k < h / 2; k++)
+#pragma GCC unroll 4
+                for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+                    for (int v = 0; v < NV; v++)
+                        acc[k][m][v] = _mm512_add_ps(acc[k][m][v], acc[k + (h + 1) / 2][m][v]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) {
+            const int64_t c = o + v * 16;
+            if (!last) {
+#pragma GCC unroll 4
+                for (int m = 0; m < MR; m++) _mm512_storeu_ps(part + m * ldy + c, acc[0][m][v]);
+                continue;
+            }
+            const __m512 sv = w4_load_avx512(a->scales, a->scales_dtype, g * ldq + n + c);
+            const __m512 zv = _mm512_add_ps(w4_zeros_avx512(a, g, n + c), _mm512_set1_ps(128.0f));
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; m++) {
+                float *yp = y + m * ldy + c;
+                _mm512_storeu_ps(yp, _mm512_fmadd_ps(sv, _mm512_fnmadd_ps(zv, _mm512_set1_ps(xc[m]), acc[0][m][v]),
+                                                     _mm512_loadu_ps(yp)));
+            }
+        }
+    }
+}
+
+static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const tops_w4a16_args *a,
+                                    int64_t g, int64_t n, int64_t nblk, const int32_t *qw, int64_t nrows,
+                                    int64_t pfn, int64_t rem, int64_t wrap, const uint32_t *xq, int64_t ldx,
+                                    const float *xc, float *part, float *y, int64_t ldy) {
+#define W4_BC(MR, NV)                                                                              \
+    case MR * 8 + NV:                                                                              \
+        w4_bf16_kern(MR, NV, first, last, a, g, n, nblk, qw, nrows, pfn, rem, wrap, xq, ldx, xc, part, \
+                     y, ldy);                                                                      \
+        break;
+    switch (mr * 8 + nv) {
+        W4_BC(1, 1) W4_BC(1, 2) W4_BC(1, 4) W4_BC(2, 1) W4_BC(2, 2) W4_BC(2, 4)
+        W4_BC(3, 1) W4_BC(3, 2) W4_BC(3, 4) W4_BC(4, 1) W4_BC(4, 2) W4_BC(4, 4)
+    default: break;
+    }
+#undef W4_BC
+}
+#undef W4B_SETS
+#undef BATTR
+#define W4_BF16DOT 1
+#define W4_PF_FAR W4_PF_STREAM512 /* GEMV stream prefetch: bytes ahead, T1, then W4_PF_NEAR ahead, T0 */
+#define W4_PF_FAR_T1 1
+#define W4_PF_NEAR W4_PF_NEAR512
 
 #define vf_loadt(p, dtype, i) w4_load_avx512(p, dtype, i)
 #define vf_storet(p, dtype, i, v) w4_store_avx512(p, dtype, i, v)
@@ -527,6 +693,8 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int SUB, const int MR, const 
     const int S = SUB ? W4_SETS(MR * NV) : 1;
     for (int64_t o = 0; o < nblk * NV * VW; o += NV * VW) {
         const int64_t pf = 4 * (pfn < rem - o ? pfn : pfn + wrap); /* bytes */
+        const int64_t pn = pfn < W4_PF_NEAR / 4 ? pfn : W4_PF_NEAR / 4;
+        const int64_t pfl = 4 * (pn < rem - o ? pn : pn + wrap);
         VF acc[8][4][W4_NVMAX];
 #pragma GCC unroll 8
         for (int i = 0; i < S; i++)
@@ -538,7 +706,11 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int SUB, const int MR, const 
         for (int64_t r = 0; r < nrows; r++) {
             const int32_t *row = qw + r * ldq + o;
 #pragma GCC unroll 4
-            for (int l = 0; l < (NV * VW * 4 + 63) / 64; l++) w4_prefetch(row + l * 16, pf);
+            for (int l = 0; l < (NV * VW * 4 + 63) / 64; l++) {
+                if (W4_PF_FAR_T1) w4_prefetch_stream(row + l * 16, pf);
+                else w4_prefetch(row + l * 16, pf);
+                if (W4_PF_NEAR) w4_prefetch(row + l * 16, pfl);
+            }
             VI w[W4_NVMAX];
 #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) w[v] = vi_load(row + v * VW);
@@ -689,7 +861,10 @@ static inline int64_t KN(w4_act_sb)(int64_t G) {
 static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws,
                              const int32_t *gk, int uniform) {
     const int64_t M = a->M, K = a->K, N = a->N, G = a->groups, ncols = ne - nb, R = K / 8;
-    const int nvb = M <= 2 ? 4 : 2; /* keeps the accumulators + NV words in 16 registers */
+    /* bf16 x through vdpbf16ps (AVX-512 with AVX512_BF16, plain groups) */
+    const int bfd = W4_BF16DOT && uniform && a->x_dtype == TOPS_BF16 && w4_bf16dot();
+    /* keeps the accumulators + NV words in 16 registers (the bf16 kernel: 32) */
+    const int nvb = M <= 2 || bfd ? 4 : 2;
     float *xf = (float *)ws;
     ws += w4_align((size_t)(M * K) * sizeof(float));
     float *xp = (float *)ws;
@@ -703,7 +878,7 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     ws += w4_align((size_t)(M * ncols) * sizeof(float));
     /* the subnormal unpack where subnormal operands cost nothing; act-order keeps the conversion (its
      * kernel multiplies by a gathered scale anyway) */
-    const int sub = uniform && w4_subnormal_fast();
+    const int sub = uniform && !bfd && w4_subnormal_fast();
     /* x * 2^(127 - 4j) / 2^-4j per slot j, for w4_unpack_sub / w4_unpack_scaled (K % 8 == 0) */
     static const float ps_sub[16] = {0x1p127f, 0x1p123f, 0x1p119f, 0x1p115f, 0x1p111f, 0x1p107f,
                                      0x1p127f, 0x1p127f, 0x1p127f, 0x1p123f, 0x1p119f, 0x1p115f,
@@ -732,11 +907,21 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
         for (k = 0; k + VW <= K; k += VW) {
             const VF v = vf_mul(vf_mul(vf_load(xr + k), f1v), f2v);
             vf_store(xr + k, v);
-            vf_store(xq + k, vf_mul(v, psv));
+            if (!bfd) vf_store(xq + k, vf_mul(v, psv));
         }
         for (; k < K; k++) {
             xr[k] = xr[k] * f1 * f2;
             xq[k] = xr[k] * ps[k & 7];
+        }
+        if (bfd) { /* bf16 pairs (x[8r + j], x[8r + j + 4]), j < 4, of the scaled row: exact for bf16 x */
+            uint32_t *x2 = (uint32_t *)(void *)xp + m * (K / 2);
+            for (k = 0; k < K; k += 8)
+                for (int j = 0; j < 4; j++) {
+                    uint32_t lo, hi;
+                    memcpy(&lo, xr + k + j, 4);
+                    memcpy(&hi, xr + k + j + 4, 4);
+                    x2[k / 2 + j] = (lo >> 16) | (hi & 0xffff0000u);
+                }
         }
     }
     /* the subnormal unpack needs its operands read as they are, not as zeros */
@@ -748,7 +933,7 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
          * chunk */
         float xc[W4_GEMV_MAX_M];
         /* at most one pass ahead: a narrow range prefetches the same columns of the next pass */
-        const int64_t pfn = w4_min(W4_PF_STREAM / 4, ncols);
+        const int64_t pfn = w4_min(W4_PF_FAR / 4, ncols);
         memset(y, 0, (size_t)(M * ncols) * sizeof(float));
         for (int64_t r0 = 0; r0 < R;) {
             const int64_t g = gk[8 * r0];
@@ -771,6 +956,16 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     const int nv = KN(w4_pick_nv)((ncols - n0) / VW, nvb);
                     const int64_t nblk = nv == nvb ? (ncols - n0) / (nv * VW) : 1;
                     for (int64_t m0 = 0; m0 < M; m0 += 4)
+#if W4_BF16DOT
+                        if (bfd)
+                            w4_gemv_bf16_call((int)w4_min(4, M - m0), nv, p == r0, p + np == r1, a, g,
+                                              nb + n0, nblk, a->qweight + p * N + nb + n0, np, pfn,
+                                              ncols - n0, np * N - ncols,
+                                              (const uint32_t *)(const void *)xp + m0 * (K / 2) + 4 * p,
+                                              K / 2, xc + m0, part + m0 * ncols + n0,
+                                              y + m0 * ncols + n0, ncols);
+                        else
+#endif
                         KN(w4_gemv_call)(sub, (int)w4_min(4, M - m0), nv, p == r0, p + np == r1, a,
                                          g, nb + n0, nblk, a->qweight + p * N + nb + n0, np,
                                          pfn, ncols - n0, np * N - ncols,

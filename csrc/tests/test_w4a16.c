@@ -19,6 +19,10 @@
 
 /* w4a16.c: force the GEMV's subnormal unpack on (1) or off (0), -1: by CPU (not in tops.h) */
 int tops_w4a16_subnormal_set(int mode);
+/* w4a16.c: bf16 x through vdpbf16ps off (0) or on (1, where the CPU has AVX512_BF16), -1: by CPU */
+int tops_w4a16_bf16dot_set(int mode);
+
+static int g_xpos; /* w4_make: x >= 0 (every product term of one sign: the largest partial sums) */
 
 static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(tu_rand() & 0xffffff) / 16777216.0f; }
 
@@ -89,6 +93,8 @@ static void w4_make(w4data *d, const w4case *c) {
     const int64_t ldx = K + c->xpad;
     const float xs = c->xscale > 0 ? c->xscale : 1.0f;
     d->x = rand_tensor(M * ldx, c->xd, -xs, xs);
+    if (g_xpos)
+        for (int64_t i = 0; i < M * ldx; i++) tops_store(d->x, c->xd, i, fabsf(tops_load(d->x, c->xd, i)));
     if (M > 1 && c->xscale > 0)
         for (int64_t k = 0; k < K; k++) tops_store(d->x, c->xd, ldx + k, frand(-xs, xs) * 1e-2f);
     d->scales = rand_tensor(G * N, c->sd, 0.002f, 0.02f);
@@ -201,17 +207,20 @@ static int w4_run_check(const w4data *d, const int64_t *splits, int nsplit, cons
     return bad;
 }
 
-/* the case on every ISA level (for the vectorised GEMV, with and without the subnormal unpack),
- * whole range and split ranges */
+/* the case on every ISA level (for the vectorised GEMV, with and without the subnormal unpack, and
+ * for bf16 x with and without vdpbf16ps), whole range and split ranges */
 static void w4_case(const w4case *c) {
     w4data d;
     w4_make(&d, c);
     const int64_t N = c->N;
     int top = tops_cpu_isa_detected();
     for (int isa = 0; isa <= top; isa++)
-        for (int sub = 0; sub <= (isa > 0 && c->M <= 8); sub++) {
+        for (int sub = 0; sub <= (isa > 0 && c->M <= 8); sub++)
+        for (int bfd = 0; bfd <= (isa >= TOPS_ISA_AVX512 && c->M <= 8 && c->xd == TOPS_BF16 &&
+                                  tops_w4a16_bf16dot_set(1)); bfd++) {
             tops_cpu_isa_set(isa);
             tops_w4a16_subnormal_set(sub);
+            tops_w4a16_bf16dot_set(bfd);
             int64_t whole[2] = {0, N};
             w4_run_check(&d, whole, 1, "whole");
             if (N > 8) {
@@ -228,6 +237,7 @@ static void w4_case(const w4case *c) {
         }
     tops_cpu_isa_set(-1);
     tops_w4a16_subnormal_set(-1);
+    tops_w4a16_bf16dot_set(-1);
     w4_free(&d);
 }
 
@@ -247,6 +257,47 @@ static w4case w4_random_case(int64_t M, int64_t K, int64_t N, int64_t gs) {
     c.xpad = tu_rand() % 2 ? 0 : 8 * (int64_t)(tu_rand() % 3) + (tu_rand() % 2);
     c.xscale = 0;
     return c;
+}
+
+/* the bf16-pair GEMV (vdpbf16ps) forced on, at the top ISA level: every x dtype (f32 and f16 x must
+ * keep their fp32 products), M = 1..8, N with an 8-column tail, group sizes 32 / 64 / 128 / K and
+ * act-order, symmetric and both zero formats, whole and split ranges; then x >= 0 (the 128 offset of
+ * the bf16 weights makes the partial sums largest there). Skipped without AVX512_BF16. */
+static void test_bf16dot(void) {
+    if (tops_cpu_isa_detected() < TOPS_ISA_AVX512 || !tops_w4a16_bf16dot_set(1)) {
+        printf("bf16dot: no AVX512_BF16 here, not tested\n");
+        tops_w4a16_bf16dot_set(-1);
+        return;
+    }
+    static const int64_t Ns[] = {8, 24, 40, 272};
+    static const int64_t Gs[] = {32, 64, 128, 0, -1}; /* 0: K (one group), -1: act-order by 32 */
+    int cases = 0;
+    for (int pos = 0; pos < 2; pos++)
+        for (int xd = 0; xd < 3; xd++)
+            for (int64_t M = 1; M <= 8; M++)
+                for (int ni = 0; ni < 4; ni++)
+                    for (int gi = 0; gi < 5; gi++)
+                        for (int zf = 0; zf < 3; zf++) {
+                            if (pos && (xd != TOPS_BF16 || ni % 2)) continue;
+                            const int64_t K = 256, gs = Gs[gi] > 0 ? Gs[gi] : Gs[gi] == 0 ? K : 32;
+                            w4case c = {M, K, Ns[ni], gs, Gs[gi] < 0, zf, -1, xd, (int)(tu_rand() % 3),
+                                        (int)(tu_rand() % 3), (int)(tu_rand() % 4) - 1, (int64_t)(M % 3), 0};
+                            g_xpos = pos;
+                            w4data d;
+                            w4_make(&d, &c);
+                            g_xpos = 0;
+                            tops_cpu_isa_set(TOPS_ISA_AVX512);
+                            tops_w4a16_bf16dot_set(1);
+                            const int64_t N = c.N, cut = N > 16 ? 16 : 8;
+                            int64_t whole[2] = {0, N}, s2[3] = {0, cut, N};
+                            w4_run_check(&d, whole, 1, "bf16dot whole");
+                            if (N > 8) w4_run_check(&d, s2, 2, "bf16dot split");
+                            tops_w4a16_bf16dot_set(-1);
+                            tops_cpu_isa_set(-1);
+                            w4_free(&d);
+                            cases++;
+                        }
+    printf("bf16dot: %d cases\n", cases);
 }
 
 static void test_sweep(void) {
@@ -594,6 +645,7 @@ int main(int argc, char **argv) {
     test_dtypes();
     test_odd();
     test_daz();
+    test_bf16dot();
     test_sweep();
     printf("worst error / bound: f32 %.3g, f16 %.3g, bf16 %.3g\n", g_worst[0], g_worst[1], g_worst[2]);
     return tu_report("test_w4a16");
