@@ -13,8 +13,9 @@ moving up to 50 MB more than they read. Columns: this op (fp16, bf16, act-order 
 act-order prepacked: rows sorted by torch_ops.act_order_prepack, x gathered by perm), cuBLAS fp16 (x @ w.t()),
 torch.ops.aten._weight_int4pack_mm (tinygemm, bf16), dequantize-then-matmul, and the memory floor
 (int4 weights + fp16 scales + packed zeros + activations + output at the measured copy bandwidth).
-CPU columns: this op, dense fp32 and bf16 F.linear, and the int4 bytes per second against the
-read bandwidth measured in the same run.
+CPU columns: this op (fp32 and bf16 x, weights rotated over 128 MB so that they come from DRAM),
+dense fp32 and bf16 F.linear, and the int4 bytes per second against the read bandwidth measured
+in the same run.
 """
 import argparse
 import statistics
@@ -194,38 +195,50 @@ def bench_dense_sweep(shapes, ms, G):
 
 # ---- CPU --------------------------------------------------------------------------------------
 
+CPU_ROTATE_BYTES = 128 << 20  # rotating weight copies: 4x a 32 MB L3, so the weights come from DRAM
+
+
 def bench_cpu(shapes, ms, G, reps):
-    def bench(fn):
-        fn()
+    def bench(fn, data=(None,)):
+        """median us of fn(d), d cycling through `data` (rotating weight copies)"""
+        fn(data[0])
         ts = []
-        for _ in range(reps):
+        for i in range(max(reps, len(data))):
+            d = data[(i + 1) % len(data)]
             t0 = time.perf_counter()
-            fn()
+            fn(d)
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts) * 1e6
 
-    buf = torch.empty(1 << 28, dtype=torch.uint8).random_()
-    read_bw = buf.numel() / (bench(lambda: buf.view(torch.int64).sum()) * 1e-6)
+    # read bandwidth: a vectorised fp32 sum over 256 MB (torch's int64 sum ran 20-30% slower)
+    buf = torch.ones(1 << 26, dtype=torch.float32)
+    read_bw = buf.numel() * 4 / (bench(lambda _: buf.sum()) * 1e-6)
     del buf
     print(f"device: cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"read bandwidth {read_bw / 1e9:.1f} GB/s, isa {['scalar', 'avx2', 'avx512'][torch_ops._C.cpu_isa()]}, group {G}")
-    print("| K x N | M | w4a16 fp32 x (us) | int4 GB/s | of read bw | F.linear fp32 | F.linear bf16 "
-          "| vs fp32 | vs bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"read bandwidth {read_bw / 1e9:.1f} GB/s, isa {['scalar', 'avx2', 'avx512'][torch_ops._C.cpu_isa()]}, "
+          f"group {G}, weights rotated over {CPU_ROTATE_BYTES >> 20} MB")
+    print("| K x N | M | w4a16 fp32 x (us) | int4 GB/s | of read bw | w4a16 bf16 x | F.linear fp32 "
+          "| F.linear bf16 | vs fp32 | vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for K, N in shapes:
         w, t = make(K, N, G, "cpu")
         wb = w.bfloat16()
+        qbytes = K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2
+        ts = [t] + [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in t.items()}
+                    for _ in range(max(1, -(-CPU_ROTATE_BYTES // qbytes) - 1))]
         for M in ms:
             x = torch.randn(M, K)
             xb = x.bfloat16()
-            check(x, t)
-            ours = bench(lambda: torch_ops.w4a16_linear(x, **t))
-            dense = bench(lambda: F.linear(x, w))
-            dense_bf = bench(lambda: F.linear(xb, wb))
+            check(x, t), check(xb, t)
+            ours = bench(lambda d: torch_ops.w4a16_linear(x, **d), ts)
+            ours_bf = bench(lambda d: torch_ops.w4a16_linear(xb, **d), ts)
+            dense = bench(lambda _: F.linear(x, w))
+            dense_bf = bench(lambda _: F.linear(xb, wb))
             gbs = K * N / 2 / (ours * 1e-6) / 1e9
-            print(f"| {K} x {N} | {M} | {ours:,.0f} | {gbs:.1f} | {gbs * 1e9 / read_bw:.0%} "
+            print(f"| {K} x {N} | {M} | {ours:,.0f} | {gbs:.1f} | {gbs * 1e9 / read_bw:.0%} | {ours_bf:,.0f} "
                   f"| {dense:,.0f} | {dense_bf:,.0f} | {dense / ours:.1f}x | {dense_bf / ours:.1f}x |",
                   flush=True)
+        del ts
 
 
 def main():
