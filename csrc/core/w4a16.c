@@ -584,6 +584,247 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
     }
 #undef W4_BC
 }
+
+/* ---- blocked path for bf16 x through vdpbf16ps (AVX512_BF16; M > W4_GEMV_MAX_M, each word of 8 k in
+ * one group) ----------------------------------------------------------------------------------------
+ * Per tile of W4B_KT k x W4B_NT columns the weights become bf16 pairs once, as in the GEMV:
+ * (w >> 4j) & 0x000F000F | 0x43004300 = (128 + q_j, 128 + q_{j+4}), exact, 2 operations per 16
+ * columns x 2 k (a fp32 dequantization + rounding takes ~9), stored as panels [pair][W4B_PW]. x is
+ * packed once per call into rows of bf16 pairs (x_j, x_{j+4}), each row scaled by a power of two
+ * (exact) so that its largest |x| lies in [1, 2): vdpbf16ps reads denormals as zero. A W4B_MR x
+ * W4B_NV micro-kernel (24 fp32 accumulators + 3 weight vectors + a broadcast in the 32 registers)
+ * sums the exact products over a run of words of one group, then C += s * acc in fp32: the scale
+ * is applied exactly, once per run, not rounded into bf16 weights. C starts at the zero term
+ * -sum_g s (z + 128) sum_{k in g} x (the 128 of the weights goes with z). */
+#define W4B_MR 8           /* rows of x per micro-kernel */
+#define W4B_NV 3           /* vectors of 16 columns per micro-kernel = panel */
+#define W4B_PW (W4B_NV * 16)
+#define W4B_NT (4 * W4B_PW) /* columns per tile */
+#ifndef W4B_KT
+#define W4B_KT 512          /* k per tile (multiple of 8): a panel of W4B_KT / 2 pairs x 48 columns, 48 KB */
+#endif
+
+/* C[MR][NV vectors] (ldc apart) += s * sum over np pairs of B[p] * x[m][p]; xq: MR rows of pairs, ldx
+ * apart; bq: the panel at the first pair, W4B_PW apart; s: the scales of the panel's columns. */
+static BATTR W4_INLINE void w4b_kern(const int MR, const int NV, const uint32_t *xq, int64_t ldx,
+                                     const uint32_t *bq, int64_t np, const float *s, float *c,
+                                     int64_t ldc) {
+    __m512 acc[W4B_MR][W4B_NV];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; v++) acc[m][v] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+    for (int64_t p = 0; p < np; p++) {
+        __m512i b[W4B_NV];
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_si512((const void *)(bq + p * W4B_PW + v * 16));
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; m++) {
+            const __m512i xb = _mm512_set1_epi32((int)xq[m * ldx + p]);
+#pragma GCC unroll 3
+            for (int v = 0; v < NV; v++)
+                acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)b[v], (__m512bh)xb);
+        }
+    }
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; v++) {
+        const __m512 sv = _mm512_loadu_ps(s + v * 16);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; m++) {
+            float *cp = c + m * ldc + v * 16;
+            _mm512_storeu_ps(cp, _mm512_fmadd_ps(sv, acc[m][v], _mm512_loadu_ps(cp)));
+        }
+    }
+}
+
+static BATTR void w4b_kern_call(int mr, int nv, const uint32_t *xq, int64_t ldx, const uint32_t *bq,
+                                int64_t np, const float *s, float *c, int64_t ldc) {
+#define W4B_KC(MR)                                                                                 \
+    case MR * 4 + 1: w4b_kern(MR, 1, xq, ldx, bq, np, s, c, ldc); break;                           \
+    case MR * 4 + 2: w4b_kern(MR, 2, xq, ldx, bq, np, s, c, ldc); break;                           \
+    case MR * 4 + 3: w4b_kern(MR, 3, xq, ldx, bq, np, s, c, ldc); break;
+    switch (mr * 4 + nv) {
+        W4B_KC(1) W4B_KC(2) W4B_KC(3) W4B_KC(4) W4B_KC(5) W4B_KC(6) W4B_KC(7) W4B_KC(8)
+    default: break;
+    }
+#undef W4B_KC
+}
+
+/* words rows x ntv vectors of qweight (first word qw, ldq apart) -> panels of bf16 pairs
+ * bq[v / W4B_NV][4 r + j][(v % W4B_NV) * 16 ...] */
+static BATTR void w4b_dequant(const int32_t *qw, int64_t ldq, int64_t rows, int ntv, uint32_t *bq) {
+    const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+    const int64_t pf = (int64_t)W4_PF_ROWS * ldq * 4;
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *row = qw + r * ldq;
+        for (int l = 0; l < (ntv * 64 + 63) / 64; l++) w4_prefetch(row + l * 16, pf);
+        for (int v = 0; v < ntv; v++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(row + v * 16));
+            uint32_t *d = bq + (int64_t)(v / W4B_NV) * (W4B_KT / 2) * W4B_PW + 4 * r * W4B_PW + (v % W4B_NV) * 16;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++)
+                _mm512_storeu_si512((void *)(d + j * W4B_PW),
+                                    _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w, 4 * j) : w, mask, magic, 0xEA));
+        }
+    }
+}
+
+/* workspace of w4b_blocked: x pairs [mce][ldx], group sums [mce][G], row exponents, the scale table,
+ * the weight panels, C [mce][W4B_NT], runs of the tile */
+static int64_t w4b_ldx(int64_t K) { return K / 2 + 16; /* rows 64 B off one L1 set from the next */ }
+static size_t w4b_bytes(const tops_w4a16_args *a) {
+    const int64_t mce = w4_min(a->M, W4_MC);
+    return w4_align((size_t)(mce * w4b_ldx(a->K)) * 4) + w4_align((size_t)(mce * a->groups) * 4) +
+           w4_align((size_t)mce * 4) + w4_align((size_t)(2 * a->groups * W4B_NT) * 4) +
+           w4_align((size_t)(W4B_KT / 2 * W4B_NT) * 4) + w4_align((size_t)(mce * W4B_NT) * 4) +
+           w4_align((size_t)(W4B_KT / 8) * 2 * 4);
+}
+
+/* rows [m0, m0 + mc) of x -> scaled bf16 pairs xq[m][ldx] (pair 4 r + j = (x[8r + j], x[8r + j + 4])),
+ * their sums per group xs[m][G] (of the pairs as vdpbf16ps reads them), the exponents ex[m] */
+static BATTR void w4b_pack_x(const tops_w4a16_args *a, int64_t m0, int64_t mc, const int32_t *gk,
+                             uint32_t *xq, int64_t ldx, float *xs, int32_t *ex) {
+    const int64_t K = a->K, G = a->groups;
+    /* word i of 16 fp32 lanes: the high half of lane (i / 8) * 8 + i / 2 % 4 + (i % 2) * 4 */
+    static const short pidx[32] = {1,  9,  3,  11, 5,  13, 7,  15, 17, 25, 19, 27, 21, 29, 23, 31,
+                                   1,  9,  3,  11, 5,  13, 7,  15, 17, 25, 19, 27, 21, 29, 23, 31};
+    const __m512i perm = _mm512_loadu_si512((const void *)pidx);
+    const __m512i ones = _mm512_set1_epi32(0x3F803F80); /* bf16 (1, 1) */
+    /* scaling in fp32: the caller's denormals-are-zero would read bf16 denormals of x as zeros */
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x8040u);
+    for (int64_t m = 0; m < mc; m++) {
+        const uint16_t *src = (const uint16_t *)a->x + (m0 + m) * a->x_row_stride;
+        uint32_t *dst = xq + m * ldx;
+        __m512i mxv = _mm512_setzero_si512();
+        for (int64_t k = 0; k < K; k += 32) {
+            const __mmask32 mk = K - k >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (K - k)) - 1);
+            mxv = _mm512_max_epu16(mxv, _mm512_and_si512(_mm512_maskz_loadu_epi16(mk, src + k),
+                                                         _mm512_set1_epi16(0x7fff)));
+        }
+        uint16_t mw[32];
+        _mm512_storeu_si512((void *)mw, mxv);
+        uint16_t mb = 0;
+        for (int i = 0; i < 32; i++) mb = mw[i] > mb ? mw[i] : mb;
+        const int e = mb && mb < 0x7f80 ? ilogbf(tops_bf16_to_f32(mb)) : 0;
+        ex[m] = e;
+        const __m512 f1 = _mm512_set1_ps(ldexpf(1.0f, -e / 2)), f2 = _mm512_set1_ps(ldexpf(1.0f, -e - -e / 2));
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 mk = K - k >= 16 ? 0xffff : 0x00ff; /* K % 8 == 0 */
+            __m512 v = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, src + k)), 16));
+            v = _mm512_mul_ps(_mm512_mul_ps(v, f1), f2);
+            __m512i p = _mm512_permutexvar_epi16(perm, _mm512_castps_si512(v));
+            _mm256_mask_storeu_epi32(dst + k / 2, (__mmask8)(mk == 0xffff ? 0xff : 0x0f), _mm512_castsi512_si256(p));
+        }
+        /* per-group sums: runs of words of one group, 4 pairs per word */
+        float *xr = xs + m * G;
+        memset(xr, 0, (size_t)G * sizeof(float));
+        for (int64_t r = 0; r < K / 8;) {
+            const int64_t g = gk[8 * r];
+            int64_t re = r + 1;
+            while (re < K / 8 && gk[8 * re] == g) re++;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t p = 4 * r; p < 4 * re; p += 16) {
+                const __mmask16 mk = 4 * re - p >= 16 ? 0xffff : (__mmask16)((1u << (4 * re - p)) - 1);
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi32(mk, dst + p), (__m512bh)ones);
+            }
+            xr[g] += _mm512_reduce_add_ps(acc);
+            r = re;
+        }
+    }
+    _mm_setcsr(csr);
+}
+
+static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws, const int32_t *gk) {
+    const int64_t M = a->M, K = a->K, N = a->N, G = a->groups, mce = w4_min(M, W4_MC), ldx = w4b_ldx(K);
+    uint32_t *xq = (uint32_t *)ws;
+    ws += w4_align((size_t)(mce * ldx) * 4);
+    float *xs = (float *)ws;
+    ws += w4_align((size_t)(mce * G) * 4);
+    int32_t *ex = (int32_t *)ws;
+    ws += w4_align((size_t)mce * 4);
+    float *tab = (float *)ws; /* [G][2][W4B_NT]: s, s (z + 128) */
+    ws += w4_align((size_t)(2 * G * W4B_NT) * 4);
+    uint32_t *bq = (uint32_t *)ws;
+    ws += w4_align((size_t)(W4B_KT / 2 * W4B_NT) * 4);
+    float *cbuf = (float *)ws;
+    ws += w4_align((size_t)(mce * W4B_NT) * 4);
+    int32_t *runs = (int32_t *)ws; /* [runs of the tile][2]: group, words */
+
+    for (int64_t m0 = 0; m0 < M; m0 += W4_MC) {
+        const int64_t mc = w4_min(W4_MC, M - m0);
+        w4b_pack_x(a, m0, mc, gk, xq, ldx, xs, ex);
+        /* row blocks of at most W4B_MR rows, as even as possible (M = 9: 5 + 4, not 8 + 1) */
+        const int64_t nblk = (mc + W4B_MR - 1) / W4B_MR, mbase = mc / nblk, mext = mc % nblk;
+        for (int64_t n0 = nb; n0 < ne; n0 += W4B_NT) {
+            const int ntv = (int)(w4_min(W4B_NT, ne - n0) / 16);
+            for (int64_t g = 0; g < G; g++)
+                for (int v = 0; v < W4B_NT / 16; v++) {
+                    __m512 s = _mm512_setzero_ps(), sz = s;
+                    if (v < ntv) {
+                        s = w4_load_avx512(a->scales, a->scales_dtype, g * N + n0 + v * 16);
+                        sz = _mm512_mul_ps(s, _mm512_add_ps(w4_zeros_avx512(a, g, n0 + v * 16), _mm512_set1_ps(128.0f)));
+                    }
+                    _mm512_storeu_ps(tab + 2 * g * W4B_NT + v * 16, s);
+                    _mm512_storeu_ps(tab + (2 * g + 1) * W4B_NT + v * 16, sz);
+                }
+            /* C = the zero term */
+            for (int64_t m = 0; m < mc; m++) {
+                __m512 c[W4B_NT / 16];
+#pragma GCC unroll 12
+                for (int v = 0; v < W4B_NT / 16; v++) c[v] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512 xb = _mm512_set1_ps(xs[m * G + g]);
+                    const float *t = tab + (2 * g + 1) * W4B_NT;
+#pragma GCC unroll 12
+                    for (int v = 0; v < W4B_NT / 16; v++) c[v] = _mm512_fnmadd_ps(_mm512_loadu_ps(t + v * 16), xb, c[v]);
+                }
+#pragma GCC unroll 12
+                for (int v = 0; v < W4B_NT / 16; v++) _mm512_storeu_ps(cbuf + m * W4B_NT + v * 16, c[v]);
+            }
+            for (int64_t k0 = 0; k0 < K; k0 += W4B_KT) {
+                const int64_t r0 = k0 / 8, rows = w4_min(W4B_KT, K - k0) / 8;
+                int nruns = 0;
+                for (int64_t r = r0; r < r0 + rows;) {
+                    const int32_t g = gk[8 * r];
+                    int64_t re = r + 1;
+                    while (re < r0 + rows && gk[8 * re] == g) re++;
+                    runs[2 * nruns] = g;
+                    runs[2 * nruns + 1] = (int32_t)(re - r);
+                    nruns++;
+                    r = re;
+                }
+                w4b_dequant(a->qweight + r0 * N + n0, N, rows, ntv, bq);
+                for (int p = 0; p * W4B_NV < ntv; p++) {
+                    const int nv = (int)w4_min(W4B_NV, ntv - p * W4B_NV);
+                    const uint32_t *bp = bq + (int64_t)p * (W4B_KT / 2) * W4B_PW;
+                    for (int64_t b = 0, mb = 0; b < nblk; b++) {
+                        const int mr = (int)(mbase + (b < mext));
+                        for (int i = 0, w = 0; i < nruns; w += runs[2 * i + 1], i++)
+                            w4b_kern_call(mr, nv, xq + mb * ldx + 4 * (r0 + w), ldx, bp + 4 * w * W4B_PW,
+                                          4 * (int64_t)runs[2 * i + 1],
+                                          tab + 2 * (int64_t)runs[2 * i] * W4B_NT + p * W4B_PW,
+                                          cbuf + mb * W4B_NT + p * W4B_PW, W4B_NT);
+                        mb += mr;
+                    }
+                }
+            }
+            for (int64_t m = 0; m < mc; m++) {
+                /* 2^ex[m] in two factors (|ex| <= 133): no spurious overflow */
+                const __m512 d1 = _mm512_set1_ps(ldexpf(1.0f, ex[m] / 2));
+                const __m512 d2 = _mm512_set1_ps(ldexpf(1.0f, ex[m] - ex[m] / 2));
+                for (int v = 0; v < ntv; v++) {
+                    __m512 o = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(cbuf + m * W4B_NT + v * 16), d1), d2);
+                    if (a->bias) o = _mm512_add_ps(o, w4_load_avx512(a->bias, a->bias_dtype, n0 + v * 16));
+                    w4_store_avx512(a->out, a->out_dtype, (m0 + m) * N + n0 + v * 16, o);
+                }
+            }
+        }
+    }
+    return TOPS_OK;
+}
 #undef W4B_SETS
 #undef BATTR
 #define W4_BF16DOT 1
@@ -1166,6 +1407,12 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
         bytes += w4_align((size_t)(2 * G * W4_NT) * sizeof(float)) +
                  w4_align((size_t)(W4_KTI * W4_NT) * sizeof(float)) +
                  w4_align((size_t)(mce * W4_NT) * sizeof(float));
+#if W4_BF16DOT
+        /* bf16 x: room for w4b_blocked too (taken if every word of 8 k lies in one group) */
+        const int bfd = a->x_dtype == TOPS_BF16 && w4_bf16dot();
+        const size_t bb = w4_align((size_t)K * sizeof(int32_t)) + w4b_bytes(a);
+        if (bfd && bb > bytes) bytes = bb;
+#endif
     }
     char *raw = (char *)malloc(bytes + 64);
     if (!raw) return TOPS_ERR_NOMEM;
@@ -1173,7 +1420,12 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     int32_t *gk = (int32_t *)ws;
     ws += w4_align((size_t)K * sizeof(int32_t));
     int uniform = w4_groups(a, gk);
-    int st = gemv ? KN(w4_gemv)(a, nb, ne, ws, gk, uniform) : KN(w4_blocked)(a, nb, ne, ws, gk);
+    int st;
+    if (gemv) st = KN(w4_gemv)(a, nb, ne, ws, gk, uniform);
+#if W4_BF16DOT
+    else if (uniform && a->x_dtype == TOPS_BF16 && w4_bf16dot()) st = w4b_blocked(a, nb, ne, ws, gk);
+#endif
+    else st = KN(w4_blocked)(a, nb, ne, ws, gk);
     free(raw);
     return st;
 }

@@ -208,7 +208,7 @@ static int w4_run_check(const w4data *d, const int64_t *splits, int nsplit, cons
 }
 
 /* the case on every ISA level (for the vectorised GEMV, with and without the subnormal unpack, and
- * for bf16 x with and without vdpbf16ps), whole range and split ranges */
+ * for bf16 x with and without vdpbf16ps, GEMV and blocked), whole range and split ranges */
 static void w4_case(const w4case *c) {
     w4data d;
     w4_make(&d, c);
@@ -216,7 +216,7 @@ static void w4_case(const w4case *c) {
     int top = tops_cpu_isa_detected();
     for (int isa = 0; isa <= top; isa++)
         for (int sub = 0; sub <= (isa > 0 && c->M <= 8); sub++)
-        for (int bfd = 0; bfd <= (isa >= TOPS_ISA_AVX512 && c->M <= 8 && c->xd == TOPS_BF16 &&
+        for (int bfd = 0; bfd <= (isa >= TOPS_ISA_AVX512 && c->xd == TOPS_BF16 &&
                                   tops_w4a16_bf16dot_set(1)); bfd++) {
             tops_cpu_isa_set(isa);
             tops_w4a16_subnormal_set(sub);
@@ -298,6 +298,66 @@ static void test_bf16dot(void) {
                             cases++;
                         }
     printf("bf16dot: %d cases\n", cases);
+}
+
+/* the blocked bf16-pair path (vdpbf16ps, M > 8) against the reference and against the fp32 blocked
+ * path (bf16dot off): M = 9..100 (uneven row blocks), group sizes 32 / 64 / 128 / K, g_idx k / gs
+ * (plain groups given explicitly) and act-order (falls back to fp32), symmetric and both zero
+ * formats, bias, N with an 8-column tail (the AVX2 path), strided x rows (odd strides too), K not a
+ * multiple of 16 or of the k tile, x >= 0, split column ranges. Skipped without AVX512_BF16. */
+static void test_bf16_blocked(void) {
+    if (tops_cpu_isa_detected() < TOPS_ISA_AVX512 || !tops_w4a16_bf16dot_set(1)) {
+        printf("bf16 blocked: no AVX512_BF16 here, not tested\n");
+        tops_w4a16_bf16dot_set(-1);
+        return;
+    }
+    static const int64_t Ms[] = {9, 16, 17, 64, 100};
+    static const int64_t Ns[] = {72, 200, 48, 400};
+    static const int64_t Gs[] = {32, 64, 128, 0}; /* 0: K (one group) */
+    int cases = 0;
+    double worst_diff = 0.0;
+    for (int mi = 0; mi < 5; mi++)
+        for (int gi = 0; gi < 4; gi++)
+            for (int zf = 0; zf < 3; zf++) {
+                const int64_t M = Ms[mi], N = Ns[(mi + gi + zf) % 4];
+                const int64_t K = (gi + zf) % 3 == 0 ? 1152 : (gi + zf) % 3 == 1 ? 256 : 640;
+                const int64_t gs = Gs[gi] ? Gs[gi] : K;
+                const int act = (mi + zf) % 5 == 4 ? 2 : (mi + gi) % 7 == 6; /* a few g_idx cases */
+                w4case c = {M, K, N, gs, act, zf, -1, TOPS_BF16, (int)(tu_rand() % 3), (int)(tu_rand() % 3),
+                            (int)(tu_rand() % 4) - 1, (mi + gi) % 3 == 0 ? 0 : (int64_t)(8 * (gi % 2) + zf % 2), 0};
+                g_xpos = (mi + gi + zf) % 4 == 3;
+                w4data d;
+                w4_make(&d, &c);
+                g_xpos = 0;
+                const size_t es = dsize(c.od);
+                unsigned char *o[2];
+                tops_cpu_isa_set(TOPS_ISA_AVX512);
+                for (int bfd = 0; bfd < 2; bfd++) {
+                    tops_w4a16_bf16dot_set(bfd);
+                    int64_t whole[2] = {0, N}, s3[4] = {0, 16, N - 8, N};
+                    w4_run_check(&d, whole, 1, bfd ? "bf16 blocked whole" : "fp32 blocked whole");
+                    w4_run_check(&d, s3, 3, bfd ? "bf16 blocked split" : "fp32 blocked split");
+                    o[bfd] = malloc((size_t)(M * N) * es);
+                    tops_w4a16_args a = w4_args(&d, o[bfd]);
+                    CHECK(tops_w4a16_linear(&a, 0, N) == TOPS_OK);
+                }
+                /* the two paths agree within the tolerance of the output dtype */
+                double diff = 0.0;
+                for (int64_t i = 0; i < M * N; i++) {
+                    double e = fabs((double)tops_load(o[0], c.od, i) - tops_load(o[1], c.od, i)) / d.bound[i];
+                    if (e > diff) diff = e;
+                }
+                CHECK(diff <= w4_tol(c.od));
+                if (c.od == TOPS_F32 && diff > worst_diff) worst_diff = diff;
+                free(o[0]);
+                free(o[1]);
+                tops_w4a16_bf16dot_set(-1);
+                tops_cpu_isa_set(-1);
+                w4_free(&d);
+                cases++;
+            }
+    printf("bf16 blocked: %d cases, largest difference to the fp32 blocked path / bound (f32 out) %.3g\n", cases,
+           worst_diff);
 }
 
 static void test_sweep(void) {
@@ -646,6 +706,7 @@ int main(int argc, char **argv) {
     test_odd();
     test_daz();
     test_bf16dot();
+    test_bf16_blocked();
     test_sweep();
     printf("worst error / bound: f32 %.3g, f16 %.3g, bf16 %.3g\n", g_worst[0], g_worst[1], g_worst[2]);
     return tu_report("test_w4a16");
