@@ -41,11 +41,21 @@
  *   6 x (2 vectors) micro-kernel runs each panel against every row of x (up to W4_MC rows per pass);
  *   C accumulates in an fp32 [rows, NT] buffer. Scales and -z*s of the column tile are converted
  *   once per tile into a [G][NT] table, gathered per k, which also serves act-order.
+ *   bf16 x with AVX512_BF16 and every word of 8 k in one group (plain groups of any size, g_idx
+ *   included; not act-order) takes w4b_blocked instead: the weights as exact bf16 pairs
+ *   (128 + q_j, 128 + q_{j+4}) as in the GEMV, dequantized panel by panel (48 columns x 128 pairs,
+ *   24 KB: L1) and read by an 8 x (3 vectors) vdpbf16ps micro-kernel (24 accumulators) against x
+ *   packed once into scaled bf16 pairs; vdpbf16ps does 32 products per instruction where the fp32
+ *   FMA does 16 (2x at M = 16..64 here). The products are exact and summed in fp32 per run of one
+ *   group, then C += s * sum (the scale applied in fp32, not rounded into bf16 weights); C starts
+ *   at the zero term -sum_g s (z + 128) sum_g x. The next tile's words are prefetched during the
+ *   kernels of this one: dequantizing alone waits on memory with nothing to overlap.
  *
  * Instruction sets: the AVX2 (+FMA, F16C) and AVX-512 variants are one template (the second half
  * of this file, included twice with different vector primitives), compiled with per-function
- * target attributes and picked at run time with tops_cpu_isa(); the AVX512_BF16 kernel (bf16 x,
- * GEMV, plain groups) is AVX-512 only and picked by cpuid (w4_bf16dot); the scalar path is independent
+ * target attributes and picked at run time with tops_cpu_isa(); the AVX512_BF16 kernels (bf16 x,
+ * GEMV and blocked, plain groups) are AVX-512 only and picked by cpuid (w4_bf16dot, which the tests
+ * turn off to compare); the scalar path is independent
  * plain C (direct dequantization, no factoring; the only path off x86 or with -DW4_NO_SIMD).
  * Tests hold every path to a float64 reference.
  * The AVX-512 path takes multiples of 16 columns; an 8-column tail goes to the AVX2 path.
@@ -199,9 +209,9 @@ int tops_w4a16_subnormal_set(int mode) {
     return w4_subnormal_fast();
 }
 
-/* Whether the GEMV may take bf16 activations through AVX512_BF16's vdpbf16ps (w4_gemv_bf16): two
- * products per fp32 lane per instruction, each exact (a bf16 x times an integer below 2^8 fits
- * fp32's 24 bits) and accumulated in fp32. Detected with cpuid (leaf 7, subleaf 1, EAX bit 5);
+/* Whether the GEMV and the blocked path may take bf16 activations through AVX512_BF16's vdpbf16ps
+ * (w4_bf16_kern, w4b_blocked): two products per fp32 lane per instruction, each exact (a bf16 x
+ * times an integer below 2^8 fits fp32's 24 bits) and accumulated in fp32. Detected with cpuid (leaf 7, subleaf 1, EAX bit 5);
  * tops_w4a16_bf16dot_set (not in tops.h: for the tests) turns it off (0) or on (1, where the CPU has
  * it), -1 restores the detected choice. Returns the choice now in force. */
 int tops_w4a16_bf16dot_set(int mode);
@@ -587,9 +597,10 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
 
 /* ---- blocked path for bf16 x through vdpbf16ps (AVX512_BF16; M > W4_GEMV_MAX_M, each word of 8 k in
  * one group) ----------------------------------------------------------------------------------------
- * Per tile of W4B_KT k x W4B_NT columns the weights become bf16 pairs once, as in the GEMV:
- * (w >> 4j) & 0x000F000F | 0x43004300 = (128 + q_j, 128 + q_{j+4}), exact, 2 operations per 16
- * columns x 2 k (a fp32 dequantization + rounding takes ~9), stored as panels [pair][W4B_PW]. x is
+ * Per k tile (W4B_KT) of a column tile (W4B_NT), panel by panel (W4B_PW columns), the weights become
+ * bf16 pairs once, as in the GEMV: (w >> 4j) & 0x000F000F | 0x43004300 = (128 + q_j, 128 + q_{j+4}),
+ * exact, 2 operations per 16 columns x 2 k (a fp32 dequantization + rounding takes ~9), in an
+ * L1-sized buffer [pair][W4B_PW] that every row block then reads. x is
  * packed once per call into rows of bf16 pairs (x_j, x_{j+4}), each row scaled by a power of two
  * (exact) so that its largest |x| lies in [1, 2): vdpbf16ps reads denormals as zero. A W4B_MR x
  * W4B_NV micro-kernel (24 fp32 accumulators + 3 weight vectors + a broadcast in the 32 registers)
@@ -601,7 +612,7 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
 #define W4B_PW (W4B_NV * 16)
 #define W4B_NT (4 * W4B_PW) /* columns per tile */
 #ifndef W4B_KT
-#define W4B_KT 512          /* k per tile (multiple of 8): a panel of W4B_KT / 2 pairs x 48 columns, 48 KB */
+#define W4B_KT 256          /* k per tile (multiple of 8): W4B_KT / 2 pairs x 48 columns, 24 KB (L1) */
 #endif
 
 /* C[MR][NV vectors] (ldc apart) += s * sum over np pairs of B[p] * x[m][p]; xq: MR rows of pairs, ldx
@@ -651,17 +662,18 @@ static BATTR void w4b_kern_call(int mr, int nv, const uint32_t *xq, int64_t ldx,
 #undef W4B_KC
 }
 
-/* words rows x ntv vectors of qweight (first word qw, ldq apart) -> panels of bf16 pairs
- * bq[v / W4B_NV][4 r + j][(v % W4B_NV) * 16 ...] */
-static BATTR void w4b_dequant(const int32_t *qw, int64_t ldq, int64_t rows, int ntv, uint32_t *bq) {
+/* rows words x nv vectors of qweight (first word qw, ldq apart) -> the panel bq[4 r + j][W4B_PW] of
+ * bf16 pairs; prefetches pfl lines of the row W4_PF_ROWS rows ahead (pfl > nv: the other panels of
+ * the tile, which read the same rows next) */
+static BATTR void w4b_dequant(const int32_t *qw, int64_t ldq, int64_t rows, int nv, uint32_t *bq, int pfl) {
     const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
     const int64_t pf = (int64_t)W4_PF_ROWS * ldq * 4;
     for (int64_t r = 0; r < rows; r++) {
         const int32_t *row = qw + r * ldq;
-        for (int l = 0; l < (ntv * 64 + 63) / 64; l++) w4_prefetch(row + l * 16, pf);
-        for (int v = 0; v < ntv; v++) {
+        for (int l = 0; l < pfl; l++) w4_prefetch(row + l * 16, pf);
+        for (int v = 0; v < nv; v++) {
             const __m512i w = _mm512_loadu_si512((const void *)(row + v * 16));
-            uint32_t *d = bq + (int64_t)(v / W4B_NV) * (W4B_KT / 2) * W4B_PW + 4 * r * W4B_PW + (v % W4B_NV) * 16;
+            uint32_t *d = bq + 4 * r * W4B_PW + v * 16;
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++)
                 _mm512_storeu_si512((void *)(d + j * W4B_PW),
@@ -671,13 +683,13 @@ static BATTR void w4b_dequant(const int32_t *qw, int64_t ldq, int64_t rows, int 
 }
 
 /* workspace of w4b_blocked: x pairs [mce][ldx], group sums [mce][G], row exponents, the scale table,
- * the weight panels, C [mce][W4B_NT], runs of the tile */
+ * one weight panel, C [mce][W4B_NT], runs of the tile */
 static int64_t w4b_ldx(int64_t K) { return K / 2 + 16; /* rows 64 B off one L1 set from the next */ }
 static size_t w4b_bytes(const tops_w4a16_args *a) {
     const int64_t mce = w4_min(a->M, W4_MC);
     return w4_align((size_t)(mce * w4b_ldx(a->K)) * 4) + w4_align((size_t)(mce * a->groups) * 4) +
            w4_align((size_t)mce * 4) + w4_align((size_t)(2 * a->groups * W4B_NT) * 4) +
-           w4_align((size_t)(W4B_KT / 2 * W4B_NT) * 4) + w4_align((size_t)(mce * W4B_NT) * 4) +
+           w4_align((size_t)(W4B_KT / 2 * W4B_PW) * 4) + w4_align((size_t)(mce * W4B_NT) * 4) +
            w4_align((size_t)(W4B_KT / 8) * 2 * 4);
 }
 
@@ -747,9 +759,9 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     ws += w4_align((size_t)mce * 4);
     float *tab = (float *)ws; /* [G][2][W4B_NT]: s, s (z + 128) */
     ws += w4_align((size_t)(2 * G * W4B_NT) * 4);
-    uint32_t *bq = (uint32_t *)ws;
-    ws += w4_align((size_t)(W4B_KT / 2 * W4B_NT) * 4);
-    float *cbuf = (float *)ws;
+    uint32_t *bq = (uint32_t *)ws; /* one panel of one k tile: [W4B_KT / 2][W4B_PW] */
+    ws += w4_align((size_t)(W4B_KT / 2 * W4B_PW) * 4);
+    float *cbuf = (float *)ws; /* [mc][W4B_NT] */
     ws += w4_align((size_t)(mce * W4B_NT) * 4);
     int32_t *runs = (int32_t *)ws; /* [runs of the tile][2]: group, words */
 
@@ -796,14 +808,32 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     nruns++;
                     r = re;
                 }
-                w4b_dequant(a->qweight + r0 * N + n0, N, rows, ntv, bq);
+                /* the next tile's words (the next k tile, else the first of the next column tile),
+                 * a row or so per row-block pass: the dequantization alone runs at memory latency,
+                 * its own prefetch 16 rows ahead finds no compute to overlap */
+                const int32_t *nq = NULL;
+                int64_t nrows = 0, nlines = 0, pr = 0;
+                if (k0 + W4B_KT < K) {
+                    nq = a->qweight + (r0 + rows) * N + n0;
+                    nrows = w4_min(W4B_KT, K - k0 - W4B_KT) / 8;
+                    nlines = ntv;
+                } else if (n0 + W4B_NT < ne) {
+                    nq = a->qweight + n0 + W4B_NT;
+                    nrows = w4_min(W4B_KT, K) / 8;
+                    nlines = w4_min(W4B_NT, ne - n0 - W4B_NT) / 16;
+                }
+                const int64_t npass = (ntv + W4B_NV - 1) / W4B_NV * nblk, pstep = (nrows + npass - 1) / npass;
+                /* panel by panel, each dequantized into the L1-sized buffer just before its row blocks
+                 * read it */
                 for (int p = 0; p * W4B_NV < ntv; p++) {
                     const int nv = (int)w4_min(W4B_NV, ntv - p * W4B_NV);
-                    const uint32_t *bp = bq + (int64_t)p * (W4B_KT / 2) * W4B_PW;
+                    w4b_dequant(a->qweight + r0 * N + n0 + p * W4B_PW, N, rows, nv, bq, p ? nv : ntv - p * W4B_NV);
                     for (int64_t b = 0, mb = 0; b < nblk; b++) {
                         const int mr = (int)(mbase + (b < mext));
+                        for (int64_t pe = w4_min(pr + pstep, nrows); pr < pe; pr++)
+                            for (int64_t l = 0; l < nlines; l++) w4_prefetch(nq + pr * N + l * 16, 0);
                         for (int i = 0, w = 0; i < nruns; w += runs[2 * i + 1], i++)
-                            w4b_kern_call(mr, nv, xq + mb * ldx + 4 * (r0 + w), ldx, bp + 4 * w * W4B_PW,
+                            w4b_kern_call(mr, nv, xq + mb * ldx + 4 * (r0 + w), ldx, bq + 4 * w * W4B_PW,
                                           4 * (int64_t)runs[2 * i + 1],
                                           tab + 2 * (int64_t)runs[2 * i] * W4B_NT + p * W4B_PW,
                                           cbuf + mb * W4B_NT + p * W4B_PW, W4B_NT);
