@@ -383,3 +383,29 @@ def test_bad_input(device):
         args.update(change)
         with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
             torch_ops.w4a16_linear(**args)
+
+
+@pytest.mark.skipif(_C.cpu_isa_detected() < 2, reason="needs AVX-512")
+@pytest.mark.parametrize("M", [16, 64])
+@pytest.mark.parametrize("group_size,zeros", [(32, "v1"), (128, "v2"), (-1, "sym")])
+def test_cpu_bf16_blocked_path(M, group_size, zeros):
+    # bf16 x with M > 8 on AVX-512: the vdpbf16ps blocked path where the CPU has AVX512_BF16 (else
+    # the fp32 one); strided x rows, one row scaled by 1e-30 (the path scales rows by powers of two:
+    # vdpbf16ps reads bf16 denormals as zero), bias, N with an 8-column tail (the AVX2 path).
+    # Against the float64 reference and the AVX2 build (the fp32 blocked path).
+    K, N = 640, 200
+    t = make_weights(K, N, group_size, zeros=zeros)
+    xw = torch.randn(M, K + 24)
+    xw[1] *= 1e-30
+    x = xw.bfloat16()[:, 8:K + 8]
+    bias = torch.randn(N).bfloat16()
+    out = torch_ops.w4a16_linear(x, bias=bias, **t)
+    expected = reference(x, t, bias)
+    assert rel_err(out, expected) < TOL[torch.bfloat16]
+    assert rel_err(out[1], expected[1]) < TOL[torch.bfloat16]
+    _C.cpu_isa_set(1)
+    try:
+        out_avx2 = torch_ops.w4a16_linear(x, bias=bias, **t)
+    finally:
+        _C.cpu_isa_set(-1)
+    assert rel_err(out, out_avx2.double()) < TOL[torch.bfloat16]
