@@ -292,7 +292,7 @@ def test_cuda_routes(cuda_route, group_size, zeros, dtype):
 def test_cuda_dense_route_column_chunks(dtype):
     """K N larger than the dense route's scratch: several column chunks (the last one narrow),
     dequantised on a second stream while the previous chunk multiplies, each GEMM writing its
-    columns of out; eager and in a CUDA graph"""
+    columns of out; eager and in a CUDA graph; with perm"""
     _C.cuda_w4a16_dense(1)
     try:
         K, N = 8192, 4104
@@ -310,6 +310,22 @@ def test_cuda_dense_route_column_chunks(dtype):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, expected) < TOL[dtype]
+        # perm: a permutation moves each chunk's weight rows to the activations they multiply
+        # (x is not gathered), eager (where it is found to be one) and captured; the same tensor
+        # changed in place into an index vector with repeats and gaps takes the gather again
+        perm = torch.randperm(K, device="cuda").to(torch.int32)
+        expected = reference(x[:, perm.long()], t, bias)
+        assert rel_err(torch_ops.w4a16_linear(x, bias=bias, perm=perm, **t), expected) < TOL[dtype]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = torch_ops.w4a16_linear(x_in, bias=bias, perm=perm, **t)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, expected) < TOL[dtype]
+        perm[: K // 2] = perm[K // 2:].clone()
+        perm[-7:] = 5
+        out = torch_ops.w4a16_linear(x, bias=bias, perm=perm, **t)
+        assert rel_err(out, reference(x[:, perm.long()], t, bias)) < TOL[dtype]
     finally:
         _C.cuda_w4a16_dense(-1)
 

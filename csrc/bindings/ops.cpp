@@ -108,35 +108,48 @@ void check_value_range(const char *op, const char *arg, const at::Tensor &t, int
 // (capture requires an eager warm-up, which checked it). Each entry keeps a reference to its
 // storage, so a cached address cannot be reused by another tensor while the entry lives; one
 // entry per act-order layer.
-void check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
-                       const char *meaning) {
-    if (idx.numel() == 0) return;
+// want_perm: also find out (once, cached alike) whether idx is a permutation of [0, limit);
+// returns that, false where unknown (during capture of a tensor not seen before) or not asked.
+bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
+                       const char *meaning, bool want_perm = false) {
+    if (idx.numel() == 0) return false;
     struct Seen {
         c10::Storage storage;
         int64_t numel, limit;
         uint32_t version;
+        int is_perm;  // -1: not asked yet
     };
     static std::mutex mu;
     static std::unordered_map<const void *, Seen> seen;
     const void *key = idx.data_ptr();
     uint32_t version = idx.unsafeGetTensorImpl()->version_counter().current_version();
+    int is_perm = -1;
     {
         std::lock_guard<std::mutex> lock(mu);
         auto it = seen.find(key);
         if (it != seen.end() && it->second.numel == idx.numel() && it->second.limit == limit &&
-            it->second.version == version)
-            return;
+            it->second.version == version) {
+            if (!want_perm || it->second.is_perm >= 0) return it->second.is_perm == 1;
+            is_perm = -2;  // range known good, permutation not yet asked
+        }
     }
 #ifdef TOPS_WITH_CUDA
-    if (idx.is_cuda() && cuda::is_capturing(idx)) return;
+    if (idx.is_cuda() && cuda::is_capturing(idx)) return false;
 #endif
-    auto [mn, mx] = at::aminmax(idx);
-    int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit, ") (",
-                      meaning, "), got values in [", lo, ", ", hi, "]");
+    if (is_perm == -1) {
+        auto [mn, mx] = at::aminmax(idx);
+        int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
+        TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit,
+                          ") (", meaning, "), got values in [", lo, ", ", hi, "]");
+    }
+    is_perm = -1;
+    if (want_perm)
+        is_perm = idx.numel() == limit &&
+                  at::equal(std::get<0>(at::sort(idx.reshape({-1}))), at::arange(limit, idx.options()));
     std::lock_guard<std::mutex> lock(mu);
     if (seen.size() >= 4096) seen.clear();  // bound what the cache keeps alive
-    seen[key] = Seen{idx.storage(), idx.numel(), limit, version};
+    seen[key] = Seen{idx.storage(), idx.numel(), limit, version, is_perm};
+    return is_perm == 1;
 }
 
 void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) {
@@ -604,6 +617,7 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
         g_idx = g_idx_in->to(at::kInt).contiguous();
     }
     at::Tensor perm;
+    bool perm_is_permutation = false;
     if (perm_in.has_value()) {
         TORCH_CHECK_VALUE(!g_idx_in.has_value(), op,
                           ": pass g_idx (act-order as stored) or perm (rows sorted by "
@@ -612,9 +626,10 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
                          op, ": perm must be int32 or int64, got ", perm_in->scalar_type());
         check_device(op, "perm", *perm_in, x_in);
         check_shape(op, "perm", *perm_in, {K}, "[K]");
-        check_index_range(op, "perm", *perm_in, K, "positions in a row of x");
+        // CUDA: a permutation lets the dense route move the weights instead of gathering x
+        perm_is_permutation = check_index_range(op, "perm", *perm_in, K, "positions in a row of x", on_cuda);
         perm = perm_in->to(at::kInt).contiguous();
-        // the CUDA gather reads perm in 16-byte words: a view at an odd offset gets a copy
+        // the CUDA kernels read perm in 16-byte words: a view at an odd offset gets a copy
         if (on_cuda && reinterpret_cast<uintptr_t>(perm.data_ptr()) % 16) perm = perm.clone();
     }
     if (bias_in.has_value()) {
@@ -661,7 +676,7 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     a.out_dtype = a.x_dtype;
     a.perm = nullptr; /* CPU: x is gathered above; CUDA: cuda::w4a16_linear takes perm */
     if (on_cuda) {
-        TOPS_CUDA(op, cuda::w4a16_linear(a, x, out, bias, perm));
+        TOPS_CUDA(op, cuda::w4a16_linear(a, x, out, bias, perm, perm_is_permutation));
     } else {
         // threads own whole column blocks of 8 (no reduction); at least 64 columns per chunk
         int64_t blocks = N / 8;

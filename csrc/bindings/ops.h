@@ -31,9 +31,10 @@ void convert_gptq_zeros(const at::Tensor &dst, const at::Tensor &src, int bits, 
 void pack_v2(const at::Tensor &dst, const at::Tensor &src, const at::Tensor &out_of_range);
 void unpack_v2(const at::Tensor &dst, const at::Tensor &src);
 void dequantize(const tops_dequant_args &args, const at::Tensor &like);
-// x [M, K] (not gathered: perm, if defined, is int32 [K]), out [M, N], bias [N] or undefined
+// x [M, K] (not gathered: perm, if defined, is int32 [K], 16-byte aligned, and
+// perm_is_permutation says it is known to be a permutation), out [M, N], bias [N] or undefined
 void w4a16_linear(const tops_w4a16_args &args, const at::Tensor &x, const at::Tensor &out,
-                  const at::Tensor &bias, const at::Tensor &perm);
+                  const at::Tensor &bias, const at::Tensor &perm, bool perm_is_permutation);
 }  // namespace cuda
 #endif
 

@@ -105,11 +105,18 @@ namespace {
 // i + 1 (into the other of two scratch buffers) while chunk i multiplies; events order the two
 // streams (also inside CUDA graph capture: the side stream forks from and joins the current one).
 void dense_linear(const tops_w4a16_args &args, int64_t cols, const at::Tensor &x,
-                  const at::Tensor &out, const at::Tensor &bias, const at::Tensor &perm) {
+                  const at::Tensor &out, const at::Tensor &bias, const at::Tensor &perm,
+                  bool perm_is_permutation) {
     const int64_t K = args.K, N = args.N, chunks = (N + cols - 1) / cols;
     const c10::cuda::CUDAStream main = at::cuda::getCurrentCUDAStream(x.device().index());
+    // perm: a permutation moves the weights to the activations they multiply (row perm[k] of each
+    // chunk), so x is multiplied as it is; other index vectors (repeats) need x[:, perm], by the
+    // fused route's gather kernel
+    tops_w4a16_args a = args;
     at::Tensor xp = x;
-    if (perm.defined()) {  // x[:, perm], by the fused route's gather kernel
+    if (perm.defined() && perm_is_permutation) {
+        a.perm = perm.data_ptr<int32_t>();
+    } else if (perm.defined()) {
         xp = at::empty_like(x);
         tops_w4a16_args g = args;
         g.perm = perm.data_ptr<int32_t>();
@@ -129,7 +136,7 @@ void dense_linear(const tops_w4a16_args &args, int64_t cols, const at::Tensor &x
         const int64_t n0 = i * cols, n = std::min(cols, N - n0);
         at::Tensor w = scratch[i & 1].narrow(0, 0, K * n).view({K, n});
         if (i >= 2) multiplied[i - 2].block(side);  // the GEMM that read this buffer is done
-        check_status(tops_cuda_w4a16_dequant_kn(&args, n0, n, w.data_ptr(), side.stream()),
+        check_status(tops_cuda_w4a16_dequant_kn(&a, n0, n, w.data_ptr(), side.stream()),
                      "w4a16_linear");
         if (chunks > 1) {
             dequantised[i].record(side);
@@ -144,11 +151,11 @@ void dense_linear(const tops_w4a16_args &args, int64_t cols, const at::Tensor &x
 }  // namespace
 
 void w4a16_linear(const tops_w4a16_args &args, const at::Tensor &x, const at::Tensor &out,
-                  const at::Tensor &bias, const at::Tensor &perm) {
+                  const at::Tensor &bias, const at::Tensor &perm, bool perm_is_permutation) {
     c10::cuda::CUDAGuard guard(x.device());
     void *s = stream_of(x);
     if (const int64_t cols = tops_cuda_w4a16_dense_cols(&args)) {
-        dense_linear(args, cols, x, out, bias, perm);
+        dense_linear(args, cols, x, out, bias, perm, perm_is_permutation);
         return;
     }
     tops_w4a16_args a = args;

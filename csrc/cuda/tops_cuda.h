@@ -59,8 +59,11 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
  * multiple of 256, or N; where there are several, dequantising chunk i + 1 on a second stream
  * while chunk i multiplies hides some of it). tops_cuda_w4a16_dequant_kn writes columns
  * [n0, n0 + n) of the weights, s * (q - z) in the activation dtype, as a row-major [K, n] matrix w
- * (16-byte aligned): row k is the weight of x's k-th activation, so with perm the caller
- * multiplies x[:, perm] (tops_cuda_w4a16_gather_x: a->perm into dst, [M, K]) by it. */
+ * (16-byte aligned): row k is the weight of x's k-th activation. With a->perm (16-byte aligned),
+ * which must then be a permutation of [0, K) (the caller checks), weight row k is written as row
+ * perm[k], so that x @ w == x[:, perm] @ W and x needs no gather. An index vector that is no
+ * permutation (repeats) needs x[:, perm] (tops_cuda_w4a16_gather_x: a->perm into dst, [M, K])
+ * times the weights dequantised without perm. */
 int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a);
 int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, void *w, void *stream);
 int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream);
