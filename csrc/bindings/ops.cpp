@@ -123,26 +123,26 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
     static std::unordered_map<const void *, Seen> seen;
     const void *key = idx.data_ptr();
     uint32_t version = idx.unsafeGetTensorImpl()->version_counter().current_version();
-    int is_perm = -1;
+    bool range_known = false;  // seen unchanged, but the permutation question not asked yet
     {
         std::lock_guard<std::mutex> lock(mu);
         auto it = seen.find(key);
         if (it != seen.end() && it->second.numel == idx.numel() && it->second.limit == limit &&
             it->second.version == version) {
             if (!want_perm || it->second.is_perm >= 0) return it->second.is_perm == 1;
-            is_perm = -2;  // range known good, permutation not yet asked
+            range_known = true;
         }
     }
 #ifdef TOPS_WITH_CUDA
     if (idx.is_cuda() && cuda::is_capturing(idx)) return false;
 #endif
-    if (is_perm == -1) {
+    if (!range_known) {
         auto [mn, mx] = at::aminmax(idx);
         int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
         TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit,
                           ") (", meaning, "), got values in [", lo, ", ", hi, "]");
     }
-    is_perm = -1;
+    int is_perm = -1;
     if (want_perm)
         is_perm = idx.numel() == limit &&
                   at::equal(std::get<0>(at::sort(idx.reshape({-1}))), at::arange(limit, idx.options()));

@@ -68,23 +68,6 @@ template <> struct Vec4<F32> {
     __device__ static void store(float *p, float4 f) { *reinterpret_cast<float4 *>(p) = f; }
 };
 
-/* scale and zero point of group g for 4 consecutive columns */
-template <class T>
-__device__ __forceinline__ void group_sz(const DqKnParams &p, int64_t g, int64_t col, float4 &s, float4 &z) {
-    s = Vec4<T>::load(static_cast<const typename Vec4<T>::E *>(p.sc) + g * p.N + col);
-    const uint32_t zw = p.zmode ? (uint32_t)__ldg(p.qz + g * (p.N >> 3) + (col >> 3)) >> ((col & 4) * 4) : 0u;
-    z = make_float4((float)zero_of(zw & 15u, p.zmode), (float)zero_of((zw >> 4) & 15u, p.zmode),
-                    (float)zero_of((zw >> 8) & 15u, p.zmode), (float)zero_of((zw >> 12) & 15u, p.zmode));
-}
-/* s * (q - z) of nibble i of 4 words */
-__device__ __forceinline__ float4 dq4(const uint32_t qv[4], int i, float4 s, float4 z) {
-    return make_float4(s.x * ((float)((qv[0] >> (4 * i)) & 15u) - z.x), s.y * ((float)((qv[1] >> (4 * i)) & 15u) - z.y),
-                       s.z * ((float)((qv[2] >> (4 * i)) & 15u) - z.z), s.w * ((float)((qv[3] >> (4 * i)) & 15u) - z.w));
-}
-__device__ __forceinline__ int64_t group_of(const DqKnParams &p, int64_t k) {
-    return p.gidx ? (int64_t)__ldg(p.gidx + k) : k / p.gsize;
-}
-
 /* One thread: one k-word (8 k) of 4 consecutive columns; a warp writes 128 columns of a row with
  * one store per thread (8 or 16 bytes), rows of the chunk n elements apart (with perm, row
  * perm[k]: the weights move to the activations they multiply, so x needs no gather). */
@@ -95,6 +78,7 @@ __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
     const int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= quads) return;
     const int64_t col = p.n0 + 4 * j; /* column in the layer */
+    const E *sc = static_cast<const E *>(p.sc);
     E *w = static_cast<E *>(p.w);
     for (int64_t kw = blockIdx.y; kw < p.K8; kw += gridDim.y) {
         const int4 q = __ldg(reinterpret_cast<const int4 *>(p.qw + kw * p.N + col));
@@ -106,14 +90,15 @@ __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
         }
         const int32_t prow[8] = {rows[0].x, rows[0].y, rows[0].z, rows[0].w, rows[1].x, rows[1].y, rows[1].z, rows[1].w};
         int64_t g_prev = -1;
-        float4 s = make_float4(0.f, 0.f, 0.f, 0.f), z = s;
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const int64_t k = kw * 8 + i;
             const int64_t g = p.gidx ? (int64_t)__ldg(p.gidx + k) : k / p.gsize;
             if (g != g_prev) { /* once per k-word for groups of 8 and more */
                 g_prev = g;
-                s = Vec4<T>::load(static_cast<const E *>(p.sc) + g * p.N + col);
+                s = Vec4<T>::load(sc + g * p.N + col);
                 const uint32_t zw =
                     p.zmode ? (uint32_t)__ldg(p.qz + g * (p.N >> 3) + (col >> 3)) >> ((col & 4) * 4) : 0u;
                 z = make_float4((float)zero_of(zw & 15u, p.zmode), (float)zero_of((zw >> 4) & 15u, p.zmode),
