@@ -457,8 +457,8 @@ MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14,
 
 def perm_sweep():
     """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
-    way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, which gathers inside the GEMM
-    at M <= 32, 1 by element, 2 by element signalling the GEMM late, 3 by row)"""
+    way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
+    signalling the GEMM late, 3 by row)"""
     fnc = LIB.tops_cuda_w4a16_linear
     for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]:
         for M in (1, 4, 16, 64, 256, 1024, 4096):
@@ -471,15 +471,14 @@ def perm_sweep():
             perm = torch.randperm(K).to(torch.int32).cuda()
             ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
             res = []
-            for mode in (None, 0, 1, 2, 3):
+            for mode in (None, 1, 2, 3):
                 args = [make_args(c, out, qweight=q, perm=None if mode is None else perm) for q in qws]
                 LIB.tops_cuda_w4a16_dev_gather(mode or 0)
                 def launcher(a):
                     return lambda: fnc(ctypes.byref(a), ctypes.c_void_p(ws.data_ptr()), ws.numel(),
                                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
                 t = time_graph([launcher(a) for a in args])
-                name = "plain" if mode is None else "auto" if mode == 0 else f"gather{mode}"
-                res.append(f"{name} {last_cfg()} {t:.1f}")
+                res.append(f"{'plain' if mode is None else 'gather' + str(mode)} {last_cfg()} {t:.1f}")
             LIB.tops_cuda_w4a16_dev_gather(0)
             log(f"{K}x{N} M={M}: " + " | ".join(res))
             del qws

@@ -113,7 +113,6 @@ struct LinParams {
     const uint16_t *sc;
     const int32_t *qz;
     const int32_t *gidx;
-    const int32_t *perm; /* GATHER configs only: the kernel reads x[m, perm[k]] (16-byte aligned) */
     const uint16_t *bias;
     uint16_t *out;
     int M, K, N, K8, G, gsize, gshift, zmode;

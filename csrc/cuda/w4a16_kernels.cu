@@ -67,15 +67,11 @@ namespace tops_w4 {
  * FACT (small MT, plain groups): the mma accumulates sum (q - z) x for one group at a time and the
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
-template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0,
-          bool GATHER_ = false>
+template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0>
 struct Cfg {
     static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
     static constexpr int MINB = MINB_ ? MINB_ : ((BM_ * BN_ >= 128 * 256) ? 1 : 2); /* blocks per SM */
     static constexpr bool ACT = ACT_;
-    /* GATHER: x[m, perm[k]] gathered by the kernel itself (p.perm), instead of a gather kernel
-     * before it; small batches, plain groups */
-    static constexpr bool GATHER = GATHER_;
     static constexpr int WARPS = 8, WARPS_M = WARPS / WARPS_N;
     static constexpr int WTN = BN / WARPS_N, CN = WTN / 32;
     static constexpr int WTM = BM / WARPS_M, MT = WTM / 8;
@@ -97,7 +93,6 @@ struct Cfg {
     static constexpr int RECV_BYTES = PUSH ? OUT_BYTES + 8 * 16 : 0;
     static constexpr int PUSH_BYTES = PIPE_BYTES + RECV_BYTES + 16; /* + the mbarrier */
     static_assert(WARPS_N * WARPS_M == WARPS, "warp layout");
-    static_assert(!(GATHER && ACT), "GATHER: plain groups only");
     static_assert(CN >= 1 && WTN % 32 == 0, "warp columns");
     static_assert(MT >= 1 && WTM % 8 == 0, "warp rows");
     static_assert(BK >= 64 && BK % 32 == 0 && KW <= 256 && 256 % KW == 0, "BK");
@@ -157,41 +152,6 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     const int x_c = tid % KW, x_r0 = tid / KW;
     const uint16_t *x_src0 = p.x + (int64_t)(m0 + x_r0) * p.K + 8 * x_c;
     const uint32_t x_dst0 = (uint32_t)(C::W_BYTES + (x_r0 * BK + ((x_c ^ ((x_r0 & 1) << 2)) << 3)) * 2);
-    /* GATHER: the same chunks of x, but each of the 8 k is x[m, perm[k]]. The perm words of a
-     * stage are loaded a stage ahead of its x, the x values a stage ahead of their shared-memory
-     * store, so both round trips hide behind a stage of weights (x of a small batch and perm stay
-     * in L2: every block reads them). */
-    auto gather_perm = [&](int kt, int4 (&pa)[X_J], int4 (&pb)[X_J]) {
-#pragma unroll
-        for (int j = 0; j < X_J; ++j) {
-            pa[j] = pb[j] = make_int4(0, 0, 0, 0);
-            if ((X_CH % 256 == 0 || x_r0 + j * X_RS < BM) && kt * KW + x_c < p.K8) {
-                const int4 *src = reinterpret_cast<const int4 *>(p.perm + kt * BK + 8 * x_c);
-                pa[j] = __ldg(src);
-                pb[j] = __ldg(src + 1);
-            }
-        }
-    };
-    auto gather_x = [&](int kt, const int4 (&pa)[X_J], const int4 (&pb)[X_J], uint4 (&xv)[X_J]) {
-#pragma unroll
-        for (int j = 0; j < X_J; ++j) {
-            const int r = x_r0 + j * X_RS;
-            xv[j] = make_uint4(0u, 0u, 0u, 0u); /* zero outside x: padded k meets zero-filled weights */
-            if ((X_CH % 256 == 0 || r < BM) && m0 + r < p.M && kt * KW + x_c < p.K8) {
-                const uint16_t *row = p.x + (int64_t)(m0 + r) * p.K;
-                xv[j].x = (uint32_t)row[pa[j].x] | ((uint32_t)row[pa[j].y] << 16);
-                xv[j].y = (uint32_t)row[pa[j].z] | ((uint32_t)row[pa[j].w] << 16);
-                xv[j].z = (uint32_t)row[pb[j].x] | ((uint32_t)row[pb[j].y] << 16);
-                xv[j].w = (uint32_t)row[pb[j].z] | ((uint32_t)row[pb[j].w] << 16);
-            }
-        }
-    };
-    auto gather_store = [&](int buf, const uint4 (&xv)[X_J]) {
-#pragma unroll
-        for (int j = 0; j < X_J; ++j)
-            if (X_CH % 256 == 0 || x_r0 + j * X_RS < BM)
-                *reinterpret_cast<uint4 *>(smem + buf * C::STAGE_BYTES + x_dst0 + j * X_RS * BK * 2) = xv[j];
-    };
     /* scales / zeros: NG rows x BN/8 chunks (16 bytes of scales, one word of zeros) */
     constexpr int S_CH = NG * (BN / 8), S_J = (S_CH + 255) / 256, S_RS = 256 / (BN / 8);
     const int s_c = tid % (BN / 8), s_r0 = tid / (BN / 8);
@@ -272,36 +232,11 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     for (int s = 0; s < STAGES - 1; ++s)
         if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
     if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
-    /* GATHER: the perm words of the first STAGES stages before the wait (perm is the layer's
-     * own), then the x of the first STAGES-1 all in flight at once */
-    int4 gpa[X_J], gpb[X_J]; /* perm words of the next stage to gather */
-    if constexpr (C::GATHER) {
-        int4 ppa[STAGES][X_J], ppb[STAGES][X_J];
+    grid_dependency_wait();
 #pragma unroll
-        for (int s = 0; s < STAGES; ++s)
-            if (s < nkt) gather_perm(kt_begin + s, ppa[s], ppb[s]);
-        grid_dependency_wait();
-        uint4 pxv[STAGES - 1][X_J];
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s)
-            if (s < nkt) gather_x(kt_begin + s, ppa[s], ppb[s], pxv[s]);
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < nkt) gather_store(s, pxv[s]);
-            cp_async_commit();
-        }
-#pragma unroll
-        for (int j = 0; j < X_J; ++j) {
-            gpa[j] = ppa[STAGES - 1][j];
-            gpb[j] = ppb[STAGES - 1][j];
-        }
-    } else {
-        grid_dependency_wait();
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < nkt) load_stage(s, kt_begin + s, LOAD_X);
-            cp_async_commit();
-        }
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < nkt) load_stage(s, kt_begin + s, LOAD_X);
+        cp_async_commit();
     }
     /* the next kernel may start its own prologue as soon as every block of this one is here */
     grid_dependents_launch();
@@ -469,23 +404,13 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     for (int it = 0; it < nkt; ++it) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
-        const int nx = it + STAGES - 1;
-        uint4 gxv[X_J];
-        if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx, C::GATHER ? LOAD_W : LOAD_W | LOAD_X);
-        cp_async_commit();
-        if constexpr (C::GATHER) {
-            if (nx < nkt) {
-                gather_x(kt_begin + nx, gpa, gpb, gxv);
-                if (nx + 1 < nkt) gather_perm(kt_begin + nx + 1, gpa, gpb);
-            }
+        {
+            const int nx = it + STAGES - 1;
+            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx, LOAD_W | LOAD_X);
+            cp_async_commit();
         }
         if (stage_group) stage_body(it, std::true_type{});
         else stage_body(it, std::false_type{});
-        /* stage nx's buffer was last read in iteration it - 1, before this iteration's barrier;
-         * it is read again in iteration nx >= it + 1, after that one's */
-        if constexpr (C::GATHER) {
-            if (nx < nkt) gather_store(nx % STAGES, gxv);
-        }
     }
     if constexpr (C::FACT) {
         if (cur_g >= 0) flush();
@@ -696,7 +621,7 @@ __global__ void __launch_bounds__(1024) gather_rows_kernel(const E *__restrict__
     }
 }
 
-inline int g_gather_mode = 0; /* dev hook: see tops_cuda_w4a16_dev_gather */
+inline int g_gather_mode = 0; /* dev hook: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
 constexpr int64_t kGatherRowsMinM = 32; /* by row from this many rows */
 
 template <typename E, int PR>
@@ -778,9 +703,9 @@ int launch_tc(const LinParams &base, void *stream) {
 }
 
 /* tile configurations, by batch size */
-template <bool ACT, bool GATHER = false> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, GATHER>; /* M <= 8 */
-template <bool ACT, bool GATHER = false> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true, 0, GATHER>; /* M <= 16 */
-template <bool ACT, bool GATHER = false> using CfgC = Cfg<256, 32, 8, 128, 3, ACT, false, 0, GATHER>; /* M <= 32 */
+template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true>;  /* M <= 8 */
+template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true>; /* M <= 16 */
+template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
@@ -794,16 +719,6 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
     case 4: return launch_tc<CfgE<ACT>, T>(p, stream);
     default: return launch_tc<CfgF<ACT>, T>(p, stream);
-    }
-}
-
-/* the small-batch configurations that gather x for perm themselves (see kFusedGatherMaxM) */
-template <class T>
-int dispatch_tc_gather(const LinParams &p, int cfg, void *stream) {
-    switch (cfg) {
-    case 0: return launch_tc<CfgA<false, true>, T>(p, stream);
-    case 1: return launch_tc<CfgB<false, true>, T>(p, stream);
-    default: return launch_tc<CfgC<false, true>, T>(p, stream);
     }
 }
 
@@ -876,18 +791,6 @@ int launch_generic(const tops_w4a16_args *a, int zmode, void *stream) {
 
 bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
 
-/* perm with a batch that takes the small-batch mma.sync tiles (0..2) and plain groups: the kernel
- * gathers x itself (CfgX<false, true>), which saves the gather kernel, its launch and its wait
- * on the critical path, and the workspace. x then needs only its natural alignment. */
-bool fused_gather(const tops_w4a16_args *a) {
-    const int64_t gs = a->group_size;
-    const bool plain = a->g_idx == nullptr && gs > 0 && (gs == a->K || ((gs & (gs - 1)) == 0 && gs >= 32));
-    return a->perm != nullptr && g_gather_mode == 0 && a->M > 0 && a->M <= 32 && g_force_cfg <= 2 &&
-           (a->x_dtype == TOPS_F16 || a->x_dtype == TOPS_BF16) && plain && (a->K & 7) == 0 &&
-           a->x_row_stride == a->K && aligned(a->perm, 16) && aligned(a->x, 2) && aligned(a->qweight, 16) &&
-           aligned(a->scales, 16) && aligned(a->qzeros, 4) && aligned(a->bias, 8) && aligned(a->out, 8);
-}
-
 } // namespace tops_w4
 
 using namespace tops_w4;
@@ -900,8 +803,7 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
     g_force_cfg = cfg;
     g_force_split = split;
 }
-/* the x gather of perm: 0 automatic (inside the GEMM where fused_gather allows), 1 by element,
- * 2 by element signalling late, 3 by row (1..3: a gather kernel, then the GEMM) */
+/* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
 /* programmatic dependent launch on (1, the default) or off (0) */
 void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
@@ -913,7 +815,7 @@ void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
 
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
     /* split-K reduces through cluster shared memory: scratch only for the gathered x */
-    if (a == nullptr || a->perm == nullptr || a->M <= 0 || a->K <= 0 || fused_gather(a)) return 0;
+    if (a == nullptr || a->perm == nullptr || a->M <= 0 || a->K <= 0) return 0;
     return (size_t)a->M * (size_t)a->K * (a->x_dtype == TOPS_F32 ? 4 : 2);
 }
 
@@ -929,8 +831,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     if (a_in == nullptr) return TOPS_ERR_ARG;
     tops_w4a16_args gathered;
     const tops_w4a16_args *a = a_in;
-    const bool fuse = fused_gather(a_in);
-    if (a_in->perm != nullptr && a_in->M > 0 && !fuse) {
+    if (a_in->perm != nullptr && a_in->M > 0) {
         /* x[:, perm] into the workspace, then the plain product on it */
         if (workspace == nullptr || workspace_bytes < tops_cuda_w4a16_workspace_bytes(a_in)) return TOPS_ERR_ARG;
         const int st = tops_cuda_w4a16_gather_x(a_in, workspace, stream);
@@ -973,7 +874,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         gshift = 0;
         while ((1LL << gshift) < gs) ++gshift;
     }
-    const bool ok_align = (fuse || aligned(a->x, 16)) && aligned(a->qweight, 16) && aligned(a->scales, 16) &&
+    const bool ok_align = aligned(a->x, 16) && aligned(a->qweight, 16) && aligned(a->scales, 16) &&
                           aligned(a->qzeros, 4) && aligned(a->g_idx, 16) && aligned(a->bias, 8) &&
                           aligned(a->out, 8);
     if (ok_align) {
@@ -983,7 +884,6 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.sc = static_cast<const uint16_t *>(a->scales);
         p.qz = a->qzeros;
         p.gidx = a->g_idx;
-        p.perm = fuse ? a->perm : nullptr;
         p.bias = static_cast<const uint16_t *>(a->bias);
         p.out = static_cast<uint16_t *>(a->out);
         p.M = (int)M;
@@ -999,9 +899,8 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         const bool bf16 = a->x_dtype == TOPS_BF16;
         int st = -1;
         g_last_cfg = cfg;
-        if (fuse) st = bf16 ? dispatch_tc_gather<BF16>(p, cfg, stream) : dispatch_tc_gather<F16>(p, cfg, stream);
-        else if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);
-        if (st < 0 && !fuse) {
+        if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);
+        if (st < 0) {
             cfg = mma_fallback(cfg, M, N, di.sms);
             g_last_cfg = cfg;
             if (!bf16)
@@ -1010,7 +909,6 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
                 st = act ? dispatch_tc<BF16, true>(p, cfg, stream) : dispatch_tc<BF16, false>(p, cfg, stream);
         }
         if (st >= 0) return st;
-        if (fuse) return TOPS_ERR_CUDA; /* (cannot happen: plain-group tiles always fit) x is not gathered */
         /* st < 0: the configuration does not fit (act-order table too large): generic path */
         g_last_cfg = -1;
         g_last_split = 0;
