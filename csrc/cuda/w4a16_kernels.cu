@@ -106,11 +106,6 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     constexpr int BN = C::BN, BM = C::BM, BK = C::BK, STAGES = C::STAGES, KW = C::KW;
     constexpr int CN = C::CN, MT = C::MT, NSUB = C::NSUB, NG = C::NG;
     constexpr bool FAST = T::FAST && !C::ACT; /* fp16 lo/hi nibble trick (one shift per word) */
-    /* ZSUM (bf16, FACT): the weights enter the mma as magic + q, with no subtraction per pair;
-     * an mma of ones with the same x fragments sums x over the group, and the flush subtracts
-     * (magic + z) times that sum: 4 fewer fma2 per word where bf16, lacking the fp16 trick, spends
-     * 3 shifts per word. fp32 absorbs the cancellation (magic 128 against q - z in [-15, 15]). */
-    constexpr bool ZSUM = C::FACT && !T::FAST;
     extern __shared__ __align__(16) unsigned char smem[];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -248,11 +243,6 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 
     float acc[MT][2 * CN][4];
     float pacc[C::FACT ? MT : 1][2 * CN][4]; /* FACT: partial sums of the current group */
-    float zsum[ZSUM ? MT : 1][4];           /* ZSUM: the group's sum of x, rows 2t and 2t + 1 in [0], [1] */
-#pragma unroll
-    for (int a = 0; a < (ZSUM ? MT : 1); ++a)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) zsum[a][r] = 0.f;
 #pragma unroll
     for (int a = 0; a < MT; ++a)
 #pragma unroll
@@ -270,33 +260,26 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
      * scales as half2 (per-weight scaling) or fp32 (FACT) */
     int cur_g = -1;
     uint32_t nzlo[CN][4], nzhi[CN][4], sdup[CN][4];
-    float sf[CN][4], zoff[CN][4]; /* zoff (ZSUM): magic + z */
+    float sf[CN][4];
 #pragma unroll
     for (int c = 0; c < CN; ++c)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             nzlo[c][j] = nzhi[c][j] = sdup[c][j] = 0u;
-            sf[c][j] = zoff[c][j] = 0.f;
+            sf[c][j] = 0.f;
         }
-    auto flush = [&]() { /* FACT: acc += s * partial; partial = 0 (ZSUM: partial - (magic + z) sum x) */
+    auto flush = [&]() { /* FACT: acc += s * partial; partial = 0 */
 #pragma unroll
-        for (int a = 0; a < (C::FACT ? MT : 1); ++a) {
+        for (int a = 0; a < (C::FACT ? MT : 1); ++a)
 #pragma unroll
             for (int c = 0; c < CN; ++c)
 #pragma unroll
                 for (int h = 0; h < 2; ++h)
 #pragma unroll
                     for (int r = 0; r < 4; ++r) {
-                        float part = pacc[a][2 * c + h][r];
-                        if constexpr (ZSUM) part = fmaf(-zoff[c][2 * h + (r >> 1)], zsum[ZSUM ? a : 0][r & 1], part);
-                        acc[a][2 * c + h][r] = fmaf(part, sf[c][2 * h + (r >> 1)], acc[a][2 * c + h][r]);
+                        acc[a][2 * c + h][r] = fmaf(pacc[a][2 * c + h][r], sf[c][2 * h + (r >> 1)], acc[a][2 * c + h][r]);
                         pacc[a][2 * c + h][r] = 0.f;
                     }
-            if constexpr (ZSUM) {
-#pragma unroll
-                for (int r = 0; r < 4; ++r) zsum[ZSUM ? a : 0][r] = 0.f;
-            }
-        }
     };
 
     const uint32_t magic = T::MAGIC; /* in a register: lop3 takes one immediate */
@@ -336,7 +319,6 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                         for (int j = 0; j < 4; ++j) {
                             const uint32_t z = zero_of((zz >> (4 * j)) & 15u, p.zmode);
                             nzlo[c][j] = (T::NEGMAG | z) * 0x10001u;
-                            if constexpr (ZSUM) zoff[c][j] = -T::to_f((uint16_t)(T::NEGMAG | z));
                             if constexpr (FAST) nzhi[c][j] = (0xD400u + (z << 4)) * 0x10001u; /* -(64 + z) */
                             const uint32_t sh = (j & 1) ? ((j < 2 ? s4.x : s4.y) >> 16) : ((j < 2 ? s4.x : s4.y) & 0xFFFFu);
                             if constexpr (C::FACT) sf[c][j] = T::to_f((uint16_t)sh);
@@ -364,10 +346,8 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                             d[j][3] = T::fma2(and_or<0x00F000F0u>(w8, magic), 0x2C002C00u, nzhi[c][j]);
                         } else {
 #pragma unroll
-                            for (int i = 0; i < 4; ++i) {
-                                d[j][i] = and_or<0x000F000Fu>(w[j] >> (4 * i), magic);
-                                if constexpr (!ZSUM) d[j][i] = T::fma2(d[j][i], T::ONE2, nzlo[c][j]);
-                            }
+                            for (int i = 0; i < 4; ++i)
+                                d[j][i] = T::fma2(and_or<0x000F000Fu>(w[j] >> (4 * i), magic), T::ONE2, nzlo[c][j]);
                         }
                         if constexpr (!C::FACT) {
 #pragma unroll
@@ -409,11 +389,6 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                 const uint4 xv = *reinterpret_cast<const uint4 *>(sX + row * BK + ((kwl ^ ((row & 1) << 2)) << 3));
                 const uint32_t b00 = __byte_perm(xv.x, xv.z, 0x5410), b01 = __byte_perm(xv.x, xv.z, 0x7632);
                 const uint32_t b10 = __byte_perm(xv.y, xv.w, 0x5410), b11 = __byte_perm(xv.y, xv.w, 0x7632);
-                if constexpr (ZSUM) {
-                    const uint32_t ones[4] = {T::ONE2, T::ONE2, T::ONE2, T::ONE2};
-                    T::mma(zsum[ZSUM ? mt : 0], ones, b00, b01);
-                    T::mma(zsum[ZSUM ? mt : 0], ones, b10, b11);
-                }
 #pragma unroll
                 for (int c = 0; c < CN; ++c)
 #pragma unroll
