@@ -455,13 +455,15 @@ def benchmarks(quick):
 MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14, 16)}
 
 
-def perm_sweep():
+def perm_sweep(small=False):
     """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
     way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
-    signalling the GEMM late, 3 by row)"""
+    signalling the GEMM late, 3 by row); small: M = 1..8 where K is large and N small"""
     fnc = LIB.tops_cuda_w4a16_linear
-    for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]:
-        for M in (1, 4, 16, 64, 256, 1024, 4096):
+    shapes = [(8192, 4096), (14336, 4096), (28672, 4096), (14336, 5120)] if small else \
+        [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]
+    for K, N in shapes:
+        for M in ((1, 2, 4, 8) if small else (1, 4, 16, 64, 256, 1024, 4096)):
             if K * N > 8192 * 8192 and M > 16:
                 continue
             c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
@@ -540,6 +542,35 @@ def graph_sweep(mid=False, auto_only=False):
             del qws, args
 
 
+def policy_sweep():
+    """cluster scheduling policy of the split-K launches (tops_cuda_w4a16_dev_cluster_policy: 0
+    default, 1 spread, 2 load balancing), automatic choice and forced splits, CUDA graphs"""
+    fnc = LIB.tops_cuda_w4a16_linear
+
+    def launcher(a):
+        return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+
+    for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672)]:
+        for M in (1, 4, 16, 64):
+            c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
+            ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
+            qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
+            out = torch.empty(M, N, dtype=torch.float16, device="cuda")
+            args = [make_args(c, out, qweight=q) for q in qws]
+            forced = [(0 if M <= 8 else 1, s) for s in (4, 6, 7, 8)] if M <= 16 else [(10, s) for s in (2, 3, 4)]
+            for policy in (0, 1, 2):
+                LIB.tops_cuda_w4a16_dev_cluster_policy(policy)
+                res = []
+                for force in [(-1, 0)] + forced:
+                    LIB.tops_cuda_w4a16_dev_force(*force)
+                    t = time_graph([launcher(a) for a in args])
+                    res.append(f"{'auto ' + str(last_cfg()) if force[0] < 0 else '%d/%d' % force} {t:.1f}")
+                LIB.tops_cuda_w4a16_dev_force(-1, 0)
+                log(f"policy {policy} {K}x{N} M={M}: " + " | ".join(res))
+            LIB.tops_cuda_w4a16_dev_cluster_policy(0)
+            del qws, args
+
+
 def profile_cases(spec):
     """run a few cases twice each (for ncu): spec 'M:K:N:dtype:act:cfg:split,...'"""
     for item in spec.split(","):
@@ -570,6 +601,8 @@ def main():
     ap.add_argument("--sweep-mid", action="store_true", help="only the CUDA-graph sweep for M = 32..256")
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
+    ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")
+    ap.add_argument("--policy-sweep", action="store_true", help="only the cluster scheduling policy sweep")
     ap.add_argument("--act-sweep", action="store_true", help="only the raw g_idx timing")
     ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
     args = ap.parse_args()
@@ -588,13 +621,16 @@ def main():
     LIB.tops_cuda_w4a16_dev_last.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     LIB.tops_cuda_w4a16_dev_pdl.argtypes = [ctypes.c_int]
     LIB.tops_cuda_w4a16_dev_gather.argtypes = [ctypes.c_int]
+    LIB.tops_cuda_w4a16_dev_cluster_policy.argtypes = [ctypes.c_int]
     p = torch.cuda.get_device_properties(0)
     log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
     if args.profile:
         profile_cases(args.profile)
         return 0
-    if args.perm_sweep:
-        perm_sweep()
+    if args.perm_sweep or args.perm_small:
+        perm_sweep(small=args.perm_small)
+    if args.policy_sweep:
+        policy_sweep()
     if args.act_sweep:
         act_sweep()
     if args.sweep or args.sweep_mid:
@@ -602,7 +638,7 @@ def main():
             graph_sweep(auto_only=args.auto_only)
         if args.sweep_mid:
             graph_sweep(mid=True, auto_only=args.auto_only)
-    if args.sweep or args.sweep_mid or args.perm_sweep or args.act_sweep:
+    if args.sweep or args.sweep_mid or args.perm_sweep or args.perm_small or args.policy_sweep or args.act_sweep:
         return 0
     self_test_reference()
     fails = 0

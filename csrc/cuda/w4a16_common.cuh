@@ -279,6 +279,9 @@ inline int g_force_split = 0;
 inline int g_last_cfg = -1; /* what the last call ran (reported to the benchmark) */
 inline int g_last_split = 0;
 inline bool g_pdl = true; /* launch with programmatic dependent launch on sm_90+ */
+/* cluster scheduling policy preference of split-K launches (cudaClusterSchedulingPolicy: 0 the
+ * default, 1 spread the blocks of a cluster over SMs, 2 load balancing) */
+inline int g_cluster_policy = 0;
 
 struct DevInfo {
     int dev = 0, sms = 0, major = 0, minor = 0, optin_smem = 0;
@@ -330,7 +333,7 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di, int th
     struct E {
         const void *f;
         size_t smem;
-        int split, threads, dev, val;
+        int split, threads, dev, val, policy;
     };
     static E cache[128];
     static int n = 0;
@@ -338,7 +341,7 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di, int th
     std::lock_guard<std::mutex> lock(mu);
     for (int i = 0; i < n; ++i)
         if (cache[i].f == (const void *)kern && cache[i].smem == smem && cache[i].split == split &&
-            cache[i].threads == threads && cache[i].dev == di.dev)
+            cache[i].threads == threads && cache[i].dev == di.dev && cache[i].policy == g_cluster_policy)
             return cache[i].val;
     int v = 0;
     if (split == 1) {
@@ -349,18 +352,20 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di, int th
         cfg.gridDim = dim3(1, (unsigned)split, 1);
         cfg.blockDim = dim3((unsigned)threads, 1, 1);
         cfg.dynamicSmemBytes = smem;
-        cudaLaunchAttribute attr[1];
+        cudaLaunchAttribute attr[2];
         attr[0].id = cudaLaunchAttributeClusterDimension;
         attr[0].val.clusterDim.x = 1;
         attr[0].val.clusterDim.y = (unsigned)split;
         attr[0].val.clusterDim.z = 1;
+        attr[1].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
+        attr[1].val.clusterSchedulingPolicyPreference = (cudaClusterSchedulingPolicy)g_cluster_policy;
         cfg.attrs = attr;
-        cfg.numAttrs = 1;
+        cfg.numAttrs = g_cluster_policy ? 2 : 1;
         int nc = 0;
         if (cudaOccupancyMaxActiveClusters(&nc, kern, &cfg) == cudaSuccess) v = nc;
     }
     (void)cudaGetLastError();
-    if (n < 128) cache[n++] = E{(const void *)kern, smem, split, threads, di.dev, v};
+    if (n < 128) cache[n++] = E{(const void *)kern, smem, split, threads, di.dev, v, g_cluster_policy};
     return v;
 }
 
@@ -421,7 +426,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     cfg.blockDim = dim3(256, 1, 1);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = static_cast<cudaStream_t>(stream);
-    cudaLaunchAttribute attr[2];
+    cudaLaunchAttribute attr[3];
     unsigned na = 0;
     if (split > 1) {
         attr[na].id = cudaLaunchAttributeClusterDimension;
@@ -429,6 +434,11 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
         attr[na].val.clusterDim.y = (unsigned)split;
         attr[na].val.clusterDim.z = 1;
         ++na;
+        if (g_cluster_policy) {
+            attr[na].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
+            attr[na].val.clusterSchedulingPolicyPreference = (cudaClusterSchedulingPolicy)g_cluster_policy;
+            ++na;
+        }
     }
     if (g_pdl && di.major >= 9) {
         /* the weights of the first stages stream in while the previous kernel drains */

@@ -807,6 +807,8 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
 /* programmatic dependent launch on (1, the default) or off (0) */
 void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
+/* cluster scheduling policy of split-K launches: 0 default, 1 spread, 2 load balancing */
+void tops_cuda_w4a16_dev_cluster_policy(int policy) { g_cluster_policy = policy; }
 /* the tile config (-1: generic kernel) and K split of the last call */
 void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
     *cfg = g_last_cfg;
