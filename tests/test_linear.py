@@ -161,11 +161,12 @@ def test_perm_view_at_an_offset(device, M):
     assert rel_err(out, reference(x[:, perm.long()], t)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("M", [1, 3, 4, 7, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_perm_small_batches_split_k(device, M, dtype):
     """Small batches with perm on the shapes that split K over several blocks (a K range that
-    ends inside a k-tile, groups of 32 and the whole K, every zero format), 3-D x"""
+    ends inside a k-tile, groups of 32 and the whole K, every zero format), 3-D x. On CUDA, M = 4
+    and 7 in fp16 take K = 8192 with few columns, where x is gathered by row."""
     i = M + (dtype == torch.bfloat16)
     K, N, gs = [(4224, 1000, 128), (8192, 264, 32), (2048, 4104, -1)][i % 3]
     t = make_weights(K, N, gs, zeros=("v1", "v2", "sym")[i % 3], device=device, scales_dtype=dtype)

@@ -660,9 +660,16 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg)
          * GEMM slowed the gather (14336 x 4096 M = 4: 25.7 us early, 18.8 late, plain 15.8; M =
          * 16 34.0 / 24.0; 4096 x 4096 M = 16 13.0 / 10.6; why is not understood: requesting fewer
          * weight stages before the GEMM's PDL wait did not help); elsewhere the early start wins
-         * (8192 x 8192 M = 16 22.9 / 26.2; M = 1 17.1 / 20.7). */
+         * (8192 x 8192 M = 16 22.9 / 26.2; M = 1 17.1 / 20.7). Where the GEMM leaves SMs idle
+         * and K is long, the row gather beats both at M = 2..8 (H200, --perm-small, by element /
+         * late / by row: 8192 x 4096 M = 4 15.6 / 12.5 / 11.1; 14336 x 4096 M = 4 26.1 / 18.5 /
+         * 17.5, M = 8 27.3 / 19.4 / 18.1; 28672 x 4096 M = 8 51.3 / 35.2 / 33.1; 14336 x 5120 M
+         * = 8 27.3 / 30.0 / 27.0; plain 9.6, 15.6, 16.0, 29.9, 25.0); at M = 1 the element gather
+         * stays best (14336 x 4096 16.7 / 18.4 / 17.3). */
+        const bool idle = (a->N + 255) / 256 * 6 < di.sms;
         if (a->M >= kGatherRowsMinM && rows_ok && !(a->K <= 4096 && a->M > 1024)) mode = 3;
-        else mode = a->M * a->K >= 49152 && (a->N + 255) / 256 * 6 < di.sms ? 2 : 1;
+        else if (idle && rows_ok && a->M >= 2 && a->M <= 8 && a->K >= 8192 && a->M * a->K >= 32768) mode = 3;
+        else mode = a->M * a->K >= 49152 && idle ? 2 : 1;
     }
     if (mode == 3 && !rows_ok) mode = 1;
     if (mode == 3) {
