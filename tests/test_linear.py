@@ -94,6 +94,22 @@ def test_no_shape_cliffs(device, K, N):
         assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_whole_tiles_small_batches(device, M, dtype):
+    """K a multiple of 128 and N of 256: on Hopper the small-batch tiles stream these with bulk
+    copies (no zero fill, rows rotated in shared memory); split K at 8192, groups of 32 and the
+    whole K, every zero format, bias"""
+    i = M + (dtype == torch.bfloat16)
+    K, N = [(1024, 256), (8192, 768)][i % 2]
+    gs, zeros = [(32, "v1"), (128, "v2"), (-1, "sym")][i % 3]
+    t = make_weights(K, N, gs, zeros=zeros, device=device, scales_dtype=dtype)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    bias = torch.randn(N, device=device, dtype=dtype)
+    out = torch_ops.w4a16_linear(x, bias=bias, **t)
+    assert rel_err(out, reference(x, t, bias)) < TOL[dtype]
+
+
 def test_bias_and_non_contiguous_x(device):
     K, N = 256, 48
     t = make_weights(K, N, 128, device=device)
