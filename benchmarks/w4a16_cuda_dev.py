@@ -571,62 +571,6 @@ def policy_sweep():
             del qws, args
 
 
-def bulk_sweep():
-    """the small-batch tiles streaming with bulk copies (tops_cuda_w4a16_dev_bulk 1, the default
-    where K % 128 == 0 and N % 256 == 0) against cp.async (0): correctness of both on shapes that
-    take the bulk path, then CUDA-graph timing, automatic split and forced ones"""
-    fails = 0
-    seed = 500
-    for (M, K, N) in [(1, 1024, 256), (3, 4096, 768), (8, 8192, 512), (9, 2048, 1280), (16, 8192, 4096),
-                      (5, 28672, 256), (1, 384, 2560)]:
-        for gs in (32, 64, 128, -1):
-            for zf in (ZV1, ZV2, None):
-                for dt in (torch.float16, torch.bfloat16):
-                    seed += 1
-                    c = make_case(M, K, N, gs, zf, False, seed % 2 == 0, dt, seed=seed)
-                    ref = ref_out(c)
-                    for on in (1, 0):
-                        LIB.tops_cuda_w4a16_dev_bulk(on)
-                        out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
-                        st = call(make_args(c, out))
-                        torch.cuda.synchronize()
-                        o = out.double()
-                        rel = float((o - ref).norm() / ref.norm().clamp_min(1e-30)) if not torch.isnan(o).any() \
-                            else float("nan")
-                        if st != 0 or not rel < TOL[dt]:
-                            fails += 1
-                            log(f"FAIL bulk={on} M={M} K={K} N={N} gs={gs} zf={zf} {dt}: status {st} rel {rel:.2e} "
-                                f"ran {last_cfg()}")
-    LIB.tops_cuda_w4a16_dev_bulk(1)
-    log(f"bulk correctness: {fails} failures")
-    fnc = LIB.tops_cuda_w4a16_linear
-
-    def launcher(a):
-        return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
-
-    for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (4096, 14336), (8192, 28672)]:
-        for M in (1, 4, 16):
-            for dt in ((torch.float16, torch.bfloat16) if M < 16 else (torch.float16,)):
-                c = make_case(M, K, N, 128, ZV2, False, False, dt, seed=7)
-                ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
-                qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
-                out = torch.empty(M, N, dtype=dt, device="cuda")
-                args = [make_args(c, out, qweight=q) for q in qws]
-                res = []
-                for on in (1, 0):
-                    LIB.tops_cuda_w4a16_dev_bulk(on)
-                    for force in [(-1, 0)] + ([(0 if M <= 8 else 1, s) for s in (7, 8)] if on else []):
-                        LIB.tops_cuda_w4a16_dev_force(*force)
-                        t = time_graph([launcher(a) for a in args])
-                        res.append(f"{'bulk' if on else 'cp.async'} "
-                                   f"{'auto ' + str(last_cfg()) if force[0] < 0 else '%d/%d' % force} {t:.1f}")
-                    LIB.tops_cuda_w4a16_dev_force(-1, 0)
-                LIB.tops_cuda_w4a16_dev_bulk(1)
-                log(f"{K}x{N} M={M} {'f16' if dt == torch.float16 else 'bf16'}: " + " | ".join(res))
-                del qws, args
-    return fails
-
-
 def profile_cases(spec):
     """run a few cases twice each (for ncu): spec 'M:K:N:dtype:act:cfg:split,...'"""
     for item in spec.split(","):
@@ -658,7 +602,6 @@ def main():
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
     ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")
-    ap.add_argument("--bulk-sweep", action="store_true", help="only bulk copies against cp.async (small batches)")
     ap.add_argument("--policy-sweep", action="store_true", help="only the cluster scheduling policy sweep")
     ap.add_argument("--act-sweep", action="store_true", help="only the raw g_idx timing")
     ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
@@ -679,7 +622,6 @@ def main():
     LIB.tops_cuda_w4a16_dev_pdl.argtypes = [ctypes.c_int]
     LIB.tops_cuda_w4a16_dev_gather.argtypes = [ctypes.c_int]
     LIB.tops_cuda_w4a16_dev_cluster_policy.argtypes = [ctypes.c_int]
-    LIB.tops_cuda_w4a16_dev_bulk.argtypes = [ctypes.c_int]
     p = torch.cuda.get_device_properties(0)
     log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
     if args.profile:
@@ -689,9 +631,6 @@ def main():
         perm_sweep(small=args.perm_small)
     if args.policy_sweep:
         policy_sweep()
-    if args.bulk_sweep:
-        if bulk_sweep():
-            return 1
     if args.act_sweep:
         act_sweep()
     if args.sweep or args.sweep_mid:
@@ -699,7 +638,7 @@ def main():
             graph_sweep(auto_only=args.auto_only)
         if args.sweep_mid:
             graph_sweep(mid=True, auto_only=args.auto_only)
-    if args.sweep or args.sweep_mid or args.perm_sweep or args.perm_small or args.policy_sweep or args.bulk_sweep or args.act_sweep:
+    if args.sweep or args.sweep_mid or args.perm_sweep or args.perm_small or args.policy_sweep or args.act_sweep:
         return 0
     self_test_reference()
     fails = 0

@@ -97,9 +97,8 @@ def test_no_shape_cliffs(device, K, N):
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_whole_tiles_small_batches(device, M, dtype):
-    """K a multiple of 128 and N of 256: on Hopper the small-batch tiles stream these with bulk
-    copies (no zero fill, rows rotated in shared memory); split K at 8192, groups of 32 and the
-    whole K, every zero format, bias"""
+    """K a multiple of 128 and N of 256 (no partial tile anywhere), small batches: split K at
+    8192, groups of 32 and the whole K, every zero format, bias"""
     i = M + (dtype == torch.bfloat16)
     K, N = [(1024, 256), (8192, 768)][i % 2]
     gs, zeros = [(32, "v1"), (128, "v2"), (-1, "sym")][i % 3]

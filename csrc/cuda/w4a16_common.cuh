@@ -51,51 +51,6 @@ __device__ __forceinline__ void grid_dependents_launch() {
 }
 enum { LOAD_W = 1, LOAD_X = 2 };
 
-/* Bulk copies (sm_90; empty before, where the kernels that use them are never launched): one
- * instruction moves a contiguous run of global memory into shared memory through the async proxy
- * and counts its bytes on an mbarrier, so a stage costs a few instructions of a few threads
- * instead of one cp.async per 16 bytes from every thread. */
-__device__ __forceinline__ void mbar_init(uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
-#endif
-}
-/* makes the initialised mbarriers visible to the async proxy (the copies that complete on them) */
-__device__ __forceinline__ void mbar_init_fence() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-/* the phase's one arrival, announcing the bytes its copies will bring */
-__device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
-                 : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("{\n.reg .pred P;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n@!P bra WAIT;\n}\n" ::"r"(
-                     bar),
-                 "r"(parity)
-                 : "memory");
-#endif
-}
-/* orders this thread's earlier shared-memory accesses (generic proxy) before its next bulk copy */
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-/* bytes (a multiple of 16, 16-byte aligned at both ends) from global src to shared dst, counted on bar */
-__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-                 "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-#endif
-}
-
 /* element-type traits: bit patterns only (uint16_t storage) */
 struct F16 {
     static constexpr uint32_t MAGIC = 0x64006400u;  /* half2 (1024, 1024) */
@@ -162,7 +117,6 @@ struct LinParams {
     uint16_t *out;
     int M, K, N, K8, G, gsize, gshift, zmode;
     int m_tiles, n_tiles, KT, kt_per_split;
-    int bulk; /* the small-batch tiles may stream with bulk copies (see w4a16_kernels.cu) */
 };
 
 
@@ -328,7 +282,6 @@ inline bool g_pdl = true; /* launch with programmatic dependent launch on sm_90+
 /* cluster scheduling policy preference of split-K launches (cudaClusterSchedulingPolicy: 0 the
  * default, 1 spread the blocks of a cluster over SMs, 2 load balancing) */
 inline int g_cluster_policy = 0;
-inline bool g_bulk = true; /* bulk-copy weight streaming for the small-batch tiles where it applies */
 
 struct DevInfo {
     int dev = 0, sms = 0, major = 0, minor = 0, optin_smem = 0;

@@ -67,8 +67,7 @@ namespace tops_w4 {
  * FACT (small MT, plain groups): the mma accumulates sum (q - z) x for one group at a time and the
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
-template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0,
-          bool BULK_ = false>
+template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0>
 struct Cfg {
     static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
     static constexpr int MINB = MINB_ ? MINB_ : ((BM_ * BN_ >= 128 * 256) ? 1 : 2); /* blocks per SM */
@@ -86,10 +85,7 @@ struct Cfg {
     static constexpr int Z_BYTES = NG * (BN / 8) * 4;
     static constexpr int GI_BYTES = ACT ? BK * 4 : 0;
     static constexpr int STAGE_BYTES = W_BYTES + X_BYTES + S_BYTES + Z_BYTES + GI_BYTES;
-    /* BULK: stages filled by bulk copies, one mbarrier each after the stages */
-    static constexpr bool BULK = BULK_;
-    static constexpr int BAR_BYTES = BULK ? (STAGES * 8 + 15) / 16 * 16 : 0;
-    static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES + BAR_BYTES;
+    static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
     static constexpr int OUT_BYTES = BM * BN * 4; /* fp32 partial tile for the split-K reduction */
     /* PUSH: split-K partials pushed into the owning block's receive area (its own region after
      * the pipeline, [split][ceil(tile / nsplit)] float4) instead of read from every block */
@@ -103,11 +99,6 @@ struct Cfg {
     static_assert(BN >= 32 && BN <= 1024 && 256 % (BN / 8) == 0, "BN");
     static_assert(W_BYTES % 16 == 0 && X_BYTES % 16 == 0 && S_BYTES % 16 == 0 && Z_BYTES % 16 == 0,
                   "16-byte aligned sections");
-    /* BULK: warp 0 copies the weight rows, warp 1 the x rows, warp 2 scales and zeros (one piece
-     * per lane, rows rotated within themselves so that the fragment reads stay conflict-free) */
-    static_assert(!BULK || (PUSH && !ACT && KW + 3 * KW / 4 <= 32 && BM + BM / 2 <= 32 && 2 * NG <= 32 &&
-                            BN * 4 >= 128 && BK * 2 >= 128),
-                  "bulk-copy stages");
 };
 
 template <class C, class T>
@@ -233,93 +224,19 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         }
     };
 
-    /* ---- bulk-copy stages (BULK: K a multiple of BK, N of BN, 16-byte aligned rows) ----
-     * A stage is KW weight rows of BN*4 bytes, the live x rows (BK*2 bytes each), and the scale
-     * and zero rows of its groups. Weight row r is stored rotated by 32 (r & 3) bytes and x row r
-     * by 64 (r & 1), as two copies where the rotation wraps: the same bank spread the cp.async
-     * path gets from its XOR swizzle. Rows of x past M are never written: they only feed the
-     * output rows that are dropped. */
-    const uint32_t bars = smem_base + (uint32_t)(STAGES * C::STAGE_BYTES);
-    const int x_rows = min(BM, p.M - m0);
-    auto bulk_bytes = [&](int kt) -> uint32_t {
-        const int k0 = kt * BK;
-        const int ng = ((min(k0 + BK, p.K) - 1) >> p.gshift) - (k0 >> p.gshift) + 1;
-        return (uint32_t)(C::W_BYTES + x_rows * BK * 2 + ng * (BN * 2 + (p.zmode != 0 ? BN / 2 : 0)));
-    };
-    auto bulk_stage = [&](int buf, int kt, int what) {
-        const uint32_t st = smem_base + (uint32_t)(buf * C::STAGE_BYTES), bar = bars + 8u * (uint32_t)buf;
-        if (warp == 0 && (what & LOAD_W) && lane < KW + 3 * KW / 4) {
-            int r = lane, off = 0;
-            if (lane >= KW) { /* the wrapped head of a rotated row */
-                const int q = lane - KW;
-                r = (q / 3) * 4 + q % 3 + 1;
-                off = BN * 4 - 32 * (r & 3);
-            }
-            const int rot = 32 * (r & 3);
-            const char *src = reinterpret_cast<const char *>(p.qw + (int64_t)(kt * KW + r) * p.N + n0) + off;
-            fence_proxy_async();
-            bulk_g2s(st + (uint32_t)(r * BN * 4 + (off ? 0 : rot)), src, (uint32_t)(off ? rot : BN * 4 - rot), bar);
-        }
-        if (warp == 1 && (what & LOAD_X) && lane < BM + BM / 2) {
-            const int r = lane < BM ? lane : 2 * (lane - BM) + 1;
-            if (r < x_rows) {
-                const bool head = lane >= BM;
-                const int rot = 64 * (r & 1);
-                const char *src = reinterpret_cast<const char *>(p.x + (int64_t)(m0 + r) * p.K + kt * BK) +
-                                  (head ? BK * 2 - 64 : 0);
-                fence_proxy_async();
-                bulk_g2s(st + (uint32_t)(C::W_BYTES + r * BK * 2 + (head ? 0 : rot)), src,
-                         (uint32_t)(head ? 64 : BK * 2 - rot), bar);
-            }
-        }
-        if (warp == 2 && (what & LOAD_W) && lane < 2 * NG) {
-            const int k0 = kt * BK, g0 = k0 >> p.gshift;
-            const int ng = ((min(k0 + BK, p.K) - 1) >> p.gshift) - g0 + 1;
-            const int r = lane % NG;
-            if (r < ng && (lane < NG || p.zmode != 0)) {
-                fence_proxy_async();
-                if (lane < NG)
-                    bulk_g2s(st + (uint32_t)(C::W_BYTES + C::X_BYTES + r * BN * 2), p.sc + (int64_t)(g0 + r) * p.N + n0,
-                             (uint32_t)(BN * 2), bar);
-                else
-                    bulk_g2s(st + (uint32_t)(C::W_BYTES + C::X_BYTES + C::S_BYTES + r * (BN / 8) * 4),
-                             p.qz + (int64_t)(g0 + r) * N8 + (n0 >> 3), (uint32_t)(BN / 2), bar);
-            }
-        }
-    };
-
     /* prologue: start the first STAGES-1 stages, then (act-order) build the group table while
      * they are in flight. The weights of those stages and the table are loaded before waiting
      * for the previous kernel (PDL: it may still be running and writing x); the first commit
      * group then holds all those weights, which keeps "stage s is in group <= s". */
-    if constexpr (C::BULK) {
-        if (tid == 0) {
 #pragma unroll
-            for (int s = 0; s < STAGES; ++s) mbar_init(bars + 8u * (uint32_t)s);
-            mbar_init_fence();
-        }
-        __syncthreads();
+    for (int s = 0; s < STAGES - 1; ++s)
+        if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
+    if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
+    grid_dependency_wait();
 #pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s)
-            if (s < nkt) {
-                if (tid == 0) mbar_arrive_expect(bars + 8u * (uint32_t)s, bulk_bytes(kt_begin + s));
-                bulk_stage(s, kt_begin + s, LOAD_W);
-            }
-        grid_dependency_wait();
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s)
-            if (s < nkt) bulk_stage(s, kt_begin + s, LOAD_X);
-    } else {
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s)
-            if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
-        if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
-        grid_dependency_wait();
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < nkt) load_stage(s, kt_begin + s, LOAD_X);
-            cp_async_commit();
-        }
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < nkt) load_stage(s, kt_begin + s, LOAD_X);
+        cp_async_commit();
     }
     /* the next kernel may start its own prologue as soon as every block of this one is here */
     grid_dependents_launch();
@@ -414,8 +331,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
             for (int c = 0; c < CN; ++c) {
                 const int lc = wn * C::WTN + 32 * c + 4 * g; /* local column of word 0 */
-                const uint4 wv = *reinterpret_cast<const uint4 *>(
-                    sW + kwl * BN + (C::BULK ? ((lc + 8 * t) & (BN - 1)) : (((lc >> 2) ^ (t << 1)) << 2)));
+                const uint4 wv = *reinterpret_cast<const uint4 *>(sW + kwl * BN + (((lc >> 2) ^ (t << 1)) << 2));
                 const uint32_t w[4] = {wv.x, wv.y, wv.z, wv.w};
                 uint32_t d[4][4]; /* [column j][nibble pair i]: pair i = nibbles (i, i+4) */
                 if constexpr (!C::ACT) {
@@ -470,8 +386,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 const int row = wm * C::WTM + mt * 8 + g;
-                const int xc = C::BULK ? ((kwl + 4 * (row & 1)) & (KW - 1)) : (kwl ^ ((row & 1) << 2));
-                const uint4 xv = *reinterpret_cast<const uint4 *>(sX + row * BK + (xc << 3));
+                const uint4 xv = *reinterpret_cast<const uint4 *>(sX + row * BK + ((kwl ^ ((row & 1) << 2)) << 3));
                 const uint32_t b00 = __byte_perm(xv.x, xv.z, 0x5410), b01 = __byte_perm(xv.x, xv.z, 0x7632);
                 const uint32_t b10 = __byte_perm(xv.y, xv.w, 0x5410), b11 = __byte_perm(xv.y, xv.w, 0x7632);
 #pragma unroll
@@ -487,20 +402,12 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     };
     const bool stage_group = !C::ACT && (1 << min(p.gshift, 30)) >= BK;
     for (int it = 0; it < nkt; ++it) {
-        if constexpr (C::BULK) mbar_wait(bars + 8u * (uint32_t)(it % STAGES), (uint32_t)((it / STAGES) & 1));
-        else cp_async_wait<STAGES - 2>();
-        __syncthreads(); /* and every warp is done with the buffer the next load overwrites */
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
         {
             const int nx = it + STAGES - 1;
-            if constexpr (C::BULK) {
-                if (nx < nkt) {
-                    if (tid == 0) mbar_arrive_expect(bars + 8u * (uint32_t)(nx % STAGES), bulk_bytes(kt_begin + nx));
-                    bulk_stage(nx % STAGES, kt_begin + nx, LOAD_W | LOAD_X);
-                }
-            } else {
-                if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx, LOAD_W | LOAD_X);
-                cp_async_commit();
-            }
+            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx, LOAD_W | LOAD_X);
+            cp_async_commit();
         }
         if (stage_group) stage_body(it, std::true_type{});
         else stage_body(it, std::false_type{});
@@ -805,9 +712,6 @@ int launch_tc(const LinParams &base, void *stream) {
 /* tile configurations, by batch size */
 template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true>;  /* M <= 8 */
 template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true>; /* M <= 16 */
-/* the same two streaming with bulk copies (plain groups, K % 128 == 0, N % 256 == 0, sm_90) */
-using CfgAb = Cfg<256, 8, 8, 128, 5, false, true, 0, true>;
-using CfgBb = Cfg<256, 16, 8, 128, 4, false, true, 0, true>;
 template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
@@ -815,10 +719,6 @@ template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
 
 template <class T, bool ACT>
 int dispatch_tc(const LinParams &p, int cfg, void *stream) {
-    if constexpr (!ACT) {
-        if (p.bulk && cfg == 0) return launch_tc<CfgAb, T>(p, stream);
-        if (p.bulk && cfg == 1) return launch_tc<CfgBb, T>(p, stream);
-    }
     switch (cfg) {
     case 0: return launch_tc<CfgA<ACT>, T>(p, stream);
     case 1: return launch_tc<CfgB<ACT>, T>(p, stream);
@@ -914,8 +814,6 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
 /* programmatic dependent launch on (1, the default) or off (0) */
 void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
-/* bulk-copy streaming of the small-batch tiles where it applies (1, the default) or never (0) */
-void tops_cuda_w4a16_dev_bulk(int on) { g_bulk = on != 0; }
 /* cluster scheduling policy of split-K launches: 0 default, 1 spread, 2 load balancing */
 void tops_cuda_w4a16_dev_cluster_policy(int policy) { g_cluster_policy = policy; }
 /* the tile config (-1: generic kernel) and K split of the last call */
@@ -1006,9 +904,6 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.gshift = gshift;
         p.zmode = zmode;
         p.m_tiles = p.n_tiles = p.KT = p.kt_per_split = 0;
-        /* bulk copies need whole tiles along K and N (no zero fill) and 16-byte aligned rows */
-        p.bulk = g_bulk && !act && di.major >= 9 && K % 128 == 0 && N % 256 == 0 && aligned(a->scales, 16) &&
-                 aligned(a->qzeros, 16);
         int cfg = choose_cfg(M, N, di.sms);
         const bool bf16 = a->x_dtype == TOPS_BF16;
         int st = -1;
