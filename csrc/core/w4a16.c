@@ -48,8 +48,9 @@
  *   packed once into scaled bf16 pairs; vdpbf16ps does 32 products per instruction where the fp32
  *   FMA does 16 (2x at M = 16..64 here). The products are exact and summed in fp32 per run of one
  *   group, then C += s * sum (the scale applied in fp32, not rounded into bf16 weights); C starts
- *   at the zero term -sum_g s (z + 128) sum_g x. The next tile's words are prefetched during the
- *   kernels of this one: dequantizing alone waits on memory with nothing to overlap.
+ *   at the zero term -sum_g s (z + 128) sum_g x. The first row block unpacks each panel while it
+ *   multiplies it (the weight loads overlap its dot products), and the next tile's words are
+ *   prefetched during the kernels of this one.
  *
  * Instruction sets: the AVX2 (+FMA, F16C) and AVX-512 variants are one template (the second half
  * of this file, included twice with different vector primitives), compiled with per-function
@@ -599,8 +600,8 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
  * one group) ----------------------------------------------------------------------------------------
  * Per k tile (W4B_KT) of a column tile (W4B_NT), panel by panel (W4B_PW columns), the weights become
  * bf16 pairs once, as in the GEMV: (w >> 4j) & 0x000F000F | 0x43004300 = (128 + q_j, 128 + q_{j+4}),
- * exact, 2 operations per 16 columns x 2 k (a fp32 dequantization + rounding takes ~9), in an
- * L1-sized buffer [pair][W4B_PW] that every row block then reads. x is
+ * exact, 2 operations per 16 columns x 2 k (a fp32 dequantization + rounding takes ~9), by the
+ * first row block's kernels into an L1-sized buffer [pair][W4B_PW] that the other row blocks read. x is
  * packed once per call into rows of bf16 pairs (x_j, x_{j+4}), each row scaled by a power of two
  * (exact) so that its largest |x| lies in [1, 2): vdpbf16ps reads denormals as zero. A W4B_MR x
  * W4B_NV micro-kernel (24 fp32 accumulators + 3 weight vectors + a broadcast in the 32 registers)
@@ -616,26 +617,57 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
 #endif
 
 /* C[MR][NV vectors] (ldc apart) += s * sum over np pairs of B[p] * x[m][p]; xq: MR rows of pairs, ldx
- * apart; bq: the panel at the first pair, W4B_PW apart; s: the scales of the panel's columns. */
-static BATTR W4_INLINE void w4b_kern(const int MR, const int NV, const uint32_t *xq, int64_t ldx,
-                                     const uint32_t *bq, int64_t np, const float *s, float *c,
-                                     int64_t ldc) {
+ * apart; bq: the panel at the first pair, W4B_PW apart; s: the scales of the panel's columns.
+ * FILL (a panel's first row block): B is made from the words of qweight (qw, ldq apart; np / 4 rows)
+ * as it is used and stored into bq for the other row blocks, so the weight loads overlap this
+ * block's dot products; prefetches pfl lines of each row W4_PF_ROWS rows ahead. A separate unpack
+ * pass before the row blocks, waiting on the weights, was 4-18% slower (M = 64 .. 9, 2-core Zen 4). */
+static BATTR W4_INLINE void w4b_kern(const int MR, const int NV, const int FILL, const uint32_t *xq,
+                                     int64_t ldx, uint32_t *bq, int64_t np, const float *s, float *c,
+                                     int64_t ldc, const int32_t *qw, int64_t ldq, int pfl) {
     __m512 acc[W4B_MR][W4B_NV];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; m++)
 #pragma GCC unroll 3
         for (int v = 0; v < NV; v++) acc[m][v] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-    for (int64_t p = 0; p < np; p++) {
-        __m512i b[W4B_NV];
+    if (FILL) {
+        const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+        const int64_t pf = (int64_t)W4_PF_ROWS * ldq * 4;
+        for (int64_t r = 0; r < np / 4; r++) {
+            const int32_t *row = qw + r * ldq;
+            for (int l = 0; l < pfl; l++) w4_prefetch(row + l * 16, pf);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                const int64_t p = 4 * r + j;
+                __m512i b[W4B_NV];
 #pragma GCC unroll 3
-        for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_si512((const void *)(bq + p * W4B_PW + v * 16));
+                for (int v = 0; v < NV; v++) {
+                    const __m512i w = _mm512_loadu_si512((const void *)(row + v * 16));
+                    b[v] = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w, 4 * j) : w, mask, magic, 0xEA);
+                    _mm512_storeu_si512((void *)(bq + p * W4B_PW + v * 16), b[v]);
+                }
 #pragma GCC unroll 8
-        for (int m = 0; m < MR; m++) {
-            const __m512i xb = _mm512_set1_epi32((int)xq[m * ldx + p]);
+                for (int m = 0; m < MR; m++) {
+                    const __m512i xb = _mm512_set1_epi32((int)xq[m * ldx + p]);
 #pragma GCC unroll 3
-            for (int v = 0; v < NV; v++)
-                acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)b[v], (__m512bh)xb);
+                    for (int v = 0; v < NV; v++)
+                        acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)b[v], (__m512bh)xb);
+                }
+            }
+        }
+    } else {
+#pragma GCC unroll 2
+        for (int64_t p = 0; p < np; p++) {
+            __m512i b[W4B_NV];
+#pragma GCC unroll 3
+            for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_si512((const void *)(bq + p * W4B_PW + v * 16));
+#pragma GCC unroll 8
+            for (int m = 0; m < MR; m++) {
+                const __m512i xb = _mm512_set1_epi32((int)xq[m * ldx + p]);
+#pragma GCC unroll 3
+                for (int v = 0; v < NV; v++)
+                    acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)b[v], (__m512bh)xb);
+            }
         }
     }
 #pragma GCC unroll 3
@@ -649,38 +681,22 @@ static BATTR W4_INLINE void w4b_kern(const int MR, const int NV, const uint32_t 
     }
 }
 
-static BATTR void w4b_kern_call(int mr, int nv, const uint32_t *xq, int64_t ldx, const uint32_t *bq,
-                                int64_t np, const float *s, float *c, int64_t ldc) {
-#define W4B_KC(MR)                                                                                 \
-    case MR * 4 + 1: w4b_kern(MR, 1, xq, ldx, bq, np, s, c, ldc); break;                           \
-    case MR * 4 + 2: w4b_kern(MR, 2, xq, ldx, bq, np, s, c, ldc); break;                           \
-    case MR * 4 + 3: w4b_kern(MR, 3, xq, ldx, bq, np, s, c, ldc); break;
+static BATTR void w4b_kern_call(int mr, int nv, const uint32_t *xq, int64_t ldx, uint32_t *bq, int64_t np,
+                                const float *s, float *c, int64_t ldc, const int32_t *qw, int64_t ldq, int pfl) {
+#define W4B_KC(MR, NV)                                                                             \
+    case MR * 4 + NV:                                                                              \
+        if (qw) w4b_kern(MR, NV, 1, xq, ldx, bq, np, s, c, ldc, qw, ldq, pfl);                     \
+        else w4b_kern(MR, NV, 0, xq, ldx, bq, np, s, c, ldc, NULL, 0, 0);                          \
+        break;
+#define W4B_KC3(MR) W4B_KC(MR, 1) W4B_KC(MR, 2) W4B_KC(MR, 3)
     switch (mr * 4 + nv) {
-        W4B_KC(1) W4B_KC(2) W4B_KC(3) W4B_KC(4) W4B_KC(5) W4B_KC(6) W4B_KC(7) W4B_KC(8)
+        W4B_KC3(1) W4B_KC3(2) W4B_KC3(3) W4B_KC3(4) W4B_KC3(5) W4B_KC3(6) W4B_KC3(7) W4B_KC3(8)
     default: break;
     }
+#undef W4B_KC3
 #undef W4B_KC
 }
 
-/* rows words x nv vectors of qweight (first word qw, ldq apart) -> the panel bq[4 r + j][W4B_PW] of
- * bf16 pairs; prefetches pfl lines of the row W4_PF_ROWS rows ahead (pfl > nv: the other panels of
- * the tile, which read the same rows next) */
-static BATTR void w4b_dequant(const int32_t *qw, int64_t ldq, int64_t rows, int nv, uint32_t *bq, int pfl) {
-    const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
-    const int64_t pf = (int64_t)W4_PF_ROWS * ldq * 4;
-    for (int64_t r = 0; r < rows; r++) {
-        const int32_t *row = qw + r * ldq;
-        for (int l = 0; l < pfl; l++) w4_prefetch(row + l * 16, pf);
-        for (int v = 0; v < nv; v++) {
-            const __m512i w = _mm512_loadu_si512((const void *)(row + v * 16));
-            uint32_t *d = bq + 4 * r * W4B_PW + v * 16;
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; j++)
-                _mm512_storeu_si512((void *)(d + j * W4B_PW),
-                                    _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w, 4 * j) : w, mask, magic, 0xEA));
-        }
-    }
-}
 
 /* workspace of w4b_blocked: x pairs [mce][ldx], group sums [mce][G], row exponents, the scale table,
  * one weight panel, C [mce][W4B_NT], runs of the tile */
@@ -823,11 +839,13 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     nlines = w4_min(W4B_NT, ne - n0 - W4B_NT) / 16;
                 }
                 const int64_t npass = (ntv + W4B_NV - 1) / W4B_NV * nblk, pstep = (nrows + npass - 1) / npass;
-                /* panel by panel, each dequantized into the L1-sized buffer just before its row blocks
-                 * read it */
+                /* panel by panel: the first row block unpacks the panel into the L1-sized buffer as
+                 * its kernels use it, the other row blocks read it there */
                 for (int p = 0; p * W4B_NV < ntv; p++) {
                     const int nv = (int)w4_min(W4B_NV, ntv - p * W4B_NV);
-                    w4b_dequant(a->qweight + r0 * N + n0 + p * W4B_PW, N, rows, nv, bq, p ? nv : ntv - p * W4B_NV);
+                    const int32_t *pq = a->qweight + r0 * N + n0 + p * W4B_PW;
+                    /* the first row block also prefetches the words of the tile's later panels */
+                    const int pfl = p ? nv : ntv - p * W4B_NV;
                     for (int64_t b = 0, mb = 0; b < nblk; b++) {
                         const int mr = (int)(mbase + (b < mext));
                         for (int64_t pe = w4_min(pr + pstep, nrows); pr < pe; pr++)
@@ -836,7 +854,8 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                             w4b_kern_call(mr, nv, xq + mb * ldx + 4 * (r0 + w), ldx, bq + 4 * w * W4B_PW,
                                           4 * (int64_t)runs[2 * i + 1],
                                           tab + 2 * (int64_t)runs[2 * i] * W4B_NT + p * W4B_PW,
-                                          cbuf + mb * W4B_NT + p * W4B_PW, W4B_NT);
+                                          cbuf + mb * W4B_NT + p * W4B_PW, W4B_NT,
+                                          b == 0 ? pq + (int64_t)w * N : NULL, N, pfl);
                         mb += mr;
                     }
                 }
