@@ -616,6 +616,17 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
 #define W4B_KT 256          /* k per tile (multiple of 8): W4B_KT / 2 pairs x 48 columns, 24 KB (L1) */
 #endif
 
+/* one pair of every row: acc[m][v] += b[v] * (the pair xq[m * ldx]) */
+static BATTR W4_INLINE void w4b_step(const int MR, const int NV, __m512 acc[W4B_MR][W4B_NV], const __m512i *b,
+                                     const uint32_t *xq, int64_t ldx) {
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) {
+        const __m512i xb = _mm512_set1_epi32((int)xq[m * ldx]);
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; v++) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)b[v], (__m512bh)xb);
+    }
+}
+
 /* C[MR][NV vectors] (ldc apart) += s * sum over np pairs of B[p] * x[m][p]; xq: MR rows of pairs, ldx
  * apart; bq: the panel at the first pair, W4B_PW apart; s: the scales of the panel's columns.
  * FILL (a panel's first row block): B is made from the words of qweight (qw, ldq apart; np / 4 rows)
@@ -646,13 +657,7 @@ static BATTR W4_INLINE void w4b_kern(const int MR, const int NV, const int FILL,
                     b[v] = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w, 4 * j) : w, mask, magic, 0xEA);
                     _mm512_storeu_si512((void *)(bq + p * W4B_PW + v * 16), b[v]);
                 }
-#pragma GCC unroll 8
-                for (int m = 0; m < MR; m++) {
-                    const __m512i xb = _mm512_set1_epi32((int)xq[m * ldx + p]);
-#pragma GCC unroll 3
-                    for (int v = 0; v < NV; v++)
-                        acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)b[v], (__m512bh)xb);
-                }
+                w4b_step(MR, NV, acc, b, xq + p, ldx);
             }
         }
     } else {
@@ -661,13 +666,7 @@ static BATTR W4_INLINE void w4b_kern(const int MR, const int NV, const int FILL,
             __m512i b[W4B_NV];
 #pragma GCC unroll 3
             for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_si512((const void *)(bq + p * W4B_PW + v * 16));
-#pragma GCC unroll 8
-            for (int m = 0; m < MR; m++) {
-                const __m512i xb = _mm512_set1_epi32((int)xq[m * ldx + p]);
-#pragma GCC unroll 3
-                for (int v = 0; v < NV; v++)
-                    acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)b[v], (__m512bh)xb);
-            }
+            w4b_step(MR, NV, acc, b, xq + p, ldx);
         }
     }
 #pragma GCC unroll 3
