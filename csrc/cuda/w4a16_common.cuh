@@ -382,41 +382,66 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di, int th
  * Returns -1 when even one block does not fit (the caller falls back). */
 constexpr double kFill = 4.0;
 
+/* the split of the model above, or 0 when the kernel's shared memory cannot be granted */
 template <class Kern>
-inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
+inline int choose_split(Kern kern, const LinParams &p, int64_t tiles, size_t pipe, size_t out, size_t tab,
                         bool streaming = false) {
     const DevInfo di = dev_info();
-    if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     const size_t smem_max = std::max(pipe, out) + tab;
-    if (!allow_dyn_smem((const void *)kern, std::min(smem_max, (size_t)di.optin_smem), di)) return TOPS_ERR_CUDA;
+    if (!allow_dyn_smem((const void *)kern, std::min(smem_max, (size_t)di.optin_smem), di)) return 0;
+    if (di.major < 9) return 1; /* split-K reduces through a cluster */
+    if (g_force_split > 0) return std::min(g_force_split, 8);
     int split = 1;
     double best = 1e300;
-    if (di.major >= 9) {
+    {
         const int smax = std::min(streaming ? 6 : 8, std::max(1, p.KT / 2));
-        if (g_force_split > 0) {
-            split = std::min(g_force_split, 8);
-        } else {
-            for (int s = 1; s <= smax; ++s) {
-                const size_t smem = (s > 1 ? std::max(pipe, out) : pipe) + tab;
-                if (smem > (size_t)di.optin_smem) continue;
-                const int occ = resident(kern, smem, s, di);
-                if (occ <= 0) continue;
-                const double waves = (double)((tiles + occ - 1) / occ);
-                const double blocks = (double)std::min<int64_t>(tiles, occ) * s;
-                const double per_sm = std::max(1.0, std::ceil(blocks / di.sms));
-                /* + kFill: a block's fixed cost (pipeline fill, epilogue) in k-tiles; without it
-                 * a wave-quantised grid (8192 x 28672, M = 256: 224 tiles on 132 SMs) looked
-                 * cheaper split 8 ways, and measured 1.3x slower than unsplit */
-                const double cost =
-                    waves * ((double)((p.KT + s - 1) / s) + kFill) * (streaming ? 1.0 : per_sm / std::sqrt(per_sm)) +
-                    (s > 1 ? 0.5 : 0.0);
-                if (cost < best - 1e-9) {
-                    best = cost;
-                    split = s;
-                }
+        for (int s = 1; s <= smax; ++s) {
+            const size_t smem = (s > 1 ? std::max(pipe, out) : pipe) + tab;
+            if (smem > (size_t)di.optin_smem) continue;
+            const int occ = resident(kern, smem, s, di);
+            if (occ <= 0) continue;
+            const double waves = (double)((tiles + occ - 1) / occ);
+            const double blocks = (double)std::min<int64_t>(tiles, occ) * s;
+            const double per_sm = std::max(1.0, std::ceil(blocks / di.sms));
+            /* + kFill: a block's fixed cost (pipeline fill, epilogue) in k-tiles; without it
+             * a wave-quantised grid (8192 x 28672, M = 256: 224 tiles on 132 SMs) looked
+             * cheaper split 8 ways, and measured 1.3x slower than unsplit */
+            const double cost =
+                waves * ((double)((p.KT + s - 1) / s) + kFill) * (streaming ? 1.0 : per_sm / std::sqrt(per_sm)) +
+                (s > 1 ? 0.5 : 0.0);
+            if (cost < best - 1e-9) {
+                best = cost;
+                split = s;
             }
         }
     }
+    return split;
+}
+
+/* the smallest split of 1, 2, 3, 6 whose grid has a block for (nearly) every SM, else the largest
+ * allowed (at most KT / 2 k-tiles per block): for tiles whose time per k-tile does not fall when
+ * two share an SM, where the model above overrates splitting (clusters of 4 were a cliff at
+ * 8192 x 8192 and 14336 x 4096 for every 64-row tile) */
+inline int fill_split(const LinParams &p, int64_t tiles) {
+    const int sms = dev_info().sms;
+    int split = 1;
+    for (int s : {1, 2, 3, 6}) {
+        if (s > 1 && s > p.KT / 2) break;
+        split = s;
+        if (tiles * s >= sms - sms / 32) break;
+    }
+    return split;
+}
+
+/* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both) */
+template <class Kern>
+inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
+                        bool streaming = false, int split = 0) {
+    const DevInfo di = dev_info();
+    if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
+    const int chosen = choose_split(kern, p, tiles, pipe, out, tab, streaming);
+    if (chosen <= 0) return TOPS_ERR_CUDA;
+    if (split <= 0 || g_force_split > 0 || di.major < 9) split = chosen;
     p.kt_per_split = (p.KT + split - 1) / split;
     g_last_split = split;
     const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;

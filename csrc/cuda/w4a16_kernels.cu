@@ -67,7 +67,8 @@ namespace tops_w4 {
  * FACT (small MT, plain groups): the mma accumulates sum (q - z) x for one group at a time and the
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
-template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0>
+template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0,
+          bool LEAN_ = false>
 struct Cfg {
     static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
     static constexpr int MINB = MINB_ ? MINB_ : ((BM_ * BN_ >= 128 * 256) ? 1 : 2); /* blocks per SM */
@@ -92,10 +93,9 @@ struct Cfg {
     static constexpr bool PUSH = PUSH_;
     static constexpr int RECV_BYTES = PUSH ? OUT_BYTES + 8 * 16 : 0;
     static constexpr int PUSH_BYTES = PIPE_BYTES + RECV_BYTES + 16; /* + the mbarrier */
-    /* LEAN: interior stages load from running pointers, with no bounds arithmetic. On the H200
-     * it made the M <= 16 tile 2-5% faster but the M <= 8 one 2-3% slower at tall K (28672x4096
-     * M = 1: 29.7 against 28.9 us), so only the former uses it */
-    static constexpr bool LEAN = PUSH_ && !ACT_ && BM_ == 16;
+    /* LEAN (small-batch tiles, plain groups): interior stages load from running pointers, with
+     * no bounds arithmetic (see the kernel) */
+    static constexpr bool LEAN = LEAN_ && PUSH_ && !ACT_;
     static_assert(WARPS_N * WARPS_M == WARPS, "warp layout");
     static_assert(CN >= 1 && WTN % 32 == 0, "warp columns");
     static_assert(MT >= 1 && WTM % 8 == 0, "warp rows");
@@ -780,29 +780,52 @@ int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
 
 /* ---- host side ------------------------------------------------------------------------------ */
 
+/* split: as launch_split's */
 template <class C, class T>
-int launch_tc(const LinParams &base, void *stream) {
+int launch_tc(const LinParams &base, void *stream, int split = 0) {
     LinParams p = base;
     p.m_tiles = (p.M + C::BM - 1) / C::BM;
     p.n_tiles = (p.N + C::BN - 1) / C::BN;
     p.KT = (p.K + C::BK - 1) / C::BK;
     const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
     return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES,
-                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32);
+                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32, split);
 }
 
 /* tile configurations, by batch size */
-template <bool ACT> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true>;  /* M <= 8 */
-template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true>; /* M <= 16 */
+template <bool ACT, bool LEAN = false> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, LEAN>; /* M <= 8 */
+template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true, 0, true>;                  /* M <= 16 */
 template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
 
+/* The M <= 8 tile comes in two builds. Lean loads (H200, CUDA graphs) made it 1-3% faster where
+ * the grid has more blocks than SMs (8192 x 8192 M = 1 15.1 us against 15.3, 8192 x 28672 40.0
+ * against 41.3) and 2-3% slower where each SM holds one block (28672 x 4096 M = 1: 29.6 against
+ * 28.8), so the split is chosen for the plain build and the grid picks the build. */
+template <class T, bool ACT>
+int launch_tc_a(const LinParams &base, void *stream) {
+    using C = CfgA<ACT>;
+    if constexpr (ACT) {
+        return launch_tc<C, T>(base, stream);
+    } else {
+        LinParams p = base;
+        p.m_tiles = (p.M + C::BM - 1) / C::BM;
+        p.n_tiles = (p.N + C::BN - 1) / C::BN;
+        p.KT = (p.K + C::BK - 1) / C::BK;
+        const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
+        const int split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PUSH_BYTES, 0, true);
+        if (split <= 0) return TOPS_ERR_CUDA;
+        if (tiles * split > dev_info().sms) return launch_tc<CfgA<ACT, true>, T>(base, stream, split);
+        return launch_tc<C, T>(base, stream, split);
+    }
+}
+
 template <class T, bool ACT>
 int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     switch (cfg) {
-    case 0: return launch_tc<CfgA<ACT>, T>(p, stream);
+    case 0: return launch_tc_a<T, ACT>(p, stream);
     case 1: return launch_tc<CfgB<ACT>, T>(p, stream);
     case 2: return launch_tc<CfgC<ACT>, T>(p, stream);
     case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
@@ -815,7 +838,9 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream) {
  *   mma.sync (any sm_80+): 0 (M <= 8), 1 (M <= 16), 2 (M <= 32); 3, 4, 5 stand in for the wgmma
  *   ones without sm_90a (128-column twins of 0 / 1 with two k warps per column were dropped: never
  *   more than 2% faster once the split choice below was right, up to 20% slower);
- *   wgmma (sm_90a, rows x columns): 10 (64 x 256, M <= 64), 11 (128 x 256, M <= 128 with large
+ *   wgmma (sm_90a, rows x columns): 10 (64 x 128, M <= 64; on the H200 up to 13% faster than the
+ *   64 x 256 one it replaced, with the split of fill_split: 8192 x 8192 M = 64 31.2 us against
+ *   35.8), 11 (128 x 256, M <= 128 with large
  *   N), 14 (128 x 128, M <= 128 and odd sizes above), 16 (256 x 128, M > 128); 14 / 16 overlap the dequantisation
  *   of one stage with the previous stage's wgmmas. */
 int choose_cfg(int64_t M, int64_t N, int sms) {

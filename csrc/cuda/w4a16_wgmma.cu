@@ -486,8 +486,9 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
 #endif
 }
 
+/* fill: the K split by fill_split instead of the general model */
 template <class C, class T>
-int launch_wg(const LinParams &base, void *stream) {
+int launch_wg(const LinParams &base, void *stream, bool fill = false) {
     auto kern = w4a16_wgmma_kernel<C, T>;
     static int built = -1; /* 1: this binary holds the sm_90a kernel (not the empty stand-in) */
     if (built < 0) {
@@ -502,13 +503,13 @@ int launch_wg(const LinParams &base, void *stream) {
     p.KT = (p.K + C::BK - 1) / C::BK;
     const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
     return launch_split(kern, p, tiles, (size_t)C::PIPE_BYTES + 1024, (size_t)C::OUT_BYTES + 1024,
-                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream);
+                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, false, fill ? fill_split(p, tiles) : 0);
 }
 
 template <class T, bool ACT>
 int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     switch (cfg) { /* rows x columns, k per stage */
-    case 10: return launch_wg<WCfg<64, 2, 2, 4, ACT>, T>(p, stream);        /* 64 x 256, k 128 */
+    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT>, T>(p, stream, true);  /* 64 x 128, k 128 */
     case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT>, T>(p, stream);       /* 128 x 256, k 64 */
     case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true>, T>(p, stream); /* 128 x 128, overlapped */
     case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 256 x 128, overlapped */
