@@ -749,7 +749,16 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg)
          * = 8 27.3 / 30.0 / 27.0; plain 9.6, 15.6, 16.0, 29.9, 25.0); at M = 1 the element gather
          * stays best (14336 x 4096 16.7 / 18.4 / 17.3). */
         const bool idle = (a->N + 255) / 256 * 6 < di.sms;
-        if (a->M >= kGatherRowsMinM && rows_ok && !(a->K <= 4096 && a->M > 1024)) mode = 3;
+        /* M = 33..64 on sm_90 runs on 64 x 128 tiles split by fill_split; where that grid is one
+         * block per SM at most, an early start beside the gather packed it two per SM on half
+         * the SMs (H200, 8192 x 8192 M = 64: by row 49.5 us, by element 50.7, by element
+         * signalling late 34.4; plain 30.9), so the gather signals late there */
+        LinParams fp{};
+        fp.KT = (int)((a->K + 127) / 128);
+        const int64_t ftiles = (a->N + 127) / 128;
+        const bool one_wave = di.major == 9 && ftiles * fill_split(fp, ftiles) <= di.sms;
+        if (a->M > 32 && a->M <= 64 && one_wave) mode = 2;
+        else if (a->M >= kGatherRowsMinM && rows_ok && !(a->K <= 4096 && a->M > 1024)) mode = 3;
         else if (idle && rows_ok && a->M >= 2 && a->M <= 8 && a->K >= 8192 && a->M * a->K >= 32768) mode = 3;
         else mode = a->M * a->K >= 49152 && idle ? 2 : 1;
     }
