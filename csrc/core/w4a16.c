@@ -505,6 +505,12 @@ static KATTR W4_INLINE void w4_store_avx512(void *p, int dtype, int64_t i, __m51
 #define W4B_SETS(n) ((n) >= 8 ? 1 : (n) >= 4 ? 2 : 4)
 #define BATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
 
+/* the bf16 pairs (128 + q_j, 128 + q_{j+4}) of 16 words, exact: nibbles j and j + 4 of each word
+ * under the 0x4300 exponent (mask 0x000F000F, magic 0x43004300) */
+static BATTR W4_INLINE __m512i w4_bf16_pairs(__m512i w, const int j, __m512i mask, __m512i magic) {
+    return _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w, 4 * j) : w, mask, magic, 0xEA);
+}
+
 static BATTR W4_INLINE void w4_bf16_kern(const int MR, const int NV, int first, int last,
                                          const tops_w4a16_args *a, int64_t g, int64_t n, int64_t nblk,
                                          const int32_t *qw, int64_t nrows, int64_t pfn, int64_t rem,
@@ -542,8 +548,7 @@ static BATTR W4_INLINE void w4_bf16_kern(const int MR, const int NV, int first, 
                 for (int m = 0; m < MR; m++) xb[m] = _mm512_set1_epi32((int)xq[m * ldx + 4 * r + j]);
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; v++) {
-                    const __m512i t =
-                        _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w[v], 4 * j) : w[v], mask, magic, 0xEA);
+                    const __m512i t = w4_bf16_pairs(w[v], j, mask, magic);
 #pragma GCC unroll 4
                     for (int m = 0; m < MR; m++)
                         acc[j % S][m][v] = _mm512_dpbf16_ps(acc[j % S][m][v], (__m512bh)t, (__m512bh)xb[m]);
@@ -654,7 +659,7 @@ static BATTR W4_INLINE void w4b_kern(const int MR, const int NV, const int FILL,
 #pragma GCC unroll 3
                 for (int v = 0; v < NV; v++) {
                     const __m512i w = _mm512_loadu_si512((const void *)(row + v * 16));
-                    b[v] = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w, 4 * j) : w, mask, magic, 0xEA);
+                    b[v] = w4_bf16_pairs(w, j, mask, magic);
                     _mm512_storeu_si512((void *)(bq + p * W4B_PW + v * 16), b[v]);
                 }
                 w4b_step(MR, NV, acc, b, xq + p, ldx);
