@@ -362,6 +362,38 @@ def test_cuda_large_batch_automatic(dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("M", [1, 5, 8])
+def test_cuda_small_batch_grid_wider_than_the_gpu(M):
+    """M <= 8 with more 256-column tiles than SMs (the lean-load build of the small-batch tile,
+    chosen when the grid has more blocks than SMs): whole tiles, then a partial last column tile
+    and k-tile; with perm too"""
+    dtype = torch.float16 if M % 2 else torch.bfloat16
+    n_tiles = torch.cuda.get_device_properties(0).multi_processor_count + 2
+    for K, N, gs, zeros in [(1024, 256 * n_tiles, 128, "v2"), (1160, 256 * n_tiles + 136, -1, "v1")]:
+        t = make_weights(K, N, gs, zeros=zeros, device="cuda", scales_dtype=dtype)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        bias = torch.randn(N, device="cuda", dtype=dtype)
+        assert rel_err(torch_ops.w4a16_linear(x, bias=bias, **t), reference(x, t, bias)) < TOL[dtype]
+        perm = torch.randperm(K, device="cuda").to(torch.int32)
+        assert rel_err(torch_ops.w4a16_linear(x, perm=perm, **t),
+                       reference(x[:, perm.long()], t)) < TOL[dtype]
+
+
+@needs_cuda
+@pytest.mark.parametrize("M", [33, 40, 64])
+def test_cuda_mid_batch_one_wave_with_perm(M):
+    """M = 33..64 on N = 8192: 64 x 128 tiles split so the grid is about one block per SM, where
+    the x gather for perm signals the GEMM late; plain and perm against the reference"""
+    dtype = torch.float16 if M % 2 else torch.bfloat16
+    K, N = 1024, 8192
+    t = make_weights(K, N, 128, zeros="v2", device="cuda", scales_dtype=dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[dtype]
+    for perm in (torch.randperm(K, device="cuda").to(torch.int32), torch.randint(0, K, (K,), device="cuda")):
+        assert rel_err(torch_ops.w4a16_linear(x, perm=perm, **t), reference(x[:, perm.long()], t)) < TOL[dtype]
+
+
+@needs_cuda
 def test_cuda_dense_route_opcheck_compile_and_graph(cuda_route):
     t = make_weights(256, 64, 64, act_order=True, device="cuda")
     x = torch.randn(5, 256, device="cuda", dtype=torch.float16, requires_grad=True)
