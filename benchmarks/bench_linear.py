@@ -151,11 +151,12 @@ def bench_cuda(shapes, ms, G, timing):
                     print(f"| {K} x {N}, group {g} | {M} | {fmt(tm)} | | | | | | | | |", flush=True)
 
 
-def bench_dense_sweep(shapes, ms, G):
+def bench_dense_sweep(shapes, ms, G, scratch_mibs=()):
     """The CUDA op's routes side by side: the fused kernels, the dense route (weights dequantised
     a column chunk at a time, then cuBLAS) and the automatic choice; fp16, and prepacked act-order (fused / automatic), against cuBLAS fp16; then
     fp32 activations (fused: the CUDA-core fallback). Graph timing. Sets the crossover in
-    csrc/cuda/w4a16_dense.cu."""
+    csrc/cuda/w4a16_dense.cu. scratch_mibs: the dense route again under other bounds on a
+    dequantised chunk (MiB), as extra columns."""
     from torch_ops import _C
 
     def bench(fn, data, nbytes, mode):
@@ -167,8 +168,8 @@ def bench_dense_sweep(shapes, ms, G):
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, group {G}, timing graph")
     print("| K x N | M | x | fused | dense | auto | prepacked fused "
-          "| prepacked auto | cuBLAS fp16 | auto vs cuBLAS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| prepacked auto | cuBLAS fp16 | auto vs cuBLAS |" + "".join(f" dense, {s} MiB |" for s in scratch_mibs))
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(scratch_mibs))
     for K, N in shapes:
         w, t, t_act, t_pre, qbytes = layer_variants(K, N, G)
         w16 = w.half()
@@ -188,8 +189,16 @@ def bench_dense_sweep(shapes, ms, G):
                     pf, pa = (bench(run, t_pre, qbytes, m) for m in (0, -1))
                     cub = bench(lambda d: x @ d.t(), w16, w16.numel() * 2, -1)
                     ratio = f"{cub / auto:.2f}x"
+                extra = []
+                for mib in scratch_mibs:
+                    _C.cuda_w4a16_dense_scratch(mib << 20)
+                    try:
+                        extra.append(bench(run, td, qbytes, 1))
+                    finally:
+                        _C.cuda_w4a16_dense_scratch(0)
                 print(f"| {K} x {N} | {M} | {str(dtype)[6:]} | {fmt(fused)} | {fmt(dense)} "
-                      f"| {fmt(auto)} | {fmt(pf)} | {fmt(pa)} | {fmt(cub)} | {ratio} |", flush=True)
+                      f"| {fmt(auto)} | {fmt(pf)} | {fmt(pa)} | {fmt(cub)} | {ratio} |"
+                      + "".join(f" {fmt(e)} |" for e in extra), flush=True)
         del t_act, t_pre, w16
 
 
@@ -253,6 +262,8 @@ def main():
                    help="CUDA: rotating weights in a CUDA graph (default) or do_bench with L2 flush")
     p.add_argument("--dense-sweep", action="store_true",
                    help="CUDA: the fused kernels against the dense route (dequantise + cuBLAS)")
+    p.add_argument("--dense-scratch", default="",
+                   help="with --dense-sweep: also time the dense route under these chunk bounds, MiB (e.g. 128,256)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -262,7 +273,7 @@ def main():
     torch.manual_seed(0)
     if a.dense_sweep:
         bench_dense_sweep(shapes, [int(m) for m in a.ms.split(",")] if a.ms else [256, 1024, 2048, 4096],
-                          a.group_size)
+                          a.group_size, [int(v) for v in a.dense_scratch.split(",") if v])
     elif a.device == "cuda":
         bench_cuda(shapes, ms, a.group_size, a.timing)
     else:

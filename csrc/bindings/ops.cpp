@@ -737,6 +737,7 @@ TORCH_LIBRARY_IMPL(torch_ops, CUDA, m) { TOPS_IMPLS(m); }
 #ifdef TOPS_WITH_CUDA
 // development hook of csrc/cuda/w4a16_dense.cu (not in tops_cuda.h)
 extern "C" void tops_cuda_w4a16_dev_dense(int mode);
+extern "C" void tops_cuda_w4a16_dev_dense_scratch(int64_t bytes);
 #endif
 
 PYBIND11_MODULE(_C, m) {
@@ -749,6 +750,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("cuda_w4a16_dense", &tops_cuda_w4a16_dev_dense,
           "CUDA w4a16_linear's dense route (dequantise + cuBLAS): -1 automatic, 0 never, 1 "
           "always; for tests and benchmarks");
+    m.def("cuda_w4a16_dense_scratch", &tops_cuda_w4a16_dev_dense_scratch,
+          "CUDA w4a16_linear's dense route: bound on a dequantised column chunk in bytes (<= 0: the "
+          "default, 64 MiB); for benchmarks");
 #else
     m.attr("with_cuda") = false;
 #endif

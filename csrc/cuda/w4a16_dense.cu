@@ -35,6 +35,7 @@ inline int g_dense_mode = -1; /* dev hook: -1 automatic, 0 never, 1 always */
  * chunks against 2: 14336 x 4096 765 / 849 us, 4096 x 14336 869 / 786, 8192 x 8192 886 / 912. */
 constexpr int64_t kDenseMinM = 2048, kDenseMinM_WideN = 1024; /* the latter where N >= K */
 constexpr int64_t kScratchBytes = 64ll << 20; /* a dequantised chunk at most this (or 256 columns) */
+inline int64_t g_dense_scratch = kScratchBytes; /* dev hook: the bound above, to measure others */
 
 struct DqKnParams {
     const int32_t *qw;   /* [K/8, N] */
@@ -122,6 +123,8 @@ extern "C" {
 /* development hook, not part of tops_cuda.h: the dense route -1 automatic, 0 never, 1 always
  * (where it applies). Used by benchmarks/w4a16_cuda_dev.py and the tests. */
 void tops_cuda_w4a16_dev_dense(int mode) { g_dense_mode = mode < 0 ? -1 : (mode ? 1 : 0); }
+/* development hook: the dense route's bound on a dequantised chunk, in bytes (<= 0: the default) */
+void tops_cuda_w4a16_dev_dense_scratch(int64_t bytes) { g_dense_scratch = bytes > 0 ? bytes : kScratchBytes; }
 
 int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a) {
     if (a == nullptr || a->M <= 0 || a->K <= 0 || a->N <= 0 || (a->N & 7) || (a->K & 7)) return 0;
@@ -135,7 +138,7 @@ int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a) {
     if (g_dense_mode < 0 && a->x_dtype != TOPS_F32 &&
         a->M < (a->N >= a->K ? kDenseMinM_WideN : kDenseMinM))
         return 0;
-    return std::min(a->N, std::max<int64_t>(256, kScratchBytes / (a->K * esz) / 256 * 256));
+    return std::min(a->N, std::max<int64_t>(256, g_dense_scratch / (a->K * esz) / 256 * 256));
 }
 
 int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, void *w, void *stream) {
