@@ -393,26 +393,24 @@ inline int choose_split(Kern kern, const LinParams &p, int64_t tiles, size_t pip
     if (g_force_split > 0) return std::min(g_force_split, 8);
     int split = 1;
     double best = 1e300;
-    {
-        const int smax = std::min(streaming ? 6 : 8, std::max(1, p.KT / 2));
-        for (int s = 1; s <= smax; ++s) {
-            const size_t smem = (s > 1 ? std::max(pipe, out) : pipe) + tab;
-            if (smem > (size_t)di.optin_smem) continue;
-            const int occ = resident(kern, smem, s, di);
-            if (occ <= 0) continue;
-            const double waves = (double)((tiles + occ - 1) / occ);
-            const double blocks = (double)std::min<int64_t>(tiles, occ) * s;
-            const double per_sm = std::max(1.0, std::ceil(blocks / di.sms));
-            /* + kFill: a block's fixed cost (pipeline fill, epilogue) in k-tiles; without it
-             * a wave-quantised grid (8192 x 28672, M = 256: 224 tiles on 132 SMs) looked
-             * cheaper split 8 ways, and measured 1.3x slower than unsplit */
-            const double cost =
-                waves * ((double)((p.KT + s - 1) / s) + kFill) * (streaming ? 1.0 : per_sm / std::sqrt(per_sm)) +
-                (s > 1 ? 0.5 : 0.0);
-            if (cost < best - 1e-9) {
-                best = cost;
-                split = s;
-            }
+    const int smax = std::min(streaming ? 6 : 8, std::max(1, p.KT / 2));
+    for (int s = 1; s <= smax; ++s) {
+        const size_t smem = (s > 1 ? std::max(pipe, out) : pipe) + tab;
+        if (smem > (size_t)di.optin_smem) continue;
+        const int occ = resident(kern, smem, s, di);
+        if (occ <= 0) continue;
+        const double waves = (double)((tiles + occ - 1) / occ);
+        const double blocks = (double)std::min<int64_t>(tiles, occ) * s;
+        const double per_sm = std::max(1.0, std::ceil(blocks / di.sms));
+        /* + kFill: a block's fixed cost (pipeline fill, epilogue) in k-tiles; without it
+         * a wave-quantised grid (8192 x 28672, M = 256: 224 tiles on 132 SMs) looked
+         * cheaper split 8 ways, and measured 1.3x slower than unsplit */
+        const double cost =
+            waves * ((double)((p.KT + s - 1) / s) + kFill) * (streaming ? 1.0 : per_sm / std::sqrt(per_sm)) +
+            (s > 1 ? 0.5 : 0.0);
+        if (cost < best - 1e-9) {
+            best = cost;
+            split = s;
         }
     }
     return split;
@@ -422,15 +420,26 @@ inline int choose_split(Kern kern, const LinParams &p, int64_t tiles, size_t pip
  * allowed (at most KT / 2 k-tiles per block): for tiles whose time per k-tile does not fall when
  * two share an SM, where the model above overrates splitting (clusters of 4 were a cliff at
  * 8192 x 8192 and 14336 x 4096 for every 64-row tile) */
-inline int fill_split(const LinParams &p, int64_t tiles) {
+inline int fill_split(int KT, int64_t tiles) {
     const int sms = dev_info().sms;
     int split = 1;
     for (int s : {1, 2, 3, 6}) {
-        if (s > 1 && s > p.KT / 2) break;
+        if (s > 1 && s > KT / 2) break;
         split = s;
         if (tiles * s >= sms - sms / 32) break;
     }
     return split;
+}
+
+/* p with the tile counts of configuration C (BM x BN tiles, BK k per stage); tiles: m x n tiles */
+template <class C>
+inline LinParams tiled(const LinParams &base, int64_t &tiles) {
+    LinParams p = base;
+    p.m_tiles = (p.M + C::BM - 1) / C::BM;
+    p.n_tiles = (p.N + C::BN - 1) / C::BN;
+    p.KT = (p.K + C::BK - 1) / C::BK;
+    tiles = (int64_t)p.m_tiles * p.n_tiles;
+    return p;
 }
 
 /* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both) */
@@ -439,9 +448,12 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
                         bool streaming = false, int split = 0) {
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
-    const int chosen = choose_split(kern, p, tiles, pipe, out, tab, streaming);
-    if (chosen <= 0) return TOPS_ERR_CUDA;
-    if (split <= 0 || g_force_split > 0 || di.major < 9) split = chosen;
+    if (split <= 0 || g_force_split > 0 || di.major < 9) {
+        split = choose_split(kern, p, tiles, pipe, out, tab, streaming);
+    } else if (!allow_dyn_smem((const void *)kern, std::min(std::max(pipe, out) + tab, (size_t)di.optin_smem), di)) {
+        split = 0;
+    }
+    if (split <= 0) return TOPS_ERR_CUDA;
     p.kt_per_split = (p.KT + split - 1) / split;
     g_last_split = split;
     const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;

@@ -753,10 +753,8 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg)
          * block per SM at most, an early start beside the gather packed it two per SM on half
          * the SMs (H200, 8192 x 8192 M = 64: by row 49.5 us, by element 50.7, by element
          * signalling late 34.4; plain 30.9), so the gather signals late there */
-        LinParams fp{};
-        fp.KT = (int)((a->K + 127) / 128);
         const int64_t ftiles = (a->N + 127) / 128;
-        const bool one_wave = di.major == 9 && ftiles * fill_split(fp, ftiles) <= di.sms;
+        const bool one_wave = di.major == 9 && ftiles * fill_split((int)((a->K + 127) / 128), ftiles) <= di.sms;
         if (a->M > 32 && a->M <= 64 && one_wave) mode = 2;
         else if (a->M >= kGatherRowsMinM && rows_ok && !(a->K <= 4096 && a->M > 1024)) mode = 3;
         else if (idle && rows_ok && a->M >= 2 && a->M <= 8 && a->K >= 8192 && a->M * a->K >= 32768) mode = 3;
@@ -792,11 +790,8 @@ int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
 /* split: as launch_split's */
 template <class C, class T>
 int launch_tc(const LinParams &base, void *stream, int split = 0) {
-    LinParams p = base;
-    p.m_tiles = (p.M + C::BM - 1) / C::BM;
-    p.n_tiles = (p.N + C::BN - 1) / C::BN;
-    p.KT = (p.K + C::BK - 1) / C::BK;
-    const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
+    int64_t tiles;
+    const LinParams p = tiled<C>(base, tiles);
     return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES,
                         C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32, split);
 }
@@ -819,11 +814,8 @@ int launch_tc_a(const LinParams &base, void *stream) {
     if constexpr (ACT) {
         return launch_tc<C, T>(base, stream);
     } else {
-        LinParams p = base;
-        p.m_tiles = (p.M + C::BM - 1) / C::BM;
-        p.n_tiles = (p.N + C::BN - 1) / C::BN;
-        p.KT = (p.K + C::BK - 1) / C::BK;
-        const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
+        int64_t tiles;
+        const LinParams p = tiled<C>(base, tiles);
         const int split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PUSH_BYTES, 0, true);
         if (split <= 0) return TOPS_ERR_CUDA;
         if (tiles * split > dev_info().sms) return launch_tc<CfgA<ACT, true>, T>(base, stream, split);

@@ -497,13 +497,10 @@ int launch_wg(const LinParams &base, void *stream, bool fill = false) {
         (void)cudaGetLastError();
     }
     if (!built) return -1;
-    LinParams p = base;
-    p.m_tiles = (p.M + C::BM - 1) / C::BM;
-    p.n_tiles = (p.N + C::BN - 1) / C::BN;
-    p.KT = (p.K + C::BK - 1) / C::BK;
-    const int64_t tiles = (int64_t)p.m_tiles * p.n_tiles;
+    int64_t tiles;
+    const LinParams p = tiled<C>(base, tiles);
     return launch_split(kern, p, tiles, (size_t)C::PIPE_BYTES + 1024, (size_t)C::OUT_BYTES + 1024,
-                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, false, fill ? fill_split(p, tiles) : 0);
+                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, false, fill ? fill_split(p.KT, tiles) : 0);
 }
 
 template <class T, bool ACT>
