@@ -380,6 +380,29 @@ def test_cuda_small_batch_grid_wider_than_the_gpu(M):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zeros", ["v1", "v2", "sym"])
+def test_cuda_small_batch_extreme_codes_and_magnitudes(dtype, zeros):
+    """M <= 8 feeds the raw codes (magic + q) to the mma and subtracts magic + z with a second
+    mma per k16: codes and zero points at both ends (|q - z| = 15, v1's zero 16), activations
+    tiny and large, group 128 (one group per stage) and 32 (groups change inside a stage)"""
+    K, N = 1024, 520
+    for M, scale, gs in [(1, 1e-4, 128), (8, 1e-4, 32), (3, 30.0, 128), (8, 1.0, 32)]:
+        for q_end, z_end in [(15, 0), (0, 15)]:
+            G = K // gs
+            q = torch.full((K, N), q_end, dtype=torch.uint8)
+            q[::7] = torch.randint(0, 16, (len(range(0, K, 7)), N), dtype=torch.uint8)
+            z = torch.full((G, N), z_end, dtype=torch.uint8)
+            t = {"qweight": torch_ops.pack(q, 4, dim=0).cuda(),
+                 "scales": ((torch.rand(G, N) + 0.5) / 64).to(dtype).cuda(),
+                 "qzeros": None if zeros == "sym" else torch_ops.pack(
+                     ((z.long() - int(zeros == "v1")) & 15).to(torch.uint8), 4, dim=1).cuda(),
+                 "group_size": gs, "g_idx": None, "zero_format": "v2" if zeros == "sym" else zeros}
+            x = (torch.randn(M, K) * scale).to(dtype).cuda()
+            assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[dtype], (M, scale, gs, q_end)
+
+
+@needs_cuda
 @pytest.mark.parametrize("M", [33, 40, 64])
 def test_cuda_mid_batch_one_wave_with_perm(M):
     """M = 33..64 on N = 8192: 64 x 128 tiles split so the grid is about one block per SM, where

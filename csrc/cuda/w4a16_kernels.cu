@@ -360,6 +360,14 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     };
 
     const uint32_t magic = T::MAGIC; /* in a register: lop3 takes one immediate */
+    /* this thread's fragment offsets in a stage for sub-step 0, chunk 0, m8 tile 0 (words of sW,
+     * elements of sX; see stage_body for the others). For the small-batch tiles they are opaque
+     * to the compiler, which otherwise rebuilt them from the thread index every stage (about 25
+     * instructions of ~350). */
+    static_assert((BK & (BK - 1)) == 0 && C::WTN % 32 == 0 && C::WTM % 8 == 0, "fragment offsets");
+    uint32_t w_frag = (uint32_t)(t * BN + (((wn * C::WTN / 4 + g) ^ (t << 1)) << 2));
+    uint32_t x_frag = (uint32_t)((wm * C::WTM + g) * BK + ((((g & 1) << 2) | t) << 3));
+    if constexpr (C::PUSH) asm volatile("" : "+r"(w_frag), "+r"(x_frag)); /* (larger tiles: spills) */
     /* one pipeline stage; PS: the whole stage lies in one group (group >= BK), so the group is
      * checked once per stage and the unrolled sub-steps are branch-free */
     auto stage_body = [&](int it, auto ps) {
@@ -374,7 +382,6 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 
 #pragma unroll
         for (int sub = 0; sub < NSUB; ++sub) {
-            const int kwl = sub * 4 + t; /* this thread's k-word inside the stage */
             if constexpr (!C::ACT) {
                 /* group of this sub-step (32 k, never straddles a group): warp-uniform */
                 const int gabs = (kt * BK + sub * 32) >> p.gshift;
@@ -407,8 +414,9 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
             uint32_t af[CN][2][2][4]; /* [chunk][n16 tile in chunk][k16][reg] */
 #pragma unroll
             for (int c = 0; c < CN; ++c) {
-                const int lc = wn * C::WTN + 32 * c + 4 * g; /* local column of word 0 */
-                const uint4 wv = *reinterpret_cast<const uint4 *>(sW + kwl * BN + (((lc >> 2) ^ (t << 1)) << 2));
+                /* k-word 4 sub + t, column chunk (lc >> 2) ^ 2t of lc = wn WTN + 32 c + 4 g (the
+                 * copy's swizzle: 8 c leaves the low bits alone) */
+                const uint4 wv = *reinterpret_cast<const uint4 *>(sW + w_frag + sub * 4 * BN + 32 * c);
                 const uint32_t w[4] = {wv.x, wv.y, wv.z, wv.w};
                 uint32_t d[4][4]; /* [column j][nibble pair i]: pair i = nibbles (i, i+4) */
                 if constexpr (!C::ACT) {
@@ -433,6 +441,8 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                     }
                 } else {
                     const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::W_BYTES + C::X_BYTES);
+                    const int kwl = sub * 4 + t;                /* this thread's k-word in the stage */
+                    const int lc = wn * C::WTN + 32 * c + 4 * g; /* local column of word 0 */
                     const int4 ga = *reinterpret_cast<const int4 *>(sG + kwl * 8);
                     const int4 gb = *reinterpret_cast<const int4 *>(sG + kwl * 8 + 4);
                     const int gi[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
@@ -462,8 +472,8 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
             }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const int row = wm * C::WTM + mt * 8 + g;
-                const uint4 xv = *reinterpret_cast<const uint4 *>(sX + row * BK + ((kwl ^ ((row & 1) << 2)) << 3));
+                /* row * BK + ((kwl ^ 4 (row & 1)) << 3), row = wm WTM + 8 mt + g, kwl = 4 sub + t */
+                const uint4 xv = *reinterpret_cast<const uint4 *>(sX + ((x_frag ^ (sub << 5)) + mt * 8 * BK));
                 const uint32_t b00 = __byte_perm(xv.x, xv.z, 0x5410), b01 = __byte_perm(xv.x, xv.z, 0x7632);
                 const uint32_t b10 = __byte_perm(xv.y, xv.w, 0x5410), b11 = __byte_perm(xv.y, xv.w, 0x7632);
 #pragma unroll
