@@ -383,9 +383,10 @@ def test_cuda_small_batch_grid_wider_than_the_gpu(M):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("zeros", ["v1", "v2", "sym"])
 def test_cuda_small_batch_extreme_codes_and_magnitudes(dtype, zeros):
-    """M <= 8 feeds the raw codes (magic + q) to the mma and subtracts magic + z with a second
-    mma per k16: codes and zero points at both ends (|q - z| = 15, v1's zero 16), activations
-    tiny and large, group 128 (one group per stage) and 32 (groups change inside a stage)"""
+    """M <= 8 (magic-number codes minus magic + zero point into the mma, the scale applied to
+    each group's fp32 partial sum): codes and zero points at both ends (|q - z| = 15, v1's zero
+    16), activations tiny and large, group 128 (one group per stage) and 32 (groups change
+    inside a stage)"""
     K, N = 1024, 520
     for M, scale, gs in [(1, 1e-4, 128), (8, 1e-4, 32), (3, 30.0, 128), (8, 1.0, 32)]:
         for q_end, z_end in [(15, 0), (0, 15)]:
