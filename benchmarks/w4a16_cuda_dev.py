@@ -508,7 +508,7 @@ def act_sweep():
             del qws
 
 
-def graph_sweep(mid=False, auto_only=False):
+def graph_sweep(mid=False, auto_only=False, mid_ms=()):
     """configurations, forced, under CUDA-graph timing with rotating weights: the small-batch
     ones (cfg x split), or with mid=True those for M = 32..256 (cfg x split 1, 2, 4)"""
     fnc = LIB.tops_cuda_w4a16_linear
@@ -517,7 +517,7 @@ def graph_sweep(mid=False, auto_only=False):
         return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
 
     for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672)]:
-        for M in (MID_CFGS if mid else (1, 4, 16)):
+        for M in ((mid_ms or MID_CFGS) if mid else (1, 4, 16)):
             c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
             ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
@@ -600,6 +600,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="only the CUDA-graph sweep of small-M configs")
     ap.add_argument("--sweep-mid", action="store_true", help="only the CUDA-graph sweep for M = 32..256")
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
+    ap.add_argument("--mid-ms", default="", help="--sweep-mid: only these batch sizes (e.g. 64,128)")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
     ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")
     ap.add_argument("--policy-sweep", action="store_true", help="only the cluster scheduling policy sweep")
@@ -637,7 +638,8 @@ def main():
         if args.sweep:
             graph_sweep(auto_only=args.auto_only)
         if args.sweep_mid:
-            graph_sweep(mid=True, auto_only=args.auto_only)
+            graph_sweep(mid=True, auto_only=args.auto_only,
+                        mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m))
     if args.sweep or args.sweep_mid or args.perm_sweep or args.perm_small or args.policy_sweep or args.act_sweep:
         return 0
     self_test_reference()

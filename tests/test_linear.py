@@ -404,6 +404,21 @@ def test_cuda_small_batch_extreme_codes_and_magnitudes(dtype, zeros):
 
 
 @needs_cuda
+@pytest.mark.parametrize("M", [40, 64, 100, 256])
+@pytest.mark.parametrize("group_size,zeros", [(32, "v1"), (64, "sym"), (128, "v2"), (-1, "v1")])
+def test_cuda_mid_batch_interior_and_tail_stages(cuda_route, M, group_size, zeros):
+    """M = 33..256 (on Hopper the wgmma tiles, whose interior stages copy from running pointers
+    with no bounds checks): K with a half-filled last stage, N ending inside a column tile, M
+    inside a row tile, K split over blocks, one to four scale rows per stage, every zero format"""
+    dtype = torch.float16 if M % 3 else torch.bfloat16
+    K, N = 4160, 1048
+    t = make_weights(K, N, group_size, zeros=zeros, device="cuda", scales_dtype=dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    assert rel_err(torch_ops.w4a16_linear(x, bias=bias, **t), reference(x, t, bias)) < TOL[dtype]
+
+
+@needs_cuda
 @pytest.mark.parametrize("M", [33, 40, 64])
 def test_cuda_mid_batch_one_wave_with_perm(M):
     """M = 33..64 on N = 8192: 64 x 128 tiles split so the grid is about one block per SM, where

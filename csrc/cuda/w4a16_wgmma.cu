@@ -162,7 +162,7 @@ __device__ __forceinline__ void keep_f(float &r) { asm volatile("" : "+f"(r)::"m
 __device__ __forceinline__ void keep_u(uint32_t &r) { asm volatile("" : "+r"(r)::"memory"); }
 
 template <class C, class T>
-__global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) {
+__global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(const LinParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int BM = C::BM, BN = C::BN, BK = C::BK, KW = C::KW, STAGES = C::STAGES;
     constexpr int WNT = C::WNT, NSTEP = C::NSTEP;
@@ -255,6 +255,67 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
                 sG[tid] = k < p.K ? k / p.gsize : 0;
             }
         }
+    };
+
+    /* Lean loads of interior stages (every k of the stage inside K, plain groups), the main
+     * loop's common case, as in w4a16_kernels.cu: each thread's copies are the same rows,
+     * columns and validity every stage, so they run from running pointers that advance by one
+     * stage, with no bounds arithmetic (the general load_stage spent ~130 of a stage's ~310
+     * instructions per thread at M = 64). Out-of-matrix chunks keep a valid address, size 0. */
+    const int kt_lean0 = kt_begin + C::AHEAD; /* the first stage the main loop loads */
+    uint32_t xl_sz[X_J];
+    const uint16_t *xl_next[X_J];
+#pragma unroll
+    for (int j = 0; j < X_J; ++j) {
+        const bool v = m0 + x_r0 + 32 * j < p.M;
+        xl_sz[j] = v ? 16u : 0u;
+        xl_next[j] = v ? x_src0 + (int64_t)(32 * j) * p.K + (int64_t)kt_lean0 * BK : p.x;
+    }
+    const uint32_t wl_sz = w_colv ? 16u : 0u;
+    const int64_t wl_kstep = w_colv ? (int64_t)KW * p.N : 0;
+    const int32_t *wl_next[W_J];
+#pragma unroll
+    for (int j = 0; j < W_J; ++j)
+        wl_next[j] = w_colv ? w_src0 + (int64_t)(j * W_RS) * p.N + (int64_t)kt_lean0 * wl_kstep : p.qw;
+    /* scale / zero rows of an interior stage: one group, or BK / group of them */
+    const int sl_rows = (1 << min(p.gshift, 30)) >= BK ? 1 : BK >> p.gshift;
+    const int sl_r = tid / (BN / 8), sl_c = tid % (BN / 8);
+    const bool sl_v = tid < C::NG * (BN / 8) && sl_r < sl_rows && n0 + 8 * sl_c < p.N;
+    const bool zl_v = sl_v && p.zmode != 0 && (n0 >> 3) + sl_c < N8;
+    const uint32_t sl_sz = sl_v ? 16u : 0u, zl_sz = zl_v ? 4u : 0u;
+    const uint32_t sl_gstride = sl_v ? (uint32_t)p.N : 0u, zl_gstride = zl_v ? (uint32_t)N8 : 0u;
+    const uint16_t *sl_base = sl_v ? p.sc + (int64_t)sl_r * p.N + n0 + 8 * sl_c : p.sc;
+    const int32_t *zl_base = zl_v ? p.qz + (int64_t)sl_r * N8 + (n0 >> 3) + sl_c : p.qz;
+    auto load_lean = [&](int buf, int kt) {
+        const uint32_t st = base + (uint32_t)(buf * C::STAGE_BYTES);
+#pragma unroll
+        for (int ks = 0; ks < C::KSUB; ++ks)
+#pragma unroll
+            for (int j = 0; j < X_J; ++j)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                 st + ks * C::XSUB_BYTES + x_dst0 + j * 32 * 128),
+                             "l"(xl_next[j] + (xl_sz[j] ? ks * 64 : 0)), "r"(xl_sz[j]));
+#pragma unroll
+        for (int j = 0; j < W_J; ++j)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst0 + j * W_RS * BN * 4),
+                         "l"(wl_next[j]), "r"(wl_sz));
+        if (tid < C::NG * (BN / 8)) {
+            const uint32_t g0 = (uint32_t)((kt * BK) >> p.gshift);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                             st + C::X_BYTES + C::W_BYTES + sl_r * (BN * 2) + sl_c * 16),
+                         "l"(sl_base + (uint64_t)g0 * sl_gstride), "r"(sl_sz));
+            if (p.zmode != 0)
+                asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                                 st + C::X_BYTES + C::W_BYTES + C::S_BYTES + sl_r * (BN / 2) + sl_c * 4),
+                             "l"(zl_base + (uint64_t)g0 * zl_gstride), "r"(zl_sz));
+        }
+    };
+    /* after each main-loop load, lean or not: the pointers move to the next stage */
+    auto advance_lean = [&]() {
+#pragma unroll
+        for (int j = 0; j < W_J; ++j) wl_next[j] += wl_kstep;
+#pragma unroll
+        for (int j = 0; j < X_J; ++j) xl_next[j] += xl_sz[j] ? BK : 0;
     };
 
     /* prologue: AHEAD stages in flight (without OVL each stage's wgmmas complete within its
@@ -405,7 +466,12 @@ __global__ void __launch_bounds__(256, 1) w4a16_wgmma_kernel(const LinParams p) 
         __syncthreads();
         {
             const int nx = it + C::AHEAD;
-            if (nx < nkt) load_stage(nx % STAGES, kt_begin + nx);
+            if (nx < nkt) {
+                const int kt = kt_begin + nx;
+                if (!C::ACT && (kt + 1) * KW <= p.K8) load_lean(nx % STAGES, kt);
+                else load_stage(nx % STAGES, kt);
+                if constexpr (!C::ACT) advance_lean();
+            }
             cp_async_commit();
         }
         stage(it, bufc, psc);
