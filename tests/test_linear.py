@@ -409,9 +409,10 @@ def test_cuda_small_batch_extreme_codes_and_magnitudes(dtype, zeros):
 def test_cuda_mid_batch_interior_and_tail_stages(cuda_route, M, group_size, zeros):
     """M = 33..256 (on Hopper the wgmma tiles, whose interior stages copy from running pointers
     with no bounds checks): K with a half-filled last stage, N ending inside a column tile, M
-    inside a row tile, K split over blocks, one to four scale rows per stage, every zero format"""
+    inside a row tile, K split over blocks, one to four scale rows per stage, every zero format
+    (groups of 128 need K = 33 x 128: a whole last stage there)"""
     dtype = torch.float16 if M % 3 else torch.bfloat16
-    K, N = 4160, 1048
+    K, N = (4224 if group_size == 128 else 4160), 1048
     t = make_weights(K, N, group_size, zeros=zeros, device="cuda", scales_dtype=dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     bias = torch.randn(N, device="cuda", dtype=dtype)
