@@ -161,6 +161,8 @@ template <int N> __device__ __forceinline__ void wg_wait() {
 __device__ __forceinline__ void keep_f(float &r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void keep_u(uint32_t &r) { asm volatile("" : "+r"(r)::"memory"); }
 
+/* the 64-row tile runs two blocks per SM (its shared memory allows it): the bound keeps it
+ * within 128 registers, which it exceeds otherwise (160 with the lean loads) */
 template <class C, class T>
 __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(const LinParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
