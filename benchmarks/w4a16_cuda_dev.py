@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPS_F32, TOPS_F16, TOPS_BF16 = 0, 1, 2
 ZV1, ZV2 = 1, 2
 DT = {torch.float32: TOPS_F32, torch.float16: TOPS_F16, torch.bfloat16: TOPS_BF16}
+SWEEP_DT = {"f16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -508,7 +509,7 @@ def act_sweep():
             del qws
 
 
-def graph_sweep(mid=False, auto_only=False, mid_ms=()):
+def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16):
     """configurations, forced, under CUDA-graph timing with rotating weights: the small-batch
     ones (cfg x split), or with mid=True those for M = 32..256 (cfg x split 1, 2, 4)"""
     fnc = LIB.tops_cuda_w4a16_linear
@@ -518,10 +519,10 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=()):
 
     for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672)]:
         for M in ((mid_ms or MID_CFGS) if mid else (1, 4, 16)):
-            c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
+            c = make_case(M, K, N, 128, ZV2, False, False, dtype, seed=7)
             ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
-            out = torch.empty(M, N, dtype=torch.float16, device="cuda")
+            out = torch.empty(M, N, dtype=dtype, device="cuda")
             args = [make_args(c, out, qweight=q) for q in qws]
             res = []
             for pdl in ((1,) if auto_only else (1, 0)):
@@ -537,7 +538,7 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=()):
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
                 res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in args])))
             LIB.tops_cuda_w4a16_dev_force(-1, 0)
-            log(f"{K}x{N} M={M}: " +
+            log(f"{K}x{N} M={M}{'' if dtype == torch.float16 else ' bf16'}: " +
                 " | ".join(f"{n} {t:.1f}" for n, t in res))
             del qws, args
 
@@ -600,6 +601,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="only the CUDA-graph sweep of small-M configs")
     ap.add_argument("--sweep-mid", action="store_true", help="only the CUDA-graph sweep for M = 32..256")
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
+    ap.add_argument("--dtype", default="f16", choices=["f16", "bf16"], help="sweeps: activation dtype")
     ap.add_argument("--mid-ms", default="", help="--sweep-mid: only these batch sizes (e.g. 64,128)")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
     ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")
@@ -636,9 +638,9 @@ def main():
         act_sweep()
     if args.sweep or args.sweep_mid:
         if args.sweep:
-            graph_sweep(auto_only=args.auto_only)
+            graph_sweep(auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype])
         if args.sweep_mid:
-            graph_sweep(mid=True, auto_only=args.auto_only,
+            graph_sweep(mid=True, auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype],
                         mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m))
     if args.sweep or args.sweep_mid or args.perm_sweep or args.perm_small or args.policy_sweep or args.act_sweep:
         return 0

@@ -502,6 +502,8 @@ __device__ __forceinline__ void tile_coords(int pid, int m_tiles, int n_tiles, i
 
 /* the wgmma path (w4a16_wgmma.cu): returns -1 when it is not built for sm_90a or does not fit */
 int launch_wgmma(const LinParams &p, bool bf16, bool act, int cfg, void *stream);
+/* whether this binary holds the sm_90a wgmma kernels (the device must still be sm_90) */
+bool wgmma_built();
 
 } // namespace tops_w4
 

@@ -34,6 +34,22 @@ inline int g_dense_mode = -1; /* dev hook: -1 automatic, 0 never, 1 always */
  * dequantisation overlaps a GEMM, was as often slower as faster (narrower GEMMs), M = 4096, 4
  * chunks against 2: 14336 x 4096 765 / 849 us, 4096 x 14336 869 / 786, 8192 x 8192 886 / 912. */
 constexpr int64_t kDenseMinM = 2048, kDenseMinM_WideN = 1024; /* the latter where N >= K */
+/* With the sm_90a wgmma kernels and plain groups (twelfth session, H200, --dense-sweep), M = 1024,
+ * fused / dense / cuBLAS alone, us: 8192 x 8192 248 / 269 / 221, 4096 x 4096 64 / 69 / 58,
+ * 8192 x 28672 869 / 923 / 790, 14336 x 4096 213 / 250 / 196, but 4096 x 14336 257 / 244 / 210,
+ * whose 448 tiles of 256 x 128 make 3.4 waves on 132 SMs; at M = 2048 the dense route won on all
+ * five (by 0.4-8%). So there: the dense route from M = 2048, and from M = 1024 only where the
+ * fused grid's waves are less than 90% full (tiles / (waves x SMs)). */
+constexpr int64_t kDenseMinM_Ragged = 1024;
+constexpr double kFusedMinWaveFill = 0.9;
+
+/* the fused kernel's tiles of M x N fill their waves to at least kFusedMinWaveFill (the 256 x 128
+ * tiles the wgmma launcher takes from M = 256: w4a16_kernels.cu, choose_cfg) */
+static bool fused_waves_full(int64_t M, int64_t N, int sms) {
+    const int64_t tiles = ((M + 255) / 256) * ((N + 127) / 128);
+    const int64_t waves = (tiles + sms - 1) / sms;
+    return (double)tiles >= kFusedMinWaveFill * (double)(waves * sms);
+}
 constexpr int64_t kScratchBytes = 64ll << 20; /* a dequantised chunk at most this (or 256 columns) */
 inline int64_t g_dense_scratch = kScratchBytes; /* dev hook: the bound above, to measure others */
 
@@ -135,9 +151,16 @@ int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a) {
     /* the kernel's vector loads */
     if ((reinterpret_cast<uintptr_t>(a->qweight) & 15) || (reinterpret_cast<uintptr_t>(a->scales) & (4 * esz - 1)))
         return 0;
-    if (g_dense_mode < 0 && a->x_dtype != TOPS_F32 &&
-        a->M < (a->N >= a->K ? kDenseMinM_WideN : kDenseMinM))
-        return 0;
+    if (g_dense_mode < 0 && a->x_dtype != TOPS_F32) {
+        const DevInfo di = dev_info();
+        const int64_t gs = a->group_size;
+        const bool plain = a->g_idx == nullptr && (gs == a->K || (gs >= 32 && (gs & (gs - 1)) == 0));
+        if (di.major == 9 && di.minor == 0 && plain && wgmma_built()) {
+            if (a->M < kDenseMinM && (a->M < kDenseMinM_Ragged || fused_waves_full(a->M, a->N, di.sms))) return 0;
+        } else if (a->M < (a->N >= a->K ? kDenseMinM_WideN : kDenseMinM)) {
+            return 0;
+        }
+    }
     return std::min(a->N, std::max<int64_t>(256, g_dense_scratch / (a->K * esz) / 256 * 256));
 }
 

@@ -554,16 +554,19 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
 #endif
 }
 
+/* this binary holds the sm_90a kernel, not the empty stand-in */
+template <class Kern> static bool holds_sm90a(Kern kern) {
+    cudaFuncAttributes fa;
+    const bool built = cudaFuncGetAttributes(&fa, kern) == cudaSuccess && fa.numRegs >= 64;
+    (void)cudaGetLastError();
+    return built;
+}
+
 /* fill: the K split by fill_split instead of the general model */
 template <class C, class T>
 int launch_wg(const LinParams &base, void *stream, bool fill = false) {
     auto kern = w4a16_wgmma_kernel<C, T>;
-    static int built = -1; /* 1: this binary holds the sm_90a kernel (not the empty stand-in) */
-    if (built < 0) {
-        cudaFuncAttributes fa;
-        built = (cudaFuncGetAttributes(&fa, kern) == cudaSuccess && fa.numRegs >= 64) ? 1 : 0;
-        (void)cudaGetLastError();
-    }
+    static const bool built = holds_sm90a(kern);
     if (!built) return -1;
     int64_t tiles;
     const LinParams p = tiled<C>(base, tiles);
@@ -580,6 +583,11 @@ int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 256 x 128, overlapped */
     default: return -1;
     }
+}
+
+bool wgmma_built() {
+    static const bool built = holds_sm90a(w4a16_wgmma_kernel<WCfg<256, 1, 1, 4, false, true>, F16>);
+    return built;
 }
 
 int launch_wgmma(const LinParams &p, bool bf16, bool act, int cfg, void *stream) {
