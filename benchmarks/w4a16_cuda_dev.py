@@ -453,7 +453,9 @@ def benchmarks(quick):
     return rows
 
 
-MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14, 16)}
+MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14, 16), 1024: (14, 16)}
+MID_MS = (32, 64, 128, 256)  # --sweep-mid without --mid-ms
+SWEEP_SHAPES = ((4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672))  # K x N
 
 
 def perm_sweep(small=False):
@@ -509,7 +511,7 @@ def act_sweep():
             del qws
 
 
-def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16):
+def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shapes=SWEEP_SHAPES):
     """configurations, forced, under CUDA-graph timing with rotating weights: the small-batch
     ones (cfg x split), or with mid=True those for M = 32..256 (cfg x split 1, 2, 4)"""
     fnc = LIB.tops_cuda_w4a16_linear
@@ -517,8 +519,8 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16):
     def launcher(a):
         return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
 
-    for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672)]:
-        for M in ((mid_ms or MID_CFGS) if mid else (1, 4, 16)):
+    for K, N in shapes:
+        for M in ((mid_ms or MID_MS) if mid else (1, 4, 16)):
             c = make_case(M, K, N, 128, ZV2, False, False, dtype, seed=7)
             ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
@@ -601,6 +603,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="only the CUDA-graph sweep of small-M configs")
     ap.add_argument("--sweep-mid", action="store_true", help="only the CUDA-graph sweep for M = 32..256")
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
+    ap.add_argument("--shapes", default="", help="sweeps: K x N list (e.g. 4096x14336,8192x8192)")
     ap.add_argument("--dtype", default="f16", choices=["f16", "bf16"], help="sweeps: activation dtype")
     ap.add_argument("--mid-ms", default="", help="--sweep-mid: only these batch sizes (e.g. 64,128)")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
@@ -637,10 +640,11 @@ def main():
     if args.act_sweep:
         act_sweep()
     if args.sweep or args.sweep_mid:
+        shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",") if kn) or SWEEP_SHAPES
         if args.sweep:
-            graph_sweep(auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype])
+            graph_sweep(auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes)
         if args.sweep_mid:
-            graph_sweep(mid=True, auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype],
+            graph_sweep(mid=True, auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes,
                         mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m))
     if args.sweep or args.sweep_mid or args.perm_sweep or args.perm_small or args.policy_sweep or args.act_sweep:
         return 0
