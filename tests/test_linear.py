@@ -306,7 +306,7 @@ def test_cuda_routes(cuda_route, group_size, zeros, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_dense_route_column_chunks(dtype):
-    """K N larger than the dense route's scratch: several column chunks (the last one narrow),
+    """K N larger than the dense route's scratch: several column chunks (the last one narrower),
     dequantised on a second stream while the previous chunk multiplies, each GEMM writing its
     columns of out; eager and in a CUDA graph; with perm"""
     _C.cuda_w4a16_dense(1)

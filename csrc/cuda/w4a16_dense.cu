@@ -30,7 +30,7 @@ inline int g_dense_mode = -1; /* dev hook: -1 automatic, 0 never, 1 always */
  *   14336 x 4096   M = 1024 226 / 244 / 189,  M = 2048 462 / 420 / 360,  M = 4096   922 / 849 / 744
  * and at M = 512 the fused kernels were 11-29% ahead. fp32 x: the CUDA-core fallback is 9-17x
  * slower than the dense route at every M (8192 x 8192 M = 1: 1,495 against 161 us).
- * How: chunks as wide as the scratch bound allows. Splitting further, so that more of the
+ * How: as few chunks as the scratch bound allows, of equal width. Splitting further, so that more of the
  * dequantisation overlaps a GEMM, was as often slower as faster (narrower GEMMs), M = 4096, 4
  * chunks against 2: 14336 x 4096 765 / 849 us, 4096 x 14336 869 / 786, 8192 x 8192 886 / 912. */
 constexpr int64_t kDenseMinM = 2048, kDenseMinM_WideN = 1024; /* the latter where N >= K */
@@ -161,7 +161,12 @@ int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a) {
             return 0;
         }
     }
-    return std::min(a->N, std::max<int64_t>(256, g_dense_scratch / (a->K * esz) / 256 * 256));
+    const int64_t widest = std::min(a->N, std::max<int64_t>(256, g_dense_scratch / (a->K * esz) / 256 * 256));
+    /* as many chunks as the bound needs, of equal width (a multiple of 256, so at most `widest`):
+     * a narrow last chunk is a less efficient GEMM (14336 x 4096: 2,048 + 2,048 columns, not
+     * 2,304 + 1,792) */
+    const int64_t chunks = (a->N + widest - 1) / widest;
+    return std::min(widest, ((a->N + chunks - 1) / chunks + 255) / 256 * 256);
 }
 
 int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, void *w, void *stream) {
