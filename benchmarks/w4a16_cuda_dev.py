@@ -513,7 +513,8 @@ def act_sweep():
 
 def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shapes=SWEEP_SHAPES):
     """configurations, forced, under CUDA-graph timing with rotating weights: the small-batch
-    ones (cfg x split), or with mid=True those for M = 32..256 (cfg x split 1, 2, 4)"""
+    ones (cfg x split), or with mid=True those of MID_CFGS for M = 32..256 or mid_ms (cfg x split
+    1, 2, 3, 4, 6, 8); fp16 or bf16 activations, the given K x N shapes"""
     fnc = LIB.tops_cuda_w4a16_linear
 
     def launcher(a):

@@ -23,16 +23,18 @@ namespace tops_w4 {
 
 inline int g_dense_mode = -1; /* dev hook: -1 automatic, 0 never, 1 always */
 
-/* When: measured on an H200 (graph timing, fifth session: bench_linear.py --dense-sweep),
- * fused / dense / cuBLAS alone, us:
+/* When (the rule for other GPUs and for act-order; Hopper's plain groups: below): measured on an
+ * H200 (graph timing, fifth session: bench_linear.py --dense-sweep), fused / dense / cuBLAS
+ * alone, us:
  *   8192 x 8192    M = 1024 261 / 257 / 215,  M = 2048 529 / 472 / 419,  M = 4096 1,067 / 912 / 861
  *   4096 x 14336   M = 1024 269 / 239 / 194,  M = 2048 468 / 430 / 374,  M = 4096   940 / 786 / 741
  *   14336 x 4096   M = 1024 226 / 244 / 189,  M = 2048 462 / 420 / 360,  M = 4096   922 / 849 / 744
  * and at M = 512 the fused kernels were 11-29% ahead. fp32 x: the CUDA-core fallback is 9-17x
  * slower than the dense route at every M (8192 x 8192 M = 1: 1,495 against 161 us).
- * How: as few chunks as the scratch bound allows, of equal width. Splitting further, so that more of the
- * dequantisation overlaps a GEMM, was as often slower as faster (narrower GEMMs), M = 4096, 4
- * chunks against 2: 14336 x 4096 765 / 849 us, 4096 x 14336 869 / 786, 8192 x 8192 886 / 912. */
+ * How: as few chunks as the scratch bound allows, of equal width. Splitting further, so that
+ * more of the dequantisation overlaps a GEMM, was as often slower as faster (narrower GEMMs),
+ * M = 4096, 4 chunks against 2: 14336 x 4096 765 / 849 us, 4096 x 14336 869 / 786,
+ * 8192 x 8192 886 / 912. */
 constexpr int64_t kDenseMinM = 2048, kDenseMinM_WideN = 1024; /* the latter where N >= K */
 /* With the sm_90a wgmma kernels and plain groups (twelfth session, H200, --dense-sweep), M = 1024,
  * fused / dense / cuBLAS alone, us: 8192 x 8192 248 / 269 / 221, 4096 x 4096 64 / 69 / 58,
@@ -156,12 +158,14 @@ int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a) {
         const int64_t gs = a->group_size;
         const bool plain = a->g_idx == nullptr && (gs == a->K || (gs >= 32 && (gs & (gs - 1)) == 0));
         if (di.major == 9 && di.minor == 0 && plain && wgmma_built()) {
-            if (a->M < kDenseMinM && (a->M < kDenseMinM_Ragged || fused_waves_full(a->M, a->N, di.sms))) return 0;
+            if (a->M < kDenseMinM && (a->M < kDenseMinM_Ragged || fused_waves_full(a->M, a->N, di.sms)))
+                return 0;
         } else if (a->M < (a->N >= a->K ? kDenseMinM_WideN : kDenseMinM)) {
             return 0;
         }
     }
-    const int64_t widest = std::min(a->N, std::max<int64_t>(256, g_dense_scratch / (a->K * esz) / 256 * 256));
+    const int64_t widest =
+        std::min(a->N, std::max<int64_t>(256, g_dense_scratch / (a->K * esz) / 256 * 256));
     /* as many chunks as the bound needs, of equal width (a multiple of 256, so at most `widest`):
      * a narrow last chunk is a less efficient GEMM (14336 x 4096: 2,048 + 2,048 columns, not
      * 2,304 + 1,792) */
