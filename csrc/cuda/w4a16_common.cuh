@@ -500,6 +500,13 @@ __device__ __forceinline__ void tile_coords(int pid, int m_tiles, int n_tiles, i
     nt = (pid % in_group) / gsz;
 }
 
+/* plain groups: no g_idx, and a group of the whole K or a power of two >= 32 (a group never
+ * straddles the kernels' 32-k sub-steps); anything else takes the act-order kernels */
+inline bool plain_groups(const tops_w4a16_args *a) {
+    const int64_t gs = a->group_size;
+    return a->g_idx == nullptr && (gs == a->K || (gs >= 32 && (gs & (gs - 1)) == 0));
+}
+
 /* the wgmma path (w4a16_wgmma.cu): returns -1 when it is not built for sm_90a or does not fit */
 int launch_wgmma(const LinParams &p, bool bf16, bool act, int cfg, void *stream);
 /* whether this binary holds the sm_90a wgmma kernels (the device must still be sm_90) */

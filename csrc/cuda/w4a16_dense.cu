@@ -155,9 +155,7 @@ int64_t tops_cuda_w4a16_dense_cols(const tops_w4a16_args *a) {
         return 0;
     if (g_dense_mode < 0 && a->x_dtype != TOPS_F32) {
         const DevInfo di = dev_info();
-        const int64_t gs = a->group_size;
-        const bool plain = a->g_idx == nullptr && (gs == a->K || (gs >= 32 && (gs & (gs - 1)) == 0));
-        if (di.major == 9 && di.minor == 0 && plain && wgmma_built()) {
+        if (di.major == 9 && di.minor == 0 && plain_groups(a) && wgmma_built()) {
             if (a->M < kDenseMinM && (a->M < kDenseMinM_Ragged || fused_waves_full(a->M, a->N, di.sms)))
                 return 0;
         } else if (a->M < (a->N >= a->K ? kDenseMinM_WideN : kDenseMinM)) {

@@ -994,8 +994,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
 
     const DevInfo di = dev_info();
     const int64_t gs = a->group_size;
-    const bool pow2 = (gs & (gs - 1)) == 0;
-    const bool act = a->g_idx != nullptr || !(gs == K || (pow2 && gs >= 32));
+    const bool act = !plain_groups(a);
     int gshift = 31;
     if (gs != K) {
         gshift = 0;
