@@ -96,7 +96,16 @@ struct Cfg {
     /* LEAN (small-batch tiles, plain groups): interior stages load from running pointers, with
      * no bounds arithmetic (see the kernel) */
     static constexpr bool LEAN = LEAN_ && PUSH_ && !ACT_;
+    /* XREG (lean small-batch tiles, one x chunk per thread and stage at most): x goes through a
+     * register instead of cp.async and is stored already in the fragments' k order (see the
+     * kernel), which saves the 4 byte-permutes per m8 tile and 32 k of every warp. Measured on
+     * the H200 (w4a16_cuda_dev.py --sweep, three runs): 8192 x 8192 M = 16 18.7-19.1 -> 18.1-18.3
+     * us, 8192 x 28672 M = 1 37.3-37.9 -> 36.3-36.9, bf16 8192 x 8192 M = 1 16.2-16.3 -> 15.6-15.7;
+     * in the M <= 8 build that runs one block per SM (no lean loads) it lost 2-4% (14336 x 4096
+     * M = 1 14.8-15.1 -> 15.2-15.3, 4096 x 4096 5.6 -> 5.7-5.9), so that one keeps cp.async */
+    static constexpr bool XREG = LEAN_ && BM_ * KW <= 256;
     static_assert(WARPS_N * WARPS_M == WARPS, "warp layout");
+    static_assert(!XREG || STAGES >= 3, "XREG stores a stage one iteration after loading it");
     static_assert(CN >= 1 && WTN % 32 == 0, "warp columns");
     static_assert(MT >= 1 && WTM % 8 == 0, "warp rows");
     static_assert(BK >= 64 && BK % 32 == 0 && KW <= 256 && 256 % KW == 0, "BK");
@@ -181,7 +190,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
         for (int j = 0; j < X_J; ++j) {
             const int r = x_r0 + j * X_RS;
-            if ((what & LOAD_X) && (X_CH % 256 == 0 || r < BM)) {
+            if (!C::XREG && (what & LOAD_X) && (X_CH % 256 == 0 || r < BM)) {
                 const bool v = m0 + r < p.M && kt * KW + x_c < p.K8;
                 const uint16_t *src = x_src0 + (int64_t)j * X_RS * p.K + kt * BK;
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * X_RS * BK * 2),
@@ -275,7 +284,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                              "l"(w_next[j]), "r"(w_sz));
 #pragma unroll
         for (int j = 0; j < X_J; ++j)
-            if (X_CH % 256 == 0 || x_r0 + j * X_RS < BM)
+            if (!C::XREG && (X_CH % 256 == 0 || x_r0 + j * X_RS < BM))
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * X_RS * BK * 2),
                              "l"(x_next[j]), "r"(x_sz[j]));
         const uint32_t g0 = (uint32_t)((kt * BK) >> p.gshift);
@@ -301,6 +310,26 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         for (int j = 0; j < X_J; ++j) x_next[j] += x_sz[j] ? BK : 0;
     };
 
+    /* XREG: this thread's x chunk (8 consecutive k of one row) is loaded into a register one
+     * iteration before it is stored to its stage, in the order the fragments take it: (x0, x4)
+     * (x1, x5) (x2, x6) (x3, x7) (see "k permutation" above), at the chunk's usual place. The
+     * store of stage s happens in the iteration after its load, at least one barrier before
+     * stage s is read (STAGES >= 3), and after the barrier that ends the reads of the buffer's
+     * previous stage. Rows outside the matrix and k beyond K are stored as zeros. */
+    const bool x_mine = C::XREG && x_r0 < BM;
+    auto x_load = [&](int kt) -> uint4 {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (x_mine && m0 + x_r0 < p.M && kt * KW + x_c < p.K8)
+            v = __ldcg(reinterpret_cast<const uint4 *>(x_src0 + (int64_t)kt * BK));
+        return v;
+    };
+    auto x_store = [&](int buf, uint4 v) {
+        if (x_mine)
+            *reinterpret_cast<uint4 *>(smem + buf * C::STAGE_BYTES + x_dst0) =
+                make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                           __byte_perm(v.y, v.w, 0x7632));
+    };
+
     /* prologue: start the first STAGES-1 stages, then (act-order) build the group table while
      * they are in flight. The weights of those stages and the table are loaded before waiting
      * for the previous kernel (PDL: it may still be running and writing x); the first commit
@@ -310,6 +339,12 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
     if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
     grid_dependency_wait();
+    uint4 x_pro[C::XREG ? STAGES - 1 : 1]; /* XREG: the prologue's x, stored once the next kernel is
+                                            * signalled */
+    if constexpr (C::XREG) {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) x_pro[s] = s < nkt ? x_load(kt_begin + s) : make_uint4(0u, 0u, 0u, 0u);
+    }
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < nkt) load_stage(s, kt_begin + s, LOAD_X);
@@ -317,6 +352,11 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     }
     /* the next kernel may start its own prologue as soon as every block of this one is here */
     grid_dependents_launch();
+    if constexpr (C::XREG) {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s)
+            if (s < nkt) x_store(s, x_pro[s]);
+    }
 
     float acc[MT][2 * CN][4];
     float pacc[C::FACT ? MT : 1][2 * CN][4]; /* FACT: partial sums of the current group */
@@ -474,8 +514,10 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
             for (int mt = 0; mt < MT; ++mt) {
                 /* row * BK + ((kwl ^ 4 (row & 1)) << 3), row = wm WTM + 8 mt + g, kwl = 4 sub + t */
                 const uint4 xv = *reinterpret_cast<const uint4 *>(sX + ((x_frag ^ (sub << 5)) + mt * 8 * BK));
-                const uint32_t b00 = __byte_perm(xv.x, xv.z, 0x5410), b01 = __byte_perm(xv.x, xv.z, 0x7632);
-                const uint32_t b10 = __byte_perm(xv.y, xv.w, 0x5410), b11 = __byte_perm(xv.y, xv.w, 0x7632);
+                const uint32_t b00 = C::XREG ? xv.x : __byte_perm(xv.x, xv.z, 0x5410);
+                const uint32_t b01 = C::XREG ? xv.y : __byte_perm(xv.x, xv.z, 0x7632);
+                const uint32_t b10 = C::XREG ? xv.z : __byte_perm(xv.y, xv.w, 0x5410);
+                const uint32_t b11 = C::XREG ? xv.w : __byte_perm(xv.y, xv.w, 0x7632);
 #pragma unroll
                 for (int c = 0; c < CN; ++c)
 #pragma unroll
@@ -488,11 +530,17 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         }
     };
     const bool stage_group = !C::ACT && (1 << min(p.gshift, 30)) >= BK;
+    uint4 x_last = make_uint4(0u, 0u, 0u, 0u); /* XREG: the x chunk loaded in the last iteration */
     for (int it = 0; it < nkt; ++it) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         {
             const int nx = it + STAGES - 1;
+            if constexpr (C::XREG) {
+                /* (storing two iterations after the load instead measured the same) */
+                if (it > 0 && nx - 1 < nkt) x_store((nx - 1) % STAGES, x_last);
+                if (nx < nkt) x_last = x_load(kt_begin + nx);
+            }
             if (nx < nkt) {
                 const int kt = kt_begin + nx;
                 if (LEAN && (kt + 1) * KW <= p.K8) load_lean(nx % STAGES, kt);
