@@ -119,7 +119,6 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     constexpr int BN = C::BN, BM = C::BM, BK = C::BK, STAGES = C::STAGES, KW = C::KW;
     constexpr int CN = C::CN, MT = C::MT, NSUB = C::NSUB, NG = C::NG;
     constexpr bool FAST = T::FAST && !C::ACT; /* fp16 lo/hi nibble trick (one shift per word) */
-    static_assert((T::NEGMAG & 15u) == 0, "a zero point is added into NEGMAG's low bits");
     extern __shared__ __align__(16) unsigned char smem[];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -443,8 +442,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
                         for (int j = 0; j < 4; ++j) {
                             const uint32_t z = zero_of((zz >> (4 * j)) & 15u, p.zmode);
-                            /* -(magic + z) in both halves, one multiply-add (NEGMAG's low bits are 0) */
-                            nzlo[c][j] = z * 0x10001u + T::NEGMAG * 0x10001u;
+                            nzlo[c][j] = (T::NEGMAG | z) * 0x10001u;
                             if constexpr (FAST) nzhi[c][j] = (0xD400u + (z << 4)) * 0x10001u; /* -(64 + z) */
                             const uint32_t sh = (j & 1) ? ((j < 2 ? s4.x : s4.y) >> 16) : ((j < 2 ? s4.x : s4.y) & 0xFFFFu);
                             if constexpr (C::FACT) sf[c][j] = T::to_f((uint16_t)sh);
