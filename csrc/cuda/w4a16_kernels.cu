@@ -24,7 +24,8 @@
  *    ((w >> 4i) & 0x000F000F) | 0x64006400 is the half2 (1024 + q_i, 1024 + q_{i+4}) (bf16: 0x4300,
  *    128 + q); fp16 also takes pairs (1,5) and (3,7) unshifted as 1024 + 16 q and scales by 1/16 in
  *    the same fma. The activations are permuted to match with 4 byte-permutes of a 16-byte load
- *    (x0,x4) (x1,x5) (x2,x6) (x3,x7).
+ *    (x0,x4) (x1,x5) (x2,x6) (x3,x7): by every warp after its fragment load, or (XREG, the lean
+ *    small-batch tiles) once per chunk, by the thread that brings it into shared memory.
  *
  *  - Columns: a 16-byte load of qweight gives 4 consecutive columns of one k-word. They become the
  *    rows g and g+8 of two n16 mma tiles, so a warp covers 32 columns per 16-byte load, and each
