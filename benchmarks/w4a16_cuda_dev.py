@@ -25,6 +25,15 @@ import torch
 from timing import time_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WS = []
+
+
+def ws():
+    """(pointer, bytes) of a 64 MB workspace for tops_cuda_w4a16_linear (the small-batch tiles'
+    split-K partials; enough for every shape here)"""
+    if not _WS:
+        _WS.append(torch.empty(64 << 20, dtype=torch.uint8, device="cuda"))
+    return ctypes.c_void_p(_WS[0].data_ptr()), _WS[0].numel()
 TOPS_F32, TOPS_F16, TOPS_BF16 = 0, 1, 2
 ZV1, ZV2 = 1, 2
 DT = {torch.float32: TOPS_F32, torch.float16: TOPS_F16, torch.bfloat16: TOPS_BF16}
@@ -171,7 +180,7 @@ def make_args(c, out, x=None, qweight=None, perm=None):
 
 
 def call(a):
-    st = LIB.tops_cuda_w4a16_linear(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+    st = LIB.tops_cuda_w4a16_linear(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
     return st
 
 
@@ -269,7 +278,7 @@ def correctness(quick):
         c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
         perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
         out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
-        ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
+        ws = torch.empty(M * K * 2 + 256 + 32 * M * N, dtype=torch.uint8, device="cuda")
         st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), ctypes.c_void_p(ws.data_ptr()),
                                         ws.numel(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
         torch.cuda.synchronize()
@@ -398,7 +407,7 @@ def bench_case(M, K, N, dt=torch.float16, act=False, force=(-1, 0), cublas=True)
 
     def ours():
         i[0] += 1
-        fnc(ctypes.byref(args[i[0] % ncopy]), None, 0, stream)
+        fnc(ctypes.byref(args[i[0] % ncopy]), *ws(), stream)
 
     LIB.tops_cuda_w4a16_dev_force(force[0], force[1])
     st = call(args[0])
@@ -474,7 +483,7 @@ def perm_sweep(small=False):
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
             out = torch.empty(M, N, dtype=torch.float16, device="cuda")
             perm = torch.randperm(K).to(torch.int32).cuda()
-            ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
+            ws = torch.empty(M * K * 2 + 256 + 32 * M * N, dtype=torch.uint8, device="cuda")
             res = []
             for mode in (None, 1, 2, 3):
                 args = [make_args(c, out, qweight=q, perm=None if mode is None else perm) for q in qws]
@@ -502,7 +511,7 @@ def act_sweep():
             for force in [(-1, 0)] + ([(0 if M <= 8 else 1, s) for s in (1, 2, 3, 4, 6)] if M <= 16 else []):
                 args = [make_args(c, out, qweight=q) for q in qws]
                 LIB.tops_cuda_w4a16_dev_force(*force)
-                t = time_graph([lambda a=a: fnc(ctypes.byref(a), None, 0,
+                t = time_graph([lambda a=a: fnc(ctypes.byref(a), *ws(),
                                                 ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
                                 for a in args])
                 res.append(f"{'auto' if force[0] < 0 else '%d/%d' % force} {last_cfg()} {t:.1f}")
@@ -518,7 +527,7 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shap
     fnc = LIB.tops_cuda_w4a16_linear
 
     def launcher(a):
-        return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        return lambda: fnc(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
 
     for K, N in shapes:
         for M in ((mid_ms or MID_MS) if mid else (1, 4, 16)):
@@ -552,7 +561,7 @@ def policy_sweep():
     fnc = LIB.tops_cuda_w4a16_linear
 
     def launcher(a):
-        return lambda: fnc(ctypes.byref(a), None, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        return lambda: fnc(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
 
     for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672)]:
         for M in (1, 4, 16, 64):
@@ -611,6 +620,8 @@ def main():
     ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")
     ap.add_argument("--policy-sweep", action="store_true", help="only the cluster scheduling policy sweep")
     ap.add_argument("--act-sweep", action="store_true", help="only the raw g_idx timing")
+    ap.add_argument("--global-split", type=int, default=1, choices=[0, 1],
+                    help="the small-batch tiles split K through the workspace (1, the default) or clusters (0)")
     ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -627,6 +638,9 @@ def main():
     LIB.tops_cuda_w4a16_dev_force.argtypes = [ctypes.c_int, ctypes.c_int]
     LIB.tops_cuda_w4a16_dev_last.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     LIB.tops_cuda_w4a16_dev_pdl.argtypes = [ctypes.c_int]
+    if hasattr(LIB, "tops_cuda_w4a16_dev_global_split"):  # (libraries built before it: no such hook)
+        LIB.tops_cuda_w4a16_dev_global_split.argtypes = [ctypes.c_int]
+        LIB.tops_cuda_w4a16_dev_global_split(args.global_split)
     LIB.tops_cuda_w4a16_dev_gather.argtypes = [ctypes.c_int]
     LIB.tops_cuda_w4a16_dev_cluster_policy.argtypes = [ctypes.c_int]
     p = torch.cuda.get_device_properties(0)

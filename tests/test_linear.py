@@ -513,3 +513,44 @@ def test_cpu_bf16_blocked_path(M, group_size, zeros):
     finally:
         _C.cpu_isa_set(-1)
     assert rel_err(out, out_avx2.double()) < TOL[torch.bfloat16]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N", [(1, 8192, 4096), (5, 4096, 1000), (16, 8192, 2056), (16, 1024, 264)])
+def test_cuda_split_k_through_workspace(dtype, M, K, N):
+    """Small batches on Hopper split K over up to 8 blocks per tile that reduce through the
+    workspace, counted on a lock per tile that every launch leaves at zero: repeated launches,
+    both ways of reducing (workspace, cluster), the same bits for the same input, a CUDA graph
+    captured on a stream of its own (whose locks are allocated during the capture) replayed with
+    new inputs, and launches alternating between two streams"""
+    t = make_weights(K, N, 128, zeros="v2", device="cuda", scales_dtype=dtype)
+    xs = [torch.randn(M, K, device="cuda", dtype=dtype) for _ in range(3)]
+    expected = [reference(x, t) for x in xs]
+    for on in (1, 0):
+        _C.cuda_w4a16_global_split(on)
+        try:
+            for _ in range(2):
+                for x, e in zip(xs, expected):
+                    assert rel_err(torch_ops.w4a16_linear(x, **t), e) < TOL[dtype]
+        finally:
+            _C.cuda_w4a16_global_split(1)
+    assert torch.equal(torch_ops.w4a16_linear(xs[0], **t), torch_ops.w4a16_linear(xs[0], **t))
+    x_in = xs[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+        out = torch_ops.w4a16_linear(x_in, **t)
+    for x, e in zip(xs, expected):
+        x_in.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, e) < TOL[dtype]
+    streams = (torch.cuda.Stream(), torch.cuda.Stream())
+    torch.cuda.synchronize()
+    outs = []
+    for i in range(6):
+        with torch.cuda.stream(streams[i % 2]):
+            outs.append(torch_ops.w4a16_linear(xs[i % 3], **t))
+    torch.cuda.synchronize()
+    for i, o in enumerate(outs):
+        assert rel_err(o, expected[i % 3]) < TOL[dtype]

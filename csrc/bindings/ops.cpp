@@ -738,6 +738,7 @@ TORCH_LIBRARY_IMPL(torch_ops, CUDA, m) { TOPS_IMPLS(m); }
 // development hook of csrc/cuda/w4a16_dense.cu (not in tops_cuda.h)
 extern "C" void tops_cuda_w4a16_dev_dense(int mode);
 extern "C" void tops_cuda_w4a16_dev_dense_scratch(int64_t bytes);
+extern "C" void tops_cuda_w4a16_dev_global_split(int on);
 #endif
 
 PYBIND11_MODULE(_C, m) {
@@ -753,6 +754,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("cuda_w4a16_dense_scratch", &tops_cuda_w4a16_dev_dense_scratch,
           "CUDA w4a16_linear's dense route: bound on a dequantised column chunk in bytes (<= 0: the "
           "default, 64 MiB); for benchmarks");
+    m.def("cuda_w4a16_global_split", &tops_cuda_w4a16_dev_global_split,
+          "CUDA w4a16_linear, M <= 16 on sm_90: split K through the workspace (1, the default) or "
+          "through thread-block clusters only (0); for tests and benchmarks");
 #else
     m.attr("with_cuda") = false;
 #endif

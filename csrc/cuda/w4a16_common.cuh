@@ -115,6 +115,11 @@ struct LinParams {
     const int32_t *gidx;
     const uint16_t *bias;
     uint16_t *out;
+    /* split-K through global memory (the small-batch tiles, see global_reduce_store): fp32
+     * partials [split][M][N] and one lock per tile; null: through the cluster */
+    float *part;
+    int32_t *locks;
+    int64_t part_floats; /* room in part */
     int M, K, N, K8, G, gsize, gshift, zmode;
     int m_tiles, n_tiles, KT, kt_per_split;
 };
@@ -271,6 +276,56 @@ __device__ __forceinline__ void push_reduce_store(const LinParams &p, const floa
 }
 #endif
 
+/* Split-K through global memory, without a cluster: every block stores its fp32 partial (the
+ * tile's rows and columns that exist) to part[split], then counts itself on the tile's lock; the
+ * last to arrive sums the nsplit partials in rank order (the same result whatever the arrival
+ * order), stores, and puts the lock back to 0 for the next launch. Clusters pack their blocks
+ * two to an SM where two fit, which left SMs idle (H200, 8192 x 8192 M = 16: split 4 23.8 us
+ * through clusters, 14.9 without any reduction) and capped the split at 6. out4(f) calls
+ * f(local row, local column, float4) for each of the thread's outputs. Returns whether this
+ * block stored the tile. */
+template <class T, int BM, int BN, class Out4>
+__device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, int n0, int split, int nsplit,
+                                                    int tid, Out4 out4) {
+    const int64_t slice = (int64_t)p.M * p.N;
+    float *mine = p.part + split * slice;
+    out4([&](int ml, int lc, float4 v) {
+        if (m0 + ml < p.M && n0 + lc < p.N)
+            __stcg(reinterpret_cast<float4 *>(mine + (int64_t)(m0 + ml) * p.N + n0 + lc), v);
+    });
+    __threadfence(); /* each thread's partial is visible before the block is counted */
+    __syncthreads();
+    int last = 0;
+    if (tid == 0) last = atomicAdd(p.locks + blockIdx.x, 1) == nsplit - 1;
+    if (!__syncthreads_or(last)) return;
+    __threadfence();
+    /* the tile's float4 that exist, R per thread at a time with all their loads in flight first
+     * (one round trip to L2 per R, not one per float4) */
+    constexpr int R = BM * (BN / 4) >= 512 ? 2 : 1;
+    const int live4 = min(BM, p.M - m0) * (BN / 4);
+    for (int i0 = tid; i0 < live4; i0 += R * 256) {
+        float4 r[R][8];
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            const int idx = i0 + j * 256;
+            const int m = m0 + idx / (BN / 4), col = n0 + 4 * (idx % (BN / 4));
+            if (idx < live4 && col < p.N) {
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+                    if (q < nsplit)
+                        r[j][q] = __ldcg(reinterpret_cast<const float4 *>(p.part + q * slice + (int64_t)m * p.N + col));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            const int idx = i0 + j * 256;
+            const int m = m0 + idx / (BN / 4), col = n0 + 4 * (idx % (BN / 4));
+            if (idx < live4 && col < p.N) sum_store4<T>(p, m, col, r[j], 1, nsplit);
+        }
+    }
+    if (tid == 0) p.locks[blockIdx.x] = 0;
+}
+
 /* ---- host side -------------------------------------------------------------------------------- */
 
 /* development overrides (benchmarks/w4a16_cuda_dev.py): force a tile config / K split */
@@ -381,23 +436,34 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di, int th
  * pipe: shared memory of the pipeline; out: of the fp32 partial tile (split > 1); tab: extra.
  * Returns -1 when even one block does not fit (the caller falls back). */
 constexpr double kFill = 4.0;
+/* split-K through global memory (p.locks): the reduction's extra cost over the cluster's, in
+ * k-tiles (H200, M <= 16: split 8 through the workspace against 6 through clusters was equal at
+ * 4096 x 4096 M = 1 and 0.4 us slower at M = 16 (4 against 6 k-tiles per block), 0-1.1 us faster at
+ * 8192 x 8192 (8 against 11), 1.5-6.4 us faster at 14336 / 28672 x 4096 (14 / 28 against 19 /
+ * 38), and 0.5-1.3 us slower at the same split 2 (8192 x 28672)) */
+constexpr double kGlobalReduce = 3.0;
 
 /* the split of the model above, or 0 when the kernel's shared memory cannot be granted */
 template <class Kern>
 inline int choose_split(Kern kern, const LinParams &p, int64_t tiles, size_t pipe, size_t out, size_t tab,
-                        bool streaming = false) {
+                        bool streaming = false, double *best_cost = nullptr) {
     const DevInfo di = dev_info();
     const size_t smem_max = std::max(pipe, out) + tab;
     if (!allow_dyn_smem((const void *)kern, std::min(smem_max, (size_t)di.optin_smem), di)) return 0;
-    if (di.major < 9) return 1; /* split-K reduces through a cluster */
-    if (g_force_split > 0) return std::min(g_force_split, 8);
+    const bool global = p.locks != nullptr; /* (else split-K reduces through a cluster: sm_90+) */
+    if (di.major < 9 && !global) return 1;
+    /* global: at most as many partials as part holds */
+    const int64_t room = global ? std::max<int64_t>(1, p.part_floats / ((int64_t)p.M * p.N)) : 8;
+    if (g_force_split > 0) return (int)std::min<int64_t>(std::min(g_force_split, 8), room);
     int split = 1;
     double best = 1e300;
-    const int smax = std::min(streaming ? 6 : 8, std::max(1, p.KT / 2));
+    /* clusters of 7 or 8 ran slower than 6 (streaming); without clusters 8 is measured best */
+    const int smax = (int)std::min<int64_t>(std::min(streaming && !global ? 6 : 8, std::max(1, p.KT / 2)), room);
     for (int s = 1; s <= smax; ++s) {
         const size_t smem = (s > 1 ? std::max(pipe, out) : pipe) + tab;
         if (smem > (size_t)di.optin_smem) continue;
-        const int occ = resident(kern, smem, s, di);
+        /* global: blocks that fit at once, in units of s (one "cluster" is s blocks) */
+        const int occ = global ? resident(kern, smem, 1, di) / s : resident(kern, smem, s, di);
         if (occ <= 0) continue;
         const double waves = (double)((tiles + occ - 1) / occ);
         const double blocks = (double)std::min<int64_t>(tiles, occ) * s;
@@ -407,12 +473,13 @@ inline int choose_split(Kern kern, const LinParams &p, int64_t tiles, size_t pip
          * cheaper split 8 ways, and measured 1.3x slower than unsplit */
         const double cost =
             waves * ((double)((p.KT + s - 1) / s) + kFill) * (streaming ? 1.0 : per_sm / std::sqrt(per_sm)) +
-            (s > 1 ? 0.5 : 0.0);
+            (s > 1 ? (global ? kGlobalReduce : 0.5) : 0.0);
         if (cost < best - 1e-9) {
             best = cost;
             split = s;
         }
     }
+    if (best_cost != nullptr) *best_cost = best;
     return split;
 }
 
@@ -465,7 +532,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     cfg.stream = static_cast<cudaStream_t>(stream);
     cudaLaunchAttribute attr[3];
     unsigned na = 0;
-    if (split > 1) {
+    if (split > 1 && p.locks == nullptr) {
         attr[na].id = cudaLaunchAttributeClusterDimension;
         attr[na].val.clusterDim.x = 1;
         attr[na].val.clusterDim.y = (unsigned)split;

@@ -135,7 +135,9 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     const int kt_end = min(p.KT, kt_begin + p.kt_per_split);
     const int nkt = max(0, kt_end - kt_begin);
 
-    const int pipe_bytes = nsplit == 1 ? C::PIPE_BYTES
+    /* global: split-K through the workspace (the PUSH tiles only, see pick_reduction) */
+    const bool global = C::PUSH && p.locks != nullptr;
+    const int pipe_bytes = nsplit == 1 || global ? C::PIPE_BYTES
                            : C::PUSH ? C::PUSH_BYTES
                                      : (C::OUT_BYTES > C::PIPE_BYTES ? C::OUT_BYTES : C::PIPE_BYTES);
     uint32_t *tab = reinterpret_cast<uint32_t *>(smem + pipe_bytes); /* ACT only: [G][BN] */
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     constexpr int TOT4 = BM * (BN / 4); /* float4 of a partial tile */
     const int live4 = min(BM, p.M - m0) * (BN / 4);
     const uint32_t push_bar = smem_base + C::PIPE_BYTES + C::RECV_BYTES;
-    if (C::PUSH && nsplit > 1) {
+    if (C::PUSH && nsplit > 1 && !global) {
         if (tid == 0) push_barrier_init(push_bar, (uint32_t)(nsplit * ((live4 - split + nsplit - 1) / nsplit) * 16));
         cluster_arrive_relaxed();
     }
@@ -577,6 +579,12 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         });
         return;
     }
+    if constexpr (C::PUSH) {
+        if (global) {
+            global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, for_each_out4);
+            return;
+        }
+    }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if constexpr (C::PUSH) {
         cluster_wait(); /* every block's receive barrier is initialised */
@@ -846,12 +854,37 @@ int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
 
 /* ---- host side ------------------------------------------------------------------------------ */
 
+/* the small-batch tiles (PUSH) offered the workspace (p.locks): its K split through the workspace
+ * or through a cluster, whichever the split model prefers; split: the K split of that choice (0
+ * where launch_split is to choose it) */
+template <class C, class T>
+LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
+    split = 0;
+    if (p.locks == nullptr || g_force_split > 0) return p;
+    LinParams c = p;
+    c.locks = nullptr;
+    c.part = nullptr;
+    if (!C::PUSH) return c;
+    double cost_g = 0.0, cost_c = 0.0;
+    const int sg = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, 0, true, &cost_g);
+    const int sc = choose_split(w4a16_tc_kernel<C, T>, c, tiles, C::PIPE_BYTES, C::PUSH_BYTES, 0, true, &cost_c);
+    if (sg > 0 && (sc <= 0 || cost_g < cost_c)) {
+        split = sg;
+        return p;
+    }
+    split = sc;
+    return c;
+}
+
 /* split: as launch_split's */
 template <class C, class T>
 int launch_tc(const LinParams &base, void *stream, int split = 0) {
     int64_t tiles;
-    const LinParams p = tiled<C>(base, tiles);
-    return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES,
+    LinParams p = tiled<C>(base, tiles);
+    if (split == 0) p = pick_reduction<C, T>(p, tiles, split);
+    /* (split-K through global memory needs no receive area or partial tile in shared memory) */
+    const size_t out = p.locks != nullptr ? (size_t)C::PIPE_BYTES : C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES;
+    return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, out,
                         C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32, split);
 }
 
@@ -874,11 +907,15 @@ int launch_tc_a(const LinParams &base, void *stream) {
         return launch_tc<C, T>(base, stream);
     } else {
         int64_t tiles;
-        const LinParams p = tiled<C>(base, tiles);
-        const int split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PUSH_BYTES, 0, true);
+        int split = 0;
+        LinParams p = tiled<C>(base, tiles);
+        p = pick_reduction<C, T>(p, tiles, split);
+        if (split == 0)
+            split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES,
+                                 p.locks != nullptr ? C::PIPE_BYTES : C::PUSH_BYTES, 0, true);
         if (split <= 0) return TOPS_ERR_CUDA;
-        if (tiles * split > dev_info().sms) return launch_tc<CfgA<ACT, true>, T>(base, stream, split);
-        return launch_tc<C, T>(base, stream, split);
+        if (tiles * split > dev_info().sms) return launch_tc<CfgA<ACT, true>, T>(p, stream, split);
+        return launch_tc<C, T>(p, stream, split);
     }
 }
 
@@ -965,6 +1002,58 @@ int launch_generic(const tops_w4a16_args *a, int zmode, void *stream) {
 
 bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
 
+/* ---- split-K through global memory (the small-batch tiles on sm_90) ----
+ * Partials go to the caller's workspace, after the gathered x: [split][M][N] fp32, room for the
+ * largest split that can run in one wave (two blocks per SM). The locks (one per tile) must be
+ * zero when a launch starts; every launch leaves them zero, so they live outside the workspace:
+ * one buffer per device and stream (launches on one stream run in order, and PDL launches reach
+ * their locks only after waiting for the previous kernel), zeroed once. */
+constexpr int kLocks = 16384;       /* tiles per launch at most */
+constexpr int kGlobalSplitMax = 8;
+static int g_global_split = 1; /* dev hook: 0 = through clusters only */
+static bool global_split_on(int64_t M, const DevInfo &di) { return g_global_split && M <= 16 && di.major == 9; }
+static int64_t global_split_room(int64_t N, const DevInfo &di) {
+    const int64_t tiles = (N + 255) / 256;
+    return std::max<int64_t>(1, std::min<int64_t>(kGlobalSplitMax, 2 * di.sms / tiles));
+}
+static size_t align256(size_t b) { return (b + 255) & ~(size_t)255; }
+static size_t gather_bytes(const tops_w4a16_args *a) {
+    if (a->perm == nullptr || a->M <= 0 || a->K <= 0) return 0;
+    return (size_t)a->M * (size_t)a->K * (a->x_dtype == TOPS_F32 ? 4 : 2);
+}
+/* the locks of the current device and `stream`: allocated on first use, also during a stream
+ * capture (the allocation is no stream operation: the thread's capture mode is relaxed for it) */
+static int32_t *split_locks(void *stream) {
+    struct E {
+        int dev;
+        void *stream;
+        int32_t *p;
+    };
+    static E tab[64];
+    static int n = 0;
+    static std::mutex mu;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < n; ++i)
+        if (tab[i].dev == dev && tab[i].stream == stream) return tab[i].p;
+    if (n == 64) return nullptr;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) return nullptr;
+    int32_t *ptr = nullptr;
+    cudaStream_t z = nullptr;
+    const size_t bytes = (size_t)kLocks * sizeof(int32_t);
+    bool ok = cudaMalloc(&ptr, bytes) == cudaSuccess && cudaStreamCreateWithFlags(&z, cudaStreamNonBlocking) == cudaSuccess &&
+              cudaMemsetAsync(ptr, 0, bytes, z) == cudaSuccess && cudaStreamSynchronize(z) == cudaSuccess;
+    if (z != nullptr) cudaStreamDestroy(z);
+    if (!ok && ptr != nullptr) cudaFree(ptr);
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    (void)cudaGetLastError();
+    if (!ok) return nullptr;
+    tab[n++] = E{dev, stream, ptr};
+    return ptr;
+}
+
 } // namespace tops_w4
 
 using namespace tops_w4;
@@ -979,6 +1068,8 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
 }
 /* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
+/* the small-batch tiles' split-K through the workspace (1, the default) or clusters only (0) */
+void tops_cuda_w4a16_dev_global_split(int on) { g_global_split = on; }
 /* programmatic dependent launch on (1, the default) or off (0) */
 void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
 /* cluster scheduling policy of split-K launches: 0 default, 1 spread, 2 load balancing */
@@ -990,9 +1081,13 @@ void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
 }
 
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
-    /* split-K reduces through cluster shared memory: scratch only for the gathered x */
-    if (a == nullptr || a->perm == nullptr || a->M <= 0 || a->K <= 0) return 0;
-    return (size_t)a->M * (size_t)a->K * (a->x_dtype == TOPS_F32 ? 4 : 2);
+    /* the gathered x (perm), then the small-batch tiles' split-K partials */
+    if (a == nullptr || a->M <= 0 || a->K <= 0 || a->N <= 0) return 0;
+    const size_t gx = gather_bytes(a);
+    const DevInfo di = dev_info();
+    if (a->x_dtype == TOPS_F32 || !global_split_on(a->M, di)) return gx;
+    const int64_t room = global_split_room(a->N, di);
+    return room < 2 ? gx : align256(gx) + (size_t)room * (size_t)a->M * (size_t)a->N * sizeof(float);
 }
 
 int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) {
@@ -1009,7 +1104,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     const tops_w4a16_args *a = a_in;
     if (a_in->perm != nullptr && a_in->M > 0) {
         /* x[:, perm] into the workspace, then the plain product on it */
-        if (workspace == nullptr || workspace_bytes < tops_cuda_w4a16_workspace_bytes(a_in)) return TOPS_ERR_ARG;
+        if (workspace == nullptr || workspace_bytes < gather_bytes(a_in)) return TOPS_ERR_ARG;
         const int st = tops_cuda_w4a16_gather_x(a_in, workspace, stream);
         if (st != TOPS_OK) return st;
         gathered = *a_in;
@@ -1059,6 +1154,9 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.sc = static_cast<const uint16_t *>(a->scales);
         p.qz = a->qzeros;
         p.gidx = a->g_idx;
+        p.part = nullptr;
+        p.locks = nullptr;
+        p.part_floats = 0;
         p.bias = static_cast<const uint16_t *>(a->bias);
         p.out = static_cast<uint16_t *>(a->out);
         p.M = (int)M;
@@ -1072,6 +1170,18 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.m_tiles = p.n_tiles = p.KT = p.kt_per_split = 0;
         int cfg = choose_cfg(M, N, di.sms);
         const bool bf16 = a->x_dtype == TOPS_BF16;
+        /* the small-batch tiles split K through the workspace where it has room (else through
+         * a cluster) */
+        const size_t part_at = a_in->perm != nullptr ? align256(gather_bytes(a_in)) : 0;
+        if ((cfg == 0 || cfg == 1) && global_split_on(M, di) && workspace != nullptr &&
+            workspace_bytes >= part_at + 2 * (size_t)M * (size_t)N * sizeof(float) &&
+            aligned(static_cast<char *>(workspace) + part_at, 16) && ((M + 7) / 8) * ((N + 255) / 256) <= kLocks) {
+            p.locks = split_locks(stream);
+            if (p.locks != nullptr) {
+                p.part = reinterpret_cast<float *>(static_cast<char *>(workspace) + part_at);
+                p.part_floats = (int64_t)((workspace_bytes - part_at) / sizeof(float));
+            }
+        }
         int st = -1;
         g_last_cfg = cfg;
         if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);
