@@ -1003,7 +1003,7 @@ int launch_generic(const tops_w4a16_args *a, int zmode, void *stream) {
 bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
 
 /* ---- split-K through global memory (the small-batch tiles on sm_90) ----
- * Partials go to the caller's workspace, after the gathered x: [split][M][N] fp32, room for the
+ * Partials go to the caller's workspace (no perm: nothing else there): [split][M][N] fp32, room for the
  * largest split that can run in one wave (two blocks per SM). The locks (one per tile) must be
  * zero when a launch starts; every launch leaves them zero, so they live outside the workspace:
  * one buffer per device and stream (launches on one stream run in order, and PDL launches reach
@@ -1011,12 +1011,16 @@ bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
 constexpr int kLocks = 16384;       /* tiles per launch at most */
 constexpr int kGlobalSplitMax = 8;
 static int g_global_split = 1; /* dev hook: 0 = through clusters only */
-static bool global_split_on(int64_t M, const DevInfo &di) { return g_global_split && M <= 16 && di.major == 9; }
+/* Not behind a perm gather: with it, bench_linear (H200) measured prepacked act-order at
+ * 14336 x 4096 M = 1 20.1 us against 16.0 through clusters, 8192 x 8192 M = 16 21.4 against 19.7
+ * (M = 4 / 16 at 14336 x 4096 were 1-2 us faster); not understood, one run */
+static bool global_split_on(const tops_w4a16_args *a, const DevInfo &di) {
+    return g_global_split && a->perm == nullptr && a->M <= 16 && a->x_dtype != TOPS_F32 && di.major == 9;
+}
 static int64_t global_split_room(int64_t N, const DevInfo &di) {
     const int64_t tiles = (N + 255) / 256;
     return std::max<int64_t>(1, std::min<int64_t>(kGlobalSplitMax, 2 * di.sms / tiles));
 }
-static size_t align256(size_t b) { return (b + 255) & ~(size_t)255; }
 static size_t gather_bytes(const tops_w4a16_args *a) {
     if (a->perm == nullptr || a->M <= 0 || a->K <= 0) return 0;
     return (size_t)a->M * (size_t)a->K * (a->x_dtype == TOPS_F32 ? 4 : 2);
@@ -1081,13 +1085,13 @@ void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
 }
 
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
-    /* the gathered x (perm), then the small-batch tiles' split-K partials */
+    /* the gathered x (perm), or the small-batch tiles' split-K partials */
     if (a == nullptr || a->M <= 0 || a->K <= 0 || a->N <= 0) return 0;
     const size_t gx = gather_bytes(a);
     const DevInfo di = dev_info();
-    if (a->x_dtype == TOPS_F32 || !global_split_on(a->M, di)) return gx;
+    if (!global_split_on(a, di)) return gx;
     const int64_t room = global_split_room(a->N, di);
-    return room < 2 ? gx : align256(gx) + (size_t)room * (size_t)a->M * (size_t)a->N * sizeof(float);
+    return room < 2 ? gx : (size_t)room * (size_t)a->M * (size_t)a->N * sizeof(float);
 }
 
 int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) {
@@ -1172,14 +1176,13 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         const bool bf16 = a->x_dtype == TOPS_BF16;
         /* the small-batch tiles split K through the workspace where it has room (else through
          * a cluster) */
-        const size_t part_at = a_in->perm != nullptr ? align256(gather_bytes(a_in)) : 0;
-        if ((cfg == 0 || cfg == 1) && global_split_on(M, di) && workspace != nullptr &&
-            workspace_bytes >= part_at + 2 * (size_t)M * (size_t)N * sizeof(float) &&
-            aligned(static_cast<char *>(workspace) + part_at, 16) && ((M + 7) / 8) * ((N + 255) / 256) <= kLocks) {
+        if ((cfg == 0 || cfg == 1) && global_split_on(a_in, di) && workspace != nullptr &&
+            workspace_bytes >= 2 * (size_t)M * (size_t)N * sizeof(float) && aligned(workspace, 16) &&
+            ((M + 7) / 8) * ((N + 255) / 256) <= kLocks) {
             p.locks = split_locks(stream);
             if (p.locks != nullptr) {
-                p.part = reinterpret_cast<float *>(static_cast<char *>(workspace) + part_at);
-                p.part_floats = (int64_t)((workspace_bytes - part_at) / sizeof(float));
+                p.part = static_cast<float *>(workspace);
+                p.part_floats = (int64_t)(workspace_bytes / sizeof(float));
             }
         }
         int st = -1;
