@@ -282,8 +282,7 @@ __device__ __forceinline__ void push_reduce_store(const LinParams &p, const floa
  * order), stores, and puts the lock back to 0 for the next launch. Clusters pack their blocks
  * two to an SM where two fit, which left SMs idle (H200, 8192 x 8192 M = 16: split 4 23.8 us
  * through clusters, 14.9 without any reduction) and capped the split at 6. out4(f) calls
- * f(local row, local column, float4) for each of the thread's outputs. Returns whether this
- * block stored the tile. */
+ * f(local row, local column, float4) for each of the thread's outputs. */
 template <class T, int BM, int BN, class Out4>
 __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, int n0, int split, int nsplit,
                                                     int tid, Out4 out4) {
