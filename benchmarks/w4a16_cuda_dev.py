@@ -520,10 +520,10 @@ def act_sweep():
             del qws
 
 
-def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shapes=SWEEP_SHAPES):
+def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shapes=SWEEP_SHAPES, mid_cfgs=()):
     """configurations, forced, under CUDA-graph timing with rotating weights: the small-batch
-    ones (cfg x split), or with mid=True those of MID_CFGS for M = 32..256 or mid_ms (cfg x split
-    1, 2, 3, 4, 6, 8); fp16 or bf16 activations, the given K x N shapes"""
+    ones (cfg x split), or with mid=True those of MID_CFGS (or mid_cfgs) for M = 32..256 or mid_ms
+    (cfg x split 1, 2, 3, 4, 6, 8); fp16 or bf16 activations, the given K x N shapes"""
     fnc = LIB.tops_cuda_w4a16_linear
 
     def launcher(a):
@@ -544,7 +544,7 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shap
                 res.append((f"auto{'' if pdl else ' nopdl'} {last_cfg()}", t))
             LIB.tops_cuda_w4a16_dev_pdl(1)
             base = 0 if M <= 8 else 1
-            sweep = [(cfg, split) for cfg in MID_CFGS[M] for split in (1, 2, 3, 4, 6, 8)] if mid else \
+            sweep = [(cfg, split) for cfg in (mid_cfgs or MID_CFGS[M]) for split in (1, 2, 3, 4, 6, 8)] if mid else \
                 [(base, split) for split in (2, 3, 4, 6, 7, 8)]
             for cfg, split in ([] if auto_only else sweep):
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
@@ -616,6 +616,7 @@ def main():
     ap.add_argument("--shapes", default="", help="sweeps: K x N list (e.g. 4096x14336,8192x8192)")
     ap.add_argument("--dtype", default="f16", choices=["f16", "bf16"], help="sweeps: activation dtype")
     ap.add_argument("--mid-ms", default="", help="--sweep-mid: only these batch sizes (e.g. 64,128)")
+    ap.add_argument("--mid-cfgs", default="", help="--sweep-mid: only these configs (e.g. 2,10)")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
     ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")
     ap.add_argument("--policy-sweep", action="store_true", help="only the cluster scheduling policy sweep")
@@ -660,7 +661,8 @@ def main():
             graph_sweep(auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes)
         if args.sweep_mid:
             graph_sweep(mid=True, auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes,
-                        mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m))
+                        mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m),
+                        mid_cfgs=tuple(int(c) for c in args.mid_cfgs.split(",") if c))
     if args.sweep or args.sweep_mid or args.perm_sweep or args.perm_small or args.policy_sweep or args.act_sweep:
         return 0
     self_test_reference()

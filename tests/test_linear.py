@@ -516,10 +516,27 @@ def test_cpu_bf16_blocked_path(M, group_size, zeros):
 
 
 @needs_cuda
+@pytest.mark.parametrize("M", [1, 16, 32, 64])
+def test_cuda_split_k_workspace_taken(M):
+    """Long K over few column tiles is where splitting K pays most: on sm_90 every small-batch
+    tile (8, 16, 32 rows: mma.sync; 64 rows: wgmma) sends it through the workspace, so the test
+    above exercises that path; elsewhere it is never taken"""
+    dtype = torch.float16
+    t = make_weights(14336, 2048, 128, zeros="v2", device="cuda", scales_dtype=dtype)
+    x = torch.randn(M, 14336, device="cuda", dtype=dtype)
+    out = torch_ops.w4a16_linear(x, **t)
+    torch.cuda.synchronize()
+    taken = _C.cuda_w4a16_last_workspace()
+    assert rel_err(out, reference(x, t)) < TOL[dtype]
+    assert taken == (1 if torch.cuda.get_device_capability() == (9, 0) else 0)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M,K,N", [(1, 8192, 4096), (5, 4096, 1000), (16, 8192, 2056), (16, 1024, 264)])
+@pytest.mark.parametrize("M,K,N", [(1, 8192, 4096), (5, 4096, 1000), (16, 8192, 2056), (16, 1024, 264),
+                                   (24, 8192, 2056), (40, 4096, 1000), (64, 14336, 2048)])
 def test_cuda_split_k_through_workspace(dtype, M, K, N):
-    """Small batches on Hopper split K over up to 8 blocks per tile that reduce through the
+    """Batches up to 64 on Hopper split K over up to 8 blocks per tile that reduce through the
     workspace, counted on a lock per tile that every launch leaves at zero: repeated launches,
     both ways of reducing (workspace, cluster), the same bits for the same input, a CUDA graph
     captured on a stream of its own (whose locks are allocated during the capture) replayed with

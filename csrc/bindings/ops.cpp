@@ -739,6 +739,7 @@ TORCH_LIBRARY_IMPL(torch_ops, CUDA, m) { TOPS_IMPLS(m); }
 extern "C" void tops_cuda_w4a16_dev_dense(int mode);
 extern "C" void tops_cuda_w4a16_dev_dense_scratch(int64_t bytes);
 extern "C" void tops_cuda_w4a16_dev_global_split(int on);
+extern "C" int tops_cuda_w4a16_dev_last_workspace(void);
 #endif
 
 PYBIND11_MODULE(_C, m) {
@@ -755,8 +756,10 @@ PYBIND11_MODULE(_C, m) {
           "CUDA w4a16_linear's dense route: bound on a dequantised column chunk in bytes (<= 0: the "
           "default, 64 MiB); for benchmarks");
     m.def("cuda_w4a16_global_split", &tops_cuda_w4a16_dev_global_split,
-          "CUDA w4a16_linear, M <= 16 on sm_90: split K through the workspace (1, the default) or "
-          "through thread-block clusters only (0); for tests and benchmarks");
+          "CUDA w4a16_linear, M <= 64 on sm_90: split K through the workspace where it pays (1, the "
+          "default) or through thread-block clusters only (0); for tests and benchmarks");
+    m.def("cuda_w4a16_last_workspace", &tops_cuda_w4a16_dev_last_workspace,
+          "CUDA w4a16_linear: 1 when the last call split K through the workspace; for tests");
 #else
     m.attr("with_cuda") = false;
 #endif

@@ -115,7 +115,7 @@ struct LinParams {
     const int32_t *gidx;
     const uint16_t *bias;
     uint16_t *out;
-    /* split-K through global memory (the small-batch tiles, see global_reduce_store): fp32
+    /* split-K through global memory (batches up to 64, see global_reduce_store): fp32
      * partials [split][M][N] and one lock per tile; null: through the cluster */
     float *part;
     int32_t *locks;
@@ -281,17 +281,14 @@ __device__ __forceinline__ void push_reduce_store(const LinParams &p, const floa
  * last to arrive sums the nsplit partials in rank order (the same result whatever the arrival
  * order), stores, and puts the lock back to 0 for the next launch. Clusters pack their blocks
  * two to an SM where two fit, which left SMs idle (H200, 8192 x 8192 M = 16: split 4 23.8 us
- * through clusters, 14.9 without any reduction) and capped the split at 6. out4(f) calls
- * f(local row, local column, float4) for each of the thread's outputs. */
-template <class T, int BM, int BN, class Out4>
+ * through clusters, 14.9 without any reduction) and capped the split at 6.
+ * write(slice) stores the thread's outputs that exist to slice[m * N + col] (global rows and
+ * columns; __stcg: the partials are read once, from L2, by the last block). */
+template <class T, int BM, int BN, class Write>
 __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, int n0, int split, int nsplit,
-                                                    int tid, Out4 out4) {
+                                                    int tid, Write write) {
     const int64_t slice = (int64_t)p.M * p.N;
-    float *mine = p.part + split * slice;
-    out4([&](int ml, int lc, float4 v) {
-        if (m0 + ml < p.M && n0 + lc < p.N)
-            __stcg(reinterpret_cast<float4 *>(mine + (int64_t)(m0 + ml) * p.N + n0 + lc), v);
-    });
+    write(p.part + split * slice);
     __threadfence(); /* each thread's partial is visible before the block is counted */
     __syncthreads();
     int last = 0;
@@ -332,6 +329,7 @@ inline int g_force_cfg = -1;
 inline int g_force_split = 0;
 inline int g_last_cfg = -1; /* what the last call ran (reported to the benchmark) */
 inline int g_last_split = 0;
+inline bool g_last_workspace = false; /* the last call split K through the workspace */
 inline bool g_pdl = true; /* launch with programmatic dependent launch on sm_90+ */
 /* cluster scheduling policy preference of split-K launches (cudaClusterSchedulingPolicy: 0 the
  * default, 1 spread the blocks of a cluster over SMs, 2 load balancing) */
@@ -522,6 +520,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     if (split <= 0) return TOPS_ERR_CUDA;
     p.kt_per_split = (p.KT + split - 1) / split;
     g_last_split = split;
+    g_last_workspace = split > 1 && p.locks != nullptr;
     const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
     if (smem > (size_t)di.optin_smem) return -1;
     cudaLaunchConfig_t cfg = {};

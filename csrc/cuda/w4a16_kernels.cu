@@ -46,7 +46,9 @@
  *    (PUSH) send each part of their partial tile to the block that owns it (st.async, counted by
  *    the owner's mbarrier), so a block waits only for its own part and nobody for the readers.
  *    The split is chosen from the occupancy (clusters that can be resident) and the balance of
- *    blocks over the SMs.
+ *    blocks over the SMs. On sm_90 the tiles of up to 32 rows here and the 64-row wgmma tile may
+ *    split K through the caller's workspace instead (global_reduce_store), where clusters would
+ *    leave SMs idle.
  *
  *  - Act-order (g_idx, or a group size that is not a power of two >= 32): the block first builds a
  *    table (scale, -(magic + zero)) for every group and each of its columns in shared memory; each
@@ -94,6 +96,9 @@ struct Cfg {
     static constexpr bool PUSH = PUSH_;
     static constexpr int RECV_BYTES = PUSH ? OUT_BYTES + 8 * 16 : 0;
     static constexpr int PUSH_BYTES = PIPE_BYTES + RECV_BYTES + 16; /* + the mbarrier */
+    /* GLOBAL: may split K through the caller's workspace instead (the tiles of up to 32 rows;
+     * the larger ones stand in for the wgmma tiles, and the code would cost them registers) */
+    static constexpr bool GLOBAL = BM_ <= 32;
     /* LEAN (small-batch tiles, plain groups): interior stages load from running pointers, with
      * no bounds arithmetic (see the kernel) */
     static constexpr bool LEAN = LEAN_ && PUSH_ && !ACT_;
@@ -135,8 +140,8 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     const int kt_end = min(p.KT, kt_begin + p.kt_per_split);
     const int nkt = max(0, kt_end - kt_begin);
 
-    /* global: split-K through the workspace (the PUSH tiles only, see pick_reduction) */
-    const bool global = C::PUSH && p.locks != nullptr;
+    /* global: split-K through the workspace (the tiles of up to 32 rows, see pick_reduction) */
+    const bool global = C::GLOBAL && p.locks != nullptr;
     const int pipe_bytes = nsplit == 1 || global ? C::PIPE_BYTES
                            : C::PUSH ? C::PUSH_BYTES
                                      : (C::OUT_BYTES > C::PIPE_BYTES ? C::OUT_BYTES : C::PIPE_BYTES);
@@ -579,9 +584,14 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         });
         return;
     }
-    if constexpr (C::PUSH) {
+    if constexpr (C::GLOBAL) {
         if (global) {
-            global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, for_each_out4);
+            global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, [&](float *slice) {
+                for_each_out4([&](int ml, int lc, float4 v) {
+                    if (m0 + ml < p.M && n0 + lc < p.N)
+                        __stcg(reinterpret_cast<float4 *>(slice + (int64_t)(m0 + ml) * p.N + n0 + lc), v);
+                });
+            });
             return;
         }
     }
@@ -854,20 +864,25 @@ int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
 
 /* ---- host side ------------------------------------------------------------------------------ */
 
-/* the small-batch tiles (PUSH) offered the workspace (p.locks): its K split through the workspace
- * or through a cluster, whichever the split model prefers; split: the K split of that choice (0
- * where launch_split is to choose it) */
+/* a tile offered the workspace (p.locks): its K split through the workspace or through a
+ * cluster, whichever the split model prefers; split: the K split of that choice (0 where
+ * launch_split is to choose it). The 32-row tile (H200, CUDA graphs, M = 32, against clusters):
+ * 8192 x 8192 24.8 us (split 8) against 29.3 (6), 14336 x 4096 24.1 against 27.0, 28672 x 4096
+ * 41.5 against 50.5; 4096 x 4096 and 8192 x 28672 equal. */
 template <class C, class T>
 LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
     split = 0;
-    if (p.locks == nullptr || g_force_split > 0) return p;
     LinParams c = p;
     c.locks = nullptr;
     c.part = nullptr;
-    if (!C::PUSH) return c;
+    if (!C::GLOBAL) return c;
+    if (p.locks == nullptr || g_force_split > 0) return p;
+    const bool streaming = C::BM <= 32;
+    const size_t tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
     double cost_g = 0.0, cost_c = 0.0;
-    const int sg = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, 0, true, &cost_g);
-    const int sc = choose_split(w4a16_tc_kernel<C, T>, c, tiles, C::PIPE_BYTES, C::PUSH_BYTES, 0, true, &cost_c);
+    const int sg = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, tab, streaming, &cost_g);
+    const int sc = choose_split(w4a16_tc_kernel<C, T>, c, tiles, C::PIPE_BYTES, C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES,
+                                tab, streaming, &cost_c);
     if (sg > 0 && (sc <= 0 || cost_g < cost_c)) {
         split = sg;
         return p;
@@ -1002,7 +1017,7 @@ int launch_generic(const tops_w4a16_args *a, int zmode, void *stream) {
 
 bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
 
-/* ---- split-K through global memory (the small-batch tiles on sm_90) ----
+/* ---- split-K through global memory (batches up to 64 on sm_90) ----
  * Partials go to the caller's workspace (no perm: nothing else there): [split][M][N] fp32, room for the
  * largest split that can run in one wave (two blocks per SM). The locks (one per tile) must be
  * zero when a launch starts; every launch leaves them zero, so they live outside the workspace:
@@ -1015,10 +1030,12 @@ static int g_global_split = 1; /* dev hook: 0 = through clusters only */
  * 14336 x 4096 M = 1 20.1 us against 16.0 through clusters, 8192 x 8192 M = 16 21.4 against 19.7
  * (M = 4 / 16 at 14336 x 4096 were 1-2 us faster); not understood, one run */
 static bool global_split_on(const tops_w4a16_args *a, const DevInfo &di) {
-    return g_global_split && a->perm == nullptr && a->M <= 16 && a->x_dtype != TOPS_F32 && di.major == 9;
+    return g_global_split && a->perm == nullptr && a->M <= 64 && a->x_dtype != TOPS_F32 && di.major == 9;
 }
-static int64_t global_split_room(int64_t N, const DevInfo &di) {
-    const int64_t tiles = (N + 255) / 256;
+/* partials the workspace holds: as many as blocks fit in one wave, two per SM, over the tiles of
+ * the batch's configuration (one row of tiles: 256 columns up to M = 32, 128 above) */
+static int64_t global_split_room(int64_t M, int64_t N, const DevInfo &di) {
+    const int64_t tiles = M > 32 ? (N + 127) / 128 : (N + 255) / 256;
     return std::max<int64_t>(1, std::min<int64_t>(kGlobalSplitMax, 2 * di.sms / tiles));
 }
 static size_t gather_bytes(const tops_w4a16_args *a) {
@@ -1072,8 +1089,11 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
 }
 /* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
-/* the small-batch tiles' split-K through the workspace (1, the default) or clusters only (0) */
+/* split-K through the workspace where it pays (1, the default; M <= 64 on sm_90) or through
+ * clusters only (0) */
 void tops_cuda_w4a16_dev_global_split(int on) { g_global_split = on; }
+/* 1 when the last call split K through the workspace (else through clusters, or not at all) */
+int tops_cuda_w4a16_dev_last_workspace(void) { return g_last_workspace ? 1 : 0; }
 /* programmatic dependent launch on (1, the default) or off (0) */
 void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
 /* cluster scheduling policy of split-K launches: 0 default, 1 spread, 2 load balancing */
@@ -1085,12 +1105,12 @@ void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
 }
 
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
-    /* the gathered x (perm), or the small-batch tiles' split-K partials */
+    /* the gathered x (perm), or the split-K partials of batches up to 64 */
     if (a == nullptr || a->M <= 0 || a->K <= 0 || a->N <= 0) return 0;
     const size_t gx = gather_bytes(a);
     const DevInfo di = dev_info();
     if (!global_split_on(a, di)) return gx;
-    const int64_t room = global_split_room(a->N, di);
+    const int64_t room = global_split_room(a->M, a->N, di);
     return room < 2 ? gx : (size_t)room * (size_t)a->M * (size_t)a->N * sizeof(float);
 }
 
@@ -1138,6 +1158,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
 
     g_last_cfg = -1;
     g_last_split = 0;
+    g_last_workspace = false;
     if (a->x_dtype == TOPS_F32) return launch_generic<float>(a, zmode, stream);
 
     const DevInfo di = dev_info();
@@ -1174,9 +1195,9 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.m_tiles = p.n_tiles = p.KT = p.kt_per_split = 0;
         int cfg = choose_cfg(M, N, di.sms);
         const bool bf16 = a->x_dtype == TOPS_BF16;
-        /* the small-batch tiles split K through the workspace where it has room (else through
-         * a cluster) */
-        if ((cfg == 0 || cfg == 1) && global_split_on(a_in, di) && workspace != nullptr &&
+        /* the tiles of up to 64 rows may split K through the workspace where it has room (else
+         * through a cluster) */
+        if ((cfg <= 2 || cfg == 10) && global_split_on(a_in, di) && workspace != nullptr &&
             workspace_bytes >= 2 * (size_t)M * (size_t)N * sizeof(float) && aligned(workspace, 16) &&
             ((M + 7) / 8) * ((N + 255) / 256) <= kLocks) {
             p.locks = split_locks(stream);

@@ -50,6 +50,8 @@ struct WCfg {
     static constexpr int STAGE_BYTES = (STAGE_RAW + 1023) / 1024 * 1024; /* swizzle atoms: 1 KB */
     static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
     static constexpr int OUT_BYTES = BM * BN * 4;
+    /* may split K through the caller's workspace (the 64-row tile, which serves small batches) */
+    static constexpr bool GLOBAL = BM_ == 64;
     static_assert(BM % 64 == 0 && BM <= 256, "BM");
     static_assert(STAGES >= (OVL ? 3 : 2), "stages");
     static_assert((KW * BN / 4) % 256 == 0 && NG * (BN / 8) <= 256, "copy split");
@@ -185,7 +187,8 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
     const int kt_begin = split * p.kt_per_split;
     const int kt_end = min(p.KT, kt_begin + p.kt_per_split);
     const int nkt = max(0, kt_end - kt_begin);
-    const int pipe_bytes = (nsplit > 1 && C::OUT_BYTES > C::PIPE_BYTES) ? C::OUT_BYTES : C::PIPE_BYTES;
+    const int pipe_bytes =
+        (nsplit > 1 && !(C::GLOBAL && p.locks != nullptr) && C::OUT_BYTES > C::PIPE_BYTES) ? C::OUT_BYTES : C::PIPE_BYTES;
     uint32_t *tab = reinterpret_cast<uint32_t *>(smem + pipe_bytes); /* ACT: [G][BN] (s, -(magic+z)) */
     const int N8 = p.N >> 3;
     /* local column of A row g of column tile nt; row g + 8 is the next column */
@@ -535,6 +538,24 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         }
         return;
     }
+    if constexpr (C::GLOBAL) {
+        if (p.locks != nullptr) { /* split-K through the workspace (see launch_wg) */
+            global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, [&](float *slice) {
+#pragma unroll
+                for (int nt = 0; nt < WNT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int m = m0 + 8 * i + 2 * t + e, col = n0 + rcol(nt);
+                            if (m < p.M && col < p.N)
+                                __stcg(reinterpret_cast<float2 *>(slice + (int64_t)m * p.N + col),
+                                       make_float2(acc[nt][4 * i + e], acc[nt][4 * i + 2 + e]));
+                        }
+            });
+            return;
+        }
+    }
     cp_async_wait<0>();
     __syncthreads();
     float *sO = reinterpret_cast<float *>(smem); /* [BM][BN] */
@@ -569,9 +590,22 @@ int launch_wg(const LinParams &base, void *stream, bool fill = false) {
     static const bool built = holds_sm90a(kern);
     if (!built) return -1;
     int64_t tiles;
-    const LinParams p = tiled<C>(base, tiles);
-    return launch_split(kern, p, tiles, (size_t)C::PIPE_BYTES + 1024, (size_t)C::OUT_BYTES + 1024,
-                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, false, fill ? fill_split(p.KT, tiles) : 0);
+    LinParams p = tiled<C>(base, tiles);
+    if (!C::GLOBAL) {
+        p.locks = nullptr;
+        p.part = nullptr;
+    }
+    const size_t pipe = (size_t)C::PIPE_BYTES + 1024, tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
+    int split = fill ? fill_split(p.KT, tiles) : 0;
+    if (p.locks != nullptr) {
+        /* split-K through the workspace (offered for the 64-row tile), split by the general
+         * model: H200, CUDA graphs, M = 64, against clusters split by fill_split: 8192 x 8192
+         * 28.7 us (split 4) against 30.3 (2), 14336 x 4096 26.6 (8) against 29.1 (6), 28672 x 4096
+         * 48.4 against 53.4, 4096 x 4096 12.9 against 13.5; no partial tile in shared memory */
+        if (g_force_split == 0) split = choose_split(kern, p, tiles, pipe, pipe, tab, false);
+        return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, split);
+    }
+    return launch_split(kern, p, tiles, pipe, (size_t)C::OUT_BYTES + 1024, tab, stream, false, split);
 }
 
 template <class T, bool ACT>
