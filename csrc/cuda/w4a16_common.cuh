@@ -289,12 +289,19 @@ __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, 
                                                     int tid, Write write) {
     const int64_t slice = (int64_t)p.M * p.N;
     write(p.part + split * slice);
-    __threadfence(); /* each thread's partial is visible before the block is counted */
+    /* the block's partial is ordered before its count by the barrier and the count's release
+     * (cumulative at gpu scope); the last block's acquire, then its barrier, order the other
+     * partials before its loads. One fence-and-atomic by one thread instead of a fence by every
+     * thread, an atomic and another fence: H200, M <= 16 at split 8, 0.2-0.7 us faster (8192 x
+     * 8192 M = 1 13.3 us against 13.8, 28672 x 4096 22.4 against 23.1) */
     __syncthreads();
     int last = 0;
-    if (tid == 0) last = atomicAdd(p.locks + blockIdx.x, 1) == nsplit - 1;
+    if (tid == 0) {
+        int old;
+        asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;\n" : "=r"(old) : "l"(p.locks + blockIdx.x) : "memory");
+        last = old == nsplit - 1;
+    }
     if (!__syncthreads_or(last)) return;
-    __threadfence();
     /* the tile's float4 that exist, R per thread at a time with all their loads in flight first
      * (one round trip to L2 per R, not one per float4) */
     constexpr int R = BM * (BN / 4) >= 512 ? 2 : 1;

@@ -1195,9 +1195,9 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.m_tiles = p.n_tiles = p.KT = p.kt_per_split = 0;
         int cfg = choose_cfg(M, N, di.sms);
         const bool bf16 = a->x_dtype == TOPS_BF16;
-        /* the tiles of up to 64 rows may split K through the workspace where it has room (else
-         * through a cluster) */
-        if ((cfg <= 2 || cfg == 10) && global_split_on(a_in, di) && workspace != nullptr &&
+        /* the tiles of up to 64 rows (Cfg / WCfg GLOBAL) may split K through the workspace where
+         * it has room (else through a cluster); the others ignore it */
+        if (global_split_on(a_in, di) && workspace != nullptr &&
             workspace_bytes >= 2 * (size_t)M * (size_t)N * sizeof(float) && aligned(workspace, 16) &&
             ((M + 7) / 8) * ((N + 255) / 256) <= kLocks) {
             p.locks = split_locks(stream);
