@@ -538,20 +538,24 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         }
         return;
     }
+    /* split-K: f(local row, local column, the fp32 partials of that column and the next) for each
+     * of the thread's accumulator pairs */
+    auto for_each_out2 = [&](auto f) {
+#pragma unroll
+        for (int nt = 0; nt < WNT; ++nt)
+#pragma unroll
+            for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    f(8 * i + 2 * t + e, rcol(nt), make_float2(acc[nt][4 * i + e], acc[nt][4 * i + 2 + e]));
+    };
     if constexpr (C::GLOBAL) {
-        if (p.locks != nullptr) { /* split-K through the workspace (see launch_wg) */
+        if (p.locks != nullptr) { /* through the workspace (see launch_wg) */
             global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, [&](float *slice) {
-#pragma unroll
-                for (int nt = 0; nt < WNT; ++nt)
-#pragma unroll
-                    for (int i = 0; i < BM / 8; ++i)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int m = m0 + 8 * i + 2 * t + e, col = n0 + rcol(nt);
-                            if (m < p.M && col < p.N)
-                                __stcg(reinterpret_cast<float2 *>(slice + (int64_t)m * p.N + col),
-                                       make_float2(acc[nt][4 * i + e], acc[nt][4 * i + 2 + e]));
-                        }
+                for_each_out2([&](int ml, int lc, float2 v) {
+                    if (m0 + ml < p.M && n0 + lc < p.N)
+                        __stcg(reinterpret_cast<float2 *>(slice + (int64_t)(m0 + ml) * p.N + n0 + lc), v);
+                });
             });
             return;
         }
@@ -559,15 +563,7 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
     cp_async_wait<0>();
     __syncthreads();
     float *sO = reinterpret_cast<float *>(smem); /* [BM][BN] */
-#pragma unroll
-    for (int nt = 0; nt < WNT; ++nt)
-#pragma unroll
-        for (int i = 0; i < BM / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int ml = 8 * i + 2 * t + e;
-                *reinterpret_cast<float2 *>(sO + ml * BN + rcol(nt)) = make_float2(acc[nt][4 * i + e], acc[nt][4 * i + 2 + e]);
-            }
+    for_each_out2([&](int ml, int lc, float2 v) { *reinterpret_cast<float2 *>(sO + ml * BN + lc) = v; });
     cluster_reduce_store<T, BM, BN>(p, sO, m0, n0, split, nsplit, tid);
 #else
     (void)p;
