@@ -587,20 +587,20 @@ int launch_wg(const LinParams &base, void *stream, bool fill = false) {
     if (!built) return -1;
     int64_t tiles;
     LinParams p = tiled<C>(base, tiles);
-    if (!C::GLOBAL) {
-        p.locks = nullptr;
-        p.part = nullptr;
-    }
     const size_t pipe = (size_t)C::PIPE_BYTES + 1024, tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
     int split = fill ? fill_split(p.KT, tiles) : 0;
-    if (p.locks != nullptr) {
+    if (C::GLOBAL && p.locks != nullptr) {
         /* split-K through the workspace (offered for the 64-row tile), split by the general
-         * model: H200, CUDA graphs, M = 64, against clusters split by fill_split: 8192 x 8192
-         * 28.7 us (split 4) against 30.3 (2), 14336 x 4096 26.6 (8) against 29.1 (6), 28672 x 4096
-         * 48.4 against 53.4, 4096 x 4096 12.9 against 13.5; no partial tile in shared memory */
-        if (g_force_split == 0) split = choose_split(kern, p, tiles, pipe, pipe, tab, false);
-        return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, split);
+         * model, where that splits more than clusters would: H200, CUDA graphs, M = 64, against
+         * clusters split by fill_split: 8192 x 8192 28.7 us (split 4) against 30.3 (2), 14336 x
+         * 4096 26.6 (8) against 29.1 (6), 28672 x 4096 48.4 against 53.4, 4096 x 4096 12.9
+         * against 13.5; at the same split 2 (4096 x 14336) 27.3-27.4 against 25.0. No partial
+         * tile in shared memory. */
+        const int sg = choose_split(kern, p, tiles, pipe, pipe, tab, false); /* (a forced split: that) */
+        if (g_force_split > 0 || sg > split) return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, sg);
     }
+    p.locks = nullptr;
+    p.part = nullptr;
     return launch_split(kern, p, tiles, pipe, (size_t)C::OUT_BYTES + 1024, tab, stream, false, split);
 }
 
