@@ -120,6 +120,7 @@ struct LinParams {
     float *part;
     int32_t *locks;
     int64_t part_floats; /* room in part */
+    int reduce_after;    /* part: summed by reduce_partials_kernel after the GEMM, not by its last block */
     int M, K, N, K8, G, gsize, gshift, zmode;
     int m_tiles, n_tiles, KT, kt_per_split;
 };
@@ -289,6 +290,7 @@ __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, 
                                                     int tid, Write write) {
     const int64_t slice = (int64_t)p.M * p.N;
     write(p.part + split * slice);
+    if (p.reduce_after) return;
     /* the block's partial is ordered before its count by the barrier and the count's release
      * (cumulative at gpu scope); the last block's acquire, then its barrier, order the other
      * partials before its loads. One fence-and-atomic by one thread instead of a fence by every
@@ -513,10 +515,16 @@ inline LinParams tiled(const LinParams &base, int64_t &tiles) {
     return p;
 }
 
-/* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both) */
+/* the sum of the workspace partials of a launch split `split` ways (p.reduce_after), launched
+ * after it (w4a16_kernels.cu) */
+template <class T> int launch_reduce(const LinParams &p, int split, void *stream);
+using ReduceFn = int (*)(const LinParams &, int, void *);
+
+/* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both); reduce: the
+ * launch_reduce of the activation type (p.reduce_after) */
 template <class Kern>
 inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
-                        bool streaming = false, int split = 0) {
+                        bool streaming = false, int split = 0, ReduceFn reduce = nullptr) {
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     if (split <= 0 || g_force_split > 0 || di.major < 9) {
@@ -558,7 +566,9 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     cfg.attrs = attr;
     cfg.numAttrs = na;
     if (cudaLaunchKernelEx(&cfg, kern, p) != cudaSuccess) return TOPS_ERR_CUDA;
-    return cudaGetLastError() == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
+    if (cudaGetLastError() != cudaSuccess) return TOPS_ERR_CUDA;
+    if (split > 1 && p.locks != nullptr && p.reduce_after) return reduce ? reduce(p, split, stream) : TOPS_ERR_CUDA;
+    return TOPS_OK;
 }
 
 /* tile raster: groups of 8 m-tiles walk the n-tiles together, so blocks running at the same time
