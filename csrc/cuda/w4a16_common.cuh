@@ -284,7 +284,8 @@ __device__ __forceinline__ void push_reduce_store(const LinParams &p, const floa
  * two to an SM where two fit, which left SMs idle (H200, 8192 x 8192 M = 16: split 4 23.8 us
  * through clusters, 14.9 without any reduction) and capped the split at 6.
  * write(slice) stores the thread's outputs that exist to slice[m * N + col] (global rows and
- * columns; __stcg: the partials are read once, from L2, by the last block). */
+ * columns; __stcg: the partials are read once, from L2, by the last block). With p.reduce_after
+ * the block only stores its partial: reduce_partials_kernel sums them after the GEMM. */
 template <class T, int BM, int BN, class Write>
 __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, int n0, int split, int nsplit,
                                                     int tid, Write write) {

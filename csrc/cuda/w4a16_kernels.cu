@@ -48,7 +48,8 @@
  *    The split is chosen from the occupancy (clusters that can be resident) and the balance of
  *    blocks over the SMs. On sm_90 the tiles of up to 32 rows here and the 64-row wgmma tile may
  *    split K through the caller's workspace instead (global_reduce_store), where clusters would
- *    leave SMs idle.
+ *    leave SMs idle: the last block of each 8- or 16-row tile sums its partials, a kernel after
+ *    the GEMM (reduce_partials_kernel) those of the larger tiles.
  *
  *  - Act-order (g_idx, or a group size that is not a power of two >= 32): the block first builds a
  *    table (scale, -(magic + zero)) for every group and each of its columns in shared memory; each
