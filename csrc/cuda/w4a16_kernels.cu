@@ -851,15 +851,22 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg)
     return e == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
 }
 
-int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
+/* a launch of `threads`-thread blocks on `stream`, after the previous kernel by programmatic
+ * dependent launch where that is on (sm_90+); attr: its one attribute */
+static cudaLaunchConfig_t pdl_launch(cudaLaunchAttribute *attr, unsigned threads, void *stream) {
     cudaLaunchConfig_t cfg = {};
-    cfg.blockDim = dim3(256, 1, 1);
+    cfg.blockDim = dim3(threads, 1, 1);
     cfg.stream = static_cast<cudaStream_t>(stream);
-    cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = (g_pdl && dev_info().major >= 9) ? 1 : 0;
+    return cfg;
+}
+
+int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
+    cudaLaunchAttribute attr[1];
+    cudaLaunchConfig_t cfg = pdl_launch(attr, 256, stream);
     return a->x_dtype == TOPS_F32 ? launch_gather_t<float>(a, dst, cfg) : launch_gather_t<uint16_t>(a, dst, cfg);
 }
 
@@ -884,16 +891,9 @@ __global__ void __launch_bounds__(128) reduce_partials_kernel(const LinParams p,
 
 template <class T> int launch_reduce(const LinParams &p, int split, void *stream) {
     const int64_t n4 = (int64_t)p.M * (p.N >> 2);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)((n4 + 127) / 128), 1, 1);
-    cfg.blockDim = dim3(128, 1, 1);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = static_cast<cudaStream_t>(stream);
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = (g_pdl && dev_info().major >= 9) ? 1 : 0;
+    cudaLaunchConfig_t cfg = pdl_launch(attr, 128, stream);
+    cfg.gridDim = dim3((unsigned)((n4 + 127) / 128), 1, 1);
     if (cudaLaunchKernelEx(&cfg, reduce_partials_kernel<T>, p, split) != cudaSuccess) return TOPS_ERR_CUDA;
     return cudaGetLastError() == cudaSuccess ? TOPS_OK : TOPS_ERR_CUDA;
 }
