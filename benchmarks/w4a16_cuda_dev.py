@@ -463,8 +463,6 @@ def benchmarks(quick):
 
 
 MID_CFGS = {32: (2, 10), 64: (3, 10, 11, 14), 128: (4, 11, 14), 256: (5, 11, 14, 16), 1024: (14, 16)}
-REDUCE_KERNEL = 1  # --reduce-kernel
-REDUCE_AB = False  # --reduce-ab: the automatic choice with the partials summed by the GEMM's last blocks, then by a kernel after
 MID_MS = (32, 64, 128, 256)  # --sweep-mid without --mid-ms
 SWEEP_SHAPES = ((4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672))  # K x N
 
@@ -542,13 +540,8 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shap
             for pdl in ((1,) if auto_only else (1, 0)):
                 LIB.tops_cuda_w4a16_dev_pdl(pdl)
                 LIB.tops_cuda_w4a16_dev_force(-1, 0)
-                for rk in ((0, 1, 0, 1) if REDUCE_AB else (None,)):
-                    if rk is not None:
-                        LIB.tops_cuda_w4a16_dev_reduce_kernel(rk)
-                    t = time_graph([launcher(a) for a in args])
-                    res.append((f"auto{'' if pdl else ' nopdl'}{'' if rk is None else ' rk%d' % rk} {last_cfg()}", t))
-                if REDUCE_AB:
-                    LIB.tops_cuda_w4a16_dev_reduce_kernel(REDUCE_KERNEL)
+                t = time_graph([launcher(a) for a in args])
+                res.append((f"auto{'' if pdl else ' nopdl'} {last_cfg()}", t))
             LIB.tops_cuda_w4a16_dev_pdl(1)
             base = 0 if M <= 8 else 1
             sweep = [(cfg, split) for cfg in (mid_cfgs or MID_CFGS.get(M, ())) for split in (1, 2, 3, 4, 6, 8)] if mid else \
@@ -609,7 +602,7 @@ def profile_cases(spec):
 
 
 def main():
-    global LIB, LOGF, REDUCE_AB, REDUCE_KERNEL
+    global LIB, LOGF
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", default=os.path.join(ROOT, ".devbuild", "libw4.so"))
     ap.add_argument("--quick", action="store_true")
@@ -630,10 +623,6 @@ def main():
     ap.add_argument("--act-sweep", action="store_true", help="only the raw g_idx timing")
     ap.add_argument("--global-split", type=int, default=1, choices=[0, 1],
                     help="the small-batch tiles split K through the workspace (1, the default) or clusters (0)")
-    ap.add_argument("--reduce-ab", action="store_true", help="sweeps: A/B of tops_cuda_w4a16_dev_reduce_kernel 0 / 1")
-    ap.add_argument("--reduce-kernel", type=int, default=1, choices=[0, 1],
-                    help="the 32- and 64-row tiles' workspace partials summed by a kernel after (1, the default) "
-                         "or by the tiles' last blocks (0)")
     ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -653,10 +642,6 @@ def main():
     if hasattr(LIB, "tops_cuda_w4a16_dev_global_split"):  # (libraries built before it: no such hook)
         LIB.tops_cuda_w4a16_dev_global_split.argtypes = [ctypes.c_int]
         LIB.tops_cuda_w4a16_dev_global_split(args.global_split)
-    if hasattr(LIB, "tops_cuda_w4a16_dev_reduce_kernel"):
-        LIB.tops_cuda_w4a16_dev_reduce_kernel.argtypes = [ctypes.c_int]
-        LIB.tops_cuda_w4a16_dev_reduce_kernel(args.reduce_kernel)
-    REDUCE_AB, REDUCE_KERNEL = args.reduce_ab, args.reduce_kernel
     LIB.tops_cuda_w4a16_dev_gather.argtypes = [ctypes.c_int]
     LIB.tops_cuda_w4a16_dev_cluster_policy.argtypes = [ctypes.c_int]
     p = torch.cuda.get_device_properties(0)

@@ -740,7 +740,6 @@ extern "C" void tops_cuda_w4a16_dev_dense(int mode);
 extern "C" void tops_cuda_w4a16_dev_dense_scratch(int64_t bytes);
 extern "C" void tops_cuda_w4a16_dev_global_split(int on);
 extern "C" int tops_cuda_w4a16_dev_last_workspace(void);
-extern "C" void tops_cuda_w4a16_dev_reduce_kernel(int on);
 #endif
 
 PYBIND11_MODULE(_C, m) {
@@ -761,9 +760,6 @@ PYBIND11_MODULE(_C, m) {
           "default) or through thread-block clusters only (0); for tests and benchmarks");
     m.def("cuda_w4a16_last_workspace", &tops_cuda_w4a16_dev_last_workspace,
           "CUDA w4a16_linear: 1 when the last call split K through the workspace; for tests");
-    m.def("cuda_w4a16_reduce_kernel", &tops_cuda_w4a16_dev_reduce_kernel,
-          "CUDA w4a16_linear, the 32- and 64-row tiles split through the workspace: partials summed "
-          "by a kernel after the GEMM (1, the default) or by each tile's last block (0); for tests");
 #else
     m.attr("with_cuda") = false;
 #endif

@@ -120,7 +120,6 @@ struct LinParams {
     float *part;
     int32_t *locks;
     int64_t part_floats; /* room in part */
-    int reduce_after;    /* part: summed by reduce_partials_kernel after the GEMM, not by its last block */
     int M, K, N, K8, G, gsize, gshift, zmode;
     int m_tiles, n_tiles, KT, kt_per_split;
 };
@@ -277,6 +276,14 @@ __device__ __forceinline__ void push_reduce_store(const LinParams &p, const floa
 }
 #endif
 
+/* Split K through the workspace, tiles of BM rows: whether a kernel after the GEMM sums the
+ * partials (reduce_partials_kernel, over every SM) or the last block of each tile does. H200,
+ * CUDA graphs, last block / kernel after: M = 32 14336 x 4096 25.2 / 22.4 us, 28672 x 4096
+ * 43.3 / 40.4; M = 64 4096 x 4096 12.8 / 10.7. The 8- and 16-row tiles keep the last block: the
+ * kernel after's waiting blocks hold registers the next layer's blocks would take while this one
+ * drains (M = 16, 28672 x 4096: 39.7 us against 28.1). */
+__host__ __device__ constexpr bool reduce_after(int BM) { return BM >= 32; }
+
 /* Split-K through global memory, without a cluster: every block stores its fp32 partial (the
  * tile's rows and columns that exist) to part[split], then counts itself on the tile's lock; the
  * last to arrive sums the nsplit partials in rank order (the same result whatever the arrival
@@ -284,14 +291,16 @@ __device__ __forceinline__ void push_reduce_store(const LinParams &p, const floa
  * two to an SM where two fit, which left SMs idle (H200, 8192 x 8192 M = 16: split 4 23.8 us
  * through clusters, 14.9 without any reduction) and capped the split at 6.
  * write(slice) stores the thread's outputs that exist to slice[m * N + col] (global rows and
- * columns; __stcg: the partials are read once, from L2, by the last block). With p.reduce_after
- * the block only stores its partial: reduce_partials_kernel sums them after the GEMM. */
+ * columns; __stcg: the partials are read once, from L2, by the last block). Tiles of
+ * reduce_after(BM) rows only store their partial: reduce_partials_kernel sums them after the GEMM
+ * (a choice at compile time: a run-time one cost the 64-row wgmma tile's bf16 build 20 bytes of
+ * spills and ~6% at M = 64, H200). */
 template <class T, int BM, int BN, class Write>
 __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, int n0, int split, int nsplit,
                                                     int tid, Write write) {
     const int64_t slice = (int64_t)p.M * p.N;
     write(p.part + split * slice);
-    if (p.reduce_after) return;
+    if constexpr (reduce_after(BM)) return;
     /* the block's partial is ordered before its count by the barrier and the count's release
      * (cumulative at gpu scope); the last block's acquire, then its barrier, order the other
      * partials before its loads. One fence-and-atomic by one thread instead of a fence by every
@@ -516,13 +525,13 @@ inline LinParams tiled(const LinParams &base, int64_t &tiles) {
     return p;
 }
 
-/* the sum of the workspace partials of a launch split `split` ways (p.reduce_after), launched
- * after it (w4a16_kernels.cu) */
+/* the sum of the workspace partials of a launch split `split` ways, launched after it
+ * (w4a16_kernels.cu) */
 template <class T> int launch_reduce(const LinParams &p, int split, void *stream);
 using ReduceFn = int (*)(const LinParams &, int, void *);
 
-/* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both); reduce: the
- * launch_reduce of the activation type (p.reduce_after) */
+/* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both); reduce:
+ * launch_reduce of the activation type for tiles of reduce_after(BM) rows, else null */
 template <class Kern>
 inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
                         bool streaming = false, int split = 0, ReduceFn reduce = nullptr) {
@@ -568,7 +577,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     cfg.numAttrs = na;
     if (cudaLaunchKernelEx(&cfg, kern, p) != cudaSuccess) return TOPS_ERR_CUDA;
     if (cudaGetLastError() != cudaSuccess) return TOPS_ERR_CUDA;
-    if (split > 1 && p.locks != nullptr && p.reduce_after) return reduce ? reduce(p, split, stream) : TOPS_ERR_CUDA;
+    if (split > 1 && p.locks != nullptr && reduce != nullptr) return reduce(p, split, stream);
     return TOPS_OK;
 }
 

@@ -870,7 +870,7 @@ int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
     return a->x_dtype == TOPS_F32 ? launch_gather_t<float>(a, dst, cfg) : launch_gather_t<uint16_t>(a, dst, cfg);
 }
 
-/* ---- the workspace partials, summed after the GEMM (p.reduce_after) ----
+/* ---- the workspace partials, summed after the GEMM (tiles of reduce_after(BM) rows) ----
  * One thread per 4 outputs, all SMs: the GEMM's blocks only store their partials, where otherwise
  * the last block of each tile reads all of them on one SM. Launched with PDL: its blocks wait
  * for the GEMM's partials, and signal the next kernel at once (its weights stream meanwhile). */
@@ -934,15 +934,12 @@ template <class C, class T>
 int launch_tc(const LinParams &base, void *stream, int split = 0) {
     int64_t tiles;
     LinParams p = tiled<C>(base, tiles);
-    /* the 8- and 16-row tiles' partials are summed by each tile's last block: a kernel after
-     * (reduce_partials_kernel) holds registers the next layer's blocks would take while this
-     * one drains (H200, M = 16, 28672 x 4096: 39.7 us against 28.1) */
-    if constexpr (C::BM < 32) p.reduce_after = 0;
     if (split == 0) p = pick_reduction<C, T>(p, tiles, split);
     /* (split-K through global memory needs no receive area or partial tile in shared memory) */
     const size_t out = p.locks != nullptr ? (size_t)C::PIPE_BYTES : C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES;
     return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, out,
-                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32, split, launch_reduce<T>);
+                        C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32, split,
+                        reduce_after(C::BM) ? launch_reduce<T> : nullptr);
 }
 
 /* tile configurations, by batch size */
@@ -1068,7 +1065,6 @@ bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
 constexpr int kLocks = 16384;       /* tiles per launch at most */
 constexpr int kGlobalSplitMax = 8;
 static int g_global_split = 1; /* dev hook: 0 = through clusters only */
-static int g_reduce_kernel = 1; /* dev hook: 0 = the partials are always summed by the tiles' last blocks */
 /* Not behind a perm gather: with it, bench_linear (H200) measured prepacked act-order at
  * 14336 x 4096 M = 1 20.1 us against 16.0 through clusters, 8192 x 8192 M = 16 21.4 against 19.7
  * (M = 4 / 16 at 14336 x 4096 were 1-2 us faster); not understood, one run */
@@ -1135,8 +1131,6 @@ void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
 /* split-K through the workspace where it pays (1, the default; M <= 64 on sm_90) or through
  * clusters only (0) */
 void tops_cuda_w4a16_dev_global_split(int on) { g_global_split = on; }
-/* the workspace partials summed by the last block of each tile (0) or by a kernel after (1) */
-void tops_cuda_w4a16_dev_reduce_kernel(int on) { g_reduce_kernel = on != 0; }
 /* 1 when the last call split K through the workspace (else through clusters, or not at all) */
 int tops_cuda_w4a16_dev_last_workspace(void) { return g_last_workspace ? 1 : 0; }
 /* programmatic dependent launch on (1, the default) or off (0) */
@@ -1227,7 +1221,6 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.part = nullptr;
         p.locks = nullptr;
         p.part_floats = 0;
-        p.reduce_after = 0;
         p.bias = static_cast<const uint16_t *>(a->bias);
         p.out = static_cast<uint16_t *>(a->out);
         p.M = (int)M;
@@ -1250,7 +1243,6 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
             if (p.locks != nullptr) {
                 p.part = static_cast<float *>(workspace);
                 p.part_floats = (int64_t)(workspace_bytes / sizeof(float));
-                p.reduce_after = g_reduce_kernel;
             }
         }
         int st = -1;

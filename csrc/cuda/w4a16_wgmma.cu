@@ -597,7 +597,8 @@ int launch_wg(const LinParams &base, void *stream, bool fill = false) {
          * against 13.5; at the same split 2 (4096 x 14336) 27.3-27.4 against 25.0. No partial
          * tile in shared memory. */
         const int sg = choose_split(kern, p, tiles, pipe, pipe, tab, false); /* (a forced split: that) */
-        if (g_force_split > 0 || sg > split) return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, sg, launch_reduce<T>);
+        if (g_force_split > 0 || sg > split) return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, sg,
+                                                                reduce_after(C::BM) ? launch_reduce<T> : nullptr);
     }
     p.locks = nullptr;
     p.part = nullptr;
