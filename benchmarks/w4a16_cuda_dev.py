@@ -213,7 +213,7 @@ def desc(c, force=None):
     return s
 
 
-def correctness(quick):
+def correctness(quick, forced_cfgs=(0, 1, 2, 3, 4, 5, 10, 11, 14, 16)):
     fails = 0
     total = 0
     worst = {}
@@ -260,7 +260,7 @@ def correctness(quick):
 
     # every tile config and split, forced, on awkward shapes (the automatic choice covers few)
     t0 = total
-    for cfg in [0, 1, 2, 3, 4, 5, 10, 11, 14, 16]:
+    for cfg in forced_cfgs:
         for split in (1, 3, 8):
             for (M, K, N, gs, act, dt) in [(5, 4224, 4104, 128, False, torch.float16),
                                            (37, 2048, 1000, 64, True, torch.bfloat16),
@@ -616,6 +616,8 @@ def main():
     ap.add_argument("--shapes", default="", help="sweeps: K x N list (e.g. 4096x14336,8192x8192)")
     ap.add_argument("--dtype", default="f16", choices=["f16", "bf16"], help="sweeps: activation dtype")
     ap.add_argument("--mid-ms", default="", help="--sweep-mid: only these batch sizes (e.g. 64,128)")
+    ap.add_argument("--cfgs", default="", help="correctness: the configs run forced (default: every "
+                    "built-in one; a -DTOPS_DEV_CFGS library has more)")
     ap.add_argument("--mid-cfgs", default="", help="--sweep-mid: only these configs (e.g. 2,10)")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
     ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")
@@ -669,7 +671,7 @@ def main():
     fails = 0
     if not args.no_check:
         t = time.time()
-        fails = correctness(args.quick)
+        fails = correctness(args.quick, *([tuple(int(c) for c in args.cfgs.split(","))] if args.cfgs else []))
         log(f"correctness took {time.time() - t:.1f} s")
     if not args.no_bench:
         torch.cuda.empty_cache()
