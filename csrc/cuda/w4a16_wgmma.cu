@@ -13,9 +13,11 @@
  *    64 k are copied with cp.async into the canonical 128-byte-swizzled K-major layout.
  *  - 2 warpgroups x WNT x 64 columns per block, BM in {64, 128, 256} rows, KSUB x 64 k per stage;
  *    a cp.async pipeline of STAGES stages. Either each stage's wgmmas are waited for within the
- *    stage, or (OVL) the A fragments are double-buffered and waited for one stage later, so the
- *    dequantisation of stage s+1 overlaps the tensor cores' work on stage s (see the comments at
- *    the waits: register-A wgmmas and what the compiler may do to those registers).
+ *    stage (issued QB k16 steps at a time, so the tensor cores start on a stage's first steps
+ *    while the warpgroup dequantises its next ones), or (OVL) the A fragments are double-buffered
+ *    and waited for one stage later, so the dequantisation of stage s+1 overlaps the tensor cores'
+ *    work on stage s (see the comments at the waits: register-A wgmmas and what the compiler may
+ *    do to those registers).
  *  - Split-K across a cluster and the epilogue as in w4a16_kernels.cu.
  * Built for sm_90a only; other targets get an empty kernel, which the host detects (its register
  * count) and then uses the mma.sync kernels instead.
@@ -28,7 +30,7 @@ namespace tops_w4 {
 
 /* BM rows of x (the wgmma N), 2 warpgroups x WNT m64 column tiles = BN = 128 WNT columns,
  * KSUB 64-k sub-tiles per stage (BK = 64 KSUB) */
-template <int BM_, int WNT_, int KSUB_, int STAGES_, bool ACT_, bool OVL_ = false>
+template <int BM_, int WNT_, int KSUB_, int STAGES_, bool ACT_, bool OVL_ = false, int QB_ = 0>
 struct WCfg {
     /* OVL: A fragments double-buffered and each stage's wgmmas waited for one stage later
      * (wait_group 1), so a warpgroup dequantises stage s+1 while its stage-s wgmmas run; the
@@ -38,6 +40,11 @@ struct WCfg {
     static constexpr int AHEAD = OVL_ ? STAGES_ - 2 : STAGES_ - 1; /* stages in flight */
     static constexpr int BM = BM_, WNT = WNT_, KSUB = KSUB_, BN = 128 * WNT_, BK = 64 * KSUB_, KW = BK / 8;
     static constexpr int STAGES = STAGES_, NSTEP = 4 * KSUB_; /* k16 steps per stage */
+    /* QB: k16 steps per batch of wgmmas (0: the whole stage). Without OVL a stage's steps are
+     * dequantised and their wgmmas issued a batch at a time, so the tensor cores work on one batch
+     * while the warpgroup dequantises the next; all batches are waited for at the stage's end */
+    static constexpr int QB = QB_ ? QB_ : NSTEP;
+    static_assert(NSTEP % QB == 0 && (!OVL_ || QB == NSTEP), "QB");
     static constexpr bool ACT = ACT_;
     static constexpr int NG = ACT ? 0 : BK / 32;    /* scale rows per stage (group >= 32) */
     static constexpr int XSUB_BYTES = BM * 128;     /* one [BM][64] half tile, 128-byte swizzle */
@@ -397,55 +404,58 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         const unsigned char *st = smem + (it % STAGES) * C::STAGE_BYTES;
         const uint32_t *sW = reinterpret_cast<const uint32_t *>(st + C::X_BYTES);
 #pragma unroll
-        for (int j = 0; j < NSTEP; ++j) {
-            if constexpr (!C::ACT) {
-                const int gabs = (kt * BK + 16 * j) >> p.gshift;
-                if ((!PS || j == 0) && gabs != cur_g) {
-                    cur_g = gabs;
-                    load_group(st, gabs - ((kt * BK) >> p.gshift));
-                }
-            }
+        for (int j0 = 0; j0 < NSTEP; j0 += C::QB) {
 #pragma unroll
-            for (int nt = 0; nt < WNT; ++nt) {
-                const int r0 = rcol(nt);
-                const uint2 wa = *reinterpret_cast<const uint2 *>(sW + (2 * j) * BN + r0);
-                const uint2 wb = *reinterpret_cast<const uint2 *>(sW + (2 * j + 1) * BN + r0);
+            for (int j = j0; j < j0 + C::QB; ++j) {
                 if constexpr (!C::ACT) {
-                    A[B][nt][j][0] = deq(wa.x, nz[nt][0], sd[nt][0]);
-                    A[B][nt][j][1] = deq(wa.y, nz[nt][1], sd[nt][1]);
-                    A[B][nt][j][2] = deq(wb.x, nz[nt][0], sd[nt][0]);
-                    A[B][nt][j][3] = deq(wb.y, nz[nt][1], sd[nt][1]);
-                } else {
-                    (void)PS;
-                    const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::X_BYTES + C::W_BYTES);
-                    const int2 ga = *reinterpret_cast<const int2 *>(sG + 16 * j + 2 * t);
-                    const int2 gb = *reinterpret_cast<const int2 *>(sG + 16 * j + 8 + 2 * t);
-                    const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.x, r0));
-                    const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.y, r0));
-                    const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.x, r0));
-                    const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.y, r0));
-                    A[B][nt][j][0] = deq(wa.x, __byte_perm(ea0.x, ea1.x, 0x7632), __byte_perm(ea0.x, ea1.x, 0x5410));
-                    A[B][nt][j][1] = deq(wa.y, __byte_perm(ea0.y, ea1.y, 0x7632), __byte_perm(ea0.y, ea1.y, 0x5410));
-                    A[B][nt][j][2] = deq(wb.x, __byte_perm(eb0.x, eb1.x, 0x7632), __byte_perm(eb0.x, eb1.x, 0x5410));
-                    A[B][nt][j][3] = deq(wb.y, __byte_perm(eb0.y, eb1.y, 0x7632), __byte_perm(eb0.y, eb1.y, 0x5410));
+                    const int gabs = (kt * BK + 16 * j) >> p.gshift;
+                    if ((!PS || j == 0) && gabs != cur_g) {
+                        cur_g = gabs;
+                        load_group(st, gabs - ((kt * BK) >> p.gshift));
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < WNT; ++nt) {
+                    const int r0 = rcol(nt);
+                    const uint2 wa = *reinterpret_cast<const uint2 *>(sW + (2 * j) * BN + r0);
+                    const uint2 wb = *reinterpret_cast<const uint2 *>(sW + (2 * j + 1) * BN + r0);
+                    if constexpr (!C::ACT) {
+                        A[B][nt][j][0] = deq(wa.x, nz[nt][0], sd[nt][0]);
+                        A[B][nt][j][1] = deq(wa.y, nz[nt][1], sd[nt][1]);
+                        A[B][nt][j][2] = deq(wb.x, nz[nt][0], sd[nt][0]);
+                        A[B][nt][j][3] = deq(wb.y, nz[nt][1], sd[nt][1]);
+                    } else {
+                        (void)PS;
+                        const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::X_BYTES + C::W_BYTES);
+                        const int2 ga = *reinterpret_cast<const int2 *>(sG + 16 * j + 2 * t);
+                        const int2 gb = *reinterpret_cast<const int2 *>(sG + 16 * j + 8 + 2 * t);
+                        const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.x, r0));
+                        const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.y, r0));
+                        const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.x, r0));
+                        const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.y, r0));
+                        A[B][nt][j][0] = deq(wa.x, __byte_perm(ea0.x, ea1.x, 0x7632), __byte_perm(ea0.x, ea1.x, 0x5410));
+                        A[B][nt][j][1] = deq(wa.y, __byte_perm(ea0.y, ea1.y, 0x7632), __byte_perm(ea0.y, ea1.y, 0x5410));
+                        A[B][nt][j][2] = deq(wb.x, __byte_perm(eb0.x, eb1.x, 0x7632), __byte_perm(eb0.x, eb1.x, 0x5410));
+                        A[B][nt][j][3] = deq(wb.y, __byte_perm(eb0.y, eb1.y, 0x7632), __byte_perm(eb0.y, eb1.y, 0x5410));
+                    }
                 }
             }
+            wg_fence();
+            const uint64_t desc = desc_base + (uint64_t)(((it % STAGES) * C::STAGE_BYTES) >> 4);
+#pragma unroll
+            for (int j = j0; j < j0 + C::QB; ++j)
+#pragma unroll
+                for (int nt = 0; nt < WNT; ++nt)
+                    Wgmma<BM, T>::run(acc[nt], A[B][nt][j],
+                                      desc + (uint64_t)((j >> 2) * (C::XSUB_BYTES >> 4) + 2 * (j & 3)));
+            wg_commit(); /* (no register fences on acc here: ptxas serialises wgmmas whose accumulators
+                          * another instruction defines while they are in flight) */
         }
-        wg_fence();
-        const uint64_t desc = desc_base + (uint64_t)(((it % STAGES) * C::STAGE_BYTES) >> 4);
-#pragma unroll
-        for (int j = 0; j < NSTEP; ++j)
-#pragma unroll
-            for (int nt = 0; nt < WNT; ++nt)
-                Wgmma<BM, T>::run(acc[nt], A[B][nt][j],
-                                  desc + (uint64_t)((j >> 2) * (C::XSUB_BYTES >> 4) + 2 * (j & 3)));
-        wg_commit(); /* (no register fences on acc here: ptxas serialises wgmmas whose accumulators
-                      * another instruction defines while they are in flight) */
         /* The wgmmas read A from registers asynchronously, and the compiler, which does not know
          * that, may reuse (or recompute into) those registers once their last C++ use is issued.
-         * Without OVL: wait for this stage's wgmmas right here, so nothing written afterwards can
-         * be a register an in-flight wgmma still reads (the two warpgroups then overlap each
-         * other's dequantisation with their wgmmas only). With OVL: wait for the previous stage's
+         * Without OVL: wait for all of this stage's batches right here, with every batch's
+         * fragments kept alive up to the wait, so nothing written meanwhile (a later batch's
+         * dequantisation included) can be a register an in-flight wgmma still reads. With OVL: wait for the previous stage's
          * group and keep the other buffer alive up to that point. */
         if constexpr (C::OVL) {
             wg_wait<1>();
@@ -608,10 +618,18 @@ int launch_wg(const LinParams &base, void *stream, bool fill = false) {
 template <class T, bool ACT>
 int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     switch (cfg) { /* rows x columns, k per stage */
-    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT>, T>(p, stream, true);  /* 64 x 128, k 128 */
-    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT>, T>(p, stream);       /* 128 x 256, k 64 */
+    /* 10 and 11 issue a stage's wgmmas two k16 steps at a time (H200, CUDA graphs, M = 64, best
+     * split each: 4096 x 4096 10.1 us against 10.9 whole stages, 8192 x 8192 and 14336 x 4096
+     * equal; M = 128, cfg 11: 4-9% faster at 4096 x 4096, 8192 x 8192 and 14336 x 4096) */
+    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2>, T>(p, stream, true);  /* 64 x 128, k 128 */
+    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2>, T>(p, stream);       /* 128 x 256, k 64 */
     case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true>, T>(p, stream); /* 128 x 128, overlapped */
     case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 256 x 128, overlapped */
+#ifdef TOPS_DEV_CFGS
+    case 12: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 1>, T>(p, stream, true); /* cfg 10, one step a batch */
+    case 13: return launch_wg<WCfg<64, 1, 2, 4, ACT>, T>(p, stream, true);           /* cfg 10, whole stages */
+    case 15: return launch_wg<WCfg<128, 2, 1, 5, ACT>, T>(p, stream);                /* cfg 11, whole stages */
+#endif
     default: return -1;
     }
 }
