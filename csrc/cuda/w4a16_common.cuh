@@ -458,11 +458,16 @@ constexpr double kFill = 4.0;
  * 8192 x 8192 (8 against 11), 1.5-6.4 us faster at 14336 / 28672 x 4096 (14 / 28 against 19 /
  * 38), and 0.5-1.3 us slower at the same split 2 (8192 x 28672)) */
 constexpr double kGlobalReduce = 3.0;
+/* the same for tiles whose partials the kernel after sums (reduce_after): their blocks only store
+ * (H200, CUDA graphs, M = 32, 4096 x 4096: split 8 through the workspace 8.9 us, 4 k-tiles per
+ * block, against 10.7 through clusters of 6, 6 k-tiles, which the constant above chose) */
+constexpr double kReduceAfter = 1.0;
 
-/* the split of the model above, or 0 when the kernel's shared memory cannot be granted */
+/* the split of the model above, or 0 when the kernel's shared memory cannot be granted; after:
+ * the kernel's tiles leave their workspace partials to the kernel after (reduce_after) */
 template <class Kern>
 inline int choose_split(Kern kern, const LinParams &p, int64_t tiles, size_t pipe, size_t out, size_t tab,
-                        bool streaming = false, double *best_cost = nullptr) {
+                        bool streaming = false, double *best_cost = nullptr, bool after = false) {
     const DevInfo di = dev_info();
     const size_t smem_max = std::max(pipe, out) + tab;
     if (!allow_dyn_smem((const void *)kern, std::min(smem_max, (size_t)di.optin_smem), di)) return 0;
@@ -489,7 +494,7 @@ inline int choose_split(Kern kern, const LinParams &p, int64_t tiles, size_t pip
          * cheaper split 8 ways, and measured 1.3x slower than unsplit */
         const double cost =
             waves * ((double)((p.KT + s - 1) / s) + kFill) * (streaming ? 1.0 : per_sm / std::sqrt(per_sm)) +
-            (s > 1 ? (global ? kGlobalReduce : 0.5) : 0.0);
+            (s > 1 ? (global ? (after ? kReduceAfter : kGlobalReduce) : 0.5) : 0.0);
         if (cost < best - 1e-9) {
             best = cost;
             split = s;

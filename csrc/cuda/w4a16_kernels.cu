@@ -906,7 +906,8 @@ template int launch_reduce<BF16>(const LinParams &, int, void *);
  * cluster, whichever the split model prefers; split: the K split of that choice (0 where
  * launch_split is to choose it). The 32-row tile (H200, CUDA graphs, M = 32, against clusters):
  * 8192 x 8192 24.8 us (split 8) against 29.3 (6), 14336 x 4096 24.1 against 27.0, 28672 x 4096
- * 41.5 against 50.5; 4096 x 4096 and 8192 x 28672 equal. */
+ * 41.5 against 50.5; 8192 x 28672 equal; 4096 x 4096 since its partials are summed by the
+ * kernel after: see kReduceAfter. */
 template <class C, class T>
 LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
     split = 0;
@@ -918,7 +919,8 @@ LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
     const bool streaming = C::BM <= 32;
     const size_t tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
     double cost_g = 0.0, cost_c = 0.0;
-    const int sg = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, tab, streaming, &cost_g);
+    const int sg = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, tab, streaming, &cost_g,
+                                reduce_after(C::BM));
     const int sc = choose_split(w4a16_tc_kernel<C, T>, c, tiles, C::PIPE_BYTES, C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES,
                                 tab, streaming, &cost_c);
     if (sg > 0 && (sc <= 0 || cost_g < cost_c)) {

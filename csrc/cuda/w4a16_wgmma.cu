@@ -606,7 +606,8 @@ int launch_wg(const LinParams &base, void *stream, bool fill = false) {
          * 4096 26.6 (8) against 29.1 (6), 28672 x 4096 48.4 against 53.4, 4096 x 4096 12.9
          * against 13.5; at the same split 2 (4096 x 14336) 27.3-27.4 against 25.0. No partial
          * tile in shared memory. */
-        const int sg = choose_split(kern, p, tiles, pipe, pipe, tab, false); /* (a forced split: that) */
+        const int sg = choose_split(kern, p, tiles, pipe, pipe, tab, false, nullptr,
+                                    reduce_after(C::BM)); /* (a forced split: that) */
         if (g_force_split > 0 || sg > split) return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, sg,
                                                                 reduce_after(C::BM) ? launch_reduce<T> : nullptr);
     }
