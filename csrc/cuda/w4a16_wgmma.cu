@@ -30,7 +30,7 @@ namespace tops_w4 {
 
 /* BM rows of x (the wgmma N), 2 warpgroups x WNT m64 column tiles = BN = 128 WNT columns,
  * KSUB 64-k sub-tiles per stage (BK = 64 KSUB) */
-template <int BM_, int WNT_, int KSUB_, int STAGES_, bool ACT_, bool OVL_ = false, int QB_ = 0, bool QW_ = false>
+template <int BM_, int WNT_, int KSUB_, int STAGES_, bool ACT_, bool OVL_ = false, int QB_ = 0>
 struct WCfg {
     /* OVL: A fragments double-buffered and each stage's wgmmas waited for one stage later
      * (wait_group 1), so a warpgroup dequantises stage s+1 while its stage-s wgmmas run; the
@@ -45,10 +45,6 @@ struct WCfg {
      * while the warpgroup dequantises the next; all batches are waited for at the stage's end */
     static constexpr int QB = QB_ ? QB_ : NSTEP;
     static_assert(NSTEP % QB == 0 && (!OVL_ || QB == NSTEP), "QB");
-    /* QW: each batch is waited for once the next one is issued (not at the stage's end), so only
-     * two batches' fragments are live: what deep stages (large KSUB) need to fit the registers */
-    static constexpr bool QW = QW_;
-    static_assert(!QW_ || (!OVL_ && QB < NSTEP), "QW");
     static constexpr bool ACT = ACT_;
     static constexpr int NG = ACT ? 0 : BK / 32;    /* scale rows per stage (group >= 32) */
     static constexpr int XSUB_BYTES = BM * 128;     /* one [BM][64] half tile, 128-byte swizzle */
@@ -454,17 +450,6 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
                                       desc + (uint64_t)((j >> 2) * (C::XSUB_BYTES >> 4) + 2 * (j & 3)));
             wg_commit(); /* (no register fences on acc here: ptxas serialises wgmmas whose accumulators
                           * another instruction defines while they are in flight) */
-            if constexpr (C::QW) {
-                if (j0 > 0) { /* the previous batch is done: its registers may be reused from here */
-                    wg_wait<1>();
-#pragma unroll
-                    for (int nt = 0; nt < WNT; ++nt)
-#pragma unroll
-                        for (int j = j0 - C::QB; j < j0; ++j)
-#pragma unroll
-                            for (int r = 0; r < 4; ++r) keep_u(A[B][nt][j][r]);
-                }
-            }
         }
         /* The wgmmas read A from registers asynchronously, and the compiler, which does not know
          * that, may reuse (or recompute into) those registers once their last C++ use is issued.
@@ -485,7 +470,7 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
 #pragma unroll
             for (int nt = 0; nt < WNT; ++nt)
 #pragma unroll
-                for (int j = C::QW ? NSTEP - C::QB : 0; j < NSTEP; ++j)
+                for (int j = 0; j < NSTEP; ++j)
 #pragma unroll
                     for (int r = 0; r < 4; ++r) keep_u(A[B][nt][j][r]);
         }
@@ -525,13 +510,12 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         else run(std::false_type{});
     }
     wg_wait<0>();
-    /* (QW: not here, which would keep every step's fragments live across the loop) */
 #pragma unroll
     for (int b = 0; b < (C::OVL ? 2 : 1); ++b)
 #pragma unroll
         for (int nt = 0; nt < WNT; ++nt)
 #pragma unroll
-            for (int j = C::QW ? NSTEP : 0; j < NSTEP; ++j)
+            for (int j = 0; j < NSTEP; ++j)
 #pragma unroll
                 for (int r = 0; r < 4; ++r) keep_u(A[b][nt][j][r]);
 #pragma unroll
@@ -646,8 +630,6 @@ int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     case 12: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 1>, T>(p, stream, true); /* cfg 10, one step a batch */
     case 13: return launch_wg<WCfg<64, 1, 2, 4, ACT>, T>(p, stream, true);           /* cfg 10, whole stages */
     case 15: return launch_wg<WCfg<128, 2, 1, 5, ACT>, T>(p, stream);                /* cfg 11, whole stages */
-    case 17: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2, true>, T>(p, stream, true); /* cfg 10, batches waited */
-    case 18: return launch_wg<WCfg<64, 1, 4, 2, ACT, false, 2, true>, T>(p, stream, true); /* 64 x 128, k 256, 2 stages */
 #endif
     default: return -1;
     }
