@@ -617,7 +617,7 @@ def main():
     ap.add_argument("--dtype", default="f16", choices=["f16", "bf16"], help="sweeps: activation dtype")
     ap.add_argument("--mid-ms", default="", help="--sweep-mid: only these batch sizes (e.g. 64,128)")
     ap.add_argument("--cfgs", default="", help="correctness: the configs run forced (default: every "
-                    "built-in one; a -DTOPS_DEV_CFGS library has more)")
+                    "built-in one; a dev library may have more)")
     ap.add_argument("--mid-cfgs", default="", help="--sweep-mid: only these configs (e.g. 2,10)")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
     ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")

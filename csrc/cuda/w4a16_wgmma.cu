@@ -619,18 +619,14 @@ int launch_wg(const LinParams &base, void *stream, bool fill = false) {
 template <class T, bool ACT>
 int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     switch (cfg) { /* rows x columns, k per stage */
-    /* 10 and 11 issue a stage's wgmmas two k16 steps at a time (H200, CUDA graphs, M = 64, best
-     * split each: 4096 x 4096 10.1 us against 10.9 whole stages, 8192 x 8192 and 14336 x 4096
-     * equal; M = 128, cfg 11: 4-9% faster at 4096 x 4096, 8192 x 8192 and 14336 x 4096) */
-    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2>, T>(p, stream, true);  /* 64 x 128, k 128 */
-    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2>, T>(p, stream);       /* 128 x 256, k 64 */
+    /* 10 and 11 issue a stage's wgmmas two k16 steps at a time (H200, CUDA graphs, best split
+     * each, batches of 2 / 1 / the whole stage: M = 64 4096 x 4096 10.0 / 10.4 / 10.8 us, 4096 x
+     * 14336 25.8 / 26.7 / 27.5, 8192 x 28672 86.9 / 87.8 / 88.5, 8192 x 8192 27.0 / 27.3 / 27.0;
+     * cfg 11 at M = 128, 2 / whole: 8192 x 28672 135.1 / 142.8, 4096 x 28672 69.7 / 73.2) */
+    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2>, T>(p, stream, true); /* 64 x 128, k 128 */
+    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2>, T>(p, stream);      /* 128 x 256, k 64 */
     case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true>, T>(p, stream); /* 128 x 128, overlapped */
     case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 256 x 128, overlapped */
-#ifdef TOPS_DEV_CFGS
-    case 12: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 1>, T>(p, stream, true); /* cfg 10, one step a batch */
-    case 13: return launch_wg<WCfg<64, 1, 2, 4, ACT>, T>(p, stream, true);           /* cfg 10, whole stages */
-    case 15: return launch_wg<WCfg<128, 2, 1, 5, ACT>, T>(p, stream);                /* cfg 11, whole stages */
-#endif
     default: return -1;
     }
 }
