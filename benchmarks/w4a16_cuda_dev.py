@@ -213,7 +213,10 @@ def desc(c, force=None):
     return s
 
 
-def correctness(quick, forced_cfgs=(0, 1, 2, 3, 4, 5, 10, 11, 14, 16)):
+FORCED_CFGS = (0, 1, 2, 3, 4, 5, 10, 11, 14, 16)  # every built-in configuration
+
+
+def correctness(quick, forced_cfgs=FORCED_CFGS):
     fails = 0
     total = 0
     worst = {}
@@ -671,7 +674,7 @@ def main():
     fails = 0
     if not args.no_check:
         t = time.time()
-        fails = correctness(args.quick, *([tuple(int(c) for c in args.cfgs.split(","))] if args.cfgs else []))
+        fails = correctness(args.quick, tuple(int(c) for c in args.cfgs.split(",")) if args.cfgs else FORCED_CFGS)
         log(f"correctness took {time.time() - t:.1f} s")
     if not args.no_bench:
         torch.cuda.empty_cache()
