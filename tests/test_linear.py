@@ -420,6 +420,29 @@ def test_cuda_mid_batch_interior_and_tail_stages(cuda_route, M, group_size, zero
 
 
 @needs_cuda
+@pytest.mark.parametrize("M", [65, 100, 128])
+@pytest.mark.parametrize("group_size,zeros", [(32, "v1"), (128, "v2"), (-1, "sym")])
+def test_cuda_mid_batch_wide_tiles(M, group_size, zeros):
+    """M = 65..128 with long K over few columns, where on sm_90 the 128 x 256 wgmma tiles are
+    chosen (their stages paced by mbarriers, K split over a cluster of blocks): K with a
+    half-filled last stage (groups of 32 and the whole K), N ending inside a column tile, bias,
+    both 16-bit dtypes, the same bits on a repeated call"""
+    dtype = torch.float16 if M % 2 else torch.bfloat16
+    K, N = (14336 if group_size == 128 else 14368), 4104
+    t = make_weights(K, N, group_size, zeros=zeros, device="cuda", scales_dtype=dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    out = torch_ops.w4a16_linear(x, bias=bias, **t)
+    torch.cuda.synchronize()
+    cfg, split = _C.cuda_w4a16_last_config()
+    assert rel_err(out, reference(x, t, bias)) < TOL[dtype]
+    assert torch.equal(out, torch_ops.w4a16_linear(x, bias=bias, **t))
+    props = torch.cuda.get_device_properties(0)
+    if (props.major, props.minor) == (9, 0) and props.multi_processor_count >= 114:  # H100 / H200
+        assert (cfg, split) == (11, 6)
+
+
+@needs_cuda
 @pytest.mark.parametrize("M", [33, 40, 64])
 def test_cuda_mid_batch_one_wave_with_perm(M):
     """M = 33..64 on N = 8192: 64 x 128 tiles split so the grid is about one block per SM, where

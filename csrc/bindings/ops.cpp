@@ -740,6 +740,7 @@ extern "C" void tops_cuda_w4a16_dev_dense(int mode);
 extern "C" void tops_cuda_w4a16_dev_dense_scratch(int64_t bytes);
 extern "C" void tops_cuda_w4a16_dev_global_split(int on);
 extern "C" int tops_cuda_w4a16_dev_last_workspace(void);
+extern "C" void tops_cuda_w4a16_dev_last(int *cfg, int *split);
 #endif
 
 PYBIND11_MODULE(_C, m) {
@@ -760,6 +761,15 @@ PYBIND11_MODULE(_C, m) {
           "default) or through thread-block clusters only (0); for tests and benchmarks");
     m.def("cuda_w4a16_last_workspace", &tops_cuda_w4a16_dev_last_workspace,
           "CUDA w4a16_linear: 1 when the last call split K through the workspace; for tests");
+    m.def(
+        "cuda_w4a16_last_config",
+        [] {
+            int cfg = -1, split = 0;
+            tops_cuda_w4a16_dev_last(&cfg, &split);
+            return std::make_pair(cfg, split);
+        },
+        "CUDA w4a16_linear: (tile configuration, K split) of the last fused call (-1: the generic "
+        "kernel); for tests");
 #else
     m.attr("with_cuda") = false;
 #endif

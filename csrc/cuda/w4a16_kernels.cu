@@ -993,19 +993,35 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream) {
  *   more than 2% faster once the split choice below was right, up to 20% slower);
  *   wgmma (sm_90a, rows x columns): 10 (64 x 128, M <= 64; on the H200 up to 13% faster than the
  *   64 x 256 one it replaced, with the split of fill_split: 8192 x 8192 M = 64 31.2 us against
- *   35.8), 11 (128 x 256, M <= 128 with large
- *   N), 14 (128 x 128, M <= 128 and odd sizes above), 16 (256 x 128, M > 128); 14 / 16 overlap the dequantisation
- *   of one stage with the previous stage's wgmmas. */
-int choose_cfg(int64_t M, int64_t N, int sms) {
-    (void)sms;
+ *   35.8), 11 (128 x 256, M <= 128, where m128_wide prefers it), 14 (128 x 128, M <= 128 and odd
+ *   sizes above), 16 (256 x 128, M > 128); 14 / 16 overlap the dequantisation of one stage with
+ *   the previous stage's wgmmas. */
+
+/* M = 65..128: the 128 x 256 tiles (11, half the x traffic per weight, no block barrier) against
+ * the 128 x 128 ones (14, twice the blocks to fill the GPU with), each split by wave_split, by a
+ * time per wave fitted on the H200 (CUDA graphs, M = 128, us): 8.4 + 0.944 per 64-k step of a
+ * 11 block, 5.9 + 0.557 of a 14 block. Measured (11 / 14, best split each): 4096 x 4096
+ * 18.5 / 17.8, 14336 x 4096 42.6 / 47.6, 4096 x 14336 37.4 / 39.2, 8192 x 8192 46.7 / 44.1,
+ * 8192 x 28672 129.2 / 154.7; the model picks the faster at each. Act-order (11 without MB, not
+ * refitted): 11 where N >= 16384, as before (8192 x 28672: 146 us against 168 on an H100). */
+static bool m128_wide(int64_t K, int64_t N, bool act, int sms) {
+    if (act) return N >= 16384;
+    const int KT = (int)((K + 63) / 64);
+    auto per_wave = [&](int64_t tiles, double fixed, double per_k) {
+        const int s = wave_split(KT, tiles);
+        const int64_t waves = (tiles * s + sms - 1) / sms;
+        return (double)waves * (fixed + per_k * (double)((KT + s - 1) / s));
+    };
+    return per_wave((N + 255) / 256, 8.4, 0.944) < per_wave((N + 127) / 128, 5.9, 0.557);
+}
+
+int choose_cfg(int64_t M, int64_t K, int64_t N, bool act, int sms) {
     if (g_force_cfg >= 0) return g_force_cfg;
     if (M <= 8) return 0;
     if (M <= 16) return 1;
     if (M <= 32) return 2;
     if (M <= 64) return 10;
-    /* 128 x 128 tiles, unless N gives so many that 128 x 256 ones (half the x traffic per
-     * weight) fill the GPU: 8192 x 28672, M = 128: 146 us against 168 (CUDA graphs, H100) */
-    if (M <= 128) return N >= 16384 ? 11 : 14;
+    if (M <= 128) return m128_wide(K, N, act, sms) ? 11 : 14;
     /* 256-row tiles unless their padding costs more than the 128-row tiles' lower efficiency */
     const int64_t pad256 = (M + 255) / 256 * 256, pad128 = (M + 127) / 128 * 128;
     return (double)pad256 <= (double)pad128 * 1.15 ? 16 : 14;
@@ -1234,7 +1250,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.gshift = gshift;
         p.zmode = zmode;
         p.m_tiles = p.n_tiles = p.KT = p.kt_per_split = 0;
-        int cfg = choose_cfg(M, N, di.sms);
+        int cfg = choose_cfg(M, K, N, act, di.sms);
         const bool bf16 = a->x_dtype == TOPS_BF16;
         /* the tiles of up to 64 rows (Cfg / WCfg GLOBAL) may split K through the workspace where
          * it has room (else through a cluster); the others ignore it */

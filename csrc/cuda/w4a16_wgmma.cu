@@ -30,14 +30,20 @@ namespace tops_w4 {
 
 /* BM rows of x (the wgmma N), 2 warpgroups x WNT m64 column tiles = BN = 128 WNT columns,
  * KSUB 64-k sub-tiles per stage (BK = 64 KSUB) */
-template <int BM_, int WNT_, int KSUB_, int STAGES_, bool ACT_, bool OVL_ = false, int QB_ = 0>
+template <int BM_, int WNT_, int KSUB_, int STAGES_, bool ACT_, bool OVL_ = false, int QB_ = 0, bool MB_ = false>
 struct WCfg {
     /* OVL: A fragments double-buffered and each stage's wgmmas waited for one stage later
      * (wait_group 1), so a warpgroup dequantises stage s+1 while its stage-s wgmmas run; the
      * loop is unrolled by two in straight-line code so that the compiler never merges the two
      * buffers' computations (which would rewrite registers an in-flight wgmma reads) */
     static constexpr bool OVL = OVL_;
-    static constexpr int AHEAD = OVL_ ? STAGES_ - 2 : STAGES_ - 1; /* stages in flight */
+    /* MB (plain groups, without OVL): no block barrier per stage. A stage's copies are counted
+     * on its slot's "full" mbarrier (cp.async arrivals, one per thread) and each warp waits for
+     * that; each warp arrives on the slot's "empty" mbarrier once its wgmmas are done with it, and
+     * a slot is refilled two iterations after its use (one stage fewer in flight), so a warp
+     * waits for the others only when they are more than a stage behind */
+    static constexpr bool MB = MB_ && !ACT_ && !OVL_;
+    static constexpr int AHEAD = OVL_ || MB ? STAGES_ - 2 : STAGES_ - 1; /* stages in flight */
     static constexpr int BM = BM_, WNT = WNT_, KSUB = KSUB_, BN = 128 * WNT_, BK = 64 * KSUB_, KW = BK / 8;
     static constexpr int STAGES = STAGES_, NSTEP = 4 * KSUB_; /* k16 steps per stage */
     /* QB: k16 steps per batch of wgmmas (0: the whole stage). Without OVL a stage's steps are
@@ -124,6 +130,22 @@ __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.alig
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wg_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/* shared-memory mbarriers of the MB pipeline */
+__device__ __forceinline__ void mb_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mb_arrive(uint32_t bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+/* one arrival on bar once this thread's cp.async copies so far have landed */
+__device__ __forceinline__ void mb_cp_arrive(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mb_wait(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n.reg .pred P;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n@!P bra WAIT;\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
 }
 __device__ __forceinline__ void keep_f(float &r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void keep_u(uint32_t &r) { asm volatile("" : "+r"(r)::"memory"); }
@@ -290,11 +312,28 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
 
     /* prologue: AHEAD stages in flight (without OVL each stage's wgmmas complete within its
      * iteration; with OVL one iteration later, so a buffer is refilled one stage later) */
+    /* (static shared memory: the split epilogue reuses the dynamic region, mbarriers included) */
+    __shared__ __align__(8) uint64_t mbar[C::MB ? 2 * STAGES : 1];
+    const uint32_t mb_full = smem_u32(mbar), mb_empty = mb_full + 8u * STAGES;
+    (void)mb_empty;
+    if constexpr (C::MB) {
+        if (tid == 0) {
+#pragma unroll
+            for (int s = 0; s < STAGES; ++s) {
+                mb_init(mb_full + 8u * s, 256);
+                mb_init(mb_empty + 8u * s, 8);
+            }
+        }
+        __syncthreads();
+    }
     if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
     grid_dependency_wait(); /* launched with PDL (launch_split): x may still be being written */
 #pragma unroll
     for (int s = 0; s < C::AHEAD; ++s) {
-        if (s < nkt) load_stage(s, kt_begin + s);
+        if (s < nkt) {
+            load_stage(s, kt_begin + s);
+            if constexpr (C::MB) mb_cp_arrive(mb_full + 8u * s);
+        }
         cp_async_commit();
     }
     grid_dependents_launch();
@@ -435,6 +474,24 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
     };
 
     auto iteration = [&](int it, auto bufc, auto psc) {
+        if constexpr (C::MB) {
+            mb_wait(mb_full + 8u * (it % STAGES), (uint32_t)(it / STAGES) & 1u);
+            const int nx = it + C::AHEAD;
+            if (nx < nkt) {
+                const int kt = kt_begin + nx, sl = nx % STAGES;
+                /* the slot's last use, iteration nx - STAGES = it - 2: every warp done with it */
+                if (nx >= STAGES) mb_wait(mb_empty + 8u * sl, (uint32_t)((nx - STAGES) / STAGES) & 1u);
+                if ((kt + 1) * KW <= p.K8) load_lean(sl, kt);
+                else load_stage(sl, kt);
+                advance_lean();
+                mb_cp_arrive(mb_full + 8u * sl);
+            }
+            cp_async_commit();
+            stage(it, bufc, psc);
+            __syncwarp();
+            if (lane == 0) mb_arrive(mb_empty + 8u * (it % STAGES));
+            return;
+        }
         cp_async_wait<C::AHEAD - 1>();
         __syncthreads();
         {
@@ -547,16 +604,16 @@ template <class Kern> static bool holds_sm90a(Kern kern) {
     return built;
 }
 
-/* fill: the K split by fill_split instead of the general model */
+/* pick: the K split by that rule (fill_split, wave_split) instead of the general model */
 template <class C, class T>
-int launch_wg(const LinParams &base, void *stream, bool fill = false) {
+int launch_wg(const LinParams &base, void *stream, int (*pick)(int KT, int64_t tiles) = nullptr) {
     auto kern = w4a16_wgmma_kernel<C, T>;
     static const bool built = holds_sm90a(kern);
     if (!built) return -1;
     int64_t tiles;
     LinParams p = tiled<C>(base, tiles);
     const size_t pipe = (size_t)C::PIPE_BYTES + 1024, tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
-    int split = fill ? fill_split(p.KT, tiles) : 0;
+    int split = pick != nullptr ? pick(p.KT, tiles) : 0;
     if (C::GLOBAL && p.locks != nullptr) {
         /* split-K through the workspace (offered for the 64-row tile), split by the general
          * model, where that splits more than clusters would: H200, CUDA graphs, M = 64, against
@@ -580,9 +637,12 @@ int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     /* 10 and 11 issue a stage's wgmmas two k16 steps at a time (H200, CUDA graphs, best split
      * each, batches of 2 / 1 / the whole stage: M = 64 4096 x 4096 10.0 / 10.4 / 10.8 us, 4096 x
      * 14336 25.8 / 26.7 / 27.5, 8192 x 28672 86.9 / 87.8 / 88.5, 8192 x 8192 27.0 / 27.3 / 27.0;
-     * cfg 11 at M = 128, 2 / whole: 8192 x 28672 135.1 / 142.8, 4096 x 28672 69.7 / 73.2) */
-    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2>, T>(p, stream, true); /* 64 x 128, k 128 */
-    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2>, T>(p, stream);      /* 128 x 256, k 64 */
+     * cfg 11 at M = 128, 2 / whole: 8192 x 28672 135.1 / 142.8, 4096 x 28672 69.7 / 73.2).
+     * 11 runs without the block barrier (MB; M = 128, best split, MB / barrier: 8192 x 28672
+     * 129.2 / 133.8, 4096 x 28672 67.0 / 69.2, 14336 x 4096 42.6 / 45.3); on 10 MB measured equal
+     * to 5% slower (one stage of four fewer in flight), on 14 / 16 (OVL) not built. */
+    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2>, T>(p, stream, fill_split); /* 64 x 128, k 128 */
+    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2, true>, T>(p, stream, wave_split); /* 128 x 256, k 64 */
     case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true>, T>(p, stream); /* 128 x 128, overlapped */
     case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 256 x 128, overlapped */
     default: return -1;
