@@ -1087,7 +1087,9 @@ static int g_global_split = 1; /* dev hook: 0 = through clusters only */
  * 14336 x 4096 M = 1 20.1 us against 16.0 through clusters, 8192 x 8192 M = 16 21.4 against 19.7
  * (M = 4 / 16 at 14336 x 4096 were 1-2 us faster); not understood, one run */
 static bool global_split_on(const tops_w4a16_args *a, const DevInfo &di) {
-    return g_global_split && a->perm == nullptr && a->M <= 64 && a->x_dtype != TOPS_F32 && di.major == 9;
+    /* M = 33..64: only the wgmma tile takes it (its mma.sync stand-in does not) */
+    return g_global_split && a->perm == nullptr && a->x_dtype != TOPS_F32 && di.major == 9 &&
+           (a->M <= 32 || (a->M <= 64 && di.minor == 0 && wgmma_built()));
 }
 /* partials the workspace holds: as many as blocks fit in one wave, two per SM, over the tiles of
  * the batch's configuration (one row of tiles: 256 columns up to M = 32, 128 above) */
