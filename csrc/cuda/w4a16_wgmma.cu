@@ -638,7 +638,7 @@ int dispatch_wg(const LinParams &p, int cfg, void *stream) {
      * each, batches of 2 / 1 / the whole stage: M = 64 4096 x 4096 10.0 / 10.4 / 10.8 us, 4096 x
      * 14336 25.8 / 26.7 / 27.5, 8192 x 28672 86.9 / 87.8 / 88.5, 8192 x 8192 27.0 / 27.3 / 27.0;
      * cfg 11 at M = 128, 2 / whole: 8192 x 28672 135.1 / 142.8, 4096 x 28672 69.7 / 73.2).
-     * 11 runs without the block barrier (MB; M = 128, best split, MB / barrier: 8192 x 28672
+     * 11 runs without the block barrier (MB, plain groups; M = 128, best split, MB / barrier: 8192 x 28672
      * 129.2 / 133.8, 4096 x 28672 67.0 / 69.2, 14336 x 4096 42.6 / 45.3); on 10 MB measured equal
      * to 5% slower (one stage of four fewer in flight), on 14 / 16 (OVL) not built. */
     case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2>, T>(p, stream, fill_split); /* 64 x 128, k 128 */
