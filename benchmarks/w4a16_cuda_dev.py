@@ -121,43 +121,43 @@ def dequant_ref(c):
     return s[grp] * (q.double() - z[grp].double())
 
 
-PP_CFGS = (30, 31, 34, 36)  # dev configs (-DTOPS_DEV_CFGS) that read the prepacked qweight
+PP_CFGS = (30, 31, 34, 36, 40, 41, 42)  # dev configs (-DTOPS_DEV_CFGS) on the k-interleaved qweight
+
+
+def kp_order(K):
+    """storage order of the k-interleaved layout: stored k (8 r + i, r = 4 b + t) holds real k
+    32 b + 16 ((i >> 1) & 1) + 8 (i & 1) + 2 t + (i >> 2)"""
+    s = torch.arange(K)
+    i, r = s % 8, s // 8
+    b, t = r // 4, r % 4
+    return 32 * b + 16 * ((i >> 1) & 1) + 8 * (i & 1) + 2 * t + (i >> 2)
 
 
 def prepack_pp(qweight, K, N):
-    """GPTQ qweight [K/8, N] -> int32 [ceil(K/64)][ceil(N/16)][32][4]: word (kc, b, lane, j) nibble
-    4e + 2h + i = q[64 kc + 16 j + 8 h + 2 t + e][16 b + 2 g + i], g = lane >> 2, t = lane & 3"""
+    """GPTQ qweight [K/8, N] -> the k-interleaved layout, same shape (K % 32 == 0)"""
     dev = qweight.device
     sh = (4 * torch.arange(8, device=dev, dtype=torch.int32))
-    q = ((qweight[:, None, :] >> sh[None, :, None]) & 15).reshape(K, N)  # [K, N]
-    K64, N16 = (K + 63) // 64, (N + 15) // 16
-    qp = torch.zeros(K64 * 64, N16 * 16, dtype=torch.int64, device=dev)
-    qp[:K, :N] = q
-    # k = (kc, j, h, t, e), n = (b, g, i) -> [kc, b, g, t, j, e, h, i]
-    qp = qp.view(K64, 4, 2, 4, 2, N16, 8, 2).permute(0, 5, 6, 3, 1, 4, 2, 7).reshape(K64, N16, 32, 4, 8)
-    w = (qp << (4 * torch.arange(8, device=dev, dtype=torch.int64))).sum(-1)
+    q = ((qweight[:, None, :] >> sh[None, :, None]) & 15).reshape(K, N).to(torch.int64)
+    q = q[kp_order(K).to(dev)].view(K // 8, 8, N)
+    w = (q << (4 * torch.arange(8, device=dev, dtype=torch.int64))[None, :, None]).sum(1)
     return w.where(w < 2**31, w - 2**32).to(torch.int32).contiguous()
 
 
 def self_test_prepack():
     g = torch.Generator().manual_seed(3)
-    K, N = 136, 40
+    K, N = 96, 40
     qw = torch.randint(-2**31, 2**31, (K // 8, N), generator=g, dtype=torch.int64).to(torch.int32)
     pp = prepack_pp(qw, K, N)
-    assert pp.shape == (3, 3, 32, 4)
-    for kc in range(3):
-        for b in range(3):
-            for lane in (0, 5, 31):
-                for j in range(4):
-                    word = int(pp[kc, b, lane, j]) & 0xFFFFFFFF
-                    for e in range(2):
-                        for h in range(2):
-                            for i in range(2):
-                                k = 64 * kc + 16 * j + 8 * h + 2 * (lane & 3) + e
-                                n = 16 * b + 2 * (lane >> 2) + i
-                                want = (int(qw[k // 8, n]) >> (4 * (k % 8))) & 15 if k < K and n < N else 0
-                                got = (word >> (4 * (4 * e + 2 * h + i))) & 15
-                                assert got == want, (kc, b, lane, j, e, h, i, got, want)
+    assert pp.shape == qw.shape
+    for r in range(K // 8):
+        for n in (0, 7, 39):
+            word = int(pp[r, n]) & 0xFFFFFFFF
+            b, t = r // 4, r % 4
+            for i in range(8):
+                k = 32 * b + 16 * ((i >> 1) & 1) + 8 * (i & 1) + 2 * t + (i >> 2)
+                want = (int(qw[k // 8, n]) >> (4 * (k % 8))) & 15
+                assert (word >> (4 * i)) & 15 == want, (r, n, i)
+    assert sorted(kp_order(64).tolist()) == list(range(64))
     log("prepack self-test: ok")
 
 
@@ -577,14 +577,14 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shap
         return lambda: fnc(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
 
     for K, N in shapes:
-        for M in ((mid_ms or MID_MS) if mid else (1, 4, 16)):
+        for M in ((mid_ms or MID_MS) if mid else (mid_ms or (1, 4, 16))):
             c = make_case(M, K, N, 128, ZV2, False, False, dtype, seed=7)
             ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
             out = torch.empty(M, N, dtype=dtype, device="cuda")
             args = [make_args(c, out, qweight=q) for q in qws]
             pp_args = None
-            if mid and any(cf in PP_CFGS for cf in (mid_cfgs or ())):
+            if any(cf in PP_CFGS for cf in (mid_cfgs or ())):
                 qpp = [prepack_pp(q, K, N) for q in qws]  # (kept alive: the args hold pointers)
                 pp_args = [make_args(c, out, qweight=q) for q in qpp]
             res = []
@@ -596,7 +596,7 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shap
             LIB.tops_cuda_w4a16_dev_pdl(1)
             base = 0 if M <= 8 else 1
             sweep = [(cfg, split) for cfg in (mid_cfgs or MID_CFGS.get(M, ())) for split in (1, 2, 3, 4, 6, 8)] if mid else \
-                [(base, split) for split in (2, 3, 4, 6, 7, 8)]
+                [(cf, split) for cf in (mid_cfgs or (base,)) for split in (2, 3, 4, 6, 7, 8)]
             for cfg, split in ([] if auto_only else sweep):
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
                 res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in (pp_args if cfg in PP_CFGS else args)])))
@@ -712,7 +712,9 @@ def main():
     if args.sweep or args.sweep_mid:
         shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",") if kn) or SWEEP_SHAPES
         if args.sweep:
-            graph_sweep(auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes)
+            graph_sweep(auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes,
+                        mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m),
+                        mid_cfgs=tuple(int(c) for c in args.mid_cfgs.split(",") if c))
         if args.sweep_mid:
             graph_sweep(mid=True, auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes,
                         mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m),

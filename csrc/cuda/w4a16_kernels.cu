@@ -72,8 +72,12 @@ namespace tops_w4 {
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
 template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0,
-          bool LEAN_ = false>
+          bool LEAN_ = false, bool KP_ = false>
 struct Cfg {
+    /* KP (plain groups): qweight in the k-interleaved layout (tops_cuda.h), whose nibble pairs are
+     * already in the fragments' k order: x stays in its natural order and the B fragments come
+     * from ldmatrix (x chunk c of row r at c ^ (r & 7), conflict-free for it) */
+    static constexpr bool KP = KP_ && !ACT_;
     static constexpr int BN = BN_, BM = BM_, WARPS_N = WARPS_N_, BK = BK_, STAGES = STAGES_;
     static constexpr int MINB = MINB_ ? MINB_ : ((BM_ * BN_ >= 128 * 256) ? 1 : 2); /* blocks per SM */
     static constexpr bool ACT = ACT_;
@@ -110,7 +114,7 @@ struct Cfg {
      * us, 8192 x 28672 M = 1 37.3-37.9 -> 36.3-36.9, bf16 8192 x 8192 M = 1 16.2-16.3 -> 15.6-15.7;
      * in the M <= 8 build that runs one block per SM (no lean loads) it lost 2-4% (14336 x 4096
      * M = 1 14.8-15.1 -> 15.2-15.3, 4096 x 4096 5.6 -> 5.7-5.9), so that one keeps cp.async */
-    static constexpr bool XREG = LEAN_ && BM_ * KW <= 256;
+    static constexpr bool XREG = LEAN_ && BM_ * KW <= 256 && !KP;
     static_assert(WARPS_N * WARPS_M == WARPS, "warp layout");
     static_assert(!XREG || STAGES >= 3, "XREG stores a stage one iteration after loading it");
     static_assert(CN >= 1 && WTN % 32 == 0, "warp columns");
@@ -173,7 +177,8 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     constexpr int X_CH = BM * KW, X_J = (X_CH + 255) / 256, X_RS = 256 / KW;
     const int x_c = tid % KW, x_r0 = tid / KW;
     const uint16_t *x_src0 = p.x + (int64_t)(m0 + x_r0) * p.K + 8 * x_c;
-    const uint32_t x_dst0 = (uint32_t)(C::W_BYTES + (x_r0 * BK + ((x_c ^ ((x_r0 & 1) << 2)) << 3)) * 2);
+    const uint32_t x_dst0 =
+        (uint32_t)(C::W_BYTES + (x_r0 * BK + ((x_c ^ (C::KP ? x_r0 & 7 : (x_r0 & 1) << 2)) << 3)) * 2);
     /* scales / zeros: NG rows x BN/8 chunks (16 bytes of scales, one word of zeros) */
     constexpr int S_CH = NG * (BN / 8), S_J = (S_CH + 255) / 256, S_RS = 256 / (BN / 8);
     const int s_c = tid % (BN / 8), s_r0 = tid / (BN / 8);
@@ -415,7 +420,9 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
      * instructions of ~350). */
     static_assert((BK & (BK - 1)) == 0 && C::WTN % 32 == 0 && C::WTM % 8 == 0, "fragment offsets");
     uint32_t w_frag = (uint32_t)(t * BN + (((wn * C::WTN / 4 + g) ^ (t << 1)) << 2));
-    uint32_t x_frag = (uint32_t)((wm * C::WTM + g) * BK + ((((g & 1) << 2) | t) << 3));
+    /* (KP: the ldmatrix row address of this lane: row l & 7 of 8 x chunk l >> 3 of the sub-step) */
+    uint32_t x_frag = C::KP ? (uint32_t)((wm * C::WTM + (lane & 7)) * BK + (((lane >> 3) ^ (lane & 7)) << 3))
+                            : (uint32_t)((wm * C::WTM + g) * BK + ((((g & 1) << 2) | t) << 3));
     if constexpr (C::PUSH) asm volatile("" : "+r"(w_frag), "+r"(x_frag)); /* (larger tiles: spills) */
     /* one pipeline stage; PS: the whole stage lies in one group (group >= BK), so the group is
      * checked once per stage and the unrolled sub-steps are branch-free */
@@ -522,11 +529,18 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 /* row * BK + ((kwl ^ 4 (row & 1)) << 3), row = wm WTM + 8 mt + g, kwl = 4 sub + t */
-                const uint4 xv = *reinterpret_cast<const uint4 *>(sX + ((x_frag ^ (sub << 5)) + mt * 8 * BK));
-                const uint32_t b00 = C::XREG ? xv.x : __byte_perm(xv.x, xv.z, 0x5410);
-                const uint32_t b01 = C::XREG ? xv.y : __byte_perm(xv.x, xv.z, 0x7632);
-                const uint32_t b10 = C::XREG ? xv.z : __byte_perm(xv.y, xv.w, 0x5410);
-                const uint32_t b11 = C::XREG ? xv.w : __byte_perm(xv.y, xv.w, 0x7632);
+                uint32_t b00, b01, b10, b11;
+                if constexpr (C::KP) {
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                                 : "=r"(b00), "=r"(b01), "=r"(b10), "=r"(b11)
+                                 : "r"(smem_u32(sX + ((x_frag ^ (sub << 5)) + mt * 8 * BK))));
+                } else {
+                    const uint4 xv = *reinterpret_cast<const uint4 *>(sX + ((x_frag ^ (sub << 5)) + mt * 8 * BK));
+                    b00 = C::XREG ? xv.x : __byte_perm(xv.x, xv.z, 0x5410);
+                    b01 = C::XREG ? xv.y : __byte_perm(xv.x, xv.z, 0x7632);
+                    b10 = C::XREG ? xv.z : __byte_perm(xv.y, xv.w, 0x5410);
+                    b11 = C::XREG ? xv.w : __byte_perm(xv.y, xv.w, 0x7632);
+                }
 #pragma unroll
                 for (int c = 0; c < CN; ++c)
 #pragma unroll
@@ -945,9 +959,9 @@ int launch_tc(const LinParams &base, void *stream, int split = 0) {
 }
 
 /* tile configurations, by batch size */
-template <bool ACT, bool LEAN = false> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, LEAN>; /* M <= 8 */
-template <bool ACT> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true, 0, true>;                  /* M <= 16 */
-template <bool ACT> using CfgC = Cfg<256, 32, 8, 128, 3, ACT>;  /* M <= 32 */
+template <bool ACT, bool LEAN = false, bool KP = false> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, LEAN, KP>; /* M <= 8 */
+template <bool ACT, bool KP = false> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true, 0, true, KP>; /* M <= 16 */
+template <bool ACT, bool KP = false> using CfgC = Cfg<256, 32, 8, 128, 3, ACT, false, 0, false, KP>; /* M <= 32 */
 template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
 template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
 template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
@@ -956,9 +970,9 @@ template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
  * the grid has more blocks than SMs (8192 x 8192 M = 1 15.1 us against 15.3, 8192 x 28672 40.0
  * against 41.3) and 2-3% slower where each SM holds one block (28672 x 4096 M = 1: 29.6 against
  * 28.8), so the split is chosen for the plain build and the grid picks the build. */
-template <class T, bool ACT>
+template <class T, bool ACT, bool KP = false>
 int launch_tc_a(const LinParams &base, void *stream) {
-    using C = CfgA<ACT>;
+    using C = CfgA<ACT, false, KP>;
     if constexpr (ACT) {
         return launch_tc<C, T>(base, stream);
     } else {
@@ -970,7 +984,7 @@ int launch_tc_a(const LinParams &base, void *stream) {
             split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES,
                                  p.locks != nullptr ? C::PIPE_BYTES : C::PUSH_BYTES, 0, true);
         if (split <= 0) return TOPS_ERR_CUDA;
-        if (tiles * split > dev_info().sms) return launch_tc<CfgA<ACT, true>, T>(p, stream, split);
+        if (tiles * split > dev_info().sms) return launch_tc<CfgA<ACT, true, KP>, T>(p, stream, split);
         return launch_tc<C, T>(p, stream, split);
     }
 }
@@ -983,6 +997,18 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     case 2: return launch_tc<CfgC<ACT>, T>(p, stream);
     case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
     case 4: return launch_tc<CfgE<ACT>, T>(p, stream);
+#ifdef TOPS_DEV_CFGS
+    /* 0, 1, 2 on the k-interleaved qweight (KP); plain groups only */
+    case 40:
+        if constexpr (!ACT) return launch_tc_a<T, ACT, true>(p, stream);
+        return -1;
+    case 41:
+        if constexpr (!ACT) return launch_tc<CfgB<ACT, true>, T>(p, stream);
+        return -1;
+    case 42:
+        if constexpr (!ACT) return launch_tc<CfgC<ACT, true>, T>(p, stream);
+        return -1;
+#endif
     default: return launch_tc<CfgF<ACT>, T>(p, stream);
     }
 }
@@ -1030,6 +1056,9 @@ int choose_cfg(int64_t M, int64_t K, int64_t N, bool act, int sms) {
 /* the mma.sync configuration that stands in for a wgmma one (no sm_90a build, or no fit) */
 int mma_fallback(int cfg, int64_t M, int64_t N, int sms) {
     if (cfg < 10) return cfg;
+#ifdef TOPS_DEV_CFGS
+    if (cfg >= 40) return cfg; /* (the KP mma.sync dev configs) */
+#endif
     if (M <= 32) return 2;
     if (M <= 64) return 3;
     const int64_t tilesF = ((M + 127) / 128) * ((N + 255) / 256);

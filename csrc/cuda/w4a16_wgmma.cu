@@ -31,12 +31,14 @@ namespace tops_w4 {
 /* BM rows of x (the wgmma N), 2 warpgroups x WNT m64 column tiles = BN = 128 WNT columns,
  * KSUB 64-k sub-tiles per stage (BK = 64 KSUB) */
 template <int BM_, int WNT_, int KSUB_, int STAGES_, bool ACT_, bool OVL_ = false, int QB_ = 0, bool MB_ = false,
-          bool PP_ = false>
+          bool KP_ = false>
 struct WCfg {
-    /* PP (plain groups): qweight in the prepacked layout (prepack_w4a16 in tops_cuda.h): int32
-     * [ceil(K / 64)][ceil(N / 16)][32 lanes][4 k16 steps], so that a thread's word of a k16 step
-     * holds exactly its eight A-fragment values and a stage's tile is KSUB contiguous runs */
-    static constexpr bool PP = PP_ && !ACT_;
+    /* KP (plain groups): qweight in the k-interleaved layout (tops_cuda.h): k-word 4b + t of a
+     * column holds k 2t, 2t+1, 2t+8, 2t+9 of the k16 steps 2b and 2b+1, so that one word is a
+     * thread's four values of a fragment row for two steps, each pair one lop3 away. The qweight
+     * tile's 16-byte chunks are swizzled by the k-word's parity (two threads t reading one bank
+     * otherwise) */
+    static constexpr bool KP = KP_ && !ACT_;
     /* OVL: A fragments double-buffered and each stage's wgmmas waited for one stage later
      * (wait_group 1), so a warpgroup dequantises stage s+1 while its stage-s wgmmas run; the
      * loop is unrolled by two in straight-line code so that the compiler never merges the two
@@ -195,15 +197,8 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
     const int w_c = tid % W_CPR, w_r0 = tid / W_CPR;
     constexpr int W_RS = 256 / W_CPR;
     const bool w_colv = n0 + 4 * w_c < p.N;
-    const uint32_t w_dst0 = (uint32_t)(C::X_BYTES + w_r0 * (BN * 4) + w_c * 16);
+    const uint32_t w_dst0 = (uint32_t)(C::X_BYTES + w_r0 * (BN * 4) + (C::KP ? w_c ^ ((w_r0 & 1) << 2) : w_c) * 16);
     const int32_t *w_src0 = p.qw + (int64_t)w_r0 * p.N + n0 + 4 * w_c;
-    /* PP: a stage's k64 row of the tile is BN / 16 blocks of 512 bytes, one run: WNT 16-byte
-     * chunks per thread, chunk tid + 256 jj */
-    constexpr int PW_J = BN * 2 / 256;
-    const int N16 = (p.N + 15) >> 4, K64 = (p.K + 63) >> 6;
-    const int64_t pw_row = (int64_t)N16 * 128; /* words per k64 row of the whole matrix */
-    const int32_t *pw_src0 = p.qw + (int64_t)(n0 >> 4) * 128 + tid * 4;
-    auto pw_colv = [&](int jj) { return (n0 >> 4) + ((tid + 256 * jj) >> 5) < N16; };
 
     auto load_stage = [&](int buf, int kt) {
         const uint32_t st = base + (uint32_t)(buf * C::STAGE_BYTES);
@@ -219,27 +214,13 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
                              "l"(v ? src : p.x), "r"(v ? 16 : 0));
             }
         }
-        if constexpr (C::PP) {
 #pragma unroll
-            for (int ks = 0; ks < C::KSUB; ++ks)
-#pragma unroll
-                for (int jj = 0; jj < PW_J; ++jj) {
-                    const int kc = kt * C::KSUB + ks;
-                    const bool v = pw_colv(jj) && kc < K64;
-                    const int32_t *src = pw_src0 + (int64_t)kc * pw_row + jj * 1024;
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                                     st + C::X_BYTES + ks * (BN * 32) + (tid + 256 * jj) * 16),
-                                 "l"(v ? src : p.qw), "r"(v ? 16 : 0));
-                }
-        } else {
-#pragma unroll
-            for (int j = 0; j < W_J; ++j) {
-                const int r = w_r0 + j * W_RS;
-                const bool v = w_colv && kt * KW + r < p.K8;
-                const int32_t *src = w_src0 + (int64_t)(kt * KW + j * W_RS) * p.N;
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst0 + j * W_RS * BN * 4),
-                             "l"(v ? src : p.qw), "r"(v ? 16 : 0));
-            }
+        for (int j = 0; j < W_J; ++j) {
+            const int r = w_r0 + j * W_RS;
+            const bool v = w_colv && kt * KW + r < p.K8;
+            const int32_t *src = w_src0 + (int64_t)(kt * KW + j * W_RS) * p.N;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst0 + j * W_RS * BN * 4),
+                         "l"(v ? src : p.qw), "r"(v ? 16 : 0));
         }
         if constexpr (!C::ACT) {
             if (tid < C::NG * (BN / 8)) {
@@ -295,17 +276,6 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
 #pragma unroll
     for (int j = 0; j < W_J; ++j)
         wl_next[j] = w_colv ? w_src0 + (int64_t)(j * W_RS) * p.N + (int64_t)kt_lean0 * wl_kstep : p.qw;
-    /* PP: the same per chunk, a stage being KSUB k64 rows */
-    const int32_t *pwl_next[PW_J];
-    int64_t pwl_kstep[PW_J];
-    uint32_t pwl_sz[PW_J];
-#pragma unroll
-    for (int jj = 0; jj < PW_J; ++jj) {
-        const bool v = pw_colv(jj);
-        pwl_sz[jj] = v ? 16u : 0u;
-        pwl_kstep[jj] = v ? C::KSUB * pw_row : 0;
-        pwl_next[jj] = v ? pw_src0 + jj * 1024 + (int64_t)kt_lean0 * C::KSUB * pw_row : p.qw;
-    }
     /* scale / zero rows of an interior stage: one group, or BK / group of them */
     const int sl_rows = (1 << min(p.gshift, 30)) >= BK ? 1 : BK >> p.gshift;
     const int sl_r = tid / (BN / 8), sl_c = tid % (BN / 8);
@@ -324,20 +294,10 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                                  st + ks * C::XSUB_BYTES + x_dst0 + j * 32 * 128),
                              "l"(xl_next[j] + (xl_sz[j] ? ks * 64 : 0)), "r"(xl_sz[j]));
-        if constexpr (C::PP) {
 #pragma unroll
-            for (int ks = 0; ks < C::KSUB; ++ks)
-#pragma unroll
-                for (int jj = 0; jj < PW_J; ++jj)
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                                     st + C::X_BYTES + ks * (BN * 32) + (tid + 256 * jj) * 16),
-                                 "l"(pwl_next[jj] + (pwl_sz[jj] ? ks * pw_row : 0)), "r"(pwl_sz[jj]));
-        } else {
-#pragma unroll
-            for (int j = 0; j < W_J; ++j)
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst0 + j * W_RS * BN * 4),
-                             "l"(wl_next[j]), "r"(wl_sz));
-        }
+        for (int j = 0; j < W_J; ++j)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst0 + j * W_RS * BN * 4),
+                         "l"(wl_next[j]), "r"(wl_sz));
         if (tid < C::NG * (BN / 8)) {
             const uint32_t g0 = (uint32_t)((kt * BK) >> p.gshift);
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
@@ -351,13 +311,8 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
     };
     /* after each main-loop load, lean or not: the pointers move to the next stage */
     auto advance_lean = [&]() {
-        if constexpr (C::PP) {
 #pragma unroll
-            for (int jj = 0; jj < PW_J; ++jj) pwl_next[jj] += pwl_kstep[jj];
-        } else {
-#pragma unroll
-            for (int j = 0; j < W_J; ++j) wl_next[j] += wl_kstep;
-        }
+        for (int j = 0; j < W_J; ++j) wl_next[j] += wl_kstep;
 #pragma unroll
         for (int j = 0; j < X_J; ++j) xl_next[j] += xl_sz[j] ? BK : 0;
     };
@@ -410,8 +365,9 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
     const uint32_t sel_shift = (uint32_t)(t | ((t + 4) << 8));    /* byte t of w, of w >> 4 */
     int cur_g = -1;
     uint32_t nz[WNT][2], sd[WNT][2]; /* per column tile and row (r, r+1): zero offsets, scale */
+    uint32_t nzh[WNT][2];            /* KP, fp16: the zero offsets of the x 16 values */
 #pragma unroll
-    for (int nt = 0; nt < WNT; ++nt) nz[nt][0] = nz[nt][1] = sd[nt][0] = sd[nt][1] = 0u;
+    for (int nt = 0; nt < WNT; ++nt) nz[nt][0] = nz[nt][1] = sd[nt][0] = sd[nt][1] = nzh[nt][0] = nzh[nt][1] = 0u;
     const uint64_t desc_base = (uint64_t)(((base & 0x3FFFFu) >> 4) & 0x3FFFu) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 
     auto deq = [&](uint32_t w, uint32_t nzr, uint32_t sdr) -> uint32_t {
@@ -423,21 +379,19 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
             return T::fma2(T::fma2(q, T::ONE2, nzr), sdr, NEG_ZERO2);
         }
     };
-    /* PP: word nibble 4e + 2h + i is column 2g + i (A row g + 8 i) at k 2t + e + 8 h of the step;
-     * the magic takes nibbles n and n + 4 into the two halves: (w, 0x000F000F) A0, (w, 0x00F000F0)
-     * A1 (x 16), (w >> 8, ...) A2, A3 (fp16); bf16 one shift per register */
-    auto deq_pp = [&](uint32_t w, uint32_t *a, int nt) {
-        if constexpr (FAST) {
-            const uint32_t w8 = w >> 8;
-            a[0] = T::fma2(T::fma2(and_or<0x000F000Fu>(w, magic), T::ONE2, nz[nt][0]), sd[nt][0], NEG_ZERO2);
-            a[1] = T::fma2(T::fma2(and_or<0x00F000F0u>(w, magic), 0x2C002C00u, nz[nt][1]), sd[nt][1], NEG_ZERO2);
-            a[2] = T::fma2(T::fma2(and_or<0x000F000Fu>(w8, magic), T::ONE2, nz[nt][0]), sd[nt][0], NEG_ZERO2);
-            a[3] = T::fma2(T::fma2(and_or<0x00F000F0u>(w8, magic), 0x2C002C00u, nz[nt][1]), sd[nt][1], NEG_ZERO2);
-        } else {
+    /* KP: the fragment of step 2b + s from the words (wc0, wc1) of columns r0, r0 + 1: nibbles
+     * (2s, 2s + 4) are k (2t, 2t + 1), (2s + 1, 2s + 5) k (2t + 8, 2t + 9) */
+    auto deq_kp = [&](uint2 wv, int s, uint32_t *a, int nt) {
+        const uint32_t wc[2] = {wv.x >> (8 * s), wv.y >> (8 * s)};
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                a[e] = T::fma2(T::fma2(and_or<0x000F000Fu>(w >> (4 * e), magic), T::ONE2, nz[nt][e & 1]),
-                               sd[nt][e & 1], NEG_ZERO2);
+        for (int r = 0; r < 2; ++r) {
+            if constexpr (FAST) {
+                a[r] = T::fma2(T::fma2(and_or<0x000F000Fu>(wc[r], magic), T::ONE2, nz[nt][r]), sd[nt][r], NEG_ZERO2);
+                a[2 + r] = T::fma2(T::fma2(and_or<0x00F000F0u>(wc[r], magic), 0x2C002C00u, nzh[nt][r]), sd[nt][r], NEG_ZERO2);
+            } else {
+                a[r] = T::fma2(T::fma2(and_or<0x000F000Fu>(wc[r], magic), T::ONE2, nz[nt][r]), sd[nt][r], NEG_ZERO2);
+                a[2 + r] = T::fma2(T::fma2(and_or<0x000F000Fu>(wc[r] >> 4, magic), T::ONE2, nz[nt][r]), sd[nt][r], NEG_ZERO2);
+            }
         }
     };
     auto load_group = [&](const unsigned char *st, int gl) {
@@ -454,9 +408,10 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
                 const uint32_t z = zero_of((zz >> (4 * r)) & 15u, p.zmode);
                 const uint32_t sh = r ? (s2 >> 16) : (s2 & 0xFFFFu);
                 sd[nt][r] = sh * 0x10001u;
-                if constexpr (FAST && C::PP) /* row r's values x 1 (r = 0) or x 16 (r = 1) in both halves */
-                    nz[nt][r] = (r ? 0xD400u + (z << 4) : T::NEGMAG | z) * 0x10001u;
-                else if constexpr (FAST) nz[nt][r] = (T::NEGMAG | z) | ((0xD400u + (z << 4)) << 16); /* -(1024+z), -(64+z) */
+                if constexpr (FAST && C::KP) { /* x 1 and x 16 values, each in both halves */
+                    nz[nt][r] = (T::NEGMAG | z) * 0x10001u;
+                    nzh[nt][r] = (0xD400u + (z << 4)) * 0x10001u;
+                } else if constexpr (FAST) nz[nt][r] = (T::NEGMAG | z) | ((0xD400u + (z << 4)) << 16); /* -(1024+z), -(64+z) */
                 else nz[nt][r] = (T::NEGMAG | z) * 0x10001u;
             }
         }
@@ -471,7 +426,7 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         (void)kt;
         const unsigned char *st = smem + (it % STAGES) * C::STAGE_BYTES;
         const uint32_t *sW = reinterpret_cast<const uint32_t *>(st + C::X_BYTES);
-        uint2 wpp[WNT]; /* PP: the words of two k16 steps */
+        uint2 wkp[WNT]; /* KP: the words of columns r0, r0 + 1 for two k16 steps */
 #pragma unroll
         for (int j0 = 0; j0 < NSTEP; j0 += C::QB) {
 #pragma unroll
@@ -485,14 +440,13 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
                 }
 #pragma unroll
                 for (int nt = 0; nt < WNT; ++nt) {
-                    if constexpr (C::PP) {
+                    const int r0 = rcol(nt);
+                    if constexpr (C::KP) {
                         if ((j & 1) == 0)
-                            wpp[nt] = *reinterpret_cast<const uint2 *>(
-                                sW + ((j >> 2) * (BN / 16) + (wg * WNT + nt) * 4 + wq) * 128 + lane * 4 + (j & 2));
-                        deq_pp((j & 1) ? wpp[nt].y : wpp[nt].x, A[B][nt][j], nt);
+                            wkp[nt] = *reinterpret_cast<const uint2 *>(sW + (2 * j + t) * BN + (r0 ^ ((t & 1) << 4)));
+                        deq_kp(wkp[nt], j & 1, A[B][nt][j], nt);
                         continue;
                     }
-                    const int r0 = rcol(nt);
                     const uint2 wa = *reinterpret_cast<const uint2 *>(sW + (2 * j) * BN + r0);
                     const uint2 wb = *reinterpret_cast<const uint2 *>(sW + (2 * j + 1) * BN + r0);
                     if constexpr (!C::ACT) {
@@ -725,7 +679,7 @@ int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true>, T>(p, stream); /* 128 x 128, overlapped */
     case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 256 x 128, overlapped */
 #ifdef TOPS_DEV_CFGS
-    /* 10, 11, 14, 16 on the prepacked qweight (PP); plain groups only */
+    /* 10, 11, 14, 16 on the k-interleaved qweight (KP); plain groups only */
     case 30:
         if constexpr (!ACT) return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2, false, true>, T>(p, stream, fill_split);
         return -1;
