@@ -475,6 +475,43 @@ at::Tensor unpack_v2(const at::Tensor &packed_in) {
     return out;
 }
 
+// ---- k-interleaved qweight ----------------------------------------------------------------------
+
+// GPTQ [K/8, N] -> [K/32, 4, N] (inverse: back); the layout is tops_prepack_w4a16's
+at::Tensor prepack_w4a16_impl(const at::Tensor &qweight_in, bool inverse) {
+    const char *op = inverse ? "unprepack_w4a16" : "prepack_w4a16";
+    check_dtype(op, "qweight", qweight_in, at::kInt);
+    check_device(op, "qweight", qweight_in, qweight_in);
+    int64_t K, N;
+    if (inverse) {
+        check_ndim(op, "qweight", qweight_in, 3);
+        TORCH_CHECK_VALUE(qweight_in.size(1) == 4, op, ": qweight must have shape [K/32, 4, N], got ",
+                          shape_str(qweight_in.sizes()));
+        K = qweight_in.size(0) * 32;
+    } else {
+        check_ndim(op, "qweight", qweight_in, 2);
+        K = qweight_in.size(0) * 8;
+        TORCH_CHECK_VALUE(K % 32 == 0, op, ": K = 8 * qweight.shape[0] = ", K,
+                          " must be a multiple of 32 (the layout interleaves whole 32-k blocks)");
+    }
+    N = qweight_in.size(-1);
+    at::Tensor qweight = qweight_in.contiguous();
+    at::Tensor out = inverse ? at::empty({K / 8, N}, qweight.options())
+                             : at::empty({K / 32, 4, N}, qweight.options());
+    if (out.numel() == 0) return out;
+    if (qweight.is_cuda()) {
+        TOPS_CUDA(op, cuda::prepack_w4a16(out, qweight, inverse));
+    } else {
+        run_cpu(op, K / 32, std::max<int64_t>(1, (1 << 14) / N), [&](int64_t b, int64_t e) {
+            return tops_prepack_w4a16(out.data_ptr<int32_t>(), qweight.data_ptr<int32_t>(), K, N,
+                                      inverse ? 1 : 0, b, e);
+        });
+    }
+    return out;
+}
+at::Tensor prepack_w4a16(const at::Tensor &qweight) { return prepack_w4a16_impl(qweight, false); }
+at::Tensor unprepack_w4a16(const at::Tensor &qweight) { return prepack_w4a16_impl(qweight, true); }
+
 // ---- dequantize ---------------------------------------------------------------------------------
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -587,17 +624,26 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     check_device(op, "x", x_in, x_in);
     check_device(op, "qweight", qweight_in, x_in);
     check_device(op, "scales", scales_in, x_in);
-    check_ndim(op, "qweight", qweight_in, 2);
+    // qweight: GPTQ [K/8, N], or k-interleaved [K/32, 4, N] (prepack_w4a16)
+    const bool kil = qweight_in.dim() == 3;
+    TORCH_CHECK_VALUE(qweight_in.dim() == 2 || (kil && qweight_in.size(1) == 4), op,
+                      ": qweight must be [K/8, N] (GPTQ) or [K/32, 4, N] (prepack_w4a16), got shape ",
+                      shape_str(qweight_in.sizes()));
     check_ndim(op, "scales", scales_in, 2);
     TORCH_CHECK_VALUE(x_in.dim() >= 1, op, ": x must have at least 1 dimension");
     int zf = parse_zero_format(op, "zero_format", zero_format);
-    int64_t K = qweight_in.size(0) * 8, N = qweight_in.size(1);
-    TORCH_CHECK_VALUE(x_in.size(-1) == K, op, ": x.shape[-1] = ", x_in.size(-1),
-                      " must equal K = 8 * qweight.shape[0] = ", K);
+    int64_t K = qweight_in.size(0) * (kil ? 32 : 8), N = qweight_in.size(-1);
+    TORCH_CHECK_VALUE(x_in.size(-1) == K, op, ": x.shape[-1] = ", x_in.size(-1), " must equal K = ",
+                      kil ? "32 * qweight.shape[0] = " : "8 * qweight.shape[0] = ", K);
+    TORCH_CHECK_VALUE(!kil || (!g_idx_in.has_value() && !perm_in.has_value()), op,
+                      ": a k-interleaved qweight (prepack_w4a16) takes neither g_idx nor perm "
+                      "(act-order weights keep the GPTQ layout)");
     TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N, " must be a multiple of 8");
     int64_t gs = resolve_group_size(op, group_size, K);
     TORCH_CHECK_VALUE(K % gs == 0, op, ": K = ", K, " must be a multiple of group_size = ", gs);
     int64_t G = K / gs;
+    TORCH_CHECK_VALUE(!kil || gs % 32 == 0 || gs == K, op, ": group_size = ", gs,
+                      " must be a multiple of 32 with a k-interleaved qweight (prepack_w4a16)");
     check_shape(op, "scales", scales_in, {G, N}, "[K/group_size, N]");
     bool on_cuda = x_in.is_cuda();
     auto xs = x_in.scalar_type();
@@ -644,6 +690,14 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     at::Tensor x = x_in.reshape({-1, K});
     // CPU: x[:, perm] here (small next to the weights); CUDA: by a kernel of the launcher's
     if (perm.defined() && !on_cuda) x = x.index_select(1, perm);
+    // CPU, k-interleaved: x in the words' k order, the words then read as GPTQ ones (the CUDA
+    // kernels read the layout natively)
+    if (kil && !on_cuda) {
+        at::Tensor order = at::empty({K}, at::TensorOptions().dtype(at::kLong));
+        int64_t *o = order.data_ptr<int64_t>();
+        for (int64_t s = 0; s < K; ++s) o[s] = TOPS_KIL_REAL_K(s >> 3, s & 7);
+        x = x.index_select(1, order);
+    }
     if (x.size(0) > 0 && (x.stride(1) != 1 || on_cuda)) x = x.contiguous();
     int64_t M = x.size(0);
     auto out_shape = x_in.sizes().vec();
@@ -675,6 +729,7 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     a.out = out.data_ptr();
     a.out_dtype = a.x_dtype;
     a.perm = nullptr; /* CPU: x is gathered above; CUDA: cuda::w4a16_linear takes perm */
+    a.kinterleaved = kil && on_cuda ? 1 : 0; /* (CPU: x gathered above) */
     if (on_cuda) {
         TOPS_CUDA(op, cuda::w4a16_linear(a, x, out, bias, perm, perm_is_permutation));
     } else {
@@ -707,6 +762,8 @@ TORCH_LIBRARY(torch_ops, m) {
     m.def("unpack_v2(Tensor packed) -> Tensor");
     m.def("dequantize(Tensor qweight, Tensor scales, Tensor? qzeros=None, str format=\"gptq\", "
           "int bits=4, int group_size=128, Tensor? g_idx=None, str zero_format=\"v1\") -> Tensor");
+    m.def("prepack_w4a16(Tensor qweight) -> Tensor");
+    m.def("unprepack_w4a16(Tensor qweight) -> Tensor");
     m.def("w4a16_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros=None, "
           "int group_size=128, Tensor? g_idx=None, Tensor? bias=None, "
           "str zero_format=\"v1\", Tensor? perm=None) -> Tensor");
@@ -725,6 +782,8 @@ TORCH_LIBRARY(torch_ops, m) {
     m.impl("pack_v2", &pack_v2);                         \
     m.impl("unpack_v2", &unpack_v2);                     \
     m.impl("dequantize", &dequantize);                   \
+    m.impl("prepack_w4a16", &prepack_w4a16);             \
+    m.impl("unprepack_w4a16", &unprepack_w4a16);         \
     m.impl("w4a16_linear", &w4a16_linear)
 
 TORCH_LIBRARY_IMPL(torch_ops, CPU, m) { TOPS_IMPLS(m); }

@@ -30,6 +30,7 @@ void convert_gptq_zeros(const at::Tensor &dst, const at::Tensor &src, int bits, 
 // out_of_range: a zeroed int32 [1] the kernel sets when a value is > 15, or undefined (no check)
 void pack_v2(const at::Tensor &dst, const at::Tensor &src, const at::Tensor &out_of_range);
 void unpack_v2(const at::Tensor &dst, const at::Tensor &src);
+void prepack_w4a16(const at::Tensor &dst, const at::Tensor &src, bool inverse);
 void dequantize(const tops_dequant_args &args, const at::Tensor &like);
 // x [M, K] (not gathered: perm, if defined, is int32 [K], 16-byte aligned, and
 // perm_is_permutation says it is known to be a permutation), out [M, N], bias [N] or undefined

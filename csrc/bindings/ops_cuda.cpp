@@ -93,6 +93,14 @@ void unpack_v2(const at::Tensor &dst, const at::Tensor &src) {
                  "unpack_v2");
 }
 
+void prepack_w4a16(const at::Tensor &dst, const at::Tensor &src, bool inverse) {
+    c10::cuda::CUDAGuard guard(src.device());
+    const int64_t N = src.size(-1), K = src.numel() / std::max<int64_t>(1, N) * 8;
+    check_status(tops_cuda_prepack_w4a16(dst.data_ptr<int32_t>(), src.data_ptr<int32_t>(), K, N,
+                                         inverse ? 1 : 0, stream_of(src)),
+                 inverse ? "unprepack_w4a16" : "prepack_w4a16");
+}
+
 void dequantize(const tops_dequant_args &args, const at::Tensor &like) {
     c10::cuda::CUDAGuard guard(like.device());
     check_status(tops_cuda_dequantize(&args, stream_of(like)), "dequantize");

@@ -325,3 +325,29 @@ int tops_convert_gptq_zeros(int32_t *dst, const int32_t *src, int64_t rows, int6
     for (int64_t i = 0; i < n; i++) dst[i] = (int32_t)fields_add((uint32_t)src[i], bits, delta);
     return TOPS_OK;
 }
+
+/* ---- k-interleaved qweight (see tops.h): bytes of GPTQ words 4b..4b+3 transposed to nibbles ---- */
+int tops_prepack_w4a16(int32_t *dst, const int32_t *src, int64_t K, int64_t N, int inverse,
+                       int64_t b_begin, int64_t b_end) {
+    if (K < 0 || N < 0 || K % 32 != 0 || b_begin < 0 || b_end > K / 32 || b_begin > b_end) return TOPS_ERR_ARG;
+    if (b_end > b_begin && N > 0 && (!dst || !src || dst == src)) return TOPS_ERR_ARG;
+    for (int64_t b = b_begin; b < b_end; b++) {
+        const uint32_t *s = (const uint32_t *)src + 4 * b * N;
+        uint32_t *d = (uint32_t *)dst + 4 * b * N;
+        for (int64_t n = 0; n < N; n++) {
+            uint32_t w[4] = {s[n], s[N + n], s[2 * N + n], s[3 * N + n]}, o[4] = {0, 0, 0, 0};
+            for (int t = 0; t < 4; t++)
+                for (int r = 0; r < 4; r++) {
+                    if (!inverse) { /* byte t of GPTQ word r -> nibbles r, r + 4 of word t */
+                        const uint32_t by = (w[r] >> (8 * t)) & 0xFFu;
+                        o[t] |= (by & 15u) << (4 * r) | (by >> 4) << (4 * (r + 4));
+                    } else { /* nibbles r, r + 4 of word t -> byte t of GPTQ word r */
+                        const uint32_t lo = (w[t] >> (4 * r)) & 15u, hi = (w[t] >> (4 * (r + 4))) & 15u;
+                        o[r] |= (lo | hi << 4) << (8 * t);
+                    }
+                }
+            for (int r = 0; r < 4; r++) d[r * N + n] = o[r];
+        }
+    }
+    return TOPS_OK;
+}

@@ -85,6 +85,19 @@ int tops_gptq_to_awq_qzeros(int32_t *dst, const int32_t *src, int64_t nwords, in
 int tops_convert_gptq_zeros(int32_t *dst, const int32_t *src, int64_t rows, int64_t row_words,
                             int bits, int delta);
 
+/* ---- k-interleaved 4-bit qweight (the w4a16 kernels' prepacked layout) ---------------------
+ * GPTQ qweight [K/8, N] -> [K/32, 4, N] int32 (K % 32 == 0): word (b, t, n) holds in nibble
+ * i = 2 jj + h + 4 e the value of k = 32 b + 16 jj + 8 h + 2 t + e (jj, h, e in {0, 1}), i.e. the
+ * four values of k-slots 2t, 2t+1, 2t+8, 2t+9 of an m16n8k16 fragment row for both k16 steps of
+ * the 32-k block, each pair (nibbles j, j + 4) one mask away. Bytewise: byte t of GPTQ word
+ * 4 b + r (k 32 b + 8 r + 2 t, +1) goes to nibbles r (low) and r + 4 (high) of word (b, t).
+ * inverse = 1 undoes it. Work range: [b_begin, b_end) over the K/32 blocks. */
+int tops_prepack_w4a16(int32_t *dst, const int32_t *src, int64_t K, int64_t N, int inverse,
+                       int64_t b_begin, int64_t b_end);
+/* the real k of nibble e of k-word kw (row kw of the [K/8, N] view) in that layout */
+#define TOPS_KIL_REAL_K(kw, e) \
+    (32 * ((kw) >> 2) + 16 * (((e) >> 1) & 1) + 8 * ((e) & 1) + 2 * ((kw) & 3) + ((e) >> 2))
+
 /* ---- quanto pack_v2 (seed 001) -------------------------------------------------------------
  * unpacked uint8 [N, K] (values 0..15) -> int16 [N/4, K]; N % 4 == 0, K % 64 == 0.
  * Bit-identical to seed 001: per 32 K-values reorder [0,8,16,24,1,9,17,25, 2,10,...], then
@@ -145,6 +158,11 @@ typedef struct {
      * activation (act-order weights whose rows were sorted by group, act_order_prepack).
      * CUDA only: the CPU binding gathers x itself. */
     const int32_t *perm;
+    /* 1: qweight is k-interleaved (tops_prepack_w4a16), same [K/8, N] words: stored k 8 r + i
+     * of word row r = 4 b + t is real k 32 b + 16 ((i >> 1) & 1) + 8 (i & 1) + 2 t + (i >> 2).
+     * K % 32 == 0, plain groups (no g_idx), no perm. CUDA only: the CPU binding gathers x in that
+     * order and passes the words as GPTQ ones. */
+    int kinterleaved;
 } tops_w4a16_args;
 int tops_w4a16_linear(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end);
 

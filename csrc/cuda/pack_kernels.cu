@@ -234,6 +234,35 @@ __global__ void __launch_bounds__(kThreads) repack_scalar_kernel(uint32_t *__res
     }
 }
 
+/* k-interleaved qweight (tops_prepack_w4a16): one thread per 32-k block and column, four words
+ * in, four out (consecutive threads: consecutive columns of each row) */
+template <bool INVERSE>
+__global__ void __launch_bounds__(kThreads) prepack_w4a16_kernel(uint32_t *__restrict__ dst,
+                                                                 const uint32_t *__restrict__ src,
+                                                                 int64_t blocks, int64_t N) {
+    for (int64_t item = grid_start(); item < blocks * N; item += grid_stride()) {
+        int64_t n;
+        const int64_t b = divmod(item, N, n);
+        const int64_t o = 4 * b * N + n;
+        const uint32_t w[4] = {src[o], src[o + N], src[o + 2 * N], src[o + 3 * N]};
+        uint32_t r4[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (!INVERSE) { /* byte t of GPTQ word r -> nibbles r, r + 4 of word t */
+                    const uint32_t by = (w[r] >> (8 * t)) & 0xFFu;
+                    r4[t] |= (by & 15u) << (4 * r) | (by >> 4) << (4 * (r + 4));
+                } else {
+                    const uint32_t lo = (w[t] >> (4 * r)) & 15u, hi = (w[t] >> (4 * (r + 4))) & 15u;
+                    r4[r] |= (lo | hi << 4) << (8 * t);
+                }
+            }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dst[o + r * N] = r4[r];
+    }
+}
+
 int launch_repack(bool to_gptq, int32_t *dst, const int32_t *src, int64_t K, int64_t N,
                   void *stream) {
     if (K < 0 || N < 0 || K % 8 != 0 || N % 8 != 0) return TOPS_ERR_ARG;
@@ -1106,6 +1135,22 @@ int tops_cuda_pack_v2(int16_t *dst, const uint8_t *src, int64_t N, int64_t K,
 
 int tops_cuda_unpack_v2(uint8_t *dst, const int16_t *src, int64_t N, int64_t K, void *stream) {
     return launch_v2(false, (int16_t *)src, dst, N, K, nullptr, stream);
+}
+
+int tops_cuda_prepack_w4a16(int32_t *dst, const int32_t *src, int64_t K, int64_t N, int inverse,
+                            void *stream) {
+    if (K < 0 || N < 0 || K % 32 != 0) return TOPS_ERR_ARG;
+    if (K == 0 || N == 0) return TOPS_OK;
+    if (!dst || !src || dst == src) return TOPS_ERR_ARG;
+    const int64_t blocks = K / 32;
+    const cudaStream_t s = (cudaStream_t)stream;
+    const unsigned grid = grid_for(blocks * N, kThreads);
+    const cudaError_t e =
+        inverse ? tops_launch(prepack_w4a16_kernel<true>, dim3(grid), dim3(kThreads), s, (uint32_t *)dst,
+                              (const uint32_t *)src, blocks, N)
+                : tops_launch(prepack_w4a16_kernel<false>, dim3(grid), dim3(kThreads), s, (uint32_t *)dst,
+                              (const uint32_t *)src, blocks, N);
+    return status_of(e);
 }
 
 int tops_cuda_dequantize(const tops_dequant_args *a, void *stream) {

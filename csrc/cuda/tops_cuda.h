@@ -40,6 +40,10 @@ int tops_cuda_pack_v2(int16_t *dst, const uint8_t *src, int64_t N, int64_t K,
                       int32_t *out_of_range, void *stream);
 int tops_cuda_unpack_v2(uint8_t *dst, const int16_t *src, int64_t N, int64_t K, void *stream);
 
+/* tops_prepack_w4a16 (k-interleaved qweight, or its inverse), whole matrix; dst != src */
+int tops_cuda_prepack_w4a16(int32_t *dst, const int32_t *src, int64_t K, int64_t N, int inverse,
+                            void *stream);
+
 /* whole output, [N, K] */
 int tops_cuda_dequantize(const tops_dequant_args *a, void *stream);
 

@@ -103,6 +103,8 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or(uint32_t a, 
 static constexpr uint32_t NEG_ZERO2 = 0x80008000u; /* (-0, -0): x * s + (-0) == x * s exactly */
 
 /* zero point of field f (4 bits) for zmode 0 (symmetric: 8), 1 (v1: f + 1), 2 (v2: f) */
+/* the real k of nibble e of k-word kw in the k-interleaved layout (tops_prepack_w4a16) */
+__host__ __device__ __forceinline__ int64_t kp_real_k(int64_t kw, int e) { return TOPS_KIL_REAL_K(kw, (int64_t)e); }
 __device__ __forceinline__ uint32_t zero_of(uint32_t f, int zmode) {
     return zmode == 0 ? 8u : (zmode == 1 ? ((f + 1u) & 15u) : (f & 15u));
 }
@@ -619,7 +621,8 @@ inline bool plain_groups(const tops_w4a16_args *a) {
 }
 
 /* the wgmma path (w4a16_wgmma.cu): returns -1 when it is not built for sm_90a or does not fit */
-int launch_wgmma(const LinParams &p, bool bf16, bool act, int cfg, void *stream);
+/* kp: qweight k-interleaved (plain groups only) */
+int launch_wgmma(const LinParams &p, bool bf16, bool act, bool kp, int cfg, void *stream);
 /* whether this binary holds the sm_90a wgmma kernels (the device must still be sm_90) */
 bool wgmma_built();
 

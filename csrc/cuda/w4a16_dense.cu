@@ -64,6 +64,7 @@ struct DqKnParams {
     void *w;             /* [K, n] */
     int64_t K8, N, n0, n, gsize;
     int zmode;
+    int kp; /* qweight k-interleaved: weight row k goes to its real k */
 };
 
 /* 4 consecutive elements <-> float4: fp16 / bf16 (bit patterns) through the traits of
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
                                          s.y * ((float)((qv[1] >> (4 * i)) & 15u) - z.y),
                                          s.z * ((float)((qv[2] >> (4 * i)) & 15u) - z.z),
                                          s.w * ((float)((qv[3] >> (4 * i)) & 15u) - z.w));
-            Vec4<T>::store(w + (p.perm ? (int64_t)prow[i] : k) * p.n + 4 * j, v);
+            Vec4<T>::store(w + (p.kp ? kp_real_k(kw, i) : p.perm ? (int64_t)prow[i] : k) * p.n + 4 * j, v);
         }
     }
 }
@@ -177,7 +178,11 @@ int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, 
     if (reinterpret_cast<uintptr_t>(a->perm) & 15) return TOPS_ERR_ARG; /* read in 16-byte words */
     int zmode = 0;
     if (a->qzeros != nullptr) zmode = a->zero_format == TOPS_ZEROS_V1 ? 1 : 2;
-    DqKnParams p{a->qweight, a->scales, a->qzeros, a->g_idx, a->perm, w, a->K >> 3, a->N, n0, n, a->group_size, zmode};
+    if (a->kinterleaved && ((a->K & 31) || a->g_idx != nullptr || a->perm != nullptr ||
+                            (a->group_size % 32 != 0 && a->group_size != a->K)))
+        return TOPS_ERR_ARG;
+    DqKnParams p{a->qweight, a->scales, a->qzeros, a->g_idx, a->perm, w, a->K >> 3, a->N, n0, n, a->group_size, zmode,
+                 a->kinterleaved};
     const int64_t quads = n >> 2;
     const dim3 block(256), grid((unsigned)((quads + 255) / 256), (unsigned)std::min<int64_t>(p.K8, 65535));
     cudaStream_t s = static_cast<cudaStream_t>(stream);

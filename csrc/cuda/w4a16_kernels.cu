@@ -660,6 +660,7 @@ struct GenParams {
     void *out;
     int64_t M, K, N, gsize;
     int zmode;
+    int kp; /* qweight k-interleaved */
 };
 
 template <typename E, int MB>
@@ -678,7 +679,7 @@ __global__ void __launch_bounds__(128) w4a16_generic_kernel(const GenParams p) {
         const uint32_t w = (uint32_t)p.qw[kw * p.N + n];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            const int64_t k = kw * 8 + e;
+            const int64_t k = p.kp ? kp_real_k(kw, e) : kw * 8 + e;
             const int64_t gg = p.gidx ? (int64_t)p.gidx[k] : k / p.gsize;
             const float s = Elt<E>::ld(sc, gg * p.N + n);
             uint32_t f = 0;
@@ -962,9 +963,9 @@ int launch_tc(const LinParams &base, void *stream, int split = 0) {
 template <bool ACT, bool LEAN = false, bool KP = false> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, LEAN, KP>; /* M <= 8 */
 template <bool ACT, bool KP = false> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true, 0, true, KP>; /* M <= 16 */
 template <bool ACT, bool KP = false> using CfgC = Cfg<256, 32, 8, 128, 3, ACT, false, 0, false, KP>; /* M <= 32 */
-template <bool ACT> using CfgD = Cfg<256, 64, 8, 64, 4, ACT>;   /* M <= 64 */
-template <bool ACT> using CfgE = Cfg<128, 128, 4, 64, 4, ACT>;  /* mid M */
-template <bool ACT> using CfgF = Cfg<256, 128, 4, 128, 3, ACT>; /* large M */
+template <bool ACT, bool KP = false> using CfgD = Cfg<256, 64, 8, 64, 4, ACT, false, 0, false, KP>;   /* M <= 64 */
+template <bool ACT, bool KP = false> using CfgE = Cfg<128, 128, 4, 64, 4, ACT, false, 0, false, KP>;  /* mid M */
+template <bool ACT, bool KP = false> using CfgF = Cfg<256, 128, 4, 128, 3, ACT, false, 0, false, KP>; /* large M */
 
 /* The M <= 8 tile comes in two builds. Lean loads (H200, CUDA graphs) made it 1-3% faster where
  * the grid has more blocks than SMs (8192 x 8192 M = 1 15.1 us against 15.3, 8192 x 28672 40.0
@@ -989,27 +990,15 @@ int launch_tc_a(const LinParams &base, void *stream) {
     }
 }
 
-template <class T, bool ACT>
+template <class T, bool ACT, bool KP = false>
 int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     switch (cfg) {
-    case 0: return launch_tc_a<T, ACT>(p, stream);
-    case 1: return launch_tc<CfgB<ACT>, T>(p, stream);
-    case 2: return launch_tc<CfgC<ACT>, T>(p, stream);
-    case 3: return launch_tc<CfgD<ACT>, T>(p, stream);
-    case 4: return launch_tc<CfgE<ACT>, T>(p, stream);
-#ifdef TOPS_DEV_CFGS
-    /* 0, 1, 2 on the k-interleaved qweight (KP); plain groups only */
-    case 40:
-        if constexpr (!ACT) return launch_tc_a<T, ACT, true>(p, stream);
-        return -1;
-    case 41:
-        if constexpr (!ACT) return launch_tc<CfgB<ACT, true>, T>(p, stream);
-        return -1;
-    case 42:
-        if constexpr (!ACT) return launch_tc<CfgC<ACT, true>, T>(p, stream);
-        return -1;
-#endif
-    default: return launch_tc<CfgF<ACT>, T>(p, stream);
+    case 0: return launch_tc_a<T, ACT, KP>(p, stream);
+    case 1: return launch_tc<CfgB<ACT, KP>, T>(p, stream);
+    case 2: return launch_tc<CfgC<ACT, KP>, T>(p, stream);
+    case 3: return launch_tc<CfgD<ACT, KP>, T>(p, stream);
+    case 4: return launch_tc<CfgE<ACT, KP>, T>(p, stream);
+    default: return launch_tc<CfgF<ACT, KP>, T>(p, stream);
     }
 }
 
@@ -1056,9 +1045,6 @@ int choose_cfg(int64_t M, int64_t K, int64_t N, bool act, int sms) {
 /* the mma.sync configuration that stands in for a wgmma one (no sm_90a build, or no fit) */
 int mma_fallback(int cfg, int64_t M, int64_t N, int sms) {
     if (cfg < 10) return cfg;
-#ifdef TOPS_DEV_CFGS
-    if (cfg >= 40) return cfg; /* (the KP mma.sync dev configs) */
-#endif
     if (M <= 32) return 2;
     if (M <= 64) return 3;
     const int64_t tilesF = ((M + 127) / 128) * ((N + 255) / 256);
@@ -1080,6 +1066,7 @@ int launch_generic(const tops_w4a16_args *a, int zmode, void *stream) {
     p.N = a->N;
     p.gsize = a->group_size;
     p.zmode = zmode;
+    p.kp = a->kinterleaved;
     constexpr int MB = 4;
     const int64_t gy = (a->M + MB - 1) / MB;
     if (gy > 65535) {
@@ -1228,6 +1215,10 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
     if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
     if (a->group_size <= 0 || K % a->group_size != 0 || a->groups <= 0) return TOPS_ERR_ARG;
+    /* k-interleaved: whole 32-k blocks, each inside one group */
+    if (a->kinterleaved && ((K & 31) || a->g_idx != nullptr || a->perm != nullptr ||
+                            (a->group_size % 32 != 0 && a->group_size != K)))
+        return TOPS_ERR_ARG;
     if (a->g_idx == nullptr && a->groups != K / a->group_size) return TOPS_ERR_ARG;
     if (a->x_dtype != TOPS_F32 && a->x_dtype != TOPS_F16 && a->x_dtype != TOPS_BF16) return TOPS_ERR_ARG;
     if (a->scales_dtype != a->x_dtype || a->out_dtype != a->x_dtype) return TOPS_ERR_ARG;
@@ -1296,11 +1287,14 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         }
         int st = -1;
         g_last_cfg = cfg;
-        if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, cfg, stream);
+        const bool kp = a->kinterleaved != 0; /* (plain groups: checked above) */
+        if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, kp, cfg, stream);
         if (st < 0) {
             cfg = mma_fallback(cfg, M, N, di.sms);
             g_last_cfg = cfg;
-            if (!bf16)
+            if (kp)
+                st = bf16 ? dispatch_tc<BF16, false, true>(p, cfg, stream) : dispatch_tc<F16, false, true>(p, cfg, stream);
+            else if (!bf16)
                 st = act ? dispatch_tc<F16, true>(p, cfg, stream) : dispatch_tc<F16, false>(p, cfg, stream);
             else
                 st = act ? dispatch_tc<BF16, true>(p, cfg, stream) : dispatch_tc<BF16, false>(p, cfg, stream);

@@ -664,7 +664,7 @@ int launch_wg(const LinParams &base, void *stream, int (*pick)(int KT, int64_t t
     return launch_split(kern, p, tiles, pipe, (size_t)C::OUT_BYTES + 1024, tab, stream, false, split);
 }
 
-template <class T, bool ACT>
+template <class T, bool ACT, bool KP>
 int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     switch (cfg) { /* rows x columns, k per stage */
     /* 10 and 11 issue a stage's wgmmas two k16 steps at a time (H200, CUDA graphs, best split
@@ -674,25 +674,10 @@ int dispatch_wg(const LinParams &p, int cfg, void *stream) {
      * 11 runs without the block barrier (MB, plain groups; M = 128, best split, MB / barrier: 8192 x 28672
      * 129.2 / 133.8, 4096 x 28672 67.0 / 69.2, 14336 x 4096 42.6 / 45.3); on 10 MB measured equal
      * to 5% slower (one stage of four fewer in flight), on 14 / 16 (OVL) not built. */
-    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2>, T>(p, stream, fill_split); /* 64 x 128, k 128 */
-    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2, true>, T>(p, stream, wave_split); /* 128 x 256, k 64 */
-    case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true>, T>(p, stream); /* 128 x 128, overlapped */
-    case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true>, T>(p, stream); /* 256 x 128, overlapped */
-#ifdef TOPS_DEV_CFGS
-    /* 10, 11, 14, 16 on the k-interleaved qweight (KP); plain groups only */
-    case 30:
-        if constexpr (!ACT) return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2, false, true>, T>(p, stream, fill_split);
-        return -1;
-    case 31:
-        if constexpr (!ACT) return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2, true, true>, T>(p, stream, wave_split);
-        return -1;
-    case 34:
-        if constexpr (!ACT) return launch_wg<WCfg<128, 1, 1, 5, ACT, true, 0, false, true>, T>(p, stream);
-        return -1;
-    case 36:
-        if constexpr (!ACT) return launch_wg<WCfg<256, 1, 1, 4, ACT, true, 0, false, true>, T>(p, stream);
-        return -1;
-#endif
+    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2, false, KP>, T>(p, stream, fill_split); /* 64 x 128, k 128 */
+    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2, true, KP>, T>(p, stream, wave_split); /* 128 x 256, k 64 */
+    case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true, 0, false, KP>, T>(p, stream); /* 128 x 128, overlapped */
+    case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true, 0, false, KP>, T>(p, stream); /* 256 x 128, overlapped */
     default: return -1;
     }
 }
@@ -702,9 +687,10 @@ bool wgmma_built() {
     return built;
 }
 
-int launch_wgmma(const LinParams &p, bool bf16, bool act, int cfg, void *stream) {
-    if (bf16) return act ? dispatch_wg<BF16, true>(p, cfg, stream) : dispatch_wg<BF16, false>(p, cfg, stream);
-    return act ? dispatch_wg<F16, true>(p, cfg, stream) : dispatch_wg<F16, false>(p, cfg, stream);
+int launch_wgmma(const LinParams &p, bool bf16, bool act, bool kp, int cfg, void *stream) {
+    if (kp) return bf16 ? dispatch_wg<BF16, false, true>(p, cfg, stream) : dispatch_wg<F16, false, true>(p, cfg, stream);
+    if (bf16) return act ? dispatch_wg<BF16, true, false>(p, cfg, stream) : dispatch_wg<BF16, false, false>(p, cfg, stream);
+    return act ? dispatch_wg<F16, true, false>(p, cfg, stream) : dispatch_wg<F16, false, false>(p, cfg, stream);
 }
 
 } // namespace tops_w4
