@@ -75,7 +75,7 @@ def test_awq_round_trip_is_bit_exact(device, group_size):
     awq["bias"] = torch.randn(N, device=device, dtype=torch.float16)
     layer = QuantLinear.from_awq(**awq, group_size=group_size)
     assert (layer.in_features, layer.out_features, layer.group_size) == (K, N, group_size)
-    assert layer.qweight.shape == (K // 8, N) and layer.qweight.device.type == device
+    assert layer.qweight.shape == (K // 32, 4, N) and layer.qweight.device.type == device  # k-interleaved
     assert_same(layer.to_awq(), awq)
     gq = layer.to_gptq("v1")
     qweight, qzeros = ref.awq_to_gptq(awq["qweight"].cpu(), awq["qzeros"].cpu(), "v1")
@@ -318,7 +318,8 @@ def test_from_linear_is_close_to_float(device):
     lin = nn.Linear(K, N).to(device)
     layer = QuantLinear.from_linear(lin, group_size=G)
     q = ref.quantize(lin.weight.detach().cpu(), 4, G, False, "gptq", "v1")
-    assert torch.equal(layer.qweight.cpu(), q["qweight"]) and torch.equal(layer.qzeros.cpu(), q["qzeros"])
+    assert torch.equal(layer.to_gptq()["qweight"].cpu(), q["qweight"])
+    assert torch.equal(layer.qzeros.cpu(), q["qzeros"])
     assert torch.equal(layer.bias, lin.bias.detach())
     x = torch.randn(4, K, device=device)
     w = ref.dequantize(q["qweight"], q["scales"].float(), q["qzeros"], "gptq", 4, G).to(device)
@@ -358,13 +359,38 @@ def test_state_dict_round_trip_from_gptq_keys(zero_format):
     assert not layer.act_order and layer.perm is None and "g_idx" not in layer.state_dict()
 
 
+@pytest.mark.parametrize("k,g,kinterleave,held", [(K, G, True, True), (K, -1, True, True),
+                                                  (K, G, False, False), (40, -1, True, False),
+                                                  (96, 48, True, False)])
+def test_kinterleaved_qweight_is_invisible_from_outside(device, k, g, kinterleave, held):
+    """qweight is held k-interleaved where the layer allows it (K and the group multiples of 32)
+    and kinterleave is on; outputs, state dicts and exports do not depend on it"""
+    gq = random_gptq(device, k=k, g=g)
+    layer = QuantLinear.from_gptq(**gq, group_size=g)
+    if not kinterleave:
+        layer = QuantLinear(k, N, bias=False, group_size=g, device=device, kinterleave=False)
+        layer.load_state_dict(gq)
+    assert layer.kinterleaved == held
+    assert layer.qweight.shape == ((k // 32, 4, N) if held else (k // 8, N))
+    assert ("kinterleaved=True" in repr(layer)) == held
+    x = torch.randn(3, k, device=device, dtype=torch.float16)
+    torch.testing.assert_close(layer(x).cpu(), gptq_output(x, gq, None, group_size=g),
+                               rtol=2e-3, atol=2e-3)
+    assert torch.equal(layer.state_dict()["qweight"].cpu(), gq["qweight"].cpu())
+    assert torch.equal(layer.to_gptq()["qweight"].cpu(), gq["qweight"].cpu())
+    w = ref.dequantize(gq["qweight"].cpu(), gq["scales"].cpu(), gq["qzeros"].cpu(), "gptq", 4,
+                       k if g == -1 else g)
+    torch.testing.assert_close(layer.dequantize().cpu(), w)
+
+
 def test_load_state_dict_copies_in_place_on_the_module_device(device):
     layer = QuantLinear(K, N, group_size=G, device=device)
     ptr = layer.qweight.data_ptr()
     gq = random_gptq()  # on the CPU
     layer.load_state_dict({**gq, "bias": torch.zeros(N, dtype=torch.float16)})
     assert layer.qweight.data_ptr() == ptr  # same storage: CUDA graphs captured on it stay valid
-    assert layer.qweight.device.type == device and torch.equal(layer.qweight.cpu(), gq["qweight"])
+    assert layer.qweight.device.type == device
+    assert torch.equal(torch_ops.unprepack_w4a16(layer.qweight).cpu(), gq["qweight"])
 
 
 def test_load_state_dict_names_key_and_shapes():

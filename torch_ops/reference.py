@@ -195,7 +195,38 @@ def quantize(weight, bits=4, group_size=128, sym=False, format="gptq", zero_form
 
 def w4a16_linear(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None,
                  zero_format="v1"):
-    """F.linear(x, dequantize(...), bias) with the product computed in fp32."""
+    """F.linear(x, dequantize(...), bias) with the product computed in fp32. qweight may be the
+    k-interleaved [K/32, 4, N] of :func:`prepack_w4a16`."""
+    if qweight.dim() == 3:
+        qweight = unprepack_w4a16(qweight)
     w = dequantize(qweight, scales.float(), qzeros, "gptq", 4, group_size, g_idx, zero_format)
     y = F.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+# k-interleaved qweight: word (b, t, n) nibble i = 4 e + 2 jj + h holds
+# k = 32 b + 16 jj + 8 h + 2 t + e, i.e. q[32 b + 16 ((i >> 1) & 1) + 8 (i & 1) + 2 t + (i >> 2), n]
+
+
+def prepack_w4a16(qweight):
+    """GPTQ 4-bit qweight [K/8, N] -> k-interleaved int32 [K/32, 4, N] (K a multiple of 32)."""
+    if qweight.dim() != 2 or qweight.dtype != torch.int32:
+        raise ValueError(f"prepack_w4a16: qweight must be 2-D int32 [K/8, N], got "
+                         f"{qweight.dtype} of shape {list(qweight.shape)}")
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if K % 32 != 0:
+        raise ValueError(f"prepack_w4a16: K = 8 * qweight.shape[0] = {K} must be a multiple of 32")
+    q = unpack(qweight, 4, dim=0).reshape(K // 32, 2, 2, 4, 2, N)  # [b, jj, h, t, e, n]
+    q = q.permute(0, 3, 4, 1, 2, 5).reshape(K // 32, 4, 8, N)  # [b, t, i = 4 e + 2 jj + h, n]
+    return pack(q, 4, dim=2).squeeze(2).contiguous()
+
+
+def unprepack_w4a16(qweight):
+    """Exact inverse of :func:`prepack_w4a16`: [K/32, 4, N] -> GPTQ [K/8, N]."""
+    if qweight.dim() != 3 or qweight.shape[1] != 4 or qweight.dtype != torch.int32:
+        raise ValueError(f"unprepack_w4a16: qweight must be int32 [K/32, 4, N], got "
+                         f"{qweight.dtype} of shape {list(qweight.shape)}")
+    B, _, N = qweight.shape
+    q = unpack(qweight.unsqueeze(2), 4, dim=2).reshape(B, 4, 2, 2, 2, N)  # [b, t, e, jj, h, n]
+    q = q.permute(0, 3, 4, 1, 2, 5).reshape(B * 32, N)  # k = 32 b + 16 jj + 8 h + 2 t + e
+    return pack(q, 4, dim=0)

@@ -975,6 +975,47 @@ static void bench(void) {
     free(p);
 }
 
+/* k-interleaved qweight: a literal block, the index formula on random words, round trip, errors */
+static void test_prepack_w4a16(void) {
+    /* K = 32, N = 1, q[k] = k % 16: GPTQ words 0x76543210, 0xFEDCBA98 twice; word t holds k
+     * 2t, 2t+8, 2t+16, 2t+24 in nibbles 0..3 and k + 1 of each in nibbles 4..7 */
+    const int32_t gptq[4] = {0x76543210, (int32_t)0xFEDCBA98u, 0x76543210, (int32_t)0xFEDCBA98u};
+    int32_t kil[4], back[4];
+    CHECK(tops_prepack_w4a16(kil, gptq, 32, 1, 0, 0, 1) == TOPS_OK);
+    CHECK_EQ_U32(kil[0], 0x91918080u);
+    CHECK_EQ_U32(kil[1], 0xB3B3A2A2u);
+    CHECK_EQ_U32(kil[2], 0xD5D5C4C4u);
+    CHECK_EQ_U32(kil[3], 0xF7F7E6E6u);
+    CHECK(tops_prepack_w4a16(back, kil, 32, 1, 1, 0, 1) == TOPS_OK);
+    CHECK(memcmp(back, gptq, sizeof gptq) == 0);
+
+    enum { K = 96, N = 24 };
+    int32_t *src = malloc(sizeof(int32_t) * K / 8 * N), *dst = malloc(sizeof(int32_t) * K / 8 * N),
+            *inv = malloc(sizeof(int32_t) * K / 8 * N);
+    for (int i = 0; i < K / 8 * N; i++) src[i] = (int32_t)tu_rand() ^ (int32_t)(tu_rand() << 16);
+    /* in two ranges of blocks, as threads would */
+    CHECK(tops_prepack_w4a16(dst, src, K, N, 0, 0, 1) == TOPS_OK);
+    CHECK(tops_prepack_w4a16(dst, src, K, N, 0, 1, K / 32) == TOPS_OK);
+    int bad = 0;
+    for (int kw = 0; kw < K / 8; kw++)
+        for (int n = 0; n < N; n++)
+            for (int e = 0; e < 8; e++) {
+                const int64_t k = TOPS_KIL_REAL_K((int64_t)kw, e);
+                const uint32_t want = ((uint32_t)src[(k / 8) * N + n] >> (4 * (k % 8))) & 15u;
+                bad += (((uint32_t)dst[kw * N + n] >> (4 * e)) & 15u) != want;
+            }
+    CHECK(bad == 0);
+    CHECK(tops_prepack_w4a16(inv, dst, K, N, 1, 0, K / 32) == TOPS_OK);
+    CHECK(memcmp(inv, src, sizeof(int32_t) * K / 8 * N) == 0);
+    CHECK(tops_prepack_w4a16(dst, src, 40, N, 0, 0, 1) == TOPS_ERR_ARG);     /* K % 32 */
+    CHECK(tops_prepack_w4a16(dst, src, K, N, 0, 0, K / 32 + 1) == TOPS_ERR_ARG); /* range */
+    CHECK(tops_prepack_w4a16(src, src, K, N, 0, 0, 1) == TOPS_ERR_ARG);      /* in place */
+    CHECK(tops_prepack_w4a16(NULL, src, K, N, 0, 0, 1) == TOPS_ERR_ARG);
+    free(src);
+    free(dst);
+    free(inv);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--bench") == 0) {
         bench();
@@ -990,5 +1031,6 @@ int main(int argc, char **argv) {
     test_awq_gptq_qweight();
     test_pack_v2();
     test_dequant();
+    test_prepack_w4a16();
     return tu_report("test_core");
 }
