@@ -45,7 +45,8 @@ def make(K, N, G, device, act_order=False):
 
 def check(x, t):
     """relative error of this op against x @ dequantize(...)^T in fp32, before any timing"""
-    w = torch_ops.dequantize(t["qweight"], t["scales"].float(), t["qzeros"], "gptq", 4,
+    qweight = t["qweight"] if t["qweight"].dim() == 2 else torch_ops.unprepack_w4a16(t["qweight"])
+    w = torch_ops.dequantize(qweight, t["scales"].float(), t["qzeros"], "gptq", 4,
                              t["group_size"], t.get("g_idx"))
     ref = x.float() @ w.t()
     out = torch_ops.w4a16_linear(x, **t).float()
@@ -101,13 +102,16 @@ def bench_cuda(shapes, ms, G, timing):
     del src, dst
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"copy bandwidth {copy_bw / 1e9:,.0f} GB/s, group {G}, timing {timing}")
-    print("| K x N | M | w4a16 fp16 | w4a16 bf16 | act-order fp16 | act-order prepacked | cuBLAS fp16 "
-          "| tinygemm bf16 | dequant+mm | floor | vs cuBLAS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| K x N | M | w4a16 fp16 | w4a16 bf16 | k-interleaved fp16 | k-interleaved bf16 | act-order fp16 "
+          "| act-order prepacked | cuBLAS fp16 | tinygemm bf16 | dequant+mm | floor | vs cuBLAS "
+          "| k-interleaved vs cuBLAS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for K, N in shapes:
         w, t, t_act, t_pre, qbytes = layer_variants(K, N, G)
         w16 = w.half()
         t_bf = dict(t, scales=t["scales"].bfloat16())
+        t_kil = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"]))  # what QuantLinear holds
+        t_kil_bf = dict(t_kil, scales=t_bf["scales"])
         try:  # tinygemm: bf16, float-domain zero: w = (q - 8) * s + zero, zero = s * (8 - z)
             q = torch_ops.unpack(t["qweight"], 4, dim=0).t().contiguous()  # [N, K]
             z = ((torch_ops.unpack(t["qzeros"], 4, dim=1).long() + 1) % 16).float()  # v1 -> z
@@ -121,11 +125,13 @@ def bench_cuda(shapes, ms, G, timing):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             xb = x.bfloat16()
             if M in (1, 64, 1024):
-                check(x, t), check(xb, t_bf), check(x, t_act)
+                check(x, t), check(xb, t_bf), check(x, t_act), check(x, t_kil), check(xb, t_kil_bf)
                 a, b = torch_ops.w4a16_linear(x, **t_pre).float(), torch_ops.w4a16_linear(x, **t_act).float()
                 assert ((a - b).norm() / b.norm()).item() < 1e-2, "prepacked act-order disagrees"
             ours = bench(lambda d: torch_ops.w4a16_linear(x, **d), t, qbytes)
             ours_bf = bench(lambda d: torch_ops.w4a16_linear(xb, **d), t_bf, qbytes)
+            kil = bench(lambda d: torch_ops.w4a16_linear(x, **d), t_kil, qbytes)
+            kil_bf = bench(lambda d: torch_ops.w4a16_linear(xb, **d), t_kil_bf, qbytes)
             act = bench(lambda d: torch_ops.w4a16_linear(x, **d), t_act, qbytes)
             act_pre = bench(lambda d: torch_ops.w4a16_linear(x, **d), t_pre, qbytes)
             cublas = bench(lambda d: x @ d.t(), w16, w16.numel() * 2)
@@ -136,9 +142,11 @@ def bench_cuda(shapes, ms, G, timing):
             nbytes = qbytes + M * (K + N) * 2
             floor = nbytes / copy_bw * 1e6
             ratio = f"{cublas / ours:.2f}x" if ours and cublas else "n/a"
-            print(f"| {K} x {N} | {M} | {fmt(ours)} | {fmt(ours_bf)} | {fmt(act)} | {fmt(act_pre)} "
-                  f"| {fmt(cublas)} | {fmt(tiny)} | {fmt(deq)} | {floor:,.1f} | {ratio} |", flush=True)
-        del t_act, t_pre, tiny_w, w16
+            ratio_kil = f"{cublas / kil:.2f}x" if kil and cublas else "n/a"
+            print(f"| {K} x {N} | {M} | {fmt(ours)} | {fmt(ours_bf)} | {fmt(kil)} | {fmt(kil_bf)} | {fmt(act)} "
+                  f"| {fmt(act_pre)} | {fmt(cublas)} | {fmt(tiny)} | {fmt(deq)} | {floor:,.1f} | {ratio} "
+                  f"| {ratio_kil} |", flush=True)
+        del t_act, t_pre, tiny_w, w16, t_kil, t_kil_bf
         # group sizes at one shape, M = 1 and 16
         if (K, N) == (8192, 8192):
             for g in (32, 64, -1):
@@ -148,7 +156,7 @@ def bench_cuda(shapes, ms, G, timing):
                 for M in (1, 16):
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                     tm = bench(lambda d: torch_ops.w4a16_linear(x, **d), tg, qbytes)
-                    print(f"| {K} x {N}, group {g} | {M} | {fmt(tm)} | | | | | | | | |", flush=True)
+                    print(f"| {K} x {N}, group {g} | {M} | {fmt(tm)} | | | | | | | | | | | |", flush=True)
 
 
 def bench_dense_sweep(shapes, ms, G, scratch_mibs=()):

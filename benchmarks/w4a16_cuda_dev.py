@@ -54,6 +54,7 @@ class Args(ctypes.Structure):
         ("bias", ctypes.c_void_p), ("bias_dtype", ctypes.c_int),
         ("out", ctypes.c_void_p), ("out_dtype", ctypes.c_int),
         ("perm", ctypes.c_void_p),
+        ("kinterleaved", ctypes.c_int),
     ]
 
 
@@ -121,7 +122,9 @@ def dequant_ref(c):
     return s[grp] * (q.double() - z[grp].double())
 
 
-PP_CFGS = (30, 31, 34, 36, 40, 41, 42)  # dev configs (-DTOPS_DEV_CFGS) on the k-interleaved qweight
+def kil_ok(c):
+    """the case can take the k-interleaved qweight (prepack_w4a16): plain groups, whole 32-k blocks"""
+    return c["g_idx"] is None and c["K"] % 32 == 0 and (c["gs"] % 32 == 0 or c["gs"] == c["K"])
 
 
 def kp_order(K):
@@ -133,7 +136,7 @@ def kp_order(K):
     return 32 * b + 16 * ((i >> 1) & 1) + 8 * (i & 1) + 2 * t + (i >> 2)
 
 
-def prepack_pp(qweight, K, N):
+def prepack_kil(qweight, K, N):
     """GPTQ qweight [K/8, N] -> the k-interleaved layout, same shape (K % 32 == 0)"""
     dev = qweight.device
     sh = (4 * torch.arange(8, device=dev, dtype=torch.int32))
@@ -147,7 +150,7 @@ def self_test_prepack():
     g = torch.Generator().manual_seed(3)
     K, N = 96, 40
     qw = torch.randint(-2**31, 2**31, (K // 8, N), generator=g, dtype=torch.int64).to(torch.int32)
-    pp = prepack_pp(qw, K, N)
+    pp = prepack_kil(qw, K, N)
     assert pp.shape == qw.shape
     for r in range(K // 8):
         for n in (0, 7, 39):
@@ -202,7 +205,7 @@ def ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def make_args(c, out, x=None, qweight=None, perm=None):
+def make_args(c, out, x=None, qweight=None, perm=None, kil=False):
     a = Args()
     a.M, a.K, a.N = c["M"], c["K"], c["N"]
     a.groups, a.group_size = c["G"], c["gs"]
@@ -216,6 +219,7 @@ def make_args(c, out, x=None, qweight=None, perm=None):
     a.bias, a.bias_dtype = ptr(c["bias"]), DT[c["dtype"]]
     a.out, a.out_dtype = ptr(out), DT[c["dtype"]]
     a.perm = ptr(perm)
+    a.kinterleaved = int(kil)
     return a
 
 
@@ -224,13 +228,13 @@ def call(a):
     return st
 
 
-def check(c, force=(-1, 0), label=""):
+def check(c, force=(-1, 0), label="", kil=False):
     LOGF.write("run " + desc(c, force) + "\n")
     LOGF.flush()
     LIB.tops_cuda_w4a16_dev_force(force[0], force[1])
     out = torch.full((c["M"], c["N"]), float("nan"), dtype=c["dtype"], device="cuda")
-    qpp = prepack_pp(c["qweight"], c["K"], c["N"]) if force[0] in PP_CFGS else None  # (kept alive)
-    a = make_args(c, out, qweight=qpp)
+    qk = prepack_kil(c["qweight"], c["K"], c["N"]) if kil else None  # (kept alive: a holds pointers)
+    a = make_args(c, out, qweight=qk, kil=kil)
     st = call(a)
     torch.cuda.synchronize()
     LIB.tops_cuda_w4a16_dev_force(-1, 0)
@@ -264,6 +268,12 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
 
     def run(c, force=(-1, 0)):
         nonlocal fails, total
+        if kil_ok(c):  # the k-interleaved qweight too
+            total += 1
+            ok, msg = check(c, force, kil=True)
+            if not ok:
+                fails += 1
+                log("FAIL kil", desc(c, force), msg)
         ok, msg = check(c, force)
         total += 1
         key = (c["dtype"], c["g_idx"] is not None)
@@ -312,8 +322,6 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
                                            (70, 4096, 264, -1, True, torch.float16),
                                            (65, 160, 24, 32, False, torch.float16)]:
                 if quick and split == 3:
-                    continue
-                if act and cfg in PP_CFGS:
                     continue
                 seed += 1
                 run(make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], act, seed % 2 == 0, dt, seed=seed),
@@ -583,10 +591,8 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shap
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
             out = torch.empty(M, N, dtype=dtype, device="cuda")
             args = [make_args(c, out, qweight=q) for q in qws]
-            pp_args = None
-            if any(cf in PP_CFGS for cf in (mid_cfgs or ())):
-                qpp = [prepack_pp(q, K, N) for q in qws]  # (kept alive: the args hold pointers)
-                pp_args = [make_args(c, out, qweight=q) for q in qpp]
+            qkil = [prepack_kil(q, K, N) for q in qws]  # (kept alive: the args hold pointers)
+            kil_args = [make_args(c, out, qweight=q, kil=True) for q in qkil]
             res = []
             for pdl in ((1,) if auto_only else (1, 0)):
                 LIB.tops_cuda_w4a16_dev_pdl(pdl)
@@ -594,12 +600,15 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shap
                 t = time_graph([launcher(a) for a in args])
                 res.append((f"auto{'' if pdl else ' nopdl'} {last_cfg()}", t))
             LIB.tops_cuda_w4a16_dev_pdl(1)
+            t = time_graph([launcher(a) for a in kil_args])
+            res.append((f"auto kil {last_cfg()}", t))
             base = 0 if M <= 8 else 1
             sweep = [(cfg, split) for cfg in (mid_cfgs or MID_CFGS.get(M, ())) for split in (1, 2, 3, 4, 6, 8)] if mid else \
                 [(cf, split) for cf in (mid_cfgs or (base,)) for split in (2, 3, 4, 6, 7, 8)]
             for cfg, split in ([] if auto_only else sweep):
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
-                res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in (pp_args if cfg in PP_CFGS else args)])))
+                res.append((f"{cfg}/{split}", time_graph([launcher(a) for a in args])))
+                res.append((f"{cfg}/{split}k", time_graph([launcher(a) for a in kil_args])))
             LIB.tops_cuda_w4a16_dev_force(-1, 0)
             log(f"{K}x{N} M={M}{'' if dtype == torch.float16 else ' bf16'}: " +
                 " | ".join(f"{n} {t:.1f}" for n, t in res))
