@@ -426,7 +426,8 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         (void)kt;
         const unsigned char *st = smem + (it % STAGES) * C::STAGE_BYTES;
         const uint32_t *sW = reinterpret_cast<const uint32_t *>(st + C::X_BYTES);
-        uint2 wkp[WNT]; /* KP: the words of columns r0, r0 + 1 for two k16 steps */
+        uint2 wkp[C::KP ? WNT : 1]; /* KP: the words of columns r0, r0 + 1 for two k16 steps */
+        (void)wkp;
 #pragma unroll
         for (int j0 = 0; j0 < NSTEP; j0 += C::QB) {
 #pragma unroll
@@ -442,31 +443,33 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
                 for (int nt = 0; nt < WNT; ++nt) {
                     const int r0 = rcol(nt);
                     if constexpr (C::KP) {
+                        /* k-word 4 b + t of columns r0, r0 + 1 (chunks swizzled by the word's
+                         * parity, see WCfg), loaded once for the steps 2 b and 2 b + 1 */
                         if ((j & 1) == 0)
                             wkp[nt] = *reinterpret_cast<const uint2 *>(sW + (2 * j + t) * BN + (r0 ^ ((t & 1) << 4)));
                         deq_kp(wkp[nt], j & 1, A[B][nt][j], nt);
-                        continue;
-                    }
-                    const uint2 wa = *reinterpret_cast<const uint2 *>(sW + (2 * j) * BN + r0);
-                    const uint2 wb = *reinterpret_cast<const uint2 *>(sW + (2 * j + 1) * BN + r0);
-                    if constexpr (!C::ACT) {
-                        A[B][nt][j][0] = deq(wa.x, nz[nt][0], sd[nt][0]);
-                        A[B][nt][j][1] = deq(wa.y, nz[nt][1], sd[nt][1]);
-                        A[B][nt][j][2] = deq(wb.x, nz[nt][0], sd[nt][0]);
-                        A[B][nt][j][3] = deq(wb.y, nz[nt][1], sd[nt][1]);
                     } else {
-                        (void)PS;
-                        const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::X_BYTES + C::W_BYTES);
-                        const int2 ga = *reinterpret_cast<const int2 *>(sG + 16 * j + 2 * t);
-                        const int2 gb = *reinterpret_cast<const int2 *>(sG + 16 * j + 8 + 2 * t);
-                        const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.x, r0));
-                        const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.y, r0));
-                        const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.x, r0));
-                        const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.y, r0));
-                        A[B][nt][j][0] = deq(wa.x, __byte_perm(ea0.x, ea1.x, 0x7632), __byte_perm(ea0.x, ea1.x, 0x5410));
-                        A[B][nt][j][1] = deq(wa.y, __byte_perm(ea0.y, ea1.y, 0x7632), __byte_perm(ea0.y, ea1.y, 0x5410));
-                        A[B][nt][j][2] = deq(wb.x, __byte_perm(eb0.x, eb1.x, 0x7632), __byte_perm(eb0.x, eb1.x, 0x5410));
-                        A[B][nt][j][3] = deq(wb.y, __byte_perm(eb0.y, eb1.y, 0x7632), __byte_perm(eb0.y, eb1.y, 0x5410));
+                        const uint2 wa = *reinterpret_cast<const uint2 *>(sW + (2 * j) * BN + r0);
+                        const uint2 wb = *reinterpret_cast<const uint2 *>(sW + (2 * j + 1) * BN + r0);
+                        if constexpr (!C::ACT) {
+                            A[B][nt][j][0] = deq(wa.x, nz[nt][0], sd[nt][0]);
+                            A[B][nt][j][1] = deq(wa.y, nz[nt][1], sd[nt][1]);
+                            A[B][nt][j][2] = deq(wb.x, nz[nt][0], sd[nt][0]);
+                            A[B][nt][j][3] = deq(wb.y, nz[nt][1], sd[nt][1]);
+                        } else {
+                            (void)PS;
+                            const int32_t *sG = reinterpret_cast<const int32_t *>(st + C::X_BYTES + C::W_BYTES);
+                            const int2 ga = *reinterpret_cast<const int2 *>(sG + 16 * j + 2 * t);
+                            const int2 gb = *reinterpret_cast<const int2 *>(sG + 16 * j + 8 + 2 * t);
+                            const uint2 ea0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.x, r0));
+                            const uint2 ea1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(ga.y, r0));
+                            const uint2 eb0 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.x, r0));
+                            const uint2 eb1 = *reinterpret_cast<const uint2 *>(tab + tab_at<BN>(gb.y, r0));
+                            A[B][nt][j][0] = deq(wa.x, __byte_perm(ea0.x, ea1.x, 0x7632), __byte_perm(ea0.x, ea1.x, 0x5410));
+                            A[B][nt][j][1] = deq(wa.y, __byte_perm(ea0.y, ea1.y, 0x7632), __byte_perm(ea0.y, ea1.y, 0x5410));
+                            A[B][nt][j][2] = deq(wb.x, __byte_perm(eb0.x, eb1.x, 0x7632), __byte_perm(eb0.x, eb1.x, 0x5410));
+                            A[B][nt][j][3] = deq(wb.y, __byte_perm(eb0.y, eb1.y, 0x7632), __byte_perm(eb0.y, eb1.y, 0x5410));
+                        }
                     }
                 }
             }
