@@ -393,3 +393,18 @@ def test_linear_prepacked_group_must_hold_whole_blocks(device):
         torch_ops.w4a16_linear(x, kil, scales, None, 48)
     out = torch_ops.w4a16_linear(x, kil, scales[:1], None, -1)
     torch.testing.assert_close(out, torch_ops.w4a16_linear(x, qweight, scales[:1], None, -1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 40])
+def test_cuda_linear_prepacked_misaligned_qweight(M):
+    """a prepacked qweight 4 bytes off 16-byte alignment: the CUDA-core fallback reads the layout too"""
+    K, N = 256, 24
+    t = make_weights(K, N, 64, zeros="v2", device="cuda", scales_dtype=torch.float16)
+    kil = torch_ops.prepack_w4a16(t["qweight"])
+    buf = torch.empty(kil.numel() + 1, dtype=torch.int32, device="cuda")
+    buf[1:].copy_(kil.flatten())
+    tp = dict(t, qweight=buf[1:].view(kil.shape))
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    out = torch_ops.w4a16_linear(x, **tp)
+    assert rel_err(out, reference(x, t)) < TOL[torch.float16]

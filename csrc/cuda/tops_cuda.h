@@ -51,6 +51,7 @@ int tops_cuda_dequantize(const tops_dequant_args *a, void *stream);
  * (the caller converts scales to the activation dtype); out_dtype == x_dtype; bias (optional) in
  * x_dtype; x contiguous (x_row_stride == K). Any N % 8 == 0 and K % group_size == 0 (K % 8 == 0).
  * perm (optional): x is gathered along K into the workspace first, by a kernel of its own.
+ * kinterleaved: every kernel reads the k-interleaved words natively (no gather).
  * The workspace (the gathered x; or, without perm, on sm_90 at M <= 64, fp32 split-K partials)
  * is allocated by the caller with tops_cuda_w4a16_workspace_bytes(a) bytes; its content on entry
  * is arbitrary.
