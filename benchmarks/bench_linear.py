@@ -74,11 +74,13 @@ def copies(tensors, nbytes):
 
 def layer_variants(K, N, G):
     """one CUDA layer as: float weights, GPTQ tensors, the same with a scattered act-order g_idx,
-    that one prepacked (rows sorted, x gathered by perm), and its int4 bytes"""
+    that one prepacked as QuantLinear holds it (rows sorted, x gathered by perm, k-interleaved),
+    and its int4 bytes"""
     w, t = make(K, N, G, "cuda")
     _, t_act = make(K, N, G, "cuda", act_order=True)
     qw, perm = torch_ops.act_order_prepack(t_act["qweight"], t_act["g_idx"], G)
-    t_pre = {k: v for k, v in t_act.items() if k != "g_idx"} | {"qweight": qw, "perm": perm}
+    t_pre = {k: v for k, v in t_act.items() if k != "g_idx"} | {"qweight": torch_ops.prepack_w4a16(qw),
+                                                                  "perm": perm}
     return w, t, t_act, t_pre, K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2
 
 

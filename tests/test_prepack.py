@@ -307,7 +307,6 @@ def test_linear_prepacked_bad_input(device):
     perm = torch.arange(K, device=device).to(torch.int32)
     cases = [
         (dict(g_idx=g_idx), r"w4a16_linear: .*g_idx"),
-        (dict(perm=perm), r"w4a16_linear: .*perm"),
         (dict(qweight=tp["qweight"][:, :3].contiguous()), r"w4a16_linear: .*qweight"),  # [K/32, 3, N]
         (dict(qweight=tp["qweight"].unsqueeze(0)), r"w4a16_linear: .*qweight"),  # 4-D
         (dict(qweight=tp["qweight"].to(torch.int64)), r"w4a16_linear: .*qweight"),
@@ -318,9 +317,31 @@ def test_linear_prepacked_bad_input(device):
         args.update(change)
         with pytest.raises(BAD_INPUT, match=pattern):
             torch_ops.w4a16_linear(**args)
-    # the same g_idx and perm are fine with the GPTQ qweight
+    # the same g_idx is fine with the GPTQ qweight
     torch_ops.w4a16_linear(x, **dict(t, g_idx=g_idx))
-    torch_ops.w4a16_linear(x, **dict(t, perm=perm))
+
+
+@pytest.mark.parametrize("M", [1, 16, 64, 300])
+def test_linear_prepacked_with_perm(device, M):
+    """act-order weights sorted by act_order_prepack, then k-interleaved: the op reads x[..., perm]
+    and the words in their k order (every route: M = 300 and the forced dense route on CUDA)"""
+    K, N, G = 256, 24, 64
+    t = make_weights(K, N, G, zeros="v1", act_order=True, device=device, scales_dtype=torch.float16)
+    qw_sorted, perm = torch_ops.act_order_prepack(t["qweight"], t["g_idx"], G)
+    plain = {k: v for k, v in t.items() if k != "g_idx"}
+    x = torch.randn(M, K, device=device, dtype=torch.float16)
+    expected = torch_ops.w4a16_linear(x, **dict(plain, qweight=qw_sorted, perm=perm))
+    routes = [-1, 1] if device == "cuda" else [-1]
+    try:
+        for route in routes:
+            if device == "cuda":
+                _C.cuda_w4a16_dense(route)
+            out = torch_ops.w4a16_linear(x, **dict(plain, qweight=torch_ops.prepack_w4a16(qw_sorted), perm=perm))
+            assert rel_err(out, expected.double().cpu()) < TOL[torch.float16]
+            assert rel_err(out, reference(x, t)) < TOL[torch.float16]
+    finally:
+        if device == "cuda":
+            _C.cuda_w4a16_dense(-1)
 
 
 def test_gradient_wrt_x_prepacked(device):

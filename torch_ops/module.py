@@ -13,8 +13,8 @@ per-row g_idx lookup is up to 2.7x slower on the GPU (H100, M <= 16). ``perm`` i
 invisible from outside: ``state_dict()``, ``to_gptq()`` and ``dequantize()`` give the checkpoint's
 row order.
 
-Every other layer (plain groups, K a multiple of 32, group size a multiple of 32 or -1) keeps its
-qweight k-interleaved (``torch_ops.prepack_w4a16``, int32 [K/32, 4, N]), the layout the CUDA
+Every layer with plain or prepacked groups (K and the group size multiples of 32, or group -1)
+keeps its qweight k-interleaved (``torch_ops.prepack_w4a16``, int32 [K/32, 4, N]), the layout the CUDA
 kernels read fastest (H200: 2-10% at every batch size); ``kinterleave=False`` keeps [K/8, N].
 That too is invisible from outside: state dicts and exports are GPTQ.
 
@@ -207,11 +207,10 @@ class QuantLinear(nn.Module):
     def _gptq_qweight(self) -> torch.Tensor:
         """A copy of qweight in the checkpoint's layout and row order (the k-interleave or the
         act-order prepack undone)."""
-        if self.kinterleaved:
-            return _ops.unprepack_w4a16(self.qweight)
+        qweight = _ops.unprepack_w4a16(self.qweight) if self.kinterleaved else self.qweight
         if self.perm is None:
-            return self.qweight.clone()
-        q = _ops.unpack(self.qweight, BITS, dim=0)
+            return qweight if self.kinterleaved else qweight.clone()
+        q = _ops.unpack(qweight, BITS, dim=0)
         return _ops.pack(q.index_select(0, torch.argsort(self.perm)), BITS, dim=0)
 
     def _qzeros_as(self, zero_format: str) -> torch.Tensor:
@@ -284,7 +283,7 @@ class QuantLinear(nn.Module):
             prepacked = _ops.act_order_prepack(qweight, g_idx.to(qweight.device), self.group_size)
             if prepacked is not None:  # else: groups of unequal size, forward uses g_idx
                 qweight, perm = prepacked
-        elif self._kinterleave_ok():
+        if (g_idx is None or perm is not None) and self._kinterleave_ok():
             qweight = _ops.prepack_w4a16(qweight)
         self._put("qweight", qweight, assign)
         self._put("qzeros", qzeros, assign)

@@ -635,9 +635,9 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     int64_t K = qweight_in.size(0) * (kil ? 32 : 8), N = qweight_in.size(-1);
     TORCH_CHECK_VALUE(x_in.size(-1) == K, op, ": x.shape[-1] = ", x_in.size(-1), " must equal K = ",
                       kil ? "32 * qweight.shape[0] = " : "8 * qweight.shape[0] = ", K);
-    TORCH_CHECK_VALUE(!kil || (!g_idx_in.has_value() && !perm_in.has_value()), op,
-                      ": a k-interleaved qweight (prepack_w4a16) takes neither g_idx nor perm "
-                      "(act-order weights keep the GPTQ layout)");
+    TORCH_CHECK_VALUE(!kil || !g_idx_in.has_value(), op,
+                      ": a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order weights: "
+                      "act_order_prepack first, then perm)");
     TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N, " must be a multiple of 8");
     int64_t gs = resolve_group_size(op, group_size, K);
     TORCH_CHECK_VALUE(K % gs == 0, op, ": K = ", K, " must be a multiple of group_size = ", gs);

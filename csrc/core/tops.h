@@ -160,8 +160,8 @@ typedef struct {
     const int32_t *perm;
     /* 1: qweight is k-interleaved (tops_prepack_w4a16), same [K/8, N] words: stored k 8 r + i
      * of word row r = 4 b + t is real k 32 b + 16 ((i >> 1) & 1) + 8 (i & 1) + 2 t + (i >> 2).
-     * K % 32 == 0, plain groups (no g_idx), no perm. CUDA only: the CPU binding gathers x in that
-     * order and passes the words as GPTQ ones. */
+     * K % 32 == 0, plain groups (no g_idx); with perm, real k r multiplies x[m, perm[r]]. CUDA
+     * only: the CPU binding gathers x in that order and passes the words as GPTQ ones. */
     int kinterleaved;
 } tops_w4a16_args;
 int tops_w4a16_linear(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end);

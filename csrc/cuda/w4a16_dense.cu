@@ -90,7 +90,8 @@ template <> struct Vec4<F32> {
 
 /* One thread: one k-word (8 k) of 4 consecutive columns; a warp writes 128 columns of a row with
  * one store per thread (8 or 16 bytes), rows of the chunk n elements apart (with perm, row
- * perm[k]: the weights move to the activations they multiply, so x needs no gather). */
+ * perm[k]: the weights move to the activations they multiply, so x needs no gather; k-interleaved:
+ * row perm[real k]). */
 template <class T>
 __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
     using E = typename Vec4<T>::E;
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
         const int4 q = __ldg(reinterpret_cast<const int4 *>(p.qw + kw * p.N + col));
         const uint32_t qv[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
         int4 rows[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
-        if (p.perm) {
+        if (p.perm && !p.kp) {
             rows[0] = __ldg(reinterpret_cast<const int4 *>(p.perm + kw * 8));
             rows[1] = __ldg(reinterpret_cast<const int4 *>(p.perm + kw * 8 + 4));
         }
@@ -128,7 +129,10 @@ __global__ void __launch_bounds__(256) dequant_kn_kernel(const DqKnParams p) {
                                          s.y * ((float)((qv[1] >> (4 * i)) & 15u) - z.y),
                                          s.z * ((float)((qv[2] >> (4 * i)) & 15u) - z.z),
                                          s.w * ((float)((qv[3] >> (4 * i)) & 15u) - z.w));
-            Vec4<T>::store(w + (p.kp ? kp_real_k(kw, i) : p.perm ? (int64_t)prow[i] : k) * p.n + 4 * j, v);
+            /* the weight's row: its k (k-interleaved: the real one), through perm if any */
+            const int64_t kr = p.kp ? kp_real_k(kw, i) : k;
+            const int64_t row = !p.perm ? kr : p.kp ? (int64_t)__ldg(p.perm + kr) : (int64_t)prow[i];
+            Vec4<T>::store(w + row * p.n + 4 * j, v);
         }
     }
 }
@@ -178,7 +182,7 @@ int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, 
     if (reinterpret_cast<uintptr_t>(a->perm) & 15) return TOPS_ERR_ARG; /* read in 16-byte words */
     int zmode = 0;
     if (a->qzeros != nullptr) zmode = a->zero_format == TOPS_ZEROS_V1 ? 1 : 2;
-    if (a->kinterleaved && ((a->K & 31) || a->g_idx != nullptr || a->perm != nullptr ||
+    if (a->kinterleaved && ((a->K & 31) || a->g_idx != nullptr ||
                             (a->group_size % 32 != 0 && a->group_size != a->K)))
         return TOPS_ERR_ARG;
     DqKnParams p{a->qweight, a->scales, a->qzeros, a->g_idx, a->perm, w, a->K >> 3, a->N, n0, n, a->group_size, zmode,

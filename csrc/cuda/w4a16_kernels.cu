@@ -1216,7 +1216,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
     if (a->group_size <= 0 || K % a->group_size != 0 || a->groups <= 0) return TOPS_ERR_ARG;
     /* k-interleaved: whole 32-k blocks, each inside one group */
-    if (a->kinterleaved && ((K & 31) || a->g_idx != nullptr || a->perm != nullptr ||
+    if (a->kinterleaved && ((K & 31) || a->g_idx != nullptr ||
                             (a->group_size % 32 != 0 && a->group_size != K)))
         return TOPS_ERR_ARG;
     if (a->g_idx == nullptr && a->groups != K / a->group_size) return TOPS_ERR_ARG;
