@@ -102,9 +102,15 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or(uint32_t a, 
 }
 static constexpr uint32_t NEG_ZERO2 = 0x80008000u; /* (-0, -0): x * s + (-0) == x * s exactly */
 
-/* zero point of field f (4 bits) for zmode 0 (symmetric: 8), 1 (v1: f + 1), 2 (v2: f) */
 /* the real k of nibble e of k-word kw in the k-interleaved layout (tops_prepack_w4a16) */
 __host__ __device__ __forceinline__ int64_t kp_real_k(int64_t kw, int e) { return TOPS_KIL_REAL_K(kw, (int64_t)e); }
+/* a k-interleaved qweight is read in whole 32-k blocks, each inside one group, with no g_idx
+ * (every launcher that takes one checks this) */
+inline bool kil_args_ok(const tops_w4a16_args *a) {
+    return !a->kinterleaved ||
+           ((a->K & 31) == 0 && a->g_idx == nullptr && (a->group_size % 32 == 0 || a->group_size == a->K));
+}
+/* zero point of field f (4 bits) for zmode 0 (symmetric: 8), 1 (v1: f + 1), 2 (v2: f) */
 __device__ __forceinline__ uint32_t zero_of(uint32_t f, int zmode) {
     return zmode == 0 ? 8u : (zmode == 1 ? ((f + 1u) & 15u) : (f & 15u));
 }

@@ -182,9 +182,7 @@ int tops_cuda_w4a16_dequant_kn(const tops_w4a16_args *a, int64_t n0, int64_t n, 
     if (reinterpret_cast<uintptr_t>(a->perm) & 15) return TOPS_ERR_ARG; /* read in 16-byte words */
     int zmode = 0;
     if (a->qzeros != nullptr) zmode = a->zero_format == TOPS_ZEROS_V1 ? 1 : 2;
-    if (a->kinterleaved && ((a->K & 31) || a->g_idx != nullptr ||
-                            (a->group_size % 32 != 0 && a->group_size != a->K)))
-        return TOPS_ERR_ARG;
+    if (!kil_args_ok(a)) return TOPS_ERR_ARG;
     DqKnParams p{a->qweight, a->scales, a->qzeros, a->g_idx, a->perm, w, a->K >> 3, a->N, n0, n, a->group_size, zmode,
                  a->kinterleaved};
     const int64_t quads = n >> 2;

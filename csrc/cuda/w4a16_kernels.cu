@@ -1215,10 +1215,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
     if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
     if (a->group_size <= 0 || K % a->group_size != 0 || a->groups <= 0) return TOPS_ERR_ARG;
-    /* k-interleaved: whole 32-k blocks, each inside one group */
-    if (a->kinterleaved && ((K & 31) || a->g_idx != nullptr ||
-                            (a->group_size % 32 != 0 && a->group_size != K)))
-        return TOPS_ERR_ARG;
+    if (!kil_args_ok(a)) return TOPS_ERR_ARG;
     if (a->g_idx == nullptr && a->groups != K / a->group_size) return TOPS_ERR_ARG;
     if (a->x_dtype != TOPS_F32 && a->x_dtype != TOPS_F16 && a->x_dtype != TOPS_BF16) return TOPS_ERR_ARG;
     if (a->scales_dtype != a->x_dtype || a->out_dtype != a->x_dtype) return TOPS_ERR_ARG;

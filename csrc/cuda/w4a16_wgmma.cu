@@ -385,13 +385,11 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         const uint32_t wc[2] = {wv.x >> (8 * s), wv.y >> (8 * s)};
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            if constexpr (FAST) {
-                a[r] = T::fma2(T::fma2(and_or<0x000F000Fu>(wc[r], magic), T::ONE2, nz[nt][r]), sd[nt][r], NEG_ZERO2);
+            a[r] = T::fma2(T::fma2(and_or<0x000F000Fu>(wc[r], magic), T::ONE2, nz[nt][r]), sd[nt][r], NEG_ZERO2);
+            if constexpr (FAST) /* high nibbles in place (1024 + 16 q) x 1/16 - (64 + z) */
                 a[2 + r] = T::fma2(T::fma2(and_or<0x00F000F0u>(wc[r], magic), 0x2C002C00u, nzh[nt][r]), sd[nt][r], NEG_ZERO2);
-            } else {
-                a[r] = T::fma2(T::fma2(and_or<0x000F000Fu>(wc[r], magic), T::ONE2, nz[nt][r]), sd[nt][r], NEG_ZERO2);
+            else
                 a[2 + r] = T::fma2(T::fma2(and_or<0x000F000Fu>(wc[r] >> 4, magic), T::ONE2, nz[nt][r]), sd[nt][r], NEG_ZERO2);
-            }
         }
     };
     auto load_group = [&](const unsigned char *st, int gl) {
