@@ -333,9 +333,11 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
         c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
         perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
         out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
-        ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
-        st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), ctypes.c_void_p(ws.data_ptr()),
-                                        ws.numel(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        # the gathered x only (K then split through clusters), or room for the partials too
+        small = torch.empty(M * K * 2, dtype=torch.uint8, device="cuda")
+        w = (ctypes.c_void_p(small.data_ptr()), small.numel()) if (seed // 2) % 2 else ws()
+        st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), *w,
+                                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
         torch.cuda.synchronize()
         used = last_cfg()
         ref = ref_out(dict(c, x=c["x"][:, perm.long()]))
@@ -522,32 +524,34 @@ MID_MS = (32, 64, 128, 256)  # --sweep-mid without --mid-ms
 SWEEP_SHAPES = ((4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672))  # K x N
 
 
-def perm_sweep(small=False):
+def perm_sweep(small=False, kil=False, ms=()):
     """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
     way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
-    signalling the GEMM late, 3 by row); small: M = 1..8 where K is large and N small"""
+    signalling the GEMM late, 3 by row); small: M = 1..8 where K is large and N small; kil: the
+    k-interleaved qweight; ms: only these batch sizes ("ws": K split through the workspace)"""
     fnc = LIB.tops_cuda_w4a16_linear
     shapes = [(8192, 4096), (14336, 4096), (28672, 4096), (14336, 5120)] if small else \
         [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]
     for K, N in shapes:
-        for M in ((1, 2, 4, 8) if small else (1, 4, 16, 64, 256, 1024, 4096)):
+        for M in (ms or ((1, 2, 4, 8) if small else (1, 4, 16, 64, 256, 1024, 4096))):
             if K * N > 8192 * 8192 and M > 16:
                 continue
             c = make_case(M, K, N, 128, ZV2, False, False, torch.float16, seed=7)
             ncopy = max(2, min(32, (200 << 20) // (K * N // 2) + 1))
             qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
+            if kil:  # the layout QuantLinear holds (act-order layers: sorted by group, then this)
+                qws = [prepack_kil(q, K, N) for q in qws]
             out = torch.empty(M, N, dtype=torch.float16, device="cuda")
             perm = torch.randperm(K).to(torch.int32).cuda()
-            ws = torch.empty(M * K * 2 + 16, dtype=torch.uint8, device="cuda")
             res = []
-            for mode in (None, 1, 2, 3):
-                args = [make_args(c, out, qweight=q, perm=None if mode is None else perm) for q in qws]
+            for mode in (None, 0, 1, 2, 3):
+                args = [make_args(c, out, qweight=q, perm=None if mode is None else perm, kil=kil) for q in qws]
                 LIB.tops_cuda_w4a16_dev_gather(mode or 0)
-                def launcher(a):
-                    return lambda: fnc(ctypes.byref(a), ctypes.c_void_p(ws.data_ptr()), ws.numel(),
-                                       ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                def launcher(a):  # (the 64 MB workspace: room for the gathered x and the partials)
+                    return lambda: fnc(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
                 t = time_graph([launcher(a) for a in args])
-                res.append(f"{'plain' if mode is None else 'gather' + str(mode)} {last_cfg()} {t:.1f}")
+                res.append(f"{'plain' if mode is None else 'gather' + str(mode) if mode else 'auto'} {last_cfg()} "
+                           f"{'ws ' if LIB.tops_cuda_w4a16_dev_last_workspace() else ''}{t:.1f}")
             LIB.tops_cuda_w4a16_dev_gather(0)
             log(f"{K}x{N} M={M}: " + " | ".join(res))
             del qws
@@ -681,6 +685,7 @@ def main():
     ap.add_argument("--mid-cfgs", default="", help="--sweep-mid: only these configs (e.g. 2,10)")
     ap.add_argument("--perm-sweep", action="store_true", help="only the perm-against-plain timing")
     ap.add_argument("--perm-small", action="store_true", help="only the perm timing at M = 1..8, large K")
+    ap.add_argument("--kil", action="store_true", help="--perm-sweep / --perm-small: k-interleaved qweight")
     ap.add_argument("--policy-sweep", action="store_true", help="only the cluster scheduling policy sweep")
     ap.add_argument("--act-sweep", action="store_true", help="only the raw g_idx timing")
     ap.add_argument("--global-split", type=int, default=1, choices=[0, 1],
@@ -713,7 +718,8 @@ def main():
         profile_cases(args.profile)
         return 0
     if args.perm_sweep or args.perm_small:
-        perm_sweep(small=args.perm_small)
+        perm_sweep(small=args.perm_small, kil=args.kil,
+                   ms=tuple(int(m) for m in args.mid_ms.split(",") if m))
     if args.policy_sweep:
         policy_sweep()
     if args.act_sweep:

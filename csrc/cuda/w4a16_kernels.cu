@@ -817,7 +817,7 @@ int launch_gather_rows(const tops_w4a16_args *a, E *dst, cudaLaunchConfig_t cfg,
 }
 
 template <typename E>
-int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg) {
+int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg, bool ws_split) {
     const E *x = static_cast<const E *>(a->x);
     E *d = static_cast<E *>(dst);
     const int64_t K8 = a->K >> 3;
@@ -826,7 +826,20 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg)
     const bool rows_ok = K8 <= 4 * 1024 && (size_t)a->K * sizeof(E) <= (size_t)di.optin_smem &&
                          (reinterpret_cast<uintptr_t>(a->x) & 15) == 0;
     int mode = g_gather_mode;
+    if (mode == 0 && ws_split && a->M <= 64) {
+        /* The GEMM may split K through the workspace (M <= 64, sm_90): by row, except where its
+         * blocks leave SMs idle at M = 9..32 (by element, signalling late). H200, CUDA graphs,
+         * k-interleaved qweight, by element / late / by row (plain): 14336 x 4096 M = 1 18.8 /
+         * 15.7 / 14.3 (12.1), M = 4 19.5 / 17.3 / 14.4 (12.4), M = 16 23.8 / 19.8 / 23.7 (15.7);
+         * 8192 x 8192 M = 4 16.3 / 17.6 / 15.2 (13.4), M = 16 20.2 / 21.9 / 18.4 (15.7), M = 64
+         * 30.2 / 31.1 / 27.2 (25.2); 4096 x 4096 M = 16 11.5 / 10.2 / 11.1 (7.5), M = 64 12.8 /
+         * 13.7 / 11.8 (10.1); M = 1 at 4096 x 4096, 8192 x 8192 and 8192 x 28672 within 0.1 us
+         * of by element. */
+        const bool idle = (a->N + 255) / 256 * 6 < di.sms;
+        mode = idle && a->M > 8 && a->M <= 32 && a->M * a->K >= 49152 ? 2 : rows_ok ? 3 : 1;
+    }
     if (mode == 0) {
+        /* (through thread-block clusters, or no split) */
         /* Measured on an H100 (CUDA graphs): by row from 32 rows (14336 x 4096: M = 1024 280 ->
          * 237 us, M = 256 90 -> 78, M = 64 37.7 -> 34.8; plain 226 / 72 / 32), except short rows at
          * large M, whose scattered loads stay in L1 (4096 x 4096 M = 4096: 296 us by element, 336
@@ -879,10 +892,12 @@ static cudaLaunchConfig_t pdl_launch(cudaLaunchAttribute *attr, unsigned threads
     return cfg;
 }
 
-int launch_gather(const tops_w4a16_args *a, void *dst, void *stream) {
+/* ws_split: the GEMM after may split K through the workspace (the choice of gather differs) */
+int launch_gather(const tops_w4a16_args *a, void *dst, void *stream, bool ws_split = false) {
     cudaLaunchAttribute attr[1];
     cudaLaunchConfig_t cfg = pdl_launch(attr, 256, stream);
-    return a->x_dtype == TOPS_F32 ? launch_gather_t<float>(a, dst, cfg) : launch_gather_t<uint16_t>(a, dst, cfg);
+    return a->x_dtype == TOPS_F32 ? launch_gather_t<float>(a, dst, cfg, ws_split)
+                                  : launch_gather_t<uint16_t>(a, dst, cfg, ws_split);
 }
 
 /* ---- the workspace partials, summed after the GEMM (tiles of reduce_after(BM) rows) ----
@@ -1099,12 +1114,10 @@ bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
 constexpr int kLocks = 16384;       /* tiles per launch at most */
 constexpr int kGlobalSplitMax = 8;
 static int g_global_split = 1; /* dev hook: 0 = through clusters only */
-/* Not behind a perm gather: with it, bench_linear (H200) measured prepacked act-order at
- * 14336 x 4096 M = 1 20.1 us against 16.0 through clusters, 8192 x 8192 M = 16 21.4 against 19.7
- * (M = 4 / 16 at 14336 x 4096 were 1-2 us faster); not understood, one run */
+/* (behind a perm gather too: the partials follow the gathered x in the workspace) */
 static bool global_split_on(const tops_w4a16_args *a, const DevInfo &di) {
     /* M = 33..64: only the wgmma tile takes it (its mma.sync stand-in does not) */
-    return g_global_split && a->perm == nullptr && a->x_dtype != TOPS_F32 && di.major == 9 &&
+    return g_global_split && a->x_dtype != TOPS_F32 && di.major == 9 &&
            (a->M <= 32 || (a->M <= 64 && di.minor == 0 && wgmma_built()));
 }
 /* partials the workspace holds: as many as blocks fit in one wave, two per SM, over the tiles of
@@ -1117,6 +1130,8 @@ static size_t gather_bytes(const tops_w4a16_args *a) {
     if (a->perm == nullptr || a->M <= 0 || a->K <= 0) return 0;
     return (size_t)a->M * (size_t)a->K * (a->x_dtype == TOPS_F32 ? 4 : 2);
 }
+/* where the split-K partials start in the workspace: after the gathered x, 256-byte aligned */
+static size_t partials_offset(const tops_w4a16_args *a) { return (gather_bytes(a) + 255) & ~(size_t)255; }
 /* the locks of the current device and `stream`: allocated on first use, also during a stream
  * capture (the allocation is no stream operation: the thread's capture mode is relaxed for it) */
 static int32_t *split_locks(void *stream) {
@@ -1148,6 +1163,13 @@ static int32_t *split_locks(void *stream) {
     if (!ok) return nullptr;
     tab[n++] = E{dev, stream, ptr};
     return ptr;
+}
+
+static int gather_checked(const tops_w4a16_args *a, void *dst, void *stream, bool ws_split) {
+    if (a == nullptr || a->perm == nullptr || a->x == nullptr || a->M <= 0 || (a->K & 7) != 0 ||
+        a->x_row_stride != a->K || !aligned(a->perm, 16) || !aligned(dst, 16))
+        return TOPS_ERR_ARG;
+    return launch_gather(a, dst, stream, ws_split);
 }
 
 } // namespace tops_w4
@@ -1186,14 +1208,11 @@ size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
     const DevInfo di = dev_info();
     if (!global_split_on(a, di)) return gx;
     const int64_t room = global_split_room(a->M, a->N, di);
-    return room < 2 ? gx : (size_t)room * (size_t)a->M * (size_t)a->N * sizeof(float);
+    return room < 2 ? gx : partials_offset(a) + (size_t)room * (size_t)a->M * (size_t)a->N * sizeof(float);
 }
 
 int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) {
-    if (a == nullptr || a->perm == nullptr || a->x == nullptr || a->M <= 0 || (a->K & 7) != 0 ||
-        a->x_row_stride != a->K || !aligned(a->perm, 16) || !aligned(dst, 16))
-        return TOPS_ERR_ARG;
-    return launch_gather(a, dst, stream);
+    return gather_checked(a, dst, stream, false);
 }
 
 int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t workspace_bytes,
@@ -1202,14 +1221,20 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     tops_w4a16_args gathered;
     const tops_w4a16_args *a = a_in;
     if (a_in->perm != nullptr && a_in->M > 0) {
-        /* x[:, perm] into the workspace, then the plain product on it */
+        /* x[:, perm] into the workspace, then the plain product on it, with the rest of the
+         * workspace (split-K partials) */
         if (workspace == nullptr || workspace_bytes < gather_bytes(a_in)) return TOPS_ERR_ARG;
-        const int st = tops_cuda_w4a16_gather_x(a_in, workspace, stream);
+        const size_t off = partials_offset(a_in);
+        const bool ws_split = global_split_on(a_in, dev_info()) && workspace_bytes > off &&
+                              workspace_bytes - off >= 2 * (size_t)a_in->M * (size_t)a_in->N * sizeof(float);
+        const int st = gather_checked(a_in, workspace, stream, ws_split);
         if (st != TOPS_OK) return st;
         gathered = *a_in;
         gathered.x = workspace;
         gathered.perm = nullptr;
         a = &gathered;
+        workspace = workspace_bytes > off ? static_cast<unsigned char *>(workspace) + off : nullptr;
+        workspace_bytes = workspace_bytes > off ? workspace_bytes - off : 0;
     }
     const int64_t M = a->M, K = a->K, N = a->N;
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
@@ -1273,7 +1298,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         const bool bf16 = a->x_dtype == TOPS_BF16;
         /* the tiles of up to 64 rows (Cfg / WCfg GLOBAL) may split K through the workspace where
          * it has room (else through a cluster); the others ignore it */
-        if (global_split_on(a_in, di) && workspace != nullptr &&
+        if (global_split_on(a, di) && workspace != nullptr &&
             workspace_bytes >= 2 * (size_t)M * (size_t)N * sizeof(float) && aligned(workspace, 16) &&
             ((M + 7) / 8) * ((N + 255) / 256) <= kLocks) {
             p.locks = split_locks(stream);
