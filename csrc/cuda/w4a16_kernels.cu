@@ -828,15 +828,16 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg,
     int mode = g_gather_mode;
     if (mode == 0 && ws_split && a->M <= 64) {
         /* The GEMM may split K through the workspace (M <= 64, sm_90): by row, except where its
-         * blocks leave SMs idle at M = 9..32 (by element, signalling late). H200, CUDA graphs,
-         * k-interleaved qweight, by element / late / by row (plain): 14336 x 4096 M = 1 18.8 /
-         * 15.7 / 14.3 (12.1), M = 4 19.5 / 17.3 / 14.4 (12.4), M = 16 23.8 / 19.8 / 23.7 (15.7);
-         * 8192 x 8192 M = 4 16.3 / 17.6 / 15.2 (13.4), M = 16 20.2 / 21.9 / 18.4 (15.7), M = 64
-         * 30.2 / 31.1 / 27.2 (25.2); 4096 x 4096 M = 16 11.5 / 10.2 / 11.1 (7.5), M = 64 12.8 /
-         * 13.7 / 11.8 (10.1); M = 1 at 4096 x 4096, 8192 x 8192 and 8192 x 28672 within 0.1 us
-         * of by element. */
+         * blocks leave SMs idle at M = 5..32 with x large enough (by element, signalling late).
+         * H200, CUDA graphs, k-interleaved qweight, by element / late / by row (plain), us:
+         * 14336 x 4096 M = 1 18.8 / 15.7 / 14.3 (12.1), M = 4 19.5 / 17.3 / 14.4 (12.4), M = 8
+         * 19.9 / 17.5 / 20.2 (12.9), M = 16 23.8 / 19.8 / 23.7 (15.7), M = 32 34.3 / 23.4 / 34.2
+         * (19.8); 4096 x 4096 M = 8 9.1 / 8.9 / 7.2 (6.1), M = 16 11.5 / 10.2 / 11.1 (7.5), M = 64
+         * 12.8 / 13.7 / 11.8 (10.1); 8192 x 8192 M = 4 16.3 / 17.6 / 15.2 (13.4), M = 16 20.2 /
+         * 21.9 / 18.4 (15.7), M = 64 30.2 / 31.1 / 27.2 (25.2); M = 1 at 4096 x 4096, 8192 x 8192
+         * and 8192 x 28672 within 0.1 us of by element. */
         const bool idle = (a->N + 255) / 256 * 6 < di.sms;
-        mode = idle && a->M > 8 && a->M <= 32 && a->M * a->K >= 49152 ? 2 : rows_ok ? 3 : 1;
+        mode = idle && a->M > 4 && a->M <= 32 && a->M * a->K >= 49152 ? 2 : rows_ok ? 3 : 1;
     }
     if (mode == 0) {
         /* (through thread-block clusters, or no split) */
