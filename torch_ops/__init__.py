@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "pack", "unpack", "awq_to_gptq", "gptq_to_awq", "convert_gptq_zeros", "pack_v2", "unpack_v2",
-    "dequantize", "quantize", "w4a16_linear", "prepack_w4a16", "unprepack_w4a16", "act_order_prepack", "QuantLinear", "quantize_model",
+    "dequantize", "quantize", "w4a16_linear", "prepack_w4a16", "unprepack_w4a16", "act_order_prepack",
+    "QuantLinear", "quantize_model",
     "load_quantized", "convert_checkpoint", "inspect_checkpoint",
 ]
