@@ -556,11 +556,12 @@ def test_cuda_split_k_workspace_taken(M):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M,K,N", [(1, 8192, 4096), (5, 4096, 1000), (16, 8192, 2056), (16, 1024, 264),
-                                   (24, 8192, 2056), (40, 4096, 1000), (64, 14336, 2048)])
+@pytest.mark.parametrize("M,K,N", [(1, 8192, 4096), (5, 4096, 1000), (9, 8192, 8), (13, 8192, 1000), (16, 8192, 2056),
+                                   (16, 1024, 264), (24, 8192, 2056), (40, 4096, 1000), (64, 14336, 2048)])
 def test_cuda_split_k_through_workspace(dtype, M, K, N):
     """Batches up to 64 on Hopper split K over up to 8 blocks per tile that reduce through the
-    workspace, counted on a lock per tile that every launch leaves at zero (8- and 16-row tiles),
+    workspace, counted on a lock per tile that every launch leaves at zero (8- and 16-row tiles;
+    the 16-row tile's last 2-4 blocks to arrive share the sum, one slice each, rows 9..16 here),
     or summed by a kernel after the GEMM (32- and 64-row tiles): repeated launches, both ways of
     reducing (workspace, cluster), bias, the same bits for the same input, a CUDA graph captured
     on a stream of its own (whose locks are allocated during the capture) replayed with new

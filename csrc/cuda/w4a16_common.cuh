@@ -127,7 +127,10 @@ struct LinParams {
      * partials [split][M][N] and one lock per tile; null: through the cluster */
     float *part;
     int32_t *locks;
-    int64_t part_floats; /* room in part */
+    int part_floats; /* room in part (host only) */
+    /* up to how many blocks may share a tile's sum (shared_sum): 1 unless the whole grid can be
+     * resident at once, since its summing blocks wait for the tile's other blocks */
+    int share; /* (two ints where an int64 was: a larger struct changed every kernel's code) */
     int M, K, N, K8, G, gsize, gshift, zmode;
     int m_tiles, n_tiles, KT, kt_per_split;
 };
@@ -292,6 +295,96 @@ __device__ __forceinline__ void push_reduce_store(const LinParams &p, const floa
  * drains (M = 16, 28672 x 4096: 39.7 us against 28.1). */
 __host__ __device__ constexpr bool reduce_after(int BM) { return BM >= 32; }
 
+/* The sum of a tile's partials shared by the last `share` blocks to arrive (2..4: a slice of at
+ * most 256 float4 each, one per thread), where one block loading them all is bound by its SM's
+ * bandwidth from L2 (H200, M = 16 at split 8, 7 x 16 KB: a diagnostic build loading one partial
+ * was 0.6-1.1 us faster). The tile's lock holds the ranks that arrived (bits 0-7), the slices
+ * summed (8-15) and the slices given up (16-23).
+ * - The last to arrive never waits: it sums its slice and those given up before it came.
+ * - The others load the partials of the ranks their own count saw, wait (one thread polling
+ *   with acquire loads) for the rest, then load those and sum. The wait is bounded: launch_split
+ *   offers sharing only where the whole grid can be resident, but where fewer SMs are available
+ *   (MPS, another kernel) the missing blocks might need a waiting block's slot. Past
+ *   kShareSpin cycles the block gives its slice up (an atomic OR; if that shows every rank
+ *   arrived after all, it sums as usual) and leaves it to the last.
+ * Every slice is summed in rank order, so the result is the same whoever sums. The block that
+ * completes the count of summed slices puts the lock back to 0. bc: two words of shared memory
+ * for the block's broadcasts. */
+#ifndef TOPS_SHARE_SPIN /* (dev builds set 0 to test the give-up path) */
+#define TOPS_SHARE_SPIN (1ll << 21)
+#endif
+constexpr long long kShareSpin = TOPS_SHARE_SPIN;
+template <class T, int BM, int BN>
+__device__ __forceinline__ void shared_sum(const LinParams &p, int m0, int n0, int split, int nsplit, int share,
+                                           int live4, int tid, uint32_t *bc) {
+    uint32_t *lock = reinterpret_cast<uint32_t *>(p.locks + blockIdx.x);
+    if (tid == 0) {
+        uint32_t old;
+        asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(lock), "r"(1u << split) : "memory");
+        bc[0] = old;
+    }
+    __syncthreads();
+    const uint32_t old = bc[0], full = (1u << nsplit) - 1u, have = (old & 0xFFu) | (1u << split);
+    const int arrival = __popc(old & 0xFFu), first = nsplit - share;
+    if (arrival < first) return;
+    const int per = (live4 + share - 1) / share;
+    const int64_t slice = (int64_t)p.M * p.N;
+    /* this thread's float4 of slice s: whether it exists, and its partials' address */
+    auto at = [&](int s, int &m, int &col) {
+        const int idx = s * per + tid;
+        m = m0 + idx / (BN / 4);
+        col = n0 + 4 * (idx % (BN / 4));
+        return tid < per && idx < live4 && col < p.N;
+    };
+    auto count_summed = [&](int n) {
+        if (tid == 0) {
+            uint32_t o;
+            asm volatile("atom.add.relaxed.gpu.global.u32 %0, [%1], %2;\n" : "=r"(o) : "l"(lock), "r"((uint32_t)n << 8) : "memory");
+            if ((int)((o >> 8) & 0xFFu) + n == share) *lock = 0u;
+        }
+    };
+    float4 r[8];
+    if (have == full) { /* the last to arrive */
+        const uint32_t take = (1u << (share - 1)) | ((old >> 16) & ((1u << share) - 1u));
+        for (int s = 0; s < share; ++s) {
+            int m, col;
+            if (((take >> s) & 1u) && at(s, m, col)) {
+                const float *src = p.part + (int64_t)m * p.N + col;
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+                    if (q < nsplit) r[q] = __ldcg(reinterpret_cast<const float4 *>(src + q * slice));
+                sum_store4<T>(p, m, col, r, 1, nsplit);
+            }
+        }
+        count_summed(__popc(take));
+        return;
+    }
+    const int s = arrival - first;
+    int m, col;
+    const bool mine = at(s, m, col);
+    const float *src = p.part + (int64_t)m * p.N + col;
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+        if (mine && q < nsplit && ((have >> q) & 1u)) r[q] = __ldcg(reinterpret_cast<const float4 *>(src + q * slice));
+    if (tid == 0) {
+        uint32_t v;
+        const long long t0 = clock64();
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(lock) : "memory");
+        } while ((v & full) != full && clock64() - t0 < kShareSpin);
+        if ((v & full) != full)
+            asm volatile("atom.or.acq_rel.gpu.global.b32 %0, [%1], %2;\n" : "=r"(v) : "l"(lock), "r"(1u << (16 + s)) : "memory");
+        bc[1] = (v & full) == full;
+    }
+    __syncthreads();
+    if (!bc[1]) return; /* given up: the last to arrive sums it */
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+        if (mine && q < nsplit && !((have >> q) & 1u)) r[q] = __ldcg(reinterpret_cast<const float4 *>(src + q * slice));
+    if (mine) sum_store4<T>(p, m, col, r, 1, nsplit);
+    count_summed(1);
+}
+
 /* Split-K through global memory, without a cluster: every block stores its fp32 partial (the
  * tile's rows and columns that exist) to part[split], then counts itself on the tile's lock; the
  * last to arrive sums the nsplit partials in rank order (the same result whatever the arrival
@@ -305,7 +398,7 @@ __host__ __device__ constexpr bool reduce_after(int BM) { return BM >= 32; }
  * spills and ~6% at M = 64, H200). */
 template <class T, int BM, int BN, class Write>
 __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, int n0, int split, int nsplit,
-                                                    int tid, Write write) {
+                                                    int tid, uint32_t *bcast, Write write) {
     const int64_t slice = (int64_t)p.M * p.N;
     write(p.part + split * slice);
     if constexpr (reduce_after(BM)) return;
@@ -315,6 +408,19 @@ __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, 
      * thread, an atomic and another fence: H200, M <= 16 at split 8, 0.2-0.7 us faster (8192 x
      * 8192 M = 1 13.3 us against 13.8, 28672 x 4096 22.4 against 23.1) */
     __syncthreads();
+    const int live4 = min(BM, p.M - m0) * (BN / 4);
+    /* the 16-row tile's sum shared by its last arrivals, a slice of 256 float4 each (see
+     * shared_sum). The 8-row tile keeps the last block (its sums are small): a build with this
+     * compiled in for it too, never taken (and a larger LinParams), had its lean build 0.8-1.9 us
+     * slower at M = 1 (H200: 8192 x 8192 12.6 -> 13.4, 8192 x 28672 35.5 -> 37.4) */
+    if constexpr (!reduce_after(BM) && BM * (BN / 4) >= 1024) {
+        const int need = (live4 + 255) / 256;
+        if (need > 1 && nsplit >= 4 && nsplit >= need && p.share >= need) {
+            shared_sum<T, BM, BN>(p, m0, n0, split, nsplit, need, live4, tid, bcast);
+            return;
+        }
+    }
+    (void)bcast;
     int last = 0;
     if (tid == 0) {
         int old;
@@ -325,7 +431,6 @@ __device__ __forceinline__ void global_reduce_store(const LinParams &p, int m0, 
     /* the tile's float4 that exist, R per thread at a time with all their loads in flight first
      * (one round trip to L2 per R, not one per float4) */
     constexpr int R = BM * (BN / 4) >= 512 ? 2 : 1;
-    const int live4 = min(BM, p.M - m0) * (BN / 4);
     for (int i0 = tid; i0 < live4; i0 += R * 256) {
         float4 r[R][8];
 #pragma unroll
@@ -571,9 +676,10 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     }
     if (split <= 0) return TOPS_ERR_CUDA;
     p.kt_per_split = (p.KT + split - 1) / split;
+    const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
+    p.share = split > 1 && p.locks != nullptr && tiles * split <= resident(kern, smem, 1, di) ? 4 : 1;
     g_last_split = split;
     g_last_workspace = split > 1 && p.locks != nullptr;
-    const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
     if (smem > (size_t)di.optin_smem) return -1;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)tiles, (unsigned)split, 1);

@@ -601,7 +601,9 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     }
     if constexpr (C::GLOBAL) {
         if (global) {
-            global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, [&](float *slice) {
+            /* (the pipeline's shared memory is free by now: shared_sum broadcasts in its first two words) */
+            global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, reinterpret_cast<uint32_t *>(smem),
+                                           [&](float *slice) {
                 for_each_out4([&](int ml, int lc, float4 v) {
                     if (m0 + ml < p.M && n0 + lc < p.N)
                         __stcg(reinterpret_cast<float4 *>(slice + (int64_t)(m0 + ml) * p.N + n0 + lc), v);
@@ -1284,6 +1286,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         p.part = nullptr;
         p.locks = nullptr;
         p.part_floats = 0;
+        p.share = 1;
         p.bias = static_cast<const uint16_t *>(a->bias);
         p.out = static_cast<uint16_t *>(a->out);
         p.M = (int)M;
@@ -1305,7 +1308,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
             p.locks = split_locks(stream);
             if (p.locks != nullptr) {
                 p.part = static_cast<float *>(workspace);
-                p.part_floats = (int64_t)(workspace_bytes / sizeof(float));
+                p.part_floats = (int)std::min<int64_t>((int64_t)(workspace_bytes / sizeof(float)), INT32_MAX);
             }
         }
         int st = -1;

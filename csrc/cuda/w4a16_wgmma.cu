@@ -610,7 +610,7 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
     };
     if constexpr (C::GLOBAL) {
         if (p.locks != nullptr) { /* through the workspace (see launch_wg) */
-            global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, [&](float *slice) {
+            global_reduce_store<T, BM, BN>(p, m0, n0, split, nsplit, tid, nullptr, [&](float *slice) {
                 for_each_out2([&](int ml, int lc, float2 v) {
                     if (m0 + ml < p.M && n0 + lc < p.N)
                         __stcg(reinterpret_cast<float2 *>(slice + (int64_t)(m0 + ml) * p.N + n0 + lc), v);
