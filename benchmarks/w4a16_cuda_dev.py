@@ -328,15 +328,17 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
                     force=(cfg, split))
     log(f"forced configs: {total - t0} cases run; total so far {total - fails}/{total} passed")
 
-    def perm_run(M, K, N, gs, dt, seed):
-        """one perm case under the current dev overrides: (status, rel err, config that ran)"""
+    def perm_run(M, K, N, gs, dt, seed, kil=False):
+        """one perm case under the current dev overrides: (status, rel err, config that ran);
+        kil: the k-interleaved qweight (K % 32 == 0)"""
         c = make_case(M, K, N, gs, [ZV1, ZV2, None][seed % 3], False, seed % 2 == 0, dt, seed=seed)
         perm = (torch.randperm(K) if seed % 2 else torch.randint(0, K, (K,))).to(torch.int32).cuda()
         out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
         # the gathered x only (K then split through clusters), or room for the partials too
         small = torch.empty(M * K * 2, dtype=torch.uint8, device="cuda")
         w = (ctypes.c_void_p(small.data_ptr()), small.numel()) if (seed // 2) % 2 else ws()
-        st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, perm=perm)), *w,
+        q = prepack_kil(c["qweight"], K, N) if kil else None
+        st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, qweight=q, perm=perm, kil=kil)), *w,
                                         ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
         torch.cuda.synchronize()
         used = last_cfg()
@@ -345,16 +347,21 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
         rel = float((o - ref).norm() / ref.norm().clamp_min(1e-30)) if not torch.isnan(o).any() else float("nan")
         return st, rel, used
 
-    # perm (x[:, perm], gathered by a kernel first) with every small-batch config, forced or not
+    # perm (x[:, perm], gathered by a kernel first, or by the GEMM's own grid at M <= 16 with room
+    # for the partials, forced for half the cases) with every small-batch config, forced or not,
+    # both qweight layouts
     t0 = total
     for cfg in [-1, 0, 1, 2, 10]:
         for split in (0, 1, 3, 8):
             for (M, K, N, gs, dt) in [(1, 4224, 4104, 128, torch.float16), (5, 2048, 1000, 64, torch.bfloat16),
                                       (16, 8192, 520, 32, torch.float16), (13, 1024, 264, -1, torch.bfloat16),
-                                      (40, 1024, 264, 128, torch.float16)]:
+                                      (40, 1024, 264, 128, torch.float16), (8, 4096, 4096, 128, torch.bfloat16),
+                                      (3, 8192, 8192, 128, torch.float16)]:
                 seed += 1
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
-                st, rel, used = perm_run(M, K, N, gs, dt, seed)
+                LIB.tops_cuda_w4a16_dev_gather(4 if (seed // 8) % 2 else 0)  # by the GEMM's grid where it can
+                st, rel, used = perm_run(M, K, N, gs, dt, seed, kil=(seed // 4) % 2 == 1)
+                LIB.tops_cuda_w4a16_dev_gather(0)
                 LIB.tops_cuda_w4a16_dev_force(-1, 0)
                 total += 1
                 if st != 0 or not rel < TOL[dt]:
@@ -362,7 +369,7 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
                     log(f"FAIL perm M={M} K={K} N={N} cfg {cfg} split {split}: status {st} rel {rel:.2e} ran {used}")
     # each way of gathering x (forced), rows of x above the default 48 KB of shared memory and
     # blocks that gather several rows included
-    for mode in (1, 2, 3):
+    for mode in (1, 2, 3, 4):
         for (M, K, N, gs, dt) in [(1, 4224, 4104, 128, torch.float16), (40, 1024, 264, 128, torch.bfloat16),
                                   (33, 28672, 264, 128, torch.float16), (70, 2056, 136, -1, torch.bfloat16),
                                   (600, 1024, 72, 128, torch.float16), (300, 12288, 72, 128, torch.bfloat16)]:
@@ -527,7 +534,7 @@ SWEEP_SHAPES = ((4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192,
 def perm_sweep(small=False, kil=False, ms=()):
     """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
     way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
-    signalling the GEMM late, 3 by row); small: M = 1..8 where K is large and N small; kil: the
+    signalling the GEMM late, 3 by row, 4 by the GEMM's own grid where it can); small: M = 1..8 where K is large and N small; kil: the
     k-interleaved qweight; ms: only these batch sizes ("ws": K split through the workspace)"""
     fnc = LIB.tops_cuda_w4a16_linear
     shapes = [(8192, 4096), (14336, 4096), (28672, 4096), (14336, 5120)] if small else \
@@ -544,14 +551,15 @@ def perm_sweep(small=False, kil=False, ms=()):
             out = torch.empty(M, N, dtype=torch.float16, device="cuda")
             perm = torch.randperm(K).to(torch.int32).cuda()
             res = []
-            for mode in (None, 0, 1, 2, 3):
+            for mode in (None, 0, 1, 2, 3, 4):
                 args = [make_args(c, out, qweight=q, perm=None if mode is None else perm, kil=kil) for q in qws]
                 LIB.tops_cuda_w4a16_dev_gather(mode or 0)
                 def launcher(a):  # (the 64 MB workspace: room for the gathered x and the partials)
                     return lambda: fnc(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
                 t = time_graph([launcher(a) for a in args])
                 res.append(f"{'plain' if mode is None else 'gather' + str(mode) if mode else 'auto'} {last_cfg()} "
-                           f"{'ws ' if LIB.tops_cuda_w4a16_dev_last_workspace() else ''}{t:.1f}")
+                           f"{'ws ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 1 else ''}"
+                           f"{'grid ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 2 else ''}{t:.1f}")
             LIB.tops_cuda_w4a16_dev_gather(0)
             log(f"{K}x{N} M={M}: " + " | ".join(res))
             del qws

@@ -555,6 +555,63 @@ def test_cuda_split_k_workspace_taken(M):
 
 
 @needs_cuda
+@pytest.mark.parametrize("kil", [False, True], ids=["gptq", "kinterleaved"])
+@pytest.mark.parametrize("M,K,N,dtype", [(1, 8192, 4096, torch.float16), (4, 4096, 4096, torch.bfloat16),
+                                         (9, 8192, 1000, torch.float16), (16, 14336, 2048, torch.bfloat16)])
+def test_cuda_perm_gathered_by_the_grid(kil, M, K, N, dtype):
+    """perm (prepacked act-order) at M <= 16 on sm_90: the GEMM's own blocks may gather x[:, perm]
+    into the workspace and wait for each other on words that every launch leaves at zero, instead
+    of a gather kernel first. Chosen where few column tiles leave SMs idle at M > 4 (here M = 9
+    and 16), forced here at every M: repeated launches, the same bits, layers back to back with no
+    sync (the next one starts early by PDL), a CUDA graph on a stream of its own replayed with new
+    inputs, and launches alternating between two streams"""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    t = make_weights(K, N, 128, zeros="v1", device="cuda", scales_dtype=dtype)
+    run = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"])) if kil else t
+    perm = torch.randperm(K, device="cuda").to(torch.int32)
+    xs = [torch.randn(M, K, device="cuda", dtype=dtype) for _ in range(3)]
+    expected = [reference(x[:, perm.long()], t) for x in xs]
+    out = torch_ops.w4a16_linear(xs[0], perm=perm, **run)
+    torch.cuda.synchronize()
+    assert (_C.cuda_w4a16_last_workspace() & 2) == (2 if hopper and M > 4 else 0)
+    assert rel_err(out, expected[0]) < TOL[dtype]
+    _C.cuda_w4a16_gather_mode(4)
+    try:
+        outs = [torch_ops.w4a16_linear(x, perm=perm, **run) for x in xs + xs]
+        torch.cuda.synchronize()
+        assert (_C.cuda_w4a16_last_workspace() & 2) == (2 if hopper else 0)
+        for i, o in enumerate(outs):
+            assert rel_err(o, expected[i % 3]) < TOL[dtype]
+        assert torch.equal(outs[0], outs[3])
+        # back to back: a square layer's output is the next one's x
+        sq = make_weights(K, K, 128, zeros="v2", device="cuda", scales_dtype=dtype)
+        sq["scales"] = sq["scales"] * 0.3
+        y1 = torch_ops.w4a16_linear(xs[0], perm=perm, **sq)
+        y2 = torch_ops.w4a16_linear(y1, perm=perm, **run)
+        assert rel_err(y2, reference(y1[:, perm.long()], t)) < TOL[dtype]
+        x_in = xs[0].clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+            out = torch_ops.w4a16_linear(x_in, perm=perm, **run)
+        for x, e in zip(xs, expected):
+            x_in.copy_(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert rel_err(out, e) < TOL[dtype]
+        streams = (torch.cuda.Stream(), torch.cuda.Stream())
+        torch.cuda.synchronize()
+        outs = []
+        for i in range(6):
+            with torch.cuda.stream(streams[i % 2]):
+                outs.append(torch_ops.w4a16_linear(xs[i % 3], perm=perm, **run))
+        torch.cuda.synchronize()
+        for i, o in enumerate(outs):
+            assert rel_err(o, expected[i % 3]) < TOL[dtype]
+    finally:
+        _C.cuda_w4a16_gather_mode(0)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N", [(1, 8192, 4096), (5, 4096, 1000), (9, 8192, 8), (13, 8192, 1000), (16, 8192, 2056),
                                    (16, 1024, 264), (24, 8192, 2056), (40, 4096, 1000), (64, 14336, 2048)])

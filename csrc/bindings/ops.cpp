@@ -799,6 +799,7 @@ extern "C" void tops_cuda_w4a16_dev_dense(int mode);
 extern "C" void tops_cuda_w4a16_dev_dense_scratch(int64_t bytes);
 extern "C" void tops_cuda_w4a16_dev_global_split(int on);
 extern "C" int tops_cuda_w4a16_dev_last_workspace(void);
+extern "C" void tops_cuda_w4a16_dev_gather(int mode);
 extern "C" void tops_cuda_w4a16_dev_last(int *cfg, int *split);
 #endif
 
@@ -818,8 +819,13 @@ PYBIND11_MODULE(_C, m) {
     m.def("cuda_w4a16_global_split", &tops_cuda_w4a16_dev_global_split,
           "CUDA w4a16_linear, M <= 64 on sm_90: split K through the workspace where it pays (1, the "
           "default) or through thread-block clusters only (0); for tests and benchmarks");
+    m.def("cuda_w4a16_gather_mode", &tops_cuda_w4a16_dev_gather,
+          "CUDA w4a16_linear with perm: how x[:, perm] is gathered (0 automatic, 1 by element, 2 by "
+          "element signalling the GEMM late, 3 by row, 4 by the GEMM's own grid where it can); for "
+          "tests and benchmarks");
     m.def("cuda_w4a16_last_workspace", &tops_cuda_w4a16_dev_last_workspace,
-          "CUDA w4a16_linear: 1 when the last call split K through the workspace; for tests");
+          "CUDA w4a16_linear: bit 0 set when the last call split K through the workspace, bit 1 "
+          "when its GEMM's grid gathered x[:, perm] itself; for tests");
     m.def(
         "cuda_w4a16_last_config",
         [] {

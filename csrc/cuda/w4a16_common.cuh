@@ -462,6 +462,7 @@ inline int g_force_split = 0;
 inline int g_last_cfg = -1; /* what the last call ran (reported to the benchmark) */
 inline int g_last_split = 0;
 inline bool g_last_workspace = false; /* the last call split K through the workspace */
+inline bool g_last_grid_gather = false; /* its grid gathered x[:, perm] itself */
 inline bool g_pdl = true; /* launch with programmatic dependent launch on sm_90+ */
 /* cluster scheduling policy preference of split-K launches (cudaClusterSchedulingPolicy: 0 the
  * default, 1 spread the blocks of a cluster over SMs, 2 load balancing) */
@@ -662,11 +663,17 @@ inline LinParams tiled(const LinParams &base, int64_t &tiles) {
 template <class T> int launch_reduce(const LinParams &p, int split, void *stream);
 using ReduceFn = int (*)(const LinParams &, int, void *);
 
+/* what a launcher returns, launching nothing, where a grid that gathers x[:, perm] itself (PG)
+ * cannot run: the caller gathers x by a kernel first */
+constexpr int kNoGridGather = -2;
+
 /* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both); reduce:
- * launch_reduce of the activation type for tiles of reduce_after(BM) rows, else null */
+ * launch_reduce of the activation type for tiles of reduce_after(BM) rows, else null; pg: the
+ * kernel gathers x[:, perm] itself, its blocks waiting for each other (only through the
+ * workspace, and where the whole grid can be resident: else kNoGridGather) */
 template <class Kern>
 inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
-                        bool streaming = false, int split = 0, ReduceFn reduce = nullptr) {
+                        bool streaming = false, int split = 0, ReduceFn reduce = nullptr, bool pg = false) {
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     if (split <= 0 || g_force_split > 0 || di.major < 9) {
@@ -677,7 +684,9 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     if (split <= 0) return TOPS_ERR_CUDA;
     p.kt_per_split = (p.KT + split - 1) / split;
     const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
-    p.share = split > 1 && p.locks != nullptr && tiles * split <= resident(kern, smem, 1, di) ? 4 : 1;
+    const bool whole = p.locks != nullptr && tiles * split <= resident(kern, smem, 1, di);
+    if (pg && !whole) return kNoGridGather;
+    p.share = split > 1 && whole ? 4 : 1;
     g_last_split = split;
     g_last_workspace = split > 1 && p.locks != nullptr;
     if (smem > (size_t)di.optin_smem) return -1;

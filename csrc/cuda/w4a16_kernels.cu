@@ -72,7 +72,7 @@ namespace tops_w4 {
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
 template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0,
-          bool LEAN_ = false, bool KP_ = false>
+          bool LEAN_ = false, bool KP_ = false, bool PG_ = false>
 struct Cfg {
     /* KP (plain groups): qweight in the k-interleaved layout (tops_cuda.h), whose nibble pairs are
      * already in the fragments' k order: x stays in its natural order and the B fragments come
@@ -115,6 +115,9 @@ struct Cfg {
      * in the M <= 8 build that runs one block per SM (no lean loads) it lost 2-4% (14336 x 4096
      * M = 1 14.8-15.1 -> 15.2-15.3, 4096 x 4096 5.6 -> 5.7-5.9), so that one keeps cp.async */
     static constexpr bool XREG = LEAN_ && BM_ * KW <= 256 && !KP;
+    /* PG (the small-batch tiles, plain groups): x[:, perm] is gathered by the grid itself
+     * (gather_in_grid), not by a kernel before it */
+    static constexpr bool PG = PG_ && PUSH_ && !ACT_;
     static_assert(WARPS_N * WARPS_M == WARPS, "warp layout");
     static_assert(!XREG || STAGES >= 3, "XREG stores a stage one iteration after loading it");
     static_assert(CN >= 1 && WTN % 32 == 0, "warp columns");
@@ -124,6 +127,84 @@ struct Cfg {
     static_assert(W_BYTES % 16 == 0 && X_BYTES % 16 == 0 && S_BYTES % 16 == 0 && Z_BYTES % 16 == 0,
                   "16-byte aligned sections");
 };
+
+/* ---- x[:, perm] gathered by the GEMM's own grid (C::PG) --------------------------------------
+ * The small-batch tiles, split K through the workspace: the blocks of each K range gather that
+ * range of x[:, perm] (groups of 8 k, 16-byte stores) into the workspace before the partials, a
+ * share each, count themselves on the range's word after the tile locks, and wait (one thread
+ * polling with acquire loads) until all have; their weights stream meanwhile. Only where the
+ * whole grid can be resident (launch_split), and the wait is bounded as shared_sum's: past
+ * kShareSpin cycles a block gathers the x it reads itself (the same values the others write).
+ * The last block to leave puts the words back to 0.
+ * It replaces the gather kernel only where that one has to signal the GEMM late (few column
+ * tiles, M > 4, x large: see grid_gather_pays); elsewhere the barrier's chain (the slowest
+ * block's start, its loads and stores, the count, the poll) cost more than the kernel's
+ * hand-over. H200, CUDA graphs, k-interleaved, us, grid / best gather kernel (plain): 14336 x
+ * 4096 M = 8 15.6 / 17.5 (12.8), M = 16 18.3 / 19.8 (14.9), 4096 x 4096 M = 16 9.5 / 10.0 (7.4);
+ * but 8192 x 8192 M = 1 15.4 / 14.0 (12.6), M = 16 18.7 / 18.1 (15.6), 4096 x 4096 M = 8 8.3 /
+ * 7.1 (6.1). One word for the whole grid was up to 0.6 us slower, one block gathering each range
+ * for the others up to 12 us (8192 x 8192 M = 16 26.7). */
+constexpr int kLocks = 16384; /* tile locks per launch at most (the gather's two words follow) */
+/* where the split-K partials start in the workspace: after x[:, perm] of `esize`-byte elements
+ * (none without a perm), 256-byte aligned */
+__host__ __device__ inline size_t partials_off(int64_t M, int64_t K, int esize) {
+    return ((size_t)M * (size_t)K * (size_t)esize + 255) & ~(size_t)255;
+}
+/* x[m, perm[k .. k+7]] into dst for the groups of 8 k numbered i in [i0, i1), group i being
+ * m = i / len, k = 8 (kw0 + i % len) (a row's k-words kw0 .. kw0 + len - 1): p.x is x, p.gidx
+ * the perm */
+__device__ __forceinline__ void gather_groups(const LinParams &p, uint16_t *dst, int64_t i0, int64_t i1, int len,
+                                              int kw0, int tid) {
+    for (int64_t i = i0 + tid; i < i1; i += 256) {
+        const int64_t m = i / len;
+        const int k = (kw0 + (int)(i - m * len)) * 8;
+        const int4 a = __ldg(reinterpret_cast<const int4 *>(p.gidx + k));
+        const int4 b = __ldg(reinterpret_cast<const int4 *>(p.gidx + k + 4));
+        const uint16_t *row = p.x + m * p.K;
+        uint4 v;
+        v.x = (uint32_t)row[a.x] | ((uint32_t)row[a.y] << 16);
+        v.y = (uint32_t)row[a.z] | ((uint32_t)row[a.w] << 16);
+        v.z = (uint32_t)row[b.x] | ((uint32_t)row[b.y] << 16);
+        v.w = (uint32_t)row[b.z] | ((uint32_t)row[b.w] << 16);
+        *reinterpret_cast<uint4 *>(dst + m * p.K + k) = v;
+    }
+}
+/* after the PDL wait; rows [m0, m0 + BM) and k-words [kw0, kw1): what this block reads */
+template <int BM>
+__device__ __forceinline__ void gather_in_grid(const LinParams &p, uint16_t *dst, int m0, int kw0, int kw1, int tid) {
+    /* the blocks of one K range (gridDim.x of them) gather its k-words for every row, a share
+     * each, and count themselves on that range's two words: [0] arrived, [1] left */
+    const int len = max(0, min(kw1, p.K8) - kw0);
+    const int64_t total = (int64_t)p.M * len, per = (total + gridDim.x - 1) / gridDim.x;
+    gather_groups(p, dst, blockIdx.x * per, min(total, (blockIdx.x + 1) * per), len, kw0, tid);
+    /* the block's stores are ordered before its count by the barrier and the count's release
+     * (cumulative at gpu scope), the other blocks' before this block's loads by the acquire and
+     * the barrier after it */
+    __syncthreads();
+    bool late = false;
+    if (tid == 0) {
+        uint32_t *word = reinterpret_cast<uint32_t *>(p.locks + kLocks) + 2 * blockIdx.y;
+        const uint32_t n = gridDim.x;
+        uint32_t v;
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(word) : "memory");
+        const long long t0 = clock64();
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(word) : "memory");
+        } while (v < n && clock64() - t0 < kShareSpin);
+        late = v < n;
+        /* (acq_rel: every block's last read of word[0] comes before the last one's reset) */
+        asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;\n" : "=r"(v) : "l"(word + 1) : "memory");
+        if (v == n - 1) {
+            word[0] = 0u;
+            word[1] = 0u;
+        }
+    }
+    if (!__syncthreads_or(late)) return;
+    /* waited too long: this block's own rows of its K range, whoever else gathers them */
+    gather_groups(p, dst, (int64_t)m0 * len, (int64_t)min(m0 + BM, p.M) * len, len, kw0, tid);
+    __threadfence();
+    __syncthreads();
+}
 
 template <class C, class T>
 __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams p) {
@@ -176,7 +257,11 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     /* activations: BM rows x KW chunks of 8; chunk c of row r lands at c ^ 4(r&1) */
     constexpr int X_CH = BM * KW, X_J = (X_CH + 255) / 256, X_RS = 256 / KW;
     const int x_c = tid % KW, x_r0 = tid / KW;
-    const uint16_t *x_src0 = p.x + (int64_t)(m0 + x_r0) * p.K + 8 * x_c;
+    /* PG: x[:, perm] in the workspace, before the partials (p.x is x) */
+    const uint16_t *const xin =
+        C::PG ? reinterpret_cast<const uint16_t *>(reinterpret_cast<const char *>(p.part) - partials_off(p.M, p.K, 2))
+              : p.x;
+    const uint16_t *x_src0 = xin + (int64_t)(m0 + x_r0) * p.K + 8 * x_c;
     const uint32_t x_dst0 =
         (uint32_t)(C::W_BYTES + (x_r0 * BK + ((x_c ^ (C::KP ? x_r0 & 7 : (x_r0 & 1) << 2)) << 3)) * 2);
     /* scales / zeros: NG rows x BN/8 chunks (16 bytes of scales, one word of zeros) */
@@ -208,7 +293,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                 const bool v = m0 + r < p.M && kt * KW + x_c < p.K8;
                 const uint16_t *src = x_src0 + (int64_t)j * X_RS * p.K + kt * BK;
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * X_RS * BK * 2),
-                             "l"(v ? src : p.x), "r"(v ? 16 : 0));
+                             "l"(v ? src : xin), "r"(v ? 16 : 0));
             }
         }
         if (!(what & LOAD_W)) return;
@@ -269,7 +354,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         const int r = x_r0 + j * X_RS;
         const bool v = (X_CH % 256 == 0 || r < BM) && m0 + r < p.M;
         x_sz[j] = v ? 16u : 0u;
-        x_next[j] = v ? x_src0 + (int64_t)j * X_RS * p.K + (int64_t)kt_lean0 * BK : p.x;
+        x_next[j] = v ? x_src0 + (int64_t)j * X_RS * p.K + (int64_t)kt_lean0 * BK : xin;
     }
     /* scale / zero rows per interior stage: one group, or BK / group of them */
     const int s_rows = (1 << min(p.gshift, 30)) >= BK ? 1 : BK >> p.gshift;
@@ -353,6 +438,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
     if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
     grid_dependency_wait();
+    if constexpr (C::PG) gather_in_grid<BM>(p, const_cast<uint16_t *>(xin), m0, kt_begin * KW, kt_end * KW, tid);
     uint4 x_pro[C::XREG ? STAGES - 1 : 1]; /* XREG: the prologue's x, stored once the next kernel is
                                             * signalled */
     if constexpr (C::XREG) {
@@ -798,7 +884,9 @@ __global__ void __launch_bounds__(1024) gather_rows_kernel(const E *__restrict__
     }
 }
 
-inline int g_gather_mode = 0; /* dev hook: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
+/* dev hook: 0 automatic, 1 by element, 2 by element signalling late, 3 by row, 4 by the GEMM's
+ * grid (gather_in_grid; automatic where it cannot) */
+inline int g_gather_mode = 0;
 constexpr int64_t kGatherRowsMinM = 32; /* by row from this many rows */
 
 template <typename E, int PR>
@@ -818,6 +906,14 @@ int launch_gather_rows(const tops_w4a16_args *a, E *dst, cudaLaunchConfig_t cfg,
                : TOPS_ERR_CUDA;
 }
 
+/* behind a GEMM that may split K through the workspace: where its blocks leave SMs idle at
+ * M = 5..32 with x large enough, the element gather signalling late (below) beats the row
+ * gather, and at M <= 16 the GEMM's own grid gathering x beats both (gather_in_grid) */
+inline bool late_gather_pays(const tops_w4a16_args *a, const DevInfo &di) {
+    const bool idle = (a->N + 255) / 256 * 6 < di.sms;
+    return idle && a->M > 4 && a->M <= 32 && a->M * a->K >= 49152;
+}
+
 template <typename E>
 int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg, bool ws_split) {
     const E *x = static_cast<const E *>(a->x);
@@ -827,7 +923,7 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg,
     /* by row: a row of x in shared memory, at most 4 groups of 8 k per thread (K <= 32768) */
     const bool rows_ok = K8 <= 4 * 1024 && (size_t)a->K * sizeof(E) <= (size_t)di.optin_smem &&
                          (reinterpret_cast<uintptr_t>(a->x) & 15) == 0;
-    int mode = g_gather_mode;
+    int mode = g_gather_mode == 4 ? 0 : g_gather_mode;
     if (mode == 0 && ws_split && a->M <= 64) {
         /* The GEMM may split K through the workspace (M <= 64, sm_90): by row, except where its
          * blocks leave SMs idle at M = 5..32 with x large enough (by element, signalling late).
@@ -838,8 +934,7 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg,
          * 12.8 / 13.7 / 11.8 (10.1); 8192 x 8192 M = 4 16.3 / 17.6 / 15.2 (13.4), M = 16 20.2 /
          * 21.9 / 18.4 (15.7), M = 64 30.2 / 31.1 / 27.2 (25.2); M = 1 at 4096 x 4096, 8192 x 8192
          * and 8192 x 28672 within 0.1 us of by element. */
-        const bool idle = (a->N + 255) / 256 * 6 < di.sms;
-        mode = idle && a->M > 4 && a->M <= 32 && a->M * a->K >= 49152 ? 2 : rows_ok ? 3 : 1;
+        mode = late_gather_pays(a, di) ? 2 : rows_ok ? 3 : 1;
     }
     if (mode == 0) {
         /* (through thread-block clusters, or no split) */
@@ -949,6 +1044,10 @@ LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
     c.part = nullptr;
     if (!C::GLOBAL) return c;
     if (p.locks == nullptr || g_force_split > 0) return p;
+    if (C::PG) { /* (the grid's gather needs the workspace) */
+        split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, 0, true);
+        return p;
+    }
     const bool streaming = C::BM <= 32;
     const size_t tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
     double cost_g = 0.0, cost_c = 0.0;
@@ -972,14 +1071,17 @@ int launch_tc(const LinParams &base, void *stream, int split = 0) {
     if (split == 0) p = pick_reduction<C, T>(p, tiles, split);
     /* (split-K through global memory needs no receive area or partial tile in shared memory) */
     const size_t out = p.locks != nullptr ? (size_t)C::PIPE_BYTES : C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES;
+    if (C::PG && p.locks == nullptr) return kNoGridGather;
     return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, out,
                         C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32, split,
-                        reduce_after(C::BM) ? launch_reduce<T> : nullptr);
+                        reduce_after(C::BM) ? launch_reduce<T> : nullptr, C::PG);
 }
 
 /* tile configurations, by batch size */
-template <bool ACT, bool LEAN = false, bool KP = false> using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, LEAN, KP>; /* M <= 8 */
-template <bool ACT, bool KP = false> using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true, 0, true, KP>; /* M <= 16 */
+template <bool ACT, bool LEAN = false, bool KP = false, bool PG = false>
+using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, LEAN, KP, PG>; /* M <= 8 */
+template <bool ACT, bool KP = false, bool PG = false>
+using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true, 0, true, KP, PG>; /* M <= 16 */
 template <bool ACT, bool KP = false> using CfgC = Cfg<256, 32, 8, 128, 3, ACT, false, 0, false, KP>; /* M <= 32 */
 template <bool ACT, bool KP = false> using CfgD = Cfg<256, 64, 8, 64, 4, ACT, false, 0, false, KP>;   /* M <= 64 */
 template <bool ACT, bool KP = false> using CfgE = Cfg<128, 128, 4, 64, 4, ACT, false, 0, false, KP>;  /* mid M */
@@ -989,9 +1091,9 @@ template <bool ACT, bool KP = false> using CfgF = Cfg<256, 128, 4, 128, 3, ACT, 
  * the grid has more blocks than SMs (8192 x 8192 M = 1 15.1 us against 15.3, 8192 x 28672 40.0
  * against 41.3) and 2-3% slower where each SM holds one block (28672 x 4096 M = 1: 29.6 against
  * 28.8), so the split is chosen for the plain build and the grid picks the build. */
-template <class T, bool ACT, bool KP = false>
+template <class T, bool ACT, bool KP = false, bool PG = false>
 int launch_tc_a(const LinParams &base, void *stream) {
-    using C = CfgA<ACT, false, KP>;
+    using C = CfgA<ACT, false, KP, PG>;
     if constexpr (ACT) {
         return launch_tc<C, T>(base, stream);
     } else {
@@ -1003,7 +1105,7 @@ int launch_tc_a(const LinParams &base, void *stream) {
             split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES,
                                  p.locks != nullptr ? C::PIPE_BYTES : C::PUSH_BYTES, 0, true);
         if (split <= 0) return TOPS_ERR_CUDA;
-        if (tiles * split > dev_info().sms) return launch_tc<CfgA<ACT, true, KP>, T>(p, stream, split);
+        if (tiles * split > dev_info().sms) return launch_tc<CfgA<ACT, true, KP, PG>, T>(p, stream, split);
         return launch_tc<C, T>(p, stream, split);
     }
 }
@@ -1018,6 +1120,13 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     case 4: return launch_tc<CfgE<ACT, KP>, T>(p, stream);
     default: return launch_tc<CfgF<ACT, KP>, T>(p, stream);
     }
+}
+/* the small-batch tiles that gather x[:, perm] themselves (plain groups), else kNoGridGather */
+template <class T, bool KP>
+int dispatch_tc_pg(const LinParams &p, int cfg, void *stream) {
+    if (cfg == 0) return launch_tc_a<T, false, KP, true>(p, stream);
+    if (cfg == 1) return launch_tc<CfgB<false, KP, true>, T>(p, stream);
+    return kNoGridGather;
 }
 
 /* Tile configuration by batch size (measured on an H100, see benchmarks/w4a16_cuda_dev.py):
@@ -1114,7 +1223,6 @@ bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
  * zero when a launch starts; every launch leaves them zero, so they live outside the workspace:
  * one buffer per device and stream (launches on one stream run in order, and PDL launches reach
  * their locks only after waiting for the previous kernel), zeroed once. */
-constexpr int kLocks = 16384;       /* tiles per launch at most */
 constexpr int kGlobalSplitMax = 8;
 static int g_global_split = 1; /* dev hook: 0 = through clusters only */
 /* (behind a perm gather too: the partials follow the gathered x in the workspace) */
@@ -1133,8 +1241,9 @@ static size_t gather_bytes(const tops_w4a16_args *a) {
     if (a->perm == nullptr || a->M <= 0 || a->K <= 0) return 0;
     return (size_t)a->M * (size_t)a->K * (a->x_dtype == TOPS_F32 ? 4 : 2);
 }
-/* where the split-K partials start in the workspace: after the gathered x, 256-byte aligned */
-static size_t partials_offset(const tops_w4a16_args *a) { return (gather_bytes(a) + 255) & ~(size_t)255; }
+static size_t partials_offset(const tops_w4a16_args *a) {
+    return a->perm == nullptr ? 0 : partials_off(a->M, a->K, a->x_dtype == TOPS_F32 ? 4 : 2);
+}
 /* the locks of the current device and `stream`: allocated on first use, also during a stream
  * capture (the allocation is no stream operation: the thread's capture mode is relaxed for it) */
 static int32_t *split_locks(void *stream) {
@@ -1156,7 +1265,7 @@ static int32_t *split_locks(void *stream) {
     if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) return nullptr;
     int32_t *ptr = nullptr;
     cudaStream_t z = nullptr;
-    const size_t bytes = (size_t)kLocks * sizeof(int32_t);
+    const size_t bytes = (size_t)(kLocks + 2 * kGlobalSplitMax) * sizeof(int32_t); /* + gather_in_grid's */
     bool ok = cudaMalloc(&ptr, bytes) == cudaSuccess && cudaStreamCreateWithFlags(&z, cudaStreamNonBlocking) == cudaSuccess &&
               cudaMemsetAsync(ptr, 0, bytes, z) == cudaSuccess && cudaStreamSynchronize(z) == cudaSuccess;
     if (z != nullptr) cudaStreamDestroy(z);
@@ -1187,13 +1296,15 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
     g_force_cfg = cfg;
     g_force_split = split;
 }
-/* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row */
+/* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row, 4 by
+ * the GEMM's own grid where it can */
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
 /* split-K through the workspace where it pays (1, the default; M <= 64 on sm_90) or through
  * clusters only (0) */
 void tops_cuda_w4a16_dev_global_split(int on) { g_global_split = on; }
-/* 1 when the last call split K through the workspace (else through clusters, or not at all) */
-int tops_cuda_w4a16_dev_last_workspace(void) { return g_last_workspace ? 1 : 0; }
+/* bit 0: the last call split K through the workspace (else through clusters, or not at all);
+ * bit 1: its grid gathered x[:, perm] itself */
+int tops_cuda_w4a16_dev_last_workspace(void) { return (g_last_workspace ? 1 : 0) | (g_last_grid_gather ? 2 : 0); }
 /* programmatic dependent launch on (1, the default) or off (0) */
 void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
 /* cluster scheduling policy of split-K launches: 0 default, 1 spread, 2 load balancing */
@@ -1218,27 +1329,10 @@ int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) 
     return gather_checked(a, dst, stream, false);
 }
 
-int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t workspace_bytes,
-                           void *stream) {
-    if (a_in == nullptr) return TOPS_ERR_ARG;
-    tops_w4a16_args gathered;
-    const tops_w4a16_args *a = a_in;
-    if (a_in->perm != nullptr && a_in->M > 0) {
-        /* x[:, perm] into the workspace, then the plain product on it, with the rest of the
-         * workspace (split-K partials) */
-        if (workspace == nullptr || workspace_bytes < gather_bytes(a_in)) return TOPS_ERR_ARG;
-        const size_t off = partials_offset(a_in);
-        const bool ws_split = global_split_on(a_in, dev_info()) && workspace_bytes > off &&
-                              workspace_bytes - off >= 2 * (size_t)a_in->M * (size_t)a_in->N * sizeof(float);
-        const int st = gather_checked(a_in, workspace, stream, ws_split);
-        if (st != TOPS_OK) return st;
-        gathered = *a_in;
-        gathered.x = workspace;
-        gathered.perm = nullptr;
-        a = &gathered;
-        workspace = workspace_bytes > off ? static_cast<unsigned char *>(workspace) + off : nullptr;
-        workspace_bytes = workspace_bytes > off ? workspace_bytes - off : 0;
-    }
+/* the product with a's x as it is; pg: a->perm is set and the small-batch tiles gather
+ * x[:, perm] themselves into the workspace's first partials_offset bytes, which workspace
+ * follows (kNoGridGather, nothing launched, where they cannot) */
+static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes, void *stream, bool pg) {
     const int64_t M = a->M, K = a->K, N = a->N;
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
     if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
@@ -1260,14 +1354,15 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     if (M == 0) return TOPS_OK;
     if (a->groups > 0x7fffffffLL) return TOPS_ERR_ARG;
 
+    const DevInfo di = dev_info();
+    const int64_t gs = a->group_size;
+    const bool act = !plain_groups(a);
+    if (pg && (a->x_dtype == TOPS_F32 || act || choose_cfg(M, K, N, act, di.sms) > 1)) return kNoGridGather;
     g_last_cfg = -1;
     g_last_split = 0;
     g_last_workspace = false;
     if (a->x_dtype == TOPS_F32) return launch_generic<float>(a, zmode, stream);
 
-    const DevInfo di = dev_info();
-    const int64_t gs = a->group_size;
-    const bool act = !plain_groups(a);
     int gshift = 31;
     if (gs != K) {
         gshift = 0;
@@ -1276,13 +1371,14 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     const bool ok_align = aligned(a->x, 16) && aligned(a->qweight, 16) && aligned(a->scales, 16) &&
                           aligned(a->qzeros, 4) && aligned(a->g_idx, 16) && aligned(a->bias, 8) &&
                           aligned(a->out, 8);
+    if (pg && !ok_align) return kNoGridGather;
     if (ok_align) {
         LinParams p;
         p.x = static_cast<const uint16_t *>(a->x);
         p.qw = a->qweight;
         p.sc = static_cast<const uint16_t *>(a->scales);
         p.qz = a->qzeros;
-        p.gidx = a->g_idx;
+        p.gidx = pg ? a->perm : a->g_idx; /* (PG tiles: no g_idx, plain groups) */
         p.part = nullptr;
         p.locks = nullptr;
         p.part_floats = 0;
@@ -1314,6 +1410,12 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
         int st = -1;
         g_last_cfg = cfg;
         const bool kp = a->kinterleaved != 0; /* (plain groups: checked above) */
+        if (pg) {
+            if (p.locks != nullptr)
+                st = kp ? (bf16 ? dispatch_tc_pg<BF16, true>(p, cfg, stream) : dispatch_tc_pg<F16, true>(p, cfg, stream))
+                        : (bf16 ? dispatch_tc_pg<BF16, false>(p, cfg, stream) : dispatch_tc_pg<F16, false>(p, cfg, stream));
+            return st >= 0 ? st : kNoGridGather;
+        }
         if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, kp, cfg, stream);
         if (st < 0) {
             cfg = mma_fallback(cfg, M, N, di.sms);
@@ -1332,6 +1434,34 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a_in, void *workspace, size_t 
     }
     if (a->x_dtype == TOPS_F16) return launch_generic<__half>(a, zmode, stream);
     return launch_generic<__nv_bfloat16>(a, zmode, stream);
+}
+
+int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes, void *stream) {
+    if (a == nullptr) return TOPS_ERR_ARG;
+    g_last_grid_gather = false;
+    if (a->perm == nullptr || a->M <= 0) return linear_on(a, workspace, workspace_bytes, stream, false);
+    /* x[:, perm] into the workspace, then the plain product on it, with the rest of the workspace
+     * (split-K partials) */
+    if (workspace == nullptr || workspace_bytes < gather_bytes(a)) return TOPS_ERR_ARG;
+    const size_t off = partials_offset(a);
+    void *rest = workspace_bytes > off ? static_cast<unsigned char *>(workspace) + off : nullptr;
+    const size_t rest_bytes = workspace_bytes > off ? workspace_bytes - off : 0;
+    const bool ws_split = global_split_on(a, dev_info()) && rest_bytes >= 2 * (size_t)a->M * (size_t)a->N * sizeof(float);
+    /* by the GEMM's own grid where that pays and it can (the small-batch tiles), else by a
+     * kernel first */
+    const bool grid = g_gather_mode == 4 || (g_gather_mode == 0 && late_gather_pays(a, dev_info()));
+    if (ws_split && grid && (a->K & 7) == 0 && a->x_row_stride == a->K && aligned(a->perm, 16) &&
+        aligned(workspace, 16)) {
+        const int st = linear_on(a, rest, rest_bytes, stream, true);
+        g_last_grid_gather = st != kNoGridGather;
+        if (g_last_grid_gather) return st;
+    }
+    const int st = gather_checked(a, workspace, stream, ws_split);
+    if (st != TOPS_OK) return st;
+    tops_w4a16_args gathered = *a;
+    gathered.x = workspace;
+    gathered.perm = nullptr;
+    return linear_on(&gathered, rest, rest_bytes, stream, false);
 }
 
 } /* extern "C" */
