@@ -477,6 +477,23 @@ at::Tensor unpack_v2(const at::Tensor &packed_in) {
 
 // ---- k-interleaved qweight ----------------------------------------------------------------------
 
+// The real k of each position of a k-interleaved row, as an index for x (CPU w4a16_linear reads
+// the words as GPTQ ones on x in that order): built once per K (a model has a few), read-only
+// after, shared by every call
+at::Tensor kil_order(int64_t K) {
+    static std::mutex mu;
+    static std::unordered_map<int64_t, at::Tensor> cache;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(K);
+    if (it != cache.end()) return it->second;
+    at::Tensor order = at::empty({K}, at::TensorOptions().dtype(at::kLong));
+    int64_t *o = order.data_ptr<int64_t>();
+    for (int64_t s = 0; s < K; ++s) o[s] = TOPS_KIL_REAL_K(s >> 3, s & 7);
+    if (cache.size() >= 64) cache.clear();  // (a bound, for programs that see many sizes)
+    cache.emplace(K, order);
+    return order;
+}
+
 // GPTQ [K/8, N] -> [K/32, 4, N] (inverse: back); the layout is tops_prepack_w4a16's
 at::Tensor prepack_w4a16_impl(const at::Tensor &qweight_in, bool inverse) {
     const char *op = inverse ? "unprepack_w4a16" : "prepack_w4a16";
@@ -663,7 +680,7 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
         g_idx = g_idx_in->to(at::kInt).contiguous();
     }
     at::Tensor perm;
-    bool perm_is_permutation = false;
+    [[maybe_unused]] bool perm_is_permutation = false;  // (read by the CUDA route only)
     if (perm_in.has_value()) {
         TORCH_CHECK_VALUE(!g_idx_in.has_value(), op,
                           ": pass g_idx (act-order as stored) or perm (rows sorted by "
@@ -688,15 +705,13 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     at::Tensor scales = on_cuda ? scales_in.to(xs).contiguous() : scales_in.contiguous();
     at::Tensor qweight = qweight_in.contiguous();
     at::Tensor x = x_in.reshape({-1, K});
-    // CPU: x[:, perm] here (small next to the weights); CUDA: by a kernel of the launcher's
-    if (perm.defined() && !on_cuda) x = x.index_select(1, perm);
-    // CPU, k-interleaved: x in the words' k order, the words then read as GPTQ ones (the CUDA
-    // kernels read the layout natively)
-    if (kil && !on_cuda) {
-        at::Tensor order = at::empty({K}, at::TensorOptions().dtype(at::kLong));
-        int64_t *o = order.data_ptr<int64_t>();
-        for (int64_t s = 0; s < K; ++s) o[s] = TOPS_KIL_REAL_K(s >> 3, s & 7);
-        x = x.index_select(1, order);
+    // CPU: x[:, perm] here (small next to the weights), and with a k-interleaved qweight x in
+    // the words' k order, the words then read as GPTQ ones: one gather, x[:, perm[order]]. CUDA:
+    // by a kernel of the launcher's (the kernels read the k-interleaved layout natively)
+    if (!on_cuda && (perm.defined() || kil)) {
+        at::Tensor idx = perm.defined() ? perm : kil_order(K);
+        if (perm.defined() && kil) idx = perm.index_select(0, kil_order(K));
+        x = x.index_select(1, idx);
     }
     if (x.size(0) > 0 && (x.stride(1) != 1 || on_cuda)) x = x.contiguous();
     int64_t M = x.size(0);
