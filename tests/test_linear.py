@@ -554,6 +554,30 @@ def test_cuda_split_k_workspace_taken(M):
     assert taken == (1 if torch.cuda.get_device_capability() == (9, 0) else 0)
 
 
+def check_graph_and_streams(call, xs, expected, dtype):
+    """call(x) captured in a CUDA graph on a stream of its own (the split-K locks are allocated
+    during the capture), replayed with each of xs copied into its input; then launches
+    alternating between two streams (each has locks of its own)"""
+    x_in = xs[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+        out = call(x_in)
+    for x, e in zip(xs, expected):
+        x_in.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, e) < TOL[dtype]
+    streams = (torch.cuda.Stream(), torch.cuda.Stream())
+    torch.cuda.synchronize()
+    outs = []
+    for i in range(6):
+        with torch.cuda.stream(streams[i % 2]):
+            outs.append(call(xs[i % 3]))
+    torch.cuda.synchronize()
+    for i, o in enumerate(outs):
+        assert rel_err(o, expected[i % 3]) < TOL[dtype]
+
+
 @needs_cuda
 @pytest.mark.parametrize("kil", [False, True], ids=["gptq", "kinterleaved"])
 @pytest.mark.parametrize("M,K,N,dtype", [(1, 8192, 4096, torch.float16), (4, 4096, 4096, torch.bfloat16),
@@ -589,24 +613,7 @@ def test_cuda_perm_gathered_by_the_grid(kil, M, K, N, dtype):
         y1 = torch_ops.w4a16_linear(xs[0], perm=perm, **sq)
         y2 = torch_ops.w4a16_linear(y1, perm=perm, **run)
         assert rel_err(y2, reference(y1[:, perm.long()], t)) < TOL[dtype]
-        x_in = xs[0].clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
-            out = torch_ops.w4a16_linear(x_in, perm=perm, **run)
-        for x, e in zip(xs, expected):
-            x_in.copy_(x)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert rel_err(out, e) < TOL[dtype]
-        streams = (torch.cuda.Stream(), torch.cuda.Stream())
-        torch.cuda.synchronize()
-        outs = []
-        for i in range(6):
-            with torch.cuda.stream(streams[i % 2]):
-                outs.append(torch_ops.w4a16_linear(xs[i % 3], perm=perm, **run))
-        torch.cuda.synchronize()
-        for i, o in enumerate(outs):
-            assert rel_err(o, expected[i % 3]) < TOL[dtype]
+        check_graph_and_streams(lambda x: torch_ops.w4a16_linear(x, perm=perm, **run), xs, expected, dtype)
     finally:
         _C.cuda_w4a16_gather_mode(0)
 
@@ -636,21 +643,4 @@ def test_cuda_split_k_through_workspace(dtype, M, K, N):
         finally:
             _C.cuda_w4a16_global_split(1)
     assert torch.equal(torch_ops.w4a16_linear(xs[0], bias=bias, **t), torch_ops.w4a16_linear(xs[0], bias=bias, **t))
-    x_in = xs[0].clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
-        out = torch_ops.w4a16_linear(x_in, bias=bias, **t)
-    for x, e in zip(xs, expected):
-        x_in.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(out, e) < TOL[dtype]
-    streams = (torch.cuda.Stream(), torch.cuda.Stream())
-    torch.cuda.synchronize()
-    outs = []
-    for i in range(6):
-        with torch.cuda.stream(streams[i % 2]):
-            outs.append(torch_ops.w4a16_linear(xs[i % 3], bias=bias, **t))
-    torch.cuda.synchronize()
-    for i, o in enumerate(outs):
-        assert rel_err(o, expected[i % 3]) < TOL[dtype]
+    check_graph_and_streams(lambda x: torch_ops.w4a16_linear(x, bias=bias, **t), xs, expected, dtype)
