@@ -137,7 +137,7 @@ struct Cfg {
  * kShareSpin cycles a block gathers the x it reads itself (the same values the others write).
  * The last block to leave puts the words back to 0.
  * It replaces the gather kernel only where that one has to signal the GEMM late (few column
- * tiles, M > 4, x large: see grid_gather_pays); elsewhere the barrier's chain (the slowest
+ * tiles, M > 4, x large: see late_gather_pays); elsewhere the barrier's chain (the slowest
  * block's start, its loads and stores, the count, the poll) cost more than the kernel's
  * hand-over. H200, CUDA graphs, k-interleaved, us, grid / best gather kernel (plain): 14336 x
  * 4096 M = 8 15.6 / 17.5 (12.8), M = 16 18.3 / 19.8 (14.9), 4096 x 4096 M = 16 9.5 / 10.0 (7.4);
