@@ -567,14 +567,18 @@ inline int resident(Kern kern, size_t smem, int split, const DevInfo &di, int th
  * Returns -1 when even one block does not fit (the caller falls back). */
 constexpr double kFill = 4.0;
 /* split-K through global memory (p.locks): the reduction's extra cost over the cluster's, in
- * k-tiles (H200, M <= 16: split 8 through the workspace against 6 through clusters was equal at
- * 4096 x 4096 M = 1 and 0.4 us slower at M = 16 (4 against 6 k-tiles per block), 0-1.1 us faster at
- * 8192 x 8192 (8 against 11), 1.5-6.4 us faster at 14336 / 28672 x 4096 (14 / 28 against 19 /
- * 38), and 0.5-1.3 us slower at the same split 2 (8192 x 28672)) */
-constexpr double kGlobalReduce = 3.0;
+ * k-tiles. 3 until the sixteen-row tile's sum was shared (shared_sum): then (H200, CUDA graphs,
+ * M = 1 / 16, k-interleaved fp16, split 8 through the workspace against 6 through clusters, which
+ * 3 chose at 32..63 k-tiles with one wave) 4096 x 4096 5.2 / 7.2 us against 5.6 / 7.5, 5120 x
+ * 5120 7.3 / 10.0 against 8.8 / 11.5, 6144 x 4096 6.4 / 8.7 against 6.9 / 8.9 (bf16 and the
+ * GPTQ layout alike; 4096 x 4096 had been equal at M = 1 and 0.4 us slower at M = 16). Also
+ * measured before: 0-1.1 us faster at 8192 x 8192 (8 against 11 k-tiles per block), 1.5-6.4 us
+ * faster at 14336 / 28672 x 4096 (14 / 28 against 19 / 38), 0.5-1.3 us slower at the same split 2
+ * (8192 x 28672) */
+constexpr double kGlobalReduce = 2.0;
 /* the same for tiles whose partials the kernel after sums (reduce_after): their blocks only store
  * (H200, CUDA graphs, M = 32, 4096 x 4096: split 8 through the workspace 8.9 us, 4 k-tiles per
- * block, against 10.7 through clusters of 6, 6 k-tiles, which the constant above chose) */
+ * block, against 10.7 through clusters of 6, 6 k-tiles, which the constant above, then 3, chose) */
 constexpr double kReduceAfter = 1.0;
 
 /* the split of the model above, or 0 when the kernel's shared memory cannot be granted; after:
