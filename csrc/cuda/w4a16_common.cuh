@@ -573,10 +573,9 @@ constexpr double kFill = 4.0;
  * 5120 7.3 / 10.0 against 8.8 / 11.5, 6144 x 4096 6.4 / 8.7 against 6.9 / 8.9 (bf16 and the
  * GPTQ layout alike; 4096 x 4096 had been equal at M = 1 and 0.4 us slower at M = 16). 1 would
  * take the workspace from 16 k-tiles too, which lost at 2048^2 and 3072^2 (M = 1 3.0 / 4.1 us
- * against 3.4 / 4.3) and gained 0-0.2 us at 2048 x 5632 / 8192. Also
- * measured before: 0-1.1 us faster at 8192 x 8192 (8 against 11 k-tiles per block), 1.5-6.4 us
- * faster at 14336 / 28672 x 4096 (14 / 28 against 19 / 38), 0.5-1.3 us slower at the same split 2
- * (8192 x 28672) */
+ * against 3.4 / 4.3) and gained 0-0.2 us at 2048 x 5632 / 8192. Also measured before: 0-1.1 us
+ * faster at 8192 x 8192 (8 against 11 k-tiles per block), 1.5-6.4 us faster at 14336 / 28672 x
+ * 4096 (14 / 28 against 19 / 38), 0.5-1.3 us slower at the same split 2 (8192 x 28672) */
 constexpr double kGlobalReduce = 2.0;
 /* the same for tiles whose partials the kernel after sums (reduce_after): their blocks only store
  * (H200, CUDA graphs, M = 32, 4096 x 4096: split 8 through the workspace 8.9 us, 4 k-tiles per
