@@ -639,8 +639,8 @@ inline int fill_split(int KT, int64_t tiles) {
 }
 
 /* the largest split of 1, 2, 3, 6 (at most KT / 2 k-tiles per block) whose grid still fits one
- * wave of a block per SM: for tiles of which one block fills an SM (128 x 256), where clusters
- * of 4 and 8 are a cliff and a second wave costs a whole block (H200, CUDA graphs, M = 128: the
+ * wave of a block per SM: the split with which m128_wide's time per wave of the 128 x 256 tiles
+ * was fitted (those tiles now run split by wide_split, below; H200, CUDA graphs, M = 128: the
  * general model's split 8 at 14336 x 4096 66.9 us, this one's 6 42.6) */
 inline int wave_split(int KT, int64_t tiles) {
     const int sms = dev_info().sms;
@@ -648,6 +648,32 @@ inline int wave_split(int KT, int64_t tiles) {
     for (int s : {2, 3, 6}) {
         if (s > KT / 2 || tiles * s > sms) break;
         split = s;
+    }
+    return split;
+}
+
+/* The K split of tiles of which one block fills an SM (128 x 256), of 1, 2, 3, 4, 6 and 8, by the
+ * time per wave that wave_split's fit gives them (a block's fixed cost about 9 of its 64-k steps),
+ * counting waves in the clusters of s blocks that can be resident at once (clusters(s)), which
+ * wave_split does not: on an H200 17 clusters of 6 (102 blocks) and 15 of 8 fit, not 22 and 16
+ * (the GPCs' SM counts). H200, CUDA graphs, M = 128: 13824 x 5120 (20 tiles) wave_split's 6, two
+ * waves, 80.6 us against 55.8 at 4; 18944 x 3584 (14 tiles) 53.0 at 6 against 44.1 at 8; 3584 x
+ * 18944 (74 tiles) 53.9 unsplit against 50.7 at 3 in two waves; the same split as before at 8192
+ * x 28672, 4096 x 14336, 5120 x 13824 and 14336 x 4096. */
+template <class Clusters>
+inline int wide_split(int KT, int64_t tiles, Clusters clusters) {
+    constexpr double kFixedSteps = 8.9;
+    int split = 1;
+    double best = 1e300;
+    for (int s : {1, 2, 3, 4, 6, 8}) {
+        if (s > 1 && s > KT / 2) break;
+        const int occ = clusters(s);
+        if (occ <= 0) continue;
+        const double cost = (double)((tiles + occ - 1) / occ) * (kFixedSteps + (double)((KT + s - 1) / s));
+        if (cost < best - 1e-9) {
+            best = cost;
+            split = s;
+        }
     }
     return split;
 }

@@ -1031,8 +1031,9 @@ template int launch_reduce<BF16>(const LinParams &, int, void *);
 /* ---- host side ------------------------------------------------------------------------------ */
 
 /* a tile offered the workspace (p.locks): its K split through the workspace or through a
- * cluster, whichever the split model prefers; split: the K split of that choice (0 where
- * launch_split is to choose it). The 32-row tile (H200, CUDA graphs, M = 32, against clusters):
+ * cluster, whichever the split model prefers (the 32-row tile: the workspace); split: the K
+ * split of that choice (0 where launch_split is to choose it). The 32-row tile (H200, CUDA
+ * graphs, M = 32, against clusters):
  * 8192 x 8192 24.8 us (split 8) against 29.3 (6), 14336 x 4096 24.1 against 27.0, 28672 x 4096
  * 41.5 against 50.5; 8192 x 28672 equal; 4096 x 4096 since its partials are summed by the
  * kernel after: see kReduceAfter. */
@@ -1048,13 +1049,21 @@ LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
         split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, 0, true);
         return p;
     }
-    const bool streaming = C::BM <= 32;
     const size_t tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
-    double cost_g = 0.0, cost_c = 0.0;
-    const int sg = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, tab, streaming, &cost_g,
-                                reduce_after(C::BM));
+    if constexpr (reduce_after(C::BM)) {
+        /* The 32-row tile: always through the workspace (clusters were slower or equal, above),
+         * split by the general model, not the streaming one: two of its blocks on an SM take
+         * longer than one (H200, CUDA graphs, M = 32, split 8 with 28 SMs holding two blocks
+         * against 6 with one each: 5120 x 5120 14.4 us against 12.2, 13824 x 5120 34.2 against
+         * 26.1; where every SM holds two, as 8192 x 8192 at split 8, the model still splits 8;
+         * 8192 x 28672, which clusters had split 2 too, 0.3-1.2 us slower of 73-76) */
+        split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, tab, false, nullptr, true);
+        return p;
+    }
+    double cost_g = 0.0, cost_c = 0.0; /* (the 8- and 16-row tiles: the streaming model) */
+    const int sg = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, tab, true, &cost_g);
     const int sc = choose_split(w4a16_tc_kernel<C, T>, c, tiles, C::PIPE_BYTES, C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES,
-                                tab, streaming, &cost_c);
+                                tab, true, &cost_c);
     if (sg > 0 && (sc <= 0 || cost_g < cost_c)) {
         split = sg;
         return p;

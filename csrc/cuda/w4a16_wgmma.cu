@@ -638,31 +638,44 @@ template <class Kern> static bool holds_sm90a(Kern kern) {
     return built;
 }
 
-/* pick: the K split by that rule (fill_split, wave_split) instead of the general model */
-template <class C, class T>
-int launch_wg(const LinParams &base, void *stream, int (*pick)(int KT, int64_t tiles) = nullptr) {
+/* the K split: by the general model (choose_split), fill_split or wide_split */
+enum class SplitRule { Model, Fill, Wide };
+template <class C, class T, SplitRule R = SplitRule::Model>
+int launch_wg(const LinParams &base, void *stream) {
     auto kern = w4a16_wgmma_kernel<C, T>;
     static const bool built = holds_sm90a(kern);
     if (!built) return -1;
     int64_t tiles;
     LinParams p = tiled<C>(base, tiles);
-    const size_t pipe = (size_t)C::PIPE_BYTES + 1024, tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
-    int split = pick != nullptr ? pick(p.KT, tiles) : 0;
+    const size_t pipe = (size_t)C::PIPE_BYTES + 1024, out = (size_t)C::OUT_BYTES + 1024,
+                 tab = C::ACT ? (size_t)p.G * C::BN * 4 : 0;
+    int split = 0;
+    if constexpr (R == SplitRule::Fill) split = fill_split(p.KT, tiles);
+    if constexpr (R == SplitRule::Wide) {
+        const DevInfo di = dev_info();
+        if (!allow_dyn_smem((const void *)kern, std::min(std::max(pipe, out) + tab, (size_t)di.optin_smem), di))
+            return TOPS_ERR_CUDA;
+        split = wide_split(p.KT, tiles,
+                           [&](int s) { return resident(kern, (s > 1 ? std::max(pipe, out) : pipe) + tab, s, di); });
+    }
     if (C::GLOBAL && p.locks != nullptr) {
         /* split-K through the workspace (offered for the 64-row tile), split by the general
          * model, where that splits more than clusters would: H200, CUDA graphs, M = 64, against
          * clusters split by fill_split: 8192 x 8192 28.7 us (split 4) against 30.3 (2), 14336 x
          * 4096 26.6 (8) against 29.1 (6), 28672 x 4096 48.4 against 53.4, 4096 x 4096 12.9
          * against 13.5; at the same split 2 (4096 x 14336) 27.3-27.4 against 25.0. No partial
-         * tile in shared memory. */
+         * tile in shared memory. At the same split above 2 the workspace too: clusters of 6
+         * of two resident blocks per SM were slow (5120 x 5120 M = 64 20.2 us against 14.0,
+         * 13824 x 5120 40.4 against 29.4). */
         const int sg = choose_split(kern, p, tiles, pipe, pipe, tab, false, nullptr,
                                     reduce_after(C::BM)); /* (a forced split: that) */
-        if (g_force_split > 0 || sg > split) return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, sg,
-                                                                reduce_after(C::BM) ? launch_reduce<T> : nullptr);
+        if (g_force_split > 0 || sg > split || (sg == split && split > 2))
+            return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, sg,
+                                reduce_after(C::BM) ? launch_reduce<T> : nullptr);
     }
     p.locks = nullptr;
     p.part = nullptr;
-    return launch_split(kern, p, tiles, pipe, (size_t)C::OUT_BYTES + 1024, tab, stream, false, split);
+    return launch_split(kern, p, tiles, pipe, out, tab, stream, false, split);
 }
 
 template <class T, bool ACT, bool KP>
@@ -675,8 +688,8 @@ int dispatch_wg(const LinParams &p, int cfg, void *stream) {
      * 11 runs without the block barrier (MB, plain groups; M = 128, best split, MB / barrier: 8192 x 28672
      * 129.2 / 133.8, 4096 x 28672 67.0 / 69.2, 14336 x 4096 42.6 / 45.3); on 10 MB measured equal
      * to 5% slower (one stage of four fewer in flight), on 14 / 16 (OVL) not built. */
-    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2, false, KP>, T>(p, stream, fill_split); /* 64 x 128, k 128 */
-    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2, true, KP>, T>(p, stream, wave_split); /* 128 x 256, k 64 */
+    case 10: return launch_wg<WCfg<64, 1, 2, 4, ACT, false, 2, false, KP>, T, SplitRule::Fill>(p, stream); /* 64 x 128, k 128 */
+    case 11: return launch_wg<WCfg<128, 2, 1, 5, ACT, false, 2, true, KP>, T, SplitRule::Wide>(p, stream); /* 128 x 256, k 64 */
     case 14: return launch_wg<WCfg<128, 1, 1, 5, ACT, true, 0, false, KP>, T>(p, stream); /* 128 x 128, overlapped */
     case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true, 0, false, KP>, T>(p, stream); /* 256 x 128, overlapped */
     default: return -1;
