@@ -469,7 +469,7 @@ inline bool g_pdl = true; /* launch with programmatic dependent launch on sm_90+
 inline int g_cluster_policy = 0;
 
 struct DevInfo {
-    int dev = 0, sms = 0, major = 0, minor = 0, optin_smem = 0;
+    int dev = 0, sms = 0, major = 0, minor = 0, optin_smem = 0, sm_smem = 0;
 };
 inline DevInfo dev_info() {
     static DevInfo cache[64];
@@ -483,6 +483,7 @@ inline DevInfo dev_info() {
         cudaDeviceGetAttribute(&n.major, cudaDevAttrComputeCapabilityMajor, dev);
         cudaDeviceGetAttribute(&n.minor, cudaDevAttrComputeCapabilityMinor, dev);
         cudaDeviceGetAttribute(&n.optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        cudaDeviceGetAttribute(&n.sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
         cudaDeviceGetAttribute(&n.sms, cudaDevAttrMultiProcessorCount, dev);
         if (n.sms <= 0) n.sms = 1;
         d = n;
@@ -701,10 +702,12 @@ constexpr int kNoGridGather = -2;
 /* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both); reduce:
  * launch_reduce of the activation type for tiles of reduce_after(BM) rows, else null; pg: the
  * kernel gathers x[:, perm] itself, its blocks waiting for each other (only through the
- * workspace, and where the whole grid can be resident: else kNoGridGather) */
+ * workspace, and where the whole grid can be resident: else kNoGridGather); spread: where the
+ * grid has a block for each SM at most, no two blocks share an SM (see launch_tc) */
 template <class Kern>
 inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
-                        bool streaming = false, int split = 0, ReduceFn reduce = nullptr, bool pg = false) {
+                        bool streaming = false, int split = 0, ReduceFn reduce = nullptr, bool pg = false,
+                        bool spread = false) {
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     if (split <= 0 || g_force_split > 0 || di.major < 9) {
@@ -714,10 +717,15 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     }
     if (split <= 0) return TOPS_ERR_CUDA;
     p.kt_per_split = (p.KT + split - 1) / split;
-    const size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
+    size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
     const bool whole = p.locks != nullptr && tiles * split <= resident(kern, smem, 1, di);
     if (pg && !whole) return kNoGridGather;
     p.share = split > 1 && whole ? 4 : 1;
+    if (spread && tiles * split <= di.sms) {
+        /* more than half an SM's shared memory (each block also reserves 1 KB) */
+        const size_t one = (size_t)di.sm_smem / 2 + 1024;
+        if (one > smem && one <= (size_t)di.optin_smem && allow_dyn_smem((const void *)kern, one, di)) smem = one;
+    }
     g_last_split = split;
     g_last_workspace = split > 1 && p.locks != nullptr;
     if (smem > (size_t)di.optin_smem) return -1;

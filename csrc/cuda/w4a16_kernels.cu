@@ -1072,7 +1072,13 @@ LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
     return c;
 }
 
-/* split: as launch_split's */
+/* split: as launch_split's. The 32-row tile's blocks never share an SM where the grid has one for
+ * each (launch_split's spread): two of them on one SM run ~1.5x slower, and a grid launched by
+ * PDL while the previous call's blocks and its reduce kernel's still held the SMs was at times
+ * placed that way, by M and shape, call after call (H200, CUDA graphs, fp16, us, shared / spread:
+ * M = 17 4096 x 4096 11.5 / 8.4, 14336 x 4096 33.1 / 20.7, 28672 x 4096 62.6 / 37.8, 11008 x 4096
+ * 26.4 / 16.8; 3584 x 3584 M = 20 / 24 / 32 11.6 / 11.9 / 12.0 against 8.0 / 8.2 / 8.5; elsewhere
+ * within 0.2) */
 template <class C, class T>
 int launch_tc(const LinParams &base, void *stream, int split = 0) {
     int64_t tiles;
@@ -1083,7 +1089,7 @@ int launch_tc(const LinParams &base, void *stream, int split = 0) {
     if (C::PG && p.locks == nullptr) return kNoGridGather;
     return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, out,
                         C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32, split,
-                        reduce_after(C::BM) ? launch_reduce<T> : nullptr, C::PG);
+                        reduce_after(C::BM) ? launch_reduce<T> : nullptr, C::PG, C::GLOBAL && reduce_after(C::BM));
 }
 
 /* tile configurations, by batch size */
