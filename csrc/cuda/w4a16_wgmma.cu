@@ -664,12 +664,13 @@ int launch_wg(const LinParams &base, void *stream) {
          * clusters split by fill_split: 8192 x 8192 28.7 us (split 4) against 30.3 (2), 14336 x
          * 4096 26.6 (8) against 29.1 (6), 28672 x 4096 48.4 against 53.4, 4096 x 4096 12.9
          * against 13.5; at the same split 2 (4096 x 14336) 27.3-27.4 against 25.0. No partial
-         * tile in shared memory. At the same split above 2 the workspace too: clusters of 6
-         * of two resident blocks per SM were slow (5120 x 5120 M = 64 20.2 us against 14.0,
-         * 13824 x 5120 40.4 against 29.4). */
+         * tile in shared memory. Where fill_split splits more than 2 ways, the workspace too:
+         * clusters of 3 or 6 of two resident blocks per SM were slow (M = 64, clusters / the
+         * workspace: 5120 x 5120 split 6 20.2 us / 14.0, 13824 x 5120 split 6 40.4 / 29.4,
+         * 3584 x 3584 split 6 11.5 / the model's 4 9.3). */
         const int sg = choose_split(kern, p, tiles, pipe, pipe, tab, false, nullptr,
                                     reduce_after(C::BM)); /* (a forced split: that) */
-        if (g_force_split > 0 || sg > split || (sg == split && split > 2))
+        if (g_force_split > 0 || sg > split || split > 2)
             return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, sg,
                                 reduce_after(C::BM) ? launch_reduce<T> : nullptr);
     }
