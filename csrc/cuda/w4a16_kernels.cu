@@ -1056,7 +1056,7 @@ LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
          * longer than one (H200, CUDA graphs, M = 32, split 8 with 28 SMs holding two blocks
          * against 6 with one each: 5120 x 5120 14.4 us against 12.2, 13824 x 5120 34.2 against
          * 26.1; where every SM holds two, as 8192 x 8192 at split 8, the model still splits 8;
-         * 8192 x 28672, which clusters had split 2 too, 0.3-1.2 us slower of 73-76) */
+         * 8192 x 28672, which clusters had split 2 too, 0.3-1.2 us slower of 73-77) */
         split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, tab, false, nullptr, true);
         return p;
     }
