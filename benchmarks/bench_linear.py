@@ -15,7 +15,7 @@ torch.ops.aten._weight_int4pack_mm (tinygemm, bf16), dequantize-then-matmul, and
 (int4 weights + fp16 scales + packed zeros + activations + output at the measured copy bandwidth).
 CPU columns: this op (fp32 and bf16 x, weights rotated over 128 MB so that they come from DRAM),
 dense fp32 and bf16 F.linear, and the int4 bytes per second against the read bandwidth measured
-next to the calls (a 64 MB read before each block of 8 calls; the median of the ratios).
+in the same minutes (the median of 64 MB reads timed between its blocks of 8 calls).
 """
 import argparse
 import statistics
@@ -236,31 +236,29 @@ def bench_cpu(shapes, ms, G, reps):
     read_bw = buf.numel() * 4 / (bench(lambda _: buf.sum()) * 1e-6)
 
     def bench_vs_bw(fn, data, nbytes, blocks=8, per_block=8):
-        """(median us of fn, median over blocks of fn's bytes/s over the read bandwidth of the probe
-        run just before the block): a shared VM's bandwidth drifts between runs by tens of
-        percent, so the op is held to the bandwidth of its moment. The first call after a probe is
-        not timed (it ran 12% slower there than after other calls: the probe's 64 MB fill the caches)"""
+        """(median us of fn, fn's bytes/s at that median over the median read bandwidth of probes
+        timed between its blocks of calls): a shared VM's bandwidth drifts between runs by tens of
+        percent, so the op is held to the bandwidth of the same minutes. The first call after a
+        probe is not timed (the probe's 64 MB leave the caches cold for it)."""
         fn(data[0])
-        ts, ratios, i = [], [], 0
+        ts, bws, i = [], [], 0
         for _ in range(max(blocks, -(-reps // per_block))):
             t0 = time.perf_counter()
             probe.sum()
-            bw = probe.numel() * 4 / (time.perf_counter() - t0)
-            block = []
+            bws.append(probe.numel() * 4 / (time.perf_counter() - t0))
             for j in range(per_block + 1):
                 i += 1
                 t0 = time.perf_counter()
                 fn(data[i % len(data)])
                 if j:
-                    block.append(time.perf_counter() - t0)
-            ts += block
-            ratios.append(nbytes / statistics.median(block) / bw)
-        return statistics.median(ts) * 1e6, statistics.median(ratios)
+                    ts.append(time.perf_counter() - t0)
+        us = statistics.median(ts) * 1e6
+        return us, nbytes / (us * 1e-6) / statistics.median(bws)
 
     print(f"device: cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"read bandwidth {read_bw / 1e9:.1f} GB/s, isa {['scalar', 'avx2', 'avx512'][torch_ops._C.cpu_isa()]}, "
-          f"group {G}, weights rotated over {CPU_ROTATE_BYTES >> 20} MB; 'of read bw': the median over the "
-          f"blocks of 8 calls of their int4 bytes/s over a 64 MB read timed just before the block")
+          f"group {G}, weights rotated over {CPU_ROTATE_BYTES >> 20} MB; 'of read bw': int4 bytes/s at the median "
+          f"time over the median of 64 MB reads timed between blocks of 8 calls")
     print("| K x N | M | w4a16 fp32 x (us) | int4 GB/s | of read bw | w4a16 bf16 x | F.linear fp32 "
           "| F.linear bf16 | fp32 x vs F.linear fp32 | bf16 x vs F.linear bf16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
