@@ -799,10 +799,13 @@ public:
     static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                    torch::autograd::variable_list grads) {
         static const auto dequant = find_op<decltype(dequantize)>("torch_ops::dequantize");
-        static const auto unprepack = find_op<decltype(unprepack_w4a16)>("torch_ops::unprepack_w4a16");
+        static const auto unprepack =
+            find_op<decltype(unprepack_w4a16)>("torch_ops::unprepack_w4a16");
         const auto saved = ctx->get_saved_variables();
         const at::Tensor &grad = grads[0], &qzeros = saved[2], &g_idx = saved[3], &perm = saved[4];
-        auto opt = [](const at::Tensor &t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+        auto opt = [](const at::Tensor &t) {
+            return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+        };
         at::Tensor grad_x, grad_bias;
         if (ctx->needs_input_grad(0)) { /* x is the first input edge */
             const at::Tensor qweight = saved[0].dim() == 3 ? unprepack.call(saved[0]) : saved[0];
@@ -833,7 +836,6 @@ at::Tensor w4a16_linear_autograd(const at::Tensor &x, const at::Tensor &qweight,
 }
 
 }  // namespace
-
 
 TORCH_LIBRARY(torch_ops, m) {
     m.def("pack(Tensor values, int bits, int dim=-1, str order=\"sequential\", "
