@@ -493,6 +493,27 @@ def test_compile_fullgraph(device, g_idx_kind):
         torch._dynamo.reset()
 
 
+def test_torch_export_save_load(device, tmp_path):
+    """torch.export of a model with QuantLinear layers (act-order prepacked, bias) and a dynamic
+    batch: the program holds one torch_ops.w4a16_linear per layer, survives save / load, and
+    computes what the module does"""
+    gq = random_gptq(device)
+    model = nn.Sequential(
+        QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device), group_size=G,
+                              bias=torch.randn(N, device=device)),
+        nn.ReLU(),
+        QuantLinear.from_gptq(**random_gptq(device, k=N, n=64), group_size=G))
+    x = torch.randn(3, K, device=device)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    calls = [n for n in program.graph.nodes if n.target is torch.ops.torch_ops.w4a16_linear.default]
+    assert len(calls) == 2
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    for batch in (3, 1, 9):
+        xb = torch.randn(batch, K, device=device)
+        assert torch.equal(loaded(xb), model(xb))
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_cuda_graph_replay(device, act_order):
     if device != "cuda":
