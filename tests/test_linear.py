@@ -319,6 +319,25 @@ def test_torch_func_grad_vjp_jvp(device, weights):
         assert torch.allclose(fwAD.unpack_dual(dual).tangent.cpu(), tangent, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("weights", ["act_order", "perm"])
+def test_compile_torch_func_grad(device, weights):
+    """torch.compile(fullgraph) of torch.func.grad traces the composite route with fake tensors
+    (whose g_idx / perm values it cannot read) and equals eager"""
+    K, N = 128, 40
+    t = make_weights(K, N, 64, act_order=weights == "act_order", device=device)
+    perm = torch.randperm(K, device=device).to(torch.int32) if weights == "perm" else None
+    x = torch.randn(2, 3, K, device=device)
+    grad = torch.func.grad(lambda x: torch_ops.w4a16_linear(x, perm=perm, **t).square().sum())
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(grad, fullgraph=True, backend="aot_eager")
+        expected = grad(x)
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torch_func_bad_input(device):
     """the composite route checks its arguments as the kernels do (its tensors are wrappers)"""
     K, N = 128, 16

@@ -112,9 +112,13 @@ void check_value_range(const char *op, const char *arg, const at::Tensor &t, int
 // entry per act-order layer.
 // want_perm: also find out (once, cached alike) whether idx is a permutation of [0, limit);
 // returns that, false where unknown (during capture of a tensor not seen before) or not asked.
+// (skipped while a Python dispatch mode, such as torch.compile's fake tensors, is tracing: their
+// values cannot be read, and the traced graph's own ops check them when it runs)
 void check_index_values(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
                         const char *meaning) {
-    if (idx.numel() == 0) return;
+    if (idx.numel() == 0 || idx.key_set().has(c10::DispatchKey::Python) ||
+        c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python))
+        return;
     auto [mn, mx] = at::aminmax(idx);
     int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
     TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit, ") (",
