@@ -356,11 +356,12 @@ def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None
             entry(qzeros, qzeros_dim, b), group_size, entry(g_idx, g_idx_dim, b),
             entry(bias, bias_dim, b), zero_format, entry(perm, perm_dim, b)) for b in range(B)]
         return torch.stack(outs), 0
-    x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(B, *x.shape)
-    if bias_dim is None:
-        return _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, bias,
-                                         zero_format, perm), 0
+    if bias_dim is None:  # then x is the vmapped one
+        return _ops.w4a16_linear.default(x.movedim(x_dim, 0), qweight, scales, qzeros, group_size,
+                                         g_idx, bias, zero_format, perm), 0
+    if x_dim is not None:
+        x = x.movedim(x_dim, 0)
     out = _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, None,
-                                    zero_format, perm)
-    bias = bias.movedim(bias_dim, 0).reshape(B, *([1] * (out.dim() - 2)), -1)
+                                    zero_format, perm)  # [B, ..., N], or [..., N] for one x
+    bias = bias.movedim(bias_dim, 0).reshape(B, *([1] * (out.dim() - (x_dim is not None) - 1)), -1)
     return (out.float() + bias.float()).to(out.dtype), 0
