@@ -266,6 +266,37 @@ def test_gradient_only_where_asked(device):
         assert torch_ops.w4a16_linear(x.requires_grad_(), bias=bias, **t).grad_fn is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(device, dtype):
+    """under torch.autocast the op casts x to the autocast dtype, as F.linear does: the result is
+    the op on x.to(dtype), in dtype; gradients reach the fp32 x; the same inside a compiled graph;
+    outside autocast nothing is cast"""
+    K, N = 256, 64
+    t = make_weights(K, N, 128, device=device)
+    bias = torch.randn(N, device=device)
+    x = torch.randn(3, K, device=device, requires_grad=True)
+    expected = torch_ops.w4a16_linear(x.detach().to(dtype), bias=bias, **t)
+
+    def f(x):
+        return torch_ops.w4a16_linear(x, bias=bias, **t)
+
+    with torch.autocast(device, dtype=dtype):
+        out = f(x)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+        finally:
+            torch._dynamo.reset()
+    assert out.dtype == dtype and compiled.dtype == dtype
+    assert torch.equal(out, expected) and torch.equal(compiled, expected)
+    grad = torch.randn(3, N, device=device)
+    out.backward(grad.to(dtype))
+    w = _dequantized(t).to(dtype).float()
+    assert x.grad.dtype == torch.float32
+    assert rel_err(x.grad, (grad.to(dtype).float() @ w.to(device)).cpu().double()) < TOL[dtype]
+    assert f(x).dtype == torch.float32
+
+
 def _dequantized(t):
     return ref.dequantize(t["qweight"].cpu(), t["scales"].cpu().float(),
                           None if t["qzeros"] is None else t["qzeros"].cpu(), "gptq", 4,

@@ -1,13 +1,14 @@
 // ops.cpp - the op registry of torch_ops: every schema in one place, the argument checks (each
 // naming the op, the argument and the value received), output allocation, and the dispatch to the
 // C core (CPU, split across torch's threads) or to the CUDA wrappers (ops_cuda.cpp).
-// The autograd of w4a16_linear is here too; the fake (meta) kernels are registered in Python
-// (torch_ops/_ops.py).
+// The autograd and autocast kernels of w4a16_linear are here too; the fake (meta) kernels and its
+// vmap rule are registered in Python (torch_ops/_ops.py).
 #include <torch/extension.h>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/autocast_mode.h>
 
 #include <atomic>
 #include <mutex>
@@ -929,6 +930,24 @@ at::Tensor w4a16_linear_autograd(const at::Tensor &x, const at::Tensor &qweight,
                                   perm);
 }
 
+// ---- autocast of w4a16_linear -------------------------------------------------------------------
+// Under torch.autocast the op does what F.linear does there (it is on autocast's lower-precision
+// list): x is cast to the autocast dtype, so the fp32 activations of a mixed-precision model take
+// the fp16 / bf16 kernels and the output comes in that dtype. The weights and bias stay as given
+// (the op reads any float scales and bias, and adds the bias in fp32).
+template <c10::DeviceType device>
+at::Tensor w4a16_linear_autocast(const at::Tensor &x, const at::Tensor &qweight,
+                                 const at::Tensor &scales, const c10::optional<at::Tensor> &qzeros,
+                                 int64_t group_size, const c10::optional<at::Tensor> &g_idx,
+                                 const c10::optional<at::Tensor> &bias, c10::string_view zero_format,
+                                 const c10::optional<at::Tensor> &perm) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(
+        at::autocast::get_autocast_dispatch_key_from_device_type(device));
+    static const auto op = find_op<decltype(w4a16_linear)>("torch_ops::w4a16_linear");
+    return op.call(at::autocast::cached_cast(at::autocast::get_autocast_dtype(device), x, device),
+                   qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(torch_ops, m) {
@@ -973,6 +992,12 @@ TORCH_LIBRARY(torch_ops, m) {
 
 TORCH_LIBRARY_IMPL(torch_ops, CPU, m) { TOPS_IMPLS(m); }
 TORCH_LIBRARY_IMPL(torch_ops, Autograd, m) { m.impl("w4a16_linear", &w4a16_linear_autograd); }
+TORCH_LIBRARY_IMPL(torch_ops, AutocastCPU, m) {
+    m.impl("w4a16_linear", &w4a16_linear_autocast<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(torch_ops, AutocastCUDA, m) {
+    m.impl("w4a16_linear", &w4a16_linear_autocast<c10::DeviceType::CUDA>);
+}
 #ifdef TOPS_WITH_CUDA
 TORCH_LIBRARY_IMPL(torch_ops, CUDA, m) { TOPS_IMPLS(m); }
 #endif
