@@ -352,8 +352,8 @@ def test_torch_func_grad_vjp_jvp(device, weights):
 
 @pytest.mark.parametrize("weights", ["act_order", "perm"])
 def test_compile_torch_func_grad(device, weights):
-    """torch.compile(fullgraph) of torch.func.grad traces the composite route with fake tensors
-    (whose g_idx / perm values it cannot read) and equals eager"""
+    """torch.compile(fullgraph) of torch.func.grad, and of forward-mode AD, traces the composite
+    route with fake tensors (whose g_idx / perm values it cannot read) and equals eager"""
     K, N = 128, 40
     t = make_weights(K, N, 64, act_order=weights == "act_order", device=device)
     perm = torch.randperm(K, device=device).to(torch.int32) if weights == "perm" else None
@@ -365,6 +365,16 @@ def test_compile_torch_func_grad(device, weights):
         expected = grad(x)
         assert expected.abs().sum() > 0
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        import torch.autograd.forward_ad as fwAD
+
+        def tangent(x, dx):
+            with fwAD.dual_level():
+                y = torch_ops.w4a16_linear(fwAD.make_dual(x, dx), perm=perm, **t)
+                return fwAD.unpack_dual(y).tangent
+
+        dx = torch.randn_like(x)
+        torch.testing.assert_close(torch.compile(tangent, fullgraph=True, backend="aot_eager")(x, dx),
+                                   tangent(x, dx), rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
 

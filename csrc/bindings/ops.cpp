@@ -105,13 +105,16 @@ void check_value_range(const char *op, const char *arg, const at::Tensor &t, int
                       int64_t(1) << bits, ", got a value of ", mx);
 }
 
-// The smallest and largest entry of an index tensor; false where its values cannot be read here:
-// while a Python dispatch mode traces (torch.compile's fake tensors; the traced graph's own ops
-// check them when it runs).
+// Whether an index tensor's values can be read here: not while a Python dispatch mode traces
+// (torch.compile's fake tensors; the traced graph's own ops check them when it runs).
+bool index_values_readable(const at::Tensor &idx) {
+    return !idx.key_set().has(c10::DispatchKey::Python) &&
+           !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
+}
+
+// The smallest and largest entry of an index tensor; false where its values cannot be read.
 bool index_min_max(const at::Tensor &idx, int64_t &lo, int64_t &hi) {
-    if (idx.key_set().has(c10::DispatchKey::Python) ||
-        c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python))
-        return false;
+    if (!index_values_readable(idx)) return false;
     auto [mn, mx] = at::aminmax(idx);
     lo = mn.item<int64_t>();
     hi = mx.item<int64_t>();
@@ -129,13 +132,13 @@ void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi,
 // counter) is not checked again, and none is checked while a CUDA graph is being captured
 // (capture requires an eager warm-up, which checked it). Each entry keeps a reference to its
 // storage, so a cached address cannot be reused by another tensor while the entry lives; one
-// entry per act-order layer. Values that cannot be read (index_min_max) are neither checked nor
-// cached.
+// entry per act-order layer. Values that cannot be read (index_values_readable) are neither
+// checked nor cached.
 // want_perm: also find out (once, cached alike) whether idx is a permutation of [0, limit);
 // returns that, false where unknown (during capture of a tensor not seen before) or not asked.
 bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
                        const char *meaning, bool want_perm = false) {
-    if (idx.numel() == 0) return false;
+    if (idx.numel() == 0 || !index_values_readable(idx)) return false;
     struct Seen {
         c10::Storage storage;
         int64_t numel, limit;
@@ -161,7 +164,7 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
 #endif
     if (!range_known) {
         int64_t lo, hi;
-        if (!index_min_max(idx, lo, hi)) return false;
+        index_min_max(idx, lo, hi);
         check_index_bounds(op, arg, lo, hi, limit, meaning);
     }
     int is_perm = -1;
