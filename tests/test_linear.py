@@ -431,7 +431,11 @@ def test_vmap_rule(device, dtype):
         x32 = xs.float()
         per_sample = torch.func.vmap(torch.func.grad(loss))(x32)
         whole = torch.func.grad(lambda x: torch.vmap(loss)(x).sum())(x32)
+        torch._dynamo.reset()
+        compiled = torch.compile(torch.vmap(f, in_dims=(1, 0)), fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(xs.transpose(0, 1), biases), cases[1][0])
     finally:
+        torch._dynamo.reset()
         torch._C._functorch._set_vmap_fallback_enabled(fallback)
     expected = []
     for x in x32:
