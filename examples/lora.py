@@ -53,7 +53,7 @@ class LoRA(nn.Module):
 def add_lora(model: nn.Module, rank: int, alpha: float) -> list:
     """A LoRA beside every QuantLinear of model (in place); returns the adapters' parameters."""
     params = []
-    for name, m in list(model.named_modules()):
+    for m in list(model.modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, torch_ops.QuantLinear):
                 lora = LoRA(child, rank, alpha).to(next(child.buffers()).device)
