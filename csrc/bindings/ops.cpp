@@ -727,11 +727,15 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
         check_device(op, "qzeros", *qzeros, x);
         check_shape(op, "qzeros", *qzeros, {G, N / 8}, "[K/group_size, N/8]");
     }
+    // g_idx and perm: int32 or int64 [K] on x's device
+    auto check_index_arg = [&](const char *arg, const at::Tensor &t) {
+        TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", arg,
+                         " must be int32 or int64, got ", t.scalar_type());
+        check_device(op, arg, t, x);
+        check_shape(op, arg, t, {K}, "[K]");
+    };
     if (g_idx.has_value()) {
-        TORCH_CHECK_TYPE(g_idx->scalar_type() == at::kInt || g_idx->scalar_type() == at::kLong,
-                         op, ": g_idx must be int32 or int64, got ", g_idx->scalar_type());
-        check_device(op, "g_idx", *g_idx, x);
-        check_shape(op, "g_idx", *g_idx, {K}, "[K]");
+        check_index_arg("g_idx", *g_idx);
         if (in_transform)
             check_index_range_in_transform(op, "g_idx", *g_idx, G, "one per group of scales");
         else
@@ -741,10 +745,7 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
         TORCH_CHECK_VALUE(!g_idx.has_value(), op,
                           ": pass g_idx (act-order as stored) or perm (rows sorted by "
                           "act_order_prepack), not both");
-        TORCH_CHECK_TYPE(perm->scalar_type() == at::kInt || perm->scalar_type() == at::kLong,
-                         op, ": perm must be int32 or int64, got ", perm->scalar_type());
-        check_device(op, "perm", *perm, x);
-        check_shape(op, "perm", *perm, {K}, "[K]");
+        check_index_arg("perm", *perm);
         if (in_transform)
             check_index_range_in_transform(op, "perm", *perm, K, "positions in a row of x");
         else
