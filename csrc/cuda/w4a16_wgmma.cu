@@ -754,15 +754,17 @@ bool wgmma_m128_wide(int64_t K, int64_t N, int64_t room) {
     using C14 = WCfg<128, 1, 1, 5, false, true>;
     auto k11 = w4a16_wgmma_kernel<C11, F16>;
     auto k14 = w4a16_wgmma_kernel<C14, F16>;
-    if (!wgmma_built()) return true;
     const DevInfo di = dev_info();
+    if (di.major != 9 || di.minor != 0 || !wgmma_built()) return true; /* (the mma.sync stand-ins) */
     const int KT = (int)((K + 63) / 64);
     const size_t pipe11 = (size_t)C11::PIPE_BYTES + 1024, out11 = (size_t)C11::OUT_BYTES + 1024;
     const size_t one = (size_t)di.sm_smem / 2 + 1024; /* (more than half an SM's: one block each) */
     const size_t smem14 = std::max({(size_t)C14::PIPE_BYTES + 1024, (size_t)C14::OUT_BYTES + 1024, one});
     if (smem14 > (size_t)di.optin_smem || !allow_dyn_smem((const void *)k14, smem14, di) ||
-        !allow_dyn_smem((const void *)k11, std::max(pipe11, out11), di))
+        !allow_dyn_smem((const void *)k11, std::max(pipe11, out11), di)) {
+        (void)cudaGetLastError(); /* (not left for the launch's check) */
         return true;
+    }
     const int64_t t14 = (N + 127) / 128;
     double c14 = 1e300;
     for (int s : {1, 2, 3, 4, 6, 8}) {
