@@ -17,7 +17,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 C_SOURCES = sorted(glob.glob(os.path.join("csrc", "core", "*.c")))
 CPP_SOURCES = ["csrc/bindings/ops.cpp"]
 CUDA_SOURCES = ["csrc/bindings/ops_cuda.cpp"] + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-C_FLAGS = ["-std=c11", "-O3", "-fPIC", "-Wall", "-Wextra", "-fvisibility=hidden"]
+# -fno-wrapv undoes the -fwrapv that Python's own CFLAGS (sysconfig) put before these: defined
+# signed overflow keeps GCC from folding the kernels' int64 index arithmetic, and the M = 1 GEMV
+# ran 8% slower with it (AVX2, Zen 3: 147 against 136 us at 2048 x 2048 on one thread). The core
+# has no signed overflow to define (its tests run under UBSan).
+C_FLAGS = ["-std=c11", "-O3", "-fno-wrapv", "-fPIC", "-Wall", "-Wextra", "-fvisibility=hidden"]
 
 
 def want_cuda() -> bool:

@@ -1,5 +1,5 @@
-"""The public functions of torch_ops, the fake (meta) kernels that let torch.compile trace the
-ops, and the autograd formula of w4a16_linear.
+"""The public functions of torch_ops and the fake (meta) kernels that let torch.compile trace the
+ops (w4a16_linear's autograd is registered in C++, csrc/bindings/ops.cpp).
 
 The ops themselves (schemas, argument checks, CPU and CUDA kernels) live in the compiled
 extension as ``torch.ops.torch_ops.*``; each function here is a thin, documented call of one.
@@ -136,8 +136,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     the weights are dequantised a column chunk at a time into at most 64 MiB of scratch (from the
     caching allocator) and multiplied with cuBLAS, whose GEMM is ahead of any fused kernel
     there; the result is the same up to rounding."""
-    return _ops.w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
-                             perm)
+    return _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
+                                     perm)
 
 
 def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: int):
@@ -332,32 +332,3 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
                          f"K = {per_row} * qweight.shape[0] = {qweight.shape[0] * per_row}")
     return x.new_empty((*x.shape[:-1], qweight.shape[-1]))
 
-
-# ---- autograd: d/dx of x @ W^T is grad @ W, with W dequantized by the kernel ----------------------
-
-def _w4a16_setup_context(ctx, inputs, output):
-    x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm = inputs
-    ctx.save_for_backward(qweight, scales, qzeros, g_idx, perm)
-    ctx.group_size, ctx.zero_format = group_size, zero_format
-    ctx.bias_needs_grad = bias is not None and bias.requires_grad
-
-
-def _w4a16_backward(ctx, grad):
-    qweight, scales, qzeros, g_idx, perm = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        # W in the gradient's dtype, from scales in that dtype: one rounding, as in the forward
-        if qweight.dim() == 3:  # k-interleaved
-            qweight = _ops.unprepack_w4a16(qweight)
-        w = _ops.dequantize(qweight, scales.to(grad.dtype), qzeros, "gptq", 4, ctx.group_size,
-                            g_idx, ctx.zero_format)
-        grad_x = grad @ w
-        if perm is not None:  # the product used x[..., perm]: scatter back (adding repeats)
-            grad_x = torch.zeros_like(grad_x).index_add_(-1, perm.long(), grad_x)
-    if ctx.bias_needs_grad:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, None, None, None, None, grad_bias, None, None
-
-
-torch.library.register_autograd("torch_ops::w4a16_linear", _w4a16_backward,
-                                setup_context=_w4a16_setup_context)
