@@ -230,10 +230,11 @@ def bench_cpu(shapes, ms, G, reps):
         return statistics.median(ts) * 1e6
 
     # read bandwidth: a vectorised fp32 sum (torch's int64 sum ran 20-30% slower); 256 MB for the
-    # header, 64 MB (a few ms) for the probe timed next to each call of the op
+    # header (freed before the op runs), 64 MB (a few ms) for the probe timed between blocks of calls
     buf = torch.ones(1 << 26, dtype=torch.float32)
-    probe = buf[: 1 << 24]
     read_bw = buf.numel() * 4 / (bench(lambda _: buf.sum()) * 1e-6)
+    del buf
+    probe = torch.ones(1 << 24, dtype=torch.float32)
 
     def bench_vs_bw(fn, data, nbytes, blocks=8, per_block=8):
         """(median us of fn, fn's bytes/s at that median over the median read bandwidth of probes

@@ -266,6 +266,171 @@ def test_gradient_only_where_asked(device):
         assert torch_ops.w4a16_linear(x.requires_grad_(), bias=bias, **t).grad_fn is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(device, dtype):
+    """under torch.autocast the op casts x to the autocast dtype, as F.linear does: the result is
+    the op on x.to(dtype), in dtype; gradients reach the fp32 x; the same inside a compiled graph;
+    outside autocast nothing is cast"""
+    K, N = 256, 64
+    t = make_weights(K, N, 128, device=device)
+    bias = torch.randn(N, device=device)
+    x = torch.randn(3, K, device=device, requires_grad=True)
+    expected = torch_ops.w4a16_linear(x.detach().to(dtype), bias=bias, **t)
+
+    def f(x):
+        return torch_ops.w4a16_linear(x, bias=bias, **t)
+
+    with torch.autocast(device, dtype=dtype):
+        out = f(x)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+        finally:
+            torch._dynamo.reset()
+    assert out.dtype == dtype and compiled.dtype == dtype
+    assert torch.equal(out, expected) and torch.equal(compiled, expected)
+    grad = torch.randn(3, N, device=device)
+    out.backward(grad.to(dtype))
+    w = _dequantized(t).to(dtype).float()
+    assert x.grad.dtype == torch.float32
+    assert rel_err(x.grad, (grad.to(dtype).float() @ w.to(device)).cpu().double()) < TOL[dtype]
+    assert f(x).dtype == torch.float32
+
+
+def _dequantized(t):
+    return ref.dequantize(t["qweight"].cpu(), t["scales"].cpu().float(),
+                          None if t["qzeros"] is None else t["qzeros"].cpu(), "gptq", 4,
+                          t["group_size"], None if t["g_idx"] is None else t["g_idx"].cpu(),
+                          t["zero_format"])
+
+
+@pytest.mark.parametrize("weights", ["act_order", "perm", "prepacked"])
+def test_torch_func_grad_vjp_jvp(device, weights):
+    """torch.func's transforms (which refuse the C++ autograd Function) and forward-mode AD take
+    the composite route: their derivatives equal grad @ W and dx @ W^T + dbias"""
+    K, N = 128, 40
+    t = make_weights(K, N, 64 if weights != "prepacked" else 32, act_order=weights == "act_order",
+                     device=device)
+    w = _dequantized(t)  # [N, K], before perm / prepack
+    perm = None
+    if weights == "perm":
+        perm = torch.randperm(K, device=device).to(torch.int32)
+        perm[:4] = perm[4]  # repeats: their gradients add up
+    if weights == "prepacked":
+        t["qweight"] = torch_ops.prepack_w4a16(t["qweight"])
+    bias = torch.randn(N, device=device)
+    x = torch.randn(2, 3, K, device=device)
+
+    def f(x, bias):
+        return torch_ops.w4a16_linear(x, bias=bias, perm=perm, **t)
+
+    xp = x.cpu() if perm is None else x.cpu()[..., perm.cpu().long()]
+    expected = F.linear(xp, w, bias.cpu())
+    assert rel_err(f(x, bias), expected.double()) < 1e-5
+    grad = torch.randn(2, 3, N, device=device)
+    grad_w = grad.cpu() @ w
+    grad_x = grad_w if perm is None else torch.zeros(2, 3, K).index_add_(-1, perm.cpu().long(), grad_w)
+
+    gx, gb = torch.func.grad(lambda x, b: (f(x, b) * grad).sum(), argnums=(0, 1))(x, bias)
+    assert torch.allclose(gx.cpu(), grad_x, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(gb.cpu(), grad.cpu().sum((0, 1)), rtol=1e-4, atol=1e-4)
+    out, vjp_fn = torch.func.vjp(f, x, bias)
+    assert rel_err(out, expected.double()) < 1e-5
+    assert torch.allclose(vjp_fn(grad)[0].cpu(), grad_x, rtol=1e-4, atol=1e-4)
+
+    dx, db = torch.randn_like(x), torch.randn_like(bias)
+    dxp = dx.cpu() if perm is None else dx.cpu()[..., perm.cpu().long()]
+    tangent = F.linear(dxp, w, db.cpu())
+    out, jvp_out = torch.func.jvp(f, (x, bias), (dx, db))
+    assert rel_err(out, expected.double()) < 1e-5
+    assert torch.allclose(jvp_out.cpu(), tangent, rtol=1e-4, atol=1e-4)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = f(fwAD.make_dual(x, dx), fwAD.make_dual(bias, db))
+        assert torch.allclose(fwAD.unpack_dual(dual).tangent.cpu(), tangent, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["act_order", "perm"])
+def test_compile_torch_func_grad(device, weights):
+    """torch.compile(fullgraph) of torch.func.grad traces the composite route with fake tensors
+    (whose g_idx / perm values it cannot read) and equals eager"""
+    K, N = 128, 40
+    t = make_weights(K, N, 64, act_order=weights == "act_order", device=device)
+    perm = torch.randperm(K, device=device).to(torch.int32) if weights == "perm" else None
+    x = torch.randn(2, 3, K, device=device)
+    grad = torch.func.grad(lambda x: torch_ops.w4a16_linear(x, perm=perm, **t).square().sum())
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(grad, fullgraph=True, backend="aot_eager")
+        expected = grad(x)
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_torch_func_bad_input(device):
+    """the composite route checks its arguments as the kernels do (its tensors are wrappers)"""
+    K, N = 128, 16
+    t = make_weights(K, N, 64, act_order=True, device=device)
+    x = torch.randn(3, K, device=device)
+    bad = dict(t, g_idx=t["g_idx"].clone())
+    bad["g_idx"][5] = 2
+    with pytest.raises(ValueError, match=r"w4a16_linear: g_idx values must be in \[0, 2\)"):
+        torch.func.grad(lambda x: torch_ops.w4a16_linear(x, **bad).sum())(x)
+    with pytest.raises(ValueError, match="w4a16_linear: x.shape\\[-1\\] = 120 must equal K = "):
+        torch.func.grad(lambda x: torch_ops.w4a16_linear(x, **t).sum())(x[:, :120])
+    perm = torch.arange(K, device=device) + 1
+    t.pop("g_idx")
+    with pytest.raises(ValueError, match=r"w4a16_linear: perm values must be in \[0, 128\)"):
+        torch.func.grad(lambda x: torch_ops.w4a16_linear(x, perm=perm, **t).sum())(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vmap_rule(device, dtype):
+    """torch.vmap over x, bias or the weights uses the op's batching rule (no fallback warning)
+    and equals a loop; per-sample gradients (vmap of grad, and grad of vmap) equal autograd's"""
+    import warnings
+    K, N = 128, 24
+    t = make_weights(K, N, 64, act_order=True, device=device)
+    xs = torch.randn(4, 3, K, device=device, dtype=dtype)
+    biases = torch.randn(4, N, device=device)
+    scales = torch.stack([t["scales"], t["scales"] * 2, t["scales"] / 2, t["scales"]])
+    kw = {k: v for k, v in t.items() if k != "scales"}
+
+    def f(x, bias=None, scales=t["scales"]):
+        return torch_ops.w4a16_linear(x, scales=scales, bias=bias, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's performance warning
+        cases = [
+            (torch.vmap(f)(xs), [f(x) for x in xs]),
+            (torch.vmap(f, in_dims=(1, 0))(xs.transpose(0, 1), biases), [f(x, b) for x, b in zip(xs, biases)]),
+            (torch.vmap(f, in_dims=(None, 0))(xs[0], biases), [f(xs[0], b) for b in biases]),
+            (torch.vmap(f, in_dims=(0, None, 0))(xs, None, scales),
+             [f(x, None, s) for x, s in zip(xs, scales)]),
+        ]
+        for got, loop in cases:
+            assert got.shape == (4, 3, N) and got.dtype == dtype
+            assert rel_err(got, torch.stack(loop).cpu().double()) < TOL[dtype]
+
+        def loss(x):
+            return f(x.unsqueeze(0)).float().square().sum()
+
+        x32 = xs.float()
+        per_sample = torch.func.vmap(torch.func.grad(loss))(x32)
+        whole = torch.func.grad(lambda x: torch.vmap(loss)(x).sum())(x32)
+    expected = []
+    for x in x32:
+        x = x.clone().requires_grad_()
+        loss(x).backward()
+        expected.append(x.grad)
+    expected = torch.stack(expected)
+    assert expected.abs().sum() > 0
+    assert torch.allclose(per_sample, expected, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(whole, expected, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture():
     t = make_weights(512, 256, 128, act_order=True, device="cuda")

@@ -237,6 +237,31 @@ def test_act_order_prepacked_backward(device):
     torch.testing.assert_close(x.grad.cpu(), grad.cpu() @ w, rtol=1e-4, atol=1e-4)
 
 
+def test_lora_through_torch_func(device):
+    """a LoRA adapter over a quantized base (act-order, prepacked) trained with torch.func:
+    functional_call + grad equals eager autograd, and per-sample gradients (vmap of grad) sum to it"""
+    gq = random_gptq(device)
+    base = QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device), group_size=G)
+    lora_a = torch.randn(8, K, device=device) / 16
+    lora_b = torch.randn(N, 8, device=device) / 16
+
+    def loss(params, x):
+        y = torch.func.functional_call(base, {}, (x,)) + x @ params["a"].t() @ params["b"].t()
+        return y.square().mean()
+
+    x = torch.randn(5, K, device=device)
+    params = {"a": lora_a.clone().requires_grad_(), "b": lora_b.clone().requires_grad_()}
+    loss(params, x).backward()
+    grads = torch.func.grad(loss)({"a": lora_a, "b": lora_b}, x)
+    for k in ("a", "b"):
+        assert params[k].grad.abs().sum() > 0
+        torch.testing.assert_close(grads[k], params[k].grad, rtol=1e-4, atol=1e-5)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(
+        {"a": lora_a, "b": lora_b}, x.unsqueeze(1))
+    for k in ("a", "b"):  # mean over 5 samples of the per-sample means
+        torch.testing.assert_close(per_sample[k].sum(0) / 5, params[k].grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_irregular_g_idx_keeps_the_g_idx_path(device, dtype):
     gq = random_gptq(device)
@@ -466,6 +491,27 @@ def test_compile_fullgraph(device, g_idx_kind):
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-3, atol=1e-3)
     finally:
         torch._dynamo.reset()
+
+
+def test_torch_export_save_load(device, tmp_path):
+    """torch.export of a model with QuantLinear layers (act-order prepacked, bias) and a dynamic
+    batch: the program holds one torch_ops.w4a16_linear per layer, survives save / load, and
+    computes what the module does"""
+    gq = random_gptq(device)
+    model = nn.Sequential(
+        QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device), group_size=G,
+                              bias=torch.randn(N, device=device)),
+        nn.ReLU(),
+        QuantLinear.from_gptq(**random_gptq(device, k=N, n=64), group_size=G))
+    x = torch.randn(3, K, device=device)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    calls = [n for n in program.graph.nodes if n.target is torch.ops.torch_ops.w4a16_linear.default]
+    assert len(calls) == 2
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    for batch in (3, 1, 9):
+        xb = torch.randn(batch, K, device=device)
+        assert torch.equal(loaded(xb), model(xb))
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -1,5 +1,6 @@
-"""The public functions of torch_ops and the fake (meta) kernels that let torch.compile trace the
-ops (w4a16_linear's autograd is registered in C++, csrc/bindings/ops.cpp).
+"""The public functions of torch_ops, the fake (meta) kernels that let torch.compile trace the
+ops, and w4a16_linear's batching rule for torch.vmap (its autograd is registered in C++,
+csrc/bindings/ops.cpp).
 
 The ops themselves (schemas, argument checks, CPU and CUDA kernels) live in the compiled
 extension as ``torch.ops.torch_ops.*``; each function here is a thin, documented call of one.
@@ -130,7 +131,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     or perm), the faster form on CUDA.
     ``perm`` [K] (instead of g_idx): the product uses ``x[..., perm]``, for act-order weights
     whose rows :func:`act_order_prepack` sorted by group (the fast path for act-order).
-    Differentiable with respect to x (and bias).
+    Differentiable with respect to x (and bias), through autograd, ``torch.func`` (grad, vjp,
+    jvp, vmap) and forward-mode AD; the weights get no gradient.
 
     On CUDA, large batches (M >= 2048, or >= 1024 where N >= K) and fp32 x take the dense route:
     the weights are dequantised a column chunk at a time into at most 64 MiB of scratch (from the
@@ -332,3 +334,34 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
                          f"K = {per_row} * qweight.shape[0] = {qweight.shape[0] * per_row}")
     return x.new_empty((*x.shape[:-1], qweight.shape[-1]))
 
+
+
+# ---- the batching rule (torch.vmap) ----------------------------------------------------------------
+
+@torch.library.register_vmap("torch_ops::w4a16_linear")
+def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None,
+      zero_format="v1", perm=None):
+    # x is [..., K]: a vmapped x is one call with the batch as its leading dimension, and a
+    # vmapped bias is added after an unbiased call. Vmapped weights (rare) take one call per
+    # batch entry, as torch's fallback would, without its warning.
+    # (in_dims covers the arguments passed: the dispatcher leaves out trailing defaults)
+    x_dim, qweight_dim, scales_dim, qzeros_dim, _, g_idx_dim, bias_dim, _, perm_dim = (
+        tuple(in_dims) + (None,) * (9 - len(in_dims)))
+    B = info.batch_size
+    if any(d is not None for d in (qweight_dim, scales_dim, qzeros_dim, g_idx_dim, perm_dim)):
+        def entry(t, d, b):
+            return t if d is None else t.select(d, b)
+        outs = [_ops.w4a16_linear.default(
+            entry(x, x_dim, b), entry(qweight, qweight_dim, b), entry(scales, scales_dim, b),
+            entry(qzeros, qzeros_dim, b), group_size, entry(g_idx, g_idx_dim, b),
+            entry(bias, bias_dim, b), zero_format, entry(perm, perm_dim, b)) for b in range(B)]
+        return torch.stack(outs), 0
+    if bias_dim is None:  # then x is the vmapped one
+        return _ops.w4a16_linear.default(x.movedim(x_dim, 0), qweight, scales, qzeros, group_size,
+                                         g_idx, bias, zero_format, perm), 0
+    if x_dim is not None:
+        x = x.movedim(x_dim, 0)
+    out = _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, None,
+                                    zero_format, perm)  # [B, ..., N], or [..., N] for one x
+    bias = bias.movedim(bias_dim, 0).reshape(B, *([1] * (out.dim() - (x_dim is not None) - 1)), -1)
+    return (out.float() + bias.float()).to(out.dtype), 0

@@ -1,12 +1,14 @@
 // ops.cpp - the op registry of torch_ops: every schema in one place, the argument checks (each
 // naming the op, the argument and the value received), output allocation, and the dispatch to the
 // C core (CPU, split across torch's threads) or to the CUDA wrappers (ops_cuda.cpp).
-// The autograd of w4a16_linear is here too; the fake (meta) kernels are registered in Python
-// (torch_ops/_ops.py).
+// The autograd and autocast kernels of w4a16_linear are here too; the fake (meta) kernels and its
+// vmap rule are registered in Python (torch_ops/_ops.py).
 #include <torch/extension.h>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/FuncTorchTLS.h>
+#include <ATen/autocast_mode.h>
 
 #include <atomic>
 #include <mutex>
@@ -111,6 +113,19 @@ void check_value_range(const char *op, const char *arg, const at::Tensor &t, int
 // entry per act-order layer.
 // want_perm: also find out (once, cached alike) whether idx is a permutation of [0, limit);
 // returns that, false where unknown (during capture of a tensor not seen before) or not asked.
+// (skipped while a Python dispatch mode, such as torch.compile's fake tensors, is tracing: their
+// values cannot be read, and the traced graph's own ops check them when it runs)
+void check_index_values(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
+                        const char *meaning) {
+    if (idx.numel() == 0 || idx.key_set().has(c10::DispatchKey::Python) ||
+        c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python))
+        return;
+    auto [mn, mx] = at::aminmax(idx);
+    int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit, ") (",
+                      meaning, "), got values in [", lo, ", ", hi, "]");
+}
+
 bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
                        const char *meaning, bool want_perm = false) {
     if (idx.numel() == 0) return false;
@@ -137,12 +152,7 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
 #ifdef TOPS_WITH_CUDA
     if (idx.is_cuda() && cuda::is_capturing(idx)) return false;
 #endif
-    if (!range_known) {
-        auto [mn, mx] = at::aminmax(idx);
-        int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
-        TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit,
-                          ") (", meaning, "), got values in [", lo, ", ", hi, "]");
-    }
+    if (!range_known) check_index_values(op, arg, idx, limit, meaning);
     int is_perm = -1;
     if (want_perm)
         is_perm = idx.numel() == limit &&
@@ -630,78 +640,117 @@ at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
 
 // ---- w4a16 linear -------------------------------------------------------------------------------
 
+// What w4a16_linear's arguments say once checked (each check names the op, the argument and the
+// value): the sizes, the parsed zero format, and for perm whether it is known to be a permutation
+// (asked only where want_perm; read by the CUDA route).
+struct W4a16Shape {
+    int64_t K, N, G, group_size;
+    bool kil;  // qweight k-interleaved [K/32, 4, N] (prepack_w4a16)
+    int zero_format;
+    bool perm_is_permutation;
+};
+
+// The checks of w4a16_linear, shared by its kernels and its composite route (below). They read
+// sizes, dtypes and devices, and the values of g_idx and perm (cached per tensor unless told not).
+W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, const at::Tensor &scales,
+                              const c10::optional<at::Tensor> &qzeros, int64_t group_size,
+                              const c10::optional<at::Tensor> &g_idx,
+                              const c10::optional<at::Tensor> &bias, c10::string_view zero_format,
+                              const c10::optional<at::Tensor> &perm, bool want_perm,
+                              bool cache_index_checks = true) {
+    const char *op = "w4a16_linear";
+    check_float(op, "x", x);
+    check_dtype(op, "qweight", qweight, at::kInt);
+    check_float(op, "scales", scales);
+    check_device(op, "x", x, x);
+    check_device(op, "qweight", qweight, x);
+    check_device(op, "scales", scales, x);
+    W4a16Shape w{};
+    // qweight: GPTQ [K/8, N], or k-interleaved [K/32, 4, N] (prepack_w4a16)
+    w.kil = qweight.dim() == 3;
+    TORCH_CHECK_VALUE(qweight.dim() == 2 || (w.kil && qweight.size(1) == 4), op,
+                      ": qweight must be [K/8, N] (GPTQ) or [K/32, 4, N] (prepack_w4a16), got shape ",
+                      shape_str(qweight.sizes()));
+    check_ndim(op, "scales", scales, 2);
+    TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension");
+    w.zero_format = parse_zero_format(op, "zero_format", zero_format);
+    const int64_t K = qweight.size(0) * (w.kil ? 32 : 8), N = qweight.size(-1);
+    TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x.shape[-1] = ", x.size(-1), " must equal K = ",
+                      w.kil ? "32 * qweight.shape[0] = " : "8 * qweight.shape[0] = ", K);
+    TORCH_CHECK_VALUE(!w.kil || !g_idx.has_value(), op,
+                      ": a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order weights: "
+                      "act_order_prepack first, then perm)");
+    TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N, " must be a multiple of 8");
+    const int64_t gs = resolve_group_size(op, group_size, K);
+    TORCH_CHECK_VALUE(K % gs == 0, op, ": K = ", K, " must be a multiple of group_size = ", gs);
+    const int64_t G = K / gs;
+    TORCH_CHECK_VALUE(!w.kil || gs % 32 == 0 || gs == K, op, ": group_size = ", gs,
+                      " must be a multiple of 32 with a k-interleaved qweight (prepack_w4a16)");
+    check_shape(op, "scales", scales, {G, N}, "[K/group_size, N]");
+    if (qzeros.has_value()) {
+        check_dtype(op, "qzeros", *qzeros, at::kInt);
+        check_device(op, "qzeros", *qzeros, x);
+        check_shape(op, "qzeros", *qzeros, {G, N / 8}, "[K/group_size, N/8]");
+    }
+    if (g_idx.has_value()) {
+        TORCH_CHECK_TYPE(g_idx->scalar_type() == at::kInt || g_idx->scalar_type() == at::kLong,
+                         op, ": g_idx must be int32 or int64, got ", g_idx->scalar_type());
+        check_device(op, "g_idx", *g_idx, x);
+        check_shape(op, "g_idx", *g_idx, {K}, "[K]");
+        if (cache_index_checks)
+            check_g_idx_range(op, *g_idx, G);  // the caller's tensor: a cache hit next time
+        else
+            check_index_values(op, "g_idx", *g_idx, G, "one per group of scales");
+    }
+    if (perm.has_value()) {
+        TORCH_CHECK_VALUE(!g_idx.has_value(), op,
+                          ": pass g_idx (act-order as stored) or perm (rows sorted by "
+                          "act_order_prepack), not both");
+        TORCH_CHECK_TYPE(perm->scalar_type() == at::kInt || perm->scalar_type() == at::kLong,
+                         op, ": perm must be int32 or int64, got ", perm->scalar_type());
+        check_device(op, "perm", *perm, x);
+        check_shape(op, "perm", *perm, {K}, "[K]");
+        if (cache_index_checks)
+            w.perm_is_permutation =
+                check_index_range(op, "perm", *perm, K, "positions in a row of x", want_perm);
+        else
+            check_index_values(op, "perm", *perm, K, "positions in a row of x");
+    }
+    if (bias.has_value()) {
+        check_float(op, "bias", *bias);
+        check_device(op, "bias", *bias, x);
+        check_shape(op, "bias", *bias, {N}, "[N]");
+    }
+    w.K = K;
+    w.N = N;
+    w.G = G;
+    w.group_size = gs;
+    return w;
+}
+
 at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
                         const at::Tensor &scales_in, const c10::optional<at::Tensor> &qzeros_in,
                         int64_t group_size, const c10::optional<at::Tensor> &g_idx_in,
                         const c10::optional<at::Tensor> &bias_in, c10::string_view zero_format,
                         const c10::optional<at::Tensor> &perm_in) {
     const char *op = "w4a16_linear";
-    check_float(op, "x", x_in);
-    check_dtype(op, "qweight", qweight_in, at::kInt);
-    check_float(op, "scales", scales_in);
-    check_device(op, "x", x_in, x_in);
-    check_device(op, "qweight", qweight_in, x_in);
-    check_device(op, "scales", scales_in, x_in);
-    // qweight: GPTQ [K/8, N], or k-interleaved [K/32, 4, N] (prepack_w4a16)
-    const bool kil = qweight_in.dim() == 3;
-    TORCH_CHECK_VALUE(qweight_in.dim() == 2 || (kil && qweight_in.size(1) == 4), op,
-                      ": qweight must be [K/8, N] (GPTQ) or [K/32, 4, N] (prepack_w4a16), got shape ",
-                      shape_str(qweight_in.sizes()));
-    check_ndim(op, "scales", scales_in, 2);
-    TORCH_CHECK_VALUE(x_in.dim() >= 1, op, ": x must have at least 1 dimension");
-    int zf = parse_zero_format(op, "zero_format", zero_format);
-    int64_t K = qweight_in.size(0) * (kil ? 32 : 8), N = qweight_in.size(-1);
-    TORCH_CHECK_VALUE(x_in.size(-1) == K, op, ": x.shape[-1] = ", x_in.size(-1), " must equal K = ",
-                      kil ? "32 * qweight.shape[0] = " : "8 * qweight.shape[0] = ", K);
-    TORCH_CHECK_VALUE(!kil || !g_idx_in.has_value(), op,
-                      ": a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order weights: "
-                      "act_order_prepack first, then perm)");
-    TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N, " must be a multiple of 8");
-    int64_t gs = resolve_group_size(op, group_size, K);
-    TORCH_CHECK_VALUE(K % gs == 0, op, ": K = ", K, " must be a multiple of group_size = ", gs);
-    int64_t G = K / gs;
-    TORCH_CHECK_VALUE(!kil || gs % 32 == 0 || gs == K, op, ": group_size = ", gs,
-                      " must be a multiple of 32 with a k-interleaved qweight (prepack_w4a16)");
-    check_shape(op, "scales", scales_in, {G, N}, "[K/group_size, N]");
-    bool on_cuda = x_in.is_cuda();
+    const bool on_cuda = x_in.is_cuda();
+    // CUDA: a permutation lets the dense route move the weights instead of gathering x
+    const W4a16Shape w = check_w4a16_linear(x_in, qweight_in, scales_in, qzeros_in, group_size,
+                                            g_idx_in, bias_in, zero_format, perm_in, on_cuda);
+    const int64_t K = w.K, N = w.N, G = w.G, gs = w.group_size;
+    const bool kil = w.kil;
+    const int zf = w.zero_format;
     auto xs = x_in.scalar_type();
-    at::Tensor qzeros, g_idx, bias;
-    if (qzeros_in.has_value()) {
-        check_dtype(op, "qzeros", *qzeros_in, at::kInt);
-        check_device(op, "qzeros", *qzeros_in, x_in);
-        check_shape(op, "qzeros", *qzeros_in, {G, N / 8}, "[K/group_size, N/8]");
-        qzeros = qzeros_in->contiguous();
-    }
-    if (g_idx_in.has_value()) {
-        TORCH_CHECK_TYPE(g_idx_in->scalar_type() == at::kInt || g_idx_in->scalar_type() == at::kLong,
-                         op, ": g_idx must be int32 or int64, got ", g_idx_in->scalar_type());
-        check_device(op, "g_idx", *g_idx_in, x_in);
-        check_shape(op, "g_idx", *g_idx_in, {K}, "[K]");
-        check_g_idx_range(op, *g_idx_in, G);  // the caller's tensor: a cache hit next time
-        g_idx = g_idx_in->to(at::kInt).contiguous();
-    }
-    at::Tensor perm;
-    [[maybe_unused]] bool perm_is_permutation = false;  // (read by the CUDA route only)
+    at::Tensor qzeros, g_idx, bias, perm;
+    if (qzeros_in.has_value()) qzeros = qzeros_in->contiguous();
+    if (g_idx_in.has_value()) g_idx = g_idx_in->to(at::kInt).contiguous();
     if (perm_in.has_value()) {
-        TORCH_CHECK_VALUE(!g_idx_in.has_value(), op,
-                          ": pass g_idx (act-order as stored) or perm (rows sorted by "
-                          "act_order_prepack), not both");
-        TORCH_CHECK_TYPE(perm_in->scalar_type() == at::kInt || perm_in->scalar_type() == at::kLong,
-                         op, ": perm must be int32 or int64, got ", perm_in->scalar_type());
-        check_device(op, "perm", *perm_in, x_in);
-        check_shape(op, "perm", *perm_in, {K}, "[K]");
-        // CUDA: a permutation lets the dense route move the weights instead of gathering x
-        perm_is_permutation = check_index_range(op, "perm", *perm_in, K, "positions in a row of x", on_cuda);
         perm = perm_in->to(at::kInt).contiguous();
         // the CUDA kernels read perm in 16-byte words: a view at an odd offset gets a copy
         if (on_cuda && reinterpret_cast<uintptr_t>(perm.data_ptr()) % 16) perm = perm.clone();
     }
-    if (bias_in.has_value()) {
-        check_float(op, "bias", *bias_in);
-        check_device(op, "bias", *bias_in, x_in);
-        check_shape(op, "bias", *bias_in, {N}, "[N]");
-        bias = on_cuda ? bias_in->to(xs).contiguous() : bias_in->contiguous();
-    }
+    if (bias_in.has_value()) bias = on_cuda ? bias_in->to(xs).contiguous() : bias_in->contiguous();
     // the CUDA kernels read scales in the activation dtype (a small [K/G, N] conversion)
     at::Tensor scales = on_cuda ? scales_in.to(xs).contiguous() : scales_in.contiguous();
     at::Tensor qweight = qweight_in.contiguous();
@@ -747,7 +796,7 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     a.perm = nullptr; /* CPU: x is gathered above; CUDA: cuda::w4a16_linear takes perm */
     a.kinterleaved = kil && on_cuda ? 1 : 0; /* (CPU: x gathered above) */
     if (on_cuda) {
-        TOPS_CUDA(op, cuda::w4a16_linear(a, x, out, bias, perm, perm_is_permutation));
+        TOPS_CUDA(op, cuda::w4a16_linear(a, x, out, bias, perm, w.perm_is_permutation));
     } else {
         // threads own whole column blocks of 8 (no reduction); at least 64 columns per chunk
         int64_t blocks = N / 8;
@@ -774,6 +823,18 @@ c10::TypedOperatorHandle<Fn> find_op(const char *name) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+// W [N, K] in `dtype` (scales converted first: one rounding, as in the forward) from a GPTQ or
+// k-interleaved qweight
+at::Tensor dequantized_weight(const at::Tensor &qweight, const at::Tensor &scales,
+                              const c10::optional<at::Tensor> &qzeros, int64_t group_size,
+                              const c10::optional<at::Tensor> &g_idx, c10::string_view zero_format,
+                              at::ScalarType dtype) {
+    static const auto dequant = find_op<decltype(dequantize)>("torch_ops::dequantize");
+    static const auto unprepack = find_op<decltype(unprepack_w4a16)>("torch_ops::unprepack_w4a16");
+    return dequant.call(qweight.dim() == 3 ? unprepack.call(qweight) : qweight, scales.to(dtype),
+                        qzeros, "gptq", 4, group_size, g_idx, zero_format);
+}
+
 class W4A16LinearGrad : public torch::autograd::Function<W4A16LinearGrad> {
 public:
     static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
@@ -798,9 +859,6 @@ public:
 
     static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                    torch::autograd::variable_list grads) {
-        static const auto dequant = find_op<decltype(dequantize)>("torch_ops::dequantize");
-        static const auto unprepack =
-            find_op<decltype(unprepack_w4a16)>("torch_ops::unprepack_w4a16");
         const auto saved = ctx->get_saved_variables();
         const at::Tensor &grad = grads[0], &qzeros = saved[2], &g_idx = saved[3], &perm = saved[4];
         auto opt = [](const at::Tensor &t) {
@@ -808,11 +866,9 @@ public:
         };
         at::Tensor grad_x, grad_bias;
         if (ctx->needs_input_grad(0)) { /* x is the first input edge */
-            const at::Tensor qweight = saved[0].dim() == 3 ? unprepack.call(saved[0]) : saved[0];
-            const at::Tensor w =
-                dequant.call(qweight, saved[1].to(grad.scalar_type()), opt(qzeros), "gptq", 4,
-                             ctx->saved_data["group_size"].toInt(), opt(g_idx),
-                             ctx->saved_data["zero_format"].toStringRef());
+            const at::Tensor w = dequantized_weight(
+                saved[0], saved[1], opt(qzeros), ctx->saved_data["group_size"].toInt(), opt(g_idx),
+                ctx->saved_data["zero_format"].toStringRef(), grad.scalar_type());
             grad_x = at::matmul(grad, w);
             if (perm.defined()) /* the product read x[..., perm]: scatter back, repeats adding up */
                 grad_x = at::zeros_like(grad_x).index_add_(-1, perm.to(at::kLong), grad_x);
@@ -826,13 +882,70 @@ public:
     }
 };
 
+// torch.func's transforms (grad, vjp, jvp, and vmap around them) refuse a C++ autograd Function,
+// and forward-mode AD (dual tensors) finds no formula for one. There the product is composed of
+// differentiable ops instead, F.linear(x[..., perm], W, bias) with W dequantised in x's dtype, whose
+// rules every transform knows: the same result up to rounding, and the weights stay constants.
+// Each transform then differentiates the composition, not the fused kernel; the usual call (no
+// transform, no dual tensor) never comes here.
+bool needs_composite(const at::Tensor &x, const c10::optional<at::Tensor> &bias) {
+    // the Function's own test (it throws where a transform is active; the TLS exists once
+    // torch.func has been used on this thread)
+    if (const auto &functorch = at::functorch::functorchTLSAccessor()) {
+        try {
+            functorch->checkSupportsCppAutogradFunction();
+        } catch (const c10::Error &) {
+            return true;
+        }
+    }
+    return x._fw_grad(/*level=*/0).defined() ||
+           (bias.has_value() && bias->_fw_grad(/*level=*/0).defined());
+}
+
+at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight,
+                                  const at::Tensor &scales, const c10::optional<at::Tensor> &qzeros,
+                                  int64_t group_size, const c10::optional<at::Tensor> &g_idx,
+                                  const c10::optional<at::Tensor> &bias,
+                                  c10::string_view zero_format, const c10::optional<at::Tensor> &perm) {
+    // every tensor may be a transform's wrapper, without storage: no cache keyed by data pointers
+    check_w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm, false,
+                       /*cache_index_checks=*/false);
+    const at::Tensor w =
+        dequantized_weight(qweight, scales, qzeros, group_size, g_idx, zero_format, x.scalar_type());
+    const at::Tensor xp = perm.has_value() ? x.index_select(-1, perm->to(at::kLong)) : x;
+    c10::optional<at::Tensor> b;
+    if (bias.has_value()) b = bias->to(x.scalar_type());
+    return at::linear(xp, w, b);
+}
+
 at::Tensor w4a16_linear_autograd(const at::Tensor &x, const at::Tensor &qweight,
                                  const at::Tensor &scales, const c10::optional<at::Tensor> &qzeros,
                                  int64_t group_size, const c10::optional<at::Tensor> &g_idx,
                                  const c10::optional<at::Tensor> &bias, c10::string_view zero_format,
                                  const c10::optional<at::Tensor> &perm) {
+    if (needs_composite(x, bias))
+        return w4a16_linear_composite(x, qweight, scales, qzeros, group_size, g_idx, bias,
+                                      zero_format, perm);
     return W4A16LinearGrad::apply(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
                                   perm);
+}
+
+// ---- autocast of w4a16_linear -------------------------------------------------------------------
+// Under torch.autocast the op does what F.linear does there (it is on autocast's lower-precision
+// list): x is cast to the autocast dtype, so the fp32 activations of a mixed-precision model take
+// the fp16 / bf16 kernels and the output comes in that dtype. The weights and bias stay as given
+// (the op reads any float scales and bias, and adds the bias in fp32).
+template <c10::DeviceType device>
+at::Tensor w4a16_linear_autocast(const at::Tensor &x, const at::Tensor &qweight,
+                                 const at::Tensor &scales, const c10::optional<at::Tensor> &qzeros,
+                                 int64_t group_size, const c10::optional<at::Tensor> &g_idx,
+                                 const c10::optional<at::Tensor> &bias, c10::string_view zero_format,
+                                 const c10::optional<at::Tensor> &perm) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(
+        at::autocast::get_autocast_dispatch_key_from_device_type(device));
+    static const auto op = find_op<decltype(w4a16_linear)>("torch_ops::w4a16_linear");
+    return op.call(at::autocast::cached_cast(at::autocast::get_autocast_dtype(device), x, device),
+                   qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm);
 }
 
 }  // namespace
@@ -879,6 +992,12 @@ TORCH_LIBRARY(torch_ops, m) {
 
 TORCH_LIBRARY_IMPL(torch_ops, CPU, m) { TOPS_IMPLS(m); }
 TORCH_LIBRARY_IMPL(torch_ops, Autograd, m) { m.impl("w4a16_linear", &w4a16_linear_autograd); }
+TORCH_LIBRARY_IMPL(torch_ops, AutocastCPU, m) {
+    m.impl("w4a16_linear", &w4a16_linear_autocast<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(torch_ops, AutocastCUDA, m) {
+    m.impl("w4a16_linear", &w4a16_linear_autocast<c10::DeviceType::CUDA>);
+}
 #ifdef TOPS_WITH_CUDA
 TORCH_LIBRARY_IMPL(torch_ops, CUDA, m) { TOPS_IMPLS(m); }
 #endif

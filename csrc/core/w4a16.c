@@ -10,7 +10,8 @@
  *
  * Two algorithms, chosen by M:
  *
- * - M <= W4_GEMV_MAX_M ("GEMV"): the weight is never materialised. For every K-chunk that lies in
+ * - Small M ("GEMV": M <= W4_GEMV_M_AVX2 = 24 with AVX2, W4_GEMV_M_AVX512 = 8 with AVX-512,
+ *   W4_GEMV_M_ACT = 8 for act-order): the weight is never materialised. For every K-chunk that lies in
  *   one group the zero point is factored out,
  *       y[m, n] += s[g, n] * (sum_k q[k, n] * x[m, k]  -  z[g, n] * sum_k x[m, k]),
  *   so the inner loop is unpack + FMA only. The unpack of nibble j avoids the shift: the word is
@@ -35,6 +36,12 @@
  *   factor per chunk: a chunk x block loop runs inside column super-blocks whose scales are
  *   converted once into an fp32 table [G][super-block] (~128 KB), the per-k scale is gathered from
  *   it (one multiply more per vector), and the zero term sum_g s z sum_{g(k)=g} x starts y.
+ *   Why 24 rows with AVX2: the GEMV unpacks a word once per 4 rows of x (the registers hold 4 x 2
+ *   accumulators), 2 operations per 8 weights next to 4 FMAs, so it stays FMA-bound at any M; the
+ *   blocked path's dequantised tile pays off only over more rows. One Zen 3 thread, 4096 x 4096,
+ *   fp32 x, ms, blocked -> GEMV: M = 9 5.88 -> 4.20, 12 6.86 -> 5.18, 16 7.92 -> 7.03, 20 9.88 ->
+ *   8.82, 24 10.62 -> 10.42, 32 14.20 -> 13.96 (even). Act-order's GEMV (a scale per k) lost above
+ *   8 rows (M = 16: 8.0 blocked, 12.3 GEMV). AVX-512 was tuned at 8 on Zen 4 and not re-measured.
  *
  * - Larger M ("blocked"): per tile of W4_KT (AVX-512: W4_KT / 2) x NT weights, dequantize once into
  *   an fp32 buffer laid out as panels of 2 vectors (16 KB each), then a register-blocked
@@ -89,9 +96,18 @@
 #ifndef W4_PF_LOCALITY
 #define W4_PF_LOCALITY 3 /* __builtin_prefetch locality: 3 = T0 */
 #endif
-#ifndef W4_GEMV_MAX_M
-#define W4_GEMV_MAX_M 8   /* M above this uses the blocked (dequantize + GEMM) path */
+#ifndef W4_GEMV_M_AVX2
+#define W4_GEMV_M_AVX2 24 /* AVX2: M up to this takes the GEMV, above it the blocked path */
 #endif
+#ifndef W4_GEMV_M_AVX512
+#define W4_GEMV_M_AVX512 8 /* AVX-512: the same */
+#endif
+#ifndef W4_GEMV_M_ACT
+#define W4_GEMV_M_ACT 8   /* act-order (groups changing inside a word of 8 k): the same, any ISA */
+#endif
+/* the largest GEMV M of any instruction set (sizes the GEMV's per-row arrays) */
+#define W4_MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define W4_GEMV_MAX_M W4_MAX2(W4_MAX2(W4_GEMV_M_AVX2, W4_GEMV_M_AVX512), W4_GEMV_M_ACT)
 #ifndef W4_CHUNK_ROWS
 #define W4_CHUNK_ROWS 16  /* qweight rows (8 k each) per K-chunk in the GEMV path */
 #endif
@@ -378,6 +394,7 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 }
 
 #define W4_BF16DOT 0
+#define W4_GEMV_M W4_GEMV_M_AVX2
 #define W4_PF_FAR W4_PF_STREAM /* GEMV stream prefetch: bytes ahead, T0 */
 #define W4_PF_FAR_T1 0
 #define W4_PF_NEAR 0
@@ -416,6 +433,7 @@ static KATTR W4_INLINE void w4_store_avx2(void *p, int dtype, int64_t i, __m256 
 #undef vf_storet
 #undef vf_zeros
 #undef W4_BF16DOT
+#undef W4_GEMV_M
 #undef W4_PF_FAR
 #undef W4_PF_FAR_T1
 #undef W4_PF_NEAR
@@ -601,7 +619,7 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
 #undef W4_BC
 }
 
-/* ---- blocked path for bf16 x through vdpbf16ps (AVX512_BF16; M > W4_GEMV_MAX_M, each word of 8 k in
+/* ---- blocked path for bf16 x through vdpbf16ps (AVX512_BF16; M > W4_GEMV_M_AVX512, each word of 8 k in
  * one group) ----------------------------------------------------------------------------------------
  * Per k tile (W4B_KT) of a column tile (W4B_NT), panel by panel (W4B_PW columns), the weights become
  * bf16 pairs once, as in the GEMV: (w >> 4j) & 0x000F000F | 0x43004300 = (128 + q_j, 128 + q_{j+4}),
@@ -881,6 +899,7 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
 #undef W4B_SETS
 #undef BATTR
 #define W4_BF16DOT 1
+#define W4_GEMV_M W4_GEMV_M_AVX512
 #define W4_PF_FAR W4_PF_STREAM512 /* GEMV stream prefetch: bytes ahead, T1, then W4_PF_NEAR ahead, T0 */
 #define W4_PF_FAR_T1 1
 #define W4_PF_NEAR W4_PF_NEAR512
@@ -1447,26 +1466,29 @@ static KATTR int KN(w4_blocked)(const tops_w4a16_args *a, int64_t nb, int64_t ne
 
 static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     const int64_t M = a->M, K = a->K, G = a->groups, ncols = ne - nb;
-    size_t bytes = w4_align((size_t)K * sizeof(int32_t));
-    const int gemv = M <= W4_GEMV_MAX_M;
-    if (gemv) {
-        bytes += 2 * w4_align((size_t)(M * K) * sizeof(float)) +
-                 2 * w4_align((size_t)(M * ncols) * sizeof(float)) + w4_align(64 * sizeof(float)) +
-                 w4_align((size_t)(M * G) * sizeof(float)) +
-                 w4_align((size_t)(G * KN(w4_act_sb)(G)) * sizeof(float));
-    } else {
+    /* which path: known once w4_groups has read g_idx (act-order keeps the GEMV to fewer rows), so
+     * the workspace holds the larger of the two where M leaves both open */
+    const int gemv_plain = M <= W4_GEMV_M, gemv_act = M <= W4_GEMV_M_ACT;
+    size_t gemv_bytes = 0, blocked_bytes = 0;
+    if (gemv_plain || gemv_act)
+        gemv_bytes = 2 * w4_align((size_t)(M * K) * sizeof(float)) +
+                     2 * w4_align((size_t)(M * ncols) * sizeof(float)) + w4_align(64 * sizeof(float)) +
+                     w4_align((size_t)(M * G) * sizeof(float)) +
+                     w4_align((size_t)(G * KN(w4_act_sb)(G)) * sizeof(float));
+    if (!gemv_plain || !gemv_act) {
         const int64_t mce = w4_min(M, W4_MC);
-        if (a->x_dtype != TOPS_F32) bytes += w4_align((size_t)(mce * K) * sizeof(float));
-        bytes += w4_align((size_t)(2 * G * W4_NT) * sizeof(float)) +
-                 w4_align((size_t)(W4_KTI * W4_NT) * sizeof(float)) +
-                 w4_align((size_t)(mce * W4_NT) * sizeof(float));
+        if (a->x_dtype != TOPS_F32) blocked_bytes += w4_align((size_t)(mce * K) * sizeof(float));
+        blocked_bytes += w4_align((size_t)(2 * G * W4_NT) * sizeof(float)) +
+                         w4_align((size_t)(W4_KTI * W4_NT) * sizeof(float)) +
+                         w4_align((size_t)(mce * W4_NT) * sizeof(float));
 #if W4_BF16DOT
         /* bf16 x: room for w4b_blocked too (taken if every word of 8 k lies in one group) */
-        const int bfd = a->x_dtype == TOPS_BF16 && w4_bf16dot();
-        const size_t bb = w4_align((size_t)K * sizeof(int32_t)) + w4b_bytes(a);
-        if (bfd && bb > bytes) bytes = bb;
+        if (a->x_dtype == TOPS_BF16 && w4_bf16dot() && w4b_bytes(a) > blocked_bytes)
+            blocked_bytes = w4b_bytes(a);
 #endif
     }
+    const size_t bytes = w4_align((size_t)K * sizeof(int32_t)) +
+                         (gemv_bytes > blocked_bytes ? gemv_bytes : blocked_bytes);
     char *raw = (char *)malloc(bytes + 64);
     if (!raw) return TOPS_ERR_NOMEM;
     char *ws = (char *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
@@ -1474,7 +1496,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     ws += w4_align((size_t)K * sizeof(int32_t));
     int uniform = w4_groups(a, gk);
     int st;
-    if (gemv) st = KN(w4_gemv)(a, nb, ne, ws, gk, uniform);
+    if (uniform ? gemv_plain : gemv_act) st = KN(w4_gemv)(a, nb, ne, ws, gk, uniform);
 #if W4_BF16DOT
     else if (uniform && a->x_dtype == TOPS_BF16 && w4_bf16dot()) st = w4b_blocked(a, nb, ne, ws, gk);
 #endif

@@ -360,12 +360,14 @@ static void test_bf16_blocked(void) {
            worst_diff);
 }
 
+/* M around each path's limit: the GEMV takes up to 24 rows with AVX2 (8 with AVX-512 and for
+ * act-order), the blocked path the rest */
 static void test_sweep(void) {
-    static const int64_t Ms[] = {1, 2, 3, 7, 33, 64};
+    static const int64_t Ms[] = {1, 2, 3, 7, 9, 24, 25, 64};
     static const int64_t Ns[] = {8, 24, 200, 264};
     static const int64_t Ks[] = {32, 128, 384};
     static const int64_t Gs[] = {32, 64, 128, 0};
-    for (int mi = 0; mi < 6; mi++)
+    for (int mi = 0; mi < 8; mi++)
         for (int ni = 0; ni < 4; ni++)
             for (int ki = 0; ki < 3; ki++)
                 for (int gi = 0; gi < 4; gi++) {
@@ -378,11 +380,12 @@ static void test_sweep(void) {
 
 /* every (x, scales, out) dtype combination, GEMV and blocked, each bias dtype */
 static void test_dtypes(void) {
+    static const int64_t Ms[] = {2, 9, 30};
     for (int xd = 0; xd < 3; xd++)
         for (int sd = 0; sd < 3; sd++)
             for (int od = 0; od < 3; od++)
-                for (int mi = 0; mi < 2; mi++) {
-                    w4case c = {mi ? 9 : 2, 256, 72, 64, 0, 1, -1, xd, sd, od, (xd + sd + od) % 4 - 1, 3, 0};
+                for (int mi = 0; mi < 3; mi++) {
+                    w4case c = {Ms[mi], 256, 72, 64, 0, 1, -1, xd, sd, od, (xd + sd + od) % 4 - 1, 3, 0};
                     w4_case(&c);
                 }
 }
