@@ -75,11 +75,11 @@ def test_group_sizes_zero_formats_act_order(device, group_size, zeros, act_order
     assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("M", [1, 4, 17, 64])
+@pytest.mark.parametrize("M", [1, 4, 17, 24, 25, 64])  # the AVX2 GEMV takes M <= 24 (act-order 8)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_cpu_isa_path(cpu_isa, M, dtype):
     K, N = 384, 264
-    t = make_weights(K, N, 128, act_order=M == 4)
+    t = make_weights(K, N, 128, act_order=M in (4, 17))
     x = torch.randn(M, K).to(dtype)
     bias = torch.randn(N).to(dtype)
     out = torch_ops.w4a16_linear(x, bias=bias, **t)
@@ -388,9 +388,9 @@ def test_torch_func_bad_input(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vmap_rule(device, dtype):
-    """torch.vmap over x, bias or the weights uses the op's batching rule (no fallback warning)
-    and equals a loop; per-sample gradients (vmap of grad, and grad of vmap) equal autograd's"""
-    import warnings
+    """torch.vmap over x, bias or the weights uses the op's batching rule (torch's fallback is
+    turned off) and equals a loop; per-sample gradients (vmap of grad, and grad of vmap) equal
+    autograd's"""
     K, N = 128, 24
     t = make_weights(K, N, 64, act_order=True, device=device)
     xs = torch.randn(4, 3, K, device=device, dtype=dtype)
@@ -401,8 +401,9 @@ def test_vmap_rule(device, dtype):
     def f(x, bias=None, scales=t["scales"]):
         return torch_ops.w4a16_linear(x, scales=scales, bias=bias, **kw)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fallback's performance warning
+    fallback = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)  # without the rule: an error
+    try:
         cases = [
             (torch.vmap(f)(xs), [f(x) for x in xs]),
             (torch.vmap(f, in_dims=(1, 0))(xs.transpose(0, 1), biases), [f(x, b) for x, b in zip(xs, biases)]),
@@ -420,6 +421,8 @@ def test_vmap_rule(device, dtype):
         x32 = xs.float()
         per_sample = torch.func.vmap(torch.func.grad(loss))(x32)
         whole = torch.func.grad(lambda x: torch.vmap(loss)(x).sum())(x32)
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(fallback)
     expected = []
     for x in x32:
         x = x.clone().requires_grad_()
@@ -429,6 +432,25 @@ def test_vmap_rule(device, dtype):
     assert expected.abs().sum() > 0
     assert torch.allclose(per_sample, expected, rtol=1e-4, atol=1e-3)
     assert torch.allclose(whole, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_vmap_of_grad_over_perm(device):
+    """vmap (over perm) of grad: the composite route cannot read a batched perm's values and leaves
+    them to index_select; the gradients equal a loop's; an empty batch gives an empty result"""
+    K, N = 128, 40
+    t = make_weights(K, N, 64, device=device)
+    x = torch.randn(3, K, device=device)
+    perms = torch.stack([torch.randperm(K, device=device) for _ in range(4)]).to(torch.int32)
+
+    def loss(x, perm):
+        return torch_ops.w4a16_linear(x, perm=perm, **t).square().sum()
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(x, perms)
+    expected = torch.stack([torch.func.grad(loss)(x, perm) for perm in perms])
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    empty = torch.vmap(lambda p: torch_ops.w4a16_linear(x, perm=p, **t))(perms[:0])
+    assert empty.shape == (0, 3, N)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -238,27 +238,28 @@ def test_act_order_prepacked_backward(device):
 
 
 def test_lora_through_torch_func(device):
-    """a LoRA adapter over a quantized base (act-order, prepacked) trained with torch.func:
+    """a LoRA adapter over a quantized base (act-order, prepacked) trained with torch.func, with a
+    trainable scale in front of the base (so its gradient crosses the base's backward):
     functional_call + grad equals eager autograd, and per-sample gradients (vmap of grad) sum to it"""
     gq = random_gptq(device)
     base = QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device), group_size=G)
-    lora_a = torch.randn(8, K, device=device) / 16
-    lora_b = torch.randn(N, 8, device=device) / 16
+    init = {"a": torch.randn(8, K, device=device) / 16, "b": torch.randn(N, 8, device=device) / 16,
+            "pre": 1 + torch.randn(K, device=device) / 8}
 
     def loss(params, x):
-        y = torch.func.functional_call(base, {}, (x,)) + x @ params["a"].t() @ params["b"].t()
+        h = x * params["pre"]
+        y = torch.func.functional_call(base, {}, (h,)) + h @ params["a"].t() @ params["b"].t()
         return y.square().mean()
 
     x = torch.randn(5, K, device=device)
-    params = {"a": lora_a.clone().requires_grad_(), "b": lora_b.clone().requires_grad_()}
+    params = {k: v.clone().requires_grad_() for k, v in init.items()}
     loss(params, x).backward()
-    grads = torch.func.grad(loss)({"a": lora_a, "b": lora_b}, x)
-    for k in ("a", "b"):
+    grads = torch.func.grad(loss)(init, x)
+    for k in init:
         assert params[k].grad.abs().sum() > 0
         torch.testing.assert_close(grads[k], params[k].grad, rtol=1e-4, atol=1e-5)
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(
-        {"a": lora_a, "b": lora_b}, x.unsqueeze(1))
-    for k in ("a", "b"):  # mean over 5 samples of the per-sample means
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(init, x.unsqueeze(1))
+    for k in init:  # mean over 5 samples of the per-sample means
         torch.testing.assert_close(per_sample[k].sum(0) / 5, params[k].grad, rtol=1e-4, atol=1e-5)
 
 

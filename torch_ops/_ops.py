@@ -342,13 +342,19 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
 def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None,
       zero_format="v1", perm=None):
     # x is [..., K]: a vmapped x is one call with the batch as its leading dimension, and a
-    # vmapped bias is added after an unbiased call. Vmapped weights (rare) take one call per
-    # batch entry, as torch's fallback would, without its warning.
+    # vmapped bias is added after an unbiased call (one rounding more than the fused bias).
+    # Vmapped weights (rare) take one call per batch entry, as torch's fallback would, without
+    # its warning.
     # (in_dims covers the arguments passed: the dispatcher leaves out trailing defaults)
     x_dim, qweight_dim, scales_dim, qzeros_dim, _, g_idx_dim, bias_dim, _, perm_dim = (
         tuple(in_dims) + (None,) * (9 - len(in_dims)))
     B = info.batch_size
     if any(d is not None for d in (qweight_dim, scales_dim, qzeros_dim, g_idx_dim, perm_dim)):
+        if B == 0:  # nothing to stack: [0, ..., N]
+            x_shape = [n for i, n in enumerate(x.shape) if i != x_dim]
+            N = [n for i, n in enumerate(qweight.shape) if i != qweight_dim][-1]
+            return x.new_empty((0, *x_shape[:-1], N)), 0
+
         def entry(t, d, b):
             return t if d is None else t.select(d, b)
         outs = [_ops.w4a16_linear.default(

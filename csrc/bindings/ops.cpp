@@ -105,27 +105,34 @@ void check_value_range(const char *op, const char *arg, const at::Tensor &t, int
                       int64_t(1) << bits, ", got a value of ", mx);
 }
 
+// The smallest and largest entry of an index tensor; false where its values cannot be read here:
+// while a Python dispatch mode traces (torch.compile's fake tensors; the traced graph's own ops
+// check them when it runs).
+bool index_min_max(const at::Tensor &idx, int64_t &lo, int64_t &hi) {
+    if (idx.key_set().has(c10::DispatchKey::Python) ||
+        c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python))
+        return false;
+    auto [mn, mx] = at::aminmax(idx);
+    lo = mn.item<int64_t>();
+    hi = mx.item<int64_t>();
+    return true;
+}
+
+void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi, int64_t limit,
+                        const char *meaning) {
+    TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit, ") (",
+                      meaning, "), got values in [", lo, ", ", hi, "]");
+}
+
 // Index entries (g_idx: groups, perm: positions in a row of x) in [0, limit). On CUDA this needs
 // a sync, so an index tensor already seen unchanged (same address, size, limit and version
 // counter) is not checked again, and none is checked while a CUDA graph is being captured
 // (capture requires an eager warm-up, which checked it). Each entry keeps a reference to its
 // storage, so a cached address cannot be reused by another tensor while the entry lives; one
-// entry per act-order layer.
+// entry per act-order layer. Values that cannot be read (index_min_max) are neither checked nor
+// cached.
 // want_perm: also find out (once, cached alike) whether idx is a permutation of [0, limit);
 // returns that, false where unknown (during capture of a tensor not seen before) or not asked.
-// (skipped while a Python dispatch mode, such as torch.compile's fake tensors, is tracing: their
-// values cannot be read, and the traced graph's own ops check them when it runs)
-void check_index_values(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
-                        const char *meaning) {
-    if (idx.numel() == 0 || idx.key_set().has(c10::DispatchKey::Python) ||
-        c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python))
-        return;
-    auto [mn, mx] = at::aminmax(idx);
-    int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit, ") (",
-                      meaning, "), got values in [", lo, ", ", hi, "]");
-}
-
 bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
                        const char *meaning, bool want_perm = false) {
     if (idx.numel() == 0) return false;
@@ -152,7 +159,11 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
 #ifdef TOPS_WITH_CUDA
     if (idx.is_cuda() && cuda::is_capturing(idx)) return false;
 #endif
-    if (!range_known) check_index_values(op, arg, idx, limit, meaning);
+    if (!range_known) {
+        int64_t lo, hi;
+        if (!index_min_max(idx, lo, hi)) return false;
+        check_index_bounds(op, arg, lo, hi, limit, meaning);
+    }
     int is_perm = -1;
     if (want_perm)
         is_perm = idx.numel() == limit &&
@@ -165,6 +176,27 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
 
 void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) {
     check_index_range(op, "g_idx", g_idx, groups, "one per group of scales");
+}
+
+// The same check for w4a16_linear's composite route (torch.func transforms, forward-mode AD). A
+// plain tensor takes the cached check. A transform's wrapper has no storage to key the cache by:
+// its values are read on every call (a sync on CUDA). A batched one (vmap around grad) cannot be
+// read at all: then dequantize's kernel (g_idx) and index_select (perm) check each sample's.
+void check_index_range_in_transform(const char *op, const char *arg, const at::Tensor &idx,
+                                    int64_t limit, const char *meaning) {
+    if (idx.numel() == 0) return;
+    if (idx.has_storage()) {
+        check_index_range(op, arg, idx, limit, meaning);
+        return;
+    }
+    int64_t lo, hi;
+    bool read;
+    try {
+        read = index_min_max(idx, lo, hi);
+    } catch (const c10::Error &) {  // vmap: "calling .item() on a Tensor is not supported"
+        read = false;
+    }
+    if (read) check_index_bounds(op, arg, lo, hi, limit, meaning);
 }
 
 // Split [0, n) across torch's intra-op threads in chunks of at least `grain`; returns the first
@@ -650,14 +682,14 @@ struct W4a16Shape {
     bool perm_is_permutation;
 };
 
-// The checks of w4a16_linear, shared by its kernels and its composite route (below). They read
-// sizes, dtypes and devices, and the values of g_idx and perm (cached per tensor unless told not).
+// The checks of w4a16_linear, shared by its kernels and its composite route (in_transform, below).
+// They read sizes, dtypes and devices, and the values of g_idx and perm (cached per tensor).
 W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, const at::Tensor &scales,
                               const c10::optional<at::Tensor> &qzeros, int64_t group_size,
                               const c10::optional<at::Tensor> &g_idx,
                               const c10::optional<at::Tensor> &bias, c10::string_view zero_format,
                               const c10::optional<at::Tensor> &perm, bool want_perm,
-                              bool cache_index_checks = true) {
+                              bool in_transform = false) {
     const char *op = "w4a16_linear";
     check_float(op, "x", x);
     check_dtype(op, "qweight", qweight, at::kInt);
@@ -697,10 +729,10 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
                          op, ": g_idx must be int32 or int64, got ", g_idx->scalar_type());
         check_device(op, "g_idx", *g_idx, x);
         check_shape(op, "g_idx", *g_idx, {K}, "[K]");
-        if (cache_index_checks)
-            check_g_idx_range(op, *g_idx, G);  // the caller's tensor: a cache hit next time
+        if (in_transform)
+            check_index_range_in_transform(op, "g_idx", *g_idx, G, "one per group of scales");
         else
-            check_index_values(op, "g_idx", *g_idx, G, "one per group of scales");
+            check_g_idx_range(op, *g_idx, G);  // the caller's tensor: a cache hit next time
     }
     if (perm.has_value()) {
         TORCH_CHECK_VALUE(!g_idx.has_value(), op,
@@ -710,11 +742,11 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
                          op, ": perm must be int32 or int64, got ", perm->scalar_type());
         check_device(op, "perm", *perm, x);
         check_shape(op, "perm", *perm, {K}, "[K]");
-        if (cache_index_checks)
+        if (in_transform)
+            check_index_range_in_transform(op, "perm", *perm, K, "positions in a row of x");
+        else
             w.perm_is_permutation =
                 check_index_range(op, "perm", *perm, K, "positions in a row of x", want_perm);
-        else
-            check_index_values(op, "perm", *perm, K, "positions in a row of x");
     }
     if (bias.has_value()) {
         check_float(op, "bias", *bias);
@@ -884,8 +916,10 @@ public:
 
 // torch.func's transforms (grad, vjp, jvp, and vmap around them) refuse a C++ autograd Function,
 // and forward-mode AD (dual tensors) finds no formula for one. There the product is composed of
-// differentiable ops instead, F.linear(x[..., perm], W, bias) with W dequantised in x's dtype, whose
-// rules every transform knows: the same result up to rounding, and the weights stay constants.
+// differentiable ops instead, F.linear(x[..., perm], W, bias) with W (and bias) in x's dtype, whose
+// rules every transform knows, and the weights stay constants. The same result up to rounding:
+// W's, from scales rounded to x's dtype first, as the CUDA kernels and the backward do (the CPU
+// kernel keeps fp32 weights: in bf16, ~2x its error against an fp64 reference, within tolerance).
 // Each transform then differentiates the composition, not the fused kernel; the usual call (no
 // transform, no dual tensor) never comes here.
 bool needs_composite(const at::Tensor &x, const c10::optional<at::Tensor> &bias) {
@@ -907,9 +941,8 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
                                   int64_t group_size, const c10::optional<at::Tensor> &g_idx,
                                   const c10::optional<at::Tensor> &bias,
                                   c10::string_view zero_format, const c10::optional<at::Tensor> &perm) {
-    // every tensor may be a transform's wrapper, without storage: no cache keyed by data pointers
     check_w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm, false,
-                       /*cache_index_checks=*/false);
+                       /*in_transform=*/true);
     const at::Tensor w =
         dequantized_weight(qweight, scales, qzeros, group_size, g_idx, zero_format, x.scalar_type());
     const at::Tensor xp = perm.has_value() ? x.index_select(-1, perm->to(at::kLong)) : x;

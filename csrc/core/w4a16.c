@@ -41,7 +41,9 @@
  *   blocked path's dequantised tile pays off only over more rows. One Zen 3 thread, 4096 x 4096,
  *   fp32 x, ms, blocked -> GEMV: M = 9 5.88 -> 4.20, 12 6.86 -> 5.18, 16 7.92 -> 7.03, 20 9.88 ->
  *   8.82, 24 10.62 -> 10.42, 32 14.20 -> 13.96 (even). Act-order's GEMV (a scale per k) lost above
- *   8 rows (M = 16: 8.0 blocked, 12.3 GEMV). AVX-512 was tuned at 8 on Zen 4 and not re-measured.
+ *   8 rows (M = 16: 8.0 blocked, 12.3 GEMV). AVX-512 was tuned at 8 on Zen 4 and not re-measured
+ *   (there a range's last N % 16 columns run the AVX2 code, so at M = 9..24 they take its GEMV:
+ *   the same sums, another order).
  *
  * - Larger M ("blocked"): per tile of W4_KT (AVX-512: W4_KT / 2) x NT weights, dequantize once into
  *   an fp32 buffer laid out as panels of 2 vectors (16 KB each), then a register-blocked

@@ -215,7 +215,7 @@ static void w4_case(const w4case *c) {
     const int64_t N = c->N;
     int top = tops_cpu_isa_detected();
     for (int isa = 0; isa <= top; isa++)
-        for (int sub = 0; sub <= (isa > 0 && c->M <= 8); sub++)
+        for (int sub = 0; sub <= (isa > 0 && c->M <= 24); sub++) /* 24: the AVX2 GEMV's limit */
         for (int bfd = 0; bfd <= (isa >= TOPS_ISA_AVX512 && c->xd == TOPS_BF16 &&
                                   tops_w4a16_bf16dot_set(1)); bfd++) {
             tops_cpu_isa_set(isa);
