@@ -52,11 +52,11 @@ int tops_cuda_dequantize(const tops_dequant_args *a, void *stream);
  * x_dtype; x contiguous (x_row_stride == K). Any N % 8 == 0 and K % group_size == 0 (K % 8 == 0).
  * perm (optional): x is gathered along K into the workspace first, by a kernel of its own.
  * kinterleaved: every kernel reads the k-interleaved words natively (no gather).
- * The workspace (with perm, the gathered x first; then, on sm_90 at M <= 64, fp32 split-K
+ * The workspace (with perm, the gathered x first; then, on sm_90 at M <= 128, fp32 split-K
  * partials) is allocated by the caller with tops_cuda_w4a16_workspace_bytes(a) bytes; its content
  * on entry is arbitrary. A smaller one (without perm: or none; with perm: at least the gathered
- * x) is accepted: K is then split through thread-block clusters instead (slower at M <= 64 where
- * K is long). */
+ * x) is accepted: K is then split through thread-block clusters instead (slower at M <= 128
+ * where K is long). */
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a);
 int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes,
                            void *stream);

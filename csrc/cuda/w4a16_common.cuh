@@ -639,43 +639,28 @@ inline int fill_split(int KT, int64_t tiles) {
     return split;
 }
 
-/* the largest split of 1, 2, 3, 6 (at most KT / 2 k-tiles per block) whose grid still fits one
- * wave of a block per SM: the split with which m128_wide's time per wave of the 128 x 256 tiles
- * was fitted (those tiles now run split by wide_split, below; H200, CUDA graphs, M = 128: the
- * general model's split 8 at 14336 x 4096 66.9 us, this one's 6 42.6) */
-inline int wave_split(int KT, int64_t tiles) {
-    const int sms = dev_info().sms;
-    int split = 1;
-    for (int s : {2, 3, 6}) {
-        if (s > KT / 2 || tiles * s > sms) break;
-        split = s;
-    }
-    return split;
-}
-
-/* The K split of tiles of which one block fills an SM (128 x 256), of 1, 2, 3, 4, 6 and 8, by the
- * time per wave that wave_split's fit gives them (a block's fixed cost about 9 of its 64-k steps),
- * counting waves in the clusters of s blocks that can be resident at once (clusters(s)), which
- * wave_split does not: on an H200 17 clusters of 6 (102 blocks) and 15 of 8 fit, not 22 and 16
- * (the GPCs' SM counts). H200, CUDA graphs, M = 128: 13824 x 5120 (20 tiles) wave_split's 6, two
- * waves, 80.6 us against 55.8 at 4; 18944 x 3584 (14 tiles) 53.0 at 6 against 44.1 at 8; 3584 x
- * 18944 (74 tiles) 53.9 unsplit against 50.7 at 3 in two waves; the same split as before at 8192
- * x 28672, 4096 x 14336, 5120 x 13824 and 14336 x 4096. */
-template <class Clusters>
-inline int wide_split(int KT, int64_t tiles, Clusters clusters) {
-    constexpr double kFixedSteps = 8.9;
+/* The K split, 1..8 (at most KT / 2 k-tiles per block), of tiles of which one block fills an SM
+ * (128 x 256), by a time per wave of `fixed` + `per_step` per 64-k step (us): waves(s) waves, 0
+ * where split s is not possible; best_cost: the estimate. The waves are counted in what can be
+ * resident at once: in clusters of s blocks, on an H200 17 of 6 (102 blocks) and 15 of 8, not 22
+ * and 16 (the GPCs' SM counts). By SM counts, 13824 x 5120 (20 tiles) took split 6 in two waves,
+ * 80.6 us against 55.8 at 4; 18944 x 3584 (14 tiles) 53.0 at 6 against 44.1 at 8; 3584 x 18944
+ * (74 tiles) 53.9 unsplit against 50.7 at 3 in two waves. */
+template <class Waves>
+inline int wide_split(int KT, Waves waves, double fixed, double per_step, double *best_cost = nullptr) {
     int split = 1;
     double best = 1e300;
-    for (int s : {1, 2, 3, 4, 6, 8}) {
+    for (int s = 1; s <= 8; ++s) {
         if (s > 1 && s > KT / 2) break;
-        const int occ = clusters(s);
-        if (occ <= 0) continue;
-        const double cost = (double)((tiles + occ - 1) / occ) * (kFixedSteps + (double)((KT + s - 1) / s));
+        const int64_t w = waves(s);
+        if (w <= 0) continue;
+        const double cost = (double)w * (fixed + per_step * (double)((KT + s - 1) / s));
         if (cost < best - 1e-9) {
             best = cost;
             split = s;
         }
     }
+    if (best_cost != nullptr) *best_cost = best;
     return split;
 }
 
@@ -785,6 +770,9 @@ inline bool plain_groups(const tops_w4a16_args *a) {
 int launch_wgmma(const LinParams &p, bool bf16, bool act, bool kp, int cfg, void *stream);
 /* whether this binary holds the sm_90a wgmma kernels (the device must still be sm_90) */
 bool wgmma_built();
+/* M = 65..128, plain groups: whether the 128 x 256 wgmma tile is estimated faster than the
+ * 128 x 128 one; room: the split-K partials the workspace will hold (0: none) */
+bool wgmma_m128_wide(int64_t K, int64_t N, int64_t room);
 
 } // namespace tops_w4
 

@@ -1154,31 +1154,25 @@ int dispatch_tc_pg(const LinParams &p, int cfg, void *stream) {
  *   sizes above), 16 (256 x 128, M > 128); 14 / 16 overlap the dequantisation of one stage with
  *   the previous stage's wgmmas. */
 
-/* M = 65..128: the 128 x 256 tiles (11, half the x traffic per weight, no block barrier) against
- * the 128 x 128 ones (14, twice the blocks to fill the GPU with), each split by wave_split, by a
- * time per wave fitted on the H200 (CUDA graphs, M = 128, us): 8.4 + 0.944 per 64-k step of a
- * 11 block, 5.9 + 0.557 of a 14 block. Measured (11 / 14, best split each): 4096 x 4096
- * 18.5 / 17.8, 14336 x 4096 42.6 / 47.6, 4096 x 14336 37.4 / 39.2, 8192 x 8192 46.7 / 44.1,
- * 8192 x 28672 129.2 / 154.7; the model picks the faster at each. Act-order (11 without MB, not
- * refitted): 11 where N >= 16384, as before (8192 x 28672: 146 us against 168 on an H100). */
-static bool m128_wide(int64_t K, int64_t N, bool act, int sms) {
+static int g_global_split = 1; /* dev hook: 0 = through clusters only */
+static int64_t global_split_room(int64_t M, int64_t N, const DevInfo &di);
+
+/* M = 65..128: the 128 x 256 tiles (11, half the x traffic per weight, no block barrier, K split
+ * through clusters or the workspace) against the 128 x 128 ones (14, twice the blocks to fill the
+ * GPU with, a lower fixed cost), by wgmma_m128_wide's estimates. Act-order (11 without MB, not
+ * refitted): 11 where N >= 16384 (8192 x 28672: 146 us against 168 on an H100). */
+static bool m128_wide(int64_t K, int64_t N, bool act) {
     if (act) return N >= 16384;
-    const int KT = (int)((K + 63) / 64);
-    auto per_wave = [&](int64_t tiles, double fixed, double per_k) {
-        const int s = wave_split(KT, tiles);
-        const int64_t waves = (tiles * s + sms - 1) / sms;
-        return (double)waves * (fixed + per_k * (double)((KT + s - 1) / s));
-    };
-    return per_wave((N + 255) / 256, 8.4, 0.944) < per_wave((N + 127) / 128, 5.9, 0.557);
+    return wgmma_m128_wide(K, N, g_global_split ? global_split_room(128, N, dev_info()) : 0);
 }
 
-int choose_cfg(int64_t M, int64_t K, int64_t N, bool act, int sms) {
+int choose_cfg(int64_t M, int64_t K, int64_t N, bool act) {
     if (g_force_cfg >= 0) return g_force_cfg;
     if (M <= 8) return 0;
     if (M <= 16) return 1;
     if (M <= 32) return 2;
     if (M <= 64) return 10;
-    if (M <= 128) return m128_wide(K, N, act, sms) ? 11 : 14;
+    if (M <= 128) return m128_wide(K, N, act) ? 11 : 14;
     /* 256-row tiles unless their padding costs more than the 128-row tiles' lower efficiency */
     const int64_t pad256 = (M + 255) / 256 * 256, pad128 = (M + 127) / 128 * 128;
     return (double)pad256 <= (double)pad128 * 1.15 ? 16 : 14;
@@ -1232,23 +1226,25 @@ int launch_generic(const tops_w4a16_args *a, int zmode, void *stream) {
 
 bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
 
-/* ---- split-K through global memory (batches up to 64 on sm_90) ----
+/* ---- split-K through global memory (batches up to 128 on sm_90) ----
  * Partials go to the caller's workspace (no perm: nothing else there): [split][M][N] fp32, room for the
- * largest split that can run in one wave (two blocks per SM). The locks (one per tile) must be
+ * largest split that can run in one wave (two blocks per SM; one of the 128 x 256 tile). The locks (one per tile) must be
  * zero when a launch starts; every launch leaves them zero, so they live outside the workspace:
  * one buffer per device and stream (launches on one stream run in order, and PDL launches reach
  * their locks only after waiting for the previous kernel), zeroed once. */
 constexpr int kGlobalSplitMax = 8;
-static int g_global_split = 1; /* dev hook: 0 = through clusters only */
 /* (behind a perm gather too: the partials follow the gathered x in the workspace) */
 static bool global_split_on(const tops_w4a16_args *a, const DevInfo &di) {
-    /* M = 33..64: only the wgmma tile takes it (its mma.sync stand-in does not) */
+    /* M = 33..128: only the wgmma tiles take it (their mma.sync stand-ins do not) */
     return g_global_split && a->x_dtype != TOPS_F32 && di.major == 9 &&
-           (a->M <= 32 || (a->M <= 64 && di.minor == 0 && wgmma_built()));
+           (a->M <= 32 || (a->M <= 128 && di.minor == 0 && wgmma_built()));
 }
-/* partials the workspace holds: as many as blocks fit in one wave, two per SM, over the tiles of
- * the batch's configuration (one row of tiles: 256 columns up to M = 32, 128 above) */
+/* partials the workspace holds: as many as blocks fit in one wave, two per SM (one of the 128 x 256
+ * tile above M = 64), over the tiles of the batch's configuration (one row of tiles: 256 columns
+ * up to M = 32, 128 up to 64, 256 above) */
 static int64_t global_split_room(int64_t M, int64_t N, const DevInfo &di) {
+    if (M > 64) /* the 128 x 256 tile, one block per SM */
+        return std::max<int64_t>(1, std::min<int64_t>(kGlobalSplitMax, di.sms / ((N + 255) / 256)));
     const int64_t tiles = M > 32 ? (N + 127) / 128 : (N + 255) / 256;
     return std::max<int64_t>(1, std::min<int64_t>(kGlobalSplitMax, 2 * di.sms / tiles));
 }
@@ -1314,7 +1310,7 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
 /* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row, 4 by
  * the GEMM's own grid where it can */
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
-/* split-K through the workspace where it pays (1, the default; M <= 64 on sm_90) or through
+/* split-K through the workspace where it pays (1, the default; M <= 128 on sm_90) or through
  * clusters only (0) */
 void tops_cuda_w4a16_dev_global_split(int on) { g_global_split = on; }
 /* bit 0: the last call split K through the workspace (else through clusters, or not at all);
@@ -1331,11 +1327,13 @@ void tops_cuda_w4a16_dev_last(int *cfg, int *split) {
 }
 
 size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
-    /* the gathered x (perm), or the split-K partials of batches up to 64 */
+    /* the gathered x (perm), or the split-K partials of batches up to 128 (above 64: those of
+     * the 128 x 256 tile only) */
     if (a == nullptr || a->M <= 0 || a->K <= 0 || a->N <= 0) return 0;
     const size_t gx = gather_bytes(a);
     const DevInfo di = dev_info();
     if (!global_split_on(a, di)) return gx;
+    if (a->M > 64 && choose_cfg(a->M, a->K, a->N, !plain_groups(a)) != 11) return gx;
     const int64_t room = global_split_room(a->M, a->N, di);
     return room < 2 ? gx : partials_offset(a) + (size_t)room * (size_t)a->M * (size_t)a->N * sizeof(float);
 }
@@ -1372,7 +1370,7 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
     const DevInfo di = dev_info();
     const int64_t gs = a->group_size;
     const bool act = !plain_groups(a);
-    if (pg && (a->x_dtype == TOPS_F32 || act || choose_cfg(M, K, N, act, di.sms) > 1)) return kNoGridGather;
+    if (pg && (a->x_dtype == TOPS_F32 || act || choose_cfg(M, K, N, act) > 1)) return kNoGridGather;
     g_last_cfg = -1;
     g_last_split = 0;
     g_last_workspace = false;
@@ -1409,10 +1407,10 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
         p.gshift = gshift;
         p.zmode = zmode;
         p.m_tiles = p.n_tiles = p.KT = p.kt_per_split = 0;
-        int cfg = choose_cfg(M, K, N, act, di.sms);
+        int cfg = choose_cfg(M, K, N, act);
         const bool bf16 = a->x_dtype == TOPS_BF16;
-        /* the tiles of up to 64 rows (Cfg / WCfg GLOBAL) may split K through the workspace where
-         * it has room (else through a cluster); the others ignore it */
+        /* the tiles of up to 64 rows and the 128 x 256 one (Cfg / WCfg GLOBAL) may split K through
+         * the workspace where it has room (else through a cluster); the others ignore it */
         if (global_split_on(a, di) && workspace != nullptr &&
             workspace_bytes >= 2 * (size_t)M * (size_t)N * sizeof(float) && aligned(workspace, 16) &&
             ((M + 7) / 8) * ((N + 255) / 256) <= kLocks) {

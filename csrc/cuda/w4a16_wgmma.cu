@@ -70,8 +70,9 @@ struct WCfg {
     static constexpr int STAGE_BYTES = (STAGE_RAW + 1023) / 1024 * 1024; /* swizzle atoms: 1 KB */
     static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
     static constexpr int OUT_BYTES = BM * BN * 4;
-    /* may split K through the caller's workspace (the 64-row tile, which serves small batches) */
-    static constexpr bool GLOBAL = BM_ == 64;
+    /* may split K through the caller's workspace (the 64-row tile, which serves small batches,
+     * and the 128 x 256 one) */
+    static constexpr bool GLOBAL = BM_ == 64 || (BM_ == 128 && !OVL_);
     static_assert(BM % 64 == 0 && BM <= 256, "BM");
     static_assert(STAGES >= (OVL ? 3 : 2), "stages");
     static_assert((KW * BN / 4) % 256 == 0 && NG * (BN / 8) <= 256, "copy split");
@@ -638,6 +639,43 @@ template <class Kern> static bool holds_sm90a(Kern kern) {
     return built;
 }
 
+/* The 128 x 256 tile's K split and its estimated time (us): through clusters (waves counted in
+ * the clusters of s blocks that can be resident) or, where the caller's workspace holds room >= 2
+ * partials, through the workspace and a sum after (waves counted in blocks); ws: the workspace's
+ * is the cheaper. The times per wave, fitted on the H200 (CUDA graphs, M = 128, fp16, one wave
+ * but where said; estimated / measured, us):
+ *  - clusters 9.2 + 0.86 per 64-k step: 5120 x 5120 split 4 26.4 / 26.0, 13824 x 5120 4 55.6 /
+ *    55.6, 14336 x 4096 6 41.9 / 42.0, 8192 x 8192 3 46.2 / 46.4, 4096 x 4096 6 18.7 / 18.3,
+ *    4096 x 14336 2 36.7 / 38.9, 3584 x 18944 3 (two waves) 51.0 / 50.5;
+ *  - the workspace 7.6 + 1.01 per step (more blocks at once, each slower): 5120 x 5120 split 6
+ *    21.7 / 21.1, 13824 x 5120 6 44.0 / 45.0, 14336 x 4096 8 35.9 / 37.1, 8192 x 8192 4 39.9 /
+ *    42.3, 4096 x 4096 8 15.7 / 16.1, 2048 x 5120 6 13.7 / 13.7, 3584 x 18944 3 (two waves) 53.6
+ *    / 53.6.
+ * Split by the old count (clusters only), those first four took 26.0, 55.9, 42.2 and 46.4 us. */
+template <class Kern>
+static int wide_choice(Kern kern, int KT, int64_t tiles, size_t pipe, size_t out, size_t tab, int64_t room,
+                       const DevInfo &di, bool &ws, double &cost) {
+    double cost_cl = 1e300, cost_ws = 1e300;
+    const int sc = wide_split(
+        KT,
+        [&](int s) -> int64_t {
+            if (s == 5 || s == 7) return 0; /* (clusters of 5 and 7 not measured) */
+            const int occ = resident(kern, (s > 1 ? std::max(pipe, out) : pipe) + tab, s, di);
+            return occ > 0 ? (tiles + occ - 1) / occ : 0;
+        },
+        9.2, 0.86, &cost_cl);
+    int sw = 1;
+    if (room >= 2) {
+        const int occ = resident(kern, pipe + tab, 1, di);
+        sw = wide_split(
+            KT, [&](int s) -> int64_t { return s <= room && occ > 0 ? (tiles * s + occ - 1) / occ : 0; }, 7.6,
+            1.01, &cost_ws);
+    }
+    ws = sw > 1 && cost_ws < cost_cl;
+    cost = ws ? cost_ws : cost_cl;
+    return ws ? sw : sc;
+}
+
 /* the K split: by the general model (choose_split), fill_split or wide_split */
 enum class SplitRule { Model, Fill, Wide };
 template <class C, class T, SplitRule R = SplitRule::Model>
@@ -655,10 +693,15 @@ int launch_wg(const LinParams &base, void *stream) {
         const DevInfo di = dev_info();
         if (!allow_dyn_smem((const void *)kern, std::min(std::max(pipe, out) + tab, (size_t)di.optin_smem), di))
             return TOPS_ERR_CUDA;
-        split = wide_split(p.KT, tiles,
-                           [&](int s) { return resident(kern, (s > 1 ? std::max(pipe, out) : pipe) + tab, s, di); });
+        const bool ws_on = C::GLOBAL && p.locks != nullptr;
+        bool ws = false;
+        double cost = 0.0;
+        split = wide_choice(kern, p.KT, tiles, pipe, out, tab,
+                            ws_on ? p.part_floats / ((int64_t)p.M * p.N) : 0, di, ws, cost);
+        if (ws_on && (ws || g_force_split > 0)) /* (a forced split: through the workspace) */
+            return launch_split(kern, p, tiles, pipe, pipe, tab, stream, false, split, launch_reduce<T>);
     }
-    if (C::GLOBAL && p.locks != nullptr) {
+    if (R != SplitRule::Wide && C::GLOBAL && p.locks != nullptr) {
         /* split-K through the workspace (offered for the 64-row tile), split by the general
          * model, where that splits more than clusters would: H200, CUDA graphs, M = 64, against
          * clusters split by fill_split: 8192 x 8192 28.7 us (split 4) against 30.3 (2), 14336 x
@@ -695,6 +738,44 @@ int dispatch_wg(const LinParams &p, int cfg, void *stream) {
     case 16: return launch_wg<WCfg<256, 1, 1, 4, ACT, true, 0, false, KP>, T>(p, stream); /* 256 x 128, overlapped */
     default: return -1;
     }
+}
+
+/* M = 65..128, plain groups: the 128 x 256 tile (11) unless the 128 x 128 one (14) is estimated
+ * faster: 11 as wide_choice splits and estimates it (room: the partials the workspace will hold),
+ * 14 by its time per wave fitted on the H200 (CUDA graphs, M = 128), 5.9 + 0.557 us per 64-k step,
+ * waves counted in clusters of one block per SM as it was fitted (5120 x 5120 splits 2 / 3
+ * estimated 28.2 / 41.8 us, measured 28.0 / 40.6: 40 tiles, 39 clusters of 3 fit). Measured (11 /
+ * 14, best split each, us): 3584 x 3584 15.2 / 13.5 (estimated 14.7 / 13.7), 2048 x 5120 13.7 /
+ * 14.5, 4096 x 4096 16.1 / 17.8, 5120 x 5120 21.1 / 28.0, 8192 x 8192 42.3 / 45.6 (39.9 / 41.5),
+ * 14336 x 4096 37.1 / 47.4, 4096 x 14336 38.9 / 41.0, 13824 x 5120 45.0 / 63.3, 3584 x 18944
+ * 50.5 / 63.6, 18944 x 3584 44.4 / 48.6; 8192 x 28672 129.2 / 154.7 (an earlier build). */
+bool wgmma_m128_wide(int64_t K, int64_t N, int64_t room) {
+    using C11 = WCfg<128, 2, 1, 5, false, false, 2, true>;
+    using C14 = WCfg<128, 1, 1, 5, false, true>;
+    auto k11 = w4a16_wgmma_kernel<C11, F16>;
+    auto k14 = w4a16_wgmma_kernel<C14, F16>;
+    const DevInfo di = dev_info();
+    if (di.major != 9 || di.minor != 0 || !wgmma_built()) return true; /* (the mma.sync stand-ins) */
+    const int KT = (int)((K + 63) / 64);
+    const size_t pipe11 = (size_t)C11::PIPE_BYTES + 1024, out11 = (size_t)C11::OUT_BYTES + 1024;
+    const size_t one = (size_t)di.sm_smem / 2 + 1024; /* (more than half an SM's: one block each) */
+    const size_t smem14 = std::max({(size_t)C14::PIPE_BYTES + 1024, (size_t)C14::OUT_BYTES + 1024, one});
+    if (smem14 > (size_t)di.optin_smem || !allow_dyn_smem((const void *)k14, smem14, di) ||
+        !allow_dyn_smem((const void *)k11, std::max(pipe11, out11), di)) {
+        (void)cudaGetLastError(); /* (not left for the launch's check) */
+        return true;
+    }
+    const int64_t t14 = (N + 127) / 128;
+    double c14 = 1e300;
+    for (int s : {1, 2, 3, 4, 6, 8}) {
+        if (s > 1 && s > KT / 2) break;
+        const int occ = resident(k14, smem14, s, di);
+        if (occ > 0) c14 = std::min(c14, (double)((t14 + occ - 1) / occ) * (5.9 + 0.557 * (double)((KT + s - 1) / s)));
+    }
+    bool ws = false;
+    double c11 = 0.0;
+    wide_choice(k11, KT, (N + 255) / 256, pipe11, out11, 0, room, di, ws, c11);
+    return c11 <= c14;
 }
 
 bool wgmma_built() {
