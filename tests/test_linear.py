@@ -658,15 +658,15 @@ def test_cuda_mid_batch_interior_and_tail_stages(cuda_route, M, group_size, zero
 
 
 @needs_cuda
-@pytest.mark.parametrize("M", [65, 100, 128])
+@pytest.mark.parametrize("M", [65, 100, 128, 200, 256])
 @pytest.mark.parametrize("group_size,zeros", [(32, "v1"), (128, "v2"), (-1, "sym")])
 def test_cuda_mid_batch_wide_tiles(M, group_size, zeros):
-    """M = 65..128 with long K over few columns, where on sm_90 the 128 x 256 wgmma tiles are
-    chosen (their stages paced by mbarriers, K split over a cluster of blocks): K with a
-    half-filled last stage (groups of 32 and the whole K), N ending inside a column tile, bias,
-    both 16-bit dtypes, the same bits on a repeated call"""
+    """M = 65..256 with long K over few columns, where on sm_90 the 128 x 256 wgmma tiles are
+    chosen (their stages paced by mbarriers, K split through the workspace; above M = 128 two
+    rows of them): K with a half-filled last stage (groups of 32 and the whole K), N ending inside
+    a column tile (M <= 128), bias, both 16-bit dtypes, the same bits on a repeated call"""
     dtype = torch.float16 if M % 2 else torch.bfloat16
-    K, N = (14336 if group_size == 128 else 14368), 4104
+    K, N = (14336 if group_size == 128 else 14368), (4104 if M <= 128 else 4096)
     t = make_weights(K, N, group_size, zeros=zeros, device="cuda", scales_dtype=dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     bias = torch.randn(N, device="cuda", dtype=dtype)
@@ -677,8 +677,9 @@ def test_cuda_mid_batch_wide_tiles(M, group_size, zeros):
     assert torch.equal(out, torch_ops.w4a16_linear(x, bias=bias, **t))
     props = torch.cuda.get_device_properties(0)
     if (props.major, props.minor) == (9, 0) and props.multi_processor_count >= 114:  # H100 / H200
-        # the 128 x 256 tile, its K split through the workspace (the H200 took 7 here)
-        assert cfg == 11 and 4 <= split <= 8, (cfg, split)
+        # the 128 x 256 tile, its K split through the workspace (the H200 took 7 here; 4 at M > 128)
+        assert cfg == 11 and (4 if M <= 128 else 2) <= split <= 8, (cfg, split)
+        assert _C.cuda_w4a16_last_workspace() & 1
 
 
 @needs_cuda

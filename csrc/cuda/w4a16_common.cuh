@@ -773,6 +773,9 @@ bool wgmma_built();
 /* M = 65..128, plain groups: whether the 128 x 256 wgmma tile is estimated faster than the
  * 128 x 128 one; room: the split-K partials the workspace will hold (0: none) */
 bool wgmma_m128_wide(int64_t K, int64_t N, int64_t room);
+/* M = 129..256, plain groups: whether the 128 x 256 tile, K split through the workspace (room
+ * partials), is estimated faster than the 256 x 128 one */
+bool wgmma_m256_wide(int64_t M, int64_t K, int64_t N, int64_t room);
 
 } // namespace tops_w4
 

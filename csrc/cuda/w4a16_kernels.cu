@@ -1173,6 +1173,8 @@ int choose_cfg(int64_t M, int64_t K, int64_t N, bool act) {
     if (M <= 32) return 2;
     if (M <= 64) return 10;
     if (M <= 128) return m128_wide(K, N, act) ? 11 : 14;
+    if (M <= 256 && !act && g_global_split && wgmma_m256_wide(M, K, N, global_split_room(M, N, dev_info())))
+        return 11;
     /* 256-row tiles unless their padding costs more than the 128-row tiles' lower efficiency */
     const int64_t pad256 = (M + 255) / 256 * 256, pad128 = (M + 127) / 128 * 128;
     return (double)pad256 <= (double)pad128 * 1.15 ? 16 : 14;
@@ -1235,16 +1237,16 @@ bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
 constexpr int kGlobalSplitMax = 8;
 /* (behind a perm gather too: the partials follow the gathered x in the workspace) */
 static bool global_split_on(const tops_w4a16_args *a, const DevInfo &di) {
-    /* M = 33..128: only the wgmma tiles take it (their mma.sync stand-ins do not) */
+    /* M = 33..256: only the wgmma tiles take it (their mma.sync stand-ins do not) */
     return g_global_split && a->x_dtype != TOPS_F32 && di.major == 9 &&
-           (a->M <= 32 || (a->M <= 128 && di.minor == 0 && wgmma_built()));
+           (a->M <= 32 || (a->M <= 256 && di.minor == 0 && wgmma_built()));
 }
 /* partials the workspace holds: as many as blocks fit in one wave, two per SM (one of the 128 x 256
- * tile above M = 64), over the tiles of the batch's configuration (one row of tiles: 256 columns
- * up to M = 32, 128 up to 64, 256 above) */
+ * tile above M = 64), over the tiles of the batch's configuration (256 columns up to M = 32, 128
+ * up to 64, 128 x 256 above) */
 static int64_t global_split_room(int64_t M, int64_t N, const DevInfo &di) {
     if (M > 64) /* the 128 x 256 tile, one block per SM */
-        return std::max<int64_t>(1, std::min<int64_t>(kGlobalSplitMax, di.sms / ((N + 255) / 256)));
+        return std::max<int64_t>(1, std::min<int64_t>(kGlobalSplitMax, di.sms / (((M + 127) / 128) * ((N + 255) / 256))));
     const int64_t tiles = M > 32 ? (N + 127) / 128 : (N + 255) / 256;
     return std::max<int64_t>(1, std::min<int64_t>(kGlobalSplitMax, 2 * di.sms / tiles));
 }

@@ -778,6 +778,44 @@ bool wgmma_m128_wide(int64_t K, int64_t N, int64_t room) {
     return c11 <= c14;
 }
 
+/* M = 129..256, plain groups: whether the 128 x 256 tile with its K split through the workspace
+ * (room: the partials it holds) is estimated faster than the 256 x 128 one split through clusters,
+ * where the 256-row tiles are too few to fill the GPU. 16 by its time per wave on the H200 (CUDA
+ * graphs, M = 256, waves counted in clusters that fit), 6.0 + 0.87 us per 64-k step: 4096 x 4096
+ * split 3 25.1 estimated / 25.7 measured, 14336 x 4096 split 3 71.3 / 70.4. Automatic choice, 16
+ * (main) -> this rule, us, M = 192 / 256: 5120 x 5120 40.7 / 41.6 -> 32.0 / 34.9 (11, split 3),
+ * 13824 x 5120 87.6 / 92.1 -> 75.8 / 81.4 (11, 3), 14336 x 4096 66.9 / 70.4 -> 60.9 / 66.0 (11, 4),
+ * 4096 x 4096 25.1 / 25.7 -> 22.2 / 24.3 (11, 4); 3584 x 3584 and 4096 x 14336 keep 16 (11's best:
+ * 20.2 / 21.3 against 18.7 / 19.5, and 62.3 / 65.6 against 56.5 / 60.8). */
+constexpr double kA16 = 6.0, kB16 = 0.87;
+bool wgmma_m256_wide(int64_t M, int64_t K, int64_t N, int64_t room) {
+    using C11 = WCfg<128, 2, 1, 5, false, false, 2, true>;
+    using C16 = WCfg<256, 1, 1, 4, false, true>;
+    auto k11 = w4a16_wgmma_kernel<C11, F16>;
+    auto k16 = w4a16_wgmma_kernel<C16, F16>;
+    const DevInfo di = dev_info();
+    if (room < 2 || di.major != 9 || di.minor != 0 || !wgmma_built()) return false;
+    const int KT = (int)((K + 63) / 64);
+    const size_t pipe11 = (size_t)C11::PIPE_BYTES + 1024, out11 = (size_t)C11::OUT_BYTES + 1024;
+    const size_t pipe16 = (size_t)C16::PIPE_BYTES + 1024, out16 = (size_t)C16::OUT_BYTES + 1024;
+    if (!allow_dyn_smem((const void *)k11, std::max(pipe11, out11), di) ||
+        !allow_dyn_smem((const void *)k16, std::max(pipe16, out16), di)) {
+        (void)cudaGetLastError(); /* (not left for the launch's check) */
+        return false;
+    }
+    const int64_t t16 = ((M + 255) / 256) * ((N + 127) / 128);
+    double c16 = 1e300;
+    for (int s : {1, 2, 3, 4, 6, 8}) {
+        if (s > 1 && s > KT / 2) break;
+        const int occ = resident(k16, s > 1 ? std::max(pipe16, out16) : pipe16, s, di);
+        if (occ > 0) c16 = std::min(c16, (double)((t16 + occ - 1) / occ) * (kA16 + kB16 * (double)((KT + s - 1) / s)));
+    }
+    bool ws = false;
+    double c11 = 0.0;
+    wide_choice(k11, KT, ((M + 127) / 128) * ((N + 255) / 256), pipe11, out11, 0, room, di, ws, c11);
+    return ws && c11 < c16;
+}
+
 bool wgmma_built() {
     static const bool built = holds_sm90a(w4a16_wgmma_kernel<WCfg<256, 1, 1, 4, false, true>, F16>);
     return built;
