@@ -1150,9 +1150,9 @@ int dispatch_tc_pg(const LinParams &p, int cfg, void *stream) {
  *   more than 2% faster once the split choice below was right, up to 20% slower);
  *   wgmma (sm_90a, rows x columns): 10 (64 x 128, M <= 64; on the H200 up to 13% faster than the
  *   64 x 256 one it replaced, with the split of fill_split: 8192 x 8192 M = 64 31.2 us against
- *   35.8), 11 (128 x 256, M <= 128, where m128_wide prefers it), 14 (128 x 128, M <= 128 and odd
- *   sizes above), 16 (256 x 128, M > 128); 14 / 16 overlap the dequantisation of one stage with
- *   the previous stage's wgmmas. */
+ *   35.8), 11 (128 x 256, M <= 128 where m128_wide prefers it, M <= 256 where wgmma_m256_wide
+ *   does), 14 (128 x 128, M <= 128 and odd sizes above), 16 (256 x 128, M > 128); 14 / 16 overlap
+ *   the dequantisation of one stage with the previous stage's wgmmas. */
 
 static int g_global_split = 1; /* dev hook: 0 = through clusters only */
 static int64_t global_split_room(int64_t M, int64_t N, const DevInfo &di);
