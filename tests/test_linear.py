@@ -679,7 +679,8 @@ def test_cuda_mid_batch_wide_tiles(M, group_size, zeros):
     if (props.major, props.minor) == (9, 0) and props.multi_processor_count >= 114:  # H100 / H200
         # the 128 x 256 tile, its K split through the workspace (the H200 took 7 here; 4 at M > 128)
         assert cfg == 11 and (4 if M <= 128 else 2) <= split <= 8, (cfg, split)
-        assert _C.cuda_w4a16_last_workspace() & 1
+        # (above M = 128 the rule takes that tile only with its K split through the workspace)
+        assert M <= 128 or _C.cuda_w4a16_last_workspace() & 1
 
 
 @needs_cuda
