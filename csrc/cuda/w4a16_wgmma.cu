@@ -805,11 +805,14 @@ bool wgmma_m256_wide(int64_t M, int64_t K, int64_t N, int64_t room) {
     }
     const int64_t t16 = ((M + 255) / 256) * ((N + 127) / 128);
     double c16 = 1e300;
-    for (int s : {1, 2, 3, 4, 6, 8}) {
-        if (s > 1 && s > KT / 2) break;
-        const int occ = resident(k16, s > 1 ? std::max(pipe16, out16) : pipe16, s, di);
-        if (occ > 0) c16 = std::min(c16, (double)((t16 + occ - 1) / occ) * (kA16 + kB16 * (double)((KT + s - 1) / s)));
-    }
+    wide_split(
+        KT,
+        [&](int s) -> int64_t {
+            if (s == 5 || s == 7) return 0; /* (clusters of 5 and 7 not measured) */
+            const int occ = resident(k16, s > 1 ? std::max(pipe16, out16) : pipe16, s, di);
+            return occ > 0 ? (t16 + occ - 1) / occ : 0;
+        },
+        kA16, kB16, &c16);
     bool ws = false;
     double c11 = 0.0;
     wide_choice(k11, KT, ((M + 127) / 128) * ((N + 255) / 256), pipe11, out11, 0, room, di, ws, c11);
