@@ -316,7 +316,7 @@ def test_errors_name_op_argument_and_value(device):
     cases = [
         (lambda: torch_ops.pack(u8(4, 12), 4), r"pack: values.shape\[1\] = 12 must be a multiple of 8"),
         (lambda: torch_ops.pack(u8(4, 16), 5), r"pack: bits must be one of \{1, 2, 3, 4, 8\}, got 5"),
-        (lambda: torch_ops.pack(u8(4, 16) + 16, 4), r"pack: values values must be < 2\*\*bits = 16, got a value of 16"),
+        (lambda: torch_ops.pack(u8(4, 16) + 16, 4), r"pack: values must be < 2\*\*bits = 16, got a value of 16"),
         (lambda: torch_ops.pack(i32(4, 8), 4), r"pack: values must be Byte, got Int"),
         (lambda: torch_ops.pack(u8(8), 2, order="awq"), r'order="awq" needs bits=4'),
         (lambda: torch_ops.pack(u8(8), 4, order="zigzag"), r'pack: order must be "sequential" or "awq", got "zigzag"'),

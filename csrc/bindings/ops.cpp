@@ -97,11 +97,11 @@ int64_t resolve_group_size(const char *op, int64_t group_size, int64_t K) {
 }
 
 // Every value of `t` (uint8) below 2**bits; one reduction (and, on CUDA, one sync: these are
-// load-time ops, and a silent wrong packing is worse).
-void check_value_range(const char *op, const char *arg, const at::Tensor &t, int64_t bits) {
+// load-time ops, and a silent wrong packing is worse). what: the values, as the message names them.
+void check_value_range(const char *op, const char *what, const at::Tensor &t, int64_t bits) {
     if (t.numel() == 0 || bits >= 8) return;
     int64_t mx = t.max().item<int64_t>();
-    TORCH_CHECK_VALUE(mx < (int64_t(1) << bits), op, ": ", arg, " values must be < 2**bits = ",
+    TORCH_CHECK_VALUE(mx < (int64_t(1) << bits), op, ": ", what, " must be < 2**bits = ",
                       int64_t(1) << bits, ", got a value of ", mx);
 }
 
@@ -487,7 +487,7 @@ at::Tensor pack_v2(const at::Tensor &unpacked_in, bool check_range) {
         if (check_range) out_of_range = at::zeros({1}, unpacked.options().dtype(at::kInt));
         TOPS_CUDA(op, cuda::pack_v2(out, unpacked, out_of_range));
         if (check_range && out_of_range.item<int32_t>() != 0)
-            check_value_range(op, "unpacked", unpacked, 4);
+            check_value_range(op, "unpacked values", unpacked, 4);
     } else {
         int status = run_cpu_status(N / 4, std::max<int64_t>(1, (1 << 16) / K),
                                     [&](int64_t b, int64_t e) {
@@ -495,7 +495,7 @@ at::Tensor pack_v2(const at::Tensor &unpacked_in, bool check_range) {
                                                             unpacked.data_ptr<uint8_t>(), N, K, b, e);
                                     });
         // the core flags values > 15 as it packs; find the value for the message only then
-        if (status == TOPS_ERR_RANGE) check_value_range(op, "unpacked", unpacked, 4);
+        if (status == TOPS_ERR_RANGE) check_value_range(op, "unpacked values", unpacked, 4);
         check_status(status, op);
     }
     return out;
