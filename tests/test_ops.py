@@ -179,6 +179,20 @@ def test_convert_gptq_zeros_matches_reference(device, bits):
         assert torch.equal(torch_ops.convert_gptq_zeros(out, bits, dst, src), qzeros)
 
 
+@pytest.mark.parametrize("row_words", [1, 2, 4, 5, 7])
+def test_convert_gptq_zeros_3bit_rows_of_any_width(device, row_words):
+    # 3-bit rows sized ceil(N * 3 / 32) words (N = 8 -> 1 word): the whole fields convert, the
+    # bits of the last, partial field are copied
+    qzeros = torch.randint(-2**31, 2**31 - 1, (6, row_words), dtype=torch.int32, device=device)
+    for src, dst in [("v1", "v2"), ("v2", "v1")]:
+        out = torch_ops.convert_gptq_zeros(qzeros, 3, src, dst)
+        assert torch.equal(out.cpu(), ref.convert_gptq_zeros(qzeros.cpu(), 3, src, dst))
+        assert torch.equal(torch_ops.convert_gptq_zeros(out, 3, dst, src), qzeros)
+    # one word: ten fields of 0 (v1: z = 1) become ten fields of 1; bits 30-31 stay 0b11
+    word = torch.tensor([[-2**31 + 2**30]], dtype=torch.int32, device=device)
+    assert u32(torch_ops.convert_gptq_zeros(word, 3, "v1", "v2")) == [0o1111111111 | 0xC0000000]
+
+
 # ---- pack_v2 ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("N,K", [(4, 64), (8, 128), (12, 192), (64, 4096)])

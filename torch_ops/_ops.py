@@ -62,7 +62,10 @@ def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
 
 
 def convert_gptq_zeros(qzeros: torch.Tensor, bits: int, src: str, dst: str) -> torch.Tensor:
-    """GPTQ qzeros "v1" (z - 1) <-> "v2" (z) for bits 2/3/4/8, field by field (no carries)."""
+    """GPTQ qzeros "v1" (z - 1) <-> "v2" (z) for bits 2/3/4/8, field by field (no carries).
+
+    Rows of any width: a 3-bit row sized ceil(N * 3 / 32) words ends in part of a field, whose
+    bits are copied unchanged."""
     return _ops.convert_gptq_zeros(qzeros, bits, src, dst)
 
 

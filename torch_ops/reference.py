@@ -88,12 +88,22 @@ def gptq_to_awq(qweight, qzeros, zero_format="v1", g_idx=None):
 
 
 def convert_gptq_zeros(qzeros, bits, src, dst):
-    """GPTQ qzeros v1 <-> v2, field by field (no carry or borrow between fields)."""
+    """GPTQ qzeros v1 <-> v2, field by field (no carry or borrow between fields).
+
+    Each row is one bit stream of floor(row_words * 32 / bits) fields. The bits left over are
+    copied unchanged: a 3-bit row sized ceil(N * 3 / 32) words, as GPTQModel sizes them, ends in
+    part of a field."""
     if src == dst:
         return qzeros.clone()
-    z = unpack(qzeros, bits, dim=1).to(torch.int64)
+    w = qzeros.to(torch.int64) & (2**32 - 1)
+    stream = ((w.unsqueeze(-1) >> torch.arange(32, device=w.device)) & 1).flatten(-2)  # LSB first
+    used = qzeros.shape[1] * 32 // bits * bits
+    shifts = torch.arange(bits, device=w.device)
+    z = (stream[:, :used].unflatten(-1, (-1, bits)) << shifts).sum(-1)
     z = (z + (1 if src == "v1" else -1)) & (2**bits - 1)
-    return pack(z.to(torch.uint8), bits, dim=1)
+    stream = torch.cat([((z.unsqueeze(-1) >> shifts) & 1).flatten(-2), stream[:, used:]], dim=-1)
+    words = (stream.unflatten(-1, (-1, 32)) << torch.arange(32, device=w.device)).sum(-1)
+    return _to_word_dtype(words, torch.int32)
 
 
 def pack_v2(unpacked):
