@@ -639,6 +639,18 @@ template <class Kern> static bool holds_sm90a(Kern kern) {
     return built;
 }
 
+/* waves(s) for wide_split of a K split through clusters: the waves of `tiles` clusters of s blocks
+ * (each with pipe, or above one block the larger of pipe and out, plus tab bytes of shared memory)
+ * counted in the clusters that can be resident at once; 0 where none fit */
+template <class Kern>
+static auto cluster_waves(Kern kern, int64_t tiles, size_t pipe, size_t out, size_t tab, const DevInfo &di) {
+    return [=, &di](int s) -> int64_t {
+        if (s == 5 || s == 7) return 0; /* (clusters of 5 and 7 not measured) */
+        const int occ = resident(kern, (s > 1 ? std::max(pipe, out) : pipe) + tab, s, di);
+        return occ > 0 ? (tiles + occ - 1) / occ : 0;
+    };
+}
+
 /* The 128 x 256 tile's K split and its estimated time (us): through clusters (waves counted in
  * the clusters of s blocks that can be resident) or, where the caller's workspace holds room >= 2
  * partials, through the workspace and a sum after (waves counted in blocks); ws: the workspace's
@@ -656,14 +668,7 @@ template <class Kern>
 static int wide_choice(Kern kern, int KT, int64_t tiles, size_t pipe, size_t out, size_t tab, int64_t room,
                        const DevInfo &di, bool &ws, double &cost) {
     double cost_cl = 1e300, cost_ws = 1e300;
-    const int sc = wide_split(
-        KT,
-        [&](int s) -> int64_t {
-            if (s == 5 || s == 7) return 0; /* (clusters of 5 and 7 not measured) */
-            const int occ = resident(kern, (s > 1 ? std::max(pipe, out) : pipe) + tab, s, di);
-            return occ > 0 ? (tiles + occ - 1) / occ : 0;
-        },
-        9.2, 0.86, &cost_cl);
+    const int sc = wide_split(KT, cluster_waves(kern, tiles, pipe, out, tab, di), 9.2, 0.86, &cost_cl);
     int sw = 1;
     if (room >= 2) {
         const int occ = resident(kern, pipe + tab, 1, di);
@@ -805,14 +810,7 @@ bool wgmma_m256_wide(int64_t M, int64_t K, int64_t N, int64_t room) {
     }
     const int64_t t16 = ((M + 255) / 256) * ((N + 127) / 128);
     double c16 = 1e300;
-    wide_split(
-        KT,
-        [&](int s) -> int64_t {
-            if (s == 5 || s == 7) return 0; /* (clusters of 5 and 7 not measured) */
-            const int occ = resident(k16, s > 1 ? std::max(pipe16, out16) : pipe16, s, di);
-            return occ > 0 ? (t16 + occ - 1) / occ : 0;
-        },
-        kA16, kB16, &c16);
+    wide_split(KT, cluster_waves(k16, t16, pipe16, out16, 0, di), kA16, kB16, &c16);
     bool ws = false;
     double c11 = 0.0;
     wide_choice(k11, KT, ((M + 127) / 128) * ((N + 255) / 256), pipe11, out11, 0, room, di, ws, c11);
