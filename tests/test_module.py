@@ -386,6 +386,38 @@ def test_state_dict_round_trip_from_gptq_keys(zero_format):
     assert not layer.act_order and layer.perm is None and "g_idx" not in layer.state_dict()
 
 
+@pytest.mark.parametrize("saved,loader", [("v2", "v1"), ("v1", "v2"), ("v2", "v2")])
+def test_state_dict_records_its_zero_format(saved, loader):
+    """A state dict from a module of one zero format loads right into a module of the other: the
+    format travels in the state dict's metadata (through torch.save too); without it, the loading
+    module's checkpoint_zero_format decides."""
+    import io
+    gq = random_gptq()
+    source = QuantLinear.from_gptq(**gq, group_size=G, zero_format=saved)
+    expected = source.dequantize()
+    sd = source.state_dict()
+    assert torch.equal(sd["qzeros"], gq["qzeros"])  # the tensors are untouched, v1 or v2
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    for state in (sd, torch.load(io.BytesIO(buffer.getvalue()))):
+        layer = QuantLinear(K, N, bias=False, group_size=G, checkpoint_zero_format=loader)
+        layer.load_state_dict(state)
+        assert torch.equal(layer.dequantize(), expected)
+        nested = nn.Sequential(nn.Identity(), copy.deepcopy(source)).state_dict()
+        outer = nn.Sequential(nn.Identity(), layer)
+        outer.load_state_dict(nested)
+        assert torch.equal(layer.dequantize(), expected)
+    plain = dict(sd)  # no metadata: read as the loading module's format
+    layer = QuantLinear(K, N, bias=False, group_size=G, checkpoint_zero_format=loader)
+    layer.load_state_dict(plain)
+    want = ref.dequantize(gq["qweight"], gq["scales"], gq["qzeros"], "gptq", 4, G, None, loader)
+    assert torch.equal(layer.dequantize(), want)
+    assert (saved == loader) == torch.equal(want, expected)
+    sd._metadata[""]["gptq_zero_format"] = "v3"
+    with pytest.raises(RuntimeError, match="qzeros: the state dict's recorded zero format"):
+        layer.load_state_dict(sd)
+
+
 @pytest.mark.parametrize("k,g,kinterleave,held", [(K, G, True, True), (K, -1, True, True),
                                                   (K, G, False, False), (40, -1, True, False),
                                                   (96, 48, True, False)])

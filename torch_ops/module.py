@@ -38,6 +38,7 @@ ZERO_FORMATS = ("v1", "v2")
 STORED_ZERO_FORMAT = "v1"  # the zero format of the qzeros buffer, whatever was loaded
 _QUANT_KEYS = ("qweight", "qzeros", "scales")
 _KEYS = _QUANT_KEYS + ("g_idx", "bias")
+_ZERO_FORMAT_METADATA = "gptq_zero_format"  # per-module state-dict metadata: the saved qzeros' format
 
 
 def _group_len(K: int, group_size: int) -> int:
@@ -79,7 +80,9 @@ class QuantLinear(nn.Module):
 
     ``checkpoint_zero_format`` ("v1" or "v2") is the zero format of the GPTQ state dicts this module
     reads and writes (``load_state_dict`` / ``state_dict``); GPTQ checkpoints are v1 unless their
-    config says ``gptq_v2``. AWQ state dicts are recognised by the shape of ``qweight``.
+    config says ``gptq_v2``. ``state_dict`` also records the format in the state dict's metadata, and
+    ``load_state_dict`` follows that record where there is one (``torch.save`` keeps it; safetensors
+    and plain dicts do not). AWQ state dicts are recognised by the shape of ``qweight``.
     """
 
     bits = BITS
@@ -330,6 +333,20 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = self._gptq_qweight()
         if self.checkpoint_zero_format != STORED_ZERO_FORMAT:
             destination[prefix + "qzeros"] = self._qzeros_as(self.checkpoint_zero_format)
+        # The tensors cannot say whether qzeros are v1 or v2; the state dict's per-module metadata
+        # (kept by torch.save, not by safetensors) can, so a module set to the other format loads
+        # them right. GPTQ loaders elsewhere ignore the extra metadata key.
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]][_ZERO_FORMAT_METADATA] = self.checkpoint_zero_format
+
+    def _zero_format_of(self, local_metadata, prefix: str) -> str:
+        """The zero format of the qzeros being loaded: as recorded by the module that saved them,
+        else this module's checkpoint_zero_format."""
+        recorded = local_metadata.get(_ZERO_FORMAT_METADATA)
+        if recorded is None:
+            return self.checkpoint_zero_format
+        return _check_zero_format(recorded, f"{prefix}qzeros: the state dict's recorded zero format")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -349,7 +366,8 @@ class QuantLinear(nn.Module):
             if not absent:
                 fmt = self._detect_format(got["qweight"], prefix + "qweight")
                 self._put_quantized(fmt, got["qweight"], got["qzeros"], got["scales"],
-                                    got.get("g_idx"), self.checkpoint_zero_format, prefix, assign)
+                                    got.get("g_idx"), self._zero_format_of(local_metadata, prefix),
+                                    prefix, assign)
             if self.bias is not None and "bias" in got:
                 self._put("bias", self._checked("bias", got["bias"], prefix), assign)
         except ValueError as e:
