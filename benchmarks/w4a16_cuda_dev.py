@@ -561,6 +561,15 @@ def perm_sweep(small=False, kil=False, ms=()):
                            f"{'ws ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 1 else ''}"
                            f"{'grid ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 2 else ''}{t:.1f}")
             LIB.tops_cuda_w4a16_dev_gather(0)
+            # the automatic path without PDL, and its gather alone (into the workspace's start)
+            LIB.tops_cuda_w4a16_dev_pdl(0)
+            t = time_graph([launcher(a) for a in args])
+            LIB.tops_cuda_w4a16_dev_pdl(1)
+            res.append(f"auto no-PDL {t:.1f}")
+            gx = LIB.tops_cuda_w4a16_gather_x
+            t = time_graph([lambda a=a: gx(ctypes.byref(a), ws()[0], ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                            for a in args])
+            res.append(f"gather alone {t:.1f}")
             log(f"{K}x{N} M={M}: " + " | ".join(res))
             del qws
 
@@ -719,6 +728,7 @@ def main():
         LIB.tops_cuda_w4a16_dev_global_split.argtypes = [ctypes.c_int]
         LIB.tops_cuda_w4a16_dev_global_split(args.global_split)
     LIB.tops_cuda_w4a16_dev_gather.argtypes = [ctypes.c_int]
+    LIB.tops_cuda_w4a16_gather_x.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     LIB.tops_cuda_w4a16_dev_cluster_policy.argtypes = [ctypes.c_int]
     p = torch.cuda.get_device_properties(0)
     log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
