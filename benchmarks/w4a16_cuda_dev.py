@@ -570,6 +570,11 @@ def perm_sweep(small=False, kil=False, ms=()):
             t = time_graph([lambda a=a: gx(ctypes.byref(a), ws()[0], ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
                             for a in args])
             res.append(f"gather alone {t:.1f}")
+            # the automatic path with the workspace the library asks for (as the package gives it)
+            wsb = LIB.tops_cuda_w4a16_workspace_bytes(ctypes.byref(args[0]))
+            t = time_graph([lambda a=a: fnc(ctypes.byref(a), ws()[0], wsb,
+                                            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)) for a in args])
+            res.append(f"auto, its own workspace ({wsb >> 10} KiB) {t:.1f}")
             log(f"{K}x{N} M={M}: " + " | ".join(res))
             del qws
 
@@ -729,6 +734,8 @@ def main():
         LIB.tops_cuda_w4a16_dev_global_split(args.global_split)
     LIB.tops_cuda_w4a16_dev_gather.argtypes = [ctypes.c_int]
     LIB.tops_cuda_w4a16_gather_x.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    LIB.tops_cuda_w4a16_workspace_bytes.restype = ctypes.c_size_t
+    LIB.tops_cuda_w4a16_workspace_bytes.argtypes = [ctypes.c_void_p]
     LIB.tops_cuda_w4a16_dev_cluster_policy.argtypes = [ctypes.c_int]
     p = torch.cuda.get_device_properties(0)
     log(f"device: {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, cuda {torch.version.cuda}")
