@@ -531,15 +531,15 @@ MID_MS = (32, 64, 128, 256)  # --sweep-mid without --mid-ms
 SWEEP_SHAPES = ((4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672))  # K x N
 
 
-def perm_sweep(small=False, kil=False, ms=()):
+def perm_sweep(small=False, kil=False, ms=(), shapes=()):
     """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
     way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
     signalling the GEMM late, 3 by row, 4 by the GEMM's own grid where it can, 5 by row signalling
     late); small: M = 1..8 where K is large and N small; kil: the
     k-interleaved qweight; ms: only these batch sizes ("ws": K split through the workspace)"""
     fnc = LIB.tops_cuda_w4a16_linear
-    shapes = [(8192, 4096), (14336, 4096), (28672, 4096), (14336, 5120)] if small else \
-        [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)]
+    shapes = shapes or ([(8192, 4096), (14336, 4096), (28672, 4096), (14336, 5120)] if small else
+                        [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)])
     for K, N in shapes:
         for M in (ms or ((1, 2, 4, 8) if small else (1, 4, 16, 64, 256, 1024, 4096))):
             if K * N > 8192 * 8192 and M > 16:
@@ -700,7 +700,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="only the CUDA-graph sweep of small-M configs")
     ap.add_argument("--sweep-mid", action="store_true", help="only the CUDA-graph sweep for M = 32..256")
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
-    ap.add_argument("--shapes", default="", help="sweeps: K x N list (e.g. 4096x14336,8192x8192)")
+    ap.add_argument("--shapes", default="", help="sweeps, --perm-sweep: K x N list (e.g. 4096x14336,8192x8192)")
     ap.add_argument("--dtype", default="f16", choices=["f16", "bf16"], help="sweeps: activation dtype")
     ap.add_argument("--mid-ms", default="", help="--sweep-mid: only these batch sizes (e.g. 64,128)")
     ap.add_argument("--cfgs", default="", help="correctness: the configs run forced (default: every "
@@ -745,7 +745,8 @@ def main():
         return 0
     if args.perm_sweep or args.perm_small:
         perm_sweep(small=args.perm_small, kil=args.kil,
-                   ms=tuple(int(m) for m in args.mid_ms.split(",") if m))
+                   ms=tuple(int(m) for m in args.mid_ms.split(",") if m),
+                   shapes=tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",") if kn))
     if args.policy_sweep:
         policy_sweep()
     if args.act_sweep:
