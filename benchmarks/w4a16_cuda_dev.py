@@ -534,8 +534,7 @@ SWEEP_SHAPES = ((4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192,
 def perm_sweep(small=False, kil=False, ms=(), shapes=()):
     """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
     way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
-    signalling the GEMM late, 3 by row, 4 by the GEMM's own grid where it can, 5 by row signalling
-    late); small: M = 1..8 where K is large and N small; kil: the
+    signalling the GEMM late, 3 by row, 4 by the GEMM's own grid where it can); small: M = 1..8 where K is large and N small; kil: the
     k-interleaved qweight; ms: only these batch sizes ("ws": K split through the workspace)"""
     fnc = LIB.tops_cuda_w4a16_linear
     shapes = shapes or ([(8192, 4096), (14336, 4096), (28672, 4096), (14336, 5120)] if small else
@@ -552,7 +551,7 @@ def perm_sweep(small=False, kil=False, ms=(), shapes=()):
             out = torch.empty(M, N, dtype=torch.float16, device="cuda")
             perm = torch.randperm(K).to(torch.int32).cuda()
             res = []
-            for mode in (None, 0, 1, 2, 3, 4, 5):
+            for mode in (None, 0, 1, 2, 3, 4):
                 args = [make_args(c, out, qweight=q, perm=None if mode is None else perm, kil=kil) for q in qws]
                 LIB.tops_cuda_w4a16_dev_gather(mode or 0)
                 def launcher(a):  # (the 64 MB workspace: room for the gathered x and the partials)

@@ -831,8 +831,8 @@ __global__ void __launch_bounds__(256) gather_x_kernel(const E *__restrict__ x, 
 
 /* by row: blockDim.x threads (at most 1024, as many as K has groups of 8 k) own PR such groups
  * each; their perm words are loaded once, before the PDL wait, and the next row's x is loaded
- * while this row is gathered. LATE: the next kernel is signalled at the end, not at once */
-template <typename E, int PR, bool LATE = false>
+ * while this row is gathered */
+template <typename E, int PR>
 __global__ void __launch_bounds__(1024) gather_rows_kernel(const E *__restrict__ x, const int32_t *__restrict__ perm,
                                                            E *__restrict__ dst, int64_t M, int64_t K) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -849,7 +849,7 @@ __global__ void __launch_bounds__(1024) gather_rows_kernel(const E *__restrict__
             pb[j] = __ldg(reinterpret_cast<const int4 *>(perm + 8 * c + 4));
         }
     }
-    if (!LATE) grid_dependents_launch();
+    grid_dependents_launch();
     grid_dependency_wait(); /* x may still be being written by the previous kernel */
     uint4 r[PR][VW];
     auto load_row = [&](int64_t m) {
@@ -882,26 +882,25 @@ __global__ void __launch_bounds__(1024) gather_rows_kernel(const E *__restrict__
                 reinterpret_cast<uint4 *>(dst + m * K + 8 * c)[w] = reinterpret_cast<const uint4 *>(v)[w];
         }
     }
-    if (LATE) grid_dependents_launch();
 }
 
 /* dev hook: 0 automatic, 1 by element, 2 by element signalling late, 3 by row, 4 by the GEMM's
- * grid (gather_in_grid; automatic where it cannot), 5 by row signalling late */
+ * grid (gather_in_grid; automatic where it cannot) */
 inline int g_gather_mode = 0;
 constexpr int64_t kGatherRowsMinM = 32; /* by row from this many rows */
 
-template <typename E, int PR, bool LATE>
+template <typename E, int PR>
 int launch_gather_rows(const tops_w4a16_args *a, E *dst, cudaLaunchConfig_t cfg, const DevInfo &di) {
     const size_t row_bytes = (size_t)a->K * sizeof(E);
-    const void *kern = (const void *)gather_rows_kernel<E, PR, LATE>;
+    const void *kern = (const void *)gather_rows_kernel<E, PR>;
     if (!allow_dyn_smem(kern, row_bytes, di)) return TOPS_ERR_CUDA;
     /* as many threads as groups of 8 k, rounded to warps (several blocks per SM for short rows) */
     const int threads = (int)std::min<int64_t>(1024, ((a->K >> 3) + 31) / 32 * 32);
-    const int occ = std::max(resident(gather_rows_kernel<E, PR, LATE>, row_bytes, 1, di, threads), di.sms);
+    const int occ = std::max(resident(gather_rows_kernel<E, PR>, row_bytes, 1, di, threads), di.sms);
     cfg.blockDim = dim3((unsigned)threads, 1, 1);
     cfg.gridDim = dim3((unsigned)std::min<int64_t>(a->M, occ), 1, 1);
     cfg.dynamicSmemBytes = row_bytes;
-    return cudaLaunchKernelEx(&cfg, gather_rows_kernel<E, PR, LATE>, static_cast<const E *>(a->x), a->perm, dst, a->M,
+    return cudaLaunchKernelEx(&cfg, gather_rows_kernel<E, PR>, static_cast<const E *>(a->x), a->perm, dst, a->M,
                               a->K) == cudaSuccess
                ? TOPS_OK
                : TOPS_ERR_CUDA;
@@ -965,16 +964,11 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg,
         else if (idle && rows_ok && a->M >= 2 && a->M <= 8 && a->K >= 8192 && a->M * a->K >= 32768) mode = 3;
         else mode = a->M * a->K >= 49152 && idle ? 2 : 1;
     }
-    if ((mode == 3 || mode == 5) && !rows_ok) mode = 1;
+    if (mode == 3 && !rows_ok) mode = 1;
     if (mode == 3) {
-        if (K8 <= 1024) return launch_gather_rows<E, 1, false>(a, d, cfg, di);
-        if (K8 <= 2048) return launch_gather_rows<E, 2, false>(a, d, cfg, di);
-        return launch_gather_rows<E, 4, false>(a, d, cfg, di);
-    }
-    if (mode == 5) {
-        if (K8 <= 1024) return launch_gather_rows<E, 1, true>(a, d, cfg, di);
-        if (K8 <= 2048) return launch_gather_rows<E, 2, true>(a, d, cfg, di);
-        return launch_gather_rows<E, 4, true>(a, d, cfg, di);
+        if (K8 <= 1024) return launch_gather_rows<E, 1>(a, d, cfg, di);
+        if (K8 <= 2048) return launch_gather_rows<E, 2>(a, d, cfg, di);
+        return launch_gather_rows<E, 4>(a, d, cfg, di);
     }
     const int64_t total = a->M * K8;
     cfg.gridDim = dim3((unsigned)std::min<int64_t>((total + 255) / 256, 65535LL * 8), 1, 1);
@@ -1316,7 +1310,7 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
     g_force_split = split;
 }
 /* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row, 4 by
- * the GEMM's own grid where it can, 5 by row signalling late */
+ * the GEMM's own grid where it can */
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
 /* split-K through the workspace where it pays (1, the default; M <= 128 on sm_90) or through
  * clusters only (0) */
