@@ -212,6 +212,37 @@ def bench_dense_sweep(shapes, ms, G, scratch_mibs=()):
         del t_act, t_pre, w16
 
 
+def bench_act_order_rounds(shapes, ms, G, rounds):
+    """Prepacked act-order (rows sorted, x gathered by perm, k-interleaved: what QuantLinear holds)
+    against the same layer without act-order, fp16, timed alternately `rounds` times: a single
+    graph timing at M >= 256 moved by up to 10% between two calls of the same program (H200),
+    more than the 15% budget's margin. Prints every round and the ratio of the medians."""
+    import statistics
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, group {G}, timing graph, "
+          f"{rounds} alternating rounds")
+    print("| K x N | M | k-interleaved fp16 (rounds) | act-order prepacked (rounds) | median ratio |")
+    print("|---|---|---|---|---|")
+    for K, N in shapes:
+        _, t, t_act, t_pre, qbytes = layer_variants(K, N, G)
+        t_kil = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"]))
+        plain, pre = copies(t_kil, qbytes), copies(t_pre, qbytes)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            check(x, t_kil)
+            u, v = torch_ops.w4a16_linear(x, **t_pre).float(), torch_ops.w4a16_linear(x, **t_act).float()
+            assert ((u - v).norm() / v.norm()).item() < 1e-2, "prepacked act-order disagrees"
+            run = lambda d: torch_ops.w4a16_linear(x, **d)
+            a, b = [], []
+            for _ in range(rounds):
+                a.append(time_graph([lambda d=d: run(d) for d in plain]))
+                b.append(time_graph([lambda d=d: run(d) for d in pre]))
+            ma, mb = statistics.median(a), statistics.median(b)
+            print(f"| {K} x {N} | {M} | {' / '.join(f'{v:.1f}' for v in a)} | {' / '.join(f'{v:.1f}' for v in b)} "
+                  f"| {mb / ma:.2f} |", flush=True)
+        del t, t_act, t_pre, t_kil, plain, pre
+
+
 # ---- CPU --------------------------------------------------------------------------------------
 
 CPU_ROTATE_BYTES = 128 << 20  # rotating weight copies: 4x a 32 MB L3, so the weights come from DRAM
@@ -298,6 +329,8 @@ def main():
                    help="CUDA: the fused kernels against the dense route (dequantise + cuBLAS)")
     p.add_argument("--dense-scratch", default="",
                    help="with --dense-sweep: also time the dense route under these chunk bounds, MiB (e.g. 128,256)")
+    p.add_argument("--act-order-rounds", type=int, default=0,
+                   help="CUDA: only prepacked act-order against plain, timed alternately this many times")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -305,7 +338,9 @@ def main():
               else (SHAPES if a.device == "cuda" else [(4096, 4096), (8192, 8192)]))
     ms = [int(m) for m in a.ms.split(",")] if a.ms else (MS if a.device == "cuda" else [1, 4, 16, 64])
     torch.manual_seed(0)
-    if a.dense_sweep:
+    if a.act_order_rounds:
+        bench_act_order_rounds(shapes, ms, a.group_size, a.act_order_rounds)
+    elif a.dense_sweep:
         bench_dense_sweep(shapes, [int(m) for m in a.ms.split(",")] if a.ms else [256, 1024, 2048, 4096],
                           a.group_size, [int(v) for v in a.dense_scratch.split(",") if v])
     elif a.device == "cuda":
