@@ -701,7 +701,7 @@ def main():
     ap.add_argument("--auto-only", action="store_true", help="sweeps: only the automatic choice")
     ap.add_argument("--shapes", default="", help="sweeps, --perm-sweep: K x N list (e.g. 4096x14336,8192x8192)")
     ap.add_argument("--dtype", default="f16", choices=["f16", "bf16"], help="sweeps: activation dtype")
-    ap.add_argument("--mid-ms", default="", help="--sweep-mid: only these batch sizes (e.g. 64,128)")
+    ap.add_argument("--mid-ms", default="", help="--sweep-mid, --perm-sweep: only these batch sizes (e.g. 64,128)")
     ap.add_argument("--cfgs", default="", help="correctness: the configs run forced (default: every "
                     "built-in one; a dev library may have more)")
     ap.add_argument("--mid-cfgs", default="", help="--sweep-mid: only these configs (e.g. 2,10)")
