@@ -34,6 +34,14 @@ def ws():
     if not _WS:
         _WS.append(torch.empty(64 << 20, dtype=torch.uint8, device="cuda"))
     return ctypes.c_void_p(_WS[0].data_ptr()), _WS[0].numel()
+
+
+def cur_stream():
+    """the current CUDA stream as the C launchers take it (read at each call: under graph capture
+    it is the capture stream)"""
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
 TOPS_F32, TOPS_F16, TOPS_BF16 = 0, 1, 2
 ZV1, ZV2 = 1, 2
 DT = {torch.float32: TOPS_F32, torch.float16: TOPS_F16, torch.bfloat16: TOPS_BF16}
@@ -224,7 +232,7 @@ def make_args(c, out, x=None, qweight=None, perm=None, kil=False):
 
 
 def call(a):
-    st = LIB.tops_cuda_w4a16_linear(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+    st = LIB.tops_cuda_w4a16_linear(ctypes.byref(a), *ws(), cur_stream())
     return st
 
 
@@ -339,7 +347,7 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
         w = (ctypes.c_void_p(small.data_ptr()), small.numel()) if (seed // 2) % 2 else ws()
         q = prepack_kil(c["qweight"], K, N) if kil else None
         st = LIB.tops_cuda_w4a16_linear(ctypes.byref(make_args(c, out, qweight=q, perm=perm, kil=kil)), *w,
-                                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                                        cur_stream())
         torch.cuda.synchronize()
         used = last_cfg()
         ref = ref_out(dict(c, x=c["x"][:, perm.long()]))
@@ -465,7 +473,7 @@ def bench_case(M, K, N, dt=torch.float16, act=False, force=(-1, 0), cublas=True)
     qws = [c["qweight"]] + [c["qweight"].clone() for _ in range(ncopy - 1)]
     out = torch.empty(M, N, dtype=dt, device="cuda")
     args = [make_args(c, out, qweight=q) for q in qws]
-    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    stream = cur_stream()
     fnc = LIB.tops_cuda_w4a16_linear
     i = [0]
 
@@ -555,7 +563,7 @@ def perm_sweep(small=False, kil=False, ms=(), shapes=()):
                 args = [make_args(c, out, qweight=q, perm=None if mode is None else perm, kil=kil) for q in qws]
                 LIB.tops_cuda_w4a16_dev_gather(mode or 0)
                 def launcher(a):  # (the 64 MB workspace: room for the gathered x and the partials)
-                    return lambda: fnc(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                    return lambda: fnc(ctypes.byref(a), *ws(), cur_stream())
                 t = time_graph([launcher(a) for a in args])
                 res.append(f"{'plain' if mode is None else 'gather' + str(mode) if mode else 'auto'} {last_cfg()} "
                            f"{'ws ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 1 else ''}"
@@ -567,13 +575,13 @@ def perm_sweep(small=False, kil=False, ms=(), shapes=()):
             LIB.tops_cuda_w4a16_dev_pdl(1)
             res.append(f"auto no-PDL {t:.1f}")
             gx = LIB.tops_cuda_w4a16_gather_x
-            t = time_graph([lambda a=a: gx(ctypes.byref(a), ws()[0], ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+            t = time_graph([lambda a=a: gx(ctypes.byref(a), ws()[0], cur_stream())
                             for a in args])
             res.append(f"gather alone {t:.1f}")
             # the automatic path with the workspace the library asks for (as the package gives it)
             wsb = LIB.tops_cuda_w4a16_workspace_bytes(ctypes.byref(args[0]))
             t = time_graph([lambda a=a: fnc(ctypes.byref(a), ws()[0], wsb,
-                                            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)) for a in args])
+                                            cur_stream()) for a in args])
             res.append(f"auto, its own workspace ({wsb >> 10} KiB) {t:.1f}")
             log(f"{K}x{N} M={M}: " + " | ".join(res))
             del qws
@@ -593,7 +601,7 @@ def act_sweep():
                 args = [make_args(c, out, qweight=q) for q in qws]
                 LIB.tops_cuda_w4a16_dev_force(*force)
                 t = time_graph([lambda a=a: fnc(ctypes.byref(a), *ws(),
-                                                ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                                                cur_stream())
                                 for a in args])
                 res.append(f"{'auto' if force[0] < 0 else '%d/%d' % force} {last_cfg()} {t:.1f}")
             LIB.tops_cuda_w4a16_dev_force(-1, 0)
@@ -608,7 +616,7 @@ def graph_sweep(mid=False, auto_only=False, mid_ms=(), dtype=torch.float16, shap
     fnc = LIB.tops_cuda_w4a16_linear
 
     def launcher(a):
-        return lambda: fnc(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        return lambda: fnc(ctypes.byref(a), *ws(), cur_stream())
 
     for K, N in shapes:
         for M in ((mid_ms or MID_MS) if mid else (mid_ms or (1, 4, 16))):
@@ -647,7 +655,7 @@ def policy_sweep():
     fnc = LIB.tops_cuda_w4a16_linear
 
     def launcher(a):
-        return lambda: fnc(ctypes.byref(a), *ws(), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        return lambda: fnc(ctypes.byref(a), *ws(), cur_stream())
 
     for K, N in [(4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192, 28672)]:
         for M in (1, 4, 16, 64):
@@ -742,23 +750,24 @@ def main():
     if args.profile:
         profile_cases(args.profile)
         return 0
+    shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",") if kn)
+    mid_ms = tuple(int(m) for m in args.mid_ms.split(",") if m)
     if args.perm_sweep or args.perm_small:
         perm_sweep(small=args.perm_small, kil=args.kil,
-                   ms=tuple(int(m) for m in args.mid_ms.split(",") if m),
-                   shapes=tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",") if kn))
+                   ms=mid_ms, shapes=shapes)
     if args.policy_sweep:
         policy_sweep()
     if args.act_sweep:
         act_sweep()
     if args.sweep or args.sweep_mid:
-        shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",") if kn) or SWEEP_SHAPES
+        shapes = shapes or SWEEP_SHAPES
         if args.sweep:
             graph_sweep(auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes,
-                        mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m),
+                        mid_ms=mid_ms,
                         mid_cfgs=tuple(int(c) for c in args.mid_cfgs.split(",") if c))
         if args.sweep_mid:
             graph_sweep(mid=True, auto_only=args.auto_only, dtype=SWEEP_DT[args.dtype], shapes=shapes,
-                        mid_ms=tuple(int(m) for m in args.mid_ms.split(",") if m),
+                        mid_ms=mid_ms,
                         mid_cfgs=tuple(int(c) for c in args.mid_cfgs.split(",") if c))
     if args.sweep or args.sweep_mid or args.perm_sweep or args.perm_small or args.policy_sweep or args.act_sweep:
         return 0
