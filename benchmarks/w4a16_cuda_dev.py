@@ -679,13 +679,16 @@ def policy_sweep():
 
 
 def profile_cases(spec):
-    """run a few cases twice each (for ncu): spec 'M:K:N:dtype:act:cfg:split,...'"""
+    """run a few cases twice each (for ncu): spec 'M:K:N:dtype:act:cfg:split[:kil],...' (kil: the
+    k-interleaved qweight, the layout QuantLinear holds)"""
     for item in spec.split(","):
-        M, K, N, dt, act, cfg, split = item.split(":")
+        M, K, N, dt, act, cfg, split, *kil = item.split(":")
+        kil = kil == ["kil"]
         dt = {"f16": torch.float16, "bf16": torch.bfloat16}[dt]
         c = make_case(int(M), int(K), int(N), 128, ZV2, act == "1", False, dt, seed=9)
         out = torch.empty(int(M), int(N), dtype=dt, device="cuda")
-        a = make_args(c, out)
+        qk = prepack_kil(c["qweight"], int(K), int(N)) if kil else None  # (kept alive: a holds pointers)
+        a = make_args(c, out, qweight=qk, kil=kil)
         LIB.tops_cuda_w4a16_dev_force(int(cfg), int(split))
         for _ in range(2):
             st = call(a)
@@ -720,7 +723,7 @@ def main():
     ap.add_argument("--act-sweep", action="store_true", help="only the raw g_idx timing")
     ap.add_argument("--global-split", type=int, default=1, choices=[0, 1],
                     help="the small-batch tiles split K through the workspace (1, the default) or clusters (0)")
-    ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split,... run each twice (for ncu)")
+    ap.add_argument("--profile", default="", help="M:K:N:dtype:act:cfg:split[:kil],... run each twice (for ncu)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     LOGF = open(os.path.join(args.out, args.log), "w")

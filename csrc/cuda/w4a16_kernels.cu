@@ -1431,7 +1431,9 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
                         : (bf16 ? dispatch_tc_pg<BF16, false>(p, cfg, stream) : dispatch_tc_pg<F16, false>(p, cfg, stream));
             return st >= 0 ? st : kNoGridGather;
         }
-        if (cfg >= 10 && di.major == 9 && di.minor == 0) st = launch_wgmma(p, bf16, act, kp, cfg, stream);
+        /* (the wgmma tiles address x rows by 32-bit offsets of up to 256 K) */
+        if (cfg >= 10 && di.major == 9 && di.minor == 0 && K < (1 << 23))
+            st = launch_wgmma(p, bf16, act, kp, cfg, stream);
         if (st < 0) {
             cfg = mma_fallback(cfg, M, N, di.sms);
             g_last_cfg = cfg;

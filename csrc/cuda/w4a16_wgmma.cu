@@ -263,20 +263,32 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
      * stage, with no bounds arithmetic (the general load_stage spent ~130 of a stage's ~310
      * instructions per thread at M = 64). Out-of-matrix chunks keep a valid address, size 0. */
     const int kt_lean0 = kt_begin + C::AHEAD; /* the first stage the main loop loads */
+    /* x rows past M copy nothing (size 0) from row m0, which exists, so that every pointer
+     * advances by the same BK. XONE (tiles of 128 and 256 rows): one running pointer (row m0, the
+     * thread's chunk, the stage's k) and each copy's row at a fixed 32-bit offset from it (rows <
+     * 256 x K < 2^31: launch_wgmma's caller checks K), one IMAD.WIDE per copy. H100, 8192 x 8192
+     * M = 256: a pointer per row took ~32 of a stage's ~197 instructions per thread (the 64-bit
+     * adds, selects for the rows past M, moves into aligned register pairs). The 64-row tile
+     * keeps its two pointers (one offset more spilled at its 128-register cap) */
+    constexpr bool XONE = X_J >= 4;
     uint32_t xl_sz[X_J];
-    const uint16_t *xl_next[X_J];
+    int32_t xl_off[X_J];
+    const uint16_t *xl_next[XONE ? 1 : X_J];
 #pragma unroll
     for (int j = 0; j < X_J; ++j) {
         const bool v = m0 + x_r0 + 32 * j < p.M;
         xl_sz[j] = v ? 16u : 0u;
-        xl_next[j] = v ? x_src0 + (int64_t)(32 * j) * p.K + (int64_t)kt_lean0 * BK : p.x;
+        xl_off[j] = v ? (x_r0 + 32 * j) * p.K : 0;
     }
-    const uint32_t wl_sz = w_colv ? 16u : 0u;
-    const int64_t wl_kstep = w_colv ? (int64_t)KW * p.N : 0;
+#pragma unroll
+    for (int q = 0; q < (XONE ? 1 : X_J); ++q)
+        xl_next[q] = p.x + (int64_t)m0 * p.K + 8 * x_c + (XONE ? 0 : xl_off[q]) + (int64_t)kt_lean0 * BK;
+    const uint32_t wl_sz = w_colv ? 16u : 0u; /* (columns past N: from column n0, size 0) */
+    const int64_t wl_kstep = (int64_t)KW * p.N;
     const int32_t *wl_next[W_J];
 #pragma unroll
     for (int j = 0; j < W_J; ++j)
-        wl_next[j] = w_colv ? w_src0 + (int64_t)(j * W_RS) * p.N + (int64_t)kt_lean0 * wl_kstep : p.qw;
+        wl_next[j] = (w_colv ? w_src0 : w_src0 - 4 * w_c) + (int64_t)(j * W_RS) * p.N + (int64_t)kt_lean0 * wl_kstep;
     /* scale / zero rows of an interior stage: one group, or BK / group of them */
     const int sl_rows = (1 << min(p.gshift, 30)) >= BK ? 1 : BK >> p.gshift;
     const int sl_r = tid / (BN / 8), sl_c = tid % (BN / 8);
@@ -294,7 +306,7 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
             for (int j = 0; j < X_J; ++j)
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                                  st + ks * C::XSUB_BYTES + x_dst0 + j * 32 * 128),
-                             "l"(xl_next[j] + (xl_sz[j] ? ks * 64 : 0)), "r"(xl_sz[j]));
+                             "l"((XONE ? xl_next[0] + xl_off[j] : xl_next[j]) + ks * 64), "r"(xl_sz[j]));
 #pragma unroll
         for (int j = 0; j < W_J; ++j)
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + w_dst0 + j * W_RS * BN * 4),
@@ -315,7 +327,7 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
 #pragma unroll
         for (int j = 0; j < W_J; ++j) wl_next[j] += wl_kstep;
 #pragma unroll
-        for (int j = 0; j < X_J; ++j) xl_next[j] += xl_sz[j] ? BK : 0;
+        for (int q = 0; q < (XONE ? 1 : X_J); ++q) xl_next[q] += BK;
     };
 
     /* prologue: AHEAD stages in flight (without OVL each stage's wgmmas complete within its
@@ -416,6 +428,7 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         }
     };
 
+    const bool ps = !C::ACT && (1 << min(p.gshift, 30)) >= BK; /* a stage within one group */
     auto stage = [&](int it, auto bufc, auto psc) {
         constexpr bool PS = decltype(psc)::value; /* whole stage in one group */
         constexpr int B = decltype(bufc)::value;  /* A buffer (always 0 without OVL) */
@@ -432,10 +445,15 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
 #pragma unroll
             for (int j = j0; j < j0 + C::QB; ++j) {
                 if constexpr (!C::ACT) {
-                    const int gabs = (kt * BK + 16 * j) >> p.gshift;
-                    if ((!PS || j == 0) && gabs != cur_g) {
-                        cur_g = gabs;
-                        load_group(st, gabs - ((kt * BK) >> p.gshift));
+                    /* plain groups are powers of two >= 32: one can start at an even k16 step
+                     * only, and after a stage's first step only where groups are shorter than a
+                     * stage (a block-uniform test; OVL runs one loop for both, PS = false) */
+                    if ((j & 1) == 0 && (j == 0 || (!PS && !ps))) {
+                        const int gabs = (kt * BK + 16 * j) >> p.gshift;
+                        if (gabs != cur_g) {
+                            cur_g = gabs;
+                            load_group(st, gabs - ((kt * BK) >> p.gshift));
+                        }
                     }
                 }
 #pragma unroll
@@ -551,7 +569,6 @@ __global__ void __launch_bounds__(256, C::BM == 64 ? 2 : 1) w4a16_wgmma_kernel(c
         }
         if (it < nkt) iteration(it, B0{}, psc);
     };
-    const bool ps = !C::ACT && (1 << min(p.gshift, 30)) >= BK;
     if constexpr (C::OVL) {
         run(std::false_type{}); /* one copy of the loop: two would need accumulator moves, which
                                    make ptxas serialise the wgmmas */
