@@ -3,6 +3,7 @@
     python benchmarks/bench_linear.py                 # CUDA when present, else CPU
     python benchmarks/bench_linear.py --device cpu --threads 2
     python benchmarks/bench_linear.py --shapes 8192x8192 --ms 256,1024 --rounds 3   # CUDA, alternating
+    python benchmarks/bench_linear.py --shapes 8192x8192 --ms 16,64,256 --drift 4    # CUDA, clock drift
 
 CUDA columns (median us per call, fp16 activations, group 128, asymmetric zeros). Two timings:
 --timing graph (default): every op runs over rotating copies of its weights (more than 4x the L2
@@ -246,6 +247,29 @@ def bench_rounds(shapes, ms, G, rounds):
         del w, w16, t, t_act, t_pre, t_kil, plain, pre, dense
 
 
+def bench_drift(shapes, ms, G, n):
+    """The k-interleaved op timed n times in a row, then n times each right after a cuBLAS fp16
+    timing: an issue-bound tile (M = 64) follows the SM clock, which sags under sustained load,
+    where memory-bound ones and cuBLAS do not (H100, thirty-fourth session)."""
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, group {G}, timing graph, fp16, us")
+    print("| K x N | M | in a row | each right after cuBLAS |")
+    print("|---|---|---|---|")
+    for K, N in shapes:
+        w, t, _, _, qbytes = layer_variants(K, N, G)
+        w16 = w.half()
+        plain = copies(dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"])), qbytes)
+        dense = copies(w16, w16.numel() * 2)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            ours = lambda: time_graph([lambda d=d: torch_ops.w4a16_linear(x, **d) for d in plain])
+            cub = lambda: time_graph([lambda d=d: x @ d.t() for d in dense])
+            alone = [ours() for _ in range(n)]
+            after = [(cub(), ours())[1] for _ in range(n)]
+            row = lambda r: " / ".join(f"{v:.1f}" for v in r)
+            print(f"| {K} x {N} | {M} | {row(alone)} | {row(after)} |", flush=True)
+        del w, w16, t, plain, dense
+
+
 # ---- CPU --------------------------------------------------------------------------------------
 
 CPU_ROTATE_BYTES = 128 << 20  # rotating weight copies: 4x a 32 MB L3, so the weights come from DRAM
@@ -335,6 +359,9 @@ def main():
     p.add_argument("--rounds", type=int, default=0,
                    help="CUDA: only the k-interleaved qweight, prepacked act-order and cuBLAS fp16, "
                         "timed alternately this many times")
+    p.add_argument("--drift", type=int, default=0,
+                   help="CUDA: the k-interleaved op timed this many times in a row, then as many "
+                        "times right after cuBLAS (the SM clock under load)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -344,6 +371,8 @@ def main():
     torch.manual_seed(0)
     if a.rounds:
         bench_rounds(shapes, ms, a.group_size, a.rounds)
+    elif a.drift:
+        bench_drift(shapes, ms, a.group_size, a.drift)
     elif a.dense_sweep:
         bench_dense_sweep(shapes, [int(m) for m in a.ms.split(",")] if a.ms else [256, 1024, 2048, 4096],
                           a.group_size, [int(v) for v in a.dense_scratch.split(",") if v])
