@@ -3,7 +3,7 @@
     python benchmarks/bench_linear.py                 # CUDA when present, else CPU
     python benchmarks/bench_linear.py --device cpu --threads 2
     python benchmarks/bench_linear.py --shapes 8192x8192 --ms 256,1024 --rounds 3   # CUDA, alternating
-    python benchmarks/bench_linear.py --shapes 8192x8192 --ms 16,64,256 --drift 4    # CUDA, clock drift
+    python benchmarks/bench_linear.py --shapes 8192x8192 --ms 16,64,256 --drift 4    # CUDA, timing spread
 
 CUDA columns (median us per call, fp16 activations, group 128, asymmetric zeros). Two timings:
 --timing graph (default): every op runs over rotating copies of its weights (more than 4x the L2
@@ -249,8 +249,8 @@ def bench_rounds(shapes, ms, G, rounds):
 
 def bench_drift(shapes, ms, G, n):
     """The k-interleaved op timed n times in a row, then n times each right after a cuBLAS fp16
-    timing: an issue-bound tile (M = 64) follows the SM clock, which sags under sustained load,
-    where memory-bound ones and cuBLAS do not (H100, thirty-fourth session)."""
+    timing: how much one graph timing moves from the next (H100, thirty-fourth session: M = 64,
+    an issue-bound tile, by up to 17% with no order to it; the memory-bound M = 16 by 0.4 us)."""
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, group {G}, timing graph, fp16, us")
     print("| K x N | M | in a row | each right after cuBLAS |")
     print("|---|---|---|---|")
@@ -361,7 +361,7 @@ def main():
                         "timed alternately this many times")
     p.add_argument("--drift", type=int, default=0,
                    help="CUDA: the k-interleaved op timed this many times in a row, then as many "
-                        "times right after cuBLAS (the SM clock under load)")
+                        "times each right after a cuBLAS timing")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
