@@ -10,8 +10,8 @@
  *
  * Two algorithms, chosen by M:
  *
- * - Small M ("GEMV": M <= W4_GEMV_M_AVX2 = 24 with AVX2, W4_GEMV_M_AVX512 = 8 with AVX-512,
- *   W4_GEMV_M_ACT = 8 for act-order): the weight is never materialised. For every K-chunk that lies in
+ * - Small M ("GEMV": M <= W4_GEMV_M_AVX2 = 24 with AVX2, W4_GEMV_M_AVX512 = 20 with AVX-512 (11
+ *   for bf16 x through vdpbf16ps), W4_GEMV_M_ACT = 8 for act-order): the weight is never materialised. For every K-chunk that lies in
  *   one group the zero point is factored out,
  *       y[m, n] += s[g, n] * (sum_k q[k, n] * x[m, k]  -  z[g, n] * sum_k x[m, k]),
  *   so the inner loop is unpack + FMA only. The unpack of nibble j avoids the shift: the word is
@@ -101,15 +101,25 @@
 #ifndef W4_GEMV_M_AVX2
 #define W4_GEMV_M_AVX2 24 /* AVX2: M up to this takes the GEMV, above it the blocked path */
 #endif
+/* AVX-512: the same, and for bf16 x where vdpbf16ps gives it a blocked path of its own (whose
+ * 8-row micro-kernels run part-empty just above 8 rows: M = 9 takes blocks of 5 and 4). Zen 4, 2 threads, 4096^2 and 8192^2, us,
+ * limit 24 / 8 (thirty-fourth session): fp32 x M = 9
+ * 1,631 / 1,983 and 6,503 / 7,955, M = 16 2,788 / 3,011 and 11,314 / 12,212, M = 20 3,534 / 3,595
+ * and 14,088 / 14,496, M = 24 equal; bf16 x M = 9 882 / 915 and 3,445 / 4,537, but M = 16 1,448 /
+ * 1,410 and 5,977 / 5,805, M = 24 2,149 / 2,017 and 8,932 / 8,109 */
 #ifndef W4_GEMV_M_AVX512
-#define W4_GEMV_M_AVX512 8 /* AVX-512: the same */
+#define W4_GEMV_M_AVX512 20
+#endif
+#ifndef W4_GEMV_M_AVX512_BF16
+#define W4_GEMV_M_AVX512_BF16 11
 #endif
 #ifndef W4_GEMV_M_ACT
 #define W4_GEMV_M_ACT 8   /* act-order (groups changing inside a word of 8 k): the same, any ISA */
 #endif
 /* the largest GEMV M of any instruction set (sizes the GEMV's per-row arrays) */
 #define W4_MAX2(a, b) ((a) > (b) ? (a) : (b))
-#define W4_GEMV_MAX_M W4_MAX2(W4_MAX2(W4_GEMV_M_AVX2, W4_GEMV_M_AVX512), W4_GEMV_M_ACT)
+#define W4_GEMV_MAX_M \
+    W4_MAX2(W4_MAX2(W4_GEMV_M_AVX2, W4_GEMV_M_AVX512), W4_MAX2(W4_GEMV_M_AVX512_BF16, W4_GEMV_M_ACT))
 #ifndef W4_CHUNK_ROWS
 #define W4_CHUNK_ROWS 16  /* qweight rows (8 k each) per K-chunk in the GEMV path */
 #endif
@@ -1470,7 +1480,12 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     const int64_t M = a->M, K = a->K, G = a->groups, ncols = ne - nb;
     /* which path: known once w4_groups has read g_idx (act-order keeps the GEMV to fewer rows), so
      * the workspace holds the larger of the two where M leaves both open */
-    const int gemv_plain = M <= W4_GEMV_M, gemv_act = M <= W4_GEMV_M_ACT;
+#if W4_BF16DOT
+    const int gemv_m = a->x_dtype == TOPS_BF16 && w4_bf16dot() ? W4_GEMV_M_AVX512_BF16 : W4_GEMV_M;
+#else
+    const int gemv_m = W4_GEMV_M;
+#endif
+    const int gemv_plain = M <= gemv_m, gemv_act = M <= W4_GEMV_M_ACT;
     size_t gemv_bytes = 0, blocked_bytes = 0;
     if (gemv_plain || gemv_act)
         gemv_bytes = 2 * w4_align((size_t)(M * K) * sizeof(float)) +

@@ -360,14 +360,14 @@ static void test_bf16_blocked(void) {
            worst_diff);
 }
 
-/* M around each path's limit: the GEMV takes up to 24 rows with AVX2 (8 with AVX-512 and for
- * act-order), the blocked path the rest */
+/* M around each path's limit: the GEMV takes up to 24 rows with AVX2, 20 with AVX-512 (11 for
+ * bf16 x through vdpbf16ps), 8 for act-order, the blocked path the rest */
 static void test_sweep(void) {
-    static const int64_t Ms[] = {1, 2, 3, 7, 9, 24, 25, 64};
+    static const int64_t Ms[] = {1, 2, 3, 7, 9, 11, 12, 20, 21, 24, 25, 64};
     static const int64_t Ns[] = {8, 24, 200, 264};
     static const int64_t Ks[] = {32, 128, 384};
     static const int64_t Gs[] = {32, 64, 128, 0};
-    for (int mi = 0; mi < 8; mi++)
+    for (int mi = 0; mi < (int)(sizeof Ms / sizeof Ms[0]); mi++)
         for (int ni = 0; ni < 4; ni++)
             for (int ki = 0; ki < 3; ki++)
                 for (int gi = 0; gi < 4; gi++) {
