@@ -75,7 +75,8 @@ def test_group_sizes_zero_formats_act_order(device, group_size, zeros, act_order
     assert rel_err(torch_ops.w4a16_linear(x, **t), reference(x, t)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("M", [1, 4, 17, 24, 25, 64])  # the AVX2 GEMV takes M <= 24 (act-order 8)
+# the GEMV takes M <= 24 with AVX2, 20 with AVX-512 (11 for bf16 x through vdpbf16ps), 8 for act-order
+@pytest.mark.parametrize("M", [1, 4, 11, 12, 17, 20, 21, 24, 25, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_cpu_isa_path(cpu_isa, M, dtype):
     K, N = 384, 264

@@ -11,8 +11,8 @@
  * Two algorithms, chosen by M:
  *
  * - Small M ("GEMV": M <= W4_GEMV_M_AVX2 = 24 with AVX2, W4_GEMV_M_AVX512 = 20 with AVX-512 (11
- *   for bf16 x through vdpbf16ps), W4_GEMV_M_ACT = 8 for act-order): the weight is never materialised. For every K-chunk that lies in
- *   one group the zero point is factored out,
+ *   for bf16 x through vdpbf16ps), W4_GEMV_M_ACT = 8 for act-order): the weight is never
+ *   materialised. For every K-chunk that lies in one group the zero point is factored out,
  *       y[m, n] += s[g, n] * (sum_k q[k, n] * x[m, k]  -  z[g, n] * sum_k x[m, k]),
  *   so the inner loop is unpack + FMA only. The unpack of nibble j avoids the shift: the word is
  *   masked in place (q << 4j, exact as an int -> float conversion) and multiplied by x[k] * 2^-4j,
@@ -102,10 +102,10 @@
 #define W4_GEMV_M_AVX2 24 /* AVX2: M up to this takes the GEMV, above it the blocked path */
 #endif
 /* AVX-512: the same, and for bf16 x where vdpbf16ps gives it a blocked path of its own (whose
- * 8-row micro-kernels run part-empty just above 8 rows: M = 9 takes blocks of 5 and 4). Zen 4, 2 threads, 4096^2 and 8192^2, us,
- * limit 24 / 8 (thirty-fourth session): fp32 x M = 9
- * 1,631 / 1,983 and 6,503 / 7,955, M = 16 2,788 / 3,011 and 11,314 / 12,212, M = 20 3,534 / 3,595
- * and 14,088 / 14,496, M = 24 equal; bf16 x M = 9 882 / 915 and 3,445 / 4,537, but M = 16 1,448 /
+ * 8-row micro-kernels run part-empty just above 8 rows: M = 9 takes blocks of 5 and 4). Zen 4,
+ * 2 threads, 4096^2 and 8192^2, us, limit 24 / 8 (thirty-fourth session): fp32 x M = 9 1,631 /
+ * 1,983 and 6,503 / 7,955, M = 16 2,788 / 3,011 and 11,314 / 12,212, M = 20 3,534 / 3,595 and
+ * 14,088 / 14,496, M = 24 equal; bf16 x M = 9 882 / 915 and 3,445 / 4,537, but M = 16 1,448 /
  * 1,410 and 5,977 / 5,805, M = 24 2,149 / 2,017 and 8,932 / 8,109 */
 #ifndef W4_GEMV_M_AVX512
 #define W4_GEMV_M_AVX512 20
