@@ -114,7 +114,7 @@ def bench_cuda(shapes, ms, G, timing):
         w, t, t_act, t_pre, qbytes = layer_variants(K, N, G)
         w16 = w.half()
         t_bf = dict(t, scales=t["scales"].bfloat16())
-        t_kil = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"]))  # what QuantLinear holds
+        t_kil = k_interleaved(t)
         t_kil_bf = dict(t_kil, scales=t_bf["scales"])
         try:  # tinygemm: bf16, float-domain zero: w = (q - 8) * s + zero, zero = s * (8 - z)
             q = torch_ops.unpack(t["qweight"], 4, dim=0).t().contiguous()  # [N, K]
@@ -214,6 +214,15 @@ def bench_dense_sweep(shapes, ms, G, scratch_mibs=()):
         del t_act, t_pre, w16
 
 
+def k_interleaved(t):
+    """the layer with its qweight in the k-interleaved layout (what QuantLinear holds)"""
+    return dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"]))
+
+
+def timings(r):
+    return " / ".join(f"{v:.1f}" for v in r)
+
+
 def bench_rounds(shapes, ms, G, rounds):
     """The k-interleaved qweight (what QuantLinear holds), prepacked act-order (rows sorted, x
     gathered by perm) and cuBLAS fp16, timed alternately `rounds` times: a single graph timing at
@@ -228,7 +237,7 @@ def bench_rounds(shapes, ms, G, rounds):
     for K, N in shapes:
         w, t, t_act, t_pre, qbytes = layer_variants(K, N, G)
         w16 = w.half()
-        t_kil = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"]))
+        t_kil = k_interleaved(t)
         plain, pre, dense = copies(t_kil, qbytes), copies(t_pre, qbytes), copies(w16, w16.numel() * 2)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -242,8 +251,7 @@ def bench_rounds(shapes, ms, G, rounds):
                 b.append(time_graph([lambda d=d: run(d) for d in pre]))
                 c.append(time_graph([lambda d=d: x @ d.t() for d in dense]))
             ma, mb, mc = (statistics.median(r) for r in (a, b, c))
-            row = lambda r: " / ".join(f"{v:.1f}" for v in r)
-            print(f"| {K} x {N} | {M} | {row(a)} | {row(b)} | {row(c)} | {mb / ma:.3f} | {mc / ma:.3f}x |", flush=True)
+            print(f"| {K} x {N} | {M} | {timings(a)} | {timings(b)} | {timings(c)} | {mb / ma:.3f} | {mc / ma:.3f}x |", flush=True)
         del w, w16, t, t_act, t_pre, t_kil, plain, pre, dense
 
 
@@ -257,7 +265,7 @@ def bench_drift(shapes, ms, G, n):
     for K, N in shapes:
         w, t, _, _, qbytes = layer_variants(K, N, G)
         w16 = w.half()
-        plain = copies(dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"])), qbytes)
+        plain = copies(k_interleaved(t), qbytes)
         dense = copies(w16, w16.numel() * 2)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -265,8 +273,7 @@ def bench_drift(shapes, ms, G, n):
             cub = lambda: time_graph([lambda d=d: x @ d.t() for d in dense])
             alone = [ours() for _ in range(n)]
             after = [(cub(), ours())[1] for _ in range(n)]
-            row = lambda r: " / ".join(f"{v:.1f}" for v in r)
-            print(f"| {K} x {N} | {M} | {row(alone)} | {row(after)} |", flush=True)
+            print(f"| {K} x {N} | {M} | {timings(alone)} | {timings(after)} |", flush=True)
         del w, w16, t, plain, dense
 
 
