@@ -367,7 +367,8 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
                                       (3, 8192, 8192, 128, torch.float16)]:
                 seed += 1
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
-                LIB.tops_cuda_w4a16_dev_gather(4 if (seed // 8) % 2 else 0)  # by the GEMM's grid where it can
+                # by the GEMM's grid or its clusters where they can
+                LIB.tops_cuda_w4a16_dev_gather((0, 4, 5)[(seed // 8) % 3])
                 st, rel, used = perm_run(M, K, N, gs, dt, seed, kil=(seed // 4) % 2 == 1)
                 LIB.tops_cuda_w4a16_dev_gather(0)
                 LIB.tops_cuda_w4a16_dev_force(-1, 0)
@@ -377,13 +378,13 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
                     log(f"FAIL perm M={M} K={K} N={N} cfg {cfg} split {split}: status {st} rel {rel:.2e} ran {used}")
     # each way of gathering x (forced), rows of x above the default 48 KB of shared memory and
     # blocks that gather several rows included
-    for mode in (1, 2, 3, 4):
+    for mode in (1, 2, 3, 4, 5):
         for (M, K, N, gs, dt) in [(1, 4224, 4104, 128, torch.float16), (40, 1024, 264, 128, torch.bfloat16),
                                   (33, 28672, 264, 128, torch.float16), (70, 2056, 136, -1, torch.bfloat16),
                                   (600, 1024, 72, 128, torch.float16), (300, 12288, 72, 128, torch.bfloat16)]:
             seed += 1
             LIB.tops_cuda_w4a16_dev_gather(mode)
-            st, rel, _ = perm_run(M, K, N, gs, dt, seed)
+            st, rel, _ = perm_run(M, K, N, gs, dt, seed, kil=mode == 5 and K % 32 == 0)  # (5: that layout only)
             LIB.tops_cuda_w4a16_dev_gather(0)
             total += 1
             if st != 0 or not rel < TOL[dt]:
@@ -542,7 +543,7 @@ SWEEP_SHAPES = ((4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192,
 def perm_sweep(small=False, kil=False, ms=(), shapes=()):
     """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
     way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
-    signalling the GEMM late, 3 by row, 4 by the GEMM's own grid where it can); small: M = 1..8 where K is large and N small; kil: the
+    signalling the GEMM late, 3 by row, 4 by the GEMM's own grid, 5 by its clusters, where they can); small: M = 1..8 where K is large and N small; kil: the
     k-interleaved qweight; ms: only these batch sizes ("ws": K split through the workspace)"""
     fnc = LIB.tops_cuda_w4a16_linear
     shapes = shapes or ([(8192, 4096), (14336, 4096), (28672, 4096), (14336, 5120)] if small else
@@ -559,7 +560,7 @@ def perm_sweep(small=False, kil=False, ms=(), shapes=()):
             out = torch.empty(M, N, dtype=torch.float16, device="cuda")
             perm = torch.randperm(K).to(torch.int32).cuda()
             res = []
-            for mode in (None, 0, 1, 2, 3, 4):
+            for mode in (None, 0, 1, 2, 3, 4, 5):
                 args = [make_args(c, out, qweight=q, perm=None if mode is None else perm, kil=kil) for q in qws]
                 LIB.tops_cuda_w4a16_dev_gather(mode or 0)
                 def launcher(a):  # (the 64 MB workspace: room for the gathered x and the partials)

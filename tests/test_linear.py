@@ -863,6 +863,54 @@ def test_cuda_perm_gathered_by_the_grid(kil, M, K, N, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("K,N,gs,dtype", [(8192, 4096, 128, torch.float16), (14336, 1000, 64, torch.bfloat16),
+                                          (8224, 264, 32, torch.float16), (4096, 4096, 128, torch.bfloat16),
+                                          (6144, 2048, 128, torch.float16)])
+def test_cuda_perm_gathered_by_each_block(K, N, gs, dtype):
+    """perm (prepacked act-order) at M = 1 on sm_90, k-interleaved: each block of the GEMM may
+    gather its own K range of x[:, perm] into shared memory (no gather kernel, no waiting on other
+    blocks). Chosen where K is 4096 or >= 8192 and the column tiles are few (N <= 4096 here); forced
+    here at every K (8224: the last k-tile holds 32 k of 128) and at M = 5; M = 9 and the GPTQ layout fall
+    back to another gather. Repeated launches, the same bits, layers back to back with PDL, a CUDA graph
+    and two streams"""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    t = make_weights(K, N, gs, zeros="v2", device="cuda", scales_dtype=dtype)
+    run = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"]))
+    perm = torch.randperm(K, device="cuda").to(torch.int32)
+    xs = [torch.randn(1, K, device="cuda", dtype=dtype) for _ in range(3)]
+    expected = [reference(x[:, perm.long()], t) for x in xs]
+    out = torch_ops.w4a16_linear(xs[0], perm=perm, **run)
+    torch.cuda.synchronize()
+    chosen = hopper and (K == 4096 or K >= 8192)  # (the SM count allows 16 column tiles on an H100)
+    assert (_C.cuda_w4a16_last_workspace() & 4) == (4 if chosen else 0)
+    assert rel_err(out, expected[0]) < TOL[dtype]
+    _C.cuda_w4a16_gather_mode(5)
+    try:
+        outs = [torch_ops.w4a16_linear(x, perm=perm, **run) for x in xs + xs]
+        torch.cuda.synchronize()
+        assert (_C.cuda_w4a16_last_workspace() & 4) == (4 if hopper else 0)
+        for i, o in enumerate(outs):
+            assert rel_err(o, expected[i % 3]) < TOL[dtype]
+        assert torch.equal(outs[0], outs[3])
+        # up to 8 rows (the 8-row tile) when forced; not 9 rows, nor the GPTQ layout
+        for m, bit in ((5, 4 if hopper else 0), (9, 0)):
+            xm = torch.randn(m, K, device="cuda", dtype=dtype)
+            assert rel_err(torch_ops.w4a16_linear(xm, perm=perm, **run), reference(xm[:, perm.long()], t)) < TOL[dtype]
+            assert (_C.cuda_w4a16_last_workspace() & 4) == bit
+        assert rel_err(torch_ops.w4a16_linear(xs[1], perm=perm, **t), expected[1]) < TOL[dtype]
+        assert (_C.cuda_w4a16_last_workspace() & 4) == 0
+        # back to back: a square layer's output is the next one's x
+        sq = make_weights(K, K, gs, zeros="v1", device="cuda", scales_dtype=dtype)
+        sq["scales"] = sq["scales"] * 0.3
+        y1 = torch_ops.w4a16_linear(xs[0], perm=perm, **sq)
+        y2 = torch_ops.w4a16_linear(y1, perm=perm, **run)
+        assert rel_err(y2, reference(y1[:, perm.long()], t)) < TOL[dtype]
+        check_graph_and_streams(lambda x: torch_ops.w4a16_linear(x, perm=perm, **run), xs, expected, dtype)
+    finally:
+        _C.cuda_w4a16_gather_mode(0)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N", [(1, 8192, 4096), (5, 4096, 1000), (9, 8192, 8), (13, 8192, 1000), (16, 8192, 2056),
                                    (16, 1024, 264), (24, 8192, 2056), (40, 4096, 1000), (64, 14336, 2048),

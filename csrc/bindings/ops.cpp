@@ -1069,11 +1069,12 @@ PYBIND11_MODULE(_C, m) {
           "default) or through thread-block clusters only (0); for tests and benchmarks");
     m.def("cuda_w4a16_gather_mode", &tops_cuda_w4a16_dev_gather,
           "CUDA w4a16_linear with perm: how x[:, perm] is gathered (0 automatic, 1 by element, 2 by "
-          "element signalling the GEMM late, 3 by row, 4 by the GEMM's own grid where it can); for "
+          "element signalling the GEMM late, 3 by row, 4 by the GEMM's own grid, 5 by each of its blocks, "
+          "where they can); for "
           "tests and benchmarks");
     m.def("cuda_w4a16_last_workspace", &tops_cuda_w4a16_dev_last_workspace,
           "CUDA w4a16_linear: bit 0 set when the last call split K through the workspace, bit 1 "
-          "when its GEMM's grid gathered x[:, perm] itself; for tests");
+          "when its GEMM's grid gathered x[:, perm] itself, bit 2 when each of its blocks did; for tests");
     m.def(
         "cuda_w4a16_last_config",
         [] {

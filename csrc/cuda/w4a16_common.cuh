@@ -462,7 +462,7 @@ inline int g_force_split = 0;
 inline int g_last_cfg = -1; /* what the last call ran (reported to the benchmark) */
 inline int g_last_split = 0;
 inline bool g_last_workspace = false; /* the last call split K through the workspace */
-inline bool g_last_grid_gather = false; /* its grid gathered x[:, perm] itself */
+inline int g_last_grid_gather = 0; /* x[:, perm] gathered by its grid (1) or each block (2) */
 inline bool g_pdl = true; /* launch with programmatic dependent launch on sm_90+ */
 /* cluster scheduling policy preference of split-K launches (cudaClusterSchedulingPolicy: 0 the
  * default, 1 spread the blocks of a cluster over SMs, 2 load balancing) */
@@ -680,19 +680,21 @@ inline LinParams tiled(const LinParams &base, int64_t &tiles) {
 template <class T> int launch_reduce(const LinParams &p, int split, void *stream);
 using ReduceFn = int (*)(const LinParams &, int, void *);
 
-/* what a launcher returns, launching nothing, where a grid that gathers x[:, perm] itself (PG)
- * cannot run: the caller gathers x by a kernel first */
+/* what a launcher returns, launching nothing, where a grid that gathers x[:, perm] itself (PG,
+ * PB) cannot run: the caller gathers x by a kernel first */
 constexpr int kNoGridGather = -2;
 
 /* split: the K split (0: choose_split's; g_force_split, a dev hook, overrides both); reduce:
  * launch_reduce of the activation type for tiles of reduce_after(BM) rows, else null; pg: the
  * kernel gathers x[:, perm] itself, its blocks waiting for each other (only through the
  * workspace, and where the whole grid can be resident: else kNoGridGather); spread: where the
- * grid has a block for each SM at most, no two blocks share an SM (see launch_tc) */
+ * grid has a block for each SM at most, no two blocks share an SM (see launch_tc); slice_per_kt:
+ * shared memory per k-tile of a block's K range after the rest (the blocks that gather their own
+ * x[:, perm], PB; kNoGridGather where that does not fit) */
 template <class Kern>
 inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size_t out, size_t tab, void *stream,
                         bool streaming = false, int split = 0, ReduceFn reduce = nullptr, bool pg = false,
-                        bool spread = false) {
+                        bool spread = false, size_t slice_per_kt = 0) {
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
     if (split <= 0 || g_force_split > 0 || di.major < 9) {
@@ -702,7 +704,9 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
     }
     if (split <= 0) return TOPS_ERR_CUDA;
     p.kt_per_split = (p.KT + split - 1) / split;
-    size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab;
+    size_t smem = (split > 1 ? std::max(pipe, out) : pipe) + tab + slice_per_kt * (size_t)p.kt_per_split;
+    if (slice_per_kt > 0 && (smem > (size_t)di.optin_smem || !allow_dyn_smem((const void *)kern, smem, di)))
+        return kNoGridGather;
     const bool whole = p.locks != nullptr && tiles * split <= resident(kern, smem, 1, di);
     if (pg && !whole) return kNoGridGather;
     p.share = split > 1 && whole ? 4 : 1;

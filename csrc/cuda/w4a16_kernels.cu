@@ -72,7 +72,7 @@ namespace tops_w4 {
  * fp32 scale is applied to that partial sum when the group ends, so the weights need no multiply.
  */
 template <int BN_, int BM_, int WARPS_N_, int BK_, int STAGES_, bool ACT_, bool PUSH_ = false, int MINB_ = 0,
-          bool LEAN_ = false, bool KP_ = false, bool PG_ = false>
+          bool LEAN_ = false, bool KP_ = false, bool PG_ = false, bool PB_ = false>
 struct Cfg {
     /* KP (plain groups): qweight in the k-interleaved layout (tops_cuda.h), whose nibble pairs are
      * already in the fragments' k order: x stays in its natural order and the B fragments come
@@ -89,7 +89,12 @@ struct Cfg {
     static constexpr int NSUB = BK / 32;
     static constexpr int NG = ACT ? 0 : BK / 32; /* scale rows per stage (group >= 32) */
     static constexpr int W_BYTES = KW * BN * 4;
-    static constexpr int X_BYTES = BM * BK * 2;
+    /* PB (the small-batch tiles, plain groups): x[:, perm] of the block's whole K range is
+     * gathered by the block into shared memory after the pipeline (gather_in_block), so the
+     * stages carry no x */
+    static constexpr bool PB = PB_ && PUSH_ && !ACT_ && !PG_;
+    static constexpr int X_BYTES = PB ? 0 : BM * BK * 2;
+    static constexpr int SLICE_PER_KT = PB ? BM * BK * 2 : 0; /* the gathered x, per k-tile */
     static constexpr int S_BYTES = NG * BN * 2;
     static constexpr int Z_BYTES = NG * (BN / 8) * 4;
     static constexpr int GI_BYTES = ACT ? BK * 4 : 0;
@@ -114,7 +119,7 @@ struct Cfg {
      * us, 8192 x 28672 M = 1 37.3-37.9 -> 36.3-36.9, bf16 8192 x 8192 M = 1 16.2-16.3 -> 15.6-15.7;
      * in the M <= 8 build that runs one block per SM (no lean loads) it lost 2-4% (14336 x 4096
      * M = 1 14.8-15.1 -> 15.2-15.3, 4096 x 4096 5.6 -> 5.7-5.9), so that one keeps cp.async */
-    static constexpr bool XREG = LEAN_ && BM_ * KW <= 256 && !KP;
+    static constexpr bool XREG = LEAN_ && BM_ * KW <= 256 && !KP && !PB;
     /* PG (the small-batch tiles, plain groups): x[:, perm] is gathered by the grid itself
      * (gather_in_grid), not by a kernel before it */
     static constexpr bool PG = PG_ && PUSH_ && !ACT_;
@@ -206,6 +211,70 @@ __device__ __forceinline__ void gather_in_grid(const LinParams &p, uint16_t *dst
     __syncthreads();
 }
 
+/* ---- x[:, perm] gathered by each block (C::PB) -----------------------------------------------
+ * The 8-row tile at M = 1, K split through the workspace, where the grid has a block per SM at
+ * most (block_gather_pays, with the measurements): each block gathers its own K range of
+ * x[:, perm] into shared memory after the pipeline, in the layout of a stage's x tile, k-tile
+ * after k-tile (8 k per thread and step; the perm words of a thread's first kPbPre steps fetched
+ * before the PDL wait), and its stages then carry weights only. No hand-over between kernels or
+ * blocks; but every column tile gathers the same elements (a 32-byte sector each), so it pays
+ * only where the tiles are few and the rows short (two rows or more: slower or equal but at
+ * 14336 x 4096 M = 2, 15.0-15.2 us against 15.9-16.0). Clusters of 2..8 column tiles sharing one
+ * gather through distributed shared memory were slower still: a cluster needs its free slots in
+ * one GPC (H100, 8192 x 8192 M = 1 22.1 us in clusters of 8, 14336 x 4096 25.0, against 15.3 and
+ * 16.0 for the gather kernel). */
+constexpr int kPbPre = 2;
+struct PbPerm {
+    int4 a[kPbPre], b[kPbPre];
+};
+template <class C>
+__device__ __forceinline__ void pb_prefetch(const LinParams &p, PbPerm &pp, int m0, int kt_begin, int nkt, int tid) {
+    const int kr8 = nkt * C::KW, live = min(C::BM, p.M - m0);
+#pragma unroll
+    for (int u = 0; u < kPbPre; ++u) {
+        const int i = tid + 256 * u, k = kt_begin * C::BK + 8 * (i % kr8);
+        pp.a[u] = pp.b[u] = make_int4(0, 0, 0, 0);
+        if (i / kr8 < live && k < p.K) {
+            pp.a[u] = __ldg(reinterpret_cast<const int4 *>(p.gidx + k));
+            pp.b[u] = __ldg(reinterpret_cast<const int4 *>(p.gidx + k + 4));
+        }
+    }
+}
+/* after the PDL wait; slice: [nkt][BM][BK], each k-tile as a stage's x tile (read after the main
+ * loop's first barrier) */
+template <class C>
+__device__ __forceinline__ void gather_in_block(const LinParams &p, const PbPerm &pp, uint16_t *slice, int m0,
+                                                int kt_begin, int nkt, int tid) {
+    constexpr int BM = C::BM, BK = C::BK, KW = C::KW;
+    const int kr8 = nkt * KW, live = min(BM, p.M - m0);
+    /* chunk j of row r: k-tile j / KW, chunk c = j % KW of its x tile, at c ^ (the copy's swizzle) */
+    auto at = [&](int r, int j) -> int {
+        const int c = j % KW;
+        return (j / KW) * BM * BK + r * BK + ((c ^ (C::KP ? r & 7 : (r & 1) << 2)) << 3);
+    };
+    for (int i = live * kr8 + tid; i < BM * kr8; i += 256) /* rows past M */
+        *reinterpret_cast<uint4 *>(slice + at(i / kr8, i % kr8)) = make_uint4(0u, 0u, 0u, 0u);
+    auto put = [&](int i, int4 a, int4 b) {
+        const int r = i / kr8, j = i % kr8, k = kt_begin * BK + 8 * j;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (k < p.K) {
+            const uint16_t *row = p.x + (int64_t)(m0 + r) * p.K;
+            v.x = (uint32_t)row[a.x] | ((uint32_t)row[a.y] << 16);
+            v.y = (uint32_t)row[a.z] | ((uint32_t)row[a.w] << 16);
+            v.z = (uint32_t)row[b.x] | ((uint32_t)row[b.y] << 16);
+            v.w = (uint32_t)row[b.z] | ((uint32_t)row[b.w] << 16);
+        }
+        *reinterpret_cast<uint4 *>(slice + at(r, j)) = v;
+    };
+#pragma unroll
+    for (int u = 0; u < kPbPre; ++u)
+        if (tid + 256 * u < live * kr8) put(tid + 256 * u, pp.a[u], pp.b[u]);
+    for (int i = tid + 256 * kPbPre; i < live * kr8; i += 256) {
+        const int k = min(kt_begin * BK + 8 * (i % kr8), p.K - 8);
+        put(i, __ldg(reinterpret_cast<const int4 *>(p.gidx + k)), __ldg(reinterpret_cast<const int4 *>(p.gidx + k + 4)));
+    }
+}
+
 template <class C, class T>
 __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams p) {
     constexpr int BN = C::BN, BM = C::BM, BK = C::BK, STAGES = C::STAGES, KW = C::KW;
@@ -289,7 +358,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
         for (int j = 0; j < X_J; ++j) {
             const int r = x_r0 + j * X_RS;
-            if (!C::XREG && (what & LOAD_X) && (X_CH % 256 == 0 || r < BM)) {
+            if (!C::XREG && !C::PB && (what & LOAD_X) && (X_CH % 256 == 0 || r < BM)) {
                 const bool v = m0 + r < p.M && kt * KW + x_c < p.K8;
                 const uint16_t *src = x_src0 + (int64_t)j * X_RS * p.K + kt * BK;
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * X_RS * BK * 2),
@@ -383,7 +452,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
                              "l"(w_next[j]), "r"(w_sz));
 #pragma unroll
         for (int j = 0; j < X_J; ++j)
-            if (!C::XREG && (X_CH % 256 == 0 || x_r0 + j * X_RS < BM))
+            if (!C::XREG && !C::PB && (X_CH % 256 == 0 || x_r0 + j * X_RS < BM))
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(st + x_dst0 + j * X_RS * BK * 2),
                              "l"(x_next[j]), "r"(x_sz[j]));
         const uint32_t g0 = (uint32_t)((kt * BK) >> p.gshift);
@@ -437,8 +506,11 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     for (int s = 0; s < STAGES - 1; ++s)
         if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
     if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
+    PbPerm pb_perm;
+    if constexpr (C::PB) pb_prefetch<C>(p, pb_perm, m0, kt_begin, nkt, tid);
     grid_dependency_wait();
     if constexpr (C::PG) gather_in_grid<BM>(p, const_cast<uint16_t *>(xin), m0, kt_begin * KW, kt_end * KW, tid);
+    if constexpr (C::PB) gather_in_block<C>(p, pb_perm, reinterpret_cast<uint16_t *>(tab), m0, kt_begin, nkt, tid);
     uint4 x_pro[C::XREG ? STAGES - 1 : 1]; /* XREG: the prologue's x, stored once the next kernel is
                                             * signalled */
     if constexpr (C::XREG) {
@@ -520,7 +592,9 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
         (void)kt;
         const unsigned char *st = smem + (it % STAGES) * C::STAGE_BYTES;
         const uint32_t *sW = reinterpret_cast<const uint32_t *>(st);
-        const uint16_t *sX = reinterpret_cast<const uint16_t *>(st + C::W_BYTES);
+        /* (PB: x from the gathered K range after the pipeline, where tab would be) */
+        const uint16_t *sX = C::PB ? reinterpret_cast<const uint16_t *>(tab) + it * (BM * BK)
+                                   : reinterpret_cast<const uint16_t *>(st + C::W_BYTES);
 
 #pragma unroll
         for (int sub = 0; sub < NSUB; ++sub) {
@@ -885,7 +959,8 @@ __global__ void __launch_bounds__(1024) gather_rows_kernel(const E *__restrict__
 }
 
 /* dev hook: 0 automatic, 1 by element, 2 by element signalling late, 3 by row, 4 by the GEMM's
- * grid (gather_in_grid; automatic where it cannot) */
+ * grid (gather_in_grid), 5 by each of its blocks (gather_in_block; 4, 5: automatic where they
+ * cannot) */
 inline int g_gather_mode = 0;
 constexpr int64_t kGatherRowsMinM = 32; /* by row from this many rows */
 
@@ -913,6 +988,17 @@ inline bool late_gather_pays(const tops_w4a16_args *a, const DevInfo &di) {
     const bool idle = (a->N + 255) / 256 * 6 < di.sms;
     return idle && a->M > 4 && a->M <= 32 && a->M * a->K >= 49152;
 }
+/* M = 1 on the k-interleaved layout with at most sms / 8 column tiles (a block per SM at a split
+ * of 8): each block gathers its own K range of x[:, perm] (gather_in_block), where that measured
+ * faster than the gather kernel (H100, CUDA graphs, fp16, us, by the block / the kernel / plain,
+ * N = 4096 unless named): K = 4096 6.0-6.1 / 6.9-7.7 / 5.5 (N = 2048 5.3 / 5.5 / 4.4, N = 1024
+ * 4.9 / 5.2 / 4.2), 11008 11.8 / 12.9 / 11.7, 14336 14.1-14.3 / 16.0-16.2 / 14.0, 28672 25.2 /
+ * 27.5 / 23.9; equal at 8192..10240 (N = 2048 7.9 / 8.1); slower at 5120..7168 (7.6-7.8 / 7.3-7.5,
+ * 8.6 / 7.9, 9.7 / 8.3), which no change of occupancy explained (a build whose blocks never
+ * shared an SM: 4096 7.0, 5120 7.7, 7168 9.1), and below 4096 equal or slower by 0.1-0.2 */
+inline bool block_gather_pays(const tops_w4a16_args *a, const DevInfo &di) {
+    return a->M == 1 && a->kinterleaved && (a->K == 4096 || a->K >= 8192) && (a->N + 255) / 256 * 8 <= di.sms;
+}
 
 template <typename E>
 int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg, bool ws_split) {
@@ -923,7 +1009,7 @@ int launch_gather_t(const tops_w4a16_args *a, void *dst, cudaLaunchConfig_t cfg,
     /* by row: a row of x in shared memory, at most 4 groups of 8 k per thread (K <= 32768) */
     const bool rows_ok = K8 <= 4 * 1024 && (size_t)a->K * sizeof(E) <= (size_t)di.optin_smem &&
                          (reinterpret_cast<uintptr_t>(a->x) & 15) == 0;
-    int mode = g_gather_mode == 4 ? 0 : g_gather_mode;
+    int mode = g_gather_mode >= 4 ? 0 : g_gather_mode;
     if (mode == 0 && ws_split && a->M <= 64) {
         /* The GEMM may split K through the workspace (M <= 64, sm_90): by row, except where its
          * blocks leave SMs idle at M = 5..32 with x large enough (by element, signalling late).
@@ -1045,7 +1131,7 @@ LinParams pick_reduction(const LinParams &p, int64_t tiles, int &split) {
     c.part = nullptr;
     if (!C::GLOBAL) return c;
     if (p.locks == nullptr || g_force_split > 0) return p;
-    if (C::PG) { /* (the grid's gather needs the workspace) */
+    if (C::PG || C::PB) { /* (the grid's gather needs the workspace; both are small-batch paths) */
         split = choose_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, C::PIPE_BYTES, 0, true);
         return p;
     }
@@ -1086,15 +1172,16 @@ int launch_tc(const LinParams &base, void *stream, int split = 0) {
     if (split == 0) p = pick_reduction<C, T>(p, tiles, split);
     /* (split-K through global memory needs no receive area or partial tile in shared memory) */
     const size_t out = p.locks != nullptr ? (size_t)C::PIPE_BYTES : C::PUSH ? C::PUSH_BYTES : C::OUT_BYTES;
-    if (C::PG && p.locks == nullptr) return kNoGridGather;
+    if ((C::PG || C::PB) && p.locks == nullptr) return kNoGridGather;
     return launch_split(w4a16_tc_kernel<C, T>, p, tiles, C::PIPE_BYTES, out,
                         C::ACT ? (size_t)p.G * C::BN * 4 : 0, stream, C::BM <= 32, split,
-                        reduce_after(C::BM) ? launch_reduce<T> : nullptr, C::PG, C::GLOBAL && reduce_after(C::BM));
+                        reduce_after(C::BM) ? launch_reduce<T> : nullptr, C::PG, C::GLOBAL && reduce_after(C::BM),
+                        C::SLICE_PER_KT);
 }
 
 /* tile configurations, by batch size */
-template <bool ACT, bool LEAN = false, bool KP = false, bool PG = false>
-using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, LEAN, KP, PG>; /* M <= 8 */
+template <bool ACT, bool LEAN = false, bool KP = false, bool PG = false, bool PB = false>
+using CfgA = Cfg<256, 8, 8, 128, 5, ACT, true, 0, LEAN, KP, PG, PB>; /* M <= 8 */
 template <bool ACT, bool KP = false, bool PG = false>
 using CfgB = Cfg<256, 16, 8, 128, 4, ACT, true, 0, true, KP, PG>; /* M <= 16 */
 template <bool ACT, bool KP = false> using CfgC = Cfg<256, 32, 8, 128, 3, ACT, false, 0, false, KP>; /* M <= 32 */
@@ -1136,12 +1223,18 @@ int dispatch_tc(const LinParams &p, int cfg, void *stream) {
     default: return launch_tc<CfgF<ACT, KP>, T>(p, stream);
     }
 }
-/* the small-batch tiles that gather x[:, perm] themselves (plain groups), else kNoGridGather */
+/* the small-batch tiles that gather x[:, perm] themselves (plain groups): by the grid, else
+ * kNoGridGather */
 template <class T, bool KP>
 int dispatch_tc_pg(const LinParams &p, int cfg, void *stream) {
     if (cfg == 0) return launch_tc_a<T, false, KP, true>(p, stream);
     if (cfg == 1) return launch_tc<CfgB<false, KP, true>, T>(p, stream);
     return kNoGridGather;
+}
+/* by each block: the 8-row tile on the k-interleaved layout (block_gather_pays), else kNoGridGather */
+template <class T>
+int dispatch_tc_pb(const LinParams &p, int cfg, void *stream) {
+    return cfg == 0 ? launch_tc<CfgA<false, false, true, false, true>, T>(p, stream) : kNoGridGather;
 }
 
 /* Tile configuration by batch size (measured on an H100, see benchmarks/w4a16_cuda_dev.py):
@@ -1310,14 +1403,16 @@ void tops_cuda_w4a16_dev_force(int cfg, int split) {
     g_force_split = split;
 }
 /* the x gather of perm: 0 automatic, 1 by element, 2 by element signalling late, 3 by row, 4 by
- * the GEMM's own grid where it can */
+ * the GEMM's own grid, 5 by each of its blocks, where they can */
 void tops_cuda_w4a16_dev_gather(int mode) { g_gather_mode = mode; }
 /* split-K through the workspace where it pays (1, the default; M <= 128 on sm_90) or through
  * clusters only (0) */
 void tops_cuda_w4a16_dev_global_split(int on) { g_global_split = on; }
 /* bit 0: the last call split K through the workspace (else through clusters, or not at all);
- * bit 1: its grid gathered x[:, perm] itself */
-int tops_cuda_w4a16_dev_last_workspace(void) { return (g_last_workspace ? 1 : 0) | (g_last_grid_gather ? 2 : 0); }
+ * bit 1: its grid gathered x[:, perm] itself; bit 2: each of its blocks did */
+int tops_cuda_w4a16_dev_last_workspace(void) {
+    return (g_last_workspace ? 1 : 0) | (g_last_grid_gather == 1 ? 2 : 0) | (g_last_grid_gather == 2 ? 4 : 0);
+}
 /* programmatic dependent launch on (1, the default) or off (0) */
 void tops_cuda_w4a16_dev_pdl(int on) { g_pdl = on != 0; }
 /* cluster scheduling policy of split-K launches: 0 default, 1 spread, 2 load balancing */
@@ -1347,7 +1442,7 @@ int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) 
 /* the product with a's x as it is; pg: a->perm is set and the small-batch tiles gather
  * x[:, perm] themselves into the workspace's first partials_offset bytes, which workspace
  * follows (kNoGridGather, nothing launched, where they cannot) */
-static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes, void *stream, bool pg) {
+static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes, void *stream, int pg) {
     const int64_t M = a->M, K = a->K, N = a->N;
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
     if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
@@ -1426,7 +1521,9 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
         g_last_cfg = cfg;
         const bool kp = a->kinterleaved != 0; /* (plain groups: checked above) */
         if (pg) {
-            if (p.locks != nullptr)
+            if (p.locks != nullptr && pg == 2 && kp)
+                st = bf16 ? dispatch_tc_pb<BF16>(p, cfg, stream) : dispatch_tc_pb<F16>(p, cfg, stream);
+            else if (p.locks != nullptr && pg == 1)
                 st = kp ? (bf16 ? dispatch_tc_pg<BF16, true>(p, cfg, stream) : dispatch_tc_pg<F16, true>(p, cfg, stream))
                         : (bf16 ? dispatch_tc_pg<BF16, false>(p, cfg, stream) : dispatch_tc_pg<F16, false>(p, cfg, stream));
             return st >= 0 ? st : kNoGridGather;
@@ -1455,22 +1552,25 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
 
 int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes, void *stream) {
     if (a == nullptr) return TOPS_ERR_ARG;
-    g_last_grid_gather = false;
-    if (a->perm == nullptr || a->M <= 0) return linear_on(a, workspace, workspace_bytes, stream, false);
+    g_last_grid_gather = 0;
+    if (a->perm == nullptr || a->M <= 0) return linear_on(a, workspace, workspace_bytes, stream, 0);
     /* x[:, perm] into the workspace, then the plain product on it, with the rest of the workspace
      * (split-K partials) */
     if (workspace == nullptr || workspace_bytes < gather_bytes(a)) return TOPS_ERR_ARG;
     const size_t off = partials_offset(a);
     void *rest = workspace_bytes > off ? static_cast<unsigned char *>(workspace) + off : nullptr;
     const size_t rest_bytes = workspace_bytes > off ? workspace_bytes - off : 0;
-    const bool ws_split = global_split_on(a, dev_info()) && rest_bytes >= 2 * (size_t)a->M * (size_t)a->N * sizeof(float);
-    /* by the GEMM's own grid where that pays and it can (the small-batch tiles), else by a
-     * kernel first */
-    const bool grid = g_gather_mode == 4 || (g_gather_mode == 0 && late_gather_pays(a, dev_info()));
+    const DevInfo di = dev_info();
+    const bool ws_split = global_split_on(a, di) && rest_bytes >= 2 * (size_t)a->M * (size_t)a->N * sizeof(float);
+    /* by the GEMM's own blocks or grid where that pays and they can (the small-batch tiles),
+     * else by a kernel first */
+    const int grid = g_gather_mode == 5 || (g_gather_mode == 0 && block_gather_pays(a, di))   ? 2 /* each block */
+                     : g_gather_mode == 4 || (g_gather_mode == 0 && late_gather_pays(a, di)) ? 1 /* the grid */
+                                                                                              : 0;
     if (ws_split && grid && (a->K & 7) == 0 && a->x_row_stride == a->K && aligned(a->perm, 16) &&
         aligned(workspace, 16)) {
-        const int st = linear_on(a, rest, rest_bytes, stream, true);
-        g_last_grid_gather = st != kNoGridGather;
+        const int st = linear_on(a, rest, rest_bytes, stream, grid);
+        g_last_grid_gather = st != kNoGridGather ? grid : 0;
         if (g_last_grid_gather) return st;
     }
     const int st = gather_checked(a, workspace, stream, ws_split);
@@ -1478,7 +1578,7 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
     tops_w4a16_args gathered = *a;
     gathered.x = workspace;
     gathered.perm = nullptr;
-    return linear_on(&gathered, rest, rest_bytes, stream, false);
+    return linear_on(&gathered, rest, rest_bytes, stream, 0);
 }
 
 } /* extern "C" */
