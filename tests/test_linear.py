@@ -781,6 +781,24 @@ def test_cpu_bf16_blocked_path(M, group_size, zeros):
 
 
 @needs_cuda
+def test_cuda_long_k_takes_the_mma_tiles():
+    """The 128- and 256-row wgmma tiles address their x rows by 32-bit element offsets from row
+    m0 (up to 255 K < 2^31), so K >= 2^23 goes to the mma.sync tiles. M = 450 runs the 256-row
+    tile, and at K = 2^23 + 2^17 rows 253..255 of a tile would be read from the wrong place
+    without that guard. About 8 GB of x: skipped on smaller GPUs"""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GB of GPU memory")
+    M, K, N, dtype = 450, (1 << 23) + (1 << 17), 8, torch.float16
+    t = make_weights(K, N, 128, zeros="v2", device="cuda", scales_dtype=dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    out = torch_ops.w4a16_linear(x, **t)
+    w = ref.dequantize(t["qweight"], t["scales"], t["qzeros"], "gptq", 4, 128, None, "v2").float()  # [N, K]
+    expected = torch.cat([x[i:i + 64].float() @ w.t() for i in range(0, M, 64)]).double()
+    del x
+    assert ((out.double() - expected).norm() / expected.norm()).item() < TOL[dtype]
+
+
+@needs_cuda
 @pytest.mark.parametrize("M,N", [(1, 2048), (16, 2048), (32, 2048), (64, 2048), (128, 4096)])
 def test_cuda_split_k_workspace_taken(M, N):
     """Long K over few column tiles is where splitting K pays most: on sm_90 every small-batch
