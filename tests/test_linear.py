@@ -840,37 +840,26 @@ def check_graph_and_streams(call, xs, expected, dtype):
         assert rel_err(o, expected[i % 3]) < TOL[dtype]
 
 
-@needs_cuda
-@pytest.mark.parametrize("kil", [False, True], ids=["gptq", "kinterleaved"])
-@pytest.mark.parametrize("M,K,N,dtype", [(1, 8192, 4096, torch.float16), (4, 4096, 4096, torch.bfloat16),
-                                         (9, 8192, 1000, torch.float16), (16, 14336, 2048, torch.bfloat16)])
-def test_cuda_perm_gathered_by_the_grid(kil, M, K, N, dtype):
-    """perm (prepacked act-order) at M <= 16 on sm_90: the GEMM's own blocks may gather x[:, perm]
-    into the workspace and wait for each other on words that every launch leaves at zero, instead
-    of a gather kernel first. Chosen where few column tiles leave SMs idle at M > 4 (here M = 9
-    and 16), forced here at every M: repeated launches, the same bits, layers back to back with no
-    sync (the next one starts early by PDL), a CUDA graph on a stream of its own replayed with new
-    inputs, and launches alternating between two streams"""
+def check_forced_gather(mode, bit, t, run, perm, xs, expected, dtype, more=None):
+    """x[:, perm] gathered the way `mode` forces (cuda_w4a16_gather_mode), which sets `bit` of
+    cuda_w4a16_last_workspace on sm_90: repeated launches, the same bits, more() if given, layers
+    back to back with no sync (the next one starts early by PDL), a CUDA graph on a stream of its
+    own replayed with new inputs, and launches alternating between two streams. t: the layer's
+    GPTQ tensors, run: what the op is given (t, or t prepacked)"""
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    t = make_weights(K, N, 128, zeros="v1", device="cuda", scales_dtype=dtype)
-    run = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"])) if kil else t
-    perm = torch.randperm(K, device="cuda").to(torch.int32)
-    xs = [torch.randn(M, K, device="cuda", dtype=dtype) for _ in range(3)]
-    expected = [reference(x[:, perm.long()], t) for x in xs]
-    out = torch_ops.w4a16_linear(xs[0], perm=perm, **run)
-    torch.cuda.synchronize()
-    assert (_C.cuda_w4a16_last_workspace() & 2) == (2 if hopper and M > 4 else 0)
-    assert rel_err(out, expected[0]) < TOL[dtype]
-    _C.cuda_w4a16_gather_mode(4)
+    K = xs[0].shape[1]
+    _C.cuda_w4a16_gather_mode(mode)
     try:
         outs = [torch_ops.w4a16_linear(x, perm=perm, **run) for x in xs + xs]
         torch.cuda.synchronize()
-        assert (_C.cuda_w4a16_last_workspace() & 2) == (2 if hopper else 0)
+        assert (_C.cuda_w4a16_last_workspace() & bit) == (bit if hopper else 0)
         for i, o in enumerate(outs):
             assert rel_err(o, expected[i % 3]) < TOL[dtype]
         assert torch.equal(outs[0], outs[3])
+        if more is not None:
+            more()
         # back to back: a square layer's output is the next one's x
-        sq = make_weights(K, K, 128, zeros="v2", device="cuda", scales_dtype=dtype)
+        sq = make_weights(K, K, t["group_size"], zeros="v2", device="cuda", scales_dtype=dtype)
         sq["scales"] = sq["scales"] * 0.3
         y1 = torch_ops.w4a16_linear(xs[0], perm=perm, **sq)
         y2 = torch_ops.w4a16_linear(y1, perm=perm, **run)
@@ -881,6 +870,28 @@ def test_cuda_perm_gathered_by_the_grid(kil, M, K, N, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("kil", [False, True], ids=["gptq", "kinterleaved"])
+@pytest.mark.parametrize("M,K,N,dtype", [(1, 8192, 4096, torch.float16), (4, 4096, 4096, torch.bfloat16),
+                                         (9, 8192, 1000, torch.float16), (16, 14336, 2048, torch.bfloat16)])
+def test_cuda_perm_gathered_by_the_grid(kil, M, K, N, dtype):
+    """perm (prepacked act-order) at M <= 16 on sm_90: the GEMM's own blocks may gather x[:, perm]
+    into the workspace and wait for each other on words that every launch leaves at zero, instead
+    of a gather kernel first. Chosen where few column tiles leave SMs idle at M > 4 (here M = 9
+    and 16), forced here at every M (check_forced_gather)"""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    t = make_weights(K, N, 128, zeros="v1", device="cuda", scales_dtype=dtype)
+    run = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"])) if kil else t
+    perm = torch.randperm(K, device="cuda").to(torch.int32)
+    xs = [torch.randn(M, K, device="cuda", dtype=dtype) for _ in range(3)]
+    expected = [reference(x[:, perm.long()], t) for x in xs]
+    out = torch_ops.w4a16_linear(xs[0], perm=perm, **run)
+    torch.cuda.synchronize()
+    assert (_C.cuda_w4a16_last_workspace() & 2) == (2 if hopper and M > 4 else 0)
+    assert rel_err(out, expected[0]) < TOL[dtype]
+    check_forced_gather(4, 2, t, run, perm, xs, expected, dtype)
+
+
+@needs_cuda
 @pytest.mark.parametrize("K,N,gs,dtype", [(8192, 4096, 128, torch.float16), (14336, 1000, 64, torch.bfloat16),
                                           (8224, 264, 32, torch.float16), (4096, 4096, 128, torch.bfloat16),
                                           (6144, 2048, 128, torch.float16)])
@@ -888,9 +899,8 @@ def test_cuda_perm_gathered_by_each_block(K, N, gs, dtype):
     """perm (prepacked act-order) at M = 1 on sm_90, k-interleaved: each block of the GEMM may
     gather its own K range of x[:, perm] into shared memory (no gather kernel, no waiting on other
     blocks). Chosen where K is 4096 or >= 8192 and the column tiles are few (N <= 4096 here); forced
-    here at every K (8224: the last k-tile holds 32 k of 128) and at M = 5; M = 9 and the GPTQ layout fall
-    back to another gather. Repeated launches, the same bits, layers back to back with PDL, a CUDA graph
-    and two streams"""
+    here at every K (8224: the last k-tile holds 32 k of 128) and at M = 5 (check_forced_gather);
+    M = 9 and the GPTQ layout fall back to another gather"""
     hopper = torch.cuda.get_device_capability() == (9, 0)
     t = make_weights(K, N, gs, zeros="v2", device="cuda", scales_dtype=dtype)
     run = dict(t, qweight=torch_ops.prepack_w4a16(t["qweight"]))
@@ -902,30 +912,16 @@ def test_cuda_perm_gathered_by_each_block(K, N, gs, dtype):
     chosen = hopper and (K == 4096 or K >= 8192)  # (the SM count allows 16 column tiles on an H100)
     assert (_C.cuda_w4a16_last_workspace() & 4) == (4 if chosen else 0)
     assert rel_err(out, expected[0]) < TOL[dtype]
-    _C.cuda_w4a16_gather_mode(5)
-    try:
-        outs = [torch_ops.w4a16_linear(x, perm=perm, **run) for x in xs + xs]
-        torch.cuda.synchronize()
-        assert (_C.cuda_w4a16_last_workspace() & 4) == (4 if hopper else 0)
-        for i, o in enumerate(outs):
-            assert rel_err(o, expected[i % 3]) < TOL[dtype]
-        assert torch.equal(outs[0], outs[3])
-        # up to 8 rows (the 8-row tile) when forced; not 9 rows, nor the GPTQ layout
+
+    def more():  # up to 8 rows (the 8-row tile) when forced; not 9 rows, nor the GPTQ layout
         for m, bit in ((5, 4 if hopper else 0), (9, 0)):
             xm = torch.randn(m, K, device="cuda", dtype=dtype)
             assert rel_err(torch_ops.w4a16_linear(xm, perm=perm, **run), reference(xm[:, perm.long()], t)) < TOL[dtype]
             assert (_C.cuda_w4a16_last_workspace() & 4) == bit
         assert rel_err(torch_ops.w4a16_linear(xs[1], perm=perm, **t), expected[1]) < TOL[dtype]
         assert (_C.cuda_w4a16_last_workspace() & 4) == 0
-        # back to back: a square layer's output is the next one's x
-        sq = make_weights(K, K, gs, zeros="v1", device="cuda", scales_dtype=dtype)
-        sq["scales"] = sq["scales"] * 0.3
-        y1 = torch_ops.w4a16_linear(xs[0], perm=perm, **sq)
-        y2 = torch_ops.w4a16_linear(y1, perm=perm, **run)
-        assert rel_err(y2, reference(y1[:, perm.long()], t)) < TOL[dtype]
-        check_graph_and_streams(lambda x: torch_ops.w4a16_linear(x, perm=perm, **run), xs, expected, dtype)
-    finally:
-        _C.cuda_w4a16_gather_mode(0)
+
+    check_forced_gather(5, 4, t, run, perm, xs, expected, dtype, more)
 
 
 @needs_cuda
