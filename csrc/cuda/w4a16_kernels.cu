@@ -232,11 +232,14 @@ __device__ __forceinline__ void pb_prefetch(const LinParams &p, PbPerm &pp, int 
     const int kr8 = nkt * C::KW, live = min(C::BM, p.M - m0);
 #pragma unroll
     for (int u = 0; u < kPbPre; ++u) {
-        const int i = tid + 256 * u, k = kt_begin * C::BK + 8 * (i % kr8);
+        const int i = tid + 256 * u;
         pp.a[u] = pp.b[u] = make_int4(0, 0, 0, 0);
-        if (i / kr8 < live && k < p.K) {
-            pp.a[u] = __ldg(reinterpret_cast<const int4 *>(p.gidx + k));
-            pp.b[u] = __ldg(reinterpret_cast<const int4 *>(p.gidx + k + 4));
+        if (i < live * kr8) { /* (a block of an empty K range, kr8 = 0, loads nothing) */
+            const int k = kt_begin * C::BK + 8 * (i % kr8);
+            if (k < p.K) {
+                pp.a[u] = __ldg(reinterpret_cast<const int4 *>(p.gidx + k));
+                pp.b[u] = __ldg(reinterpret_cast<const int4 *>(p.gidx + k + 4));
+            }
         }
     }
 }
