@@ -1442,9 +1442,10 @@ int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) 
     return gather_checked(a, dst, stream, false);
 }
 
-/* the product with a's x as it is; pg: a->perm is set and the small-batch tiles gather
- * x[:, perm] themselves into the workspace's first partials_offset bytes, which workspace
- * follows (kNoGridGather, nothing launched, where they cannot) */
+/* the product with a's x as it is; pg (a->perm set): the small-batch tiles gather x[:, perm]
+ * themselves, by the grid into the workspace's first partials_offset bytes, which workspace
+ * follows (1), or each block into its shared memory (2); kNoGridGather, nothing launched, where
+ * they cannot */
 static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes, void *stream, int pg) {
     const int64_t M = a->M, K = a->K, N = a->N;
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
@@ -1567,13 +1568,13 @@ int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t wor
     const bool ws_split = global_split_on(a, di) && rest_bytes >= 2 * (size_t)a->M * (size_t)a->N * sizeof(float);
     /* by the GEMM's own blocks or grid where that pays and they can (the small-batch tiles),
      * else by a kernel first */
-    const int grid = g_gather_mode == 5 || (g_gather_mode == 0 && block_gather_pays(a, di))   ? 2 /* each block */
-                     : g_gather_mode == 4 || (g_gather_mode == 0 && late_gather_pays(a, di)) ? 1 /* the grid */
-                                                                                              : 0;
-    if (ws_split && grid && (a->K & 7) == 0 && a->x_row_stride == a->K && aligned(a->perm, 16) &&
+    const int pg = g_gather_mode == 5 || (g_gather_mode == 0 && block_gather_pays(a, di))   ? 2 /* each block */
+                   : g_gather_mode == 4 || (g_gather_mode == 0 && late_gather_pays(a, di)) ? 1 /* the grid */
+                                                                                            : 0;
+    if (ws_split && pg && (a->K & 7) == 0 && a->x_row_stride == a->K && aligned(a->perm, 16) &&
         aligned(workspace, 16)) {
-        const int st = linear_on(a, rest, rest_bytes, stream, grid);
-        g_last_grid_gather = st != kNoGridGather ? grid : 0;
+        const int st = linear_on(a, rest, rest_bytes, stream, pg);
+        g_last_grid_gather = st != kNoGridGather ? pg : 0;
         if (g_last_grid_gather) return st;
     }
     const int st = gather_checked(a, workspace, stream, ws_split);
