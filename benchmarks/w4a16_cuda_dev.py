@@ -367,7 +367,7 @@ def correctness(quick, forced_cfgs=FORCED_CFGS):
                                       (3, 8192, 8192, 128, torch.float16)]:
                 seed += 1
                 LIB.tops_cuda_w4a16_dev_force(cfg, split)
-                # by the GEMM's grid or its clusters where they can
+                # by the GEMM's grid or each of its blocks, where they can
                 LIB.tops_cuda_w4a16_dev_gather((0, 4, 5)[(seed // 8) % 3])
                 st, rel, used = perm_run(M, K, N, gs, dt, seed, kil=(seed // 4) % 2 == 1)
                 LIB.tops_cuda_w4a16_dev_gather(0)
@@ -543,8 +543,8 @@ SWEEP_SHAPES = ((4096, 4096), (8192, 8192), (14336, 4096), (28672, 4096), (8192,
 def perm_sweep(small=False, kil=False, ms=(), shapes=()):
     """x[:, perm]: the automatic path with perm against plain, under CUDA-graph timing, for each
     way of gathering x (tops_cuda_w4a16_dev_gather: 0 automatic, 1 by element, 2 by element
-    signalling the GEMM late, 3 by row, 4 by the GEMM's own grid, 5 by its clusters, where they can); small: M = 1..8 where K is large and N small; kil: the
-    k-interleaved qweight; ms: only these batch sizes ("ws": K split through the workspace)"""
+    signalling the GEMM late, 3 by row, 4 by the GEMM's own grid, 5 by each of its blocks, where they
+    can); small: M = 1..8 where K is large and N small; kil: the k-interleaved qweight; ms: only these batch sizes ("ws": K split through the workspace)"""
     fnc = LIB.tops_cuda_w4a16_linear
     shapes = shapes or ([(8192, 4096), (14336, 4096), (28672, 4096), (14336, 5120)] if small else
                         [(4096, 4096), (8192, 8192), (14336, 4096), (8192, 28672)])
