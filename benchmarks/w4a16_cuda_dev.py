@@ -568,7 +568,8 @@ def perm_sweep(small=False, kil=False, ms=(), shapes=()):
                 t = time_graph([launcher(a) for a in args])
                 res.append(f"{'plain' if mode is None else 'gather' + str(mode) if mode else 'auto'} {last_cfg()} "
                            f"{'ws ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 1 else ''}"
-                           f"{'grid ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 2 else ''}{t:.1f}")
+                           f"{'grid ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 2 else ''}"
+                           f"{'block ' if LIB.tops_cuda_w4a16_dev_last_workspace() & 4 else ''}{t:.1f}")
             LIB.tops_cuda_w4a16_dev_gather(0)
             # the automatic path without PDL, and its gather alone (into the workspace's start)
             LIB.tops_cuda_w4a16_dev_pdl(0)
