@@ -155,6 +155,11 @@ constexpr int kLocks = 16384; /* tile locks per launch at most (the gather's two
 __host__ __device__ inline size_t partials_off(int64_t M, int64_t K, int esize) {
     return ((size_t)M * (size_t)K * (size_t)esize + 255) & ~(size_t)255;
 }
+/* row[a.x], row[a.y], ..., row[b.w]: 8 elements of an x row at perm words (a, b), one 16-byte vector */
+__device__ __forceinline__ uint4 gather8(const uint16_t *row, int4 a, int4 b) {
+    return make_uint4((uint32_t)row[a.x] | ((uint32_t)row[a.y] << 16), (uint32_t)row[a.z] | ((uint32_t)row[a.w] << 16),
+                      (uint32_t)row[b.x] | ((uint32_t)row[b.y] << 16), (uint32_t)row[b.z] | ((uint32_t)row[b.w] << 16));
+}
 /* x[m, perm[k .. k+7]] into dst for the groups of 8 k numbered i in [i0, i1), group i being
  * m = i / len, k = 8 (kw0 + i % len) (a row's k-words kw0 .. kw0 + len - 1): p.x is x, p.gidx
  * the perm */
@@ -165,13 +170,7 @@ __device__ __forceinline__ void gather_groups(const LinParams &p, uint16_t *dst,
         const int k = (kw0 + (int)(i - m * len)) * 8;
         const int4 a = __ldg(reinterpret_cast<const int4 *>(p.gidx + k));
         const int4 b = __ldg(reinterpret_cast<const int4 *>(p.gidx + k + 4));
-        const uint16_t *row = p.x + m * p.K;
-        uint4 v;
-        v.x = (uint32_t)row[a.x] | ((uint32_t)row[a.y] << 16);
-        v.y = (uint32_t)row[a.z] | ((uint32_t)row[a.w] << 16);
-        v.z = (uint32_t)row[b.x] | ((uint32_t)row[b.y] << 16);
-        v.w = (uint32_t)row[b.z] | ((uint32_t)row[b.w] << 16);
-        *reinterpret_cast<uint4 *>(dst + m * p.K + k) = v;
+        *reinterpret_cast<uint4 *>(dst + m * p.K + k) = gather8(p.x + m * p.K, a, b);
     }
 }
 /* after the PDL wait; rows [m0, m0 + BM) and k-words [kw0, kw1): what this block reads */
@@ -259,15 +258,8 @@ __device__ __forceinline__ void gather_in_block(const LinParams &p, const PbPerm
         *reinterpret_cast<uint4 *>(slice + at(i / kr8, i % kr8)) = make_uint4(0u, 0u, 0u, 0u);
     auto put = [&](int i, int4 a, int4 b) {
         const int r = i / kr8, j = i % kr8, k = kt_begin * BK + 8 * j;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (k < p.K) {
-            const uint16_t *row = p.x + (int64_t)(m0 + r) * p.K;
-            v.x = (uint32_t)row[a.x] | ((uint32_t)row[a.y] << 16);
-            v.y = (uint32_t)row[a.z] | ((uint32_t)row[a.w] << 16);
-            v.z = (uint32_t)row[b.x] | ((uint32_t)row[b.y] << 16);
-            v.w = (uint32_t)row[b.z] | ((uint32_t)row[b.w] << 16);
-        }
-        *reinterpret_cast<uint4 *>(slice + at(r, j)) = v;
+        *reinterpret_cast<uint4 *>(slice + at(r, j)) =
+            k < p.K ? gather8(p.x + (int64_t)(m0 + r) * p.K, a, b) : make_uint4(0u, 0u, 0u, 0u);
     };
 #pragma unroll
     for (int u = 0; u < kPbPre; ++u)
