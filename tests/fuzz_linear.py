@@ -6,10 +6,10 @@ not collect this file; the suite's parametrised cases are in test_linear.py).
 
 Each case draws K, N (odd multiples of 8 included), M = 0..100 in 1-3-D batches, fp32 / fp16 /
 bf16 x with scales of any of the three dtypes (fp32 x only; others match x), group sizes
-32..256 and -1, v1 / v2 / symmetric zeros, act-order through g_idx or act_order_prepack + perm,
-the k-interleaved qweight, bias, non-contiguous or transposed x, and on CPU the ISA level and one
-or two threads. --large: N up to 4800 and K up to 12288 now and then. Prints each failing case
-and exits 1 if any failed.
+32..256 and -1, v1 / v2 / symmetric zeros, act-order through g_idx or act_order_prepack + perm
+(its sorted qweight k-interleaved or not), the k-interleaved qweight, bias, non-contiguous or
+transposed x, and on CPU the ISA level and one or two threads. --large: N up to 4800 and K up
+to 12288 (or K = 4096) now and then. Prints each failing case and exits 1 if any failed.
 """
 import argparse
 import math
@@ -35,6 +35,8 @@ def one_case(rnd, device, large, desc):
         N = 8 * rnd.randint(80, 600)
     if large and rnd.random() < 0.1:
         K *= 8
+    if large and rnd.random() < 0.05:  # (M = 1 with a perm: each GEMM block gathers its own x there)
+        K = 4096
     M = rnd.choice([0, 1, 2, 3, 5, 8, 9, 13, 16, 17, 24, 25, 31, 33, 64, 65, 100])
     dtype = rnd.choice([torch.float32, torch.float16, torch.bfloat16])
     sdt = rnd.choice([torch.float16, torch.bfloat16, torch.float32]) if dtype == torch.float32 else dtype
@@ -66,7 +68,10 @@ def one_case(rnd, device, large, desc):
             mode = "g_idx (not sortable)"
             out = torch_ops.w4a16_linear(x, t["qweight"], t["scales"], g_idx=t["g_idx"], **kw)
         else:
-            out = torch_ops.w4a16_linear(x, sorted_[0], t["scales"], perm=sorted_[1], **kw)
+            qw = sorted_[0]
+            if K % 32 == 0 and rnd.random() < 0.5:  # (as QuantLinear holds an act-order layer)
+                mode, qw = "perm, k-interleaved", torch_ops.prepack_w4a16(qw)
+            out = torch_ops.w4a16_linear(x, qw, t["scales"], perm=sorted_[1], **kw)
     elif mode == "prepack" and not act and K % 32 == 0:
         out = torch_ops.w4a16_linear(x, torch_ops.prepack_w4a16(t["qweight"]), t["scales"], **kw)
     else:
