@@ -7,9 +7,9 @@ not collect this file; the suite's parametrised cases are in test_linear.py).
 Each case draws K, N (odd multiples of 8 included), M = 0..100 in 1-3-D batches, fp32 / fp16 /
 bf16 x with scales of any of the three dtypes (fp32 x only; others match x), group sizes
 32..256 and -1, v1 / v2 / symmetric zeros, act-order through g_idx or act_order_prepack + perm
-(its sorted qweight k-interleaved or not), the k-interleaved qweight, bias, non-contiguous or
-transposed x, and on CPU the ISA level and one or two threads. --large: N up to 4800 and K up
-to 12288 (or K = 4096) now and then. Prints each failing case and exits 1 if any failed.
+(its sorted qweight k-interleaved or not), the k-interleaved qweight, bias, non-contiguous,
+transposed or broadcast (stride 0) x, and on CPU the ISA level and one or two threads. --large:
+N up to 4800 and K up to 12288 (or K = 4096) now and then. Prints each failing case and exits 1 if any failed.
 """
 import argparse
 import math
@@ -50,6 +50,8 @@ def one_case(rnd, device, large, desc):
         x = torch.randn(*lead, K + 8, dtype=dtype, device=device)[..., off:off + K]
     elif r < 0.4 and len(lead) == 1:
         x = torch.randn(K, lead[0], dtype=dtype, device=device).t()
+    elif r < 0.45:  # one row broadcast over the batch (stride 0)
+        x = torch.randn(*lead[:-1], 1, K, dtype=dtype, device=device).expand(*lead, K)
     else:
         x = torch.randn(*lead, K, dtype=dtype, device=device)
     bias = torch.randn(N, dtype=dtype, device=device) if rnd.random() < 0.4 else None

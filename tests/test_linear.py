@@ -120,6 +120,11 @@ def test_bias_and_non_contiguous_x(device):
     assert rel_err(out, reference(x, t, bias)) < TOL[torch.float16]
     sliced = torch.randn(3, 2 * K, device=device)[:, ::2]  # strided rows
     assert rel_err(torch_ops.w4a16_linear(sliced, **t), reference(sliced, t)) < TOL[torch.float32]
+    # rows that alias: a broadcast row (stride 0, as expand gives) and rows overlapping by K - 8
+    for aliased in (torch.randn(1, K, device=device).expand(5, K),
+                    torch.randn(4 * 8 + K, device=device).as_strided((5, K), (8, 1))):
+        expected = reference(aliased, t)
+        assert rel_err(torch_ops.w4a16_linear(aliased, **t), expected) < TOL[torch.float32]
 
 
 def test_mixed_scales_dtype(device):

@@ -799,7 +799,10 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
         if (perm.defined() && kil) idx = perm.index_select(0, kil_order(K));
         x = x.index_select(1, idx);
     }
-    if (x.size(0) > 0 && (x.stride(1) != 1 || on_cuda)) x = x.contiguous();
+    // the C core reads rows x_row_stride >= K elements apart: an expanded x (stride 0, as a
+    // broadcast gives) or overlapping rows get a copy
+    if (x.size(0) > 0 && (x.stride(1) != 1 || (x.size(0) > 1 && x.stride(0) < K) || on_cuda))
+        x = x.contiguous();
     int64_t M = x.size(0);
     auto out_shape = x_in.sizes().vec();
     out_shape.back() = N;
