@@ -407,3 +407,156 @@ def test_save_quantized_round_trip(tmp_path):
     assert (tmp_path / "awq" / "model.safetensors.index.json").is_file()
     loaded = load_quantized(TinyLM(), tmp_path / "awq")
     assert torch.equal(loaded(ids), expected)
+
+
+def test_load_tied_lm_head_stays_float(tmp_path):
+    """A checkpoint of a model whose lm_head shares the embedding holds only embed.weight."""
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "awq")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    model = TinyLM()
+    model.lm_head.weight = model.embed.weight
+    load_quantized(model, folder)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, tensors["embed.weight"])
+    assert isinstance(model.blocks[0].up, QuantLinear)
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): lm_head\.weight"):
+        load_quantized(TinyLM(), folder)  # not tied: its weight is missing
+
+
+def shared_tiny_lm():
+    model = TinyLM()
+    model.blocks[1].up = model.blocks[0].up  # one Linear under two names
+    return model
+
+
+def test_shared_layer_saved_once_and_loaded_shared(tmp_path):
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(shared_tiny_lm(), group_size=G)
+    assert model.blocks[1].up is model.blocks[0].up
+    ids = torch.randint(0, 48, (2, 5))
+    expected = model(ids)
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "gptq", "gptq")
+    keys = set(all_tensors(tmp_path / "gptq"))
+    assert {"blocks.0.up.qweight", "blocks.0.up.g_idx"} <= keys  # once, as tied tensors are
+    assert not any(k.startswith("blocks.1.up.") for k in keys)
+    assert inspect_checkpoint(tmp_path / "gptq")["quantized_layers"] == 3
+    loaded = load_quantized(shared_tiny_lm(), tmp_path / "gptq")
+    assert isinstance(loaded.blocks[0].up, QuantLinear) and loaded.blocks[1].up is loaded.blocks[0].up
+    assert torch.equal(loaded(ids), expected)
+    convert_checkpoint(tmp_path / "gptq", tmp_path / "awq", to="awq", verify=True, progress=False)
+    assert torch.equal(load_quantized(shared_tiny_lm(), tmp_path / "awq")(ids), expected)
+
+
+def test_save_quantized_again_replaces_the_old_weight_files(tmp_path):
+    folder = tmp_path / "out"
+    ids = torch.randint(0, 48, (2, 5))
+    for seed, max_shard_bytes in [(0, 100_000), (1, None), (2, 100_000)]:
+        torch.manual_seed(seed)
+        model = torch_ops.quantize_model(TinyLM(), group_size=G)
+        torch_ops.checkpoint.save_quantized(model, folder, "awq", max_shard_bytes=max_shard_bytes)
+        (folder / "tokenizer.json").write_text("{}")  # a file of the user's, kept
+        names = sorted(p.name for p in folder.iterdir())
+        if max_shard_bytes:
+            assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+        else:
+            assert names == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert torch.equal(load_quantized(TinyLM(), folder)(ids), model(ids))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_save_quantized_records_sym(tmp_path, sym):
+    model = torch_ops.quantize_model(TinyLM(), group_size=G, sym=sym)
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "c", "gptq")
+    qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert qc["sym"] is sym
+
+
+def test_convert_keeps_the_config_fields_it_does_not_change(tmp_path):
+    extra = {"damp_percent": 0.01, "true_sequential": True, "lm_head": False, "format": "gptq",
+             "meta": {"quantizer": ["gptqmodel:1.0"]}}
+    src = tmp_path / "v1"
+    make_checkpoint(src, "gptq", "v1")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"].update(extra)
+    (src / "config.json").write_text(json.dumps(config))
+    convert_checkpoint(src, tmp_path / "v2", to="gptq", zero_format="v2", progress=False)
+    qc = json.loads((tmp_path / "v2" / "config.json").read_text())["quantization_config"]
+    assert qc == {**config["quantization_config"], "checkpoint_format": "gptq_v2", "format": "gptq_v2"}
+    # another method: the source method's own fields do not carry over
+    make_checkpoint(tmp_path / "awq", "awq")
+    convert_checkpoint(tmp_path / "awq", tmp_path / "gptq", to="gptq", progress=False)
+    qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert "zero_point" not in qc and "version" not in qc and qc["quant_method"] == "gptq"
+
+
+def test_convert_destination_name_near_the_limit_and_shared_parents(tmp_path, monkeypatch):
+    import torch_ops.checkpoint as ckpt_module
+
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    long_name = "L" * 250  # a valid name; a temporary name built on all of it would not be
+    convert_checkpoint(src, tmp_path / "new" / long_name, to="gptq", progress=False)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [long_name]
+    # a failing conversion removes the parents it made only while they are empty: here another
+    # conversion finished into the same new parent meanwhile, and its output stays
+    real_verify = ckpt_module._verify
+
+    def other_conversion_then_fail(*args):
+        real_verify(*args)
+        convert_checkpoint(src, tmp_path / "shared" / "b", to="gptq", progress=False)
+        raise CheckpointError("verify failed")
+
+    monkeypatch.setattr(ckpt_module, "_verify", other_conversion_then_fail)
+    with pytest.raises(CheckpointError, match="verify failed"):
+        convert_checkpoint(src, tmp_path / "shared" / "a", to="gptq", verify=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["b"]
+
+
+def test_bad_configs_indexes_and_headers_get_checkpoint_errors(tmp_path):
+    def fresh(name, shards=1, fmt="awq"):
+        folder = tmp_path / name
+        make_checkpoint(folder, fmt, shards=shards)
+        return folder
+
+    folder = fresh("skip")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = 5
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="modules_to_not_convert must be a list"):
+        load_quantized(TinyLM(), folder)
+
+    folder = fresh("index", shards=2)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["embed.weight"] = 5
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="weight_map values must be file names, got 5"):
+        inspect_checkpoint(folder)
+
+    folder = fresh("nested", shards=2)  # shards in subfolders: read, but not converted
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    (folder / "sub").mkdir()
+    for shard in set(index["weight_map"].values()):
+        (folder / shard).rename(folder / "sub" / shard)
+    index["weight_map"] = {k: f"sub/{v}" for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert inspect_checkpoint(folder)["quantized_layers"] == 4
+    with pytest.raises(CheckpointError, match="is not a file of the folder itself"):
+        convert_checkpoint(folder, tmp_path / "nested_out", to="gptq", progress=False)
+
+    folder = fresh("narrow", fmt="gptq")  # N = 12: qzeros [K/G, 2] (ceil) look right; N % 8 does not
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors.update({"blocks.0.up.qweight": torch.zeros(128 // 8, 12, dtype=torch.int32),
+                    "blocks.0.up.qzeros": torch.zeros(128 // G, 2, dtype=torch.int32),
+                    "blocks.0.up.scales": torch.ones(128 // G, 12, dtype=torch.float16)})
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="N = 12 output features, not a multiple of 8"):
+        convert_checkpoint(folder, tmp_path / "narrow_out", to="awq", progress=False)
+
+    folder = fresh("trailing")  # bytes after the last tensor: safetensors refuses to read it
+    with open(folder / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(CheckpointError, match="8 bytes after the last tensor"):
+        inspect_checkpoint(folder)

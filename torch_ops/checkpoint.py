@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 import shutil
 import sys
@@ -34,6 +35,8 @@ LEGACY_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 _REQUIRED = ("qweight", "qzeros", "scales")
 _MAX_HEADER = 100 * 1024 * 1024
+# the weight files save_quantized writes (and removes when a new save leaves them stale)
+_WEIGHTS_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
                 "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
@@ -83,12 +86,16 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
     if bits != 4:
         raise CheckpointError(f"{where}: unsupported bits={bits!r} (only 4-bit is supported)")
     group_size = qc.get("group_size", qc.get("q_group_size"))
-    if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+    if (not isinstance(group_size, int) or isinstance(group_size, bool)
+            or not (group_size == -1 or group_size > 0)):
         raise CheckpointError(f"{where}: group_size must be -1 or a positive integer, "
                               f"got {group_size!r}")
     skip = qc.get("modules_to_not_convert") or []
     if isinstance(skip, str):
         skip = [skip]
+    if not isinstance(skip, list) or not all(isinstance(n, str) for n in skip):
+        raise CheckpointError(f"{where}: modules_to_not_convert must be a list of module names, "
+                              f"got {qc.get('modules_to_not_convert')!r}")
     if method == "awq":
         version = str(qc.get("version", "gemm")).lower()
         if version != "gemm":
@@ -159,23 +166,39 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
         meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ must map names to strings")
         data_len = size - 8 - n
-        tensors = {}
+        tensors, spans = {}, []
         for name, info in header.items():
             dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in (*shape, start, end)):
+                raise ValueError(f"bad shape or offsets for {name}")
             numel = 1
             for d in shape:
                 numel *= d
             if dtype not in _DTYPE_BYTES or end - start != numel * _DTYPE_BYTES[dtype]:
                 raise ValueError(f"bad entry for {name}")
-            if not 0 <= start <= end <= data_len:
+            if not start <= end <= data_len:
                 raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {end} "
                                       f"of the data section, the file holds {data_len}")
             tensors[name] = (dtype, shape, end - start)
+            spans.append((start, end))
+        # as safetensors itself requires: the tensors tile the data section, no gap, no overlap
+        covered = 0
+        for start, end in sorted(spans):
+            if start != covered:
+                raise ValueError(f"tensor data {'overlaps' if start < covered else 'has a gap'} "
+                                 f"at byte {min(start, covered)}")
+            covered = end
+        if covered != data_len:
+            raise ValueError(f"{data_len - covered} bytes after the last tensor")
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     return tensors, meta
 
@@ -197,6 +220,10 @@ class Checkpoint:
                 weight_map = self.index.get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise CheckpointError(f"{path / INDEX_NAME}: no weight_map")
+                bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+                if bad is not None:
+                    raise CheckpointError(f"{path / INDEX_NAME}: weight_map values must be file "
+                                          f"names, got {bad!r}")
                 shards = [path / s for s in dict.fromkeys(weight_map.values())]
             else:
                 shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
@@ -275,6 +302,11 @@ def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, in
         raise CheckpointError(f"{prefix}.qweight must be a 2-D int32 tensor, got {dtype} {shape}")
     rows, cols = shape
     K, N = (rows, cols * 8) if qc.method == "awq" else (rows * 8, cols)
+    if K == 0 or N == 0:
+        raise CheckpointError(f"{prefix}.qweight {shape} is empty")
+    if N % 8:
+        raise CheckpointError(f"{prefix}: N = {N} output features, not a multiple of 8 (4-bit "
+                              "qzeros pack 8 columns a word; such layers are not supported)")
     if f"{prefix}.scales" in ckpt.shard_of and info("scales")[1][-1:] != [N]:
         raise CheckpointError(
             f"{prefix}: qweight {shape} and scales {info('scales')[1]} do not fit the "
@@ -318,9 +350,11 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     """Load a quantized checkpoint folder into ``model`` (built with float ``nn.Linear`` layers).
 
     Every ``nn.Linear`` the checkpoint quantizes (it has ``<name>.qweight``, and the name does not
-    match ``modules_to_not_convert``) becomes a :class:`QuantLinear`; then every tensor is loaded,
-    shard by shard, quantized or not (float tensors are cast into the model's parameters). Missing
-    or unexpected tensors raise CheckpointError listing them, before the model is changed."""
+    match ``modules_to_not_convert``) becomes a :class:`QuantLinear` (one Linear under several
+    names, once, under all of them); the others stay float, and one tied to a tensor the checkpoint
+    holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. Then every tensor is
+    loaded, shard by shard, quantized or not (float tensors are cast into the model's parameters).
+    Missing or unexpected tensors raise CheckpointError listing them, before the model is changed."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -331,39 +365,46 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     keys = set(ckpt.keys())
     qprefixes = set(ckpt.quantized_prefixes())
 
-    quant_names = []
-    for name, m in model.named_modules():
-        if (not isinstance(m, (nn.Linear, QuantLinear))
-                or name_matches(name, qc.modules_to_not_convert)):
-            continue
-        if f"{name}.weight" in keys and name not in qprefixes:
-            continue  # stored unquantized (e.g. lm_head): stays a float nn.Linear
-        quant_names.append(name)
-        if name in qprefixes and f"{name}.scales" in keys:
-            K, N = _layer_dims(ckpt, name, qc)
-            if (K, N) != (m.in_features, m.out_features):
-                raise CheckpointError(
-                    f"{name}: the checkpoint holds a {K}->{N} layer, the model a "
-                    f"{m.in_features}->{m.out_features} one")
+    # a Linear shared by several names (tied) is one layer: quantized when the checkpoint holds
+    # qweight under any of its names, then every name gets the same QuantLinear
+    names_of = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, (nn.Linear, QuantLinear)):
+            names_of.setdefault(id(m), (m, []))[1].append(name)
+    layers = []  # (module, its names)
+    for m, names in names_of.values():
+        if (any(name_matches(n, qc.modules_to_not_convert) for n in names)
+                or not any(n in qprefixes for n in names)):
+            continue  # stored unquantized (e.g. lm_head), or tied to a float tensor: stays float
+        layers.append((m, names))
+        for name in names:
+            if name in qprefixes and f"{name}.scales" in keys:
+                K, N = _layer_dims(ckpt, name, qc)
+                if (K, N) != (m.in_features, m.out_features):
+                    raise CheckpointError(
+                        f"{name}: the checkpoint holds a {K}->{N} layer, the model a "
+                        f"{m.in_features}->{m.out_features} one")
+    quant_names = [name for _, names in layers for name in names]
     replaced = []  # (name, original module): put back if the checkpoint does not fit
     try:
-        for name in quant_names:
-            m = model.get_submodule(name)
+        for m, names in layers:
             if isinstance(m, QuantLinear):
                 if m.group_size != qc.group_size:
-                    raise CheckpointError(f"{name}: QuantLinear has group_size={m.group_size}, "
-                                          f"the checkpoint {qc.group_size}")
+                    raise CheckpointError(f"{names[0]}: QuantLinear has group_size="
+                                          f"{m.group_size}, the checkpoint {qc.group_size}")
                 continue
             try:
-                check_dims(m.in_features, m.out_features, qc.group_size, what=name)
+                check_dims(m.in_features, m.out_features, qc.group_size, what=names[0])
             except ValueError as e:
                 raise CheckpointError(str(e)) from None
             # AutoGPTQ writes a (zero) bias for every layer, also where the model has none: keep it
-            bias = m.bias is not None or f"{name}.bias" in keys
-            replace_module(model, name, QuantLinear(
-                m.in_features, m.out_features, bias=bias, group_size=qc.group_size,
-                dtype=torch.float16, device=m.weight.device))
-            replaced.append((name, m))
+            bias = m.bias is not None or any(f"{n}.bias" in keys for n in names)
+            new = QuantLinear(m.in_features, m.out_features, bias=bias,
+                              group_size=qc.group_size, dtype=torch.float16,
+                              device=m.weight.device)
+            for name in names:
+                replace_module(model, name, new)
+                replaced.append((name, m))
         expected = _state_tensors(model)
         optional = {f"{n}.g_idx" for n in quant_names}
         present_ids = {id(t) for k, t in expected.items() if k in keys}
@@ -417,7 +458,10 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
                    max_shard_bytes: int | None = None, config: dict | None = None) -> None:
     """Write ``model`` (with QuantLinear layers) as a checkpoint folder in AWQ or GPTQ format:
     config.json (``config`` plus quantization_config) and model.safetensors, or shards of at most
-    ``max_shard_bytes`` with model.safetensors.index.json. Float tensors are written as they are."""
+    ``max_shard_bytes`` with model.safetensors.index.json. Float tensors are written as they are; a
+    tensor or QuantLinear shared by several names is written once, under the first. The weight
+    files of an earlier save into the same folder that this one does not overwrite are removed;
+    other files there are left alone. ``sym`` is recorded true when every zero point is 8."""
     from safetensors.torch import save_file
 
     if format not in ("awq", "gptq"):
@@ -428,21 +472,24 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     sizes = {m.group_size for m in layers.values()}
     if len(sizes) != 1:
         raise ValueError(f"save_quantized: layers use several group sizes {sorted(sizes)}")
+    quantized = {id(m) for m in layers.values()}
+    owned = {f"{n}.{k}" for n, m in model.named_modules(remove_duplicate=False)
+             if id(m) in quantized for k in (*m._parameters, *m._buffers)}
     tensors, seen = {}, set()
     for key, t in _state_tensors(model).items():
-        name, _, suffix = key.rpartition(".")
-        if name in layers or id(t) in seen:
+        if key in owned or id(t) in seen:
             continue  # quantized layers come below; a tied tensor is written once
         seen.add(id(t))
         tensors[key] = t.detach()
-    act_order = False
-    for name, m in layers.items():
+    act_order, sym = False, True
+    for name, m in layers.items():  # a layer shared by several names: once, as tied tensors are
         exported = m.to_awq() if format == "awq" else m.to_gptq(zero_format)
         act_order |= m.act_order
+        sym &= m.symmetric
         tensors.update({f"{name}.{s}": t for s, t in exported.items()})
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    qc = quant_config_dict(format, sizes.pop(), zero_format, act_order, False, skip)
+    qc = quant_config_dict(format, sizes.pop(), zero_format, act_order, sym, skip)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / CONFIG_NAME, "w") as f:
@@ -455,14 +502,20 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
             size = 0
         shards[-1][key] = tensors[key]
         size += nb
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+    # an earlier save's index or shards would be read in place of (or beside) these: remove them
+    stale = [p for p in folder.glob("model*.safetensors")
+             if p.name not in names and _WEIGHTS_FILE.fullmatch(p.name)]
     if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        stale.append(folder / INDEX_NAME)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if len(shards) == 1:
         return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
+    weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(folder / INDEX_NAME, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
@@ -539,6 +592,10 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     if qc is None:
         raise CheckpointError(f"{src}: config.json has no quantization_config (not quantized)")
     ckpt = Checkpoint(src)
+    nested = [s for s in ckpt.shards if s.parent != src]
+    if nested:
+        raise CheckpointError(f"{src / INDEX_NAME}: shard {nested[0].relative_to(src)} is not a "
+                              "file of the folder itself (not supported by convert)")
     prefixes = ckpt.quantized_prefixes()
     if not prefixes:
         raise CheckpointError(f"{src}: no quantized layers (no *.qweight tensors)")
@@ -567,10 +624,12 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
             plan[shard].append(new_g_idx)
 
     dst_parent = dst.parent.resolve()
-    first_new = next((p for p in [dst_parent, *dst_parent.parents][::-1] if not p.exists()), None)
-    dst_parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst_parent))
+    created = [p for p in [dst_parent, *dst_parent.parents] if not p.exists()]  # deepest first
+    tmp = None
     try:
+        dst_parent.mkdir(parents=True, exist_ok=True)
+        # (a short name: DST's own may be near the file system's limit)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name[:32]}.partial-", dir=dst_parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
@@ -578,16 +637,25 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order),
                                    qc.sym if qc.method == "gptq" else False,
                                    qc.modules_to_not_convert)
-        if to == "gptq" and "format" in qc.raw and "checkpoint_format" not in qc.raw:
+        if to == qc.method:  # GPTQModel's lm_head, meta, damp_percent...: kept, ours updated
+            new_qc = {**qc.raw, **new_qc}
+        if to == "gptq" and "format" in qc.raw:
             new_qc["format"] = new_qc["checkpoint_format"]
         _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total)
         if verify:
             _verify(ckpt, Checkpoint(tmp), qc, read_quant_config(tmp)[1], prefixes, progress)
         os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if first_new is not None:
-            shutil.rmtree(first_new, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # the folders made for DST, unless something else was put there since
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {dst} ({e.strerror or e}"
+                                  f"{': ' + str(e.filename) if e.filename else ''})") from None
         raise
     finally:
         ckpt.close()
@@ -652,8 +720,9 @@ def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
             continue
         if item.is_dir():
             shutil.copytree(item, tmp / item.name, symlinks=True)
-        else:
-            shutil.copy2(item, tmp / item.name)
+        else:  # a link's target is copied (a Hugging Face cache's snapshot is all links), a
+            # dangling link as it is
+            shutil.copy2(item, tmp / item.name, follow_symlinks=item.exists())
 
 
 def _verify(src: Checkpoint, dst: Checkpoint, src_qc, dst_qc, prefixes, progress):

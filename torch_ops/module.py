@@ -119,6 +119,12 @@ class QuantLinear(nn.Module):
         return self.g_idx is not None
 
     @property
+    def symmetric(self) -> bool:
+        """Every zero point is 8 (GPTQ's ``sym``: the weights are q * s - 8 s)."""
+        eights = torch.tensor(0x88888888 - (1 << 32), dtype=torch.int32)  # eight zeros of 8
+        return bool((self._qzeros_as("v2") == eights.to(self.qzeros.device)).all())
+
+    @property
     def kinterleaved(self) -> bool:
         """qweight is held k-interleaved ([K/32, 4, N], ``torch_ops.prepack_w4a16``)."""
         return self.qweight.dim() == 3
