@@ -138,6 +138,13 @@ def test_empty_batch(device):
     t = make_weights(64, 16, 32, device=device)
     out = torch_ops.w4a16_linear(torch.empty(0, 64, device=device), **t)
     assert out.shape == (0, 16)
+    empty_k = {"qweight": torch.zeros(0, 16, dtype=torch.int32, device=device),
+               "scales": torch.zeros(0, 16, device=device), "group_size": 32}
+    out = torch_ops.w4a16_linear(torch.empty(2, 3, 0, device=device), **empty_k,
+                                 bias=torch.ones(16, device=device))
+    assert out.shape == (2, 3, 16) and torch.equal(out, torch.ones_like(out))
+    with pytest.raises(ValueError, match=r"group_size = -1 \(one group of all K rows\) needs K > 0"):
+        torch_ops.w4a16_linear(torch.empty(2, 0, device=device), **{**empty_k, "group_size": -1})
 
 
 def test_gradient_wrt_x(device):
@@ -730,6 +737,21 @@ def test_g_idx_changed_in_place_is_checked_again(device):
     t["g_idx"][5] = 7  # in place: the version counter moves, so the next call checks again
     with pytest.raises(ValueError, match=r"w4a16_linear: g_idx values must be in \[0, 2\)"):
         torch_ops.w4a16_linear(x, **t)
+    # another view at the same address and of the same size and version, here every other entry
+    # of a tensor whose second half is out of range, is checked as a new tensor
+    base = torch.zeros(256, dtype=torch.int32, device=device)
+    base[128:] = 10**9
+    t["g_idx"] = base[:128]
+    torch_ops.w4a16_linear(x, **t)
+    t["g_idx"] = base[::2]
+    with pytest.raises(ValueError, match=r"g_idx values must be in \[0, 2\) .*got values in \[0, 1000000000\]"):
+        torch_ops.w4a16_linear(x, **t)
+    if device == "cpu":  # a write the version counter does not see: the CPU reads g_idx every call
+        t["g_idx"] = torch.zeros(128, dtype=torch.int32)
+        torch_ops.w4a16_linear(x, **t)
+        t["g_idx"].numpy()[5] = 10**9
+        with pytest.raises(ValueError, match=r"g_idx values must be in \[0, 2\)"):
+            torch_ops.w4a16_linear(x, **t)
 
 
 def test_bad_input(device):

@@ -545,6 +545,10 @@ def test_torch_export_save_load(device, tmp_path):
     for batch in (3, 1, 9):
         xb = torch.randn(batch, K, device=device)
         assert torch.equal(loaded(xb), model(xb))
+    # the layer itself as the exported module: a plain one with bias (its None g_idx and perm
+    # buffers come after bias: torch.export fails on two None buffers before a tensor one)
+    layer = QuantLinear.from_gptq(**random_gptq(device), group_size=G, bias=torch.randn(N, device=device))
+    assert torch.equal(torch.export.export(layer, (x,)).module()(x), layer(x))
 
 
 @pytest.mark.parametrize("act_order", [False, True])

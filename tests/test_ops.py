@@ -157,6 +157,27 @@ def test_repack_into_out(device):
         with pytest.raises((ValueError, TypeError), match=message):
             torch_ops.awq_to_gptq(qweight, qzeros, out=bad_out)
         assert all(torch.equal(a, b) for a, b in zip(bad_out, before))  # nothing written
+    # a strided input (its overlap with out cannot be computed) in another storage is fine
+    wide = torch.zeros(qzeros.shape[0], 2 * qzeros.shape[1], dtype=torch.int32, device=device)
+    strided = wide[:, ::2]
+    strided.copy_(qzeros)
+    fresh = (torch.full_like(gq, -1), torch.full_like(gz, -1))
+    torch_ops.awq_to_gptq(qweight, strided, out=fresh)
+    assert torch.equal(fresh[0], gq) and torch.equal(fresh[1], gz)
+    with pytest.raises(ValueError, match="qzeros_out overlaps an input"):  # in its storage: refused
+        torch_ops.awq_to_gptq(qweight, strided, out=(fresh[0], wide.view(-1)[:gz.numel()].view(gz.shape)))
+
+
+def test_repack_zero_rows_still_converts_qzeros(device):
+    qweight = torch.zeros(0, 1, dtype=torch.int32, device=device)
+    qzeros = torch.full((1, 1), 0x01234567, dtype=torch.int32, device=device)
+    for zero_format in ("v1", "v2"):
+        expected = ref.awq_to_gptq(qweight.cpu(), qzeros.cpu(), zero_format)
+        for _ in range(3):  # (an unwritten result would differ from call to call)
+            got = torch_ops.awq_to_gptq(qweight, qzeros, zero_format)
+            assert all(torch.equal(g.cpu(), e) for g, e in zip(got, expected))
+        back = torch_ops.gptq_to_awq(*got, zero_format=zero_format)
+        assert torch.equal(back[1], qzeros)
 
 
 def test_gptq_to_awq_refuses_act_order(device):
@@ -335,6 +356,11 @@ def test_errors_name_op_argument_and_value(device):
         (lambda: torch_ops.pack(u8(8), 2, order="awq"), r'order="awq" needs bits=4'),
         (lambda: torch_ops.pack(u8(8), 4, order="zigzag"), r'pack: order must be "sequential" or "awq", got "zigzag"'),
         (lambda: torch_ops.pack(u8(8), 4, dtype=torch.int16), r"pack: dtype must be torch.int32 or torch.uint8"),
+        (lambda: torch_ops.unpack(i32(8).short(), 4), r"unpack: packed.dtype must be torch.int32 or torch.uint8"),
+        (lambda: torch_ops.dequantize(i32(0, 16), torch.ones(1, 16, device=device), group_size=-1),
+         r"dequantize: group_size = -1 \(one group of all K rows\) needs K > 0, got K = 0"),
+        (lambda: torch_ops.quantize(torch.randn(16, 64, device=device), scales_dtype=torch.int32),
+         r"quantize: scales_dtype must be torch.float16, torch.bfloat16, torch.float32 or None"),
         (lambda: torch_ops.unpack(i32(4), 3), r"unpack: packed.shape\[0\] = 4 is not a whole number of words"),
         (lambda: torch_ops.awq_to_gptq(i32(12, 2), i32(1, 2)), r"awq_to_gptq: K = qweight.shape\[0\] = 12 must be a multiple of 8"),
         (lambda: torch_ops.awq_to_gptq(i32(16, 2), i32(2, 3)), r"awq_to_gptq: qzeros must have shape \[K/G, N/8\] = \[2, 2\], got \[2, 3\]"),
@@ -397,6 +423,8 @@ def _op_samples(device):
         (ops.gptq_to_awq_out, (gq, gz, "v1", None), {"qweight_out": torch.empty_like(qweight),
                                                       "qzeros_out": torch.empty_like(qzeros)}),
         (ops.convert_gptq_zeros, (gz, 4, "v1", "v2"), {}),
+        (ops.convert_gptq_zeros, (gz.t().contiguous().t(), 4, "v1", "v2"), {}),  # column-major
+        (ops.convert_gptq_zeros, (gz.t().contiguous().t(), 4, "v2", "v2"), {}),
         (ops.pack_v2, (rand_values((8, 128), 4, device),), {}),
         (ops.pack_v2, (rand_values((8, 128), 4, device), False), {}),
         (ops.unpack_v2, (torch_ops.pack_v2(rand_values((8, 128), 4, device)),), {}),

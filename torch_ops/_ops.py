@@ -187,7 +187,7 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
 def _quantize_op(weight: torch.Tensor, bits: int, group_size: int, sym: bool, format: str,
                  zero_format: str, scales_dtype: Optional[torch.dtype]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_quantize_args(weight, bits, group_size, format, zero_format)
+    _check_quantize_args(weight, bits, group_size, format, zero_format, scales_dtype)
     q, z, scales = _reference.rtn(weight, bits, group_size, sym, format, scales_dtype)
     K = q.shape[0]
     g_idx = (torch.arange(K, device=weight.device) // (K if group_size == -1 else group_size)
@@ -198,10 +198,13 @@ def _quantize_op(weight: torch.Tensor, bits: int, group_size: int, sym: bool, fo
     return pack(q, bits, 0), pack(z, bits, 1), scales, g_idx
 
 
-def _check_quantize_args(weight, bits, group_size, format, zero_format):
+def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_dtype):
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize: weight must be a 2-D float tensor [N, K], got "
                          f"{weight.dtype} of shape {list(weight.shape)}")
+    if scales_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"quantize: scales_dtype must be torch.float16, torch.bfloat16, "
+                        f"torch.float32 or None, got {scales_dtype}")
     if format not in ("gptq", "awq"):
         raise ValueError(f'quantize: format must be "gptq" or "awq", got "{format}"')
     if zero_format not in ("v1", "v2"):
@@ -223,7 +226,7 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format):
 
 @_quantize_op.register_fake
 def _(weight, bits, group_size, sym, format, zero_format, scales_dtype):
-    _check_quantize_args(weight, bits, group_size, format, zero_format)
+    _check_quantize_args(weight, bits, group_size, format, zero_format, scales_dtype)
     N, K = weight.shape
     G = 1 if group_size == -1 else K // group_size
     if scales_dtype is None:
@@ -284,7 +287,7 @@ def _(qweight, qzeros, zero_format="v1", g_idx=None, *, qweight_out, qzeros_out)
 
 @torch.library.register_fake("torch_ops::convert_gptq_zeros")
 def _(qzeros, bits, src, dst):
-    return torch.empty_like(qzeros)
+    return qzeros.new_empty(qzeros.shape)  # contiguous, as the kernel's, whatever qzeros' strides
 
 
 @torch.library.register_fake("torch_ops::pack_v2")

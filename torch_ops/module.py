@@ -105,9 +105,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(qshape, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(ng, N // PACK, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(ng, N, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
+        # (after bias: torch.export (2.13) fails on two None buffers followed by a tensor one)
         self.register_buffer("g_idx", None)
         self.register_buffer("perm", None, persistent=False)  # derived from g_idx at load
-        self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
 
     # ------------------------------------------------------------------ properties
     @property

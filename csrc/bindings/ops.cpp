@@ -93,6 +93,8 @@ int tops_dtype_of(at::ScalarType s) {
 int64_t resolve_group_size(const char *op, int64_t group_size, int64_t K) {
     TORCH_CHECK_VALUE(group_size == -1 || group_size > 0, op,
                       ": group_size must be positive or -1 (one group), got ", group_size);
+    TORCH_CHECK_VALUE(group_size > 0 || K > 0, op,
+                      ": group_size = -1 (one group of all K rows) needs K > 0, got K = 0");
     return group_size == -1 ? K : group_size;
 }
 
@@ -128,12 +130,14 @@ void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi,
 }
 
 // Index entries (g_idx: groups, perm: positions in a row of x) in [0, limit). On CUDA this needs
-// a sync, so an index tensor already seen unchanged (same address, size, limit and version
-// counter) is not checked again, and none is checked while a CUDA graph is being captured
+// a sync, so an index tensor already seen unchanged (same address, dtype, size, strides, limit
+// and version counter) is not checked again, and none is checked while a CUDA graph is being
+// captured
 // (capture requires an eager warm-up, which checked it). Each entry keeps a reference to its
 // storage, so a cached address cannot be reused by another tensor while the entry lives; one
 // entry per act-order layer. Values that cannot be read (index_values_readable) are neither
-// checked nor cached.
+// checked nor cached. A write the version counter does not see (through .data or numpy) goes
+// unnoticed on CUDA; on the CPU, where reading costs no sync, the range is read on every call.
 // want_perm: also find out (once, cached alike) whether idx is a permutation of [0, limit);
 // returns that, false where unknown (during capture of a tensor not seen before) or not asked.
 bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
@@ -141,6 +145,8 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
     if (idx.numel() == 0 || !index_values_readable(idx)) return false;
     struct Seen {
         c10::Storage storage;
+        at::ScalarType dtype;
+        std::vector<int64_t> strides;
         int64_t numel, limit;
         uint32_t version;
         int is_perm;  // -1: not asked yet
@@ -149,31 +155,37 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
     static std::unordered_map<const void *, Seen> seen;
     const void *key = idx.data_ptr();
     uint32_t version = idx.unsafeGetTensorImpl()->version_counter().current_version();
-    bool range_known = false;  // seen unchanged, but the permutation question not asked yet
+    bool seen_unchanged = false;
+    int seen_perm = -1;  // what an unchanged entry knows of the permutation question
     {
         std::lock_guard<std::mutex> lock(mu);
         auto it = seen.find(key);
         if (it != seen.end() && it->second.numel == idx.numel() && it->second.limit == limit &&
-            it->second.version == version) {
-            if (!want_perm || it->second.is_perm >= 0) return it->second.is_perm == 1;
-            range_known = true;
+            it->second.version == version && it->second.dtype == idx.scalar_type() &&
+            idx.strides().equals(it->second.strides)) {
+            seen_unchanged = true;
+            seen_perm = it->second.is_perm;
         }
     }
+    const bool answered = seen_unchanged && (!want_perm || seen_perm >= 0);
+    if (answered && idx.is_cuda()) return seen_perm == 1;
 #ifdef TOPS_WITH_CUDA
     if (idx.is_cuda() && cuda::is_capturing(idx)) return false;
 #endif
-    if (!range_known) {
+    if (!seen_unchanged || !idx.is_cuda()) {
         int64_t lo, hi;
         index_min_max(idx, lo, hi);
         check_index_bounds(op, arg, lo, hi, limit, meaning);
     }
+    if (answered) return seen_perm == 1;
     int is_perm = -1;
     if (want_perm)
         is_perm = idx.numel() == limit &&
                   at::equal(std::get<0>(at::sort(idx.reshape({-1}))), at::arange(limit, idx.options()));
     std::lock_guard<std::mutex> lock(mu);
     if (seen.size() >= 4096) seen.clear();  // bound what the cache keeps alive
-    seen[key] = Seen{idx.storage(), idx.numel(), limit, version, is_perm};
+    seen[key] = Seen{idx.storage(), idx.scalar_type(), idx.strides().vec(), idx.numel(), limit,
+                     version, is_perm};
     return is_perm == 1;
 }
 
@@ -231,9 +243,10 @@ void run_cpu(const char *op, int64_t n, int64_t grain, const F &f) {
 
 // ---- pack / unpack ------------------------------------------------------------------------------
 
-int word_bytes_of(const char *op, at::ScalarType dtype) {
-    TORCH_CHECK_TYPE(dtype == at::kInt || dtype == at::kByte, op,
-                     ": dtype must be torch.int32 or torch.uint8, got ", dtype);
+// arg: what names the word dtype in the op's signature (pack's dtype, unpack's packed.dtype)
+int word_bytes_of(const char *op, const char *arg, at::ScalarType dtype) {
+    TORCH_CHECK_TYPE(dtype == at::kInt || dtype == at::kByte, op, ": ", arg,
+                     " must be torch.int32 or torch.uint8, got ", dtype);
     return dtype == at::kInt ? 4 : 1;
 }
 
@@ -244,7 +257,7 @@ at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::str
     check_device(op, "values", values_in, values_in);
     check_bits(op, bits, {1, 2, 3, 4, 8});
     TORCH_CHECK_VALUE(values_in.dim() >= 1, op, ": values must have at least 1 dimension");
-    int wb = word_bytes_of(op, dtype);
+    int wb = word_bytes_of(op, "dtype", dtype);
     int order = parse_order(op, order_s);
     TORCH_CHECK_VALUE(order == TOPS_ORDER_SEQUENTIAL || (bits == 4 && wb == 4), op,
                       ": order=\"awq\" needs bits=4 and dtype=torch.int32, got bits=", bits,
@@ -280,7 +293,7 @@ at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::str
 at::Tensor unpack(const at::Tensor &packed_in, int64_t bits, int64_t dim, c10::string_view order_s) {
     const char *op = "unpack";
     check_device(op, "packed", packed_in, packed_in);
-    int wb = word_bytes_of(op, packed_in.scalar_type());
+    int wb = word_bytes_of(op, "packed.dtype", packed_in.scalar_type());
     check_bits(op, bits, {1, 2, 3, 4, 8});
     TORCH_CHECK_VALUE(packed_in.dim() >= 1, op, ": packed must have at least 1 dimension");
     int order = parse_order(op, order_s);
@@ -328,6 +341,14 @@ int check_repack_inputs(const char *op, const at::Tensor &qweight, const at::Ten
 
 // The body of both directions: qweight in blocks of 8 rows of K (split across threads), qzeros
 // word by word.
+// Whether two tensors may share memory: get_overlap_status cannot tell for a strided view
+// (TooHard), and then only tensors of one storage may.
+bool may_overlap(const at::Tensor &a, const at::Tensor &b) {
+    auto status = at::get_overlap_status(a, b);
+    return status != at::MemOverlapStatus::No &&
+           (status != at::MemOverlapStatus::TooHard || a.storage().is_alias_of(b.storage()));
+}
+
 // out: the caller's output tensors (the .out overloads), or undefined to allocate them.
 // A repack cannot run in place, so outputs may not overlap the inputs.
 void check_out(const char *op, const char *arg, const at::Tensor &out, at::IntArrayRef shape,
@@ -337,8 +358,8 @@ void check_out(const char *op, const char *arg, const at::Tensor &out, at::IntAr
     check_shape(op, arg, out, shape, "the shape of the result");
     TORCH_CHECK_VALUE(out.is_contiguous(), op, ": ", arg, " must be contiguous");
     for (const at::Tensor *in : {&qweight, &qzeros})
-        TORCH_CHECK_VALUE(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No, op, ": ",
-                          arg, " overlaps an input; a repack cannot run in place");
+        TORCH_CHECK_VALUE(!may_overlap(out, *in), op, ": ", arg,
+                          " overlaps an input; a repack cannot run in place");
 }
 
 std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at::Tensor &qweight_in,
@@ -352,8 +373,7 @@ std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at
     if (qw_out.defined()) {
         check_out(op, "qweight_out", qw_out, qw_shape, qweight_in, qzeros_in);
         check_out(op, "qzeros_out", qz_out, qzeros.sizes(), qweight_in, qzeros_in);
-        TORCH_CHECK_VALUE(at::get_overlap_status(qw_out, qz_out) == at::MemOverlapStatus::No, op,
-                          ": qweight_out and qzeros_out overlap");
+        TORCH_CHECK_VALUE(!may_overlap(qw_out, qz_out), op, ": qweight_out and qzeros_out overlap");
         qw = qw_out;
         qz = qz_out;
     } else {
@@ -363,17 +383,19 @@ std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at
     if (qweight.is_cuda()) {
         TOPS_CUDA(op, (to_gptq ? cuda::awq_to_gptq : cuda::gptq_to_awq)(qw, qz, qweight, qzeros, K,
                                                                          N, zf));
-    } else if (qweight.numel() > 0) {
+    } else {
         auto qweight_fn = to_gptq ? tops_awq_to_gptq_qweight : tops_gptq_to_awq_qweight;
         auto qzeros_fn = to_gptq ? tops_awq_to_gptq_qzeros : tops_gptq_to_awq_qzeros;
-        run_cpu(op, K / 8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N)),
-                [&](int64_t b, int64_t e) {
-                    return qweight_fn(qw.data_ptr<int32_t>(), qweight.data_ptr<int32_t>(), K, N, b,
-                                      e);
-                });
-        check_status(qzeros_fn(qz.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), qzeros.numel(),
-                               zf),
-                     op);
+        if (qweight.numel() > 0)
+            run_cpu(op, K / 8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N)),
+                    [&](int64_t b, int64_t e) {
+                        return qweight_fn(qw.data_ptr<int32_t>(), qweight.data_ptr<int32_t>(), K, N,
+                                          b, e);
+                    });
+        if (qzeros.numel() > 0)  // (also where K = 0: qzeros may still hold a group)
+            check_status(qzeros_fn(qz.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(),
+                                   qzeros.numel(), zf),
+                         op);
     }
     return {qw, qz};
 }
@@ -578,6 +600,11 @@ at::Tensor unprepack_w4a16(const at::Tensor &qweight) { return prepack_w4a16_imp
 // ---- dequantize ---------------------------------------------------------------------------------
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// t [..., C] as [rows, C] (reshape({-1, C}) cannot infer the rows where C = 0)
+at::Tensor as_rows(const at::Tensor &t) {
+    return t.reshape({c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1), t.size(-1)});
+}
 
 at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
                       const c10::optional<at::Tensor> &qzeros_in, c10::string_view format_s,
@@ -790,7 +817,7 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     // the CUDA kernels read scales in the activation dtype (a small [K/G, N] conversion)
     at::Tensor scales = on_cuda ? scales_in.to(xs).contiguous() : scales_in.contiguous();
     at::Tensor qweight = qweight_in.contiguous();
-    at::Tensor x = x_in.reshape({-1, K});
+    at::Tensor x = as_rows(x_in);
     // CPU: x[:, perm] here (small next to the weights), and with a k-interleaved qweight x in
     // the words' k order, the words then read as GPTQ ones: one gather, x[:, perm[order]]. CUDA:
     // by a kernel of the launcher's (the kernels read the k-interleaved layout natively)
@@ -913,7 +940,7 @@ public:
                 grad_x = at::zeros_like(grad_x).index_add_(-1, perm.to(at::kLong), grad_x);
         }
         if (ctx->saved_data["bias_grad"].toBool())
-            grad_bias = grad.reshape({-1, grad.size(-1)}).sum(0);
+            grad_bias = as_rows(grad).sum(0);
         /* one per forward argument: x, qweight, scales, qzeros, group_size, g_idx, bias,
          * zero_format, perm */
         return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
