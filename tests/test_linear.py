@@ -754,6 +754,26 @@ def test_g_idx_changed_in_place_is_checked_again(device):
             torch_ops.w4a16_linear(x, **t)
 
 
+def test_index_tensors_made_under_inference_mode(device):
+    """inference tensors have no version counter (the range check's cache key): g_idx and perm
+    made under torch.inference_mode work inside and outside it, and a bad one is still refused"""
+    t = make_weights(128, 16, 64, act_order=True, device=device)
+    x = torch.randn(2, 128, device=device)
+    expected = reference(x, t)
+    with torch.inference_mode():
+        g_idx = t["g_idx"].clone()
+        qweight, perm = torch_ops.act_order_prepack(t["qweight"], g_idx, 64)
+        bad = torch.full_like(g_idx, 2)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            out = torch_ops.w4a16_linear(x, **{**t, "g_idx": g_idx})
+            assert rel_err(out, expected) < TOL[torch.float32]
+            out = torch_ops.w4a16_linear(x, **{**t, "qweight": qweight, "g_idx": None}, perm=perm)
+            assert rel_err(out, expected) < TOL[torch.float32]
+            with pytest.raises(ValueError, match=r"g_idx values must be in \[0, 2\)"):
+                torch_ops.w4a16_linear(x, **{**t, "g_idx": bad})
+
+
 def test_bad_input(device):
     t = make_weights(128, 16, 64, device=device)
     x = torch.randn(2, 128, device=device)

@@ -136,8 +136,9 @@ void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi,
 // (capture requires an eager warm-up, which checked it). Each entry keeps a reference to its
 // storage, so a cached address cannot be reused by another tensor while the entry lives; one
 // entry per act-order layer. Values that cannot be read (index_values_readable) are neither
-// checked nor cached. A write the version counter does not see (through .data or numpy) goes
-// unnoticed on CUDA; on the CPU, where reading costs no sync, the range is read on every call.
+// checked nor cached. A write the version counter does not see (through .data or numpy, or to an
+// inference tensor) goes unnoticed on CUDA; on the CPU, where reading costs no sync, the range is
+// read on every call.
 // want_perm: also find out (once, cached alike) whether idx is a permutation of [0, limit);
 // returns that, false where unknown (during capture of a tensor not seen before) or not asked.
 bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
@@ -154,7 +155,10 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
     static std::mutex mu;
     static std::unordered_map<const void *, Seen> seen;
     const void *key = idx.data_ptr();
-    uint32_t version = idx.unsafeGetTensorImpl()->version_counter().current_version();
+    // an inference tensor (made under torch.inference_mode) has no version counter: writes to it
+    // go unnoticed, as writes through .data do
+    uint32_t version =
+        idx.is_inference() ? 0 : idx.unsafeGetTensorImpl()->version_counter().current_version();
     bool seen_unchanged = false;
     int seen_perm = -1;  // what an unchanged entry knows of the permutation question
     {
