@@ -132,9 +132,8 @@ void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi,
 // Index entries (g_idx: groups, perm: positions in a row of x) in [0, limit). On CUDA this needs
 // a sync, so an index tensor already seen unchanged (same address, dtype, size, strides, limit
 // and version counter) is not checked again, and none is checked while a CUDA graph is being
-// captured
-// (capture requires an eager warm-up, which checked it). Each entry keeps a reference to its
-// storage, so a cached address cannot be reused by another tensor while the entry lives; one
+// captured (capture requires an eager warm-up, which checked it). Each entry keeps a reference to
+// its storage, so a cached address cannot be reused by another tensor while the entry lives; one
 // entry per act-order layer. Values that cannot be read (index_values_readable) are neither
 // checked nor cached. A write the version counter does not see (through .data or numpy, or to an
 // inference tensor) goes unnoticed on CUDA; on the CPU, where reading costs no sync, the range is
@@ -343,8 +342,6 @@ int check_repack_inputs(const char *op, const at::Tensor &qweight, const at::Ten
     return parse_zero_format(op, "zero_format", zero_format);
 }
 
-// The body of both directions: qweight in blocks of 8 rows of K (split across threads), qzeros
-// word by word.
 // Whether two tensors may share memory: get_overlap_status cannot tell for a strided view
 // (TooHard), and then only tensors of one storage may.
 bool may_overlap(const at::Tensor &a, const at::Tensor &b) {
@@ -366,6 +363,8 @@ void check_out(const char *op, const char *arg, const at::Tensor &out, at::IntAr
                           " overlaps an input; a repack cannot run in place");
 }
 
+// The body of both directions: qweight in blocks of 8 rows of K (split across threads), qzeros
+// word by word.
 std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at::Tensor &qweight_in,
                                           const at::Tensor &qzeros_in, int64_t K, int64_t N,
                                           int zf, const at::Tensor &qw_out = at::Tensor(),
