@@ -1,6 +1,10 @@
 """examples/lora.py on a small model: LoRA adapters over 4-bit layers learn, the 4-bit weights do
-not move, and the per-sample gradients of torch.func equal autograd's, sample by sample."""
+not move, and the per-sample gradients of torch.func equal autograd's, sample by sample; the
+README's Python code runs and prints what its comments say."""
+import contextlib
 import importlib.util
+import io
+import re
 from pathlib import Path
 
 import torch
@@ -24,3 +28,21 @@ def test_lora_example_learns_and_keeps_the_base(device):
         grads = torch.autograd.grad(loss, params)
         expected = torch.sqrt(sum(g.square().sum() for g in grads))
         torch.testing.assert_close(norms[i], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_readme_python_runs_as_written():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    # the values its comments give (pack of 0..7, sequential and AWQ order; the 2-bit byte)
+    shown = re.findall(r"^(torch_ops\.pack\(.*?\))\s+# (tensor\(.*?\))(?:\s|$)", readme, re.M)
+    assert len(shown) >= 3
+    namespace = {}
+    exec("import torch, torch_ops\nv = torch.arange(8, dtype=torch.uint8)[None]", namespace)
+    for call, printed in shown:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print(eval(call, namespace))
+        assert out.getvalue().strip() == printed, call
