@@ -52,9 +52,10 @@
  *   once per tile into a [G][NT] table, gathered per k, which also serves act-order.
  *   bf16 x with AVX512_BF16 and every word of 8 k in one group (plain groups of any size, g_idx
  *   included; not act-order) takes w4b_blocked instead: the weights as exact bf16 pairs
- *   (q_j - z, q_{j+4} - z) (a 32-entry vpermw table), dequantized panel by panel (48 columns x 128 pairs,
- *   24 KB: L1) and read by an 8 x (3 vectors) vdpbf16ps micro-kernel (24 accumulators) against x
- *   packed once into scaled bf16 pairs; vdpbf16ps does 32 products per instruction where the fp32
+ *   (q_j - z, q_{j+4} - z) (a 32-entry vpermw table), dequantized panel by panel (48 columns x
+ *   128 pairs, 24 KB: L1) and read by an 8 x (3 vectors) vdpbf16ps micro-kernel (24
+ *   accumulators) against x packed once into scaled bf16 pairs; vdpbf16ps does 32 products per
+ *   instruction where the fp32
  *   FMA does 16 (2x at M = 16..64 here). The products are exact and summed in fp32 per run of one
  *   group, then C += s * sum (the scale applied in fp32, not rounded into bf16 weights); no zero
  *   term is factored out of a sum, so none cancels. The first row block unpacks each panel while it
@@ -636,8 +637,8 @@ static BATTR void w4_gemv_bf16_call(int mr, int nv, int first, int last, const t
  * Per k tile (W4B_KT) of a column tile (W4B_NT), panel by panel (W4B_PW columns), the weights become
  * bf16 pairs once: ((w >> 4j) & 0x000F000F) + (15 - z) in each half indexes a 32-entry vpermw table
  * of bf16(i - 15), giving (q_j - z, q_{j+4} - z) exactly, 4 operations per 16 columns x 2 k (a fp32
- * dequantization + rounding takes ~9), by the
- * first row block's kernels into an L1-sized buffer [pair][W4B_PW] that the other row blocks read. x is
+ * dequantization + rounding takes ~9), by the first row block's kernels into an L1-sized buffer
+ * [pair][W4B_PW] that the other row blocks read. x is
  * packed once per call into rows of bf16 pairs (x_j, x_{j+4}), each row scaled by a power of two
  * (exact) so that its largest |x| lies in [1, 2): vdpbf16ps reads denormals as zero. A W4B_MR x
  * W4B_NV micro-kernel (24 fp32 accumulators + 3 weight vectors + a broadcast in the 32 registers)
