@@ -507,13 +507,11 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     for name, shard in zip(names, shards):
         save_file(shard, str(folder / name), metadata={"format": "pt"})
     # an earlier save's index or shards would be read in place of (or beside) these: remove them
-    stale = [p for p in folder.glob("model*.safetensors")
-             if p.name not in names and _WEIGHTS_FILE.fullmatch(p.name)]
+    for p in folder.glob("model*.safetensors"):
+        if p.name not in names and _WEIGHTS_FILE.fullmatch(p.name):
+            p.unlink()
     if len(shards) == 1:
-        stale.append(folder / INDEX_NAME)
-    for p in stale:
-        p.unlink(missing_ok=True)
-    if len(shards) == 1:
+        (folder / INDEX_NAME).unlink(missing_ok=True)
         return
     weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
