@@ -308,6 +308,28 @@ def test_quantize_round_to_nearest(device, format, sym):
     assert ((w - weight).abs() <= 0.5 * step + 1e-3).float().mean() > 0.98
 
 
+@pytest.mark.parametrize("format,bits", [("gptq", 3), ("gptq", 4), ("gptq", 8), ("awq", 4)])
+@pytest.mark.parametrize("sym", [False, True])
+def test_quantize_scales_are_correctly_rounded(device, format, bits, sym):
+    """fp32 scales are (max - min) / maxq rounded once, on every device (CUDA torch divides by a
+    Python number through its reciprocal, an ulp off for about a third of the groups)."""
+    weight = torch.randn(256, 512, device=device) * 100
+    t = torch_ops.quantize(weight, bits, 32, sym, format, scales_dtype=torch.float32)
+    w = weight.cpu().reshape(256, 16, 32)
+    wmin, wmax = w.amin(-1), w.amax(-1)  # fp32, and the differences below rounded to fp32 too
+    maxq = 2**bits - 1
+    if sym:
+        s = 2 * torch.maximum(wmin.abs(), wmax)
+    elif format == "gptq":
+        s = wmax.clamp(min=0) - wmin.clamp(max=0)
+    else:
+        s = wmax - wmin
+    # fp64 division rounded to fp32 is the correctly rounded fp32 quotient (53 >= 2 * 24 + 2)
+    assert torch.equal(t["scales"].cpu(), (s.double() / maxq).float().t())
+    assert torch.equal(t["qweight"].cpu(), ref.quantize(weight.cpu(), bits, 32, sym, format,
+                                                        scales_dtype=torch.float32)["qweight"])
+
+
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_quantize_other_bits_round_trips(device, bits):
     weight = torch.randn(64, 128, device=device)

@@ -157,6 +157,13 @@ def dequantize(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=1
     return w.t().contiguous().to(scales.dtype)
 
 
+def _div(t, d: int):
+    """t / d, correctly rounded on every device: CUDA torch multiplies by the reciprocal when the
+    divisor is a Python number (1/15 is inexact), which moved scales by an ulp and flipped codes
+    on ties against a CPU run."""
+    return t / torch.full_like(t, d)
+
+
 def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=None):
     """Round-to-nearest grid of an nn.Linear weight [N, K]: returns (q [K, N] uint8,
     z [K/G, N] uint8, scales [K/G, N]).
@@ -174,14 +181,14 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
     wmin, wmax = w.amin(-1), w.amax(-1)
     if sym:
         amax = torch.maximum(wmin.abs(), wmax)
-        s = (2 * amax / maxq).clamp(min=1e-5)
+        s = _div(2 * amax, maxq).clamp(min=1e-5)
         z = torch.full_like(s, 2 ** (bits - 1))
     elif format == "awq":
-        s = (wmax - wmin).clamp(min=1e-5) / maxq
+        s = _div((wmax - wmin).clamp(min=1e-5), maxq)
         z = (-torch.round(wmin / s)).clamp(0, maxq)
     else:
         wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
-        s = ((wmax - wmin) / maxq).clamp(min=1e-5)
+        s = _div(wmax - wmin, maxq).clamp(min=1e-5)
         z = torch.round(-wmin / s).clamp(0, maxq)
     s = s.to(scales_dtype)
     q = (torch.round(w / s.float().unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
