@@ -205,6 +205,31 @@ def test_load_reports_missing_and_unexpected_tensors(tmp_path):
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # the model is as it was
 
 
+@pytest.mark.parametrize("defect", ["g_idx out of range", "float tensor of another shape"])
+def test_load_failing_late_leaves_the_model_as_it_was(tmp_path, defect):
+    """A defect found only while loading a later shard (a value check, a float tensor's shape)
+    raises CheckpointError with every layer and parameter of the model as it was before."""
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "gptq", act_order=True, shards=3)
+    tensors = all_tensors(folder)
+    if defect == "g_idx out of range":
+        tensors["blocks.1.up.g_idx"][5] = 2  # 128 in_features: groups 0 and 1
+    else:
+        tensors["lm_head.weight"] = torch.zeros(48, 64)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    write_shards(folder, tensors, 3)
+    model = TinyLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="g_idx|lm_head.weight"):
+        load_quantized(model, folder)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_load_refuses_unsupported_configs(tmp_path):
     for i, (qc_change, message) in enumerate([
             ({"bits": 8}, "only 4-bit"), ({"version": "gemv_fast"}, "AWQ version"),

@@ -352,9 +352,11 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     Every ``nn.Linear`` the checkpoint quantizes (it has ``<name>.qweight``, and the name does not
     match ``modules_to_not_convert``) becomes a :class:`QuantLinear` (one Linear under several
     names, once, under all of them); the others stay float, and one tied to a tensor the checkpoint
-    holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. Then every tensor is
-    loaded, shard by shard, quantized or not (float tensors are cast into the model's parameters).
-    Missing or unexpected tensors raise CheckpointError listing them, before the model is changed."""
+    holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. Then the quantized
+    layers are loaded, shard by shard, and the float tensors after them (cast into the model's
+    parameters). Missing or unexpected tensors, float tensors of another shape and values a layer
+    refuses (g_idx out of range) raise CheckpointError with the model as it was (except for
+    QuantLinear layers it held already: those are loaded in place)."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -385,65 +387,57 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                         f"{name}: the checkpoint holds a {K}->{N} layer, the model a "
                         f"{m.in_features}->{m.out_features} one")
     quant_names = [name for _, names in layers for name in names]
+    owner = {f"{name}.{s}": name for name in quant_names  # loaded layer by layer
+             for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in keys}
     replaced = []  # (name, original module): put back if the checkpoint does not fit
     try:
-        for m, names in layers:
-            if isinstance(m, QuantLinear):
-                if m.group_size != qc.group_size:
-                    raise CheckpointError(f"{names[0]}: QuantLinear has group_size="
-                                          f"{m.group_size}, the checkpoint {qc.group_size}")
-                continue
-            try:
-                check_dims(m.in_features, m.out_features, qc.group_size, what=names[0])
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-            # AutoGPTQ writes a (zero) bias for every layer, also where the model has none: keep it
-            bias = m.bias is not None or any(f"{n}.bias" in keys for n in names)
-            new = QuantLinear(m.in_features, m.out_features, bias=bias,
-                              group_size=qc.group_size, dtype=torch.float16,
-                              device=m.weight.device)
-            for name in names:
-                replace_module(model, name, new)
-                replaced.append((name, m))
-        expected = _state_tensors(model)
-        optional = {f"{n}.g_idx" for n in quant_names}
-        present_ids = {id(t) for k, t in expected.items() if k in keys}
-        missing = sorted(k for k, t in expected.items()
-                         if k not in keys and id(t) not in present_ids)  # tied: one key is enough
-        unexpected = sorted(keys - expected.keys() - optional)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
-            if unexpected:
-                parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-            raise CheckpointError(f"{folder}: checkpoint does not match the model: "
-                                  + "; ".join(parts))
+        try:
+            for m, names in layers:
+                if isinstance(m, QuantLinear):
+                    if m.group_size != qc.group_size:
+                        raise CheckpointError(f"{names[0]}: QuantLinear has group_size="
+                                              f"{m.group_size}, the checkpoint {qc.group_size}")
+                    continue
+                try:
+                    check_dims(m.in_features, m.out_features, qc.group_size, what=names[0])
+                except ValueError as e:
+                    raise CheckpointError(str(e)) from None
+                # AutoGPTQ writes a (zero) bias for every layer, also where the model has none: keep it
+                bias = m.bias is not None or any(f"{n}.bias" in keys for n in names)
+                new = QuantLinear(m.in_features, m.out_features, bias=bias,
+                                  group_size=qc.group_size, dtype=torch.float16,
+                                  device=m.weight.device)
+                for name in names:
+                    replace_module(model, name, new)
+                    replaced.append((name, m))
+            expected = _state_tensors(model)
+            _check_keys(folder, ckpt, keys, expected, quant_names, owner)
+            for name in quant_names:
+                model.get_submodule(name).checkpoint_zero_format = qc.loader_zero_format
+            assign = any(t.is_meta for t in expected.values())
+            # the quantized layers first, the float tensors after them: a value a layer refuses
+            # (g_idx out of range) then finds every other tensor of the model as it was
+            need = Counter(owner.values())
+            pending = {}
+            for shard in ckpt.shards:
+                for key in ckpt.headers[shard]:
+                    name = owner.get(key)
+                    if name is not None:
+                        group = pending.setdefault(name, {})
+                        group[key[len(name) + 1:]] = ckpt.tensor(key)
+                        if len(group) == need[name]:  # a layer's tensors may span shards
+                            model.get_submodule(name).load_state_dict(pending.pop(name),
+                                                                      assign=assign)
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{folder}: {' '.join(str(e).split())}") from None
     except CheckpointError:
         for name, m in replaced:
             replace_module(model, name, m)
+        ckpt.close()
         raise
-    for name in quant_names:
-        model.get_submodule(name).checkpoint_zero_format = qc.loader_zero_format
-
-    assign = any(t.is_meta for t in expected.values())
-    owner = {f"{name}.{s}": name for name in quant_names  # loaded layer by layer
-             for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in keys}
-    need = Counter(owner.values())
-    pending = {}
-    try:
+    try:  # (shapes checked above: only a read can fail here)
         for shard in ckpt.shards:
-            plain = {}
-            for key in ckpt.headers[shard]:
-                t = ckpt.tensor(key)
-                name = owner.get(key)
-                if name is None:
-                    plain[key] = t
-                    continue
-                group = pending.setdefault(name, {})
-                group[key[len(name) + 1:]] = t
-                if len(group) == need[name]:  # a layer's tensors may span shards
-                    model.get_submodule(name).load_state_dict(pending.pop(name), assign=assign)
+            plain = {key: ckpt.tensor(key) for key in ckpt.headers[shard] if key not in owner}
             if plain:
                 model.load_state_dict(plain, strict=False, assign=assign)
     except RuntimeError as e:
@@ -451,6 +445,34 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     finally:
         ckpt.close()
     return model
+
+
+def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, owner: dict):
+    """CheckpointError unless the checkpoint holds every tensor of the model (``expected``, its
+    quantized layers replaced), no other (a layer's g_idx optional), and each float tensor in
+    the model's shape."""
+    optional = {f"{n}.g_idx" for n in quant_names}
+    present_ids = {id(t) for k, t in expected.items() if k in keys}
+    missing = sorted(k for k, t in expected.items()
+                     if k not in keys and id(t) not in present_ids)  # tied: one key is enough
+    unexpected = sorted(keys - expected.keys() - optional)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+        raise CheckpointError(f"{folder}: checkpoint does not match the model: "
+                              + "; ".join(parts))
+    shapes = []
+    for key in sorted(keys & expected.keys()):
+        if key not in owner:
+            shape = ckpt.headers[ckpt.shard_of[key]][key][1]
+            if list(shape) != list(expected[key].shape):
+                shapes.append(f"{key} {list(shape)} (the model's: {list(expected[key].shape)})")
+    if shapes:
+        raise CheckpointError(f"{folder}: tensors of another shape than the model's: "
+                              + ", ".join(shapes))
 
 
 # ---------------------------------------------------------------------- saving from a model
