@@ -471,8 +471,14 @@ def test_load_state_dict_missing_and_unexpected_keys():
     layer = QuantLinear(K, N, group_size=G)  # has a bias
     with pytest.raises(RuntimeError, match="Missing key.*bias.*\n?.*Unexpected key.*extra"):
         layer.load_state_dict({**awq, "extra": torch.zeros(1)})
-    result = layer.load_state_dict({"qweight": awq["qweight"]}, strict=False)
-    assert sorted(result.missing_keys) == ["bias", "qzeros", "scales"]
+    result = layer.load_state_dict({"bias": torch.ones(N)}, strict=False)
+    assert sorted(result.missing_keys) == ["qweight", "qzeros", "scales"]
+    # part of a layer's quantized tensors is an error even with strict=False (it was ignored)
+    before = layer.scales.clone()
+    for part in ({"qweight": awq["qweight"]}, {"scales": awq["scales"] * 2}):
+        with pytest.raises(RuntimeError, match="load together.*got " + next(iter(part))):
+            layer.load_state_dict(part, strict=False)
+    assert torch.equal(layer.scales, before)
     no_bias = QuantLinear(K, N, bias=False, group_size=G)
     with pytest.raises(RuntimeError, match="Unexpected key.*bias"):
         no_bias.load_state_dict({**awq, "bias": torch.zeros(N)})
@@ -613,3 +619,80 @@ def test_quantize_model_keeps_shared_layers_shared():
     model = nn.Sequential(shared, nn.ReLU(), shared)
     quantize_model(model, group_size=G)
     assert isinstance(model[0], QuantLinear) and model[0] is model[2]
+    # skipped under one of its names: skipped under all (it stays one layer)
+    model = nn.Sequential(nn.Sequential(shared), nn.ReLU(), shared)
+    quantize_model(model, group_size=G, skip=["0.0"])
+    assert model[0][0] is shared and model[2] is shared
+
+
+def test_quantize_model_leaves_attention_out_proj_and_fails_whole():
+    # nn.MultiheadAttention reads out_proj.weight itself: its out_proj stays float
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    x = torch.randn(2, 5, 64)
+    quantize_model(layer, group_size=32)
+    assert type(layer.self_attn.out_proj) is not QuantLinear
+    assert isinstance(layer.linear1, QuantLinear)
+    assert layer(x).shape == x.shape
+    # a weight not materialised (meta) is refused before any layer is replaced
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64, device="meta"))
+    with pytest.raises(ValueError, match="1: the weight is on the meta device"):
+        quantize_model(model, group_size=32)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+
+
+def test_float64_linear_quantizes_to_a_working_layer():
+    linear = nn.Linear(64, 64, dtype=torch.float64)
+    layer = QuantLinear.from_linear(linear, group_size=32)
+    x = torch.randn(2, 64, dtype=torch.float16)
+    assert layer(x).shape == (2, 64)
+    gq = layer.to_gptq()
+    with pytest.raises(RuntimeError, match="scales must be float16, bfloat16 or float32"):
+        QuantLinear(64, 64, group_size=32).load_state_dict(dict(gq, scales=gq["scales"].double()))
+
+
+def test_loaded_layer_owns_its_tensors():
+    """A load copies what it keeps (g_idx, scales of another dtype, bias): a later load into the
+    layer, or an in-place change of it, leaves the caller's state dict alone, and the other
+    layers loaded from it."""
+    sd_a = dict(random_gptq(), scales=torch.rand(K // G, N) + 0.5, g_idx=act_order_g_idx())
+    sd_b = dict(random_gptq(), scales=torch.rand(K // G, N) + 0.5, g_idx=act_order_g_idx())
+    kept = {k: v.clone() for k, v in sd_a.items()}
+    m1, m2 = QuantLinear(K, N, bias=False, group_size=G), QuantLinear(K, N, bias=False, group_size=G)
+    m1.load_state_dict(sd_a)
+    m2.load_state_dict(sd_a)
+    w1 = m1.dequantize()
+    m2.load_state_dict(sd_b)
+    with torch.no_grad():
+        m2.scales.mul_(2)
+    assert all(torch.equal(sd_a[k], kept[k]) for k in kept)
+    assert torch.equal(m1.dequantize(), w1)
+    layer = QuantLinear.from_gptq(**{k: v for k, v in sd_a.items()}, group_size=G)
+    layer.load_state_dict(sd_b)
+    assert all(torch.equal(sd_a[k], kept[k]) for k in kept)
+
+
+def test_load_state_dict_runs_pre_hooks_and_loads_subclass_state():
+    calls = []
+    layer = QuantLinear.from_awq(**random_awq(), group_size=G)
+    layer.register_load_state_dict_pre_hook(lambda module, sd, prefix, *rest: calls.append(prefix))
+    layer.load_state_dict(layer.state_dict())
+    assert calls == [""]
+
+    class LoraQuantLinear(QuantLinear):  # adapters and a parameter of its own
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.lora_a = nn.Linear(K, 4, bias=False)
+            self.alpha = nn.Parameter(torch.ones(()))
+
+    src = LoraQuantLinear(K, N, bias=False, group_size=G)
+    src.load_state_dict(random_gptq(), strict=False)  # (its adapters stay as built)
+    with torch.no_grad():
+        src.alpha.fill_(3.0)
+    dst = LoraQuantLinear(K, N, bias=False, group_size=G)
+    dst.load_state_dict(src.state_dict())
+    assert dst.alpha.item() == 3.0 and torch.equal(dst.lora_a.weight, src.lora_a.weight)
+    assert torch.equal(dst.dequantize(), src.dequantize())
+    with pytest.raises(RuntimeError, match="Missing key.*alpha"):
+        dst.load_state_dict({k: v for k, v in src.state_dict().items() if k != "alpha"})
+    with pytest.raises(RuntimeError, match="Unexpected key.*beta"):
+        dst.load_state_dict({**src.state_dict(), "beta": torch.ones(())})

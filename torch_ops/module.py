@@ -25,8 +25,11 @@ work as for any module. ``forward`` is a single call to ``torch_ops.w4a16_linear
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import _ops
 
@@ -38,6 +41,7 @@ ZERO_FORMATS = ("v1", "v2")
 STORED_ZERO_FORMAT = "v1"  # the zero format of the qzeros buffer, whatever was loaded
 _QUANT_KEYS = ("qweight", "qzeros", "scales")
 _KEYS = _QUANT_KEYS + ("g_idx", "bias")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of scales and bias (the op's)
 _ZERO_FORMAT_METADATA = "gptq_zero_format"  # per-module state-dict metadata: the saved qzeros' format
 
 
@@ -173,11 +177,16 @@ class QuantLinear(nn.Module):
         """Round-to-nearest quantization of a float ``nn.Linear`` (via ``torch_ops.quantize``)."""
         N, K = linear.weight.shape
         check_dims(K, N, group_size, what=f"from_linear({linear})")
+        if linear.weight.is_meta:
+            raise ValueError(f"from_linear({linear}): the weight is on the meta device (not "
+                             "materialised); load or materialise it first")
         q = _ops.quantize(linear.weight.detach(), bits=BITS, group_size=group_size, sym=sym,
                           format="gptq", zero_format=STORED_ZERO_FORMAT)
+        bias = linear.bias
+        if bias is not None:  # (a float64 Linear: its bias in the scales' dtype, which the op takes)
+            bias = bias.detach().to(bias.dtype if bias.dtype in _FLOAT_DTYPES else q["scales"].dtype)
         layer = cls.from_gptq(q["qweight"], q["qzeros"], q["scales"], g_idx=q.get("g_idx"),
-                              bias=None if linear.bias is None else linear.bias.detach().clone(),
-                              group_size=group_size, zero_format=STORED_ZERO_FORMAT)
+                              bias=bias, group_size=group_size, zero_format=STORED_ZERO_FORMAT)
         layer.loaded_from = "linear"
         return layer
 
@@ -255,8 +264,8 @@ class QuantLinear(nn.Module):
             t = t.to(torch.int32)
         if name in ("qweight", "qzeros", "g_idx") and t.dtype != torch.int32:
             raise ValueError(f"{where}{name} must be torch.int32, got {t.dtype}")
-        if name in ("scales", "bias") and not t.is_floating_point():
-            raise ValueError(f"{where}{name} must be a floating-point tensor, got {t.dtype}")
+        if name in ("scales", "bias") and t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}{name} must be float16, bfloat16 or float32, got {t.dtype}")
         return t
 
     def _detect_format(self, qweight: torch.Tensor, key: str) -> str:
@@ -314,13 +323,14 @@ class QuantLinear(nn.Module):
         return g_idx
 
     def _put(self, name: str, value, assign: bool):
-        """Store a buffer. Unless ``assign`` (or the module lives on the meta device), the value
-        goes to the module's device, copied in place when shape and dtype allow (keeping the
-        storage CUDA graphs captured on it rely on); scales and bias keep the dtype they come in."""
+        """Store a buffer. Unless ``assign``, the value goes to the module's device (where that is
+        not meta), copied in place when shape and dtype allow (keeping the storage CUDA graphs
+        captured on it rely on), else copied: the layer never holds the caller's tensor, which a
+        later load would write into. Scales and bias keep the dtype they come in."""
         current = getattr(self, name)
         device = self.qweight.device
-        if value is not None and not assign and device.type != "meta":
-            if (current is not None and current.numel() == value.numel()
+        if value is not None and not assign:
+            if (device.type != "meta" and current is not None and current.numel() == value.numel()
                     and current.dtype == value.dtype and current.device == device):
                 # (another shape of as many elements: qweight between the k-interleaved and the
                 # GPTQ layout; the buffer becomes a view of the same storage)
@@ -330,7 +340,7 @@ class QuantLinear(nn.Module):
                 with torch.no_grad():
                     current.copy_(value)
                 return
-            value = value.to(device)
+            value = value.to(value.device if device.type == "meta" else device, copy=True)
         setattr(self, name, value)
 
     # ------------------------------------------------------------------ state dict
@@ -357,19 +367,22 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # the load pre-hooks first (they may rename or convert keys), as nn.Module's loader does
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         got = {n: state_dict[prefix + n] for n in _KEYS if prefix + n in state_dict}
         assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        if strict:
-            for key in state_dict:
-                if key.startswith(prefix):
-                    name = key[len(prefix):].split(".", 1)[0]
-                    if name not in _KEYS or (name == "bias" and self.bias is None):
-                        unexpected_keys.append(key)
+        if strict and self.bias is None and "bias" in got:
+            unexpected_keys.append(prefix + "bias")
         if self.bias is not None and "bias" not in got:
             missing_keys.append(prefix + "bias")
         absent = [n for n in _QUANT_KEYS if n not in got]
         missing_keys.extend(prefix + n for n in absent)
         try:
+            if absent and any(n in got for n in _QUANT_KEYS + ("g_idx",)):
+                raise ValueError(
+                    f"{prefix}qweight, qzeros and scales load together (one layout, one zero "
+                    f"format), with g_idx if any; got {', '.join(n for n in got if n != 'bias')}")
             if not absent:
                 fmt = self._detect_format(got["qweight"], prefix + "qweight")
                 self._put_quantized(fmt, got["qweight"], got["qzeros"], got["scales"],
@@ -379,6 +392,18 @@ class QuantLinear(nn.Module):
                 self._put("bias", self._checked("bias", got["bias"], prefix), assign)
         except ValueError as e:
             error_msgs.append(str(e))
+        # whatever else the module holds (a subclass's parameters and buffers; children load
+        # themselves): nn.Module's loader, without the hooks (run above) or the keys loaded here
+        rest = {k: v for k, v in state_dict.items()
+                if not (k.startswith(prefix) and k[len(prefix):] in _KEYS)}
+        hooks, self._load_state_dict_pre_hooks = self._load_state_dict_pre_hooks, OrderedDict()
+        first = len(missing_keys)
+        try:
+            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            self._load_state_dict_pre_hooks = hooks
+        missing_keys[first:] = [k for k in missing_keys[first:] if k[len(prefix):] not in _KEYS]
 
 
 # ---------------------------------------------------------------------- model level
@@ -406,27 +431,37 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
                    skip=("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
-    :func:`name_matches`) with ``QuantLinear.from_linear``, in place; returns ``model``.
+    :func:`name_matches`, and ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
+    reads itself) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
+    several names is quantized once and stays shared (skipped if any of its names matches).
 
     Raises ValueError, before changing anything, if a layer's shape cannot be quantized with
-    ``group_size`` (in/out features multiples of 8, in_features a multiple of group_size)."""
+    ``group_size`` (in/out features multiples of 8, in_features a multiple of group_size) or its
+    weight is not materialised (meta device); every layer is quantized before the first is put
+    in, so a failure leaves the model as it was."""
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_model: model is itself an nn.Linear; "
                          "use QuantLinear.from_linear")
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
-               if isinstance(m, nn.Linear) and not name_matches(name, skip)]
+    linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+               if isinstance(m, nn.Linear)]
+    skipped = {id(m) for name, m in linears
+               if name_matches(name, skip) or isinstance(m, NonDynamicallyQuantizableLinear)}
+    targets = [(name, m) for name, m in linears if id(m) not in skipped]
     bad = []
     for name, m in targets:
         try:
             check_dims(m.in_features, m.out_features, group_size, what=name)
+            if m.weight.is_meta:
+                raise ValueError(f"{name}: the weight is on the meta device (not materialised)")
         except ValueError as e:
             bad.append(str(e))
     if bad:
         raise ValueError("quantize_model: cannot quantize these layers (add them to skip=...): "
                          + " | ".join(bad))
-    done = {}  # a Linear shared by several names is quantized once and stays shared
+    done = {}
     for name, m in targets:
         if id(m) not in done:
             done[id(m)] = QuantLinear.from_linear(m, group_size=group_size, sym=sym)
+    for name, m in targets:
         replace_module(model, name, done[id(m)])
     return model
