@@ -585,3 +585,31 @@ def test_bad_configs_indexes_and_headers_get_checkpoint_errors(tmp_path):
         f.write(b"\0" * 8)
     with pytest.raises(CheckpointError, match="8 bytes after the last tensor"):
         inspect_checkpoint(folder)
+
+
+def test_save_quantized_failing_leaves_the_earlier_checkpoint_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from torch_ops.checkpoint import save_quantized
+
+    ids = torch.randint(0, 48, (2, 5))
+    torch.manual_seed(0)
+    old = torch_ops.quantize_model(TinyLM(), group_size=64)
+    save_quantized(old, tmp_path / "c", "awq", max_shard_bytes=100_000)
+    before = tree_digest(tmp_path / "c")
+    torch.manual_seed(1)
+    new = torch_ops.quantize_model(TinyLM(), group_size=64)
+    real, calls = safetensors.torch.save_file, []
+
+    def disk_full_on_the_second_shard(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_on_the_second_shard)
+    with pytest.raises(OSError, match="No space"):
+        save_quantized(new, tmp_path / "c", "awq", max_shard_bytes=100_000)
+    assert tree_digest(tmp_path / "c") == before  # (and no staging folder left)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(TinyLM(), tmp_path / "c")(ids), old(ids))

@@ -154,3 +154,117 @@ def test_inspect_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert_one_line_error(err, "inspect")
     assert "no such file or folder" in err
+
+
+# ---------------------------------------------------------------- files, links, signals
+def test_written_weight_files_have_ordinary_modes(tmp_path):
+    """safetensors writes 0600 files: convert's and save_quantized's shards get 0666 less the
+    umask, like every other file, so another user's server can read them"""
+    umask = os.umask(0o022)
+    try:
+        src = tmp_path / "awq"
+        make_checkpoint(src, "awq", shards=2)
+        assert main(["convert", str(src), str(tmp_path / "gptq"), "--to", "gptq", "-q"]) == 0
+        model = torch_ops.load_quantized(TinyLM(), tmp_path / "gptq")
+        torch_ops.checkpoint.save_quantized(model, tmp_path / "saved", "awq", max_shard_bytes=100_000)
+        for folder in ("gptq", "saved"):
+            for f in (tmp_path / folder).glob("*"):
+                assert f.stat().st_mode & 0o777 == 0o644, (f, oct(f.stat().st_mode))
+    finally:
+        os.umask(umask)
+
+
+def test_convert_follows_links_in_subfolders(tmp_path):
+    """A Hugging Face cache snapshot: every file a relative link into blobs/, also in subfolders;
+    DST holds the files (links in DST would dangle)"""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    make_checkpoint(tmp_path / "real", "awq")
+    blobs.mkdir()
+    (snap / "tokenizer").mkdir(parents=True)
+    (tmp_path / "real" / "tokenizer.json").rename(blobs / "t")
+    for f in (tmp_path / "real").iterdir():
+        f.rename(blobs / f.name)
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", f.name))
+    (snap / "tokenizer" / "tokenizer.json").symlink_to(Path("..", "..", "..", "blobs", "t"))
+    (snap / "tokenizer" / "gone.txt").symlink_to("nowhere")
+    assert main(["convert", str(snap), str(tmp_path / "out"), "--to", "gptq", "-q"]) == 0
+    copied = tmp_path / "out" / "tokenizer" / "tokenizer.json"
+    assert not copied.is_symlink() and copied.read_text() == '{"model": "none"}'
+    assert not (tmp_path / "out" / "tokenizer" / "gone.txt").exists()
+
+
+def test_convert_failing_on_a_source_file_cleans_read_only_folders(tmp_path, capsys, monkeypatch):
+    """A read-only subfolder copied into DST's hidden partial folder is removed with it when a
+    later file fails; an unreadable source file is reported as a read error of SRC"""
+    import shutil
+
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    (src / "a_tokenizer").mkdir()
+    (src / "a_tokenizer" / "vocab.txt").write_text("hi")
+    (src / "a_tokenizer").chmod(0o555)
+    (src / "z_secret.txt").write_text("s")
+    real_copy2 = shutil.copy2
+
+    def copy2(s, d, **kw):  # (root reads a 000 file: the refusal is simulated)
+        if Path(s).name == "z_secret.txt":
+            raise PermissionError(13, "Permission denied", str(s))
+        return real_copy2(s, d, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    (tmp_path / "out").mkdir()
+    try:
+        assert main(["convert", str(src), str(tmp_path / "out" / "dst"), "--to", "gptq", "-q"]) == 1
+    finally:
+        (src / "a_tokenizer").chmod(0o755)
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert f"cannot read {src} (Permission denied: {src / 'z_secret.txt'})" in err, err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_convert_terminated_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, timeout, a scheduler) during convert: the partial output is removed and the
+    command ends with status 143"""
+    import signal
+
+    from torch_ops import checkpoint
+
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq", shards=2)
+    real = checkpoint._write_side_files
+
+    def terminated(*args):
+        real(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "_write_side_files", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--to", "gptq", "-q"]) == 143
+    assert "torch_ops convert: terminated" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_json_is_read_as_utf8_whatever_the_locale(tmp_path):
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq", config_extra={"id2label": {"0": "modèle"}})
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    root = str(Path(torch_ops.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-m", "torch_ops", "convert", str(src),
+                             str(tmp_path / "dst"), "--to", "gptq", "-q"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "dst" / "config.json").read_text(encoding="utf-8"))
+    assert config["id2label"]["0"] == "modèle"
+
+
+def test_path_not_utf8_gets_a_clear_error(tmp_path, capsys):
+    src = Path(os.fsdecode(bytes(tmp_path) + b"/mod\xe8le"))
+    make_checkpoint(src, "awq")
+    assert main(["inspect", str(src)]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "inspect")
+    assert "not valid UTF-8" in err

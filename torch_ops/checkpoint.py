@@ -62,9 +62,40 @@ class QuantConfig:
         return self.zero_format if self.method == "gptq" else "v1"
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _chmod_ordinary(path: Path) -> None:
+    """safetensors' save_file makes private (0600) files: give a written weight file the mode any
+    other file gets (0666 less the umask), so that another user's server can read it."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a folder we wrote, also where a copied read-only folder (a source's 0555
+    tokenizer/) holds files: such folders are made writable and the removal tried again."""
+    def retry(func, p, _):
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
+    if path.exists():  # a folder emptied only once its parent was writable: one more pass
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _load_json(path: Path) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
@@ -209,6 +240,11 @@ class Checkpoint:
 
     def __init__(self, path):
         path = Path(path)
+        try:
+            str(path.absolute()).encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(f"{str(path)!r}: the path is not valid UTF-8, which safetensors "
+                                  "cannot open; rename it") from None
         self.path = path
         self.index = None
         if path.is_file():
@@ -512,10 +548,6 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     qc = quant_config_dict(format, sizes.pop(), zero_format, act_order, sym, skip)
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / CONFIG_NAME, "w") as f:
-        json.dump({**(config or {}), "quantization_config": qc}, f, indent=2)
     shards, size = [{}], 0
     for key in sorted(tensors):
         nb = tensors[key].numel() * tensors[key].element_size()
@@ -526,19 +558,35 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         size += nb
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    # every file is written into a folder of its own beside them first, then moved in: a save
+    # that fails (a full disk) leaves an earlier checkpoint in the folder whole
+    staging = Path(tempfile.mkdtemp(prefix=".save-", dir=folder))
+    try:
+        for name, shard in zip(names, shards):
+            save_file(shard, str(staging / name), metadata={"format": "pt"})
+            _chmod_ordinary(staging / name)
+        written = list(names)
+        if len(shards) > 1:
+            weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(staging / INDEX_NAME, "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            written.append(INDEX_NAME)
+        with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump({**(config or {}), "quantization_config": qc}, f, indent=2)
+        written.append(CONFIG_NAME)
+        for name in written:
+            os.replace(staging / name, folder / name)
+    finally:
+        _rmtree(staging)
     # an earlier save's index or shards would be read in place of (or beside) these: remove them
     for p in folder.glob("model*.safetensors"):
         if p.name not in names and _WEIGHTS_FILE.fullmatch(p.name):
             p.unlink()
     if len(shards) == 1:
         (folder / INDEX_NAME).unlink(missing_ok=True)
-        return
-    weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(folder / INDEX_NAME, "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 # ---------------------------------------------------------------------- conversion
@@ -650,9 +698,7 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         dst_parent.mkdir(parents=True, exist_ok=True)
         # (a short name: DST's own may be near the file system's limit)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name[:32]}.partial-", dir=dst_parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
         weight_map, total = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress)
         new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order),
                                    qc.sym if qc.method == "gptq" else False,
@@ -667,14 +713,16 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         os.rename(tmp, dst)
     except BaseException as e:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _rmtree(tmp)
         for p in created:  # the folders made for DST, unless something else was put there since
             try:
                 p.rmdir()
             except OSError:
                 break
         if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {dst} ({e.strerror or e}"
+            read = e.filename is not None and _inside(Path(e.filename), src)
+            raise CheckpointError(f"cannot {'read' if read else 'write'} "
+                                  f"{src if read else dst} ({e.strerror or e}"
                                   f"{': ' + str(e.filename) if e.filename else ''})") from None
         raise
     finally:
@@ -682,6 +730,14 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     return {"layers": len(prefixes), "tensors": len(weight_map), "shards": len(ckpt.shards),
             "bytes": total, "act_order_layers": len(act_order), "verified": verify,
             "src_format": qc.method, "dst_format": to}
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -712,6 +768,7 @@ def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress):
             bar.update(sum(ckpt.headers[shard][k][2] for k in ckpt.headers[shard] if k not in out))
             try:
                 save_file(out, str(tmp / shard.name), metadata=ckpt.metadata[shard] or None)
+                _chmod_ordinary(tmp / shard.name)
             except Exception as e:
                 raise CheckpointError(f"cannot write {tmp / shard.name} ({e})") from None
             for key, t in out.items():
@@ -727,22 +784,29 @@ def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
         index = dict(ckpt.index)
         index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
         index["weight_map"] = dict(sorted(weight_map.items()))
-        with open(tmp / INDEX_NAME, "w") as f:
+        with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
-    with open(tmp / CONFIG_NAME, "w") as f:
+    with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
         json.dump({**config, "quantization_config": new_qc}, f, indent=2)
     for name, method in LEGACY_CONFIGS.items():
         if (src / name).is_file() and method == to:  # rewritten; a side file of the other kind goes
-            with open(tmp / name, "w") as f:
+            with open(tmp / name, "w", encoding="utf-8") as f:
                 json.dump(new_qc, f, indent=2)
     for item in src.iterdir():
         if item.name in handled:
             continue
-        if item.is_dir():
-            shutil.copytree(item, tmp / item.name, symlinks=True)
+        if item.is_dir():  # links followed, as at the top (a Hugging Face cache snapshot's
+            # relative links would dangle in DST); dangling ones left out
+            shutil.copytree(item, tmp / item.name, symlinks=False, ignore=_dangling_links)
         else:  # a link's target is copied (a Hugging Face cache's snapshot is all links), a
             # dangling link as it is
             shutil.copy2(item, tmp / item.name, follow_symlinks=item.exists())
+
+
+def _dangling_links(folder, names):
+    """copytree's ignore: links that resolve to nothing (its own ignore_dangling_symlinks checks
+    a relative link's target against the working directory)"""
+    return [n for n in names if not os.path.exists(os.path.join(folder, n))]
 
 
 def _verify(src: Checkpoint, dst: Checkpoint, src_qc, dst_qc, prefixes, progress):

@@ -2,14 +2,18 @@
 ``python -m torch_ops inspect PATH``.
 
 Errors end the command with exit status 1 and one line on stderr, never a traceback (set
-TORCH_OPS_TRACEBACK=1 to see one).
+TORCH_OPS_TRACEBACK=1 to see one); a usage error (argparse) with status 2 and the usage. An
+interrupt (Ctrl-C, SIGTERM from kill, timeout or a job scheduler) removes what the command had
+written and ends it with status 130 or 143.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 
 def _size(n: int) -> str:
@@ -85,16 +89,36 @@ def _inspect(args) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that convert's clean-up runs as for Ctrl-C (Python's default
+    SIGTERM ends the process at once, leaving DST's hidden partial folder behind)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return _convert(args) if args.command == "convert" else _inspect(args)
     except KeyboardInterrupt:
         print(f"torch_ops {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"torch_ops {args.command}: terminated", file=sys.stderr)
+        return 143
     except Exception as e:  # one clear line, no traceback: the message names file and tensor
         if os.environ.get("TORCH_OPS_TRACEBACK"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"torch_ops {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # (main() called from a program: its own handler back)
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
