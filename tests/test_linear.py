@@ -54,6 +54,28 @@ def cpu_isa(request):
     _C.cpu_isa_set(-1)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_infinite_activation_gives_what_f_linear_gives(cpu_isa, dtype, act_order):
+    """An inf in x: +-inf where F.linear on the dequantized weight gives it (where it gives NaN,
+    a zero weight times inf, the blocked path's weight may be an ulp from zero: +-inf or NaN).
+    The GEMVs factor the zero point out of their sums, which made inf - inf = NaN of every
+    column, so they hand such an x to a path that multiplies every weight."""
+    K, N = 256, 64
+    t = make_weights(K, N, 64, act_order=act_order, scales_dtype=dtype)
+    for M in (1, 5, 40):
+        x = torch.randn(M, K).to(dtype)
+        x[0, 3] = float("inf")
+        x[-1, 100] = -float("inf")
+        out = torch_ops.w4a16_linear(x, **t).double()
+        expected = reference(x, t)
+        infinite = expected.isinf()
+        assert torch.equal(out[infinite], expected[infinite]), (M, out[0, :8], expected[0, :8])
+        assert torch.equal(out.isfinite(), expected.isfinite()), M
+        if M > 2:  # the rows without an inf
+            assert rel_err(out[1:-1], expected[1:-1]) < TOL[dtype]
+
+
 @pytest.mark.parametrize("x_shape", [(1,), (3,), (2, 5), (33,), (64,)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_batch_shapes_and_dtypes(device, x_shape, dtype):
@@ -794,8 +816,8 @@ def test_bad_input(device):
     x = torch.randn(2, 128, device=device)
     cases = [
         (dict(x=torch.randn(2, 120, device=device)), r"w4a16_linear: x.shape\[-1\] = 120 must equal K = 8 \* qweight.shape\[0\] = 128"),
-        (dict(x=x.to(torch.int32)), r"w4a16_linear: x must be float32, float16 or bfloat16, got Int"),
-        (dict(qweight=t["qweight"].float()), r"w4a16_linear: qweight must be Int, got Float"),
+        (dict(x=x.to(torch.int32)), r"w4a16_linear: x must be float32, float16 or bfloat16, got torch.int32"),
+        (dict(qweight=t["qweight"].float()), r"w4a16_linear: qweight must be torch.int32, got torch.float32"),
         (dict(g_idx=torch.full((128,), 2, dtype=torch.int32, device=device)), r"w4a16_linear: g_idx values must be in \[0, 2\)"),
         (dict(g_idx=torch.zeros(64, dtype=torch.int32, device=device)), r"w4a16_linear: g_idx must have shape \[K\] = \[128\], got \[64\]"),
         (dict(scales=t["scales"][:1]), r"w4a16_linear: scales must have shape \[K/group_size, N\] = \[2, 16\], got \[1, 16\]"),
@@ -807,7 +829,7 @@ def test_bad_input(device):
          r"w4a16_linear: pass g_idx \(act-order as stored\) or perm \(rows sorted by act_order_prepack\), not both"),
         (dict(perm=torch.arange(1, 129, device=device)), r"w4a16_linear: perm values must be in \[0, 128\) \(positions in a row of x\), got values in \[1, 128\]"),
         (dict(perm=torch.arange(64, device=device)), r"w4a16_linear: perm must have shape \[K\] = \[128\], got \[64\]"),
-        (dict(perm=torch.arange(128, device=device).float()), r"w4a16_linear: perm must be int32 or int64, got Float"),
+        (dict(perm=torch.arange(128, device=device).float()), r"w4a16_linear: perm must be int32 or int64, got torch.float32"),
     ]
     for change, pattern in cases:
         args = dict(t, x=x)

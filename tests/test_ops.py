@@ -146,8 +146,8 @@ def test_repack_into_out(device):
     torch_ops.gptq_to_awq(gq, gz, out=back)
     assert torch.equal(back[0], qweight) and torch.equal(back[1], qzeros)
     cases = [
-        ((out[0].float(), out[1]), "awq_to_gptq: qweight_out must be Int, got Float"),
-        ((out[0][:-1], out[1]), r"awq_to_gptq: qweight_out must have shape the shape of the result = \[32, 136\], got \[31, 136\]"),
+        ((out[0].float(), out[1]), "awq_to_gptq: qweight_out must be torch.int32, got torch.float32"),
+        ((out[0][:-1], out[1]), r"awq_to_gptq: qweight_out must have the result's shape \[32, 136\], got \[31, 136\]"),
         ((torch.zeros(136, 32, dtype=torch.int32, device=device).t(), out[1]),
          "awq_to_gptq: qweight_out must be contiguous"),
         ((out[0], qzeros), "awq_to_gptq: qzeros_out overlaps an input; a repack cannot run in place"),
@@ -186,6 +186,11 @@ def test_gptq_to_awq_refuses_act_order(device):
     g_idx = (torch.randperm(K) // G).to(torch.int32).to(device)
     with pytest.raises(ValueError, match="gptq_to_awq: g_idx is act-order"):
         torch_ops.gptq_to_awq(qweight, qzeros, g_idx=g_idx)
+    # an index of another dtype is refused, not cast (0.3 and 1.9 truncated to a plain g_idx)
+    plain = torch.arange(K, device=device) // G
+    for bad in (plain + 0.3, plain >= 1, plain.to(torch.uint8)):
+        with pytest.raises(TypeError, match="gptq_to_awq: g_idx must be int32 or int64, got torch"):
+            torch_ops.gptq_to_awq(qweight, qzeros, g_idx=bad)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -293,6 +298,36 @@ def test_dequantize_awq_matches_gptq_view(device, group_size):
     assert torch.equal(torch_ops.dequantize(gq, scales, gz, group_size=group_size), w)
 
 
+@pytest.mark.parametrize("case", ["gptq4", "gptq3-sym", "gptq8-act-order", "gptq2-one-group", "awq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_gradient_with_respect_to_scales(device, case, dtype):
+    """d w / d s = q - z, summed over each group's rows: the same as autograd through the
+    reference's torch math (scales learned over frozen codes)"""
+    K, N = 128, 64
+    bits = 4 if case == "awq" else int(case[4])
+    G = -1 if "one-group" in case else 32
+    fmt = "awq" if case == "awq" else "gptq"
+    t = torch_ops.quantize(torch.randn(N, K, device=device), bits, G, "sym" in case, fmt,
+                           scales_dtype=dtype)
+    if "act-order" in case:
+        t["g_idx"] = (torch.randperm(K, device=device) // G).to(torch.int32)
+    qzeros = None if "sym" in case else t["qzeros"]
+    grad = torch.randn(N, K, device=device)
+    got = t["scales"].clone().requires_grad_()
+    w = torch_ops.dequantize(t["qweight"], got, qzeros, fmt, bits, G, t.get("g_idx"))
+    (w.float() * grad).sum().backward()
+    want = t["scales"].cpu().float().requires_grad_()
+    w_ref = ref.dequantize(t["qweight"].cpu(), want, None if qzeros is None else qzeros.cpu(), fmt,
+                           bits, G, None if "g_idx" not in t else t["g_idx"].cpu())
+    (w_ref * grad.cpu()).sum().backward()
+    assert got.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.grad.cpu().float(), want.grad, rtol=tol, atol=tol * want.grad.abs().max())
+    torch.library.opcheck(torch.ops.torch_ops.dequantize.default,
+                          (t["qweight"], got.detach().requires_grad_(), qzeros, fmt, bits, G,
+                           t.get("g_idx"), "v1"))
+
+
 @pytest.mark.parametrize("format", ["gptq", "awq"])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_round_to_nearest(device, format, sym):
@@ -374,7 +409,7 @@ def test_errors_name_op_argument_and_value(device):
         (lambda: torch_ops.pack(u8(4, 12), 4), r"pack: values.shape\[1\] = 12 must be a multiple of 8"),
         (lambda: torch_ops.pack(u8(4, 16), 5), r"pack: bits must be one of \{1, 2, 3, 4, 8\}, got 5"),
         (lambda: torch_ops.pack(u8(4, 16) + 16, 4), r"pack: values must be < 2\*\*bits = 16, got a value of 16"),
-        (lambda: torch_ops.pack(i32(4, 8), 4), r"pack: values must be Byte, got Int"),
+        (lambda: torch_ops.pack(i32(4, 8), 4), r"pack: values must be torch.uint8, got torch.int32"),
         (lambda: torch_ops.pack(u8(8), 2, order="awq"), r'order="awq" needs bits=4'),
         (lambda: torch_ops.pack(u8(8), 4, order="zigzag"), r'pack: order must be "sequential" or "awq", got "zigzag"'),
         (lambda: torch_ops.pack(u8(8), 4, dtype=torch.int16), r"pack: dtype must be torch.int32 or torch.uint8"),
@@ -399,7 +434,7 @@ def test_errors_name_op_argument_and_value(device):
         (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, device=device), format="exl2"),
          r'dequantize: format must be "gptq" or "awq", got "exl2"'),
         (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, dtype=torch.int32, device=device)),
-         r"dequantize: scales must be float32, float16 or bfloat16, got Int"),
+         r"dequantize: scales must be float32, float16 or bfloat16, got torch.int32"),
         (lambda: torch_ops.quantize(torch.randn(12, 128, device=device), bits=3),
          r"quantize: weight shape \[12, 128\] does not pack into 3-bit gptq words \(K must be a "
          r"multiple of 32 and N of 32\)"),
@@ -479,3 +514,23 @@ def test_compile_fullgraph(device):
     compiled = torch.compile(convert_and_dequantize, fullgraph=True)(qweight, qzeros, scales)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: torch_ops.pack(torch.tensor(3, dtype=torch.uint8), 4), "pack: values must be at least 1-D"),
+    (lambda: torch_ops.unpack(torch.tensor(3, dtype=torch.int32), 4), "unpack: packed must be at least 1-D"),
+    (lambda: torch_ops.pack_v2(torch.zeros(2, 4, 64, dtype=torch.uint8)),
+     r"pack_v2: unpacked must be 2-D, got shape \[2, 4, 64\]"),
+    (lambda: torch_ops.awq_to_gptq(torch.zeros(8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32)),
+     "awq_to_gptq: qweight must be 2-D"),
+    (lambda: torch_ops.w4a16_linear(torch.tensor(1.0), torch.zeros(16, 8, dtype=torch.int32), torch.ones(1, 8)),
+     "w4a16_linear: x must be at least 1-D"),
+], ids=["pack", "unpack", "pack_v2", "awq_to_gptq", "w4a16_linear"])
+def test_compiled_calls_with_a_wrong_rank_name_the_argument(call, message):
+    """Under torch.compile the fake kernels see the arguments first: a wrong rank gets the op's
+    message there too (it failed inside their shape arithmetic: ZeroDivisionError, IndexError)"""
+    with pytest.raises(Exception):
+        call()  # (eager: the kernel's own error)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message):
+        torch.compile(call, fullgraph=True)()

@@ -90,7 +90,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[tor
                g_idx: Optional[torch.Tensor] = None, zero_format: str = "v1") -> torch.Tensor:
     """Float weight [N, K] (nn.Linear orientation) in ``scales.dtype``: s * (q - z).
     ``format="awq"`` reads AWQ tensors (4-bit); ``"gptq"`` reads bits 2/3/4/8 and ``g_idx``.
-    ``qzeros=None`` is symmetric (z = 2**(bits-1)); ``group_size=-1`` is one group."""
+    ``qzeros=None`` is symmetric (z = 2**(bits-1)); ``group_size=-1`` is one group.
+    Differentiable with respect to ``scales`` (d w / d s = q - z), for learning scales over
+    frozen codes."""
     return _ops.dequantize(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
 
 
@@ -244,6 +246,15 @@ def _(weight, bits, group_size, sym, format, zero_format, scales_dtype):
 
 # ---- fake kernels of the compiled ops --------------------------------------------------------------
 
+def _dims(op: str, arg: str, t: torch.Tensor, *allowed: int) -> None:
+    """The kernels' check of a tensor's rank, in the fakes too (under torch.compile they run
+    first, and a wrong rank would fail inside their own shape arithmetic instead)."""
+    torch._check(t.dim() in allowed if allowed else t.dim() >= 1,
+                 lambda: f"{op}: {arg} must be " + (" or ".join(f"{d}-D" for d in allowed)
+                                                    if allowed else "at least 1-D")
+                 + f", got shape {list(t.shape)}")
+
+
 def _resized(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = size
@@ -252,12 +263,14 @@ def _resized(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.
 
 @torch.library.register_fake("torch_ops::pack")
 def _(values, bits, dim=-1, order="sequential", dtype=torch.int32):
+    _dims("pack", "values", values)
     dim = dim % values.dim()
     return _resized(values, dim, values.shape[dim] * bits // (8 * _word_bytes(dtype)), dtype)
 
 
 @torch.library.register_fake("torch_ops::unpack")
 def _(packed, bits, dim=-1, order="sequential"):
+    _dims("unpack", "packed", packed)
     dim = dim % packed.dim()
     wb = _word_bytes(packed.dtype)
     return _resized(packed, dim, packed.shape[dim] * 8 * wb // bits, torch.uint8)
@@ -265,12 +278,16 @@ def _(packed, bits, dim=-1, order="sequential"):
 
 @torch.library.register_fake("torch_ops::awq_to_gptq")
 def _(qweight, qzeros, zero_format="v1"):
+    _dims("awq_to_gptq", "qweight", qweight, 2)
+    _dims("awq_to_gptq", "qzeros", qzeros, 2)
     K, N = qweight.shape[0], qweight.shape[1] * 8
     return qweight.new_empty((K // 8, N)), qzeros.new_empty(qzeros.shape)
 
 
 @torch.library.register_fake("torch_ops::gptq_to_awq")
 def _(qweight, qzeros, zero_format="v1", g_idx=None):
+    _dims("gptq_to_awq", "qweight", qweight, 2)
+    _dims("gptq_to_awq", "qzeros", qzeros, 2)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     return qweight.new_empty((K, N // 8)), qzeros.new_empty(qzeros.shape)
 
@@ -287,17 +304,20 @@ def _(qweight, qzeros, zero_format="v1", g_idx=None, *, qweight_out, qzeros_out)
 
 @torch.library.register_fake("torch_ops::convert_gptq_zeros")
 def _(qzeros, bits, src, dst):
+    _dims("convert_gptq_zeros", "qzeros", qzeros, 2)
     return qzeros.new_empty(qzeros.shape)  # contiguous, as the kernel's, whatever qzeros' strides
 
 
 @torch.library.register_fake("torch_ops::pack_v2")
 def _(unpacked, check_range=True):
+    _dims("pack_v2", "unpacked", unpacked, 2)
     N, K = unpacked.shape
     return unpacked.new_empty((N // 4, K), dtype=torch.int16)
 
 
 @torch.library.register_fake("torch_ops::unpack_v2")
 def _(packed):
+    _dims("unpack_v2", "packed", packed, 2)
     R, K = packed.shape
     return packed.new_empty((R * 4, K), dtype=torch.uint8)
 
@@ -305,6 +325,8 @@ def _(packed):
 @torch.library.register_fake("torch_ops::dequantize")
 def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx=None,
       zero_format="v1"):
+    _dims("dequantize", "qweight", qweight, 2)
+    _dims("dequantize", "scales", scales, 2)
     N = scales.shape[1]
     if format == "awq":
         K = qweight.shape[0]
@@ -334,12 +356,44 @@ def _(qweight):
 @torch.library.register_fake("torch_ops::w4a16_linear")
 def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, zero_format="v1",
       perm=None):
+    _dims("w4a16_linear", "x", x)
+    _dims("w4a16_linear", "qweight", qweight, 2, 3)
     per_row = 32 if qweight.dim() == 3 else 8  # k-interleaved [K/32, 4, N] or GPTQ [K/8, N]
     torch._check(x.shape[-1] == qweight.shape[0] * per_row,
                  lambda: f"w4a16_linear: x.shape[-1] = {x.shape[-1]} must equal "
                          f"K = {per_row} * qweight.shape[0] = {qweight.shape[0] * per_row}")
     return x.new_empty((*x.shape[:-1], qweight.shape[-1]))
 
+
+
+# ---- dequantize's gradient with respect to scales ----------------------------------------------------
+
+def _dequantize_setup(ctx, inputs, output):
+    qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format = inputs
+    ctx.args = (format, bits, group_size, zero_format, scales.shape, scales.dtype)
+    ctx.save_for_backward(qweight, qzeros, g_idx)
+
+
+def _dequantize_backward(ctx, grad):
+    """w[n, k] = s[g(k), n] (q[k, n] - z[g(k), n]): d/ds[g, n] sums grad[n, k] (q - z) over the
+    k of group g. q - z comes from the op itself with unit scales (exact in fp32)."""
+    qweight, qzeros, g_idx = ctx.saved_tensors
+    format, bits, group_size, zero_format, shape, dtype = ctx.args
+    grad_scales = None
+    if ctx.needs_input_grad[1]:
+        ones = torch.ones(shape, dtype=torch.float32, device=grad.device)
+        q_minus_z = _ops.dequantize(qweight, ones, qzeros, format, bits, group_size, g_idx,
+                                    zero_format)  # [N, K]
+        K = q_minus_z.shape[1]
+        group = (g_idx.long() if g_idx is not None else
+                 torch.arange(K, device=grad.device) // (K if group_size == -1 else group_size))
+        grad_scales = torch.zeros(shape, dtype=torch.float32, device=grad.device).index_add_(
+            0, group, (grad.float() * q_minus_z).t()).to(dtype)
+    return None, grad_scales, None, None, None, None, None, None
+
+
+torch.library.register_autograd("torch_ops::dequantize", _dequantize_backward,
+                                setup_context=_dequantize_setup)
 
 
 # ---- the batching rule (torch.vmap) ----------------------------------------------------------------

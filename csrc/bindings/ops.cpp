@@ -36,15 +36,32 @@ std::string shape_str(at::IntArrayRef s) {
     return o + "]";
 }
 
+// a dtype as Python prints it (torch.uint8), not as C++ does (Byte)
+std::string dtype_name(at::ScalarType s) {
+    switch (s) {
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kHalf: return "torch.float16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(s);
+    }
+}
+
 void check_dtype(const char *op, const char *arg, const at::Tensor &t, at::ScalarType want) {
-    TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", arg, " must be ", want, ", got ",
-                     t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", arg, " must be ", dtype_name(want), ", got ",
+                     dtype_name(t.scalar_type()));
 }
 
 void check_float(const char *op, const char *arg, const at::Tensor &t) {
     auto s = t.scalar_type();
     TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", arg,
-                     " must be float32, float16 or bfloat16, got ", s);
+                     " must be float32, float16 or bfloat16, got ", dtype_name(s));
 }
 
 void check_ndim(const char *op, const char *arg, const at::Tensor &t, int64_t ndim) {
@@ -249,7 +266,7 @@ void run_cpu(const char *op, int64_t n, int64_t grain, const F &f) {
 // arg: what names the word dtype in the op's signature (pack's dtype, unpack's packed.dtype)
 int word_bytes_of(const char *op, const char *arg, at::ScalarType dtype) {
     TORCH_CHECK_TYPE(dtype == at::kInt || dtype == at::kByte, op, ": ", arg,
-                     " must be torch.int32 or torch.uint8, got ", dtype);
+                     " must be torch.int32 or torch.uint8, got ", dtype_name(dtype));
     return dtype == at::kInt ? 4 : 1;
 }
 
@@ -302,7 +319,7 @@ at::Tensor unpack(const at::Tensor &packed_in, int64_t bits, int64_t dim, c10::s
     int order = parse_order(op, order_s);
     TORCH_CHECK_VALUE(order == TOPS_ORDER_SEQUENTIAL || (bits == 4 && wb == 4), op,
                       ": order=\"awq\" needs bits=4 and int32 words, got bits=", bits,
-                      " and packed.dtype=", packed_in.scalar_type());
+                      " and packed.dtype=", dtype_name(packed_in.scalar_type()));
     dim = c10::maybe_wrap_dim(dim, packed_in.dim());
     int64_t nwords = packed_in.size(dim);
     int64_t words_per_group = tops_pack_group((int)bits, wb) * bits / (8 * wb);
@@ -356,7 +373,8 @@ void check_out(const char *op, const char *arg, const at::Tensor &out, at::IntAr
                const at::Tensor &qweight, const at::Tensor &qzeros) {
     check_dtype(op, arg, out, at::kInt);
     check_device(op, arg, out, qweight);
-    check_shape(op, arg, out, shape, "the shape of the result");
+    TORCH_CHECK_VALUE(out.sizes() == shape, op, ": ", arg, " must have the result's shape ",
+                      shape_str(shape), ", got ", shape_str(out.sizes()));
     TORCH_CHECK_VALUE(out.is_contiguous(), op, ": ", arg, " must be contiguous");
     for (const at::Tensor *in : {&qweight, &qzeros})
         TORCH_CHECK_VALUE(!may_overlap(out, *in), op, ": ", arg,
@@ -432,6 +450,8 @@ std::tuple<at::Tensor, at::Tensor> gptq_to_awq_impl(const at::Tensor &qweight,
                       " groups must divide K = 8 * qweight.shape[0] = ", K);
     check_shape(op, "qzeros", qzeros, {G, N / 8}, "[K/G, N/8]");
     if (g_idx.has_value()) {
+        TORCH_CHECK_TYPE(g_idx->scalar_type() == at::kInt || g_idx->scalar_type() == at::kLong, op,
+                         ": g_idx must be int32 or int64, got ", dtype_name(g_idx->scalar_type()));
         check_device(op, "g_idx", *g_idx, qweight);
         check_shape(op, "g_idx", *g_idx, {K}, "[K]");
         at::Tensor expected =
@@ -673,7 +693,7 @@ at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
     }
     if (g_idx_in.has_value()) {
         TORCH_CHECK_TYPE(g_idx_in->scalar_type() == at::kInt || g_idx_in->scalar_type() == at::kLong,
-                         op, ": g_idx must be int32 or int64, got ", g_idx_in->scalar_type());
+                         op, ": g_idx must be int32 or int64, got ", dtype_name(g_idx_in->scalar_type()));
         check_g_idx_range(op, *g_idx_in, G);  // the caller's tensor: a cache hit next time
         g_idx = g_idx_in->to(at::kInt).contiguous();
     }
@@ -760,7 +780,7 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
     // g_idx and perm: int32 or int64 [K] on x's device
     auto check_index_arg = [&](const char *arg, const at::Tensor &t) {
         TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", arg,
-                         " must be int32 or int64, got ", t.scalar_type());
+                         " must be int32 or int64, got ", dtype_name(t.scalar_type()));
         check_device(op, arg, t, x);
         check_shape(op, arg, t, {K}, "[K]");
     };

@@ -115,6 +115,9 @@
 #define W4_GEMV_M_AVX512_BF16 11
 #endif
 #ifndef W4_GEMV_M_ACT
+/* KN(w4_gemv)'s answer to an x holding +-inf (its zero-point factoring would give NaN): take a
+ * path that multiplies every weight. Not a tops_status: it never leaves w4_run. */
+#define W4_INFINITE_X (-1)
 #define W4_GEMV_M_ACT 8   /* act-order (groups changing inside a word of 8 k): the same, any ISA */
 #endif
 /* the largest GEMV M of any instruction set (sizes the GEMV's per-row arrays) */
@@ -1210,6 +1213,10 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
         for (; k < K; k++) mx = fabsf(xr[k]) > mx ? fabsf(xr[k]) : mx;
         vf_store(mv, mxv);
         for (int i = 0; i < VW; i++) mx = mv[i] > mx ? mv[i] : mx;
+        /* an infinite x: the factored zero point below would compute inf - inf = NaN where the
+         * product is +-inf, so the caller takes a path that multiplies every weight (nothing
+         * written yet). (A NaN in x gives NaN rows either way.) */
+        if (isinf(mx)) return W4_INFINITE_X;
         const int e = mx > 0.0f && isfinite(mx) ? ilogbf(mx) : 0;
         back[m] = e + (sub ? 22 : 0);
         /* 2^-e in two factors: e ranges over [-149, 127] */
@@ -1473,12 +1480,13 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
 #endif
     const int gemv_plain = M <= gemv_m, gemv_act = M <= W4_GEMV_M_ACT;
     size_t gemv_bytes = 0, blocked_bytes = 0;
+    /* (the blocked path's room always: the GEMV hands an infinite x over to it) */
     if (gemv_plain || gemv_act)
         gemv_bytes = 2 * w4_align((size_t)(M * K) * sizeof(float)) +
                      2 * w4_align((size_t)(M * ncols) * sizeof(float)) + w4_align(64 * sizeof(float)) +
                      w4_align((size_t)(M * G) * sizeof(float)) +
                      w4_align((size_t)(G * KN(w4_act_sb)(G)) * sizeof(float));
-    if (!gemv_plain || !gemv_act) {
+    {
         const int64_t mce = w4_min(M, W4_MC);
         if (a->x_dtype != TOPS_F32) blocked_bytes += w4_align((size_t)(mce * K) * sizeof(float));
         blocked_bytes += w4_align((size_t)(2 * G * W4_NT) * sizeof(float)) +
@@ -1498,12 +1506,15 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     int32_t *gk = (int32_t *)ws;
     ws += w4_align((size_t)K * sizeof(int32_t));
     int uniform = w4_groups(a, gk);
-    int st;
+    int st = W4_INFINITE_X;
     if (uniform ? gemv_plain : gemv_act) st = KN(w4_gemv)(a, nb, ne, ws, gk, uniform);
+    if (st == W4_INFINITE_X) {
 #if W4_BF16DOT
-    else if (uniform && a->x_dtype == TOPS_BF16 && w4_bf16dot()) st = w4b_blocked(a, nb, ne, ws, gk);
+        if (uniform && a->x_dtype == TOPS_BF16 && w4_bf16dot()) st = w4b_blocked(a, nb, ne, ws, gk);
+        else
 #endif
-    else st = KN(w4_blocked)(a, nb, ne, ws, gk);
+            st = KN(w4_blocked)(a, nb, ne, ws, gk);
+    }
     free(raw);
     return st;
 }
