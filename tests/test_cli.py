@@ -248,7 +248,11 @@ def test_convert_terminated_leaves_nothing_behind(tmp_path, capsys, monkeypatch)
 
 def test_json_is_read_as_utf8_whatever_the_locale(tmp_path):
     src = tmp_path / "src"
-    make_checkpoint(src, "awq", config_extra={"id2label": {"0": "modèle"}})
+    make_checkpoint(src, "awq")
+    config = json.loads((src / "config.json").read_text())
+    config["id2label"] = {"0": "modèle"}  # written as UTF-8 bytes, as transformers writes it
+    (src / "config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    assert "modèle".encode() in (src / "config.json").read_bytes()
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
            "PYTHONIOENCODING": "utf-8"}
     root = str(Path(torch_ops.__file__).resolve().parent.parent)
@@ -268,3 +272,30 @@ def test_path_not_utf8_gets_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert_one_line_error(err, "inspect")
     assert "not valid UTF-8" in err
+
+
+def test_convert_special_file_in_a_subfolder_is_a_read_error_of_src(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    (src / "tok").mkdir()
+    os.mkfifo(src / "tok" / "pipe")
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--to", "gptq", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert f"cannot read {src} (`{src / 'tok' / 'pipe'}` is a named pipe)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_killed_save_leaves_no_staging_folder_for_the_next_save_or_convert(tmp_path):
+    from torch_ops.checkpoint import _STAGING_PREFIX, save_quantized
+
+    model = torch_ops.quantize_model(TinyLM(), group_size=64)
+    folder = tmp_path / "c"
+    save_quantized(model, folder, "awq")
+    stale = folder / (_STAGING_PREFIX + "killed")  # what a save killed by SIGKILL leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "gptq", "-q"]) == 0
+    assert not any(p.name.startswith(_STAGING_PREFIX) for p in (tmp_path / "out").iterdir())
+    save_quantized(model, folder, "awq")
+    assert not stale.exists()

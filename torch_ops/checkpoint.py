@@ -63,9 +63,21 @@ class QuantConfig:
 
 
 def _umask() -> int:
+    """The process's umask: from /proc where Linux shows it (setting it to read it, the fallback,
+    changes it for a moment for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+_STAGING_PREFIX = ".torch_ops-save-"  # save_quantized's folder inside the checkpoint's, while it writes
 
 
 def _chmod_ordinary(path: Path) -> None:
@@ -241,7 +253,7 @@ class Checkpoint:
     def __init__(self, path):
         path = Path(path)
         try:
-            str(path.absolute()).encode("utf-8")
+            str(path).encode("utf-8")
         except UnicodeEncodeError:
             raise CheckpointError(f"{str(path)!r}: the path is not valid UTF-8, which safetensors "
                                   "cannot open; rename it") from None
@@ -392,7 +404,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
     parameters). Missing or unexpected tensors, float tensors of another shape and values a layer
     refuses (g_idx out of range) raise CheckpointError with the model as it was (except for
-    QuantLinear layers it held already: those are loaded in place)."""
+    QuantLinear layers it held already: those are loaded in place). A shard that cannot be read
+    once the float tensors load leaves the model partly loaded."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -466,7 +479,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                                                                       assign=assign)
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{folder}: {' '.join(str(e).split())}") from None
-    except CheckpointError:
+    except BaseException:  # (any: an interrupt too leaves the model as it was)
         for name, m in replaced:
             replace_module(model, name, m)
         ckpt.close()
@@ -560,9 +573,12 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(_STAGING_PREFIX + "*"):  # of a save that was killed
+        if stale.is_dir() and not stale.is_symlink():
+            _rmtree(stale)
     # every file is written into a folder of its own beside them first, then moved in: a save
     # that fails (a full disk) leaves an earlier checkpoint in the folder whole
-    staging = Path(tempfile.mkdtemp(prefix=".save-", dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder))
     try:
         for name, shard in zip(names, shards):
             save_file(shard, str(staging / name), metadata={"format": "pt"})
@@ -719,6 +735,12 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
                 p.rmdir()
             except OSError:
                 break
+        if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+            # copytree's list of (source, destination, why): the first names the file
+            first, why = Path(e.args[0][0][0]), e.args[0][0][2]
+            read = _inside(first, src)
+            raise CheckpointError(f"cannot {'read' if read else 'write'} {src if read else dst} "
+                                  f"({why})") from None
         if isinstance(e, OSError):
             read = e.filename is not None and _inside(Path(e.filename), src)
             raise CheckpointError(f"cannot {'read' if read else 'write'} "
@@ -793,7 +815,7 @@ def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 json.dump(new_qc, f, indent=2)
     for item in src.iterdir():
-        if item.name in handled:
+        if item.name in handled or item.name.startswith(_STAGING_PREFIX):
             continue
         if item.is_dir():  # links followed, as at the top (a Hugging Face cache snapshot's
             # relative links would dangle in DST); dangling ones left out

@@ -100,7 +100,9 @@ def _on_sigterm(signum, frame):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    # (where a handler was set from C, getsignal gives None: it stays, since it could not be put back)
+    previous = (signal.signal(signal.SIGTERM, _on_sigterm)
+                if _main_thread() and signal.getsignal(signal.SIGTERM) is not None else None)
     try:
         return _convert(args) if args.command == "convert" else _inspect(args)
     except KeyboardInterrupt:

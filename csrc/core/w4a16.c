@@ -115,11 +115,11 @@
 #define W4_GEMV_M_AVX512_BF16 11
 #endif
 #ifndef W4_GEMV_M_ACT
+#define W4_GEMV_M_ACT 8   /* act-order (groups changing inside a word of 8 k): the same, any ISA */
+#endif
 /* KN(w4_gemv)'s answer to an x holding +-inf (its zero-point factoring would give NaN): take a
  * path that multiplies every weight. Not a tops_status: it never leaves w4_run. */
 #define W4_INFINITE_X (-1)
-#define W4_GEMV_M_ACT 8   /* act-order (groups changing inside a word of 8 k): the same, any ISA */
-#endif
 /* the largest GEMV M of any instruction set (sizes the GEMV's per-row arrays) */
 #define W4_MAX2(a, b) ((a) > (b) ? (a) : (b))
 #define W4_GEMV_MAX_M \
