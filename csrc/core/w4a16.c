@@ -1350,7 +1350,9 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
 /* ---- blocked path --------------------------------------------------------------------------------- */
 
 /* dequantize rows (8 k each) x ntv vectors of qweight (first word qw) into panels
- * dq[p][kk][W4_PW] (p = v / 2), kk = 8 r + j; tab[2 g][W4_NT] = s, tab[2 g + 1][W4_NT] = -z s */
+ * dq[p][kk][W4_PW] (p = v / 2), kk = 8 r + j; tab[2 g][W4_NT] = s, tab[2 g + 1][W4_NT] = z.
+ * Each weight is s (q - z), rounded once as dequantize() gives it (q s - z s by one FMA was an ulp
+ * of z s off: a weight at its zero point came out nonzero, and inf x times it +-inf, not NaN). */
 static KATTR void KN(w4_dequant)(const int32_t *qw, int64_t ldq, int64_t rows, int ntv,
                                  const int32_t *gk, const float *tab, float *dq) {
     const int64_t pf = (int64_t)W4_PF_ROWS * ldq * 4;
@@ -1365,7 +1367,7 @@ static KATTR void KN(w4_dequant)(const int32_t *qw, int64_t ldq, int64_t rows, i
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
                 const float *t = tv + (int64_t)g8[j] * 2 * W4_NT;
-                vf_store(d + j * W4_PW, vf_fma(KN(w4_unpack)(w, j), vf_load(t), vf_load(t + W4_NT)));
+                vf_store(d + j * W4_PW, vf_mul(vf_sub(KN(w4_unpack)(w, j), vf_load(t + W4_NT)), vf_load(t)));
             }
         }
         if (ntv % 2) {
@@ -1449,7 +1451,7 @@ static KATTR int KN(w4_blocked)(const tops_w4a16_args *a, int64_t nb, int64_t ne
                     VF s = vf_loadt(a->scales, a->scales_dtype, g * N + n0 + v * VW);
                     VF z = vf_zeros(a, g, n0 + v * VW);
                     vf_store(tab + 2 * g * W4_NT + v * VW, s);
-                    vf_store(tab + (2 * g + 1) * W4_NT + v * VW, vf_mul(vf_sub(vf_zero(), z), s));
+                    vf_store(tab + (2 * g + 1) * W4_NT + v * VW, z);
                 }
             memset(cbuf, 0, (size_t)(mc * W4_NT) * sizeof(float));
             for (int64_t k0 = 0; k0 < K; k0 += W4_KTI) {
