@@ -735,17 +735,16 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
                 p.rmdir()
             except OSError:
                 break
-        if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
-            # copytree's list of (source, destination, why): the first names the file
-            first, why = Path(e.args[0][0][0]), e.args[0][0][2]
-            read = _inside(first, src)
+        if isinstance(e, OSError):
+            if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+                # copytree's list of (source, destination, why): the first names the file
+                culprit, why = e.args[0][0][0], str(e.args[0][0][2])
+            else:
+                culprit = e.filename
+                why = f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+            read = culprit is not None and _inside(Path(culprit), src)
             raise CheckpointError(f"cannot {'read' if read else 'write'} {src if read else dst} "
                                   f"({why})") from None
-        if isinstance(e, OSError):
-            read = e.filename is not None and _inside(Path(e.filename), src)
-            raise CheckpointError(f"cannot {'read' if read else 'write'} "
-                                  f"{src if read else dst} ({e.strerror or e}"
-                                  f"{': ' + str(e.filename) if e.filename else ''})") from None
         raise
     finally:
         ckpt.close()

@@ -38,19 +38,7 @@ std::string shape_str(at::IntArrayRef s) {
 
 // a dtype as Python prints it (torch.uint8), not as C++ does (Byte)
 std::string dtype_name(at::ScalarType s) {
-    switch (s) {
-    case at::kByte: return "torch.uint8";
-    case at::kChar: return "torch.int8";
-    case at::kShort: return "torch.int16";
-    case at::kInt: return "torch.int32";
-    case at::kLong: return "torch.int64";
-    case at::kHalf: return "torch.float16";
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(s);
-    }
+    return "torch." + std::string(c10::getDtypeNames(s).first);
 }
 
 void check_dtype(const char *op, const char *arg, const at::Tensor &t, at::ScalarType want) {
