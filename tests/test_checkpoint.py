@@ -230,6 +230,26 @@ def test_load_failing_late_leaves_the_model_as_it_was(tmp_path, defect):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_g_idx_wrapping_in_int32_is_refused_everywhere(tmp_path):
+    """An int64 g_idx of trivial + 2**32 narrows to the trivial one: load, convert and inspect
+    must refuse it as out of range, not read it as a plain (or act-order) layer."""
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "gptq")
+    tensors = all_tensors(folder)
+    tensors["blocks.1.up.g_idx"] = tensors["blocks.1.up.g_idx"].long() + 2**32
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    before = tree_digest(folder)
+    message = r"blocks\.1\.up.*g_idx values must lie in \[0, 2\)"
+    with pytest.raises(CheckpointError, match=r"g_idx values must lie in \[0, 2\)"):
+        load_quantized(TinyLM(), folder)  # (loaded layer by layer: the message has no prefix)
+    for to in ("gptq", "awq"):
+        with pytest.raises(CheckpointError, match=message):
+            convert_checkpoint(folder, tmp_path / to, to=to, progress=False)
+    with pytest.raises(CheckpointError, match=message):
+        inspect_checkpoint(folder)
+    assert tree_digest(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_load_refuses_unsupported_configs(tmp_path):
     for i, (qc_change, message) in enumerate([
             ({"bits": 8}, "only 4-bit"), ({"version": "gemv_fast"}, "AWQ version"),

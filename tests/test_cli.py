@@ -87,6 +87,16 @@ def _drop_scales(folder):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def _g_idx_wrapped(folder):
+    """An int64 g_idx of trivial + 2**32: its int32 narrowing is the trivial g_idx."""
+    from safetensors.torch import save_file
+    key = "blocks.1.up.g_idx"
+    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(str(shard))
+    tensors[key] = tensors[key].long() + 2**32
+    save_file(tensors, str(shard))
+
+
 def _garbage_shard(folder):
     (folder / "model-00001-of-00002.safetensors").write_bytes(b"\x05" * 64)
 
@@ -98,6 +108,7 @@ def _garbage_shard(folder):
     (_drop_scales, "gptq", "missing tensors: blocks.0.up.scales"),
     (_garbage_shard, "gptq", "corrupt or truncated safetensors header"),
     (None, "awq", "act-order"),
+    (_g_idx_wrapped, "gptq", "blocks.1.up.g_idx values must lie in [0, 2)"),
 ])
 def test_convert_refusals(tmp_path, capsys, damage, to, message):
     src = tmp_path / "src"

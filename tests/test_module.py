@@ -127,6 +127,23 @@ def test_g_idx_trivial_dropped_act_order_kept(device):
         QuantLinear.from_gptq(**gq, g_idx=g_idx + 1, group_size=G)
 
 
+def test_g_idx_range_is_checked_before_narrowing(device):
+    """An int64 g_idx is range-checked before it is stored as int32: 2**32 + g would wrap to g
+    (the trivial g_idx) and pass. Every integer dtype but bool is taken."""
+    gq = random_gptq(device)
+    trivial = torch.arange(K, device=device) // G
+    with pytest.raises(ValueError, match=r"from_gptq: g_idx values must lie in \[0, 4\) .*"
+                                         r"got values in \[4294967296, 4294967299\]"):
+        QuantLinear.from_gptq(**gq, g_idx=trivial + 2**32, group_size=G)
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+        assert QuantLinear.from_gptq(**gq, g_idx=trivial.to(dtype), group_size=G).g_idx is None
+    g_idx = act_order_g_idx(device=device)
+    assert torch.equal(QuantLinear.from_gptq(**gq, g_idx=g_idx.to(torch.int8), group_size=G).g_idx,
+                       g_idx)
+    with pytest.raises(ValueError, match="from_gptq: g_idx must be an integer tensor .* got torch.bool"):
+        QuantLinear.from_gptq(**gq, g_idx=trivial.bool(), group_size=G)
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="in_features must be a positive multiple of 8"):
         QuantLinear(100, 64)

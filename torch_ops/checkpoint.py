@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from . import _ops
-from .module import QuantLinear, check_dims, name_matches, replace_module, trivial_g_idx
+from .module import (QuantLinear, check_dims, checked_g_idx, name_matches, replace_module,
+                     trivial_g_idx)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
@@ -646,10 +647,13 @@ def _act_order_layers(ckpt: Checkpoint, qc: QuantConfig, prefixes) -> list:
         return out
     for p in prefixes:
         if f"{p}.g_idx" in ckpt.shard_of:
-            K, _ = _layer_dims(ckpt, p, qc)
-            g_idx = ckpt.tensor(f"{p}.g_idx")
-            if g_idx.shape != (K,) or not torch.equal(g_idx.to(torch.int32),
-                                                      trivial_g_idx(K, qc.group_size)):
+            K, _ = _layer_dims(ckpt, p, qc)  # (g_idx's shape [K] and dtype checked there)
+            groups = 1 if qc.group_size == -1 else K // qc.group_size
+            try:  # range first: an int64 g_idx narrowed unchecked could pass as the trivial one
+                g_idx = checked_g_idx(ckpt.tensor(f"{p}.g_idx"), groups, f"{p}.")
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            if not torch.equal(g_idx, trivial_g_idx(K, qc.group_size)):
                 out.append(p)
     return out
 

@@ -74,6 +74,24 @@ def check_dims(in_features: int, out_features: int, group_size: int, what: str =
                          + "; ".join(problems))
 
 
+# g_idx dtypes taken (stored as int32); torch's uint16/32/64 lack the min/max the range check needs
+_G_IDX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def checked_g_idx(g_idx: torch.Tensor, groups: int, where: str) -> torch.Tensor:
+    """g_idx as int32 after checking its dtype and that its values lie in [0, groups). The range
+    is read before narrowing: to(torch.int32) wraps an int64 2**32 + g to g, which would pass."""
+    if g_idx.dtype not in _G_IDX_DTYPES:
+        raise ValueError(f"{where}g_idx must be an integer tensor of group indices (int32, or "
+                         f"int8/uint8/int16/int64), got {g_idx.dtype}")
+    if g_idx.numel():
+        lo, hi = int(g_idx.min()), int(g_idx.max())
+        if lo < 0 or hi >= groups:
+            raise ValueError(f"{where}g_idx values must lie in [0, {groups}) (K/G groups), got "
+                             f"values in [{lo}, {hi}]")
+    return g_idx.to(torch.int32)
+
+
 def trivial_g_idx(K: int, group_size: int, device=None) -> torch.Tensor:
     """The g_idx of a layer without act-order: ``arange(K) // group_size`` as int32."""
     return (torch.arange(K, device=device) // _group_len(K, group_size)).to(torch.int32)
@@ -260,8 +278,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{where}{name} must have shape {expected} for in_features="
                              f"{self.in_features}, out_features={self.out_features}, group_size="
                              f"{self.group_size}; got {_shape(t)}")
-        if name == "g_idx" and t.dtype in (torch.int64, torch.int16, torch.uint8):
-            t = t.to(torch.int32)
+        if name == "g_idx":
+            t = checked_g_idx(t, self.num_groups, where)
         if name in ("qweight", "qzeros", "g_idx") and t.dtype != torch.int32:
             raise ValueError(f"{where}{name} must be torch.int32, got {t.dtype}")
         if name in ("scales", "bias") and t.dtype not in _FLOAT_DTYPES:
@@ -285,6 +303,8 @@ class QuantLinear(nn.Module):
         self._checked("qweight", qweight, where, exp[fmt])
         self._checked("qzeros", qzeros, where)
         self._checked("scales", scales, where)
+        if g_idx is not None:
+            g_idx = self._checked("g_idx", g_idx, where)
         if fmt == "awq":
             if g_idx is not None and not self._is_trivial(g_idx):
                 raise ValueError(f"{where}g_idx is act-order but qweight has the AWQ layout, "
@@ -294,9 +314,8 @@ class QuantLinear(nn.Module):
         else:
             if zero_format != STORED_ZERO_FORMAT:
                 qzeros = _ops.convert_gptq_zeros(qzeros, BITS, zero_format, STORED_ZERO_FORMAT)
-            if g_idx is not None:
-                g_idx = self._checked("g_idx", g_idx, where)
-                g_idx = None if self._is_trivial(g_idx) else self._checked_act_order(g_idx, where)
+            if g_idx is not None and self._is_trivial(g_idx):
+                g_idx = None
         perm = None
         if g_idx is not None:
             prepacked = _ops.act_order_prepack(qweight, g_idx.to(qweight.device), self.group_size)
@@ -312,15 +331,8 @@ class QuantLinear(nn.Module):
         self.loaded_from = fmt
 
     def _is_trivial(self, g_idx: torch.Tensor) -> bool:
-        return torch.equal(g_idx.to(torch.int32),
-                           trivial_g_idx(self.in_features, self.group_size, g_idx.device))
-
-    def _checked_act_order(self, g_idx: torch.Tensor, where: str) -> torch.Tensor:
-        lo, hi = int(g_idx.min()), int(g_idx.max())
-        if lo < 0 or hi >= self.num_groups:
-            raise ValueError(f"{where}g_idx values must lie in [0, {self.num_groups}) "
-                             f"(K/G groups), got values in [{lo}, {hi}]")
-        return g_idx
+        """Of a g_idx that passed _checked (int32, in range)."""
+        return torch.equal(g_idx, trivial_g_idx(self.in_features, self.group_size, g_idx.device))
 
     def _put(self, name: str, value, assign: bool):
         """Store a buffer. Unless ``assign``, the value goes to the module's device (where that is
