@@ -343,6 +343,21 @@ def test_quantize_round_to_nearest(device, format, sym):
     assert ((w - weight).abs() <= 0.5 * step + 1e-3).float().mean() > 0.98
 
 
+def test_quantize_of_a_parameter_is_detached_and_scales_learnable(device):
+    """Quantizing a weight that requires grad (an nn.Linear's) gives detached results, as the
+    reference's: the scales can then be learned through dequantize."""
+    weight = torch.nn.Linear(128, 64, device=device).weight
+    t = torch_ops.quantize(weight, 4, 64)
+    assert not any(v.requires_grad for v in t.values())
+    assert all(v.grad_fn is None for v in t.values())
+    scales = t["scales"].clone().requires_grad_()
+    torch_ops.dequantize(t["qweight"], scales, t["qzeros"], group_size=64).float().sum().backward()
+    assert scales.grad is not None and weight.grad is None
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda w: torch_ops.quantize(w, 4, 64), fullgraph=True)(weight)
+    assert all(torch.equal(compiled[k], t[k]) and not compiled[k].requires_grad for k in t)
+
+
 @pytest.mark.parametrize("format,bits", [("gptq", 3), ("gptq", 4), ("gptq", 8), ("awq", 4)])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_scales_are_correctly_rounded(device, format, bits, sym):

@@ -101,8 +101,11 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
              scales_dtype: Optional[torch.dtype] = None) -> dict:
     """Round-to-nearest quantization of an nn.Linear weight [N, K] with the GPTQ (``"gptq"``) or
     AutoAWQ (``"awq"``) formulas. Returns ``qweight``, ``qzeros``, ``scales`` and, for GPTQ,
-    ``g_idx`` (= arange(K) // group_size)."""
-    qweight, qzeros, scales, g_idx = _ops.quantize(weight, bits, group_size, sym, format,
+    ``g_idx`` (= arange(K) // group_size). The results are not differentiable (rounding has
+    no useful gradient): a weight that requires grad is read detached, as the reference does."""
+    # (the op has no autograd formula: a weight that requires grad would give scales a grad_fn
+    # whose backward raises, far from here, when a loss is backpropagated through dequantize)
+    qweight, qzeros, scales, g_idx = _ops.quantize(weight.detach(), bits, group_size, sym, format,
                                                    zero_format, scales_dtype)
     out = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
     if format == "gptq":
