@@ -6,6 +6,7 @@ reference-dequantized weights."""
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,31 @@ def test_load_refuses_unsupported_configs(tmp_path):
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(CheckpointError, match=message):
             load_quantized(TinyLM(), folder)
+
+
+def test_config_booleans_written_as_strings_or_integers(tmp_path):
+    """bool("false") is True: "true"/"false" (any case) and 0/1 are read as what they say, None or
+    a missing key as the default, anything else refused naming the key, the value and the file."""
+    def inspect_with(fmt, key, value):
+        folder = tmp_path / f"{fmt}-{key}-{value!r}"
+        make_checkpoint(folder, fmt)
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"][key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder, inspect_checkpoint(folder)
+
+    for key in ("sym", "desc_act"):
+        for value, read in [("false", False), ("False", False), (0, False), (False, False),
+                            (None, False), ("TRUE", True), ("true", True), (1, True), (True, True)]:
+            assert inspect_with("gptq", key, value)[1][key] is read, (key, value)
+        for value in ("yes", "0", 2, 1.0, []):
+            with pytest.raises(CheckpointError, match=rf"config\.json: quantization_config: {key} "
+                                                      rf"must be true or false, got {re.escape(repr(value))}"):
+                inspect_with("gptq", key, value)
+    folder, _ = inspect_with("awq", "zero_point", "True")
+    load_quantized(TinyLM(), folder)
+    with pytest.raises(CheckpointError, match="AWQ without zero points"):
+        inspect_with("awq", "zero_point", "false")
 
 
 def test_load_gptq_tensors_with_awq_config_is_refused(tmp_path):

@@ -117,6 +117,22 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+def _config_bool(qc: dict, key: str, default: bool, where) -> bool:
+    """A boolean field: true/false (None or missing: ``default``), and also the strings "true" /
+    "false" (any case) and the integers 0 / 1 that hand-written configs hold. bool("false") is
+    True, so anything else is refused rather than read as true."""
+    value = qc.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise CheckpointError(f"{where}: {key} must be true or false, got {value!r}")
+
+
 def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantConfig:
     """Normalise an AWQ or GPTQ ``quantization_config`` (CheckpointError if unsupported)."""
     method = str(qc.get("quant_method", "")).lower()
@@ -145,7 +161,7 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
         if version != "gemm":
             raise CheckpointError(f"{where}: unsupported AWQ version {qc.get('version')!r} "
                                   "(only 'gemm' is supported)")
-        if qc.get("zero_point", True) is False:
+        if not _config_bool(qc, "zero_point", True, where):
             raise CheckpointError(f"{where}: AWQ without zero points (zero_point=false) "
                                   "is not supported")
         return QuantConfig("awq", 4, group_size, "as-is", False, False, list(skip), dict(qc))
@@ -154,7 +170,8 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
         raise CheckpointError(f"{where}: unsupported GPTQ checkpoint_format {fmt!r} "
                               "(supported: gptq, gptq_v2)")
     return QuantConfig("gptq", 4, group_size, "v2" if fmt == "gptq_v2" else "v1",
-                       bool(qc.get("desc_act", False)), bool(qc.get("sym", False)), list(skip),
+                       _config_bool(qc, "desc_act", False, where),
+                       _config_bool(qc, "sym", False, where), list(skip),
                        dict(qc))
 
 
