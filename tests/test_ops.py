@@ -358,6 +358,30 @@ def test_quantize_of_a_parameter_is_detached_and_scales_learnable(device):
     assert all(torch.equal(compiled[k], t[k]) and not compiled[k].requires_grad for k in t)
 
 
+@pytest.mark.parametrize("format,sym", [("gptq", False), ("gptq", True), ("awq", False)])
+def test_quantize_refuses_scales_that_overflow_fp16(device, format, sym):
+    """A group spanning more than 15 * 65504 needs a scale past fp16's range: stored as inf, it
+    dequantized the group to NaN. Refused (here, in the reference, compiled, from_linear);
+    fp32 scales hold it."""
+    weight = torch.randn(64, 128, device=device)
+    weight[0, 0] = 1e6
+    message = (r"quantize: scales overflow scales_dtype=torch.float16 \(a group needs a scale of "
+               r".*\); pass scales_dtype=torch.float32")
+    for quantize in (torch_ops.quantize, ref.quantize):
+        with pytest.raises(ValueError, match=message):
+            quantize(weight, 4, 64, sym, format)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=message):
+        torch.compile(lambda w: torch_ops.quantize(w, 4, 64, sym, format), fullgraph=True)(weight)
+    linear = torch.nn.Linear(128, 64, device=device)
+    linear.weight.data.copy_(weight)
+    with pytest.raises(ValueError, match=message):
+        torch_ops.QuantLinear.from_linear(linear, group_size=64, sym=sym)
+    t = torch_ops.quantize(weight, 4, 64, sym, format, scales_dtype=torch.float32)
+    w = torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], format, 4, 64)
+    assert torch.isfinite(w).all() and abs(float(w[0, 0]) - 1e6) <= float(t["scales"][0, 0])
+
+
 @pytest.mark.parametrize("format,bits", [("gptq", 3), ("gptq", 4), ("gptq", 8), ("awq", 4)])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_scales_are_correctly_rounded(device, format, bits, sym):

@@ -190,7 +190,18 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
         wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
         s = _div(wmax - wmin, maxq).clamp(min=1e-5)
         z = torch.round(-wmin / s).clamp(0, maxq)
-    s = s.to(scales_dtype)
+    stored = s.to(scales_dtype)
+    # A scale past scales_dtype's range (fp16: a group spanning more than 15 * 65504 at 4 bits)
+    # is stored as inf, and its whole group would dequantize to inf * 0 = NaN: refused. (A read of
+    # values, so a sync on CUDA, once at quantize time; torch_ops.quantize runs this inside its
+    # custom op, whose body torch.compile does not trace, so compiled calls check it too.)
+    overflow = torch.isinf(stored) & torch.isfinite(s)
+    if bool(overflow.any()):
+        raise ValueError(f"quantize: scales overflow scales_dtype={scales_dtype} (a group needs a "
+                         f"scale of {float(s[overflow].max()):.6g}, the largest "
+                         f"{scales_dtype} is {torch.finfo(scales_dtype).max:.6g}); pass "
+                         "scales_dtype=torch.float32")
+    s = stored
     q = (torch.round(w / s.float().unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
     q = q.reshape(N, K).to(torch.uint8).t().contiguous()
     return q, z.to(torch.uint8).t().contiguous(), s.t().contiguous()
