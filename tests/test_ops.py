@@ -479,6 +479,10 @@ def test_errors_name_op_argument_and_value(device):
          r"multiple of 32 and N of 32\)"),
         (lambda: torch_ops.quantize(torch.randn(16, 96, device=device), group_size=64),
          r"quantize: K = weight.shape\[1\] = 96 must be a multiple of group_size = 64"),
+        (lambda: torch_ops.quantize(torch.randn(16, 64, device=device), group_size=0),
+         r"quantize: group_size must be positive or -1 \(one group\), got 0"),
+        (lambda: torch_ops.quantize(torch.randn(8, 0, device=device), group_size=-1),
+         r"quantize: group_size = -1 \(one group of all K rows\) needs K > 0, got K = weight.shape\[1\] = 0"),
     ]
     for fn, pattern in cases:
         with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):

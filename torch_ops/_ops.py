@@ -217,8 +217,16 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
     if bits not in ((4,) if format == "awq" else (2, 3, 4, 8)):
         raise ValueError(f"quantize: bits={bits} is not supported for format={format}")
     N, K = weight.shape
+    # group_size <= 0 (but -1) and -1 with K = 0 get the C ops' messages: "K = 0 must be a
+    # multiple of group_size = -1" named neither cause
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"quantize: group_size must be positive or -1 (one group), got "
+                         f"{group_size}")
+    if group_size == -1 and K == 0:
+        raise ValueError("quantize: group_size = -1 (one group of all K rows) needs K > 0, got "
+                         "K = weight.shape[1] = 0")
     G = K if group_size == -1 else group_size
-    if G <= 0 or K % G:
+    if K % G:
         raise ValueError(f"quantize: K = weight.shape[1] = {K} must be a multiple of "
                          f"group_size = {group_size}")
     k_multiple = 32 if bits == 3 else 32 // bits  # whole int32 words along K (GPTQ qweight)
