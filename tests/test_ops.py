@@ -285,6 +285,29 @@ def test_dequantize_gptq_matches_reference(device, bits, zeros, act_order, dtype
     assert w[n, k].item() == (scales[g, n].float() * (int(q[k, n]) - zero)).to(dtype).item()
 
 
+@pytest.mark.parametrize("K", [5, 10, 11, 21, 33])
+def test_dequantize_3bit_buffers_ending_inside_a_word_group(device, K):
+    """3-bit qweight [ceil(K*3/32), N] and qzeros [G, ceil(N*3/32)] are one bit stream cut into
+    words (FORMATS.md section 1): they may end inside a 3-word group (values 10 and 21 straddle
+    words). The op and the reference read them alike, with g_idx giving K."""
+    N, bits = 13, 3
+    q, z = rand_values((K, N), bits, device), rand_values((2, N), bits, device)
+
+    def whole_groups(v, dim):  # zero values up to whole 3-word groups (32 values), which pack takes
+        pad = list(v.shape)
+        pad[dim] = -v.shape[dim] % 32
+        return torch.cat([v, v.new_zeros(pad)], dim)
+    qweight = torch_ops.pack(whole_groups(q, 0), bits, dim=0)[: -(-K * bits // 32)]
+    qzeros = torch_ops.pack(whole_groups(z, 1), bits, dim=1)[:, : -(-N * bits // 32)]
+    scales = torch.rand(2, N, device=device) + 0.1
+    g_idx = (torch.arange(K, device=device) % 2).to(torch.int32)
+    w = torch_ops.dequantize(qweight, scales, qzeros, "gptq", bits, -1, g_idx, "v2")
+    expected = (scales[g_idx.long()] * (q.float() - z[g_idx.long()].float())).t()
+    assert torch.equal(w, expected)
+    assert torch.equal(ref.dequantize(qweight.cpu(), scales.cpu(), qzeros.cpu(), "gptq", bits, -1,
+                                      g_idx.cpu(), "v2"), w.cpu())
+
+
 @pytest.mark.parametrize("group_size", [32, -1])
 def test_dequantize_awq_matches_gptq_view(device, group_size):
     K, N = 64, 40

@@ -45,13 +45,23 @@ def pack(values, bits, dim=-1, order="sequential", dtype=torch.int32):
     return _to_word_dtype(words, dtype).movedim(-1, dim).contiguous()
 
 
-def unpack(packed, bits, dim=-1, order="sequential"):
-    """Exact inverse of :func:`pack`: returns uint8 values."""
+def _fields(packed, bits, dim, count=None):
+    """The values of each run along ``dim`` (moved last, int64), read from its LSB-first bit
+    stream: all of them, or the first ``count``. A GPTQ 3-bit buffer of ceil(count * 3 / 32)
+    words (FORMATS.md section 1) can end inside a 3-word group, in part of a value: only
+    ``count`` says where its values end."""
     wbits = _word_bits(packed.dtype)
     w = packed.movedim(dim, -1).to(torch.int64) & (2**wbits - 1)
     stream = ((w.unsqueeze(-1) >> torch.arange(wbits, device=w.device)) & 1).flatten(-2)
+    if count is not None:
+        stream = stream[..., :count * bits]
     stream = stream.unflatten(-1, (-1, bits))
-    v = (stream << torch.arange(bits, device=w.device)).sum(-1)
+    return (stream << torch.arange(bits, device=w.device)).sum(-1)
+
+
+def unpack(packed, bits, dim=-1, order="sequential"):
+    """Exact inverse of :func:`pack`: returns uint8 values."""
+    v = _fields(packed, bits, dim)
     if order == "awq":
         v = v.unflatten(-1, (-1, 8))[..., AWQ_REVERSE].flatten(-2)
     return v.to(torch.uint8).movedim(-1, dim).contiguous()
@@ -143,15 +153,15 @@ def dequantize(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=1
              else torch.full_like(scales, 8, dtype=torch.int64))
         g = torch.arange(K, device=q.device) // G
     else:
-        q = unpack(qweight, bits, dim=0).to(torch.int64)  # [K', N]
         N = scales.shape[1]
-        K = q.shape[0] if g_idx is None else g_idx.shape[0]
-        q = q[:K, :N]
+        K = None if g_idx is None else g_idx.shape[0]  # None: every value qweight's words hold
+        q = _fields(qweight, bits, 0, K).movedim(-1, 0)  # [K, N]
+        K = q.shape[0]
         G = _groups(K, group_size)
         if qzeros is None:
             z = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int64, device=q.device)
         else:
-            z = _zeros_decode(unpack(qzeros, bits, dim=1), zero_format, bits)[:, :N]
+            z = _zeros_decode(_fields(qzeros, bits, 1, N), zero_format, bits)
         g = (torch.arange(K, device=q.device) // G if g_idx is None else g_idx.to(torch.int64))
     w = scales[g].float() * (q - z[g]).float()  # [K, N], fp32, rounded once below
     return w.t().contiguous().to(scales.dtype)
