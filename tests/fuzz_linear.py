@@ -28,7 +28,7 @@ from test_linear import TOL, make_weights, reference, rel_err  # noqa: E402
 
 def one_case(rnd, device, large, desc):
     """one random case; desc: filled with its parameters (printed if it fails)"""
-    gs = rnd.choice([32, 64, 128, 256, -1])
+    gs = rnd.choice([32, 64, 96, 128, 256, -1])
     K = gs * rnd.randint(1, 6) if gs > 0 else 8 * rnd.randint(1, 80)
     N = 8 * rnd.randint(1, 80)
     if large and rnd.random() < 0.2:

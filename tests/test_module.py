@@ -437,10 +437,11 @@ def test_state_dict_records_its_zero_format(saved, loader):
 
 @pytest.mark.parametrize("k,g,kinterleave,held", [(K, G, True, True), (K, -1, True, True),
                                                   (K, G, False, False), (40, -1, True, False),
-                                                  (96, 48, True, False)])
+                                                  (96, 48, True, False), (192, 96, True, False),
+                                                  (96, 96, True, True)])
 def test_kinterleaved_qweight_is_invisible_from_outside(device, k, g, kinterleave, held):
-    """qweight is held k-interleaved where the layer allows it (K and the group multiples of 32)
-    and kinterleave is on; outputs, state dicts and exports do not depend on it"""
+    """qweight is held k-interleaved where the layer allows it (K a multiple of 32; one group or a
+    power-of-two group: 96 of 192 is not) and kinterleave is on; outputs, state dicts and exports do not depend on it"""
     gq = random_gptq(device, k=k, g=g)
     layer = QuantLinear.from_gptq(**gq, group_size=g)
     if not kinterleave:

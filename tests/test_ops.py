@@ -400,6 +400,9 @@ def test_quantize_refuses_scales_that_overflow_fp16(device, format, sym):
     linear.weight.data.copy_(weight)
     with pytest.raises(ValueError, match=message):
         torch_ops.QuantLinear.from_linear(linear, group_size=64, sym=sym)
+    layer = torch_ops.QuantLinear.from_linear(linear, group_size=64, sym=sym,
+                                              scales_dtype=torch.float32)
+    assert layer.scales.dtype == torch.float32 and torch.isfinite(layer.dequantize()).all()
     t = torch_ops.quantize(weight, 4, 64, sym, format, scales_dtype=torch.float32)
     w = torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], format, 4, 64)
     assert torch.isfinite(w).all() and abs(float(w[0, 0]) - 1e6) <= float(t["scales"][0, 0])

@@ -321,6 +321,23 @@ def test_linear_prepacked_bad_input(device):
     torch_ops.w4a16_linear(x, **dict(t, g_idx=g_idx))
 
 
+@pytest.mark.parametrize("group_size", [96, 160])
+@pytest.mark.parametrize("M", [1, 16, 64, 300, 2100])
+def test_linear_prepacked_groups_not_a_power_of_two(device, group_size, M):
+    """A group of 96 or 160 is a multiple of 32, so the prepack is valid; the CUDA tensor-core
+    tiles find a k's group by shifting (a power of two), which read k = 192..255 of group 96 as
+    group 1: such a qweight takes a kernel that divides. Also behind a perm."""
+    K, N = 4 * group_size, 264
+    t = make_weights(K, N, group_size, zeros="v1", device=device, scales_dtype=torch.float16)
+    x = torch.randn(M, K, device=device, dtype=torch.float16)
+    check_linear(x, t)
+    t = make_weights(K, N, group_size, zeros="v2", act_order=True, device=device)
+    qw_sorted, perm = torch_ops.act_order_prepack(t["qweight"], t["g_idx"], group_size)
+    out = torch_ops.w4a16_linear(x, torch_ops.prepack_w4a16(qw_sorted), t["scales"], t["qzeros"],
+                                 group_size, zero_format="v2", perm=perm)
+    assert rel_err(out, reference(x, t)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("M", [1, 16, 64, 300])
 def test_linear_prepacked_with_perm(device, M):
     """act-order weights sorted by act_order_prepack, then k-interleaved: the op reads x[..., perm]

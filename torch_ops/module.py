@@ -153,9 +153,12 @@ class QuantLinear(nn.Module):
         return self.qweight.dim() == 3
 
     def _kinterleave_ok(self) -> bool:
+        """k-interleaved where the fast CUDA tiles read it: whole 32-k blocks and plain groups (one
+        group, or a power of two: a group of 96 or 160 is a valid prepack, but only the generic
+        CUDA kernel reads it, while [K/8, N] takes the act-order tiles, several times faster)"""
         gs = self.group_size
         return (self.kinterleave and self.in_features % 32 == 0
-                and (gs == -1 or gs % 32 == 0))
+                and (gs == -1 or gs == self.in_features or (gs >= 32 and gs & (gs - 1) == 0)))
 
     def _expected(self) -> dict:
         K, N, ng = self.in_features, self.out_features, self.num_groups
@@ -191,15 +194,17 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128, sym: bool = False):
-        """Round-to-nearest quantization of a float ``nn.Linear`` (via ``torch_ops.quantize``)."""
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, sym: bool = False,
+                    scales_dtype: Optional[torch.dtype] = None):
+        """Round-to-nearest quantization of a float ``nn.Linear`` (via ``torch_ops.quantize``;
+        ``scales_dtype`` as there: torch.float32 for weights whose groups overflow fp16 scales)."""
         N, K = linear.weight.shape
         check_dims(K, N, group_size, what=f"from_linear({linear})")
         if linear.weight.is_meta:
             raise ValueError(f"from_linear({linear}): the weight is on the meta device (not "
                              "materialised); load or materialise it first")
         q = _ops.quantize(linear.weight.detach(), bits=BITS, group_size=group_size, sym=sym,
-                          format="gptq", zero_format=STORED_ZERO_FORMAT)
+                          format="gptq", zero_format=STORED_ZERO_FORMAT, scales_dtype=scales_dtype)
         bias = linear.bias
         if bias is not None:  # (a float64 Linear: its bias in the scales' dtype, which the op takes)
             bias = bias.detach().to(bias.dtype if bias.dtype in _FLOAT_DTYPES else q["scales"].dtype)

@@ -1478,7 +1478,11 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
                           aligned(a->qzeros, 4) && aligned(a->g_idx, 16) && aligned(a->bias, 8) &&
                           aligned(a->out, 8);
     if (pg && !ok_align) return kNoGridGather;
-    if (ok_align) {
+    /* The tensor-core tiles read a k-interleaved qweight with plain groups only: their group of k
+     * is k >> gshift, which a group of 96 or 160 (a multiple of 32, so a valid prepack) would
+     * round up to 128 or 256; the act-order tiles, which divide, do not read that layout. */
+    const bool kp = a->kinterleaved != 0;
+    if (ok_align && !(kp && act)) {
         LinParams p;
         p.x = static_cast<const uint16_t *>(a->x);
         p.qw = a->qweight;
@@ -1515,7 +1519,6 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
         }
         int st = -1;
         g_last_cfg = cfg;
-        const bool kp = a->kinterleaved != 0; /* (plain groups: checked above) */
         if (pg) {
             if (p.locks != nullptr && pg == 2 && kp)
                 st = bf16 ? dispatch_tc_pb<BF16>(p, cfg, stream) : dispatch_tc_pb<F16>(p, cfg, stream);
