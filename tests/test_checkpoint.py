@@ -480,13 +480,19 @@ def test_save_quantized_round_trip(tmp_path):
     assert torch.equal(loaded(ids), expected)
 
 
-def test_load_tied_lm_head_stays_float(tmp_path):
-    """A checkpoint of a model whose lm_head shares the embedding holds only embed.weight."""
-    folder = tmp_path / "c"
+def make_tied_checkpoint(folder):
+    """A checkpoint of a model whose lm_head shares the embedding: it holds only embed.weight.
+    Returns its tensors."""
     make_checkpoint(folder, "awq")
     tensors = load_file(str(folder / "model.safetensors"))
     del tensors["lm_head.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
+    return tensors
+
+
+def test_load_tied_lm_head_stays_float(tmp_path):
+    folder = tmp_path / "c"
+    tensors = make_tied_checkpoint(folder)
     model = TinyLM()
     model.lm_head.weight = model.embed.weight
     load_quantized(model, folder)
@@ -496,6 +502,24 @@ def test_load_tied_lm_head_stays_float(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing tensors \(1\): lm_head\.weight"):
         load_quantized(TinyLM(), folder)  # not tied: its weight is missing
 
+
+
+def test_load_into_meta_model_restores_ties_and_casts_to_the_model_dtype(tmp_path):
+    """A model built on the meta device loads with assign=True, which puts a new Parameter under
+    the key the checkpoint holds only: the lm_head tied to it must get that same Parameter (not
+    stay on meta), and float tensors take the dtype the model's parameters had (fp16 -> bf16)."""
+    folder = tmp_path / "c"
+    tensors = make_tied_checkpoint(folder)
+    with torch.device("meta"):
+        model = TinyLM()
+    model.lm_head.weight = model.embed.weight
+    model.to(torch.bfloat16)
+    load_quantized(model, folder)
+    assert model.lm_head.weight is model.embed.weight
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert model.embed.weight.dtype == model.blocks[0].norm.weight.dtype == torch.bfloat16
+    assert torch.equal(model.embed.weight, tensors["embed.weight"].to(torch.bfloat16))
+    assert isinstance(model.blocks[0].up, QuantLinear)
 
 def shared_tiny_lm():
     model = TinyLM()

@@ -420,7 +420,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     names, once, under all of them); the others stay float, and one tied to a tensor the checkpoint
     holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. Then the quantized
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
-    parameters). Missing or unexpected tensors, float tensors of another shape and values a layer
+    parameters). A model built on the meta device is loaded with ``assign=True``: float tensors
+    take the dtype its parameters had, and tied parameters are tied again. Missing or unexpected tensors, float tensors of another shape and values a layer
     refuses (g_idx out of range) raise CheckpointError with the model as it was (except for
     QuantLinear layers it held already: those are loaded in place). A shard that cannot be read
     once the float tensors load leaves the model partly loaded."""
@@ -505,13 +506,42 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     try:  # (shapes checked above: only a read can fail here)
         for shard in ckpt.shards:
             plain = {key: ckpt.tensor(key) for key in ckpt.headers[shard] if key not in owner}
+            if assign:  # assign keeps the checkpoint's dtype, where copying in would cast
+                plain = {key: _cast_like(t, expected[key]) for key, t in plain.items()}
             if plain:
                 model.load_state_dict(plain, strict=False, assign=assign)
+        if assign:
+            _restore_ties(model, expected, keys)
     except RuntimeError as e:
         raise CheckpointError(f"{folder}: {' '.join(str(e).split())}") from None
     finally:
         ckpt.close()
     return model
+
+
+def _cast_like(t: torch.Tensor, model_tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor in the dtype of the model's (a meta tensor has one too)."""
+    if t.is_floating_point() and model_tensor.is_floating_point():
+        return t.to(model_tensor.dtype)
+    return t
+
+
+def _restore_ties(model: nn.Module, expected: dict, keys) -> None:
+    """After a load with assign=True, which puts a new tensor under the one key of a tied tensor
+    the checkpoint holds (embed.weight): every other name of it (lm_head.weight), else left on
+    meta, gets that same tensor again. ``expected``: the model's tensors before the load."""
+    names_of = {}
+    for key, t in expected.items():
+        names_of.setdefault(id(t), []).append(key)
+    for names in names_of.values():
+        loaded = next((k for k in names if k in keys), None)
+        if len(names) < 2 or loaded is None:
+            continue
+        mname, _, attr = loaded.rpartition(".")
+        tensor = getattr(model.get_submodule(mname), attr)
+        for key in names:
+            mname, _, attr = key.rpartition(".")
+            setattr(model.get_submodule(mname), attr, tensor)
 
 
 def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, owner: dict):
