@@ -469,6 +469,18 @@ def test_inspect(tmp_path):
     assert info["format"] == "awq" and info["group_size"] == G
 
 
+
+@pytest.mark.parametrize("zero_format,act_order,sym,expected_sym", [
+    ("v1", False, True, True), ("v1", True, False, False),
+    ("v2", True, True, None)])  # v2's symmetric words would be zeros of 9 in v1: unknown
+def test_inspect_single_file_reads_sym_and_desc_act_from_the_tensors(
+        tmp_path, zero_format, act_order, sym, expected_sym):
+    """A .safetensors file has no config: sym and desc_act come from the tensors (every zero
+    point 8 in the zero format assumed; any act-order layer), not from a placeholder's defaults."""
+    make_checkpoint(tmp_path / "c", "gptq", zero_format, act_order=act_order, sym=sym)
+    info = inspect_checkpoint(tmp_path / "c" / "model.safetensors")
+    assert (info["sym"], info["desc_act"], info["act_order"]) == (expected_sym, act_order, act_order)
+
 def test_save_quantized_round_trip(tmp_path):
     torch.manual_seed(0)
     model = torch_ops.quantize_model(TinyLM(), group_size=G)

@@ -157,9 +157,14 @@ def test_inspect_output(tmp_path, capsys):
     assert rows["quantized layers"] == "4" and rows["shards"] == "2"
     assert rows["total size"].endswith(f"({size} bytes)")
 
-    assert main(["inspect", "--json", str(folder / "model-00001-of-00002.safetensors")]) == 0
+    shard = str(folder / "model-00001-of-00002.safetensors")
+    assert main(["inspect", "--json", shard]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "gptq" and info["group_size"] == 64 and info["act_order"] is True
+    # no config: v2's symmetric zeros read as v1 (the zero format assumed) are zeros of 9
+    assert info["desc_act"] is True and info["sym"] is None
+    assert main(["inspect", shard]) == 0
+    assert "symmetric:        unknown" in capsys.readouterr().out
 
     assert main(["inspect", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import _ops
 from .module import (QuantLinear, check_dims, checked_g_idx, name_matches, replace_module,
-                     trivial_g_idx)
+                     trivial_g_idx, zero_points_all_eight)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
@@ -705,6 +705,12 @@ def _act_order_layers(ckpt: Checkpoint, qc: QuantConfig, prefixes) -> list:
     return out
 
 
+def _symmetric(ckpt: Checkpoint, qc: QuantConfig, prefixes, zero_format=None) -> bool:
+    """Every zero point of every layer is 8, read in ``zero_format`` (default: the config's)."""
+    return all(zero_points_all_eight(ckpt.tensor(f"{p}.qzeros"), zero_format or qc.zero_format)
+               for p in prefixes)
+
+
 def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", verify: bool = False,
                        progress: bool = True) -> dict:
     """Convert a checkpoint folder to GPTQ (``zero_format`` v1 or v2) or AWQ, shard by shard.
@@ -920,13 +926,16 @@ def _infer_layout(ckpt: Checkpoint, prefix: str) -> tuple[str, int, int]:
 
 def inspect_checkpoint(path) -> dict:
     """Describe a checkpoint folder or a single .safetensors file: format, bits, group size, zero
-    format, act-order, number of quantized layers, tensors, shards and total size in bytes."""
+    format, act-order, number of quantized layers, tensors, shards and total size in bytes. For
+    GPTQ also desc_act and sym: the config's, or for a file (no config) read from the tensors
+    (sym None where the zero format assumed, v1, leaves it unknown)."""
     path = Path(path)
     ckpt = Checkpoint(path)
     try:
         prefixes = [p for p in ckpt.quantized_prefixes()  # a shard may hold part of a layer
                     if not _missing_layer_tensors(ckpt, [p])]
         qc = read_quant_config(path)[1] if path.is_dir() else None
+        configured = qc is not None
         info = {"path": str(path), "format": None, "bits": None, "group_size": None,
                 "zero_format": None, "act_order": False,
                 "quantized_layers": len(ckpt.quantized_prefixes()),
@@ -945,9 +954,14 @@ def inspect_checkpoint(path) -> dict:
             act = _act_order_layers(ckpt, qc, prefixes)
             info["act_order"] = bool(act)
             info["act_order_layers"] = len(act)
-        if qc is not None and qc.method == "gptq":
+        if configured and qc.method == "gptq":
             info["desc_act"] = qc.desc_act
             info["sym"] = qc.sym
+        elif qc is not None and qc.method == "gptq":  # no config: from the tensors
+            info["desc_act"] = info["act_order"]
+            # symmetric in the v1 assumed; v2's symmetric words would be v1 zeros of 9: unknown
+            info["sym"] = (True if _symmetric(ckpt, qc, prefixes) else
+                           None if _symmetric(ckpt, qc, prefixes, "v2") else False)
         files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
         info["total_bytes"] = sum(p.stat().st_size for p in files)
         info["tensor_bytes"] = ckpt.nbytes()

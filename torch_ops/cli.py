@@ -83,7 +83,7 @@ def _inspect(args) -> int:
     if "scales_dtype" in info:
         rows.insert(5, ("scales dtype", info["scales_dtype"]))
     if "sym" in info:
-        rows.insert(6, ("symmetric", "yes" if info["sym"] else "no"))
+        rows.insert(6, ("symmetric", {True: "yes", False: "no"}.get(info["sym"], "unknown")))
     for k, v in rows:
         print(f"{k + ':':<18}{'-' if v is None else v}")
     return 0

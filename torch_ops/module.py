@@ -144,8 +144,7 @@ class QuantLinear(nn.Module):
     @property
     def symmetric(self) -> bool:
         """Every zero point is 8 (GPTQ's ``sym``: the weights are q * s - 8 s)."""
-        eights = torch.tensor(0x88888888 - (1 << 32), dtype=torch.int32)  # eight zeros of 8
-        return bool((self._qzeros_as("v2") == eights.to(self.qzeros.device)).all())
+        return zero_points_all_eight(self.qzeros, STORED_ZERO_FORMAT)
 
     @property
     def kinterleaved(self) -> bool:
@@ -424,6 +423,17 @@ class QuantLinear(nn.Module):
 
 
 # ---------------------------------------------------------------------- model level
+def zero_points_all_eight(qzeros: torch.Tensor, zero_format: str) -> bool:
+    """Every 4-bit zero point of packed int32 ``qzeros`` is 8 (symmetric quantization, GPTQ's
+    ``sym``): every word 0x77777777 in GPTQ "v1" (stores z - 1), 0x88888888 in "v2" and AWQ's
+    "as-is" (store z; AWQ's interleave only moves nibbles, all equal here)."""
+    if zero_format not in (*ZERO_FORMATS, "as-is"):
+        raise ValueError(f"zero_points_all_eight: zero_format must be one of "
+                         f"{(*ZERO_FORMATS, 'as-is')}, got {zero_format!r}")
+    word = 0x77777777 if zero_format == "v1" else 0x88888888 - (1 << 32)  # (as a signed int32)
+    return bool((qzeros == word).all())
+
+
 def name_matches(name: str, patterns) -> bool:
     """True if a dotted module name contains one of ``patterns`` as a run of whole components:
     "lm_head" matches "lm_head" and "model.lm_head" (not "lm_head2"); "layers.0" matches everything
