@@ -581,6 +581,22 @@ def test_save_quantized_records_sym(tmp_path, sym):
     assert qc["sym"] is sym
 
 
+
+@pytest.mark.parametrize("fmt,zero_format", [("awq", "v1"), ("gptq", "v1"), ("gptq", "v2")])
+@pytest.mark.parametrize("sym", [False, True])
+def test_convert_to_gptq_records_sym_from_the_zero_points(tmp_path, fmt, zero_format, sym):
+    """sym is true where every zero point is 8, as save_quantized records it: AWQ has no sym field,
+    and a GPTQ config's may be wrong (here: always false)."""
+    make_checkpoint(tmp_path / "src", fmt, zero_format, sym=sym)
+    if fmt == "gptq":
+        config = json.loads((tmp_path / "src" / "config.json").read_text())
+        config["quantization_config"]["sym"] = False
+        (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    convert_checkpoint(tmp_path / "src", tmp_path / "dst", to="gptq", zero_format="v2",
+                       progress=False)
+    qc = json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]
+    assert qc["sym"] is sym
+
 def test_convert_keeps_the_config_fields_it_does_not_change(tmp_path):
     extra = {"damp_percent": 0.01, "true_sequential": True, "lm_head": False, "format": "gptq",
              "meta": {"quantizer": ["gptqmodel:1.0"]}}

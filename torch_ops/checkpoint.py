@@ -716,8 +716,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     """Convert a checkpoint folder to GPTQ (``zero_format`` v1 or v2) or AWQ, shard by shard.
 
     Quantized layers are repacked with the ops (GPTQ output always has g_idx), every other tensor is
-    copied unchanged, config.json's quantization_config is rewritten, the shard layout and index are
-    kept and other files copied. The result is written to a temporary folder beside ``dst`` and
+    copied unchanged, config.json's quantization_config is rewritten (GPTQ's sym: true where every
+    zero point is 8), the shard layout and index are kept and other files copied. The result is written to a temporary folder beside ``dst`` and
     renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
     ``verify`` re-reads the written files and checks that every layer dequantizes to exactly the
     same weight and every other tensor is equal. Returns a summary dict."""
@@ -773,8 +773,10 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name[:32]}.partial-", dir=dst_parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
         weight_map, total = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress)
-        new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order),
-                                   qc.sym if qc.method == "gptq" else False,
+        # sym from the zero points, as save_quantized records it: AWQ has no such field, and
+        # kernels that take sym (Marlin) ignore the zeros, so a wrong true would be wrong output
+        sym = to == "gptq" and _symmetric(ckpt, qc, prefixes)
+        new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order), sym,
                                    qc.modules_to_not_convert)
         if to == qc.method:  # GPTQModel's lm_head, meta, damp_percent...: kept, ours updated
             new_qc = {**qc.raw, **new_qc}
