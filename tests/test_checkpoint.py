@@ -597,6 +597,21 @@ def test_convert_to_gptq_records_sym_from_the_zero_points(tmp_path, fmt, zero_fo
     qc = json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]
     assert qc["sym"] is sym
 
+
+def test_convert_to_awq_lists_the_float_layers_in_modules_to_not_convert(tmp_path):
+    """AutoAWQ and transformers' AWQ loader quantize every Linear that modules_to_not_convert
+    does not name; GPTQ configs rarely have the list, so a float layer (a MoE router) is listed
+    from the tensors: a 2-D weight and no qweight. Names the source list covers are not repeated."""
+    src = tmp_path / "gptq"
+    make_checkpoint(src, "gptq", skip=("blocks.1.up",))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = ["lm_head"]
+    (src / "config.json").write_text(json.dumps(config))
+    convert_checkpoint(src, tmp_path / "awq", to="awq", progress=False)
+    qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["blocks.1.up", "embed", "lm_head"]
+    assert type(load_quantized(TinyLM(), tmp_path / "awq").blocks[1].up) is nn.Linear
+
 def test_convert_keeps_the_config_fields_it_does_not_change(tmp_path):
     extra = {"damp_percent": 0.01, "true_sequential": True, "lm_head": False, "format": "gptq",
              "meta": {"quantizer": ["gptqmodel:1.0"]}}

@@ -711,13 +711,25 @@ def _symmetric(ckpt: Checkpoint, qc: QuantConfig, prefixes, zero_format=None) ->
                for p in prefixes)
 
 
+def _awq_skip_list(ckpt: Checkpoint, skip: list) -> list:
+    """AWQ's modules_to_not_convert: ``skip`` (the source config's) and every float layer: a 2-D
+    ``<name>.weight`` without ``<name>.qweight`` (a MoE router). AutoAWQ and transformers quantize
+    every Linear this list does not name, and GPTQ configs rarely have one. Embeddings are listed
+    too (the tensors do not tell them from a Linear; those loaders only touch Linear layers)."""
+    float_layers = {key[: -len(".weight")] for key in ckpt.keys()
+                    if key.endswith(".weight") and len(ckpt.shape(key)) == 2
+                    and key[: -len(".weight")] + ".qweight" not in ckpt.shard_of}
+    return sorted(set(skip) | {n for n in float_layers if not name_matches(n, skip)})
+
+
 def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", verify: bool = False,
                        progress: bool = True) -> dict:
     """Convert a checkpoint folder to GPTQ (``zero_format`` v1 or v2) or AWQ, shard by shard.
 
     Quantized layers are repacked with the ops (GPTQ output always has g_idx), every other tensor is
     copied unchanged, config.json's quantization_config is rewritten (GPTQ's sym: true where every
-    zero point is 8), the shard layout and index are kept and other files copied. The result is written to a temporary folder beside ``dst`` and
+    zero point is 8; AWQ's modules_to_not_convert also names the float layers), the shard layout
+    and index are kept and other files copied. The result is written to a temporary folder beside ``dst`` and
     renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
     ``verify`` re-reads the written files and checks that every layer dequantizes to exactly the
     same weight and every other tensor is equal. Returns a summary dict."""
@@ -776,8 +788,9 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         # sym from the zero points, as save_quantized records it: AWQ has no such field, and
         # kernels that take sym (Marlin) ignore the zeros, so a wrong true would be wrong output
         sym = to == "gptq" and _symmetric(ckpt, qc, prefixes)
-        new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order), sym,
-                                   qc.modules_to_not_convert)
+        skip = _awq_skip_list(ckpt, qc.modules_to_not_convert) if to == "awq" else (
+            qc.modules_to_not_convert)
+        new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order), sym, skip)
         if to == qc.method:  # GPTQModel's lm_head, meta, damp_percent...: kept, ours updated
             new_qc = {**qc.raw, **new_qc}
         if to == "gptq" and "format" in qc.raw:
