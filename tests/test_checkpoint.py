@@ -448,6 +448,25 @@ def test_convert_refuses_destination_inside_source(tmp_path):
     assert not (src / "sub").exists()
 
 
+
+def test_folder_without_index_reads_model_safetensors_only(tmp_path):
+    """Mistral repos ship consolidated.safetensors (the same tensors, other names elsewhere) beside
+    model.safetensors: with no index, as transformers does, model.safetensors is the checkpoint
+    and other .safetensors files are side files, copied as they are by convert."""
+    src = tmp_path / "src"
+    model, oracle = make_checkpoint(src, "gptq")
+    stray = (src / "model.safetensors").read_bytes()
+    (src / "consolidated.safetensors").write_bytes(stray)
+    check_logits(load_quantized(model, src), oracle)
+    assert inspect_checkpoint(src)["shards"] == 1
+    convert_checkpoint(src, tmp_path / "awq", to="awq", verify=True, progress=False)
+    assert (tmp_path / "awq" / "consolidated.safetensors").read_bytes() == stray
+    # without model.safetensors every file is read: a tensor in two of them is still an error
+    (src / "model.safetensors").rename(src / "other.safetensors")
+    with pytest.raises(CheckpointError,
+                       match=r"is in both consolidated\.safetensors and other\.safetensors"):
+        load_quantized(TinyLM(), src)
+
 # ---------------------------------------------------------------- inspect_checkpoint
 def test_inspect(tmp_path):
     make_checkpoint(tmp_path / "awq", "awq", shards=2)

@@ -1,7 +1,8 @@
 """Hugging Face style quantized checkpoints: load into a model, convert AWQ <-> GPTQ, inspect.
 
 A checkpoint is a folder with ``config.json`` (its ``quantization_config``, FORMATS.md section 7)
-and one or more ``*.safetensors`` files, sharded with ``model.safetensors.index.json`` or not. Per
+and its weights: the shards ``model.safetensors.index.json`` lists, else ``model.safetensors``,
+else every ``*.safetensors`` file. Per
 quantized Linear: ``<prefix>.qweight``, ``.qzeros``, ``.scales`` (``.g_idx`` for GPTQ), ``.bias``.
 
 Every error a user can cause (bad or unsupported config, truncated or corrupt file, missing tensor,
@@ -30,6 +31,7 @@ __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoi
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
 
 INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"  # the one weight file of a checkpoint without an index
 CONFIG_NAME = "config.json"
 # older side files holding the same quantization config (AutoGPTQ, AutoAWQ)
 LEGACY_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
@@ -291,6 +293,10 @@ class Checkpoint:
                     raise CheckpointError(f"{path / INDEX_NAME}: weight_map values must be file "
                                           f"names, got {bad!r}")
                 shards = [path / s for s in dict.fromkeys(weight_map.values())]
+            elif (path / WEIGHTS_NAME).is_file():
+                # as transformers reads it: other .safetensors files are side files (Mistral
+                # repos ship consolidated.safetensors, the same tensors in their own names)
+                shards = [path / WEIGHTS_NAME]
             else:
                 shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
             if not shards:
@@ -617,7 +623,7 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
             size = 0
         shards[-1][key] = tensors[key]
         size += nb
-    names = (["model.safetensors"] if len(shards) == 1 else
+    names = ([WEIGHTS_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
