@@ -427,9 +427,10 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. Then the quantized
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
     parameters). A model built on the meta device is loaded with ``assign=True``: float tensors
-    take the dtype its parameters had, and tied parameters are tied again. Missing or unexpected tensors, float tensors of another shape and values a layer
-    refuses (g_idx out of range) raise CheckpointError with the model as it was (except for
-    QuantLinear layers it held already: those are loaded in place). A shard that cannot be read
+    take the dtype its parameters had, and tied parameters are tied again. Missing or unexpected
+    tensors, float tensors of another shape and values a layer refuses (g_idx out of range)
+    raise CheckpointError with the model as it was (except for QuantLinear layers it held
+    already: those are loaded in place). A shard that cannot be read
     once the float tensors load leaves the model partly loaded."""
     folder = Path(path)
     if not folder.is_dir():
@@ -735,8 +736,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     Quantized layers are repacked with the ops (GPTQ output always has g_idx), every other tensor is
     copied unchanged, config.json's quantization_config is rewritten (GPTQ's sym: true where every
     zero point is 8; AWQ's modules_to_not_convert also names the float layers), the shard layout
-    and index are kept and other files copied. The result is written to a temporary folder beside ``dst`` and
-    renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
+    and index are kept and other files copied. The result is written to a temporary folder beside
+    ``dst`` and renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
     ``verify`` re-reads the written files and checks that every layer dequantizes to exactly the
     same weight and every other tensor is equal. Returns a summary dict."""
     src, dst = Path(src), Path(dst)
