@@ -1345,23 +1345,38 @@ static size_t gather_bytes(const tops_w4a16_args *a) {
 static size_t partials_offset(const tops_w4a16_args *a) {
     return a->perm == nullptr ? 0 : partials_off(a->M, a->K, a->x_dtype == TOPS_F32 ? 4 : 2);
 }
-/* the locks of the current device and `stream`: allocated on first use, also during a stream
- * capture (the allocation is no stream operation: the thread's capture mode is relaxed for it) */
+/* The split-K lock words of launches on `stream` of the current device, zero between launches
+ * (each launch puts them back), allocated on first use, also during a stream capture (the
+ * allocation is no stream operation: the thread's capture mode is relaxed for it). One buffer per
+ * (device, stream) for eager launches, and one per (device, stream, capture sequence) for captured
+ * ones: a graph keeps the pointer it was captured with, and graphs captured
+ * one after another on one stream (torch.cuda.graph's shared default capture stream) may be
+ * replayed at the same time on different streams. Buffers live as long as the process (a graph
+ * may be replayed at any time); past kLockTabs of them, launches split through clusters instead. */
+constexpr int kLockTabs = 256;
 static int32_t *split_locks(void *stream) {
     struct E {
         int dev;
         void *stream;
+        unsigned long long capture;
         int32_t *p;
     };
-    static E tab[64];
+    static E tab[kLockTabs];
     static int n = 0;
     static std::mutex mu;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    unsigned long long capture = 0;
+    if (cudaStreamGetCaptureInfo(static_cast<cudaStream_t>(stream), &cs, &capture) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return nullptr;
+    }
+    if (cs != cudaStreamCaptureStatusActive) capture = 0;
     std::lock_guard<std::mutex> lock(mu);
     for (int i = 0; i < n; ++i)
-        if (tab[i].dev == dev && tab[i].stream == stream) return tab[i].p;
-    if (n == 64) return nullptr;
+        if (tab[i].dev == dev && tab[i].stream == stream && tab[i].capture == capture) return tab[i].p;
+    if (n == kLockTabs) return nullptr;
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) return nullptr;
     int32_t *ptr = nullptr;
@@ -1374,7 +1389,7 @@ static int32_t *split_locks(void *stream) {
     cudaThreadExchangeStreamCaptureMode(&mode);
     (void)cudaGetLastError();
     if (!ok) return nullptr;
-    tab[n++] = E{dev, stream, ptr};
+    tab[n++] = E{dev, stream, capture, ptr};
     return ptr;
 }
 
