@@ -905,32 +905,40 @@ def test_cuda_split_k_workspace_taken(M, N):
 def test_cuda_graphs_replayed_at_once_on_two_streams(M):
     """Graphs captured one after another on torch's shared default capture stream, then replayed
     at the same time on two streams: each capture has split-K lock words of its own. Sharing the
-    capture stream's words mixed the two launches' arrival counts (a tile summed before all its
-    partials were in). One column tile split 8 ways: both grids fit on the GPU at once."""
-    K, N = 8192, 256
+    capture stream's words mixed the two launches' arrival counts: a tile summed before all its
+    partials were in (stale partials of the previous replay, with another input), or never. One
+    column tile split 8 ways, so both grids fit on the GPU at once; a sleep queued first on each
+    stream lets every replay be queued before any runs, so the two streams run side by side."""
+    K, N, replays = 8192, 256, 200
     t = make_weights(K, N, 128, zeros="v1", device="cuda")
-    xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in range(2)]
-    expected = [reference(x, t) for x in xs]
-    graphs, outs = [], []
-    for x in xs:
-        torch_ops.w4a16_linear(x, **t)  # eager warm-up
+    pool = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in range(5)]
+    expected = [reference(x, t) for x in pool]
+    graphs, x_in, outs = [], [], []
+    for i in range(2):
+        x_in.append(pool[i].clone())
+        torch_ops.w4a16_linear(x_in[i], **t)  # eager warm-up
         graphs.append(torch.cuda.CUDAGraph())
-        with torch.cuda.graph(graphs[-1]):
-            outs.append(torch_ops.w4a16_linear(x, **t))
+        with torch.cuda.graph(graphs[i]):
+            outs.append(torch_ops.w4a16_linear(x_in[i], **t))
     hopper = torch.cuda.get_device_capability() == (9, 0)
     assert (_C.cuda_w4a16_last_workspace() & 1) == (1 if hopper else 0)
     streams = [torch.cuda.Stream() for _ in graphs]
     history = [[], []]
     torch.cuda.synchronize()
-    for _ in range(300):
+    for s in streams:
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(200_000_000)  # (cycles: about 0.1 s)
+    for r in range(replays):
         for i, (g, s) in enumerate(zip(graphs, streams)):
             with torch.cuda.stream(s):
+                x_in[i].copy_(pool[(r + 2 * i) % len(pool)])
                 g.replay()
                 history[i].append(outs[i].clone())
     torch.cuda.synchronize()
     for i in range(2):
-        bad = [r for r, o in enumerate(history[i]) if rel_err(o, expected[i]) >= TOL[torch.float16]]
-        assert not bad, f"graph {i}: {len(bad)} of {len(history[i])} replays wrong"
+        bad = [r for r, o in enumerate(history[i])
+               if rel_err(o, expected[(r + 2 * i) % len(pool)]) >= TOL[torch.float16]]
+        assert not bad, f"graph {i}: {len(bad)} of {replays} replays wrong (first: {bad[:5]})"
 
 
 def check_graph_and_streams(call, xs, expected, dtype):

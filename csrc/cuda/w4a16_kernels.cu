@@ -58,6 +58,8 @@
  *  - fp32 activations, unaligned pointers or an act-order table too large for shared memory: a
  *    simple CUDA-core kernel (correct, not fast).
  */
+#include <map>
+#include <tuple>
 #include <type_traits>
 
 #include "w4a16_common.cuh"
@@ -1320,8 +1322,9 @@ bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
  * Partials go to the caller's workspace (no perm: nothing else there): [split][M][N] fp32, room for the
  * largest split that can run in one wave (two blocks per SM; one of the 128 x 256 tile). The locks (one per tile) must be
  * zero when a launch starts; every launch leaves them zero, so they live outside the workspace:
- * one buffer per device and stream (launches on one stream run in order, and PDL launches reach
- * their locks only after waiting for the previous kernel), zeroed once. */
+ * one buffer per device and stream, or capture sequence (launches on one stream run in order, and
+ * PDL launches reach their locks only after waiting for the previous kernel), zeroed once
+ * (split_locks). */
 constexpr int kGlobalSplitMax = 8;
 /* (behind a perm gather too: the partials follow the gathered x in the workspace) */
 static bool global_split_on(const tops_w4a16_args *a, const DevInfo &di) {
@@ -1349,34 +1352,13 @@ static size_t partials_offset(const tops_w4a16_args *a) {
  * (each launch puts them back), allocated on first use, also during a stream capture (the
  * allocation is no stream operation: the thread's capture mode is relaxed for it). One buffer per
  * (device, stream) for eager launches, and one per (device, stream, capture sequence) for captured
- * ones: a graph keeps the pointer it was captured with, and graphs captured
- * one after another on one stream (torch.cuda.graph's shared default capture stream) may be
- * replayed at the same time on different streams. Buffers live as long as the process (a graph
- * may be replayed at any time); past kLockTabs of them, launches split through clusters instead. */
-constexpr int kLockTabs = 256;
-static int32_t *split_locks(void *stream) {
-    struct E {
-        int dev;
-        void *stream;
-        unsigned long long capture;
-        int32_t *p;
-    };
-    static E tab[kLockTabs];
-    static int n = 0;
-    static std::mutex mu;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
-    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    unsigned long long capture = 0;
-    if (cudaStreamGetCaptureInfo(static_cast<cudaStream_t>(stream), &cs, &capture) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return nullptr;
-    }
-    if (cs != cudaStreamCaptureStatusActive) capture = 0;
-    std::lock_guard<std::mutex> lock(mu);
-    for (int i = 0; i < n; ++i)
-        if (tab[i].dev == dev && tab[i].stream == stream && tab[i].capture == capture) return tab[i].p;
-    if (n == kLockTabs) return nullptr;
+ * ones: a graph keeps the pointer it was captured with, and graphs captured one after another on
+ * one stream (torch.cuda.graph's shared default capture stream) may be replayed at the same time
+ * on different streams. Buffers live as long as the process (a graph may be replayed at any
+ * time), 66 KB each; past kCaptureLockBuffers captures, a capture shares its stream's buffer (as
+ * every capture did before: correct unless those graphs replay at the same time). */
+constexpr int kCaptureLockBuffers = 1024;
+static int32_t *new_lock_buffer() {
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) return nullptr;
     int32_t *ptr = nullptr;
@@ -1388,8 +1370,34 @@ static int32_t *split_locks(void *stream) {
     if (!ok && ptr != nullptr) cudaFree(ptr);
     cudaThreadExchangeStreamCaptureMode(&mode);
     (void)cudaGetLastError();
-    if (!ok) return nullptr;
-    tab[n++] = E{dev, stream, capture, ptr};
+    return ok ? ptr : nullptr;
+}
+static int32_t *split_locks(void *stream) {
+    using Key = std::tuple<int, void *, unsigned long long>; /* device, stream, capture id (0: eager) */
+    static std::map<Key, int32_t *> tab;
+    static int captures = 0;
+    static std::mutex mu;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    unsigned long long capture = 0;
+    if (cudaStreamGetCaptureInfo(static_cast<cudaStream_t>(stream), &cs, &capture) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return nullptr;
+    }
+    if (cs != cudaStreamCaptureStatusActive) capture = 0;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = tab.find(Key{dev, stream, capture});
+    if (it != tab.end()) return it->second;
+    if (capture != 0 && captures >= kCaptureLockBuffers) {
+        capture = 0;
+        it = tab.find(Key{dev, stream, capture});
+        if (it != tab.end()) return it->second;
+    }
+    int32_t *ptr = new_lock_buffer();
+    if (ptr == nullptr) return nullptr;
+    tab.emplace(Key{dev, stream, capture}, ptr);
+    if (capture != 0) ++captures;
     return ptr;
 }
 
