@@ -13,8 +13,8 @@ per-row g_idx lookup is up to 2.7x slower on the GPU (H100, M <= 16). ``perm`` i
 invisible from outside: ``state_dict()``, ``to_gptq()`` and ``dequantize()`` give the checkpoint's
 row order.
 
-Every layer with plain or prepacked groups (K and the group size multiples of 32, or group -1)
-keeps its qweight k-interleaved (``torch_ops.prepack_w4a16``, int32 [K/32, 4, N]), the layout the CUDA
+Every layer with plain or prepacked groups (K a multiple of 32; the group size a power of two
+from 32, or the whole K) keeps its qweight k-interleaved (``torch_ops.prepack_w4a16``, int32 [K/32, 4, N]), the layout the CUDA
 kernels read fastest (H200: 2-10% at every batch size); ``kinterleave=False`` keeps [K/8, N].
 That too is invisible from outside: state dicts and exports are GPTQ.
 
