@@ -511,6 +511,34 @@ def test_save_quantized_round_trip(tmp_path):
     assert torch.equal(loaded(ids), expected)
 
 
+def test_save_and_load_when_a_float_layers_name_ends_a_quantized_ones(tmp_path):
+    """save_quantized lists the float Linear "1" in modules_to_not_convert; read as a run of name
+    components it also matches the quantized "0.1", which then stayed float and the load failed
+    (missing 0.1.weight). The tensors decide which layers are quantized."""
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), nn.Linear(64, 64))
+    model = make()
+    model.load_state_dict(make().state_dict())
+    torch_ops.quantize_model(model[0], group_size=32)
+    x = torch.randn(3, 64)
+    expected = model(x)
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "c", "gptq")
+    qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["1"]
+    loaded = load_quantized(make(), tmp_path / "c")
+    assert isinstance(loaded[0][1], QuantLinear) and type(loaded[1]) is nn.Linear
+    assert torch.equal(loaded(x), expected)
+    # a CheckpointError from the key check names the folder once
+    tensors = load_file(str(tmp_path / "c" / "model.safetensors"))
+    del tensors["1.bias"]
+    save_file(tensors, str(tmp_path / "c" / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        load_quantized(make(), tmp_path / "c")
+    assert str(e.value).count(str(tmp_path / "c")) == 1, str(e.value)
+
+
 def make_tied_checkpoint(folder):
     """A checkpoint of a model whose lm_head shares the embedding: it holds only embed.weight.
     Returns its tensors."""

@@ -421,8 +421,8 @@ def _state_tensors(model: nn.Module) -> dict:
 def load_quantized(model: nn.Module, path) -> nn.Module:
     """Load a quantized checkpoint folder into ``model`` (built with float ``nn.Linear`` layers).
 
-    Every ``nn.Linear`` the checkpoint quantizes (it has ``<name>.qweight``, and the name does not
-    match ``modules_to_not_convert``) becomes a :class:`QuantLinear` (one Linear under several
+    Every ``nn.Linear`` the checkpoint quantizes (it has ``<name>.qweight``: the tensors decide,
+    not ``modules_to_not_convert``, whose entries loaders match in different ways) becomes a :class:`QuantLinear` (one Linear under several
     names, once, under all of them); the others stay float, and one tied to a tensor the checkpoint
     holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. Then the quantized
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
@@ -450,8 +450,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             names_of.setdefault(id(m), (m, []))[1].append(name)
     layers = []  # (module, its names)
     for m, names in names_of.values():
-        if (any(name_matches(n, qc.modules_to_not_convert) for n in names)
-                or not any(n in qprefixes for n in names)):
+        if not any(n in qprefixes for n in names):
             continue  # stored unquantized (e.g. lm_head), or tied to a float tensor: stays float
         layers.append((m, names))
         for name in names:
@@ -503,6 +502,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                         if len(group) == need[name]:  # a layer's tensors may span shards
                             model.get_submodule(name).load_state_dict(pending.pop(name),
                                                                       assign=assign)
+        except CheckpointError:
+            raise  # (already names the folder)
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{folder}: {' '.join(str(e).split())}") from None
     except BaseException:  # (any: an interrupt too leaves the model as it was)
