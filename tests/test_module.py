@@ -658,6 +658,23 @@ def test_quantize_model_leaves_attention_out_proj_and_fails_whole():
     assert [type(m) for m in model] == [nn.Linear, nn.Linear]
 
 
+def test_quantize_model_leaves_linear_subclasses_with_their_own_forward():
+    """A Linear subclass that overrides forward (scales its output here) would lose that as a
+    QuantLinear: it stays float; a subclass that does not override forward is quantized."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Tagged(nn.Linear):
+        pass
+    model = nn.Sequential(Scaled(64, 64), Tagged(64, 64))
+    x = torch.randn(3, 64)
+    expected = model(x)
+    quantize_model(model, group_size=32)
+    assert type(model[0]) is Scaled and isinstance(model[1], QuantLinear)
+    torch.testing.assert_close(model(x), expected, rtol=0.1, atol=0.1)
+
+
 def test_float64_linear_quantizes_to_a_working_layer():
     linear = nn.Linear(64, 64, dtype=torch.float64)
     layer = QuantLinear.from_linear(linear, group_size=32)

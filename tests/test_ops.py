@@ -321,6 +321,24 @@ def test_dequantize_awq_matches_gptq_view(device, group_size):
     assert torch.equal(torch_ops.dequantize(gq, scales, gz, group_size=group_size), w)
 
 
+def test_dequantize_scales_gradient_under_torch_func(device):
+    """torch 2.13's torch.func refuses register_autograd's generated Function (README: a known
+    gap, pytorch/pytorch#170834). Either it raises that, or (a torch that fixed it) the gradient
+    is the plain-autograd one."""
+    t = torch_ops.quantize(torch.randn(64, 64, device=device), 4, 32, scales_dtype=torch.float32)
+
+    def loss(s):
+        return torch_ops.dequantize(t["qweight"], s, t["qzeros"], group_size=32).sum()
+    s = t["scales"].clone().requires_grad_()
+    loss(s).backward()
+    try:
+        got = torch.func.grad(loss)(t["scales"])
+    except RuntimeError as e:
+        assert "setup_context" in str(e)
+    else:
+        torch.testing.assert_close(got, s.grad)
+
+
 @pytest.mark.parametrize("case", ["gptq4", "gptq3-sym", "gptq8-act-order", "gptq2-one-group", "awq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dequantize_gradient_with_respect_to_scales(device, case, dtype):

@@ -92,7 +92,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[tor
     ``format="awq"`` reads AWQ tensors (4-bit); ``"gptq"`` reads bits 2/3/4/8 and ``g_idx``.
     ``qzeros=None`` is symmetric (z = 2**(bits-1)); ``group_size=-1`` is one group.
     Differentiable with respect to ``scales`` (d w / d s = q - z), for learning scales over
-    frozen codes."""
+    frozen codes, under plain autograd (not under torch.func transforms: README)."""
     return _ops.dequantize(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
 
 

@@ -458,8 +458,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
                    skip=("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
-    :func:`name_matches`, and ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
-    reads itself) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
+    :func:`name_matches`, ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
+    reads itself, and subclasses of ``nn.Linear`` with a ``forward`` of their own, whose extra
+    behaviour a QuantLinear would drop) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
     several names is quantized once and stays shared (skipped if any of its names matches).
 
     Raises ValueError, before changing anything, if a layer's shape cannot be quantized with
@@ -472,7 +473,8 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, nn.Linear)]
     skipped = {id(m) for name, m in linears
-               if name_matches(name, skip) or isinstance(m, NonDynamicallyQuantizableLinear)}
+               if name_matches(name, skip) or isinstance(m, NonDynamicallyQuantizableLinear)
+               or type(m).forward is not nn.Linear.forward}
     targets = [(name, m) for name, m in linears if id(m) not in skipped]
     bad = []
     for name, m in targets:
