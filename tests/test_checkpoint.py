@@ -489,6 +489,48 @@ def test_inspect(tmp_path):
 
 
 
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_gptq_layers_of_other_widths_are_refused_naming_their_bits(tmp_path, bits):
+    """Checkpoints are 4-bit only, and a b-bit GPTQ layer's qweight [K*b/32, N] and scales look
+    like a 4-bit layer's with another K: qzeros' ceil(N*b/32) columns tell the width, with a
+    config (K=256 read as K=512 otherwise) and without (read as 4-bit with group size 256)."""
+    torch.manual_seed(0)
+    cols = {2: 4, 3: 6, 8: 16}[bits]
+    message = (rf"model\.l0: qzeros has {cols} columns for N = 64: an? {bits}-bit GPTQ layer "
+               r"\(4-bit has 8\); checkpoints are 4-bit only")
+    q = ref.quantize(torch.randn(64, 256), bits, 128, False, "gptq", "v1")
+    for with_g_idx in (False, True):
+        folder = tmp_path / f"g_idx-{with_g_idx}"
+        folder.mkdir()
+        save_file({f"model.l0.{k}": v for k, v in q.items() if with_g_idx or k != "g_idx"},
+                  str(folder / "model.safetensors"))
+        with pytest.raises(CheckpointError, match=message):  # no config: the shapes are read
+            inspect_checkpoint(folder / "model.safetensors")
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}
+        (folder / "config.json").write_text(json.dumps({"quantization_config": qc}))
+        with pytest.raises(CheckpointError, match=message):
+            convert_checkpoint(folder, tmp_path / "out", progress=False)
+
+
+def test_inspect_infers_4bit_layouts_and_refuses_unknown_qzeros(tmp_path):
+    torch.manual_seed(0)
+    for fmt in ("awq", "gptq"):
+        q = ref.quantize(torch.randn(64, 256), 4, 128, False, fmt, "v1")
+        save_file({f"model.l0.{k}": v for k, v in q.items()}, str(tmp_path / f"{fmt}.safetensors"))
+        info = inspect_checkpoint(tmp_path / f"{fmt}.safetensors")
+        assert (info["format"], info["bits"], info["group_size"]) == (fmt, 4, 128)
+    q["qzeros"] = q["qzeros"][:, :5].contiguous()  # 5 words a row: no width's qzeros for N = 64
+    save_file({f"model.l0.{k}": v for k, v in q.items() if k != "g_idx"},
+              str(tmp_path / "odd.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.l0: qzeros has 5 columns for N = 64: not a "
+                                              r"4-bit layer; checkpoints are 4-bit only"):
+        inspect_checkpoint(tmp_path / "odd.safetensors")
+    q["scales"] = q["scales"].flatten()
+    save_file({f"model.l0.{k}": v for k, v in q.items()}, str(tmp_path / "flat.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.l0\.scales must be 2-D, got shape \[128\]"):
+        inspect_checkpoint(tmp_path / "flat.safetensors")
+
+
 @pytest.mark.parametrize("zero_format,act_order,sym,expected_sym", [
     ("v1", False, True, True), ("v1", True, False, False),
     ("v2", True, True, None)])  # v2's symmetric words would be zeros of 9 in v1: unknown

@@ -360,6 +360,21 @@ def _missing_layer_tensors(ckpt: Checkpoint, prefixes) -> list:
     return [f"{p}.{s}" for p in prefixes for s in _REQUIRED if f"{p}.{s}" not in ckpt.shard_of]
 
 
+def _gptq_zeros_bits(zeros_cols: int, N: int) -> int | None:
+    """The width whose GPTQ qzeros have ``zeros_cols`` words a row for N output features
+    (ceil(N*b/32)), 4 where widths tie; None for none. A GPTQ layer of another width has the
+    qweight [ceil(K*b/32), N] and scales [K/G, N] of a 4-bit layer with another K: only qzeros
+    tells the widths apart."""
+    return next((b for b in (4, 2, 3, 8) if zeros_cols == -(-N * b // 32)), None)
+
+
+def _not_4bit(prefix: str, zeros_cols: int, N: int, bits: int | None) -> CheckpointError:
+    what = (f"a{'n' if bits == 8 else ''} {bits}-bit GPTQ layer (4-bit has {N // 8})"
+            if bits is not None else "not a 4-bit layer")
+    return CheckpointError(f"{prefix}: qzeros has {zeros_cols} columns for N = {N}: {what}; "
+                           "checkpoints are 4-bit only")
+
+
 def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, int]:
     """(K, N) of a quantized layer from its headers, after checking that the shapes and dtypes of
     qweight, qzeros, scales (and g_idx) fit the config's layout, so that errors name the tensor."""
@@ -384,6 +399,11 @@ def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, in
             f"{prefix}: qweight {shape} and scales {info('scales')[1]} do not fit the "
             f"{qc.method.upper()} layout the config names (qweight [K, N/8] for AWQ, [K/8, N] for "
             "GPTQ, scales [K/G, N])")
+    if qc.method == "gptq" and f"{prefix}.qzeros" in ckpt.shard_of:
+        zeros_shape = info("qzeros")[1]
+        bits = _gptq_zeros_bits(zeros_shape[-1], N) if len(zeros_shape) == 2 else None
+        if bits not in (4, None):  # (a shape that fits no width: the message below names it)
+            raise _not_4bit(prefix, zeros_shape[-1], N, bits)
     G = K if qc.group_size == -1 else qc.group_size
     layout = (f"{qc.method.upper()} layout with K={K}, N={N}, group_size={qc.group_size}")
     if K % G:
@@ -935,10 +955,16 @@ def _verify(src: Checkpoint, dst: Checkpoint, src_qc, dst_qc, prefixes, progress
 # ---------------------------------------------------------------------- inspection
 def _infer_layout(ckpt: Checkpoint, prefix: str) -> tuple[str, int, int]:
     """(format, K, group_size) guessed from one layer's shapes, for files without a config."""
-    rows, cols = ckpt.shape(prefix + ".qweight")
-    ng, n = ckpt.shape(prefix + ".scales")
+    shapes = {s: ckpt.shape(f"{prefix}.{s}") for s in _REQUIRED}
+    bad = next((s for s, shape in shapes.items() if len(shape) != 2), None)
+    if bad is not None:
+        raise CheckpointError(f"{prefix}.{bad} must be 2-D, got shape {shapes[bad]}")
+    (rows, cols), (ng, n), zeros_cols = shapes["qweight"], shapes["scales"], shapes["qzeros"][1]
     if f"{prefix}.g_idx" in ckpt.shard_of or n == cols:
         fmt, K = "gptq", rows * 8
+        bits = _gptq_zeros_bits(zeros_cols, n)
+        if bits != 4:  # K = rows*8 holds for 4-bit only
+            raise _not_4bit(prefix, zeros_cols, n, bits)
     elif n == cols * 8:
         fmt, K = "awq", rows
     else:
