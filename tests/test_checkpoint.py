@@ -489,6 +489,36 @@ def test_inspect(tmp_path):
 
 
 
+def test_inspect_checks_every_layer(tmp_path):
+    """A folder is the whole checkpoint: a layer missing a tensor is an error, as for convert and
+    load_quantized; in a single file (a shard may hold part of a layer) it is left out. Every
+    whole layer's shapes are checked, with or without g_idx."""
+    def damaged(name, fmt, change):
+        folder = tmp_path / name
+        make_checkpoint(folder, fmt)
+        tensors = load_file(str(folder / "model.safetensors"))
+        change(tensors)
+        save_file(tensors, str(folder / "model.safetensors"))
+        return folder
+
+    folder = damaged("no-scales", "gptq", lambda t: t.pop("blocks.1.up.scales"))
+    with pytest.raises(CheckpointError, match=r"no-scales: missing tensors: blocks\.1\.up\.scales$"):
+        inspect_checkpoint(folder)
+    assert inspect_checkpoint(folder / "model.safetensors")["format"] == "gptq"
+
+    def narrow_qzeros(t):
+        t["blocks.1.up.qzeros"] = t["blocks.1.up.qzeros"][:, :3].contiguous()
+    for fmt in ("awq", "gptq"):
+        folder = damaged(f"qzeros-{fmt}", fmt, narrow_qzeros)
+        if fmt == "gptq":  # without g_idx, checked only by its shapes
+            folder = damaged("qzeros-gptq-no-g_idx", fmt, lambda t: [
+                narrow_qzeros(t), *(t.pop(k) for k in list(t) if k.endswith("g_idx"))])
+        for path in (folder, folder / "model.safetensors"):
+            with pytest.raises(CheckpointError, match=r"blocks\.1\.up\.qzeros is I32 \[2, 3\], "
+                                                      r"expected I32 \[2, 32\]"):
+                inspect_checkpoint(path)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_gptq_layers_of_other_widths_are_refused_naming_their_bits(tmp_path, bits):
     """Checkpoints are 4-bit only, and a b-bit GPTQ layer's qweight [K*b/32, N] and scales look

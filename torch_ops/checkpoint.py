@@ -375,6 +375,17 @@ def _not_4bit(prefix: str, zeros_cols: int, N: int, bits: int | None) -> Checkpo
                            "checkpoints are 4-bit only")
 
 
+def _check_layers(ckpt: Checkpoint, where, prefixes, qc: QuantConfig | None = None) -> None:
+    """CheckpointError unless every layer of ``prefixes`` has qweight, qzeros and scales, in
+    shapes and dtypes that fit ``qc``'s layout (qc None: presence only). Headers only: no tensor
+    is read."""
+    missing = _missing_layer_tensors(ckpt, prefixes)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors: {', '.join(missing)}")
+    for p in prefixes if qc is not None else ():
+        _layer_dims(ckpt, p, qc)
+
+
 def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, int]:
     """(K, N) of a quantized layer from its headers, after checking that the shapes and dtypes of
     qweight, qzeros, scales (and g_idx) fit the config's layout, so that errors name the tensor."""
@@ -780,11 +791,7 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     prefixes = ckpt.quantized_prefixes()
     if not prefixes:
         raise CheckpointError(f"{src}: no quantized layers (no *.qweight tensors)")
-    missing = _missing_layer_tensors(ckpt, prefixes)
-    if missing:
-        raise CheckpointError(f"{src}: missing tensors: {', '.join(missing)}")
-    for p in prefixes:
-        _layer_dims(ckpt, p, qc)
+    _check_layers(ckpt, src, prefixes, qc)
     act_order = _act_order_layers(ckpt, qc, prefixes)
     if to == "awq" and act_order:
         raise CheckpointError(
@@ -977,12 +984,17 @@ def inspect_checkpoint(path) -> dict:
     """Describe a checkpoint folder or a single .safetensors file: format, bits, group size, zero
     format, act-order, number of quantized layers, tensors, shards and total size in bytes. For
     GPTQ also desc_act and sym: the config's, or for a file (no config) read from the tensors
-    (sym None where the zero format assumed, v1, leaves it unknown)."""
+    (sym None where the zero format assumed, v1, leaves it unknown). Every quantized layer's
+    shapes are checked (headers only); a folder's layer missing a tensor is an error, a file's
+    (one shard may hold part of a layer) is left out."""
     path = Path(path)
     ckpt = Checkpoint(path)
     try:
-        prefixes = [p for p in ckpt.quantized_prefixes()  # a shard may hold part of a layer
-                    if not _missing_layer_tensors(ckpt, [p])]
+        prefixes = ckpt.quantized_prefixes()
+        if path.is_dir():  # the whole checkpoint: a layer missing a tensor is an error
+            _check_layers(ckpt, path, prefixes)
+        else:  # one shard may hold part of a layer: only its whole ones are read
+            prefixes = [p for p in prefixes if not _missing_layer_tensors(ckpt, [p])]
         qc = read_quant_config(path)[1] if path.is_dir() else None
         configured = qc is not None
         info = {"path": str(path), "format": None, "bits": None, "group_size": None,
@@ -996,6 +1008,7 @@ def inspect_checkpoint(path) -> dict:
         elif qc is not None:
             info["zero_format"] = qc.zero_format
         if qc is not None:
+            _check_layers(ckpt, path, prefixes, qc)
             info.update(format=qc.method, bits=qc.bits, group_size=qc.group_size)
             if prefixes:
                 info["scales_dtype"] = ckpt.headers[ckpt.shard_of[prefixes[0] + ".scales"]][
