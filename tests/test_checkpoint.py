@@ -17,7 +17,7 @@ from torch import nn
 import torch_ops
 from torch_ops import QuantLinear, convert_checkpoint, inspect_checkpoint, load_quantized
 from torch_ops import reference as ref
-from torch_ops.checkpoint import CheckpointError
+from torch_ops.checkpoint import CheckpointError, parse_quant_config
 
 G = 64
 QUANTIZED = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
@@ -287,6 +287,39 @@ def test_config_booleans_written_as_strings_or_integers(tmp_path):
     load_quantized(TinyLM(), folder)
     with pytest.raises(CheckpointError, match="AWQ without zero points"):
         inspect_with("awq", "zero_point", "false")
+
+
+def test_config_numbers_written_as_strings(tmp_path):
+    """bits and group_size (AutoAWQ's w_bit and q_group_size too) written as strings of integers
+    are read as those integers; any other string is refused naming the key and the value."""
+    def inspect_with(fmt, change, legacy=False):
+        folder = tmp_path / f"{fmt}-{legacy}-{sorted(change.items())}"
+        make_checkpoint(folder, fmt)
+        config = json.loads((folder / "config.json").read_text())
+        qc = config.pop("quantization_config")
+        if legacy:  # AutoAWQ's own names, in its quant_config.json
+            qc = {"zero_point": True, "version": "GEMM", "w_bit": 4, "q_group_size": G}
+            (folder / "quant_config.json").write_text(json.dumps({**qc, **change}))
+        else:
+            config["quantization_config"] = {**qc, **change}
+        (folder / "config.json").write_text(json.dumps(config))
+        return inspect_checkpoint(folder)
+
+    for fmt in ("awq", "gptq"):
+        info = inspect_with(fmt, {"bits": "4", "group_size": f" {G}"})
+        assert (info["format"], info["bits"], info["group_size"]) == (fmt, 4, G)
+    info = inspect_with("awq", {"w_bit": "4", "q_group_size": str(G)}, legacy=True)
+    assert (info["format"], info["bits"], info["group_size"]) == ("awq", 4, G)
+    assert parse_quant_config({"quant_method": "gptq", "bits": 4, "group_size": "-1"}).group_size == -1
+    with pytest.raises(CheckpointError, match="group_size must be -1 or a positive integer, got 0"):
+        inspect_with("gptq", {"group_size": "0"})
+    with pytest.raises(CheckpointError, match=r"unsupported bits=8 \(only 4-bit"):
+        inspect_with("gptq", {"bits": "8"})
+    for key, value in [("bits", "four"), ("bits", "4.0"), ("group_size", ""),
+                       ("group_size", "128g"), ("q_group_size", "x")]:
+        with pytest.raises(CheckpointError, match=rf"{key} must be an integer, "
+                                                  rf"got {re.escape(repr(value))}"):
+            inspect_with("awq", {key: value}, legacy=key == "q_group_size")
 
 
 def test_load_gptq_tensors_with_awq_config_is_refused(tmp_path):

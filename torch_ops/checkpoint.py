@@ -135,6 +135,20 @@ def _config_bool(qc: dict, key: str, default: bool, where) -> bool:
     raise CheckpointError(f"{where}: {key} must be true or false, got {value!r}")
 
 
+def _config_int(qc: dict, keys: tuple, where):
+    """An integer field under the first of ``keys`` (its AutoAWQ name second) that is set, as
+    it is (the caller checks its range), but a string of an integer ("4", "-1"), which
+    hand-written configs hold, read as that integer; any other string is refused. None where
+    no key is set."""
+    key = next((k for k in keys if qc.get(k) is not None), keys[0])
+    value = qc.get(key)
+    if not isinstance(value, str):
+        return value
+    if re.fullmatch(r"\s*[-+]?[0-9]+\s*", value):
+        return int(value)
+    raise CheckpointError(f"{where}: {key} must be an integer, got {value!r}")
+
+
 def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantConfig:
     """Normalise an AWQ or GPTQ ``quantization_config`` (CheckpointError if unsupported)."""
     method = str(qc.get("quant_method", "")).lower()
@@ -144,10 +158,10 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
     if method not in ("awq", "gptq"):
         raise CheckpointError(f"{where}: unsupported quant_method {qc.get('quant_method')!r} "
                               "(supported: awq, gptq)")
-    bits = qc.get("bits", qc.get("w_bit"))
+    bits = _config_int(qc, ("bits", "w_bit"), where)
     if bits != 4:
         raise CheckpointError(f"{where}: unsupported bits={bits!r} (only 4-bit is supported)")
-    group_size = qc.get("group_size", qc.get("q_group_size"))
+    group_size = _config_int(qc, ("group_size", "q_group_size"), where)
     if (not isinstance(group_size, int) or isinstance(group_size, bool)
             or not (group_size == -1 or group_size > 0)):
         raise CheckpointError(f"{where}: group_size must be -1 or a positive integer, "
