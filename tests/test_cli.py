@@ -15,12 +15,16 @@ from torch_ops.cli import main
 from test_checkpoint import QUANTIZED, TinyLM, all_tensors, check_logits, make_checkpoint, tree_digest
 
 
-def run_module(*args):
-    """Run ``python -m torch_ops`` in a fresh interpreter on this checkout's package."""
+def module_command(*args):
+    """(argv, env) of ``python -m torch_ops ARGS`` in a fresh interpreter on this checkout's package."""
     root = str(Path(torch_ops.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "torch_ops", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    return [sys.executable, "-m", "torch_ops", *map(str, args)], env
+
+
+def run_module(*args):
+    argv, env = module_command(*args)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
 
 
 def assert_one_line_error(err: str, command="convert"):
@@ -170,6 +174,17 @@ def test_inspect_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert_one_line_error(err, "inspect")
     assert "no such file or folder" in err
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
+    """``inspect X | head -1``: a reader that stops early is no error (no message), and the
+    status is a SIGPIPE death's, 141, as for any other command in the pipeline."""
+    make_checkpoint(tmp_path / "awq", "awq")
+    argv, env = module_command("inspect", tmp_path / "awq")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # long before the interpreter has imported torch and writes
+    err = proc.stderr.read().decode()
+    assert (proc.wait(timeout=300), err) == (141, "")
 
 
 # ---------------------------------------------------------------- files, links, signals

@@ -4,7 +4,8 @@
 Errors end the command with exit status 1 and one line on stderr, never a traceback (set
 TORCH_OPS_TRACEBACK=1 to see one); a usage error (argparse) with status 2 and the usage. An
 interrupt (Ctrl-C, SIGTERM from kill, timeout or a job scheduler) removes what the command had
-written and ends it with status 130 or 143.
+written and ends it with status 130 or 143. Output into a pipe whose reader has stopped (``| head``)
+ends the command quietly with status 141, as SIGPIPE ends other commands.
 """
 from __future__ import annotations
 
@@ -104,7 +105,17 @@ def main(argv=None) -> int:
     previous = (signal.signal(signal.SIGTERM, _on_sigterm)
                 if _main_thread() and signal.getsignal(signal.SIGTERM) is not None else None)
     try:
-        return _convert(args) if args.command == "convert" else _inspect(args)
+        status = _convert(args) if args.command == "convert" else _inspect(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe then raises where it is caught below
+        return status
+    except BrokenPipeError:
+        # stdout's reader stopped early (``inspect X | head -1``): no message, as for any other
+        # command. Python ignores SIGPIPE and gets EPIPE instead, so the unwritten output goes to
+        # devnull (the flush at exit would fail again and print a traceback), and the status is
+        # the one a command killed by SIGPIPE has (128 + 13), which `set -o pipefail` sees as
+        # for cat or grep
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print(f"torch_ops {args.command}: interrupted", file=sys.stderr)
         return 130
