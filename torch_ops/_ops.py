@@ -303,13 +303,27 @@ def _(qweight, qzeros, zero_format="v1", g_idx=None):
     return qweight.new_empty((K, N // 8)), qzeros.new_empty(qzeros.shape)
 
 
+def _out_on_inputs_device(op, qweight, **tensors):
+    """The out ops' fakes also serve eager calls where one tensor is on the meta device (the
+    dispatcher picks Meta over CPU): a meta out with CPU inputs returned and wrote nothing.
+    The device check the kernels make, made here too."""
+    for arg, t in tensors.items():
+        if t is not None and t.device != qweight.device:
+            raise ValueError(f"{op}: {arg} is on {t.device} but the other inputs are on "
+                             f"{qweight.device}")
+
+
 @torch.library.register_fake("torch_ops::awq_to_gptq_out")
 def _(qweight, qzeros, zero_format="v1", *, qweight_out, qzeros_out):
+    _out_on_inputs_device("awq_to_gptq_out", qweight, qzeros=qzeros, qweight_out=qweight_out,
+                          qzeros_out=qzeros_out)
     return None
 
 
 @torch.library.register_fake("torch_ops::gptq_to_awq_out")
 def _(qweight, qzeros, zero_format="v1", g_idx=None, *, qweight_out, qzeros_out):
+    _out_on_inputs_device("gptq_to_awq_out", qweight, qzeros=qzeros, g_idx=g_idx,
+                          qweight_out=qweight_out, qzeros_out=qzeros_out)
     return None
 
 
@@ -396,10 +410,16 @@ def _dequantize_backward(ctx, grad):
         q_minus_z = _ops.dequantize(qweight, ones, qzeros, format, bits, group_size, g_idx,
                                     zero_format)  # [N, K]
         K = q_minus_z.shape[1]
-        group = (g_idx.long() if g_idx is not None else
-                 torch.arange(K, device=grad.device) // (K if group_size == -1 else group_size))
-        grad_scales = torch.zeros(shape, dtype=torch.float32, device=grad.device).index_add_(
-            0, group, (grad.float() * q_minus_z).t()).to(dtype)
+        terms = grad.float() * q_minus_z  # [N, K]
+        if g_idx is None and K > 0:
+            # plain groups: a sum over each run of rows (Inductor, torch 2.13, crashes compiling
+            # the index_add_ below over an in-graph arange(K) // G with dynamic shapes)
+            grad_scales = terms.view(terms.shape[0], shape[0], -1).sum(-1).t().to(dtype)
+        else:
+            group = (g_idx.long() if g_idx is not None else
+                     torch.arange(K, device=grad.device) // (K if group_size == -1 else group_size))
+            grad_scales = torch.zeros(shape, dtype=torch.float32, device=grad.device).index_add_(
+                0, group, terms.t()).to(dtype)
     return None, grad_scales, None, None, None, None, None, None
 
 

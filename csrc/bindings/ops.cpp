@@ -383,6 +383,11 @@ std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at
         check_out(op, "qweight_out", qw_out, qw_shape, qweight_in, qzeros_in);
         check_out(op, "qzeros_out", qz_out, qzeros.sizes(), qweight_in, qzeros_in);
         TORCH_CHECK_VALUE(!may_overlap(qw_out, qz_out), op, ": qweight_out and qzeros_out overlap");
+        // Written in place: their version counters go up first, as an in-place aten op's do, so
+        // a backward that saved one of them raises instead of reading the new words, and an
+        // inference tensor outside inference mode is refused before anything is written.
+        qw_out.unsafeGetTensorImpl()->bump_version();
+        qz_out.unsafeGetTensorImpl()->bump_version();
         qw = qw_out;
         qz = qz_out;
     } else {
