@@ -43,7 +43,10 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     """AWQ qweight [K, N/8] / qzeros [K/G, N/8] -> GPTQ qweight [K/8, N] / qzeros [K/G, N/8].
     ``"v1"`` stores (z - 1) & 15 per nibble (z = 0 included), ``"v2"`` stores z. Lossless.
     ``out=(qweight_out, qzeros_out)``: write into those (contiguous int32 of the result's shapes,
-    not overlapping the inputs) instead of new tensors, and return them."""
+    not overlapping the inputs) instead of new tensors, and return them. (Inside
+    ``torch.compile(dynamic=True)``, torch 2.13 writes an out that is a view at an offset,
+    ``base[1]``, at the base's start: any custom op's mutated view does that there. Pass whole
+    tensors, or views at offset 0, in compiled code.)"""
     if out is not None:
         _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
         return tuple(out)
