@@ -764,6 +764,25 @@ def test_convert_to_awq_lists_the_float_layers_in_modules_to_not_convert(tmp_pat
     assert qc["modules_to_not_convert"] == ["blocks.1.up", "embed", "lm_head"]
     assert type(load_quantized(TinyLM(), tmp_path / "awq").blocks[1].up) is nn.Linear
 
+
+def test_convert_to_awq_warns_of_skip_entries_inside_quantized_names(tmp_path):
+    """Loaders that match modules_to_not_convert as substrings (older transformers, AutoAWQ)
+    would leave "0.gate_up" unquantized for the float "0.gate": convert says so"""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.gate_up = nn.Linear(64, 8), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.gate_up(x) + self.gate(x).sum(-1, keepdim=True)
+    model = torch_ops.quantize_model(nn.Sequential(Block()), group_size=32, skip=("gate",))
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "gptq", "gptq")
+    with pytest.warns(UserWarning, match=r"'0\.gate' in '0\.gate_up'"):
+        convert_checkpoint(tmp_path / "gptq", tmp_path / "awq", to="awq", progress=False)
+    qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["0.gate"]
+
+
 def test_convert_keeps_the_config_fields_it_does_not_change(tmp_path):
     extra = {"damp_percent": 0.01, "true_sequential": True, "lm_head": False, "format": "gptq",
              "meta": {"quantizer": ["gptqmodel:1.0"]}}

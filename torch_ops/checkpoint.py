@@ -17,6 +17,7 @@ from collections import Counter
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -772,7 +773,18 @@ def _awq_skip_list(ckpt: Checkpoint, skip: list) -> list:
     float_layers = {key[: -len(".weight")] for key in ckpt.keys()
                     if key.endswith(".weight") and len(ckpt.shape(key)) == 2
                     and key[: -len(".weight")] + ".qweight" not in ckpt.shard_of}
-    return sorted(set(skip) | {n for n in float_layers if not name_matches(n, skip)})
+    out = sorted(set(skip) | {n for n in float_layers if not name_matches(n, skip)})
+    # older transformers and AutoAWQ match the entries as substrings of a layer's name: a float
+    # "mlp.gate" there also leaves "mlp.gate_up_proj" unquantized, and its qweight unloadable
+    shadowed = sorted({(n, p) for n in out for p in ckpt.quantized_prefixes() if n in p})
+    if shadowed:
+        warnings.warn("convert to AWQ: modules_to_not_convert entries are substrings of quantized "
+                      "layers' names, which loaders matching substrings (older transformers, "
+                      "AutoAWQ) would leave unquantized: "
+                      + ", ".join(f"{n!r} in {p!r}" for n, p in shadowed[:5])
+                      + (f" (and {len(shadowed) - 5} more)" if len(shadowed) > 5 else ""),
+                      stacklevel=3)
+    return out
 
 
 def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", verify: bool = False,
