@@ -434,6 +434,29 @@ def test_dequantize_gradient_with_respect_to_scales(device, case, dtype):
                            t.get("g_idx"), "v1"))
 
 
+@pytest.mark.parametrize("fmt,bits,K,group_size", [
+    ("gptq", 4, 24, 16), ("gptq", 4, 40, 16), ("gptq", 2, 48, 32), ("gptq", 8, 12, 8),
+    ("gptq", 3, 32, 24), ("awq", 4, 24, 16)])
+def test_dequantize_scales_gradient_with_a_partial_last_group(device, fmt, bits, K, group_size):
+    """dequantize takes a K that is not a multiple of group_size (ceil(K / G) groups, the last
+    one short); the scales gradient sums each group's own rows there too (it viewed the K rows
+    as ceil(K / G) equal runs: wrong sums where that divides, a view error where not)"""
+    N = 16
+    G = -(-K // group_size)
+    words = lambda *s: torch.randint(-2**31, 2**31, s, dtype=torch.int32, device=device)  # noqa: E731
+    if fmt == "awq":
+        qweight, qzeros = words(K, N // 8), words(G, N // 8)
+    else:
+        qweight, qzeros = words(-(-K * bits // 32), N), words(G, -(-N * bits // 32))
+    grad = torch.randn(N, K, device=device)
+    got = torch.rand(G, N, device=device).requires_grad_()
+    (torch_ops.dequantize(qweight, got, qzeros, fmt, bits, group_size) * grad).sum().backward()
+    want = got.detach().cpu().requires_grad_()
+    (ref.dequantize(qweight.cpu(), want, qzeros.cpu(), fmt, bits, group_size)
+     * grad.cpu()).sum().backward()
+    torch.testing.assert_close(got.grad.cpu(), want.grad)
+
+
 @pytest.mark.parametrize("format", ["gptq", "awq"])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_round_to_nearest(device, format, sym):

@@ -416,8 +416,12 @@ def _dequantize_backward(ctx, grad):
         terms = grad.float() * q_minus_z  # [N, K]
         if g_idx is None and K > 0:
             # plain groups: a sum over each run of rows (Inductor, torch 2.13, crashes compiling
-            # the index_add_ below over an in-graph arange(K) // G with dynamic shapes)
-            grad_scales = terms.view(terms.shape[0], shape[0], -1).sum(-1).t().to(dtype)
+            # the index_add_ below over an in-graph arange(K) // G with dynamic shapes). K need
+            # not be a multiple of G (the last of the ceil(K / G) groups is short): zero terms
+            # fill it, so that every run is G rows
+            G = K if group_size == -1 else group_size
+            terms = torch.nn.functional.pad(terms, (0, shape[0] * G - K))
+            grad_scales = terms.view(terms.shape[0], shape[0], G).sum(-1).t().to(dtype)
         else:
             group = (g_idx.long() if g_idx is not None else
                      torch.arange(K, device=grad.device) // (K if group_size == -1 else group_size))
