@@ -269,12 +269,13 @@ at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::str
     int order = parse_order(op, order_s);
     TORCH_CHECK_VALUE(order == TOPS_ORDER_SEQUENTIAL || (bits == 4 && wb == 4), op,
                       ": order=\"awq\" needs bits=4 and dtype=torch.int32, got bits=", bits,
-                      " and dtype=", dtype);
+                      " and dtype=", dtype_name(dtype));
     dim = c10::maybe_wrap_dim(dim, values_in.dim());
     int64_t len = values_in.size(dim);
     int64_t group = tops_pack_group((int)bits, wb);
     TORCH_CHECK_VALUE(len % group == 0, op, ": values.shape[", dim, "] = ", len,
-                      " must be a multiple of ", group, " (bits=", bits, " into ", dtype, ")");
+                      " must be a multiple of ", group, " (bits=", bits, " into ", dtype_name(dtype),
+                      ")");
     at::Tensor values = values_in.contiguous();
     if (values.is_cuda()) check_value_range(op, "values", values, bits);  // the CPU core checks as it packs
     auto shape = values.sizes().vec();
