@@ -269,6 +269,14 @@ def _dims(op: str, arg: str, t: torch.Tensor, *allowed: int) -> None:
                  + f", got shape {list(t.shape)}")
 
 
+def _wrap_dim(op: str, arg: str, t: torch.Tensor, dim: int) -> int:
+    """The kernels' check of ``dim`` (Python's % would wrap any dim into range)."""
+    if not -t.dim() <= dim < t.dim():
+        raise IndexError(f"{op}: dim = {dim} is out of range for {arg} of {t.dim()} dimensions "
+                         f"(expected in [{-t.dim()}, {t.dim() - 1}])")
+    return dim % t.dim()
+
+
 def _resized(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = size
@@ -278,14 +286,14 @@ def _resized(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.
 @torch.library.register_fake("torch_ops::pack")
 def _(values, bits, dim=-1, order="sequential", dtype=torch.int32):
     _dims("pack", "values", values)
-    dim = dim % values.dim()
+    dim = _wrap_dim("pack", "values", values, dim)
     return _resized(values, dim, values.shape[dim] * bits // (8 * _word_bytes(dtype)), dtype)
 
 
 @torch.library.register_fake("torch_ops::unpack")
 def _(packed, bits, dim=-1, order="sequential"):
     _dims("unpack", "packed", packed)
-    dim = dim % packed.dim()
+    dim = _wrap_dim("unpack", "packed", packed, dim)
     wb = _word_bytes(packed.dtype)
     return _resized(packed, dim, packed.shape[dim] * 8 * wb // bits, torch.uint8)
 

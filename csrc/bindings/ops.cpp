@@ -77,6 +77,14 @@ void check_bits(const char *op, int64_t bits, std::initializer_list<int64_t> all
     TORCH_CHECK_VALUE(false, op, ": bits must be one of {", list, "}, got ", bits);
 }
 
+// dim wrapped into [0, ndim) (ndim >= 1), or an error naming the op and the tensor (c10's
+// maybe_wrap_dim names neither)
+int64_t wrap_dim(const char *op, const char *arg, int64_t dim, int64_t ndim) {
+    TORCH_CHECK_INDEX(dim >= -ndim && dim < ndim, op, ": dim = ", dim, " is out of range for ",
+                      arg, " of ", ndim, " dimensions (expected in [", -ndim, ", ", ndim - 1, "])");
+    return dim < 0 ? dim + ndim : dim;
+}
+
 int parse_order(const char *op, c10::string_view order) {
     if (order == "sequential") return TOPS_ORDER_SEQUENTIAL;
     if (order == "awq") return TOPS_ORDER_AWQ;
@@ -270,7 +278,7 @@ at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::str
     TORCH_CHECK_VALUE(order == TOPS_ORDER_SEQUENTIAL || (bits == 4 && wb == 4), op,
                       ": order=\"awq\" needs bits=4 and dtype=torch.int32, got bits=", bits,
                       " and dtype=", dtype_name(dtype));
-    dim = c10::maybe_wrap_dim(dim, values_in.dim());
+    dim = wrap_dim(op, "values", dim, values_in.dim());
     int64_t len = values_in.size(dim);
     int64_t group = tops_pack_group((int)bits, wb);
     TORCH_CHECK_VALUE(len % group == 0, op, ": values.shape[", dim, "] = ", len,
@@ -309,7 +317,7 @@ at::Tensor unpack(const at::Tensor &packed_in, int64_t bits, int64_t dim, c10::s
     TORCH_CHECK_VALUE(order == TOPS_ORDER_SEQUENTIAL || (bits == 4 && wb == 4), op,
                       ": order=\"awq\" needs bits=4 and int32 words, got bits=", bits,
                       " and packed.dtype=", dtype_name(packed_in.scalar_type()));
-    dim = c10::maybe_wrap_dim(dim, packed_in.dim());
+    dim = wrap_dim(op, "packed", dim, packed_in.dim());
     int64_t nwords = packed_in.size(dim);
     int64_t words_per_group = tops_pack_group((int)bits, wb) * bits / (8 * wb);
     TORCH_CHECK_VALUE(nwords % words_per_group == 0, op, ": packed.shape[", dim, "] = ", nwords,
