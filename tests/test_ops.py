@@ -625,6 +625,34 @@ def test_errors_name_op_argument_and_value(device):
             fn()
 
 
+def test_zero_size_tensors_with_sizes_past_int64(device):
+    """A zero-size tensor's other dimensions are not bounded by memory: a size arithmetic that
+    overflowed int64 gave a wrong shape ([0, 0] for pack of [0, 2**62]: 2**62 * 4 wrapped to 0)
+    or let a wrong shape through; now the result's shape, or an error naming what overflows"""
+    def empty(*shape, dtype=torch.int32):
+        return torch.empty(shape, dtype=dtype, device=device)
+    assert torch_ops.pack(empty(0, 2**62, dtype=torch.uint8), 4).shape == (0, 2**59)
+    assert torch_ops.pack(empty(0, 3 * 2**60, dtype=torch.uint8), 3).shape == (0, 9 * 2**55)
+    assert torch_ops.prepack_w4a16(empty(2**59, 0)).shape == (2**57, 4, 0)
+    cases = [
+        (lambda: torch_ops.unpack(empty(0, 2**60), 4), r"unpack: the unpacked length = 1152921504606846976 \* 8 overflows int64"),
+        (lambda: torch_ops.unpack_v2(empty(2**62, 0, dtype=torch.int16)), r"unpack_v2: N = packed.shape\[0\] \* 4 = 4611686018427387904 \* 4 overflows int64"),
+        (lambda: torch_ops.unprepack_w4a16(empty(2**60, 4, 0)), r"unprepack_w4a16: K = qweight.shape\[0\] \* 32 = 1152921504606846976 \* 32 overflows"),
+        (lambda: torch_ops.prepack_w4a16(empty(2**61, 0)), r"prepack_w4a16: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows"),
+        (lambda: torch_ops.gptq_to_awq(empty(2**61, 0), empty(1, 0)), r"gptq_to_awq: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows"),
+        (lambda: torch_ops.awq_to_gptq(empty(0, 2**61), empty(1, 1)), r"awq_to_gptq: N = qweight.shape\[1\] \* 8 = 2305843009213693952 \* 8 overflows"),
+        (lambda: torch_ops.dequantize(empty(2**60, 0), torch.empty(2**53, 0, device=device)),
+         r"dequantize: K = qweight.shape\[0\] \* 32 / bits = 1152921504606846976 \* 32 overflows"),
+        (lambda: torch_ops.dequantize(empty(0, 2**62), torch.empty(0, 2**62, device=device), empty(0, 2**59), group_size=8),
+         r"dequantize: N \* bits = 4611686018427387904 \* 4 overflows int64"),
+        (lambda: torch_ops.w4a16_linear(torch.empty(0, 0, device=device), empty(2**61, 0), torch.empty(0, 0, device=device)),
+         r"w4a16_linear: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows int64"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            fn()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_error_on_mixed_devices():
     with pytest.raises(ValueError, match="awq_to_gptq: qzeros is on cpu but the other inputs are on cuda"):

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/autocast_mode.h>
+#include <c10/util/safe_numerics.h>
 
 #include <atomic>
 #include <mutex>
@@ -101,6 +102,15 @@ int parse_zero_format(const char *op, const char *arg, c10::string_view zf) {
 
 int tops_dtype_of(at::ScalarType s) {
     return s == at::kHalf ? TOPS_F16 : s == at::kBFloat16 ? TOPS_BF16 : TOPS_F32;
+}
+
+// a * b for a size (a, b >= 0); where that overflows int64, an error naming it. A zero-size
+// tensor's other dimensions are not bounded by memory, and a wrapped product gave a wrong shape.
+int64_t size_mul(const char *op, const char *what, int64_t a, int64_t b) {
+    int64_t r;
+    TORCH_CHECK_VALUE(!c10::mul_overflows(a, b, &r), op, ": ", what, " = ", a, " * ", b,
+                      " overflows int64");
+    return r;
 }
 
 int64_t resolve_group_size(const char *op, int64_t group_size, int64_t K) {
@@ -287,7 +297,7 @@ at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::str
     at::Tensor values = values_in.contiguous();
     if (values.is_cuda()) check_value_range(op, "values", values, bits);  // the CPU core checks as it packs
     auto shape = values.sizes().vec();
-    shape[dim] = len * bits / (8 * wb);
+    shape[dim] = len / group * (group * bits / (8 * wb));  // (len * bits could overflow)
     at::Tensor out = at::empty(shape, values.options().dtype(dtype));
     if (values.numel() == 0) return out.zero_();
     int64_t outer = c10::multiply_integers(values.sizes().begin(), values.sizes().begin() + dim);
@@ -325,7 +335,8 @@ at::Tensor unpack(const at::Tensor &packed_in, int64_t bits, int64_t dim, c10::s
                       " words per group, so it must be a multiple of ", words_per_group);
     at::Tensor packed = packed_in.contiguous();
     auto shape = packed.sizes().vec();
-    shape[dim] = nwords * 8 * wb / bits;
+    shape[dim] = size_mul(op, "the unpacked length", nwords / words_per_group,
+                          tops_pack_group((int)bits, wb));
     at::Tensor out = at::empty(shape, packed.options().dtype(at::kByte));
     if (out.numel() == 0) return out;
     int64_t outer = c10::multiply_integers(packed.sizes().begin(), packed.sizes().begin() + dim);
@@ -429,7 +440,8 @@ std::tuple<at::Tensor, at::Tensor> awq_to_gptq_impl(const at::Tensor &qweight,
                                                     const at::Tensor &qw_out, const at::Tensor &qz_out) {
     const char *op = "awq_to_gptq";
     int zf = check_repack_inputs(op, qweight, qzeros, zero_format);
-    int64_t K = qweight.size(0), N = qweight.size(1) * 8, G = qzeros.size(0);
+    int64_t K = qweight.size(0), G = qzeros.size(0);
+    int64_t N = size_mul(op, "N = qweight.shape[1] * 8", qweight.size(1), 8);
     TORCH_CHECK_VALUE(K % 8 == 0, op, ": K = qweight.shape[0] = ", K,
                       " must be a multiple of 8 (GPTQ packs 8 rows per int32)");
     TORCH_CHECK_VALUE(G >= 1 && K % G == 0, op, ": qzeros.shape[0] = ", G,
@@ -445,7 +457,8 @@ std::tuple<at::Tensor, at::Tensor> gptq_to_awq_impl(const at::Tensor &qweight,
                                                     const at::Tensor &qw_out, const at::Tensor &qz_out) {
     const char *op = "gptq_to_awq";
     int zf = check_repack_inputs(op, qweight, qzeros, zero_format);
-    int64_t K = qweight.size(0) * 8, N = qweight.size(1), G = qzeros.size(0);
+    int64_t K = size_mul(op, "K = qweight.shape[0] * 8", qweight.size(0), 8);
+    int64_t N = qweight.size(1), G = qzeros.size(0);
     TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N,
                       " must be a multiple of 8 (AWQ packs 8 columns per int32)");
     TORCH_CHECK_VALUE(G >= 1 && K % G == 0, op, ": qzeros.shape[0] = ", G,
@@ -553,7 +566,7 @@ at::Tensor unpack_v2(const at::Tensor &packed_in) {
     check_dtype(op, "packed", packed_in, at::kShort);
     check_device(op, "packed", packed_in, packed_in);
     check_ndim(op, "packed", packed_in, 2);
-    int64_t N = packed_in.size(0) * 4, K = packed_in.size(1);
+    int64_t N = size_mul(op, "N = packed.shape[0] * 4", packed_in.size(0), 4), K = packed_in.size(1);
     TORCH_CHECK_VALUE(K % 64 == 0, op, ": K = packed.shape[1] = ", K, " must be a multiple of 64");
     at::Tensor packed = packed_in.contiguous();
     at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kByte));
@@ -597,10 +610,10 @@ at::Tensor prepack_w4a16_impl(const at::Tensor &qweight_in, bool inverse) {
         check_ndim(op, "qweight", qweight_in, 3);
         TORCH_CHECK_VALUE(qweight_in.size(1) == 4, op, ": qweight must have shape [K/32, 4, N], got ",
                           shape_str(qweight_in.sizes()));
-        K = qweight_in.size(0) * 32;
+        K = size_mul(op, "K = qweight.shape[0] * 32", qweight_in.size(0), 32);
     } else {
         check_ndim(op, "qweight", qweight_in, 2);
-        K = qweight_in.size(0) * 8;
+        K = size_mul(op, "K = qweight.shape[0] * 8", qweight_in.size(0), 8);
         TORCH_CHECK_VALUE(K % 32 == 0, op, ": K = 8 * qweight.shape[0] = ", K,
                           " must be a multiple of 32 (the layout interleaves whole 32-k blocks)");
     }
@@ -669,13 +682,14 @@ at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
             check_ndim(op, "g_idx", *g_idx_in, 1);
             K = g_idx_in->size(0);
         } else {
-            TORCH_CHECK_VALUE((rows * 32) % bits == 0, op, ": qweight.shape[0] = ", rows,
+            TORCH_CHECK_VALUE(bits != 3 || rows % 3 == 0, op, ": qweight.shape[0] = ", rows,
                               " is not a whole number of ", bits,
                               "-bit groups (bits=3 needs a multiple of 3 rows)");
-            K = rows * 32 / bits;
+            K = size_mul(op, "K = qweight.shape[0] * 32 / bits", rows, 32) / bits;
         }
-        TORCH_CHECK_VALUE(rows == ceil_div(K * bits, 32), op, ": qweight must have shape ",
-                          "[ceil(K*bits/32), N] = ", shape_str({ceil_div(K * bits, 32), N}),
+        const int64_t words = ceil_div(size_mul(op, "K * bits", K, bits), 32);
+        TORCH_CHECK_VALUE(rows == words, op, ": qweight must have shape ",
+                          "[ceil(K*bits/32), N] = ", shape_str({words, N}),
                           " for K = ", K, ", got ", shape_str(qweight_in.sizes()));
     }
     int64_t gs = resolve_group_size(op, group_size, K);
@@ -690,7 +704,8 @@ at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
         check_dtype(op, "qzeros", *qzeros_in, at::kInt);
         check_device(op, "qzeros", *qzeros_in, qweight_in);
         int64_t zb = format == TOPS_FORMAT_AWQ ? 4 : bits;
-        check_shape(op, "qzeros", *qzeros_in, {G, ceil_div(N * zb, 32)}, "[K/G, ceil(N*bits/32)]");
+        check_shape(op, "qzeros", *qzeros_in, {G, ceil_div(size_mul(op, "N * bits", N, zb), 32)},
+                    "[K/G, ceil(N*bits/32)]");
         qzeros = qzeros_in->contiguous();
     }
     if (g_idx_in.has_value()) {
@@ -761,7 +776,9 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
     check_ndim(op, "scales", scales, 2);
     TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension");
     w.zero_format = parse_zero_format(op, "zero_format", zero_format);
-    const int64_t K = qweight.size(0) * (w.kil ? 32 : 8), N = qweight.size(-1);
+    const int64_t K = size_mul(op, w.kil ? "K = qweight.shape[0] * 32" : "K = qweight.shape[0] * 8",
+                               qweight.size(0), w.kil ? 32 : 8);
+    const int64_t N = qweight.size(-1);
     TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x.shape[-1] = ", x.size(-1), " must equal K = ",
                       w.kil ? "32 * qweight.shape[0] = " : "8 * qweight.shape[0] = ", K);
     TORCH_CHECK_VALUE(!w.kil || !g_idx.has_value(), op,
