@@ -385,6 +385,29 @@ def test_torch_func_grad_vjp_jvp(device, weights):
         assert torch.allclose(fwAD.unpack_dual(dual).tangent.cpu(), tangent, rtol=1e-4, atol=1e-4)
 
 
+def test_forward_mode_ad_with_dual_scales(device):
+    """The weights get no derivative (README), in forward-mode AD too: a dual scales (alone or
+    beside a dual x) adds nothing to the tangent, as under torch.func.jvp (the call failed with
+    torch's 'jvp is not implemented for the c++ API of custom Function')"""
+    import torch.autograd.forward_ad as fwAD
+    K, N = 128, 40
+    t = make_weights(K, N, 64, device=device)
+    scales = t.pop("scales").float()
+    x, dx = torch.randn(3, K, device=device), torch.randn(3, K, device=device)
+    ds = torch.randn_like(scales)
+    plain = torch_ops.w4a16_linear(x, scales=scales, **t)
+    tangent = torch_ops.w4a16_linear(dx, scales=scales, **t)  # linear in x
+    _, jvp_out = torch.func.jvp(lambda s: torch_ops.w4a16_linear(x, scales=s, **t), (scales,), (ds,))
+    assert not jvp_out.any()
+    with fwAD.dual_level():
+        y = torch_ops.w4a16_linear(x, scales=fwAD.make_dual(scales, ds), **t)
+        torch.testing.assert_close(fwAD.unpack_dual(y).primal, plain)
+        got = fwAD.unpack_dual(y).tangent
+        assert got is None or not got.any()
+        y = torch_ops.w4a16_linear(fwAD.make_dual(x, dx), scales=fwAD.make_dual(scales, ds), **t)
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, tangent, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("weights", ["act_order", "perm"])
 def test_compile_torch_func_grad(device, weights):
     """torch.compile(fullgraph) of torch.func.grad, and of forward-mode AD, traces the composite

@@ -998,7 +998,8 @@ public:
 // kernel keeps fp32 weights: in bf16, ~2x its error against an fp64 reference, within tolerance).
 // Each transform then differentiates the composition, not the fused kernel; the usual call (no
 // transform, no dual tensor) never comes here.
-bool needs_composite(const at::Tensor &x, const c10::optional<at::Tensor> &bias) {
+bool needs_composite(const at::Tensor &x, const at::Tensor &scales,
+                     const c10::optional<at::Tensor> &bias) {
     // the Function's own test (it throws where a transform is active; the TLS exists once
     // torch.func has been used on this thread)
     if (const auto &functorch = at::functorch::functorchTLSAccessor()) {
@@ -1008,7 +1009,10 @@ bool needs_composite(const at::Tensor &x, const c10::optional<at::Tensor> &bias)
             return true;
         }
     }
-    return x._fw_grad(/*level=*/0).defined() ||
+    // (a dual scales too: the Function has no forward formula, and failed with torch's "jvp is
+    // not implemented for the c++ API of custom Function"; the weights get no derivative, so its
+    // tangent adds nothing there, as under torch.func.jvp)
+    return x._fw_grad(/*level=*/0).defined() || scales._fw_grad(/*level=*/0).defined() ||
            (bias.has_value() && bias->_fw_grad(/*level=*/0).defined());
 }
 
@@ -1032,7 +1036,7 @@ at::Tensor w4a16_linear_autograd(const at::Tensor &x, const at::Tensor &qweight,
                                  int64_t group_size, const c10::optional<at::Tensor> &g_idx,
                                  const c10::optional<at::Tensor> &bias, c10::string_view zero_format,
                                  const c10::optional<at::Tensor> &perm) {
-    if (needs_composite(x, bias))
+    if (needs_composite(x, scales, bias))
         return w4a16_linear_composite(x, qweight, scales, qzeros, group_size, g_idx, bias,
                                       zero_format, perm);
     return W4A16LinearGrad::apply(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
