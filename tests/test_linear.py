@@ -385,6 +385,26 @@ def test_torch_func_grad_vjp_jvp(device, weights):
         assert torch.allclose(fwAD.unpack_dual(dual).tangent.cpu(), tangent, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arg", ["x", "qweight", "scales", "qzeros", "g_idx", "bias", "perm"])
+def test_a_meta_tensor_among_others_is_refused(device, arg):
+    """One meta tensor among CPU (or CUDA) ones goes to the fake kernel, which returned an
+    uninitialised tensor as the product (QuantLinear with buffers never loaded from meta gave
+    garbage): refused, as the kernels refuse mixed devices"""
+    K, N = 64, 16
+    t = make_weights(K, N, 32, device=device)
+    args = dict(x=torch.randn(3, K, device=device), qweight=t["qweight"], scales=t["scales"],
+                qzeros=t["qzeros"], group_size=32, bias=torch.randn(N, device=device))
+    args["g_idx" if arg == "g_idx" else "perm"] = torch.arange(K, device=device).int() // (
+        32 if arg == "g_idx" else 1)
+    args[arg] = args[arg].to("meta")
+    if arg == "x":  # x is the reference the others are checked against
+        pattern = f"w4a16_linear: qweight is on {device} but the other inputs are on meta"
+    else:
+        pattern = f"w4a16_linear: {arg} is on meta but the other inputs are on {device}"
+    with pytest.raises(ValueError, match=pattern):
+        torch_ops.w4a16_linear(**args)
+
+
 def test_forward_mode_ad_with_dual_scales(device):
     """The weights get no derivative (README), in forward-mode AD too: a dual scales (alone or
     beside a dual x) adds nothing to the tangent, as under torch.func.jvp (the call failed with

@@ -660,6 +660,31 @@ def test_error_on_mixed_devices():
                               torch.zeros(1, 1, dtype=torch.int32))
 
 
+def test_a_meta_tensor_among_others_is_refused(device):
+    """The dispatcher sends a call with one meta tensor among CPU (or CUDA) ones to the fake
+    kernel, which returned an uninitialised tensor on the others' device as the result (a layer
+    whose buffers were never loaded from meta computed garbage): the fakes check devices as the
+    kernels do"""
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), group_size=32)
+    a = torch_ops.quantize(torch.randn(16, 64, device=device), group_size=32, format="awq")
+    meta = lambda u: u.to("meta")  # noqa: E731
+    cases = [
+        (lambda: torch_ops.awq_to_gptq(a["qweight"], meta(a["qzeros"])), "awq_to_gptq: qzeros"),
+        (lambda: torch_ops.gptq_to_awq(t["qweight"], meta(t["qzeros"])), "gptq_to_awq: qzeros"),
+        (lambda: torch_ops.gptq_to_awq(t["qweight"], t["qzeros"], g_idx=meta(t["g_idx"])),
+         "gptq_to_awq: g_idx"),
+        (lambda: torch_ops.dequantize(t["qweight"], meta(t["scales"]), t["qzeros"], group_size=32),
+         "dequantize: scales"),
+        (lambda: torch_ops.dequantize(t["qweight"], t["scales"], meta(t["qzeros"]), group_size=32),
+         "dequantize: qzeros"),
+        (lambda: torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], group_size=32,
+                                      g_idx=meta(t["g_idx"])), "dequantize: g_idx"),
+    ]
+    for fn, prefix in cases:
+        with pytest.raises(ValueError, match=f"{prefix} is on meta but the other inputs are on {device}"):
+            fn()
+
+
 def test_failed_op_leaves_input_untouched(device):
     values = rand_values((4, 16), 4, device)
     values[0, 0] = 200

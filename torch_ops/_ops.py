@@ -283,6 +283,18 @@ def _resized(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.
     return t.new_empty(shape, dtype=dtype)
 
 
+def _on_one_device(op, first, **tensors):
+    """The fakes also serve eager calls where one tensor is on the meta device (the dispatcher
+    picks Meta over CPU): with CPU inputs beside a meta one, an op returned an uninitialised CPU
+    tensor as its result (a module whose buffers were never loaded from meta gave garbage), and
+    an out op with a meta out returned and wrote nothing. The device check the kernels make
+    (against ``first``: x, else qweight), made here too."""
+    for arg, t in tensors.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{op}: {arg} is on {t.device} but the other inputs are on "
+                             f"{first.device}")
+
+
 @torch.library.register_fake("torch_ops::pack")
 def _(values, bits, dim=-1, order="sequential", dtype=torch.int32):
     _dims("pack", "values", values)
@@ -300,6 +312,7 @@ def _(packed, bits, dim=-1, order="sequential"):
 
 @torch.library.register_fake("torch_ops::awq_to_gptq")
 def _(qweight, qzeros, zero_format="v1"):
+    _on_one_device("awq_to_gptq", qweight, qzeros=qzeros)
     _dims("awq_to_gptq", "qweight", qweight, 2)
     _dims("awq_to_gptq", "qzeros", qzeros, 2)
     K, N = qweight.shape[0], qweight.shape[1] * 8
@@ -308,33 +321,24 @@ def _(qweight, qzeros, zero_format="v1"):
 
 @torch.library.register_fake("torch_ops::gptq_to_awq")
 def _(qweight, qzeros, zero_format="v1", g_idx=None):
+    _on_one_device("gptq_to_awq", qweight, qzeros=qzeros, g_idx=g_idx)
     _dims("gptq_to_awq", "qweight", qweight, 2)
     _dims("gptq_to_awq", "qzeros", qzeros, 2)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     return qweight.new_empty((K, N // 8)), qzeros.new_empty(qzeros.shape)
 
 
-def _out_on_inputs_device(op, qweight, **tensors):
-    """The out ops' fakes also serve eager calls where one tensor is on the meta device (the
-    dispatcher picks Meta over CPU): a meta out with CPU inputs returned and wrote nothing.
-    The device check the kernels make, made here too."""
-    for arg, t in tensors.items():
-        if t is not None and t.device != qweight.device:
-            raise ValueError(f"{op}: {arg} is on {t.device} but the other inputs are on "
-                             f"{qweight.device}")
-
-
 @torch.library.register_fake("torch_ops::awq_to_gptq_out")
 def _(qweight, qzeros, zero_format="v1", *, qweight_out, qzeros_out):
-    _out_on_inputs_device("awq_to_gptq_out", qweight, qzeros=qzeros, qweight_out=qweight_out,
-                          qzeros_out=qzeros_out)
+    _on_one_device("awq_to_gptq_out", qweight, qzeros=qzeros, qweight_out=qweight_out,
+                   qzeros_out=qzeros_out)
     return None
 
 
 @torch.library.register_fake("torch_ops::gptq_to_awq_out")
 def _(qweight, qzeros, zero_format="v1", g_idx=None, *, qweight_out, qzeros_out):
-    _out_on_inputs_device("gptq_to_awq_out", qweight, qzeros=qzeros, g_idx=g_idx,
-                          qweight_out=qweight_out, qzeros_out=qzeros_out)
+    _on_one_device("gptq_to_awq_out", qweight, qzeros=qzeros, g_idx=g_idx,
+                   qweight_out=qweight_out, qzeros_out=qzeros_out)
     return None
 
 
@@ -361,6 +365,7 @@ def _(packed):
 @torch.library.register_fake("torch_ops::dequantize")
 def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx=None,
       zero_format="v1"):
+    _on_one_device("dequantize", qweight, scales=scales, qzeros=qzeros, g_idx=g_idx)
     _dims("dequantize", "qweight", qweight, 2)
     _dims("dequantize", "scales", scales, 2)
     N = scales.shape[1]
@@ -392,6 +397,8 @@ def _(qweight):
 @torch.library.register_fake("torch_ops::w4a16_linear")
 def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, zero_format="v1",
       perm=None):
+    _on_one_device("w4a16_linear", x, qweight=qweight, scales=scales, qzeros=qzeros, g_idx=g_idx,
+                   bias=bias, perm=perm)
     _dims("w4a16_linear", "x", x)
     _dims("w4a16_linear", "qweight", qweight, 2, 3)
     per_row = 32 if qweight.dim() == 3 else 8  # k-interleaved [K/32, 4, N] or GPTQ [K/8, N]
