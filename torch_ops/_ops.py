@@ -121,8 +121,9 @@ def prepack_w4a16(qweight: torch.Tensor) -> torch.Tensor:
     [K/32, 4, N], the same words with each 32-k block's nibbles reordered so that one word is a
     tensor-core fragment row's values for two k16 steps (FORMATS: word (b, t, n) nibble
     2 jj + h + 4 e holds k = 32 b + 16 jj + 8 h + 2 t + e). :func:`w4a16_linear` takes it in place
-    of qweight (plain groups: no g_idx / perm) and is faster with it on CUDA (H200: 2-10%, every
-    batch size); on the CPU it costs a gather of x. Lossless: :func:`unprepack_w4a16` undoes it."""
+    of qweight (not with g_idx: act-order rows sorted by :func:`act_order_prepack` first, then
+    perm) and is faster with it on CUDA (H200: 2-10%, every batch size); on the CPU it costs a
+    gather of x. Lossless: :func:`unprepack_w4a16` undoes it."""
     return _ops.prepack_w4a16(qweight)
 
 
@@ -138,12 +139,13 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """``F.linear(x, dequantize(...), bias)`` fused: x [..., K] (fp16/bf16/fp32) times 4-bit
     GPTQ weights (qweight [K/8, N], scales [K/G, N], qzeros [K/G, N/8] or None for symmetric,
     optional act-order g_idx [K]); returns [..., N] in x.dtype, accumulated in fp32.
-    qweight may also be the k-interleaved [K/32, 4, N] of :func:`prepack_w4a16` (without g_idx
-    or perm), the faster form on CUDA.
+    qweight may also be the k-interleaved [K/32, 4, N] of :func:`prepack_w4a16` (group_size a
+    multiple of 32 or -1; perm, not g_idx), the faster form on CUDA.
     ``perm`` [K] (instead of g_idx): the product uses ``x[..., perm]``, for act-order weights
     whose rows :func:`act_order_prepack` sorted by group (the fast path for act-order).
     Differentiable with respect to x (and bias), through autograd, ``torch.func`` (grad, vjp,
-    jvp, vmap) and forward-mode AD; the weights get no gradient.
+    jvp, vmap) and forward-mode AD; the weights get no gradient (scales that require grad get
+    none, and a tangent of scales adds nothing).
 
     On CUDA, large batches (M >= 2048, or >= 1024 where N >= K) and fp32 x take the dense route:
     the weights are dequantised a column chunk at a time into at most 64 MiB of scratch (from the
