@@ -488,6 +488,19 @@ def test_quantize_of_a_parameter_is_detached_and_scales_learnable(device):
 
 
 @pytest.mark.parametrize("format,sym", [("gptq", False), ("gptq", True), ("awq", False)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_refuses_non_finite_weights(device, format, sym, bad):
+    """A NaN or inf weight gave its group a NaN or inf scale and undefined codes (NaN cast to
+    uint8), silently: refused, naming where it is."""
+    weight = torch.randn(8, 128, device=device)
+    weight[3, 70] = bad
+    message = r"quantize: weight has a NaN or inf value in row 3, columns 64\.\.127 \(group 1\)"
+    for quantize in (torch_ops.quantize, ref.quantize):
+        with pytest.raises(ValueError, match=message):
+            quantize(weight, 4, 64, sym, format, scales_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("format,sym", [("gptq", False), ("gptq", True), ("awq", False)])
 def test_quantize_refuses_scales_that_overflow_fp16(device, format, sym):
     """A group spanning more than 15 * 65504 needs a scale past fp16's range: stored as inf, it
     dequantized the group to NaN. Refused (here, in the reference, compiled, from_linear);

@@ -205,8 +205,15 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
     # is stored as inf, and its whole group would dequantize to inf * 0 = NaN: refused. (A read of
     # values, so a sync on CUDA, once at quantize time; torch_ops.quantize runs this inside its
     # custom op, whose body torch.compile does not trace, so compiled calls check it too.)
-    overflow = torch.isinf(stored) & torch.isfinite(s)
-    if bool(overflow.any()):
+    # A NaN or inf weight makes its group's scale NaN or inf (amin / amax propagate both), and
+    # its codes undefined (NaN cast to uint8): refused too, in the same read.
+    bad = ~torch.isfinite(s)
+    overflow = torch.isinf(stored) & ~bad
+    if bool((bad | overflow).any()):
+        if bool(bad.any()):
+            n, g = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"quantize: weight has a NaN or inf value in row {n}, columns "
+                             f"{g * G}..{g * G + G - 1} (group {g})")
         raise ValueError(f"quantize: scales overflow scales_dtype={scales_dtype} (a group needs a "
                          f"scale of {float(s[overflow].max()):.6g}, the largest "
                          f"{scales_dtype} is {torch.finfo(scales_dtype).max:.6g}); pass "
