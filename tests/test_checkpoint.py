@@ -190,6 +190,21 @@ def test_load_autogptq_bias_on_a_layer_without_one(tmp_path):
     check_logits(model, oracle)
 
 
+def test_load_into_held_act_order_layers_a_checkpoint_without_g_idx(tmp_path):
+    """A model whose QuantLinear layers hold an act-order g_idx loads, in place, a checkpoint
+    that has none (AWQ, or GPTQ without g_idx): g_idx is optional for a layer the model holds
+    already as for one it builds, and the layers leave act-order."""
+    make_checkpoint(tmp_path / "act-order", "gptq", act_order=True)
+    _, oracle = make_checkpoint(tmp_path / "awq", "awq", seed=1)
+    model = load_quantized(TinyLM(), tmp_path / "act-order")
+    held = [model.get_submodule(name) for name in QUANTIZED]
+    assert all(layer.act_order for layer in held)
+    load_quantized(model, tmp_path / "awq")
+    assert [model.get_submodule(name) for name in QUANTIZED] == held
+    assert not any(layer.act_order for layer in held)
+    check_logits(model, oracle)
+
+
 def test_load_reports_missing_and_unexpected_tensors(tmp_path):
     folder = tmp_path / "c"
     make_checkpoint(folder, "awq")

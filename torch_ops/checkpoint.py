@@ -602,10 +602,12 @@ def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, own
     """CheckpointError unless the checkpoint holds every tensor of the model (``expected``, its
     quantized layers replaced), no other (a layer's g_idx optional), and each float tensor in
     the model's shape."""
+    # (a QuantLinear the model holds already lists its act-order g_idx: a checkpoint without
+    # one loads too, and the layer leaves act-order)
     optional = {f"{n}.g_idx" for n in quant_names}
     present_ids = {id(t) for k, t in expected.items() if k in keys}
-    missing = sorted(k for k, t in expected.items()
-                     if k not in keys and id(t) not in present_ids)  # tied: one key is enough
+    missing = sorted(k for k, t in expected.items()  # tied: one key is enough
+                     if k not in keys and k not in optional and id(t) not in present_ids)
     unexpected = sorted(keys - expected.keys() - optional)
     if missing or unexpected:
         parts = []
