@@ -685,6 +685,17 @@ def test_float64_linear_quantizes_to_a_working_layer():
         QuantLinear(64, 64, group_size=32).load_state_dict(dict(gq, scales=gq["scales"].double()))
 
 
+def test_annotations_resolve():
+    """typing.get_type_hints (documentation tools, argument parsers built from signatures)
+    evaluates the annotations, which the module keeps as strings: every name must exist."""
+    import typing
+
+    for f in (QuantLinear.__init__, QuantLinear.from_awq, QuantLinear.from_gptq,
+              QuantLinear.from_linear, QuantLinear.to_awq, QuantLinear.to_gptq,
+              QuantLinear.dequantize, QuantLinear.forward, quantize_model):
+        typing.get_type_hints(f)
+
+
 def test_loaded_layer_owns_its_tensors():
     """A load copies what it keeps (g_idx, scales of another dtype, bias): a later load into the
     layer, or an in-place change of it, leaves the caller's state dict alone, and the other

@@ -194,7 +194,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, sym: bool = False,
-                    scales_dtype: Optional[torch.dtype] = None):
+                    scales_dtype: torch.dtype | None = None):
         """Round-to-nearest quantization of a float ``nn.Linear`` (via ``torch_ops.quantize``;
         ``scales_dtype`` as there: torch.float32 for weights whose groups overflow fp16 scales)."""
         N, K = linear.weight.shape
