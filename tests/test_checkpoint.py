@@ -839,6 +839,30 @@ def test_convert_destination_name_near_the_limit_and_shared_parents(tmp_path, mo
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["b"]
 
 
+_SIDE_DTYPES = [getattr(torch, n) for n in ("complex64", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                              "float8_e8m0fnu") if hasattr(torch, n)]
+
+
+@pytest.mark.parametrize("dtype", _SIDE_DTYPES, ids=str)
+def test_float_tensors_of_every_dtype_safetensors_writes_are_read(tmp_path, dtype):
+    """A float tensor in a dtype safetensors writes and reads (C64, the FNUZ float8s, F8_E8M0)
+    is part of a valid checkpoint: inspect, convert (copied byte for byte) and load_quantized
+    read it, where the header check called the file corrupt."""
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["extra"] = torch.arange(12, dtype=torch.float32).reshape(4, 3).to(dtype)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert inspect_checkpoint(src)["tensors"] == len(tensors)
+    convert_checkpoint(src, tmp_path / "gptq", to="gptq", verify=True, progress=False)
+    out = load_file(str(tmp_path / "gptq" / "model.safetensors"))["extra"]
+    assert out.dtype == dtype and torch.equal(out.view(torch.uint8), tensors["extra"].view(torch.uint8))
+    model = TinyLM()
+    model.register_buffer("extra", torch.zeros(4, 3, dtype=dtype))
+    load_quantized(model, tmp_path / "gptq")
+    assert torch.equal(model.extra.view(torch.uint8), tensors["extra"].view(torch.uint8))
+
+
 def test_bad_configs_indexes_and_headers_get_checkpoint_errors(tmp_path):
     def fresh(name, shards=1, fmt="awq"):
         folder = tmp_path / name

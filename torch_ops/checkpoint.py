@@ -41,8 +41,11 @@ _REQUIRED = ("qweight", "qzeros", "scales")
 _MAX_HEADER = 100 * 1024 * 1024
 # the weight files save_quantized writes (and removes when a new save leaves them stale)
 _WEIGHTS_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# every whole-byte dtype safetensors writes and reads back for torch (an unknown one makes the
+# header check call a valid file corrupt)
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1,
+                "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4,
+                "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 
 
 class CheckpointError(ValueError):
