@@ -796,6 +796,9 @@ def test_convert_to_awq_warns_of_skip_entries_inside_quantized_names(tmp_path):
         convert_checkpoint(tmp_path / "gptq", tmp_path / "awq", to="awq", progress=False)
     qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
     assert qc["modules_to_not_convert"] == ["0.gate"]
+    # saving as AWQ writes the same list: the same warning
+    with pytest.warns(UserWarning, match=r"save_quantized as AWQ.*'0\.gate' in '0\.gate_up'"):
+        torch_ops.checkpoint.save_quantized(model, tmp_path / "saved", "awq")
 
 
 def test_convert_keeps_the_config_fields_it_does_not_change(tmp_path):

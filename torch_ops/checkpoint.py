@@ -667,6 +667,10 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         tensors.update({f"{name}.{s}": t for s, t in exported.items()})
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    if format == "awq":  # (as convert to AWQ warns)
+        _warn_skip_substrings("save_quantized as AWQ", skip,
+                              [n for n, m in model.named_modules(remove_duplicate=False)
+                               if id(m) in quantized], stacklevel=3)
     qc = quant_config_dict(format, sizes.pop(), zero_format, act_order, sym, skip)
     shards, size = [{}], 0
     for key in sorted(tensors):
@@ -779,17 +783,22 @@ def _awq_skip_list(ckpt: Checkpoint, skip: list) -> list:
                     if key.endswith(".weight") and len(ckpt.shape(key)) == 2
                     and key[: -len(".weight")] + ".qweight" not in ckpt.shard_of}
     out = sorted(set(skip) | {n for n in float_layers if not name_matches(n, skip)})
-    # older transformers and AutoAWQ match the entries as substrings of a layer's name: a float
-    # "mlp.gate" there also leaves "mlp.gate_up_proj" unquantized, and its qweight unloadable
-    shadowed = sorted({(n, p) for n in out for p in ckpt.quantized_prefixes() if n in p})
+    _warn_skip_substrings("convert to AWQ", out, ckpt.quantized_prefixes(), stacklevel=4)
+    return out
+
+
+def _warn_skip_substrings(what: str, skip: list, quantized, stacklevel: int) -> None:
+    """Older transformers and AutoAWQ match AWQ's modules_to_not_convert entries as substrings of
+    a layer's name: a float "mlp.gate" there also leaves "mlp.gate_up_proj" unquantized, and its
+    qweight unloadable. Warn of every such pair."""
+    shadowed = sorted({(n, p) for n in skip for p in quantized if n in p})
     if shadowed:
-        warnings.warn("convert to AWQ: modules_to_not_convert entries are substrings of quantized "
+        warnings.warn(f"{what}: modules_to_not_convert entries are substrings of quantized "
                       "layers' names, which loaders matching substrings (older transformers, "
                       "AutoAWQ) would leave unquantized: "
                       + ", ".join(f"{n!r} in {p!r}" for n, p in shadowed[:5])
                       + (f" (and {len(shadowed) - 5} more)" if len(shadowed) > 5 else ""),
-                      stacklevel=3)
-    return out
+                      stacklevel=stacklevel)
 
 
 def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", verify: bool = False,
