@@ -224,6 +224,32 @@ def test_convert_follows_links_in_subfolders(tmp_path):
     assert not (tmp_path / "out" / "tokenizer" / "gone.txt").exists()
 
 
+@pytest.mark.parametrize("link", ["self", "parent", "mutual"])
+def test_convert_refuses_links_that_loop(tmp_path, capsys, link):
+    """A link to a folder that holds it (the folder itself, one above, or two folders linked to
+    each other) would be copied without end, its checkpoint again at every level, until the
+    recursion limit or a full disk: refused by name, nothing left behind"""
+    src = tmp_path / "models" / "src"
+    make_checkpoint(src, "awq")
+    if link == "self":
+        (src / "tokenizer").mkdir()
+        (src / "tokenizer" / "back").symlink_to(Path(".."))
+    elif link == "parent":
+        (src / "up").symlink_to(Path(".."))
+    else:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "b").symlink_to(src / "side")
+        (src / "side").mkdir()
+        (src / "side" / "a").symlink_to(tmp_path / "a")
+    before = tree_digest(src)
+    assert main(["convert", str(src), str(tmp_path / "models" / "dst"), "--to", "gptq", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "loop" in err, err
+    assert tree_digest(src) == before
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["src"]
+
+
 def test_convert_failing_on_a_source_file_cleans_read_only_folders(tmp_path, capsys, monkeypatch):
     """A read-only subfolder copied into DST's hidden partial folder is removed with it when a
     later file fails; an unreadable source file is reported as a read error of SRC"""

@@ -964,7 +964,8 @@ def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
         if item.name in handled or item.name.startswith(_STAGING_PREFIX):
             continue
         if item.is_dir():  # links followed, as at the top (a Hugging Face cache snapshot's
-            # relative links would dangle in DST); dangling ones left out
+            # relative links would dangle in DST); dangling ones left out, loops refused
+            _refuse_link_loop(str(item))
             shutil.copytree(item, tmp / item.name, symlinks=False, ignore=_dangling_links)
         else:  # a link's target is copied (a Hugging Face cache's snapshot is all links), a
             # dangling link as it is
@@ -973,8 +974,29 @@ def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
 
 def _dangling_links(folder, names):
     """copytree's ignore: links that resolve to nothing (its own ignore_dangling_symlinks checks
-    a relative link's target against the working directory)"""
+    a relative link's target against the working directory). A link that loops is refused."""
+    for n in names:
+        _refuse_link_loop(os.path.join(folder, n))
     return [n for n in names if not os.path.exists(os.path.join(folder, n))]
+
+
+def _refuse_link_loop(path: str) -> None:
+    """CheckpointError where ``path`` is a link to a folder that holds it (along its path as
+    written or as resolved). Followed, it would be copied again inside its own copy, the
+    checkpoint with it, until the system's limit of links in a path makes the link look
+    dangling: a "successful" DST holding ~40 copies of SRC."""
+    if not (os.path.islink(path) and os.path.isdir(path)):
+        return
+    target = os.path.realpath(path)
+    holder = os.path.dirname(os.path.abspath(path))
+    for p in (holder, os.path.realpath(holder)):
+        while True:
+            if os.path.realpath(p) == target:
+                raise CheckpointError(f"{path}: a link to {target}, a folder that holds it: "
+                                      "copying it would loop without end")
+            if os.path.dirname(p) == p:
+                break
+            p = os.path.dirname(p)
 
 
 def _verify(src: Checkpoint, dst: Checkpoint, src_qc, dst_qc, prefixes, progress):
