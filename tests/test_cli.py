@@ -331,15 +331,16 @@ def test_path_not_utf8_gets_a_clear_error(tmp_path, capsys):
     assert "not valid UTF-8" in err
 
 
-def test_convert_special_file_in_a_subfolder_is_a_read_error_of_src(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["tok/pipe", "pipe"])  # in a subfolder, or SRC's own
+def test_convert_special_file_in_a_subfolder_is_a_read_error_of_src(tmp_path, capsys, where):
     src = tmp_path / "src"
     make_checkpoint(src, "awq")
     (src / "tok").mkdir()
-    os.mkfifo(src / "tok" / "pipe")
+    os.mkfifo(src / where)
     assert main(["convert", str(src), str(tmp_path / "dst"), "--to", "gptq", "-q"]) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err)
-    assert f"cannot read {src} (`{src / 'tok' / 'pipe'}` is a named pipe)" in err, err
+    assert f"cannot read {src} (`{src / where}` is a named pipe)" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

@@ -889,7 +889,9 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
             else:
                 culprit = e.filename
                 why = f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
-            read = culprit is not None and _inside(Path(culprit), src)
+            # (copy2 names no file when it refuses a special file; only SRC can hold one)
+            read = isinstance(e, shutil.SpecialFileError) or (
+                culprit is not None and _inside(Path(culprit), src))
             raise CheckpointError(f"cannot {'read' if read else 'write'} {src if read else dst} "
                                   f"({why})") from None
         raise
