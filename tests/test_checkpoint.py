@@ -471,6 +471,34 @@ def test_convert_verify_catches_a_wrong_repack(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_convert_verify_passes_layers_with_nan_or_inf_scales(tmp_path, monkeypatch):
+    """A scale of inf (an fp16 overflow) or NaN dequantizes to NaN on both sides of a lossless
+    conversion, and NaN != NaN: verify compares NaN with NaN as equal, and still catches a wrong
+    repack of such a layer."""
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["blocks.0.up.scales"][0, 3] = float("inf")
+    tensors["blocks.0.up.scales"][1, 5] = float("nan")
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    convert_checkpoint(src, tmp_path / "gptq", to="gptq", verify=True, progress=False)
+    convert_checkpoint(tmp_path / "gptq", tmp_path / "awq", to="awq", verify=True, progress=False)
+    assert load_file(str(tmp_path / "awq" / "model.safetensors"))["blocks.0.up.qweight"].equal(
+        tensors["blocks.0.up.qweight"])
+    import torch_ops.checkpoint as ckpt_module
+    real = ckpt_module._convert_layer
+
+    def wrong_for_that_layer(tensors, src_qc, to, zero_format, prefix):
+        out = real(tensors, src_qc, to, zero_format, prefix)
+        if prefix == "blocks.0.up":
+            out["qweight"] = out["qweight"] ^ 1
+        return out
+
+    monkeypatch.setattr(ckpt_module, "_convert_layer", wrong_for_that_layer)
+    with pytest.raises(CheckpointError, match="verify: blocks.0.up dequantizes differently"):
+        convert_checkpoint(src, tmp_path / "bad", to="gptq", verify=True, progress=False)
+
+
 def test_convert_refuses_truncated_shard(tmp_path):
     folder = tmp_path / "src"
     make_checkpoint(folder, "awq", shards=2)
