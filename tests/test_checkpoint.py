@@ -914,6 +914,14 @@ def test_bad_configs_indexes_and_headers_get_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="weight_map values must be file names, got 5"):
         inspect_checkpoint(folder)
 
+    folder = fresh("index_metadata", shards=2)  # convert rewrites it: was a TypeError there
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["metadata"] = "x"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="index.json: metadata must be a JSON object, got 'x'"):
+        convert_checkpoint(folder, tmp_path / "index_metadata_out", to="gptq", progress=False)
+    assert not (tmp_path / "index_metadata_out").exists()
+
     folder = fresh("nested", shards=2)  # shards in subfolders: read, but not converted
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     (folder / "sub").mkdir()

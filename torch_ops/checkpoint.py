@@ -310,6 +310,10 @@ class Checkpoint:
                 if bad is not None:
                     raise CheckpointError(f"{path / INDEX_NAME}: weight_map values must be file "
                                           f"names, got {bad!r}")
+                metadata = self.index.get("metadata")
+                if metadata is not None and not isinstance(metadata, dict):
+                    raise CheckpointError(f"{path / INDEX_NAME}: metadata must be a JSON object, "
+                                          f"got {metadata!r}")
                 shards = [path / s for s in dict.fromkeys(weight_map.values())]
             elif (path / WEIGHTS_NAME).is_file():
                 # as transformers reads it: other .safetensors files are side files (Mistral
