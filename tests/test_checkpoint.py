@@ -913,6 +913,10 @@ def test_bad_configs_indexes_and_headers_get_checkpoint_errors(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="weight_map values must be file names, got 5"):
         inspect_checkpoint(folder)
+    index["weight_map"]["embed.weight"] = None  # (null: was taken for "none bad", a TypeError)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="weight_map values must be file names, got None"):
+        inspect_checkpoint(folder)
 
     folder = fresh("index_metadata", shards=2)  # convert rewrites it: was a TypeError there
     index = json.loads((folder / "model.safetensors.index.json").read_text())

@@ -306,10 +306,10 @@ class Checkpoint:
                 weight_map = self.index.get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise CheckpointError(f"{path / INDEX_NAME}: no weight_map")
-                bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
-                if bad is not None:
+                bad = [v for v in weight_map.values() if not isinstance(v, str)]
+                if bad:  # (a list: a bad value may be None itself)
                     raise CheckpointError(f"{path / INDEX_NAME}: weight_map values must be file "
-                                          f"names, got {bad!r}")
+                                          f"names, got {bad[0]!r}")
                 metadata = self.index.get("metadata")
                 if metadata is not None and not isinstance(metadata, dict):
                     raise CheckpointError(f"{path / INDEX_NAME}: metadata must be a JSON object, "
