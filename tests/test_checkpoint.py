@@ -190,6 +190,30 @@ def test_load_autogptq_bias_on_a_layer_without_one(tmp_path):
     check_logits(model, oracle)
 
 
+def test_load_autogptq_bias_into_a_held_quantlinear_without_one(tmp_path):
+    """AutoGPTQ's zero bias on a layer without one loads into a QuantLinear the model holds
+    already (built with bias=False, as for a Linear without one), as it does into a Linear; if
+    the load fails, the layer is left without a bias again."""
+    folder = tmp_path / "c"
+    _, oracle = make_checkpoint(folder, "gptq")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["blocks.0.down.bias"] = torch.zeros(128, dtype=torch.float16)  # AutoGPTQ writes these
+    save_file(tensors, str(folder / "model.safetensors"))
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    held = model.blocks[0].down
+    assert held.bias is None
+    load_quantized(model, folder)
+    assert model.blocks[0].down is held and torch.equal(held.bias, tensors["blocks.0.down.bias"])
+    check_logits(model, oracle)
+
+    del tensors["blocks.1.norm.weight"]  # a failing load: the held layer as it was
+    save_file(tensors, str(folder / "model.safetensors"))
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        load_quantized(model, folder)
+    assert model.blocks[0].down.bias is None and "blocks.0.down.bias" not in model.state_dict()
+
+
 def test_load_into_held_act_order_layers_a_checkpoint_without_g_idx(tmp_path):
     """A model whose QuantLinear layers hold an act-order g_idx loads, in place, a checkpoint
     that has none (AWQ, or GPTQ without g_idx): g_idx is optional for a layer the model holds

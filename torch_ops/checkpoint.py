@@ -517,6 +517,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     owner = {f"{name}.{s}": name for name in quant_names  # loaded layer by layer
              for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in keys}
     replaced = []  # (name, original module): put back if the checkpoint does not fit
+    biased = []  # QuantLinear layers held without a bias, given one below: taken off again
     try:
         try:
             for m, names in layers:
@@ -524,6 +525,11 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                     if m.group_size != qc.group_size:
                         raise CheckpointError(f"{names[0]}: QuantLinear has group_size="
                                               f"{m.group_size}, the checkpoint {qc.group_size}")
+                    if m.bias is None and any(f"{n}.bias" in keys for n in names):
+                        # AutoGPTQ's zero bias, kept as for a Linear below
+                        m.bias = torch.zeros(m.out_features, dtype=m.scales.dtype,
+                                             device=m.qweight.device)
+                        biased.append(m)
                     continue
                 try:
                     check_dims(m.in_features, m.out_features, qc.group_size, what=names[0])
@@ -562,6 +568,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     except BaseException:  # (any: an interrupt too leaves the model as it was)
         for name, m in replaced:
             replace_module(model, name, m)
+        for m in biased:
+            m.bias = None
         ckpt.close()
         raise
     try:  # (shapes checked above: only a read can fail here)
