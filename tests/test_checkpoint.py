@@ -752,6 +752,28 @@ def test_load_into_meta_model_restores_ties_and_casts_to_the_model_dtype(tmp_pat
     assert torch.equal(model.embed.weight, tensors["embed.weight"].to(torch.bfloat16))
     assert isinstance(model.blocks[0].up, QuantLinear)
 
+def test_load_into_meta_model_holds_no_view_of_the_checkpoint_files(tmp_path):
+    """safetensors hands out tensors that map the file; a meta model loads them with assign=True,
+    so its parameters and its layers' scales were views of the checkpoint: a file rewritten in
+    place (safetensors.save_file to the same path truncates it) changed the model, or ended the
+    process with SIGBUS. (Overwritten here, not truncated, so that a failure is an assertion.)"""
+    for fmt in ("awq", "gptq"):
+        folder = tmp_path / fmt
+        make_checkpoint(folder, fmt)
+        with torch.device("meta"):
+            model = TinyLM()
+        load_quantized(model, folder)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        path = folder / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        start = 8 + int.from_bytes(data[:8], "little")
+        with open(path, "r+b") as f:  # every tensor's bytes, in place
+            f.seek(start)
+            f.write(b"\x7f" * (len(data) - start))
+        after = model.state_dict()
+        assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
 def shared_tiny_lm():
     model = TinyLM()
     model.blocks[1].up = model.blocks[0].up  # one Linear under two names

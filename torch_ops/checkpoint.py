@@ -548,6 +548,10 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             for name in quant_names:
                 model.get_submodule(name).checkpoint_zero_format = qc.loader_zero_format
             assign = any(t.is_meta for t in expected.values())
+            # safetensors' tensors map the file: what assign keeps must be a copy, else the model
+            # is a view of the checkpoint (a file rewritten in place changes it, or, truncated,
+            # ends the process with SIGBUS)
+            read = (lambda key: ckpt.tensor(key).clone()) if assign else ckpt.tensor
             # the quantized layers first, the float tensors after them: a value a layer refuses
             # (g_idx out of range) then finds every other tensor of the model as it was
             need = Counter(owner.values())
@@ -557,7 +561,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                     name = owner.get(key)
                     if name is not None:
                         group = pending.setdefault(name, {})
-                        group[key[len(name) + 1:]] = ckpt.tensor(key)
+                        group[key[len(name) + 1:]] = read(key)
                         if len(group) == need[name]:  # a layer's tensors may span shards
                             model.get_submodule(name).load_state_dict(pending.pop(name),
                                                                       assign=assign)
@@ -576,7 +580,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         for shard in ckpt.shards:
             plain = {key: ckpt.tensor(key) for key in ckpt.headers[shard] if key not in owner}
             if assign:  # assign keeps the checkpoint's dtype, where copying in would cast
-                plain = {key: _cast_like(t, expected[key]) for key, t in plain.items()}
+                plain = {key: _owned_like(t, expected[key]) for key, t in plain.items()}
             if plain:
                 model.load_state_dict(plain, strict=False, assign=assign)
         if assign:
@@ -588,11 +592,12 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     return model
 
 
-def _cast_like(t: torch.Tensor, model_tensor: torch.Tensor) -> torch.Tensor:
-    """A float tensor in the dtype of the model's (a meta tensor has one too)."""
+def _owned_like(t: torch.Tensor, model_tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (not a view of the file), a float one in the dtype of the model's tensor
+    (a meta tensor has one too)."""
     if t.is_floating_point() and model_tensor.is_floating_point():
-        return t.to(model_tensor.dtype)
-    return t
+        return t.to(model_tensor.dtype, copy=True)
+    return t.clone()
 
 
 def _restore_ties(model: nn.Module, expected: dict, keys) -> None:
