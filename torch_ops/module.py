@@ -11,7 +11,8 @@ An act-order layer whose groups all have group_size rows (GPTQ desc_act) is prep
 non-persistent buffer ``perm`` [K] int32 permutes the activations instead (inside the op), because the kernels'
 per-row g_idx lookup is up to 2.7x slower on the GPU (H100, M <= 16). ``perm`` is None otherwise. The prepack is
 invisible from outside: ``state_dict()``, ``to_gptq()`` and ``dequantize()`` give the checkpoint's
-row order.
+row order. (So ``torch.func.functional_call`` takes ``named_buffers()``, the tensors the layer
+computes with, not ``state_dict()``, whose qweight would be read with the sorted rows' perm.)
 
 Every layer with plain or prepacked groups (K a multiple of 32; the group size a power of two
 from 32, or the whole K) keeps its qweight k-interleaved (``torch_ops.prepack_w4a16``, int32 [K/32, 4, N]), the layout the CUDA
