@@ -397,10 +397,11 @@ def test_a_meta_tensor_among_others_is_refused(device, arg):
     args["g_idx" if arg == "g_idx" else "perm"] = torch.arange(K, device=device).int() // (
         32 if arg == "g_idx" else 1)
     args[arg] = args[arg].to("meta")
+    on = t["qweight"].device  # (cuda:0, as the message names it, where device is "cuda")
     if arg == "x":  # x is the reference the others are checked against
-        pattern = f"w4a16_linear: qweight is on {device} but the other inputs are on meta"
+        pattern = f"w4a16_linear: qweight is on {on} but the other inputs are on meta"
     else:
-        pattern = f"w4a16_linear: {arg} is on meta but the other inputs are on {device}"
+        pattern = f"w4a16_linear: {arg} is on meta but the other inputs are on {on}"
     with pytest.raises(ValueError, match=pattern):
         torch_ops.w4a16_linear(**args)
 
