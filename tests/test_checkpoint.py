@@ -245,6 +245,50 @@ def test_load_reports_missing_and_unexpected_tensors(tmp_path):
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # the model is as it was
 
 
+def test_load_refuses_quantized_layers_that_must_stay_float(tmp_path):
+    """quantize_model leaves float a Linear subclass with a forward of its own (a QuantLinear would
+    drop what it adds) and nn.MultiheadAttention's out_proj (the attention reads its weight
+    itself): a checkpoint that quantizes one is refused, naming it, before the model changes.
+    load_quantized put a QuantLinear there (the subclass's forward silently gone; the attention
+    failing at forward time on out_proj.weight)."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Model(nn.Module):
+        def __init__(self, first=nn.Linear):
+            super().__init__()
+            self.first = first(64, 64)
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+    torch.manual_seed(0)
+    tensors = {k: v.detach().clone() for k, v in Model().state_dict().items()}
+    for name in ("first", "attn.out_proj"):
+        q = ref.quantize(tensors.pop(f"{name}.weight"), 4, 32, False, "gptq", "v1")
+        tensors.update({f"{name}.{k}": v for k, v in q.items()})
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+    for quantized in ("first", "attn.out_proj"):
+        folder = tmp_path / quantized
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"quantization_config": qc}))
+        other = "attn.out_proj" if quantized == "first" else "first"
+        kept = {k: v for k, v in tensors.items() if not k.startswith(other + ".")}
+        kept[f"{other}.weight"] = torch.zeros(64, 64)
+        kept[f"{other}.bias"] = tensors[f"{other}.bias"]
+        save_file(kept, str(folder / "model.safetensors"))
+        model = Model(Scaled)
+        before = copy.deepcopy(model.state_dict())
+        why = "an nn.Linear subclass with a forward" if quantized == "first" else "out_proj"
+        with pytest.raises(CheckpointError,
+                           match=rf"^{re.escape(quantized)}: the checkpoint quantizes .*{why}"):
+            load_quantized(model, folder)
+        assert type(model.first) is Scaled and not isinstance(model.attn.out_proj, QuantLinear)
+        after = model.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in before)
+    # a plain Linear in the subclass's place loads (only the layers that must stay float stop it)
+    assert isinstance(load_quantized(Model(), tmp_path / "first").first, QuantLinear)
+
+
 @pytest.mark.parametrize("defect", ["g_idx out of range", "float tensor of another shape"])
 def test_load_failing_late_leaves_the_model_as_it_was(tmp_path, defect):
     """A defect found only while loading a later shard (a value check, a float tensor's shape)

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from . import _ops
-from .module import (QuantLinear, check_dims, checked_g_idx, name_matches, replace_module,
-                     trivial_g_idx, zero_points_all_eight)
+from .module import (QuantLinear, check_dims, checked_g_idx, must_stay_float, name_matches,
+                     replace_module, trivial_g_idx, zero_points_all_eight)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
@@ -481,10 +481,12 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
     parameters). A model built on the meta device is loaded with ``assign=True``: float tensors
     take the dtype its parameters had, and tied parameters are tied again. Missing or unexpected
-    tensors, float tensors of another shape and values a layer refuses (g_idx out of range)
-    raise CheckpointError with the model as it was (except for QuantLinear layers it held
-    already: those are loaded in place). A shard that cannot be read
-    once the float tensors load leaves the model partly loaded."""
+    tensors, float tensors of another shape, a quantized layer that must stay float (an
+    attention's ``out_proj``, a Linear subclass with a ``forward`` of its own: see
+    ``quantize_model``) and values a layer refuses (g_idx out of range) raise CheckpointError
+    with the model as it was (except for QuantLinear layers it held already: those are loaded
+    in place). A shard that cannot be read once the float tensors load leaves the model partly
+    loaded."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -505,6 +507,11 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     for m, names in names_of.values():
         if not any(n in qprefixes for n in names):
             continue  # stored unquantized (e.g. lm_head), or tied to a float tensor: stays float
+        reason = None if isinstance(m, QuantLinear) else must_stay_float(m)
+        if reason is not None:  # (quantize_model leaves these float; here the model is untouched)
+            raise CheckpointError(
+                f"{next(n for n in names if n in qprefixes)}: the checkpoint quantizes this layer, "
+                f"but it is {reason}; a QuantLinear cannot take its place")
         layers.append((m, names))
         for name in names:
             if name in qprefixes and f"{name}.scales" in keys:

@@ -456,6 +456,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def must_stay_float(m: nn.Linear) -> str | None:
+    """Why a QuantLinear cannot take the place of ``m`` (None where it can): the attention's
+    ``out_proj`` (``nn.MultiheadAttention`` reads its ``.weight`` itself, through
+    ``F.multi_head_attention_forward``, never calling it), or a subclass with a ``forward`` of its
+    own, whose extra behaviour a QuantLinear would drop."""
+    if isinstance(m, NonDynamicallyQuantizableLinear):
+        return ("nn.MultiheadAttention's out_proj, whose weight the attention reads itself "
+                "(F.multi_head_attention_forward)")
+    if type(m).forward is not nn.Linear.forward:
+        return (f"a {type(m).__name__}, an nn.Linear subclass with a forward of its own, which a "
+                "QuantLinear would drop")
+    return None
+
+
 def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
                    skip=("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
@@ -473,9 +487,7 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
                          "use QuantLinear.from_linear")
     linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, nn.Linear)]
-    skipped = {id(m) for name, m in linears
-               if name_matches(name, skip) or isinstance(m, NonDynamicallyQuantizableLinear)
-               or type(m).forward is not nn.Linear.forward}
+    skipped = {id(m) for name, m in linears if name_matches(name, skip) or must_stay_float(m)}
     targets = [(name, m) for name, m in linears if id(m) not in skipped]
     bad = []
     for name, m in targets:
