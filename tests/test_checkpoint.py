@@ -779,6 +779,43 @@ def test_load_tied_lm_head_stays_float(tmp_path):
 
 
 
+def test_load_refuses_different_values_under_two_names_of_a_tied_tensor(tmp_path):
+    """A checkpoint holding both lm_head.weight and embed.weight, tied in the model, loads both into
+    the one tensor: with different values the last one read won, silently. Refused, naming both
+    (the model as it was); equal values (also in another dtype) load. The same for a layer shared
+    by two names whose quantized tensors differ."""
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "awq")
+    tensors = load_file(str(folder / "model.safetensors"))
+    for meta in (False, True):
+        with torch.device("meta" if meta else "cpu"):
+            model = TinyLM()
+        model.lm_head.weight = model.embed.weight
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(CheckpointError, match=r"embed\.weight and lm_head\.weight are one tied "
+                                                  r"tensor in the model, but the checkpoint holds "
+                                                  r"different values"):
+            load_quantized(model, folder)
+        assert not any(isinstance(m, QuantLinear) for m in model.modules())
+        assert model.lm_head.weight is model.embed.weight
+        if not meta:
+            assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    tensors["lm_head.weight"] = tensors["embed.weight"].double()  # equal values: fine
+    save_file(tensors, str(folder / "model.safetensors"))
+    model = TinyLM()
+    model.lm_head.weight = model.embed.weight
+    load_quantized(model, folder)
+    assert model.lm_head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, tensors["embed.weight"])
+
+    torch.manual_seed(0)  # a shared quantized layer stored under both names, differently
+    saved = torch_ops.quantize_model(TinyLM(), group_size=G)
+    torch_ops.checkpoint.save_quantized(saved, tmp_path / "shared", "gptq")
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.up\.qweight and blocks\.1\.up\.qweight "
+                                              r"are one tied tensor"):
+        load_quantized(shared_tiny_lm(), tmp_path / "shared")
+
+
 def test_load_into_meta_model_restores_ties_and_casts_to_the_model_dtype(tmp_path):
     """A model built on the meta device loads with assign=True, which puts a new Parameter under
     the key the checkpoint holds only: the lm_head tied to it must get that same Parameter (not

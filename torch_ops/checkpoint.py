@@ -481,7 +481,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
     parameters). A model built on the meta device is loaded with ``assign=True``: float tensors
     take the dtype its parameters had, and tied parameters are tied again. Missing or unexpected
-    tensors, float tensors of another shape, a quantized layer that must stay float (an
+    tensors, float tensors of another shape, different values under two names of one tied
+    tensor, a quantized layer that must stay float (an
     attention's ``out_proj``, a Linear subclass with a ``forward`` of its own: see
     ``quantize_model``) and values a layer refuses (g_idx out of range) raise CheckpointError
     with the model as it was (except for QuantLinear layers it held already: those are loaded
@@ -552,6 +553,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                     replaced.append((name, m))
             expected = _state_tensors(model)
             _check_keys(folder, ckpt, keys, expected, quant_names, owner)
+            _check_tied_values(folder, ckpt, keys, expected, owner)
             for name in quant_names:
                 model.get_submodule(name).checkpoint_zero_format = qc.loader_zero_format
             assign = any(t.is_meta for t in expected.values())
@@ -653,6 +655,35 @@ def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, own
     if shapes:
         raise CheckpointError(f"{folder}: tensors of another shape than the model's: "
                               + ", ".join(shapes))
+
+
+def _check_tied_values(folder, ckpt: Checkpoint, keys, expected: dict, owner: dict) -> None:
+    """CheckpointError where the checkpoint holds several names of one tied tensor (lm_head.weight
+    and embed.weight of a model that shares them; a shared layer's qweight under two names) with
+    different values: all would load into the one tensor, and the last would win, silently.
+    Equal values are fine: a float tensor compared as the model would hold it (in its dtype),
+    a quantized layer's as stored."""
+    names_of = {}
+    for key, t in expected.items():
+        if key in keys:
+            names_of.setdefault(id(t), []).append(key)
+    for names in names_of.values():
+        if len(names) < 2:
+            continue
+        dtype = expected[names[0]].dtype
+
+        def value(key):
+            t = ckpt.tensor(key)
+            return t if key in owner else t.to(dtype)
+        first = value(names[0])
+        for key in names[1:]:
+            t = value(key)
+            # (bit for bit: a tensor written twice under two names has the same bytes; NaN too)
+            if (t.dtype != first.dtype or t.shape != first.shape or not torch.equal(
+                    t.reshape(-1).view(torch.uint8), first.reshape(-1).view(torch.uint8))):
+                raise CheckpointError(
+                    f"{folder}: {names[0]} and {key} are one tied tensor in the model, but the "
+                    "checkpoint holds different values under the two names")
 
 
 # ---------------------------------------------------------------------- saving from a model
