@@ -6,6 +6,7 @@ reference-dequantized weights."""
 import copy
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -1106,3 +1107,40 @@ def test_save_quantized_failing_leaves_the_earlier_checkpoint_whole(tmp_path, mo
     assert tree_digest(tmp_path / "c") == before  # (and no staging folder left)
     with torch.no_grad():
         assert torch.equal(load_quantized(TinyLM(), tmp_path / "c")(ids), old(ids))
+
+
+def test_save_quantized_failing_removes_the_folders_it_made(tmp_path, monkeypatch):
+    """A save into a new folder that fails (a full disk) leaves no empty (or half-written)
+    checkpoint folder behind, nor the parents it made; folders that existed before stay."""
+    import safetensors.torch
+
+    from torch_ops.checkpoint import save_quantized
+
+    model = torch_ops.quantize_model(TinyLM(), group_size=64)
+    real = safetensors.torch.save_file
+
+    def disk_full_on_the_second_shard(tensors, filename, metadata=None):
+        if "model-00002-of-" in filename:
+            raise OSError(28, "No space left on device")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_on_the_second_shard)
+    (tmp_path / "kept").mkdir()
+    for target in (tmp_path / "new" / "deeper" / "c", tmp_path / "kept" / "c"):
+        with pytest.raises(OSError, match="No space"):
+            save_quantized(model, target, "awq", max_shard_bytes=100_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+    # a move into the new folder failing once some files are in: those go too
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    real_replace = os.replace
+
+    def fail_on_the_config(src, dst):
+        if str(dst).endswith("config.json"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_config)
+    with pytest.raises(OSError, match="No space"):
+        save_quantized(model, tmp_path / "new" / "c", "awq", max_shard_bytes=100_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]

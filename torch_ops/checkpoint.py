@@ -694,7 +694,8 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     ``max_shard_bytes`` with model.safetensors.index.json. Float tensors are written as they are; a
     tensor or QuantLinear shared by several names is written once, under the first. The weight
     files of an earlier save into the same folder that this one does not overwrite are removed;
-    other files there are left alone. ``sym`` is recorded true when every zero point is 8."""
+    other files there are left alone. ``sym`` is recorded true when every zero point is 8. A save
+    that fails leaves an earlier checkpoint in the folder whole, and removes the folders it made."""
     from safetensors.torch import save_file
 
     if format not in ("awq", "gptq"):
@@ -738,31 +739,48 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     names = ([WEIGHTS_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(_STAGING_PREFIX + "*"):  # of a save that was killed
-        if stale.is_dir() and not stale.is_symlink():
-            _rmtree(stale)
-    # every file is written into a folder of its own beside them first, then moved in: a save
-    # that fails (a full disk) leaves an earlier checkpoint in the folder whole
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder))
+    # the folders this save makes, deepest first: a save that fails removes them again (and what
+    # it had moved into its own folder), as convert does, leaving no half-written output
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
+    moved = []
     try:
-        for name, shard in zip(names, shards):
-            save_file(shard, str(staging / name), metadata={"format": "pt"})
-            _chmod_ordinary(staging / name)
-        written = list(names)
-        if len(shards) > 1:
-            weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(staging / INDEX_NAME, "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-            written.append(INDEX_NAME)
-        with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump({**(config or {}), "quantization_config": qc}, f, indent=2)
-        written.append(CONFIG_NAME)
-        for name in written:
-            os.replace(staging / name, folder / name)
-    finally:
-        _rmtree(staging)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(_STAGING_PREFIX + "*"):  # of a save that was killed
+            if stale.is_dir() and not stale.is_symlink():
+                _rmtree(stale)
+        # every file is written into a folder of its own beside them first, then moved in: a
+        # save that fails (a full disk) leaves an earlier checkpoint in the folder whole
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder))
+        try:
+            for name, shard in zip(names, shards):
+                save_file(shard, str(staging / name), metadata={"format": "pt"})
+                _chmod_ordinary(staging / name)
+            written = list(names)
+            if len(shards) > 1:
+                weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+                total = sum(t.numel() * t.element_size() for t in tensors.values())
+                with open(staging / INDEX_NAME, "w", encoding="utf-8") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                              indent=2)
+                written.append(INDEX_NAME)
+            with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
+                json.dump({**(config or {}), "quantization_config": qc}, f, indent=2)
+            written.append(CONFIG_NAME)
+            for name in written:
+                os.replace(staging / name, folder / name)
+                moved.append(name)
+        finally:
+            _rmtree(staging)
+    except BaseException:  # (an interrupt too)
+        if created:  # (the folder is this save's own: nothing in it is anyone else's)
+            for name in moved:
+                (folder / name).unlink(missing_ok=True)
+        for p in created:  # never one that existed before; stops at one something else filled
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
     # an earlier save's index or shards would be read in place of (or beside) these: remove them
     for p in folder.glob("model*.safetensors"):
         if p.name not in names and _WEIGHTS_FILE.fullmatch(p.name):
