@@ -315,6 +315,25 @@ def test_load_failing_late_leaves_the_model_as_it_was(tmp_path, defect):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_load_failing_puts_back_held_layers_zero_format(tmp_path):
+    """load_quantized sets every quantized layer's checkpoint_zero_format to the checkpoint's
+    before loading; a load that then fails (a g_idx out of range in a later shard) left a held
+    QuantLinear with the failed checkpoint's format, so its next state_dict() wrote v2 zeros where
+    it had written v1."""
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "gptq", "v2", act_order=True, shards=3)
+    tensors = all_tensors(folder)
+    tensors["blocks.1.up.g_idx"][5] = 2  # 128 in_features: groups 0 and 1
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    write_shards(folder, tensors, 3)
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    with pytest.raises(CheckpointError, match="g_idx"):
+        load_quantized(model, folder)
+    assert [model.get_submodule(n).checkpoint_zero_format for n in QUANTIZED] == ["v1"] * 4
+
+
 def test_g_idx_wrapping_in_int32_is_refused_everywhere(tmp_path):
     """An int64 g_idx of trivial + 2**32 narrows to the trivial one: load, convert and inspect
     must refuse it as out of range, not read it as a plain (or act-order) layer."""

@@ -482,12 +482,12 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     parameters). A model built on the meta device is loaded with ``assign=True``: float tensors
     take the dtype its parameters had, and tied parameters are tied again. Missing or unexpected
     tensors, float tensors of another shape, different values under two names of one tied
-    tensor, a quantized layer that must stay float (an
-    attention's ``out_proj``, a Linear subclass with a ``forward`` of its own: see
-    ``quantize_model``) and values a layer refuses (g_idx out of range) raise CheckpointError
-    with the model as it was (except for QuantLinear layers it held already: those are loaded
-    in place). A shard that cannot be read once the float tensors load leaves the model partly
-    loaded."""
+    tensor, a quantized layer that must stay float (an attention's ``out_proj``, a Linear
+    subclass with a ``forward`` of its own: see ``quantize_model``) and values a layer refuses
+    (g_idx out of range) raise CheckpointError with the model as it was (except for the tensors
+    of QuantLinear layers it held already: those are loaded in place; their
+    ``checkpoint_zero_format`` is put back). A shard that cannot be read once the float tensors
+    load leaves the model partly loaded."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -526,6 +526,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
              for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in keys}
     replaced = []  # (name, original module): put back if the checkpoint does not fit
     biased = []  # QuantLinear layers held without a bias, given one below: taken off again
+    formats = []  # (held QuantLinear, its checkpoint_zero_format), set below: put back
     try:
         try:
             for m, names in layers:
@@ -554,6 +555,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             expected = _state_tensors(model)
             _check_keys(folder, ckpt, keys, expected, quant_names, owner)
             _check_tied_values(folder, ckpt, keys, expected, owner)
+            formats = [(m, m.checkpoint_zero_format) for m, _ in layers
+                       if isinstance(m, QuantLinear)]
             for name in quant_names:
                 model.get_submodule(name).checkpoint_zero_format = qc.loader_zero_format
             assign = any(t.is_meta for t in expected.values())
@@ -583,6 +586,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             replace_module(model, name, m)
         for m in biased:
             m.bias = None
+        for m, zero_format in formats:  # (else a later state_dict() writes the failed load's)
+            m.checkpoint_zero_format = zero_format
         ckpt.close()
         raise
     try:  # (shapes checked above: only a read can fail here)
