@@ -736,6 +736,25 @@ def test_inspect_single_file_reads_sym_and_desc_act_from_the_tensors(
     info = inspect_checkpoint(tmp_path / "c" / "model.safetensors")
     assert (info["sym"], info["desc_act"], info["act_order"]) == (expected_sym, act_order, act_order)
 
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("field", ["absent", None])
+def test_inspect_reads_sym_a_gptq_config_does_not_set_from_the_zero_points(tmp_path, sym, field):
+    """A GPTQ config without sym (AutoGPTQ, GPTQModel and transformers then assume true) was
+    reported as sym false whatever the zeros: the zero points decide, in the config's zero
+    format; a sym the config sets is reported as it is."""
+    make_checkpoint(tmp_path / "c", "gptq", "v2", sym=sym)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    if field == "absent":
+        del config["quantization_config"]["sym"]
+    else:
+        config["quantization_config"]["sym"] = field
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    assert inspect_checkpoint(tmp_path / "c")["sym"] is sym
+    config["quantization_config"]["sym"] = not sym
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    assert inspect_checkpoint(tmp_path / "c")["sym"] is (not sym)
+
+
 def test_save_quantized_round_trip(tmp_path):
     torch.manual_seed(0)
     model = torch_ops.quantize_model(TinyLM(), group_size=G)

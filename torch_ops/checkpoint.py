@@ -60,7 +60,7 @@ class QuantConfig:
     group_size: int
     zero_format: str  # GPTQ: "v1" or "v2"; AWQ: "as-is" (zeros stored without offset)
     desc_act: bool = False
-    sym: bool = False
+    sym: bool | None = False  # GPTQ's; None: the config does not say
     modules_to_not_convert: list = field(default_factory=list)
     raw: dict = field(default_factory=dict)
 
@@ -191,7 +191,7 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
                               "(supported: gptq, gptq_v2)")
     return QuantConfig("gptq", 4, group_size, "v2" if fmt == "gptq_v2" else "v1",
                        _config_bool(qc, "desc_act", False, where),
-                       _config_bool(qc, "sym", False, where), list(skip),
+                       _config_bool(qc, "sym", None, where), list(skip),
                        dict(qc))
 
 
@@ -1128,7 +1128,8 @@ def inspect_checkpoint(path) -> dict:
     """Describe a checkpoint folder or a single .safetensors file: format, bits, group size, zero
     format, act-order, number of quantized layers, tensors, shards and total size in bytes. For
     GPTQ also desc_act and sym: the config's, or for a file (no config) read from the tensors
-    (sym None where the zero format assumed, v1, leaves it unknown). Every quantized layer's
+    (sym None where the zero format assumed, v1, leaves it unknown); sym a config does not set
+    is read from the tensors too, in its zero format. Every quantized layer's
     shapes are checked (headers only); a folder's layer missing a tensor is an error, a file's
     (one shard may hold part of a layer) is left out."""
     path = Path(path)
@@ -1162,7 +1163,11 @@ def inspect_checkpoint(path) -> dict:
             info["act_order_layers"] = len(act)
         if configured and qc.method == "gptq":
             info["desc_act"] = qc.desc_act
-            info["sym"] = qc.sym
+            # a config without sym (AutoGPTQ, GPTQModel and transformers then assume true, which
+            # asymmetric zeros would make wrong): the zero points decide, as convert and
+            # save_quantized record it; unknown without a quantized layer
+            info["sym"] = qc.sym if qc.sym is not None else (
+                _symmetric(ckpt, qc, prefixes) if prefixes else None)
         elif qc is not None and qc.method == "gptq":  # no config: from the tensors
             info["desc_act"] = info["act_order"]
             # symmetric in the v1 assumed; v2's symmetric words would be v1 zeros of 9: unknown
