@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -993,6 +994,29 @@ def test_convert_to_awq_warns_of_skip_entries_inside_quantized_names(tmp_path):
     # saving as AWQ writes the same list: the same warning
     with pytest.warns(UserWarning, match=r"save_quantized as AWQ.*'0\.gate' in '0\.gate_up'"):
         torch_ops.checkpoint.save_quantized(model, tmp_path / "saved", "awq")
+
+
+def test_convert_to_awq_warns_of_a_quantized_lm_head(tmp_path):
+    """transformers' AWQ loader keeps lm_head float whatever modules_to_not_convert says (and
+    AutoAWQ quantizes only the decoder layers): a GPTQModel checkpoint with a quantized lm_head,
+    converted to AWQ, would load there without lm_head's weight. Convert (and save_quantized as
+    AWQ) say so; the checkpoint is still written, and loads here. No warning for a float lm_head."""
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(TinyLM(vocab=64), group_size=G, skip=())
+    assert isinstance(model.lm_head, QuantLinear)
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "gptq", "gptq")
+    with pytest.warns(UserWarning, match=r"convert to AWQ: lm_head quantized, but transformers' "
+                                         r"AWQ loader keeps lm_head float"):
+        convert_checkpoint(tmp_path / "gptq", tmp_path / "awq", to="awq", progress=False)
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.equal(load_quantized(TinyLM(vocab=64), tmp_path / "awq")(ids), model(ids))
+    with pytest.warns(UserWarning, match=r"save_quantized as AWQ: lm_head quantized"):
+        torch_ops.checkpoint.save_quantized(model, tmp_path / "saved", "awq")
+    make_checkpoint(tmp_path / "float-head", "gptq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_checkpoint(tmp_path / "float-head", tmp_path / "float-head-awq", to="awq",
+                           progress=False)
 
 
 def test_convert_keeps_the_config_fields_it_does_not_change(tmp_path):

@@ -729,9 +729,10 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     if format == "awq":  # (as convert to AWQ warns)
-        _warn_skip_substrings("save_quantized as AWQ", skip,
-                              [n for n, m in model.named_modules(remove_duplicate=False)
-                               if id(m) in quantized], stacklevel=3)
+        quantized_names = [n for n, m in model.named_modules(remove_duplicate=False)
+                           if id(m) in quantized]
+        _warn_skip_substrings("save_quantized as AWQ", skip, quantized_names, stacklevel=3)
+        _warn_quantized_lm_head("save_quantized as AWQ", quantized_names, stacklevel=3)
     qc = quant_config_dict(format, sizes.pop(), zero_format, act_order, sym, skip)
     shards, size = [{}], 0
     for key in sorted(tensors):
@@ -862,6 +863,7 @@ def _awq_skip_list(ckpt: Checkpoint, skip: list) -> list:
                     and key[: -len(".weight")] + ".qweight" not in ckpt.shard_of}
     out = sorted(set(skip) | {n for n in float_layers if not name_matches(n, skip)})
     _warn_skip_substrings("convert to AWQ", out, ckpt.quantized_prefixes(), stacklevel=4)
+    _warn_quantized_lm_head("convert to AWQ", ckpt.quantized_prefixes(), stacklevel=4)
     return out
 
 
@@ -876,6 +878,20 @@ def _warn_skip_substrings(what: str, skip: list, quantized, stacklevel: int) -> 
                       "AutoAWQ) would leave unquantized: "
                       + ", ".join(f"{n!r} in {p!r}" for n, p in shadowed[:5])
                       + (f" (and {len(shadowed) - 5} more)" if len(shadowed) > 5 else ""),
+                      stacklevel=stacklevel)
+
+
+def _warn_quantized_lm_head(what: str, quantized, stacklevel: int) -> None:
+    """transformers' AWQ loader keeps the output embedding float whatever modules_to_not_convert
+    says (get_keys_to_not_convert), and AutoAWQ quantizes the decoder layers' Linears only: an
+    AWQ checkpoint with a quantized lm_head (GPTQModel's lm_head=True) loads there with lm_head's
+    weight missing (left as initialised) and its qweight ignored. Warn, naming the layers."""
+    heads = sorted(p for p in quantized if name_matches(p, "lm_head"))
+    if heads:
+        warnings.warn(f"{what}: {', '.join(heads)} quantized, but transformers' AWQ loader "
+                      "keeps lm_head float whatever modules_to_not_convert says (and AutoAWQ "
+                      "quantizes only the decoder layers): those would load it without a weight "
+                      "and ignore its qweight; keep such a checkpoint in GPTQ",
                       stacklevel=stacklevel)
 
 
