@@ -247,6 +247,28 @@ def test_load_reports_missing_and_unexpected_tensors(tmp_path):
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # the model is as it was
 
 
+def test_load_ignores_rotary_inv_freq_that_older_transformers_saved(tmp_path):
+    """Checkpoints of 2023 (transformers < 4.31, e.g. many GPTQ Llama uploads) hold each layer's
+    rotary_emb.inv_freq, which later models compute and keep out of their state dict:
+    transformers ignores them on load. They were refused as unexpected tensors. Other
+    unexpected tensors still are."""
+    folder = tmp_path / "c"
+    _, oracle = make_checkpoint(folder, "gptq")
+    tensors = load_file(str(folder / "model.safetensors"))
+    for i in range(2):
+        tensors[f"blocks.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    check_logits(load_quantized(TinyLM(), folder), oracle)
+    with torch.device("meta"):
+        meta = TinyLM()
+    check_logits(load_quantized(meta, folder), oracle)  # (the assign path)
+    tensors["blocks.0.rotary_emb.inv_freq_extra"] = torch.rand(16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(1\): "
+                                              r"blocks\.0\.rotary_emb\.inv_freq_extra"):
+        load_quantized(TinyLM(), folder)
+
+
 def test_load_refuses_quantized_layers_that_must_stay_float(tmp_path):
     """quantize_model leaves float a Linear subclass with a forward of its own (a QuantLinear would
     drop what it adds) and nn.MultiheadAttention's out_proj (the attention reads its weight

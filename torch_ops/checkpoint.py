@@ -41,6 +41,10 @@ _REQUIRED = ("qweight", "qzeros", "scales")
 _MAX_HEADER = 100 * 1024 * 1024
 # the weight files save_quantized writes (and removes when a new save leaves them stale)
 _WEIGHTS_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+# Derived buffers that older transformers saved and later ones compute (Llama's rotary inverse
+# frequencies, in checkpoints of 2023): transformers ignores them on load, and so do we where
+# the model does not hold them, rather than refuse a real checkpoint as "unexpected tensors"
+_IGNORED_ON_LOAD = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # every whole-byte dtype safetensors writes and reads back for torch (an unknown one makes the
 # header check call a valid file corrupt)
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1,
@@ -487,7 +491,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     (g_idx out of range) raise CheckpointError with the model as it was (except for the tensors
     of QuantLinear layers it held already: those are loaded in place; their
     ``checkpoint_zero_format`` is put back). A shard that cannot be read once the float tensors
-    load leaves the model partly loaded."""
+    load leaves the model partly loaded. Per-layer ``rotary_emb.inv_freq`` tensors, which older
+    transformers saved, are ignored where the model does not hold them (as transformers does)."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -592,7 +597,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         raise
     try:  # (shapes checked above: only a read can fail here)
         for shard in ckpt.shards:
-            plain = {key: ckpt.tensor(key) for key in ckpt.headers[shard] if key not in owner}
+            plain = {key: ckpt.tensor(key) for key in ckpt.headers[shard]
+                     if key not in owner and key in expected}  # (not the ignored ones)
             if assign:  # assign keeps the checkpoint's dtype, where copying in would cast
                 plain = {key: _owned_like(t, expected[key]) for key, t in plain.items()}
             if plain:
@@ -642,7 +648,8 @@ def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, own
     present_ids = {id(t) for k, t in expected.items() if k in keys}
     missing = sorted(k for k, t in expected.items()  # tied: one key is enough
                      if k not in keys and k not in optional and id(t) not in present_ids)
-    unexpected = sorted(keys - expected.keys() - optional)
+    unexpected = sorted(k for k in keys - expected.keys() - optional
+                        if not _IGNORED_ON_LOAD.search(k))
     if missing or unexpected:
         parts = []
         if missing:
