@@ -229,6 +229,23 @@ def test_gptq_to_awq_refuses_act_order(device):
             torch_ops.gptq_to_awq(qweight, qzeros, g_idx=bad)
 
 
+def test_gptq_to_awq_sorted_g_idx_of_other_groups_is_not_called_act_order(device):
+    # a sorted g_idx that does not match qzeros' group count is not act-order: the message says
+    # what is wrong (it called it act-order before)
+    K, N, G = 64, 16, 32
+    qweight, qzeros = torch_ops.awq_to_gptq(*awq_tensors(K, N, G, device))  # 2 groups
+    for g_idx in (torch.zeros(K, dtype=torch.int32, device=device),  # all one group
+                  (torch.arange(K, device=device) // 16).to(torch.int32)):  # 4 groups of 16
+        with pytest.raises(ValueError, match="gptq_to_awq: g_idx is sorted but does not match "
+                                             "qzeros' 2 groups of K/G = 32 rows") as e:
+            torch_ops.gptq_to_awq(qweight, qzeros, g_idx=g_idx)
+        assert "act-order" not in str(e.value)
+        with pytest.raises(ValueError, match="g_idx is sorted but does not match"):
+            ref.gptq_to_awq(qweight.cpu(), qzeros.cpu(), g_idx=g_idx.cpu())
+    with pytest.raises(ValueError, match=r"g_idx\[32\] = 0, expected 1"):
+        torch_ops.gptq_to_awq(qweight, qzeros, g_idx=torch.zeros(K, dtype=torch.int64, device=device))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_convert_gptq_zeros_matches_reference(device, bits):
     N = 64 if bits != 3 else 96

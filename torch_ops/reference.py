@@ -91,6 +91,10 @@ def gptq_to_awq(qweight, qzeros, zero_format="v1", g_idx=None):
         if K % G != 0 or not torch.equal(
             g_idx.to(torch.int64).cpu(), torch.arange(K) // (K // G)
         ):
+            g = g_idx.to(torch.int64).cpu()
+            if bool((g[1:] >= g[:-1]).all()):
+                raise ValueError("gptq_to_awq: g_idx is sorted but does not match qzeros' "
+                                 f"{G} groups (not arange(K) // group_size)")
             raise ValueError("gptq_to_awq: g_idx is act-order (not arange(K) // group_size)")
     q = unpack(qweight, 4, dim=0)
     z = _zeros_decode(unpack(qzeros, 4, dim=1), zero_format)

@@ -469,11 +469,19 @@ std::tuple<at::Tensor, at::Tensor> gptq_to_awq_impl(const at::Tensor &qweight,
                          ": g_idx must be int32 or int64, got ", dtype_name(g_idx->scalar_type()));
         check_device(op, "g_idx", *g_idx, qweight);
         check_shape(op, "g_idx", *g_idx, {K}, "[K]");
-        at::Tensor expected =
-            at::arange(K, g_idx->options().dtype(at::kLong)).div(K / G, "floor");
-        TORCH_CHECK_VALUE(at::equal(g_idx->to(at::kLong), expected), op,
-                          ": g_idx is act-order (desc_act: rows are not grouped in order), which "
-                          "AWQ cannot express; only g_idx == arange(K) // group_size converts");
+        at::Tensor got = g_idx->to(at::kLong);
+        at::Tensor expected = at::arange(K, got.options()).div(K / G, "floor");
+        if (!at::equal(got, expected)) {
+            // (an error path: reading values here costs a sync on CUDA, once)
+            TORCH_CHECK_VALUE(K < 2 || (got.slice(0, 1) >= got.slice(0, 0, K - 1)).all().item<bool>(),
+                              op, ": g_idx is act-order (desc_act: rows are not grouped in order), "
+                              "which AWQ cannot express; only g_idx == arange(K) // group_size converts");
+            int64_t k = (got != expected).nonzero()[0][0].item<int64_t>();
+            TORCH_CHECK_VALUE(false, op, ": g_idx is sorted but does not match qzeros' ", G,
+                              " groups of K/G = ", K / G, " rows: g_idx[", k, "] = ",
+                              got[k].item<int64_t>(), ", expected ", k / (K / G),
+                              "; only g_idx == arange(K) // group_size converts");
+        }
     }
     return repack(op, false, qweight, qzeros, K, N, zf, qw_out, qz_out);
 }
