@@ -387,6 +387,20 @@ def test_state_dict_round_trip_from_awq_keys():
     assert_same(again.to_awq(), awq)
 
 
+def test_awq_keys_with_a_g_idx_that_is_not_plain_are_refused():
+    """AWQ has no g_idx: with the plain one it loads, with any other it is refused. A sorted one
+    of other groups (all zeros) was called act-order; the message now says what is wrong."""
+    awq = random_awq()
+    layer = QuantLinear(K, N, bias=False, group_size=G)
+    layer.load_state_dict({**awq, "g_idx": (torch.arange(K) // G).int()})
+    assert layer.g_idx is None
+    for g_idx in (torch.zeros(K, dtype=torch.int32), act_order_g_idx()):
+        with pytest.raises(RuntimeError, match=re.escape(
+                "g_idx is not arange(K) // group_size (act-order, or groups of another size) but "
+                "qweight has the AWQ layout, which has no g_idx")):
+            QuantLinear(K, N, bias=False, group_size=G).load_state_dict({**awq, "g_idx": g_idx})
+
+
 @pytest.mark.parametrize("zero_format", ["v1", "v2"])
 def test_state_dict_round_trip_from_gptq_keys(zero_format):
     gq = random_gptq()

@@ -312,8 +312,9 @@ class QuantLinear(nn.Module):
             g_idx = self._checked("g_idx", g_idx, where)
         if fmt == "awq":
             if g_idx is not None and not self._is_trivial(g_idx):
-                raise ValueError(f"{where}g_idx is act-order but qweight has the AWQ layout, "
-                                 "which has no act-order")
+                raise ValueError(f"{where}g_idx is not arange(K) // group_size (act-order, or "
+                                 "groups of another size) but qweight has the AWQ layout, which "
+                                 "has no g_idx")
             qweight, qzeros = _ops.awq_to_gptq(qweight, qzeros, zero_format=STORED_ZERO_FORMAT)
             g_idx = None
         else:
