@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build for sm_90, run the whole test suite, then the benchmarks.
 # Logs go to $OUT (or ./gpu_logs). Usage: bash benchmarks/gpu_check.sh [build|tests|bench|all] [pytest args]
+# The whole suite outgrew one 600 s call on the H100 (fortieth session: ~880 tests, about 500 s
+# with -n 12): run the CUDA tests in one call (pytest args: -n 12 -k "cuda or gpu or graph" tests,
+# 242 s) and the rest, if needed, in another (-n 12 -k "not (cuda or gpu or graph)" tests)
 # (BENCH_ARGS: extra arguments for bench_linear.py)
 set -o pipefail
 what=${1:-all}; shift || true
