@@ -181,7 +181,8 @@ static int check_qweight(const int32_t *dst, const int32_t *src, int64_t K, int6
     if (K < 0 || N < 0 || K % 8 || N % 8) return TOPS_ERR_ARG;
     if (N && K > INT64_MAX / N) return TOPS_ERR_ARG;
     if (kb0 < 0 || kb1 < kb0 || kb1 > K / 8) return TOPS_ERR_ARG;
-    if (kb1 > kb0 && N > 0 && (!dst || !src)) return TOPS_ERR_ARG;
+    /* (not in place: a block's words are read across its 8 rows while they are written) */
+    if (kb1 > kb0 && N > 0 && (!dst || !src || dst == src)) return TOPS_ERR_ARG;
     return TOPS_OK;
 }
 

@@ -68,7 +68,8 @@ int tops_unpack(uint8_t *dst, const void *src, int64_t outer, int64_t nwords, in
 
 /* ---- AWQ <-> GPTQ (4-bit) ------------------------------------------------------------------
  * qweight: AWQ [K, N/8] (along N, AWQ order)  <->  GPTQ [K/8, N] (along K, sequential).
- * K % 8 == 0, N % 8 == 0. Work range: [kb_begin, kb_end) over the K/8 blocks of 8 rows. */
+ * K % 8 == 0, N % 8 == 0, dst != src (not in place: TOPS_ERR_ARG). Work range: [kb_begin,
+ * kb_end) over the K/8 blocks of 8 rows. */
 int tops_awq_to_gptq_qweight(int32_t *dst, const int32_t *src, int64_t K, int64_t N,
                              int64_t kb_begin, int64_t kb_end);
 int tops_gptq_to_awq_qweight(int32_t *dst, const int32_t *src, int64_t K, int64_t N,

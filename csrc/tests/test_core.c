@@ -496,6 +496,10 @@ static void test_awq_gptq_qweight(void) {
     for (int r = 0; r < 8; r++) a8[r] = (int32_t)0x75316420u;
     CHECK(tops_awq_to_gptq_qweight(g8, a8, 8, 8, 0, 1) == TOPS_OK);
     for (int c = 0; c < 8; c++) CHECK_EQ_U32(g8[c], 0x11111111u * (uint32_t)c);
+    /* in place is refused (it gave wrong words: a block is read across rows as it is written) */
+    CHECK(tops_awq_to_gptq_qweight(a8, a8, 8, 8, 0, 1) == TOPS_ERR_ARG);
+    CHECK(tops_gptq_to_awq_qweight(g8, g8, 8, 8, 0, 1) == TOPS_ERR_ARG);
+    CHECK_EQ_U32(a8[0], 0x75316420u);
     (void)ORDER;
 
     int32_t w[64];
