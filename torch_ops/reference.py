@@ -88,10 +88,8 @@ def gptq_to_awq(qweight, qzeros, zero_format="v1", g_idx=None):
     if g_idx is not None:
         K = qweight.shape[0] * 8
         G = qzeros.shape[0]
-        if K % G != 0 or not torch.equal(
-            g_idx.to(torch.int64).cpu(), torch.arange(K) // (K // G)
-        ):
-            g = g_idx.to(torch.int64).cpu()
+        g = g_idx.to(torch.int64).cpu()
+        if K % G != 0 or not torch.equal(g, torch.arange(K) // (K // G)):
             if bool((g[1:] >= g[:-1]).all()):
                 raise ValueError("gptq_to_awq: g_idx is sorted but does not match qzeros' "
                                  f"{G} groups (not arange(K) // group_size)")
