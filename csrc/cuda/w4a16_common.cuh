@@ -754,6 +754,12 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
 /* tile raster: groups of 8 m-tiles walk the n-tiles together, so blocks running at the same time
  * share both their x rows and their weight columns in L2 */
 __device__ __forceinline__ void tile_coords(int pid, int m_tiles, int n_tiles, int &mt, int &nt) {
+    /* one row of tiles (every small batch): no divisions, which sit before the first copy */
+    if (m_tiles == 1) {
+        mt = 0;
+        nt = pid;
+        return;
+    }
     const int GROUP_M = 8;
     const int in_group = GROUP_M * n_tiles;
     const int first_m = (pid / in_group) * GROUP_M;

@@ -410,36 +410,42 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
     const int kt_lean0 = kt_begin + STAGES - 1; /* the first stage the main loop loads */
     const uint32_t w_sz = w_colv ? 16u : 0u;
     const int64_t w_kstep = w_colv ? (int64_t)KW * p.N : 0;
+    /* (filled by init_lean, called by the prologue after it has issued its weight copies: set
+     * up here, these ~150 instructions per thread came before the block's first copy; H100 ncu,
+     * 8192 x 8192 M = 16. Without LEAN they stay unset and unused) */
     const int32_t *w_next[W_J];
-#pragma unroll
-    for (int j = 0; j < W_J; ++j) w_next[j] = w_colv ? w_src0 + (int64_t)j * w_rstep + (int64_t)kt_lean0 * w_kstep : p.qw;
     uint32_t x_sz[X_J];
     const uint16_t *x_next[X_J];
-#pragma unroll
-    for (int j = 0; j < X_J; ++j) {
-        const int r = x_r0 + j * X_RS;
-        const bool v = (X_CH % 256 == 0 || r < BM) && m0 + r < p.M;
-        x_sz[j] = v ? 16u : 0u;
-        x_next[j] = v ? x_src0 + (int64_t)j * X_RS * p.K + (int64_t)kt_lean0 * BK : xin;
-    }
-    /* scale / zero rows per interior stage: one group, or BK / group of them */
-    const int s_rows = (1 << min(p.gshift, 30)) >= BK ? 1 : BK >> p.gshift;
     /* (an invalid chunk: group stride 0, so its address stays the tensor's first element) */
     constexpr int SJ1 = S_J > 0 ? S_J : 1;
     uint32_t s_sz[SJ1], s_gstride[SJ1], z_gstride[SJ1];
     const uint16_t *s_base[SJ1];
     const int32_t *z_base[SJ1];
+    auto init_lean = [&]() {
 #pragma unroll
-    for (int j = 0; j < S_J; ++j) {
-        const int r = s_r0 + j * S_RS;
-        const bool v = (S_CH % 256 == 0 || r < NG) && s_colv && r < s_rows;
-        const bool vz = v && p.zmode != 0;
-        s_sz[j] = v ? 16u : 0u;
-        s_gstride[j] = v ? (uint32_t)p.N : 0u;
-        z_gstride[j] = vz ? (uint32_t)N8 : 0u;
-        s_base[j] = v ? p.sc + (int64_t)r * p.N + n0 + 8 * s_c : p.sc;
-        z_base[j] = vz ? p.qz + (int64_t)r * N8 + (n0 >> 3) + s_c : p.qz;
-    }
+        for (int j = 0; j < W_J; ++j)
+            w_next[j] = w_colv ? w_src0 + (int64_t)j * w_rstep + (int64_t)kt_lean0 * w_kstep : p.qw;
+#pragma unroll
+        for (int j = 0; j < X_J; ++j) {
+            const int r = x_r0 + j * X_RS;
+            const bool v = (X_CH % 256 == 0 || r < BM) && m0 + r < p.M;
+            x_sz[j] = v ? 16u : 0u;
+            x_next[j] = v ? x_src0 + (int64_t)j * X_RS * p.K + (int64_t)kt_lean0 * BK : xin;
+        }
+        /* scale / zero rows per interior stage: one group, or BK / group of them */
+        const int s_rows = (1 << min(p.gshift, 30)) >= BK ? 1 : BK >> p.gshift;
+#pragma unroll
+        for (int j = 0; j < S_J; ++j) {
+            const int r = s_r0 + j * S_RS;
+            const bool v = (S_CH % 256 == 0 || r < NG) && s_colv && r < s_rows;
+            const bool vz = v && p.zmode != 0;
+            s_sz[j] = v ? 16u : 0u;
+            s_gstride[j] = v ? (uint32_t)p.N : 0u;
+            z_gstride[j] = vz ? (uint32_t)N8 : 0u;
+            s_base[j] = v ? p.sc + (int64_t)r * p.N + n0 + 8 * s_c : p.sc;
+            z_base[j] = vz ? p.qz + (int64_t)r * N8 + (n0 >> 3) + s_c : p.qz;
+        }
+    };
     auto load_lean = [&](int buf, int kt) {
         const uint32_t st = smem_base + (uint32_t)(buf * C::STAGE_BYTES);
 #pragma unroll
@@ -502,6 +508,7 @@ __global__ void __launch_bounds__(256, C::MINB) w4a16_tc_kernel(const LinParams 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
         if (s < nkt) load_stage(s, kt_begin + s, LOAD_W);
+    if constexpr (LEAN) init_lean();
     if constexpr (C::ACT) build_group_table<T, BN>(p, tab, n0, tid);
     PbPerm pb_perm;
     if constexpr (C::PB) pb_prefetch<C>(p, pb_perm, m0, kt_begin, nkt, tid);
