@@ -689,6 +689,32 @@ def test_quantize_model_leaves_linear_subclasses_with_their_own_forward():
     torch.testing.assert_close(model(x), expected, rtol=0.1, atol=0.1)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_quantize_model_leaves_linears_with_hooks_or_an_instance_forward():
+    """A Linear with a hook of its own (one that scales its output; weight_norm's pre-hook, which
+    recomputes the weight from weight_g / weight_v) or a forward set on the instance would lose
+    that as a QuantLinear, silently (the output was 100x off): it stays float, as a subclass
+    with a forward of its own does. A hook-free Linear beside them is quantized."""
+    def make():
+        model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(5)))
+        model[0].register_forward_hook(lambda m, inp, out: out * 100)
+        model[1].register_forward_pre_hook(lambda m, inp: (inp[0] * 100,))
+        torch.nn.utils.weight_norm(model[2])
+        with torch.no_grad():
+            model[2].weight_g.mul_(3)  # the weight is recomputed at the next forward
+        forward = model[3].forward
+        model[3].forward = lambda inp: forward(inp) * 100
+        return model
+
+    model = make()
+    x = torch.randn(3, 64)
+    expected = model(x)
+    quantize_model(model, group_size=32)
+    assert [type(m) for m in model][:4] == [nn.Linear] * 4 and isinstance(model[4], QuantLinear)
+    assert rel_error(model(x), expected) < 0.1
+    assert "forward hooks" in torch_ops.module.must_stay_float(make()[0])
+
+
 def test_float64_linear_quantizes_to_a_working_layer():
     linear = nn.Linear(64, 64, dtype=torch.float64)
     layer = QuantLinear.from_linear(linear, group_size=32)

@@ -460,14 +460,27 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def must_stay_float(m: nn.Linear) -> str | None:
     """Why a QuantLinear cannot take the place of ``m`` (None where it can): the attention's
     ``out_proj`` (``nn.MultiheadAttention`` reads its ``.weight`` itself, through
-    ``F.multi_head_attention_forward``, never calling it), or a subclass with a ``forward`` of its
-    own, whose extra behaviour a QuantLinear would drop."""
+    ``F.multi_head_attention_forward``, never calling it), a subclass with a ``forward`` of its
+    own, or a Linear with a ``forward`` set on the instance or hooks of its own (forward, forward
+    pre-, backward), whose extra behaviour a QuantLinear would drop."""
     if isinstance(m, NonDynamicallyQuantizableLinear):
         return ("nn.MultiheadAttention's out_proj, whose weight the attention reads itself "
                 "(F.multi_head_attention_forward)")
     if type(m).forward is not nn.Linear.forward:
         return (f"a {type(m).__name__}, an nn.Linear subclass with a forward of its own, which a "
                 "QuantLinear would drop")
+    if "forward" in vars(m):
+        return ("an nn.Linear whose forward is replaced on the instance, which a QuantLinear "
+                "would drop")
+    # hooks registered on the Linear itself (a hook that rescales the output, torch.nn.utils.
+    # weight_norm's pre-hook that recomputes the weight) belong to that module: a QuantLinear in
+    # its place would run without them
+    hooks = [what for what, d in (("forward pre-hooks", m._forward_pre_hooks),
+                                  ("forward hooks", m._forward_hooks),
+                                  ("backward pre-hooks", m._backward_pre_hooks),
+                                  ("backward hooks", m._backward_hooks)) if d]
+    if hooks:
+        return f"an nn.Linear with {' and '.join(hooks)}, which a QuantLinear would drop"
     return None
 
 
@@ -475,8 +488,9 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
                    skip=("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
     :func:`name_matches`, ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
-    reads itself, and subclasses of ``nn.Linear`` with a ``forward`` of their own, whose extra
-    behaviour a QuantLinear would drop) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
+    reads itself, subclasses of ``nn.Linear`` with a ``forward`` of their own, and Linears
+    with hooks of their own or a ``forward`` set on the instance, whose extra behaviour a
+    QuantLinear would drop) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
     several names is quantized once and stays shared (skipped if any of its names matches).
 
     Raises ValueError, before changing anything, if a layer's shape cannot be quantized with
