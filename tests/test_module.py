@@ -154,6 +154,30 @@ def test_bad_shapes_are_refused():
         QuantLinear.from_awq(awq["qweight"], awq["qzeros"], awq["scales"][:, :64], group_size=G)
 
 
+
+def test_tensors_that_are_not_tensors_are_refused_by_name():
+    """None (a symmetric checkpoint without qzeros), a numpy array or a qweight that is not 2-D
+    (a k-interleaved [K/32, 4, N]) failed with AttributeError / IndexError, or a message about
+    other dimensions; a state dict's None bias escaped load_state_dict's error report."""
+    gq = random_gptq()
+    cases = [(dict(gq, qzeros=None), "from_gptq: qzeros must be a torch.Tensor, got NoneType"),
+             (dict(gq, scales=None), "from_gptq: scales must be a torch.Tensor, got NoneType"),
+             (dict(gq, qweight=gq["qweight"].numpy()), "from_gptq: qweight must be a torch.Tensor"),
+             (dict(gq, qweight=gq["qweight"].flatten()), "from_gptq: qweight must be a 2-D tensor"),
+             (dict(gq, qweight=torch_ops.prepack_w4a16(gq["qweight"])),
+              re.escape("from_gptq: qweight must be a 2-D tensor [K/8, N], got shape [8, 4, 128]"))]
+    for tensors, message in cases:
+        with pytest.raises(ValueError, match=message):
+            QuantLinear.from_gptq(**tensors, group_size=G)
+    awq = random_awq()
+    with pytest.raises(ValueError, match="from_awq: qzeros must be a torch.Tensor, got NoneType"):
+        QuantLinear.from_awq(awq["qweight"], None, awq["scales"], group_size=G)
+    layer = QuantLinear(K, N, group_size=G)
+    for key in ("qweight", "qzeros", "scales", "bias"):
+        with pytest.raises(RuntimeError, match=f"{key} must be a torch.Tensor, got NoneType"):
+            layer.load_state_dict({**gq, "bias": torch.zeros(N, dtype=torch.float16), key: None})
+
+
 # ---------------------------------------------------------------- forward
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("act_order", [False, True])

@@ -54,6 +54,15 @@ def _shape(t) -> list:
     return list(t.shape)
 
 
+def _check_tensor(t, what: str, dims=None, layout: str = "") -> None:
+    """Raise ValueError naming ``what`` unless ``t`` is a torch.Tensor (of ``dims`` dimensions):
+    None, a numpy array or a list failed later with an AttributeError or IndexError."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor{layout}, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{what} must be a {dims}-D tensor{layout}, got shape {_shape(t)}")
+
+
 def _check_zero_format(zero_format: str, what: str) -> str:
     if zero_format not in ZERO_FORMATS:
         raise ValueError(f"{what} must be one of {ZERO_FORMATS}, got {zero_format!r}")
@@ -169,6 +178,8 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_awq(cls, qweight, qzeros, scales, bias=None, group_size=128):
         """From AutoAWQ "gemm" tensors: qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N]."""
+        _check_tensor(qweight, "from_awq: qweight", 2, " [K, N/8]")
+        _check_tensor(scales, "from_awq: scales")  # (its dtype is the layer's)
         K, N = qweight.shape[0], qweight.shape[1] * PACK
         layer = cls(K, N, bias=bias is not None, group_size=group_size, dtype=scales.dtype,
                     device=qweight.device)
@@ -184,6 +195,8 @@ class QuantLinear(nn.Module):
 
         A g_idx equal to ``arange(K) // group_size`` is dropped; another one (act-order) is kept."""
         _check_zero_format(zero_format, "from_gptq: zero_format")
+        _check_tensor(qweight, "from_gptq: qweight", 2, " [K/8, N]")
+        _check_tensor(scales, "from_gptq: scales")  # (its dtype is the layer's)
         K, N = qweight.shape[0] * PACK, qweight.shape[1]
         layer = cls(K, N, bias=bias is not None, group_size=group_size, dtype=scales.dtype,
                     device=qweight.device, checkpoint_zero_format=zero_format)
@@ -279,6 +292,7 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ putting tensors in
     def _checked(self, name: str, t: torch.Tensor, where: str, expected=None) -> torch.Tensor:
         expected = self._expected()[name] if expected is None else expected
+        _check_tensor(t, f"{where}{name}")
         if _shape(t) != expected:
             raise ValueError(f"{where}{name} must have shape {expected} for in_features="
                              f"{self.in_features}, out_features={self.out_features}, group_size="
@@ -293,6 +307,7 @@ class QuantLinear(nn.Module):
 
     def _detect_format(self, qweight: torch.Tensor, key: str) -> str:
         exp = self._expected()
+        _check_tensor(qweight, key)
         if _shape(qweight) == exp["gptq"]:
             return "gptq"
         if _shape(qweight) == exp["awq"]:
