@@ -540,6 +540,21 @@ def test_load_state_dict_missing_and_unexpected_keys():
         no_bias.load_state_dict({**awq, "bias": torch.zeros(N)})
 
 
+
+def test_a_refused_bias_leaves_the_layer_as_it_was():
+    """load_state_dict checks the bias before it loads the quantized tensors: a bias of the
+    wrong shape or dtype left the layer holding the new weights beside the old bias"""
+    layer = QuantLinear.from_gptq(**random_gptq(), bias=torch.randn(N, dtype=torch.float16),
+                                  group_size=G)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    new = dict(random_gptq(), g_idx=act_order_g_idx())
+    for bias in (torch.zeros(N + 8, dtype=torch.float16), torch.zeros(N, dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match="bias must"):
+            layer.load_state_dict({**new, "bias": bias})
+        assert_same(dict(layer.state_dict()), before)
+        assert layer.perm is None and layer.g_idx is None
+
+
 # ---------------------------------------------------------------- module behaviour
 def test_extra_repr():
     layer = QuantLinear.from_awq(**random_awq(), group_size=G)

@@ -416,13 +416,16 @@ class QuantLinear(nn.Module):
                 raise ValueError(
                     f"{prefix}qweight, qzeros and scales load together (one layout, one zero "
                     f"format), with g_idx if any; got {', '.join(n for n in got if n != 'bias')}")
+            # (the bias checked first: a bad one left the quantized tensors loaded)
+            bias = (self._checked("bias", got["bias"], prefix)
+                    if self.bias is not None and "bias" in got else None)
             if not absent:
                 fmt = self._detect_format(got["qweight"], prefix + "qweight")
                 self._put_quantized(fmt, got["qweight"], got["qzeros"], got["scales"],
                                     got.get("g_idx"), self._zero_format_of(local_metadata, prefix),
                                     prefix, assign)
-            if self.bias is not None and "bias" in got:
-                self._put("bias", self._checked("bias", got["bias"], prefix), assign)
+            if bias is not None:
+                self._put("bias", bias, assign)
         except ValueError as e:
             error_msgs.append(str(e))
         # whatever else the module holds (a subclass's parameters and buffers; children load
