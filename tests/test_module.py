@@ -555,6 +555,26 @@ def test_a_refused_bias_leaves_the_layer_as_it_was():
         assert layer.perm is None and layer.g_idx is None
 
 
+
+def test_a_meta_g_idx_is_refused_by_name():
+    """The state dict of an act-order layer moved to the meta device (a skeleton's): its g_idx
+    has no values to check or prepack by; the load raised "Tensor.item() cannot be called on meta
+    tensors" outside load_state_dict's report. Without g_idx a meta state dict loads."""
+    layer = QuantLinear.from_gptq(**random_gptq(), g_idx=act_order_g_idx(), group_size=G)
+    meta_sd = layer.to("meta").state_dict()
+    for assign in (False, True):
+        for device in ("meta", "cpu"):
+            target = QuantLinear(K, N, bias=False, group_size=G, device=device)
+            with pytest.raises(RuntimeError, match="g_idx is on the meta device"):
+                target.load_state_dict(meta_sd, assign=assign)
+            assert target.g_idx is None
+    with pytest.raises(ValueError, match="from_gptq: g_idx is on the meta device"):
+        QuantLinear.from_gptq(**{k: v for k, v in meta_sd.items()}, group_size=G)
+    plain = QuantLinear(K, N, bias=False, group_size=G, device="meta")
+    plain.load_state_dict({k: v for k, v in meta_sd.items() if k != "g_idx"}, assign=True)
+    assert plain.qweight.is_meta
+
+
 # ---------------------------------------------------------------- module behaviour
 def test_extra_repr():
     layer = QuantLinear.from_awq(**random_awq(), group_size=G)

@@ -94,6 +94,9 @@ def checked_g_idx(g_idx: torch.Tensor, groups: int, where: str) -> torch.Tensor:
     if g_idx.dtype not in _G_IDX_DTYPES:
         raise ValueError(f"{where}g_idx must be an integer tensor of group indices (int32, or "
                          f"int8/uint8/int16/int64), got {g_idx.dtype}")
+    if g_idx.is_meta and g_idx.numel():  # (its values decide: act-order, prepack; int() raised)
+        raise ValueError(f"{where}g_idx is on the meta device: its values (act-order or not) "
+                         "are needed to load it; load a materialised g_idx")
     if g_idx.numel():
         lo, hi = int(g_idx.min()), int(g_idx.max())
         if lo < 0 or hi >= groups:
