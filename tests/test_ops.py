@@ -173,6 +173,26 @@ def test_repack_into_out(device):
         torch_ops.awq_to_gptq(qweight, strided, out=(fresh[0], wide.view(-1)[:gz.numel()].view(gz.shape)))
 
 
+def test_repack_into_out_refuses_none(device):
+    """out= with None for one of its tensors: an error naming it, the other out left as it was
+    (None was taken as "allocate": the words went to a tensor the call dropped, silently)"""
+    K, N, G = 64, 32, 16
+    qweight, qzeros = awq_tensors(K, N, G, device)
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+    ops = torch.ops.torch_ops
+    for name, call, a, b in (
+            ("awq_to_gptq", ops.awq_to_gptq_out, (qweight, qzeros), (gq, gz)),
+            ("gptq_to_awq", ops.gptq_to_awq_out, (gq, gz), (qweight, qzeros))):
+        for which in ("qweight_out", "qzeros_out"):
+            outs = {"qweight_out": torch.full_like(b[0], 7), "qzeros_out": torch.full_like(b[1], 7)}
+            outs[which] = None
+            with pytest.raises(ValueError, match=f"{name}: {which} must be a tensor, got None"):
+                call(*a, "v1", **outs)
+            assert all((t == 7).all() for t in outs.values() if t is not None)
+    with pytest.raises(ValueError, match="awq_to_gptq: qweight_out must be a tensor, got None"):
+        torch_ops.awq_to_gptq(qweight, qzeros, out=(None, torch.full_like(gz, 7)))
+
+
 def test_repack_into_out_is_an_in_place_write(device):
     """out= writes the caller's tensors in place: their version counters go up (a backward that
     saved the old words raises, as after an in-place aten op, instead of using the new ones); an

@@ -499,14 +499,23 @@ std::tuple<at::Tensor, at::Tensor> gptq_to_awq(const at::Tensor &qweight, const 
 
 // *_out ops (separate names: opcheck refuses ops with overloads): into the caller's tensors (no allocation: a loader converting layer after layer
 // of one shape reuses them, and skips the page faults of fresh memory)
+// None for an out (an undefined tensor) is refused: repack took it as "allocate", so the call
+// wrote fresh tensors it then dropped, and the caller's out was left unwritten without an error
+void check_outs_given(const char *op, const at::Tensor &qweight_out, const at::Tensor &qzeros_out) {
+    TORCH_CHECK_VALUE(qweight_out.defined(), op, ": qweight_out must be a tensor, got None");
+    TORCH_CHECK_VALUE(qzeros_out.defined(), op, ": qzeros_out must be a tensor, got None");
+}
+
 void awq_to_gptq_out(const at::Tensor &qweight, const at::Tensor &qzeros,
                      c10::string_view zero_format, at::Tensor &qweight_out, at::Tensor &qzeros_out) {
+    check_outs_given("awq_to_gptq", qweight_out, qzeros_out);
     awq_to_gptq_impl(qweight, qzeros, zero_format, qweight_out, qzeros_out);
 }
 
 void gptq_to_awq_out(const at::Tensor &qweight, const at::Tensor &qzeros,
                      c10::string_view zero_format, const c10::optional<at::Tensor> &g_idx,
                      at::Tensor &qweight_out, at::Tensor &qzeros_out) {
+    check_outs_given("gptq_to_awq", qweight_out, qzeros_out);
     gptq_to_awq_impl(qweight, qzeros, zero_format, g_idx, qweight_out, qzeros_out);
 }
 
