@@ -193,6 +193,26 @@ def test_repack_into_out_refuses_none(device):
         torch_ops.awq_to_gptq(qweight, qzeros, out=(None, torch.full_like(gz, 7)))
 
 
+def test_repack_out_must_be_a_pair(device):
+    """out= of another length than two (or a tensor): an error naming the op and what came, not
+    an IndexError (a 1-tuple) or a 3-tuple returned with its third entry untouched"""
+    K, N, G = 64, 32, 16
+    qweight, qzeros = awq_tensors(K, N, G, device)
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+    for fn, a, b in ((torch_ops.awq_to_gptq, (qweight, qzeros), (gq, gz)),
+                     (torch_ops.gptq_to_awq, (gq, gz), (qweight, qzeros))):
+        name = fn.__name__
+        qo, zo = torch.full_like(b[0], 7), torch.full_like(b[1], 7)
+        for bad, what in (((qo,), "tuple of length 1"), ((qo, zo, qo.clone()), "tuple of length 3"),
+                          ([qo], "list of length 1"), (qo, "Tensor")):
+            with pytest.raises(ValueError, match=f"{name}: out must be a tuple \\(qweight_out, "
+                                                 f"qzeros_out\\) of two tensors, got a? ?{what}"):
+                fn(*a, out=bad)
+            assert (qo == 7).all() and (zo == 7).all()
+        got = fn(*a, out=[qo, zo])  # a list is fine
+        assert got[0] is qo and got[1] is zo and torch.equal(qo, b[0]) and torch.equal(zo, b[1])
+
+
 def test_repack_into_out_is_an_in_place_write(device):
     """out= writes the caller's tensors in place: their version counters go up (a backward that
     saved the old words raises, as after an in-place aten op, instead of using the new ones); an

@@ -22,6 +22,18 @@ def _word_bytes(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.int32 else 1
 
 
+def _out_pair(op: str, out) -> tuple:
+    """The ``out=`` of the repacks: a tuple or list of two tensors (one of another length was
+    indexed as it came: a 1-tuple gave an IndexError naming nothing, a 3-tuple returned its
+    third entry, untouched, beside the results)."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        what = (f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list))
+                else type(out).__name__)
+        raise ValueError(f"{op}: out must be a tuple (qweight_out, qzeros_out) of two tensors, "
+                         f"got {what}")
+    return tuple(out)
+
+
 # ---- the functions --------------------------------------------------------------------------------
 
 def pack(values: torch.Tensor, bits: int, dim: int = -1, order: str = "sequential",
@@ -48,8 +60,9 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     ``base[1]``, at the base's start: any custom op's mutated view does that there. Pass whole
     tensors, or views at offset 0, in compiled code.)"""
     if out is not None:
+        out = _out_pair("awq_to_gptq", out)
         _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
-        return tuple(out)
+        return out
     return tuple(_ops.awq_to_gptq(qweight, qzeros, zero_format))
 
 
@@ -58,9 +71,10 @@ def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     """GPTQ -> AWQ, the exact inverse of :func:`awq_to_gptq`. Refuses an act-order ``g_idx``.
     ``out``: as for :func:`awq_to_gptq`."""
     if out is not None:
+        out = _out_pair("gptq_to_awq", out)
         _ops.gptq_to_awq_out(qweight, qzeros, zero_format, g_idx, qweight_out=out[0],
                              qzeros_out=out[1])
-        return tuple(out)
+        return out
     return tuple(_ops.gptq_to_awq(qweight, qzeros, zero_format, g_idx))
 
 
