@@ -213,6 +213,34 @@ def test_repack_out_must_be_a_pair(device):
         assert got[0] is qo and got[1] is zo and torch.equal(qo, b[0]) and torch.equal(zo, b[1])
 
 
+def test_gptq_to_awq_out_refuses_an_out_over_g_idx(device):
+    """An out in g_idx's memory is refused as one over qweight or qzeros is: it was written,
+    changing the caller's g_idx (an input the call only reads)"""
+    K, N, G = 64, 64, 8
+    qweight, qzeros = awq_tensors(K, N, G, device)
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+    g_idx = torch.arange(K, dtype=torch.int32, device=device) // G
+    for which in ("qweight_out", "qzeros_out"):
+        outs = {"qweight_out": torch.full_like(qweight, 7), "qzeros_out": torch.full_like(qzeros, 7)}
+        shared = torch.zeros(K + outs[which].numel(), dtype=torch.int32, device=device)
+        view = shared[:K] if which == "qzeros_out" else shared[K // 2:K // 2 + K]
+        view.copy_(g_idx)  # g_idx in the same storage as the out, their ranges meeting
+        outs[which] = shared[K // 2:K // 2 + outs[which].numel()].view(outs[which].shape)
+        g = shared[:K] if which == "qzeros_out" else view
+        before = g.clone()
+        with pytest.raises(ValueError, match=f"gptq_to_awq: {which} overlaps an input \\(g_idx\\)"):
+            torch_ops.gptq_to_awq(gq, gz, "v1", g, out=(outs["qweight_out"], outs["qzeros_out"]))
+        assert torch.equal(g, before)
+    # in g_idx's storage but apart from it: fine
+    shared = torch.zeros(K + qzeros.numel(), dtype=torch.int32, device=device)
+    shared[:K].copy_(g_idx)
+    qz_out = shared[K:].view(qzeros.shape)
+    qw_out = torch.empty_like(qweight)
+    torch_ops.gptq_to_awq(gq, gz, "v1", shared[:K], out=(qw_out, qz_out))
+    assert torch.equal(qw_out, qweight) and torch.equal(qz_out, qzeros)
+    assert torch.equal(shared[:K], g_idx)
+
+
 def test_repack_into_out_is_an_in_place_write(device):
     """out= writes the caller's tensors in place: their version counters go up (a backward that
     saved the old words raises, as after an in-place aten op, instead of using the new ones); an

@@ -482,6 +482,13 @@ std::tuple<at::Tensor, at::Tensor> gptq_to_awq_impl(const at::Tensor &qweight,
                               got[k].item<int64_t>(), ", expected ", k / (K / G),
                               "; only g_idx == arange(K) // group_size converts");
         }
+        // g_idx is an input too (repack's check_out sees qweight and qzeros only): an out in its
+        // memory was written, the caller's g_idx changed by a call that only reads it
+        if (qw_out.defined())
+            for (auto [arg, out] : {std::pair<const char *, const at::Tensor *>{"qweight_out", &qw_out},
+                                    {"qzeros_out", &qz_out}})
+                TORCH_CHECK_VALUE(!may_overlap(*out, *g_idx), op, ": ", arg,
+                                  " overlaps an input (g_idx); a repack cannot run in place");
     }
     return repack(op, false, qweight, qzeros, K, N, zf, qw_out, qz_out);
 }
