@@ -259,9 +259,16 @@ def test_repack_into_out_is_an_in_place_write(device):
         y.sum().backward()
     with torch.inference_mode():
         out = (torch.full_like(gq, -1), torch.full_like(gz, -1))
-    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+    with pytest.raises(ValueError, match="qweight_out is an inference tensor"):
         torch_ops.awq_to_gptq(qweight, qzeros, out=out)
     assert (out[0] == -1).all() and (out[1] == -1).all()
+    # only qzeros_out an inference tensor: refused before qweight_out's counter moves (a backward
+    # that saved it would fail for a call that wrote nothing)
+    normal = torch.full_like(gq, -1)
+    version = normal._version
+    with pytest.raises(ValueError, match="qzeros_out is an inference tensor"):
+        torch_ops.awq_to_gptq(qweight, qzeros, out=(normal, out[1]))
+    assert normal._version == version and (normal == -1).all()
     with torch.inference_mode():
         torch_ops.awq_to_gptq(qweight, qzeros, out=out)  # there it is fine
     meta = torch.empty_like(gq, device="meta")

@@ -404,8 +404,14 @@ std::tuple<at::Tensor, at::Tensor> repack(const char *op, bool to_gptq, const at
         check_out(op, "qzeros_out", qz_out, qzeros.sizes(), qweight_in, qzeros_in);
         TORCH_CHECK_VALUE(!may_overlap(qw_out, qz_out), op, ": qweight_out and qzeros_out overlap");
         // Written in place: their version counters go up first, as an in-place aten op's do, so
-        // a backward that saved one of them raises instead of reading the new words, and an
-        // inference tensor outside inference mode is refused before anything is written.
+        // a backward that saved one of them raises instead of reading the new words. An
+        // inference tensor outside inference mode (no counter to bump) is refused first, both
+        // checked before either is bumped (qweight_out's went up before qzeros_out was refused).
+        for (auto [arg, out] : {std::pair<const char *, const at::Tensor *>{"qweight_out", &qw_out},
+                                {"qzeros_out", &qz_out}})
+            TORCH_CHECK_VALUE(!out->is_inference() || c10::InferenceMode::is_enabled(), op, ": ", arg,
+                              " is an inference tensor: it can be written in place only inside "
+                              "torch.inference_mode");
         qw_out.unsafeGetTensorImpl()->bump_version();
         qz_out.unsafeGetTensorImpl()->bump_version();
         qw = qw_out;
