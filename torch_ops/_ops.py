@@ -58,7 +58,9 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     not overlapping the inputs) instead of new tensors, and return them. (Inside
     ``torch.compile(dynamic=True)``, torch 2.13 writes an out that is a view at an offset,
     ``base[1]``, at the base's start: any custom op's mutated view does that there. Pass whole
-    tensors, or views at offset 0, in compiled code.)"""
+    tensors, or views at offset 0, in compiled code. A compiled graph also reuses itself for
+    outs that overlap each other or an input, which it hands the kernel as separate buffers:
+    eager refuses such outs, compiled code does not see them and writes one over the other.)"""
     if out is not None:
         out = _out_pair("awq_to_gptq", out)
         _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
