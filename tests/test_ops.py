@@ -730,6 +730,75 @@ def test_errors_name_op_argument_and_value(device):
             fn()
 
 
+def _typed_samples():
+    """Valid arguments for every public function (CPU), by name, for the argument-type tests."""
+    g = torch_ops.quantize(torch.randn(64, 128), group_size=32)
+    a = torch_ops.quantize(torch.randn(64, 128), group_size=32, format="awq")
+    return g, a, torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+
+
+# (function, the valid arguments as a dict of keyword arguments); each test replaces one of them
+def _public_calls():
+    g, a, u = _typed_samples()
+    qw, s, qz, gi = g["qweight"], g["scales"].float(), g["qzeros"], g["g_idx"]
+    return {
+        "pack": (torch_ops.pack, dict(values=u, bits=4, dim=-1, order="sequential", dtype=torch.int32)),
+        "unpack": (torch_ops.unpack, dict(packed=qw, bits=4, dim=0, order="sequential")),
+        "awq_to_gptq": (torch_ops.awq_to_gptq, dict(qweight=a["qweight"], qzeros=a["qzeros"], zero_format="v1")),
+        "gptq_to_awq": (torch_ops.gptq_to_awq, dict(qweight=qw, qzeros=qz, zero_format="v1", g_idx=gi)),
+        "convert_gptq_zeros": (torch_ops.convert_gptq_zeros, dict(qzeros=qz, bits=4, src="v1", dst="v2")),
+        "pack_v2": (torch_ops.pack_v2, dict(unpacked=u, check_range=True)),
+        "unpack_v2": (torch_ops.unpack_v2, dict(packed=torch_ops.pack_v2(u))),
+        "dequantize": (torch_ops.dequantize, dict(qweight=qw, scales=s, qzeros=qz, format="gptq", bits=4,
+                                                  group_size=32, g_idx=gi, zero_format="v1")),
+        "quantize": (torch_ops.quantize, dict(weight=torch.randn(64, 128), bits=4, group_size=32, sym=False,
+                                              format="gptq", zero_format="v1", scales_dtype=None)),
+        "prepack_w4a16": (torch_ops.prepack_w4a16, dict(qweight=qw)),
+        "unprepack_w4a16": (torch_ops.unprepack_w4a16, dict(qweight=torch_ops.prepack_w4a16(qw))),
+        "w4a16_linear": (torch_ops.w4a16_linear, dict(x=torch.randn(2, 128), qweight=qw, scales=s, qzeros=qz,
+                                                      group_size=32, g_idx=gi, bias=torch.zeros(64),
+                                                      zero_format="v1", perm=None)),
+        "act_order_prepack": (torch_ops.act_order_prepack, dict(qweight=qw, g_idx=gi, group_size=32)),
+    }
+
+
+_TENSOR_ARGS = [("pack", "values"), ("unpack", "packed"), ("awq_to_gptq", "qweight"),
+                ("awq_to_gptq", "qzeros"), ("gptq_to_awq", "qweight"), ("gptq_to_awq", "qzeros"),
+                ("gptq_to_awq", "g_idx"), ("convert_gptq_zeros", "qzeros"), ("pack_v2", "unpacked"),
+                ("unpack_v2", "packed"), ("dequantize", "qweight"), ("dequantize", "scales"),
+                ("dequantize", "qzeros"), ("dequantize", "g_idx"), ("quantize", "weight"),
+                ("prepack_w4a16", "qweight"), ("unprepack_w4a16", "qweight"), ("w4a16_linear", "x"),
+                ("w4a16_linear", "qweight"), ("w4a16_linear", "scales"), ("w4a16_linear", "qzeros"),
+                ("w4a16_linear", "g_idx"), ("w4a16_linear", "bias"), ("act_order_prepack", "qweight"),
+                ("act_order_prepack", "g_idx")]
+_OPTIONAL_TENSORS = {("gptq_to_awq", "g_idx"), ("dequantize", "qzeros"), ("dequantize", "g_idx"),
+                     ("w4a16_linear", "qzeros"), ("w4a16_linear", "g_idx"), ("w4a16_linear", "bias")}
+
+
+@pytest.mark.parametrize("fn_name,arg", _TENSOR_ARGS, ids=[f"{f}-{a}" for f, a in _TENSOR_ARGS])
+def test_a_tensor_argument_of_another_type_is_refused_by_name(fn_name, arg):
+    """None (where a tensor is required), a numpy array or a list for a tensor argument: a
+    TypeError naming the function, the argument and what came. (None gave "There were no tensor
+    arguments to this function", "Unimplemented scalar type" or "tensor does not have a device";
+    numpy a RuntimeError in torch's words; quantize and act_order_prepack an AttributeError.)"""
+    fn, kwargs = _public_calls()[fn_name]
+    fn(**kwargs)  # the valid call runs
+    good = kwargs[arg]
+    bad = [(good.numpy(), "a numpy.ndarray of shape"), (good.tolist(), "a list"), (1.5, r"1.5 \(float\)")]
+    if (fn_name, arg) not in _OPTIONAL_TENSORS:
+        bad.append((None, "None"))
+    for value, got in bad:
+        with pytest.raises(TypeError, match=rf"^{fn_name}: {arg} must be a torch.Tensor.*, got {got}"):
+            fn(**dict(kwargs, **{arg: value}))
+
+
+def test_repack_out_of_another_type_is_refused_by_name():
+    g, a, _ = _typed_samples()
+    qw, qz = torch_ops.awq_to_gptq(a["qweight"], a["qzeros"])
+    with pytest.raises(TypeError, match=r"^awq_to_gptq: qzeros_out must be a torch.Tensor or None, got a numpy"):
+        torch_ops.awq_to_gptq(a["qweight"], a["qzeros"], out=(qw, qz.numpy()))
+
+
 def test_zero_size_tensors_with_sizes_past_int64(device):
     """A zero-size tensor's other dimensions are not bounded by memory: a size arithmetic that
     overflowed int64 gave a wrong shape ([0, 0] for pack of [0, 2**62]: 2**62 * 4 wrapped to 0)

@@ -31,7 +31,39 @@ def _out_pair(op: str, out) -> tuple:
                 else type(out).__name__)
         raise ValueError(f"{op}: out must be a tuple (qweight_out, qzeros_out) of two tensors, "
                          f"got {what}")
+    # (None is the C++ op's to refuse: its message says what None would have meant)
+    for arg, t in zip(("qweight_out", "qzeros_out"), out):
+        _tensor(op, arg, t, optional=True)
     return tuple(out)
+
+
+# ---- Python-level argument types -----------------------------------------------------------------
+# A value of the wrong Python type reached the ops' schema parser, which answered in its own words
+# or not at all: None for a tensor gave "There were no tensor arguments to this function",
+# "Unimplemented scalar type" or "tensor does not have a device", a numpy array or a list a
+# RuntimeError without the op's own name for it, and quantize / act_order_prepack an
+# AttributeError. These checks (isinstance only: dynamo traces them) come first.
+
+def _got(v) -> str:
+    """A received value for a message: its repr and type where short, else its type (and shape)."""
+    t = type(v)
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    if v is None:
+        return "None"
+    if isinstance(v, (bool, int, float, complex, str, torch.dtype, type)) or (
+            t.__module__ == "numpy" and getattr(v, "ndim", None) == 0):
+        r = repr(v)
+        return f"{r if len(r) <= 60 else r[:57] + '...'} ({name})"
+    shape = getattr(v, "shape", None)
+    return f"a {name}" + (f" of shape {list(shape)}" if shape is not None else "")
+
+
+def _tensor(op: str, arg: str, v, optional: bool = False):
+    """``v`` must be a torch.Tensor (or, ``optional``, None)."""
+    if isinstance(v, torch.Tensor) or (optional and v is None):
+        return v
+    raise TypeError(f"{op}: {arg} must be a torch.Tensor{' or None' if optional else ''}, got "
+                    f"{_got(v)}")
 
 
 # ---- the functions --------------------------------------------------------------------------------
@@ -42,11 +74,13 @@ def pack(values: torch.Tensor, bits: int, dim: int = -1, order: str = "sequentia
     ``dtype`` words (torch.int32 or torch.uint8). bits in {1, 2, 3, 4, 8}; 3-bit is one bit
     stream (32 values per 3 int32 words, 8 per 3 bytes). ``order="awq"`` applies the AWQ
     interleave [0,2,4,6,1,3,5,7] within each int32 (4-bit only)."""
+    _tensor("pack", "values", values)
     return _ops.pack(values, bits, dim, order, dtype)
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int = -1, order: str = "sequential") -> torch.Tensor:
     """Exact inverse of :func:`pack`: uint8 values; the word size is ``packed.dtype``'s."""
+    _tensor("unpack", "packed", packed)
     return _ops.unpack(packed, bits, dim, order)
 
 
@@ -61,6 +95,8 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     tensors, or views at offset 0, in compiled code. A compiled graph also reuses itself for
     outs that overlap each other or an input, which it hands the kernel as separate buffers:
     eager refuses such outs, compiled code does not see them and writes one over the other.)"""
+    _tensor("awq_to_gptq", "qweight", qweight)
+    _tensor("awq_to_gptq", "qzeros", qzeros)
     if out is not None:
         out = _out_pair("awq_to_gptq", out)
         _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
@@ -72,6 +108,9 @@ def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
                 g_idx: Optional[torch.Tensor] = None, out: Optional[tuple] = None):
     """GPTQ -> AWQ, the exact inverse of :func:`awq_to_gptq`. Refuses an act-order ``g_idx``.
     ``out``: as for :func:`awq_to_gptq`."""
+    _tensor("gptq_to_awq", "qweight", qweight)
+    _tensor("gptq_to_awq", "qzeros", qzeros)
+    _tensor("gptq_to_awq", "g_idx", g_idx, optional=True)
     if out is not None:
         out = _out_pair("gptq_to_awq", out)
         _ops.gptq_to_awq_out(qweight, qzeros, zero_format, g_idx, qweight_out=out[0],
@@ -85,6 +124,7 @@ def convert_gptq_zeros(qzeros: torch.Tensor, bits: int, src: str, dst: str) -> t
 
     Rows of any width: a 3-bit row sized ceil(N * 3 / 32) words ends in part of a field, whose
     bits are copied unchanged."""
+    _tensor("convert_gptq_zeros", "qzeros", qzeros)
     return _ops.convert_gptq_zeros(qzeros, bits, src, dst)
 
 
@@ -96,11 +136,13 @@ def pack_v2(unpacked: torch.Tensor, check_range: bool = True) -> torch.Tensor:
     ``check_range=False`` skips it when the values are known to fit (the output of ``unpack`` or
     ``quantize``, say); an out-of-range value then packs its low 4 bits. The CPU always checks
     (it costs nothing there)."""
+    _tensor("pack_v2", "unpacked", unpacked)
     return _ops.pack_v2(unpacked, check_range)
 
 
 def unpack_v2(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_v2`: int16 [N/4, K] -> uint8 [N, K]."""
+    _tensor("unpack_v2", "packed", packed)
     return _ops.unpack_v2(packed)
 
 
@@ -112,6 +154,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[tor
     ``qzeros=None`` is symmetric (z = 2**(bits-1)); ``group_size=-1`` is one group.
     Differentiable with respect to ``scales`` (d w / d s = q - z), for learning scales over
     frozen codes, under plain autograd (not under torch.func transforms: README)."""
+    for arg, t, optional in (("qweight", qweight, False), ("scales", scales, False),
+                             ("qzeros", qzeros, True), ("g_idx", g_idx, True)):
+        _tensor("dequantize", arg, t, optional)
     return _ops.dequantize(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
 
 
@@ -124,6 +169,7 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
     no useful gradient): a weight that requires grad is read detached, as the reference does."""
     # (the op has no autograd formula: a weight that requires grad would give scales a grad_fn
     # whose backward raises, far from here, when a loss is backpropagated through dequantize)
+    _tensor("quantize", "weight", weight)
     qweight, qzeros, scales, g_idx = _ops.quantize(weight.detach(), bits, group_size, sym, format,
                                                    zero_format, scales_dtype)
     out = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
@@ -140,11 +186,13 @@ def prepack_w4a16(qweight: torch.Tensor) -> torch.Tensor:
     of qweight (not with g_idx: act-order rows sorted by :func:`act_order_prepack` first, then
     perm) and is faster with it on CUDA (H200: 2-10%, every batch size); on the CPU it costs a
     gather of x. Lossless: :func:`unprepack_w4a16` undoes it."""
+    _tensor("prepack_w4a16", "qweight", qweight)
     return _ops.prepack_w4a16(qweight)
 
 
 def unprepack_w4a16(qweight: torch.Tensor) -> torch.Tensor:
     """The GPTQ qweight [K/8, N] of a k-interleaved one [K/32, 4, N] (:func:`prepack_w4a16`)."""
+    _tensor("unprepack_w4a16", "qweight", qweight)
     return _ops.unprepack_w4a16(qweight)
 
 
@@ -167,6 +215,15 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     the weights are dequantised a column chunk at a time into at most 64 MiB of scratch (from the
     caching allocator) and multiplied with cuBLAS, whose GEMM is ahead of any fused kernel
     there; the result is the same up to rounding."""
+    T = torch.Tensor
+    if not (isinstance(x, T) and isinstance(qweight, T) and isinstance(scales, T)
+            and (qzeros is None or isinstance(qzeros, T)) and (g_idx is None or isinstance(g_idx, T))
+            and (bias is None or isinstance(bias, T)) and (perm is None or isinstance(perm, T))):
+        # (one test for the usual call, the hot path; the messages come from each argument's)
+        for arg, t, optional in (("x", x, False), ("qweight", qweight, False),
+                                 ("scales", scales, False), ("qzeros", qzeros, True),
+                                 ("g_idx", g_idx, True), ("bias", bias, True), ("perm", perm, True)):
+            _tensor("w4a16_linear", arg, t, optional)
     return _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
                                      perm)
 
@@ -184,6 +241,8 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
     Returns None when sorting does not give ``arange(K) // group_size`` (groups of unequal size,
     or values outside [0, K/G)): such a g_idx needs the g_idx path. ``group_size=-1`` is one group.
     Syncs with the device (it inspects g_idx's values)."""
+    _tensor("act_order_prepack", "qweight", qweight)
+    _tensor("act_order_prepack", "g_idx", g_idx)
     if qweight.dim() != 2 or qweight.dtype != torch.int32:
         raise ValueError(f"act_order_prepack: qweight must be a 2-D torch.int32 tensor [K/8, N], "
                          f"got {qweight.dtype} of shape {list(qweight.shape)}")
