@@ -799,6 +799,46 @@ def test_repack_out_of_another_type_is_refused_by_name():
         torch_ops.awq_to_gptq(a["qweight"], a["qzeros"], out=(qw, qz.numpy()))
 
 
+_INT_ARGS = [("pack", "bits"), ("pack", "dim"), ("unpack", "bits"), ("unpack", "dim"),
+             ("convert_gptq_zeros", "bits"), ("dequantize", "bits"), ("dequantize", "group_size"),
+             ("quantize", "bits"), ("quantize", "group_size"), ("w4a16_linear", "group_size"),
+             ("act_order_prepack", "group_size")]
+
+
+@pytest.mark.parametrize("fn_name,arg", _INT_ARGS, ids=[f"{f}-{a}" for f, a in _INT_ARGS])
+def test_an_int_argument_of_another_type_is_refused_by_name(fn_name, arg):
+    """bits / dim / group_size as a float, a bool, a string or None: a TypeError naming the
+    function, the argument and the value (a float gave torch's RuntimeError without the value;
+    True was taken as 1: quantize(group_size=True) quantized in groups of one, act_order_prepack
+    returned None, pack(dim=True) packed along dim 1). A numpy integer is an int: the same result."""
+    np = pytest.importorskip("numpy")
+    fn, kwargs = _public_calls()[fn_name]
+    want = fn(**kwargs)
+    got = fn(**dict(kwargs, **{arg: np.int64(kwargs[arg])}))
+    flat = lambda r: list(r.values()) if isinstance(r, dict) else list(r) if isinstance(r, tuple) else [r]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(want), flat(got)))
+    good = kwargs[arg]
+    for value, shown in [(float(good), rf"{float(good)} \(float\)"), (True, r"True \(bool\)"),
+                         (str(good), rf"'{good}' \(str\)"), (None, "None")]:
+        with pytest.raises(TypeError, match=rf"^{fn_name}: {arg} must be an int, got {shown}$"):
+            fn(**dict(kwargs, **{arg: value}))
+
+
+def test_int_arguments_trace_under_dynamic_shapes():
+    """The int checks are isinstance tests: a compiled graph traces them, with a group_size that
+    dynamo makes a SymInt as well."""
+    torch._dynamo.reset()
+    fn, kwargs = _public_calls()["w4a16_linear"]
+    g = torch_ops.quantize(torch.randn(64, 128), group_size=64)
+    calls = [(kwargs["x"], kwargs["qweight"], kwargs["scales"], kwargs["qzeros"], 32),
+             (kwargs["x"], g["qweight"], g["scales"].float(), g["qzeros"], 64)]
+    f = torch.compile(lambda x, qw, s, qz, gs: torch_ops.w4a16_linear(x, qw, s, qz, gs) +
+                      torch_ops.pack(torch_ops.unpack(qw, 4, dim=0), 4, dim=0).sum(),
+                      fullgraph=True, dynamic=True)
+    for x, qw, s, qz, gs in calls:
+        torch.testing.assert_close(f(x, qw, s, qz, gs), torch_ops.w4a16_linear(x, qw, s, qz, gs) + qw.sum())
+
+
 def test_zero_size_tensors_with_sizes_past_int64(device):
     """A zero-size tensor's other dimensions are not bounded by memory: a size arithmetic that
     overflowed int64 gave a wrong shape ([0, 0] for pack of [0, 2**62]: 2**62 * 4 wrapped to 0)

@@ -8,6 +8,7 @@ extension as ``torch.ops.torch_ops.*``; each function here is a thin, documented
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -42,7 +43,8 @@ def _out_pair(op: str, out) -> tuple:
 # or not at all: None for a tensor gave "There were no tensor arguments to this function",
 # "Unimplemented scalar type" or "tensor does not have a device", a numpy array or a list a
 # RuntimeError without the op's own name for it, and quantize / act_order_prepack an
-# AttributeError. These checks (isinstance only: dynamo traces them) come first.
+# AttributeError; a float for an int argument a RuntimeError without the value, and True, taken as
+# 1, a wrong answer (quantize(w, group_size=True) quantized in groups of one). These checks (isinstance only: dynamo traces them) come first.
 
 def _got(v) -> str:
     """A received value for a message: its repr and type where short, else its type (and shape)."""
@@ -66,6 +68,20 @@ def _tensor(op: str, arg: str, v, optional: bool = False):
                     f"{_got(v)}")
 
 
+def _int(op: str, arg: str, v):
+    """``v`` must be an integer: an int (not a bool), a SymInt, or anything with ``__index__``
+    (a numpy integer, a one-element integer tensor), which is converted."""
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        return v
+    if not isinstance(v, (bool, float)) and not (isinstance(v, torch.Tensor)
+                                                 and v.dtype == torch.bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{op}: {arg} must be an int, got {_got(v)}")
+
+
 # ---- the functions --------------------------------------------------------------------------------
 
 def pack(values: torch.Tensor, bits: int, dim: int = -1, order: str = "sequential",
@@ -75,12 +91,14 @@ def pack(values: torch.Tensor, bits: int, dim: int = -1, order: str = "sequentia
     stream (32 values per 3 int32 words, 8 per 3 bytes). ``order="awq"`` applies the AWQ
     interleave [0,2,4,6,1,3,5,7] within each int32 (4-bit only)."""
     _tensor("pack", "values", values)
+    bits, dim = _int("pack", "bits", bits), _int("pack", "dim", dim)
     return _ops.pack(values, bits, dim, order, dtype)
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int = -1, order: str = "sequential") -> torch.Tensor:
     """Exact inverse of :func:`pack`: uint8 values; the word size is ``packed.dtype``'s."""
     _tensor("unpack", "packed", packed)
+    bits, dim = _int("unpack", "bits", bits), _int("unpack", "dim", dim)
     return _ops.unpack(packed, bits, dim, order)
 
 
@@ -125,6 +143,7 @@ def convert_gptq_zeros(qzeros: torch.Tensor, bits: int, src: str, dst: str) -> t
     Rows of any width: a 3-bit row sized ceil(N * 3 / 32) words ends in part of a field, whose
     bits are copied unchanged."""
     _tensor("convert_gptq_zeros", "qzeros", qzeros)
+    bits = _int("convert_gptq_zeros", "bits", bits)
     return _ops.convert_gptq_zeros(qzeros, bits, src, dst)
 
 
@@ -157,6 +176,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[tor
     for arg, t, optional in (("qweight", qweight, False), ("scales", scales, False),
                              ("qzeros", qzeros, True), ("g_idx", g_idx, True)):
         _tensor("dequantize", arg, t, optional)
+    bits, group_size = _int("dequantize", "bits", bits), _int("dequantize", "group_size", group_size)
     return _ops.dequantize(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
 
 
@@ -170,6 +190,7 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
     # (the op has no autograd formula: a weight that requires grad would give scales a grad_fn
     # whose backward raises, far from here, when a loss is backpropagated through dequantize)
     _tensor("quantize", "weight", weight)
+    bits, group_size = _int("quantize", "bits", bits), _int("quantize", "group_size", group_size)
     qweight, qzeros, scales, g_idx = _ops.quantize(weight.detach(), bits, group_size, sym, format,
                                                    zero_format, scales_dtype)
     out = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
@@ -218,12 +239,14 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     T = torch.Tensor
     if not (isinstance(x, T) and isinstance(qweight, T) and isinstance(scales, T)
             and (qzeros is None or isinstance(qzeros, T)) and (g_idx is None or isinstance(g_idx, T))
-            and (bias is None or isinstance(bias, T)) and (perm is None or isinstance(perm, T))):
+            and (bias is None or isinstance(bias, T)) and (perm is None or isinstance(perm, T))
+            and type(group_size) is int):
         # (one test for the usual call, the hot path; the messages come from each argument's)
         for arg, t, optional in (("x", x, False), ("qweight", qweight, False),
                                  ("scales", scales, False), ("qzeros", qzeros, True),
                                  ("g_idx", g_idx, True), ("bias", bias, True), ("perm", perm, True)):
             _tensor("w4a16_linear", arg, t, optional)
+        group_size = _int("w4a16_linear", "group_size", group_size)
     return _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
                                      perm)
 
@@ -243,6 +266,7 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
     Syncs with the device (it inspects g_idx's values)."""
     _tensor("act_order_prepack", "qweight", qweight)
     _tensor("act_order_prepack", "g_idx", g_idx)
+    group_size = _int("act_order_prepack", "group_size", group_size)
     if qweight.dim() != 2 or qweight.dtype != torch.int32:
         raise ValueError(f"act_order_prepack: qweight must be a 2-D torch.int32 tensor [K/8, N], "
                          f"got {qweight.dtype} of shape {list(qweight.shape)}")
