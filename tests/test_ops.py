@@ -2,6 +2,7 @@
 unpack_v2, dequantize, quantize) against the literal vectors of FORMATS.md and the pure-torch
 reference, on every device; opcheck, torch.compile, and the errors bad input gets."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -837,6 +838,44 @@ def test_int_arguments_trace_under_dynamic_shapes():
                       fullgraph=True, dynamic=True)
     for x, qw, s, qz, gs in calls:
         torch.testing.assert_close(f(x, qw, s, qz, gs), torch_ops.w4a16_linear(x, qw, s, qz, gs) + qw.sum())
+
+
+_OPTION_ARGS = [  # (function, argument, what the message says it must be, a value of its type)
+    ("pack", "order", '"sequential" or "awq"'), ("unpack", "order", '"sequential" or "awq"'),
+    ("awq_to_gptq", "zero_format", '"v1" or "v2"'), ("gptq_to_awq", "zero_format", '"v1" or "v2"'),
+    ("convert_gptq_zeros", "src", '"v1" or "v2"'), ("convert_gptq_zeros", "dst", '"v1" or "v2"'),
+    ("dequantize", "format", '"gptq" or "awq"'), ("dequantize", "zero_format", '"v1" or "v2"'),
+    ("quantize", "format", '"gptq" or "awq"'), ("quantize", "zero_format", '"v1" or "v2"'),
+    ("w4a16_linear", "zero_format", '"v1" or "v2"'),
+    ("pack", "dtype", "torch.int32 or torch.uint8"),
+    ("quantize", "scales_dtype", "torch.float16, torch.bfloat16, torch.float32 or None"),
+    ("pack_v2", "check_range", "True or False"), ("quantize", "sym", "True or False"),
+]
+
+
+@pytest.mark.parametrize("fn_name,arg,must", _OPTION_ARGS, ids=[f"{f}-{a}" for f, a, _ in _OPTION_ARGS])
+def test_an_option_of_another_type_is_refused_by_name(fn_name, arg, must):
+    """A string option given None or a number, a dtype given as a string or a Python / numpy type,
+    a flag given None or a string: a TypeError naming the function, the argument and the value
+    (torch's schema parser said "Expected a value of type 'int' for argument 'dtype'" without the
+    value, or took None for a flag as False). Wrong case or whitespace in a string keeps the op's
+    ValueError; 0 / 1 for a flag are accepted."""
+    np = pytest.importorskip("numpy")
+    fn, kwargs = _public_calls()[fn_name]
+    if must.startswith("torch."):
+        bad = [("int32", r"'int32' \(str\)"), (int, "the type int"), (np.float16, "the type numpy.float16")]
+        if "None" not in must:
+            bad.append((None, "None"))
+    elif must == "True or False":
+        bad = [(None, "None"), ("no", r"'no' \(str\)"), (2, r"2 \(int\)")]
+        fn(**dict(kwargs, **{arg: 0}))
+    else:
+        bad = [(None, "None"), (1, r"1 \(int\)"), (b"v1", r"b'v1' \(bytes\)")]
+        with pytest.raises(ValueError, match=rf"^{fn_name}: {arg} must be {must}, got \"{kwargs[arg].upper()}\""):
+            fn(**dict(kwargs, **{arg: kwargs[arg].upper()}))
+    for value, shown in bad:
+        with pytest.raises(TypeError, match=rf"^{fn_name}: {arg} must be {re.escape(must)}, got {shown}$"):
+            fn(**dict(kwargs, **{arg: value}))
 
 
 def test_zero_size_tensors_with_sizes_past_int64(device):

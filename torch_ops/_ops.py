@@ -44,7 +44,10 @@ def _out_pair(op: str, out) -> tuple:
 # "Unimplemented scalar type" or "tensor does not have a device", a numpy array or a list a
 # RuntimeError without the op's own name for it, and quantize / act_order_prepack an
 # AttributeError; a float for an int argument a RuntimeError without the value, and True, taken as
-# 1, a wrong answer (quantize(w, group_size=True) quantized in groups of one). These checks (isinstance only: dynamo traces them) come first.
+# 1, a wrong answer (quantize(w, group_size=True) quantized in groups of one); a dtype given as
+# "int32" or int a RuntimeError asking for an "int", a None order or format one without the value,
+# and None for a flag was taken as False (pack_v2(check_range=None) skipped the check on CUDA).
+# These checks (isinstance only: dynamo traces them) come first.
 
 def _got(v) -> str:
     """A received value for a message: its repr and type where short, else its type (and shape)."""
@@ -52,7 +55,10 @@ def _got(v) -> str:
     name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
     if v is None:
         return "None"
-    if isinstance(v, (bool, int, float, complex, str, torch.dtype, type)) or (
+    if isinstance(v, type):  # int, numpy.int32: a type where a torch.dtype belongs
+        return "the type " + (v.__qualname__ if v.__module__ == "builtins"
+                              else f"{v.__module__}.{v.__qualname__}")
+    if isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype)) or (
             t.__module__ == "numpy" and getattr(v, "ndim", None) == 0):
         r = repr(v)
         return f"{r if len(r) <= 60 else r[:57] + '...'} ({name})"
@@ -82,6 +88,30 @@ def _int(op: str, arg: str, v):
     raise TypeError(f"{op}: {arg} must be an int, got {_got(v)}")
 
 
+def _str(op: str, arg: str, v, choices: str):
+    """``v`` must be a str (its value is the C++ op's to check; ``choices`` for the message)."""
+    if isinstance(v, str):
+        return v
+    raise TypeError(f"{op}: {arg} must be {choices}, got {_got(v)}")
+
+
+def _dtype(op: str, arg: str, v, choices: str, optional: bool = False):
+    """``v`` must be a torch.dtype (or, ``optional``, None): not a string, a Python or numpy type."""
+    if isinstance(v, torch.dtype) or (optional and v is None):
+        return v
+    raise TypeError(f"{op}: {arg} must be {choices}, got {_got(v)}")
+
+
+def _flag(op: str, arg: str, v) -> bool:
+    """``v`` must be True or False (or 0 / 1, or a numpy bool): None or a string is refused."""
+    if isinstance(v, bool):
+        return v
+    if (isinstance(v, int) and v in (0, 1)) or (type(v).__module__ == "numpy"
+                                                and type(v).__name__ in ("bool", "bool_")):
+        return bool(v)
+    raise TypeError(f"{op}: {arg} must be True or False, got {_got(v)}")
+
+
 # ---- the functions --------------------------------------------------------------------------------
 
 def pack(values: torch.Tensor, bits: int, dim: int = -1, order: str = "sequential",
@@ -92,6 +122,8 @@ def pack(values: torch.Tensor, bits: int, dim: int = -1, order: str = "sequentia
     interleave [0,2,4,6,1,3,5,7] within each int32 (4-bit only)."""
     _tensor("pack", "values", values)
     bits, dim = _int("pack", "bits", bits), _int("pack", "dim", dim)
+    _str("pack", "order", order, '"sequential" or "awq"')
+    _dtype("pack", "dtype", dtype, "torch.int32 or torch.uint8")
     return _ops.pack(values, bits, dim, order, dtype)
 
 
@@ -99,6 +131,7 @@ def unpack(packed: torch.Tensor, bits: int, dim: int = -1, order: str = "sequent
     """Exact inverse of :func:`pack`: uint8 values; the word size is ``packed.dtype``'s."""
     _tensor("unpack", "packed", packed)
     bits, dim = _int("unpack", "bits", bits), _int("unpack", "dim", dim)
+    _str("unpack", "order", order, '"sequential" or "awq"')
     return _ops.unpack(packed, bits, dim, order)
 
 
@@ -115,6 +148,7 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     eager refuses such outs, compiled code does not see them and writes one over the other.)"""
     _tensor("awq_to_gptq", "qweight", qweight)
     _tensor("awq_to_gptq", "qzeros", qzeros)
+    _str("awq_to_gptq", "zero_format", zero_format, '"v1" or "v2"')
     if out is not None:
         out = _out_pair("awq_to_gptq", out)
         _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
@@ -129,6 +163,7 @@ def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     _tensor("gptq_to_awq", "qweight", qweight)
     _tensor("gptq_to_awq", "qzeros", qzeros)
     _tensor("gptq_to_awq", "g_idx", g_idx, optional=True)
+    _str("gptq_to_awq", "zero_format", zero_format, '"v1" or "v2"')
     if out is not None:
         out = _out_pair("gptq_to_awq", out)
         _ops.gptq_to_awq_out(qweight, qzeros, zero_format, g_idx, qweight_out=out[0],
@@ -144,6 +179,8 @@ def convert_gptq_zeros(qzeros: torch.Tensor, bits: int, src: str, dst: str) -> t
     bits are copied unchanged."""
     _tensor("convert_gptq_zeros", "qzeros", qzeros)
     bits = _int("convert_gptq_zeros", "bits", bits)
+    _str("convert_gptq_zeros", "src", src, '"v1" or "v2"')
+    _str("convert_gptq_zeros", "dst", dst, '"v1" or "v2"')
     return _ops.convert_gptq_zeros(qzeros, bits, src, dst)
 
 
@@ -156,6 +193,7 @@ def pack_v2(unpacked: torch.Tensor, check_range: bool = True) -> torch.Tensor:
     ``quantize``, say); an out-of-range value then packs its low 4 bits. The CPU always checks
     (it costs nothing there)."""
     _tensor("pack_v2", "unpacked", unpacked)
+    check_range = _flag("pack_v2", "check_range", check_range)
     return _ops.pack_v2(unpacked, check_range)
 
 
@@ -177,6 +215,8 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[tor
                              ("qzeros", qzeros, True), ("g_idx", g_idx, True)):
         _tensor("dequantize", arg, t, optional)
     bits, group_size = _int("dequantize", "bits", bits), _int("dequantize", "group_size", group_size)
+    _str("dequantize", "format", format, '"gptq" or "awq"')
+    _str("dequantize", "zero_format", zero_format, '"v1" or "v2"')
     return _ops.dequantize(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
 
 
@@ -191,6 +231,11 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
     # whose backward raises, far from here, when a loss is backpropagated through dequantize)
     _tensor("quantize", "weight", weight)
     bits, group_size = _int("quantize", "bits", bits), _int("quantize", "group_size", group_size)
+    sym = _flag("quantize", "sym", sym)
+    _str("quantize", "format", format, '"gptq" or "awq"')
+    _str("quantize", "zero_format", zero_format, '"v1" or "v2"')
+    _dtype("quantize", "scales_dtype", scales_dtype,
+           "torch.float16, torch.bfloat16, torch.float32 or None", optional=True)
     qweight, qzeros, scales, g_idx = _ops.quantize(weight.detach(), bits, group_size, sym, format,
                                                    zero_format, scales_dtype)
     out = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
@@ -240,13 +285,14 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if not (isinstance(x, T) and isinstance(qweight, T) and isinstance(scales, T)
             and (qzeros is None or isinstance(qzeros, T)) and (g_idx is None or isinstance(g_idx, T))
             and (bias is None or isinstance(bias, T)) and (perm is None or isinstance(perm, T))
-            and type(group_size) is int):
+            and type(group_size) is int and isinstance(zero_format, str)):
         # (one test for the usual call, the hot path; the messages come from each argument's)
         for arg, t, optional in (("x", x, False), ("qweight", qweight, False),
                                  ("scales", scales, False), ("qzeros", qzeros, True),
                                  ("g_idx", g_idx, True), ("bias", bias, True), ("perm", perm, True)):
             _tensor("w4a16_linear", arg, t, optional)
         group_size = _int("w4a16_linear", "group_size", group_size)
+        _str("w4a16_linear", "zero_format", zero_format, '"v1" or "v2"')
     return _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format,
                                      perm)
 
