@@ -793,6 +793,30 @@ def test_a_tensor_argument_of_another_type_is_refused_by_name(fn_name, arg):
             fn(**dict(kwargs, **{arg: value}))
 
 
+def test_raw_ops_name_a_none_tensor_argument():
+    """torch.ops.torch_ops.* given None for one required tensor beside others (the dispatcher
+    passes it on undefined): the op's TypeError, not "Unimplemented scalar type" or "tensor does
+    not have a device"."""
+    g, a, _ = _typed_samples()
+    o = torch.ops.torch_ops
+    x = torch.randn(2, 128)
+    cases = [
+        (lambda: o.awq_to_gptq(None, a["qzeros"]), "awq_to_gptq: qweight"),
+        (lambda: o.awq_to_gptq(a["qweight"], None), "awq_to_gptq: qzeros"),
+        (lambda: o.gptq_to_awq(g["qweight"], None), "gptq_to_awq: qzeros"),
+        (lambda: o.dequantize(g["qweight"], None, g["qzeros"], "gptq", 4, 32), "dequantize: scales"),
+        (lambda: o.dequantize(None, g["scales"], g["qzeros"], "gptq", 4, 32), "dequantize: qweight"),
+        (lambda: o.w4a16_linear(None, g["qweight"], g["scales"], g["qzeros"], 32), "w4a16_linear: x"),
+        (lambda: o.w4a16_linear(x, None, g["scales"], g["qzeros"], 32), "w4a16_linear: qweight"),
+        (lambda: o.w4a16_linear(x, g["qweight"], None, g["qzeros"], 32), "w4a16_linear: scales"),
+    ]
+    for fn, what in cases:
+        with pytest.raises(TypeError, match=f"^{what} must be a tensor, got None$"):
+            fn()
+    with torch.autocast("cpu"), pytest.raises(TypeError, match="^w4a16_linear: x must be a tensor"):
+        o.w4a16_linear(None, g["qweight"], g["scales"], g["qzeros"], 32)
+
+
 def test_repack_out_of_another_type_is_refused_by_name():
     g, a, _ = _typed_samples()
     qw, qz = torch_ops.awq_to_gptq(a["qweight"], a["qzeros"])

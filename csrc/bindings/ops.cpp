@@ -42,12 +42,21 @@ std::string dtype_name(at::ScalarType s) {
     return "torch." + std::string(c10::getDtypeNames(s).first);
 }
 
+// None passed for a required tensor through torch.ops.torch_ops.* (the Python functions refuse it
+// first) arrives undefined: its dtype read "Unimplemented scalar type", its device "tensor does not
+// have a device". Each tensor's first check below makes this one.
+void check_defined(const char *op, const char *arg, const at::Tensor &t) {
+    TORCH_CHECK_TYPE(t.defined(), op, ": ", arg, " must be a tensor, got None");
+}
+
 void check_dtype(const char *op, const char *arg, const at::Tensor &t, at::ScalarType want) {
+    check_defined(op, arg, t);
     TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", arg, " must be ", dtype_name(want), ", got ",
                      dtype_name(t.scalar_type()));
 }
 
 void check_float(const char *op, const char *arg, const at::Tensor &t) {
+    check_defined(op, arg, t);
     auto s = t.scalar_type();
     TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", arg,
                      " must be float32, float16 or bfloat16, got ", dtype_name(s));
@@ -65,6 +74,7 @@ void check_shape(const char *op, const char *arg, const at::Tensor &t, at::IntAr
 }
 
 void check_device(const char *op, const char *arg, const at::Tensor &t, const at::Tensor &ref) {
+    check_defined(op, arg, t);
     TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(),
                       " but the other inputs are on ", ref.device());
     TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), op, ": ", arg,
@@ -1066,6 +1076,10 @@ at::Tensor w4a16_linear_autograd(const at::Tensor &x, const at::Tensor &qweight,
                                  int64_t group_size, const c10::optional<at::Tensor> &g_idx,
                                  const c10::optional<at::Tensor> &bias, c10::string_view zero_format,
                                  const c10::optional<at::Tensor> &perm) {
+    // (the first kernel a call meets: needs_composite read an undefined x's device)
+    check_defined("w4a16_linear", "x", x);
+    check_defined("w4a16_linear", "qweight", qweight);
+    check_defined("w4a16_linear", "scales", scales);
     if (needs_composite(x, scales, bias))
         return w4a16_linear_composite(x, qweight, scales, qzeros, group_size, g_idx, bias,
                                       zero_format, perm);
