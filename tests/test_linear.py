@@ -76,6 +76,29 @@ def test_infinite_activation_gives_what_f_linear_gives(cpu_isa, dtype, act_order
             assert rel_err(out[1:-1], expected[1:-1]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_infinite_scale_gives_what_f_linear_gives(cpu_isa, dtype, act_order):
+    """A scale of +-inf: F.linear on the dequantized weight has NaN in that column wherever a
+    weight of the group sits at its zero point (inf * 0), which the GEMVs' s * (sum q x - z sum x)
+    and the bf16 blocked path's s * sum gave as +-inf; they hand such a call to the blocked fp32
+    path. The other columns keep their accuracy."""
+    K, N = 256, 64
+    t = make_weights(K, N, 64, act_order=act_order,
+                     scales_dtype=dtype if dtype != torch.float32 else torch.float16)
+    t["scales"][0, 3] = float("inf")
+    t["scales"][-1, 4] = -float("inf")
+    for M in (1, 5, 12, 16, 40):
+        x = torch.randn(M, K).to(dtype)
+        out = torch_ops.w4a16_linear(x, **t).double()
+        expected = reference(x, t)
+        infinite = expected.isinf()
+        assert torch.equal(out[infinite], expected[infinite]), M
+        assert torch.equal(out.isnan(), expected.isnan()), (M, out[:, 3:5], expected[:, 3:5])
+        finite = [n for n in range(N) if n not in (3, 4)]
+        assert rel_err(out[:, finite], expected[:, finite]) < TOL[dtype]
+
+
 @pytest.mark.parametrize("x_shape", [(1,), (3,), (2, 5), (33,), (64,)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_batch_shapes_and_dtypes(device, x_shape, dtype):

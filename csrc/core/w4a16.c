@@ -117,9 +117,19 @@
 #ifndef W4_GEMV_M_ACT
 #define W4_GEMV_M_ACT 8   /* act-order (groups changing inside a word of 8 k): the same, any ISA */
 #endif
-/* KN(w4_gemv)'s answer to an x holding +-inf (its zero-point factoring would give NaN): take a
- * path that multiplies every weight. Not a tops_status: it never leaves w4_run. */
+/* KN(w4_gemv)'s answer to an x holding +-inf (its zero-point factoring would give NaN), and its and
+ * w4b_blocked's to a scale of +-inf (s times a sum gives +-inf where F.linear of the dequantized
+ * weight has NaN: s (q - z) is NaN where q = z): take the fp32 path that multiplies every weight.
+ * Not a tops_status: it never leaves w4_run. */
 #define W4_INFINITE_X (-1)
+
+/* whether a scale of columns [nb, ne) (of any group) is +-inf or NaN */
+static int w4_scales_nonfinite(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
+    for (int64_t g = 0; g < a->groups; g++)
+        for (int64_t n = nb; n < ne; n++)
+            if (!isfinite(tops_load(a->scales, a->scales_dtype, g * a->N + n))) return 1;
+    return 0;
+}
 /* the largest GEMV M of any instruction set (sizes the GEMV's per-row arrays) */
 #define W4_MAX2(a, b) ((a) > (b) ? (a) : (b))
 #define W4_GEMV_MAX_M \
@@ -827,6 +837,10 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     __m512i zo = _mm512_setzero_si512();
                     if (v < ntv) {
                         s = w4_load_avx512(a->scales, a->scales_dtype, g * N + n0 + v * 16);
+                        /* +-inf (or NaN) scale: s times a sum is +-inf where s (q - z) is NaN
+                         * (q = z); the fp32 blocked path recomputes the whole range */
+                        if (_mm512_cmp_ps_mask(_mm512_abs_ps(s), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ))
+                            return W4_INFINITE_X;
                         zo = _mm512_sub_epi32(_mm512_set1_epi32(15),
                                               _mm512_cvtps_epi32(w4_zeros_avx512(a, g, n0 + v * 16)));
                         zo = _mm512_or_si512(zo, _mm512_slli_epi32(zo, 16));
@@ -1337,6 +1351,17 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
         }
     }
     if (daz) _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
+    /* a non-finite y (NaN x, an overflow, or a scale of +-inf) is checked for an infinite scale:
+     * s (sum q x - z sum x) is +-inf where F.linear of s (q - z) has NaN (q = z), so such a call
+     * goes to the blocked path (nothing written yet). v * 0 is NaN exactly where v is not finite. */
+    {
+        VF nf = vf_zero();
+        for (int64_t i = 0; i < M * ncols; i += VW) nf = vf_fma(vf_load(y + i), vf_zero(), nf);
+        vf_store(mv, nf);
+        int bad = 0;
+        for (int i = 0; i < VW; i++) bad |= mv[i] != mv[i];
+        if (bad && w4_scales_nonfinite(a, nb, ne)) return W4_INFINITE_X;
+    }
     for (int64_t m = 0; m < M; m++) {
         /* 2^back[m] in two factors of the same sign (|back| <= 149): no spurious overflow */
         const VF d1 = vf_set1(ldexpf(1.0f, back[m] / 2));
@@ -1513,7 +1538,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     if (st == W4_INFINITE_X) {
 #if W4_BF16DOT
         if (uniform && a->x_dtype == TOPS_BF16 && w4_bf16dot()) st = w4b_blocked(a, nb, ne, ws, gk);
-        else
+        if (st == W4_INFINITE_X) /* (w4b_blocked's answer to an infinite scale too) */
 #endif
             st = KN(w4_blocked)(a, nb, ne, ws, gk);
     }
