@@ -1087,14 +1087,17 @@ static KATTR W4_INLINE void KN(w4_gemv_kern)(const int SUB, const int MR, const 
 /* Act-order: for each of nblk column blocks of NV vectors (as above),
  *   y[m] += sum over nrows rows of unpack(q) * s(k) * xp,
  * the scale of every k read from stab[gk[k] * lds + column] (stab and gk start at this block and
- * chunk). Prefetches qw + pf bytes (the same columns, W4_CHUNK_ROWS rows on). */
+ * chunk). Prefetches qw + pf bytes (the same columns, W4_CHUNK_ROWS rows on). y starts at minus the
+ * zero-point term of all K, as large as the sum of every chunk, which the result cancels: each
+ * chunk is added with its rounding error kept in cy (same layout as y; Fast2Sum), or the error of
+ * those additions grew with sqrt(K) (RTN weights, x of one sign, K = 14336: 6e-5 relative). */
 static KATTR W4_INLINE void KN(w4_gemv_act_kern)(const int MR, const int NV, const tops_w4a16_args *a,
                                                  int64_t nblk, const int32_t *qw, int64_t nrows,
                                                  int64_t pf, const float *xp, int64_t ldx,
                                                  const float *stab, int64_t lds, const int32_t *gk,
-                                                 float *y, int64_t ldy) {
+                                                 float *y, float *cy, int64_t ldy) {
     const int64_t ldq = a->N;
-    for (int64_t b = 0; b < nblk; b++, qw += NV * VW, y += NV * VW, stab += NV * VW) {
+    for (int64_t b = 0; b < nblk; b++, qw += NV * VW, y += NV * VW, cy += NV * VW, stab += NV * VW) {
         VF acc[4][W4_NVMAX];
 #pragma GCC unroll 4
         for (int m = 0; m < MR; m++)
@@ -1126,8 +1129,12 @@ static KATTR W4_INLINE void KN(w4_gemv_act_kern)(const int MR, const int NV, con
         for (int v = 0; v < NV; v++)
 #pragma GCC unroll 4
             for (int m = 0; m < MR; m++) {
-                float *yp = y + m * ldy + v * VW;
-                vf_store(yp, vf_add(vf_load(yp), acc[m][v]));
+                float *yp = y + m * ldy + v * VW, *cp = cy + m * ldy + v * VW;
+                /* Fast2Sum: exact while |y| >= |acc| (y starts at the whole zero-point term); where
+                 * y has come down near the result, its error is of the order of acc's own */
+                const VF yv = vf_load(yp), sv = vf_add(yv, acc[m][v]);
+                vf_store(yp, sv);
+                vf_store(cp, vf_add(vf_load(cp), vf_sub(acc[m][v], vf_sub(sv, yv))));
             }
     }
 }
@@ -1161,10 +1168,10 @@ static KATTR void KN(w4_gemv_call)(int sub, int mr, int nv, int first, int last,
 static KATTR void KN(w4_gemv_act_call)(int mr, int nv, const tops_w4a16_args *a, int64_t nblk,
                                        const int32_t *qw, int64_t nrows, int64_t pf,
                                        const float *xp, int64_t ldx, const float *stab, int64_t lds,
-                                       const int32_t *gk, float *y, int64_t ldy) {
+                                       const int32_t *gk, float *y, float *cy, int64_t ldy) {
 #define W4_GC(MR, NV)                                                                              \
     case MR * 8 + NV:                                                                              \
-        KN(w4_gemv_act_kern)(MR, NV, a, nblk, qw, nrows, pf, xp, ldx, stab, lds, gk, y, ldy);      \
+        KN(w4_gemv_act_kern)(MR, NV, a, nblk, qw, nrows, pf, xp, ldx, stab, lds, gk, y, cy, ldy);  \
         break;
     switch (mr * 8 + nv) {
         W4_GEMV_CASES(W4_GC)
@@ -1314,26 +1321,40 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
          * super-block, and y started at minus the zero-point term sum_g s z sum_{g(k) = g} x. A
          * super-block reads short runs of each row, so the prefetch targets the same columns of the
          * next chunk. */
-        float *xg = (float *)ws; /* [M][G] sums of x per group */
-        ws += w4_align((size_t)(M * G) * sizeof(float));
+        double *xg = (double *)ws; /* [M][G] sums of x per group (exact enough to split in two floats) */
+        ws += w4_align((size_t)(M * G) * sizeof(double));
+        float *cy = part; /* [M][ncols] rounding errors of y's additions (TwoSum), added at the end */
         float *stab = (float *)ws;
         const int64_t sb = KN(w4_act_sb)(G);
-        memset(xg, 0, (size_t)(M * G) * sizeof(float));
+        memset(xg, 0, (size_t)(M * G) * sizeof(double));
         for (int64_t m = 0; m < M; m++)
             for (int64_t k = 0; k < K; k++) xg[m * G + gk[k]] += xf[m * K + k];
         memset(y, 0, (size_t)(M * ncols) * sizeof(float));
+        memset(cy, 0, (size_t)(M * ncols) * sizeof(float));
         for (int64_t s0 = 0; s0 < ncols; s0 += sb) {
             const int64_t sw = w4_min(sb, ncols - s0);
-            for (int64_t g = 0; g < G; g++)
+            for (int64_t g = 0; g < G; g++) {
+                /* y -= s z (hi + lo): the product's error (FMA) and the sum's (TwoSum) into cy */
+                float hi[W4_GEMV_MAX_M], lo[W4_GEMV_MAX_M];
+                for (int64_t m = 0; m < M; m++) {
+                    hi[m] = (float)xg[m * G + g];
+                    lo[m] = (float)(xg[m * G + g] - (double)hi[m]);
+                }
                 for (int64_t c = 0; c < sw; c += VW) {
                     VF s = vf_loadt(a->scales, a->scales_dtype, g * N + nb + s0 + c);
                     vf_store(stab + g * sb + c, s);
                     VF sz = vf_mul(s, vf_zeros(a, g, nb + s0 + c));
                     for (int64_t m = 0; m < M; m++) {
-                        float *yp = y + m * ncols + s0 + c;
-                        vf_store(yp, vf_fnma(sz, vf_set1(xg[m * G + g]), vf_load(yp)));
+                        float *yp = y + m * ncols + s0 + c, *cp = cy + m * ncols + s0 + c;
+                        const VF h = vf_set1(hi[m]), p = vf_mul(sz, h);
+                        const VF pe = vf_fma(sz, h, vf_sub(vf_zero(), p)); /* sz h - p, exact */
+                        const VF yv = vf_load(yp), sv = vf_sub(yv, p), bv = vf_sub(sv, yv);
+                        const VF e = vf_sub(vf_sub(yv, vf_sub(sv, bv)), vf_add(p, bv)); /* yv - p - sv */
+                        vf_store(yp, sv);
+                        vf_store(cp, vf_fnma(sz, vf_set1(lo[m]), vf_sub(vf_add(vf_load(cp), e), pe)));
                     }
                 }
+            }
             for (int64_t r0 = 0; r0 < R; r0 += W4_CHUNK_ROWS) {
                 const int64_t nr = w4_min(W4_CHUNK_ROWS, R - r0);
                 for (int64_t n0 = s0; n0 < s0 + sw;) {
@@ -1344,12 +1365,14 @@ static KATTR int KN(w4_gemv)(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                                              a->qweight + r0 * N + nb + n0, nr,
                                              (int64_t)W4_CHUNK_ROWS * N * 4, xp + m0 * K + 8 * r0, K,
                                              stab + (n0 - s0), sb, gk + 8 * r0, y + m0 * ncols + n0,
-                                             ncols);
+                                             cy + m0 * ncols + n0, ncols);
                     n0 += nblk * nv * VW;
                 }
             }
         }
     }
+    if (!uniform) /* act-order: the additions' rounding errors */
+        for (int64_t i = 0; i < M * ncols; i += VW) vf_store(y + i, vf_add(vf_load(y + i), vf_load(part + i)));
     if (daz) _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
     /* a non-finite y (NaN x, an overflow, or a scale of +-inf) is checked for an infinite scale:
      * s (sum q x - z sum x) is +-inf where F.linear of s (q - z) has NaN (q = z), so such a call
@@ -1511,7 +1534,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     if (gemv_plain || gemv_act)
         gemv_bytes = 2 * w4_align((size_t)(M * K) * sizeof(float)) +
                      2 * w4_align((size_t)(M * ncols) * sizeof(float)) + w4_align(64 * sizeof(float)) +
-                     w4_align((size_t)(M * G) * sizeof(float)) +
+                     w4_align((size_t)(M * G) * sizeof(double)) +
                      w4_align((size_t)(G * KN(w4_act_sb)(G)) * sizeof(float));
     {
         const int64_t mce = w4_min(M, W4_MC);
