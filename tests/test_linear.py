@@ -497,6 +497,37 @@ def test_compile_torch_func_grad(device, weights):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("weights", ["act_order", "perm"])
+def test_compile_dynamic_torch_func_grad(device, weights):
+    """torch.compile(dynamic=True) of torch.func.grad and of forward-mode AD with g_idx / perm: the
+    composite route's range check read numel() of a wrapper with symbolic sizes ("Cannot call
+    numel() on tensor with symbolic sizes/strides") before asking whether its values could be
+    read; the compiled gradients equal eager's at two batch sizes"""
+    import torch.autograd.forward_ad as fwAD
+    K, N = 128, 40
+    t = make_weights(K, N, 64, act_order=weights == "act_order", device=device)
+    perm = torch.randperm(K, device=device).to(torch.int32) if weights == "perm" else None
+    grad = torch.func.grad(lambda x: torch_ops.w4a16_linear(x, perm=perm, **t).square().sum())
+
+    def tangent(x, dx):
+        with fwAD.dual_level():
+            y = torch_ops.w4a16_linear(fwAD.make_dual(x, dx), perm=perm, **t)
+            return fwAD.unpack_dual(y).tangent
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(grad, fullgraph=True, dynamic=True, backend="aot_eager")
+        compiled_tangent = torch.compile(tangent, fullgraph=True, dynamic=True, backend="aot_eager")
+        for M in (3, 5):
+            x, dx = torch.randn(2, M, K, device=device), torch.randn(2, M, K, device=device)
+            expected = grad(x)
+            assert expected.abs().sum() > 0
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled_tangent(x, dx), tangent(x, dx), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torch_func_bad_input(device):
     """the composite route checks its arguments as the kernels do (its tensors are wrappers)"""
     K, N = 128, 16

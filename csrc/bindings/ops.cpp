@@ -175,7 +175,7 @@ void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi,
 // returns that, false where unknown (during capture of a tensor not seen before) or not asked.
 bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
                        const char *meaning, bool want_perm = false) {
-    if (idx.numel() == 0 || !index_values_readable(idx)) return false;
+    if (!index_values_readable(idx) || idx.numel() == 0) return false;
     struct Seen {
         c10::Storage storage;
         at::ScalarType dtype;
@@ -235,7 +235,9 @@ void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) 
 // read at all: then dequantize's kernel (g_idx) and index_select (perm) check each sample's.
 void check_index_range_in_transform(const char *op, const char *arg, const at::Tensor &idx,
                                     int64_t limit, const char *meaning) {
-    if (idx.numel() == 0) return;
+    // (values unreadable first: under torch.compile(dynamic=True) the wrapper's sizes are
+    // symbolic, and numel() threw "Cannot call numel() on tensor with symbolic sizes/strides")
+    if (!index_values_readable(idx) || idx.numel() == 0) return;
     if (idx.has_storage()) {
         check_index_range(op, arg, idx, limit, meaning);
         return;
