@@ -1063,8 +1063,20 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
                                   int64_t group_size, const c10::optional<at::Tensor> &g_idx,
                                   const c10::optional<at::Tensor> &bias,
                                   c10::string_view zero_format, const c10::optional<at::Tensor> &perm) {
-    check_w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm, false,
-                       /*in_transform=*/true);
+    // Sizes are symbolic only while torch.compile(dynamic=True) traces the transform, and reading
+    // them here failed (torch 2.11: an internal assert on the functorch wrapper; 2.13 read them).
+    // There the ops below check what they read, in the trace and again when the graph runs
+    // (dequantize: shapes and g_idx's range; index_select: perm's; linear: x against K).
+    auto symbolic = [](const at::Tensor &t) {
+        return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+    };
+    auto symbolic_opt = [&](const c10::optional<at::Tensor> &t) {
+        return t.has_value() && t->defined() && symbolic(*t);
+    };
+    if (!(symbolic(x) || symbolic(qweight) || symbolic(scales) || symbolic_opt(qzeros) ||
+          symbolic_opt(g_idx) || symbolic_opt(bias) || symbolic_opt(perm)))
+        check_w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm,
+                           false, /*in_transform=*/true);
     const at::Tensor w =
         dequantized_weight(qweight, scales, qzeros, group_size, g_idx, zero_format, x.scalar_type());
     const at::Tensor xp = perm.has_value() ? x.index_select(-1, perm->to(at::kLong)) : x;
