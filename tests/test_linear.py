@@ -602,9 +602,39 @@ def test_vmap_rule(device, dtype):
     assert torch.allclose(whole, expected, rtol=1e-4, atol=1e-3)
 
 
+def test_compile_inductor_jacrev_over_perm(device):
+    """Inductor compiles jacrev and vmap(grad) of the op with perm right: the composite route moves
+    W's columns instead of gathering x (torch 2.13's Inductor got the Jacobian of an index_select of
+    x wrong; torch 2.11 failed on its backward under dynamic shapes)"""
+    K, N = 128, 40
+    t = make_weights(K, N, 64, device=device)
+    perm = torch.randperm(K, device=device).to(torch.int32)
+    x = torch.randn(3, K, device=device)
+    w = ref.dequantize(t["qweight"].cpu(), t["scales"].cpu().float(), t["qzeros"].cpu(), "gptq", 4,
+                       64, None, "v1").to(device)
+
+    def f(x):
+        return torch_ops.w4a16_linear(x, perm=perm, **t)
+
+    def loss(x):
+        return f(x).square().sum()
+
+    expected_jac = torch.func.jacrev(lambda x: F.linear(x[..., perm.long()], w))(x)
+    expected_grad = torch.vmap(torch.func.grad(lambda x: F.linear(x[perm.long()], w).square().sum()))(x)
+    assert expected_jac.abs().sum() > 0 and expected_grad.abs().sum() > 0
+    torch._dynamo.reset()
+    try:
+        torch.testing.assert_close(torch.compile(torch.func.jacrev(f), fullgraph=True)(x),
+                                   expected_jac, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.compile(torch.vmap(torch.func.grad(loss)), fullgraph=True)(x),
+                                   expected_grad, rtol=1e-3, atol=1e-3)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_vmap_of_grad_over_perm(device):
     """vmap (over perm) of grad: the composite route cannot read a batched perm's values and leaves
-    them to index_select; the gradients equal a loop's; an empty batch gives an empty result"""
+    them to index_add; the gradients equal a loop's; an empty batch gives an empty result"""
     K, N = 128, 40
     t = make_weights(K, N, 64, device=device)
     x = torch.randn(3, K, device=device)

@@ -1034,10 +1034,11 @@ public:
 
 // torch.func's transforms (grad, vjp, jvp, and vmap around them) refuse a C++ autograd Function,
 // and forward-mode AD (dual tensors) finds no formula for one. There the product is composed of
-// differentiable ops instead, F.linear(x[..., perm], W, bias) with W (and bias) in x's dtype, whose
-// rules every transform knows, and the weights stay constants. The same result up to rounding:
-// W's, from scales rounded to x's dtype first, as the CUDA kernels and the backward do (the CPU
-// kernel keeps fp32 weights: in bf16, ~2x its error against an fp64 reference, within tolerance).
+// differentiable ops instead, F.linear(x, W, bias) with W (and bias) in x's dtype and W's columns
+// moved by perm (below), whose rules every transform knows; the weights stay constants. The same
+// result up to rounding: W's, from scales rounded to x's dtype first, as the CUDA kernels and the
+// backward do (the CPU kernel keeps fp32 weights: in bf16, ~2x its error against an fp64
+// reference, within tolerance).
 // Each transform then differentiates the composition, not the fused kernel; the usual call (no
 // transform, no dual tensor) never comes here.
 bool needs_composite(const at::Tensor &x, const at::Tensor &scales,
@@ -1077,12 +1078,16 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
           symbolic_opt(g_idx) || symbolic_opt(bias) || symbolic_opt(perm)))
         check_w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm,
                            false, /*in_transform=*/true);
-    const at::Tensor w =
+    at::Tensor w =
         dequantized_weight(qweight, scales, qzeros, group_size, g_idx, zero_format, x.scalar_type());
-    const at::Tensor xp = perm.has_value() ? x.index_select(-1, perm->to(at::kLong)) : x;
+    // x[..., perm] @ W^T as x @ W'^T, W'[:, j] the sum of W's columns k with perm[k] = j (a column
+    // of W moved, for a permutation): the transforms then differentiate no gather of x, whose
+    // index_select backward torch 2.11 failed on under torch.compile(dynamic=True) ("Expected
+    // IntList but got GenericList", H100 image) and torch 2.13's Inductor got wrong under jacrev
+    if (perm.has_value()) w = at::zeros_like(w).index_add(1, perm->to(at::kLong), w);
     c10::optional<at::Tensor> b;
     if (bias.has_value()) b = bias->to(x.scalar_type());
-    return at::linear(xp, w, b);
+    return at::linear(x, w, b);
 }
 
 at::Tensor w4a16_linear_autograd(const at::Tensor &x, const at::Tensor &qweight,
