@@ -479,22 +479,83 @@ def test_dequantize_scales_gradient_compiled(device, group_size):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_dequantize_scales_gradient_under_torch_func(device):
-    """torch 2.13's torch.func refuses register_autograd's generated Function (README: a known
-    gap, pytorch/pytorch#170834). Either it raises that, or (a torch that fixed it) the gradient
-    is the plain-autograd one."""
-    t = torch_ops.quantize(torch.randn(64, 64, device=device), 4, 32, scales_dtype=torch.float32)
+@pytest.mark.parametrize("case", ["gptq4", "gptq3-sym", "gptq8-act-order", "gptq4-partial-group",
+                                  "gptq2-one-group", "awq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_scales_derivatives_under_torch_func(device, case, dtype):
+    """torch.func's grad / jvp / jacfwd / vmap and forward-mode AD differentiate dequantize with
+    respect to scales (torch 2.13's torch.func refused register_autograd's Function, and jvp gave a
+    zero tangent, silently). The transforms' composition gives the kernel's values bit for bit;
+    the gradients equal plain autograd's; the tangent of this linear map is the op of the tangent"""
+    import torch.autograd.forward_ad as fwAD
+    bits = 4 if case == "awq" else int(case[4])
+    fmt = "awq" if case == "awq" else "gptq"
+    K, N = 128, 64
+    G = -1 if "one-group" in case else 32
+    t = torch_ops.quantize(torch.randn(N, K, device=device), bits, G, "sym" in case, fmt,
+                           scales_dtype=dtype)
+    if "partial" in case:  # K = 120: four groups of 32 rows, the last one 24
+        t["qweight"], K = t["qweight"][:15], 120
+        t.pop("g_idx", None)
+    if "act-order" in case:
+        t["g_idx"] = (torch.randperm(K, device=device) // G).to(torch.int32)
+    else:  # (quantize's trivial g_idx: the plain groups' route)
+        t.pop("g_idx", None)
+    qzeros = None if "sym" in case else t["qzeros"]
+    scales = t["scales"]
+
+    def f(s):
+        return torch_ops.dequantize(t["qweight"], s, qzeros, fmt, bits, G, t.get("g_idx"))
+    grad_out = torch.randn(N, K, device=device)
 
     def loss(s):
-        return torch_ops.dequantize(t["qweight"], s, t["qzeros"], group_size=32).sum()
-    s = t["scales"].clone().requires_grad_()
+        return (f(s).float() * grad_out).sum()
+    s = scales.clone().requires_grad_()
     loss(s).backward()
+    assert s.grad.abs().sum() > 0
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(torch.func.grad(loss)(scales), s.grad, **tol)
+    primal, vjp = torch.func.vjp(f, scales)
+    assert torch.equal(primal, f(scales))  # the composition rounds as the kernels do
+    torch.testing.assert_close(vjp(grad_out.to(dtype))[0].float(), s.grad.float(), **tol)
+    ds = torch.randn_like(scales)
+    primal, tangent = torch.func.jvp(f, (scales,), (ds,))
+    assert torch.equal(primal, f(scales)) and torch.equal(tangent, f(ds))
+    with fwAD.dual_level():
+        y = f(fwAD.make_dual(scales, ds))
+        assert torch.equal(fwAD.unpack_dual(y).primal, f(scales))
+        assert torch.equal(fwAD.unpack_dual(y).tangent, f(ds))
+    if dtype == torch.float32 and device == "cpu":
+        small = torch_ops.quantize(torch.randn(32, 64, device=device), bits, 32, "sym" in case, fmt,
+                                   scales_dtype=dtype)
+        g = lambda s: torch_ops.dequantize(small["qweight"], s, small.get("qzeros"), fmt, bits, 32)  # noqa: E731
+        torch.testing.assert_close(torch.func.jacfwd(g)(small["scales"]),
+                                   torch.func.jacrev(g)(small["scales"]))
+    batch = torch.stack([scales, 2 * scales])
+    torch.testing.assert_close(torch.func.vmap(f)(batch), torch.stack([f(scales), f(2 * scales)]))
+
+
+def test_dequantize_scales_gradient_under_compiled_torch_func(device):
+    """torch.compile(fullgraph, dynamic) of torch.func.grad over dequantize's scales equals eager
+    autograd, for two layer sizes from one graph"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    count = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
     try:
-        got = torch.func.grad(loss)(t["scales"])
-    except RuntimeError as e:
-        assert "setup_context" in str(e)
-    else:
-        torch.testing.assert_close(got, s.grad)
+        compiled = torch.compile(
+            torch.func.grad(lambda s, q, z, g: (torch_ops.dequantize(q, s, z, group_size=32) * g).sum()),
+            fullgraph=True, dynamic=True, backend=count)
+        for K in (128, 256):
+            t = torch_ops.quantize(torch.randn(64, K, device=device), 4, 32,
+                                   scales_dtype=torch.float32)
+            grad_out = torch.randn(64, K, device=device)
+            s = t["scales"].clone().requires_grad_()
+            (torch_ops.dequantize(t["qweight"], s, t["qzeros"], group_size=32) * grad_out).sum().backward()
+            torch.testing.assert_close(compiled(t["scales"], t["qweight"], t["qzeros"], grad_out),
+                                       s.grad, rtol=1e-5, atol=1e-5)
+        assert count.frame_count == 1
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("case", ["gptq4", "gptq3-sym", "gptq8-act-order", "gptq2-one-group", "awq"])

@@ -558,43 +558,97 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
 
 
 # ---- dequantize's gradient with respect to scales ----------------------------------------------------
+# w[n, k] = s[g(k), n] (q[k, n] - z[g(k), n]) is linear in the scales. The op's Autograd kernel is
+# Python (dequantize is not on an inference hot path): a torch.autograd.Function with a backward
+# and a jvp, and under torch.func's transforms, which cannot run a Function from inside an op's
+# kernel, the same product composed of differentiable ops. torch.library.register_autograd's own
+# Function was refused by torch 2.13's torch.func ("must override the setup_context
+# staticmethod", pytorch/pytorch#170834) and gave the scales a zero tangent under jvp, silently.
 
-def _dequantize_setup(ctx, inputs, output):
-    qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format = inputs
-    ctx.args = (format, bits, group_size, zero_format, scales.shape, scales.dtype)
-    ctx.save_for_backward(qweight, qzeros, g_idx)
-
-
-def _dequantize_backward(ctx, grad):
-    """w[n, k] = s[g(k), n] (q[k, n] - z[g(k), n]): d/ds[g, n] sums grad[n, k] (q - z) over the
-    k of group g. q - z comes from the op itself with unit scales (exact in fp32)."""
-    qweight, qzeros, g_idx = ctx.saved_tensors
-    format, bits, group_size, zero_format, shape, dtype = ctx.args
-    grad_scales = None
-    if ctx.needs_input_grad[1]:
-        ones = torch.ones(shape, dtype=torch.float32, device=grad.device)
-        q_minus_z = _ops.dequantize(qweight, ones, qzeros, format, bits, group_size, g_idx,
-                                    zero_format)  # [N, K]
-        K = q_minus_z.shape[1]
-        terms = grad.float() * q_minus_z  # [N, K]
-        if g_idx is None and K > 0:
-            # plain groups: a sum over each run of rows (Inductor, torch 2.13, crashes compiling
-            # the index_add_ below over an in-graph arange(K) // G with dynamic shapes). K need
-            # not be a multiple of G (the last of the ceil(K / G) groups is short): zero terms
-            # fill it, so that every run is G rows
-            G = K if group_size == -1 else group_size
-            terms = torch.nn.functional.pad(terms, (0, shape[0] * G - K))
-            grad_scales = terms.view(terms.shape[0], shape[0], G).sum(-1).t().to(dtype)
-        else:
-            group = (g_idx.long() if g_idx is not None else
-                     torch.arange(K, device=grad.device) // (K if group_size == -1 else group_size))
-            grad_scales = torch.zeros(shape, dtype=torch.float32, device=grad.device).index_add_(
-                0, group, terms.t()).to(dtype)
-    return None, grad_scales, None, None, None, None, None, None
+def _dequantize_below_autograd(*args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return _ops.dequantize.default(*args)
 
 
-torch.library.register_autograd("torch_ops::dequantize", _dequantize_backward,
-                                setup_context=_dequantize_setup)
+def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format):
+    """s[g(k), n] * (q - z)[n, k] from differentiable ops; q - z from the op with unit scales
+    (exact), then one rounding of the product to the scales' dtype, as the kernels round"""
+    ones = torch.ones(scales.shape, dtype=torch.float32, device=scales.device)
+    q_minus_z = _dequantize_below_autograd(qweight, ones, qzeros, format, bits, group_size, g_idx,
+                                           zero_format)  # [N, K]
+    K = q_minus_z.shape[1]
+    s = scales.float()  # (so that the gradient sums each group in fp32, as the backward does)
+    if g_idx is not None:
+        per_k = s.index_select(0, g_idx.long())  # [K, N]
+    else:  # (repeat, not an index of arange(K) // G: see the backward's note on Inductor)
+        per_k = s.repeat_interleave(K if group_size == -1 else group_size, dim=0)[:K]
+    return (q_minus_z * per_k.t()).to(scales.dtype)
+
+
+class _DequantizeScales(torch.autograd.Function):
+    @staticmethod
+    def forward(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format):
+        return _dequantize_below_autograd(qweight, scales, qzeros, format, bits, group_size, g_idx,
+                                          zero_format)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format = inputs
+        ctx.args = (format, bits, group_size, zero_format, scales.shape, scales.dtype)
+        ctx.save_for_backward(qweight, qzeros, g_idx)
+        ctx.save_for_forward(qweight, qzeros, g_idx)  # (the jvp's ctx.saved_tensors)
+
+    @staticmethod
+    def backward(ctx, grad):
+        """d/ds[g, n] sums grad[n, k] (q - z) over the k of group g. q - z comes from the op
+        itself with unit scales (exact in fp32)."""
+        qweight, qzeros, g_idx = ctx.saved_tensors
+        format, bits, group_size, zero_format, shape, dtype = ctx.args
+        grad_scales = None
+        if ctx.needs_input_grad[1]:
+            ones = torch.ones(shape, dtype=torch.float32, device=grad.device)
+            q_minus_z = _dequantize_below_autograd(qweight, ones, qzeros, format, bits,
+                                                   group_size, g_idx, zero_format)  # [N, K]
+            K = q_minus_z.shape[1]
+            terms = grad.float() * q_minus_z  # [N, K]
+            if g_idx is None and K > 0:
+                # plain groups: a sum over each run of rows (Inductor, torch 2.13, crashes
+                # compiling the index_add_ below over an in-graph arange(K) // G with dynamic
+                # shapes). K need not be a multiple of G (the last of the ceil(K / G) groups is
+                # short): zero terms fill it, so that every run is G rows
+                G = K if group_size == -1 else group_size
+                terms = torch.nn.functional.pad(terms, (0, shape[0] * G - K))
+                grad_scales = terms.view(terms.shape[0], shape[0], G).sum(-1).t().to(dtype)
+            else:
+                group = (g_idx.long() if g_idx is not None else
+                         torch.arange(K, device=grad.device) // (K if group_size == -1 else group_size))
+                grad_scales = torch.zeros(shape, dtype=torch.float32,
+                                          device=grad.device).index_add_(0, group, terms.t()).to(dtype)
+        return None, grad_scales, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, qweight_t, scales_t, qzeros_t, format_t, bits_t, group_size_t, g_idx_t,
+            zero_format_t):
+        """linear in the scales: the tangent is the op of the scales' tangent (the weights get
+        none)"""
+        qweight, qzeros, g_idx = ctx.saved_tensors
+        format, bits, group_size, zero_format = ctx.args[:4]
+        return _dequantize_below_autograd(qweight, scales_t, qzeros, format, bits, group_size,
+                                          g_idx, zero_format)
+
+
+_autograd_lib = torch.library.Library("torch_ops", "IMPL")
+
+
+def _dequantize_autograd(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128,
+                         g_idx=None, zero_format="v1"):
+    args = (qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
+        return _dequantize_composite(*args)
+    return _DequantizeScales.apply(*args)
+
+
+_autograd_lib.impl("dequantize", _dequantize_autograd, "Autograd")
 
 
 # ---- the batching rule (torch.vmap) ----------------------------------------------------------------

@@ -1078,8 +1078,9 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
           symbolic_opt(g_idx) || symbolic_opt(bias) || symbolic_opt(perm)))
         check_w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm,
                            false, /*in_transform=*/true);
-    at::Tensor w =
-        dequantized_weight(qweight, scales, qzeros, group_size, g_idx, zero_format, x.scalar_type());
+    // (scales detached: the weights get no derivative, and dequantize would give them one)
+    at::Tensor w = dequantized_weight(qweight, scales.detach(), qzeros, group_size, g_idx,
+                                      zero_format, x.scalar_type());
     // x[..., perm] @ W^T as x @ W'^T, W'[:, j] the sum of W's columns k with perm[k] = j (a column
     // of W moved, for a permutation): the transforms then differentiate no gather of x, whose
     // index_select backward torch 2.11 failed on under torch.compile(dynamic=True) ("Expected
