@@ -570,12 +570,18 @@ def _dequantize_below_autograd(*args):
         return _ops.dequantize.default(*args)
 
 
+def _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format, scales_shape):
+    """(q - z)[n, k] in fp32: the op itself with unit scales (exact)"""
+    ones = torch.ones(scales_shape, dtype=torch.float32, device=qweight.device)
+    return _dequantize_below_autograd(qweight, ones, qzeros, format, bits, group_size, g_idx,
+                                      zero_format)
+
+
 def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format):
-    """s[g(k), n] * (q - z)[n, k] from differentiable ops; q - z from the op with unit scales
-    (exact), then one rounding of the product to the scales' dtype, as the kernels round"""
-    ones = torch.ones(scales.shape, dtype=torch.float32, device=scales.device)
-    q_minus_z = _dequantize_below_autograd(qweight, ones, qzeros, format, bits, group_size, g_idx,
-                                           zero_format)  # [N, K]
+    """s[g(k), n] * (q - z)[n, k] from differentiable ops, then one rounding of the product to the
+    scales' dtype, as the kernels round"""
+    q_minus_z = _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format,
+                           scales.shape)  # [N, K]
     K = q_minus_z.shape[1]
     s = scales.float()  # (so that the gradient sums each group in fp32, as the backward does)
     if g_idx is not None:
@@ -600,15 +606,13 @@ class _DequantizeScales(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        """d/ds[g, n] sums grad[n, k] (q - z) over the k of group g. q - z comes from the op
-        itself with unit scales (exact in fp32)."""
+        """d/ds[g, n] sums grad[n, k] (q - z) over the k of group g"""
         qweight, qzeros, g_idx = ctx.saved_tensors
         format, bits, group_size, zero_format, shape, dtype = ctx.args
         grad_scales = None
         if ctx.needs_input_grad[1]:
-            ones = torch.ones(shape, dtype=torch.float32, device=grad.device)
-            q_minus_z = _dequantize_below_autograd(qweight, ones, qzeros, format, bits,
-                                                   group_size, g_idx, zero_format)  # [N, K]
+            q_minus_z = _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format,
+                                   shape)  # [N, K]
             K = q_minus_z.shape[1]
             terms = grad.float() * q_minus_z  # [N, K]
             if g_idx is None and K > 0:
