@@ -651,6 +651,25 @@ def test_vmap_of_grad_over_perm(device):
     assert empty.shape == (0, 3, N)
 
 
+def test_vmap_of_transform_over_out_of_range_perm(device):
+    """vmap (over perm) of grad / jacfwd: the composite route cannot read a batched perm's values,
+    and index_add found one out of range in words naming neither the op nor perm ("index 128 is
+    out of bounds for dimension 1 with size 128"): the error names both"""
+    K, N = 128, 16
+    t = make_weights(K, N, 64, device=device)
+    x = torch.randn(3, K, device=device)
+
+    def f(x, perm):
+        return torch_ops.w4a16_linear(x, perm=perm, **t)
+
+    good = torch.randperm(K, device=device)
+    for bad in (torch.arange(K, device=device) + 1, torch.arange(K, device=device) - 1):
+        perms = torch.stack([good, bad])
+        for transform in (torch.func.grad(lambda x, p: f(x, p).sum()), torch.func.jacfwd(f)):
+            with pytest.raises(ValueError, match=r"w4a16_linear: perm values must be in \[0, 128\)"):
+                torch.vmap(transform, in_dims=(None, 0))(x, perms)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture():
     t = make_weights(512, 256, 128, act_order=True, device="cuda")

@@ -232,7 +232,8 @@ void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) 
 // The same check for w4a16_linear's composite route (torch.func transforms, forward-mode AD). A
 // plain tensor takes the cached check. A transform's wrapper has no storage to key the cache by:
 // its values are read on every call (a sync on CUDA). A batched one (vmap around grad) cannot be
-// read at all: then dequantize's kernel (g_idx) and index_select (perm) check each sample's.
+// read at all: then dequantize's kernel (g_idx) and the composite's index_add (perm) check each
+// sample's.
 void check_index_range_in_transform(const char *op, const char *arg, const at::Tensor &idx,
                                     int64_t limit, const char *meaning) {
     // (values unreadable first: under torch.compile(dynamic=True) the wrapper's sizes are
@@ -1067,7 +1068,7 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
     // Sizes are symbolic only while torch.compile(dynamic=True) traces the transform, and reading
     // them here failed (torch 2.11: an internal assert on the functorch wrapper; 2.13 read them).
     // There the ops below check what they read, in the trace and again when the graph runs
-    // (dequantize: shapes and g_idx's range; index_select: perm's; linear: x against K).
+    // (dequantize: shapes and g_idx's range; index_add: perm's; linear: x against K).
     auto symbolic = [](const at::Tensor &t) {
         return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
     };
@@ -1085,7 +1086,17 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
     // of W moved, for a permutation): the transforms then differentiate no gather of x, whose
     // index_select backward torch 2.11 failed on under torch.compile(dynamic=True) ("Expected
     // IntList but got GenericList", H100 image) and torch 2.13's Inductor got wrong under jacrev
-    if (perm.has_value()) w = at::zeros_like(w).index_add(1, perm->to(at::kLong), w);
+    if (perm.has_value()) {
+        try {
+            w = at::zeros_like(w).index_add(1, perm->to(at::kLong), w);
+        } catch (const c10::Error &e) {
+            // a batched perm (vmap around grad / jacfwd) is the one whose values the check above
+            // could not read: index_add found them out of range, and said so without the op's name
+            // or the argument's ("index 128 is out of bounds for dimension 1 with size 128")
+            TORCH_CHECK_VALUE(false, "w4a16_linear: perm values must be in [0, ", w.sym_size(1),
+                              ") (positions in a row of x): ", e.what_without_backtrace());
+        }
+    }
     c10::optional<at::Tensor> b;
     if (bias.has_value()) b = bias->to(x.scalar_type());
     return at::linear(x, w, b);
