@@ -611,6 +611,29 @@ def test_dequantize_scales_gradient_with_a_partial_last_group(device, fmt, bits,
     torch.testing.assert_close(got.grad.cpu(), want.grad)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "grad", "vjp"])
+def test_dequantize_checks_scales_under_torch_func(device, transform):
+    """Under the transforms the op reads unit fp32 scales (q - z) and multiplies by the scales
+    after: it checked the scales' dtype and device nowhere, and a float64 or complex scales gave
+    a result in its dtype where the op refuses it; a meta one an error naming neither"""
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, 32)
+
+    def run(s):
+        f = lambda s: torch_ops.dequantize(t["qweight"], s, t["qzeros"], group_size=32)  # noqa: E731
+        if transform == "jvp":
+            return torch.func.jvp(f, (s,), (torch.ones_like(s),))
+        if transform == "grad":
+            return torch.func.grad(lambda s: f(s).real.sum())(s)
+        return torch.func.vjp(f, s)
+    for dtype in (torch.float64, torch.complex64):
+        with pytest.raises(TypeError, match=r"dequantize: scales must be float32, float16 or "
+                                            r"bfloat16, got torch\.(float64|complex64)"):
+            run(t["scales"].to(dtype))
+    with pytest.raises(ValueError, match=f"dequantize: scales is on meta but the other inputs are "
+                                         f"on {device}"):
+        run(t["scales"].float().to("meta"))
+
+
 @pytest.mark.parametrize("format", ["gptq", "awq"])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_round_to_nearest(device, format, sym):

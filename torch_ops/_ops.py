@@ -580,6 +580,13 @@ def _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format, sc
 def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format):
     """s[g(k), n] * (q - z)[n, k] from differentiable ops, then one rounding of the product to the
     scales' dtype, as the kernels round"""
+    # the op reads unit fp32 scales here, so it checks the real scales' dtype and device only
+    # here: a float64 or complex scales went through jvp / grad and gave a result in its dtype,
+    # where the op refuses it
+    torch._check_type(scales.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                      lambda: f"dequantize: scales must be float32, float16 or bfloat16, got "
+                              f"{scales.dtype}")
+    _on_one_device("dequantize", qweight, scales=scales)
     q_minus_z = _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format,
                            scales.shape)  # [N, K]
     K = q_minus_z.shape[1]
