@@ -634,6 +634,33 @@ def test_dequantize_checks_scales_under_torch_func(device, transform):
         run(t["scales"].float().to("meta"))
 
 
+def test_dequantize_scales_forward_derivatives_compiled_dynamic(device):
+    """torch.compile(fullgraph, dynamic=True) of jvp and of jacfwd(jacrev) through dequantize:
+    the composition multiplied by a transposed view of the scales, and torch 2.13's forward AD
+    failed tracing its tangent with symbolic strides (_new_zeros_with_same_feature_meta:
+    "Cannot call storage_offset() on tensor with symbolic sizes/strides")"""
+    torch._dynamo.reset()
+    try:
+        for g_idx in (False, True):
+            t = torch_ops.quantize(torch.randn(32, 128, device=device), 4, 32,
+                                   scales_dtype=torch.bfloat16)
+            gi = (torch.randperm(128, device=device) // 32).to(torch.int32) if g_idx else None
+            x = torch.randn(4, 128, device=device)
+            f = lambda s: torch_ops.dequantize(t["qweight"], s, t["qzeros"], "gptq", 4, 32, gi)  # noqa: E731
+            jvp = torch.compile(lambda s, ds: torch.func.jvp(f, (s,), (ds,)), backend="aot_eager",
+                                fullgraph=True, dynamic=True)
+            ds = torch.randn_like(t["scales"])
+            primal, tangent = jvp(t["scales"], ds)
+            assert torch.equal(primal, f(t["scales"])) and torch.equal(tangent, f(ds))
+            loss = lambda s: (x @ f(s).float().t()).square().sum()  # noqa: E731
+            hessian = torch.compile(torch.func.jacfwd(torch.func.jacrev(loss)), backend="aot_eager",
+                                    fullgraph=True, dynamic=True)
+            s = t["scales"].float().to(torch.bfloat16)
+            torch.testing.assert_close(hessian(s), torch.func.jacfwd(torch.func.jacrev(loss))(s))
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("format", ["gptq", "awq"])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_round_to_nearest(device, format, sym):

@@ -590,12 +590,16 @@ def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_i
     q_minus_z = _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format,
                            scales.shape)  # [N, K]
     K = q_minus_z.shape[1]
-    s = scales.float()  # (so that the gradient sums each group in fp32, as the backward does)
+    # (so that the gradient sums each group in fp32, as the backward does). Transposed before
+    # the expansion, not after: torch 2.13's forward AD under torch.compile(dynamic=True) fails
+    # on the tangent of a transposed view multiplied ("Cannot call storage_offset() on tensor
+    # with symbolic sizes/strides", in _new_zeros_with_same_feature_meta): compiled jvp / jacfwd
+    s = scales.float().t()  # [N, G]
     if g_idx is not None:
-        per_k = s.index_select(0, g_idx.long())  # [K, N]
+        per_k = s.index_select(1, g_idx.long())  # [N, K]
     else:  # (repeat, not an index of arange(K) // G: see the backward's note on Inductor)
-        per_k = s.repeat_interleave(K if group_size == -1 else group_size, dim=0)[:K]
-    return (q_minus_z * per_k.t()).to(scales.dtype)
+        per_k = s.repeat_interleave(K if group_size == -1 else group_size, dim=1)[:, :K]
+    return (q_minus_z * per_k).to(scales.dtype)
 
 
 class _DequantizeScales(torch.autograd.Function):
