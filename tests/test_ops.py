@@ -661,6 +661,29 @@ def test_dequantize_scales_forward_derivatives_compiled_dynamic(device):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("batched", ["scales", "qweight", "g_idx"])
+def test_dequantize_vmap_over_an_empty_batch(device, batched):
+    """vmap over a batch of size 0 gives [0, N, K] in scales' dtype (torch's fallback, one call
+    per entry, refused it: "does not support vmap over dims of size 0"), and still checks the
+    arguments"""
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, 32, scales_dtype=torch.float16)
+    q, s, z = t["qweight"], t["scales"], t["qzeros"]
+    g = (torch.arange(64, device=device) // 32).to(torch.int32)
+    f = {"scales": lambda s_: torch_ops.dequantize(q, s_, z, "gptq", 4, 32),
+         "qweight": lambda q_: torch_ops.dequantize(q_, s, z, "gptq", 4, 32),
+         "g_idx": lambda g_: torch_ops.dequantize(q, s, z, "gptq", 4, 32, g_)}[batched]
+    arg = {"scales": s, "qweight": q, "g_idx": g}[batched]
+    out = torch.func.vmap(f, in_dims=-1)(arg.unsqueeze(-1)[..., :0])
+    assert out.shape == (0, 16, 64) and out.dtype == torch.float16
+    both = torch.stack([arg, arg])
+    assert torch.equal(torch.func.vmap(f)(both), torch.stack([f(arg), f(arg)]))
+    if batched == "scales":
+        with pytest.raises(ValueError, match=r"dequantize: scales must have shape \[K/G, N\]"):
+            torch.func.vmap(f)(both[:0, :1])
+        grads = torch.func.vmap(torch.func.grad(lambda s_: f(s_).float().sum()))(both[:0].float())
+        assert grads.shape == (0, 2, 16)
+
+
 @pytest.mark.parametrize("format", ["gptq", "awq"])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_round_to_nearest(device, format, sym):

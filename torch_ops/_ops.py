@@ -668,6 +668,27 @@ _autograd_lib.impl("dequantize", _dequantize_autograd, "Autograd")
 
 # ---- the batching rule (torch.vmap) ----------------------------------------------------------------
 
+@torch.library.register_vmap("torch_ops::dequantize")
+def _(info, in_dims, qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128,
+      g_idx=None, zero_format="v1"):
+    # One call per batch entry, stacked, as torch's fallback does; the fallback refused a batch
+    # of size 0 ("does not support vmap over dims of size 0"). There the op runs once on zero
+    # stand-ins of one entry (valid codes, group 0), so that the arguments are still checked and
+    # the result has the op's shape and dtype: [0, N, K].
+    # (in_dims covers the arguments passed: the dispatcher leaves out trailing defaults)
+    dims = tuple(in_dims) + (None,) * (8 - len(in_dims))
+    args = (qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
+    B = info.batch_size
+    if B == 0:
+        one = _ops.dequantize.default(*(
+            a if d is None else a.new_zeros(a.shape[:d] + a.shape[d + 1:])
+            for a, d in zip(args, dims)))
+        return one.new_empty((0, *one.shape)), 0
+    return torch.stack([_ops.dequantize.default(*(a if d is None else a.select(d, b)
+                                                  for a, d in zip(args, dims)))
+                        for b in range(B)]), 0
+
+
 @torch.library.register_vmap("torch_ops::w4a16_linear")
 def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None,
       zero_format="v1", perm=None):
