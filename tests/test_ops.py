@@ -684,6 +684,31 @@ def test_dequantize_vmap_over_an_empty_batch(device, batched):
         assert grads.shape == (0, 2, 16)
 
 
+def test_dequantize_without_a_derivative_skips_the_autograd_function(device, monkeypatch):
+    """A call with nothing to differentiate (scales not requiring grad, or torch.no_grad, and no
+    forward-AD level open) runs the kernel without Function.apply, which binds its arguments with
+    inspect.signature on every call: 13x the kernel's host time on a small layer"""
+    from torch_ops import _ops as ops_module
+
+    def refuse(*args):
+        raise AssertionError("Function.apply")
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, 32)
+    want = torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], group_size=32)
+    monkeypatch.setattr(ops_module._DequantizeScales, "apply", refuse)
+    assert torch.equal(torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], group_size=32),
+                       want)
+    s = t["scales"].clone().requires_grad_()
+    with torch.no_grad():
+        w = torch_ops.dequantize(t["qweight"], s, t["qzeros"], group_size=32)
+    assert torch.equal(w, want) and not w.requires_grad
+    with pytest.raises(AssertionError, match="Function.apply"):  # these differentiate
+        torch_ops.dequantize(t["qweight"], s, t["qzeros"], group_size=32)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(AssertionError, match="Function.apply"):
+        torch_ops.dequantize(t["qweight"], fwAD.make_dual(t["scales"], t["scales"]), t["qzeros"],
+                             group_size=32)
+
+
 @pytest.mark.parametrize("format", ["gptq", "awq"])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_round_to_nearest(device, format, sym):
