@@ -211,7 +211,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[tor
     ``format="awq"`` reads AWQ tensors (4-bit); ``"gptq"`` reads bits 2/3/4/8 and ``g_idx``.
     ``qzeros=None`` is symmetric (z = 2**(bits-1)); ``group_size=-1`` is one group.
     Differentiable with respect to ``scales`` (d w / d s = q - z), for learning scales over
-    frozen codes, under plain autograd (not under torch.func transforms: README)."""
+    frozen codes, under autograd, forward-mode AD and torch.func's transforms (README)."""
     for arg, t, optional in (("qweight", qweight, False), ("scales", scales, False),
                              ("qzeros", qzeros, True), ("g_idx", g_idx, True)):
         _tensor("dequantize", arg, t, optional)
