@@ -661,6 +661,34 @@ def test_dequantize_scales_forward_derivatives_compiled_dynamic(device):
         torch._dynamo.reset()
 
 
+def test_dequantize_act_order_scales_derivatives_inductor(device):
+    """torch.compile (Inductor) of jacrev and of vmap(grad) over dequantize's scales with g_idx
+    equals eager: the composition gathered the scales with index_select, and torch 2.13's
+    Inductor computes vmap over its backward wrongly (every per-sample gradient was off by its
+    whole size, silently)"""
+    K, N, G = 128, 32, 32
+    t = torch_ops.quantize(torch.randn(N, K, device=device), 4, G, scales_dtype=torch.float32)
+    g_idx = (torch.randperm(K, device=device) // G).to(torch.int32)
+    x = torch.randn(4, K, device=device)
+
+    def w(s):
+        return torch_ops.dequantize(t["qweight"], s, t["qzeros"], "gptq", 4, G, g_idx)
+
+    def loss(s):
+        return (x @ w(s).t()).square().sum()
+    s = t["scales"]
+    batch = torch.stack([s, 2 * s])
+    torch._dynamo.reset()
+    try:
+        torch.testing.assert_close(torch.compile(torch.func.jacrev(lambda s: w(s)[:4, :8]))(s),
+                                   torch.func.jacrev(lambda s: w(s)[:4, :8])(s))
+        torch.testing.assert_close(torch.compile(torch.func.vmap(torch.func.grad(loss)))(batch),
+                                   torch.func.vmap(torch.func.grad(loss))(batch),
+                                   rtol=1e-4, atol=1e-2)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("batched", ["scales", "qweight", "g_idx"])
 def test_dequantize_vmap_over_an_empty_batch(device, batched):
     """vmap over a batch of size 0 gives [0, N, K] in scales' dtype (torch's fallback, one call

@@ -597,7 +597,10 @@ def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_i
     # with symbolic sizes/strides", in _new_zeros_with_same_feature_meta): compiled jvp / jacfwd
     s = scales.float().t()  # [N, G]
     if g_idx is not None:
-        per_k = s.index_select(1, g_idx.long())  # [N, K]
+        # (an index, not index_select: torch 2.13's Inductor computes vmap over index_select's
+        # backward wrongly, so compiled jacrev / vmap(grad) gave wrong scales derivatives with
+        # act-order, silently; plain torch ops alike)
+        per_k = s[:, g_idx.long()]  # [N, K]
     else:  # (repeat, not an index of arange(K) // G: see the backward's note on Inductor)
         per_k = s.repeat_interleave(K if group_size == -1 else group_size, dim=1)[:, :K]
     return (q_minus_z * per_k).to(scales.dtype)
