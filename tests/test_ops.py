@@ -1004,6 +1004,18 @@ def test_raw_ops_name_a_none_tensor_argument():
         o.w4a16_linear(None, g["qweight"], g["scales"], g["qzeros"], 32)
 
 
+def test_raw_dequantize_names_none_scales_under_torch_func():
+    """None scales inside a torch.func transform (the dispatcher passes it on undefined): the op's
+    TypeError, not an AttributeError from dequantize's Python autograd kernel reading its dtype"""
+    g, _, _ = _typed_samples()
+    o = torch.ops.torch_ops
+    s = g["scales"].float()
+    for transform, arg in ((torch.func.grad, s), (torch.func.vmap, s[None])):
+        with pytest.raises(TypeError, match="^dequantize: scales must be a tensor, got None$"):
+            transform(lambda s: o.dequantize(g["qweight"], s, g["qzeros"], "gptq", 4, 32).sum()
+                      + o.dequantize(g["qweight"], None, g["qzeros"], "gptq", 4, 32).sum())(arg)
+
+
 def test_repack_out_of_another_type_is_refused_by_name():
     g, a, _ = _typed_samples()
     qw, qz = torch_ops.awq_to_gptq(a["qweight"], a["qzeros"])

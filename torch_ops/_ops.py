@@ -662,6 +662,8 @@ _autograd_lib = torch.library.Library("torch_ops", "IMPL")
 def _dequantize_autograd(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128,
                          g_idx=None, zero_format="v1"):
     args = (qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
+    if scales is None:  # (the dispatcher passes an undefined tensor on: the kernel's TypeError)
+        return _dequantize_below_autograd(*args)
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
         return _dequantize_composite(*args)
     if not (torch.is_grad_enabled() and scales.requires_grad) and _forward_ad._current_level < 0:
