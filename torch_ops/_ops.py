@@ -680,6 +680,13 @@ _autograd_lib.impl("dequantize", _dequantize_autograd, "Autograd")
 
 # ---- the batching rule (torch.vmap) ----------------------------------------------------------------
 
+def _stack_per_entry(op, args, dims, B):
+    """op once per batch entry (args[i] selected at dims[i] where that is not None), stacked on
+    dim 0: the batching rules' route for what has no batched kernel"""
+    return torch.stack([op(*(a if d is None else a.select(d, b) for a, d in zip(args, dims)))
+                        for b in range(B)])
+
+
 @torch.library.register_vmap("torch_ops::dequantize")
 def _(info, in_dims, qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128,
       g_idx=None, zero_format="v1"):
@@ -696,9 +703,7 @@ def _(info, in_dims, qweight, scales, qzeros=None, format="gptq", bits=4, group_
             a if d is None else a.new_zeros(a.shape[:d] + a.shape[d + 1:])
             for a, d in zip(args, dims)))
         return one.new_empty((0, *one.shape)), 0
-    return torch.stack([_ops.dequantize.default(*(a if d is None else a.select(d, b)
-                                                  for a, d in zip(args, dims)))
-                        for b in range(B)]), 0
+    return _stack_per_entry(_ops.dequantize.default, args, dims, B), 0
 
 
 @torch.library.register_vmap("torch_ops::w4a16_linear")
@@ -717,14 +722,11 @@ def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None
             x_shape = [n for i, n in enumerate(x.shape) if i != x_dim]
             N = [n for i, n in enumerate(qweight.shape) if i != qweight_dim][-1]
             return x.new_empty((0, *x_shape[:-1], N)), 0
-
-        def entry(t, d, b):
-            return t if d is None else t.select(d, b)
-        outs = [_ops.w4a16_linear.default(
-            entry(x, x_dim, b), entry(qweight, qweight_dim, b), entry(scales, scales_dim, b),
-            entry(qzeros, qzeros_dim, b), group_size, entry(g_idx, g_idx_dim, b),
-            entry(bias, bias_dim, b), zero_format, entry(perm, perm_dim, b)) for b in range(B)]
-        return torch.stack(outs), 0
+        return _stack_per_entry(
+            _ops.w4a16_linear.default,
+            (x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm),
+            (x_dim, qweight_dim, scales_dim, qzeros_dim, None, g_idx_dim, bias_dim, None, perm_dim),
+            B), 0
     if bias_dim is None:  # then x is the vmapped one
         return _ops.w4a16_linear.default(x.movedim(x_dim, 0), qweight, scales, qzeros, group_size,
                                          g_idx, bias, zero_format, perm), 0
