@@ -652,9 +652,10 @@ def test_vmap_of_grad_over_perm(device):
 
 
 def test_vmap_of_transform_over_out_of_range_perm(device):
-    """vmap (over perm) of grad / jacfwd: the composite route cannot read a batched perm's values,
-    and index_add found one out of range in words naming neither the op nor perm ("index 128 is
-    out of bounds for dimension 1 with size 128"): the error names both"""
+    """vmap (over perm) of grad / jacfwd: the composite route reads the batched perm below the
+    transforms' wrappers. index_add found an out-of-range entry in words naming neither the op nor
+    perm on the CPU, and on CUDA as a device-side assert that left the CUDA context unusable (the
+    H100 run's next 90 tests errored): the error names both, and the device still works after"""
     K, N = 128, 16
     t = make_weights(K, N, 64, device=device)
     x = torch.randn(3, K, device=device)
@@ -663,11 +664,27 @@ def test_vmap_of_transform_over_out_of_range_perm(device):
         return torch_ops.w4a16_linear(x, perm=perm, **t)
 
     good = torch.randperm(K, device=device)
-    for bad in (torch.arange(K, device=device) + 1, torch.arange(K, device=device) - 1):
+    transforms = (torch.func.grad(lambda x, p: f(x, p).sum()), torch.func.jacfwd(f))
+    for bad, got in ((torch.arange(K, device=device) + 1, r"\[0, 128\]"),
+                     (torch.arange(K, device=device) - 1, r"\[-1, 127\]")):
         perms = torch.stack([good, bad])
-        for transform in (torch.func.grad(lambda x, p: f(x, p).sum()), torch.func.jacfwd(f)):
-            with pytest.raises(ValueError, match=r"w4a16_linear: perm values must be in \[0, 128\)"):
+        for transform in transforms:
+            with pytest.raises(ValueError, match=r"w4a16_linear: perm values must be in \[0, 128\) "
+                                                 r"\(positions in a row of x\), got values in " + got):
                 torch.vmap(transform, in_dims=(None, 0))(x, perms)
+        # perm under grad's wrapper inside vmap (made in the transform), and under functionalize's
+        inner = torch.vmap(lambda x, p: torch.func.grad(lambda x: f(x, p.clone()).sum())(x),
+                           in_dims=(None, 0))
+        functional = torch.func.functionalize(torch.func.grad(lambda x, p: f(x, p).sum()))
+        for call in (lambda: inner(x, perms), lambda: functional(x, bad)):
+            with pytest.raises(ValueError, match=r"w4a16_linear: perm values must be in \[0, 128\)"):
+                call()
+    # a good batch after the bad ones: each sample's transform of its own perm
+    perms = torch.stack([good, torch.arange(K, device=device)])
+    for transform in transforms:
+        batched = torch.vmap(transform, in_dims=(None, 0))(x, perms)
+        for i in range(2):
+            torch.testing.assert_close(batched[i], transform(x, perms[i]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

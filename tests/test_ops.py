@@ -513,7 +513,9 @@ def test_dequantize_scales_derivatives_under_torch_func(device, case, dtype):
     s = scales.clone().requires_grad_()
     loss(s).backward()
     assert s.grad.abs().sum() > 0
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # (float32: a group's gradient sums its rows' products in another order on CUDA, whose
+    # index_add adds atomically: 6e-5 apart on a sum of 32 products near 1.4 on the H100)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(torch.func.grad(loss)(scales), s.grad, **tol)
     primal, vjp = torch.func.vjp(f, scales)
     assert torch.equal(primal, f(scales))  # the composition rounds as the kernels do

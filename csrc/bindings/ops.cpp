@@ -8,6 +8,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/functorch/BatchedTensorImpl.h>
 #include <ATen/autocast_mode.h>
 #include <c10/util/safe_numerics.h>
 
@@ -229,28 +230,38 @@ void check_g_idx_range(const char *op, const at::Tensor &g_idx, int64_t groups) 
     check_index_range(op, "g_idx", g_idx, groups, "one per group of scales");
 }
 
-// The same check for w4a16_linear's composite route (torch.func transforms, forward-mode AD). A
-// plain tensor takes the cached check. A transform's wrapper has no storage to key the cache by:
-// its values are read on every call (a sync on CUDA). A batched one (vmap around grad) cannot be
-// read at all: then dequantize's kernel (g_idx) and the composite's index_add (perm) check each
-// sample's.
+// The tensor under torch.func's wrappers: vmap's BatchedTensor (whose value holds every sample),
+// grad's / jvp's TensorWrapper and functionalize's. The TensorWrapper's header needs one torch's
+// wheel does not ship (nlohmann/json): those two are peeled by torch's own Python binding.
+at::Tensor unwrap_functorch(at::Tensor t) {
+    for (;;) {
+        if (auto *batched = at::functorch::maybeGetBatchedImpl(t)) {
+            t = batched->value();
+        } else if (t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper) ||
+                   t.key_set().has(c10::DispatchKey::Functionalize)) {
+            py::gil_scoped_acquire gil;
+            t = py::module_::import("torch._C._functorch").attr("get_unwrapped")(t).cast<at::Tensor>();
+        } else {
+            return t;
+        }
+    }
+}
+
+// The same check for w4a16_linear's composite route (torch.func transforms, forward-mode AD), on
+// the tensor under the transforms' wrappers: a batched index (vmap around grad / jacfwd) cannot be
+// read otherwise, and on CUDA an out-of-range entry reaching index_add was a device-side assert
+// that left the process's CUDA context unusable. Read below the transforms' layers (vmap refused
+// .item() on any tensor), and cached as a plain tensor is.
 void check_index_range_in_transform(const char *op, const char *arg, const at::Tensor &idx,
                                     int64_t limit, const char *meaning) {
     // (values unreadable first: under torch.compile(dynamic=True) the wrapper's sizes are
     // symbolic, and numel() threw "Cannot call numel() on tensor with symbolic sizes/strides")
-    if (!index_values_readable(idx) || idx.numel() == 0) return;
-    if (idx.has_storage()) {
-        check_index_range(op, arg, idx, limit, meaning);
-        return;
-    }
-    int64_t lo, hi;
-    bool read;
-    try {
-        read = index_min_max(idx, lo, hi);
-    } catch (const c10::Error &) {  // vmap: "calling .item() on a Tensor is not supported"
-        read = false;
-    }
-    if (read) check_index_bounds(op, arg, lo, hi, limit, meaning);
+    if (!index_values_readable(idx)) return;
+    const at::Tensor inner = unwrap_functorch(idx);
+    if (!index_values_readable(inner) || inner.numel() == 0) return;
+    c10::impl::ExcludeDispatchKeyGuard plain(c10::DispatchKeySet(
+        {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode}));
+    check_index_range(op, arg, inner, limit, meaning);
 }
 
 // Split [0, n) across torch's intra-op threads in chunks of at least `grain`; returns the first
@@ -1086,17 +1097,7 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
     // of W moved, for a permutation): the transforms then differentiate no gather of x, whose
     // index_select backward torch 2.11 failed on under torch.compile(dynamic=True) ("Expected
     // IntList but got GenericList", H100 image) and torch 2.13's Inductor got wrong under jacrev
-    if (perm.has_value()) {
-        try {
-            w = at::zeros_like(w).index_add(1, perm->to(at::kLong), w);
-        } catch (const c10::Error &e) {
-            // a batched perm (vmap around grad / jacfwd) is the one whose values the check above
-            // could not read: index_add found them out of range, and said so without the op's name
-            // or the argument's ("index 128 is out of bounds for dimension 1 with size 128")
-            TORCH_CHECK_VALUE(false, "w4a16_linear: perm values must be in [0, ", w.sym_size(1),
-                              ") (positions in a row of x): ", e.what_without_backtrace());
-        }
-    }
+    if (perm.has_value()) w = at::zeros_like(w).index_add(1, perm->to(at::kLong), w);
     c10::optional<at::Tensor> b;
     if (bias.has_value()) b = bias->to(x.scalar_type());
     return at::linear(x, w, b);
