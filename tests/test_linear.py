@@ -529,6 +529,11 @@ def test_compile_dynamic_torch_func_grad(device, weights):
         # one graph for both batch sizes: the composite route's checks read no symbolic size
         # (torch 2.13 specialised on them, recompiling per batch; torch 2.11 failed outright)
         assert count.frame_count == 1
+        # x against K checked symbolically, naming the op (linear's own error named neither it
+        # nor K: "a and b must have same reduction dim")
+        for bad_k in (K + 8, K - 8):
+            with pytest.raises(Exception, match=r"w4a16_linear: x.shape\[-1\] = \w+ must equal K"):
+                compiled(torch.randn(2, 5, bad_k, device=device))
     finally:
         torch._dynamo.reset()
 

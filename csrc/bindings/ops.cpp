@@ -1087,9 +1087,18 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
         return t.has_value() && t->defined() && symbolic(*t);
     };
     if (!(symbolic(x) || symbolic(qweight) || symbolic(scales) || symbolic_opt(qzeros) ||
-          symbolic_opt(g_idx) || symbolic_opt(bias) || symbolic_opt(perm)))
+          symbolic_opt(g_idx) || symbolic_opt(bias) || symbolic_opt(perm))) {
         check_w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm,
                            false, /*in_transform=*/true);
+    } else if (x.dim() >= 1 && (qweight.dim() == 2 || qweight.dim() == 3)) {
+        // x against K symbolically (a guard where both are symbols), where linear's own check
+        // named neither the op nor K ("a and b must have same reduction dim")
+        const bool kil = qweight.dim() == 3;
+        const c10::SymInt K = qweight.sym_size(0) * (kil ? 32 : 8);
+        TORCH_CHECK_VALUE(x.sym_size(-1).sym_eq(K).expect_true(__FILE__, __LINE__),
+                          "w4a16_linear: x.shape[-1] = ", x.sym_size(-1), " must equal K = ",
+                          kil ? "32" : "8", " * qweight.shape[0] = ", K);
+    }
     // (scales detached: the weights get no derivative, and dequantize would give them one)
     at::Tensor w = dequantized_weight(qweight, scales.detach(), qzeros, group_size, g_idx,
                                       zero_format, x.scalar_type());
