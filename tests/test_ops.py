@@ -636,6 +636,39 @@ def test_dequantize_checks_scales_under_torch_func(device, transform):
         run(t["scales"].float().to("meta"))
 
 
+@pytest.mark.parametrize("g_idx", [False, True])
+def test_dequantize_fake_checks_scales_and_qzeros(device, g_idx):
+    """dequantize's fake kernel checks the scales' and qzeros' shapes as the kernel does: under
+    torch.compile(dynamic=True) of grad the product composed for torch.func broadcast a wrong
+    scales first, in torch's words ("The size of tensor a (8*s89) must match the size of tensor b
+    (64)"); a meta-device call returned a result for any scales"""
+    t = torch_ops.quantize(torch.randn(16, 128, device=device), 4, 32)  # K = 128: four groups
+    idx = t["g_idx"] if g_idx else None
+    bad = [("qzeros", dict(t, qzeros=t["qzeros"][:, :1]),
+            r"qzeros must have shape \[K/G, ceil\(N\*bits/32\)\] = \[.+\], got \[\w+, 1\]")]
+    if not g_idx:  # (with g_idx the scales' rows are the groups g_idx names)
+        bad.append(("scales", dict(t, scales=t["scales"][:3], qzeros=t["qzeros"][:3]),
+                    r"scales must have shape \[K/G, N\] = \[.+\] for K = \S+ and group_size = 32"))
+    for what, w, message in bad:
+        def loss(s):
+            return torch_ops.dequantize(w["qweight"], s, w["qzeros"], group_size=32,
+                                        g_idx=idx).float().sum()
+        with pytest.raises(ValueError, match="dequantize: " + message):  # eager: the kernel's
+            loss(w["scales"])
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(torch.func.grad(loss), fullgraph=True, dynamic=True,
+                                     backend="aot_eager")
+            with pytest.raises(Exception, match="dequantize: " + message):
+                compiled(w["scales"])
+        finally:
+            torch._dynamo.reset()
+        meta = {k: v.to("meta") for k, v in w.items()}
+        with pytest.raises(ValueError, match="dequantize: " + message):
+            torch_ops.dequantize(meta["qweight"], meta["scales"], meta["qzeros"], group_size=32,
+                                 g_idx=meta["g_idx"] if g_idx else None)
+
+
 def test_dequantize_scales_forward_derivatives_compiled_dynamic(device):
     """torch.compile(fullgraph, dynamic=True) of jvp and of jacfwd(jacrev) through dequantize:
     the composition multiplied by a transposed view of the scales, and torch 2.13's forward AD

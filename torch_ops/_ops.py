@@ -524,6 +524,20 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
         K = g_idx.shape[0]
     else:
         K = qweight.shape[0] * 32 // bits
+    # the kernel's shape checks of scales and qzeros, here too: under torch.compile the product
+    # composed for torch.func (_dequantize_composite) broadcast a wrong scales in its own words
+    # ("The size of tensor a (8*s89) must match the size of tensor b (64)")
+    G = scales.shape[0]
+    if g_idx is None and (group_size == -1 or group_size > 0):
+        groups = 1 if group_size == -1 else (K + group_size - 1) // group_size
+        torch._check_value(G == groups, lambda: f"dequantize: scales must have shape [K/G, N] = "
+                                                f"[{groups}, {N}] for K = {K} and group_size = "
+                                                f"{group_size}, got {list(scales.shape)}")
+    if qzeros is not None:
+        want = [G, (N * (4 if format == "awq" else bits) + 31) // 32]
+        torch._check_value(list(qzeros.shape) == want,
+                           lambda: f"dequantize: qzeros must have shape [K/G, ceil(N*bits/32)] = "
+                                   f"{want}, got {list(qzeros.shape)}")
     return scales.new_empty((N, K))
 
 
