@@ -656,6 +656,44 @@ def test_vmap_of_grad_over_perm(device):
     assert empty.shape == (0, 3, N)
 
 
+@pytest.mark.parametrize("arg", ["scales", "qzeros", "g_idx", "bias", "group_size"])
+def test_fake_checks_shapes_as_the_kernel(device, arg):
+    """The fake kernel checked x against K only: a wrong scales / qzeros / g_idx / bias shape or a
+    group size that does not divide K gave a meta-device call a result, and a compiled call met
+    the kernel's error only when the graph ran. Eager, meta and compiled (dynamic) name the same"""
+    K, N = 128, 16
+    t = make_weights(K, N, 64, act_order=arg == "g_idx", device=device)
+    w = dict(t)
+    if arg == "scales":
+        w["scales"] = t["scales"][:1]
+    elif arg == "qzeros":
+        w["qzeros"] = t["qzeros"][:, :1]
+    elif arg == "g_idx":
+        w["g_idx"] = t["g_idx"][:-8]
+    elif arg == "bias":
+        w["bias"] = torch.randn(N + 8, device=device)
+    else:
+        w["group_size"] = 48
+    message = {"scales": r"scales must have shape \[K/group_size, N\]",
+               "qzeros": r"qzeros must have shape \[K/group_size, N/8\]",
+               "g_idx": r"g_idx must have shape \[K\]", "bias": r"bias must have shape \[N\]",
+               "group_size": r"K = \S+ must be a multiple of group_size = 48"}[arg]
+    x = torch.randn(3, K, device=device)
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in w.items()}
+    with pytest.raises(ValueError, match="w4a16_linear: " + message):
+        torch_ops.w4a16_linear(x, **w)
+    with pytest.raises(ValueError, match="w4a16_linear: " + message):
+        torch_ops.w4a16_linear(x.to("meta"), **meta)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda x: torch_ops.w4a16_linear(x, **w), fullgraph=True,
+                                 dynamic=True, backend="aot_eager")
+        with pytest.raises(Exception, match="w4a16_linear: " + message):
+            compiled(x)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_vmap_of_transform_over_out_of_range_perm(device):
     """vmap (over perm) of grad / jacfwd: the composite route reads the batched perm below the
     transforms' wrappers. index_add found an out-of-range entry in words naming neither the op nor

@@ -565,10 +565,34 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
     _dims("w4a16_linear", "x", x)
     _dims("w4a16_linear", "qweight", qweight, 2, 3)
     per_row = 32 if qweight.dim() == 3 else 8  # k-interleaved [K/32, 4, N] or GPTQ [K/8, N]
-    torch._check(x.shape[-1] == qweight.shape[0] * per_row,
+    K, N = qweight.shape[0] * per_row, qweight.shape[-1]
+    torch._check(x.shape[-1] == K,
                  lambda: f"w4a16_linear: x.shape[-1] = {x.shape[-1]} must equal "
-                         f"K = {per_row} * qweight.shape[0] = {qweight.shape[0] * per_row}")
-    return x.new_empty((*x.shape[:-1], qweight.shape[-1]))
+                         f"K = {per_row} * qweight.shape[0] = {K}")
+    # the kernel's shape checks of the other arguments, here too (under torch.compile they met
+    # the kernel's only when the graph ran; a meta-device call returned a result for any)
+    torch._check_value(N % 8 == 0, lambda: f"w4a16_linear: N = qweight.shape[1] = {N} must be a "
+                                           f"multiple of 8")
+    if group_size == -1 or group_size > 0:
+        gs = K if group_size == -1 else group_size
+        torch._check_value(gs == 0 or K % gs == 0, lambda: f"w4a16_linear: K = {K} must be a "
+                                                           f"multiple of group_size = {gs}")
+        G = K // gs if group_size > 0 else 1
+        _fake_shape("w4a16_linear", "scales", scales, [G, N], "[K/group_size, N]")
+        if qzeros is not None:
+            _fake_shape("w4a16_linear", "qzeros", qzeros, [G, N // 8], "[K/group_size, N/8]")
+    for arg, t in (("g_idx", g_idx), ("perm", perm)):
+        if t is not None:
+            _fake_shape("w4a16_linear", arg, t, [K], "[K]")
+    if bias is not None:
+        _fake_shape("w4a16_linear", "bias", bias, [N], "[N]")
+    return x.new_empty((*x.shape[:-1], N))
+
+
+def _fake_shape(op, arg, t, want, formula):
+    """The kernels' check_shape, for the fakes (sizes may be symbolic)."""
+    torch._check_value(list(t.shape) == want, lambda: f"{op}: {arg} must have shape {formula} = "
+                                                      f"{want}, got {list(t.shape)}")
 
 
 
