@@ -1283,3 +1283,51 @@ def test_compiled_calls_with_a_wrong_rank_name_the_argument(call, message):
     torch._dynamo.reset()
     with pytest.raises(Exception, match=message):
         torch.compile(call, fullgraph=True)()
+
+
+def _zeros(device, *shape, dtype=torch.int32):
+    return torch.zeros(*shape, dtype=dtype, device=device)
+
+
+# (name, call on a device): each refused by the kernels; the meta device's call goes to the fake
+_REFUSED = [
+    ("pack: a length not filling words", lambda d: torch_ops.pack(_zeros(d, 4, 5, dtype=torch.uint8), 4)),
+    ("pack: 3-bit int32, 16 values", lambda d: torch_ops.pack(_zeros(d, 4, 16, dtype=torch.uint8), 3)),
+    ("pack: bits 5", lambda d: torch_ops.pack(_zeros(d, 4, 8, dtype=torch.uint8), 5)),
+    ("pack: float values", lambda d: torch_ops.pack(_zeros(d, 4, 8, dtype=torch.float32), 4)),
+    ("pack: awq order into bytes", lambda d: torch_ops.pack(_zeros(d, 4, 8, dtype=torch.uint8), 4,
+                                                            order="awq", dtype=torch.uint8)),
+    ("pack: unknown order", lambda d: torch_ops.pack(_zeros(d, 4, 8, dtype=torch.uint8), 4, order="x")),
+    ("unpack: 3-bit, 2 words", lambda d: torch_ops.unpack(_zeros(d, 4, 2), 3)),
+    ("unpack: float words", lambda d: torch_ops.unpack(_zeros(d, 4, 2, dtype=torch.float32), 4)),
+    ("unpack: awq order of bytes", lambda d: torch_ops.unpack(_zeros(d, 4, 2, dtype=torch.uint8), 4,
+                                                              order="awq")),
+    ("awq_to_gptq: K 12", lambda d: torch_ops.awq_to_gptq(_zeros(d, 12, 2), _zeros(d, 1, 2))),
+    ("awq_to_gptq: qzeros' width", lambda d: torch_ops.awq_to_gptq(_zeros(d, 16, 2), _zeros(d, 1, 3))),
+    ("awq_to_gptq: 3 groups of 16", lambda d: torch_ops.awq_to_gptq(_zeros(d, 16, 2), _zeros(d, 3, 2))),
+    ("awq_to_gptq: zero format", lambda d: torch_ops.awq_to_gptq(_zeros(d, 16, 2), _zeros(d, 1, 2), "v3")),
+    ("awq_to_gptq: float qweight", lambda d: torch_ops.awq_to_gptq(
+        _zeros(d, 16, 2, dtype=torch.float32), _zeros(d, 1, 2))),
+    ("gptq_to_awq: N 12", lambda d: torch_ops.gptq_to_awq(_zeros(d, 2, 12), _zeros(d, 1, 1))),
+    ("gptq_to_awq: g_idx's length", lambda d: torch_ops.gptq_to_awq(_zeros(d, 2, 16), _zeros(d, 1, 2),
+                                                                   g_idx=_zeros(d, 15))),
+    ("pack_v2: N 6", lambda d: torch_ops.pack_v2(_zeros(d, 6, 64, dtype=torch.uint8))),
+    ("pack_v2: K 32", lambda d: torch_ops.pack_v2(_zeros(d, 8, 32, dtype=torch.uint8))),
+    ("pack_v2: int32 values", lambda d: torch_ops.pack_v2(_zeros(d, 8, 64))),
+    ("unpack_v2: K 10", lambda d: torch_ops.unpack_v2(_zeros(d, 2, 10, dtype=torch.int16))),
+    ("unpack_v2: int32 words", lambda d: torch_ops.unpack_v2(_zeros(d, 2, 64))),
+    ("convert_gptq_zeros: bits 5", lambda d: torch_ops.convert_gptq_zeros(_zeros(d, 2, 2), 5, "v1", "v2")),
+]
+
+
+@pytest.mark.parametrize("case", _REFUSED, ids=[name for name, _ in _REFUSED])
+def test_meta_refuses_what_the_kernels_refuse(device, case):
+    """The fakes (the meta device's kernels, and torch.compile's) returned a result of a wrong
+    shape where the kernels refuse the input (pack of 5 4-bit values gave [4, 0] on meta): they
+    now raise the kernels' error, word for word"""
+    _, call = case
+    with pytest.raises((TypeError, ValueError)) as kernel:
+        call(device)
+    with pytest.raises(kernel.type) as meta:
+        call("meta")
+    assert str(meta.value) == str(kernel.value)

@@ -444,36 +444,111 @@ def _on_one_device(op, first, **tensors):
                              f"{first.device}")
 
 
+# The fakes make the kernels' checks of dtypes, bits and shapes too, in the kernels' words: they
+# also serve eager calls on the meta device, which returned a result of a wrong shape for input
+# the kernels refuse (pack of 5 4-bit values: [.., 0]), and under torch.compile they run first.
+
+def _fake_dtype(op, arg, t, want):
+    if t.dtype != want:
+        raise TypeError(f"{op}: {arg} must be {want}, got {t.dtype}")
+
+
+def _fake_bits(op, bits, allowed):
+    if bits not in allowed:
+        raise ValueError(f"{op}: bits must be one of {{{', '.join(map(str, allowed))}}}, got {bits}")
+
+
+def _fake_order(op, order):
+    if order not in ("sequential", "awq"):
+        raise ValueError(f'{op}: order must be "sequential" or "awq", got "{order}"')
+
+
+def _pack_group(bits: int, word_bytes: int) -> int:
+    """values that fill a whole number of words (tops_pack_group)"""
+    return 8 * word_bytes // math.gcd(bits, 8 * word_bytes)
+
+
+def _fake_multiple(op, what, size, m, tail=""):
+    torch._check_value(size % m == 0, lambda: f"{op}: {what} = {size} must be a multiple of {m}{tail}")
+
+
 @torch.library.register_fake("torch_ops::pack")
 def _(values, bits, dim=-1, order="sequential", dtype=torch.int32):
+    _fake_dtype("pack", "values", values, torch.uint8)
+    _fake_bits("pack", bits, (1, 2, 3, 4, 8))
     _dims("pack", "values", values)
+    if dtype not in (torch.int32, torch.uint8):
+        raise TypeError(f"pack: dtype must be torch.int32 or torch.uint8, got {dtype}")
+    wb = _word_bytes(dtype)
+    _fake_order("pack", order)
+    if order == "awq" and not (bits == 4 and wb == 4):
+        raise ValueError(f'pack: order="awq" needs bits=4 and dtype=torch.int32, got bits={bits} '
+                         f"and dtype={dtype}")
     dim = _wrap_dim("pack", "values", values, dim)
-    return _resized(values, dim, values.shape[dim] * bits // (8 * _word_bytes(dtype)), dtype)
+    group = _pack_group(bits, wb)
+    _fake_multiple("pack", f"values.shape[{dim}]", values.shape[dim], group,
+                   f" (bits={bits} into {dtype})")
+    return _resized(values, dim, values.shape[dim] // group * (group * bits // (8 * wb)), dtype)
 
 
 @torch.library.register_fake("torch_ops::unpack")
 def _(packed, bits, dim=-1, order="sequential"):
+    if packed.dtype not in (torch.int32, torch.uint8):
+        raise TypeError(f"unpack: packed.dtype must be torch.int32 or torch.uint8, got "
+                        f"{packed.dtype}")
+    _fake_bits("unpack", bits, (1, 2, 3, 4, 8))
     _dims("unpack", "packed", packed)
-    dim = _wrap_dim("unpack", "packed", packed, dim)
     wb = _word_bytes(packed.dtype)
-    return _resized(packed, dim, packed.shape[dim] * 8 * wb // bits, torch.uint8)
+    _fake_order("unpack", order)
+    if order == "awq" and not (bits == 4 and wb == 4):
+        raise ValueError(f'unpack: order="awq" needs bits=4 and int32 words, got bits={bits} and '
+                         f"packed.dtype={packed.dtype}")
+    dim = _wrap_dim("unpack", "packed", packed, dim)
+    group = _pack_group(bits, wb)
+    words = group * bits // (8 * wb)
+    nwords = packed.shape[dim]
+    torch._check_value(nwords % words == 0, lambda: (
+        f"unpack: packed.shape[{dim}] = {nwords} is not a whole number of words: bits={bits} "
+        f"spans {words} words per group, so it must be a multiple of {words}"))
+    return _resized(packed, dim, nwords // words * group, torch.uint8)
+
+
+def _fake_repack_inputs(op, qweight, qzeros, zero_format):
+    """check_repack_inputs: both int32 and 2-D, the zero format known"""
+    _fake_dtype(op, "qweight", qweight, torch.int32)
+    _fake_dtype(op, "qzeros", qzeros, torch.int32)
+    _dims(op, "qweight", qweight, 2)
+    _dims(op, "qzeros", qzeros, 2)
+    if zero_format not in ("v1", "v2"):
+        raise ValueError(f'{op}: zero_format must be "v1" or "v2", got "{zero_format}"')
+
+
+def _fake_repack_groups(op, qzeros, K, N, k_formula):
+    G = qzeros.shape[0]
+    torch._check_value(G >= 1 and K % G == 0, lambda: f"{op}: qzeros.shape[0] = {G} groups must "
+                                                       f"divide K = {k_formula} = {K}")
+    _fake_shape(op, "qzeros", qzeros, [G, N // 8], "[K/G, N/8]")
 
 
 @torch.library.register_fake("torch_ops::awq_to_gptq")
 def _(qweight, qzeros, zero_format="v1"):
     _on_one_device("awq_to_gptq", qweight, qzeros=qzeros)
-    _dims("awq_to_gptq", "qweight", qweight, 2)
-    _dims("awq_to_gptq", "qzeros", qzeros, 2)
+    _fake_repack_inputs("awq_to_gptq", qweight, qzeros, zero_format)
     K, N = qweight.shape[0], qweight.shape[1] * 8
+    _fake_multiple("awq_to_gptq", "K = qweight.shape[0]", K, 8, " (GPTQ packs 8 rows per int32)")
+    _fake_repack_groups("awq_to_gptq", qzeros, K, N, "qweight.shape[0]")
     return qweight.new_empty((K // 8, N)), qzeros.new_empty(qzeros.shape)
 
 
 @torch.library.register_fake("torch_ops::gptq_to_awq")
 def _(qweight, qzeros, zero_format="v1", g_idx=None):
     _on_one_device("gptq_to_awq", qweight, qzeros=qzeros, g_idx=g_idx)
-    _dims("gptq_to_awq", "qweight", qweight, 2)
-    _dims("gptq_to_awq", "qzeros", qzeros, 2)
+    _fake_repack_inputs("gptq_to_awq", qweight, qzeros, zero_format)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
+    _fake_multiple("gptq_to_awq", "N = qweight.shape[1]", N, 8, " (AWQ packs 8 columns per int32)")
+    _fake_repack_groups("gptq_to_awq", qzeros, K, N, "8 * qweight.shape[0]")
+    if g_idx is not None:
+        _fake_shape("gptq_to_awq", "g_idx", g_idx, [K], "[K]")
     return qweight.new_empty((K, N // 8)), qzeros.new_empty(qzeros.shape)
 
 
@@ -493,21 +568,28 @@ def _(qweight, qzeros, zero_format="v1", g_idx=None, *, qweight_out, qzeros_out)
 
 @torch.library.register_fake("torch_ops::convert_gptq_zeros")
 def _(qzeros, bits, src, dst):
+    _fake_dtype("convert_gptq_zeros", "qzeros", qzeros, torch.int32)
     _dims("convert_gptq_zeros", "qzeros", qzeros, 2)
+    _fake_bits("convert_gptq_zeros", bits, (2, 3, 4, 8))
     return qzeros.new_empty(qzeros.shape)  # contiguous, as the kernel's, whatever qzeros' strides
 
 
 @torch.library.register_fake("torch_ops::pack_v2")
 def _(unpacked, check_range=True):
+    _fake_dtype("pack_v2", "unpacked", unpacked, torch.uint8)
     _dims("pack_v2", "unpacked", unpacked, 2)
     N, K = unpacked.shape
+    _fake_multiple("pack_v2", "N = unpacked.shape[0]", N, 4)
+    _fake_multiple("pack_v2", "K = unpacked.shape[1]", K, 64)
     return unpacked.new_empty((N // 4, K), dtype=torch.int16)
 
 
 @torch.library.register_fake("torch_ops::unpack_v2")
 def _(packed):
+    _fake_dtype("unpack_v2", "packed", packed, torch.int16)
     _dims("unpack_v2", "packed", packed, 2)
     R, K = packed.shape
+    _fake_multiple("unpack_v2", "K = packed.shape[1]", K, 64)
     return packed.new_empty((R * 4, K), dtype=torch.uint8)
 
 
