@@ -409,13 +409,13 @@ def _(weight, bits, group_size, sym, format, zero_format, scales_dtype):
 
 # ---- fake kernels of the compiled ops --------------------------------------------------------------
 
-def _dims(op: str, arg: str, t: torch.Tensor, *allowed: int) -> None:
-    """The kernels' check of a tensor's rank, in the fakes too (under torch.compile they run
-    first, and a wrong rank would fail inside their own shape arithmetic instead)."""
-    torch._check(t.dim() in allowed if allowed else t.dim() >= 1,
-                 lambda: f"{op}: {arg} must be " + (" or ".join(f"{d}-D" for d in allowed)
-                                                    if allowed else "at least 1-D")
-                 + f", got shape {list(t.shape)}")
+def _dims(op: str, arg: str, t: torch.Tensor, ndim: Optional[int] = None) -> None:
+    """The kernels' check of a tensor's rank (check_ndim), in the fakes too (under torch.compile
+    they run first, and a wrong rank would fail inside their own shape arithmetic instead)."""
+    if ndim is None and t.dim() < 1:
+        raise ValueError(f"{op}: {arg} must have at least 1 dimension")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {arg} must be {ndim}-D, got shape {list(t.shape)}")
 
 
 def _wrap_dim(op: str, arg: str, t: torch.Tensor, dim: int) -> int:
@@ -596,31 +596,88 @@ def _(packed):
 @torch.library.register_fake("torch_ops::dequantize")
 def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx=None,
       zero_format="v1"):
-    _on_one_device("dequantize", qweight, scales=scales, qzeros=qzeros, g_idx=g_idx)
-    _dims("dequantize", "qweight", qweight, 2)
-    _dims("dequantize", "scales", scales, 2)
-    N = scales.shape[1]
+    # the kernel's checks, in its order and words (sizes may be symbolic). Under torch.compile the
+    # product composed for torch.func (_dequantize_composite) met a wrong scales first, in
+    # torch's words ("The size of tensor a (8*s89) must match the size of tensor b (64)")
+    op = "dequantize"
+    if format not in ("gptq", "awq"):
+        raise ValueError(f'{op}: format must be "gptq" or "awq", got "{format}"')
+    _fake_dtype(op, "qweight", qweight, torch.int32)
+    _fake_float(op, "scales", scales)
+    _on_one_device(op, qweight, scales=scales)
+    _dims(op, "qweight", qweight, 2)
+    _dims(op, "scales", scales, 2)
+    _fake_zero_format(op, zero_format)
+    G, N = scales.shape
     if format == "awq":
+        if bits != 4:
+            raise ValueError(f'{op}: format="awq" is 4-bit only, got bits={bits}')
+        if g_idx is not None:
+            raise ValueError(f'{op}: format="awq" takes no g_idx')
         K = qweight.shape[0]
-    elif g_idx is not None:
-        K = g_idx.shape[0]
+        _fake_shape(op, "qweight", qweight, [K, N // 8], "[K, N/8]")
+        torch._check_value(N % 8 == 0, lambda: f"{op}: N = scales.shape[1] = {N} must be a "
+                                               f"multiple of 8 for AWQ")
     else:
-        K = qweight.shape[0] * 32 // bits
-    # the kernel's shape checks of scales and qzeros, here too: under torch.compile the product
-    # composed for torch.func (_dequantize_composite) broadcast a wrong scales in its own words
-    # ("The size of tensor a (8*s89) must match the size of tensor b (64)")
-    G = scales.shape[0]
-    if g_idx is None and (group_size == -1 or group_size > 0):
-        groups = 1 if group_size == -1 else (K + group_size - 1) // group_size
-        torch._check_value(G == groups, lambda: f"dequantize: scales must have shape [K/G, N] = "
-                                                f"[{groups}, {N}] for K = {K} and group_size = "
+        _fake_bits(op, bits, (2, 3, 4, 8))
+        torch._check_value(qweight.shape[1] == N, lambda: f"{op}: qweight.shape[1] = "
+                                                          f"{qweight.shape[1]} must equal N = "
+                                                          f"scales.shape[1] = {N}")
+        rows = qweight.shape[0]
+        if g_idx is not None:
+            _on_one_device(op, qweight, g_idx=g_idx)
+            _dims(op, "g_idx", g_idx, 1)
+            K = g_idx.shape[0]
+        else:
+            if bits == 3:
+                torch._check_value(rows % 3 == 0, lambda: (
+                    f"{op}: qweight.shape[0] = {rows} is not a whole number of 3-bit groups "
+                    f"(bits=3 needs a multiple of 3 rows)"))
+            K = rows * 32 // bits
+        words = (K * bits + 31) // 32
+        torch._check_value(rows == words, lambda: (
+            f"{op}: qweight must have shape [ceil(K*bits/32), N] = {[words, N]} for K = {K}, got "
+            f"{list(qweight.shape)}"))
+    gs = _fake_group_size(op, group_size, K)
+    if g_idx is None:
+        groups = (K + gs - 1) // gs
+        torch._check_value(G == groups, lambda: f"{op}: scales must have shape [K/G, N] = "
+                                                f"{[groups, N]} for K = {K} and group_size = "
                                                 f"{group_size}, got {list(scales.shape)}")
     if qzeros is not None:
-        want = [G, (N * (4 if format == "awq" else bits) + 31) // 32]
-        torch._check_value(list(qzeros.shape) == want,
-                           lambda: f"dequantize: qzeros must have shape [K/G, ceil(N*bits/32)] = "
-                                   f"{want}, got {list(qzeros.shape)}")
+        _fake_dtype(op, "qzeros", qzeros, torch.int32)
+        _on_one_device(op, qweight, qzeros=qzeros)
+        _fake_shape(op, "qzeros", qzeros, [G, (N * (4 if format == "awq" else bits) + 31) // 32],
+                    "[K/G, ceil(N*bits/32)]")
+    if g_idx is not None:
+        _fake_index(op, "g_idx", g_idx)
     return scales.new_empty((N, K))
+
+
+def _fake_float(op, arg, t):
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: {arg} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _fake_index(op, arg, t):
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {arg} must be int32 or int64, got {t.dtype}")
+
+
+def _fake_zero_format(op, zero_format):
+    if zero_format not in ("v1", "v2"):
+        raise ValueError(f'{op}: zero_format must be "v1" or "v2", got "{zero_format}"')
+
+
+def _fake_group_size(op, group_size, K):
+    """resolve_group_size: -1 is one group of all K rows"""
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"{op}: group_size must be positive or -1 (one group), got {group_size}")
+    if group_size == -1:
+        torch._check_value(K > 0, lambda: f"{op}: group_size = -1 (one group of all K rows) needs "
+                                          f"K > 0, got K = 0")
+        return K
+    return group_size
 
 
 @torch.library.register_fake("torch_ops::prepack_w4a16")
@@ -642,33 +699,62 @@ def _(qweight):
 @torch.library.register_fake("torch_ops::w4a16_linear")
 def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, zero_format="v1",
       perm=None):
-    _on_one_device("w4a16_linear", x, qweight=qweight, scales=scales, qzeros=qzeros, g_idx=g_idx,
-                   bias=bias, perm=perm)
-    _dims("w4a16_linear", "x", x)
-    _dims("w4a16_linear", "qweight", qweight, 2, 3)
-    per_row = 32 if qweight.dim() == 3 else 8  # k-interleaved [K/32, 4, N] or GPTQ [K/8, N]
+    # check_w4a16_linear's checks, in its order and words (sizes may be symbolic): the fake
+    # checked x against K only, so a meta-device call returned a result for input the kernel
+    # refuses, and a compiled call met the kernel's error only when the graph ran
+    op = "w4a16_linear"
+    _fake_float(op, "x", x)
+    _fake_dtype(op, "qweight", qweight, torch.int32)
+    _fake_float(op, "scales", scales)
+    _on_one_device(op, x, qweight=qweight, scales=scales)
+    kil = qweight.dim() == 3  # k-interleaved [K/32, 4, N] or GPTQ [K/8, N]
+    if not (qweight.dim() == 2 or (kil and qweight.shape[1] == 4)):
+        raise ValueError(f"{op}: qweight must be [K/8, N] (GPTQ) or [K/32, 4, N] (prepack_w4a16), "
+                         f"got shape {list(qweight.shape)}")
+    _dims(op, "scales", scales, 2)
+    _dims(op, "x", x)
+    _fake_zero_format(op, zero_format)
+    per_row = 32 if kil else 8
     K, N = qweight.shape[0] * per_row, qweight.shape[-1]
-    torch._check(x.shape[-1] == K,
-                 lambda: f"w4a16_linear: x.shape[-1] = {x.shape[-1]} must equal "
-                         f"K = {per_row} * qweight.shape[0] = {K}")
-    # the kernel's shape checks of the other arguments, here too (under torch.compile they met
-    # the kernel's only when the graph ran; a meta-device call returned a result for any)
-    torch._check_value(N % 8 == 0, lambda: f"w4a16_linear: N = qweight.shape[1] = {N} must be a "
-                                           f"multiple of 8")
-    if group_size == -1 or group_size > 0:
-        gs = K if group_size == -1 else group_size
-        torch._check_value(gs == 0 or K % gs == 0, lambda: f"w4a16_linear: K = {K} must be a "
-                                                           f"multiple of group_size = {gs}")
-        G = K // gs if group_size > 0 else 1
-        _fake_shape("w4a16_linear", "scales", scales, [G, N], "[K/group_size, N]")
-        if qzeros is not None:
-            _fake_shape("w4a16_linear", "qzeros", qzeros, [G, N // 8], "[K/group_size, N/8]")
-    for arg, t in (("g_idx", g_idx), ("perm", perm)):
-        if t is not None:
-            _fake_shape("w4a16_linear", arg, t, [K], "[K]")
+    torch._check_value(x.shape[-1] == K, lambda: f"{op}: x.shape[-1] = {x.shape[-1]} must equal "
+                                                 f"K = {per_row} * qweight.shape[0] = {K}")
+    if kil and g_idx is not None:
+        raise ValueError(f"{op}: a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order "
+                         f"weights: act_order_prepack first, then perm)")
+    torch._check_value(N % 8 == 0, lambda: f"{op}: N = qweight.shape[1] = {N} must be a multiple "
+                                           f"of 8")
+    gs = _fake_group_size(op, group_size, K)
+    torch._check_value(K % gs == 0, lambda: f"{op}: K = {K} must be a multiple of group_size = "
+                                            f"{gs}")
+    G = K // gs
+    if kil:
+        torch._check_value(gs % 32 == 0 or gs == K, lambda: (
+            f"{op}: group_size = {gs} must be a multiple of 32 with a k-interleaved qweight "
+            f"(prepack_w4a16)"))
+    _fake_shape(op, "scales", scales, [G, N], "[K/group_size, N]")
+    if qzeros is not None:
+        _fake_dtype(op, "qzeros", qzeros, torch.int32)
+        _on_one_device(op, x, qzeros=qzeros)
+        _fake_shape(op, "qzeros", qzeros, [G, N // 8], "[K/group_size, N/8]")
+    if g_idx is not None:
+        _fake_index_arg(op, "g_idx", g_idx, x, K)
+    if perm is not None:
+        if g_idx is not None:
+            raise ValueError(f"{op}: pass g_idx (act-order as stored) or perm (rows sorted by "
+                             f"act_order_prepack), not both")
+        _fake_index_arg(op, "perm", perm, x, K)
     if bias is not None:
-        _fake_shape("w4a16_linear", "bias", bias, [N], "[N]")
+        _fake_float(op, "bias", bias)
+        _on_one_device(op, x, bias=bias)
+        _fake_shape(op, "bias", bias, [N], "[N]")
     return x.new_empty((*x.shape[:-1], N))
+
+
+def _fake_index_arg(op, arg, t, x, K):
+    """check_index_arg: int32 or int64 [K] on x's device (the values are the kernel's to read)"""
+    _fake_index(op, arg, t)
+    _on_one_device(op, x, **{arg: t})
+    _fake_shape(op, arg, t, [K], "[K]")
 
 
 def _fake_shape(op, arg, t, want, formula):
