@@ -458,14 +458,14 @@ def _fake_bits(op, bits, allowed):
         raise ValueError(f"{op}: bits must be one of {{{', '.join(map(str, allowed))}}}, got {bits}")
 
 
-def _fake_order(op, order):
+def _fake_order_and_dim(op, arg, t, bits, dim, order, word_bytes, awq_needs):
+    """pack's and unpack's checks of order and dim; returns dim wrapped, and the values that fill
+    a whole number of words (tops_pack_group)"""
     if order not in ("sequential", "awq"):
         raise ValueError(f'{op}: order must be "sequential" or "awq", got "{order}"')
-
-
-def _pack_group(bits: int, word_bytes: int) -> int:
-    """values that fill a whole number of words (tops_pack_group)"""
-    return 8 * word_bytes // math.gcd(bits, 8 * word_bytes)
+    if order == "awq" and not (bits == 4 and word_bytes == 4):
+        raise ValueError(f'{op}: order="awq" needs bits=4 and {awq_needs}')
+    return _wrap_dim(op, arg, t, dim), 8 * word_bytes // math.gcd(bits, 8 * word_bytes)
 
 
 def _fake_multiple(op, what, size, m, tail=""):
@@ -480,12 +480,8 @@ def _(values, bits, dim=-1, order="sequential", dtype=torch.int32):
     if dtype not in (torch.int32, torch.uint8):
         raise TypeError(f"pack: dtype must be torch.int32 or torch.uint8, got {dtype}")
     wb = _word_bytes(dtype)
-    _fake_order("pack", order)
-    if order == "awq" and not (bits == 4 and wb == 4):
-        raise ValueError(f'pack: order="awq" needs bits=4 and dtype=torch.int32, got bits={bits} '
-                         f"and dtype={dtype}")
-    dim = _wrap_dim("pack", "values", values, dim)
-    group = _pack_group(bits, wb)
+    dim, group = _fake_order_and_dim("pack", "values", values, bits, dim, order, wb,
+                                     f"dtype=torch.int32, got bits={bits} and dtype={dtype}")
     _fake_multiple("pack", f"values.shape[{dim}]", values.shape[dim], group,
                    f" (bits={bits} into {dtype})")
     return _resized(values, dim, values.shape[dim] // group * (group * bits // (8 * wb)), dtype)
@@ -499,12 +495,8 @@ def _(packed, bits, dim=-1, order="sequential"):
     _fake_bits("unpack", bits, (1, 2, 3, 4, 8))
     _dims("unpack", "packed", packed)
     wb = _word_bytes(packed.dtype)
-    _fake_order("unpack", order)
-    if order == "awq" and not (bits == 4 and wb == 4):
-        raise ValueError(f'unpack: order="awq" needs bits=4 and int32 words, got bits={bits} and '
-                         f"packed.dtype={packed.dtype}")
-    dim = _wrap_dim("unpack", "packed", packed, dim)
-    group = _pack_group(bits, wb)
+    dim, group = _fake_order_and_dim("unpack", "packed", packed, bits, dim, order, wb,
+                                     f"int32 words, got bits={bits} and packed.dtype={packed.dtype}")
     words = group * bits // (8 * wb)
     nwords = packed.shape[dim]
     torch._check_value(nwords % words == 0, lambda: (
