@@ -1356,6 +1356,12 @@ _REFUSED += [
                                               -1, None, _zeros(d, 16))),
     ("w4a16_linear: N 12", lambda d: _lin(_f16(d, 2, 32), _zeros(d, 4, 12), _f16(d, 1, 12), None, -1)),
     ("w4a16_linear: 1-D scales", lambda d: _lin(_f16(d, 2, 32), _zeros(d, 4, 16), _f16(d, 16), None, -1)),
+    ("prepack_w4a16: 1-D", lambda d: torch_ops.prepack_w4a16(_zeros(d, 8))),
+    ("prepack_w4a16: K 48", lambda d: torch_ops.prepack_w4a16(_zeros(d, 6, 8))),
+    ("prepack_w4a16: float", lambda d: torch_ops.prepack_w4a16(_f16(d, 8, 8))),
+    ("unprepack_w4a16: 2-D", lambda d: torch_ops.unprepack_w4a16(_zeros(d, 8, 8))),
+    ("unprepack_w4a16: 3 in the middle", lambda d: torch_ops.unprepack_w4a16(_zeros(d, 2, 3, 8))),
+    ("unprepack_w4a16: float", lambda d: torch_ops.unprepack_w4a16(_f16(d, 2, 4, 8))),
 ]
 
 

@@ -674,17 +674,19 @@ def _fake_group_size(op, group_size, K):
 
 @torch.library.register_fake("torch_ops::prepack_w4a16")
 def _(qweight):
-    torch._check(qweight.dim() == 2 and qweight.shape[0] % 4 == 0,
-                 lambda: f"prepack_w4a16: qweight must be [K/8, N] with K a multiple of 32, got "
-                         f"shape {list(qweight.shape)}")
+    _fake_dtype("prepack_w4a16", "qweight", qweight, torch.int32)
+    _dims("prepack_w4a16", "qweight", qweight, 2)
+    _fake_multiple("prepack_w4a16", "K = 8 * qweight.shape[0]", qweight.shape[0] * 8, 32,
+                   " (the layout interleaves whole 32-k blocks)")
     return qweight.new_empty((qweight.shape[0] // 4, 4, qweight.shape[1]))
 
 
 @torch.library.register_fake("torch_ops::unprepack_w4a16")
 def _(qweight):
-    torch._check(qweight.dim() == 3 and qweight.shape[1] == 4,
-                 lambda: f"unprepack_w4a16: qweight must be [K/32, 4, N], got shape "
-                         f"{list(qweight.shape)}")
+    _fake_dtype("unprepack_w4a16", "qweight", qweight, torch.int32)
+    _dims("unprepack_w4a16", "qweight", qweight, 3)
+    torch._check_value(qweight.shape[1] == 4, lambda: f"unprepack_w4a16: qweight must have shape "
+                                                      f"[K/32, 4, N], got {list(qweight.shape)}")
     return qweight.new_empty((qweight.shape[0] * 4, qweight.shape[2]))
 
 
