@@ -472,6 +472,45 @@ def _fake_multiple(op, what, size, m, tail=""):
     torch._check_value(size % m == 0, lambda: f"{op}: {what} = {size} must be a multiple of {m}{tail}")
 
 
+def _fake_float(op, arg, t):
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: {arg} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _fake_index(op, arg, t):
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {arg} must be int32 or int64, got {t.dtype}")
+
+
+def _fake_zero_format(op, zero_format):
+    if zero_format not in ("v1", "v2"):
+        raise ValueError(f'{op}: zero_format must be "v1" or "v2", got "{zero_format}"')
+
+
+def _fake_group_size(op, group_size, K):
+    """resolve_group_size: -1 is one group of all K rows"""
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"{op}: group_size must be positive or -1 (one group), got {group_size}")
+    if group_size == -1:
+        torch._check_value(K > 0, lambda: f"{op}: group_size = -1 (one group of all K rows) needs "
+                                          f"K > 0, got K = 0")
+        return K
+    return group_size
+
+
+def _fake_index_arg(op, arg, t, x, K):
+    """check_index_arg: int32 or int64 [K] on x's device (the values are the kernel's to read)"""
+    _fake_index(op, arg, t)
+    _on_one_device(op, x, **{arg: t})
+    _fake_shape(op, arg, t, [K], "[K]")
+
+
+def _fake_shape(op, arg, t, want, formula):
+    """The kernels' check_shape, for the fakes (sizes may be symbolic)."""
+    torch._check_value(list(t.shape) == want, lambda: f"{op}: {arg} must have shape {formula} = "
+                                                      f"{want}, got {list(t.shape)}")
+
+
 @torch.library.register_fake("torch_ops::pack")
 def _(values, bits, dim=-1, order="sequential", dtype=torch.int32):
     _fake_dtype("pack", "values", values, torch.uint8)
@@ -646,32 +685,6 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
     return scales.new_empty((N, K))
 
 
-def _fake_float(op, arg, t):
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{op}: {arg} must be float32, float16 or bfloat16, got {t.dtype}")
-
-
-def _fake_index(op, arg, t):
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: {arg} must be int32 or int64, got {t.dtype}")
-
-
-def _fake_zero_format(op, zero_format):
-    if zero_format not in ("v1", "v2"):
-        raise ValueError(f'{op}: zero_format must be "v1" or "v2", got "{zero_format}"')
-
-
-def _fake_group_size(op, group_size, K):
-    """resolve_group_size: -1 is one group of all K rows"""
-    if group_size != -1 and group_size <= 0:
-        raise ValueError(f"{op}: group_size must be positive or -1 (one group), got {group_size}")
-    if group_size == -1:
-        torch._check_value(K > 0, lambda: f"{op}: group_size = -1 (one group of all K rows) needs "
-                                          f"K > 0, got K = 0")
-        return K
-    return group_size
-
-
 @torch.library.register_fake("torch_ops::prepack_w4a16")
 def _(qweight):
     _fake_dtype("prepack_w4a16", "qweight", qweight, torch.int32)
@@ -742,20 +755,6 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
         _on_one_device(op, x, bias=bias)
         _fake_shape(op, "bias", bias, [N], "[N]")
     return x.new_empty((*x.shape[:-1], N))
-
-
-def _fake_index_arg(op, arg, t, x, K):
-    """check_index_arg: int32 or int64 [K] on x's device (the values are the kernel's to read)"""
-    _fake_index(op, arg, t)
-    _on_one_device(op, x, **{arg: t})
-    _fake_shape(op, arg, t, [K], "[K]")
-
-
-def _fake_shape(op, arg, t, want, formula):
-    """The kernels' check_shape, for the fakes (sizes may be symbolic)."""
-    torch._check_value(list(t.shape) == want, lambda: f"{op}: {arg} must have shape {formula} = "
-                                                      f"{want}, got {list(t.shape)}")
-
 
 
 # ---- dequantize's gradient with respect to scales ----------------------------------------------------
