@@ -498,10 +498,11 @@ def _fake_group_size(op, group_size, K):
     return group_size
 
 
-def _fake_index_arg(op, arg, t, x, K):
-    """check_index_arg: int32 or int64 [K] on x's device (the values are the kernel's to read)"""
+def _fake_index_arg(op, arg, t, first, K):
+    """check_index_arg: int32 or int64 [K] on first's device (the values are the kernel's to
+    read)"""
     _fake_index(op, arg, t)
-    _on_one_device(op, x, **{arg: t})
+    _on_one_device(op, first, **{arg: t})
     _fake_shape(op, arg, t, [K], "[K]")
 
 
@@ -550,8 +551,7 @@ def _fake_repack_inputs(op, qweight, qzeros, zero_format):
     _fake_dtype(op, "qzeros", qzeros, torch.int32)
     _dims(op, "qweight", qweight, 2)
     _dims(op, "qzeros", qzeros, 2)
-    if zero_format not in ("v1", "v2"):
-        raise ValueError(f'{op}: zero_format must be "v1" or "v2", got "{zero_format}"')
+    _fake_zero_format(op, zero_format)
 
 
 def _fake_repack_groups(op, qzeros, K, N, k_formula):
@@ -579,7 +579,7 @@ def _(qweight, qzeros, zero_format="v1", g_idx=None):
     _fake_multiple("gptq_to_awq", "N = qweight.shape[1]", N, 8, " (AWQ packs 8 columns per int32)")
     _fake_repack_groups("gptq_to_awq", qzeros, K, N, "8 * qweight.shape[0]")
     if g_idx is not None:
-        _fake_shape("gptq_to_awq", "g_idx", g_idx, [K], "[K]")
+        _fake_index_arg("gptq_to_awq", "g_idx", g_idx, qweight, K)
     return qweight.new_empty((K, N // 8)), qzeros.new_empty(qzeros.shape)
 
 
@@ -783,9 +783,7 @@ def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_i
     # the op reads unit fp32 scales here, so it checks the real scales' dtype and device only
     # here: a float64 or complex scales went through jvp / grad and gave a result in its dtype,
     # where the op refuses it
-    torch._check_type(scales.dtype in (torch.float32, torch.float16, torch.bfloat16),
-                      lambda: f"dequantize: scales must be float32, float16 or bfloat16, got "
-                              f"{scales.dtype}")
+    _fake_float("dequantize", "scales", scales)
     _on_one_device("dequantize", qweight, scales=scales)
     q_minus_z = _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format,
                            scales.shape)  # [N, K]

@@ -1078,8 +1078,9 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
                                   c10::string_view zero_format, const c10::optional<at::Tensor> &perm) {
     // Sizes are symbolic only while torch.compile(dynamic=True) traces the transform, and reading
     // them here failed (torch 2.11: an internal assert on the functorch wrapper; 2.13 read them).
-    // There the ops below check what they read, in the trace and again when the graph runs
-    // (dequantize: shapes and g_idx's range; index_add: perm's; linear: x against K).
+    // There x is checked against K below, and the ops after check what they read, in the trace
+    // and again when the graph runs (dequantize's fake and kernel: shapes and g_idx's range;
+    // index_add: perm's).
     auto symbolic = [](const at::Tensor &t) {
         return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
     };
