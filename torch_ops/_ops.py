@@ -329,7 +329,7 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
     if group_size != -1 and (group_size <= 0 or K % group_size):
         raise ValueError(f"act_order_prepack: group_size must be -1 or a positive divisor of "
                          f"K = {K}, got {group_size}")
-    G = K if group_size == -1 else group_size
+    G = _reference.group_len(K, group_size)
     sorted_g_idx, perm = torch.sort(g_idx, stable=True)
     if not torch.equal(sorted_g_idx.to(torch.int64),
                        torch.arange(K, device=g_idx.device) // G):
@@ -347,7 +347,7 @@ def _quantize_op(weight: torch.Tensor, bits: int, group_size: int, sym: bool, fo
     _check_quantize_args(weight, bits, group_size, format, zero_format, scales_dtype)
     q, z, scales = _reference.rtn(weight, bits, group_size, sym, format, scales_dtype)
     K = q.shape[0]
-    g_idx = (torch.arange(K, device=weight.device) // (K if group_size == -1 else group_size)
+    g_idx = (torch.arange(K, device=weight.device) // _reference.group_len(K, group_size)
              ).to(torch.int32)
     if format == "awq":
         return pack(q, 4, 1, "awq"), pack(z, 4, 1, "awq"), scales, g_idx
@@ -377,7 +377,7 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
     if group_size == -1 and K == 0:
         raise ValueError("quantize: group_size = -1 (one group of all K rows) needs K > 0, got "
                          "K = weight.shape[1] = 0")
-    G = K if group_size == -1 else group_size
+    G = _reference.group_len(K, group_size)
     if K % G:
         raise ValueError(f"quantize: K = weight.shape[1] = {K} must be a multiple of "
                          f"group_size = {group_size}")
@@ -799,7 +799,7 @@ def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_i
         # act-order, silently; plain torch ops alike)
         per_k = s[:, g_idx.long()]  # [N, K]
     else:  # (repeat, not an index of arange(K) // G: see the backward's note on Inductor)
-        per_k = s.repeat_interleave(K if group_size == -1 else group_size, dim=1)[:, :K]
+        per_k = s.repeat_interleave(_reference.group_len(K, group_size), dim=1)[:, :K]
     return (q_minus_z * per_k).to(scales.dtype)
 
 
@@ -832,12 +832,12 @@ class _DequantizeScales(torch.autograd.Function):
                 # compiling the index_add_ below over an in-graph arange(K) // G with dynamic
                 # shapes). K need not be a multiple of G (the last of the ceil(K / G) groups is
                 # short): zero terms fill it, so that every run is G rows
-                G = K if group_size == -1 else group_size
+                G = _reference.group_len(K, group_size)
                 terms = torch.nn.functional.pad(terms, (0, shape[0] * G - K))
                 grad_scales = terms.view(terms.shape[0], shape[0], G).sum(-1).t().to(dtype)
             else:
-                group = (g_idx.long() if g_idx is not None else
-                         torch.arange(K, device=grad.device) // (K if group_size == -1 else group_size))
+                group = (g_idx.long() if g_idx is not None else torch.arange(
+                    K, device=grad.device) // _reference.group_len(K, group_size))
                 grad_scales = torch.zeros(shape, dtype=torch.float32,
                                           device=grad.device).index_add_(0, group, terms.t()).to(dtype)
         return None, grad_scales, None, None, None, None, None, None

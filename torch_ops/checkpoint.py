@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import _ops
+from .reference import group_len
 from .module import (QuantLinear, check_dims, checked_g_idx, must_stay_float, name_matches,
                      replace_module, trivial_g_idx, zero_points_all_eight)
 
@@ -441,7 +442,7 @@ def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, in
         bits = _gptq_zeros_bits(zeros_shape[-1], N) if len(zeros_shape) == 2 else None
         if bits not in (4, None):  # (a shape that fits no width: the message below names it)
             raise _not_4bit(prefix, zeros_shape[-1], N, bits)
-    G = K if qc.group_size == -1 else qc.group_size
+    G = group_len(K, qc.group_size)
     layout = (f"{qc.method.upper()} layout with K={K}, N={N}, group_size={qc.group_size}")
     if K % G:
         raise CheckpointError(f"{prefix}.qweight {shape} gives K={K}, not a multiple of "

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import _ops
+from .reference import group_len
 
 __all__ = ["QuantLinear", "quantize_model"]
 
@@ -44,10 +45,6 @@ _QUANT_KEYS = ("qweight", "qzeros", "scales")
 _KEYS = _QUANT_KEYS + ("g_idx", "bias")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of scales and bias (the op's)
 _ZERO_FORMAT_METADATA = "gptq_zero_format"  # per-module state-dict metadata: the saved qzeros' format
-
-
-def _group_len(K: int, group_size: int) -> int:
-    return K if group_size == -1 else group_size
 
 
 def _shape(t) -> list:
@@ -107,7 +104,7 @@ def checked_g_idx(g_idx: torch.Tensor, groups: int, where: str) -> torch.Tensor:
 
 def trivial_g_idx(K: int, group_size: int, device=None) -> torch.Tensor:
     """The g_idx of a layer without act-order: ``arange(K) // group_size`` as int32."""
-    return (torch.arange(K, device=device) // _group_len(K, group_size)).to(torch.int32)
+    return (torch.arange(K, device=device) // group_len(K, group_size)).to(torch.int32)
 
 
 class QuantLinear(nn.Module):

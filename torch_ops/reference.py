@@ -140,7 +140,8 @@ def unpack_v2(packed):
     return p.to(torch.uint8).contiguous()
 
 
-def _groups(K, group_size):
+def group_len(K, group_size):
+    """rows of K per group: group_size, or all K where it is -1 (one group)"""
     return K if group_size == -1 else group_size
 
 
@@ -150,7 +151,7 @@ def dequantize(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=1
     if format == "awq":
         q = unpack(qweight, 4, dim=1, order="awq").to(torch.int64)  # [K, N]
         K = q.shape[0]
-        G = _groups(K, group_size)
+        G = group_len(K, group_size)
         z = (unpack(qzeros, 4, dim=1, order="awq").to(torch.int64) if qzeros is not None
              else torch.full_like(scales, 8, dtype=torch.int64))
         g = torch.arange(K, device=q.device) // G
@@ -159,7 +160,7 @@ def dequantize(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=1
         K = None if g_idx is None else g_idx.shape[0]  # None: every value qweight's words hold
         q = _fields(qweight, bits, 0, K).movedim(-1, 0)  # [K, N]
         K = q.shape[0]
-        G = _groups(K, group_size)
+        G = group_len(K, group_size)
         if qzeros is None:
             z = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int64, device=q.device)
         else:
@@ -185,7 +186,7 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
     Scales are kept in ``scales_dtype`` (default: the weight's dtype when fp16/bf16, else fp16)
     and q is computed with the stored scale, so dequantize() gives the nearest grid point."""
     N, K = weight.shape
-    G = _groups(K, group_size)
+    G = group_len(K, group_size)
     maxq = 2**bits - 1
     if scales_dtype is None:
         scales_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16
@@ -237,7 +238,7 @@ def quantize(weight, bits=4, group_size=128, sym=False, format="gptq", zero_form
     return {"qweight": pack(q, bits, dim=0),
             "qzeros": pack(_zeros_encode(z, zero_format, bits).to(torch.uint8), bits, dim=1),
             "scales": scales,
-            "g_idx": (torch.arange(K, device=q.device) // _groups(K, group_size)).to(torch.int32)}
+            "g_idx": (torch.arange(K, device=q.device) // group_len(K, group_size)).to(torch.int32)}
 
 
 def w4a16_linear(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None,
