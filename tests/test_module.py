@@ -841,3 +841,21 @@ def test_load_state_dict_runs_pre_hooks_and_loads_subclass_state():
         dst.load_state_dict({k: v for k, v in src.state_dict().items() if k != "alpha"})
     with pytest.raises(RuntimeError, match="Unexpected key.*beta"):
         dst.load_state_dict({**src.state_dict(), "beta": torch.ones(())})
+
+
+def test_a_value_that_requires_grad_is_stored_without_its_graph():
+    """from_gptq(bias=linear.bias) with an fp32 Parameter beside fp16 scales (copied into another
+    dtype), or load_state_dict of Parameters: the buffers were non-leaf tensors of the caller's
+    graph (grad_fn ToCopyBackward0), every forward built a graph and deepcopy raised."""
+    linear = nn.Linear(K, N)  # fp32 bias, requires grad
+    gq = random_gptq()
+    layer = QuantLinear.from_gptq(**gq, bias=linear.bias, group_size=G)
+    loaded = QuantLinear(K, N, group_size=G)
+    loaded.load_state_dict({**gq, "scales": nn.Parameter(gq["scales"].float()),
+                            "bias": linear.bias})
+    x = torch.randn(2, K, dtype=torch.float16)
+    for m in (layer, loaded):
+        assert all(b.grad_fn is None and not b.requires_grad for b in m.buffers())
+        assert not m(x).requires_grad
+        copy.deepcopy(m)  # raised "Only Tensors created explicitly by the user (graph leaves)"
+        assert torch.equal(m.bias, linear.bias.detach())

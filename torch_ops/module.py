@@ -373,7 +373,11 @@ class QuantLinear(nn.Module):
                 with torch.no_grad():
                     current.copy_(value)
                 return
-            value = value.to(value.device if device.type == "meta" else device, copy=True)
+            # (without autograd: a value that requires grad, a Linear's bias Parameter, left the
+            # buffer a non-leaf of the caller's graph, so every forward built a graph and deepcopy
+            # raised; nn.Module's loader copies under no_grad too)
+            with torch.no_grad():
+                value = value.to(value.device if device.type == "meta" else device, copy=True)
         setattr(self, name, value)
 
     # ------------------------------------------------------------------ state dict
