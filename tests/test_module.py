@@ -859,3 +859,24 @@ def test_a_value_that_requires_grad_is_stored_without_its_graph():
         assert not m(x).requires_grad
         copy.deepcopy(m)  # raised "Only Tensors created explicitly by the user (graph leaves)"
         assert torch.equal(m.bias, linear.bias.detach())
+
+
+def test_a_load_inside_inference_mode_keeps_normal_tensors():
+    """An act-order load inside torch.inference_mode() (as engines load) made the new perm and
+    g_idx inference tensors: a later load outside it raised "Inplace update to inference tensor
+    outside InferenceMode", and a backward through x "Inference tensors cannot be saved for
+    backward". nn.Linear loaded the same way keeps normal tensors; so does QuantLinear now."""
+    layer = QuantLinear(K, N, bias=True, group_size=G)
+    gq = random_gptq()
+    with torch.inference_mode():
+        layer.load_state_dict({**gq, "g_idx": act_order_g_idx(), "bias": torch.randn(N)})
+    assert layer.perm is not None
+    assert not any(b.is_inference() for b in layer.buffers())
+    x = torch.randn(2, K, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+    g_idx = act_order_g_idx()
+    layer.load_state_dict({**gq, "g_idx": g_idx, "bias": torch.zeros(N)})
+    x = x.detach()
+    torch.testing.assert_close(layer(x), gptq_output(x, gq, g_idx, bias=torch.zeros(N)),
+                               rtol=1e-4, atol=1e-4)

@@ -375,8 +375,11 @@ class QuantLinear(nn.Module):
                 return
             # (without autograd: a value that requires grad, a Linear's bias Parameter, left the
             # buffer a non-leaf of the caller's graph, so every forward built a graph and deepcopy
-            # raised; nn.Module's loader copies under no_grad too)
-            with torch.no_grad():
+            # raised; nn.Module's loader copies under no_grad too), and outside inference mode: a
+            # load inside it made perm and g_idx (new here) inference tensors, which a later load
+            # (in place) or a backward through x refused, where nn.Linear's loads keep normal ones
+            # (inference_mode(False) turns grad mode on: no_grad goes inside it)
+            with torch.inference_mode(False), torch.no_grad():
                 value = value.to(value.device if device.type == "meta" else device, copy=True)
         setattr(self, name, value)
 
