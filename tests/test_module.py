@@ -880,3 +880,23 @@ def test_a_load_inside_inference_mode_keeps_normal_tensors():
     x = x.detach()
     torch.testing.assert_close(layer(x), gptq_output(x, gq, g_idx, bias=torch.zeros(N)),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_meta_state_dict_into_a_materialised_layer_is_refused_by_name():
+    """A skeleton's (meta) state dict loaded into a layer on the CPU without assign: copy_ raised
+    NotImplementedError "Cannot copy out of meta tensor; no data!", naming no key and escaping
+    load_state_dict's report. Now a RuntimeError names the key; the layer is unchanged."""
+    for sd in (random_gptq(), random_awq(), {**random_gptq(), "bias": torch.zeros(N)}):
+        model = nn.Sequential(QuantLinear.from_gptq(**random_gptq(), group_size=G,
+                                                    bias=torch.ones(N, dtype=torch.float16)))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        meta = {f"0.{k}": v.to("meta") for k, v in sd.items()}
+        with pytest.raises(RuntimeError, match=re.escape("0.qweight is on the meta device")):
+            model.load_state_dict(meta, strict=False)
+        assert_same(dict(model.state_dict()), before)
+    layer = QuantLinear.from_gptq(**random_gptq(), group_size=G, bias=torch.ones(N))
+    with pytest.raises(RuntimeError, match="bias is on the meta device"):
+        layer.load_state_dict({"bias": torch.zeros(N, device="meta")}, strict=False)
+    # with assign=True, or into a meta layer, meta tensors load as they are
+    layer.load_state_dict({k: v.to("meta") for k, v in layer.state_dict().items()}, assign=True)
+    assert layer.qweight.is_meta and layer.bias.is_meta

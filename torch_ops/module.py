@@ -423,6 +423,17 @@ class QuantLinear(nn.Module):
                 raise ValueError(
                     f"{prefix}qweight, qzeros and scales load together (one layout, one zero "
                     f"format), with g_idx if any; got {', '.join(n for n in got if n != 'bias')}")
+            if not assign and not self.qweight.is_meta:
+                # a meta tensor (a skeleton's state dict) has no values to copy in: copy_ raised
+                # NotImplementedError("Cannot copy out of meta tensor; no data!"), naming no key,
+                # outside load_state_dict's report (g_idx first: its message is the same)
+                for n in ("g_idx",) + _QUANT_KEYS + ("bias",):
+                    t = got.get(n)
+                    if isinstance(t, torch.Tensor) and t.is_meta:
+                        raise ValueError(
+                            f"{prefix}{n} is on the meta device (it has no values) and this layer "
+                            f"on {self.qweight.device}: load materialised tensors, or pass "
+                            "assign=True to take the meta ones as they are")
             # (the bias checked first: a bad one left the quantized tensors loaded)
             bias = (self._checked("bias", got["bias"], prefix)
                     if self.bias is not None and "bias" in got else None)
