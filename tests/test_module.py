@@ -900,3 +900,12 @@ def test_a_meta_state_dict_into_a_materialised_layer_is_refused_by_name():
     # with assign=True, or into a meta layer, meta tensors load as they are
     layer.load_state_dict({k: v.to("meta") for k, v in layer.state_dict().items()}, assign=True)
     assert layer.qweight.is_meta and layer.bias.is_meta
+
+
+def test_quantize_model_keeps_the_train_eval_mode():
+    """A model put in eval() and then quantized held its QuantLinears in training mode (a new
+    module's default): model.training read False while its layers read True."""
+    for train in (False, True):
+        model = Tiny().train(train)
+        quantize_model(model, group_size=G)
+        assert [m.training for m in model.modules()] == [train] * 4

@@ -554,7 +554,10 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     done = {}
     for name, m in targets:
         if id(m) not in done:
-            done[id(m)] = QuantLinear.from_linear(m, group_size=group_size, sym=sym)
+            # (in the Linear's train/eval mode: a new module is in training mode, so a model put
+            # in eval() before quantizing held QuantLinears in training mode)
+            layer = QuantLinear.from_linear(m, group_size=group_size, sym=sym)
+            done[id(m)] = layer.train(m.training)
     for name, m in targets:
         replace_module(model, name, done[id(m)])
     return model
