@@ -161,6 +161,15 @@ def test_load_gptq(tmp_path, zero_format, act_order, sym):
     check_logits(model, oracle)
 
 
+def test_load_keeps_the_train_eval_mode(tmp_path):
+    """A model put in eval() before loading held its new QuantLinears in training mode (a new
+    module's default), as quantize_model did"""
+    make_checkpoint(tmp_path / "c", "awq")
+    for train in (False, True):
+        model = load_quantized(TinyLM().train(train), tmp_path / "c")
+        assert {m.training for m in model.modules()} == {train}
+
+
 def test_load_honours_modules_to_not_convert(tmp_path):
     _, oracle = make_checkpoint(tmp_path / "c", "awq", skip=["blocks.1.up"])
     model = load_quantized(TinyLM(), tmp_path / "c")

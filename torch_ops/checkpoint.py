@@ -554,7 +554,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                 bias = m.bias is not None or any(f"{n}.bias" in keys for n in names)
                 new = QuantLinear(m.in_features, m.out_features, bias=bias,
                                   group_size=qc.group_size, dtype=torch.float16,
-                                  device=m.weight.device)
+                                  device=m.weight.device).train(m.training)  # (as quantize_model)
                 for name in names:
                     replace_module(model, name, new)
                     replaced.append((name, m))
