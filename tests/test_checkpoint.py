@@ -757,6 +757,21 @@ def test_inspect_infers_4bit_layouts_and_refuses_unknown_qzeros(tmp_path):
         inspect_checkpoint(tmp_path / "flat.safetensors")
 
 
+@pytest.mark.parametrize("rows", [0, 3, 256])
+def test_inspect_single_file_refuses_scales_rows_that_do_not_divide_k(tmp_path, rows):
+    """A file has no config: the group size is K / (scales' rows). 0 rows, or more rows than K,
+    ended inspect with a ZeroDivisionError (the CLI: "error: integer modulo by zero", no tensor
+    named); 3 rows for K = 128 named a group_size of 42 that no file holds."""
+    q = ref.quantize(torch.randn(64, 128), 4, 64, False, "gptq", "v1")
+    save_file({"model.l0.qweight": q["qweight"],
+               "model.l0.qzeros": torch.zeros(rows, 8, dtype=torch.int32),
+               "model.l0.scales": torch.ones(rows, 64, dtype=torch.float16)},
+              str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"model\.l0\.scales has {rows} rows \(groups\) for "
+                                              r"K = 128 .*the rows must divide K"):
+        inspect_checkpoint(tmp_path / "bad.safetensors")
+
+
 @pytest.mark.parametrize("zero_format,act_order,sym,expected_sym", [
     ("v1", False, True, True), ("v1", True, False, False),
     ("v2", True, True, None)])  # v2's symmetric words would be zeros of 9 in v1: unknown

@@ -1145,6 +1145,11 @@ def _infer_layout(ckpt: Checkpoint, prefix: str) -> tuple[str, int, int]:
     else:
         raise CheckpointError(f"{prefix}: qweight {[rows, cols]} and scales {[ng, n]} fit neither "
                               "AWQ nor GPTQ 4-bit")
+    # the group size is K / (scales' rows): 0 rows divided by zero (a traceback), and rows that do
+    # not divide K gave a group size no file holds (more rows than K: 0, a division by zero later)
+    if ng == 0 or K % ng:
+        raise CheckpointError(f"{prefix}.scales has {ng} rows (groups) for K = {K} (qweight "
+                              f"{[rows, cols]}, {fmt.upper()} layout): the rows must divide K")
     return fmt, K, (-1 if ng == 1 else K // ng)
 
 
