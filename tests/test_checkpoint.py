@@ -534,6 +534,24 @@ def test_convert_gptq_zero_formats_and_act_order(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v2"]
 
 
+def test_convert_to_awq_writes_no_shard_that_held_only_g_idx(tmp_path):
+    """GPTQ -> AWQ drops g_idx: a shard that held only g_idx tensors was still written, empty and
+    not in the new index (a stray file every later convert copied on), and the summary counted it."""
+    src = tmp_path / "gptq"
+    _, oracle = make_checkpoint(src, "gptq")
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    write_shards(src, tensors, 2, assign={k: int(k.endswith(".g_idx")) for k in tensors})
+    info = convert_checkpoint(src, tmp_path / "awq", to="awq", verify=True, progress=False)
+    index = json.loads((tmp_path / "awq" / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "awq").glob("*.safetensors"))
+    assert files == sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors"]
+    assert info["shards"] == 1 == inspect_checkpoint(tmp_path / "awq")["shards"]
+    check_logits(load_quantized(TinyLM(), tmp_path / "awq"), oracle)
+    convert_checkpoint(tmp_path / "awq", tmp_path / "back", to="gptq", progress=False)
+    assert sorted(p.name for p in (tmp_path / "back").glob("*.safetensors")) == files
+
+
 def test_convert_refuses_bad_tensor_shape(tmp_path):
     folder = tmp_path / "src"
     make_checkpoint(folder, "gptq", shards=2)

@@ -961,7 +961,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         # (a short name: DST's own may be near the file system's limit)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name[:32]}.partial-", dir=dst_parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-        weight_map, total = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress)
+        weight_map, total, written = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp,
+                                                   progress)
         # sym from the zero points, as save_quantized records it: AWQ has no such field, and
         # kernels that take sym (Marlin) ignore the zeros, so a wrong true would be wrong output
         sym = to == "gptq" and _symmetric(ckpt, qc, prefixes)
@@ -999,7 +1000,7 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         raise
     finally:
         ckpt.close()
-    return {"layers": len(prefixes), "tensors": len(weight_map), "shards": len(ckpt.shards),
+    return {"layers": len(prefixes), "tensors": len(weight_map), "shards": written,
             "bytes": total, "act_order_layers": len(act_order), "verified": verify,
             "src_format": qc.method, "dst_format": to}
 
@@ -1022,10 +1023,15 @@ def _progress(total: int, enabled: bool, desc: str):
 def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress):
     from safetensors.torch import save_file
 
-    weight_map, total = {}, 0
+    weight_map, total, written = {}, 0, 0
     with _progress(ckpt.nbytes(), progress, "convert") as bar:
         for shard in ckpt.shards:
             out, converted = {}, {}
+            if not plan[shard] and ckpt.headers[shard]:
+                # every tensor of it dropped (GPTQ g_idx going to AWQ): no file, else DST held an
+                # empty shard that its index does not list (copied on by every later convert)
+                bar.update(sum(h[2] for h in ckpt.headers[shard].values()))
+                continue
             for key in plan[shard]:
                 prefix, _, suffix = key.rpartition(".")
                 if prefix in qset and suffix in QUANT_SUFFIXES:
@@ -1043,10 +1049,11 @@ def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress):
                 _chmod_ordinary(tmp / shard.name)
             except Exception as e:
                 raise CheckpointError(f"cannot write {tmp / shard.name} ({e})") from None
+            written += 1
             for key, t in out.items():
                 weight_map[key] = shard.name
                 total += t.numel() * t.element_size()
-    return weight_map, total
+    return weight_map, total, written
 
 
 def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
