@@ -280,6 +280,38 @@ def test_convert_failing_on_a_source_file_cleans_read_only_folders(tmp_path, cap
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["readme.md", "tok/vocab.txt"])  # SRC's own file, a subfolder's
+def test_convert_disk_full_copying_side_files_is_a_write_error_of_dst(tmp_path, capsys, monkeypatch,
+                                                                      where):
+    """A full disk while copying SRC's other files: shutil's copy names the source file (copytree
+    lists the error under it), which was reported as "cannot read SRC", blaming the source."""
+    import errno
+    import shutil
+
+    if not getattr(shutil, "_USE_CP_SENDFILE", False):
+        pytest.skip("the full disk is simulated in os.sendfile, which shutil uses on Linux")
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    (src / "tok").mkdir()
+    (src / where).write_text("text")
+    before = tree_digest(src)
+
+    real_sendfile = os.sendfile
+
+    def sendfile(out_fd, in_fd, *args):  # (full when it comes to ``where``: the others fit)
+        if os.readlink(f"/proc/self/fd/{in_fd}").endswith(where):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_sendfile(out_fd, in_fd, *args)
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--to", "gptq", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert f"cannot write {tmp_path / 'dst'} (" in err and "No space left on device" in err, err
+    assert where in err  # (the file it was copying)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"] and tree_digest(src) == before
+
+
 def test_convert_terminated_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
     """SIGTERM (kill, timeout, a scheduler) during convert: the partial output is removed and the
     command ends with status 143"""

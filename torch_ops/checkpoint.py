@@ -10,6 +10,7 @@ act-order to AWQ) is a :class:`CheckpointError` with a one-line message.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -987,14 +988,19 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
                 break
         if isinstance(e, OSError):
             if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
-                # copytree's list of (source, destination, why): the first names the file
+                # copytree's list of (source, destination, why): the first names the file, and
+                # why is the OSError's text, "[Errno N] ..."
                 culprit, why = e.args[0][0][0], str(e.args[0][0][2])
+                code = re.match(r"\[Errno (\d+)\]", why)
+                code = int(code.group(1)) if code else None
             else:
-                culprit = e.filename
+                culprit, code = e.filename, e.errno
                 why = f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
-            # (copy2 names no file when it refuses a special file; only SRC can hold one)
-            read = isinstance(e, shutil.SpecialFileError) or (
-                culprit is not None and _inside(Path(culprit), src))
+            # (copy2 names no file when it refuses a special file; only SRC can hold one.) A full
+            # disk is DST's, though shutil's copy names the source file it was copying: that
+            # was reported as "cannot read SRC"
+            read = code not in _WRITE_ERRNOS and (isinstance(e, shutil.SpecialFileError) or (
+                culprit is not None and _inside(Path(culprit), src)))
             raise CheckpointError(f"cannot {'read' if read else 'write'} {src if read else dst} "
                                   f"({why})") from None
         raise
@@ -1003,6 +1009,10 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     return {"layers": len(prefixes), "tensors": len(weight_map), "shards": written,
             "bytes": total, "act_order_layers": len(act_order), "verified": verify,
             "src_format": qc.method, "dst_format": to}
+
+
+# errors of the side that writes, whichever file they name (a copy's is its source)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _inside(path: Path, folder: Path) -> bool:
