@@ -663,6 +663,26 @@ def test_convert_refuses_destination_inside_source(tmp_path):
 
 
 
+def test_convert_refuses_an_index_beside_a_model_safetensors_it_does_not_list(tmp_path):
+    """transformers loads model.safetensors before model.safetensors.index.json; convert converted
+    the index's shards and copied model.safetensors in the old format beside them, so that
+    transformers read old-format tensors against the new config."""
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq", shards=2)
+    save_file(all_tensors(src), str(src / "model.safetensors"), metadata={"format": "pt"})
+    before = tree_digest(src)
+    with pytest.raises(CheckpointError, match=r"holds both model\.safetensors\.index\.json and a "
+                                              r"model\.safetensors it does not list"):
+        convert_checkpoint(src, tmp_path / "gptq", to="gptq", progress=False)
+    assert tree_digest(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    index = json.loads((src / "model.safetensors.index.json").read_text())  # one that lists it: fine
+    index["weight_map"] = {k: "model.safetensors" for k in all_tensors(src)}
+    for p in src.glob("model-*.safetensors"):
+        p.unlink()
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    convert_checkpoint(src, tmp_path / "gptq", to="gptq", verify=True, progress=False)
+
+
 def test_folder_without_index_reads_model_safetensors_only(tmp_path):
     """Mistral repos ship consolidated.safetensors (the same tensors, other names elsewhere) beside
     model.safetensors: with no index, as transformers does, model.safetensors is the checkpoint

@@ -913,7 +913,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     zero point is 8; AWQ's modules_to_not_convert also names the float layers), the shard layout
     and index are kept and other files copied. The result is written to a temporary folder beside
     ``dst`` and renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
-    ``verify`` re-reads the written files and checks that every layer dequantizes to exactly the
+    A folder holding both an index and a ``model.safetensors`` it does not list is refused
+    (loaders disagree on which is the checkpoint). ``verify`` re-reads the written files and checks that every layer dequantizes to exactly the
     same weight and every other tensor is equal. Returns a summary dict."""
     src, dst = Path(src), Path(dst)
     if to not in ("gptq", "awq"):
@@ -927,6 +928,15 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     if qc is None:
         raise CheckpointError(f"{src}: config.json has no quantization_config (not quantized)")
     ckpt = Checkpoint(src)
+    if ckpt.index is not None and (src / WEIGHTS_NAME).is_file() and (
+            src / WEIGHTS_NAME not in ckpt.shards):
+        # transformers loads model.safetensors before an index (vLLM and we, the index's shards):
+        # converted, DST held the shards in the new format beside model.safetensors, copied in
+        # the old one, which transformers then read against the new config
+        raise CheckpointError(f"{src}: holds both {INDEX_NAME} and a {WEIGHTS_NAME} it does not "
+                              f"list; transformers loads {WEIGHTS_NAME}, other loaders the "
+                              f"index's shards, and convert would convert only the shards: "
+                              "remove the one that is not the checkpoint")
     nested = [s for s in ckpt.shards if s.parent != src]
     if nested:
         raise CheckpointError(f"{src / INDEX_NAME}: shard {nested[0].relative_to(src)} is not a "
