@@ -683,6 +683,32 @@ def test_convert_refuses_an_index_beside_a_model_safetensors_it_does_not_list(tm
     convert_checkpoint(src, tmp_path / "gptq", to="gptq", verify=True, progress=False)
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model-00002-of-00002.safetensors"])
+def test_a_dangling_link_in_the_checkpoint_is_named(tmp_path, name):
+    """A Hugging Face cache snapshot copied without its blobs holds links to nothing. is_file() is
+    False for them: a dangling config.json read as "no quantization_config", a model.safetensors
+    as "no *.safetensors files" (or the folder's other .safetensors taken for the checkpoint), and
+    one shard of a folder without an index was left out: inspect and convert went on without it."""
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    if name.startswith("model-"):  # two files, no index: every *.safetensors is the checkpoint
+        (src / "model.safetensors").rename(src / "model-00001-of-00002.safetensors")
+    if name == "model.safetensors":  # (Mistral's file beside it was taken for the checkpoint)
+        (src / "model.safetensors").rename(src / "consolidated.safetensors")
+    (src / name).unlink(missing_ok=True)
+    os.symlink("../../blobs/0123abcd", src / name)
+    match = rf"{re.escape(str(src / name))}: a link to \.\./\.\./blobs/0123abcd, which does not exist"
+    with pytest.raises(CheckpointError, match=match):
+        inspect_checkpoint(src)
+    with pytest.raises(CheckpointError, match=match):
+        convert_checkpoint(src, tmp_path / "dst", to="gptq", progress=False)
+    with pytest.raises(CheckpointError, match=match):
+        load_quantized(TinyLM(), src)
+    with pytest.raises(CheckpointError, match=match):
+        inspect_checkpoint(src / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_folder_without_index_reads_model_safetensors_only(tmp_path):
     """Mistral repos ship consolidated.safetensors (the same tensors, other names elsewhere) beside
     model.safetensors: with no index, as transformers does, model.safetensors is the checkpoint

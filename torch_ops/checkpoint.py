@@ -118,6 +118,16 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _is_file(path: Path) -> bool:
+    """path.is_file(), but CheckpointError for a link to nothing: is_file() is False there, and a
+    checkpoint's file that was a dangling link (a Hugging Face cache snapshot copied without its
+    blobs) was taken for absent: "no quantization_config", "no *.safetensors files", or a
+    checkpoint of the other files (a shard left out, converted without it)."""
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path}: a link to {os.readlink(path)}, which does not exist")
+    return path.is_file()
+
+
 def _load_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -205,12 +215,12 @@ def read_quant_config(folder) -> tuple[dict, QuantConfig | None]:
     """(config.json contents, its QuantConfig), falling back to quantize_config.json (AutoGPTQ)
     or quant_config.json (AutoAWQ); QuantConfig is None for a checkpoint that is not quantized."""
     folder = Path(folder)
-    config = _load_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
+    config = _load_json(folder / CONFIG_NAME) if _is_file(folder / CONFIG_NAME) else {}
     qc = config.get("quantization_config")
     where = f"{folder / CONFIG_NAME}: quantization_config"
     if qc is None:
         for name, method in LEGACY_CONFIGS.items():
-            if (folder / name).is_file():
+            if _is_file(folder / name):
                 qc, where = {"quant_method": method, **_load_json(folder / name)}, folder / name
                 break
     if qc is None:
@@ -303,11 +313,11 @@ class Checkpoint:
                                   "cannot open; rename it") from None
         self.path = path
         self.index = None
-        if path.is_file():
+        if _is_file(path):
             self.folder, shards = path.parent, [path]
         elif path.is_dir():
             self.folder = path
-            if (path / INDEX_NAME).is_file():
+            if (path / INDEX_NAME).is_file():  # (one to nothing: the files below, as transformers)
                 self.index = _load_json(path / INDEX_NAME)
                 weight_map = self.index.get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
@@ -321,12 +331,12 @@ class Checkpoint:
                     raise CheckpointError(f"{path / INDEX_NAME}: metadata must be a JSON object, "
                                           f"got {metadata!r}")
                 shards = [path / s for s in dict.fromkeys(weight_map.values())]
-            elif (path / WEIGHTS_NAME).is_file():
+            elif _is_file(path / WEIGHTS_NAME):
                 # as transformers reads it: other .safetensors files are side files (Mistral
                 # repos ship consolidated.safetensors, the same tensors in their own names)
                 shards = [path / WEIGHTS_NAME]
             else:
-                shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+                shards = sorted(p for p in path.glob("*.safetensors") if _is_file(p))
             if not shards:
                 raise CheckpointError(f"{path}: no *.safetensors files")
         else:
@@ -334,7 +344,7 @@ class Checkpoint:
         self.shards = shards
         self.headers, self.metadata, self.shard_of = {}, {}, {}
         for shard in shards:
-            if not shard.is_file():
+            if not _is_file(shard):
                 raise CheckpointError(f"{shard}: listed in {INDEX_NAME} but missing")
             self.headers[shard], self.metadata[shard] = read_safetensors_header(shard)
             for key in self.headers[shard]:
@@ -914,8 +924,9 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     and index are kept and other files copied. The result is written to a temporary folder beside
     ``dst`` and renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
     A folder holding both an index and a ``model.safetensors`` it does not list is refused
-    (loaders disagree on which is the checkpoint). ``verify`` re-reads the written files and checks that every layer dequantizes to exactly the
-    same weight and every other tensor is equal. Returns a summary dict."""
+    (loaders disagree on which is the checkpoint). ``verify`` re-reads the written files and
+    checks that every layer dequantizes to exactly the same weight and every other tensor is
+    equal. Returns a summary dict."""
     src, dst = Path(src), Path(dst)
     if to not in ("gptq", "awq"):
         raise CheckpointError(f"unsupported target format {to!r} (use gptq or awq)")
