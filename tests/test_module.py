@@ -235,7 +235,9 @@ def test_act_order_prepack_declines_and_refuses(device):
            ((qweight, g_idx[:-8], G), "g_idx must be an int32 or int64 tensor of shape [K] = "
                                       "[256] (K = 8 * qweight.shape[0]), got torch.int32 of shape "
                                       "[248]"),
-           ((qweight, g_idx, 96), "group_size must be -1 or a positive divisor of K = 256, got 96")]
+           ((qweight, g_idx, 96), "group_size must be -1 or a positive divisor of K = 256, got 96"),
+           ((qweight.to("meta"), g_idx.to("meta"), G), "g_idx is on the meta device: its values "
+                                                       "decide the sort")]
     if device == "cuda":
         bad.append(((qweight, g_idx.cpu(), G), "g_idx is on cpu, qweight on cuda:0"))
     for args, message in bad:

@@ -329,6 +329,9 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
     if group_size != -1 and (group_size <= 0 or K % group_size):
         raise ValueError(f"act_order_prepack: group_size must be -1 or a positive divisor of "
                          f"K = {K}, got {group_size}")
+    if g_idx.is_meta:  # (torch.equal below raised NotImplementedError, naming no argument)
+        raise ValueError("act_order_prepack: g_idx is on the meta device: its values decide the "
+                         "sort; pass a materialised g_idx")
     G = _reference.group_len(K, group_size)
     sorted_g_idx, perm = torch.sort(g_idx, stable=True)
     if not torch.equal(sorted_g_idx.to(torch.int64),
