@@ -1320,6 +1320,27 @@ _REFUSED = [
     ("unpack_v2: K 10", lambda d: torch_ops.unpack_v2(_zeros(d, 2, 10, dtype=torch.int16))),
     ("unpack_v2: int32 words", lambda d: torch_ops.unpack_v2(_zeros(d, 2, 64))),
     ("convert_gptq_zeros: bits 5", lambda d: torch_ops.convert_gptq_zeros(_zeros(d, 2, 2), 5, "v1", "v2")),
+    ("convert_gptq_zeros: src", lambda d: torch_ops.convert_gptq_zeros(_zeros(d, 2, 2), 4, "v3", "v2")),
+    ("convert_gptq_zeros: dst", lambda d: torch_ops.convert_gptq_zeros(_zeros(d, 2, 2), 4, "v1", "x")),
+    # the out overloads: their fakes checked the devices only
+    ("awq_to_gptq out: qweight_out's shape", lambda d: torch_ops.awq_to_gptq(
+        _zeros(d, 16, 2), _zeros(d, 1, 2), out=(_zeros(d, 2, 15), _zeros(d, 1, 2)))),
+    ("awq_to_gptq out: qzeros_out's shape", lambda d: torch_ops.awq_to_gptq(
+        _zeros(d, 16, 2), _zeros(d, 1, 2), out=(_zeros(d, 2, 16), _zeros(d, 2, 2)))),
+    ("awq_to_gptq out: float qweight_out", lambda d: torch_ops.awq_to_gptq(
+        _zeros(d, 16, 2), _zeros(d, 1, 2), out=(_zeros(d, 2, 16, dtype=torch.float32), _zeros(d, 1, 2)))),
+    ("awq_to_gptq out: strided qweight_out", lambda d: torch_ops.awq_to_gptq(
+        _zeros(d, 16, 2), _zeros(d, 1, 2), out=(_zeros(d, 16, 2).t(), _zeros(d, 1, 2)))),
+    ("awq_to_gptq out: zero format", lambda d: torch_ops.awq_to_gptq(
+        _zeros(d, 16, 2), _zeros(d, 1, 2), "v3", out=(_zeros(d, 2, 16), _zeros(d, 1, 2)))),
+    ("awq_to_gptq out: K 12", lambda d: torch_ops.awq_to_gptq(
+        _zeros(d, 12, 2), _zeros(d, 1, 2), out=(_zeros(d, 1, 16), _zeros(d, 1, 2)))),
+    ("gptq_to_awq out: qweight_out's shape", lambda d: torch_ops.gptq_to_awq(
+        _zeros(d, 2, 16), _zeros(d, 1, 2), out=(_zeros(d, 16, 3), _zeros(d, 1, 2)))),
+    ("gptq_to_awq out: g_idx's length", lambda d: torch_ops.gptq_to_awq(
+        _zeros(d, 2, 16), _zeros(d, 1, 2), g_idx=_zeros(d, 15), out=(_zeros(d, 16, 2), _zeros(d, 1, 2)))),
+    ("gptq_to_awq out: int64 qzeros_out", lambda d: torch_ops.gptq_to_awq(
+        _zeros(d, 2, 16), _zeros(d, 1, 2), out=(_zeros(d, 16, 2), _zeros(d, 1, 2, dtype=torch.int64)))),
 ]
 _f16 = functools.partial(_zeros, dtype=torch.float16)
 _dq, _lin = torch_ops.dequantize, torch_ops.w4a16_linear

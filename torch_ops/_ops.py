@@ -485,9 +485,9 @@ def _fake_index(op, arg, t):
         raise TypeError(f"{op}: {arg} must be int32 or int64, got {t.dtype}")
 
 
-def _fake_zero_format(op, zero_format):
+def _fake_zero_format(op, zero_format, arg="zero_format"):
     if zero_format not in ("v1", "v2"):
-        raise ValueError(f'{op}: zero_format must be "v1" or "v2", got "{zero_format}"')
+        raise ValueError(f'{op}: {arg} must be "v1" or "v2", got "{zero_format}"')
 
 
 def _fake_group_size(op, group_size, K):
@@ -565,7 +565,7 @@ def _fake_repack_groups(op, qzeros, K, N, k_formula):
 
 
 @torch.library.register_fake("torch_ops::awq_to_gptq")
-def _(qweight, qzeros, zero_format="v1"):
+def _fake_awq_to_gptq(qweight, qzeros, zero_format="v1"):
     _on_one_device("awq_to_gptq", qweight, qzeros=qzeros)
     _fake_repack_inputs("awq_to_gptq", qweight, qzeros, zero_format)
     K, N = qweight.shape[0], qweight.shape[1] * 8
@@ -575,7 +575,7 @@ def _(qweight, qzeros, zero_format="v1"):
 
 
 @torch.library.register_fake("torch_ops::gptq_to_awq")
-def _(qweight, qzeros, zero_format="v1", g_idx=None):
+def _fake_gptq_to_awq(qweight, qzeros, zero_format="v1", g_idx=None):
     _on_one_device("gptq_to_awq", qweight, qzeros=qzeros, g_idx=g_idx)
     _fake_repack_inputs("gptq_to_awq", qweight, qzeros, zero_format)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
@@ -586,17 +586,44 @@ def _(qweight, qzeros, zero_format="v1", g_idx=None):
     return qweight.new_empty((K, N // 8)), qzeros.new_empty(qzeros.shape)
 
 
+def _fake_outs(op, results, qweight_out, qzeros_out):
+    """check_out of the .out overloads (after the inputs' checks, which gave ``results``): int32,
+    the result's shape, contiguous. The out fakes checked the devices only, so a meta call took
+    outs of any dtype or shape (and a bad zero_format or input) without a word, and a compiled
+    call met the kernel's refusal only when the graph ran. (Overlap is the kernel's to see.)"""
+    for arg, out, want in (("qweight_out", qweight_out, results[0]),
+                           ("qzeros_out", qzeros_out, results[1])):
+        _fake_dtype(op, arg, out, torch.int32)
+        torch._check_value(list(out.shape) == list(want.shape), lambda: (
+            f"{op}: {arg} must have the result's shape {list(want.shape)}, got {list(out.shape)}"))
+        if not out.is_contiguous():
+            raise ValueError(f"{op}: {arg} must be contiguous")
+
+
+def _fake_outs_given(op, qweight_out, qzeros_out):
+    """check_outs_given: None for an out is refused, in the kernel's words"""
+    for arg, out in (("qweight_out", qweight_out), ("qzeros_out", qzeros_out)):
+        if out is None:
+            raise ValueError(f"{op}: {arg} must be a tensor, got None")
+
+
 @torch.library.register_fake("torch_ops::awq_to_gptq_out")
 def _(qweight, qzeros, zero_format="v1", *, qweight_out, qzeros_out):
+    _fake_outs_given("awq_to_gptq", qweight_out, qzeros_out)
     _on_one_device("awq_to_gptq_out", qweight, qzeros=qzeros, qweight_out=qweight_out,
                    qzeros_out=qzeros_out)
+    _fake_outs("awq_to_gptq", _fake_awq_to_gptq(qweight, qzeros, zero_format), qweight_out,
+               qzeros_out)
     return None
 
 
 @torch.library.register_fake("torch_ops::gptq_to_awq_out")
 def _(qweight, qzeros, zero_format="v1", g_idx=None, *, qweight_out, qzeros_out):
+    _fake_outs_given("gptq_to_awq", qweight_out, qzeros_out)
     _on_one_device("gptq_to_awq_out", qweight, qzeros=qzeros, g_idx=g_idx,
                    qweight_out=qweight_out, qzeros_out=qzeros_out)
+    _fake_outs("gptq_to_awq", _fake_gptq_to_awq(qweight, qzeros, zero_format, g_idx),
+               qweight_out, qzeros_out)
     return None
 
 
@@ -605,6 +632,10 @@ def _(qzeros, bits, src, dst):
     _fake_dtype("convert_gptq_zeros", "qzeros", qzeros, torch.int32)
     _dims("convert_gptq_zeros", "qzeros", qzeros, 2)
     _fake_bits("convert_gptq_zeros", bits, (2, 3, 4, 8))
+    # (the fake took any src and dst: a meta call returned a result for "v3", and a compiled
+    # call met the kernel's refusal only when the graph ran)
+    _fake_zero_format("convert_gptq_zeros", src, "src")
+    _fake_zero_format("convert_gptq_zeros", dst, "dst")
     return qzeros.new_empty(qzeros.shape)  # contiguous, as the kernel's, whatever qzeros' strides
 
 
