@@ -1260,6 +1260,34 @@ def test_compile_fullgraph(device):
         assert torch.equal(a, b)
 
 
+def test_compiled_repack_into_views_at_an_offset(device):
+    """out= views at an offset of tensors made inside a compiled function (dynamic shapes):
+    torch 2.13's Inductor handed the out op base[1] as base[0], so the words went to the wrong
+    rows, silently (any custom op's mutated view does that there). In compiled code a view out is
+    written by the functional op and a copy_, which Inductor places right."""
+    qweight, qzeros = awq_tensors(64, 16, 32, device)
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+
+    def into_views(qweight, qzeros):
+        qbase = torch.zeros(2, qweight.shape[0] // 8, qweight.shape[1] * 8, dtype=torch.int32,
+                            device=qweight.device)
+        zbase = torch.zeros(3, *qzeros.shape, dtype=torch.int32, device=qweight.device)
+        torch_ops.awq_to_gptq(qweight, qzeros, out=(qbase[1], zbase[2]))
+        abase = torch.zeros(2, *qweight.shape, dtype=torch.int32, device=qweight.device)
+        torch_ops.gptq_to_awq(qbase[1], zbase[2], out=(abase[1], zbase[1]))
+        return qbase, zbase, abase
+
+    torch._dynamo.reset()
+    try:
+        qbase, zbase, abase = torch.compile(into_views, fullgraph=True, dynamic=True)(qweight,
+                                                                                      qzeros)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(qbase[1], gq) and not qbase[0].any()
+    assert torch.equal(zbase[2], gz) and torch.equal(zbase[1], qzeros) and not zbase[0].any()
+    assert torch.equal(abase[1], qweight) and not abase[0].any()
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: torch_ops.pack(torch.tensor(3, dtype=torch.uint8), 4), "pack: values must have at least 1 dimension"),
     (lambda: torch_ops.unpack(torch.tensor(3, dtype=torch.int32), 4), "unpack: packed must have at least 1 dimension"),

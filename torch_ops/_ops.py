@@ -39,6 +39,26 @@ def _out_pair(op: str, out) -> tuple:
     return tuple(out)
 
 
+def _view_out_in_compiled_code(out) -> bool:
+    """Whether an out of the repacks is a view inside torch.compile / export: torch 2.13's Inductor
+    (dynamic shapes) hands a custom op's mutated view at an offset of a tensor made in the graph to
+    the kernel at the base's start (base[1] given, base[0] written, silently), any custom op alike;
+    aten's copy_ into the same view is placed right. (Any view, not only one at an offset: Dynamo
+    cannot trace storage_offset() where shapes are static; it traces ._base.)"""
+    return torch.compiler.is_compiling() and any(t is not None and t._base is not None
+                                                 for t in out)
+
+
+def _copy_into(op: str, results, out) -> tuple:
+    """The out op's checks of the outs (None, dtype, shape, contiguity, in its words), then the
+    functional op's results copied into them"""
+    _fake_outs_given(op, *out)
+    _fake_outs(op, results, *out)
+    for t, r in zip(out, results):
+        t.copy_(r)
+    return out
+
+
 # ---- Python-level argument types -----------------------------------------------------------------
 # A value of the wrong Python type reached the ops' schema parser, which answered in its own words
 # or not at all: None for a tensor gave "There were no tensor arguments to this function",
@@ -142,16 +162,20 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     ``"v1"`` stores (z - 1) & 15 per nibble (z = 0 included), ``"v2"`` stores z. Lossless.
     ``out=(qweight_out, qzeros_out)``: write into those (contiguous int32 of the result's shapes,
     not overlapping the inputs) instead of new tensors, and return them. (Inside
-    ``torch.compile(dynamic=True)``, torch 2.13 writes an out that is a view at an offset,
-    ``base[1]``, at the base's start: any custom op's mutated view does that there. Pass whole
-    tensors, or views at offset 0, in compiled code. A compiled graph also reuses itself for
-    outs that overlap each other or an input, which it hands the kernel as separate buffers:
-    eager refuses such outs, compiled code does not see them and writes one over the other.)"""
+    ``torch.compile(dynamic=True)``, torch 2.13's Inductor writes a custom op's mutated view at
+    an offset of a tensor made in the graph, ``base[1]``, at the base's start; in compiled code
+    an out that is a view is therefore written by the functional op and a copy, which Inductor
+    places right. A direct call of ``torch.ops.torch_ops.awq_to_gptq_out`` gets no such
+    detour. A compiled graph also reuses itself for outs that overlap each other or an input,
+    which it hands the kernel as separate buffers: eager refuses such outs, compiled code does
+    not see them and writes one over the other.)"""
     _tensor("awq_to_gptq", "qweight", qweight)
     _tensor("awq_to_gptq", "qzeros", qzeros)
     _str("awq_to_gptq", "zero_format", zero_format, '"v1" or "v2"')
     if out is not None:
         out = _out_pair("awq_to_gptq", out)
+        if _view_out_in_compiled_code(out):
+            return _copy_into("awq_to_gptq", _ops.awq_to_gptq(qweight, qzeros, zero_format), out)
         _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
         return out
     return tuple(_ops.awq_to_gptq(qweight, qzeros, zero_format))
@@ -167,6 +191,9 @@ def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     _str("gptq_to_awq", "zero_format", zero_format, '"v1" or "v2"')
     if out is not None:
         out = _out_pair("gptq_to_awq", out)
+        if _view_out_in_compiled_code(out):
+            return _copy_into("gptq_to_awq", _ops.gptq_to_awq(qweight, qzeros, zero_format, g_idx),
+                              out)
         _ops.gptq_to_awq_out(qweight, qzeros, zero_format, g_idx, qweight_out=out[0],
                              qzeros_out=out[1])
         return out
@@ -594,8 +621,11 @@ def _fake_outs(op, results, qweight_out, qzeros_out):
     for arg, out, want in (("qweight_out", qweight_out, results[0]),
                            ("qzeros_out", qzeros_out, results[1])):
         _fake_dtype(op, arg, out, torch.int32)
-        torch._check_value(list(out.shape) == list(want.shape), lambda: (
-            f"{op}: {arg} must have the result's shape {list(want.shape)}, got {list(out.shape)}"))
+        # (an if, not torch._check_value: Dynamo traces this too, from _copy_into, and refuses a
+        # message closure over tensors)
+        if list(out.shape) != list(want.shape):
+            raise ValueError(f"{op}: {arg} must have the result's shape {list(want.shape)}, got "
+                             f"{list(out.shape)}")
         if not out.is_contiguous():
             raise ValueError(f"{op}: {arg} must be contiguous")
 
