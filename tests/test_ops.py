@@ -1287,6 +1287,22 @@ def test_compiled_repack_into_views_at_an_offset(device):
     assert torch.equal(zbase[2], gz) and torch.equal(zbase[1], qzeros) and not zbase[0].any()
     assert torch.equal(abase[1], qweight) and not abase[0].any()
 
+    # the outs' checks still come first there, in the op's words: a strided view is refused
+    def into_a_strided_view(qweight, qzeros, wide):
+        torch_ops.awq_to_gptq(qweight, qzeros, out=(wide[:, ::2], torch.empty_like(qzeros)))
+        return wide
+
+    wide = torch.zeros(gq.shape[0], 2 * gq.shape[1], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="awq_to_gptq: qweight_out must be contiguous"):
+        into_a_strided_view(qweight, qzeros, wide)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match="awq_to_gptq: qweight_out must be contiguous"):
+            torch.compile(into_a_strided_view, fullgraph=True, dynamic=True)(qweight, qzeros, wide)
+    finally:
+        torch._dynamo.reset()
+    assert not wide.any()
+
 
 @pytest.mark.parametrize("call,message", [
     (lambda: torch_ops.pack(torch.tensor(3, dtype=torch.uint8), 4), "pack: values must have at least 1 dimension"),

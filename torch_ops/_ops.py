@@ -49,10 +49,11 @@ def _view_out_in_compiled_code(out) -> bool:
                                                  for t in out)
 
 
-def _copy_into(op: str, results, out) -> tuple:
-    """The out op's checks of the outs (None, dtype, shape, contiguity, in its words), then the
-    functional op's results copied into them"""
+def _copy_into(op: str, functional, out) -> tuple:
+    """The out op's checks of the outs (None first, then the inputs', then dtype, shape and
+    contiguity, in its order and words), then ``functional()``'s results copied into them"""
     _fake_outs_given(op, *out)
+    results = functional()
     _fake_outs(op, results, *out)
     for t, r in zip(out, results):
         t.copy_(r)
@@ -175,7 +176,8 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     if out is not None:
         out = _out_pair("awq_to_gptq", out)
         if _view_out_in_compiled_code(out):
-            return _copy_into("awq_to_gptq", _ops.awq_to_gptq(qweight, qzeros, zero_format), out)
+            return _copy_into("awq_to_gptq", lambda: _ops.awq_to_gptq(qweight, qzeros, zero_format),
+                              out)
         _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
         return out
     return tuple(_ops.awq_to_gptq(qweight, qzeros, zero_format))
@@ -192,8 +194,8 @@ def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
     if out is not None:
         out = _out_pair("gptq_to_awq", out)
         if _view_out_in_compiled_code(out):
-            return _copy_into("gptq_to_awq", _ops.gptq_to_awq(qweight, qzeros, zero_format, g_idx),
-                              out)
+            return _copy_into("gptq_to_awq",
+                              lambda: _ops.gptq_to_awq(qweight, qzeros, zero_format, g_idx), out)
         _ops.gptq_to_awq_out(qweight, qzeros, zero_format, g_idx, qweight_out=out[0],
                              qzeros_out=out[1])
         return out
