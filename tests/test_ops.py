@@ -817,6 +817,20 @@ def test_quantize_refuses_non_finite_weights(device, format, sym, bad):
 
 
 @pytest.mark.parametrize("format,sym", [("gptq", False), ("gptq", True), ("awq", False)])
+def test_quantize_names_a_range_that_overflows_float32(device, format, sym):
+    """A group of finite weights whose range overflows float32 (here +-3e38) got an inf scale and
+    was refused as having "a NaN or inf value", which it has not: the message names the range."""
+    weight = torch.randn(8, 128, device=device)
+    weight[3, 70], weight[3, 71] = 3e38, -3e38
+    assert torch.isfinite(weight).all()
+    message = (r"quantize: the range of row 3, columns 64\.\.127 \(group 1\), max - min .* "
+               r"overflows float32 .* its weights are finite")
+    for quantize in (torch_ops.quantize, ref.quantize):
+        with pytest.raises(ValueError, match=message):
+            quantize(weight, 4, 64, sym, format, scales_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("format,sym", [("gptq", False), ("gptq", True), ("awq", False)])
 def test_quantize_refuses_scales_that_overflow_fp16(device, format, sym):
     """A group spanning more than 15 * 65504 needs a scale past fp16's range: stored as inf, it
     dequantized the group to NaN. Refused (here, in the reference, compiled, from_linear);

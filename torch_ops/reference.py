@@ -192,6 +192,7 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
         scales_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16
     w = weight.detach().float().reshape(N, K // G, G)
     wmin, wmax = w.amin(-1), w.amax(-1)
+    nonfinite = ~(torch.isfinite(wmin) & torch.isfinite(wmax))  # amin / amax propagate NaN and inf
     if sym:
         amax = torch.maximum(wmin.abs(), wmax)
         s = _div(2 * amax, maxq).clamp(min=1e-5)
@@ -209,14 +210,22 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
     # values, so a sync on CUDA, once at quantize time; torch_ops.quantize runs this inside its
     # custom op, whose body torch.compile does not trace, so compiled calls check it too.)
     # A NaN or inf weight makes its group's scale NaN or inf (amin / amax propagate both), and
-    # its codes undefined (NaN cast to uint8): refused too, in the same read.
+    # its codes undefined (NaN cast to uint8): refused too, in the same read. So is a finite
+    # group whose range (max - min, or 2 * max |w| with sym) overflows float32, where the scale
+    # is computed: its scale is inf as well, and it was reported as a NaN or inf weight.
     bad = ~torch.isfinite(s)
     overflow = torch.isinf(stored) & ~bad
     if bool((bad | overflow).any()):
         if bool(bad.any()):
+            if bool(nonfinite.any()):
+                n, g = (int(i) for i in nonfinite.nonzero()[0])
+                raise ValueError(f"quantize: weight has a NaN or inf value in row {n}, columns "
+                                 f"{g * G}..{g * G + G - 1} (group {g})")
             n, g = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"quantize: weight has a NaN or inf value in row {n}, columns "
-                             f"{g * G}..{g * G + G - 1} (group {g})")
+            raise ValueError(f"quantize: the range of row {n}, columns {g * G}..{g * G + G - 1} "
+                             f"(group {g}), max - min (2 * max |w| with sym=True), overflows "
+                             f"float32 (over {torch.finfo(torch.float32).max:.6g}); its weights "
+                             "are finite: scale them down")
         raise ValueError(f"quantize: scales overflow scales_dtype={scales_dtype} (a group needs a "
                          f"scale of {float(s[overflow].max()):.6g}, the largest "
                          f"{scales_dtype} is {torch.finfo(scales_dtype).max:.6g}); pass "
