@@ -35,7 +35,15 @@ def test_readme_python_runs_as_written():
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     assert blocks
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        ns = {}
+        exec(compile(block, "README.md", "exec"), ns)
+        # what its comments say the fused linear equals ("x @ w.T" said so of an fp32 x and an
+        # fp16 w, which raises a dtype error): evaluated in the block's namespace
+        for name, expr in re.findall(r"^(\w+) = torch_ops\.w4a16_linear\(.*?\)\s+# (?:==|≈) "
+                                     r"(.+?)\s*$", block, re.M):
+            got, want = ns[name], eval(expr, ns)
+            assert got.dtype == want.dtype, (expr, got.dtype, want.dtype)
+            assert (got - want).abs().max() <= 1e-3 * want.abs().max(), expr
     # the values its comments give (pack of 0..7, sequential and AWQ order; the 2-bit byte)
     shown = re.findall(r"^(torch_ops\.pack\(.*?\))\s+# (tensor\(.*?\))(?:\s|$)", readme, re.M)
     assert len(shown) >= 3
