@@ -255,8 +255,18 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
              scales_dtype: Optional[torch.dtype] = None) -> dict:
     """Round-to-nearest quantization of an nn.Linear weight [N, K] with the GPTQ (``"gptq"``) or
     AutoAWQ (``"awq"``) formulas. Returns ``qweight``, ``qzeros``, ``scales`` and, for GPTQ,
-    ``g_idx`` (= arange(K) // group_size). The results are not differentiable (rounding has
-    no useful gradient): a weight that requires grad is read detached, as the reference does."""
+    ``g_idx`` (= arange(K) // group_size; zeros for ``group_size=-1``, one group). The results
+    are not differentiable (rounding has no useful gradient): a weight that requires grad is read
+    detached, as the reference does.
+
+    Asymmetric: GPTQ's s = (max - min) / (2**bits - 1) over the group's range widened to include
+    0, z = round(-min / s); AutoAWQ's s = (max - min) / 15 over the range as it is, z =
+    clamp(-round(min / s), 0, 15) (so the codes of a group far from 0, a constant nonzero one
+    included, are clipped, as in AutoAWQ). ``sym=True``, either format: s = 2 max|w| /
+    (2**bits - 1), z = 2**(bits-1) (stored in qzeros too). Scales are at least 1e-5 (AutoAWQ's
+    1e-5 / 15: it clamps the range). ``scales_dtype``: the dtype the scales are stored in, None
+    for the weight's dtype when it is fp16 or bf16, else fp16; codes are rounded with the stored
+    scales. A NaN or inf weight, or scales past ``scales_dtype``'s range, raise ValueError."""
     # (the op has no autograd formula: a weight that requires grad would give scales a grad_fn
     # whose backward raises, far from here, when a loss is backpropagated through dequantize)
     _tensor("quantize", "weight", weight)
