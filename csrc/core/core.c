@@ -1,4 +1,6 @@
 /* core.c - status names and run-time CPU feature detection of the C core. */
+#include <stdatomic.h>
+
 #include "tops.h"
 
 const char *tops_status_name(int status) {
@@ -28,16 +30,29 @@ int tops_cpu_isa_detected(void) {
     return TOPS_ISA_SCALAR;
 }
 
-static int g_isa = -1; /* -1: not yet detected */
+/* Atomic: tops_cpu_isa runs on every thread that calls a kernel and tops_cpu_isa_set may run on
+ * another meanwhile. As plain ints this was a data race, and a thread's first (lazy) detection
+ * could store the detected level over a tops_cpu_isa_set that ran between its test and its store,
+ * so the override was lost; the detection now installs its level only over "not yet detected".
+ * Relaxed ordering: the level guards no other data. */
+static _Atomic int g_isa = -1; /* -1: not yet detected */
 
 int tops_cpu_isa(void) {
-    if (g_isa < 0) g_isa = tops_cpu_isa_detected();
-    return g_isa;
+    int isa = atomic_load_explicit(&g_isa, memory_order_relaxed);
+    if (isa < 0) {
+        int expected = -1, detected = tops_cpu_isa_detected();
+        /* on failure, expected holds the level another thread set meanwhile */
+        isa = atomic_compare_exchange_strong_explicit(&g_isa, &expected, detected, memory_order_relaxed,
+                                                      memory_order_relaxed)
+                  ? detected
+                  : expected;
+    }
+    return isa;
 }
 
 int tops_cpu_isa_set(int level) {
     int detected = tops_cpu_isa_detected();
     if (level < 0 || level > detected) level = detected;
-    g_isa = level;
-    return g_isa;
+    atomic_store_explicit(&g_isa, level, memory_order_relaxed);
+    return level;
 }

@@ -80,6 +80,7 @@
 #ifndef W4_TEMPLATE_PASS
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -221,11 +222,15 @@ static inline void w4_store_out(const tops_w4a16_args *a, int64_t m, int64_t n, 
  * tops_w4a16_subnormal_set (not in tops.h: for the tests) forces it on (1) or off (0), -1 restores
  * the detected choice. Returns the choice now in force. */
 int tops_w4a16_subnormal_set(int mode);
-static int w4_sub_forced = -1;
+/* This flag, w4_bfd_forced and the two cached detections below are read by every thread running a
+ * kernel: atomics (relaxed: they guard no other data), as plain ints they were data races
+ * (ThreadSanitizer, csrc/tests/test_threads.c). */
+static _Atomic int w4_sub_forced = -1;
 
 static int w4_subnormal_detected(void) {
 #if W4_X86
-    static int zen = -1;
+    static _Atomic int zen_cached = -1;
+    int zen = atomic_load_explicit(&zen_cached, memory_order_relaxed);
     if (zen < 0) {
         unsigned eax, ebx, ecx, edx;
         int amd = __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541u && edx == 0x69746e65u &&
@@ -236,6 +241,7 @@ static int w4_subnormal_detected(void) {
             if (fam == 15u) fam += (eax >> 20) & 255u;
         }
         zen = fam >= 0x17u;
+        atomic_store_explicit(&zen_cached, zen, memory_order_relaxed); /* (every thread finds the same) */
     }
     return zen;
 #else
@@ -244,11 +250,12 @@ static int w4_subnormal_detected(void) {
 }
 
 static int w4_subnormal_fast(void) {
-    return w4_sub_forced >= 0 ? w4_sub_forced : w4_subnormal_detected();
+    const int forced = atomic_load_explicit(&w4_sub_forced, memory_order_relaxed);
+    return forced >= 0 ? forced : w4_subnormal_detected();
 }
 
 int tops_w4a16_subnormal_set(int mode) {
-    w4_sub_forced = mode < 0 ? -1 : mode != 0;
+    atomic_store_explicit(&w4_sub_forced, mode < 0 ? -1 : mode != 0, memory_order_relaxed);
     return w4_subnormal_fast();
 }
 
@@ -258,14 +265,16 @@ int tops_w4a16_subnormal_set(int mode) {
  * tops_w4a16_bf16dot_set (not in tops.h: for the tests) turns it off (0) or on (1, where the CPU has
  * it), -1 restores the detected choice. Returns the choice now in force. */
 int tops_w4a16_bf16dot_set(int mode);
-static int w4_bfd_forced = -1;
+static _Atomic int w4_bfd_forced = -1;
 
 static int w4_bf16dot_detected(void) {
 #if W4_X86
-    static int has = -1;
+    static _Atomic int has_cached = -1;
+    int has = atomic_load_explicit(&has_cached, memory_order_relaxed);
     if (has < 0) {
         unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
         has = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 5 & 1u);
+        atomic_store_explicit(&has_cached, has, memory_order_relaxed);
     }
     return has;
 #else
@@ -274,11 +283,12 @@ static int w4_bf16dot_detected(void) {
 }
 
 static int w4_bf16dot(void) {
-    return w4_bfd_forced >= 0 ? w4_bfd_forced && w4_bf16dot_detected() : w4_bf16dot_detected();
+    const int forced = atomic_load_explicit(&w4_bfd_forced, memory_order_relaxed);
+    return forced >= 0 ? forced && w4_bf16dot_detected() : w4_bf16dot_detected();
 }
 
 int tops_w4a16_bf16dot_set(int mode) {
-    w4_bfd_forced = mode < 0 ? -1 : mode != 0;
+    atomic_store_explicit(&w4_bfd_forced, mode < 0 ? -1 : mode != 0, memory_order_relaxed);
     return w4_bf16dot();
 }
 
@@ -1524,7 +1534,11 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     /* which path: known once w4_groups has read g_idx (act-order keeps the GEMV to fewer rows), so
      * the workspace holds the larger of the two where M leaves both open */
 #if W4_BF16DOT
-    const int gemv_m = a->x_dtype == TOPS_BF16 && w4_bf16dot() ? W4_GEMV_M_AVX512_BF16 : W4_GEMV_M;
+    /* read once: the workspace below is sized for w4b_blocked on this answer; read again at the
+     * call, a tops_w4a16_bf16dot_set on another thread in between could hand w4b_blocked a
+     * workspace sized without w4b_bytes (not seen in a probe: the window is narrow) */
+    const int bfd = a->x_dtype == TOPS_BF16 && w4_bf16dot();
+    const int gemv_m = bfd ? W4_GEMV_M_AVX512_BF16 : W4_GEMV_M;
 #else
     const int gemv_m = W4_GEMV_M;
 #endif
@@ -1544,7 +1558,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
                          w4_align((size_t)(mce * W4_NT) * sizeof(float));
 #if W4_BF16DOT
         /* bf16 x: room for w4b_blocked too (taken if every word of 8 k lies in one group) */
-        if (a->x_dtype == TOPS_BF16 && w4_bf16dot() && w4b_bytes(a) > blocked_bytes)
+        if (bfd && w4b_bytes(a) > blocked_bytes)
             blocked_bytes = w4b_bytes(a);
 #endif
     }
@@ -1560,7 +1574,7 @@ static KATTR int KN(w4_run)(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
     if (uniform ? gemv_plain : gemv_act) st = KN(w4_gemv)(a, nb, ne, ws, gk, uniform);
     if (st == W4_INFINITE_X) {
 #if W4_BF16DOT
-        if (uniform && a->x_dtype == TOPS_BF16 && w4_bf16dot()) st = w4b_blocked(a, nb, ne, ws, gk);
+        if (uniform && bfd) st = w4b_blocked(a, nb, ne, ws, gk);
         if (st == W4_INFINITE_X) /* (w4b_blocked's answer to an infinite scale too) */
 #endif
             st = KN(w4_blocked)(a, nb, ne, ws, gk);
