@@ -9,6 +9,7 @@ import json
 import os
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -706,6 +707,29 @@ def test_a_dangling_link_in_the_checkpoint_is_named(tmp_path, name):
         load_quantized(TinyLM(), src)
     with pytest.raises(CheckpointError, match=match):
         inspect_checkpoint(src / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_awq_layer_with_k_not_a_multiple_of_8_is_refused_by_inspect_too(tmp_path):
+    """An AWQ layer of K = 100 (group -1): inspect called it fine, convert and load_quantized
+    refused it (GPTQ's qweight packs 8 rows of K a word)"""
+    src = tmp_path / "src"
+    src.mkdir()
+    K, N = 100, 64
+    save_file({"l.qweight": torch.zeros(K, N // 8, dtype=torch.int32),
+               "l.qzeros": torch.zeros(1, N // 8, dtype=torch.int32),
+               "l.scales": torch.ones(1, N, dtype=torch.float16)},
+              str(src / "model.safetensors"), metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": -1, "zero_point": True,
+        "version": "gemm"}}))
+    match = r"l: K = 100 input features, not a multiple of 8"
+    with pytest.raises(CheckpointError, match=match):
+        inspect_checkpoint(src)
+    with pytest.raises(CheckpointError, match=match):
+        convert_checkpoint(src, tmp_path / "dst", to="gptq", progress=False)
+    with pytest.raises(CheckpointError, match=match):
+        load_quantized(nn.Sequential(OrderedDict(l=nn.Linear(K, N, bias=False))), src)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

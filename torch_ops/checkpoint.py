@@ -443,6 +443,11 @@ def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, in
     if N % 8:
         raise CheckpointError(f"{prefix}: N = {N} output features, not a multiple of 8 (4-bit "
                               "qzeros pack 8 columns a word; such layers are not supported)")
+    if K % 8:  # (AWQ's qweight has a row per k; GPTQ's K is 8 per row)
+        # (inspect reported such a layer as fine, which convert and load_quantized then refused)
+        raise CheckpointError(f"{prefix}: K = {K} input features, not a multiple of 8 (the GPTQ "
+                              "qweight the kernels run packs 8 rows of K a word; such layers are "
+                              "not supported)")
     if f"{prefix}.scales" in ckpt.shard_of and info("scales")[1][-1:] != [N]:
         raise CheckpointError(
             f"{prefix}: qweight {shape} and scales {info('scales')[1]} do not fit the "
