@@ -684,6 +684,18 @@ def test_convert_refuses_an_index_beside_a_model_safetensors_it_does_not_list(tm
     convert_checkpoint(src, tmp_path / "gptq", to="gptq", verify=True, progress=False)
 
 
+def refused_everywhere(src, model, match):
+    """inspect, convert and load_quantized of the folder src all raise CheckpointError matching
+    match, and convert leaves nothing beside src"""
+    with pytest.raises(CheckpointError, match=match):
+        inspect_checkpoint(src)
+    with pytest.raises(CheckpointError, match=match):
+        convert_checkpoint(src, src.parent / "dst", to="gptq", progress=False)
+    with pytest.raises(CheckpointError, match=match):
+        load_quantized(model, src)
+    assert sorted(p.name for p in src.parent.iterdir()) == [src.name]
+
+
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model-00002-of-00002.safetensors"])
 def test_a_dangling_link_in_the_checkpoint_is_named(tmp_path, name):
     """A Hugging Face cache snapshot copied without its blobs holds links to nothing. is_file() is
@@ -699,15 +711,9 @@ def test_a_dangling_link_in_the_checkpoint_is_named(tmp_path, name):
     (src / name).unlink(missing_ok=True)
     os.symlink("../../blobs/0123abcd", src / name)
     match = rf"{re.escape(str(src / name))}: a link to \.\./\.\./blobs/0123abcd, which does not exist"
-    with pytest.raises(CheckpointError, match=match):
-        inspect_checkpoint(src)
-    with pytest.raises(CheckpointError, match=match):
-        convert_checkpoint(src, tmp_path / "dst", to="gptq", progress=False)
-    with pytest.raises(CheckpointError, match=match):
-        load_quantized(TinyLM(), src)
+    refused_everywhere(src, TinyLM(), match)
     with pytest.raises(CheckpointError, match=match):
         inspect_checkpoint(src / name)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_awq_layer_with_k_not_a_multiple_of_8_is_refused_by_inspect_too(tmp_path):
@@ -724,13 +730,7 @@ def test_awq_layer_with_k_not_a_multiple_of_8_is_refused_by_inspect_too(tmp_path
         "quant_method": "awq", "bits": 4, "group_size": -1, "zero_point": True,
         "version": "gemm"}}))
     match = r"l: K = 100 input features, not a multiple of 8"
-    with pytest.raises(CheckpointError, match=match):
-        inspect_checkpoint(src)
-    with pytest.raises(CheckpointError, match=match):
-        convert_checkpoint(src, tmp_path / "dst", to="gptq", progress=False)
-    with pytest.raises(CheckpointError, match=match):
-        load_quantized(nn.Sequential(OrderedDict(l=nn.Linear(K, N, bias=False))), src)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    refused_everywhere(src, nn.Sequential(OrderedDict(l=nn.Linear(K, N, bias=False))), match)
 
 
 def test_folder_without_index_reads_model_safetensors_only(tmp_path):
