@@ -1315,6 +1315,13 @@ def test_compiled_repack_into_views_at_an_offset(device):
             torch.compile(into_a_strided_view, fullgraph=True, dynamic=True)(qweight, qzeros, wide)
     finally:
         torch._dynamo.reset()
+    # and their devices: copy_ would cross them where the out op refuses (the detour itself,
+    # called as compiled code calls it, with an out on the meta device)
+    meta_out = (torch.empty(2, *gq.shape, dtype=torch.int32, device="meta")[1], gz.clone())
+    with pytest.raises(ValueError, match="awq_to_gptq_out: qweight_out is on meta but the other "
+                                         f"inputs are on {qweight.device}"):
+        torch_ops._ops._copy_into("awq_to_gptq", lambda: torch_ops.awq_to_gptq(qweight, qzeros),
+                                  qweight, meta_out)
     assert not wide.any()
 
 

@@ -49,10 +49,13 @@ def _view_out_in_compiled_code(out) -> bool:
                                                  for t in out)
 
 
-def _copy_into(op: str, functional, out) -> tuple:
-    """The out op's checks of the outs (None first, then the inputs', then dtype, shape and
-    contiguity, in its order and words), then ``functional()``'s results copied into them"""
+def _copy_into(op: str, functional, qweight, out) -> tuple:
+    """The out op's checks of the outs (None first, their devices against ``qweight``'s, then the
+    inputs', then dtype, shape and contiguity: the out fake's order and words), then
+    ``functional()``'s results copied into them (copy_ crosses devices, so the device check is
+    not optional here)"""
     _fake_outs_given(op, *out)
+    _on_one_device(f"{op}_out", qweight, qweight_out=out[0], qzeros_out=out[1])
     results = functional()
     _fake_outs(op, results, *out)
     for t, r in zip(out, results):
@@ -177,7 +180,7 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
         out = _out_pair("awq_to_gptq", out)
         if _view_out_in_compiled_code(out):
             return _copy_into("awq_to_gptq", lambda: _ops.awq_to_gptq(qweight, qzeros, zero_format),
-                              out)
+                              qweight, out)
         _ops.awq_to_gptq_out(qweight, qzeros, zero_format, qweight_out=out[0], qzeros_out=out[1])
         return out
     return tuple(_ops.awq_to_gptq(qweight, qzeros, zero_format))
@@ -195,7 +198,8 @@ def gptq_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_format: str = 
         out = _out_pair("gptq_to_awq", out)
         if _view_out_in_compiled_code(out):
             return _copy_into("gptq_to_awq",
-                              lambda: _ops.gptq_to_awq(qweight, qzeros, zero_format, g_idx), out)
+                              lambda: _ops.gptq_to_awq(qweight, qzeros, zero_format, g_idx),
+                              qweight, out)
         _ops.gptq_to_awq_out(qweight, qzeros, zero_format, g_idx, qweight_out=out[0],
                              qzeros_out=out[1])
         return out
