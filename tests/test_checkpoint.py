@@ -1340,3 +1340,10 @@ def test_save_quantized_failing_removes_the_folders_it_made(tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space"):
         save_quantized(model, tmp_path / "new" / "c", "awq", max_shard_bytes=100_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+def test_save_quantized_is_exported_beside_load_quantized():
+    """``from torch_ops import save_quantized`` raised ImportError: only quantize_model and
+    load_quantized were exported, so the save half of the journey lived in torch_ops.checkpoint."""
+    assert torch_ops.save_quantized is torch_ops.checkpoint.save_quantized
+    assert "save_quantized" in torch_ops.__all__
