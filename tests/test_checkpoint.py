@@ -1347,3 +1347,36 @@ def test_save_quantized_is_exported_beside_load_quantized():
     load_quantized were exported, so the save half of the journey lived in torch_ops.checkpoint."""
     assert torch_ops.save_quantized is torch_ops.checkpoint.save_quantized
     assert "save_quantized" in torch_ops.__all__
+
+
+
+class _HFStyleConfig:
+    """What a transformers PretrainedConfig offers save_quantized: to_dict(), not a mapping."""
+
+    def __init__(self, **fields):
+        self.fields = fields
+
+    def to_dict(self):
+        return dict(self.fields)
+
+
+def test_save_quantized_takes_a_config_object_and_defaults_to_the_models_config(tmp_path):
+    """A transformers model carries its config as ``model.config`` (to_dict(), not a mapping):
+    ``config=model.config`` raised "TypeError: 'LlamaConfig' object is not a mapping", and a save
+    without ``config`` wrote a config.json holding only quantization_config, which
+    transformers' AutoConfig refuses ("Should have a `model_type` key")."""
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    model.config = _HFStyleConfig(model_type="llama", hidden_size=128,
+                                  quantization_config={"quant_method": "stale"})
+    ids = torch.randint(0, 48, (2, 5))
+    for name, config in (("object", model.config), ("default", None), ("dict", {"a": 1})):
+        torch_ops.save_quantized(model, tmp_path / name, "gptq", config=config)
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        expected = {"a": 1} if name == "dict" else {"model_type": "llama", "hidden_size": 128}
+        assert {k: v for k, v in written.items() if k != "quantization_config"} == expected
+        assert written["quantization_config"]["quant_method"] == "gptq"
+        assert torch.equal(load_quantized(TinyLM(), tmp_path / name)(ids), model(ids))
+    with pytest.raises(TypeError, match="config must be a dict or have to_dict"):
+        torch_ops.save_quantized(model, tmp_path / "bad", "gptq", config=["model_type"])
+

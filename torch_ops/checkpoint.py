@@ -716,19 +716,42 @@ def _check_tied_values(folder, ckpt: Checkpoint, keys, expected: dict, owner: di
 
 
 # ---------------------------------------------------------------------- saving from a model
+def _config_dict(model: nn.Module, config) -> dict:
+    """save_quantized's ``config`` as a dict: a dict as it is, an object's ``to_dict()`` (what
+    transformers' configs offer: they are not mappings, and ``{**config}`` raised "'LlamaConfig'
+    object is not a mapping"), and for None the model's own ``config.to_dict()`` where it has
+    one (else config.json held quantization_config alone, which AutoConfig refuses for want
+    of model_type)."""
+    if config is None:
+        config = getattr(model, "config", None)
+        if not callable(getattr(config, "to_dict", None)):
+            return {}
+    if not isinstance(config, dict):
+        to_dict = getattr(config, "to_dict", None)
+        config = to_dict() if callable(to_dict) else config
+        if not isinstance(config, dict):
+            raise TypeError("save_quantized: config must be a dict or have to_dict() (a "
+                            f"transformers config), got {type(config).__name__}")
+    return dict(config)
+
+
 def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str = "v1",
-                   max_shard_bytes: int | None = None, config: dict | None = None) -> None:
+                   max_shard_bytes: int | None = None, config=None) -> None:
     """Write ``model`` (with QuantLinear layers) as a checkpoint folder in AWQ or GPTQ format:
     config.json (``config`` plus quantization_config) and model.safetensors, or shards of at most
     ``max_shard_bytes`` with model.safetensors.index.json. Float tensors are written as they are; a
     tensor or QuantLinear shared by several names is written once, under the first. The weight
     files of an earlier save into the same folder that this one does not overwrite are removed;
     other files there are left alone. ``sym`` is recorded true when every zero point is 8. A save
-    that fails leaves an earlier checkpoint in the folder whole, and removes the folders it made."""
+    that fails leaves an earlier checkpoint in the folder whole, and removes the folders it made.
+    ``config`` is a dict or an object with ``to_dict()`` (a transformers ``PretrainedConfig``);
+    None takes ``model.config.to_dict()`` where the model has one (a transformers model: its
+    AutoConfig needs ``model_type``), else writes quantization_config alone."""
     from safetensors.torch import save_file
 
     if format not in ("awq", "gptq"):
         raise ValueError(f"save_quantized: format must be 'awq' or 'gptq', got {format!r}")
+    config = _config_dict(model, config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no QuantLinear layer")
@@ -794,7 +817,7 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
                               indent=2)
                 written.append(INDEX_NAME)
             with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
-                json.dump({**(config or {}), "quantization_config": qc}, f, indent=2)
+                json.dump({**config, "quantization_config": qc}, f, indent=2)
             written.append(CONFIG_NAME)
             for name in written:
                 os.replace(staging / name, folder / name)
