@@ -1380,3 +1380,29 @@ def test_save_quantized_takes_a_config_object_and_defaults_to_the_models_config(
     with pytest.raises(TypeError, match="config must be a dict or have to_dict"):
         torch_ops.save_quantized(model, tmp_path / "bad", "gptq", config=["model_type"])
 
+
+class _Rotary(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, dim, 2) / dim),
+                             persistent=False)
+
+
+def test_load_into_meta_model_warns_of_tensors_left_on_meta(tmp_path):
+    """A model built under torch.device("meta") (transformers' from_config there) holds derived
+    non-persistent buffers (rotary inv_freq) that no checkpoint has: they stayed on meta without
+    a word, and the first forward failed with "Cannot copy out of meta tensor; no data!"."""
+    torch.manual_seed(0)
+    torch_ops.save_quantized(torch_ops.quantize_model(TinyLM(), group_size=G), tmp_path / "c", "awq")
+    with torch.device("meta"):
+        model = TinyLM()
+        model.rotary = _Rotary()
+    with pytest.warns(UserWarning, match=r"still on the meta device.*rotary\.inv_freq"):
+        load_quantized(model, tmp_path / "c")
+    assert not any(t.is_meta for t in model.state_dict().values())
+    with warnings.catch_warnings():  # a model built on the CPU: nothing to say
+        warnings.simplefilter("error")
+        cpu = TinyLM()
+        cpu.rotary = _Rotary()
+        load_quantized(cpu, tmp_path / "c")
+

@@ -501,7 +501,9 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. Then the quantized
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
     parameters). A model built on the meta device is loaded with ``assign=True``: float tensors
-    take the dtype its parameters had, and tied parameters are tied again. Missing or unexpected
+    take the dtype its parameters had, and tied parameters are tied again; tensors no checkpoint
+    holds (non-persistent buffers: a rotary ``inv_freq``) stay on meta, with a warning naming
+    them. Missing or unexpected
     tensors, float tensors of another shape, different values under two names of one tied
     tensor, a quantized layer that must stay float (an attention's ``out_proj``, a Linear
     subclass with a ``forward`` of its own: see ``quantize_model``) and values a layer refuses
@@ -626,7 +628,24 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         raise CheckpointError(f"{folder}: {' '.join(str(e).split())}") from None
     finally:
         ckpt.close()
+    if assign:
+        _warn_left_on_meta(model)
     return model
+
+
+def _warn_left_on_meta(model: nn.Module) -> None:
+    """Warn of tensors a model built on the meta device still holds there after the load: the
+    non-persistent buffers no checkpoint has (transformers' rotary ``inv_freq``, computed at
+    construction). They stayed there without a word and the first forward failed with
+    "Cannot copy out of meta tensor; no data!"."""
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        warnings.warn(f"load_quantized: {len(left)} tensor(s) are still on the meta device, "
+                      f"not being in the checkpoint (non-persistent buffers): "
+                      f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}; the model cannot "
+                      "run until they are computed. Build it with accelerate's "
+                      "init_empty_weights() (parameters on meta, buffers real) or recompute them",
+                      stacklevel=3)
 
 
 def _owned_like(t: torch.Tensor, model_tensor: torch.Tensor) -> torch.Tensor:
