@@ -1406,3 +1406,25 @@ def test_load_into_meta_model_warns_of_tensors_left_on_meta(tmp_path):
         cpu.rotary = _Rotary()
         load_quantized(cpu, tmp_path / "c")
 
+
+def test_missing_tied_weight_on_meta_hints_at_tie_weights(tmp_path):
+    """accelerate's init_empty_weights unties transformers' lm_head from the embedding (its
+    register_parameter makes a new meta Parameter): a checkpoint that stores the tied weight once
+    then misses lm_head.weight. The error says so and names model.tie_weights()."""
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    model.lm_head.weight = model.embed.weight
+    torch_ops.save_quantized(model, tmp_path / "c", "gptq")
+
+    class Skeleton(TinyLM):
+        def tie_weights(self):
+            self.lm_head.weight = self.embed.weight
+
+    with torch.device("meta"):
+        skeleton = Skeleton()
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): lm_head\.weight.*"
+                       r"tie_weights\(\)"):
+        load_quantized(skeleton, tmp_path / "c")
+    skeleton.tie_weights()
+    load_quantized(skeleton, tmp_path / "c")
+    assert skeleton.lm_head.weight is skeleton.embed.weight and not skeleton.embed.weight.is_meta

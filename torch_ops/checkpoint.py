@@ -577,7 +577,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                     replace_module(model, name, new)
                     replaced.append((name, m))
             expected = _state_tensors(model)
-            _check_keys(folder, ckpt, keys, expected, quant_names, owner)
+            _check_keys(folder, ckpt, keys, expected, quant_names, owner,
+                        callable(getattr(model, "tie_weights", None)))
             _check_tied_values(folder, ckpt, keys, expected, owner)
             formats = [(m, m.checkpoint_zero_format) for m, _ in layers
                        if isinstance(m, QuantLinear)]
@@ -674,10 +675,14 @@ def _restore_ties(model: nn.Module, expected: dict, keys) -> None:
             setattr(model.get_submodule(mname), attr, tensor)
 
 
-def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, owner: dict):
+def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, owner: dict,
+                can_tie: bool = False):
     """CheckpointError unless the checkpoint holds every tensor of the model (``expected``, its
     quantized layers replaced), no other (a layer's g_idx optional), and each float tensor in
-    the model's shape."""
+    the model's shape. ``can_tie``: the model has transformers' ``tie_weights()``, which a
+    skeleton built under accelerate's init_empty_weights needs before the load (there its
+    lm_head is a meta Parameter of its own, not the embedding's), named where the missing
+    tensors are all on meta."""
     # (a QuantLinear the model holds already lists its act-order g_idx: a checkpoint without
     # one loads too, and the layer leaves act-order)
     optional = {f"{n}.g_idx" for n in quant_names}
@@ -690,6 +695,10 @@ def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, own
         parts = []
         if missing:
             parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+            if can_tie and all(expected[k].is_meta for k in missing):
+                parts[-1] += (" (on the meta device: tied weights a checkpoint stores once? "
+                              "accelerate's init_empty_weights unties them; call "
+                              "model.tie_weights() before load_quantized)")
         if unexpected:
             parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
         raise CheckpointError(f"{folder}: checkpoint does not match the model: "
