@@ -857,6 +857,27 @@ def test_quantize_refuses_scales_that_overflow_fp16(device, format, sym):
     assert torch.isfinite(w).all() and abs(float(w[0, 0]) - 1e6) <= float(t["scales"][0, 0])
 
 
+def test_quantize_awq_zero_point_uses_the_stored_scale(device):
+    """format="awq": z = clamp(-round(min / s), 0, 15) with the s that is stored (FORMATS.md
+    section 2 has one s in all three formulas; AutoAWQ computes z from its fp16 scale). The zero
+    point came from the scale before its rounding to fp16 while the codes used the stored one.
+    A group spanning +-a: -min / s is 7.5 exactly for the unrounded scale (z = 8, the tie rounded
+    to even), 7.4977 for the fp16 one (z = 7)."""
+    a = 0.061492919921875  # an fp16 value
+    row = torch.tensor([-a, a] + [0.0] * 30, dtype=torch.float16)
+    weight = row.repeat(8, 1).to(device)  # [N, K] = [8, 32], one group of 32
+    t = torch_ops.quantize(weight, 4, 32, format="awq")
+    assert t["scales"].dtype == torch.float16
+    assert torch.equal(t["scales"].cpu(), torch.full((1, 8), 0.00820159912109375, dtype=torch.float16))
+    assert torch.equal(torch_ops.unpack(t["qzeros"], 4, order="awq").cpu(),
+                       torch.full((1, 8), 7, dtype=torch.uint8))
+    # codes: -a -> round(-7.4977) + 7 = 0, a -> 7 + 7 = 14, 0 -> 7
+    q = torch_ops.unpack(t["qweight"], 4, order="awq").cpu()  # [K, N]
+    assert q[0].tolist() == [0] * 8 and q[1].tolist() == [14] * 8 and (q[2:] == 7).all()
+    expected = ref.quantize(weight.cpu(), 4, 32, format="awq")
+    assert all(torch.equal(t[k].cpu(), expected[k]) for k in t)
+
+
 @pytest.mark.parametrize("format,bits", [("gptq", 3), ("gptq", 4), ("gptq", 8), ("awq", 4)])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_scales_are_correctly_rounded(device, format, bits, sym):

@@ -184,7 +184,9 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
     format "gptq": GPTQ's formulas (range widened to include 0; symmetric z = 2**(bits-1));
     format "awq": AutoAWQ's (s = (max - min) / maxq, z = clamp(-round(min / s), 0, maxq)).
     Scales are kept in ``scales_dtype`` (default: the weight's dtype when fp16/bf16, else fp16)
-    and q is computed with the stored scale, so dequantize() gives the nearest grid point."""
+    and q is computed with the stored scale, so dequantize() gives the nearest grid point; so is
+    format "awq"'s z (a group spanning +-a has -min / s = 7.5 for the unrounded scale, off the
+    tie for the stored one)."""
     N, K = weight.shape
     G = group_len(K, group_size)
     maxq = 2**bits - 1
@@ -199,7 +201,7 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
         z = torch.full_like(s, 2 ** (bits - 1))
     elif format == "awq":
         s = _div((wmax - wmin).clamp(min=1e-5), maxq)
-        z = (-torch.round(wmin / s)).clamp(0, maxq)
+        z = None  # from the stored scale, below: AutoAWQ's z = -round(min / s) uses the s it stores
     else:
         wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
         s = _div(wmax - wmin, maxq).clamp(min=1e-5)
@@ -231,6 +233,8 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
                          f"{scales_dtype} is {torch.finfo(scales_dtype).max:.6g}); pass "
                          "scales_dtype=torch.float32")
     s = stored
+    if z is None:
+        z = (-torch.round(wmin / s.float())).clamp(0, maxq)
     q = (torch.round(w / s.float().unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
     q = q.reshape(N, K).to(torch.uint8).t().contiguous()
     return q, z.to(torch.uint8).t().contiguous(), s.t().contiguous()
