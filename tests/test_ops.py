@@ -878,6 +878,32 @@ def test_quantize_awq_zero_point_uses_the_stored_scale(device):
     assert all(torch.equal(t[k].cpu(), expected[k]) for k in t)
 
 
+@pytest.mark.parametrize("K,group_size", [(36, 12), (36, -1), (4, 4)])
+def test_quantize_awq_any_k(device, K, group_size):
+    """AWQ packs along N only (qweight [K, N/8], FORMATS.md section 2): K need not be a multiple
+    of 8 (that is GPTQ's qweight, and AWQ -> GPTQ's). quantize(format="awq") refused such a K,
+    which dequantize(format="awq") reads and AutoAWQ writes."""
+    weight = torch.randn(16, K, device=device).abs()
+    weight[:, 1::2] *= -1  # every group spans 0, so no code is clipped by AWQ's z in [0, 15]
+    t = torch_ops.quantize(weight, 4, group_size, format="awq")
+    G = 1 if group_size == -1 else K // group_size
+    assert t["qweight"].shape == (K, 2) and t["qzeros"].shape == (G, 2) and t["scales"].shape == (G, 16)
+    expected = ref.quantize(weight.cpu(), 4, group_size, format="awq")
+    assert all(torch.equal(t[k].cpu(), expected[k]) for k in t)
+    w = torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], "awq", 4, group_size).float()
+    step = t["scales"].float().repeat_interleave(K // G, 0).t()
+    # half a step, plus the fp16 rounding of the scale (up to 15 half-ulps at the range's ends)
+    assert ((w - weight).abs() <= 0.51 * step + 1e-3).all()
+    with pytest.raises(ValueError, match=r"K must be a multiple of 8 and N of 8"):
+        torch_ops.quantize(torch.randn(16, K, device=device), 4, group_size, format="gptq")
+    with pytest.raises(ValueError, match=r"does not pack into 4-bit awq words \(N must be a multiple of 8\)"):
+        torch_ops.quantize(torch.randn(12, K, device=device), 4, group_size, format="awq")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda w: torch_ops.quantize(w, 4, group_size, format="awq"),
+                             fullgraph=True)(weight)
+    assert all(torch.equal(compiled[k], t[k]) for k in t)
+
+
 @pytest.mark.parametrize("format,bits", [("gptq", 3), ("gptq", 4), ("gptq", 8), ("awq", 4)])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_scales_are_correctly_rounded(device, format, bits, sym):

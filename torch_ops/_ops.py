@@ -427,8 +427,13 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
     if K % G:
         raise ValueError(f"quantize: K = weight.shape[1] = {K} must be a multiple of "
                          f"group_size = {group_size}")
+    if format == "awq":  # qweight [K, N/8]: packed along N only, any K
+        if N % 8:
+            raise ValueError(f"quantize: weight shape {list(weight.shape)} does not pack into "
+                             f"4-bit awq words (N must be a multiple of 8)")
+        return
     k_multiple = 32 if bits == 3 else 32 // bits  # whole int32 words along K (GPTQ qweight)
-    n_multiple = 8 if format == "awq" else 32 // math.gcd(32, bits)  # whole words of qzeros
+    n_multiple = 32 // math.gcd(32, bits)  # whole words of qzeros
     if K % k_multiple or N % n_multiple:
         raise ValueError(f"quantize: weight shape {list(weight.shape)} does not pack into "
                          f"{bits}-bit {format} words (K must be a multiple of {k_multiple} and N "
