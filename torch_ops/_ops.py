@@ -270,7 +270,8 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
     (2**bits - 1), z = 2**(bits-1) (stored in qzeros too). Scales are at least 1e-5 (AutoAWQ's
     1e-5 / 15: it clamps the range). ``scales_dtype``: the dtype the scales are stored in, None
     for the weight's dtype when it is fp16 or bf16, else fp16; codes are rounded with the stored
-    scales (and so are ``"awq"``'s zero points, as AutoAWQ's). A NaN or inf weight, or scales past ``scales_dtype``'s range, raise ValueError."""
+    scales (and so are ``"awq"``'s zero points, as AutoAWQ's). A NaN or inf weight, or scales
+    past ``scales_dtype``'s range, raise ValueError."""
     # (the op has no autograd formula: a weight that requires grad would give scales a grad_fn
     # whose backward raises, far from here, when a loss is backpropagated through dequantize)
     _tensor("quantize", "weight", weight)
