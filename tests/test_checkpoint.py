@@ -1428,3 +1428,159 @@ def test_missing_tied_weight_on_meta_hints_at_tie_weights(tmp_path):
     skeleton.tie_weights()
     load_quantized(skeleton, tmp_path / "c")
     assert skeleton.lm_head.weight is skeleton.embed.weight and not skeleton.embed.weight.is_meta
+
+
+def test_awq_configs_say_sym_false_and_read_back(tmp_path):
+    """transformers' AwqConfig defaults sym to true (it inherits GPTQConfig's), so an AWQ config
+    without "sym" became sym=True there, and its save_pretrained wrote "sym": true after
+    "zero_point": true, which GPTQModel reads as a symmetric checkpoint (the later key wins).
+    AWQ's zero points are stored and used: its configs now say "sym": false."""
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    torch_ops.save_quantized(model, tmp_path / "saved", "awq")
+    src_model, _ = make_checkpoint(tmp_path / "gptq", "gptq")
+    convert_checkpoint(tmp_path / "gptq", tmp_path / "converted", to="awq", progress=False)
+    ids = torch.randint(0, 48, (2, 5))
+    for name in ("saved", "converted"):
+        qc = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+        assert qc["sym"] is False and qc["zero_point"] is True and qc["quant_method"] == "awq"
+        assert parse_quant_config(qc).method == "awq"
+    assert torch.equal(load_quantized(TinyLM(), tmp_path / "saved")(ids), model(ids))
+
+
+class _GatedBlock(Block):
+    def __init__(self, hidden=128, inner=256):
+        super().__init__(hidden, inner)
+        self.gate = nn.Linear(hidden, 8)  # a router: stays float, inside the block
+
+
+class _GatedLM(TinyLM):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_GatedBlock(), _GatedBlock()])
+
+
+def _gptq_loader_quantizes(qc, name):
+    """Whether GPTQ loaders would make ``name`` (a Linear inside a block) a quantized layer, by
+    the rules they document: transformers/optimum keep a block Linear quantized when its name ends
+    with an entry of modules_in_block_to_quantize (all of them without the field); GPTQModel and
+    vLLM skip one that a "-:" dynamic pattern matches from its start."""
+    keep = qc.get("modules_in_block_to_quantize")
+    by_suffix = keep is None or any(name.endswith(k) for k in sum(keep, []))
+    skipped = any(p.startswith("-:") and re.match(p[2:], name) for p in qc.get("dynamic") or {})
+    return by_suffix, not skipped
+
+
+def test_gptq_configs_name_float_linears_inside_blocks_for_gptq_loaders(tmp_path):
+    """transformers loads GPTQ through optimum, which makes every Linear of the decoder blocks a
+    quantized layer unless modules_in_block_to_quantize lists the quantized ones (it ignores
+    modules_to_not_convert); GPTQModel's loader reads negative "dynamic" entries. A float router
+    inside a block ("blocks.0.gate") was listed in modules_to_not_convert only: those loaders
+    would have made it quantized and found no qweight. save_quantized and convert (to GPTQ) now
+    write both fields where a block holds a float Linear, and nothing where none does."""
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(_GatedLM(), group_size=G, skip=("lm_head", "gate"))
+    torch_ops.save_quantized(model, tmp_path / "gptq", "gptq")
+    torch_ops.save_quantized(model, tmp_path / "awq", "awq")
+    convert_checkpoint(tmp_path / "awq", tmp_path / "converted", to="gptq", zero_format="v2",
+                       progress=False)
+    ids = torch.randint(0, 48, (2, 5))
+    for name in ("gptq", "converted"):
+        qc = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+        assert qc["modules_in_block_to_quantize"] == [["down", "up"]]
+        for layer in QUANTIZED:
+            assert _gptq_loader_quantizes(qc, layer) == (True, True), (name, layer)
+        for layer in ("blocks.0.gate", "blocks.1.gate"):
+            assert _gptq_loader_quantizes(qc, layer) == (False, False), (name, layer)
+        assert torch.equal(load_quantized(_GatedLM(), tmp_path / name)(ids), model(ids))
+    # a source config's own dynamic entries are kept, after ours
+    qc = json.loads((tmp_path / "converted" / "config.json").read_text())
+    qc["quantization_config"]["dynamic"] = {r"+:.*\.up$": {"bits": 4}}
+    (tmp_path / "converted" / "config.json").write_text(json.dumps(qc))
+    convert_checkpoint(tmp_path / "converted", tmp_path / "again", to="gptq", progress=False)
+    dynamic = json.loads((tmp_path / "again" / "config.json").read_text())[
+        "quantization_config"]["dynamic"]
+    assert list(dynamic) == [r"-:^blocks\.0\.gate$", r"-:^blocks\.1\.gate$", r"+:.*\.up$"]
+    # no float Linear inside a block: no such fields (lm_head is outside the blocks)
+    plain = torch_ops.quantize_model(TinyLM(), group_size=G)
+    torch_ops.save_quantized(plain, tmp_path / "plain", "gptq")
+    qc = json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]
+    assert "modules_in_block_to_quantize" not in qc and "dynamic" not in qc
+
+
+def test_float_linear_a_quantized_names_suffix_still_matches_warns(tmp_path):
+    """optimum matches modules_in_block_to_quantize as plain suffixes: a float "blocks.0.setup"
+    ends with the quantized "up" and would still be loaded as quantized there. Warned of."""
+    torch.manual_seed(0)
+    model = _GatedLM()
+    model.blocks[0].setup = nn.Linear(128, 8)
+    model = torch_ops.quantize_model(model, group_size=G, skip=("lm_head", "gate", "setup"))
+    with pytest.warns(UserWarning, match=r"would load as quantized: blocks\.0\.setup"):
+        torch_ops.save_quantized(model, tmp_path / "gptq", "gptq")
+
+
+class _Config:
+    """A transformers-style config: attributes, to_dict()."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+def _save_pretrained_like(model, folder):
+    """What transformers' save_pretrained writes: config.to_dict() and the state dict."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq-v2"])
+def test_quantize_and_load_set_the_models_quantization_config(tmp_path, fmt):
+    """transformers sets config.quantization_config when it loads a quantized model; after
+    load_quantized (or quantize_model) a model's config had none, so its save_pretrained wrote a
+    folder that load_quantized refused ("no quantization_config") and transformers would load as
+    float. Both now set a plain dict describing the model's state dict (GPTQ layout, the layers'
+    zero format), which reads back to the same model."""
+    torch.manual_seed(0)
+    model = _GatedLM()
+    model.config = _Config(model_type="tiny")
+    torch_ops.quantize_model(model, group_size=G, skip=("lm_head", "gate"))
+    qc = model.config.quantization_config
+    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq"
+    assert qc["group_size"] == G and qc["sym"] is False and qc["desc_act"] is False
+    assert qc["modules_in_block_to_quantize"] == [["down", "up"]]
+    ids = torch.randint(0, 48, (2, 5))
+    _save_pretrained_like(model, tmp_path / "pretrained")
+    assert torch.equal(load_quantized(_GatedLM(), tmp_path / "pretrained")(ids), model(ids))
+
+    if fmt == "awq":
+        torch_ops.save_quantized(model, tmp_path / "ckpt", "awq")
+    else:
+        torch_ops.save_quantized(model, tmp_path / "ckpt", "gptq", zero_format="v2")
+        cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+        cfg["quantization_config"]["meta"] = {"quantizer": ["someone:1.0"]}
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    loaded = _GatedLM()
+    loaded.config = _Config(model_type="tiny")
+    load_quantized(loaded, tmp_path / "ckpt")
+    qc = loaded.config.quantization_config
+    assert qc["quant_method"] == "gptq"  # what its state dict holds, AWQ checkpoint or not
+    assert qc["checkpoint_format"] == ("gptq" if fmt == "awq" else "gptq_v2")
+    assert ("meta" in qc) == (fmt != "awq")  # a GPTQ checkpoint's other fields are kept
+    _save_pretrained_like(loaded, tmp_path / "again")
+    assert torch.equal(load_quantized(_GatedLM(), tmp_path / "again")(ids), model(ids))
+
+
+def test_models_without_a_config_object_are_left_alone(tmp_path):
+    """Only a config object with to_dict() gets quantization_config: a dict ``config`` or none at
+    all is not touched."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    model.config = {"model_type": "tiny"}
+    torch_ops.quantize_model(model, group_size=G)
+    assert model.config == {"model_type": "tiny"}
+    bare = torch_ops.quantize_model(TinyLM(), group_size=G)
+    assert not hasattr(bare, "config")

@@ -232,15 +232,97 @@ def read_quant_config(folder) -> tuple[dict, QuantConfig | None]:
 
 def quant_config_dict(method: str, group_size: int, zero_format: str = "v1", desc_act: bool = False,
                       sym: bool = False, modules_to_not_convert=None) -> dict:
-    """The ``quantization_config`` entry this project writes for AWQ ("gemm") or GPTQ."""
+    """The ``quantization_config`` entry this project writes for AWQ ("gemm") or GPTQ.
+
+    AWQ's says ``"sym": false`` (its zero points are stored and used): transformers' AwqConfig
+    defaults sym to true, and writes that true back beside ``zero_point`` on save_pretrained,
+    which GPTQModel then reads as symmetric (the later key wins there)."""
     if method == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
-                "version": "gemm", "modules_to_not_convert": modules_to_not_convert or None}
+                "sym": False, "version": "gemm",
+                "modules_to_not_convert": modules_to_not_convert or None}
     qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act,
           "sym": sym, "checkpoint_format": "gptq_v2" if zero_format == "v2" else "gptq"}
     if modules_to_not_convert:
         qc["modules_to_not_convert"] = modules_to_not_convert
     return qc
+
+
+_BLOCK_NAME = re.compile(r"^(.+?\.\d+)\.(.+)$")  # "<blocks>.<i>.<name in the block>"
+
+
+def _gptq_block_fields(quantized, float_layers, what: str, stacklevel: int,
+                       dynamic=None) -> dict:
+    """GPTQ config entries naming the float Linears that sit inside decoder blocks (``<blocks>.<i>.
+    <name>``, an MoE router "model.layers.0.mlp.gate"), which GPTQ loaders would otherwise replace
+    with quantized layers, finding no qweight: transformers (through optimum) quantizes every
+    Linear of the blocks unless ``modules_in_block_to_quantize`` lists the quantized ones (matched
+    as suffixes of the full names), and ignores ``modules_to_not_convert``; GPTQModel and vLLM
+    skip a module that a negative ``dynamic`` entry ("-:" and a pattern of its full name) matches.
+    {} where no float Linear is in a block. ``dynamic``: a config's own entries, kept after ours.
+    Warns of float layers that a listed suffix still matches (those loaders would quantize them)."""
+    in_block = sorted(n for n in set(float_layers) if _BLOCK_NAME.match(n))
+    if not in_block:
+        return {}
+    keep = sorted({m.group(2) for m in map(_BLOCK_NAME.match, quantized) if m})
+    caught = [n for n in in_block if any(n.endswith(k) for k in keep)]
+    if caught:
+        warnings.warn(f"{what}: float layers inside decoder blocks whose names end with the name of "
+                      "a quantized one, which transformers' GPTQ loader (optimum's "
+                      "modules_in_block_to_quantize, matched as name suffixes) would load as "
+                      "quantized: " + ", ".join(caught[:5])
+                      + (f" (and {len(caught) - 5} more)" if len(caught) > 5 else ""),
+                      stacklevel=stacklevel)
+    skip = {f"-:^{re.escape(n)}$": {} for n in in_block}
+    if isinstance(dynamic, dict):
+        skip.update({k: v for k, v in dynamic.items() if k not in skip})
+    return {"modules_in_block_to_quantize": [keep], "dynamic": skip}
+
+
+def model_quant_config(model: nn.Module, dynamic=None) -> dict | None:
+    """The GPTQ ``quantization_config`` of what ``model.state_dict()`` holds: its QuantLinear layers
+    in the GPTQ layout, qzeros in their ``checkpoint_zero_format``, as ``save_quantized(model,
+    format="gptq")`` would describe them (sym and desc_act from the layers, the float Linears in
+    ``modules_to_not_convert``). None where the model has no QuantLinear, or layers of several
+    group sizes or zero formats (no one config describes them). ``dynamic``: a config's own
+    GPTQModel entries, kept."""
+    layers = {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}.values()
+    sizes = {m.group_size for m in layers}
+    formats = {m.checkpoint_zero_format for m in layers}
+    if len(sizes) != 1 or len(formats) != 1:
+        return None
+    quantized = {id(m) for m in layers}
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if id(m) in quantized]
+    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    qc = quant_config_dict("gptq", sizes.pop(), formats.pop(), any(m.act_order for m in layers),
+                           all(m.symmetric for m in layers), skip)
+    with warnings.catch_warnings():  # (save_quantized warns; a description need not)
+        warnings.simplefilter("ignore")
+        qc.update(_gptq_block_fields(names, skip, "", 1, dynamic))
+    return qc
+
+
+def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
+    """Set ``model.config.quantization_config`` (a plain dict) to :func:`model_quant_config`, as
+    transformers does on loading a quantized model, where the model has a config object with
+    ``to_dict()`` (a transformers PretrainedConfig): its ``save_pretrained`` then writes a folder
+    that load_quantized and GPTQ loaders read as quantized, not as float. ``base``: a GPTQ
+    checkpoint's own config, whose other fields (GPTQModel's meta, lm_head...) are kept. Nothing
+    is changed where the config refuses the attribute or no one config describes the model."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) or not callable(getattr(config, "to_dict", None)):
+        return
+    qc = model_quant_config(model, (base or {}).get("dynamic"))
+    if qc is None:
+        return
+    if base:  # (its modules_in_block_to_quantize: ours, recomputed, or none needed)
+        qc = {**{k: v for k, v in base.items() if k != "modules_in_block_to_quantize"}, **qc}
+        if "format" in base:
+            qc["format"] = qc["checkpoint_format"]
+    try:
+        config.quantization_config = qc
+    except (AttributeError, TypeError):
+        pass
 
 
 # ---------------------------------------------------------------------- safetensors files
@@ -511,7 +593,13 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     of QuantLinear layers it held already: those are loaded in place; their
     ``checkpoint_zero_format`` is put back). A shard that cannot be read once the float tensors
     load leaves the model partly loaded. Per-layer ``rotary_emb.inv_freq`` tensors, which older
-    transformers saved, are ignored where the model does not hold them (as transformers does)."""
+    transformers saved, are ignored where the model does not hold them (as transformers does).
+
+    A model with a config object with ``to_dict()`` (a transformers model) gets
+    ``model.config.quantization_config``, a plain dict, as transformers sets it when it loads a
+    quantized model: the GPTQ config of what ``model.state_dict()`` now holds (GPTQ layout, v1
+    zeros for an AWQ checkpoint; a GPTQ checkpoint's own other fields kept), so that its
+    ``save_pretrained`` writes a folder that this function and GPTQ loaders read back."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -631,6 +719,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         ckpt.close()
     if assign:
         _warn_left_on_meta(model)
+    _record_quant_config(model, qc.raw if qc.method == "gptq" else None)
     return model
 
 
@@ -774,7 +863,10 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     that fails leaves an earlier checkpoint in the folder whole, and removes the folders it made.
     ``config`` is a dict or an object with ``to_dict()`` (a transformers ``PretrainedConfig``);
     None takes ``model.config.to_dict()`` where the model has one (a transformers model: its
-    AutoConfig needs ``model_type``), else writes quantization_config alone."""
+    AutoConfig needs ``model_type``), else writes quantization_config alone. GPTQ configs name
+    float Linears inside decoder blocks (``<blocks>.<i>.<name>``: an MoE router) for GPTQ loaders
+    too (``modules_in_block_to_quantize``, which transformers reads, and negative ``dynamic``
+    entries, which GPTQModel reads); AWQ configs say ``"sym": false``."""
     from safetensors.torch import save_file
 
     if format not in ("awq", "gptq"):
@@ -809,6 +901,10 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         _warn_skip_substrings("save_quantized as AWQ", skip, quantized_names, stacklevel=3)
         _warn_quantized_lm_head("save_quantized as AWQ", quantized_names, stacklevel=3)
     qc = quant_config_dict(format, sizes.pop(), zero_format, act_order, sym, skip)
+    if format == "gptq":  # float Linears inside decoder blocks (an MoE router), named for loaders
+        qc.update(_gptq_block_fields(
+            [n for n, m in model.named_modules(remove_duplicate=False) if id(m) in quantized],
+            skip, "save_quantized as GPTQ", stacklevel=3))
     shards, size = [{}], 0
     for key in sorted(tensors):
         nb = tensors[key].numel() * tensors[key].element_size()
@@ -928,15 +1024,20 @@ def _symmetric(ckpt: Checkpoint, qc: QuantConfig, prefixes, zero_format=None) ->
                for p in prefixes)
 
 
+def _float_layers(ckpt: Checkpoint) -> set:
+    """Names of the checkpoint's float layers: a 2-D ``<name>.weight`` without ``<name>.qweight``
+    (embeddings too: the tensors do not tell them from a Linear)."""
+    return {key[: -len(".weight")] for key in ckpt.keys()
+            if key.endswith(".weight") and len(ckpt.shape(key)) == 2
+            and key[: -len(".weight")] + ".qweight" not in ckpt.shard_of}
+
+
 def _awq_skip_list(ckpt: Checkpoint, skip: list) -> list:
     """AWQ's modules_to_not_convert: ``skip`` (the source config's) and every float layer: a 2-D
     ``<name>.weight`` without ``<name>.qweight`` (a MoE router). AutoAWQ and transformers quantize
     every Linear this list does not name, and GPTQ configs rarely have one. Embeddings are listed
     too (the tensors do not tell them from a Linear; those loaders only touch Linear layers)."""
-    float_layers = {key[: -len(".weight")] for key in ckpt.keys()
-                    if key.endswith(".weight") and len(ckpt.shape(key)) == 2
-                    and key[: -len(".weight")] + ".qweight" not in ckpt.shard_of}
-    out = sorted(set(skip) | {n for n in float_layers if not name_matches(n, skip)})
+    out = sorted(set(skip) | {n for n in _float_layers(ckpt) if not name_matches(n, skip)})
     _warn_skip_substrings("convert to AWQ", out, ckpt.quantized_prefixes(), stacklevel=4)
     _warn_quantized_lm_head("convert to AWQ", ckpt.quantized_prefixes(), stacklevel=4)
     return out
@@ -976,7 +1077,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
 
     Quantized layers are repacked with the ops (GPTQ output always has g_idx), every other tensor is
     copied unchanged, config.json's quantization_config is rewritten (GPTQ's sym: true where every
-    zero point is 8; AWQ's modules_to_not_convert also names the float layers), the shard layout
+    zero point is 8, and float layers inside decoder blocks named as save_quantized names them;
+    AWQ's modules_to_not_convert also names the float layers), the shard layout
     and index are kept and other files copied. The result is written to a temporary folder beside
     ``dst`` and renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
     A folder holding both an index and a ``model.safetensors`` it does not list is refused
@@ -1048,7 +1150,11 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
             qc.modules_to_not_convert)
         new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order), sym, skip)
         if to == qc.method:  # GPTQModel's lm_head, meta, damp_percent...: kept, ours updated
-            new_qc = {**qc.raw, **new_qc}
+            new_qc = {**{k: v for k, v in qc.raw.items() if k != "modules_in_block_to_quantize"},
+                      **new_qc}
+        if to == "gptq":  # float Linears inside decoder blocks (an MoE router), named for loaders
+            new_qc.update(_gptq_block_fields(prefixes, _float_layers(ckpt), "convert to GPTQ", 3,
+                                             qc.raw.get("dynamic") if qc.method == "gptq" else None))
         if to == "gptq" and "format" in qc.raw:
             new_qc["format"] = new_qc["checkpoint_format"]
         _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total)

@@ -529,6 +529,12 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     QuantLinear would drop) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
     several names is quantized once and stays shared (skipped if any of its names matches).
 
+    Where the model has a config object with ``to_dict()`` (a transformers model's
+    ``model.config``), its ``quantization_config`` is set to a plain dict describing what
+    ``model.state_dict()`` now holds (GPTQ, v1 zeros: ``torch_ops.checkpoint.model_quant_config``),
+    as transformers sets it on a quantized model, so that its ``save_pretrained`` writes a folder
+    that ``load_quantized`` and GPTQ loaders read as quantized (without it: as float).
+
     Raises ValueError, before changing anything, if a layer's shape cannot be quantized with
     ``group_size`` (in/out features multiples of 8, in_features a multiple of group_size) or its
     weight is not materialised (meta device); every layer is quantized before the first is put
@@ -560,4 +566,8 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
             done[id(m)] = layer.train(m.training)
     for name, m in targets:
         replace_module(model, name, done[id(m)])
+    if done:
+        from .checkpoint import _record_quant_config  # (checkpoint imports this module)
+
+        _record_quant_config(model)
     return model
