@@ -1584,3 +1584,100 @@ def test_models_without_a_config_object_are_left_alone(tmp_path):
     assert model.config == {"model_type": "tiny"}
     bare = torch_ops.quantize_model(TinyLM(), group_size=G)
     assert not hasattr(bare, "config")
+
+
+# ---------------------------------------------------------------------- serving engines' configs
+def test_config_declares_a_quantized_lm_head(tmp_path):
+    """vLLM and SGLang quantize the output embedding only where quantization_config says
+    "lm_head": true (GPTQModel's field); without it vLLM refused the checkpoint (no parameter
+    lm_head.qweight) and SGLang skipped the tensors and served an uninitialised lm_head.weight.
+    Saved and converted configs say it where lm_head is quantized, and only there."""
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(TinyLM(vocab=64), group_size=G, sym=True, skip=())
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "gptq", "gptq")
+    with pytest.warns(UserWarning, match="lm_head quantized"):
+        torch_ops.checkpoint.save_quantized(model, tmp_path / "awq", "awq")
+    with pytest.warns(UserWarning, match="lm_head quantized"):
+        convert_checkpoint(tmp_path / "gptq", tmp_path / "conv-awq", to="awq", progress=False)
+    convert_checkpoint(tmp_path / "conv-awq", tmp_path / "conv-gptq", to="gptq", progress=False)
+    for name in ("gptq", "awq", "conv-awq", "conv-gptq"):
+        qc = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+        assert qc.get("lm_head") is True, name
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.equal(load_quantized(TinyLM(vocab=64), tmp_path / "conv-gptq")(ids), model(ids))
+    # a float lm_head: no field (nor in a converted GPTQModel config saying false)
+    make_checkpoint(tmp_path / "float-head", "gptq", sym=True, config_extra=None)
+    convert_checkpoint(tmp_path / "float-head", tmp_path / "float-head-awq", to="awq",
+                       progress=False)
+    qc = json.loads((tmp_path / "float-head-awq" / "config.json").read_text())
+    assert "lm_head" not in qc["quantization_config"]
+
+
+def test_gptq_config_names_float_layers_in_dynamic(tmp_path):
+    """SGLang's GPTQ loader quantizes every Linear but those a GPTQModel `dynamic` "-:" rule
+    names (modules_to_not_convert is not read): a float layer inside the quantized blocks got
+    GPTQ parameters that no tensor filled (its .weight skipped with a warning), silently. GPTQ
+    configs name such layers there, as anchored regexes; lm_head (vLLM and SGLang quantize it
+    only by the lm_head field) and embeddings are left out; a source's own rules are kept."""
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(TinyLM(), group_size=G, sym=True,
+                                     skip=("lm_head", "blocks.0.down"))
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "gptq", "gptq")
+    torch_ops.checkpoint.save_quantized(model, tmp_path / "awq", "awq")
+    convert_checkpoint(tmp_path / "awq", tmp_path / "conv", to="gptq", progress=False)
+    for name in ("gptq", "conv"):
+        qc = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+        rules = [p[2:] for p in qc["dynamic"] if p.startswith("-:")]
+        assert [n for n in ["blocks.0.down", "blocks.1.down", "blocks.0.up", "lm_head", "embed",
+                            "xblocks.0.down", "blocks.0.down2"]
+                if any(re.match(r, n) for r in rules)] == ["blocks.0.down"], (name, rules)
+        assert qc["dynamic"] == {f"-:{rules[0]}": {}}
+        ids = torch.randint(0, 48, (2, 5))
+        assert torch.equal(load_quantized(TinyLM(), tmp_path / name)(ids), model(ids))
+    qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert "dynamic" not in qc  # (AWQ loaders read modules_to_not_convert)
+    # a GPTQModel source's rules are kept, after ours (ours name layers that are float here)
+    src = tmp_path / "gptqmodel"
+    make_checkpoint(src, "gptq", sym=True, skip=("blocks.1.down",),
+                    config_extra=None)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["dynamic"] = {r"+:.*\.up": {"group_size": G}}
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert_checkpoint(src, tmp_path / "gptqmodel-v2", to="gptq", zero_format="v2", progress=False)
+    qc = json.loads((tmp_path / "gptqmodel-v2" / "config.json").read_text())["quantization_config"]
+    assert list(qc["dynamic"]) == [r"-:^blocks\.1\.down$", r"+:.*\.up"]
+    # no float layer inside: no field
+    make_checkpoint(tmp_path / "plain", "awq", sym=True)
+    convert_checkpoint(tmp_path / "plain", tmp_path / "plain-gptq", to="gptq", progress=False)
+    qc = json.loads((tmp_path / "plain-gptq" / "config.json").read_text())["quantization_config"]
+    assert "dynamic" not in qc
+
+
+@pytest.mark.parametrize("case", ["asym", "act_order", "group"])
+def test_gptq_output_warns_of_what_vllm_and_sglang_refuse(tmp_path, case):
+    """vLLM's GPTQ (Marlin) path takes sym=true only and refuses desc_act=true with groups;
+    SGLang runs asymmetric GPTQ with no CUDA kernel; Marlin takes group sizes -1/32/64/128.
+    save_quantized and convert to GPTQ say so (the checkpoint is written all the same); a
+    symmetric, plain GPTQ output says nothing."""
+    torch.manual_seed(0)
+    group = 256 if case == "group" else G
+    model = torch_ops.quantize_model(TinyLM(hidden=256), group_size=group, sym=case != "asym")
+    if case == "act_order":
+        layer = model.blocks[0].up
+        g = layer.to_gptq("v1")
+        g_idx = (torch.argsort(torch.randperm(layer.in_features)) // G).to(torch.int32)
+        model.blocks[0].up = QuantLinear.from_gptq(g["qweight"], g["qzeros"], g["scales"],
+                                                   g_idx=g_idx, bias=g["bias"], group_size=G)
+    expected = {"asym": r"sym=false.*vLLM", "act_order": r"desc_act=true.*vLLM",
+                "group": r"group_size=256.*Marlin"}[case]
+    with pytest.warns(UserWarning, match=expected):
+        torch_ops.checkpoint.save_quantized(model, tmp_path / "gptq", "gptq")
+    with pytest.warns(UserWarning, match=expected):
+        convert_checkpoint(tmp_path / "gptq", tmp_path / "v2", to="gptq", zero_format="v2",
+                           progress=False)
+    assert (tmp_path / "v2" / "config.json").is_file()
+    plain = torch_ops.quantize_model(TinyLM(), group_size=G, sym=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch_ops.checkpoint.save_quantized(plain, tmp_path / "plain", "gptq")
+        convert_checkpoint(tmp_path / "plain", tmp_path / "plain2", to="gptq", progress=False)

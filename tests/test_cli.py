@@ -389,3 +389,19 @@ def test_killed_save_leaves_no_staging_folder_for_the_next_save_or_convert(tmp_p
     assert not any(p.name.startswith(_STAGING_PREFIX) for p in (tmp_path / "out").iterdir())
     save_quantized(model, folder, "awq")
     assert not stale.exists()
+
+
+def test_warnings_are_one_line_each_on_stderr(tmp_path):
+    """The library's warnings (here: convert to GPTQ of asymmetric zeros, which vLLM and SGLang
+    refuse) reach the command's stderr as one line each, "torch_ops convert: warning: ...",
+    not as Python's "file:line: UserWarning:" and the source line of the call; the command
+    succeeds all the same."""
+    src = tmp_path / "awq"
+    make_checkpoint(src, "awq")
+    result = run_module("convert", src, tmp_path / "gptq", "--to", "gptq")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("torch_ops convert: warning: ") for line in lines), lines
+    assert any("vLLM" in line and "sym=false" in line for line in lines), lines
+    assert "UserWarning" not in result.stderr and "cli.py" not in result.stderr
+    assert (tmp_path / "gptq" / "config.json").is_file()

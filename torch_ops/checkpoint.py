@@ -251,32 +251,46 @@ def quant_config_dict(method: str, group_size: int, zero_format: str = "v1", des
 _BLOCK_NAME = re.compile(r"^(.+?\.\d+)\.(.+)$")  # "<blocks>.<i>.<name in the block>"
 
 
-def _gptq_block_fields(quantized, float_layers, what: str, stacklevel: int,
-                       dynamic=None) -> dict:
-    """GPTQ config entries naming the float Linears that sit inside decoder blocks (``<blocks>.<i>.
-    <name>``, an MoE router "model.layers.0.mlp.gate"), which GPTQ loaders would otherwise replace
-    with quantized layers, finding no qweight: transformers (through optimum) quantizes every
-    Linear of the blocks unless ``modules_in_block_to_quantize`` lists the quantized ones (matched
-    as suffixes of the full names), and ignores ``modules_to_not_convert``; GPTQModel and vLLM
-    skip a module that a negative ``dynamic`` entry ("-:" and a pattern of its full name) matches.
-    {} where no float Linear is in a block. ``dynamic``: a config's own entries, kept after ours.
-    Warns of float layers that a listed suffix still matches (those loaders would quantize them)."""
-    in_block = sorted(n for n in set(float_layers) if _BLOCK_NAME.match(n))
-    if not in_block:
-        return {}
-    keep = sorted({m.group(2) for m in map(_BLOCK_NAME.match, quantized) if m})
-    caught = [n for n in in_block if any(n.endswith(k) for k in keep)]
-    if caught:
-        warnings.warn(f"{what}: float layers inside decoder blocks whose names end with the name of "
-                      "a quantized one, which transformers' GPTQ loader (optimum's "
-                      "modules_in_block_to_quantize, matched as name suffixes) would load as "
-                      "quantized: " + ", ".join(caught[:5])
-                      + (f" (and {len(caught) - 5} more)" if len(caught) > 5 else ""),
-                      stacklevel=stacklevel)
-    skip = {f"-:^{re.escape(n)}$": {} for n in in_block}
+def _loader_fields(qc: dict, quantized, float_layers, what: str, stacklevel: int,
+                   dynamic=None) -> dict:
+    """``qc`` with the fields loaders other than ours need to tell quantized layers from float
+    ones (``quantized``: the quantized layers' names; ``float_layers``: the float Linears',
+    embeddings allowed). Read from transformers 5.25 (through optimum), GPTQModel 7.7, vLLM 0.34
+    and SGLang 0.5.23:
+    - ``"lm_head": true`` where lm_head is quantized: vLLM and SGLang quantize the output layer
+      only by that field (without it vLLM refused the checkpoint, SGLang served an
+      uninitialised lm_head.weight);
+    - GPTQ: a negative ``dynamic`` rule ("-:" and the anchored full name) per float layer but
+      lm_head and embeddings, ahead of ``dynamic`` (a source config's own rules, kept):
+      GPTQModel, vLLM and SGLang skip what such a rule matches, and SGLang's GPTQ loader reads
+      no modules_to_not_convert (a float layer got GPTQ parameters no tensor filled);
+    - GPTQ with float Linears inside decoder blocks (``<blocks>.<i>.<name>``, an MoE router):
+      ``modules_in_block_to_quantize``, the quantized layers' names in a block, without which
+      transformers quantizes every Linear of the blocks (it ignores modules_to_not_convert and
+      matches these names as suffixes: a float layer a listed name still ends is warned of)."""
+    if any(name_matches(p, "lm_head") for p in quantized):
+        qc["lm_head"] = True
+    if qc.get("quant_method") != "gptq":
+        return qc
+    rules = {f"-:^{re.escape(n)}$": {} for n in sorted(set(float_layers))
+             if not name_matches(n, "lm_head") and "embed" not in n.rpartition(".")[2]}
     if isinstance(dynamic, dict):
-        skip.update({k: v for k, v in dynamic.items() if k not in skip})
-    return {"modules_in_block_to_quantize": [keep], "dynamic": skip}
+        rules.update({k: v for k, v in dynamic.items() if k not in rules})
+    if rules:
+        qc["dynamic"] = rules
+    in_block = sorted(n for n in set(float_layers) if _BLOCK_NAME.match(n))
+    if in_block:
+        keep = sorted({m.group(2) for m in map(_BLOCK_NAME.match, quantized) if m})
+        caught = [n for n in in_block if any(n.endswith(k) for k in keep)]
+        if caught:
+            warnings.warn(f"{what}: float layers inside decoder blocks whose names end with the "
+                          "name of a quantized one, which transformers' GPTQ loader (optimum's "
+                          "modules_in_block_to_quantize, matched as name suffixes) would load as "
+                          "quantized: " + ", ".join(caught[:5])
+                          + (f" (and {len(caught) - 5} more)" if len(caught) > 5 else ""),
+                          stacklevel=stacklevel)
+        qc["modules_in_block_to_quantize"] = [keep]
+    return qc
 
 
 def model_quant_config(model: nn.Module, dynamic=None) -> dict | None:
@@ -298,8 +312,7 @@ def model_quant_config(model: nn.Module, dynamic=None) -> dict | None:
                            all(m.symmetric for m in layers), skip)
     with warnings.catch_warnings():  # (save_quantized warns; a description need not)
         warnings.simplefilter("ignore")
-        qc.update(_gptq_block_fields(names, skip, "", 1, dynamic))
-    return qc
+        return _loader_fields(qc, names, skip, "", 1, dynamic)
 
 
 def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
@@ -895,16 +908,14 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         tensors.update({f"{name}.{s}": t for s, t in exported.items()})
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    quantized_names = [n for n, m in model.named_modules(remove_duplicate=False)
+                       if id(m) in quantized]
     if format == "awq":  # (as convert to AWQ warns)
-        quantized_names = [n for n, m in model.named_modules(remove_duplicate=False)
-                           if id(m) in quantized]
         _warn_skip_substrings("save_quantized as AWQ", skip, quantized_names, stacklevel=3)
         _warn_quantized_lm_head("save_quantized as AWQ", quantized_names, stacklevel=3)
     qc = quant_config_dict(format, sizes.pop(), zero_format, act_order, sym, skip)
-    if format == "gptq":  # float Linears inside decoder blocks (an MoE router), named for loaders
-        qc.update(_gptq_block_fields(
-            [n for n, m in model.named_modules(remove_duplicate=False) if id(m) in quantized],
-            skip, "save_quantized as GPTQ", stacklevel=3))
+    qc = _loader_fields(qc, quantized_names, skip, "save_quantized as GPTQ", stacklevel=3)
+    _warn_serving_engines("save_quantized as GPTQ", qc, stacklevel=3)
     shards, size = [{}], 0
     for key in sorted(tensors):
         nb = tensors[key].numel() * tensors[key].element_size()
@@ -1071,6 +1082,26 @@ def _warn_quantized_lm_head(what: str, quantized, stacklevel: int) -> None:
                       stacklevel=stacklevel)
 
 
+def _warn_serving_engines(what: str, qc: dict, stacklevel: int) -> None:
+    """Warn of a GPTQ config vLLM or SGLang would refuse (read from vLLM 0.34 and SGLang 0.5.23):
+    both run 4-bit GPTQ through Marlin, which takes sym=true only (vLLM raises "Unsupported
+    quantization config", SGLang falls back to a GPTQ kernel it no longer has) and group sizes
+    -1/32/64/128; vLLM also refuses desc_act=true with groups (act-order), which SGLang runs."""
+    if qc.get("quant_method") != "gptq":
+        return
+    why = []
+    if not qc.get("sym"):
+        why.append("sym=false (asymmetric zeros): vLLM and SGLang load only symmetric 4-bit GPTQ; "
+                   "for them keep AWQ (zero points) or quantize with sym=True")
+    if qc.get("desc_act") and qc.get("group_size") != -1:
+        why.append("desc_act=true (act-order g_idx): vLLM refuses it (SGLang runs it)")
+    if qc.get("group_size") not in (-1, 32, 64, 128):
+        why.append(f"group_size={qc.get('group_size')}: their Marlin kernels take -1/32/64/128 only")
+    if why:
+        warnings.warn(f"{what}: vLLM (0.34) or SGLang (0.5.23) will refuse this GPTQ checkpoint: "
+                      + "; ".join(why), stacklevel=stacklevel)
+
+
 def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", verify: bool = False,
                        progress: bool = True) -> dict:
     """Convert a checkpoint folder to GPTQ (``zero_format`` v1 or v2) or AWQ, shard by shard.
@@ -1152,11 +1183,11 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         if to == qc.method:  # GPTQModel's lm_head, meta, damp_percent...: kept, ours updated
             new_qc = {**{k: v for k, v in qc.raw.items() if k != "modules_in_block_to_quantize"},
                       **new_qc}
-        if to == "gptq":  # float Linears inside decoder blocks (an MoE router), named for loaders
-            new_qc.update(_gptq_block_fields(prefixes, _float_layers(ckpt), "convert to GPTQ", 3,
-                                             qc.raw.get("dynamic") if qc.method == "gptq" else None))
         if to == "gptq" and "format" in qc.raw:
             new_qc["format"] = new_qc["checkpoint_format"]
+        new_qc = _loader_fields(new_qc, prefixes, _float_layers(ckpt), "convert to GPTQ", 3,
+                                qc.raw.get("dynamic") if qc.method == "gptq" else None)
+        _warn_serving_engines("convert to GPTQ", new_qc, stacklevel=3)
         _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total)
         if verify:
             _verify(ckpt, Checkpoint(tmp), qc, read_quant_config(tmp)[1], prefixes, progress)

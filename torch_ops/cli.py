@@ -2,10 +2,12 @@
 ``python -m torch_ops inspect PATH``.
 
 Errors end the command with exit status 1 and one line on stderr, never a traceback (set
-TORCH_OPS_TRACEBACK=1 to see one); a usage error (argparse) with status 2 and the usage. An
-interrupt (Ctrl-C, SIGTERM from kill, timeout or a job scheduler) removes what the command had
-written and ends it with status 130 or 143. Output into a pipe whose reader has stopped (``| head``)
-ends the command quietly with status 141, as SIGPIPE ends other commands.
+TORCH_OPS_TRACEBACK=1 to see one); a command that succeeds prints the library's warnings after
+its output, one line each on stderr (``torch_ops convert: warning: ...``); a usage error
+(argparse) with status 2 and the usage. An interrupt (Ctrl-C, SIGTERM from kill, timeout or a
+job scheduler) removes what the command had written and ends it with status 130 or 143. Output
+into a pipe whose reader has stopped (``| head``) ends the command quietly with status 141, as
+SIGPIPE ends other commands.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 
 def _size(n: int) -> str:
@@ -105,7 +108,14 @@ def main(argv=None) -> int:
     previous = (signal.signal(signal.SIGTERM, _on_sigterm)
                 if _main_thread() and signal.getsignal(signal.SIGTERM) is not None else None)
     try:
-        status = _convert(args) if args.command == "convert" else _inspect(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            status = _convert(args) if args.command == "convert" else _inspect(args)
+        # after the command's own output, one line each (Python's format adds the file, line
+        # and source line of the library's call); a command that fails says its error only
+        for w in caught:
+            print(f"torch_ops {args.command}: warning: {' '.join(str(w.message).split())}",
+                  file=sys.stderr)
         sys.stdout.flush()  # here, not at exit: a closed pipe then raises where it is caught below
         return status
     except BrokenPipeError:
