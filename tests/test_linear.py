@@ -1305,3 +1305,60 @@ def test_cuda_split_k_through_workspace(dtype, M, K, N):
             _C.cuda_w4a16_global_split(1)
     assert torch.equal(torch_ops.w4a16_linear(xs[0], bias=bias, **t), torch_ops.w4a16_linear(xs[0], bias=bias, **t))
     check_graph_and_streams(lambda x: torch_ops.w4a16_linear(x, bias=bias, **t), xs, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 7, 80])
+def test_row_shard_of_an_act_order_layer(device, dtype, M):
+    """A row-parallel (tensor-parallel) shard of an act-order layer: its rows of qweight and g_idx
+    with the whole scales and qzeros (a rank cannot split groups scattered over K; vLLM keeps them
+    whole), K not a multiple of group_size. dequantize took it; w4a16_linear refused the scales'
+    shape ("[K/group_size, N]"). The shards' products sum to the whole layer's, each matches the
+    float64 reference of its rows, and the op checks, compiles and differentiates as usual."""
+    K, N, G = 384, 72, 128
+    t = make_weights(K, N, G, act_order=True, device=device)
+    x = torch.randn(M, K, device=device).to(dtype)
+    whole = torch_ops.w4a16_linear(x, **t)
+    total = 0
+    for a, b in ((0, 96), (96, 200), (200, 384)):  # 96 and 104 rows: no multiple of G
+        shard = dict(t, qweight=t["qweight"][a // 8:b // 8], g_idx=t["g_idx"][a:b])
+        y = torch_ops.w4a16_linear(x[:, a:b], **shard)
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert rel_err(y, reference(x[:, a:b], shard)) < TOL[dtype]
+        total = total + y.double()
+    assert rel_err(total, reference(x, t)) < 2 * TOL[dtype]
+    assert rel_err(whole, reference(x, t)) < TOL[dtype]
+    shard = dict(t, qweight=t["qweight"][12:25], g_idx=t["g_idx"][96:200])
+    xs = x[:, 96:200].float().clone().requires_grad_()
+    args = (xs, shard["qweight"], shard["scales"], shard["qzeros"], G, shard["g_idx"], None, "v1")
+    torch.library.opcheck(torch.ops.torch_ops.w4a16_linear, args)
+    torch_ops.w4a16_linear(xs, **shard).sum().backward()
+    w = ref.dequantize(shard["qweight"].cpu(), shard["scales"].cpu().float(), shard["qzeros"].cpu(),
+                       "gptq", 4, G, shard["g_idx"].cpu(), "v1")
+    assert torch.allclose(xs.grad.cpu(), w.sum(0).expand(M, -1), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: torch_ops.w4a16_linear(x, **shard), fullgraph=True)
+    assert torch.equal(compiled(xs.detach()), torch_ops.w4a16_linear(xs.detach(), **shard))
+    torch._dynamo.reset()
+
+
+def test_row_shard_bad_input(device):
+    """The shard's scales may hold any number of groups, but qzeros must hold as many, g_idx must
+    name one of them, and without g_idx K must still be a multiple of group_size: in the kernel's
+    words, on the meta device too."""
+    K, N, G = 384, 16, 128
+    t = make_weights(K, N, G, act_order=True, device=device)
+    x = torch.randn(2, 96, device=device)
+    shard = dict(t, qweight=t["qweight"][:12], g_idx=t["g_idx"][:96])
+    cases = [(dict(shard, qzeros=t["qzeros"][:2]),
+              r"qzeros must have shape \[scales.shape\[0\], N/8\] = \[3, 2\], got \[2, 2\]"),
+             (dict(shard, scales=t["scales"][:, :8]), r"scales must have shape \[groups, N\]"),
+             (dict(shard, g_idx=None), r"K = 96 must be a multiple of group_size = 128")]
+    for w, message in cases:
+        meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in w.items()}
+        with pytest.raises(ValueError, match="w4a16_linear: " + message):
+            torch_ops.w4a16_linear(x, **w)
+        with pytest.raises(ValueError, match="w4a16_linear: " + message):
+            torch_ops.w4a16_linear(x.to("meta"), **meta)
+    with pytest.raises(ValueError, match=r"w4a16_linear: g_idx values must be in \[0, 3\)"):
+        torch_ops.w4a16_linear(x, **dict(shard, g_idx=shard["g_idx"] + 3))

@@ -313,7 +313,10 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zero_format: str = "v1", perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, dequantize(...), bias)`` fused: x [..., K] (fp16/bf16/fp32) times 4-bit
     GPTQ weights (qweight [K/8, N], scales [K/G, N], qzeros [K/G, N/8] or None for symmetric,
-    optional act-order g_idx [K]); returns [..., N] in x.dtype, accumulated in fp32.
+    optional act-order g_idx [K]); returns [..., N] in x.dtype, accumulated in fp32. With g_idx
+    the scales and qzeros may hold any number of groups (those g_idx names) and K need not be a
+    multiple of group_size: a row-parallel shard of an act-order layer (its rows of qweight and
+    g_idx, the whole scales and qzeros), whose shards' products sum to the layer's.
     qweight may also be the k-interleaved [K/32, 4, N] of :func:`prepack_w4a16` (group_size a
     multiple of 32 or -1; perm, not g_idx), the faster form on CUDA.
     ``perm`` [K] (instead of g_idx): the product uses ``x[..., perm]``, for act-order weights
@@ -817,18 +820,20 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
     torch._check_value(N % 8 == 0, lambda: f"{op}: N = qweight.shape[1] = {N} must be a multiple "
                                            f"of 8")
     gs = _fake_group_size(op, group_size, K)
-    torch._check_value(K % gs == 0, lambda: f"{op}: K = {K} must be a multiple of group_size = "
-                                            f"{gs}")
-    G = K // gs
+    act = g_idx is not None  # (any number of groups, any K: a row shard of an act-order layer)
+    torch._check_value(act or K % gs == 0, lambda: f"{op}: K = {K} must be a multiple of "
+                                                   f"group_size = {gs}")
+    G = scales.shape[0] if act else K // gs
     if kil:
         torch._check_value(gs % 32 == 0 or gs == K, lambda: (
             f"{op}: group_size = {gs} must be a multiple of 32 with a k-interleaved qweight "
             f"(prepack_w4a16)"))
-    _fake_shape(op, "scales", scales, [G, N], "[K/group_size, N]")
+    _fake_shape(op, "scales", scales, [G, N], "[groups, N]" if act else "[K/group_size, N]")
     if qzeros is not None:
         _fake_dtype(op, "qzeros", qzeros, torch.int32)
         _on_one_device(op, x, qzeros=qzeros)
-        _fake_shape(op, "qzeros", qzeros, [G, N // 8], "[K/group_size, N/8]")
+        _fake_shape(op, "qzeros", qzeros, [G, N // 8],
+                    "[scales.shape[0], N/8]" if act else "[K/group_size, N/8]")
     if g_idx is not None:
         _fake_index_arg(op, "g_idx", g_idx, x, K)
     if perm is not None:

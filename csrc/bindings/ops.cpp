@@ -840,15 +840,23 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
                       "act_order_prepack first, then perm)");
     TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N, " must be a multiple of 8");
     const int64_t gs = resolve_group_size(op, group_size, K);
-    TORCH_CHECK_VALUE(K % gs == 0, op, ": K = ", K, " must be a multiple of group_size = ", gs);
-    const int64_t G = K / gs;
+    // act-order (g_idx): the scales hold the groups g_idx names, any number of them, and K need
+    // not be a multiple of group_size: a row-parallel shard of an act-order layer (its rows of
+    // qweight and g_idx, the whole scales and qzeros: tensor-parallel loaders cannot split groups
+    // scattered over K), as dequantize takes it
+    const bool act = g_idx.has_value();
+    TORCH_CHECK_VALUE(act || K % gs == 0, op, ": K = ", K, " must be a multiple of group_size = ", gs);
+    const int64_t G = act ? scales.size(0) : K / gs;
     TORCH_CHECK_VALUE(!w.kil || gs % 32 == 0 || gs == K, op, ": group_size = ", gs,
                       " must be a multiple of 32 with a k-interleaved qweight (prepack_w4a16)");
-    check_shape(op, "scales", scales, {G, N}, "[K/group_size, N]");
+    if (act)
+        check_shape(op, "scales", scales, {G, N}, "[groups, N]");
+    else
+        check_shape(op, "scales", scales, {G, N}, "[K/group_size, N]");
     if (qzeros.has_value()) {
         check_dtype(op, "qzeros", *qzeros, at::kInt);
         check_device(op, "qzeros", *qzeros, x);
-        check_shape(op, "qzeros", *qzeros, {G, N / 8}, "[K/group_size, N/8]");
+        check_shape(op, "qzeros", *qzeros, {G, N / 8}, act ? "[scales.shape[0], N/8]" : "[K/group_size, N/8]");
     }
     // g_idx and perm: int32 or int64 [K] on x's device
     auto check_index_arg = [&](const char *arg, const at::Tensor &t) {
@@ -883,7 +891,8 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
     w.K = K;
     w.N = N;
     w.G = G;
-    w.group_size = gs;
+    // (with g_idx the kernels read no group_size, but check that it divides K: K itself then)
+    w.group_size = K % gs ? K : gs;
     return w;
 }
 
