@@ -6,10 +6,11 @@ not collect this file; the suite's parametrised cases are in test_linear.py).
 
 Each case draws K, N (odd multiples of 8 included), M = 0..100 in 1-3-D batches, fp32 / fp16 /
 bf16 x with scales of any of the three dtypes (fp32 x only; others match x), group sizes
-32..256 and -1, v1 / v2 / symmetric zeros, act-order through g_idx or act_order_prepack + perm
-(its sorted qweight k-interleaved or not), the k-interleaved qweight, bias, non-contiguous,
-transposed or broadcast (stride 0) x, and on CPU the ISA level and one or two threads. --large:
-N up to 4800 and K up to 12288 (or K = 4096) now and then. Prints each failing case and exits 1 if any failed.
+32..256 and -1, v1 / v2 / symmetric zeros, act-order through g_idx, act_order_prepack + perm
+(its sorted qweight k-interleaved or not) or a row-parallel shard (rows of qweight and g_idx,
+whole scales and qzeros), the k-interleaved qweight, bias, non-contiguous, transposed or
+broadcast (stride 0) x, and on CPU the ISA level and one or two threads. --large: N up to 4800
+and K up to 12288 (or K = 4096) now and then. Prints each failing case and exits 1 if any failed.
 """
 import argparse
 import math
@@ -76,6 +77,14 @@ def one_case(rnd, device, large, desc):
             out = torch_ops.w4a16_linear(x, qw, t["scales"], perm=sorted_[1], **kw)
     elif mode == "prepack" and not act and K % 32 == 0:
         out = torch_ops.w4a16_linear(x, torch_ops.prepack_w4a16(t["qweight"]), t["scales"], **kw)
+    elif mode == "prepack" and act and K >= 16:
+        # a row-parallel shard: rows [a, b) of qweight, g_idx and x, the whole scales and qzeros
+        a = 8 * rnd.randint(0, K // 8 - 1)
+        b = 8 * rnd.randint(a // 8 + 1, K // 8)
+        mode, t = f"row shard [{a}, {b})", dict(t, qweight=t["qweight"][a // 8:b // 8],
+                                                 g_idx=t["g_idx"][a:b])
+        x = x[..., a:b]
+        out = torch_ops.w4a16_linear(x, t["qweight"], t["scales"], g_idx=t["g_idx"], **kw)
     else:
         mode = "plain"
         out = torch_ops.w4a16_linear(x, t["qweight"], t["scales"], g_idx=t["g_idx"], **kw)
