@@ -1681,3 +1681,22 @@ def test_gptq_output_warns_of_what_vllm_and_sglang_refuse(tmp_path, case):
         warnings.simplefilter("error")
         torch_ops.checkpoint.save_quantized(plain, tmp_path / "plain", "gptq")
         convert_checkpoint(tmp_path / "plain", tmp_path / "plain2", to="gptq", progress=False)
+
+
+def test_quantize_model_with_a_second_group_size_drops_the_stale_config(tmp_path):
+    """A second quantize_model with another group size left the first's quantization_config on
+    model.config (no one config describes two group sizes, so nothing was recorded): it named
+    the newly quantized layers as float (modules_to_not_convert, "-:" dynamic rules), and
+    save_pretrained wrote that. It is removed now, with a warning."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    model.config = _Config(model_type="tiny")
+    torch_ops.quantize_model(model, group_size=64, skip=("lm_head", "blocks.1"))
+    assert "blocks.1.up" in model.config.quantization_config["modules_to_not_convert"]
+    with pytest.warns(UserWarning, match="quantization_config removed.*several group sizes"):
+        torch_ops.quantize_model(model, group_size=128, skip=("lm_head",))
+    assert not hasattr(model.config, "quantization_config")
+    with warnings.catch_warnings():  # nothing stale to remove: nothing to say
+        warnings.simplefilter("error")
+        torch_ops.quantize_model(model, group_size=32, skip=("blocks",))
+

@@ -321,12 +321,24 @@ def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
     ``to_dict()`` (a transformers PretrainedConfig): its ``save_pretrained`` then writes a folder
     that load_quantized and GPTQ loaders read as quantized, not as float. ``base``: a GPTQ
     checkpoint's own config, whose other fields (GPTQModel's meta, lm_head...) are kept. Nothing
-    is changed where the config refuses the attribute or no one config describes the model."""
+    is changed where the config refuses the attribute; where no one config
+    describes the model (layers of several group sizes or zero formats), a quantization_config
+    it had (describing it before) is removed, with a warning."""
     config = getattr(model, "config", None)
     if isinstance(config, dict) or not callable(getattr(config, "to_dict", None)):
         return
     qc = model_quant_config(model, (base or {}).get("dynamic"))
     if qc is None:
+        # (a stale config, kept, was written by save_pretrained: e.g. a second quantize_model
+        # with another group size left the first's, naming the new QuantLinears as float)
+        if getattr(config, "quantization_config", None) is not None:
+            try:
+                del config.quantization_config
+            except Exception:
+                pass
+            warnings.warn("model.config.quantization_config removed: the model's QuantLinear "
+                          "layers have several group sizes or zero formats, which no one "
+                          "quantization_config describes", stacklevel=3)
         return
     if base:  # (its modules_in_block_to_quantize: ours, recomputed, or none needed)
         qc = {**{k: v for k, v in base.items() if k != "modules_in_block_to_quantize"}, **qc}
