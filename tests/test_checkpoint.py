@@ -1700,3 +1700,19 @@ def test_quantize_model_with_a_second_group_size_drops_the_stale_config(tmp_path
         warnings.simplefilter("error")
         torch_ops.quantize_model(model, group_size=32, skip=("blocks",))
 
+
+def test_a_config_refusing_quantization_config_with_value_error_is_left_alone():
+    """A validating config (pydantic-style) refuses an attribute with ValueError: only
+    AttributeError and TypeError were caught, so quantize_model raised after quantizing."""
+
+    class Strict(_Config):
+        def __setattr__(self, name, value):
+            if name == "quantization_config":
+                raise ValueError("quantization_config: not a field of this config")
+            super().__setattr__(name, value)
+
+    model = TinyLM()
+    model.config = Strict(model_type="tiny")
+    assert torch_ops.quantize_model(model, group_size=G) is model
+    assert not hasattr(model.config, "quantization_config")
+    assert isinstance(model.blocks[0].up, QuantLinear)

@@ -321,7 +321,7 @@ def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
     ``to_dict()`` (a transformers PretrainedConfig): its ``save_pretrained`` then writes a folder
     that load_quantized and GPTQ loaders read as quantized, not as float. ``base``: a GPTQ
     checkpoint's own config, whose other fields (GPTQModel's meta, lm_head...) are kept. Nothing
-    is changed where the config refuses the attribute; where no one config
+    is changed where the config refuses the attribute (whatever it raises); where no one config
     describes the model (layers of several group sizes or zero formats), a quantization_config
     it had (describing it before) is removed, with a warning."""
     config = getattr(model, "config", None)
@@ -346,7 +346,7 @@ def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
             qc["format"] = qc["checkpoint_format"]
     try:
         config.quantization_config = qc
-    except (AttributeError, TypeError):
+    except Exception:  # (a validating config refuses with ValueError: the load itself succeeded)
         pass
 
 
