@@ -405,3 +405,23 @@ def test_warnings_are_one_line_each_on_stderr(tmp_path):
     assert any("vLLM" in line and "sym=false" in line for line in lines), lines
     assert "UserWarning" not in result.stderr and "cli.py" not in result.stderr
     assert (tmp_path / "gptq" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("option", ["ignore", "error"])
+def test_warnings_follow_python_warning_options(tmp_path, option):
+    """The CLI set its own filter ("default") over the user's: ``python -W ignore`` (or
+    PYTHONWARNINGS=ignore) still printed the warning lines, and ``-W error`` did not make a
+    warning end the command. The user's options now stand: nothing printed, or the warning as
+    the command's one error line (exit status 1, nothing left at DST)."""
+    src = tmp_path / "awq"
+    make_checkpoint(src, "awq")
+    argv, env = module_command("convert", src, tmp_path / "gptq", "--to", "gptq")
+    result = subprocess.run([argv[0], "-W", option, *argv[1:]], capture_output=True, text=True,
+                            env=env, timeout=300)
+    if option == "ignore":
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert (tmp_path / "gptq" / "config.json").is_file()
+    else:
+        assert result.returncode == 1, result.stderr
+        assert_one_line_error(result.stderr)
+        assert "vLLM" in result.stderr and not (tmp_path / "gptq").exists()

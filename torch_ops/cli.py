@@ -109,7 +109,8 @@ def main(argv=None) -> int:
                 if _main_thread() and signal.getsignal(signal.SIGTERM) is not None else None)
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
+            if not sys.warnoptions:  # (python -W / PYTHONWARNINGS: the user's filters stand)
+                warnings.simplefilter("default")
             status = _convert(args) if args.command == "convert" else _inspect(args)
         # after the command's own output, one line each (Python's format adds the file, line
         # and source line of the library's call); a command that fails says its error only
