@@ -888,10 +888,13 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     that fails leaves an earlier checkpoint in the folder whole, and removes the folders it made.
     ``config`` is a dict or an object with ``to_dict()`` (a transformers ``PretrainedConfig``);
     None takes ``model.config.to_dict()`` where the model has one (a transformers model: its
-    AutoConfig needs ``model_type``), else writes quantization_config alone. GPTQ configs name
-    float Linears inside decoder blocks (``<blocks>.<i>.<name>``: an MoE router) for GPTQ loaders
-    too (``modules_in_block_to_quantize``, which transformers reads, and negative ``dynamic``
-    entries, which GPTQModel reads); AWQ configs say ``"sym": false``."""
+    AutoConfig needs ``model_type``), else writes quantization_config alone. Configs say
+    ``"lm_head": true`` where lm_head is quantized. GPTQ configs name every float Linear but
+    lm_head in a negative ``dynamic`` entry (``"-:^name$"``, read by GPTQModel, vLLM and SGLang)
+    and, where decoder blocks (``<blocks>.<i>.<name>``) hold one (an MoE router), list the
+    quantized ones in ``modules_in_block_to_quantize`` (transformers); a GPTQ config vLLM or
+    SGLang would refuse (asymmetric, act-order, another group size) is warned of. AWQ configs
+    say ``"sym": false``."""
     from safetensors.torch import save_file
 
     if format not in ("awq", "gptq"):
@@ -1120,7 +1123,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
 
     Quantized layers are repacked with the ops (GPTQ output always has g_idx), every other tensor is
     copied unchanged, config.json's quantization_config is rewritten (GPTQ's sym: true where every
-    zero point is 8, and float layers inside decoder blocks named as save_quantized names them;
+    zero point is 8, float layers, a quantized lm_head and a config vLLM or SGLang would refuse
+    handled as by save_quantized, a GPTQ source's own ``dynamic`` rules kept after ours;
     AWQ's modules_to_not_convert also names the float layers), the shard layout
     and index are kept and other files copied. The result is written to a temporary folder beside
     ``dst`` and renamed at the end: on any error nothing is left at ``dst`` and ``src`` is never modified.
