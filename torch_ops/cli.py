@@ -3,11 +3,12 @@
 
 Errors end the command with exit status 1 and one line on stderr, never a traceback (set
 TORCH_OPS_TRACEBACK=1 to see one); a command that succeeds prints the library's warnings after
-its output, one line each on stderr (``torch_ops convert: warning: ...``); a usage error
-(argparse) with status 2 and the usage. An interrupt (Ctrl-C, SIGTERM from kill, timeout or a
-job scheduler) removes what the command had written and ends it with status 130 or 143. Output
-into a pipe whose reader has stopped (``| head``) ends the command quietly with status 141, as
-SIGPIPE ends other commands.
+its output, one line each on stderr (``torch_ops convert: warning: ...``; ``python -W`` and
+PYTHONWARNINGS apply: ``ignore`` prints none, ``error`` makes a warning the command's error); a
+usage error (argparse) with status 2 and the usage. An interrupt (Ctrl-C, SIGTERM from kill,
+timeout or a job scheduler) removes what the command had written and ends it with status 130 or
+143. Output into a pipe whose reader has stopped (``| head``) ends the command quietly with
+status 141, as SIGPIPE ends other commands.
 """
 from __future__ import annotations
 
