@@ -1716,3 +1716,16 @@ def test_a_config_refusing_quantization_config_with_value_error_is_left_alone():
     assert torch_ops.quantize_model(model, group_size=G) is model
     assert not hasattr(model.config, "quantization_config")
     assert isinstance(model.blocks[0].up, QuantLinear)
+
+
+def test_save_quantized_still_takes_any_mapping_as_config(tmp_path):
+    """Before config objects were taken, ``{**config}`` took any mapping (a MappingProxyType, an
+    OmegaConf-like Mapping); the new check took dict only and raised TypeError for them."""
+    from types import MappingProxyType
+
+    torch.manual_seed(0)
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    torch_ops.save_quantized(model, tmp_path / "c", "gptq",
+                             config=MappingProxyType({"model_type": "tiny"}))
+    written = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert written["model_type"] == "tiny" and written["quantization_config"]["quant_method"] == "gptq"

@@ -15,6 +15,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 import shutil
 import sys
 import tempfile
@@ -868,10 +869,10 @@ def _config_dict(model: nn.Module, config) -> dict:
         config = getattr(model, "config", None)
         if not callable(getattr(config, "to_dict", None)):
             return {}
-    if not isinstance(config, dict):
+    if not isinstance(config, Mapping):  # (any mapping, as {**config} took before)
         to_dict = getattr(config, "to_dict", None)
         config = to_dict() if callable(to_dict) else config
-        if not isinstance(config, dict):
+        if not isinstance(config, Mapping):
             raise TypeError("save_quantized: config must be a dict or have to_dict() (a "
                             f"transformers config), got {type(config).__name__}")
     return dict(config)
