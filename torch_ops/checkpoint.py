@@ -294,6 +294,17 @@ def _loader_fields(qc: dict, quantized, float_layers, what: str, stacklevel: int
     return qc
 
 
+def _over_source(base: dict, qc: dict) -> dict:
+    """``qc`` (a config this project made) over the other fields of ``base``, the source's config
+    of the same method (GPTQModel's meta, damp_percent...), less its
+    ``modules_in_block_to_quantize`` (ours is recomputed, or none is needed); a GPTQ source's
+    ``format`` (newer GPTQModel's name for checkpoint_format) follows ours."""
+    out = {**{k: v for k, v in base.items() if k != "modules_in_block_to_quantize"}, **qc}
+    if "format" in base and out.get("quant_method") == "gptq":
+        out["format"] = out["checkpoint_format"]
+    return out
+
+
 def model_quant_config(model: nn.Module, dynamic=None) -> dict | None:
     """The GPTQ ``quantization_config`` of what ``model.state_dict()`` holds: its QuantLinear layers
     in the GPTQ layout, qzeros in their ``checkpoint_zero_format``, as ``save_quantized(model,
@@ -341,10 +352,8 @@ def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
                           "layers have several group sizes or zero formats, which no one "
                           "quantization_config describes", stacklevel=3)
         return
-    if base:  # (its modules_in_block_to_quantize: ours, recomputed, or none needed)
-        qc = {**{k: v for k, v in base.items() if k != "modules_in_block_to_quantize"}, **qc}
-        if "format" in base:
-            qc["format"] = qc["checkpoint_format"]
+    if base:
+        qc = _over_source(base, qc)
     try:
         config.quantization_config = qc
     except Exception:  # (a validating config refuses with ValueError: the load itself succeeded)
@@ -1198,9 +1207,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
             qc.modules_to_not_convert)
         new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order), sym, skip)
         if to == qc.method:  # GPTQModel's lm_head, meta, damp_percent...: kept, ours updated
-            new_qc = {**{k: v for k, v in qc.raw.items() if k != "modules_in_block_to_quantize"},
-                      **new_qc}
-        if to == "gptq" and "format" in qc.raw:
+            new_qc = _over_source(qc.raw, new_qc)
+        elif to == "gptq" and "format" in qc.raw:
             new_qc["format"] = new_qc["checkpoint_format"]
         new_qc = _loader_fields(new_qc, prefixes, _float_layers(ckpt), "convert to GPTQ", 3,
                                 qc.raw.get("dynamic") if qc.method == "gptq" else None)
