@@ -222,6 +222,9 @@ def test_act_order_prepack_declines_and_refuses(device):
     # groups of unequal size, or values that are not 0..K/G-1: only the g_idx path can run them
     assert torch_ops.act_order_prepack(qweight, irregular_g_idx(device=device), G) is None
     assert torch_ops.act_order_prepack(qweight, act_order_g_idx(device=device) + 1, G) is None
+    # K not a multiple of group_size (a row shard of an act-order layer, which w4a16_linear
+    # takes with g_idx): the g_idx path too (it raised ValueError, as for a bad argument)
+    assert torch_ops.act_order_prepack(qweight, act_order_g_idx(device=device) % 2, 96) is None
     # group_size -1 is one group: the sort is the identity
     zeros = torch.zeros(K, dtype=torch.int32, device=device)
     same, perm = torch_ops.act_order_prepack(qweight, zeros, -1)
@@ -235,7 +238,7 @@ def test_act_order_prepack_declines_and_refuses(device):
            ((qweight, g_idx[:-8], G), "g_idx must be an int32 or int64 tensor of shape [K] = "
                                       "[256] (K = 8 * qweight.shape[0]), got torch.int32 of shape "
                                       "[248]"),
-           ((qweight, g_idx, 96), "group_size must be -1 or a positive divisor of K = 256, got 96"),
+           ((qweight, g_idx, 0), "group_size must be -1 or positive, got 0"),
            ((qweight.to("meta"), g_idx.to("meta"), G), "g_idx is on the meta device: its values "
                                                        "decide the sort")]
     if device == "cuda":

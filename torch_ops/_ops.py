@@ -357,7 +357,8 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
     Returns ``(qweight_sorted, perm)``: ``perm`` [K] int32 is the stable argsort of ``g_idx``, and
     row k' of the unpacked ``qweight_sorted`` is row ``perm[k']`` of the unpacked ``qweight``.
     Returns None when sorting does not give ``arange(K) // group_size`` (groups of unequal size,
-    or values outside [0, K/G)): such a g_idx needs the g_idx path. ``group_size=-1`` is one group.
+    values outside [0, K/G), or K not a multiple of group_size: a row shard of an act-order layer,
+    see :func:`w4a16_linear`): such a g_idx needs the g_idx path. ``group_size=-1`` is one group.
     Syncs with the device (it inspects g_idx's values)."""
     _tensor("act_order_prepack", "qweight", qweight)
     _tensor("act_order_prepack", "g_idx", g_idx)
@@ -373,13 +374,14 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
     if g_idx.device != qweight.device:
         raise ValueError(f"act_order_prepack: g_idx is on {g_idx.device}, qweight on "
                          f"{qweight.device}; they must be on the same device")
-    if group_size != -1 and (group_size <= 0 or K % group_size):
-        raise ValueError(f"act_order_prepack: group_size must be -1 or a positive divisor of "
-                         f"K = {K}, got {group_size}")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"act_order_prepack: group_size must be -1 or positive, got {group_size}")
     if g_idx.is_meta:  # (torch.equal below raised NotImplementedError, naming no argument)
         raise ValueError("act_order_prepack: g_idx is on the meta device: its values decide the "
                          "sort; pass a materialised g_idx")
     G = _reference.group_len(K, group_size)
+    if K % G:  # (whole groups only: a row shard keeps the g_idx path)
+        return None
     sorted_g_idx, perm = torch.sort(g_idx, stable=True)
     if not torch.equal(sorted_g_idx.to(torch.int64),
                        torch.arange(K, device=g_idx.device) // G):
