@@ -400,6 +400,91 @@ def test_load_refuses_unsupported_configs(tmp_path):
             load_quantized(TinyLM(), folder)
 
 
+# The quantization_config GPTQModel 7.7 writes for AWQ with its default sym=True: "zero_point":
+# false beside "version"/"format"/"checkpoint_format" "gemm"; its GEMM layers store qzeros (all 8)
+GPTQMODEL_AWQ_SYM = {"bits": 4, "group_size": G, "desc_act": False, "lm_head": False,
+                     "method": "awq", "quant_method": "awq", "format": "gemm",
+                     "checkpoint_format": "gemm", "pack_dtype": "int32", "zero_point": False,
+                     "version": "gemm", "meta": {"quantizer": ["gptqmodel:7.7.0"]}}
+
+
+def test_gptqmodel_awq_without_zero_point_is_read(tmp_path):
+    """GPTQModel's default AWQ checkpoint (sym=True: "zero_point": false, qzeros of 8 in the GEMM
+    layout, which its kernels and vLLM's AWQ read as stored) was refused as "AWQ without zero
+    points"; it loads, inspects and converts (both ways, verified) like any AWQ gemm checkpoint."""
+    folder = tmp_path / "c"
+    _, oracle = make_checkpoint(folder, "awq", sym=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = dict(GPTQMODEL_AWQ_SYM)
+    (folder / "config.json").write_text(json.dumps(config))
+    info = inspect_checkpoint(folder)
+    assert (info["format"], info["group_size"], info["zero_format"]) == ("awq", G, "as-is")
+    check_logits(load_quantized(TinyLM(), folder), oracle)
+    for to, zero_format in (("gptq", "v1"), ("gptq", "v2"), ("awq", "v1")):
+        dst = tmp_path / f"{to}-{zero_format}"
+        convert_checkpoint(folder, dst, to=to, zero_format=zero_format, verify=True, progress=False)
+        check_logits(load_quantized(TinyLM(), dst), oracle)
+    qc = json.loads((tmp_path / "gptq-v1" / "config.json").read_text())["quantization_config"]
+    assert qc["sym"] is True and qc["checkpoint_format"] == "gptq"
+
+
+@pytest.mark.parametrize("change", [
+    {"format": "gemv_fast"}, {"checkpoint_format": "llm-awq"}, {"version": "GEMV"},
+    {"format": "marlin", "checkpoint_format": "marlin"}])
+def test_awq_layouts_other_than_gemm_are_refused_whichever_key_names_them(tmp_path, change):
+    """GPTQModel names an AWQ checkpoint's layout in "format" and "checkpoint_format" as well as
+    "version": a config whose layout only "format" named (gemv_fast, llm-awq, marlin: other
+    tensor layouts) was read as gemm."""
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "awq")
+    config = json.loads((folder / "config.json").read_text())
+    qc = {k: v for k, v in config["quantization_config"].items() if k != "version"}
+    config["quantization_config"] = {**qc, **change}
+    (folder / "config.json").write_text(json.dumps(config))
+    key = next(iter(change))
+    message = rf"unsupported AWQ {key} {re.escape(repr(change[key]))}"
+    with pytest.raises(CheckpointError, match=message):
+        inspect_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(TinyLM(), folder)
+    with pytest.raises(CheckpointError, match=message):
+        convert_checkpoint(folder, tmp_path / "out", to="gptq", progress=False)
+
+
+@pytest.mark.parametrize("side_file", [False, True])
+def test_autogptq_marlin_format_is_refused(tmp_path, side_file):
+    """AutoGPTQ 0.7.1 writes "is_marlin_format": true for its Marlin checkpoints (tensors B and s
+    in Marlin's tiles, no qweight): inspect described one as a GPTQ checkpoint of 0 quantized
+    layers, convert and load_quantized spoke of missing qweight / weight tensors."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    qc = {"bits": 4, "group_size": G, "damp_percent": 0.01, "desc_act": False,
+          "static_groups": False, "sym": True, "true_sequential": True,
+          "model_name_or_path": None, "model_file_base_name": "model", "is_marlin_format": True,
+          "quant_method": "gptq"}
+    tensors = {k: v for k, v in TinyLM().state_dict().items()
+               if not any(k.startswith(n + ".") for n in QUANTIZED)}
+    for name in QUANTIZED:
+        K, N = TinyLM().get_submodule(name).in_features, TinyLM().get_submodule(name).out_features
+        tensors[f"{name}.B"] = torch.zeros(K // 16, N * 2, dtype=torch.int32)
+        tensors[f"{name}.s"] = torch.ones(K // G, N, dtype=torch.float16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {"model_type": "tiny"}
+    if side_file:
+        (folder / "quantize_config.json").write_text(json.dumps(qc))
+    else:
+        config["quantization_config"] = qc
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="is_marlin_format=true"):
+        inspect_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="is_marlin_format=true"):
+        load_quantized(TinyLM(), folder)
+    with pytest.raises(CheckpointError, match="is_marlin_format=true"):
+        convert_checkpoint(folder, tmp_path / "out", to="gptq", progress=False)
+    # its "is_marlin_format": false, AutoGPTQ's usual GPTQ checkpoint, reads as before
+    assert parse_quant_config({**qc, "is_marlin_format": False}).zero_format == "v1"
+
+
 def test_config_booleans_written_as_strings_or_integers(tmp_path):
     """bool("false") is True: "true"/"false" (any case) and 0/1 are read as what they say, None or
     a missing key as the default, anything else refused naming the key, the value and the file."""
@@ -421,8 +506,10 @@ def test_config_booleans_written_as_strings_or_integers(tmp_path):
                 inspect_with("gptq", key, value)
     folder, _ = inspect_with("awq", "zero_point", "True")
     load_quantized(TinyLM(), folder)
-    with pytest.raises(CheckpointError, match="AWQ without zero points"):
-        inspect_with("awq", "zero_point", "false")
+    folder, _ = inspect_with("awq", "zero_point", "false")  # (qzeros read as stored)
+    load_quantized(TinyLM(), folder)
+    with pytest.raises(CheckpointError, match=r"zero_point must be true or false, got 'no'"):
+        inspect_with("awq", "zero_point", "no")
 
 
 def test_config_numbers_written_as_strings(tmp_path):

@@ -194,14 +194,23 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
         raise CheckpointError(f"{where}: modules_to_not_convert must be a list of module names, "
                               f"got {qc.get('modules_to_not_convert')!r}")
     if method == "awq":
-        version = str(qc.get("version", "gemm")).lower()
-        if version != "gemm":
-            raise CheckpointError(f"{where}: unsupported AWQ version {qc.get('version')!r} "
-                                  "(only 'gemm' is supported)")
-        if not _config_bool(qc, "zero_point", True, where):
-            raise CheckpointError(f"{where}: AWQ without zero points (zero_point=false) "
-                                  "is not supported")
-        return QuantConfig("awq", 4, group_size, "as-is", False, False, list(skip), dict(qc))
+        # the tensor layout: AutoAWQ and transformers name it "version", GPTQModel also "format"
+        # and "checkpoint_format" (same value); a layout only "format" names (gemv_fast,
+        # llm-awq, marlin) was read as gemm
+        for key in ("version", "format", "checkpoint_format"):
+            if qc.get(key) is not None and str(qc[key]).lower() != "gemm":
+                raise CheckpointError(f"{where}: unsupported AWQ {key} {qc[key]!r} "
+                                      "(only 'gemm' is supported: other AWQ versions keep "
+                                      "their tensors in other layouts)")
+        # zero_point=false (GPTQModel's AWQ with sym=True, its default): a GEMM layer still
+        # stores qzeros (all 8), which its kernels read as stored; so do we. (AutoAWQ writes
+        # zero_point=false only with version "marlin", refused above.)
+        sym = not _config_bool(qc, "zero_point", True, where)
+        return QuantConfig("awq", 4, group_size, "as-is", False, sym, list(skip), dict(qc))
+    if _config_bool(qc, "is_marlin_format", False, where):
+        # AutoGPTQ's Marlin checkpoints: tensors B and s in Marlin's tiled layout, no qweight
+        raise CheckpointError(f"{where}: is_marlin_format=true (AutoGPTQ's Marlin layout, "
+                              "tensors B and s) is not supported; only the GPTQ layout is")
     fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"{where}: unsupported GPTQ checkpoint_format {fmt!r} "
