@@ -485,6 +485,52 @@ def test_autogptq_marlin_format_is_refused(tmp_path, side_file):
     assert parse_quant_config({**qc, "is_marlin_format": False}).zero_format == "v1"
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_dynamic_per_layer_bits_or_group_size_is_refused_naming_the_rule(tmp_path, fmt):
+    """GPTQModel's "dynamic" rules (first match from the name's start, "+:"/"-:" prefixes) may
+    give a layer another group size or width; such a layer was refused only by a shape error
+    about its qzeros. Rules that keep bits and group_size (sym, desc_act), negative rules and
+    rules matching no quantized layer change nothing."""
+    folder = tmp_path / "c"
+    _, oracle = make_checkpoint(folder, fmt)
+    tensors = load_file(str(folder / "model.safetensors"))
+    w = torch.randn(128, 256)  # blocks.1.down with group_size 32, as the rule below says
+    q = ref.quantize(w, 4, 32, False, fmt)
+    if fmt == "awq":
+        q.pop("g_idx", None)
+    tensors.update({f"blocks.1.down.{k}": v for k, v in q.items()})
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    dynamic = {r"-:.*\.0\.up$": {}, r"+:.*\.up": {"sym": False, "desc_act": True, "bits": 4},
+               r".*lm_head": {"bits": 8}, r"+:blocks\.1\.down": {"group_size": 32}}
+    config["quantization_config"]["dynamic"] = dynamic
+    (folder / "config.json").write_text(json.dumps(config))
+    # (the rule as config.json spells it)
+    down_rule, up_rule = json.dumps(r"+:blocks\.1\.down"), json.dumps(r"+:.*\.up")
+    message = re.escape(f"blocks.1.down: the config's dynamic rule {down_rule} gives this layer "
+                        f"group_size=32 (the config: bits=4, group_size={G}); per-layer")
+    with pytest.raises(CheckpointError, match=message):
+        inspect_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(TinyLM(), folder)
+    with pytest.raises(CheckpointError, match=message):
+        convert_checkpoint(folder, tmp_path / "out", to="gptq", progress=False)
+    # the layer back at the config's group size, its rule one that keeps it: read as before
+    make_checkpoint(tmp_path / "d", fmt)
+    dynamic[r"+:blocks\.1\.down"] = {"group_size": G, "bits": "4", "damp_percent": 0.05}
+    dynamic[r"+:.*\.up"]["bits"] = 8  # (first decided by the negative rule for blocks.0.up)
+    dynamic[r"-:.*\.0\.up$"], dynamic[r"+:blocks\.0\.up"] = {}, {"group_size": 16}
+    config["quantization_config"]["dynamic"] = dynamic
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"blocks.1.up: the config's dynamic rule {up_rule} gives this layer bits=8")):
+        inspect_checkpoint(tmp_path / "d")
+    dynamic[r"+:.*\.up"]["bits"] = 4
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    inspect_checkpoint(tmp_path / "d")
+    check_logits(load_quantized(TinyLM(), tmp_path / "d"), oracle)
+
+
 def test_config_booleans_written_as_strings_or_integers(tmp_path):
     """bool("false") is True: "true"/"false" (any case) and 0/1 are read as what they say, None or
     a missing key as the default, anything else refused naming the key, the value and the file."""

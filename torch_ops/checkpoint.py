@@ -550,9 +550,54 @@ def _check_layers(ckpt: Checkpoint, where, prefixes, qc: QuantConfig | None = No
         _layer_dims(ckpt, p, qc)
 
 
+def _dynamic_rule(qc: QuantConfig, name: str):
+    """(pattern, overrides) of the GPTQModel ``dynamic`` rule that decides layer ``name``: the
+    first whose regex (less its "+:" / "-:") matches the name from its start, as GPTQModel picks
+    it; None where none does, a negative one decides, or the config has no such rules."""
+    dynamic = qc.raw.get("dynamic")
+    if not isinstance(dynamic, dict):
+        return None
+    for pattern, overrides in dynamic.items():
+        if not isinstance(pattern, str):
+            continue
+        negative = pattern.startswith("-:")
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        try:
+            if re.match(raw, name) is None:
+                continue
+        except re.error:
+            continue  # (a pattern Python's re cannot read: left to the shape checks)
+        return None if negative or not isinstance(overrides, dict) else (pattern, overrides)
+    return None
+
+
+def _check_dynamic(prefix: str, qc: QuantConfig) -> None:
+    """CheckpointError where the config's ``dynamic`` rule for this layer gives it another width
+    or group size than the config's own (GPTQModel's per-layer overrides): every layer is read
+    with the config's group_size and as 4-bit, and such a layer was refused only by a shape
+    error (qzeros of another shape) that did not say why."""
+    rule = _dynamic_rule(qc, prefix)
+    if rule is None:
+        return
+    pattern, overrides = rule
+    changed = []
+    if overrides.get("bits") is not None and str(overrides["bits"]).strip() != str(qc.bits):
+        changed.append(f"bits={overrides['bits']!r}")
+    if overrides.get("group_size") is not None and (
+            str(overrides["group_size"]).strip() != str(qc.group_size)):
+        changed.append(f"group_size={overrides['group_size']!r}")
+    if changed:
+        raise CheckpointError(
+            f"{prefix}: the config's dynamic rule {json.dumps(pattern)} gives this layer "
+            f"{', '.join(changed)} (the config: bits={qc.bits}, group_size={qc.group_size}); "
+            "per-layer overrides of bits or group_size are not supported")
+
+
 def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, int]:
     """(K, N) of a quantized layer from its headers, after checking that the shapes and dtypes of
-    qweight, qzeros, scales (and g_idx) fit the config's layout, so that errors name the tensor."""
+    qweight, qzeros, scales (and g_idx) fit the config's layout, so that errors name the tensor.
+    A layer the config's ``dynamic`` rules give another width or group size is refused."""
+    _check_dynamic(prefix, qc)
     header = ckpt.headers
 
     def info(suffix):
