@@ -531,6 +531,32 @@ def test_dynamic_per_layer_bits_or_group_size_is_refused_naming_the_rule(tmp_pat
     check_logits(load_quantized(TinyLM(), tmp_path / "d"), oracle)
 
 
+@pytest.mark.parametrize("pack_dtype", ["int16", "int8", "int64"])
+def test_gptqmodel_pack_dtype_other_than_int32_is_refused_by_name(tmp_path, pack_dtype):
+    """GPTQModel's "pack_dtype" packs qweight / qzeros in other words (int16: qweight [K/4, N]):
+    such a checkpoint was refused as "qweight must be a 2-D int32 tensor", without naming the
+    field; its "pack_dtype": "int32" (GPTQModel always writes it) reads as before."""
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "gptq")
+    tensors = load_file(str(folder / "model.safetensors"))
+    words = {"int16": torch.int16, "int8": torch.int8, "int64": torch.int64}[pack_dtype]
+    for name in QUANTIZED:  # (the int32 words reinterpreted: other dtypes and shapes, as there)
+        for s in ("qweight", "qzeros"):
+            t = tensors[f"{name}.{s}"]
+            tensors[f"{name}.{s}"] = (t.view(words) if s == "qzeros" or words == torch.int64
+                                      else t.t().contiguous().view(words).t().contiguous())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["pack_dtype"] = pack_dtype
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"unsupported pack_dtype '{pack_dtype}'"):
+        inspect_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=f"unsupported pack_dtype '{pack_dtype}'"):
+        load_quantized(TinyLM(), folder)
+    assert parse_quant_config({"quant_method": "gptq", "bits": 4, "group_size": 128,
+                               "pack_dtype": "int32"}).zero_format == "v1"
+
+
 def test_config_booleans_written_as_strings_or_integers(tmp_path):
     """bool("false") is True: "true"/"false" (any case) and 0/1 are read as what they say, None or
     a missing key as the default, anything else refused naming the key, the value and the file."""

@@ -193,6 +193,11 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
     if not isinstance(skip, list) or not all(isinstance(n, str) for n in skip):
         raise CheckpointError(f"{where}: modules_to_not_convert must be a list of module names, "
                               f"got {qc.get('modules_to_not_convert')!r}")
+    pack_dtype = qc.get("pack_dtype")
+    if pack_dtype is not None and str(pack_dtype).lower().removeprefix("torch.") != "int32":
+        # GPTQModel's pack_dtype: qweight / qzeros packed in words of that type (int16: [K/4, N])
+        raise CheckpointError(f"{where}: unsupported pack_dtype {pack_dtype!r} (qweight and "
+                              "qzeros packed in int32 words only)")
     if method == "awq":
         # the tensor layout: AutoAWQ and transformers name it "version", GPTQModel also "format"
         # and "checkpoint_format" (same value); a layout only "format" names (gemv_fast,
