@@ -557,6 +557,25 @@ def test_gptqmodel_pack_dtype_other_than_int32_is_refused_by_name(tmp_path, pack
                                "pack_dtype": "int32"}).zero_format == "v1"
 
 
+def test_gptqmodel_method_field_without_quant_method(tmp_path):
+    """GPTQModel's canonical field is "method" ("quant_method" a deprecated alias it still writes
+    beside it): its AWQ quantize_config.json without "quant_method" was read as GPTQ (the side
+    file's default) and refused ("unsupported GPTQ checkpoint_format 'gemm'")."""
+    folder = tmp_path / "c"
+    _, oracle = make_checkpoint(folder, "awq", sym=True)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    qc = {k: v for k, v in GPTQMODEL_AWQ_SYM.items() if k != "quant_method"}
+    (folder / "quantize_config.json").write_text(json.dumps(qc))
+    assert inspect_checkpoint(folder)["format"] == "awq"
+    check_logits(load_quantized(TinyLM(), folder), oracle)
+    assert parse_quant_config({"method": "gptq", "bits": 4, "group_size": 128,
+                               "format": "gptq_v2"}).zero_format == "v2"
+    with pytest.raises(CheckpointError, match="unsupported quant_method 'fp8'"):
+        parse_quant_config({"method": "fp8", "bits": 4, "group_size": 128})
+
+
 def test_config_booleans_written_as_strings_or_integers(tmp_path):
     """bool("false") is True: "true"/"false" (any case) and 0/1 are read as what they say, None or
     a missing key as the default, anything else refused naming the key, the value and the file."""

@@ -172,12 +172,14 @@ def _config_int(qc: dict, keys: tuple, where):
 
 def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantConfig:
     """Normalise an AWQ or GPTQ ``quantization_config`` (CheckpointError if unsupported)."""
-    method = str(qc.get("quant_method", "")).lower()
+    # GPTQModel's own name is "method" ("quant_method" its deprecated alias, written beside it)
+    method = str(qc.get("quant_method") or qc.get("method") or "").lower()
     if not method:
         method = "awq" if ("w_bit" in qc or "version" in qc or "zero_point" in qc) else (
             "gptq" if ("desc_act" in qc or "checkpoint_format" in qc) else "")
     if method not in ("awq", "gptq"):
-        raise CheckpointError(f"{where}: unsupported quant_method {qc.get('quant_method')!r} "
+        raise CheckpointError(f"{where}: unsupported quant_method "
+                              f"{qc.get('quant_method') or qc.get('method')!r} "
                               "(supported: awq, gptq)")
     bits = _config_int(qc, ("bits", "w_bit"), where)
     if bits != 4:
@@ -236,7 +238,9 @@ def read_quant_config(folder) -> tuple[dict, QuantConfig | None]:
     if qc is None:
         for name, method in LEGACY_CONFIGS.items():
             if _is_file(folder / name):
-                qc, where = {"quant_method": method, **_load_json(folder / name)}, folder / name
+                qc, where = _load_json(folder / name), folder / name
+                if not (qc.get("quant_method") or qc.get("method")):
+                    qc = {"quant_method": method, **qc}
                 break
     if qc is None:
         return config, None
