@@ -67,7 +67,7 @@ class QuantConfig:
     group_size: int
     zero_format: str  # GPTQ: "v1" or "v2"; AWQ: "as-is" (zeros stored without offset)
     desc_act: bool = False
-    sym: bool | None = False  # GPTQ's; None: the config does not say
+    sym: bool | None = False  # GPTQ's sym, AWQ's not zero_point; None: the config does not say
     modules_to_not_convert: list = field(default_factory=list)
     raw: dict = field(default_factory=dict)
 
