@@ -443,12 +443,7 @@ def test_awq_layouts_other_than_gemm_are_refused_whichever_key_names_them(tmp_pa
     (folder / "config.json").write_text(json.dumps(config))
     key = next(iter(change))
     message = rf"unsupported AWQ {key} {re.escape(repr(change[key]))}"
-    with pytest.raises(CheckpointError, match=message):
-        inspect_checkpoint(folder)
-    with pytest.raises(CheckpointError, match=message):
-        load_quantized(TinyLM(), folder)
-    with pytest.raises(CheckpointError, match=message):
-        convert_checkpoint(folder, tmp_path / "out", to="gptq", progress=False)
+    refused_everywhere(folder, TinyLM(), message)
 
 
 @pytest.mark.parametrize("side_file", [False, True])
@@ -475,12 +470,7 @@ def test_autogptq_marlin_format_is_refused(tmp_path, side_file):
     else:
         config["quantization_config"] = qc
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="is_marlin_format=true"):
-        inspect_checkpoint(folder)
-    with pytest.raises(CheckpointError, match="is_marlin_format=true"):
-        load_quantized(TinyLM(), folder)
-    with pytest.raises(CheckpointError, match="is_marlin_format=true"):
-        convert_checkpoint(folder, tmp_path / "out", to="gptq", progress=False)
+    refused_everywhere(folder, TinyLM(), "is_marlin_format=true")
     # its "is_marlin_format": false, AutoGPTQ's usual GPTQ checkpoint, reads as before
     assert parse_quant_config({**qc, "is_marlin_format": False}).zero_format == "v1"
 
@@ -509,12 +499,7 @@ def test_dynamic_per_layer_bits_or_group_size_is_refused_naming_the_rule(tmp_pat
     down_rule, up_rule = json.dumps(r"+:blocks\.1\.down"), json.dumps(r"+:.*\.up")
     message = re.escape(f"blocks.1.down: the config's dynamic rule {down_rule} gives this layer "
                         f"group_size=32 (the config: bits=4, group_size={G}); per-layer")
-    with pytest.raises(CheckpointError, match=message):
-        inspect_checkpoint(folder)
-    with pytest.raises(CheckpointError, match=message):
-        load_quantized(TinyLM(), folder)
-    with pytest.raises(CheckpointError, match=message):
-        convert_checkpoint(folder, tmp_path / "out", to="gptq", progress=False)
+    refused_everywhere(folder, TinyLM(), message)
     # the layer back at the config's group size, its rule one that keeps it: read as before
     make_checkpoint(tmp_path / "d", fmt)
     dynamic[r"+:blocks\.1\.down"] = {"group_size": G, "bits": "4", "damp_percent": 0.05}
