@@ -891,8 +891,7 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
     w.K = K;
     w.N = N;
     w.G = G;
-    // (with g_idx the kernels read no group_size, but check that it divides K: K itself then)
-    w.group_size = K % gs ? K : gs;
+    w.group_size = gs;
     return w;
 }
 

@@ -141,7 +141,7 @@ int tops_dequantize(const tops_dequant_args *a, int64_t n_begin, int64_t n_end);
  * contiguous. Work range: [n_begin, n_end) of output columns, n_begin and n_end multiples of 8
  * (or n_end == N); each range writes only its own columns, so ranges run in parallel. */
 typedef struct {
-    int64_t M, K, N, groups, group_size; /* group_size > 0 */
+    int64_t M, K, N, groups, group_size; /* group_size > 0; without g_idx K % group_size == 0 */
     const void *x;
     int x_dtype;
     int64_t x_row_stride;

@@ -192,8 +192,10 @@ static size_t w4_align(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 static int w4_check(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end) {
     if (!a) return TOPS_ERR_ARG;
     if (a->M < 0 || a->K <= 0 || a->N <= 0 || a->K % 8 || a->N % 8) return TOPS_ERR_ARG;
-    if (a->group_size <= 0 || a->K % a->group_size || a->groups <= 0) return TOPS_ERR_ARG;
-    if (!a->g_idx && a->groups != a->K / a->group_size) return TOPS_ERR_ARG;
+    if (a->group_size <= 0 || a->groups <= 0) return TOPS_ERR_ARG;
+    /* with g_idx group_size is not read: K need not be a multiple of it (a row shard of an
+     * act-order layer holds any rows of it) */
+    if (!a->g_idx && (a->K % a->group_size || a->groups != a->K / a->group_size)) return TOPS_ERR_ARG;
     if (a->groups > INT32_MAX) return TOPS_ERR_ARG;
     if (!tops_dtype_valid(a->x_dtype) || !tops_dtype_valid(a->scales_dtype) ||
         !tops_dtype_valid(a->out_dtype))

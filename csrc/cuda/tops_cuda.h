@@ -49,7 +49,8 @@ int tops_cuda_dequantize(const tops_dequant_args *a, void *stream);
 
 /* w4a16 linear on CUDA. Supported: x_dtype F16 with scales F16, BF16 with BF16, F32 with F32
  * (the caller converts scales to the activation dtype); out_dtype == x_dtype; bias (optional) in
- * x_dtype; x contiguous (x_row_stride == K). Any N % 8 == 0 and K % group_size == 0 (K % 8 == 0).
+ * x_dtype; x contiguous (x_row_stride == K). Any N % 8 == 0 and K % 8 == 0; without g_idx
+ * K % group_size == 0 (with g_idx group_size is not read: a row shard of an act-order layer).
  * perm (optional): x is gathered along K into the workspace first, by a kernel of its own.
  * kinterleaved: every kernel reads the k-interleaved words natively (no gather).
  * The workspace (with perm, the gathered x first; then, on sm_90 at M <= 128, fp32 split-K

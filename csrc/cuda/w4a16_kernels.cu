@@ -1472,9 +1472,10 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
     const int64_t M = a->M, K = a->K, N = a->N;
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
     if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
-    if (a->group_size <= 0 || K % a->group_size != 0 || a->groups <= 0) return TOPS_ERR_ARG;
+    if (a->group_size <= 0 || a->groups <= 0) return TOPS_ERR_ARG;
     if (!kil_args_ok(a)) return TOPS_ERR_ARG;
-    if (a->g_idx == nullptr && a->groups != K / a->group_size) return TOPS_ERR_ARG;
+    /* with g_idx (the act-order tiles) group_size is not read: K need not be a multiple of it */
+    if (a->g_idx == nullptr && (K % a->group_size != 0 || a->groups != K / a->group_size)) return TOPS_ERR_ARG;
     if (a->x_dtype != TOPS_F32 && a->x_dtype != TOPS_F16 && a->x_dtype != TOPS_BF16) return TOPS_ERR_ARG;
     if (a->scales_dtype != a->x_dtype || a->out_dtype != a->x_dtype) return TOPS_ERR_ARG;
     if (a->bias != nullptr && a->bias_dtype != a->x_dtype) return TOPS_ERR_ARG;
