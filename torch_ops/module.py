@@ -14,6 +14,10 @@ invisible from outside: ``state_dict()``, ``to_gptq()`` and ``dequantize()`` giv
 row order. (So ``torch.func.functional_call`` takes ``named_buffers()``, the tensors the layer
 computes with, not ``state_dict()``, whose qweight would be read with the sorted rows' perm.)
 
+A row-parallel (tensor-parallel) shard of an act-order layer (``num_groups=``, see QuantLinear)
+holds its rows of qweight [K_shard/8, N] and g_idx [K_shard] beside the whole layer's qzeros and
+scales [num_groups, ...]; it keeps qweight [K_shard/8, N] and always passes g_idx to the op.
+
 Every layer with plain or prepacked groups (K a multiple of 32; the group size a power of two
 from 32, or the whole K) keeps its qweight k-interleaved (``torch_ops.prepack_w4a16``, int32 [K/32, 4, N]), the layout the CUDA
 kernels read fastest (H200: 2-10% at every batch size); ``kinterleave=False`` keeps [K/8, N].
@@ -66,15 +70,21 @@ def _check_zero_format(zero_format: str, what: str) -> str:
     return zero_format
 
 
-def check_dims(in_features: int, out_features: int, group_size: int, what: str = "QuantLinear"):
-    """Raise ValueError unless a [out_features, in_features] weight fits the 4-bit GEMM layouts."""
+def check_dims(in_features: int, out_features: int, group_size: int, what: str = "QuantLinear",
+               row_shard: bool = False):
+    """Raise ValueError unless a [out_features, in_features] weight fits the 4-bit GEMM layouts.
+    ``row_shard``: the rows of an act-order layer, grouped by their g_idx, so in_features need not
+    be a multiple of group_size."""
     K, N = in_features, out_features
     problems = []
     if K <= 0 or K % PACK:
         problems.append(f"in_features must be a positive multiple of {PACK}")
     if N <= 0 or N % PACK:
         problems.append(f"out_features must be a positive multiple of {PACK}")
-    if group_size != -1 and (group_size <= 0 or K % group_size):
+    if row_shard:
+        if group_size <= 0:
+            problems.append("group_size must be positive for a row shard (num_groups given)")
+    elif group_size != -1 and (group_size <= 0 or K % group_size):
         problems.append("group_size must be -1 or a positive divisor of in_features")
     if problems:
         raise ValueError(f"{what}: in_features={K}, out_features={N}, group_size={group_size}: "
@@ -85,7 +95,8 @@ def check_dims(in_features: int, out_features: int, group_size: int, what: str =
 _G_IDX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
-def checked_g_idx(g_idx: torch.Tensor, groups: int, where: str) -> torch.Tensor:
+def checked_g_idx(g_idx: torch.Tensor, groups: int, where: str,
+                  groups_are: str = "K/G groups") -> torch.Tensor:
     """g_idx as int32 after checking its dtype and that its values lie in [0, groups). The range
     is read before narrowing: to(torch.int32) wraps an int64 2**32 + g to g, which would pass."""
     if g_idx.dtype not in _G_IDX_DTYPES:
@@ -97,7 +108,7 @@ def checked_g_idx(g_idx: torch.Tensor, groups: int, where: str) -> torch.Tensor:
     if g_idx.numel():
         lo, hi = int(g_idx.min()), int(g_idx.max())
         if lo < 0 or hi >= groups:
-            raise ValueError(f"{where}g_idx values must lie in [0, {groups}) (K/G groups), got "
+            raise ValueError(f"{where}g_idx values must lie in [0, {groups}) ({groups_are}), got "
                              f"values in [{lo}, {hi}]")
     return g_idx.to(torch.int32)
 
@@ -115,16 +126,42 @@ class QuantLinear(nn.Module):
     config says ``gptq_v2``. ``state_dict`` also records the format in the state dict's metadata, and
     ``load_state_dict`` follows that record where there is one (``torch.save`` keeps it; safetensors
     and plain dicts do not). AWQ state dicts are recognised by the shape of ``qweight``.
+
+    ``num_groups`` makes the layer a row-parallel (tensor-parallel) shard of an act-order layer, as
+    a rank of a row-parallel Linear holds it (vLLM#7374): ``in_features`` of its rows (any multiple
+    of 8, not necessarily of ``group_size``), qweight [in_features/8, N] and g_idx [in_features]
+    its rows', qzeros [num_groups, N/8] and scales [num_groups, N] the whole layer's (groups
+    scattered over K cannot be split by rank). ``num_groups`` is any count >= 1 (a shard's rows may
+    name any of the layer's groups; the g_idx loaded must lie in [0, num_groups)), with a positive
+    ``group_size`` (a shard of a group_size=-1 layer is a plain layer: no num_groups). Such a
+    layer must load a g_idx (GPTQ tensors only: AWQ has none), which it keeps even where it looks
+    plain (its rows cannot be grouped by k // group_size), and it holds qweight in the GPTQ
+    layout, neither prepacked nor k-interleaved: forward passes g_idx to ``w4a16_linear``. The
+    shards' outputs (the bias on one of them) sum to the layer's. ``from_gptq`` infers
+    ``num_groups`` from the scales of such tensors.
     """
 
     bits = BITS
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group_size: int = 128, *, dtype: torch.dtype = torch.float16, device=None,
-                 checkpoint_zero_format: str = "v1", kinterleave: bool = True):
+                 checkpoint_zero_format: str = "v1", kinterleave: bool = True,
+                 num_groups: int | None = None):
         super().__init__()
         self.kinterleave = bool(kinterleave)  # keep qweight k-interleaved where the layer allows
-        check_dims(in_features, out_features, group_size)
+        if num_groups is not None:
+            # (bool is an int: True would be one group)
+            if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+                raise ValueError(f"QuantLinear: num_groups (the groups of the whole layer's scales "
+                                 f"and qzeros, for a row shard) must be an int >= 1, got "
+                                 f"{num_groups!r}")
+            if group_size == -1:
+                raise ValueError(
+                    "QuantLinear: num_groups is for a row shard of a grouped act-order layer; with "
+                    "group_size=-1 (one group) a shard of its rows is a plain layer: leave "
+                    f"num_groups out (got num_groups={num_groups})")
+        self._num_groups = num_groups  # None: in_features // group_size (not a row shard)
+        check_dims(in_features, out_features, group_size, row_shard=num_groups is not None)
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
@@ -145,7 +182,15 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def num_groups(self) -> int:
+        """The rows of scales and qzeros: the whole layer's groups for a row shard."""
+        if self._num_groups is not None:
+            return self._num_groups
         return 1 if self.group_size == -1 else self.in_features // self.group_size
+
+    @property
+    def row_shard(self) -> bool:
+        """A row-parallel shard of an act-order layer (built with ``num_groups``)."""
+        return self._num_groups is not None
 
     @property
     def act_order(self) -> bool:
@@ -166,7 +211,8 @@ class QuantLinear(nn.Module):
         group, or a power of two: a group of 96 or 160 is a valid prepack, but only the generic
         CUDA kernel reads it, while [K/8, N] takes the act-order tiles, several times faster)"""
         gs = self.group_size
-        return (self.kinterleave and self.in_features % 32 == 0
+        # (a row shard reads g_idx, for which the op takes the GPTQ layout only)
+        return (self.kinterleave and not self.row_shard and self.in_features % 32 == 0
                 and (gs == -1 or gs == self.in_features or (gs >= 32 and gs & (gs - 1) == 0)))
 
     def _expected(self) -> dict:
@@ -193,13 +239,21 @@ class QuantLinear(nn.Module):
                   zero_format="v1"):
         """From GPTQ tensors: qweight [K/8, N], qzeros [K/G, N/8] (v1 or v2 zeros), scales [K/G, N].
 
-        A g_idx equal to ``arange(K) // group_size`` is dropped; another one (act-order) is kept."""
+        A g_idx equal to ``arange(K) // group_size`` is dropped; another one (act-order) is kept.
+        With a g_idx, tensors whose scales hold other than K / group_size groups (or K not a
+        multiple of group_size) are a row shard of an act-order layer: the layer is built with
+        ``num_groups = scales.shape[0]`` (see QuantLinear)."""
         _check_zero_format(zero_format, "from_gptq: zero_format")
         _check_tensor(qweight, "from_gptq: qweight", 2, " [K/8, N]")
         _check_tensor(scales, "from_gptq: scales")  # (its dtype is the layer's)
         K, N = qweight.shape[0] * PACK, qweight.shape[1]
+        num_groups = None
+        if (g_idx is not None and isinstance(group_size, int) and group_size > 0
+                and scales.dim() == 2 and (K % group_size or scales.shape[0] != K // group_size)):
+            num_groups = scales.shape[0]  # a row shard: the whole layer's groups
         layer = cls(K, N, bias=bias is not None, group_size=group_size, dtype=scales.dtype,
-                    device=qweight.device, checkpoint_zero_format=zero_format)
+                    device=qweight.device, checkpoint_zero_format=zero_format,
+                    num_groups=num_groups)
         layer._put_quantized("gptq", qweight, qzeros, scales, g_idx, zero_format, "from_gptq: ",
                              assign=False)
         if bias is not None:
@@ -229,6 +283,11 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ export
     def to_awq(self) -> dict:
         """AWQ "gemm" tensors: dict(qweight [K, N/8], qzeros [K/G, N/8], scales[, bias])."""
+        if self.row_shard:
+            raise ValueError(
+                f"to_awq: this layer ({self.in_features}->{self.out_features}) is a row shard of "
+                f"an act-order layer (num_groups={self.num_groups}): its rows are grouped by its "
+                "g_idx, which AWQ has not. Export it with to_gptq() instead.")
         if self.act_order:
             raise ValueError(
                 f"to_awq: this layer ({self.in_features}->{self.out_features}) uses act-order "
@@ -287,18 +346,21 @@ class QuantLinear(nn.Module):
                      else ", kinterleaved=True" if self.kinterleaved else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
-                f"format={self.loaded_from}, act_order={self.act_order}{prepacked}")
+                f"format={self.loaded_from}, act_order={self.act_order}{prepacked}"
+                + (f", num_groups={self.num_groups}" if self.row_shard else ""))
 
     # ------------------------------------------------------------------ putting tensors in
     def _checked(self, name: str, t: torch.Tensor, where: str, expected=None) -> torch.Tensor:
         expected = self._expected()[name] if expected is None else expected
         _check_tensor(t, f"{where}{name}")
         if _shape(t) != expected:
+            shard = f", num_groups={self.num_groups}" if self.row_shard else ""
             raise ValueError(f"{where}{name} must have shape {expected} for in_features="
                              f"{self.in_features}, out_features={self.out_features}, group_size="
-                             f"{self.group_size}; got {_shape(t)}")
+                             f"{self.group_size}{shard}; got {_shape(t)}")
         if name == "g_idx":
-            t = checked_g_idx(t, self.num_groups, where)
+            t = checked_g_idx(t, self.num_groups, where,
+                              "num_groups" if self.row_shard else "K/G groups")
         if name in ("qweight", "qzeros", "g_idx") and t.dtype != torch.int32:
             raise ValueError(f"{where}{name} must be torch.int32, got {t.dtype}")
         if name in ("scales", "bias") and t.dtype not in _FLOAT_DTYPES:
@@ -315,11 +377,22 @@ class QuantLinear(nn.Module):
         raise ValueError(
             f"{key}: shape {_shape(qweight)} fits neither the GPTQ layout [K/8, N] = {exp['gptq']} "
             f"nor the AWQ layout [K, N/8] = {exp['awq']} of QuantLinear(in_features="
-            f"{self.in_features}, out_features={self.out_features}, group_size={self.group_size})")
+            f"{self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+            + (f", num_groups={self.num_groups})" if self.row_shard else ")"))
 
     def _put_quantized(self, fmt, qweight, qzeros, scales, g_idx, zero_format, where, assign):
         """Check AWQ or GPTQ tensors against this layer, convert to the canonical form, store."""
         exp = self._expected()
+        if self.row_shard:
+            shard = (f"this QuantLinear ({self.in_features}->{self.out_features}) is a row shard "
+                     f"of an act-order layer (num_groups={self.num_groups}), whose rows")
+            if fmt == "awq":
+                raise ValueError(f"{where}qweight has the AWQ layout [K, N/8] = {exp['awq']}, but "
+                                 f"{shard} are grouped by a g_idx, which AWQ has not: load GPTQ "
+                                 f"tensors (qweight [K/8, N] = {exp['gptq']} with g_idx)")
+            if g_idx is None:
+                raise ValueError(f"{where}g_idx is missing: {shard} cannot be grouped by "
+                                 "k // group_size; load the shard's g_idx with its qweight")
         self._checked("qweight", qweight, where, exp[fmt])
         self._checked("qzeros", qzeros, where)
         self._checked("scales", scales, where)
@@ -335,10 +408,14 @@ class QuantLinear(nn.Module):
         else:
             if zero_format != STORED_ZERO_FORMAT:
                 qzeros = _ops.convert_gptq_zeros(qzeros, BITS, zero_format, STORED_ZERO_FORMAT)
-            if g_idx is not None and self._is_trivial(g_idx):
+            # (a row shard keeps even a plain-looking g_idx: the op needs it to read scales of
+            # num_groups rows)
+            if g_idx is not None and not self.row_shard and self._is_trivial(g_idx):
                 g_idx = None
         perm = None
-        if g_idx is not None:
+        # (not for a row shard: act_order_prepack may sort one whose K is a multiple of
+        # group_size, but the op then reads scales as [K/group_size, N], not the whole layer's)
+        if g_idx is not None and not self.row_shard:
             prepacked = _ops.act_order_prepack(qweight, g_idx.to(qweight.device), self.group_size)
             if prepacked is not None:  # else: groups of unequal size, forward uses g_idx
                 qweight, perm = prepacked
@@ -418,6 +495,8 @@ class QuantLinear(nn.Module):
             missing_keys.append(prefix + "bias")
         absent = [n for n in _QUANT_KEYS if n not in got]
         missing_keys.extend(prefix + n for n in absent)
+        if self.row_shard and "g_idx" not in got:  # (a shard's rows need their groups)
+            missing_keys.append(prefix + "g_idx")
         try:
             if absent and any(n in got for n in _QUANT_KEYS + ("g_idx",)):
                 raise ValueError(
