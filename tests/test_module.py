@@ -676,6 +676,153 @@ def test_cuda_graph_replay(device, act_order):
     torch.testing.assert_close(y, layer(x), rtol=1e-3, atol=1e-3)
 
 
+# ---------------------------------------------------------------- row shards (tensor parallel)
+SK, SG = 384, 128  # a layer of 3 groups; shards of 136 / 128 / 120 rows (136, 120: not of SG)
+SHARDS = ((0, 136), (136, 264), (264, 384))
+
+
+def row_shards(gq, g_idx, bias=None):
+    """The row-parallel shards of a GPTQ layer: each its rows of qweight and g_idx, with the whole
+    layer's scales and qzeros (as vLLM keeps them for act-order); the bias on the first only."""
+    return [{"qweight": gq["qweight"][a // 8:b // 8], "qzeros": gq["qzeros"],
+             "scales": gq["scales"], "g_idx": g_idx[a:b],
+             **({"bias": bias} if bias is not None and i == 0 else {})}
+            for i, (a, b) in enumerate(SHARDS)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_row_shards_of_an_act_order_layer_sum_to_the_layer(device, dtype):
+    """A tensor-parallel loader builds one QuantLinear per rank from its rows of an act-order layer
+    (qweight, g_idx) and the whole scales and qzeros, by from_gptq (num_groups inferred from the
+    scales) or QuantLinear(..., num_groups=3).load_state_dict: from_gptq refused K % group_size
+    != 0 ("group_size must be -1 or a positive divisor") and scales of the whole layer. The
+    shards' outputs sum to the whole layer's; state dicts and exports give the shard's tensors."""
+    gq = random_gptq(device, k=SK, g=SG)
+    g_idx = act_order_g_idx(k=SK, g=SG, device=device)
+    bias = torch.randn(N, device=device, dtype=torch.float16)
+    whole = QuantLinear.from_gptq(**gq, g_idx=g_idx, bias=bias, group_size=SG)
+    assert not whole.row_shard and whole.num_groups == 3
+    x = torch.randn(3, 5, SK, device=device, dtype=dtype)
+    total = 0
+    for (a, b), shard in zip(SHARDS, row_shards(gq, g_idx, bias)):
+        layer = QuantLinear.from_gptq(**shard, group_size=SG)
+        assert layer.row_shard and (layer.in_features, layer.num_groups) == (b - a, 3)
+        assert layer.act_order and layer.perm is None and not layer.kinterleaved
+        assert layer.qweight.shape == ((b - a) // 8, N)
+        assert "num_groups=3" in repr(layer) and "num_groups" not in repr(whole)
+        loaded = QuantLinear(b - a, N, bias="bias" in shard, group_size=SG, num_groups=3,
+                             device=device)
+        loaded.load_state_dict(shard)
+        y = layer(x[..., a:b])
+        assert y.dtype == dtype and y.shape == (3, 5, N)
+        assert torch.equal(loaded(x[..., a:b]), y)
+        torch.testing.assert_close(y.cpu(), gptq_output(x[..., a:b], shard, shard["g_idx"], SG,
+                                                        shard.get("bias")),
+                                   rtol=TOL[dtype], atol=TOL[dtype])
+        total = total + y.float()
+        # what goes out is what came in: the shard's rows, the whole layer's groups
+        assert_same(dict(loaded.state_dict()), shard)
+        assert_same(layer.to_gptq(), shard)
+        assert torch.equal(layer.dequantize(), whole.dequantize()[:, a:b])
+        with pytest.raises(ValueError, match=r"to_awq: .* is a row shard of an act-order "
+                                             r"layer \(num_groups=3\)"):
+            layer.to_awq()
+        again = copy.deepcopy(layer)
+        assert again.num_groups == 3 and torch.equal(again(x[..., a:b]), y)
+        # a skeleton on the meta device takes the shard's tensors as they are (assign=True)
+        meta = QuantLinear(b - a, N, bias="bias" in shard, group_size=SG, num_groups=3,
+                           device="meta")
+        meta.load_state_dict(shard, assign=True)
+        assert torch.equal(meta(x[..., a:b]), y)
+    assert rel_error(total, whole(x).float()) < 2 * TOL[dtype]
+
+
+def test_a_row_shard_keeps_a_g_idx_that_looks_plain(device):
+    """Rows 0..127 of a layer without act-order, its scales whole: the shard's g_idx (all 0) is
+    arange(128) // 128, which a whole layer drops, and act_order_prepack would sort; a shard keeps
+    it and passes it to the op, which reads scales as [num_groups, N] only with g_idx."""
+    gq = random_gptq(device, k=SK, g=SG)
+    plain = (torch.arange(SK, device=device) // SG).to(torch.int32)
+    whole = QuantLinear.from_gptq(**gq, g_idx=plain, group_size=SG)
+    assert whole.g_idx is None
+    shard = dict(gq, qweight=gq["qweight"][:16], g_idx=plain[:128])
+    layer = QuantLinear.from_gptq(**shard, group_size=SG)
+    assert layer.row_shard and layer.num_groups == 3 and torch.equal(layer.g_idx, plain[:128])
+    assert layer.perm is None and not layer.kinterleaved
+    x = torch.randn(4, 128, device=device, dtype=torch.float16)
+    torch.testing.assert_close(layer(x).cpu(), gptq_output(x, shard, shard["g_idx"], SG),
+                               rtol=TOL[x.dtype], atol=TOL[x.dtype])
+    torch.testing.assert_close(layer.dequantize(), whole.dequantize()[:, :128])
+
+
+def test_row_shard_bad_input(device):
+    """num_groups below 1 (or with group_size=-1), a shard without g_idx, g_idx values past
+    num_groups and an AWQ qweight are refused, each by name: from_gptq and the constructor with
+    ValueError, load_state_dict in its report (RuntimeError), naming the key."""
+    gq = random_gptq(device, k=SK, g=SG)
+    shard = row_shards(gq, act_order_g_idx(k=SK, g=SG, device=device))[0]  # 136 rows
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match=re.escape(
+                f"QuantLinear: num_groups (the groups of the whole layer's scales and qzeros, for "
+                f"a row shard) must be an int >= 1, got {bad!r}")):
+            QuantLinear(136, N, group_size=SG, num_groups=bad)
+    with pytest.raises(ValueError, match="num_groups is for a row shard .* group_size=-1"):
+        QuantLinear(136, N, group_size=-1, num_groups=1)
+    with pytest.raises(ValueError, match="in_features must be a positive multiple of 8"):
+        QuantLinear(132, N, group_size=SG, num_groups=3)
+    # without g_idx, from_gptq reads the tensors as a whole layer, as before
+    with pytest.raises(ValueError, match="group_size must be -1 or a positive divisor of in_"):
+        QuantLinear.from_gptq(**dict(shard, g_idx=None), group_size=SG)
+    with pytest.raises(ValueError, match=re.escape("from_gptq: qzeros must have shape [1, 16]")):
+        QuantLinear.from_gptq(**dict(gq, qweight=gq["qweight"][:16]), group_size=SG)
+    # g_idx values past the whole layer's groups
+    with pytest.raises(ValueError, match=re.escape(
+            "from_gptq: g_idx values must lie in [0, 3) (num_groups), got values in [1, 3]")):
+        QuantLinear.from_gptq(**dict(shard, g_idx=shard["g_idx"] + 1), group_size=SG)
+    # qzeros of other groups than scales'
+    with pytest.raises(ValueError, match=re.escape(
+            "from_gptq: qzeros must have shape [3, 16] for in_features=136, out_features=128, "
+            "group_size=128, num_groups=3; got [2, 16]")):
+        QuantLinear.from_gptq(**dict(shard, qzeros=shard["qzeros"][:2]), group_size=SG)
+
+    def load(state, prefix="0."):
+        model = nn.Sequential(QuantLinear(136, N, bias=False, group_size=SG, num_groups=3,
+                                          device=device))
+        model.load_state_dict({prefix + k: v for k, v in state.items()})
+
+    with pytest.raises(RuntimeError, match=re.escape(
+            "0.g_idx is missing: this QuantLinear (136->128) is a row shard of an act-order layer "
+            "(num_groups=3), whose rows cannot be grouped by k // group_size")):
+        load({k: v for k, v in shard.items() if k != "g_idx"})
+    with pytest.raises(RuntimeError, match=re.escape(
+            "0.g_idx values must lie in [0, 3) (num_groups), got values in [2, 4]")):
+        load(dict(shard, g_idx=shard["g_idx"] + 2))
+    awq = random_awq(device, k=136, g=SG)  # AWQ qweight [136, 16] (its own scales, whole ones)
+    for g in ({}, {"g_idx": shard["g_idx"]}):
+        with pytest.raises(RuntimeError, match=re.escape(
+                "0.qweight has the AWQ layout [K, N/8] = [136, 16], but this QuantLinear (136->128)"
+                " is a row shard of an act-order layer (num_groups=3), whose rows are grouped by a "
+                "g_idx, which AWQ has not")):
+            load(dict(awq, scales=shard["scales"], qzeros=shard["qzeros"], **g))
+    result = QuantLinear(136, N, bias=False, group_size=SG, num_groups=3).load_state_dict(
+        {}, strict=False)
+    assert sorted(result.missing_keys) == ["g_idx", "qweight", "qzeros", "scales"]
+
+
+def test_row_shard_compile_fullgraph(device):
+    gq = random_gptq(device, k=SK, g=SG)
+    shard = row_shards(gq, act_order_g_idx(k=SK, g=SG, device=device),
+                       bias=torch.randn(N, device=device, dtype=torch.float16))[0]
+    layer = QuantLinear.from_gptq(**shard, group_size=SG)
+    x = torch.randn(4, 136, device=device, dtype=torch.float16)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # a graph break raises
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-3, atol=1e-3)
+    finally:
+        torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- quantize_model
 class Tiny(nn.Module):
     def __init__(self):
