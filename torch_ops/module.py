@@ -142,6 +142,8 @@ class QuantLinear(nn.Module):
     """
 
     bits = BITS
+    # (a class default too: a QuantLinear pickled whole before num_groups existed has none)
+    _num_groups = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group_size: int = 128, *, dtype: torch.dtype = torch.float16, device=None,
