@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -1051,6 +1052,66 @@ def test_inspect_reads_sym_a_gptq_config_does_not_set_from_the_zero_points(tmp_p
     config["quantization_config"]["sym"] = not sym
     (tmp_path / "c" / "config.json").write_text(json.dumps(config))
     assert inspect_checkpoint(tmp_path / "c")["sym"] is (not sym)
+
+
+
+def set_checkpoint_format(folder, fmt):
+    """Relabel a GPTQ checkpoint's zero format in config.json, its tensors untouched."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config["quantization_config"]["checkpoint_format"] = fmt
+    (Path(folder) / "config.json").write_text(json.dumps(config))
+
+
+def v2_zeros_warnings(read, path):
+    """The warnings of v2 zeros under a v1 label that ``read(path)`` emits."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read(path)
+    return [str(w.message) for w in caught if "0x88888888" in str(w.message)]
+
+
+READERS = {"load_quantized": lambda path: load_quantized(TinyLM(), path),
+           "convert": lambda path: convert_checkpoint(path, path.parent / f"{path.name}-out",
+                                                      progress=False),
+           "inspect": inspect_checkpoint}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_v2_zeros_under_a_v1_label_are_warned_of(tmp_path, reader):
+    """transformers/optimum and GPTQModel convert v1 qzeros to v2 in memory, and a model re-saved
+    from there can hold v2's symmetric zeros (every word 0x88888888) under a config that says
+    checkpoint_format "gptq" (v1): read as v1 those are zero points of 9, every weight off by one
+    scale, silently. load_quantized, convert and inspect warn once, naming the folder, the number
+    of such layers and the first, and the config key to fix; nothing is corrected. Not warned of:
+    v1's own symmetric zeros (0x77777777), the same words under gptq_v2, asymmetric v1 zeros."""
+    read = READERS[reader]
+    src = tmp_path / "relabelled"
+    _, oracle = make_checkpoint(src, "gptq", "v2", sym=True, shards=3)  # (a layer split by shards)
+    set_checkpoint_format(src, "gptq")
+    found = v2_zeros_warnings(read, src)
+    assert len(found) == 1, found  # (load_quantized: not once more per layer, by load_state_dict)
+    assert found[0].startswith(f"{reader}: {src}: 4 of 4 quantized layers (the first: "
+                               "blocks.0.down)")
+    for part in ("0x77777777", "v2 zeros (z = 8) saved under a v1 label",
+                 "transformers/optimum or GPTQModel", "off by one scale",
+                 "set \"checkpoint_format\": \"gptq_v2\" in config.json's quantization_config"):
+        assert part in found[0], part
+    if reader == "load_quantized":  # read as the config says (v1: zero points of 9)
+        with pytest.warns(UserWarning, match="0x88888888"):
+            model = load_quantized(TinyLM(), src)
+        tensors = all_tensors(src)
+        for name in QUANTIZED:
+            t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "scales", "qzeros")}
+            expected = ref.dequantize(t["qweight"], t["scales"], t["qzeros"], "gptq", 4, G, None, "v1")
+            assert torch.equal(model.get_submodule(name).dequantize(), expected)
+    set_checkpoint_format(src, "gptq_v2")  # the fix the warning names: the zeros' own label
+    shutil.rmtree(tmp_path / "relabelled-out", ignore_errors=True)
+    assert v2_zeros_warnings(read, src) == []
+    if reader == "load_quantized":
+        check_logits(load_quantized(TinyLM(), src), oracle)
+    for name, zero_format, sym in [("v1-sym", "v1", True), ("v1-asym", "v1", False)]:
+        make_checkpoint(tmp_path / name, "gptq", zero_format, sym=sym)
+        assert v2_zeros_warnings(read, tmp_path / name) == [], name
 
 
 def test_save_quantized_round_trip(tmp_path):

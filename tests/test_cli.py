@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import torch_ops
 from torch_ops.cli import main
-from test_checkpoint import QUANTIZED, TinyLM, all_tensors, check_logits, make_checkpoint, tree_digest
+from test_checkpoint import (QUANTIZED, TinyLM, all_tensors, check_logits, make_checkpoint,
+                             set_checkpoint_format, tree_digest)
 
 
 def module_command(*args):
@@ -405,6 +406,28 @@ def test_warnings_are_one_line_each_on_stderr(tmp_path):
     assert any("vLLM" in line and "sym=false" in line for line in lines), lines
     assert "UserWarning" not in result.stderr and "cli.py" not in result.stderr
     assert (tmp_path / "gptq" / "config.json").is_file()
+
+
+def test_v2_zeros_under_a_v1_label_are_a_warning_line(tmp_path, capsys):
+    """inspect and convert of a checkpoint labelled GPTQ v1 whose qzeros are all 0x88888888 (v2's
+    symmetric zeros, re-saved under a v1 label) succeed and print the library's warning as one
+    line after their output, naming the folder and the config key to set."""
+    src = tmp_path / "relabelled"
+    make_checkpoint(src, "gptq", "v2", sym=True)
+    set_checkpoint_format(src, "gptq")
+    for command, argv in [("inspect", ["inspect", str(src)]),
+                          ("convert", ["convert", str(src), str(tmp_path / "out"), "--to", "gptq"])]:
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert out
+        found = [line for line in err.splitlines() if "0x88888888" in line]
+        assert len(found) == 1, err
+        assert found[0].startswith(f"torch_ops {command}: warning: {command}: {src}: 4 of 4 "
+                                   "quantized layers (the first: blocks.0.down)"), found[0]
+        assert '"checkpoint_format": "gptq_v2"' in found[0]
+    set_checkpoint_format(src, "gptq_v2")
+    assert main(["inspect", str(src)]) == 0
+    assert "0x88888888" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", ["ignore", "error"])

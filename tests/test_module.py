@@ -1,6 +1,7 @@
 """QuantLinear and quantize_model, against torch_ops.reference (the pure-torch oracle)."""
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -476,6 +477,41 @@ def test_state_dict_records_its_zero_format(saved, loader):
     sd._metadata[""]["gptq_zero_format"] = "v3"
     with pytest.raises(RuntimeError, match="qzeros: the state dict's recorded zero format"):
         layer.load_state_dict(sd)
+
+
+def test_load_state_dict_warns_of_v2_zeros_read_as_v1(device):
+    """GPTQ qzeros loaded as v1 whose every word is 0x88888888 (zero points of 9: v2's symmetric
+    zeros under a v1 label, as transformers/optimum and GPTQModel hold them in memory) load as v1
+    all the same, with a warning; not v1's own symmetric zeros (0x77777777), the same words read as
+    v2 (checkpoint_zero_format or the state dict's record), AWQ's, or a meta state dict."""
+    def v2_zero_warnings(layer, sd, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer.load_state_dict(sd, **kwargs)
+        return [str(w.message) for w in caught if "0x88888888" in str(w.message)]
+
+    gq = random_gptq(device)
+    v2_sym = {**gq, "qzeros": torch.full_like(gq["qzeros"], 0x88888888 - (1 << 32))}
+    layer = QuantLinear(K, N, bias=False, group_size=G).to(device)
+    found = v2_zero_warnings(layer, v2_sym)
+    assert len(found) == 1 and found[0].startswith("QuantLinear.load_state_dict: GPTQ qzeros "
+                                                   "read as v1"), found
+    assert "0x77777777" in found[0] and 'checkpoint_zero_format="v2"' in found[0]
+    want = ref.dequantize(*(v2_sym[k].cpu() for k in ("qweight", "scales", "qzeros")), "gptq", 4,
+                          G, None, "v1")
+    assert torch.equal(layer.dequantize().cpu(), want)  # read as v1 all the same
+    model = nn.Sequential(QuantLinear(K, N, bias=False, group_size=G).to(device))
+    assert len(v2_zero_warnings(model, {f"0.{k}": v for k, v in v2_sym.items()})) == 1
+    v1_sym = {**gq, "qzeros": torch.full_like(gq["qzeros"], 0x77777777)}
+    assert v2_zero_warnings(layer, v1_sym) == [] and v2_zero_warnings(layer, gq) == []
+    as_v2 = QuantLinear(K, N, bias=False, group_size=G, checkpoint_zero_format="v2").to(device)
+    assert v2_zero_warnings(as_v2, v2_sym) == []
+    recorded = as_v2.state_dict()  # the v2 record wins over the v1 module's format
+    assert v2_zero_warnings(QuantLinear(K, N, bias=False, group_size=G).to(device), recorded) == []
+    assert v2_zero_warnings(layer, {**random_awq(device), "qzeros": v2_sym["qzeros"]}) == []
+    meta = {k: v.to("meta") for k, v in v2_sym.items()}
+    assert v2_zero_warnings(QuantLinear(K, N, bias=False, group_size=G, device="meta"), meta,
+                            assign=True) == []
 
 
 @pytest.mark.parametrize("k,g,kinterleave,held", [(K, G, True, True), (K, -1, True, True),

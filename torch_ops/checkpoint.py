@@ -28,8 +28,9 @@ from torch import nn
 
 from . import _ops
 from .reference import group_len
-from .module import (QuantLinear, check_dims, checked_g_idx, must_stay_float, name_matches,
-                     replace_module, trivial_g_idx, zero_points_all_eight)
+from .module import (QuantLinear, _v2_zeros_warning, check_dims, checked_g_idx, must_stay_float,
+                     name_matches, replace_module, trivial_g_idx, v2_zeros_read_as_v1,
+                     zero_points_all_eight)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
@@ -697,11 +698,14 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     ``model.config.quantization_config``, a plain dict, as transformers sets it when it loads a
     quantized model: the GPTQ config of what ``model.state_dict()`` now holds (GPTQ layout, v1
     zeros for an AWQ checkpoint; a GPTQ checkpoint's own other fields kept), so that its
-    ``save_pretrained`` writes a folder that this function and GPTQ loaders read back."""
+    ``save_pretrained`` writes a folder that this function and GPTQ loaders read back.
+
+    A GPTQ v1 checkpoint whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label, see
+    ``_warn_v2_zeros``) loads as its config says, with a warning naming the layers."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
-    _, qc = read_quant_config(folder)
+    config, qc = read_quant_config(folder)
     if qc is None:
         raise CheckpointError(f"{folder}: config.json has no quantization_config")
     ckpt = Checkpoint(folder)
@@ -779,6 +783,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             # (g_idx out of range) then finds every other tensor of the model as it was
             need = Counter(owner.values())
             pending = {}
+            v2_zeros = []  # layers whose v1 qzeros are all 0x88888888 (checked as they load)
+            check_zeros = qc.method == "gptq" and qc.zero_format == "v1"
             for shard in ckpt.shards:
                 for key in ckpt.headers[shard]:
                     name = owner.get(key)
@@ -786,8 +792,12 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                         group = pending.setdefault(name, {})
                         group[key[len(name) + 1:]] = read(key)
                         if len(group) == need[name]:  # a layer's tensors may span shards
-                            model.get_submodule(name).load_state_dict(pending.pop(name),
-                                                                      assign=assign)
+                            group = pending.pop(name)
+                            if check_zeros and v2_zeros_read_as_v1(group["qzeros"]):
+                                v2_zeros.append(name)
+                            # (the layer's own warning off: one below names the folder)
+                            with _v2_zeros_warning(False):
+                                model.get_submodule(name).load_state_dict(group, assign=assign)
         except CheckpointError:
             raise  # (already names the folder)
         except (RuntimeError, ValueError) as e:
@@ -817,8 +827,32 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         ckpt.close()
     if assign:
         _warn_left_on_meta(model)
+    _warn_v2_zeros("load_quantized", folder, config, v2_zeros, len(quant_names), stacklevel=3)
     _record_quant_config(model, qc.raw if qc.method == "gptq" else None)
     return model
+
+
+def _warn_v2_zeros(what: str, folder, config: dict, layers: list, total: int,
+                   stacklevel: int, then: str = "") -> None:
+    """Warn of GPTQ ``layers`` (of ``total`` quantized ones) under a v1 config whose qzeros are
+    all 0x88888888 (``v2_zeros_read_as_v1``): v2 zeros saved under a v1 label, the trap of a model
+    re-saved from transformers/optimum or GPTQModel, whose kernels take v2 zeros and which convert
+    v1 ones in memory. Read as v1 they are zero points of 9 and every weight is off by one scale.
+    Nothing is corrected: the user decides, by the config key parse_quant_config honours."""
+    if not layers:
+        return
+    source = (f"{CONFIG_NAME}'s quantization_config" if config.get("quantization_config")
+              is not None else "the config file")  # (AutoGPTQ's quantize_config.json)
+    warnings.warn(
+        f"{what}: {folder}: {len(layers)} of {total} quantized layers (the first: {layers[0]}) "
+        "hold GPTQ qzeros whose every word is 0x88888888, a zero point of 9 in every nibble as "
+        "the config's GPTQ v1 format reads them. v1 stores z - 1, so a symmetric checkpoint "
+        "holds 0x77777777; these look like v2 zeros (z = 8) saved under a v1 label (a model "
+        "re-saved by transformers/optimum or GPTQModel, which hold v2 zeros in memory), and read "
+        "as v1 every weight of these layers is off by one scale. If so, set "
+        f"\"checkpoint_format\": \"gptq_v2\" in {source} (the key read first; set a "
+        f"\"format\" key there to \"gptq_v2\" too, for GPTQModel){then}",
+        UserWarning, stacklevel=stacklevel)
 
 
 def _warn_left_on_meta(model: nn.Module) -> None:
@@ -1204,7 +1238,9 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     A folder holding both an index and a ``model.safetensors`` it does not list is refused
     (loaders disagree on which is the checkpoint). ``verify`` re-reads the written files and
     checks that every layer dequantizes to exactly the same weight and every other tensor is
-    equal. Returns a summary dict."""
+    equal. A GPTQ v1 source whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label,
+    see ``_warn_v2_zeros``) is converted as its config says, with a warning. Returns a summary
+    dict."""
     src, dst = Path(src), Path(dst)
     if to not in ("gptq", "awq"):
         raise CheckpointError(f"unsupported target format {to!r} (use gptq or awq)")
@@ -1261,8 +1297,11 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         # (a short name: DST's own may be near the file system's limit)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name[:32]}.partial-", dir=dst_parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        v2_zeros = {}  # (filled as the layers are read: their names, in order)
         weight_map, total, written = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp,
-                                                   progress)
+                                                   progress, v2_zeros)
+        _warn_v2_zeros("convert", src, config, list(v2_zeros), len(prefixes), stacklevel=3,
+                       then=", and convert again: the output holds the same off-by-one weights")
         # sym from the zero points, as save_quantized records it: AWQ has no such field, and
         # kernels that take sym (Marlin) ignore the zeros, so a wrong true would be wrong output
         sym = to == "gptq" and _symmetric(ckpt, qc, prefixes)
@@ -1332,8 +1371,13 @@ def _progress(total: int, enabled: bool, desc: str):
                 disable=not enabled, file=sys.stderr, leave=False)
 
 
-def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress):
+def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress, v2_zeros=None):
+    """Write ``plan``'s tensors, the quantized layers converted, into ``tmp`` shard by shard;
+    returns (weight_map, bytes written, files written). ``v2_zeros`` (a dict, where given) gets the names of GPTQ v1 layers whose qzeros are
+    all 0x88888888 (v2_zeros_read_as_v1), checked on the tensors read for the conversion."""
     from safetensors.torch import save_file
+
+    check_zeros = v2_zeros is not None and qc.method == "gptq" and qc.zero_format == "v1"
 
     weight_map, total, written = {}, 0, 0
     with _progress(ckpt.nbytes(), progress, "convert") as bar:
@@ -1348,8 +1392,10 @@ def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress):
                 prefix, _, suffix = key.rpartition(".")
                 if prefix in qset and suffix in QUANT_SUFFIXES:
                     if prefix not in converted:  # once per layer and shard
-                        converted[prefix] = _convert_layer(ckpt.layer(prefix), qc, to, zero_format,
-                                                           prefix)
+                        layer = ckpt.layer(prefix)
+                        if check_zeros and v2_zeros_read_as_v1(layer["qzeros"]):
+                            v2_zeros[prefix] = None
+                        converted[prefix] = _convert_layer(layer, qc, to, zero_format, prefix)
                     t = converted[prefix][suffix]
                 else:
                     t = ckpt.tensor(key)
@@ -1479,7 +1525,9 @@ def inspect_checkpoint(path) -> dict:
     (sym None where the zero format assumed, v1, leaves it unknown); sym a config does not set
     is read from the tensors too, in its zero format. Every quantized layer's
     shapes are checked (headers only); a folder's layer missing a tensor is an error, a file's
-    (one shard may hold part of a layer) is left out."""
+    (one shard may hold part of a layer) is left out. A folder whose config says GPTQ v1 and
+    whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label) is warned of
+    (``_warn_v2_zeros``)."""
     path = Path(path)
     ckpt = Checkpoint(path)
     try:
@@ -1488,7 +1536,7 @@ def inspect_checkpoint(path) -> dict:
             _check_layers(ckpt, path, prefixes)
         else:  # one shard may hold part of a layer: only its whole ones are read
             prefixes = [p for p in prefixes if not _missing_layer_tensors(ckpt, [p])]
-        qc = read_quant_config(path)[1] if path.is_dir() else None
+        config, qc = read_quant_config(path) if path.is_dir() else ({}, None)
         configured = qc is not None
         info = {"path": str(path), "format": None, "bits": None, "group_size": None,
                 "zero_format": None, "act_order": False,
@@ -1511,11 +1559,19 @@ def inspect_checkpoint(path) -> dict:
             info["act_order_layers"] = len(act)
         if configured and qc.method == "gptq":
             info["desc_act"] = qc.desc_act
+            v2_zeros, v1_sym = [], True
+            if qc.zero_format == "v1":  # (each layer's qzeros read once, for both questions)
+                for p in prefixes:
+                    qzeros = ckpt.tensor(f"{p}.qzeros")
+                    if v2_zeros_read_as_v1(qzeros):
+                        v2_zeros.append(p)
+                    v1_sym = v1_sym and zero_points_all_eight(qzeros, "v1")
+                _warn_v2_zeros("inspect", path, config, v2_zeros, len(prefixes), stacklevel=3)
             # a config without sym (AutoGPTQ, GPTQModel and transformers then assume true, which
             # asymmetric zeros would make wrong): the zero points decide, as convert and
             # save_quantized record it; unknown without a quantized layer
-            info["sym"] = qc.sym if qc.sym is not None else (
-                _symmetric(ckpt, qc, prefixes) if prefixes else None)
+            info["sym"] = qc.sym if qc.sym is not None else None if not prefixes else (
+                v1_sym if qc.zero_format == "v1" else _symmetric(ckpt, qc, prefixes))
         elif qc is not None and qc.method == "gptq":  # no config: from the tensors
             info["desc_act"] = info["act_order"]
             # symmetric in the v1 assumed; v2's symmetric words would be v1 zeros of 9: unknown

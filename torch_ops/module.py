@@ -30,6 +30,9 @@ work as for any module. ``forward`` is a single call to ``torch_ops.w4a16_linear
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -49,6 +52,9 @@ _QUANT_KEYS = ("qweight", "qzeros", "scales")
 _KEYS = _QUANT_KEYS + ("g_idx", "bias")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of scales and bias (the op's)
 _ZERO_FORMAT_METADATA = "gptq_zero_format"  # per-module state-dict metadata: the saved qzeros' format
+# load_state_dict warns of v2 zeros under a v1 label (see v2_zeros_read_as_v1) unless this is
+# False: load_quantized, which warns once for the whole checkpoint, naming the folder
+_WARN_V2_ZEROS = contextvars.ContextVar("torch_ops_warn_v2_zeros", default=True)
 
 
 def _shape(t) -> list:
@@ -125,7 +131,9 @@ class QuantLinear(nn.Module):
     reads and writes (``load_state_dict`` / ``state_dict``); GPTQ checkpoints are v1 unless their
     config says ``gptq_v2``. ``state_dict`` also records the format in the state dict's metadata, and
     ``load_state_dict`` follows that record where there is one (``torch.save`` keeps it; safetensors
-    and plain dicts do not). AWQ state dicts are recognised by the shape of ``qweight``.
+    and plain dicts do not). AWQ state dicts are recognised by the shape of ``qweight``. GPTQ qzeros
+    loaded as v1 whose every word is 0x88888888 (zero points of 9: v2 zeros under a v1 label,
+    ``v2_zeros_read_as_v1``) load as v1 all the same, with a warning.
 
     ``num_groups`` makes the layer a row-parallel (tensor-parallel) shard of an act-order layer, as
     a rank of a row-parallel Linear holds it (vLLM#7374): ``in_features`` of its rows (any multiple
@@ -520,9 +528,21 @@ class QuantLinear(nn.Module):
                     if self.bias is not None and "bias" in got else None)
             if not absent:
                 fmt = self._detect_format(got["qweight"], prefix + "qweight")
+                zero_format = self._zero_format_of(local_metadata, prefix)
                 self._put_quantized(fmt, got["qweight"], got["qzeros"], got["scales"],
-                                    got.get("g_idx"), self._zero_format_of(local_metadata, prefix),
-                                    prefix, assign)
+                                    got.get("g_idx"), zero_format, prefix, assign)
+                if (fmt == "gptq" and zero_format == "v1" and _WARN_V2_ZEROS.get()
+                        and v2_zeros_read_as_v1(got["qzeros"])):
+                    # (one message for every layer: Python's default filter shows it once, not
+                    # once per layer of a model; stacklevel 4: a QuantLinear's own caller)
+                    warnings.warn(
+                        "QuantLinear.load_state_dict: GPTQ qzeros read as v1 (checkpoint_zero_"
+                        "format) whose every word is 0x88888888, zero point 9 everywhere. v1 stores "
+                        "z - 1, so symmetric v1 zeros are 0x77777777: these look like v2 zeros "
+                        "(z = 8) under a v1 label (transformers/optimum and GPTQModel hold v2 zeros "
+                        "in memory), and read as v1 every weight is off by one scale. If so, load "
+                        "them into a QuantLinear with checkpoint_zero_format=\"v2\"",
+                        UserWarning, stacklevel=4)
             if bias is not None:
                 self._put("bias", bias, assign)
         except ValueError as e:
@@ -551,6 +571,28 @@ def zero_points_all_eight(qzeros: torch.Tensor, zero_format: str) -> bool:
                          f"{(*ZERO_FORMATS, 'as-is')}, got {zero_format!r}")
     word = 0x77777777 if zero_format == "v1" else 0x88888888 - (1 << 32)  # (as a signed int32)
     return bool((qzeros == word).all())
+
+
+def v2_zeros_read_as_v1(qzeros: torch.Tensor) -> bool:
+    """Every word of GPTQ ``qzeros`` is 0x88888888: read as v1 (z - 1 stored), zero point 9 in
+    every nibble, which no real quantizer writes (an asymmetric layer's zero points vary); v2's
+    symmetric zeros (z = 8) under a v1 label do. False for tensors without values to compare (meta,
+    fake) and while compiling: no host sync or data-dependent branch there."""
+    if (not isinstance(qzeros, torch.Tensor) or qzeros.is_meta or qzeros.numel() == 0
+            or torch.compiler.is_compiling()
+            or isinstance(qzeros, torch._subclasses.fake_tensor.FakeTensor)):
+        return False
+    return zero_points_all_eight(qzeros, "v2")
+
+
+@contextlib.contextmanager
+def _v2_zeros_warning(enabled: bool):
+    """QuantLinear.load_state_dict's warning of v2 zeros under a v1 label on or off, inside."""
+    token = _WARN_V2_ZEROS.set(enabled)
+    try:
+        yield
+    finally:
+        _WARN_V2_ZEROS.reset(token)
 
 
 def name_matches(name: str, patterns) -> bool:
