@@ -841,8 +841,11 @@ def _warn_v2_zeros(what: str, folder, config: dict, layers: list, total: int,
     Nothing is corrected: the user decides, by the config key parse_quant_config honours."""
     if not layers:
         return
+    folder = Path(folder)
+    # where read_quant_config found the config: config.json's, else a side file (AutoGPTQ's)
     source = (f"{CONFIG_NAME}'s quantization_config" if config.get("quantization_config")
-              is not None else "the config file")  # (AutoGPTQ's quantize_config.json)
+              is not None else next((name for name in LEGACY_CONFIGS if _is_file(folder / name)),
+                                    "the config"))
     warnings.warn(
         f"{what}: {folder}: {len(layers)} of {total} quantized layers (the first: {layers[0]}) "
         "hold GPTQ qzeros whose every word is 0x88888888, a zero point of 9 in every nibble as "
@@ -850,8 +853,8 @@ def _warn_v2_zeros(what: str, folder, config: dict, layers: list, total: int,
         "holds 0x77777777; these look like v2 zeros (z = 8) saved under a v1 label (a model "
         "re-saved by transformers/optimum or GPTQModel, which hold v2 zeros in memory), and read "
         "as v1 every weight of these layers is off by one scale. If so, set "
-        f"\"checkpoint_format\": \"gptq_v2\" in {source} (the key read first; set a "
-        f"\"format\" key there to \"gptq_v2\" too, for GPTQModel){then}",
+        f"\"checkpoint_format\": \"gptq_v2\" in {source} (the key read first; where it also "
+        f"has a \"format\" key, GPTQModel's, set that to \"gptq_v2\" too){then}",
         UserWarning, stacklevel=stacklevel)
 
 
@@ -1373,8 +1376,9 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress, v2_zeros=None):
     """Write ``plan``'s tensors, the quantized layers converted, into ``tmp`` shard by shard;
-    returns (weight_map, bytes written, files written). ``v2_zeros`` (a dict, where given) gets the names of GPTQ v1 layers whose qzeros are
-    all 0x88888888 (v2_zeros_read_as_v1), checked on the tensors read for the conversion."""
+    returns (weight_map, bytes written, files written). ``v2_zeros`` (a dict, where given) gets
+    the names of GPTQ v1 layers whose qzeros are all 0x88888888 (v2_zeros_read_as_v1), checked on
+    the tensors read for the conversion."""
     from safetensors.torch import save_file
 
     check_zeros = v2_zeros is not None and qc.method == "gptq" and qc.zero_format == "v1"
