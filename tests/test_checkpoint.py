@@ -1054,7 +1054,6 @@ def test_inspect_reads_sym_a_gptq_config_does_not_set_from_the_zero_points(tmp_p
     assert inspect_checkpoint(tmp_path / "c")["sym"] is (not sym)
 
 
-
 def set_checkpoint_format(folder, fmt):
     """Relabel a GPTQ checkpoint's zero format in config.json, its tensors untouched."""
     config = json.loads((Path(folder) / "config.json").read_text())
