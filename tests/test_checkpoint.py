@@ -1300,21 +1300,28 @@ def test_save_quantized_records_sym(tmp_path, sym):
     assert qc["sym"] is sym
 
 
-
 @pytest.mark.parametrize("fmt,zero_format", [("awq", "v1"), ("gptq", "v1"), ("gptq", "v2")])
 @pytest.mark.parametrize("sym", [False, True])
-def test_convert_to_gptq_records_sym_from_the_zero_points(tmp_path, fmt, zero_format, sym):
+def test_convert_to_gptq_records_sym_from_the_zero_points(tmp_path, monkeypatch, fmt, zero_format,
+                                                          sym):
     """sym is true where every zero point is 8, as save_quantized records it: AWQ has no sym field,
-    and a GPTQ config's may be wrong (here: always false)."""
+    and a GPTQ config's may be wrong (here: always false). Found on the tensors read for the
+    conversion: each layer's qzeros is read once."""
     make_checkpoint(tmp_path / "src", fmt, zero_format, sym=sym)
     if fmt == "gptq":
         config = json.loads((tmp_path / "src" / "config.json").read_text())
         config["quantization_config"]["sym"] = False
         (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    reads = []
+    tensor = torch_ops.checkpoint.Checkpoint.tensor
+    monkeypatch.setattr(torch_ops.checkpoint.Checkpoint, "tensor",
+                        lambda self, key: (reads.append(key), tensor(self, key))[1])
     convert_checkpoint(tmp_path / "src", tmp_path / "dst", to="gptq", zero_format="v2",
                        progress=False)
     qc = json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]
     assert qc["sym"] is sym
+    qzeros = [k for k in reads if k.endswith(".qzeros")]
+    assert qzeros and len(qzeros) == len(set(qzeros))
 
 
 def test_convert_to_awq_lists_the_float_layers_in_modules_to_not_convert(tmp_path):

@@ -1300,14 +1300,15 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         # (a short name: DST's own may be near the file system's limit)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name[:32]}.partial-", dir=dst_parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-        v2_zeros = {}  # (filled as the layers are read: their names, in order)
+        v2_zeros, asym = {}, set()  # (filled as the layers are read: their names)
         weight_map, total, written = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp,
-                                                   progress, v2_zeros)
+                                                   progress, v2_zeros, asym)
         _warn_v2_zeros("convert", src, config, list(v2_zeros), len(prefixes), stacklevel=3,
                        then=", and convert again: the output holds the same off-by-one weights")
         # sym from the zero points, as save_quantized records it: AWQ has no such field, and
         # kernels that take sym (Marlin) ignore the zeros, so a wrong true would be wrong output
-        sym = to == "gptq" and _symmetric(ckpt, qc, prefixes)
+        # (every layer's qweight is in the plan, so each layer was read)
+        sym = to == "gptq" and not asym
         skip = _awq_skip_list(ckpt, qc.modules_to_not_convert) if to == "awq" else (
             qc.modules_to_not_convert)
         new_qc = quant_config_dict(to, qc.group_size, zero_format, bool(act_order), sym, skip)
@@ -1374,11 +1375,13 @@ def _progress(total: int, enabled: bool, desc: str):
                 disable=not enabled, file=sys.stderr, leave=False)
 
 
-def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress, v2_zeros=None):
+def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress, v2_zeros=None,
+                  asym=None):
     """Write ``plan``'s tensors, the quantized layers converted, into ``tmp`` shard by shard;
-    returns (weight_map, bytes written, files written). ``v2_zeros`` (a dict, where given) gets
-    the names of GPTQ v1 layers whose qzeros are all 0x88888888 (v2_zeros_read_as_v1), checked on
-    the tensors read for the conversion."""
+    returns (weight_map, bytes written, files written). Checked on the tensors read for the
+    conversion (each layer's qzeros read once): ``v2_zeros`` (a dict, where given) gets the names
+    of GPTQ v1 layers whose qzeros are all 0x88888888 (v2_zeros_read_as_v1), ``asym`` (a set,
+    where given) those with a zero point other than 8 in the source's zero format."""
     from safetensors.torch import save_file
 
     check_zeros = v2_zeros is not None and qc.method == "gptq" and qc.zero_format == "v1"
@@ -1399,6 +1402,9 @@ def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress, v2_zeros
                         layer = ckpt.layer(prefix)
                         if check_zeros and v2_zeros_read_as_v1(layer["qzeros"]):
                             v2_zeros[prefix] = None
+                        if asym is not None and not zero_points_all_eight(layer["qzeros"],
+                                                                          qc.zero_format):
+                            asym.add(prefix)
                         converted[prefix] = _convert_layer(layer, qc, to, zero_format, prefix)
                     t = converted[prefix][suffix]
                 else:
