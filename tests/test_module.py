@@ -821,11 +821,18 @@ def test_row_shard_bad_input(device):
     with pytest.raises(ValueError, match=re.escape(
             "from_gptq: g_idx values must lie in [0, 3) (num_groups), got values in [1, 3]")):
         QuantLinear.from_gptq(**dict(shard, g_idx=shard["g_idx"] + 1), group_size=SG)
-    # qzeros of other groups than scales'
+    # qzeros of other groups than scales': both named (which one is wrong is not known)
     with pytest.raises(ValueError, match=re.escape(
-            "from_gptq: qzeros must have shape [3, 16] for in_features=136, out_features=128, "
-            "group_size=128, num_groups=3; got [2, 16]")):
+            "from_gptq: scales has 3 rows (groups) and qzeros 2; both must have the whole "
+            "layer's number of groups for a row shard of an act-order layer")):
         QuantLinear.from_gptq(**dict(shard, qzeros=shard["qzeros"][:2]), group_size=SG)
+    whole = dict(gq, g_idx=act_order_g_idx(k=SK, g=SG, device=device))
+    for scales in (gq["scales"][:2], torch.cat([gq["scales"], gq["scales"][:1]])):
+        with pytest.raises(ValueError, match=re.escape(
+                f"from_gptq: scales has {scales.shape[0]} rows (groups) and qzeros 3; both must "
+                f"have in_features / group_size = 3 for a whole layer (in_features={SK}, "
+                f"group_size={SG}), or the whole layer's number of groups for a row shard")):
+            QuantLinear.from_gptq(**dict(whole, scales=scales), group_size=SG)
 
     def load(state, prefix="0."):
         model = nn.Sequential(QuantLinear(136, N, bias=False, group_size=SG, num_groups=3,

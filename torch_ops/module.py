@@ -261,6 +261,16 @@ class QuantLinear(nn.Module):
         if (g_idx is not None and isinstance(group_size, int) and group_size > 0
                 and scales.dim() == 2 and (K % group_size or scales.shape[0] != K // group_size)):
             num_groups = scales.shape[0]  # a row shard: the whole layer's groups
+            if (isinstance(qzeros, torch.Tensor) and qzeros.dim() == 2
+                    and qzeros.shape[0] != num_groups):
+                # (which of the two is wrong is not known: the message names both)
+                whole = (f"in_features / group_size = {K // group_size} for a whole layer "
+                         f"(in_features={K}, group_size={group_size}), or " if K % group_size == 0
+                         else "")
+                raise ValueError(
+                    f"from_gptq: scales has {num_groups} rows (groups) and qzeros "
+                    f"{qzeros.shape[0]}; both must have {whole}the whole layer's number of groups "
+                    "for a row shard of an act-order layer")
         layer = cls(K, N, bias=bias is not None, group_size=group_size, dtype=scales.dtype,
                     device=qweight.device, checkpoint_zero_format=zero_format,
                     num_groups=num_groups)
