@@ -797,6 +797,27 @@ def test_a_row_shard_keeps_a_g_idx_that_looks_plain(device):
     torch.testing.assert_close(layer.dequantize(), whole.dequantize()[:, :128])
 
 
+def test_a_shard_of_all_the_rows_is_the_whole_layer(device):
+    """num_groups = K / group_size (a loader that always passes num_groups, at tensor parallelism
+    of 1) builds a whole layer: act-order prepacked (perm, as from_gptq builds it), not forward
+    through g_idx; its outputs and exports are the whole layer's."""
+    gq = random_gptq(device, k=SK, g=SG)
+    g_idx = act_order_g_idx(k=SK, g=SG, device=device)
+    whole = QuantLinear.from_gptq(**gq, g_idx=g_idx, group_size=SG)
+    layer = QuantLinear(SK, N, bias=False, group_size=SG, num_groups=SK // SG, device=device)
+    assert not layer.row_shard and "num_groups" not in repr(layer)
+    layer.load_state_dict(dict(gq, g_idx=g_idx))
+    assert layer.perm is not None and layer.kinterleaved == whole.kinterleaved
+    x = torch.randn(5, SK, device=device, dtype=torch.float16)
+    assert torch.equal(layer(x), whole(x))
+    assert_same(layer.to_gptq(), whole.to_gptq())
+    # and a plain layer so declared loads without g_idx, as any whole layer
+    plain = QuantLinear(SK, N, bias=False, group_size=SG, num_groups=SK // SG, device=device)
+    plain.load_state_dict(gq)
+    assert plain.g_idx is None
+    assert torch.equal(plain(x), QuantLinear.from_gptq(**gq, group_size=SG)(x))
+
+
 def test_row_shard_bad_input(device):
     """num_groups below 1 (or with group_size=-1), a shard without g_idx, g_idx values past
     num_groups and an AWQ qweight are refused, each by name: from_gptq and the constructor with
