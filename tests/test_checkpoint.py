@@ -1124,6 +1124,28 @@ def test_save_quantized_round_trip(tmp_path):
     assert torch.equal(loaded(ids), expected)
 
 
+@pytest.mark.parametrize("rows", [136, 128])
+def test_save_quantized_refuses_a_row_shard(tmp_path, rows):
+    """A row shard of an act-order layer (QuantLinear num_groups=) holds its rows of qweight and
+    the whole layer's scales: save_quantized(format="gptq") wrote them, a folder that
+    load_quantized, convert and inspect then refused (K=136 not a multiple of group_size; 128
+    rows with scales of 3 groups). Refused by name before anything is written, as gptq and awq."""
+    torch.manual_seed(0)
+    whole = torch_ops.quantize(torch.randn(128, 384), group_size=128, format="gptq")
+    g_idx = (torch.argsort(torch.randperm(384)) // 128).to(torch.int32)
+    model = nn.Sequential(OrderedDict(
+        shard=QuantLinear.from_gptq(whole["qweight"][:rows // 8], whole["qzeros"],
+                                    whole["scales"], g_idx=g_idx[:rows], group_size=128),
+        out=nn.Linear(128, 64)))
+    assert model.shard.row_shard
+    for fmt in ("gptq", "awq"):
+        with pytest.raises(ValueError, match=re.escape(
+                f"save_quantized: shard (in_features={rows}, num_groups=3): row shard(s) of an "
+                "act-order layer; a checkpoint holds whole layers")):
+            torch_ops.save_quantized(model, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
+
+
 def test_save_and_load_when_a_float_layers_name_ends_a_quantized_ones(tmp_path):
     """save_quantized lists the float Linear "1" in modules_to_not_convert; read as a run of name
     components it also matches the quantized "0.1", which then stayed float and the load failed

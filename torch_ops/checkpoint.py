@@ -1004,7 +1004,8 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     and, where decoder blocks (``<blocks>.<i>.<name>``) hold one (an MoE router), list the
     quantized ones in ``modules_in_block_to_quantize`` (transformers); a GPTQ config vLLM or
     SGLang would refuse (asymmetric, act-order, another group size) is warned of. AWQ configs
-    say ``"sym": false``."""
+    say ``"sym": false``. A row shard of an act-order layer (``QuantLinear(num_groups=...)``)
+    is refused: checkpoints hold whole layers."""
     from safetensors.torch import save_file
 
     if format not in ("awq", "gptq"):
@@ -1013,6 +1014,17 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no QuantLinear layer")
+    # a row shard's tensors (qweight [K_shard/8, N] beside the whole layer's scales) fit no
+    # checkpoint layout: written as GPTQ they made a folder that load_quantized, convert, inspect
+    # and other GPTQ loaders refuse (K not a multiple of group_size, or scales of other groups)
+    shards = [f"{n} (in_features={m.in_features}, num_groups={m.num_groups})"
+              for n, m in layers.items() if m.row_shard]
+    if shards:
+        raise ValueError(
+            f"save_quantized: {', '.join(shards)}: row shard(s) of an act-order layer; a "
+            "checkpoint holds whole layers (qweight [K/8, N], scales [K/G, N]), which no loader "
+            "reads a shard's tensors as. Save the model holding the whole layers (or each rank's "
+            "state_dict() with torch.save)")
     sizes = {m.group_size for m in layers.values()}
     if len(sizes) != 1:
         raise ValueError(f"save_quantized: layers use several group sizes {sorted(sizes)}")
