@@ -797,6 +797,28 @@ def test_a_row_shard_keeps_a_g_idx_that_looks_plain(device):
     torch.testing.assert_close(layer.dequantize(), whole.dequantize()[:, :128])
 
 
+def test_a_row_shard_not_loaded_yet_runs_and_gives_a_state_dict_that_loads(device):
+    """As a whole layer built and not loaded yet (zeros: its output is the bias), a row shard
+    runs: its forward and dequantize raised (without g_idx the op reads scales as [K/G, N]: "K =
+    136 must be a multiple of group_size"), and its state dict lacked the g_idx that a shard's
+    load needs, so one fresh shard's state dict did not load into another."""
+    layer = QuantLinear(136, N, group_size=SG, num_groups=3, device=device)
+    x = torch.randn(2, 136, device=device, dtype=torch.float16)
+    assert torch.equal(layer(x), layer.bias.expand(2, N))
+    assert layer.g_idx.shape == (136,) and layer.g_idx.dtype == torch.int32
+    assert torch.equal(layer.dequantize(), torch.zeros(N, 136, device=device, dtype=torch.float16))
+    other = QuantLinear(136, N, group_size=SG, num_groups=3, device=device)
+    other.load_state_dict(layer.state_dict())
+    assert_same(dict(other.state_dict()), dict(layer.state_dict()))
+    assert_same(layer.to_gptq(), dict(layer.state_dict()))
+    # loads copy into the g_idx held (its storage kept, as for the other buffers)
+    ptr = layer.g_idx.data_ptr()
+    shard = row_shards(random_gptq(device, k=SK, g=SG), act_order_g_idx(k=SK, g=SG, device=device),
+                       bias=torch.randn(N, device=device, dtype=torch.float16))[0]
+    layer.load_state_dict(shard)
+    assert layer.g_idx.data_ptr() == ptr and torch.equal(layer.g_idx, shard["g_idx"])
+
+
 def test_a_shard_of_all_the_rows_is_the_whole_layer(device):
     """num_groups = K / group_size (a loader that always passes num_groups, at tensor parallelism
     of 1) builds a whole layer: act-order prepacked (perm, as from_gptq builds it), not forward

@@ -193,7 +193,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(ng, N, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
         # (after bias: torch.export (2.13) fails on two None buffers followed by a tensor one)
-        self.register_buffer("g_idx", None)
+        # a row shard's rows are always read through g_idx (loads must give one): held from the
+        # start (zeros: every row in group 0) as qweight is, so that a shard not loaded yet runs
+        # (bias only) and gives a state dict that loads, as a whole layer does; without it its
+        # forward and dequantize read scales as [K/group_size, N] and raised ("K = 136 must be a
+        # multiple of group_size"), and its state dict lacked the g_idx that loading one needs
+        self.register_buffer("g_idx", torch.zeros(K, dtype=torch.int32, device=device)
+                             if self.row_shard else None)
         self.register_buffer("perm", None, persistent=False)  # derived from g_idx at load
 
     # ------------------------------------------------------------------ properties
