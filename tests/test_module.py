@@ -819,6 +819,33 @@ def test_a_row_shard_not_loaded_yet_runs_and_gives_a_state_dict_that_loads(devic
     assert layer.g_idx.data_ptr() == ptr and torch.equal(layer.g_idx, shard["g_idx"])
 
 
+def test_a_row_shard_skeleton_takes_a_meta_state_dict(device):
+    """Meta skeletons pass state dicts between them (assign=True) as plain layers do: a shard's
+    g_idx (always kept, never prepacked) has no values to decide anything at load, yet a meta one
+    was refused ("its values (act-order or not) are needed"). Materialised, it is checked."""
+    skeleton = QuantLinear(136, N, group_size=SG, num_groups=3, device="meta")
+    other = QuantLinear(136, N, group_size=SG, num_groups=3, device="meta")
+    other.load_state_dict(skeleton.state_dict(), assign=True)
+    assert other.g_idx.is_meta and other.g_idx.shape == (136,) and other.row_shard
+    gq = random_gptq(device, k=SK, g=SG)
+    shard = row_shards(gq, act_order_g_idx(k=SK, g=SG, device=device))[0]
+    meta = {k: v.to("meta") for k, v in shard.items()}
+    assert QuantLinear.from_gptq(**meta, group_size=SG).g_idx.is_meta
+    # a materialised layer still refuses meta tensors without assign, and bad values are checked
+    layer = QuantLinear(136, N, bias=False, group_size=SG, num_groups=3, device=device)
+    with pytest.raises(RuntimeError, match="g_idx is on the meta device"):
+        layer.load_state_dict(meta)
+    with pytest.raises(RuntimeError, match=re.escape("g_idx values must lie in [0, 3)")):
+        other.load_state_dict(dict(shard, g_idx=shard["g_idx"] + 1, bias=other.bias),
+                              assign=True)
+    # a whole act-order layer still needs g_idx's values (they decide the prepack)
+    whole = QuantLinear(SK, N, bias=False, group_size=SG, device="meta")
+    with pytest.raises(RuntimeError, match=re.escape("g_idx is on the meta device: its values")):
+        whole.load_state_dict({**{k: v.to("meta") for k, v in gq.items()},
+                               "g_idx": torch.zeros(SK, dtype=torch.int32, device="meta")},
+                              assign=True)
+
+
 def test_a_shard_of_all_the_rows_is_the_whole_layer(device):
     """num_groups = K / group_size (a loader that always passes num_groups, at tensor parallelism
     of 1) builds a whole layer: act-order prepacked (perm, as from_gptq builds it), not forward

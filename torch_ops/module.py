@@ -102,13 +102,16 @@ _G_IDX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def checked_g_idx(g_idx: torch.Tensor, groups: int, where: str,
-                  groups_are: str = "K/G groups") -> torch.Tensor:
+                  groups_are: str = "K/G groups", values_needed: bool = True) -> torch.Tensor:
     """g_idx as int32 after checking its dtype and that its values lie in [0, groups). The range
-    is read before narrowing: to(torch.int32) wraps an int64 2**32 + g to g, which would pass."""
+    is read before narrowing: to(torch.int32) wraps an int64 2**32 + g to g, which would pass.
+    ``values_needed=False``: a meta g_idx is taken unchecked (it has no values)."""
     if g_idx.dtype not in _G_IDX_DTYPES:
         raise ValueError(f"{where}g_idx must be an integer tensor of group indices (int32, or "
                          f"int8/uint8/int16/int64), got {g_idx.dtype}")
     if g_idx.is_meta and g_idx.numel():  # (its values decide: act-order, prepack; int() raised)
+        if not values_needed:
+            return g_idx.to(torch.int32)
         raise ValueError(f"{where}g_idx is on the meta device: its values (act-order or not) "
                          "are needed to load it; load a materialised g_idx")
     if g_idx.numel():
@@ -392,8 +395,12 @@ class QuantLinear(nn.Module):
                              f"{self.in_features}, out_features={self.out_features}, group_size="
                              f"{self.group_size}{shard}; got {_shape(t)}")
         if name == "g_idx":
+            # (a row shard keeps any g_idx as it is, neither dropped nor prepacked: its values
+            # decide nothing at load, so a meta skeleton's, which has none, loads with assign=True
+            # as its qweight does; the values are checked where there are any)
             t = checked_g_idx(t, self.num_groups, where,
-                              "num_groups" if self.row_shard else "K/G groups")
+                              "num_groups" if self.row_shard else "K/G groups",
+                              values_needed=not self.row_shard)
         if name in ("qweight", "qzeros", "g_idx") and t.dtype != torch.int32:
             raise ValueError(f"{where}{name} must be torch.int32, got {t.dtype}")
         if name in ("scales", "bias") and t.dtype not in _FLOAT_DTYPES:
