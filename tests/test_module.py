@@ -155,6 +155,24 @@ def test_bad_shapes_are_refused():
         QuantLinear.from_awq(awq["qweight"], awq["qzeros"], awq["scales"][:, :64], group_size=G)
 
 
+def test_constructor_sizes_must_be_ints():
+    """A float, None or bool group_size failed with TypeErrors that named nothing ("unsupported
+    operand type(s) for &"), or, True, built a layer whose forward refused it; with num_groups,
+    group_size=128.0 built a row shard of all the rows (num_groups = in_features / group_size
+    went unseen). Integers of other types (numpy's) are taken, as int."""
+    for kw, arg, got in [({"group_size": 128.0}, "group_size", "128.0 (float)"),
+                         ({"group_size": None}, "group_size", "None"),
+                         ({"group_size": True}, "group_size", "True (bool)"),
+                         ({"group_size": 128.0, "num_groups": 3}, "group_size", "128.0 (float)"),
+                         ({"in_features": 384.0}, "in_features", "384.0 (float)")]:
+        with pytest.raises(TypeError, match=re.escape(f"QuantLinear: {arg} must be an int, "
+                                                      f"got {got}")):
+            QuantLinear(**{"in_features": 384, "out_features": N, **kw})
+    np = pytest.importorskip("numpy")
+    layer = QuantLinear(np.int64(384), np.int64(N), group_size=np.int64(128), num_groups=3)
+    assert not layer.row_shard and type(layer.group_size) is int and layer.kinterleaved
+
+
 
 def test_tensors_that_are_not_tensors_are_refused_by_name():
     """None (a symmetric checkpoint without qzeros), a numpy array or a qweight that is not 2-D

@@ -162,6 +162,14 @@ class QuantLinear(nn.Module):
                  checkpoint_zero_format: str = "v1", kinterleave: bool = True,
                  num_groups: int | None = None):
         super().__init__()
+        # (integers, numpy's included, as int: a float group_size raised TypeError "unsupported
+        # operand type(s) for &" from _kinterleave_ok, None "'<=' not supported", True built a
+        # layer whose forward then refused it; with num_groups, 128.0 built a row shard of a whole
+        # layer, the check for num_groups = in_features / group_size passing over it)
+        in_features, out_features, group_size = (
+            _ops._int("QuantLinear", arg, v) for arg, v in (
+                ("in_features", in_features), ("out_features", out_features),
+                ("group_size", group_size)))
         self.kinterleave = bool(kinterleave)  # keep qweight k-interleaved where the layer allows
         if num_groups is not None:
             # (bool is an int: True would be one group)
