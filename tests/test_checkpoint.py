@@ -1146,6 +1146,22 @@ def test_save_quantized_refuses_a_row_shard(tmp_path, rows):
         assert not (tmp_path / fmt).exists()
 
 
+def test_save_quantized_as_awq_names_an_act_order_layer(tmp_path):
+    """AWQ has no g_idx: an act-order layer is refused with to_awq's reason under save_quantized's
+    name and the layer's (it named neither), before anything is written; GPTQ keeps it."""
+    torch.manual_seed(0)
+    q = torch_ops.quantize(torch.randn(64, 256), group_size=32, format="gptq")
+    g_idx = (torch.argsort(torch.randperm(256)) // 32).to(torch.int32)
+    model = nn.Sequential(OrderedDict(first=nn.Linear(64, 256), proj=QuantLinear.from_gptq(
+        q["qweight"], q["qzeros"], q["scales"], g_idx=g_idx, group_size=32)))
+    with pytest.raises(ValueError, match=re.escape(
+            "save_quantized: proj: to_awq: this layer (256->64) uses act-order")) as e:
+        torch_ops.save_quantized(model, tmp_path / "awq", "awq")
+    assert "format='gptq'" in str(e.value) and not (tmp_path / "awq").exists()
+    torch_ops.save_quantized(model, tmp_path / "gptq", "gptq")
+    assert (tmp_path / "gptq" / "model.safetensors").is_file()
+
+
 def test_save_and_load_when_a_float_layers_name_ends_a_quantized_ones(tmp_path):
     """save_quantized lists the float Linear "1" in modules_to_not_convert; read as a run of name
     components it also matches the quantized "0.1", which then stayed float and the load failed

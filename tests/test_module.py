@@ -900,6 +900,17 @@ def test_row_shard_bad_input(device):
         QuantLinear(136, N, group_size=-1, num_groups=1)
     with pytest.raises(ValueError, match="in_features must be a positive multiple of 8"):
         QuantLinear(132, N, group_size=SG, num_groups=3)
+    with pytest.raises(ValueError, match=re.escape(
+            "QuantLinear: num_groups=1 groups of group_size=128 cover 128 rows, fewer than "
+            "in_features=136")):
+        QuantLinear(136, N, group_size=SG, num_groups=1)
+    # a whole act-order layer given the wrong group_size: its scales' 3 groups of 64 cover fewer
+    # rows than its 384, so not a shard (it was built as one): the groups' shapes are refused
+    with pytest.raises(ValueError, match=re.escape(
+            "from_gptq: qzeros must have shape [6, 16] for in_features=384, out_features=128, "
+            "group_size=64; got [3, 16]")):
+        QuantLinear.from_gptq(**dict(gq, g_idx=act_order_g_idx(k=SK, g=SG, device=device)),
+                              group_size=64)
     # without g_idx, from_gptq reads the tensors as a whole layer, as before
     with pytest.raises(ValueError, match="group_size must be -1 or a positive divisor of in_"):
         QuantLinear.from_gptq(**dict(shard, g_idx=None), group_size=SG)
@@ -915,12 +926,16 @@ def test_row_shard_bad_input(device):
             "layer's number of groups for a row shard of an act-order layer")):
         QuantLinear.from_gptq(**dict(shard, qzeros=shard["qzeros"][:2]), group_size=SG)
     whole = dict(gq, g_idx=act_order_g_idx(k=SK, g=SG, device=device))
-    for scales in (gq["scales"][:2], torch.cat([gq["scales"], gq["scales"][:1]])):
-        with pytest.raises(ValueError, match=re.escape(
-                f"from_gptq: scales has {scales.shape[0]} rows (groups) and qzeros 3; both must "
-                f"have in_features / group_size = 3 for a whole layer (in_features={SK}, "
-                f"group_size={SG}), or the whole layer's number of groups for a row shard")):
-            QuantLinear.from_gptq(**dict(whole, scales=scales), group_size=SG)
+    with pytest.raises(ValueError, match=re.escape(
+            f"from_gptq: scales has 4 rows (groups) and qzeros 3; both must have in_features / "
+            f"group_size = 3 for a whole layer (in_features={SK}, group_size={SG}), or the whole "
+            "layer's number of groups for a row shard")):
+        QuantLinear.from_gptq(**dict(whole, scales=torch.cat([gq["scales"], gq["scales"][:1]])),
+                              group_size=SG)
+    # (2 groups of 128 cover fewer rows than 384: not a shard's, the whole layer's scales wrong)
+    with pytest.raises(ValueError, match=re.escape(
+            f"from_gptq: scales must have shape [3, {N}] for in_features={SK}")):
+        QuantLinear.from_gptq(**dict(whole, scales=gq["scales"][:2]), group_size=SG)
 
     def load(state, prefix="0."):
         model = nn.Sequential(QuantLinear(136, N, bias=False, group_size=SG, num_groups=3,

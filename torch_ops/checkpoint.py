@@ -1039,7 +1039,11 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         tensors[key] = t.detach()
     act_order, sym = False, True
     for name, m in layers.items():  # a layer shared by several names: once, as tied tensors are
-        exported = m.to_awq() if format == "awq" else m.to_gptq(zero_format)
+        try:
+            exported = m.to_awq() if format == "awq" else m.to_gptq(zero_format)
+        except ValueError as e:  # (an act-order layer as AWQ: the message names the layer)
+            raise ValueError(f"save_quantized: {name}: {e} (save_quantized(..., format='gptq') "
+                             "keeps act-order)") from None
         act_order |= m.act_order
         sym &= m.symmetric
         tensors.update({f"{name}.{s}": t for s, t in exported.items()})

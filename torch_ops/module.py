@@ -182,7 +182,13 @@ class QuantLinear(nn.Module):
                     "QuantLinear: num_groups is for a row shard of a grouped act-order layer; with "
                     "group_size=-1 (one group) a shard of its rows is a plain layer: leave "
                     f"num_groups out (got num_groups={num_groups})")
-            if (isinstance(group_size, int) and group_size > 0 and in_features % group_size == 0
+            if group_size > 0 and num_groups * group_size < in_features:
+                # (a shard's rows are some of its layer's, of at most num_groups * group_size)
+                raise ValueError(
+                    f"QuantLinear: num_groups={num_groups} groups of group_size={group_size} "
+                    f"cover {num_groups * group_size} rows, fewer than in_features={in_features}: "
+                    "a row shard holds some of the rows of a layer of num_groups groups")
+            if (group_size > 0 and in_features % group_size == 0
                     and num_groups == in_features // group_size):
                 # all the layer's rows (tensor parallelism of 1: a loader that always passes
                 # num_groups): a whole layer, whose act-order rows are prepacked (several times
@@ -283,7 +289,10 @@ class QuantLinear(nn.Module):
         K, N = qweight.shape[0] * PACK, qweight.shape[1]
         num_groups = None
         if (g_idx is not None and isinstance(group_size, int) and group_size > 0
-                and scales.dim() == 2 and (K % group_size or scales.shape[0] != K // group_size)):
+                and scales.dim() == 2 and (K % group_size or scales.shape[0] != K // group_size)
+                # (a shard's rows are at most its layer's: scales of fewer groups than its rows
+                # fill are a whole layer's of the wrong shape, or of another group_size)
+                and scales.shape[0] * group_size >= K):
             num_groups = scales.shape[0]  # a row shard: the whole layer's groups
             if (isinstance(qzeros, torch.Tensor) and qzeros.dim() == 2
                     and qzeros.shape[0] != num_groups):
