@@ -281,8 +281,8 @@ class QuantLinear(nn.Module):
 
         A g_idx equal to ``arange(K) // group_size`` is dropped; another one (act-order) is kept.
         With a g_idx, tensors whose scales hold other than K / group_size groups (or K not a
-        multiple of group_size) are a row shard of an act-order layer: the layer is built with
-        ``num_groups = scales.shape[0]`` (see QuantLinear)."""
+        multiple of group_size), enough to cover K rows, are a row shard of an act-order layer:
+        the layer is built with ``num_groups = scales.shape[0]`` (see QuantLinear)."""
         _check_zero_format(zero_format, "from_gptq: zero_format")
         _check_tensor(qweight, "from_gptq: qweight", 2, " [K/8, N]")
         _check_tensor(scales, "from_gptq: scales")  # (its dtype is the layer's)
