@@ -258,6 +258,9 @@ def test_act_order_prepack_declines_and_refuses(device):
                                       "[256] (K = 8 * qweight.shape[0]), got torch.int32 of shape "
                                       "[248]"),
            ((qweight, g_idx, 0), "group_size must be -1 or positive, got 0"),
+           # (K % G raised ZeroDivisionError, naming nothing; the ops refuse it in these words)
+           ((qweight[:0], g_idx[:0], -1), "group_size = -1 (one group of all K rows) needs K > 0, "
+                                          "got K = 0"),
            ((qweight.to("meta"), g_idx.to("meta"), G), "g_idx is on the meta device: its values "
                                                        "decide the sort")]
     if device == "cuda":

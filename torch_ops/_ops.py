@@ -376,6 +376,9 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
                          f"{qweight.device}; they must be on the same device")
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"act_order_prepack: group_size must be -1 or positive, got {group_size}")
+    if group_size == -1 and K == 0:  # (K % G below raised ZeroDivisionError, naming nothing)
+        raise ValueError("act_order_prepack: group_size = -1 (one group of all K rows) needs K > 0, "
+                         "got K = 0")
     if g_idx.is_meta:  # (torch.equal below raised NotImplementedError, naming no argument)
         raise ValueError("act_order_prepack: g_idx is on the meta device: its values decide the "
                          "sort; pass a materialised g_idx")
