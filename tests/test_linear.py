@@ -208,6 +208,27 @@ def test_empty_batch(device):
         torch_ops.w4a16_linear(torch.empty(2, 0, device=device), **{**empty_k, "group_size": -1})
 
 
+def test_empty_result_reads_nothing(device):
+    """M = 0 or N = 0: the empty result, without the copies of x or the weights or the gather of
+    x (each allocated as much as the inputs' views span: out of memory for these, where the fake
+    gave the empty result)"""
+    zeros = lambda *shape, dtype=torch.float32: torch.zeros(  # noqa: E731
+        [1] * len(shape), dtype=dtype, device=device).expand(*shape)
+    cases = [  # (x, qweight, scales, group_size): an expanded x of 2**40 rows, N = 0
+        (zeros(2**40, 64), zeros(8, 0, dtype=torch.int32), zeros(2, 0), 32),
+        # M = 0 with expanded weights of N = 2**40
+        (zeros(0, 64), zeros(8, 2**40, dtype=torch.int32), zeros(2, 2**40), 32),
+        # M = 0, a k-interleaved qweight of K = 2**40 (the CPU's gather order is K long)
+        (zeros(0, 2**40), zeros(2**35, 4, 8, dtype=torch.int32), zeros(1, 8), -1),
+    ]
+    for x, qweight, scales, group_size in cases:
+        out = torch_ops.w4a16_linear(x, qweight, scales, group_size=group_size)
+        assert out.shape == (x.shape[0], qweight.shape[-1]) and out.dtype == x.dtype
+        meta = torch_ops.w4a16_linear(x.to("meta"), qweight.to("meta"), scales.to("meta"),
+                                      group_size=group_size)
+        assert meta.shape == out.shape
+
+
 def test_gradient_wrt_x(device):
     K, N = 128, 40
     t = make_weights(K, N, 64, act_order=True, device=device)

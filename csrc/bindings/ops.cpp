@@ -909,6 +909,14 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     const bool kil = w.kil;
     const int zf = w.zero_format;
     auto xs = x_in.scalar_type();
+    const int64_t M = c10::multiply_integers(x_in.sizes().begin(), x_in.sizes().end() - 1);
+    auto out_shape = x_in.sizes().vec();
+    out_shape.back() = N;
+    // An empty result reads nothing: returned before the copies and the gather below (an
+    // expanded x of many rows with N = 0, an expanded qweight with M = 0, or a k-interleaved
+    // qweight of a large K with M = 0 allocated them: out of memory, where the fake gave the
+    // empty result)
+    if (M == 0 || N == 0) return at::empty(out_shape, x_in.options());
     at::Tensor qzeros, g_idx, bias, perm;
     if (qzeros_in.has_value()) qzeros = qzeros_in->contiguous();
     if (g_idx_in.has_value()) g_idx = g_idx_in->to(at::kInt).contiguous();
@@ -934,11 +942,7 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     // broadcast gives) or overlapping rows get a copy
     if (x.size(0) > 0 && (x.stride(1) != 1 || (x.size(0) > 1 && x.stride(0) < K) || on_cuda))
         x = x.contiguous();
-    int64_t M = x.size(0);
-    auto out_shape = x_in.sizes().vec();
-    out_shape.back() = N;
     at::Tensor out = at::empty({M, N}, x.options());
-    if (M == 0 || N == 0) return out.view(out_shape);
     if (K == 0) {
         out.zero_();
         if (bias.defined()) out.add_(bias.to(xs));
