@@ -1207,6 +1207,19 @@ def test_zero_size_tensors_with_sizes_past_int64(device):
     assert torch_ops.pack(empty(0, 2**62, dtype=torch.uint8), 4).shape == (0, 2**59)
     assert torch_ops.pack(empty(0, 3 * 2**60, dtype=torch.uint8), 3).shape == (0, 9 * 2**55)
     assert torch_ops.prepack_w4a16(empty(2**59, 0)).shape == (2**57, 4, 0)
+    # dequantize's K and word counts where K * bits or N * bits would overflow but the words fit
+    # (they were refused as overflows: rows * 32 for K, N * bits for qzeros' width)
+    assert torch_ops.dequantize(empty(2**59, 0), torch.empty(1, 0, device=device), bits=8,
+                                group_size=-1).shape == (0, 2**61)
+    assert torch_ops.dequantize(empty(3 * 2**56, 0), torch.empty(1, 0, device=device), bits=3,
+                                group_size=-1).shape == (0, 2**61)
+    assert torch_ops.dequantize(empty(0, 2**62), torch.empty(0, 2**62, device=device),
+                                empty(0, 2**59), group_size=8).shape == (2**62, 0)
+    # a group_size near INT64_MAX is one group (ceil(K / group_size) overflowed: [0, N] wanted)
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), group_size=-1)
+    assert torch.equal(torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"],
+                                            group_size=2**63 - 1),
+                       torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], group_size=-1))
     cases = [
         (lambda: torch_ops.unpack(empty(0, 2**60), 4), r"unpack: the unpacked length = 1152921504606846976 \* 8 overflows int64"),
         (lambda: torch_ops.unpack_v2(empty(2**62, 0, dtype=torch.int16)), r"unpack_v2: N = packed.shape\[0\] \* 4 = 4611686018427387904 \* 4 overflows int64"),
@@ -1215,9 +1228,7 @@ def test_zero_size_tensors_with_sizes_past_int64(device):
         (lambda: torch_ops.gptq_to_awq(empty(2**61, 0), empty(1, 0)), r"gptq_to_awq: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows"),
         (lambda: torch_ops.awq_to_gptq(empty(0, 2**61), empty(1, 1)), r"awq_to_gptq: N = qweight.shape\[1\] \* 8 = 2305843009213693952 \* 8 overflows"),
         (lambda: torch_ops.dequantize(empty(2**60, 0), torch.empty(2**53, 0, device=device)),
-         r"dequantize: K = qweight.shape\[0\] \* 32 / bits = 1152921504606846976 \* 32 overflows"),
-        (lambda: torch_ops.dequantize(empty(0, 2**62), torch.empty(0, 2**62, device=device), empty(0, 2**59), group_size=8),
-         r"dequantize: N \* bits = 4611686018427387904 \* 4 overflows int64"),
+         r"dequantize: K = qweight.shape\[0\] \* 32 / bits = 1152921504606846976 \* 32 / 4 overflows"),
         (lambda: torch_ops.w4a16_linear(torch.empty(0, 0, device=device), empty(2**61, 0), torch.empty(0, 0, device=device)),
          r"w4a16_linear: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows int64"),
     ]

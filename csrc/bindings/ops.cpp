@@ -691,7 +691,15 @@ at::Tensor unprepack_w4a16(const at::Tensor &qweight) { return prepack_w4a16_imp
 
 // ---- dequantize ---------------------------------------------------------------------------------
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// (a >= 0, b > 0; not (a + b - 1) / b, which overflowed for a group_size near INT64_MAX)
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// ceil(count * bits / 32), the int32 words of count bits-bit fields, without forming count * bits
+// (bits <= 8): it overflowed int64 for counts whose words fit, and a legal zero-size shape was
+// refused as an overflow
+int64_t packed_words(int64_t count, int64_t bits) {
+    return count / 32 * bits + ceil_div(count % 32 * bits, 32);
+}
 
 // t [..., C] as [rows, C] (reshape({-1, C}) cannot infer the rows where C = 0)
 at::Tensor as_rows(const at::Tensor &t) {
@@ -739,9 +747,13 @@ at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
             TORCH_CHECK_VALUE(bits != 3 || rows % 3 == 0, op, ": qweight.shape[0] = ", rows,
                               " is not a whole number of ", bits,
                               "-bit groups (bits=3 needs a multiple of 3 rows)");
-            K = size_mul(op, "K = qweight.shape[0] * 32 / bits", rows, 32) / bits;
+            // rows * (32 / bits), or rows / 3 * 32: rows * 32 overflowed where K fits
+            TORCH_CHECK_VALUE(!c10::mul_overflows(bits == 3 ? rows / 3 : rows,
+                                                  int64_t(bits == 3 ? 32 : 32 / bits), &K),
+                              op, ": K = qweight.shape[0] * 32 / bits = ", rows, " * 32 / ", bits,
+                              " overflows int64");
         }
-        const int64_t words = ceil_div(size_mul(op, "K * bits", K, bits), 32);
+        const int64_t words = packed_words(K, bits);
         TORCH_CHECK_VALUE(rows == words, op, ": qweight must have shape ",
                           "[ceil(K*bits/32), N] = ", shape_str({words, N}),
                           " for K = ", K, ", got ", shape_str(qweight_in.sizes()));
@@ -758,7 +770,7 @@ at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
         check_dtype(op, "qzeros", *qzeros_in, at::kInt);
         check_device(op, "qzeros", *qzeros_in, qweight_in);
         int64_t zb = format == TOPS_FORMAT_AWQ ? 4 : bits;
-        check_shape(op, "qzeros", *qzeros_in, {G, ceil_div(size_mul(op, "N * bits", N, zb), 32)},
+        check_shape(op, "qzeros", *qzeros_in, {G, packed_words(N, zb)},
                     "[K/G, ceil(N*bits/32)]");
         qzeros = qzeros_in->contiguous();
     }
