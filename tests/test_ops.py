@@ -1198,6 +1198,24 @@ def test_an_option_of_another_type_is_refused_by_name(fn_name, arg, must):
             fn(**dict(kwargs, **{arg: value}))
 
 
+def _sizes_past_int64(device):
+    """(call, message pattern) of zero-size inputs whose result's size passes int64"""
+    def empty(*shape, dtype=torch.int32):
+        return torch.empty(shape, dtype=dtype, device=device)
+    return [
+        (lambda: torch_ops.unpack(empty(0, 2**60), 4), r"unpack: the unpacked length = 1152921504606846976 \* 8 overflows int64"),
+        (lambda: torch_ops.unpack_v2(empty(2**62, 0, dtype=torch.int16)), r"unpack_v2: N = packed.shape\[0\] \* 4 = 4611686018427387904 \* 4 overflows int64"),
+        (lambda: torch_ops.unprepack_w4a16(empty(2**60, 4, 0)), r"unprepack_w4a16: K = qweight.shape\[0\] \* 32 = 1152921504606846976 \* 32 overflows"),
+        (lambda: torch_ops.prepack_w4a16(empty(2**61, 0)), r"prepack_w4a16: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows"),
+        (lambda: torch_ops.gptq_to_awq(empty(2**61, 0), empty(1, 0)), r"gptq_to_awq: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows"),
+        (lambda: torch_ops.awq_to_gptq(empty(0, 2**61), empty(1, 1)), r"awq_to_gptq: N = qweight.shape\[1\] \* 8 = 2305843009213693952 \* 8 overflows"),
+        (lambda: torch_ops.dequantize(empty(2**60, 0), torch.empty(2**53, 0, device=device)),
+         r"dequantize: K = qweight.shape\[0\] \* 32 / bits = 1152921504606846976 \* 32 / 4 overflows"),
+        (lambda: torch_ops.w4a16_linear(torch.empty(0, 0, device=device), empty(2**61, 0), torch.empty(0, 0, device=device)),
+         r"w4a16_linear: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows int64"),
+    ]
+
+
 def test_zero_size_tensors_with_sizes_past_int64(device):
     """A zero-size tensor's other dimensions are not bounded by memory: a size arithmetic that
     overflowed int64 gave a wrong shape ([0, 0] for pack of [0, 2**62]: 2**62 * 4 wrapped to 0)
@@ -1220,21 +1238,26 @@ def test_zero_size_tensors_with_sizes_past_int64(device):
     assert torch.equal(torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"],
                                             group_size=2**63 - 1),
                        torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"], group_size=-1))
-    cases = [
-        (lambda: torch_ops.unpack(empty(0, 2**60), 4), r"unpack: the unpacked length = 1152921504606846976 \* 8 overflows int64"),
-        (lambda: torch_ops.unpack_v2(empty(2**62, 0, dtype=torch.int16)), r"unpack_v2: N = packed.shape\[0\] \* 4 = 4611686018427387904 \* 4 overflows int64"),
-        (lambda: torch_ops.unprepack_w4a16(empty(2**60, 4, 0)), r"unprepack_w4a16: K = qweight.shape\[0\] \* 32 = 1152921504606846976 \* 32 overflows"),
-        (lambda: torch_ops.prepack_w4a16(empty(2**61, 0)), r"prepack_w4a16: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows"),
-        (lambda: torch_ops.gptq_to_awq(empty(2**61, 0), empty(1, 0)), r"gptq_to_awq: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows"),
-        (lambda: torch_ops.awq_to_gptq(empty(0, 2**61), empty(1, 1)), r"awq_to_gptq: N = qweight.shape\[1\] \* 8 = 2305843009213693952 \* 8 overflows"),
-        (lambda: torch_ops.dequantize(empty(2**60, 0), torch.empty(2**53, 0, device=device)),
-         r"dequantize: K = qweight.shape\[0\] \* 32 / bits = 1152921504606846976 \* 32 / 4 overflows"),
-        (lambda: torch_ops.w4a16_linear(torch.empty(0, 0, device=device), empty(2**61, 0), torch.empty(0, 0, device=device)),
-         r"w4a16_linear: K = qweight.shape\[0\] \* 8 = 2305843009213693952 \* 8 overflows int64"),
-    ]
-    for fn, pattern in cases:
+    for fn, pattern in _sizes_past_int64(device):
         with pytest.raises(ValueError, match=pattern):
             fn()
+
+
+def test_sizes_past_int64_on_meta():
+    """The fakes' size arithmetic is Python's, which does not overflow: where the kernels refuse
+    a size past int64, the meta device returned a shape (prepack_w4a16, unprepack_w4a16) or
+    new_empty raised a TypeError naming no op; now the kernels' error, word for word"""
+    for (cpu, pattern), (meta, _) in zip(_sizes_past_int64("cpu"), _sizes_past_int64("meta")):
+        with pytest.raises(ValueError, match=pattern) as kernel:
+            cpu()
+        with pytest.raises(ValueError) as fake:
+            meta()
+        assert str(fake.value) == str(kernel.value)
+    k_interleaved = torch.empty(2**59, 4, 0, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match=r"w4a16_linear: K = qweight.shape\[0\] \* 32 = "
+                                         r"576460752303423488 \* 32 overflows int64"):
+        torch_ops.w4a16_linear(torch.empty(0, 0, device="meta"), k_interleaved,
+                               torch.empty(0, 0, device="meta"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -566,6 +566,16 @@ def _fake_index_arg(op, arg, t, first, K):
     _fake_shape(op, arg, t, [K], "[K]")
 
 
+def _size_mul(op, what, a, b):
+    """size_mul: a * b for a size, or the kernels' error where that passes int64 (Python's ints
+    do not overflow: the fakes returned a shape the kernels refuse, or new_empty raised a
+    TypeError naming no op). Symbolic sizes are left to the kernels."""
+    r = a * b
+    if isinstance(r, int) and r >= 2**63:
+        raise ValueError(f"{op}: {what} = {a} * {b} overflows int64")
+    return r
+
+
 def _fake_shape(op, arg, t, want, formula):
     """The kernels' check_shape, for the fakes (sizes may be symbolic)."""
     torch._check_value(list(t.shape) == want, lambda: f"{op}: {arg} must have shape {formula} = "
@@ -602,7 +612,8 @@ def _(packed, bits, dim=-1, order="sequential"):
     torch._check_value(nwords % words == 0, lambda: (
         f"unpack: packed.shape[{dim}] = {nwords} is not a whole number of words: bits={bits} "
         f"spans {words} words per group, so it must be a multiple of {words}"))
-    return _resized(packed, dim, nwords // words * group, torch.uint8)
+    return _resized(packed, dim, _size_mul("unpack", "the unpacked length", nwords // words, group),
+                    torch.uint8)
 
 
 def _fake_repack_inputs(op, qweight, qzeros, zero_format):
@@ -625,7 +636,7 @@ def _fake_repack_groups(op, qzeros, K, N, k_formula):
 def _fake_awq_to_gptq(qweight, qzeros, zero_format="v1"):
     _on_one_device("awq_to_gptq", qweight, qzeros=qzeros)
     _fake_repack_inputs("awq_to_gptq", qweight, qzeros, zero_format)
-    K, N = qweight.shape[0], qweight.shape[1] * 8
+    K, N = qweight.shape[0], _size_mul("awq_to_gptq", "N = qweight.shape[1] * 8", qweight.shape[1], 8)
     _fake_multiple("awq_to_gptq", "K = qweight.shape[0]", K, 8, " (GPTQ packs 8 rows per int32)")
     _fake_repack_groups("awq_to_gptq", qzeros, K, N, "qweight.shape[0]")
     return qweight.new_empty((K // 8, N)), qzeros.new_empty(qzeros.shape)
@@ -635,7 +646,7 @@ def _fake_awq_to_gptq(qweight, qzeros, zero_format="v1"):
 def _fake_gptq_to_awq(qweight, qzeros, zero_format="v1", g_idx=None):
     _on_one_device("gptq_to_awq", qweight, qzeros=qzeros, g_idx=g_idx)
     _fake_repack_inputs("gptq_to_awq", qweight, qzeros, zero_format)
-    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    K, N = _size_mul("gptq_to_awq", "K = qweight.shape[0] * 8", qweight.shape[0], 8), qweight.shape[1]
     _fake_multiple("gptq_to_awq", "N = qweight.shape[1]", N, 8, " (AWQ packs 8 columns per int32)")
     _fake_repack_groups("gptq_to_awq", qzeros, K, N, "8 * qweight.shape[0]")
     if g_idx is not None:
@@ -713,9 +724,10 @@ def _(unpacked, check_range=True):
 def _(packed):
     _fake_dtype("unpack_v2", "packed", packed, torch.int16)
     _dims("unpack_v2", "packed", packed, 2)
-    R, K = packed.shape
+    N = _size_mul("unpack_v2", "N = packed.shape[0] * 4", packed.shape[0], 4)
+    K = packed.shape[1]
     _fake_multiple("unpack_v2", "K = packed.shape[1]", K, 64)
-    return packed.new_empty((R * 4, K), dtype=torch.uint8)
+    return packed.new_empty((N, K), dtype=torch.uint8)
 
 
 @torch.library.register_fake("torch_ops::dequantize")
@@ -759,6 +771,9 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
                     f"{op}: qweight.shape[0] = {rows} is not a whole number of 3-bit groups "
                     f"(bits=3 needs a multiple of 3 rows)"))
             K = rows * 32 // bits
+            if isinstance(K, int) and K >= 2**63:  # (the kernel's size check, in its words)
+                raise ValueError(f"{op}: K = qweight.shape[0] * 32 / bits = {rows} * 32 / {bits} "
+                                 f"overflows int64")
         words = (K * bits + 31) // 32
         torch._check_value(rows == words, lambda: (
             f"{op}: qweight must have shape [ceil(K*bits/32), N] = {[words, N]} for K = {K}, got "
@@ -783,7 +798,8 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
 def _(qweight):
     _fake_dtype("prepack_w4a16", "qweight", qweight, torch.int32)
     _dims("prepack_w4a16", "qweight", qweight, 2)
-    _fake_multiple("prepack_w4a16", "K = 8 * qweight.shape[0]", qweight.shape[0] * 8, 32,
+    K = _size_mul("prepack_w4a16", "K = qweight.shape[0] * 8", qweight.shape[0], 8)
+    _fake_multiple("prepack_w4a16", "K = 8 * qweight.shape[0]", K, 32,
                    " (the layout interleaves whole 32-k blocks)")
     return qweight.new_empty((qweight.shape[0] // 4, 4, qweight.shape[1]))
 
@@ -794,6 +810,7 @@ def _(qweight):
     _dims("unprepack_w4a16", "qweight", qweight, 3)
     torch._check_value(qweight.shape[1] == 4, lambda: f"unprepack_w4a16: qweight must have shape "
                                                       f"[K/32, 4, N], got {list(qweight.shape)}")
+    _size_mul("unprepack_w4a16", "K = qweight.shape[0] * 32", qweight.shape[0], 32)
     return qweight.new_empty((qweight.shape[0] * 4, qweight.shape[2]))
 
 
@@ -816,7 +833,8 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
     _dims(op, "x", x)
     _fake_zero_format(op, zero_format)
     per_row = 32 if kil else 8
-    K, N = qweight.shape[0] * per_row, qweight.shape[-1]
+    K = _size_mul(op, f"K = qweight.shape[0] * {per_row}", qweight.shape[0], per_row)
+    N = qweight.shape[-1]
     torch._check_value(x.shape[-1] == K, lambda: f"{op}: x.shape[-1] = {x.shape[-1]} must equal "
                                                  f"K = {per_row} * qweight.shape[0] = {K}")
     if kil and g_idx is not None:
