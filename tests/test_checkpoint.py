@@ -1969,6 +1969,36 @@ def test_quantize_model_with_a_second_group_size_drops_the_stale_config(tmp_path
         torch_ops.quantize_model(model, group_size=32, skip=("blocks",))
 
 
+def test_quantize_model_records_no_config_for_a_row_shard():
+    """A model holding a row shard of an act-order layer (QuantLinear num_groups=) fits no
+    checkpoint (save_quantized refuses it): quantize_model described it as a GPTQ checkpoint,
+    which a transformers save_pretrained wrote and load_quantized refused. No config is recorded;
+    one left from before is removed with a warning that names the shards."""
+    torch.manual_seed(0)
+    whole = torch_ops.quantize(torch.randn(128, 384), group_size=128, format="gptq")
+    g_idx = (torch.argsort(torch.randperm(384)) // 128).to(torch.int32)
+
+    def model_with_a_shard():
+        model = nn.Sequential(OrderedDict(
+            shard=QuantLinear.from_gptq(whole["qweight"][:17], whole["qzeros"], whole["scales"],
+                                        g_idx=g_idx[:136], group_size=128),
+            out=nn.Linear(128, 256)))
+        model.config = _Config(model_type="tiny")
+        return model
+
+    model = model_with_a_shard()
+    assert torch_ops.checkpoint.model_quant_config(model) is None
+    with warnings.catch_warnings():  # nothing recorded before: nothing to say
+        warnings.simplefilter("error")
+        torch_ops.quantize_model(model, group_size=128)
+    assert isinstance(model.out, QuantLinear) and not hasattr(model.config, "quantization_config")
+    model = model_with_a_shard()
+    model.config.quantization_config = {"quant_method": "gptq"}  # (a stale one)
+    with pytest.warns(UserWarning, match=r"quantization_config removed: .* row shards"):
+        torch_ops.quantize_model(model, group_size=128)
+    assert not hasattr(model.config, "quantization_config")
+
+
 def test_a_config_refusing_quantization_config_with_value_error_is_left_alone():
     """A validating config (pydantic-style) refuses an attribute with ValueError: only
     AttributeError and TypeError were caught, so quantize_model raised after quantizing."""

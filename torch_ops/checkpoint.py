@@ -328,13 +328,14 @@ def model_quant_config(model: nn.Module, dynamic=None) -> dict | None:
     """The GPTQ ``quantization_config`` of what ``model.state_dict()`` holds: its QuantLinear layers
     in the GPTQ layout, qzeros in their ``checkpoint_zero_format``, as ``save_quantized(model,
     format="gptq")`` would describe them (sym and desc_act from the layers, the float Linears in
-    ``modules_to_not_convert``). None where the model has no QuantLinear, or layers of several
-    group sizes or zero formats (no one config describes them). ``dynamic``: a config's own
+    ``modules_to_not_convert``). None where the model has no QuantLinear, layers of several
+    group sizes or zero formats (no one config describes them), or a row shard of an act-order
+    layer (no checkpoint holds one: save_quantized refuses it). ``dynamic``: a config's own
     GPTQModel entries, kept."""
     layers = {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}.values()
     sizes = {m.group_size for m in layers}
     formats = {m.checkpoint_zero_format for m in layers}
-    if len(sizes) != 1 or len(formats) != 1:
+    if len(sizes) != 1 or len(formats) != 1 or any(m.row_shard for m in layers):
         return None
     quantized = {id(m) for m in layers}
     names = [n for n, m in model.named_modules(remove_duplicate=False) if id(m) in quantized]
@@ -367,9 +368,13 @@ def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
                 del config.quantization_config
             except Exception:
                 pass
-            warnings.warn("model.config.quantization_config removed: the model's QuantLinear "
-                          "layers have several group sizes or zero formats, which no one "
-                          "quantization_config describes", stacklevel=3)
+            why = ("hold row shards of act-order layers (num_groups=), which no checkpoint "
+                   "holds" if any(isinstance(m, QuantLinear) and m.row_shard
+                                  for m in model.modules()) else
+                   "have several group sizes or zero formats, which no one quantization_config "
+                   "describes")
+            warnings.warn(f"model.config.quantization_config removed: the model's QuantLinear "
+                          f"layers {why}", stacklevel=3)
         return
     if base:
         qc = _over_source(base, qc)
