@@ -748,8 +748,12 @@ def test_convert_error_midway_leaves_nothing_behind(tmp_path, monkeypatch):
         save_file(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file_then_fail)
-    with pytest.raises(CheckpointError, match="No space left on device"):
+    with pytest.raises(CheckpointError, match="No space left on device") as e:
         convert_checkpoint(folder, tmp_path / "out" / "dst", to="gptq", progress=False)
+    # the error names DST and the shard, not the hidden partial folder it removed
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'out' / 'dst'} "
+                                   "(model-00002-of-00002.safetensors: "), e.value
+    assert ".partial-" not in str(e.value)
     assert len(written) == 1  # the first shard had been written, beside DST
     assert Path(written[0]).parent.parent == tmp_path / "out"
     assert tree_digest(folder) == before

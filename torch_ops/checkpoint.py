@@ -1323,7 +1323,7 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
         v2_zeros, asym = {}, set()  # (filled as the layers are read: their names)
         weight_map, total, written = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp,
-                                                   progress, v2_zeros, asym)
+                                                   dst, progress, v2_zeros, asym)
         _warn_v2_zeros("convert", src, config, list(v2_zeros), len(prefixes), stacklevel=3,
                        then=", and convert again: the output holds the same off-by-one weights")
         # sym from the zero points, as save_quantized records it: AWQ has no such field, and
@@ -1396,10 +1396,11 @@ def _progress(total: int, enabled: bool, desc: str):
                 disable=not enabled, file=sys.stderr, leave=False)
 
 
-def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress, v2_zeros=None,
+def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, dst, progress, v2_zeros=None,
                   asym=None):
-    """Write ``plan``'s tensors, the quantized layers converted, into ``tmp`` shard by shard;
-    returns (weight_map, bytes written, files written). Checked on the tensors read for the
+    """Write ``plan``'s tensors, the quantized layers converted, into ``tmp`` (renamed to ``dst``
+    at the end, which errors name) shard by shard; returns (weight_map, bytes written, files
+    written). Checked on the tensors read for the
     conversion (each layer's qzeros read once): ``v2_zeros`` (a dict, where given) gets the names
     of GPTQ v1 layers whose qzeros are all 0x88888888 (v2_zeros_read_as_v1), ``asym`` (a set,
     where given) those with a zero point other than 8 in the source's zero format."""
@@ -1437,7 +1438,9 @@ def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, progress, v2_zeros
                 save_file(out, str(tmp / shard.name), metadata=ckpt.metadata[shard] or None)
                 _chmod_ordinary(tmp / shard.name)
             except Exception as e:
-                raise CheckpointError(f"cannot write {tmp / shard.name} ({e})") from None
+                # DST and the shard, as the other write errors name them: the hidden partial
+                # folder (and safetensors' own temporary file in it) is removed on the way out
+                raise CheckpointError(f"cannot write {dst} ({shard.name}: {e})") from None
             written += 1
             for key, t in out.items():
                 weight_map[key] = shard.name
