@@ -1400,10 +1400,10 @@ def _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp, dst, progress, v2_
                   asym=None):
     """Write ``plan``'s tensors, the quantized layers converted, into ``tmp`` (renamed to ``dst``
     at the end, which errors name) shard by shard; returns (weight_map, bytes written, files
-    written). Checked on the tensors read for the
-    conversion (each layer's qzeros read once): ``v2_zeros`` (a dict, where given) gets the names
-    of GPTQ v1 layers whose qzeros are all 0x88888888 (v2_zeros_read_as_v1), ``asym`` (a set,
-    where given) those with a zero point other than 8 in the source's zero format."""
+    written). Checked on the tensors read for the conversion (each layer's qzeros read once):
+    ``v2_zeros`` (a dict, where given) gets the names of GPTQ v1 layers whose qzeros are all
+    0x88888888 (v2_zeros_read_as_v1), ``asym`` (a set, where given) those with a zero point
+    other than 8 in the source's zero format."""
     from safetensors.torch import save_file
 
     check_zeros = v2_zeros is not None and qc.method == "gptq" and qc.zero_format == "v1"
