@@ -1145,6 +1145,19 @@ def test_an_int_argument_of_another_type_is_refused_by_name(fn_name, arg):
             fn(**dict(kwargs, **{arg: value}))
 
 
+@pytest.mark.parametrize("fn_name,arg", _INT_ARGS, ids=[f"{f}-{a}" for f, a in _INT_ARGS])
+def test_an_int_argument_past_int64_is_refused_by_name(fn_name, arg):
+    """An int the ops' int64 cannot hold (2**63, -2**63 - 1, a numpy uint64 of 2**64 - 1): a
+    ValueError naming the function, the argument and the value. torch's schema parser said
+    "Expected a value of type 'int' for argument 'bits' but instead found type 'int'", without
+    the value."""
+    np = pytest.importorskip("numpy")
+    fn, kwargs = _public_calls()[fn_name]
+    for value in (2**63, -2**63 - 1, np.uint64(2**64 - 1)):
+        with pytest.raises(ValueError, match=rf"^{fn_name}: {arg} = {int(value)} does not fit in int64$"):
+            fn(**dict(kwargs, **{arg: value}))
+
+
 def test_int_arguments_trace_under_dynamic_shapes():
     """The int checks are isinstance tests: a compiled graph traces them, with a group_size that
     dynamo makes a SymInt as well."""

@@ -101,16 +101,24 @@ def _tensor(op: str, arg: str, v, optional: bool = False):
 
 def _int(op: str, arg: str, v):
     """``v`` must be an integer: an int (not a bool), a SymInt, or anything with ``__index__``
-    (a numpy integer, a one-element integer tensor), which is converted."""
-    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+    (a numpy integer, a one-element integer tensor), which is converted. It must fit in int64,
+    the ops' int: past it torch's schema parser said "Expected a value of type 'int' for argument
+    'bits' but instead found type 'int'", without the value."""
+    if isinstance(v, torch.SymInt):
         return v
-    if not isinstance(v, (bool, float)) and not (isinstance(v, torch.Tensor)
-                                                 and v.dtype == torch.bool):
+    if isinstance(v, int) and not isinstance(v, bool):
+        i = v
+    elif not isinstance(v, (bool, float)) and not (isinstance(v, torch.Tensor)
+                                                   and v.dtype == torch.bool):
         try:
-            return operator.index(v)
+            i = operator.index(v)
         except TypeError:
-            pass
-    raise TypeError(f"{op}: {arg} must be an int, got {_got(v)}")
+            raise TypeError(f"{op}: {arg} must be an int, got {_got(v)}") from None
+    else:
+        raise TypeError(f"{op}: {arg} must be an int, got {_got(v)}")
+    if not -2**63 <= i < 2**63:
+        raise ValueError(f"{op}: {arg} = {i} does not fit in int64")
+    return i
 
 
 def _str(op: str, arg: str, v, choices: str):
@@ -343,6 +351,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                  ("scales", scales, False), ("qzeros", qzeros, True),
                                  ("g_idx", g_idx, True), ("bias", bias, True), ("perm", perm, True)):
             _tensor("w4a16_linear", arg, t, optional)
+        _int("w4a16_linear", "group_size", group_size)  # (an int past int64: the parser's error)
         raise
 
 
