@@ -998,6 +998,9 @@ def test_errors_name_op_argument_and_value(device):
          r"dequantize: g_idx values must be in \[0, 1\)"),
         (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, device=device), format="exl2"),
          r'dequantize: format must be "gptq" or "awq", got "exl2"'),
+        # (N first: qweight [K, 2] was blamed for not being [K, N/8] = [K, 1])
+        (lambda: torch_ops.dequantize(i32(32, 2), torch.ones(1, 12, device=device), format="awq"),
+         r"dequantize: N = scales.shape\[1\] = 12 must be a multiple of 8 for AWQ"),
         (lambda: torch_ops.dequantize(i32(4, 16), torch.ones(1, 16, dtype=torch.int32, device=device)),
          r"dequantize: scales must be float32, float16 or bfloat16, got torch.int32"),
         (lambda: torch_ops.quantize(torch.randn(12, 128, device=device), bits=3),
@@ -1511,6 +1514,8 @@ _REFUSED += [
     ("dequantize: qweight's N", lambda d: _dq(_zeros(d, 4, 8), _f16(d, 1, 16), None, "gptq", 4, -1)),
     ("dequantize: 3-bit rows", lambda d: _dq(_zeros(d, 4, 16), _f16(d, 1, 16), None, "gptq", 3, -1)),
     ("dequantize: AWQ N 12", lambda d: _dq(_zeros(d, 32, 1), _f16(d, 1, 12), None, "awq", 4, -1)),
+    ("dequantize: AWQ N 12, qweight [K, 2]", lambda d: _dq(_zeros(d, 32, 2), _f16(d, 1, 12), None,
+                                                         "awq", 4, -1)),
     ("dequantize: rows for g_idx", lambda d: _dq(_zeros(d, 4, 16), _f16(d, 1, 16), None, "gptq", 4,
                                                  32, _zeros(d, 40))),
     ("dequantize: float g_idx", lambda d: _dq(_zeros(d, 4, 16), _f16(d, 2, 16), None, "gptq", 4, 16,

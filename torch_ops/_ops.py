@@ -761,9 +761,9 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
         if g_idx is not None:
             raise ValueError(f'{op}: format="awq" takes no g_idx')
         K = qweight.shape[0]
-        _fake_shape(op, "qweight", qweight, [K, N // 8], "[K, N/8]")
         torch._check_value(N % 8 == 0, lambda: f"{op}: N = scales.shape[1] = {N} must be a "
                                                f"multiple of 8 for AWQ")
+        _fake_shape(op, "qweight", qweight, [K, N // 8], "[K, N/8]")
     else:
         _fake_bits(op, bits, (2, 3, 4, 8))
         torch._check_value(qweight.shape[1] == N, lambda: f"{op}: qweight.shape[1] = "

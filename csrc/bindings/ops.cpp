@@ -731,9 +731,10 @@ at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
         TORCH_CHECK_VALUE(bits == 4, op, ": format=\"awq\" is 4-bit only, got bits=", bits);
         TORCH_CHECK_VALUE(!g_idx_in.has_value(), op, ": format=\"awq\" takes no g_idx");
         K = qweight_in.size(0);
-        check_shape(op, "qweight", qweight_in, {K, N / 8}, "[K, N/8]");
+        // N first: with N = 12 a qweight of [K, 2] was blamed for not being [K, 1]
         TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = scales.shape[1] = ", N,
                           " must be a multiple of 8 for AWQ");
+        check_shape(op, "qweight", qweight_in, {K, N / 8}, "[K, N/8]");
     } else {
         check_bits(op, bits, {2, 3, 4, 8});
         TORCH_CHECK_VALUE(qweight_in.size(1) == N, op, ": qweight.shape[1] = ", qweight_in.size(1),
