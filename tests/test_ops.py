@@ -1450,6 +1450,39 @@ def test_compiled_calls_with_a_wrong_rank_name_the_argument(call, message):
     assert re.search(message, str(compiled.value).split("from user code:")[0])
 
 
+_DATA_DEPENDENT_CALLS = {  # (rows picked by a mask: a size the trace knows only when it runs)
+    "pack": (lambda v: torch_ops.pack(v[v[:, 0] < 5], 4, dim=0),
+             r"pack: values.shape\[0\] = 13 must be a multiple of 8"),
+    "unpack": (lambda v: torch_ops.unpack(v[v[:, 0] < 5].view(torch.uint8), 3, dim=0),
+               r"unpack: packed.shape\[0\] = 13 is not a whole number of words"),
+    "pack_v2": (lambda v: torch_ops.pack_v2(v[v[:, 0] < 5]),
+                r"pack_v2: N = unpacked.shape\[0\] = 13 must be a multiple of 4"),
+    "prepack_w4a16": (lambda v: torch_ops.prepack_w4a16(v[v[:, 0] < 5][:, :4].view(torch.int32)),
+                      r"prepack_w4a16: K = 8 \* qweight.shape\[0\] = 104 must be a multiple of 32"),
+}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("name", list(_DATA_DEPENDENT_CALLS))
+def test_compiled_data_dependent_sizes_are_refused_in_the_kernels_words(name, backend):
+    """A size that depends on the data (13 of 64 rows picked by a mask, inside torch.compile) is
+    checked when the graph runs: the fakes' torch._check_value turned such a check into a runtime
+    assertion of torch's, which fired before the kernel and named neither the op nor the argument
+    ("Runtime assertion failed for expression Eq(Mod(u0, 8), 0) on node 'eq'")"""
+    call, message = _DATA_DEPENDENT_CALLS[name]
+    v = torch.randint(5, 16, (64, 64), dtype=torch.uint8)
+    v[:13, 0] = 0
+    with pytest.raises(ValueError, match=message):
+        call(v)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            with pytest.raises(ValueError, match=message):
+                torch.compile(call, fullgraph=True, backend=backend)(v)
+    finally:
+        torch._dynamo.reset()
+
+
 def _zeros(device, *shape, dtype=torch.int32):
     return torch.zeros(*shape, dtype=dtype, device=device)
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.torch_ops.*)
 from . import reference as _reference
@@ -537,8 +538,19 @@ def _fake_order_and_dim(op, arg, t, bits, dim, order, word_bytes, awq_needs):
     return _wrap_dim(op, arg, t, dim), 8 * word_bytes // math.gcd(bits, 8 * word_bytes)
 
 
+def _fake_check(cond, message) -> None:
+    """The fakes' size checks: ValueError(message()) where ``cond`` is false. A condition on a
+    size known only when the graph runs (an unbacked symbol: rows picked by a mask inside
+    torch.compile) is left to the kernel, which makes the check then, in its words:
+    torch._check_value deferred it to a runtime assertion of torch's, which fired before the
+    kernel and named neither the op nor the argument ("Runtime assertion failed for expression
+    Eq(Mod(u0, 8), 0) on node 'eq'"). Other sizes are decided as before (a guard where symbolic)."""
+    if not guard_or_true(cond):
+        raise ValueError(message())
+
+
 def _fake_multiple(op, what, size, m, tail=""):
-    torch._check_value(size % m == 0, lambda: f"{op}: {what} = {size} must be a multiple of {m}{tail}")
+    _fake_check(size % m == 0, lambda: f"{op}: {what} = {size} must be a multiple of {m}{tail}")
 
 
 def _fake_float(op, arg, t):
@@ -561,8 +573,8 @@ def _fake_group_size(op, group_size, K):
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"{op}: group_size must be positive or -1 (one group), got {group_size}")
     if group_size == -1:
-        torch._check_value(K > 0, lambda: f"{op}: group_size = -1 (one group of all K rows) needs "
-                                          f"K > 0, got K = 0")
+        _fake_check(K > 0, lambda: f"{op}: group_size = -1 (one group of all K rows) needs "
+                                   f"K > 0, got K = 0")
         return K
     return group_size
 
@@ -587,8 +599,10 @@ def _size_mul(op, what, a, b):
 
 def _fake_shape(op, arg, t, want, formula):
     """The kernels' check_shape, for the fakes (sizes may be symbolic)."""
-    torch._check_value(list(t.shape) == want, lambda: f"{op}: {arg} must have shape {formula} = "
-                                                      f"{want}, got {list(t.shape)}")
+    # (size by size: a list's == asks bool() of each, which raised on a data-dependent size)
+    same = t.dim() == len(want) and all(guard_or_true(a == b) for a, b in zip(t.shape, want))
+    _fake_check(same, lambda: f"{op}: {arg} must have shape {formula} = {want}, got "
+                              f"{list(t.shape)}")
 
 
 @torch.library.register_fake("torch_ops::pack")
@@ -618,7 +632,7 @@ def _(packed, bits, dim=-1, order="sequential"):
                                      f"int32 words, got bits={bits} and packed.dtype={packed.dtype}")
     words = group * bits // (8 * wb)
     nwords = packed.shape[dim]
-    torch._check_value(nwords % words == 0, lambda: (
+    _fake_check(nwords % words == 0, lambda: (
         f"unpack: packed.shape[{dim}] = {nwords} is not a whole number of words: bits={bits} "
         f"spans {words} words per group, so it must be a multiple of {words}"))
     return _resized(packed, dim, _size_mul("unpack", "the unpacked length", nwords // words, group),
@@ -636,8 +650,9 @@ def _fake_repack_inputs(op, qweight, qzeros, zero_format):
 
 def _fake_repack_groups(op, qzeros, K, N, k_formula):
     G = qzeros.shape[0]
-    torch._check_value(G >= 1 and K % G == 0, lambda: f"{op}: qzeros.shape[0] = {G} groups must "
-                                                       f"divide K = {k_formula} = {K}")
+    # (guard_or_true: "and" asks bool() of G >= 1, which raised on a data-dependent size)
+    _fake_check(guard_or_true(G >= 1) and K % G == 0, lambda: (
+        f"{op}: qzeros.shape[0] = {G} groups must divide K = {k_formula} = {K}"))
     _fake_shape(op, "qzeros", qzeros, [G, N // 8], "[K/G, N/8]")
 
 
@@ -761,14 +776,14 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
         if g_idx is not None:
             raise ValueError(f'{op}: format="awq" takes no g_idx')
         K = qweight.shape[0]
-        torch._check_value(N % 8 == 0, lambda: f"{op}: N = scales.shape[1] = {N} must be a "
-                                               f"multiple of 8 for AWQ")
+        _fake_check(N % 8 == 0, lambda: f"{op}: N = scales.shape[1] = {N} must be a "
+                                        f"multiple of 8 for AWQ")
         _fake_shape(op, "qweight", qweight, [K, N // 8], "[K, N/8]")
     else:
         _fake_bits(op, bits, (2, 3, 4, 8))
-        torch._check_value(qweight.shape[1] == N, lambda: f"{op}: qweight.shape[1] = "
-                                                          f"{qweight.shape[1]} must equal N = "
-                                                          f"scales.shape[1] = {N}")
+        _fake_check(qweight.shape[1] == N, lambda: f"{op}: qweight.shape[1] = "
+                                                   f"{qweight.shape[1]} must equal N = "
+                                                   f"scales.shape[1] = {N}")
         rows = qweight.shape[0]
         if g_idx is not None:
             _on_one_device(op, qweight, g_idx=g_idx)
@@ -776,7 +791,7 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
             K = g_idx.shape[0]
         else:
             if bits == 3:
-                torch._check_value(rows % 3 == 0, lambda: (
+                _fake_check(rows % 3 == 0, lambda: (
                     f"{op}: qweight.shape[0] = {rows} is not a whole number of 3-bit groups "
                     f"(bits=3 needs a multiple of 3 rows)"))
             K = rows * 32 // bits
@@ -784,15 +799,15 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
                 raise ValueError(f"{op}: K = qweight.shape[0] * 32 / bits = {rows} * 32 / {bits} "
                                  f"overflows int64")
         words = (K * bits + 31) // 32
-        torch._check_value(rows == words, lambda: (
+        _fake_check(rows == words, lambda: (
             f"{op}: qweight must have shape [ceil(K*bits/32), N] = {[words, N]} for K = {K}, got "
             f"{list(qweight.shape)}"))
     gs = _fake_group_size(op, group_size, K)
     if g_idx is None:
         groups = (K + gs - 1) // gs
-        torch._check_value(G == groups, lambda: f"{op}: scales must have shape [K/G, N] = "
-                                                f"{[groups, N]} for K = {K} and group_size = "
-                                                f"{group_size}, got {list(scales.shape)}")
+        _fake_check(G == groups, lambda: f"{op}: scales must have shape [K/G, N] = "
+                                         f"{[groups, N]} for K = {K} and group_size = "
+                                         f"{group_size}, got {list(scales.shape)}")
     if qzeros is not None:
         _fake_dtype(op, "qzeros", qzeros, torch.int32)
         _on_one_device(op, qweight, qzeros=qzeros)
@@ -817,8 +832,8 @@ def _(qweight):
 def _(qweight):
     _fake_dtype("unprepack_w4a16", "qweight", qweight, torch.int32)
     _dims("unprepack_w4a16", "qweight", qweight, 3)
-    torch._check_value(qweight.shape[1] == 4, lambda: f"unprepack_w4a16: qweight must have shape "
-                                                      f"[K/32, 4, N], got {list(qweight.shape)}")
+    _fake_check(qweight.shape[1] == 4, lambda: f"unprepack_w4a16: qweight must have shape "
+                                               f"[K/32, 4, N], got {list(qweight.shape)}")
     _size_mul("unprepack_w4a16", "K = qweight.shape[0] * 32", qweight.shape[0], 32)
     return qweight.new_empty((qweight.shape[0] * 4, qweight.shape[2]))
 
@@ -844,20 +859,20 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
     per_row = 32 if kil else 8
     K = _size_mul(op, f"K = qweight.shape[0] * {per_row}", qweight.shape[0], per_row)
     N = qweight.shape[-1]
-    torch._check_value(x.shape[-1] == K, lambda: f"{op}: x.shape[-1] = {x.shape[-1]} must equal "
-                                                 f"K = {per_row} * qweight.shape[0] = {K}")
+    _fake_check(x.shape[-1] == K, lambda: f"{op}: x.shape[-1] = {x.shape[-1]} must equal "
+                                          f"K = {per_row} * qweight.shape[0] = {K}")
     if kil and g_idx is not None:
         raise ValueError(f"{op}: a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order "
                          f"weights: act_order_prepack first, then perm)")
-    torch._check_value(N % 8 == 0, lambda: f"{op}: N = qweight.shape[1] = {N} must be a multiple "
-                                           f"of 8")
+    _fake_check(N % 8 == 0, lambda: f"{op}: N = qweight.shape[1] = {N} must be a multiple "
+                                    f"of 8")
     gs = _fake_group_size(op, group_size, K)
     act = g_idx is not None  # (any number of groups, any K: a row shard of an act-order layer)
-    torch._check_value(act or K % gs == 0, lambda: f"{op}: K = {K} must be a multiple of "
-                                                   f"group_size = {gs}")
+    _fake_check(act or K % gs == 0, lambda: f"{op}: K = {K} must be a multiple of "
+                                            f"group_size = {gs}")
     G = scales.shape[0] if act else K // gs
     if kil:
-        torch._check_value(gs % 32 == 0 or gs == K, lambda: (
+        _fake_check(gs % 32 == 0 or gs == K, lambda: (
             f"{op}: group_size = {gs} must be a multiple of 32 with a k-interleaved qweight "
             f"(prepack_w4a16)"))
     _fake_shape(op, "scales", scales, [G, N], "[groups, N]" if act else "[K/group_size, N]")
