@@ -904,6 +904,34 @@ def test_quantize_awq_any_k(device, K, group_size):
     assert all(torch.equal(compiled[k], t[k]) for k in t)
 
 
+@pytest.mark.parametrize("format", ["gptq", "awq"])
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_quantize_compiled_of_data_dependent_rows(format, group_size):
+    """quantize of the rows a mask picks, inside torch.compile (a size the trace knows only when it
+    runs): the fake's checks asked bool() of it and the trace failed, valid rows or not, with
+    torch's "Could not guard on data-dependent expression Ne(Mod(u0, 8), 0)", naming no op; now
+    16 rows quantize and 12 get the kernel's refusal when the graph runs"""
+    weight = torch.randn(64, 128)
+    f = lambda w, m: torch_ops.quantize(w[m], 4, group_size, format=format)  # noqa: E731
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+            for rows in (16, 12):
+                mask = torch.zeros(64, dtype=torch.bool)
+                mask[:rows] = True
+                if rows % 8 == 0:
+                    expected = f(weight, mask)
+                    got = compiled(weight, mask)
+                    assert all(torch.equal(got[k], expected[k]) for k in expected)
+                else:
+                    with pytest.raises(ValueError, match=r"quantize: weight shape \[12, 128\] does "
+                                                         r"not pack"):
+                        compiled(weight, mask)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("format,bits", [("gptq", 3), ("gptq", 4), ("gptq", 8), ("awq", 4)])
 @pytest.mark.parametrize("sym", [False, True])
 def test_quantize_scales_are_correctly_rounded(device, format, bits, sym):

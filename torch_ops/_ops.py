@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
-from torch.fx.experimental.symbolic_shapes import guard_or_true
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.torch_ops.*)
 from . import reference as _reference
@@ -434,26 +434,29 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
     if bits not in ((4,) if format == "awq" else (2, 3, 4, 8)):
         raise ValueError(f"quantize: bits={bits} is not supported for format={format}")
     N, K = weight.shape
+    # (the size tests below are guard_or_false: this is also the fake's check, and inside
+    # torch.compile a size may depend on the data (rows picked by a mask), where bool() of one
+    # failed the trace, valid sizes or not, in torch's words; the kernel then checks it)
     # group_size <= 0 (but -1) and -1 with K = 0 get the C ops' messages: "K = 0 must be a
     # multiple of group_size = -1" named neither cause
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"quantize: group_size must be positive or -1 (one group), got "
                          f"{group_size}")
-    if group_size == -1 and K == 0:
+    if group_size == -1 and guard_or_false(K == 0):
         raise ValueError("quantize: group_size = -1 (one group of all K rows) needs K > 0, got "
                          "K = weight.shape[1] = 0")
     G = _reference.group_len(K, group_size)
-    if K % G:
+    if guard_or_false(K % G != 0):
         raise ValueError(f"quantize: K = weight.shape[1] = {K} must be a multiple of "
                          f"group_size = {group_size}")
     if format == "awq":  # qweight [K, N/8]: packed along N only, any K
-        if N % 8:
+        if guard_or_false(N % 8 != 0):
             raise ValueError(f"quantize: weight shape {list(weight.shape)} does not pack into "
                              f"4-bit awq words (N must be a multiple of 8)")
         return
     k_multiple = 32 if bits == 3 else 32 // bits  # whole int32 words along K (GPTQ qweight)
     n_multiple = 32 // math.gcd(32, bits)  # whole words of qzeros
-    if K % k_multiple or N % n_multiple:
+    if guard_or_false(K % k_multiple != 0) or guard_or_false(N % n_multiple != 0):
         raise ValueError(f"quantize: weight shape {list(weight.shape)} does not pack into "
                          f"{bits}-bit {format} words (K must be a multiple of {k_multiple} and N "
                          f"of {n_multiple})")
