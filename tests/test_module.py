@@ -1202,3 +1202,30 @@ def test_quantize_model_keeps_the_train_eval_mode():
         model = Tiny().train(train)
         quantize_model(model, group_size=G)
         assert [m.training for m in model.modules()] == [train] * 4
+
+
+def test_built_under_fake_tensor_mode():
+    """Under FakeTensorMode (shapes only, no values) from_linear built nothing: it read the g_idx
+    quantize returns (always arange(K) // group_size) and raised torch's
+    DataDependentOutputException naming nothing. It builds the real layer's shapes now; a g_idx,
+    whose values decide act-order, is refused by name, as on the meta device"""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    torch.manual_seed(0)
+    linear = nn.Linear(K, N)
+    real = QuantLinear.from_linear(linear, group_size=G)
+    gq = random_gptq()
+    real_gptq = QuantLinear.from_gptq(**gq, group_size=G)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = QuantLinear.from_linear(linear, group_size=G)
+        want = {k: (t.shape, t.dtype) for k, t in real.state_dict().items()}
+        assert {k: (t.shape, t.dtype) for k, t in fake.state_dict().items()} == want
+        assert all(isinstance(t, FakeTensor) for t in fake.state_dict().values())
+        y = fake(torch.randn(3, K))
+        assert isinstance(y, FakeTensor) and y.shape == (3, N)
+        faked = {k: mode.from_tensor(t) for k, t in gq.items()}
+        assert QuantLinear.from_gptq(**faked, group_size=G).qweight.shape == real_gptq.qweight.shape
+        g_idx = mode.from_tensor(torch.arange(K, dtype=torch.int32) // G)
+        with pytest.raises(ValueError, match=re.escape(
+                "from_gptq: g_idx is a fake tensor (FakeTensorMode): its values (act-order or "
+                "not) are needed to load it")):
+            QuantLinear.from_gptq(**faked, g_idx=g_idx, group_size=G)

@@ -109,11 +109,15 @@ def checked_g_idx(g_idx: torch.Tensor, groups: int, where: str,
     if g_idx.dtype not in _G_IDX_DTYPES:
         raise ValueError(f"{where}g_idx must be an integer tensor of group indices (int32, or "
                          f"int8/uint8/int16/int64), got {g_idx.dtype}")
-    if g_idx.is_meta and g_idx.numel():  # (its values decide: act-order, prepack; int() raised)
+    fake = isinstance(g_idx, torch._subclasses.fake_tensor.FakeTensor)
+    if (g_idx.is_meta or fake) and g_idx.numel():  # (its values decide: act-order, prepack)
         if not values_needed:
             return g_idx.to(torch.int32)
-        raise ValueError(f"{where}g_idx is on the meta device: its values (act-order or not) "
-                         "are needed to load it; load a materialised g_idx")
+        # (int() raised, on a fake tensor torch's DataDependentOutputException naming nothing)
+        raise ValueError(f"{where}g_idx is " + ("a fake tensor (FakeTensorMode)" if fake else
+                                                "on the meta device")
+                         + ": its values (act-order or not) are needed to load it; load a "
+                         "materialised g_idx")
     if g_idx.numel():
         lo, hi = int(g_idx.min()), int(g_idx.max())
         if lo < 0 or hi >= groups:
@@ -328,7 +332,9 @@ class QuantLinear(nn.Module):
         bias = linear.bias
         if bias is not None:  # (a float64 Linear: its bias in the scales' dtype, which the op takes)
             bias = bias.detach().to(bias.dtype if bias.dtype in _FLOAT_DTYPES else q["scales"].dtype)
-        layer = cls.from_gptq(q["qweight"], q["qzeros"], q["scales"], g_idx=q.get("g_idx"),
+        # (no g_idx: quantize's is arange(K) // group_size, which the layer drops; reading it to
+        # find that out failed under FakeTensorMode, where the layer's shapes are all there is)
+        layer = cls.from_gptq(q["qweight"], q["qzeros"], q["scales"],
                               bias=bias, group_size=group_size, zero_format=STORED_ZERO_FORMAT)
         layer.loaded_from = "linear"
         return layer
