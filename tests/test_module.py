@@ -1229,3 +1229,29 @@ def test_built_under_fake_tensor_mode():
                 "from_gptq: g_idx is a fake tensor (FakeTensorMode): its values (act-order or "
                 "not) are needed to load it")):
             QuantLinear.from_gptq(**faked, g_idx=g_idx, group_size=G)
+
+
+def test_a_bias_or_scales_made_a_parameter_stays_one_through_loads():
+    """A bias made an nn.Parameter to train it (BitFit), or scales learned through dequantize:
+    load_state_dict with assign=True, or of a value in another dtype, raised TypeError "cannot
+    assign 'torch.HalfTensor' as parameter 'bias'", naming no key, outside load_state_dict's
+    report (scales: after qweight and qzeros were loaded). As under nn.Module's loader, a load
+    copies into the Parameter in place, in its dtype (an optimizer holds it); assign=True puts a
+    Parameter of the value in its place, requiring grad as the old one did."""
+    sd = QuantLinear.from_gptq(**random_gptq(), bias=torch.randn(N, dtype=torch.float16),
+                               group_size=G).state_dict()
+    for name in ("bias", "scales"):
+        for dtype in (torch.float16, torch.float32):
+            layer = QuantLinear.from_gptq(**random_gptq(), bias=torch.zeros(N), group_size=G)
+            setattr(layer, name, nn.Parameter(getattr(layer, name).float()))
+            param = getattr(layer, name)
+            layer.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
+                                   for k, v in sd.items()})
+            assert getattr(layer, name) is param and param.dtype == torch.float32
+            assert torch.equal(param.detach(), sd[name].float())
+            assert torch.equal(layer.state_dict()["qweight"], sd["qweight"])
+            layer.load_state_dict(sd, assign=True)
+            now = getattr(layer, name)
+            assert isinstance(now, nn.Parameter) and now.requires_grad
+            assert torch.equal(now.detach(), sd[name])
+            layer(torch.randn(2, K, dtype=torch.float16)).float().sum().backward()

@@ -499,9 +499,23 @@ class QuantLinear(nn.Module):
         """Store a buffer. Unless ``assign``, the value goes to the module's device (where that is
         not meta), copied in place when shape and dtype allow (keeping the storage CUDA graphs
         captured on it rely on), else copied: the layer never holds the caller's tensor, which a
-        later load would write into. Scales and bias keep the dtype they come in."""
+        later load would write into. Scales and bias keep the dtype they come in, except into an
+        nn.Parameter (below)."""
         current = getattr(self, name)
         device = self.qweight.device
+        # a bias or scales made an nn.Parameter (trained: BitFit, or learned scales through
+        # dequantize) stays a Parameter, as under nn.Module's loader: setattr of a plain tensor
+        # raised TypeError "cannot assign 'torch.HalfTensor' as parameter 'bias'" (with
+        # assign=True always, else for a value of another dtype), naming no key, outside
+        # load_state_dict's report, and for scales after qweight and qzeros were loaded
+        param = isinstance(current, nn.Parameter) and value is not None
+        if (param and not assign and not current.is_meta and current.shape == value.shape):
+            # copied into in place, in its dtype, as nn.Module's loader copies: an optimizer
+            # holds this Parameter, and a new one would leave it training a tensor the layer
+            # no longer reads
+            with torch.no_grad():
+                current.copy_(value)
+            return
         if value is not None and not assign:
             if (device.type != "meta" and current is not None and current.numel() == value.numel()
                     and current.dtype == value.dtype and current.device == device):
@@ -521,6 +535,8 @@ class QuantLinear(nn.Module):
             # (inference_mode(False) turns grad mode on: no_grad goes inside it)
             with torch.inference_mode(False), torch.no_grad():
                 value = value.to(value.device if device.type == "meta" else device, copy=True)
+        if param and not isinstance(value, nn.Parameter):  # (nn.Module's assign does the same)
+            value = nn.Parameter(value, requires_grad=current.requires_grad)
         setattr(self, name, value)
 
     # ------------------------------------------------------------------ state dict
