@@ -1255,3 +1255,23 @@ def test_a_bias_or_scales_made_a_parameter_stays_one_through_loads():
             assert isinstance(now, nn.Parameter) and now.requires_grad
             assert torch.equal(now.detach(), sd[name])
             layer(torch.randn(2, K, dtype=torch.float16)).float().sum().backward()
+
+
+def test_a_layer_pickled_before_its_newer_attributes_existed_loads(tmp_path):
+    """A QuantLinear saved whole (torch.save(model)) before kinterleave and num_groups existed
+    has neither in its __dict__: its next load_state_dict raised AttributeError "'QuantLinear'
+    object has no attribute 'kinterleave'". It now runs, exports and loads as a layer built with
+    the defaults (k-interleaved where it can be)."""
+    gq = random_gptq()
+    old = QuantLinear(K, N, bias=False, group_size=G, kinterleave=False)
+    old.load_state_dict(gq)
+    del old.__dict__["kinterleave"], old.__dict__["_num_groups"]  # (as pickled then)
+    torch.save(old, tmp_path / "old.pt")
+    layer = torch.load(tmp_path / "old.pt", weights_only=False)
+    x = torch.randn(2, K, dtype=torch.float16)
+    torch.testing.assert_close(layer(x), gptq_output(x, gq, None), rtol=2e-3, atol=2e-3)
+    new = random_gptq()
+    layer.load_state_dict(new)
+    assert layer.kinterleaved and not layer.row_shard
+    assert_same(layer.state_dict(), new)
+    torch.testing.assert_close(layer(x), gptq_output(x, new, None), rtol=2e-3, atol=2e-3)

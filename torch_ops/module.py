@@ -160,6 +160,10 @@ class QuantLinear(nn.Module):
     bits = BITS
     # (a class default too: a QuantLinear pickled whole before num_groups existed has none)
     _num_groups = None
+    # (likewise, one pickled before kinterleave existed, which holds qweight [K/8, N]: its next
+    # load raised AttributeError "'QuantLinear' object has no attribute 'kinterleave'" outside
+    # load_state_dict's report; it now loads as a layer built today does, k-interleaved)
+    kinterleave = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group_size: int = 128, *, dtype: torch.dtype = torch.float16, device=None,
