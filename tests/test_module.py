@@ -1275,3 +1275,44 @@ def test_a_layer_pickled_before_its_newer_attributes_existed_loads(tmp_path):
     assert layer.kinterleaved and not layer.row_shard
     assert_same(layer.state_dict(), new)
     torch.testing.assert_close(layer(x), gptq_output(x, new, None), rtol=2e-3, atol=2e-3)
+
+
+def test_a_parametrized_scales_or_bias_loads_its_own_state_dict():
+    """scales (learned: scales * exp(log_alpha)) or bias under torch.nn.utils.parametrize: the
+    layer's state dict holds "parametrizations.scales.original" in place of "scales", which the
+    parametrization loads; loading it back into a layer parametrized alike raised "qweight, qzeros
+    and scales load together ...; got qweight, qzeros". A plain "scales" given is unexpected (as
+    nn.Module reports a parametrized Linear's "weight"), the original missing."""
+    import torch.nn.utils.parametrize as P
+
+    class Learned(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.log_alpha = nn.Parameter(torch.zeros(shape))
+
+        def forward(self, s):
+            return s * self.log_alpha.exp().to(s.dtype)
+
+    def make(gq, g_idx):
+        layer = QuantLinear.from_gptq(**gq, g_idx=g_idx, bias=torch.randn(N, dtype=torch.float16),
+                                      group_size=G)
+        P.register_parametrization(layer, "scales", Learned((K // G, N)))
+        P.register_parametrization(layer, "bias", Learned((N,)))
+        return layer
+
+    x = torch.randn(3, K, dtype=torch.float16)
+    for g_idx in (None, act_order_g_idx()):
+        src = make(random_gptq(), g_idx)
+        with torch.no_grad():
+            src.parametrizations.scales[0].log_alpha.normal_(0, 0.1)
+            src.parametrizations.bias[0].log_alpha.normal_(0, 0.1)
+        dst = make(random_gptq(), None)
+        assert dst.load_state_dict(src.state_dict()) is not None
+        assert torch.equal(dst(x), src(x))
+        assert torch.equal(dst.scales, src.scales) and torch.equal(dst.bias, src.bias)
+    plain = QuantLinear.from_gptq(**random_gptq(), bias=torch.zeros(N, dtype=torch.float16),
+                                  group_size=G).state_dict()
+    result = dst.load_state_dict(plain, strict=False)
+    assert sorted(result.unexpected_keys) == ["bias", "scales"]
+    assert {"parametrizations.bias.original", "parametrizations.scales.original"} <= set(
+        result.missing_keys) and "scales" not in result.missing_keys

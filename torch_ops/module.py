@@ -37,6 +37,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import _ops
@@ -505,6 +506,8 @@ class QuantLinear(nn.Module):
         captured on it rely on), else copied: the layer never holds the caller's tensor, which a
         later load would write into. Scales and bias keep the dtype they come in, except into an
         nn.Parameter (below)."""
+        if parametrize.is_parametrized(self, name):
+            return  # (its parametrization holds it and loads its original: _load_from_state_dict)
         current = getattr(self, name)
         device = self.qweight.device
         # a bias or scales made an nn.Parameter (trained: BitFit, or learned scales through
@@ -571,6 +574,17 @@ class QuantLinear(nn.Module):
         for hook in self._load_state_dict_pre_hooks.values():
             hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         got = {n: state_dict[prefix + n] for n in _KEYS if prefix + n in state_dict}
+        # scales or bias under torch.nn.utils.parametrize (learned scales): the tensor is held by
+        # the parametrization, whose child module loads "parametrizations.<name>.original", as
+        # under nn.Module's loader; the layer's own state dict has no "<name>", and loading it
+        # back raised "qweight, qzeros and scales load together ...; got qweight, qzeros". The
+        # current value stands in for the checks and is not written (_put); a "<name>" given is
+        # unexpected, as nn.Module reports it for a parametrized Linear's "weight"
+        held = {n for n in ("scales", "bias") if parametrize.is_parametrized(self, n)}
+        for n in held:
+            if n in got:
+                unexpected_keys.append(prefix + n)
+            got[n] = getattr(self, n)
         assign = bool(local_metadata.get("assign_to_params_buffers", False))
         if strict and self.bias is None and "bias" in got:
             unexpected_keys.append(prefix + "bias")
@@ -581,10 +595,11 @@ class QuantLinear(nn.Module):
         if self.row_shard and "g_idx" not in got:  # (a shard's rows need their groups)
             missing_keys.append(prefix + "g_idx")
         try:
-            if absent and any(n in got for n in _QUANT_KEYS + ("g_idx",)):
+            if absent and any(n in got and n not in held for n in _QUANT_KEYS + ("g_idx",)):
                 raise ValueError(
                     f"{prefix}qweight, qzeros and scales load together (one layout, one zero "
-                    f"format), with g_idx if any; got {', '.join(n for n in got if n != 'bias')}")
+                    f"format), with g_idx if any; got "
+                    f"{', '.join(n for n in got if n != 'bias' and n not in held)}")
             if not assign and not self.qweight.is_meta:
                 # a meta tensor (a skeleton's state dict) has no values to copy in: copy_ raised
                 # NotImplementedError("Cannot copy out of meta tensor; no data!"), naming no key,
