@@ -1316,3 +1316,23 @@ def test_a_parametrized_scales_or_bias_loads_its_own_state_dict():
     assert sorted(result.unexpected_keys) == ["bias", "scales"]
     assert {"parametrizations.bias.original", "parametrizations.scales.original"} <= set(
         result.missing_keys) and "scales" not in result.missing_keys
+
+
+def test_save_quantized_refuses_float64_scales_of_model_double(tmp_path):
+    """model.double() turns a QuantLinear's scales and bias float64, as every module's floats:
+    save_quantized wrote them so, a folder that load_quantized then refused ("0.scales is F64
+    [4, 128], expected F16/BF16/F32"). Refused by name before anything is written; the model
+    converted back saves and loads."""
+    torch.manual_seed(0)
+    model = quantize_model(Tiny(), group_size=G).double()
+    for fmt in ("gptq", "awq"):
+        with pytest.raises(ValueError, match=re.escape(
+                "save_quantized: up.scales (torch.float64), up.bias (torch.float64), "
+                "down.scales (torch.float64)")):
+            torch_ops.save_quantized(model, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
+    model.float()
+    torch_ops.save_quantized(model, tmp_path / "gptq", "gptq")
+    loaded = torch_ops.load_quantized(Tiny(), tmp_path / "gptq")
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(loaded.float()(x), model(x))

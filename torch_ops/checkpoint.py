@@ -28,7 +28,7 @@ from torch import nn
 
 from . import _ops
 from .reference import group_len
-from .module import (QuantLinear, _v2_zeros_warning, check_dims, checked_g_idx, must_stay_float,
+from .module import (_FLOAT_DTYPES, QuantLinear, _v2_zeros_warning, check_dims, checked_g_idx, must_stay_float,
                      name_matches, replace_module, trivial_g_idx, v2_zeros_read_as_v1,
                      zero_points_all_eight)
 
@@ -1030,6 +1030,17 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
             "checkpoint holds whole layers (qweight [K/8, N], scales [K/G, N]), which no loader "
             "reads a shard's tensors as. Save the model holding the whole layers (or each rank's "
             "state_dict() with torch.save)")
+    # scales or bias of another float dtype (model.double() makes them float64, as it does every
+    # module's floats) were written as they were: a folder that load_quantized refused ("scales
+    # is F64 [4, 128], expected F16/BF16/F32"), as GPTQ and AWQ loaders elsewhere do
+    wide = [f"{n}.{k} ({t.dtype})" for n, m in layers.items() for k in ("scales", "bias")
+            if (t := getattr(m, k)) is not None and t.dtype not in _FLOAT_DTYPES]
+    if wide:
+        raise ValueError(
+            f"save_quantized: {', '.join(wide)}: a checkpoint's scales and bias are float16, "
+            "bfloat16 or float32, the dtypes load_quantized and other loaders read (and the "
+            "4-bit ops compute with); convert the model with .half(), .bfloat16() or .float() "
+            "before saving it")
     sizes = {m.group_size for m in layers.values()}
     if len(sizes) != 1:
         raise ValueError(f"save_quantized: layers use several group sizes {sorted(sizes)}")
