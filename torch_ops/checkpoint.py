@@ -28,9 +28,9 @@ from torch import nn
 
 from . import _ops
 from .reference import group_len
-from .module import (_FLOAT_DTYPES, QuantLinear, _v2_zeros_warning, check_dims, checked_g_idx, must_stay_float,
-                     name_matches, replace_module, trivial_g_idx, v2_zeros_read_as_v1,
-                     zero_points_all_eight)
+from .module import (_FLOAT_DTYPES, QuantLinear, _v2_zeros_warning, check_dims, checked_g_idx,
+                     must_stay_float, name_matches, replace_module, trivial_g_idx,
+                     v2_zeros_read_as_v1, zero_points_all_eight)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
