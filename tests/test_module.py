@@ -998,6 +998,21 @@ def test_quantize_model_refuses_unquantizable_layers_before_changing_anything():
     assert type(model.up) is nn.Linear and isinstance(model.down, QuantLinear)
 
 
+@pytest.mark.parametrize("group_size,error,match", [
+    ("128", TypeError, "quantize_model: group_size must be an int, got '128'"),
+    (None, TypeError, "quantize_model: group_size must be an int, got None"),
+    (0, ValueError, "quantize_model: group_size must be -1 or a positive int, got 0"),
+    (-2, ValueError, "quantize_model: group_size must be -1 or a positive int, got -2")])
+def test_quantize_model_refuses_a_bad_group_size_by_name(group_size, error, match):
+    """A group_size no layer can take is the argument's fault, not the layers': a string or None
+    raised TypeError "'<=' not supported between instances of 'str' and 'int'" naming nothing, and
+    0 listed every layer as one to add to skip=."""
+    model = Tiny()
+    with pytest.raises(error, match=re.escape(match)):
+        quantize_model(model, group_size=group_size)
+    assert type(model.up) is nn.Linear  # untouched
+
+
 def test_quantize_model_keeps_shared_layers_shared():
     shared = nn.Linear(128, 128)
     model = nn.Sequential(shared, nn.ReLU(), shared)

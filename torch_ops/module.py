@@ -753,6 +753,12 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_model: model is itself an nn.Linear; "
                          "use QuantLinear.from_linear")
+    # (the argument's fault, not the layers': a str or None raised TypeError "'<=' not
+    # supported" from check_dims, naming nothing, and 0 listed every layer to add to skip=)
+    group_size = _ops._int("quantize_model", "group_size", group_size)
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"quantize_model: group_size must be -1 or a positive int, "
+                         f"got {group_size}")
     linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, nn.Linear)]
     skipped = {id(m) for name, m in linears if name_matches(name, skip) or must_stay_float(m)}
