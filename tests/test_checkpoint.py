@@ -1166,6 +1166,19 @@ def test_save_quantized_as_awq_names_an_act_order_layer(tmp_path):
     assert (tmp_path / "gptq" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+@pytest.mark.parametrize("zero_format", ["v3", None])
+def test_save_quantized_refuses_a_bad_zero_format_by_name(tmp_path, fmt, zero_format):
+    """A zero_format other than v1 / v2 is refused before anything is written: as AWQ it was
+    ignored without a word, and as GPTQ refused by to_gptq under a layer's name, with the hint
+    for an act-order layer ("save_quantized(..., format='gptq') keeps act-order")."""
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    with pytest.raises(ValueError, match=re.escape(
+            f"save_quantized: zero_format must be one of ('v1', 'v2'), got {zero_format!r}")) as e:
+        torch_ops.save_quantized(model, tmp_path / "c", fmt, zero_format=zero_format)
+    assert "act-order" not in str(e.value) and not (tmp_path / "c").exists()
+
+
 def test_save_and_load_when_a_float_layers_name_ends_a_quantized_ones(tmp_path):
     """save_quantized lists the float Linear "1" in modules_to_not_convert; read as a run of name
     components it also matches the quantized "0.1", which then stayed float and the load failed

@@ -28,9 +28,9 @@ from torch import nn
 
 from . import _ops
 from .reference import group_len
-from .module import (_FLOAT_DTYPES, QuantLinear, _v2_zeros_warning, check_dims, checked_g_idx,
-                     must_stay_float, name_matches, replace_module, trivial_g_idx,
-                     v2_zeros_read_as_v1, zero_points_all_eight)
+from .module import (_FLOAT_DTYPES, QuantLinear, _check_zero_format, _v2_zeros_warning,
+                     check_dims, checked_g_idx, must_stay_float, name_matches, replace_module,
+                     trivial_g_idx, v2_zeros_read_as_v1, zero_points_all_eight)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
@@ -1015,6 +1015,9 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
 
     if format not in ("awq", "gptq"):
         raise ValueError(f"save_quantized: format must be 'awq' or 'gptq', got {format!r}")
+    # (checked for AWQ too, which ignored it; as GPTQ to_gptq refused it under a layer's name,
+    # with the hint for an act-order layer)
+    _check_zero_format(zero_format, "save_quantized: zero_format")
     config = _config_dict(model, config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
