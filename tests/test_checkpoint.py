@@ -1179,6 +1179,22 @@ def test_save_quantized_refuses_a_bad_zero_format_by_name(tmp_path, fmt, zero_fo
     assert "act-order" not in str(e.value) and not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("max_shard_bytes,error,match", [
+    ("5GB", TypeError, "save_quantized: max_shard_bytes must be an int, got '5GB'"),
+    (1.5, TypeError, "save_quantized: max_shard_bytes must be an int, got 1.5"),
+    (-5, ValueError, "save_quantized: max_shard_bytes must be a positive number of bytes (or "
+                     "None: one file), got -5")])
+def test_save_quantized_refuses_a_bad_max_shard_bytes_by_name(tmp_path, max_shard_bytes, error,
+                                                              match):
+    """transformers' max_shard_size takes "5GB": here a str raised TypeError "'>' not supported
+    between instances of 'int' and 'str'" naming nothing, and a negative or fractional size wrote
+    every tensor into a shard of its own. Refused before anything is written."""
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    with pytest.raises(error, match=re.escape(match)):
+        torch_ops.save_quantized(model, tmp_path / "c", "awq", max_shard_bytes=max_shard_bytes)
+    assert not (tmp_path / "c").exists()
+
+
 def test_save_and_load_when_a_float_layers_name_ends_a_quantized_ones(tmp_path):
     """save_quantized lists the float Linear "1" in modules_to_not_convert; read as a run of name
     components it also matches the quantized "0.1", which then stayed float and the load failed

@@ -1018,6 +1018,13 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     # (checked for AWQ too, which ignored it; as GPTQ to_gptq refused it under a layer's name,
     # with the hint for an act-order layer)
     _check_zero_format(zero_format, "save_quantized: zero_format")
+    if max_shard_bytes is not None:
+        # (a str, as transformers' max_shard_size="5GB", raised TypeError "'>' not supported"
+        # naming nothing; a negative size wrote every tensor into a shard of its own)
+        max_shard_bytes = _ops._int("save_quantized", "max_shard_bytes", max_shard_bytes)
+        if max_shard_bytes <= 0:
+            raise ValueError("save_quantized: max_shard_bytes must be a positive number of bytes "
+                             f"(or None: one file), got {max_shard_bytes}")
     config = _config_dict(model, config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
