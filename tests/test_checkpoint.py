@@ -562,6 +562,30 @@ def test_gptqmodel_method_field_without_quant_method(tmp_path):
         parse_quant_config({"method": "fp8", "bits": 4, "group_size": 128})
 
 
+def test_gptq_checkpoint_format_and_format_that_disagree_are_refused(tmp_path):
+    """GPTQModel writes its format under both "format" and "checkpoint_format"; it reads "format"
+    first (checkpoint_format is a legacy hint), transformers reads "checkpoint_format". A config
+    whose two keys disagree (one edited by hand) was read by checkpoint_format alone, v1 zeros
+    where GPTQModel reads v2: every weight off by one scale in one of them. Refused, naming both;
+    the value's case does not matter (GPTQModel lowercases it)."""
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}
+    for fields in ({"checkpoint_format": "gptq", "format": "gptq_v2"},
+                   {"checkpoint_format": "gptq_v2", "format": "gptq"}):
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"quantization_config: checkpoint_format {fields['checkpoint_format']!r} and "
+                f"format {fields['format']!r} disagree")):
+            parse_quant_config({**qc, **fields})
+    assert parse_quant_config({**qc, "checkpoint_format": "GPTQ_V2",
+                               "format": "gptq_v2"}).zero_format == "v2"
+    assert parse_quant_config({**qc, "checkpoint_format": "GPTQ"}).zero_format == "v1"
+    folder = tmp_path / "c"
+    make_checkpoint(folder, "gptq", zero_format="v2", sym=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(checkpoint_format="gptq", format="gptq_v2")
+    (folder / "config.json").write_text(json.dumps(config))
+    refused_everywhere(folder, TinyLM(), "checkpoint_format 'gptq' and format 'gptq_v2' disagree")
+
+
 def test_config_booleans_written_as_strings_or_integers(tmp_path):
     """bool("false") is True: "true"/"false" (any case) and 0/1 are read as what they say, None or
     a missing key as the default, anything else refused naming the key, the value and the file."""

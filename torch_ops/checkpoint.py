@@ -219,7 +219,15 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
         # AutoGPTQ's Marlin checkpoints: tensors B and s in Marlin's tiled layout, no qweight
         raise CheckpointError(f"{where}: is_marlin_format=true (AutoGPTQ's Marlin layout, "
                               "tensors B and s) is not supported; only the GPTQ layout is")
-    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+    # GPTQModel writes both names and reads "format" first, transformers reads
+    # "checkpoint_format": where they disagree the loaders read different zeros (v1 or v2).
+    # Their case does not matter (GPTQModel lowercases them)
+    named = {k: str(qc[k]).lower() for k in ("checkpoint_format", "format") if qc.get(k)}
+    if len(set(named.values())) > 1:
+        raise CheckpointError(f"{where}: checkpoint_format {qc['checkpoint_format']!r} and "
+                              f"format {qc['format']!r} disagree (loaders read one or the "
+                              "other); set both to the format of the qzeros")
+    fmt = next(iter(named.values()), "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"{where}: unsupported GPTQ checkpoint_format {fmt!r} "
                               "(supported: gptq, gptq_v2)")
