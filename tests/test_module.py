@@ -423,6 +423,21 @@ def test_from_linear_is_close_to_float(device):
     assert "format=linear" in repr(layer)
 
 
+def test_from_linear_refuses_bad_arguments_by_name():
+    """A group_size of another type raised TypeError "'<=' not supported between instances of
+    'str' and 'int'" from check_dims, a module other than a Linear "too many values to unpack"
+    (a Conv1d's 3-D weight) or AttributeError (None), none naming from_linear or the argument."""
+    for kw, match in [({"linear": nn.Linear(K, N), "group_size": "64"},
+                       "from_linear: group_size must be an int, got '64' (str)"),
+                      ({"linear": nn.Linear(K, N), "group_size": None},
+                       "from_linear: group_size must be an int, got None"),
+                      ({"linear": nn.Conv1d(K, N, 1)},
+                       "from_linear: linear must be an nn.Linear, got Conv1d"),
+                      ({"linear": None}, "from_linear: linear must be an nn.Linear, got NoneType")]:
+        with pytest.raises(TypeError, match=re.escape(match)):
+            QuantLinear.from_linear(**kw)
+
+
 # ---------------------------------------------------------------- state dict
 def test_state_dict_round_trip_from_awq_keys():
     awq = random_awq()

@@ -327,6 +327,11 @@ class QuantLinear(nn.Module):
                     scales_dtype: torch.dtype | None = None):
         """Round-to-nearest quantization of a float ``nn.Linear`` (via ``torch_ops.quantize``;
         ``scales_dtype`` as there: torch.float32 for weights whose groups overflow fp16 scales)."""
+        # (a Conv1d raised "too many values to unpack", None AttributeError, a str group_size
+        # "'<=' not supported" from check_dims: none named from_linear or the argument)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        group_size = _ops._int("from_linear", "group_size", group_size)
         N, K = linear.weight.shape
         check_dims(K, N, group_size, what=f"from_linear({linear})")
         if linear.weight.is_meta:
