@@ -1028,6 +1028,21 @@ def test_quantize_model_refuses_a_bad_group_size_by_name(group_size, error, matc
     assert type(model.up) is nn.Linear  # untouched
 
 
+@pytest.mark.parametrize("model", [None, {"up": nn.Linear(128, 128)}], ids=["None", "dict"])
+def test_model_that_is_not_a_module_is_refused_by_name(tmp_path, model):
+    """quantize_model, save_quantized and load_quantized of something other than an nn.Module
+    (None, a state dict) raised AttributeError "'NoneType' object has no attribute
+    'named_modules'", naming neither the function nor the argument."""
+    got = type(model).__name__
+    for call, name in [(lambda: quantize_model(model, group_size=G), "quantize_model"),
+                       (lambda: torch_ops.save_quantized(model, tmp_path / "c"), "save_quantized"),
+                       (lambda: torch_ops.load_quantized(model, tmp_path), "load_quantized")]:
+        with pytest.raises(TypeError, match=re.escape(f"{name}: model must be an nn.Module, "
+                                                      f"got {got}")):
+            call()
+    assert not (tmp_path / "c").exists()
+
+
 def test_quantize_model_keeps_shared_layers_shared():
     shared = nn.Linear(128, 128)
     model = nn.Sequential(shared, nn.ReLU(), shared)

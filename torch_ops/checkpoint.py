@@ -28,9 +28,9 @@ from torch import nn
 
 from . import _ops
 from .reference import group_len
-from .module import (_FLOAT_DTYPES, QuantLinear, _check_zero_format, _v2_zeros_warning,
-                     check_dims, checked_g_idx, must_stay_float, name_matches, replace_module,
-                     trivial_g_idx, v2_zeros_read_as_v1, zero_points_all_eight)
+from .module import (_FLOAT_DTYPES, QuantLinear, _check_model, _check_zero_format,
+                     _v2_zeros_warning, check_dims, checked_g_idx, must_stay_float, name_matches,
+                     replace_module, trivial_g_idx, v2_zeros_read_as_v1, zero_points_all_eight)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
@@ -715,6 +715,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
 
     A GPTQ v1 checkpoint whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label, see
     ``_warn_v2_zeros``) loads as its config says, with a warning naming the layers."""
+    _check_model(model, "load_quantized")
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -1021,6 +1022,7 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     is refused: checkpoints hold whole layers."""
     from safetensors.torch import save_file
 
+    _check_model(model, "save_quantized")
     if format not in ("awq", "gptq"):
         raise ValueError(f"save_quantized: format must be 'awq' or 'gptq', got {format!r}")
     # (checked for AWQ too, which ignored it; as GPTQ to_gptq refused it under a layer's name,

@@ -736,6 +736,13 @@ def must_stay_float(m: nn.Linear) -> str | None:
     return None
 
 
+def _check_model(model, where: str) -> None:
+    """TypeError unless ``model`` is an nn.Module: None or a state dict raised AttributeError
+    "'NoneType' object has no attribute 'named_modules'", naming neither function nor argument."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+
+
 def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
                    skip=("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
@@ -755,6 +762,7 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     ``group_size`` (in/out features multiples of 8, in_features a multiple of group_size) or its
     weight is not materialised (meta device); every layer is quantized before the first is put
     in, so a failure leaves the model as it was."""
+    _check_model(model, "quantize_model")
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_model: model is itself an nn.Linear; "
                          "use QuantLinear.from_linear")
