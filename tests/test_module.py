@@ -1043,6 +1043,20 @@ def test_model_that_is_not_a_module_is_refused_by_name(tmp_path, model):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("skip,got", [(5, "5 (int)"), (["lm_head", 5], "an entry 5 (int)")])
+def test_quantize_model_refuses_a_bad_skip_by_name(skip, got):
+    """skip=5 raised TypeError "'int' object is not iterable", a list holding a number
+    AttributeError "'int' object has no attribute 'split'", neither naming the argument. A
+    generator was used up by the first Linear's name: the later ones were not skipped."""
+    model = Tiny()
+    with pytest.raises(TypeError, match=re.escape(
+            f"quantize_model: skip must be a module name or a list of them, got {got}")):
+        quantize_model(model, group_size=G, skip=skip)
+    assert type(model.up) is nn.Linear  # untouched
+    quantize_model(model, group_size=G, skip=(n for n in ["lm_head"]))  # (36 outputs: must skip)
+    assert isinstance(model.up, QuantLinear) and type(model.lm_head) is nn.Linear
+
+
 def test_quantize_model_keeps_shared_layers_shared():
     shared = nn.Linear(128, 128)
     model = nn.Sequential(shared, nn.ReLU(), shared)

@@ -772,6 +772,18 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"quantize_model: group_size must be -1 or a positive int, "
                          f"got {group_size}")
+    # (5 raised "'int' object is not iterable", [5] "'int' object has no attribute 'split'")
+    what = "quantize_model: skip must be a module name or a list of them, got"
+    if skip is None or isinstance(skip, str):
+        skip = () if skip is None else (skip,)
+    else:
+        try:
+            skip = tuple(skip)  # (a generator is read once; every Linear's name is matched)
+        except TypeError:
+            raise TypeError(f"{what} {_ops._got(skip)}") from None
+    wrong = [n for n in skip if not isinstance(n, str)]
+    if wrong:
+        raise TypeError(f"{what} an entry {_ops._got(wrong[0])}")
     linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, nn.Linear)]
     skipped = {id(m) for name, m in linears if name_matches(name, skip) or must_stay_float(m)}
