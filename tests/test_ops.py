@@ -748,6 +748,29 @@ def test_dequantize_vmap_over_an_empty_batch(device, batched):
         assert grads.shape == (0, 2, 16)
 
 
+@pytest.mark.parametrize("batched", ["qweight", "scales", "perm"])
+def test_w4a16_linear_vmap_over_an_empty_batch_of_weights_checks_the_arguments(device, batched):
+    """vmap over a batch of size 0 of the weights returned an empty [0, M, N] without checking
+    anything: an x of the wrong K or dtype got a result (in float64) where the op refuses it.
+    The op now runs once on zero stand-ins of one entry, as dequantize's rule does"""
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, 32)
+    q, s, z = t["qweight"], t["scales"], t["qzeros"]
+    perm = torch.randperm(64, device=device)
+    arg = {"qweight": q, "scales": s, "perm": perm}[batched]
+
+    def f(x):
+        def g(a):
+            w = {"qweight": q, "scales": s, "perm": perm, batched: a}
+            return torch_ops.w4a16_linear(x, w["qweight"], w["scales"], z, 32, perm=w["perm"])
+        return torch.func.vmap(g)(arg[None][:0])
+    out = f(torch.randn(2, 64, device=device, dtype=torch.float16))
+    assert out.shape == (0, 2, 16) and out.dtype == torch.float16
+    with pytest.raises(ValueError, match=r"w4a16_linear: x\.shape\[-1\] = 48 must equal K"):
+        f(torch.randn(2, 48, device=device))
+    with pytest.raises(TypeError, match=r"w4a16_linear: x must be .* got torch\.float64"):
+        f(torch.randn(2, 64, device=device, dtype=torch.float64))
+
+
 def test_dequantize_without_a_derivative_skips_the_autograd_function(device, monkeypatch):
     """A call with nothing to differentiate (scales not requiring grad, or torch.no_grad, and no
     forward-AD level open) runs the kernel without Function.apply, which binds its arguments with

@@ -1056,15 +1056,18 @@ def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None
         tuple(in_dims) + (None,) * (9 - len(in_dims)))
     B = info.batch_size
     if any(d is not None for d in (qweight_dim, scales_dim, qzeros_dim, g_idx_dim, perm_dim)):
-        if B == 0:  # nothing to stack: [0, ..., N]
-            x_shape = [n for i, n in enumerate(x.shape) if i != x_dim]
-            N = [n for i, n in enumerate(qweight.shape) if i != qweight_dim][-1]
-            return x.new_empty((0, *x_shape[:-1], N)), 0
-        return _stack_per_entry(
-            _ops.w4a16_linear.default,
-            (x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm),
-            (x_dim, qweight_dim, scales_dim, qzeros_dim, None, g_idx_dim, bias_dim, None, perm_dim),
-            B), 0
+        args = (x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm)
+        dims = (x_dim, qweight_dim, scales_dim, qzeros_dim, None, g_idx_dim, bias_dim, None,
+                perm_dim)
+        if B == 0:
+            # nothing to stack: the op once on zero stand-ins of one entry, as dequantize's rule
+            # does, so that the arguments are still checked (an empty result was returned for an
+            # x of the wrong K or dtype) and the result has the op's shape and dtype
+            one = _ops.w4a16_linear.default(*(
+                a if d is None else a.new_zeros(a.shape[:d] + a.shape[d + 1:])
+                for a, d in zip(args, dims)))
+            return one.new_empty((0, *one.shape)), 0
+        return _stack_per_entry(_ops.w4a16_linear.default, args, dims, B), 0
     if bias_dim is None:  # then x is the vmapped one
         return _ops.w4a16_linear.default(x.movedim(x_dim, 0), qweight, scales, qzeros, group_size,
                                          g_idx, bias, zero_format, perm), 0
