@@ -854,6 +854,22 @@ def test_quantize_names_a_range_that_overflows_float32(device, format, sym):
 
 
 @pytest.mark.parametrize("format,sym", [("gptq", False), ("gptq", True), ("awq", False)])
+def test_quantize_names_a_float64_weight_past_float32(device, format, sym):
+    """A finite float64 weight past float32's range (quantize computes in float32, where it is
+    inf) was refused as "a NaN or inf value", which it has not: the message names the value"""
+    weight = torch.randn(8, 128, device=device, dtype=torch.float64)
+    weight[3, 70] = -1e39
+    message = (r"quantize: weight has a value past float32's range in row 3, columns 64\.\.127 "
+               r"\(group 1\), 1e\+39 \(quantize computes in float32, .*\): scale them down")
+    for quantize in (torch_ops.quantize, ref.quantize):
+        with pytest.raises(ValueError, match=message):
+            quantize(weight, 4, 64, sym, format, scales_dtype=torch.float32)
+    weight[3, 71] = float("nan")  # a NaN in the group is still named as one
+    with pytest.raises(ValueError, match=r"weight has a NaN or inf value in row 3, columns 64"):
+        torch_ops.quantize(weight, 4, 64, sym, format, scales_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("format,sym", [("gptq", False), ("gptq", True), ("awq", False)])
 def test_quantize_refuses_scales_that_overflow_fp16(device, format, sym):
     """A group spanning more than 15 * 65504 needs a scale past fp16's range: stored as inf, it
     dequantized the group to NaN. Refused (here, in the reference, compiled, from_linear);

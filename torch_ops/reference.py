@@ -221,6 +221,15 @@ def rtn(weight, bits=4, group_size=128, sym=False, format="gptq", scales_dtype=N
         if bool(bad.any()):
             if bool(nonfinite.any()):
                 n, g = (int(i) for i in nonfinite.nonzero()[0])
+                group = weight.detach()[n, g * G:g * G + G]
+                # (a float64 weight past float32's range is inf in w, not in the weight: it was
+                # reported as a NaN or inf value, which it has not)
+                if bool(torch.isfinite(group).all()):
+                    raise ValueError(f"quantize: weight has a value past float32's range in row "
+                                     f"{n}, columns {g * G}..{g * G + G - 1} (group {g}), "
+                                     f"{float(group.abs().max()):.6g} (quantize computes in "
+                                     f"float32, whose largest is "
+                                     f"{torch.finfo(torch.float32).max:.6g}): scale them down")
                 raise ValueError(f"quantize: weight has a NaN or inf value in row {n}, columns "
                                  f"{g * G}..{g * G + G - 1} (group {g})")
             n, g = (int(i) for i in bad.nonzero()[0])
