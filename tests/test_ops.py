@@ -771,6 +771,24 @@ def test_w4a16_linear_vmap_over_an_empty_batch_of_weights_checks_the_arguments(d
         f(torch.randn(2, 64, device=device, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("x_batched", [False, True])
+def test_w4a16_linear_vmap_over_an_empty_batch_of_bias(device, x_batched):
+    """vmap over a bias batch of size 0 raised torch's "cannot reshape tensor of 0 elements into
+    shape [0, 1, -1]" (the rule reshaped the bias with N = -1); it gives [0, M, N] as a batch of
+    3 gives [3, M, N]"""
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, 32)
+    x = torch.randn(2, 64, device=device, dtype=torch.float16)
+    for batch in (3, 0):
+        bias = torch.randn(batch, 16, device=device)
+        if x_batched:
+            out = torch.func.vmap(lambda x_, b: torch_ops.w4a16_linear(x_, bias=b, group_size=32, **{
+                k: t[k] for k in ("qweight", "scales", "qzeros")}))(x.expand(batch, 2, 64), bias)
+        else:
+            out = torch.func.vmap(lambda b: torch_ops.w4a16_linear(x, bias=b, group_size=32, **{
+                k: t[k] for k in ("qweight", "scales", "qzeros")}))(bias)
+        assert out.shape == (batch, 2, 16) and out.dtype == torch.float16
+
+
 def test_dequantize_without_a_derivative_skips_the_autograd_function(device, monkeypatch):
     """A call with nothing to differentiate (scales not requiring grad, or torch.no_grad, and no
     forward-AD level open) runs the kernel without Function.apply, which binds its arguments with

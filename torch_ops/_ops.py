@@ -1075,5 +1075,7 @@ def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None
         x = x.movedim(x_dim, 0)
     out = _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, None,
                                     zero_format, perm)  # [B, ..., N], or [..., N] for one x
-    bias = bias.movedim(bias_dim, 0).reshape(B, *([1] * (out.dim() - (x_dim is not None) - 1)), -1)
+    # (N given, not -1: with B = 0, reshape could not infer it and raised)
+    bias = bias.movedim(bias_dim, 0).reshape(B, *([1] * (out.dim() - (x_dim is not None) - 1)),
+                                             qweight.shape[-1])
     return (out.float() + bias.float()).to(out.dtype), 0
