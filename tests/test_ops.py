@@ -789,6 +789,33 @@ def test_w4a16_linear_vmap_over_an_empty_batch_of_bias(device, x_batched):
         assert out.shape == (batch, 2, 16) and out.dtype == torch.float16
 
 
+@pytest.mark.parametrize("x_batched", [False, True])
+@pytest.mark.parametrize("batch", [3, 0])
+def test_w4a16_linear_vmap_over_bias_checks_it(device, x_batched, batch):
+    """vmap over bias runs the op unbiased and adds the bias after: the op's checks of bias were
+    skipped, so a bias of shape [1] was broadcast over N, a float64 or integer one added, and a
+    wrong length failed in torch's words, naming no op. Each is refused in the op's words"""
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, 32)
+    x = torch.randn(2, 64, device=device)
+
+    def f(bias):
+        if x_batched:
+            return torch.func.vmap(lambda x_, b: torch_ops.w4a16_linear(x_, bias=b, group_size=32, **{
+                k: t[k] for k in ("qweight", "scales", "qzeros")}))(x.expand(batch, 2, 64), bias)
+        return torch.func.vmap(lambda b: torch_ops.w4a16_linear(x, bias=b, group_size=32, **{
+            k: t[k] for k in ("qweight", "scales", "qzeros")}))(bias)
+    bias = torch.randn(batch, 16, device=device)
+    assert f(bias).shape == (batch, 2, 16)
+    for bad in (bias[:, :1], torch.randn(batch, 17, device=device)):
+        with pytest.raises(ValueError, match=r"w4a16_linear: bias must have shape \[N\] = \[16\], "
+                                             rf"got \[{bad.shape[1]}\]"):
+            f(bad)
+    for dtype in (torch.float64, torch.int64):
+        with pytest.raises(TypeError, match=rf"w4a16_linear: bias must be float32, float16 or "
+                                            rf"bfloat16, got {dtype}"):
+            f(bias.to(dtype))
+
+
 def test_dequantize_without_a_derivative_skips_the_autograd_function(device, monkeypatch):
     """A call with nothing to differentiate (scales not requiring grad, or torch.no_grad, and no
     forward-AD level open) runs the kernel without Function.apply, which binds its arguments with

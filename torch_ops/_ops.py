@@ -1075,6 +1075,13 @@ def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None
         x = x.movedim(x_dim, 0)
     out = _ops.w4a16_linear.default(x, qweight, scales, qzeros, group_size, g_idx, None,
                                     zero_format, perm)  # [B, ..., N], or [..., N] for one x
+    # the op's checks of bias, on one entry (that call had none: a bias of shape [1] was
+    # broadcast over N, a float64 or integer one added, silently), after the others, in the
+    # kernel's order
+    one = bias.new_zeros(bias.shape[:bias_dim] + bias.shape[bias_dim + 1:])
+    _fake_float("w4a16_linear", "bias", one)
+    _on_one_device("w4a16_linear", x, bias=one)
+    _fake_shape("w4a16_linear", "bias", one, [qweight.shape[-1]], "[N]")
     # (N given, not -1: with B = 0, reshape could not infer it and raised)
     bias = bias.movedim(bias_dim, 0).reshape(B, *([1] * (out.dim() - (x_dim is not None) - 1)),
                                              qweight.shape[-1])
