@@ -816,6 +816,22 @@ def test_w4a16_linear_vmap_over_bias_checks_it(device, x_batched, batch):
             f(bias.to(dtype))
 
 
+@pytest.mark.parametrize("bias_batched", [False, True])
+def test_w4a16_linear_vmap_over_a_1d_x_is_refused(device, bias_batched):
+    """vmap over a 1-D x gives the op 0-D entries, which it refuses; the rule moved the batch to
+    dim 0 and called the op once, so a batch of K scalars was read as one row of K features:
+    a [N] result (or, with a batched bias, [K, N]) of the wrong shape and values"""
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, 32)
+    w = {k: t[k] for k in ("qweight", "scales", "qzeros")}
+    x = torch.randn(64, device=device)
+    with pytest.raises(ValueError, match="w4a16_linear: x must have at least 1 dimension"):
+        if bias_batched:
+            torch.func.vmap(lambda x_, b: torch_ops.w4a16_linear(x_, bias=b, group_size=32, **w))(
+                x, torch.randn(64, 16, device=device))
+        else:
+            torch.func.vmap(lambda x_: torch_ops.w4a16_linear(x_, group_size=32, **w))(x)
+
+
 def test_dequantize_without_a_derivative_skips_the_autograd_function(device, monkeypatch):
     """A call with nothing to differentiate (scales not requiring grad, or torch.no_grad, and no
     forward-AD level open) runs the kernel without Function.apply, which binds its arguments with

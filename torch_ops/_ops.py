@@ -1068,6 +1068,10 @@ def _(info, in_dims, x, qweight, scales, qzeros=None, group_size=128, g_idx=None
                 for a, d in zip(args, dims)))
             return one.new_empty((0, *one.shape)), 0
         return _stack_per_entry(_ops.w4a16_linear.default, args, dims, B), 0
+    if x_dim is not None and x.dim() == 1:
+        # one entry of x is 0-D, which the op refuses; moved to dim 0, the batch was read as K:
+        # with B == K, a [N] result of the whole batch as one row
+        raise ValueError("w4a16_linear: x must have at least 1 dimension")
     if bias_dim is None:  # then x is the vmapped one
         return _ops.w4a16_linear.default(x.movedim(x_dim, 0), qweight, scales, qzeros, group_size,
                                          g_idx, bias, zero_format, perm), 0
