@@ -614,6 +614,26 @@ def test_dequantize_scales_gradient_with_a_partial_last_group(device, fmt, bits,
     torch.testing.assert_close(got.grad.cpu(), want.grad)
 
 
+def test_dequantize_scales_derivatives_with_a_group_size_past_k(device):
+    """A group_size past K is one group (the forward takes it); the backward padded the terms to
+    group_size rows and the torch.func route repeated the scales group_size times: 2**40 ran out
+    of memory. The derivatives equal those of group_size=-1"""
+    t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, -1, scales_dtype=torch.float32)
+
+    def f(gs):
+        return lambda s: torch_ops.dequantize(t["qweight"], s, t["qzeros"], "gptq", 4, gs).sum()
+    s = t["scales"].clone().requires_grad_()
+    f(-1)(s).backward()
+    want = s.grad.clone()
+    s.grad = None
+    f(2**40)(s).backward()
+    assert torch.equal(s.grad, want)
+    assert torch.equal(torch.func.grad(f(2**40))(t["scales"]), want)
+    tangent = torch.randn_like(t["scales"])
+    assert torch.equal(torch.func.jvp(f(2**40), (t["scales"],), (tangent,))[1],
+                       torch.func.jvp(f(-1), (t["scales"],), (tangent,))[1])
+
+
 @pytest.mark.parametrize("transform", ["jvp", "grad", "vjp"])
 def test_dequantize_checks_scales_under_torch_func(device, transform):
     """Under the transforms the op reads unit fp32 scales (q - z) and multiplies by the scales

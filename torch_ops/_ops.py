@@ -940,7 +940,10 @@ def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_i
         # act-order, silently; plain torch ops alike)
         per_k = s[:, g_idx.long()]  # [N, K]
     else:  # (repeat, not an index of arange(K) // G: see the backward's note on Inductor)
-        per_k = s.repeat_interleave(_reference.group_len(K, group_size), dim=1)[:, :K]
+        # (at most K: a group_size past K is one group, and repeating by it allocated N *
+        # group_size elements, out of memory for 2**40)
+        per_k = s.repeat_interleave(torch.sym_min(_reference.group_len(K, group_size), K),
+                                    dim=1)[:, :K]
     return (q_minus_z * per_k).to(scales.dtype)
 
 
@@ -972,8 +975,10 @@ class _DequantizeScales(torch.autograd.Function):
                 # plain groups: a sum over each run of rows (Inductor, torch 2.13, crashes
                 # compiling the index_add_ below over an in-graph arange(K) // G with dynamic
                 # shapes). K need not be a multiple of G (the last of the ceil(K / G) groups is
-                # short): zero terms fill it, so that every run is G rows
-                G = _reference.group_len(K, group_size)
+                # short): zero terms fill it, so that every run is G rows. At most K rows: a
+                # group_size past K is one group, and padding to it allocated N * group_size
+                # elements, out of memory for 2**40
+                G = torch.sym_min(_reference.group_len(K, group_size), K)
                 terms = torch.nn.functional.pad(terms, (0, shape[0] * G - K))
                 grad_scales = terms.view(terms.shape[0], shape[0], G).sum(-1).t().to(dtype)
             else:
