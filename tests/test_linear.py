@@ -559,6 +559,36 @@ def test_compile_dynamic_torch_func_grad(device, weights):
         torch._dynamo.reset()
 
 
+def test_compile_dynamic_bias_gradient_one_graph(device):
+    """torch.compile(dynamic=True) of a loss whose bias requires grad: the backward's sum of grad
+    over the batch read grad's sizes as ints, which specialised the batch (and N) while
+    AOTAutograd traced it, so every batch size compiled a graph of its own; the gradients of x
+    and bias equal eager's, 2-D and 3-D, from one graph per rank"""
+    K, N = 128, 40
+    t = make_weights(K, N, 64, device=device)
+    bias = torch.randn(N, device=device, requires_grad=True)
+
+    def loss(x):
+        return (torch_ops.w4a16_linear(x, bias=bias, **t) ** 2).sum()
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    try:
+        count = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=count)
+        for shape in ((3, K), (5, K), (9, K), (2, 3, K), (2, 6, K), (4, 5, K)):
+            x0, grads = torch.randn(shape, device=device), []
+            for fn in (loss, compiled):
+                x = x0.clone().requires_grad_()
+                bias.grad = None
+                fn(x).backward()
+                grads.append((x.grad, bias.grad))
+            torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+        assert count.frame_count == 2  # one graph for the 2-D batches, one for the 3-D ones
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torch_func_bad_input(device):
     """the composite route checks its arguments as the kernels do (its tensors are wrappers)"""
     K, N = 128, 16

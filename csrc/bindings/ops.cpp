@@ -701,9 +701,13 @@ int64_t packed_words(int64_t count, int64_t bits) {
     return count / 32 * bits + ceil_div(count % 32 * bits, 32);
 }
 
-// t [..., C] as [rows, C] (reshape({-1, C}) cannot infer the rows where C = 0)
+// t [..., C] as [rows, C] (reshape({-1, C}) cannot infer the rows where C = 0). In sizes that may
+// be symbolic: the backward's bias gradient traced through here under torch.compile(dynamic=True),
+// and reading sizes() there specialised the batch and C, one graph per batch size
 at::Tensor as_rows(const at::Tensor &t) {
-    return t.reshape({c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1), t.size(-1)});
+    c10::SymInt rows = 1;
+    for (int64_t d = 0; d + 1 < t.dim(); d++) rows *= t.sym_size(d);
+    return t.reshape_symint({rows, t.sym_size(-1)});
 }
 
 at::Tensor dequantize(const at::Tensor &qweight_in, const at::Tensor &scales_in,
