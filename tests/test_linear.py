@@ -658,6 +658,40 @@ def test_vmap_rule(device, dtype):
     assert torch.allclose(whole, expected, rtol=1e-4, atol=1e-3)
 
 
+
+@pytest.mark.parametrize("case", ["gptq4", "gptq3-sym", "gptq8-act-order", "gptq2-one-group", "awq"])
+def test_compile_dynamic_dequantize_vmap_over_scales_one_graph(device, case):
+    """torch.vmap of dequantize over a batch of scales (one set of codes), compiled with dynamic
+    shapes: the batching rule called the op once per entry, a loop that torch.compile unrolled, so
+    every batch size compiled a graph of its own. The batch is one product now, bit for bit the
+    per-entry results, eager and compiled, from one graph (scales' dim 1 batched too)"""
+    bits = 4 if case == "awq" else int(case[4])
+    fmt = "awq" if case == "awq" else "gptq"
+    K, N = 128, 64
+    G = -1 if "one-group" in case else 32
+    t = torch_ops.quantize(torch.randn(N, K, device=device), bits, G, "sym" in case, fmt)
+    g_idx = ((torch.randperm(K, device=device) // G).to(torch.int32) if "act-order" in case
+             else None)
+
+    def f(s):
+        return torch_ops.dequantize(t["qweight"], s, None if "sym" in case else t["qzeros"], fmt,
+                                    bits, G, g_idx)
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    try:
+        count = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(torch.vmap(f), fullgraph=True, dynamic=True, backend=count)
+        for B in (2, 3, 5):
+            batch = t["scales"] * torch.rand(B, 1, N, device=device, dtype=t["scales"].dtype)
+            loop = torch.stack([f(s) for s in batch])
+            assert torch.equal(torch.vmap(f)(batch), loop)
+            assert torch.equal(torch.vmap(f, in_dims=1)(batch.transpose(0, 1)), loop)
+            assert torch.equal(compiled(batch), loop)
+        assert count.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+
 def test_compile_inductor_jacrev_over_perm(device):
     """Inductor compiles jacrev and vmap(grad) of the op with perm right: the composite route moves
     W's columns instead of gathering x (torch 2.13's Inductor got the Jacobian of an index_select of

@@ -927,23 +927,24 @@ def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_i
     _fake_float("dequantize", "scales", scales)
     _on_one_device("dequantize", qweight, scales=scales)
     q_minus_z = _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format,
-                           scales.shape)  # [N, K]
+                           scales.shape[-2:])  # [N, K]
     K = q_minus_z.shape[1]
     # (so that the gradient sums each group in fp32, as the backward does). Transposed before
     # the expansion, not after: torch 2.13's forward AD under torch.compile(dynamic=True) fails
     # on the tangent of a transposed view multiplied ("Cannot call storage_offset() on tensor
     # with symbolic sizes/strides", in _new_zeros_with_same_feature_meta): compiled jvp / jacfwd
-    s = scales.float().t()  # [N, G]
+    # (scales may have a leading batch dimension, the batching rule's: [B, G, N] gives [B, N, K])
+    s = scales.float().transpose(-1, -2)  # [N, G]
     if g_idx is not None:
         # (an index, not index_select: torch 2.13's Inductor computes vmap over index_select's
         # backward wrongly, so compiled jacrev / vmap(grad) gave wrong scales derivatives with
         # act-order, silently; plain torch ops alike)
-        per_k = s[:, g_idx.long()]  # [N, K]
+        per_k = s[..., g_idx.long()]  # [N, K]
     else:  # (repeat, not an index of arange(K) // G: see the backward's note on Inductor)
         # (at most K: a group_size past K is one group, and repeating by it allocated N *
         # group_size elements, out of memory for 2**40)
         per_k = s.repeat_interleave(torch.sym_min(_reference.group_len(K, group_size), K),
-                                    dim=1)[:, :K]
+                                    dim=-1)[..., :K]
     return (q_minus_z * per_k).to(scales.dtype)
 
 
@@ -1033,10 +1034,11 @@ def _stack_per_entry(op, args, dims, B):
 @torch.library.register_vmap("torch_ops::dequantize")
 def _(info, in_dims, qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128,
       g_idx=None, zero_format="v1"):
-    # One call per batch entry, stacked, as torch's fallback does; the fallback refused a batch
-    # of size 0 ("does not support vmap over dims of size 0"). There the op runs once on zero
-    # stand-ins of one entry (valid codes, group 0), so that the arguments are still checked and
-    # the result has the op's shape and dtype: [0, N, K].
+    # One call per batch entry, stacked, as torch's fallback does (a batch of scales alone: one
+    # product, below); the fallback refused a batch of size 0 ("does not support vmap over dims
+    # of size 0"). There the op runs once on zero stand-ins of one entry (valid codes, group 0),
+    # so that the arguments are still checked and the result has the op's shape and dtype:
+    # [0, N, K].
     # (in_dims covers the arguments passed: the dispatcher leaves out trailing defaults)
     dims = tuple(in_dims) + (None,) * (8 - len(in_dims))
     args = (qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format)
@@ -1046,6 +1048,11 @@ def _(info, in_dims, qweight, scales, qzeros=None, format="gptq", bits=4, group_
             a if d is None else a.new_zeros(a.shape[:d] + a.shape[d + 1:])
             for a, d in zip(args, dims)))
         return one.new_empty((0, *one.shape)), 0
+    if scales.dim() == 3 and all(d is None for i, d in enumerate(dims) if i != 1):
+        # a batch of scales over one set of codes (learning scales): the product is linear in
+        # them, so one product of (q - z) with the batch, the per-entry results bit for bit; the
+        # loop over the entries was unrolled under torch.compile, one graph per batch size
+        return _dequantize_composite(qweight, scales.movedim(dims[1], 0), *args[2:]), 0
     return _stack_per_entry(_ops.dequantize.default, args, dims, B), 0
 
 
