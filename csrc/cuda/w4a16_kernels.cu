@@ -1500,10 +1500,12 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
     g_last_workspace = false;
     if (a->x_dtype == TOPS_F32) return launch_generic<float>(a, zmode, stream);
 
+    /* (read by the plain-group tiles only, where gs <= K < 2**31; with g_idx gs may be any size,
+     * and unbounded this loop shifted past 63 bits and never ended for one past 2**62) */
     int gshift = 31;
     if (gs != K) {
         gshift = 0;
-        while ((1LL << gshift) < gs) ++gshift;
+        while (gshift < 31 && (1LL << gshift) < gs) ++gshift;
     }
     const bool ok_align = aligned(a->x, 16) && aligned(a->qweight, 16) && aligned(a->scales, 16) &&
                           aligned(a->qzeros, 4) && aligned(a->g_idx, 16) && aligned(a->bias, 8) &&
