@@ -1471,7 +1471,6 @@ int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) 
 static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes, void *stream, int pg) {
     const int64_t M = a->M, K = a->K, N = a->N;
     if (M < 0 || K <= 0 || N <= 0 || (K & 7) != 0 || (N & 7) != 0) return TOPS_ERR_ARG;
-    if (M > 0x7fffffffLL || K > 0x7fffffffLL || N > 0x7fffffffLL) return TOPS_ERR_ARG;
     if (a->group_size <= 0 || a->groups <= 0) return TOPS_ERR_ARG;
     if (!kil_args_ok(a)) return TOPS_ERR_ARG;
     /* with g_idx (the act-order tiles) group_size is not read: K need not be a multiple of it */
@@ -1489,12 +1488,16 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
         else return TOPS_ERR_ARG;
     }
     if (M == 0) return TOPS_OK;
-    if (a->groups > 0x7fffffffLL) return TOPS_ERR_ARG;
+    /* The tensor-core tiles hold sizes in int (LinParams) and round M, N and K up to whole tiles
+     * (of at most 256) in int: K = 2**31 - 8 overflowed the k-tile count. Sizes past that take
+     * the generic kernel, whose indices are 64-bit (they were refused as invalid arguments). */
+    constexpr int64_t kTileMax = 0x7fffffffLL - 256;
+    const bool int_sizes = M <= kTileMax && K <= kTileMax && N <= kTileMax && a->groups <= 0x7fffffffLL;
 
     const DevInfo di = dev_info();
     const int64_t gs = a->group_size;
     const bool act = !plain_groups(a);
-    if (pg && (a->x_dtype == TOPS_F32 || act || choose_cfg(M, K, N, act) > 1)) return kNoGridGather;
+    if (pg && (a->x_dtype == TOPS_F32 || act || !int_sizes || choose_cfg(M, K, N, act) > 1)) return kNoGridGather;
     g_last_cfg = -1;
     g_last_split = 0;
     g_last_workspace = false;
@@ -1515,7 +1518,7 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
      * is k >> gshift, which a group of 96 or 160 (a multiple of 32, so a valid prepack) would
      * round up to 128 or 256; the act-order tiles, which divide, do not read that layout. */
     const bool kp = a->kinterleaved != 0;
-    if (ok_align && !(kp && act)) {
+    if (ok_align && int_sizes && !(kp && act)) {
         LinParams p;
         p.x = static_cast<const uint16_t *>(a->x);
         p.qw = a->qweight;
