@@ -1196,6 +1196,43 @@ def test_cuda_long_k_takes_the_mma_tiles():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_group_size_past_2_62_with_g_idx(dtype):
+    """With g_idx any group_size is taken (it is not read); the launcher's shift for the
+    plain-group tiles looped for ever on one past 2**62 (1 << 63 wrapped negative). Same result as
+    one group"""
+    K, N = 64, 64
+    t = make_weights(K, N, -1, zeros="v1", device="cuda", scales_dtype=dtype)
+    x = torch.randn(3, K, device="cuda", dtype=dtype)
+    expected = torch_ops.w4a16_linear(x, **t)
+    t.update(group_size=2**62 + 1, g_idx=torch.zeros(K, dtype=torch.int32, device="cuda"))
+    out = torch_ops.w4a16_linear(x, **t)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("K", [2**31 - 8, 2**31 + 8])
+def test_cuda_k_near_2_31(K):
+    """K within 256 of 2**31 overflowed the tensor-core tiles' int tile count, and K past it was
+    refused as an invalid argument: both take the 64-bit generic kernel. x is zero but at a few
+    columns, some past 2**31, so the exact result is their codes' sum. About 12 GB (x 4, qweight
+    8): skipped on smaller GPUs"""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GB of GPU memory")
+    N, dtype = 8, torch.float16
+    qweight = torch.randint(-2**31, 2**31, (K // 8, N), dtype=torch.int32, device="cuda")
+    scales = torch.full((1, N), 0.5, dtype=dtype, device="cuda")
+    x = torch.zeros(1, K, dtype=dtype, device="cuda")
+    cols = torch.tensor([0, 5, 2**31 - 9, K - 9, K - 1], device="cuda")
+    x[0, cols] = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0], dtype=dtype, device="cuda")
+    out = torch_ops.w4a16_linear(x, qweight, scales, None, group_size=-1)
+    codes = (qweight[cols // 8] >> (4 * (cols % 8))[:, None]) & 15  # [5, N], symmetric: z = 8
+    expected = (x[0, cols].float()[:, None] * (codes - 8).float() * 0.5).sum(0, keepdim=True)
+    del x, qweight
+    torch.testing.assert_close(out.float(), expected, rtol=1e-3, atol=1e-3)
+
+
+@needs_cuda
 @pytest.mark.parametrize("M,N", [(1, 2048), (16, 2048), (32, 2048), (64, 2048), (128, 4096)])
 def test_cuda_split_k_workspace_taken(M, N):
     """Long K over few column tiles is where splitting K pays most: on sm_90 every small-batch
