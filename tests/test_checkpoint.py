@@ -908,6 +908,20 @@ def test_a_dangling_link_in_the_checkpoint_is_named(tmp_path, name):
         inspect_checkpoint(src / name)
 
 
+def test_an_index_that_maps_a_tensor_to_the_wrong_shard_names_the_folder(tmp_path):
+    """The index's errors name its file in the folder; "maps X to Y, but that file does not hold
+    it" named the bare index name, leaving the user to find which checkpoint it was."""
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq", shards=2)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    key = next(k for k, v in index["weight_map"].items() if v == "model-00001-of-00002.safetensors")
+    index["weight_map"][key] = "model-00002-of-00002.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused_everywhere(src, TinyLM(), re.escape(
+        f"{src / 'model.safetensors.index.json'}: maps {key} to "
+        "model-00002-of-00002.safetensors, but that file does not hold it"))
+
+
 def test_awq_layer_with_k_not_a_multiple_of_8_is_refused_by_inspect_too(tmp_path):
     """An AWQ layer of K = 100 (group -1): inspect called it fine, convert and load_quantized
     refused it (GPTQ's qweight packs 8 rows of K a word)"""

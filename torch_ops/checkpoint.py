@@ -504,7 +504,7 @@ class Checkpoint:
         if self.index is not None:
             for key, shard in self.index["weight_map"].items():
                 if self.shard_of.get(key) != self.folder / shard:
-                    raise CheckpointError(f"{INDEX_NAME} maps {key} to {shard}, "
+                    raise CheckpointError(f"{self.folder / INDEX_NAME}: maps {key} to {shard}, "
                                           "but that file does not hold it")
         self._open = {}
 
