@@ -856,6 +856,21 @@ def test_convert_refuses_destination_inside_source(tmp_path):
 
 
 
+@pytest.mark.parametrize("kw,match", [
+    ({"to": None}, "convert_checkpoint: to must be one of ('gptq', 'awq'), got None"),
+    ({"to": "marlin"}, "convert_checkpoint: to must be one of ('gptq', 'awq'), got 'marlin'"),
+    ({"zero_format": "v3"}, "convert_checkpoint: zero_format must be one of ('v1', 'v2'), got 'v3'")],
+    ids=["to=None", "to=marlin", "zero_format=v3"])
+def test_convert_refuses_a_bad_target_by_name(tmp_path, kw, match):
+    """to=None said "unsupported target format None" (zero_format="v3": "unsupported zero format
+    'v3'"), naming neither function nor argument. Refused before anything is read (SRC does not
+    exist) or written."""
+    with pytest.raises(CheckpointError, match=re.escape(match)):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", **{"to": "gptq", **kw},
+                           progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_convert_refuses_an_index_beside_a_model_safetensors_it_does_not_list(tmp_path):
     """transformers loads model.safetensors before model.safetensors.index.json; convert converted
     the index's shards and copied model.safetensors in the old format beside them, so that

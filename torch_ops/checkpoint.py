@@ -1298,9 +1298,10 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     dict."""
     src, dst = Path(src), Path(dst)
     if to not in ("gptq", "awq"):
-        raise CheckpointError(f"unsupported target format {to!r} (use gptq or awq)")
+        raise CheckpointError(f"convert_checkpoint: to must be one of ('gptq', 'awq'), got {to!r}")
     if zero_format not in ("v1", "v2"):
-        raise CheckpointError(f"unsupported zero format {zero_format!r} (use v1 or v2)")
+        raise CheckpointError("convert_checkpoint: zero_format must be one of ('v1', 'v2'), "
+                              f"got {zero_format!r}")
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a checkpoint folder")
     _check_destination(src, dst)
