@@ -871,6 +871,25 @@ def test_convert_refuses_a_bad_target_by_name(tmp_path, kw, match):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("path", [None, 5], ids=["None", "int"])
+def test_a_path_that_is_not_a_path_is_refused_by_name(tmp_path, path):
+    """None (or 5) for a path raised Path()'s TypeError "expected str, bytes or os.PathLike
+    object, not NoneType", naming neither function nor argument."""
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    got = type(path).__name__
+    for call, what in [(lambda: load_quantized(TinyLM(), path), "load_quantized: path"),
+                       (lambda: inspect_checkpoint(path), "inspect_checkpoint: path"),
+                       (lambda: convert_checkpoint(path, tmp_path / "dst", progress=False),
+                        "convert_checkpoint: src"),
+                       (lambda: convert_checkpoint(src, path, progress=False),
+                        "convert_checkpoint: dst")]:
+        with pytest.raises(TypeError, match=re.escape(
+                f"{what} must be a str or os.PathLike, got {got}")):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_convert_refuses_an_index_beside_a_model_safetensors_it_does_not_list(tmp_path):
     """transformers loads model.safetensors before model.safetensors.index.json; convert converted
     the index's shards and copied model.safetensors in the old format beside them, so that

@@ -120,6 +120,15 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _checked_path(where: str, arg: str, path) -> Path:
+    """``path`` as a Path; TypeError naming the function and the argument unless it is a str or an
+    os.PathLike: None raised Path()'s own "expected str, bytes or os.PathLike object, not
+    NoneType", naming neither."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{where}: {arg} must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
 def _is_file(path: Path) -> bool:
     """path.is_file(), but CheckpointError for a link to nothing: is_file() is False there, and a
     checkpoint's file that was a dangling link (a Hugging Face cache snapshot copied without its
@@ -716,7 +725,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     A GPTQ v1 checkpoint whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label, see
     ``_warn_v2_zeros``) loads as its config says, with a warning naming the layers."""
     _check_model(model, "load_quantized")
-    folder = Path(path)
+    folder = _checked_path("load_quantized", "path", path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     config, qc = read_quant_config(folder)
@@ -1296,7 +1305,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     equal. A GPTQ v1 source whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label,
     see ``_warn_v2_zeros``) is converted as its config says, with a warning. Returns a summary
     dict."""
-    src, dst = Path(src), Path(dst)
+    src = _checked_path("convert_checkpoint", "src", src)
+    dst = _checked_path("convert_checkpoint", "dst", dst)
     if to not in ("gptq", "awq"):
         raise CheckpointError(f"convert_checkpoint: to must be one of ('gptq', 'awq'), got {to!r}")
     if zero_format not in ("v1", "v2"):
@@ -1594,7 +1604,7 @@ def inspect_checkpoint(path) -> dict:
     (one shard may hold part of a layer) is left out. A folder whose config says GPTQ v1 and
     whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label) is warned of
     (``_warn_v2_zeros``)."""
-    path = Path(path)
+    path = _checked_path("inspect_checkpoint", "path", path)
     ckpt = Checkpoint(path)
     try:
         prefixes = ckpt.quantized_prefixes()
