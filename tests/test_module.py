@@ -174,6 +174,26 @@ def test_constructor_sizes_must_be_ints():
 
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64], ids=str)
+def test_constructor_refuses_a_dtype_the_layer_cannot_compute_in(dtype):
+    """dtype=torch.int32 (or float64) built a layer whose scales the op refused only at forward.
+    from_awq / from_gptq, whose scales give the dtype, name the scales as before."""
+    with pytest.raises(ValueError, match=re.escape(
+            f"QuantLinear: dtype must be float16, bfloat16 or float32, got {dtype}")):
+        QuantLinear(K, N, group_size=G, dtype=dtype)
+    gq, awq = random_gptq(), random_awq()
+    with pytest.raises(ValueError, match=re.escape(
+            f"from_gptq: scales must be float16, bfloat16 or float32, got {dtype}")):
+        QuantLinear.from_gptq(**dict(gq, scales=gq["scales"].to(dtype)), group_size=G)
+    with pytest.raises(ValueError, match=re.escape(
+            f"from_awq: scales must be float16, bfloat16 or float32, got {dtype}")):
+        QuantLinear.from_awq(awq["qweight"], awq["qzeros"], awq["scales"].to(dtype), group_size=G)
+    for ok in (torch.float16, torch.bfloat16, torch.float32):
+        assert QuantLinear(K, N, group_size=G, dtype=ok).scales.dtype == ok
+    # None, as for nn.Linear: torch's default dtype
+    assert QuantLinear(K, N, group_size=G, dtype=None).scales.dtype == torch.get_default_dtype()
+
+
 def test_tensors_that_are_not_tensors_are_refused_by_name():
     """None (a symmetric checkpoint without qzeros), a numpy array or a qweight that is not 2-D
     (a k-interleaved [K/32, 4, N]) failed with AttributeError / IndexError, or a message about

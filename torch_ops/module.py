@@ -71,6 +71,12 @@ def _check_tensor(t, what: str, dims=None, layout: str = "") -> None:
         raise ValueError(f"{what} must be a {dims}-D tensor{layout}, got shape {_shape(t)}")
 
 
+def _check_float_dtype(dtype, what: str) -> None:
+    """ValueError naming ``what`` unless ``dtype`` is one of scales and bias the op computes in."""
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{what} must be float16, bfloat16 or float32, got {dtype}")
+
+
 def _check_zero_format(zero_format: str, what: str) -> str:
     if zero_format not in ZERO_FORMATS:
         raise ValueError(f"{what} must be one of {ZERO_FORMATS}, got {zero_format!r}")
@@ -179,6 +185,10 @@ class QuantLinear(nn.Module):
             _ops._int("QuantLinear", arg, v) for arg, v in (
                 ("in_features", in_features), ("out_features", out_features),
                 ("group_size", group_size)))
+        # (None, as for nn.Linear: torch's default dtype; int32 or float64 built a layer whose
+        # forward the op refused)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        _check_float_dtype(dtype, "QuantLinear: dtype")
         self.kinterleave = bool(kinterleave)  # keep qweight k-interleaved where the layer allows
         if num_groups is not None:
             # (bool is an int: True would be one group)
@@ -274,7 +284,9 @@ class QuantLinear(nn.Module):
     def from_awq(cls, qweight, qzeros, scales, bias=None, group_size=128):
         """From AutoAWQ "gemm" tensors: qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N]."""
         _check_tensor(qweight, "from_awq: qweight", 2, " [K, N/8]")
-        _check_tensor(scales, "from_awq: scales")  # (its dtype is the layer's)
+        _check_tensor(scales, "from_awq: scales")
+        # (its dtype is the layer's: checked here, where the constructor's error would name dtype)
+        _check_float_dtype(scales.dtype, "from_awq: scales")
         K, N = qweight.shape[0], qweight.shape[1] * PACK
         layer = cls(K, N, bias=bias is not None, group_size=group_size, dtype=scales.dtype,
                     device=qweight.device)
@@ -294,7 +306,9 @@ class QuantLinear(nn.Module):
         the layer is built with ``num_groups = scales.shape[0]`` (see QuantLinear)."""
         _check_zero_format(zero_format, "from_gptq: zero_format")
         _check_tensor(qweight, "from_gptq: qweight", 2, " [K/8, N]")
-        _check_tensor(scales, "from_gptq: scales")  # (its dtype is the layer's)
+        _check_tensor(scales, "from_gptq: scales")
+        # (its dtype is the layer's: checked here, where the constructor's error would name dtype)
+        _check_float_dtype(scales.dtype, "from_gptq: scales")
         K, N = qweight.shape[0] * PACK, qweight.shape[1]
         num_groups = None
         if (g_idx is not None and isinstance(group_size, int) and group_size > 0
@@ -436,8 +450,8 @@ class QuantLinear(nn.Module):
                               values_needed=not self.row_shard)
         if name in ("qweight", "qzeros", "g_idx") and t.dtype != torch.int32:
             raise ValueError(f"{where}{name} must be torch.int32, got {t.dtype}")
-        if name in ("scales", "bias") and t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{where}{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if name in ("scales", "bias"):
+            _check_float_dtype(t.dtype, f"{where}{name}")
         return t
 
     def _detect_format(self, qweight: torch.Tensor, key: str) -> str:
