@@ -503,6 +503,28 @@ def test_state_dict_round_trip_from_gptq_keys(zero_format):
     assert not layer.act_order and layer.perm is None and "g_idx" not in layer.state_dict()
 
 
+def test_checkpoint_zero_format_is_checked_on_assignment(tmp_path):
+    """layer.checkpoint_zero_format = "v3" was taken, and the next state_dict() failed inside
+    convert_gptq_zeros without naming the attribute. Refused as the constructor refuses it; a
+    layer keeps its format through deepcopy and torch.save of the whole layer."""
+    message = "QuantLinear: checkpoint_zero_format must be one of ('v1', 'v2'), got 'v3'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        QuantLinear(K, N, bias=False, group_size=G, checkpoint_zero_format="v3")
+    gq = random_gptq()
+    layer = QuantLinear.from_gptq(**gq, group_size=G)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer.checkpoint_zero_format = "v3"
+    assert layer.checkpoint_zero_format == "v1"
+    assert_same(layer.state_dict(), gq)
+    layer.checkpoint_zero_format = "v2"
+    torch.save(layer, tmp_path / "layer.pt")
+    for again in (copy.deepcopy(layer), torch.load(tmp_path / "layer.pt", weights_only=False)):
+        assert again.checkpoint_zero_format == "v2"
+        assert torch.equal(again.state_dict()["qzeros"], layer.to_gptq("v2")["qzeros"])
+        with pytest.raises(ValueError, match=re.escape(message)):
+            again.checkpoint_zero_format = "v3"
+
+
 @pytest.mark.parametrize("saved,loader", [("v2", "v1"), ("v1", "v2"), ("v2", "v2")])
 def test_state_dict_records_its_zero_format(saved, loader):
     """A state dict from a module of one zero format loads right into a module of the other: the

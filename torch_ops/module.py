@@ -218,8 +218,7 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
-        self.checkpoint_zero_format = _check_zero_format(checkpoint_zero_format,
-                                                         "checkpoint_zero_format")
+        self.checkpoint_zero_format = checkpoint_zero_format  # (checked by its setter)
         self.loaded_from = None  # "awq", "gptq" or "linear" once weights were put in
         K, N, ng = in_features, out_features, self.num_groups
         # (already in the layout loads will give it: they then copy into this storage)
@@ -239,6 +238,20 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", None, persistent=False)  # derived from g_idx at load
 
     # ------------------------------------------------------------------ properties
+    @property
+    def checkpoint_zero_format(self) -> str:
+        """The zero format ("v1" or "v2") of the GPTQ state dicts this layer reads and writes."""
+        # kept in __dict__ under its own name, where layers pickled before it was a property
+        # hold it: the property, a data descriptor, is looked up first all the same
+        return self.__dict__["checkpoint_zero_format"]
+
+    @checkpoint_zero_format.setter
+    def checkpoint_zero_format(self, value: str) -> None:
+        # (checked here, not first by state_dict(), which failed inside convert_gptq_zeros
+        # without naming the attribute)
+        self.__dict__["checkpoint_zero_format"] = _check_zero_format(
+            value, "QuantLinear: checkpoint_zero_format")
+
     @property
     def num_groups(self) -> int:
         """The rows of scales and qzeros: the whole layer's groups for a row shard."""
