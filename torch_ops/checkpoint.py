@@ -507,7 +507,8 @@ class Checkpoint:
             self.headers[shard], self.metadata[shard] = read_safetensors_header(shard)
             for key in self.headers[shard]:
                 if key in self.shard_of:
-                    raise CheckpointError(f"tensor {key} is in both {self.shard_of[key].name} "
+                    raise CheckpointError(f"{self.folder}: tensor {key} is in both "
+                                          f"{self.shard_of[key].name} "
                                           f"and {shard.name}")
                 self.shard_of[key] = shard
         if self.index is not None:
@@ -1037,6 +1038,7 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     # (checked for AWQ too, which ignored it; as GPTQ to_gptq refused it under a layer's name,
     # with the hint for an act-order layer)
     _check_zero_format(zero_format, "save_quantized: zero_format")
+    folder = _checked_path("save_quantized", "path", path)  # (before any work is done)
     if max_shard_bytes is not None:
         # (a str, as transformers' max_shard_size="5GB", raised TypeError "'>' not supported"
         # naming nothing; a negative size wrote every tensor into a shard of its own)
@@ -1112,7 +1114,6 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         size += nb
     names = ([WEIGHTS_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    folder = Path(path)
     # the folders this save makes, deepest first: a save that fails removes them again (and what
     # it had moved into its own folder), as convert does, leaving no half-written output
     created = [p for p in [folder, *folder.parents] if not p.exists()]
