@@ -448,3 +448,35 @@ def test_warnings_follow_python_warning_options(tmp_path, option):
         assert result.returncode == 1, result.stderr
         assert_one_line_error(result.stderr)
         assert "vLLM" in result.stderr and not (tmp_path / "gptq").exists()
+
+
+def test_convert_killed_by_sigkill_leaves_a_folder_the_next_convert_removes(tmp_path):
+    """SIGKILL (the OOM killer) cannot be caught: the convert's hidden partial folder stayed beside
+    DST for good (as large as the checkpoint). Its name records the host and the pid, and the next
+    convert beside it removes it once that pid is dead; one of a live pid (a convert still
+    running) or of another host sharing the file system is left alone."""
+    from torch_ops import checkpoint
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_checkpoint(src, "awq", shards=2)
+    root = str(Path(torch_ops.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    killed = ("import os, signal, sys; from torch_ops import checkpoint as c; "
+              "c._write_side_files = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+              "c.convert_checkpoint(sys.argv[1], sys.argv[2], to='gptq', progress=False)")
+    result = subprocess.run([sys.executable, "-c", killed, str(src), str(dst)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr
+    dead = [p.name for p in tmp_path.iterdir() if p.name not in ("src",)]
+    assert len(dead) == 1 and dead[0].startswith(".dst.partial-"), dead  # what SIGKILL leaves
+    prefix = checkpoint._partial_prefix("dst")
+    live = tmp_path / f"{prefix}{checkpoint._HOST}-{os.getpid()}-abc"
+    other_host = tmp_path / f"{prefix}{int(checkpoint._HOST, 16) ^ 1:08x}-{2**22 + 1}-abc"
+    other_dst = tmp_path / f"{checkpoint._partial_prefix('dst2')}{checkpoint._HOST}-{2**22 + 1}-a"
+    for p in (live, other_host, other_dst):
+        p.mkdir()
+    with pytest.warns(UserWarning, match="sym=false"):  # (TinyLM's zeros are asymmetric)
+        checkpoint.convert_checkpoint(src, dst, to="gptq", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["src", "dst", live.name, other_host.name, other_dst.name])
+    assert (dst / "config.json").is_file()

@@ -17,9 +17,11 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +120,33 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onerror=retry)
     if path.exists():  # a folder emptied only once its parent was writable: one more pass
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _partial_prefix(name: str) -> str:
+    """the start of the hidden folder convert writes DST ``name`` into, beside it, then renames
+    (a short name: DST's own may be near the file system's limit)"""
+    return f".{name[:32]}.partial-"
+
+
+# this host in partial folders' names, with the writer's pid: a convert killed by SIGKILL (the
+# OOM killer) could not remove its folder, and one of a dead pid on this host is removed by the
+# next convert beside it; one of a live pid (a convert still running) or of another host sharing
+# the file system is left alone
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _remove_dead_partials(parent: Path, name: str) -> None:
+    prefix = _partial_prefix(name) + f"{_HOST}-"
+    for p in parent.iterdir():
+        pid = p.name[len(prefix):].partition("-")[0]
+        if not (p.name.startswith(prefix) and pid.isdigit() and p.is_dir()) or p.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _rmtree(p)
+        except (OSError, OverflowError):  # alive under another user (EPERM), or not a pid
+            pass
 
 
 def _checked_path(where: str, arg: str, path) -> Path:
@@ -1361,8 +1390,9 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     tmp = None
     try:
         dst_parent.mkdir(parents=True, exist_ok=True)
-        # (a short name: DST's own may be near the file system's limit)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name[:32]}.partial-", dir=dst_parent))
+        _remove_dead_partials(dst_parent, dst.name)
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(dst.name) + f"{_HOST}-{os.getpid()}-",
+                                    dir=dst_parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
         v2_zeros, asym = {}, set()  # (filled as the layers are read: their names)
         weight_map, total, written = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp,
