@@ -304,7 +304,6 @@ def test_linear_prepacked_bad_input(device):
     tp = prepacked(t)
     x = torch.randn(2, K, device=device)
     g_idx = (torch.arange(K, device=device) // 64).to(torch.int32)
-    perm = torch.arange(K, device=device).to(torch.int32)
     cases = [
         (dict(g_idx=g_idx), r"w4a16_linear: .*g_idx"),
         (dict(qweight=tp["qweight"][:, :3].contiguous()), r"w4a16_linear: .*qweight"),  # [K/32, 3, N]
