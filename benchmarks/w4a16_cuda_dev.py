@@ -236,7 +236,7 @@ def call(a):
     return st
 
 
-def check(c, force=(-1, 0), label="", kil=False):
+def check(c, force=(-1, 0), kil=False):
     LOGF.write("run " + desc(c, force) + "\n")
     LOGF.flush()
     LIB.tops_cuda_w4a16_dev_force(force[0], force[1])
