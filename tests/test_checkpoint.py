@@ -1814,7 +1814,7 @@ def test_awq_configs_say_sym_false_and_read_back(tmp_path):
     torch.manual_seed(0)
     model = torch_ops.quantize_model(TinyLM(), group_size=G)
     torch_ops.save_quantized(model, tmp_path / "saved", "awq")
-    src_model, _ = make_checkpoint(tmp_path / "gptq", "gptq")
+    make_checkpoint(tmp_path / "gptq", "gptq")
     convert_checkpoint(tmp_path / "gptq", tmp_path / "converted", to="awq", progress=False)
     ids = torch.randint(0, 48, (2, 5))
     for name in ("saved", "converted"):
