@@ -1233,7 +1233,7 @@ TORCH_LIBRARY_IMPL(torch_ops, CUDA, m) { TOPS_IMPLS(m); }
 }  // namespace torch_ops
 
 #ifdef TOPS_WITH_CUDA
-// development hook of csrc/cuda/w4a16_dense.cu (not in tops_cuda.h)
+// development hooks of csrc/cuda/w4a16_dense.cu and w4a16_kernels.cu (not in tops_cuda.h)
 extern "C" void tops_cuda_w4a16_dev_dense(int mode);
 extern "C" void tops_cuda_w4a16_dev_dense_scratch(int64_t bytes);
 extern "C" void tops_cuda_w4a16_dev_global_split(int on);
