@@ -128,11 +128,21 @@ def _partial_prefix(name: str) -> str:
     return f".{name[:32]}.partial-"
 
 
-# this host in partial folders' names, with the writer's pid: a convert killed by SIGKILL (the
-# OOM killer) could not remove its folder, and one of a dead pid on this host is removed by the
-# next convert beside it; one of a live pid (a convert still running) or of another host sharing
-# the file system is left alone
-_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+def _pid_space() -> str:
+    """this host and pid namespace (containers on one host may share a name and a file system,
+    not their pids), as 8 hex digits"""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{zlib.crc32(f'{socket.gethostname()}:{ns}'.encode()):08x}"
+
+
+# partial folders' names hold _HOST and the writer's pid: a convert killed by SIGKILL (the OOM
+# killer) could not remove its folder, and one of a dead pid here is removed by the next convert
+# beside it; one of a live pid (a convert still running), or of another host or container
+# sharing the file system, is left alone
+_HOST = _pid_space()
 
 
 def _remove_dead_partials(parent: Path, name: str) -> None:
