@@ -173,6 +173,20 @@ def test_repack_into_out(device):
     assert torch.equal(fresh[0], gq) and torch.equal(fresh[1], gz)
     with pytest.raises(ValueError, match="qzeros_out overlaps an input"):  # in its storage: refused
         torch_ops.awq_to_gptq(qweight, strided, out=(fresh[0], wide.view(-1)[:gz.numel()].view(gz.shape)))
+    # in its storage but past the bytes the strided input spans: taken (it was refused)
+    buf = torch.full((wide.numel() + gz.numel(),), -1, dtype=torch.int32, device=device)
+    strided = buf[:wide.numel()].view(wide.shape)[:, ::2]
+    strided.copy_(qzeros)
+    beside = (torch.full_like(gq, -1), buf[wide.numel():].view(gz.shape))
+    torch_ops.awq_to_gptq(qweight, strided, out=beside)
+    assert torch.equal(beside[0], gq) and torch.equal(beside[1], gz)
+    assert torch.equal(strided, qzeros)
+    # an out starting at the strided input's last element overlaps it; one word on, it does not
+    n = wide.numel()
+    with pytest.raises(ValueError, match="qzeros_out overlaps an input"):
+        torch_ops.awq_to_gptq(qweight, strided, out=(beside[0], buf[n - 2:n - 2 + gz.numel()].view(gz.shape)))
+    torch_ops.awq_to_gptq(qweight, strided, out=(beside[0], buf[n - 1:n - 1 + gz.numel()].view(gz.shape)))
+    assert torch.equal(buf[n - 1:n - 1 + gz.numel()].view(gz.shape), gz) and torch.equal(strided, qzeros)
 
 
 def test_repack_into_out_refuses_none(device):

@@ -391,12 +391,24 @@ int check_repack_inputs(const char *op, const at::Tensor &qweight, const at::Ten
     return parse_zero_format(op, "zero_format", zero_format);
 }
 
+// The bytes [first, last] a tensor's elements span (strides are never negative in torch).
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor &t) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(t.data_ptr());
+    uintptr_t last = first + t.element_size() - 1;
+    for (int64_t d = 0; d < t.dim(); ++d)
+        last += static_cast<uintptr_t>((t.size(d) - 1) * t.stride(d)) * t.element_size();
+    return {first, last};
+}
+
 // Whether two tensors may share memory: get_overlap_status cannot tell for a strided view
-// (TooHard), and then only tensors of one storage may.
+// (TooHard); then tensors of one storage may where the bytes they span meet (a strided view of
+// one part of a buffer beside an out in another part of it was refused as overlapping).
 bool may_overlap(const at::Tensor &a, const at::Tensor &b) {
     auto status = at::get_overlap_status(a, b);
-    return status != at::MemOverlapStatus::No &&
-           (status != at::MemOverlapStatus::TooHard || a.storage().is_alias_of(b.storage()));
+    if (status != at::MemOverlapStatus::TooHard) return status != at::MemOverlapStatus::No;
+    if (!a.storage().is_alias_of(b.storage()) || a.numel() == 0 || b.numel() == 0) return false;
+    const auto sa = byte_span(a), sb = byte_span(b);
+    return sa.first <= sb.second && sb.first <= sa.second;
 }
 
 // out: the caller's output tensors (the .out overloads), or undefined to allocate them.
