@@ -480,3 +480,32 @@ def test_convert_killed_by_sigkill_leaves_a_folder_the_next_convert_removes(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["src", "dst", live.name, other_host.name, other_dst.name])
     assert (dst / "config.json").is_file()
+
+
+def test_convert_terminated_just_after_the_rename_keeps_the_parents_mode(tmp_path, capsys,
+                                                                         monkeypatch):
+    """SIGTERM right after the partial folder was renamed to DST: the clean-up removed the partial
+    folder, gone by then, and _rmtree's retry made DST's parent 0700 (another user's server could
+    no longer read the checkpoint). DST is whole and the parent keeps its mode."""
+    import signal
+
+    from torch_ops import checkpoint
+
+    src, parent = tmp_path / "src", tmp_path / "out"
+    make_checkpoint(src, "awq")
+    parent.mkdir()
+    os.chmod(parent, 0o755)
+    real = os.rename
+
+    def rename_then_terminated(*args):
+        real(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint.os, "rename", rename_then_terminated)
+    assert main(["convert", str(src), str(parent / "dst"), "--to", "gptq", "-q"]) == 143
+    monkeypatch.undo()
+    assert parent.stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in parent.iterdir()) == ["dst"]
+    torch_ops.inspect_checkpoint(parent / "dst")
+    checkpoint._rmtree(parent / "gone")  # (a folder already removed: nothing changes)
+    assert parent.stat().st_mode & 0o777 == 0o755

@@ -105,10 +105,16 @@ def _chmod_ordinary(path: Path) -> None:
 
 def _rmtree(path: Path) -> None:
     """Remove a folder we wrote, also where a copied read-only folder (a source's 0555
-    tokenizer/) holds files: such folders are made writable and the removal tried again."""
-    def retry(func, p, _):
+    tokenizer/) holds files: such folders are made writable and the removal tried again. Only folders
+    inside ``path`` are: its parent is not ours (a ``path`` already gone, as a convert's partial
+    folder renamed to DST when SIGTERM came, or a save's staging folder another removed, made the
+    parent 0700)."""
+    def retry(func, p, exc):
+        if isinstance(exc[1] if isinstance(exc, tuple) else exc, FileNotFoundError):
+            return  # (gone already)
         try:
-            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.normpath(p) != os.path.normpath(path):
+                os.chmod(os.path.dirname(p), 0o700)
             if os.path.isdir(p) and not os.path.islink(p):
                 os.chmod(p, 0o700)
             func(p)
