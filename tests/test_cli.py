@@ -509,3 +509,29 @@ def test_convert_terminated_just_after_the_rename_keeps_the_parents_mode(tmp_pat
     torch_ops.inspect_checkpoint(parent / "dst")
     checkpoint._rmtree(parent / "gone")  # (a folder already removed: nothing changes)
     assert parent.stat().st_mode & 0o777 == 0o755
+
+
+def test_convert_beside_partial_like_names_of_odd_characters(tmp_path):
+    """A folder beside DST named as a partial folder but with a "pid" of other digits ("²", which
+    str.isdigit takes and int() refuses) made every convert there fail with a bare ValueError;
+    such names, files, and links to folders elsewhere are left alone, the targets untouched."""
+    from torch_ops import checkpoint
+
+    src, parent = tmp_path / "src", tmp_path / "out"
+    make_checkpoint(src, "awq")
+    parent.mkdir()
+    prefix = f"{checkpoint._partial_prefix('dst')}{checkpoint._HOST}-"
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("k")
+    odd = [f"{prefix}\u00b2-a", f"{prefix}\u0661\u0662-a", f"{prefix} 5-a", f"{prefix}-5-a",
+           f"{prefix}0-a", f"{prefix}{10**30}-a"]
+    for name in odd:
+        (parent / name).mkdir()
+    (parent / f"{prefix}{2**22 + 3}-f").write_text("a file")
+    (parent / f"{prefix}{2**22 + 5}-l").symlink_to(target)
+    with pytest.warns(UserWarning, match="sym=false"):
+        checkpoint.convert_checkpoint(src, parent / "dst", to="gptq", progress=False)
+    assert sorted(p.name for p in parent.iterdir()) == sorted(
+        ["dst", *odd, f"{prefix}{2**22 + 3}-f", f"{prefix}{2**22 + 5}-l"])
+    assert (target / "keep").read_text() == "k"

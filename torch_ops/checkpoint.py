@@ -155,7 +155,9 @@ def _remove_dead_partials(parent: Path, name: str) -> None:
     prefix = _partial_prefix(name) + f"{_HOST}-"
     for p in parent.iterdir():
         pid = p.name[len(prefix):].partition("-")[0]
-        if not (p.name.startswith(prefix) and pid.isdigit() and p.is_dir()) or p.is_symlink():
+        # (ASCII digits only: str.isdigit takes "²", which int() refuses, and "١٢", which it reads)
+        if not (p.name.startswith(prefix) and pid.isascii() and pid.isdigit() and p.is_dir()) or (
+                p.is_symlink()):
             continue
         try:
             os.kill(int(pid), 0)
