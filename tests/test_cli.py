@@ -535,3 +535,26 @@ def test_convert_beside_partial_like_names_of_odd_characters(tmp_path):
     assert sorted(p.name for p in parent.iterdir()) == sorted(
         ["dst", *odd, f"{prefix}{2**22 + 3}-f", f"{prefix}{2**22 + 5}-l"])
     assert (target / "keep").read_text() == "k"
+
+
+def test_convert_into_a_parent_it_cannot_list(tmp_path, monkeypatch):
+    """A parent DST may be written into but not listed (0733, a drop box: root reads any, so the
+    refusal is simulated): the removal of dead partial folders, a clean-up, made convert fail with
+    "Permission denied" where it wrote DST before."""
+    from torch_ops import checkpoint
+
+    src, parent = tmp_path / "src", tmp_path / "out"
+    make_checkpoint(src, "awq")
+    parent.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == parent:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.warns(UserWarning, match="sym=false"):
+        checkpoint.convert_checkpoint(src, parent / "dst", to="gptq", progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in parent.iterdir()) == ["dst"]

@@ -153,7 +153,11 @@ _HOST = _pid_space()
 
 def _remove_dead_partials(parent: Path, name: str) -> None:
     prefix = _partial_prefix(name) + f"{_HOST}-"
-    for p in parent.iterdir():
+    try:
+        entries = list(parent.iterdir())
+    except OSError:  # a parent we may write into but not list (0733, a drop box): nothing to do
+        return
+    for p in entries:
         pid = p.name[len(prefix):].partition("-")[0]
         # (ASCII digits only: str.isdigit takes "²", which int() refuses, and "١٢", which it reads)
         if not (p.name.startswith(prefix) and pid.isascii() and pid.isdigit() and p.is_dir()) or (
