@@ -558,3 +558,31 @@ def test_convert_into_a_parent_it_cannot_list(tmp_path, monkeypatch):
         checkpoint.convert_checkpoint(src, parent / "dst", to="gptq", progress=False)
     monkeypatch.undo()
     assert sorted(p.name for p in parent.iterdir()) == ["dst"]
+
+
+def test_two_converts_to_one_destination_the_later_fails_clearly(tmp_path, capsys, monkeypatch):
+    """Two converts to the same DST at once both pass the "DST exists" check; the one that renames
+    second failed with "cannot write DST (Directory not empty: <its hidden partial folder>)". It
+    says DST was written meanwhile; the first's DST stays whole, nothing else is left."""
+    from test_checkpoint import tree_digest
+
+    from torch_ops import checkpoint
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_checkpoint(src, "awq")
+    before = tree_digest(src)
+    real = checkpoint._write_side_files
+
+    def other_convert_wins(*args):
+        real(*args)
+        monkeypatch.setattr(checkpoint, "_write_side_files", real)
+        assert main(["convert", str(src), str(dst), "--to", "awq", "-q"]) == 0  # (the other)
+
+    monkeypatch.setattr(checkpoint, "_write_side_files", other_convert_wins)
+    assert main(["convert", str(src), str(dst), "--to", "gptq", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert f"destination {dst} already exists: it was written while this convert ran" in err, err
+    assert ".partial-" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+    assert torch_ops.inspect_checkpoint(dst)["format"] == "awq" and tree_digest(src) == before

@@ -1438,7 +1438,18 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total)
         if verify:
             _verify(ckpt, Checkpoint(tmp), qc, read_quant_config(tmp)[1], prefixes, progress)
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except OSError as e:  # (a folder DST is replaced only where empty: ENOTEMPTY or EEXIST)
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR) and (
+                    dst.exists() or dst.is_symlink()):
+                # another convert (or save) to DST, started while this one ran, finished first:
+                # "cannot write DST (Directory not empty: <the hidden partial folder>)" said less
+                raise CheckpointError(
+                    f"destination {dst} already exists: it was written while this convert ran "
+                    "(another convert or save to it); convert_checkpoint left it as it is "
+                    "and removed its own output") from None
+            raise
     except BaseException as e:
         if tmp is not None:
             _rmtree(tmp)
