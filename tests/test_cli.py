@@ -586,3 +586,42 @@ def test_two_converts_to_one_destination_the_later_fails_clearly(tmp_path, capsy
     assert ".partial-" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
     assert torch_ops.inspect_checkpoint(dst)["format"] == "awq" and tree_digest(src) == before
+
+
+def test_a_save_does_not_remove_the_staging_folder_of_a_save_still_running(tmp_path):
+    """save_quantized removed every staging folder in the checkpoint folder as a killed save's:
+    a save running there at the same time then failed with FileNotFoundError naming its hidden
+    staging folder (and its clean-up made the folder 0700). Only a dead pid's are removed."""
+    import signal
+
+    from torch_ops import checkpoint
+
+    model = torch_ops.quantize_model(TinyLM(), group_size=64)
+    folder = tmp_path / "c"
+    checkpoint.save_quantized(model, folder, "awq")
+    os.chmod(folder, 0o755)
+    root = str(Path(torch_ops.__file__).resolve().parent.parent)
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, tests])}
+    slow = ("import sys, time, warnings, torch_ops, safetensors.torch as st; "
+            "from torch_ops import checkpoint as c; from test_checkpoint import TinyLM; "
+            "warnings.simplefilter('ignore'); m = torch_ops.quantize_model(TinyLM(), group_size=64); "
+            "real = st.save_file; "
+            "st.save_file = lambda *a, **k: (real(*a, **k), print('saving', flush=True), "
+            "time.sleep(3)); c.save_quantized(m, sys.argv[1], 'gptq')")
+    other = subprocess.Popen([sys.executable, "-c", slow, str(folder)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert other.stdout.readline() == "saving\n", other.stderr.read()
+        dead = folder / f"{checkpoint._STAGING_PREFIX}{checkpoint._HOST}-{2**22 + 9}-x"
+        dead.mkdir()  # (what a save killed by SIGKILL leaves)
+        checkpoint.save_quantized(model, folder, "awq")
+        assert not dead.exists()
+        _, err = other.communicate(timeout=300)
+    finally:
+        if other.poll() is None:
+            other.send_signal(signal.SIGKILL)
+    assert other.returncode == 0, err
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch_ops.inspect_checkpoint(folder)["format"] == "gptq"

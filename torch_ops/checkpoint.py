@@ -152,7 +152,12 @@ _HOST = _pid_space()
 
 
 def _remove_dead_partials(parent: Path, name: str) -> None:
-    prefix = _partial_prefix(name) + f"{_HOST}-"
+    _remove_dead_writers(parent, _partial_prefix(name) + f"{_HOST}-")
+
+
+def _remove_dead_writers(parent: Path, prefix: str) -> None:
+    """remove the folders in ``parent`` named ``{prefix}{pid}-...`` (prefix ending in this _HOST)
+    whose pid is dead: convert's partial folders, save_quantized's staging folders"""
     try:
         entries = list(parent.iterdir())
     except OSError:  # a parent we may write into but not list (0733, a drop box): nothing to do
@@ -1171,12 +1176,19 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     moved = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(_STAGING_PREFIX + "*"):  # of a save that was killed
-            if stale.is_dir() and not stale.is_symlink():
+        # a staging folder of a save that was killed (named by host and pid, as convert's partial
+        # folders are): one of a save still running into this folder is left alone (removing
+        # every one made that save fail with FileNotFoundError naming its staging folder); one
+        # named by an older version (no host and pid) is removed as before
+        _remove_dead_writers(folder, f"{_STAGING_PREFIX}{_HOST}-")
+        for stale in folder.glob(_STAGING_PREFIX + "*"):
+            if not re.match(r"[0-9a-f]{8}-[0-9]+-", stale.name[len(_STAGING_PREFIX):]) and (
+                    stale.is_dir() and not stale.is_symlink()):
                 _rmtree(stale)
         # every file is written into a folder of its own beside them first, then moved in: a
         # save that fails (a full disk) leaves an earlier checkpoint in the folder whole
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_HOST}-{os.getpid()}-",
+                                        dir=folder))
         try:
             for name, shard in zip(names, shards):
                 save_file(shard, str(staging / name), metadata={"format": "pt"})
