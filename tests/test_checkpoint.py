@@ -2135,3 +2135,47 @@ def test_save_quantized_still_takes_any_mapping_as_config(tmp_path):
                              config=MappingProxyType({"model_type": "tiny"}))
     written = json.loads((tmp_path / "c" / "config.json").read_text())
     assert written["model_type"] == "tiny" and written["quantization_config"]["quant_method"] == "gptq"
+
+
+@pytest.mark.parametrize("old_shards", [None, 60000])
+@pytest.mark.parametrize("step", range(6))
+def test_save_interrupted_while_moving_files_in_leaves_the_earlier_checkpoint(
+        tmp_path, monkeypatch, old_shards, step):
+    """A save interrupted (Ctrl-C, or SIGTERM a handler raises) between moving its files in left a
+    new model.safetensors beside the earlier config.json, or a new config beside the earlier
+    index and shards: a folder no loader reads. The earlier checkpoint is put back as it was."""
+    from torch_ops import checkpoint
+
+    torch.manual_seed(0)
+    folder = tmp_path / "c"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checkpoint.save_quantized(torch_ops.quantize_model(TinyLM(), group_size=G), folder, "awq",
+                                  max_shard_bytes=old_shards)
+    before = tree_digest(folder)
+    real, calls = os.replace, []
+
+    def replace(*args):
+        calls.append(args)
+        if len(calls) == step + 1:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    model = torch_ops.quantize_model(TinyLM(), group_size=G)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            checkpoint.save_quantized(model, folder, "gptq")
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+    monkeypatch.undo()
+    if interrupted:
+        assert tree_digest(folder) == before
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            p for p in os.listdir(folder) if not p.startswith("."))
+        assert inspect_checkpoint(folder)["format"] == "awq"
+    else:
+        assert inspect_checkpoint(folder)["format"] == "gptq"
+    load_quantized(TinyLM(), folder)

@@ -1173,7 +1173,6 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     # the folders this save makes, deepest first: a save that fails removes them again (and what
     # it had moved into its own folder), as convert does, leaving no half-written output
     created = [p for p in [folder, *folder.parents] if not p.exists()]
-    moved = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # a staging folder of a save that was killed (named by host and pid, as convert's partial
@@ -1204,27 +1203,40 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
             with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
                 json.dump({**config, "quantization_config": qc}, f, indent=2)
             written.append(CONFIG_NAME)
-            for name in written:
-                os.replace(staging / name, folder / name)
-                moved.append(name)
+            # an earlier save's files this one replaces, and its index or shards that would be
+            # read in place of (or beside) these, are moved aside into the staging folder, and
+            # put back where the save is interrupted (Ctrl-C, SIGTERM raised as an exception)
+            # while files are moved in: that left a new model.safetensors beside the earlier
+            # config.json, or a new config beside the earlier index and shards, which no loader
+            # reads. (A save killed by SIGKILL there still leaves such a mix: save again.)
+            stale = [p.name for p in folder.glob("model*.safetensors")
+                     if p.name not in names and _WEIGHTS_FILE.fullmatch(p.name)]
+            stale += [INDEX_NAME] if len(shards) == 1 else []
+            earlier = staging / "earlier"
+            earlier.mkdir()
+            try:
+                for name in [*written, *stale]:
+                    if os.path.lexists(folder / name):
+                        os.replace(folder / name, earlier / name)
+                    if name in written:
+                        os.replace(staging / name, folder / name)
+            except BaseException:
+                # (from what is where, not from lists: an interrupt may come between any two steps)
+                for name in [*written, *stale]:
+                    if name in written and not os.path.lexists(staging / name):
+                        (folder / name).unlink(missing_ok=True)
+                    if os.path.lexists(earlier / name):
+                        os.replace(earlier / name, folder / name)
+                raise
         finally:
             _rmtree(staging)
     except BaseException:  # (an interrupt too)
-        if created:  # (the folder is this save's own: nothing in it is anyone else's)
-            for name in moved:
-                (folder / name).unlink(missing_ok=True)
         for p in created:  # never one that existed before; stops at one something else filled
             try:
                 p.rmdir()
             except OSError:
                 break
         raise
-    # an earlier save's index or shards would be read in place of (or beside) these: remove them
-    for p in folder.glob("model*.safetensors"):
-        if p.name not in names and _WEIGHTS_FILE.fullmatch(p.name):
-            p.unlink()
-    if len(shards) == 1:
-        (folder / INDEX_NAME).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- conversion
