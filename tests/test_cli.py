@@ -470,9 +470,9 @@ def test_convert_killed_by_sigkill_leaves_a_folder_the_next_convert_removes(tmp_
     dead = [p.name for p in tmp_path.iterdir() if p.name not in ("src",)]
     assert len(dead) == 1 and dead[0].startswith(".dst.partial-"), dead  # what SIGKILL leaves
     prefix = checkpoint._partial_prefix("dst")
-    live = tmp_path / f"{prefix}{checkpoint._HOST}-{os.getpid()}-abc"
-    other_host = tmp_path / f"{prefix}{int(checkpoint._HOST, 16) ^ 1:08x}-{2**22 + 1}-abc"
-    other_dst = tmp_path / f"{checkpoint._partial_prefix('dst2')}{checkpoint._HOST}-{2**22 + 1}-a"
+    live = tmp_path / f"{prefix}{checkpoint._PID_SPACE}-{os.getpid()}-abc"
+    other_host = tmp_path / f"{prefix}{int(checkpoint._PID_SPACE, 16) ^ 1:08x}-{2**22 + 1}-abc"
+    other_dst = tmp_path / f"{checkpoint._partial_prefix('dst2')}{checkpoint._PID_SPACE}-{2**22 + 1}-a"
     for p in (live, other_host, other_dst):
         p.mkdir()
     with pytest.warns(UserWarning, match="sym=false"):  # (TinyLM's zeros are asymmetric)
@@ -520,7 +520,7 @@ def test_convert_beside_partial_like_names_of_odd_characters(tmp_path):
     src, parent = tmp_path / "src", tmp_path / "out"
     make_checkpoint(src, "awq")
     parent.mkdir()
-    prefix = f"{checkpoint._partial_prefix('dst')}{checkpoint._HOST}-"
+    prefix = f"{checkpoint._partial_prefix('dst')}{checkpoint._PID_SPACE}-"
     target = tmp_path / "elsewhere"
     target.mkdir()
     (target / "keep").write_text("k")
@@ -613,7 +613,7 @@ def test_a_save_does_not_remove_the_staging_folder_of_a_save_still_running(tmp_p
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert other.stdout.readline() == "saving\n", other.stderr.read()
-        dead = folder / f"{checkpoint._STAGING_PREFIX}{checkpoint._HOST}-{2**22 + 9}-x"
+        dead = folder / f"{checkpoint._STAGING_PREFIX}{checkpoint._PID_SPACE}-{2**22 + 9}-x"
         dead.mkdir()  # (what a save killed by SIGKILL leaves)
         checkpoint.save_quantized(model, folder, "awq")
         assert not dead.exists()

@@ -144,20 +144,16 @@ def _pid_space() -> str:
     return f"{zlib.crc32(f'{socket.gethostname()}:{ns}'.encode()):08x}"
 
 
-# partial folders' names hold _HOST and the writer's pid: a convert killed by SIGKILL (the OOM
-# killer) could not remove its folder, and one of a dead pid here is removed by the next convert
-# beside it; one of a live pid (a convert still running), or of another host or container
-# sharing the file system, is left alone
-_HOST = _pid_space()
-
-
-def _remove_dead_partials(parent: Path, name: str) -> None:
-    _remove_dead_writers(parent, _partial_prefix(name) + f"{_HOST}-")
+# convert's partial folders' and save_quantized's staging folders' names hold _PID_SPACE and the
+# writer's pid: one killed by SIGKILL (the OOM killer) could not remove its folder, and one of a
+# dead pid here is removed by the next writer beside it; one of a live pid (still writing), or
+# of another host or container sharing the file system, is left alone
+_PID_SPACE = _pid_space()
 
 
 def _remove_dead_writers(parent: Path, prefix: str) -> None:
-    """remove the folders in ``parent`` named ``{prefix}{pid}-...`` (prefix ending in this _HOST)
-    whose pid is dead: convert's partial folders, save_quantized's staging folders"""
+    """remove the folders in ``parent`` named ``{prefix}{pid}-...`` (prefix ending in this
+    _PID_SPACE) whose pid is dead: convert's partial folders, save_quantized's staging folders"""
     try:
         entries = list(parent.iterdir())
     except OSError:  # a parent we may write into but not list (0733, a drop box): nothing to do
@@ -1179,14 +1175,14 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         # folders are): one of a save still running into this folder is left alone (removing
         # every one made that save fail with FileNotFoundError naming its staging folder); one
         # named by an older version (no host and pid) is removed as before
-        _remove_dead_writers(folder, f"{_STAGING_PREFIX}{_HOST}-")
+        _remove_dead_writers(folder, f"{_STAGING_PREFIX}{_PID_SPACE}-")
         for stale in folder.glob(_STAGING_PREFIX + "*"):
             if not re.match(r"[0-9a-f]{8}-[0-9]+-", stale.name[len(_STAGING_PREFIX):]) and (
                     stale.is_dir() and not stale.is_symlink()):
                 _rmtree(stale)
         # every file is written into a folder of its own beside them first, then moved in: a
         # save that fails (a full disk) leaves an earlier checkpoint in the folder whole
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_HOST}-{os.getpid()}-",
+        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_PID_SPACE}-{os.getpid()}-",
                                         dir=folder))
         try:
             for name, shard in zip(names, shards):
@@ -1436,8 +1432,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     tmp = None
     try:
         dst_parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_partials(dst_parent, dst.name)
-        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(dst.name) + f"{_HOST}-{os.getpid()}-",
+        _remove_dead_writers(dst_parent, f"{_partial_prefix(dst.name)}{_PID_SPACE}-")
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(dst.name)}{_PID_SPACE}-{os.getpid()}-",
                                     dir=dst_parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
         v2_zeros, asym = {}, set()  # (filled as the layers are read: their names)
