@@ -1071,7 +1071,9 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     tensor or QuantLinear shared by several names is written once, under the first. The weight
     files of an earlier save into the same folder that this one does not overwrite are removed;
     other files there are left alone. ``sym`` is recorded true when every zero point is 8. A save
-    that fails leaves an earlier checkpoint in the folder whole, and removes the folders it made.
+    that fails or is interrupted (Ctrl-C, SIGTERM raised as an exception) leaves an earlier
+    checkpoint in the folder whole, and removes the folders it made; one killed by SIGKILL while
+    it moves its files in may leave a mix of both: save again.
     ``config`` is a dict or an object with ``to_dict()`` (a transformers ``PretrainedConfig``);
     None takes ``model.config.to_dict()`` where the model has one (a transformers model: its
     AutoConfig needs ``model_type``), else writes quantization_config alone. Configs say
