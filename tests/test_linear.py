@@ -1111,6 +1111,48 @@ def test_index_tensors_made_under_inference_mode(device):
                 torch_ops.w4a16_linear(x, **{**t, "g_idx": bad})
 
 
+def test_index_range_cache_does_not_keep_index_tensors_alive(device):
+    """the range check's cache of g_idx / perm tensors it has seen holds no reference to their
+    storage: it kept every one alive (up to 4096 of them) after the caller dropped it, a dropped
+    model's perm buffers, or the whole storage of an index that is a view of a larger tensor.
+    A tensor at a freed one's address is checked as a new one."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    t = make_weights(128, 16, 64, act_order=True, device=device)
+    x = torch.randn(2, 128, device=device)
+    qweight, perm = torch_ops.act_order_prepack(t["qweight"], t["g_idx"], 64)
+    calls = {
+        "g_idx": lambda idx: torch_ops.w4a16_linear(x, **{**t, "g_idx": idx}),
+        "perm": lambda idx: torch_ops.w4a16_linear(x, **{**t, "qweight": qweight, "g_idx": None},
+                                                   perm=idx),
+        "dequantize": lambda idx: torch_ops.dequantize(t["qweight"], t["scales"], t["qzeros"],
+                                                       group_size=64, g_idx=idx),
+    }
+    for name, call in calls.items():
+        src = perm if name == "perm" else t["g_idx"]
+        big = torch.zeros(1 << 20, dtype=src.dtype, device=device)  # the index: a view of it
+        big[:128] = src
+        ref_ = StorageWeakRef(big.untyped_storage())
+        call(big[:128])
+        call(big[:128])  # (a cache hit where one is kept)
+        del big
+        assert ref_.expired(), f"{name}: the index's storage is kept alive after it was dropped"
+    layer = torch_ops.QuantLinear.from_gptq(t["qweight"], t["qzeros"], t["scales"],
+                                            g_idx=t["g_idx"], group_size=64).to(device)
+    layer(x)
+    refs = [StorageWeakRef(b.untyped_storage()) for b in (layer.g_idx, layer.perm)
+            if b is not None]
+    del layer
+    assert all(r.expired() for r in refs), "a dropped layer's index buffers are kept alive"
+    # an index freed after its check and a bad one of the same size, likely at its address
+    good = t["g_idx"].clone()
+    calls["g_idx"](good)
+    del good
+    bad = torch.full_like(t["g_idx"], 5)
+    with pytest.raises(ValueError, match=r"g_idx values must be in \[0, 2\)"):
+        calls["g_idx"](bad)
+
+
 def test_cpu_bf16_blocked_path_on_a_sparse_layer(cpu_isa):
     """weights at their zero point but for 0.1%, x of one sign: nothing cancels in the bf16 blocked
     path (it once took s (z + 128) sum x off a sum of (128 + q) x: 2.7e-2 here with AVX512_BF16)"""

@@ -166,9 +166,12 @@ void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi,
 // Index entries (g_idx: groups, perm: positions in a row of x) in [0, limit). On CUDA this needs
 // a sync, so an index tensor already seen unchanged (same address, dtype, size, strides, limit
 // and version counter) is not checked again, and none is checked while a CUDA graph is being
-// captured (capture requires an eager warm-up, which checked it). Each entry keeps a reference to
-// its storage, so a cached address cannot be reused by another tensor while the entry lives; one
-// entry per act-order layer. Values that cannot be read (index_values_readable) are neither
+// captured (capture requires an eager warm-up, which checked it). Each entry keeps a weak
+// reference to its storage and matches only that storage: another tensor at a freed one's address
+// is checked anew. (A strong reference kept every index seen alive, up to 4096 of them, after the
+// caller dropped it: a deleted model's g_idx / perm, or the whole of a larger tensor an index was
+// a view of; a weak one keeps only the StorageImpl's header, its data is freed.) One entry per
+// act-order layer. Values that cannot be read (index_values_readable) are neither
 // checked nor cached. A write the version counter does not see (through .data or numpy, or to an
 // inference tensor) goes unnoticed on CUDA; on the CPU, where reading costs no sync, the range is
 // read on every call.
@@ -178,7 +181,7 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
                        const char *meaning, bool want_perm = false) {
     if (!index_values_readable(idx) || idx.numel() == 0) return false;
     struct Seen {
-        c10::Storage storage;
+        c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // (its header: compared, never read)
         at::ScalarType dtype;
         std::vector<int64_t> strides;
         int64_t numel, limit;
@@ -197,7 +200,11 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
     {
         std::lock_guard<std::mutex> lock(mu);
         auto it = seen.find(key);
-        if (it != seen.end() && it->second.numel == idx.numel() && it->second.limit == limit &&
+        // (the weak reference keeps the StorageImpl's header allocated, so an equal address is
+        // this same, live, storage)
+        if (it != seen.end() &&
+            it->second.storage._unsafe_get_target() == idx.storage().unsafeGetStorageImpl() &&
+            it->second.numel == idx.numel() && it->second.limit == limit &&
             it->second.version == version && it->second.dtype == idx.scalar_type() &&
             idx.strides().equals(it->second.strides)) {
             seen_unchanged = true;
@@ -220,9 +227,13 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
         is_perm = idx.numel() == limit &&
                   at::equal(std::get<0>(at::sort(idx.reshape({-1}))), at::arange(limit, idx.options()));
     std::lock_guard<std::mutex> lock(mu);
-    if (seen.size() >= 4096) seen.clear();  // bound what the cache keeps alive
-    seen[key] = Seen{idx.storage(), idx.scalar_type(), idx.strides().vec(), idx.numel(), limit,
-                     version, is_perm};
+    if (seen.size() >= 4096) {  // a bound: entries of freed storages first, else all
+        for (auto e = seen.begin(); e != seen.end();)
+            e = e->second.storage.expired() ? seen.erase(e) : std::next(e);
+        if (seen.size() >= 4096) seen.clear();
+    }
+    seen.insert_or_assign(key, Seen{idx.storage().getWeakStorageImpl(), idx.scalar_type(),
+                                     idx.strides().vec(), idx.numel(), limit, version, is_perm});
     return is_perm == 1;
 }
 
