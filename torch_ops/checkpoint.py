@@ -172,6 +172,14 @@ def _remove_dead_writers(parent: Path, prefix: str) -> None:
             pass
 
 
+def _writer_folder(parent: Path, prefix: str) -> Path:
+    """a new folder ``{prefix}{_PID_SPACE}-{pid}-...`` in ``parent`` for this writer to fill, after
+    removing the ones of dead writers with that prefix (convert's partial folders, save_quantized's
+    staging folders)"""
+    _remove_dead_writers(parent, f"{prefix}{_PID_SPACE}-")
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{_PID_SPACE}-{os.getpid()}-", dir=parent))
+
+
 def _checked_path(where: str, arg: str, path) -> Path:
     """``path`` as a Path; TypeError naming the function and the argument unless it is a str or an
     os.PathLike: None raised Path()'s own "expected str, bytes or os.PathLike object, not
@@ -1173,19 +1181,18 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     created = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        # a staging folder of a save that was killed (named by host and pid, as convert's partial
-        # folders are): one of a save still running into this folder is left alone (removing
-        # every one made that save fail with FileNotFoundError naming its staging folder); one
-        # named by an older version (no host and pid) is removed as before
-        _remove_dead_writers(folder, f"{_STAGING_PREFIX}{_PID_SPACE}-")
+        # a staging folder of a save that was killed is removed by _writer_folder below (named by
+        # host and pid, as convert's partial folders are): one of a save still running into this
+        # folder is left alone (removing every one made that save fail with FileNotFoundError
+        # naming its staging folder); one named by an older version (no host and pid) is removed
+        # here, as before
         for stale in folder.glob(_STAGING_PREFIX + "*"):
             if not re.match(r"[0-9a-f]{8}-[0-9]+-", stale.name[len(_STAGING_PREFIX):]) and (
                     stale.is_dir() and not stale.is_symlink()):
                 _rmtree(stale)
         # every file is written into a folder of its own beside them first, then moved in: a
         # save that fails (a full disk) leaves an earlier checkpoint in the folder whole
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_PID_SPACE}-{os.getpid()}-",
-                                        dir=folder))
+        staging = _writer_folder(folder, _STAGING_PREFIX)
         try:
             for name, shard in zip(names, shards):
                 save_file(shard, str(staging / name), metadata={"format": "pt"})
@@ -1434,9 +1441,7 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     tmp = None
     try:
         dst_parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_writers(dst_parent, f"{_partial_prefix(dst.name)}{_PID_SPACE}-")
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(dst.name)}{_PID_SPACE}-{os.getpid()}-",
-                                    dir=dst_parent))
+        tmp = _writer_folder(dst_parent, _partial_prefix(dst.name))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
         v2_zeros, asym = {}, set()  # (filled as the layers are read: their names)
         weight_map, total, written = _write_shards(ckpt, plan, qset, qc, to, zero_format, tmp,
