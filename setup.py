@@ -8,8 +8,16 @@ targets (default "8.0;9.0a": sm_90a enables the Hopper wgmma path); MAX_JOBS bou
 """
 import glob
 import os
+import sys
 
-import torch
+try:
+    import torch
+except ImportError:
+    # pip's default isolated build environment holds setuptools only, not the torch installed
+    # beside it: `pip install .` ended in a bare "No module named 'torch'" with torch installed
+    sys.exit("torch_ops builds against the torch it will run with, and this build's Python cannot "
+             "import torch: install torch first, then build without pip's isolated environment "
+             "(which hides the installed torch): pip install --no-build-isolation .")
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
