@@ -1,7 +1,9 @@
 """The source distribution builds on its own: it holds every file of csrc/ that setup.py compiles
 or includes (it held only csrc/bindings/ops.cpp, and `pip install torch_ops-*.tar.gz` or
 `python -m build` failed at the compile with the C core missing); setup.py run where torch cannot
-be imported (pip's isolated build) says what to do."""
+be imported (pip's isolated build) says what to do, and so does an import of a torch_ops whose _C
+is missing or does not load."""
+import os
 import subprocess
 import sys
 import tarfile
@@ -43,3 +45,45 @@ def test_setup_without_torch_says_to_build_without_isolation():
     assert "Traceback" not in r.stderr, r.stderr
     assert "install torch first" in r.stderr and "pip install --no-build-isolation ." in r.stderr, \
         r.stderr
+
+def _unbuilt_copy(tmp_path, extension: bytes | None = None) -> Path:
+    """The Python files of torch_ops, without its compiled _C, as a package of another name: an
+    editable install's import finder maps ``torch_ops._C`` to its own tree's _C, which a copy
+    named torch_ops would pick up (and load) wherever one is installed."""
+    import torch_ops
+
+    pkg = tmp_path / "unbuilt_torch_ops"
+    pkg.mkdir()
+    for f in Path(torch_ops.__file__).parent.glob("*.py"):
+        (pkg / f.name).write_bytes(f.read_bytes())
+    if extension is not None:
+        import importlib.machinery
+        (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(extension)
+    return tmp_path
+
+
+def _import_error(path: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    r = subprocess.run([sys.executable, "-c", "import unbuilt_torch_ops"], cwd=path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0, r.stdout
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_import_of_a_tree_never_built_says_to_build(tmp_path):
+    """`import torch_ops` with PYTHONPATH at a clone never built (or from its folder) said
+    "cannot import name '_C' from partially initialized module 'torch_ops' (most likely due to a
+    circular import)": no word of the missing extension or of how to build it."""
+    last = _import_error(_unbuilt_copy(tmp_path))
+    assert last.startswith("ImportError: torch_ops: the compiled extension torch_ops._C is "
+                           "missing"), last
+    assert "pip install --no-build-isolation -e ." in last and "build_ext --inplace" in last, last
+    assert "circular import" not in last, last
+
+
+def test_import_of_an_extension_that_fails_to_load_says_to_rebuild(tmp_path):
+    """A _C that is there but does not load (built against another torch: an undefined symbol;
+    here a file that is no shared object) is named, with the loader's reason and what to do."""
+    last = _import_error(_unbuilt_copy(tmp_path, extension=b"not a shared object"))
+    assert "torch_ops._C in" in last and "failed to load" in last, last
+    assert "rebuild it against the torch installed here" in last, last

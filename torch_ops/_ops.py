@@ -15,7 +15,26 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
-from . import _C  # noqa: F401  (loading it registers torch.ops.torch_ops.*)
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.torch_ops.*)
+except ImportError as _e:
+    # Python's own words for a source tree never built (PYTHONPATH at a clone, or the clone as the
+    # working directory) blamed "a circular import" and named no build step; a _C built against
+    # another torch failed with an undefined symbol and no advice either.
+    import glob as _glob
+    import importlib.machinery as _machinery
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _built = [f for suffix in _machinery.EXTENSION_SUFFIXES
+              for f in _glob.glob(_os.path.join(_here, "_C" + suffix))]
+    raise ImportError(
+        f"torch_ops: the compiled extension torch_ops._C in {_here} failed to load ({_e}): "
+        f"rebuild it against the torch installed here ({torch.__version__})" if _built else
+        f"torch_ops: the compiled extension torch_ops._C is missing from {_here}: it is not built. "
+        "In the source tree run `pip install --no-build-isolation -e .` (or `python setup.py "
+        "build_ext --inplace`); to use an installed torch_ops instead, run from outside the "
+        "source tree") from _e
 from . import reference as _reference
 
 _ops = torch.ops.torch_ops
