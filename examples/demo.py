@@ -129,7 +129,7 @@ def main():
           f"{weight_bytes(quantized) / 2**20:.1f} MiB with 4-bit linears")
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.keep) if args.keep else Path(tmp)
+        root = Path(args.keep).resolve() if args.keep else Path(tmp)  # (the command runs in it)
         awq_dir, gptq_dir = root / "tiny-awq", root / "tiny-gptq"
         config = {"model_type": "tiny-mlp-lm", "hidden_size": args.hidden,
                   "intermediate_size": args.ffn, "num_hidden_layers": args.layers}
@@ -140,8 +140,12 @@ def main():
         cmd = [sys.executable, "-m", "torch_ops", "convert", str(awq_dir), str(gptq_dir),
                "--to", "gptq", "--verify"]
         print("$ python -m torch_ops convert", awq_dir.name, gptq_dir.name, "--to gptq --verify")
-        subprocess.run(cmd, check=True)
-        subprocess.run([sys.executable, "-m", "torch_ops", "inspect", str(gptq_dir)], check=True)
+        # run in the checkpoints' folder: `python -m` puts the working directory first on sys.path,
+        # and from a source tree (`python examples/demo.py` after a non-editable `pip install .`)
+        # the command imported the tree's unbuilt torch_ops, not the installed one this process runs
+        subprocess.run(cmd, check=True, cwd=root)
+        subprocess.run([sys.executable, "-m", "torch_ops", "inspect", str(gptq_dir)], check=True,
+                       cwd=root)
         qc = json.loads((gptq_dir / "config.json").read_text())["quantization_config"]
 
         model = TinyLM(hidden=args.hidden, ffn=args.ffn, layers=args.layers).eval()

@@ -4,11 +4,16 @@ README's Python code runs and prints what its comments say."""
 import contextlib
 import importlib.util
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import torch_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests/ copied on its own to run against an installed torch_ops: the examples and the README are
@@ -61,3 +66,22 @@ def test_readme_python_runs_as_written():
         with contextlib.redirect_stdout(out):
             print(eval(call, namespace))
         assert out.getvalue().strip() == printed, call
+
+
+def test_demo_commands_run_the_torch_ops_it_imports(tmp_path):
+    """examples/demo.py runs `python -m torch_ops convert` and `inspect` in child processes, and
+    `python -m` puts the working directory first on sys.path: `python examples/demo.py` in a
+    source tree after a non-editable `pip install .` failed halfway, the children importing the
+    tree's unbuilt torch_ops (no _C) instead of the installed one. Here the working directory
+    holds a torch_ops that fails to import; the demo's own process finds the real one."""
+    decoy = tmp_path / "torch_ops"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('not this torch_ops')\n")
+    root = str(Path(torch_ops.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    demo = ROOT / "examples" / "demo.py"
+    r = subprocess.run([sys.executable, str(demo), "--hidden", "128", "--ffn", "256", "--layers",
+                        "1", "--no-compile"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "converted 3 quantized layers" in r.stdout, r.stdout
