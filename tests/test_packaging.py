@@ -27,6 +27,10 @@ def test_sdist_holds_every_source(tmp_path):
     wanted = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*")
               if p.suffix in SOURCES}
     assert wanted and wanted <= held, sorted(wanted - held)
+    # the tests run from it (conftest.py's fixtures, the examples test_examples loads)
+    runs = {p.relative_to(ROOT).as_posix() for d in ("tests", "examples")
+            for p in (ROOT / d).glob("*.py")}
+    assert "tests/conftest.py" in runs and runs <= held, sorted(runs - held)
     assert {"setup.py", "README.md", "torch_ops/__init__.py"} <= held
 
 
