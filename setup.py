@@ -81,5 +81,8 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": Build},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors", "tqdm"],
+    # _C links against this torch's C++ symbols, which change between releases: a wheel built on
+    # 2.13.0 that said torch>=2.4 got torch 2.14.1 from pip in a fresh venv and failed to load
+    # (undefined symbol). The build's own torch release (its local label, +cpu / +cu130, dropped).
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "tqdm"],
 )

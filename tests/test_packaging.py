@@ -50,6 +50,21 @@ def test_setup_without_torch_says_to_build_without_isolation():
     assert "install torch first" in r.stderr and "pip install --no-build-isolation ." in r.stderr, \
         r.stderr
 
+
+def test_metadata_requires_the_torch_it_was_built_with(tmp_path):
+    """_C loads only with the torch release it was compiled against: the metadata said
+    torch>=2.4, and a wheel built on 2.13.0, installed into a fresh venv, got torch 2.14.1 from pip
+    and failed to import (undefined symbol)."""
+    import torch
+
+    if not (ROOT / "setup.py").is_file():
+        pytest.skip("not run from a source tree")
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True)
+    requires = (tmp_path / "torch_ops.egg-info" / "requires.txt").read_text().split()
+    torch_req = [r for r in requires if r.startswith("torch")]
+    assert torch_req == [f"torch=={torch.__version__.split('+')[0]}"], requires
+
 def _unbuilt_copy(tmp_path, extension: bytes | None = None) -> Path:
     """The Python files of torch_ops, without its compiled _C, as a package of another name: an
     editable install's import finder maps ``torch_ops._C`` to its own tree's _C, which a copy
