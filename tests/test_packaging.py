@@ -34,7 +34,6 @@ def test_sdist_holds_every_source(tmp_path):
     assert {"setup.py", "README.md", "torch_ops/__init__.py"} <= held
 
 
-
 def test_setup_without_torch_says_to_build_without_isolation():
     """`pip install .` runs setup.py in pip's isolated build environment (setuptools, no torch):
     it ended in a bare "ModuleNotFoundError: No module named 'torch'" with torch installed."""
@@ -64,6 +63,7 @@ def test_metadata_requires_the_torch_it_was_built_with(tmp_path):
     requires = (tmp_path / "torch_ops.egg-info" / "requires.txt").read_text().split()
     torch_req = [r for r in requires if r.startswith("torch")]
     assert torch_req == [f"torch=={torch.__version__.split('+')[0]}"], requires
+
 
 def _unbuilt_copy(tmp_path, extension: bytes | None = None) -> Path:
     """The Python files of torch_ops, without its compiled _C, as a package of another name: an
