@@ -148,15 +148,6 @@ bool index_values_readable(const at::Tensor &idx) {
            !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
 }
 
-// The smallest and largest entry of an index tensor; false where its values cannot be read.
-bool index_min_max(const at::Tensor &idx, int64_t &lo, int64_t &hi) {
-    if (!index_values_readable(idx)) return false;
-    auto [mn, mx] = at::aminmax(idx);
-    lo = mn.item<int64_t>();
-    hi = mx.item<int64_t>();
-    return true;
-}
-
 void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi, int64_t limit,
                         const char *meaning) {
     TORCH_CHECK_VALUE(lo >= 0 && hi < limit, op, ": ", arg, " values must be in [0, ", limit, ") (",
@@ -217,9 +208,8 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
     if (idx.is_cuda() && cuda::is_capturing(idx)) return false;
 #endif
     if (!seen_unchanged || !idx.is_cuda()) {
-        int64_t lo, hi;
-        index_min_max(idx, lo, hi);
-        check_index_bounds(op, arg, lo, hi, limit, meaning);
+        auto [lo, hi] = at::aminmax(idx);  // (readable: checked on entry)
+        check_index_bounds(op, arg, lo.item<int64_t>(), hi.item<int64_t>(), limit, meaning);
     }
     if (answered) return seen_perm == 1;
     int is_perm = -1;
