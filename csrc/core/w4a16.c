@@ -611,15 +611,17 @@ static BATTR W4_INLINE void w4_bf16_kern(const int MR, const int NV, int first, 
                 }
             }
         }
-#pragma GCC unroll 4
-        for (int h = S; h > 1; h = (h + 1) / 2)
-#pragma GCC unroll 4
-            for (int k = 0; k < h / 2; k++)
+        /* the S sets (1, 2 or 4) summed pairwise; a loop for any S, h from S down, was unrolled
+         * by a newer GCC into dead iterations it warned would read acc[5] and acc[7] */
+#pragma GCC unroll 2
+        for (int h = S / 2; h >= 1; h /= 2)
+#pragma GCC unroll 2
+            for (int k = 0; k < h; k++)
 #pragma GCC unroll 4
                 for (int m = 0; m < MR; m++)
 #pragma GCC unroll 4
                     for (int v = 0; v < NV; v++)
-                        acc[k][m][v] = _mm512_add_ps(acc[k][m][v], acc[k + (h + 1) / 2][m][v]);
+                        acc[k][m][v] = _mm512_add_ps(acc[k][m][v], acc[k + h][m][v]);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) {
             const int64_t c = o + v * 16;
