@@ -3,8 +3,9 @@ with CUDA and nvcc is found, the CUDA kernels.
 
     pip install --no-build-isolation -e .       # uses the torch already installed
 
-Environment: TORCH_OPS_CUDA=0 forces a CPU-only build; TORCH_CUDA_ARCH_LIST picks the CUDA
-targets (default "8.0;9.0a": sm_90a enables the Hopper wgmma path); MAX_JOBS bounds parallel compilation.
+Environment: TORCH_OPS_CUDA=0 forces a CPU-only build, 1 fails where the CUDA kernels cannot be
+built (default auto: built where they can be); TORCH_CUDA_ARCH_LIST picks the CUDA targets
+(default "8.0;9.0a": sm_90a enables the Hopper wgmma path); MAX_JOBS bounds parallel compilation.
 """
 import glob
 import os
@@ -32,11 +33,36 @@ CUDA_SOURCES = ["csrc/bindings/ops_cuda.cpp"] + sorted(glob.glob(os.path.join("c
 C_FLAGS = ["-std=c11", "-O3", "-fno-wrapv", "-fPIC", "-Wall", "-Wextra", "-fvisibility=hidden"]
 
 
+CUDA_SETTINGS = {"0": False, "false": False, "no": False, "off": False,
+                 "1": True, "true": True, "yes": True, "on": True, "auto": None, "": None}
+
+
 def want_cuda() -> bool:
-    if os.environ.get("TORCH_OPS_CUDA", "1") == "0":
-        return False
-    return torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
-        os.path.join(CUDA_HOME, "bin", "nvcc"))
+    """TORCH_OPS_CUDA: unset or auto builds the CUDA kernels where they can be built; 1 requires
+    them; 0 leaves them out. Either way the build says which it made and why: a CPU-only build
+    was silent (found only at the first CUDA call), TORCH_OPS_CUDA=1 on a CPU torch quietly gave
+    one, and any value but "0" (false, off, no) meant CUDA."""
+    value = os.environ.get("TORCH_OPS_CUDA", "auto")
+    if value.strip().lower() not in CUDA_SETTINGS:
+        sys.exit(f"torch_ops: TORCH_OPS_CUDA={value!r} is not one of 0, 1 or auto "
+                 "(also false / true, no / yes, off / on)")
+    want = CUDA_SETTINGS[value.strip().lower()]
+    if want is False:
+        why = f"TORCH_OPS_CUDA={value}"
+    elif torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is a CPU build"
+    elif CUDA_HOME is None:
+        why = "no CUDA toolkit was found (set CUDA_HOME, or put nvcc on PATH)"
+    elif not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        why = f"{os.path.join(CUDA_HOME, 'bin', 'nvcc')} is missing"
+    else:
+        print(f"torch_ops: building the CUDA kernels (nvcc of {CUDA_HOME})", file=sys.stderr)
+        return True
+    if want:
+        sys.exit(f"torch_ops: TORCH_OPS_CUDA={value} asks for the CUDA kernels, which cannot be "
+                 f"built here: {why}")
+    print(f"torch_ops: building without the CUDA kernels: {why}", file=sys.stderr)
+    return False
 
 
 class Build(BuildExtension):

@@ -106,3 +106,69 @@ def test_import_of_an_extension_that_fails_to_load_says_to_rebuild(tmp_path):
     last = _import_error(_unbuilt_copy(tmp_path, extension=b"not a shared object"))
     assert "torch_ops._C in" in last and "failed to load" in last, last
     assert "rebuild it against the torch installed here" in last, last
+
+
+def _setup_version(setting: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_OPS_CUDA"}
+    if setting is not None:
+        env["TORCH_OPS_CUDA"] = setting
+    return subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_setup_says_whether_it_builds_the_cuda_kernels():
+    """A CPU-only build said nothing (found at the first CUDA call); TORCH_OPS_CUDA=1 on a CPU
+    torch quietly built one, and any value but "0" (off, false) meant CUDA."""
+    import torch
+
+    if not (ROOT / "setup.py").is_file():
+        pytest.skip("not run from a source tree")
+    for off in ("0", "off", "False"):
+        r = _setup_version(off)
+        assert r.returncode == 0, r.stderr
+        assert f"building without the CUDA kernels: TORCH_OPS_CUDA={off}" in r.stderr, r.stderr
+    r = _setup_version("maybe")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "TORCH_OPS_CUDA='maybe' is not one of 0, 1 or auto" in r.stderr, r.stderr
+    if torch.version.cuda is None:
+        for auto in (None, "auto"):
+            r = _setup_version(auto)
+            assert r.returncode == 0, r.stderr
+            assert f"building without the CUDA kernels: this torch ({torch.__version__}) is a " \
+                   "CPU build" in r.stderr, r.stderr
+        r = _setup_version("1")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "TORCH_OPS_CUDA=1 asks for the CUDA kernels, which cannot be built here: this " \
+               "torch" in r.stderr, r.stderr
+
+
+def test_import_warns_of_another_trees_extension(tmp_path):
+    """An editable install of another checkout maps torch_ops._C to that checkout's build for
+    any torch_ops imported: PYTHONPATH at an unbuilt clone ran the clone's Python over the other
+    tree's kernels without a word. Here a finder of the same kind maps it to this tree's _C."""
+    import torch_ops
+
+    real = Path(torch_ops._C.__file__).resolve()
+    pkg = tmp_path / "torch_ops"
+    pkg.mkdir()
+    for f in Path(torch_ops.__file__).parent.glob("*.py"):
+        (pkg / f.name).write_bytes(f.read_bytes())
+    mapped = ("import importlib.util, sys\n"
+              "class Finder:\n"
+              "    @classmethod\n"
+              "    def find_spec(cls, name, path=None, target=None):\n"
+              "        if name == 'torch_ops._C':\n"
+              f"            return importlib.util.spec_from_file_location(name, {str(real)!r})\n"
+              "sys.meta_path.insert(0, Finder)\n"
+              "import torch_ops\n"
+              f"assert torch_ops.__file__.startswith({str(tmp_path)!r}), torch_ops.__file__\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", mapped], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"torch_ops._C was loaded from {real.parent}, not from this package's folder " \
+           f"{pkg.resolve()}" in r.stderr, r.stderr
+    # the package with its own _C imports without it
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", "import torch_ops"],
+                       cwd=tmp_path.parent, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "RuntimeWarning" not in r.stderr, r.stderr

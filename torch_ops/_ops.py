@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os.path as _os_path
 from typing import Optional
 
 import torch
@@ -35,6 +36,19 @@ except ImportError as _e:
         "In the source tree run `pip install --no-build-isolation -e .` (or `python setup.py "
         "build_ext --inplace`); to use an installed torch_ops instead, run from outside the "
         "source tree") from _e
+_C_DIR = _os_path.dirname(_os_path.realpath(_C.__file__))
+if _C_DIR != _os_path.dirname(_os_path.realpath(__file__)):
+    # An editable install of another checkout maps torch_ops._C to that checkout's build for any
+    # torch_ops imported (PYTHONPATH at an unbuilt clone loaded the clone's Python over the other
+    # tree's kernels, silently; whichever ops the two trees disagree on then misbehave)
+    import warnings as _warnings
+
+    _warnings.warn(
+        f"torch_ops: the compiled extension torch_ops._C was loaded from {_C_DIR}, not from this "
+        f"package's folder {_os_path.dirname(_os_path.realpath(__file__))} (an editable install "
+        "of another checkout maps it): this Python runs over another build's kernels. Build this "
+        "tree (`pip install --no-build-isolation -e .` in it) or use that checkout",
+        RuntimeWarning, stacklevel=2)
 from . import reference as _reference
 
 _ops = torch.ops.torch_ops
