@@ -1,6 +1,8 @@
 """QuantLinear and quantize_model, against torch_ops.reference (the pure-torch oracle)."""
 import copy
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -771,6 +773,33 @@ def test_torch_export_save_load(device, tmp_path):
     # buffers come after bias: torch.export fails on two None buffers before a tensor one)
     layer = QuantLinear.from_gptq(**random_gptq(device), group_size=G, bias=torch.randn(N, device=device))
     assert torch.equal(torch.export.export(layer, (x,)).module()(x), layer(x))
+
+
+def test_aoti_package(device, tmp_path):
+    """AOTInductor (what an inference engine deploys: the exported program compiled to a shared
+    library, loaded without Python's model code) calls the ops through its custom-op fallback:
+    a package of QuantLinear layers (act-order prepacked, bias, dynamic batch) computes what the
+    module does, in a fresh process that imports torch_ops and loads it"""
+    gq = random_gptq(device)
+    model = nn.Sequential(
+        QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device), group_size=G,
+                              bias=torch.randn(N, device=device)),
+        nn.ReLU(),
+        QuantLinear.from_gptq(**random_gptq(device, k=N, n=64), group_size=G))
+    x = torch.randn(3, K, device=device)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "m.pt2"))
+    xs = [torch.randn(batch, K, device=device) for batch in (3, 1, 9)]
+    torch.save({"xs": xs, "ys": [model(xb) for xb in xs]}, tmp_path / "io.pt")
+    check = ("import sys, torch, torch_ops\n"
+             "io = torch.load(sys.argv[2])\n"
+             "run = torch._inductor.aoti_load_package(sys.argv[1])\n"
+             "for xb, yb in zip(io['xs'], io['ys']):\n"
+             "    torch.testing.assert_close(run(xb), yb, rtol=1e-6, atol=1e-6)\n"
+             "print('ok', len(io['xs']))\n")
+    r = subprocess.run([sys.executable, "-c", check, package, str(tmp_path / "io.pt")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "3"], r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("act_order", [False, True])
