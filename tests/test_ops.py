@@ -1533,6 +1533,45 @@ def test_compile_fullgraph(device):
         assert torch.equal(a, b)
 
 
+def test_aoti_package_of_the_packing_ops(device, tmp_path):
+    """An AOTInductor package of the packing ops (dynamic rows), loaded in a fresh process that
+    imports torch_ops, computes what they do. pack's dtype had a default of ScalarType int32,
+    which the schema holds as the int 3: torch.export drops an argument equal to its default, and
+    AOTInductor put the schema's default back as an int, so loading a package of pack(values,
+    bits) (int32 words, the usual call) raised "Expected extern kernel torch_ops::pack to have
+    serialized argument type as_scalar_type for argument 4 but got as_int"."""
+
+    class Packing(torch.nn.Module):
+        def forward(self, v):  # v [R, 64] uint8, values < 16
+            p4 = torch_ops.pack(v, 4)  # (dtype int32, the default: dropped by export)
+            p2 = torch_ops.pack(v & 3, 2, dtype=torch.uint8)
+            p3 = torch_ops.pack(v & 7, 3, dim=0)  # (R a multiple of 32)
+            return (p4, p2, p3, torch_ops.unpack(p4, 4), torch_ops.unpack(p2, 2),
+                    torch_ops.unpack(p3, 3, dim=0), torch_ops.unpack_v2(torch_ops.pack_v2(v)))
+
+    def values(rows):
+        return torch.randint(0, 16, (rows, 64), dtype=torch.uint8, device=device)
+
+    model = Packing()
+    program = torch.export.export(model, (values(64),),
+                                  dynamic_shapes=({0: 32 * torch.export.Dim("r", max=64)},))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "p.pt2"))
+    vs = [values(rows) for rows in (64, 32, 96)]
+    torch.save({"vs": vs, "outs": [model(v) for v in vs]}, tmp_path / "io.pt")
+    check = ("import sys, torch, torch_ops\n"
+             "io = torch.load(sys.argv[2])\n"
+             "run = torch._inductor.aoti_load_package(sys.argv[1])\n"
+             "for v, outs in zip(io['vs'], io['outs']):\n"
+             "    got = run(v)\n"
+             "    assert len(got) == len(outs)\n"
+             "    for a, b in zip(got, outs):\n"
+             "        assert a.dtype == b.dtype and torch.equal(a, b)\n"
+             "print('ok', len(io['vs']))\n")
+    r = subprocess.run([sys.executable, "-c", check, package, str(tmp_path / "io.pt")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "3"], r.stderr[-3000:]
+
+
 def test_compiled_repack_into_views_at_an_offset(device):
     """out= views at an offset of tensors made inside a compiled function (dynamic shapes):
     torch 2.13's Inductor handed the out op base[1] as base[0], so the words went to the wrong

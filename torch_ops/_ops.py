@@ -642,7 +642,8 @@ def _fake_shape(op, arg, t, want, formula):
 
 
 @torch.library.register_fake("torch_ops::pack")
-def _(values, bits, dim=-1, order="sequential", dtype=torch.int32):
+def _(values, bits, dim=-1, order="sequential", dtype=None):
+    dtype = torch.int32 if dtype is None else dtype  # (the schema's default: see the kernel)
     _fake_dtype("pack", "values", values, torch.uint8)
     _fake_bits("pack", bits, (1, 2, 3, 4, 8))
     _dims("pack", "values", values)

@@ -302,8 +302,14 @@ int word_bytes_of(const char *op, const char *arg, at::ScalarType dtype) {
 }
 
 at::Tensor pack(const at::Tensor &values_in, int64_t bits, int64_t dim, c10::string_view order_s,
-                at::ScalarType dtype) {
+                c10::optional<at::ScalarType> dtype_opt) {
     const char *op = "pack";
+    // (None is int32: the schema's default. A default of ScalarType int32 is held by the schema
+    // as the int 3, which AOTInductor filled in for a call that omitted it, as torch.export's
+    // programs do, and serialized as an int: loading the package raised "Expected extern kernel
+    // torch_ops::pack to have serialized argument type as_scalar_type for argument 4 but got
+    // as_int")
+    const at::ScalarType dtype = dtype_opt.value_or(at::kInt);
     check_dtype(op, "values", values_in, at::kByte);
     check_device(op, "values", values_in, values_in);
     check_bits(op, bits, {1, 2, 3, 4, 8});
@@ -1193,7 +1199,7 @@ at::Tensor w4a16_linear_autocast(const at::Tensor &x, const at::Tensor &qweight,
 
 TORCH_LIBRARY(torch_ops, m) {
     m.def("pack(Tensor values, int bits, int dim=-1, str order=\"sequential\", "
-          "ScalarType dtype=int32) -> Tensor");
+          "ScalarType? dtype=None) -> Tensor");
     m.def("unpack(Tensor packed, int bits, int dim=-1, str order=\"sequential\") -> Tensor");
     m.def("awq_to_gptq(Tensor qweight, Tensor qzeros, str zero_format=\"v1\") -> (Tensor, Tensor)");
     m.def("awq_to_gptq_out(Tensor qweight, Tensor qzeros, str zero_format=\"v1\", *, "
