@@ -1,8 +1,6 @@
 """QuantLinear and quantize_model, against torch_ops.reference (the pure-torch oracle)."""
 import copy
 import re
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -775,7 +773,7 @@ def test_torch_export_save_load(device, tmp_path):
     assert torch.equal(torch.export.export(layer, (x,)).module()(x), layer(x))
 
 
-def test_aoti_package(device, tmp_path):
+def test_aoti_package(device, tmp_path, aoti_package_check):
     """AOTInductor (what an inference engine deploys: the exported program compiled to a shared
     library, loaded without Python's model code) calls the ops through its custom-op fallback:
     a package of QuantLinear layers (act-order prepacked, bias, dynamic batch) computes what the
@@ -790,16 +788,7 @@ def test_aoti_package(device, tmp_path):
     program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "m.pt2"))
     xs = [torch.randn(batch, K, device=device) for batch in (3, 1, 9)]
-    torch.save({"xs": xs, "ys": [model(xb) for xb in xs]}, tmp_path / "io.pt")
-    check = ("import sys, torch, torch_ops\n"
-             "io = torch.load(sys.argv[2])\n"
-             "run = torch._inductor.aoti_load_package(sys.argv[1])\n"
-             "for xb, yb in zip(io['xs'], io['ys']):\n"
-             "    torch.testing.assert_close(run(xb), yb, rtol=1e-6, atol=1e-6)\n"
-             "print('ok', len(io['xs']))\n")
-    r = subprocess.run([sys.executable, "-c", check, package, str(tmp_path / "io.pt")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.split() == ["ok", "3"], r.stderr[-3000:]
+    aoti_package_check(package, xs, [model(xb) for xb in xs])
 
 
 @pytest.mark.parametrize("act_order", [False, True])

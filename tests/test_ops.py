@@ -1533,7 +1533,7 @@ def test_compile_fullgraph(device):
         assert torch.equal(a, b)
 
 
-def test_aoti_package_of_the_packing_ops(device, tmp_path):
+def test_aoti_package_of_the_packing_ops(device, tmp_path, aoti_package_check):
     """An AOTInductor package of the packing ops (dynamic rows), loaded in a fresh process that
     imports torch_ops, computes what they do. pack's dtype had a default of ScalarType int32,
     which the schema holds as the int 3: torch.export drops an argument equal to its default, and
@@ -1557,19 +1557,7 @@ def test_aoti_package_of_the_packing_ops(device, tmp_path):
                                   dynamic_shapes=({0: 32 * torch.export.Dim("r", max=64)},))
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "p.pt2"))
     vs = [values(rows) for rows in (64, 32, 96)]
-    torch.save({"vs": vs, "outs": [model(v) for v in vs]}, tmp_path / "io.pt")
-    check = ("import sys, torch, torch_ops\n"
-             "io = torch.load(sys.argv[2])\n"
-             "run = torch._inductor.aoti_load_package(sys.argv[1])\n"
-             "for v, outs in zip(io['vs'], io['outs']):\n"
-             "    got = run(v)\n"
-             "    assert len(got) == len(outs)\n"
-             "    for a, b in zip(got, outs):\n"
-             "        assert a.dtype == b.dtype and torch.equal(a, b)\n"
-             "print('ok', len(io['vs']))\n")
-    r = subprocess.run([sys.executable, "-c", check, package, str(tmp_path / "io.pt")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.split() == ["ok", "3"], r.stderr[-3000:]
+    aoti_package_check(package, vs, [model(v) for v in vs])
 
 
 def test_compiled_repack_into_views_at_an_offset(device):
