@@ -748,18 +748,24 @@ def test_compile_fullgraph(device, g_idx_kind):
         torch._dynamo.reset()
 
 
+def _exported_two_layers(device):
+    """Two QuantLinear layers (the first act-order prepacked, with bias) around a ReLU, a sample
+    x, and their torch.export program with a dynamic batch"""
+    model = nn.Sequential(
+        QuantLinear.from_gptq(**random_gptq(device), g_idx=act_order_g_idx(device=device),
+                              group_size=G, bias=torch.randn(N, device=device)),
+        nn.ReLU(),
+        QuantLinear.from_gptq(**random_gptq(device, k=N, n=64), group_size=G))
+    x = torch.randn(3, K, device=device)
+    return model, x, torch.export.export(model, (x,),
+                                         dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
 def test_torch_export_save_load(device, tmp_path):
     """torch.export of a model with QuantLinear layers (act-order prepacked, bias) and a dynamic
     batch: the program holds one torch_ops.w4a16_linear per layer, survives save / load, and
     computes what the module does"""
-    gq = random_gptq(device)
-    model = nn.Sequential(
-        QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device), group_size=G,
-                              bias=torch.randn(N, device=device)),
-        nn.ReLU(),
-        QuantLinear.from_gptq(**random_gptq(device, k=N, n=64), group_size=G))
-    x = torch.randn(3, K, device=device)
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    model, x, program = _exported_two_layers(device)
     calls = [n for n in program.graph.nodes if n.target is torch.ops.torch_ops.w4a16_linear.default]
     assert len(calls) == 2
     torch.export.save(program, tmp_path / "model.pt2")
@@ -778,14 +784,7 @@ def test_aoti_package(device, tmp_path, aoti_package_check):
     library, loaded without Python's model code) calls the ops through its custom-op fallback:
     a package of QuantLinear layers (act-order prepacked, bias, dynamic batch) computes what the
     module does, in a fresh process that imports torch_ops and loads it"""
-    gq = random_gptq(device)
-    model = nn.Sequential(
-        QuantLinear.from_gptq(**gq, g_idx=act_order_g_idx(device=device), group_size=G,
-                              bias=torch.randn(N, device=device)),
-        nn.ReLU(),
-        QuantLinear.from_gptq(**random_gptq(device, k=N, n=64), group_size=G))
-    x = torch.randn(3, K, device=device)
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    model, _, program = _exported_two_layers(device)
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "m.pt2"))
     xs = [torch.randn(batch, K, device=device) for batch in (3, 1, 9)]
     aoti_package_check(package, xs, [model(xb) for xb in xs])
