@@ -36,8 +36,8 @@ except ImportError as _e:
         "In the source tree run `pip install --no-build-isolation -e .` (or `python setup.py "
         "build_ext --inplace`); to use an installed torch_ops instead, run from outside the "
         "source tree") from _e
-_C_DIR = _os_path.dirname(_os_path.realpath(_C.__file__))
-if _C_DIR != _os_path.dirname(_os_path.realpath(__file__)):
+_C_DIR, _PKG_DIR = (_os_path.dirname(_os_path.realpath(f)) for f in (_C.__file__, __file__))
+if _C_DIR != _PKG_DIR:
     # An editable install of another checkout maps torch_ops._C to that checkout's build for any
     # torch_ops imported (PYTHONPATH at an unbuilt clone loaded the clone's Python over the other
     # tree's kernels, silently; whichever ops the two trees disagree on then misbehave)
@@ -45,9 +45,9 @@ if _C_DIR != _os_path.dirname(_os_path.realpath(__file__)):
 
     _warnings.warn(
         f"torch_ops: the compiled extension torch_ops._C was loaded from {_C_DIR}, not from this "
-        f"package's folder {_os_path.dirname(_os_path.realpath(__file__))} (an editable install "
-        "of another checkout maps it): this Python runs over another build's kernels. Build this "
-        "tree (`pip install --no-build-isolation -e .` in it) or use that checkout",
+        f"package's folder {_PKG_DIR} (an editable install of another checkout maps it): this "
+        "Python runs over another build's kernels. Build this tree (`pip install "
+        "--no-build-isolation -e .` in it) or use that checkout",
         RuntimeWarning, stacklevel=2)
 from . import reference as _reference
 
