@@ -1123,7 +1123,8 @@ def test_quantize_model_keeps_shared_layers_shared():
     assert isinstance(model[0], QuantLinear) and model[0] is model[2]
     # skipped under one of its names: skipped under all (it stays one layer)
     model = nn.Sequential(nn.Sequential(shared), nn.ReLU(), shared)
-    quantize_model(model, group_size=G, skip=["0.0"])
+    with pytest.warns(UserWarning, match="no nn.Linear left to quantize"):
+        quantize_model(model, group_size=G, skip=["0.0"])
     assert model[0][0] is shared and model[2] is shared
 
 
@@ -1320,6 +1321,78 @@ def test_quantize_model_keeps_the_train_eval_mode():
         model = Tiny().train(train)
         quantize_model(model, group_size=G)
         assert [m.training for m in model.modules()] == [train] * 4
+
+
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D as GPT-2 uses it: a Linear with weight [K, N]."""
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(
+            *x.shape[:-1], self.nf)
+
+
+class FusedExperts(nn.Module):
+    """transformers 5's MoE experts (MixtralExperts, Qwen3MoeExperts): 3-D parameters."""
+    def __init__(self, experts=4, hidden=64, inter=128):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter))
+
+
+def test_quantize_model_warns_of_weight_matrices_it_leaves_float():
+    """GPT-2's projections (transformers' Conv1D, not nn.Linear) were left float and the model
+    came back unchanged without a word (save_quantized then said only "the model has no
+    QuantLinear layer"); transformers 5's fused MoE experts (3-D parameters, most of an MoE's
+    weights) stayed float just as silently beside the quantized attention. Both are warned of
+    by name; embeddings, convolutions, 2-D router weights and what skip= names are not."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(192, 64)
+            self.c_proj = Conv1D(64, 64)
+
+    gpt2 = nn.ModuleDict({"wte": nn.Embedding(256, 64), "h": nn.ModuleList([Block(), Block()]),
+                          "lm_head": nn.Linear(64, 256, bias=False)})
+    with pytest.warns(UserWarning, match=r"quantize_model: 4 module\(s\) holding weight matrices "
+                      r"are not nn.Linear layers and stay float .*h\.0\.c_attn \(Conv1D: weight\).*"
+                      r"nothing was quantized"):
+        quantize_model(gpt2, group_size=32)
+    assert type(gpt2.lm_head) is nn.Linear and type(gpt2.h[0].c_attn) is Conv1D
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 64))  # 2-D: stays float, unnamed
+
+    class Moe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(64, 64)
+            self.gate = Router()
+            self.experts = FusedExperts()
+            self.conv = nn.Conv1d(64, 64, 3)
+
+    model = nn.Sequential(Moe(), Moe())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(model, group_size=32)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert ("2 module(s)" in messages[0] and "0.experts (FusedExperts: gate_up_proj, down_proj); "
+            "1.experts (FusedExperts" in messages[0] and "gate" not in messages[0].replace(
+                "gate_up", "") and "conv" not in messages[0] and "nothing" not in messages[0])
+    assert isinstance(model[0].q_proj, QuantLinear)
+    # named in skip=: no warning; a second call finds nothing left to quantize and says so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(nn.Sequential(Moe()), group_size=32, skip=["lm_head", "experts"])
+    with pytest.warns(UserWarning, match="no nn.Linear left to quantize"):
+        quantize_model(model, group_size=32, skip=["experts"])
 
 
 def test_built_under_fake_tensor_mode():

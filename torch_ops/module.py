@@ -839,4 +839,44 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
         from .checkpoint import _record_quant_config  # (checkpoint imports this module)
 
         _record_quant_config(model)
+    _warn_weights_left_float(model, skip, quantized=bool(done))
     return model
+
+
+def _warn_weights_left_float(model: nn.Module, skip, quantized: bool) -> None:
+    """Warn of weight matrices quantize_model leaves float for not being nn.Linear layers:
+    transformers' ``Conv1D`` (GPT-2 and its kin: every projection, so nothing was quantized and
+    the model came back unchanged, silently) and modules holding parameters of 3 or more dims
+    that are not convolutions (transformers 5's fused MoE experts, ``gate_up_proj`` [E, 2I, H]:
+    most of an MoE's weights stayed float, silently). Embeddings and convolutions are not
+    named; neither is what ``skip`` names."""
+    left, numel = [], 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, QuantLinear, nn.Embedding, nn.EmbeddingBag,
+                          nn.modules.conv._ConvNd)) or name_matches(name, skip):
+            continue
+        params = [(n, p) for n, p in m.named_parameters(recurse=False)
+                  if p is not None and p.is_floating_point() and p.dim() >= 2]
+        if type(m).__name__ == "Conv1D":  # (transformers.pytorch_utils.Conv1D: a Linear [K, N])
+            params = [(n, p) for n, p in params if p.dim() == 2]
+        else:
+            params = [(n, p) for n, p in params if p.dim() >= 3]
+        if params:
+            left.append(f"{name} ({type(m).__name__}: {', '.join(n for n, _ in params)})")
+            numel += sum(p.numel() for _, p in params)
+    if not left:
+        if not quantized:
+            warnings.warn("quantize_model: the model has no nn.Linear left to quantize (outside "
+                          "skip=, not quantized already); nothing was changed", UserWarning,
+                          stacklevel=3)
+        return
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for m in model.modules() if isinstance(m, QuantLinear)
+        for b in (m.qweight,)) * 8
+    shown = "; ".join(left[:4]) + (f"; and {len(left) - 4} more" if len(left) > 4 else "")
+    warnings.warn(
+        f"quantize_model: {len(left)} module(s) holding weight matrices are not nn.Linear "
+        f"layers and stay float ({numel / max(total, 1):.0%} of the model's weights): {shown}. "
+        "quantize_model replaces nn.Linear only (transformers' Conv1D, as in GPT-2, and fused "
+        "MoE experts held as 3-D parameters are not quantized)"
+        + ("; nothing was quantized" if not quantized else ""), UserWarning, stacklevel=3)
