@@ -1395,6 +1395,37 @@ def test_quantize_model_warns_of_weight_matrices_it_leaves_float():
         quantize_model(model, group_size=32, skip=["experts"])
 
 
+def test_quantize_model_warns_of_quantized_moe_routers():
+    """MoE routers held as nn.Linear (transformers 5's JetMoE and DBRX ``router.layer``, Mixtral's
+    ``gate`` before transformers 5, Hunyuan's ``wg``) were quantized without a word, where GPTQ
+    and AWQ tools keep them float. Warned of by name; skip= keeps them float, silently; a
+    ``gate_proj`` is no router."""
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(64, 8, bias=False)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = Router()
+            self.gate = nn.Linear(64, 8, bias=False)
+            self.gate_proj = nn.Linear(64, 128)
+
+    model = nn.ModuleList([Block(), Block()])
+    with pytest.warns(UserWarning, match=re.escape(
+            "quantize_model: quantized 4 layer(s) that look like MoE routers: 0.router.layer, "
+            "0.gate, 1.router.layer, 1.gate.")):
+        quantize_model(model, group_size=32)
+    assert isinstance(model[0].gate, QuantLinear)  # (warned of, not refused)
+    model = nn.ModuleList([Block(), Block()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(model, group_size=32, skip=["lm_head", "router", "gate"])
+    assert type(model[1].router.layer) is nn.Linear and type(model[1].gate) is nn.Linear
+    assert isinstance(model[1].gate_proj, QuantLinear)
+
+
 def test_built_under_fake_tensor_mode():
     """Under FakeTensorMode (shapes only, no values) from_linear built nothing: it read the g_idx
     quantize returns (always arange(K) // group_size) and raised torch's

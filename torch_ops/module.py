@@ -840,7 +840,33 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
 
         _record_quant_config(model)
     _warn_weights_left_float(model, skip, quantized=bool(done))
+    _warn_quantized_routers(targets)
     return model
+
+
+_ROUTER_NAMES = ("gate", "router", "wg")  # (the last name component of a router Linear)
+
+
+def _warn_quantized_routers(targets) -> None:
+    """Warn of quantized Linears that look like MoE routers: named ``gate``, ``router`` or
+    ``wg`` (Mixtral's before transformers 5, Hunyuan's), or inside a module whose name holds
+    ``router`` (JetMoE's and DBRX's ``router.layer``, Switch's ``router.classifier``).
+    AutoGPTQ, GPTQModel and AutoAWQ keep routers float and vLLM loads them float: a 4-bit
+    router can pick other experts, and such a checkpoint holds a qweight where those loaders
+    expect a weight. (quantize_model quantized them without a word.)"""
+    routers = []
+    for name, _ in targets:
+        parts = name.split(".")
+        if parts[-1] in _ROUTER_NAMES or any("router" in p for p in parts[:-1]):
+            routers.append(name)
+    if routers:
+        shown = ", ".join(routers[:4]) + (f" and {len(routers) - 4} more" if len(routers) > 4
+                                           else "")
+        warnings.warn(
+            f"quantize_model: quantized {len(routers)} layer(s) that look like MoE routers: "
+            f"{shown}. GPTQ and AWQ tools keep routers float (a 4-bit router can pick other "
+            "experts; vLLM loads a router's float weight): pass their names in skip= (with "
+            "\"lm_head\") to keep them float", UserWarning, stacklevel=3)
 
 
 def _warn_weights_left_float(model: nn.Module, skip, quantized: bool) -> None:
