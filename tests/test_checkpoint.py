@@ -2179,3 +2179,42 @@ def test_save_interrupted_while_moving_files_in_leaves_the_earlier_checkpoint(
     else:
         assert inspect_checkpoint(folder)["format"] == "gptq"
     load_quantized(TinyLM(), folder)
+
+
+def test_load_into_fused_experts_says_the_layouts_differ(tmp_path):
+    """A checkpoint with an MoE's experts one by one (experts.<i>.gate_proj.qweight, as GPTQ and
+    AWQ tools write them, and as transformers 5's save_pretrained writes even its own fused
+    experts back) loaded into a transformers 5 model, whose experts are 3-D parameters
+    (experts.gate_up_proj), raised only "missing tensors ... unexpected tensors ...": two long
+    lists, with nothing saying why. The error now says so."""
+    class Experts(nn.Module):  # transformers 5's MixtralExperts / Qwen3MoeExperts
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(2, 64, 32))
+            self.down_proj = nn.Parameter(torch.zeros(2, 32, 32))
+
+    class Block(nn.Module):
+        def __init__(self, fused):
+            super().__init__()
+            self.q_proj = nn.Linear(32, 32)
+            self.experts = Experts() if fused else nn.ModuleList(
+                nn.ModuleDict({"gate_proj": nn.Linear(32, 32, bias=False),
+                               "up_proj": nn.Linear(32, 32, bias=False),
+                               "down_proj": nn.Linear(32, 32, bias=False)}) for _ in range(2))
+
+    per_expert = nn.ModuleDict({"layers": nn.ModuleList([Block(False)])})
+    torch_ops.quantize_model(per_expert, group_size=32)
+    torch_ops.save_quantized(per_expert, tmp_path / "c", "awq")
+    fused = nn.ModuleDict({"layers": nn.ModuleList([Block(True)])})
+    with pytest.raises(CheckpointError, match=re.escape(
+            "unexpected tensors (18): layers.0.experts.0.down_proj.qweight") + ".*" + re.escape(
+            "(the checkpoint holds the experts of layers.0.experts one by one, "
+            "experts.<i>.<proj>, where the model fuses them into 3-D parameters")):
+        load_quantized(fused, tmp_path / "c")
+    assert type(fused.layers[0].q_proj) is nn.Linear  # (the model as it was)
+    # other mismatches say nothing of experts
+    other = nn.ModuleDict({"layers": nn.ModuleList([Block(False)])})
+    del other.layers[0].experts[1]
+    with pytest.raises(CheckpointError, match="unexpected tensors") as e:
+        load_quantized(other, tmp_path / "c")
+    assert "fuses" not in str(e.value)

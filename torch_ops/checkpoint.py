@@ -1010,7 +1010,8 @@ def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, own
         if unexpected:
             parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
         raise CheckpointError(f"{folder}: checkpoint does not match the model: "
-                              + "; ".join(parts))
+                              + "; ".join(parts) + _fused_experts_hint(missing, unexpected,
+                                                                       expected))
     shapes = []
     for key in sorted(keys & expected.keys()):
         if key not in owner:
@@ -1020,6 +1021,27 @@ def _check_keys(folder, ckpt: Checkpoint, keys, expected: dict, quant_names, own
     if shapes:
         raise CheckpointError(f"{folder}: tensors of another shape than the model's: "
                               + ", ".join(shapes))
+
+
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.[0-9]+\.")
+
+
+def _fused_experts_hint(missing, unexpected, expected: dict) -> str:
+    """Where the checkpoint holds an MoE's experts one by one (``<x>.experts.<i>.<proj>.*``, as
+    AutoGPTQ, AutoAWQ and GPTQModel write them, and as transformers 5's save_pretrained writes
+    them back) and the model fuses them into 3-D parameters (``<x>.experts.gate_up_proj``, as
+    transformers 5 builds Mixtral, Qwen2/3-MoE and others): a sentence saying so, which the
+    two lists of names left to be worked out."""
+    per_expert = {m.group(1) for k in unexpected if (m := _EXPERT_KEY.match(k))}
+    fused = sorted(p for p in per_expert
+                   if any(k.startswith(p + ".") and expected[k].dim() >= 3 for k in missing))
+    if not fused:
+        return ""
+    return (f" (the checkpoint holds the experts of {fused[0]}"
+            + (f" and {len(fused) - 1} more MoE block(s)" if len(fused) > 1 else "")
+            + " one by one, experts.<i>.<proj>, where the model fuses them into 3-D parameters,"
+            " as transformers 5 builds MoE models: load_quantized loads nn.Linear layers by"
+            " name and maps no tensors between the two layouts)")
 
 
 def _check_tied_values(folder, ckpt: Checkpoint, keys, expected: dict, owner: dict) -> None:
