@@ -1757,6 +1757,53 @@ def test_save_quantized_takes_a_config_object_and_defaults_to_the_models_config(
         torch_ops.save_quantized(model, tmp_path / "bad", "gptq", config=["model_type"])
 
 
+class _TiedLM(TinyLM):
+    """A transformers-style model whose lm_head shares the embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head.weight = self.embed.weight
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+@pytest.mark.parametrize("head", ["quantized", "float"])
+def test_a_quantized_tied_lm_head_is_untied_in_the_configs(tmp_path, head):
+    """quantize_model(skip=()) quantizes a tied lm_head while the embedding stays float, but the
+    configs kept tie_word_embeddings true: a loader that ties (transformers' tie_weights, vLLM)
+    would put the float embedding in lm_head's place or find no weight to tie. The model's
+    config (so save_pretrained's), load_quantized's and save_quantized's now say false, at the
+    top and in text_config; a float lm_head keeps the tie. save_quantized also wrote "dtype":
+    null for a model made from a config, where save_pretrained writes the model's."""
+    def config():
+        return {"model_type": "tiny", "tie_word_embeddings": True, "dtype": None,
+                "text_config": {"tie_word_embeddings": True}}
+
+    torch.manual_seed(0)
+    model = _TiedLM().half()
+    model.config = _Config(**config())
+    torch_ops.quantize_model(model, group_size=G, skip=() if head == "quantized" else "lm_head")
+    tied = head == "float"
+    assert isinstance(model.lm_head, QuantLinear) != tied
+    assert model.config.tie_word_embeddings is tied
+    assert model.config.text_config["tie_word_embeddings"] is tied
+    given = config()
+    torch_ops.save_quantized(model, tmp_path / "ckpt", "gptq", config=given)
+    assert given == config()  # the caller's dict is not changed
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert written["tie_word_embeddings"] is tied
+    assert written["text_config"] == {"tie_word_embeddings": tied}
+    assert written["dtype"] == "float16"
+    assert written["quantization_config"].get("lm_head", False) is not tied
+    loaded = _TiedLM().half()
+    loaded.config = _Config(**config())
+    load_quantized(loaded, tmp_path / "ckpt")
+    assert loaded.config.tie_word_embeddings is tied
+    ids = torch.randint(0, 48, (2, 5))
+    assert torch.equal(loaded(ids), model(ids))
+
+
 class _Rotary(nn.Module):
     def __init__(self, dim=8):
         super().__init__()

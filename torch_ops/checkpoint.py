@@ -424,6 +424,39 @@ def model_quant_config(model: nn.Module, dynamic=None) -> dict | None:
         return _loader_fields(qc, names, skip, "", 1, dynamic)
 
 
+def _output_embedding_quantized(model: nn.Module) -> bool:
+    """Whether the model's output embedding (transformers' ``get_output_embeddings()``, else
+    Linears named lm_head) is a QuantLinear."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        out = get() if callable(get) else None
+    except Exception:  # (a model whose method needs what it lacks: fall back to the name)
+        out = None
+    if isinstance(out, nn.Module):
+        return isinstance(out, QuantLinear)
+    return any(isinstance(m, QuantLinear) and name_matches(n, "lm_head")
+               for n, m in model.named_modules())
+
+
+def _untie_quantized_head(model: nn.Module, configs) -> None:
+    """Set ``tie_word_embeddings`` false in ``configs`` (dicts or config objects: a model's and
+    its ``text_config``) that say true where the output embedding is quantized: the float
+    embedding no longer is lm_head's weight, and a loader that ties them (transformers'
+    ``tie_weights``, vLLM) would put the float embedding in lm_head's place or find no weight to
+    tie to the quantized one."""
+    if not _output_embedding_quantized(model):
+        return
+    for c in configs:
+        if isinstance(c, dict):
+            if c.get("tie_word_embeddings"):
+                c["tie_word_embeddings"] = False
+        elif getattr(c, "tie_word_embeddings", False):
+            try:
+                c.tie_word_embeddings = False
+            except Exception:  # (a config refusing the attribute: left as it is)
+                pass
+
+
 def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
     """Set ``model.config.quantization_config`` (a plain dict) to :func:`model_quant_config`, as
     transformers does on loading a quantized model, where the model has a config object with
@@ -455,6 +488,8 @@ def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
         return
     if base:
         qc = _over_source(base, qc)
+    text = getattr(config, "text_config", None)
+    _untie_quantized_head(model, [config] + ([text] if text is not None else []))
     try:
         config.quantization_config = qc
     except Exception:  # (a validating config refuses with ValueError: the load itself succeeded)
@@ -781,7 +816,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     ``model.config.quantization_config``, a plain dict, as transformers sets it when it loads a
     quantized model: the GPTQ config of what ``model.state_dict()`` now holds (GPTQ layout, v1
     zeros for an AWQ checkpoint; a GPTQ checkpoint's own other fields kept), so that its
-    ``save_pretrained`` writes a folder that this function and GPTQ loaders read back.
+    ``save_pretrained`` writes a folder that this function and GPTQ loaders read back; its
+    ``tie_word_embeddings`` becomes false where lm_head is now quantized.
 
     A GPTQ v1 checkpoint whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label, see
     ``_warn_v2_zeros``) loads as its config says, with a warning naming the layers."""
@@ -1107,7 +1143,9 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     ``config`` is a dict or an object with ``to_dict()`` (a transformers ``PretrainedConfig``);
     None takes ``model.config.to_dict()`` where the model has one (a transformers model: its
     AutoConfig needs ``model_type``), else writes quantization_config alone. Configs say
-    ``"lm_head": true`` where lm_head is quantized. GPTQ configs name every float Linear but
+    ``"lm_head": true`` where lm_head is quantized, and ``"tie_word_embeddings": false`` where
+    they said true (the float embedding is no longer lm_head's weight); a ``dtype`` (or
+    ``torch_dtype``) the config leaves None is written as the model's, as save_pretrained does. GPTQ configs name every float Linear but
     lm_head in a negative ``dynamic`` entry (``"-:^name$"``, read by GPTQModel, vLLM and SGLang)
     and, where decoder blocks (``<blocks>.<i>.<name>``) hold one (an MoE router), list the
     quantized ones in ``modules_in_block_to_quantize`` (transformers); a GPTQ config vLLM or
@@ -1134,6 +1172,15 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no QuantLinear layer")
+    if isinstance(config.get("text_config"), Mapping):
+        config["text_config"] = dict(config["text_config"])  # (changed below: the caller's kept)
+    _untie_quantized_head(model, [config, config.get("text_config")])
+    # the dtype save_pretrained writes (its model.dtype: the first float parameter's), where the
+    # config leaves it None (a model made from a config): loaders read None as float32
+    floats = [t.dtype for t in model.parameters() if t.is_floating_point()]
+    for key in ("dtype", "torch_dtype"):
+        if key in config and config[key] is None and floats:
+            config[key] = str(floats[0]).removeprefix("torch.")
     # a row shard's tensors (qweight [K_shard/8, N] beside the whole layer's scales) fit no
     # checkpoint layout: written as GPTQ they made a folder that load_quantized, convert, inspect
     # and other GPTQ loaders refuse (K not a multiple of group_size, or scales of other groups)

@@ -783,7 +783,8 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     ``model.config``), its ``quantization_config`` is set to a plain dict describing what
     ``model.state_dict()`` now holds (GPTQ, v1 zeros: ``torch_ops.checkpoint.model_quant_config``),
     as transformers sets it on a quantized model, so that its ``save_pretrained`` writes a folder
-    that ``load_quantized`` and GPTQ loaders read as quantized (without it: as float).
+    that ``load_quantized`` and GPTQ loaders read as quantized (without it: as float); its
+    ``tie_word_embeddings`` becomes false where lm_head is quantized (the embedding stays float).
 
     Raises ValueError, before changing anything, if a layer's shape cannot be quantized with
     ``group_size`` (in/out features multiples of 8, in_features a multiple of group_size) or its
