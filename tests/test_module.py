@@ -1395,35 +1395,44 @@ def test_quantize_model_warns_of_weight_matrices_it_leaves_float():
         quantize_model(model, group_size=32, skip=["experts"])
 
 
-def test_quantize_model_warns_of_quantized_moe_routers():
+def test_quantize_model_keeps_moe_routers_float():
     """MoE routers held as nn.Linear (transformers 5's JetMoE and DBRX ``router.layer``, Mixtral's
-    ``gate`` before transformers 5, Hunyuan's ``wg``) were quantized without a word, where GPTQ
-    and AWQ tools keep them float. Warned of by name; skip= keeps them float, silently; a
-    ``gate_proj`` is no router."""
+    ``gate`` before transformers 5, Hunyuan's ``wg``, Qwen-MoE's ``shared_expert_gate``) were
+    quantized (the last session warned), where GPTQ and AWQ tools keep them float and vLLM loads
+    them float; Qwen-MoE's Linear(H, 1) shared_expert_gate made the whole call fail. They stay
+    float now, silently; ``routers=True`` quantizes those that can be; a ``gate_proj`` is no
+    router, and a bad ``routers`` is refused by name."""
     class Router(nn.Module):
         def __init__(self):
             super().__init__()
             self.layer = nn.Linear(64, 8, bias=False)
 
     class Block(nn.Module):
-        def __init__(self):
+        def __init__(self, shared_gate):
             super().__init__()
             self.router = Router()
             self.gate = nn.Linear(64, 8, bias=False)
+            self.wg = nn.Linear(64, 16, bias=False)
             self.gate_proj = nn.Linear(64, 128)
+            self.shared_expert_gate = nn.Linear(64, 1 if shared_gate else 8)
 
-    model = nn.ModuleList([Block(), Block()])
-    with pytest.warns(UserWarning, match=re.escape(
-            "quantize_model: quantized 4 layer(s) that look like MoE routers: 0.router.layer, "
-            "0.gate, 1.router.layer, 1.gate.")):
-        quantize_model(model, group_size=32)
-    assert isinstance(model[0].gate, QuantLinear)  # (warned of, not refused)
-    model = nn.ModuleList([Block(), Block()])
+    routers = ("router.layer", "gate", "wg", "shared_expert_gate")
+    model = nn.ModuleList([Block(True), Block(True)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        quantize_model(model, group_size=32, skip=["lm_head", "router", "gate"])
-    assert type(model[1].router.layer) is nn.Linear and type(model[1].gate) is nn.Linear
-    assert isinstance(model[1].gate_proj, QuantLinear)
+        quantize_model(model, group_size=32)
+    for block in model:
+        assert all(type(block.get_submodule(n)) is nn.Linear for n in routers)
+        assert isinstance(block.gate_proj, QuantLinear)
+    model = nn.ModuleList([Block(False), Block(False)])
+    quantize_model(model, group_size=32, routers=True)
+    assert all(isinstance(b.get_submodule(n), QuantLinear) for b in model for n in routers)
+    with pytest.raises(TypeError, match=r"quantize_model: routers must be True or False, got "
+                                        r"'no' \(str\)"):
+        quantize_model(nn.ModuleList([Block(False)]), group_size=32, routers="no")
+    with pytest.warns(UserWarning, match="no nn.Linear left to quantize .outside skip=, not a "
+                                         "router"):
+        quantize_model(nn.ModuleDict({"gate": nn.Linear(64, 8)}), group_size=32, skip=())
 
 
 def test_built_under_fake_tensor_mode():
@@ -1558,3 +1567,12 @@ def test_save_quantized_refuses_float64_scales_of_model_double(tmp_path):
     loaded = torch_ops.load_quantized(Tiny(), tmp_path / "gptq")
     x = torch.randn(2, 128)
     torch.testing.assert_close(loaded.float()(x), model(x))
+
+
+def test_messages_name_the_first_few():
+    """Long lists in messages (layers left float, tensors left on meta...) name the first few and
+    count the rest, in one helper."""
+    from torch_ops import _ops
+    assert _ops._first_few("abcdefg") == "a, b, c, d, e (and 2 more)"
+    assert _ops._first_few(["x (Conv1D)", "y"], 4, "; ") == "x (Conv1D); y"
+    assert _ops._first_few([]) == ""

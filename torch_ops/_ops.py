@@ -125,6 +125,12 @@ def _got(v) -> str:
     return f"a {name}" + (f" of shape {list(shape)}" if shape is not None else "")
 
 
+def _first_few(items, n: int = 5, sep: str = ", ") -> str:
+    """The first ``n`` of ``items`` (strings) for a message, and how many more there are."""
+    items = list(items)
+    return sep.join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
 def _tensor(op: str, arg: str, v, optional: bool = False):
     """``v`` must be a torch.Tensor (or, ``optional``, None)."""
     if isinstance(v, torch.Tensor) or (optional and v is None):

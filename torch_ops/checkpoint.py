@@ -383,8 +383,7 @@ def _loader_fields(qc: dict, quantized, float_layers, what: str, stacklevel: int
             warnings.warn(f"{what}: float layers inside decoder blocks whose names end with the "
                           "name of a quantized one, which transformers' GPTQ loader (optimum's "
                           "modules_in_block_to_quantize, matched as name suffixes) would load as "
-                          "quantized: " + ", ".join(caught[:5])
-                          + (f" (and {len(caught) - 5} more)" if len(caught) > 5 else ""),
+                          "quantized: " + _ops._first_few(caught),
                           stacklevel=stacklevel)
         qc["modules_in_block_to_quantize"] = [keep]
     return qc
@@ -987,7 +986,7 @@ def _warn_left_on_meta(model: nn.Module) -> None:
     if left:
         warnings.warn(f"load_quantized: {len(left)} tensor(s) are still on the meta device, "
                       f"not being in the checkpoint (non-persistent buffers): "
-                      f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}; the model cannot "
+                      f"{_ops._first_few(left)}; the model cannot "
                       "run until they are computed. Build it with accelerate's "
                       "init_empty_weights() (parameters on meta, buffers real) or recompute them",
                       stacklevel=3)
@@ -1399,8 +1398,7 @@ def _warn_skip_substrings(what: str, skip: list, quantized, stacklevel: int) -> 
         warnings.warn(f"{what}: modules_to_not_convert entries are substrings of quantized "
                       "layers' names, which loaders matching substrings (older transformers, "
                       "AutoAWQ) would leave unquantized: "
-                      + ", ".join(f"{n!r} in {p!r}" for n, p in shadowed[:5])
-                      + (f" (and {len(shadowed) - 5} more)" if len(shadowed) > 5 else ""),
+                      + _ops._first_few(f"{n!r} in {p!r}" for n, p in shadowed),
                       stacklevel=stacklevel)
 
 

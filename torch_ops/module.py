@@ -771,9 +771,11 @@ def _check_model(model, where: str) -> None:
 
 
 def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
-                   skip=("lm_head",)) -> nn.Module:
+                   skip=("lm_head",), routers: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
-    :func:`name_matches`, ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
+    :func:`name_matches`, MoE routers unless ``routers`` (see :func:`looks_like_router`: GPTQ
+    and AWQ tools keep them float and vLLM loads them float; a 4-bit router can pick other
+    experts), ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
     reads itself, subclasses of ``nn.Linear`` with a ``forward`` of their own, and Linears
     with hooks of their own or a ``forward`` set on the instance, whose extra behaviour a
     QuantLinear would drop) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
@@ -812,9 +814,11 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     wrong = [n for n in skip if not isinstance(n, str)]
     if wrong:
         raise TypeError(f"{what} an entry {_ops._got(wrong[0])}")
+    routers = _ops._flag("quantize_model", "routers", routers)
     linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, nn.Linear)]
-    skipped = {id(m) for name, m in linears if name_matches(name, skip) or must_stay_float(m)}
+    skipped = {id(m) for name, m in linears if name_matches(name, skip) or must_stay_float(m)
+               or (not routers and looks_like_router(name))}
     targets = [(name, m) for name, m in linears if id(m) not in skipped]
     bad = []
     for name, m in targets:
@@ -841,33 +845,23 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
 
         _record_quant_config(model)
     _warn_weights_left_float(model, skip, quantized=bool(done))
-    _warn_quantized_routers(targets)
     return model
 
 
-_ROUTER_NAMES = ("gate", "router", "wg")  # (the last name component of a router Linear)
+# the last name component of a router Linear: Mixtral's (before transformers 5), Qwen-MoE's and
+# OLMoE's gate, Hunyuan's wg, Qwen-MoE's shared_expert_gate (Linear(H, 1), which no 4-bit layout
+# holds: quantize_model refused the model until it was in skip=)
+_ROUTER_NAMES = ("gate", "router", "wg", "shared_expert_gate")
 
 
-def _warn_quantized_routers(targets) -> None:
-    """Warn of quantized Linears that look like MoE routers: named ``gate``, ``router`` or
-    ``wg`` (Mixtral's before transformers 5, Hunyuan's), or inside a module whose name holds
-    ``router`` (JetMoE's and DBRX's ``router.layer``, Switch's ``router.classifier``).
-    AutoGPTQ, GPTQModel and AutoAWQ keep routers float and vLLM loads them float: a 4-bit
-    router can pick other experts, and such a checkpoint holds a qweight where those loaders
-    expect a weight. (quantize_model quantized them without a word.)"""
-    routers = []
-    for name, _ in targets:
-        parts = name.split(".")
-        if parts[-1] in _ROUTER_NAMES or any("router" in p for p in parts[:-1]):
-            routers.append(name)
-    if routers:
-        shown = ", ".join(routers[:4]) + (f" and {len(routers) - 4} more" if len(routers) > 4
-                                           else "")
-        warnings.warn(
-            f"quantize_model: quantized {len(routers)} layer(s) that look like MoE routers: "
-            f"{shown}. GPTQ and AWQ tools keep routers float (a 4-bit router can pick other "
-            "experts; vLLM loads a router's float weight): pass their names in skip= (with "
-            "\"lm_head\") to keep them float", UserWarning, stacklevel=3)
+def looks_like_router(name: str) -> bool:
+    """Whether a Linear's dotted name is an MoE router's: its last component is ``gate``,
+    ``router``, ``wg`` or ``shared_expert_gate``, or it lies inside a module whose name holds
+    ``router`` (JetMoE's and DBRX's ``router.layer``, Switch's ``router.classifier``). AutoGPTQ,
+    GPTQModel and AutoAWQ keep these float and vLLM loads them float, expecting a weight where
+    a quantized router's checkpoint holds a qweight. ``gate_proj`` is no router."""
+    parts = name.split(".")
+    return parts[-1] in _ROUTER_NAMES or any("router" in p for p in parts[:-1])
 
 
 def _warn_weights_left_float(model: nn.Module, skip, quantized: bool) -> None:
@@ -894,13 +888,13 @@ def _warn_weights_left_float(model: nn.Module, skip, quantized: bool) -> None:
     if not left:
         if not quantized:
             warnings.warn("quantize_model: the model has no nn.Linear left to quantize (outside "
-                          "skip=, not quantized already); nothing was changed", UserWarning,
+                          "skip=, not a router, not quantized already); nothing was changed", UserWarning,
                           stacklevel=3)
         return
     total = sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for m in model.modules() if isinstance(m, QuantLinear)
         for b in (m.qweight,)) * 8
-    shown = "; ".join(left[:4]) + (f"; and {len(left) - 4} more" if len(left) > 4 else "")
+    shown = _ops._first_few(left, 4, "; ")
     warnings.warn(
         f"quantize_model: {len(left)} module(s) holding weight matrices are not nn.Linear "
         f"layers and stay float ({numel / max(total, 1):.0%} of the model's weights): {shown}. "
