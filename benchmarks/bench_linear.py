@@ -321,13 +321,16 @@ def bench_cpu(shapes, ms, G, reps):
         us = statistics.median(ts) * 1e6
         return us, nbytes / (us * 1e-6) / statistics.median(bws)
 
+    amx = torch_ops._C.w4a16_amx_set(-1)  # (AMX tiles for bf16 x: then also timed without them)
     print(f"device: cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"read bandwidth {read_bw / 1e9:.1f} GB/s, isa {['scalar', 'avx2', 'avx512'][torch_ops._C.cpu_isa()]}, "
+          f"read bandwidth {read_bw / 1e9:.1f} GB/s, isa {['scalar', 'avx2', 'avx512'][torch_ops._C.cpu_isa()]}"
+          f"{' + AMX' if amx else ''}, "
           f"group {G}, weights rotated over {CPU_ROTATE_BYTES >> 20} MB; 'of read bw': int4 bytes/s at the median "
           f"time over the median of 64 MB reads timed between blocks of 8 calls")
-    print("| K x N | M | w4a16 fp32 x (us) | int4 GB/s | of read bw | w4a16 bf16 x | F.linear fp32 "
+    print("| K x N | M | w4a16 fp32 x (us) | int4 GB/s | of read bw | w4a16 bf16 x |"
+          + (" bf16 x without AMX |" if amx else "") + " F.linear fp32 "
           "| F.linear bf16 | fp32 x vs F.linear fp32 | bf16 x vs F.linear bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if amx else ""))
     for K, N in shapes:
         w, t = make(K, N, G, "cpu")
         wb = w.bfloat16()
@@ -340,11 +343,18 @@ def bench_cpu(shapes, ms, G, reps):
             check(x, t), check(xb, t)
             ours, of_bw = bench_vs_bw(lambda d: torch_ops.w4a16_linear(x, **d), ts, K * N / 2)
             ours_bf = bench(lambda d: torch_ops.w4a16_linear(xb, **d), ts)
+            no_amx = ""
+            if amx:
+                torch_ops._C.w4a16_amx_set(0)
+                try:
+                    no_amx = f" {bench(lambda d: torch_ops.w4a16_linear(xb, **d), ts):,.0f} |"
+                finally:
+                    torch_ops._C.w4a16_amx_set(-1)
             dense = bench(lambda _: F.linear(x, w))
             dense_bf = bench(lambda _: F.linear(xb, wb))
             gbs = K * N / 2 / (ours * 1e-6) / 1e9
-            print(f"| {K} x {N} | {M} | {ours:,.0f} | {gbs:.1f} | {of_bw:.0%} | {ours_bf:,.0f} "
-                  f"| {dense:,.0f} | {dense_bf:,.0f} | {dense / ours:.1f}x | {dense_bf / ours_bf:.2f}x |",
+            print(f"| {K} x {N} | {M} | {ours:,.0f} | {gbs:.1f} | {of_bw:.0%} | {ours_bf:,.0f} |{no_amx}"
+                  f" {dense:,.0f} | {dense_bf:,.0f} | {dense / ours:.1f}x | {dense_bf / ours_bf:.2f}x |",
                   flush=True)
         del ts
 

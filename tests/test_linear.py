@@ -1196,13 +1196,15 @@ def test_bad_input(device):
 
 
 @pytest.mark.skipif(_C.cpu_isa_detected() < 2, reason="needs AVX-512")
-@pytest.mark.parametrize("M", [16, 64])
+@pytest.mark.parametrize("M", [16, 40, 64])
 @pytest.mark.parametrize("group_size,zeros", [(32, "v1"), (128, "v2"), (-1, "sym")])
 def test_cpu_bf16_blocked_path(M, group_size, zeros):
     # bf16 x with M > 8 on AVX-512: the vdpbf16ps blocked path where the CPU has AVX512_BF16 (else
-    # the fp32 one); strided x rows, one row scaled by 1e-30 (the path scales rows by powers of two:
-    # vdpbf16ps reads bf16 denormals as zero), bias, N with an 8-column tail (the AVX2 path).
-    # Against the float64 reference and the AVX2 build (the fp32 blocked path).
+    # the fp32 one), its full blocks of 16 rows on AMX tiles where the CPU has them (M = 40: two
+    # blocks and 8 rows left); strided x rows, one row scaled by 1e-30 (the path scales rows by
+    # powers of two: vdpbf16ps and the tiles read bf16 denormals as zero), bias, N with an 8-column
+    # tail (the AVX2 path). Against the float64 reference, the path without AMX tiles and the AVX2
+    # build (the fp32 blocked path).
     K, N = 640, 200
     t = make_weights(K, N, group_size, zeros=zeros)
     xw = torch.randn(M, K + 24)
@@ -1219,6 +1221,14 @@ def test_cpu_bf16_blocked_path(M, group_size, zeros):
     finally:
         _C.cpu_isa_set(-1)
     assert rel_err(out, out_avx2.double()) < TOL[torch.bfloat16]
+    amx = _C.w4a16_amx_set(-1)
+    assert _C.w4a16_amx_set(0) == 0
+    try:
+        out_no_amx = torch_ops.w4a16_linear(x, bias=bias, **t)
+    finally:
+        assert _C.w4a16_amx_set(-1) == amx
+    assert rel_err(out_no_amx, expected) < TOL[torch.bfloat16]
+    assert rel_err(out, out_no_amx.double()) < TOL[torch.bfloat16]
 
 
 @needs_cuda

@@ -1266,6 +1266,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("cpu_isa", &tops_cpu_isa, "instruction set in use: 0 scalar, 1 AVX2, 2 AVX-512");
     m.def("cpu_isa_detected", &tops_cpu_isa_detected, "best instruction set of this CPU");
     m.def("cpu_isa_set", &tops_cpu_isa_set, "use at most this level (-1: the detected one)");
+    m.def("w4a16_amx_set", &tops_w4a16_amx_set,
+          "AMX tiles for bf16 x off (0), on where available (1), as detected (-1); returns the choice in force");
 #ifdef TOPS_WITH_CUDA
     m.attr("with_cuda") = true;
     m.def("cuda_w4a16_dense", &tops_cuda_w4a16_dev_dense,

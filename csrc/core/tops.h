@@ -166,6 +166,10 @@ typedef struct {
     int kinterleaved;
 } tops_w4a16_args;
 int tops_w4a16_linear(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end);
+/* AMX tiles for bf16 x (the blocked path's full blocks of 16 rows), used where the CPU and the OS
+ * have them: 0 turns them off, 1 back on (where available), -1 restores the detected choice.
+ * Returns the choice now in force. */
+int tops_w4a16_amx_set(int mode);
 
 /* ---- CPU instruction set used by the vectorised paths -----------------------------------------
  * Detected at run time; tops_cpu_isa_set lowers it (tests run every path the machine has).

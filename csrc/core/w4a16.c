@@ -79,6 +79,9 @@
  */
 #ifndef W4_TEMPLATE_PASS
 
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* syscall() under -std=c11 */
+#endif
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -91,6 +94,10 @@
     !defined(W4_NO_SIMD)
 #include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h> /* arch_prctl: permission for AMX state */
+#include <unistd.h>
+#endif
 #define W4_X86 1
 #else
 #define W4_X86 0
@@ -292,6 +299,55 @@ static int w4_bf16dot(void) {
 int tops_w4a16_bf16dot_set(int mode) {
     atomic_store_explicit(&w4_bfd_forced, mode < 0 ? -1 : mode != 0, memory_order_relaxed);
     return w4_bf16dot();
+}
+
+/* AMX tiles in w4b_blocked (below): built where the compiler has the tile intrinsics and Linux can
+ * grant the state; W4_AMX_EMULATE (the C tests' second build) models the tile instructions in C */
+#if W4_X86 && (defined(W4_AMX_EMULATE) ||                                                           \
+               (defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)))
+#define W4_AMX 1
+#else
+#define W4_AMX 0
+#endif
+
+/* Whether w4b_blocked runs its full row blocks on AMX tiles: cpuid (leaf 7: EDX bit 24 AMX-TILE, bit
+ * 22 AMX-BF16), the OS's XCR0 tile state (bits 17, 18), and Linux's permission, asked for once.
+ * tops_w4a16_amx_set (the tests' and the benchmark's switch) turns it off (0) or on (1, where
+ * available), -1 restores the detected choice; returns the choice now in force. */
+static _Atomic int w4_amx_forced = -1;
+
+static int w4_amx_detected(void) {
+#if W4_AMX && defined(W4_AMX_EMULATE)
+    return 1;
+#elif W4_AMX
+    static _Atomic int has_cached = -1;
+    int has = atomic_load_explicit(&has_cached, memory_order_relaxed);
+    if (has < 0) {
+        unsigned eax = 0, ebx = 0, ecx = 0, edx = 0, xlo = 0, xhi = 0;
+        has = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 24 & 1u) && (edx >> 22 & 1u) &&
+              __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx >> 27 & 1u); /* OSXSAVE: xgetbv */
+        if (has) {
+            __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+            has = (xlo >> 17 & 3u) == 3u;
+        }
+        /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): idempotent, process-wide */
+        if (has) has = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+        atomic_store_explicit(&has_cached, has, memory_order_relaxed);
+    }
+    return has;
+#else
+    return 0;
+#endif
+}
+
+static int w4_amx(void) {
+    const int forced = atomic_load_explicit(&w4_amx_forced, memory_order_relaxed);
+    return forced >= 0 ? forced && w4_amx_detected() : w4_amx_detected();
+}
+
+int tops_w4a16_amx_set(int mode) {
+    atomic_store_explicit(&w4_amx_forced, mode < 0 ? -1 : mode != 0, memory_order_relaxed);
+    return w4_amx();
 }
 
 /* ---- scalar path: direct dequantization, 8 columns (one qzeros word) x up to 64 rows at a time -- */
@@ -766,13 +822,113 @@ static BATTR void w4b_kern_call(int mr, int nv, const uint32_t *xq, int64_t ldx,
         break;
 #define W4B_KC3(MR) W4B_KC(MR, 1) W4B_KC(MR, 2) W4B_KC(MR, 3)
     switch (mr * 4 + nv) {
-        W4B_KC3(1) W4B_KC3(2) W4B_KC3(3) W4B_KC3(4) W4B_KC3(5) W4B_KC3(6) W4B_KC3(7) W4B_KC3(8)
+        W4B_KC3(0) W4B_KC3(1) W4B_KC3(2) W4B_KC3(3) W4B_KC3(4) W4B_KC3(5) W4B_KC3(6) W4B_KC3(7) W4B_KC3(8)
     default: break;
     }
 #undef W4B_KC3
 #undef W4B_KC
 }
 
+
+/* ---- AMX tiles for w4b_blocked's full blocks of 16 rows (AMX-TILE + AMX-BF16) ----------------------
+ * The panel buffer bq is already what a TDPBF16PS B tile reads: row p holds pair p of 16 columns as
+ * bf16 pairs (q_j - z, q_{j+4} - z), W4B_PW * 4 bytes apart; and xq's rows hold x as the matching
+ * pairs (x_j, x_{j+4}): 16 pairs of 16 rows are an A tile. One tile instruction does 16 x 16 x 32
+ * products (the AVX-512 kernel's 8 x 48 x 2 per 24 instructions), exact as vdpbf16ps's and summed
+ * in fp32, so the panel's dequantisation and the weight reads are what is left. Tiles 0-2
+ * accumulate a row block's 16 x 48 sums over a run of one group, tile 3 holds x, tiles 4-6 the
+ * panel's pairs; the sums go through a small buffer to C += s * sum, as the AVX-512 kernel's do.
+ * Runs of a pair count that is not a multiple of 16 (K not a multiple of 32 in the group, group
+ * sizes below 32) and the rows after the last full block take the AVX-512 kernel.
+ * Linux asks for AMX state per process (arch_prctl ARCH_REQ_XCOMP_PERM); without it (another OS,
+ * an old kernel) the AVX-512 kernels run. W4_AMX_EMULATE (the C tests' second build) runs the same
+ * code on a scalar model of the tile instructions, so the indexing is tested on any CPU. */
+#if W4_AMX && defined(W4_AMX_EMULATE)
+#define AATTR BATTR
+static _Thread_local uint8_t w4a_tmm[8][16 * 64]; /* 16 rows of 64 bytes */
+static void w4a_tile_load(int t, const void *p, int64_t stride) {
+    for (int r = 0; r < 16; r++) memcpy(w4a_tmm[t] + 64 * r, (const char *)p + r * stride, 64);
+}
+static void w4a_tile_store(int t, void *p, int64_t stride) {
+    for (int r = 0; r < 16; r++) memcpy((char *)p + r * stride, w4a_tmm[t] + 64 * r, 64);
+}
+static float w4a_bf16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return tops_bf16_to_f32(h);
+}
+/* C[m][n] += sum over pairs k of A[m][k].lo * B[k][n].lo + A[m][k].hi * B[k][n].hi */
+static void w4a_tile_dp(int c, int a, int b) {
+    for (int m = 0; m < 16; m++)
+        for (int n = 0; n < 16; n++) {
+            float acc;
+            memcpy(&acc, w4a_tmm[c] + 64 * m + 4 * n, 4);
+            for (int k = 0; k < 16; k++)
+                acc += w4a_bf16(w4a_tmm[a] + 64 * m + 4 * k) * w4a_bf16(w4a_tmm[b] + 64 * k + 4 * n) +
+                       w4a_bf16(w4a_tmm[a] + 64 * m + 4 * k + 2) * w4a_bf16(w4a_tmm[b] + 64 * k + 4 * n + 2);
+            memcpy(w4a_tmm[c] + 64 * m + 4 * n, &acc, 4);
+        }
+}
+static void w4a_config(void) {}
+static void w4a_release(void) { memset(w4a_tmm, 0, sizeof w4a_tmm); }
+#define W4A_ZERO(t) memset(w4a_tmm[t], 0, sizeof w4a_tmm[t])
+#define W4A_LOAD(t, p, stride) w4a_tile_load(t, p, stride)
+#define W4A_STORE(t, p, stride) w4a_tile_store(t, p, stride)
+#define W4A_DP(c, a, b) w4a_tile_dp(c, a, b)
+#elif W4_AMX
+#define AATTR __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+/* palette 1, every tile 16 rows x 64 bytes */
+static AATTR void w4a_config(void) {
+    uint8_t cfg[64] = {0};
+    cfg[0] = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg[16 + 2 * t] = 64; /* colsb, little-endian uint16 */
+        cfg[48 + t] = 16;     /* rows */
+    }
+    _tile_loadconfig(cfg);
+}
+static AATTR void w4a_release(void) { _tile_release(); }
+#define W4A_ZERO(t) _tile_zero(t)
+#define W4A_LOAD(t, p, stride) _tile_loadd(t, p, stride)
+#define W4A_STORE(t, p, stride) _tile_stored(t, p, stride)
+#define W4A_DP(c, a, b) _tile_dpbf16ps(c, a, b)
+#endif
+
+#if W4_AMX
+/* C[16 rows][nv vectors] (ldc apart) += s * sum over np pairs (a multiple of 16) of the x pairs of 16
+ * rows (xq, ldx apart) times the panel's pairs (bq, W4B_PW apart); the tiles configured */
+static AATTR void w4a_kern(int nv, const uint32_t *xq, int64_t ldx, const uint32_t *bq, int64_t np,
+                           const float *s, float *c, int64_t ldc) {
+    float sums[16 * W4B_PW] __attribute__((aligned(64)));
+    W4A_ZERO(0);
+    W4A_ZERO(1);
+    W4A_ZERO(2);
+    for (int64_t p = 0; p < np; p += 16) {
+        const uint32_t *b = bq + p * W4B_PW;
+        W4A_LOAD(3, xq + p, ldx * 4);
+        W4A_LOAD(4, b, W4B_PW * 4);
+        W4A_DP(0, 3, 4);
+        if (nv > 1) {
+            W4A_LOAD(5, b + 16, W4B_PW * 4);
+            W4A_DP(1, 3, 5);
+        }
+        if (nv > 2) {
+            W4A_LOAD(6, b + 32, W4B_PW * 4);
+            W4A_DP(2, 3, 6);
+        }
+    }
+    W4A_STORE(0, sums, W4B_PW * 4);
+    if (nv > 1) W4A_STORE(1, sums + 16, W4B_PW * 4);
+    if (nv > 2) W4A_STORE(2, sums + 32, W4B_PW * 4);
+    for (int v = 0; v < nv; v++) {
+        const __m512 sv = _mm512_loadu_ps(s + v * 16);
+        for (int m = 0; m < 16; m++) {
+            float *cp = c + m * ldc + v * 16;
+            _mm512_storeu_ps(cp, _mm512_fmadd_ps(sv, _mm512_loadu_ps(sums + m * W4B_PW + v * 16), _mm512_loadu_ps(cp)));
+        }
+    }
+}
+#endif
 
 /* workspace of w4b_blocked: x pairs [mce][ldx], row exponents, the scale and zero table, one weight
  * panel, C [mce][W4B_NT], runs of the tile */
@@ -824,7 +980,15 @@ static BATTR void w4b_pack_x(const tops_w4a16_args *a, int64_t m0, int64_t mc, u
     _mm_setcsr(csr);
 }
 
-static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws, const int32_t *gk) {
+/* the next tile's words pr .. pe - 1 of nrows, nlines lines of each (see w4b_blocked_run) */
+static inline void w4b_prefetch_rows(const int32_t *nq, int64_t N, int64_t nlines, int64_t *pr, int64_t pstep,
+                                     int64_t nrows) {
+    for (int64_t pe = w4_min(*pr + pstep, nrows); *pr < pe; ++*pr)
+        for (int64_t l = 0; l < nlines; l++) w4_prefetch(nq + *pr * N + l * 16, 0);
+}
+
+static BATTR int w4b_blocked_run(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws, const int32_t *gk,
+                                 int amx) {
     const int64_t M = a->M, K = a->K, N = a->N, G = a->groups, mce = w4_min(M, W4_MC), ldx = w4b_ldx(K);
     uint32_t *xq = (uint32_t *)ws;
     ws += w4_align((size_t)(mce * ldx) * 4);
@@ -841,8 +1005,11 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
     for (int64_t m0 = 0; m0 < M; m0 += W4_MC) {
         const int64_t mc = w4_min(W4_MC, M - m0);
         w4b_pack_x(a, m0, mc, xq, ldx, ex);
-        /* row blocks of at most W4B_MR rows, as even as possible (M = 9: 5 + 4, not 8 + 1) */
-        const int64_t nblk = (mc + W4B_MR - 1) / W4B_MR, mbase = mc / nblk, mext = mc % nblk;
+        /* amx: rows [0, arows) in full blocks of 16 on tiles; the others in row blocks of at most
+         * W4B_MR rows, as even as possible (M = 9: 5 + 4, not 8 + 1) */
+        const int64_t arows = amx ? mc / 16 * 16 : 0, vrows = mc - arows;
+        const int64_t nblk = (vrows + W4B_MR - 1) / W4B_MR;
+        const int64_t mbase = nblk ? vrows / nblk : 0, mext = nblk ? vrows % nblk : 0;
         for (int64_t n0 = nb; n0 < ne; n0 += W4B_NT) {
             const int ntv = (int)(w4_min(W4B_NT, ne - n0) / 16);
             for (int64_t g = 0; g < G; g++)
@@ -889,18 +1056,19 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                     nrows = w4_min(W4B_KT, K) / 8;
                     nlines = w4_min(W4B_NT, ne - n0 - W4B_NT) / 16;
                 }
-                const int64_t npass = (ntv + W4B_NV - 1) / W4B_NV * nblk, pstep = (nrows + npass - 1) / npass;
+                const int64_t npass = (ntv + W4B_NV - 1) / W4B_NV * ((nblk ? nblk : 1) + arows / 16);
+                const int64_t pstep = (nrows + npass - 1) / npass;
                 /* panel by panel: the first row block unpacks the panel into the L1-sized buffer as
-                 * its kernels use it, the other row blocks read it there */
+                 * its kernels use it (with every row on tiles, a pass of its own: mr = 0), the other
+                 * row blocks and the tiles read it there */
                 for (int p = 0; p * W4B_NV < ntv; p++) {
                     const int nv = (int)w4_min(W4B_NV, ntv - p * W4B_NV);
                     const int32_t *pq = a->qweight + r0 * N + n0 + p * W4B_PW;
                     /* the first row block also prefetches the words of the tile's later panels */
                     const int pfl = p ? nv : ntv - p * W4B_NV;
-                    for (int64_t b = 0, mb = 0; b < nblk; b++) {
-                        const int mr = (int)(mbase + (b < mext));
-                        for (int64_t pe = w4_min(pr + pstep, nrows); pr < pe; pr++)
-                            for (int64_t l = 0; l < nlines; l++) w4_prefetch(nq + pr * N + l * 16, 0);
+                    for (int64_t b = 0, mb = arows; b < (nblk ? nblk : 1); b++) {
+                        const int mr = nblk ? (int)(mbase + (b < mext)) : 0;
+                        w4b_prefetch_rows(nq, N, nlines, &pr, pstep, nrows);
                         for (int i = 0, w = 0; i < nruns; w += runs[2 * i + 1], i++)
                             w4b_kern_call(mr, nv, xq + mb * ldx + 4 * (r0 + w), ldx, bq + 4 * w * W4B_PW,
                                           4 * (int64_t)runs[2 * i + 1],
@@ -909,6 +1077,23 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
                                           b == 0 ? pq + (int64_t)w * N : NULL, N, pfl);
                         mb += mr;
                     }
+#if W4_AMX
+                    for (int64_t mb = 0; mb < arows; mb += 16) {
+                        w4b_prefetch_rows(nq, N, nlines, &pr, pstep, nrows);
+                        for (int i = 0, w = 0; i < nruns; w += runs[2 * i + 1], i++) {
+                            const int64_t np = 4 * (int64_t)runs[2 * i + 1];
+                            const float *sp = tab + 2 * (int64_t)runs[2 * i] * W4B_NT + p * W4B_PW;
+                            if (np % 16 == 0) {
+                                w4a_kern(nv, xq + mb * ldx + 4 * (r0 + w), ldx, bq + 4 * w * W4B_PW, np, sp,
+                                         cbuf + mb * W4B_NT + p * W4B_PW, W4B_NT);
+                                continue;
+                            }
+                            for (int64_t h = mb; h < mb + 16; h += 8)
+                                w4b_kern_call(8, nv, xq + h * ldx + 4 * (r0 + w), ldx, bq + 4 * w * W4B_PW, np, sp,
+                                              cbuf + h * W4B_NT + p * W4B_PW, W4B_NT, NULL, N, 0);
+                        }
+                    }
+#endif
                 }
             }
             for (int64_t m = 0; m < mc; m++) {
@@ -924,6 +1109,19 @@ static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, c
         }
     }
     return TOPS_OK;
+}
+
+/* w4b_blocked_run with the tiles configured for it where AMX is in force and M has a full block */
+static BATTR int w4b_blocked(const tops_w4a16_args *a, int64_t nb, int64_t ne, char *ws, const int32_t *gk) {
+#if W4_AMX
+    const int amx = a->M >= 16 && w4_amx();
+    if (amx) w4a_config();
+    const int st = w4b_blocked_run(a, nb, ne, ws, gk, amx);
+    if (amx) w4a_release();
+    return st;
+#else
+    return w4b_blocked_run(a, nb, ne, ws, gk, 0);
+#endif
 }
 #undef W4B_SETS
 #undef BATTR

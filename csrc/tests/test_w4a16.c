@@ -21,6 +21,7 @@
 int tops_w4a16_subnormal_set(int mode);
 /* w4a16.c: bf16 x through vdpbf16ps off (0) or on (1, where the CPU has AVX512_BF16), -1: by CPU */
 int tops_w4a16_bf16dot_set(int mode);
+/* (tops_w4a16_amx_set: available also in a build with -DW4_AMX_EMULATE, on a C model of the tiles) */
 
 static int g_xpos; /* w4_make: x >= 0 (every product term of one sign: the largest partial sums) */
 
@@ -300,8 +301,10 @@ static void test_bf16dot(void) {
     printf("bf16dot: %d cases\n", cases);
 }
 
-/* the blocked bf16-pair path (vdpbf16ps, M > 8) against the reference and against the fp32 blocked
- * path (bf16dot off): M = 9..100 (uneven row blocks), group sizes 32 / 64 / 128 / K, g_idx k / gs
+/* the blocked bf16-pair path (vdpbf16ps, M > 8), with and without AMX tiles where they are available,
+ * against the reference and against the fp32 blocked path (bf16dot off): M = 9..100 (uneven row
+ * blocks; 16, 17, 64, 100 give the tiles full blocks and rows left over), group sizes 32 / 64 / 128
+ * / K (K = 264 once: a run of one word, which the tiles leave to vdpbf16ps), g_idx k / gs
  * (plain groups given explicitly) and act-order (falls back to fp32), symmetric and both zero
  * formats, bias, N with an 8-column tail (the AVX2 path), strided x rows (odd strides too), K not a
  * multiple of 16 or of the k tile, x >= 0, split column ranges. Skipped without AVX512_BF16. */
@@ -314,13 +317,15 @@ static void test_bf16_blocked(void) {
     static const int64_t Ms[] = {9, 16, 17, 64, 100};
     static const int64_t Ns[] = {72, 200, 48, 400};
     static const int64_t Gs[] = {32, 64, 128, 0}; /* 0: K (one group) */
+    const int amx = tops_w4a16_amx_set(1);
+    tops_w4a16_amx_set(-1);
     int cases = 0;
     double worst_diff = 0.0;
     for (int mi = 0; mi < 5; mi++)
         for (int gi = 0; gi < 4; gi++)
             for (int zf = 0; zf < 3; zf++) {
                 const int64_t M = Ms[mi], N = Ns[(mi + gi + zf) % 4];
-                const int64_t K = (gi + zf) % 3 == 0 ? 1152 : (gi + zf) % 3 == 1 ? 256 : 640;
+                const int64_t K = gi == 3 && zf == 1 ? 264 : (gi + zf) % 3 == 0 ? 1152 : (gi + zf) % 3 == 1 ? 256 : 640;
                 const int64_t gs = Gs[gi] ? Gs[gi] : K;
                 const int act = (mi + zf) % 5 == 4 ? 2 : (mi + gi) % 7 == 6; /* a few g_idx cases */
                 w4case c = {M, K, N, gs, act, zf, -1, TOPS_BF16, (int)(tu_rand() % 3), (int)(tu_rand() % 3),
@@ -330,34 +335,40 @@ static void test_bf16_blocked(void) {
                 w4_make(&d, &c);
                 g_xpos = 0;
                 const size_t es = dsize(c.od);
-                unsigned char *o[2];
+                unsigned char *o[3];
                 tops_cpu_isa_set(TOPS_ISA_AVX512);
-                for (int bfd = 0; bfd < 2; bfd++) {
-                    tops_w4a16_bf16dot_set(bfd);
+                static const char *names[3][2] = {{"fp32 blocked whole", "fp32 blocked split"},
+                                                  {"bf16 blocked whole", "bf16 blocked split"},
+                                                  {"bf16 blocked amx whole", "bf16 blocked amx split"}};
+                for (int mode = 0; mode < 2 + amx; mode++) { /* fp32, bf16 pairs, bf16 pairs on tiles */
+                    tops_w4a16_bf16dot_set(mode > 0);
+                    tops_w4a16_amx_set(mode == 2);
                     int64_t whole[2] = {0, N}, s3[4] = {0, 16, N - 8, N};
-                    w4_run_check(&d, whole, 1, bfd ? "bf16 blocked whole" : "fp32 blocked whole");
-                    w4_run_check(&d, s3, 3, bfd ? "bf16 blocked split" : "fp32 blocked split");
-                    o[bfd] = malloc((size_t)(M * N) * es);
-                    tops_w4a16_args a = w4_args(&d, o[bfd]);
+                    w4_run_check(&d, whole, 1, names[mode][0]);
+                    w4_run_check(&d, s3, 3, names[mode][1]);
+                    o[mode] = malloc((size_t)(M * N) * es);
+                    tops_w4a16_args a = w4_args(&d, o[mode]);
                     CHECK(tops_w4a16_linear(&a, 0, N) == TOPS_OK);
                 }
-                /* the two paths agree within the tolerance of the output dtype */
-                double diff = 0.0;
-                for (int64_t i = 0; i < M * N; i++) {
-                    double e = fabs((double)tops_load(o[0], c.od, i) - tops_load(o[1], c.od, i)) / d.bound[i];
-                    if (e > diff) diff = e;
+                /* the bf16 paths agree with the fp32 one within the tolerance of the output dtype */
+                for (int mode = 1; mode < 2 + amx; mode++) {
+                    double diff = 0.0;
+                    for (int64_t i = 0; i < M * N; i++) {
+                        double e = fabs((double)tops_load(o[0], c.od, i) - tops_load(o[mode], c.od, i)) / d.bound[i];
+                        if (e > diff) diff = e;
+                    }
+                    CHECK(diff <= w4_tol(c.od));
+                    if (c.od == TOPS_F32 && diff > worst_diff) worst_diff = diff;
                 }
-                CHECK(diff <= w4_tol(c.od));
-                if (c.od == TOPS_F32 && diff > worst_diff) worst_diff = diff;
-                free(o[0]);
-                free(o[1]);
+                for (int mode = 0; mode < 2 + amx; mode++) free(o[mode]);
+                tops_w4a16_amx_set(-1);
                 tops_w4a16_bf16dot_set(-1);
                 tops_cpu_isa_set(-1);
                 w4_free(&d);
                 cases++;
             }
-    printf("bf16 blocked: %d cases, largest difference to the fp32 blocked path / bound (f32 out) %.3g\n", cases,
-           worst_diff);
+    printf("bf16 blocked: %d cases%s, largest difference to the fp32 blocked path / bound (f32 out) %.3g\n", cases,
+           amx ? " (each with AMX tiles too)" : " (no AMX tiles here)", worst_diff);
 }
 
 /* M around each path's limit: the GEMV takes up to 24 rows with AVX2, 20 with AVX-512 (11 for
