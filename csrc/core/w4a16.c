@@ -60,7 +60,9 @@
  *   group, then C += s * sum (the scale applied in fp32, not rounded into bf16 weights); no zero
  *   term is factored out of a sum, so none cancels. The first row block unpacks each panel while it
  *   multiplies it (the weight loads overlap its dot products), and the next tile's words are
- *   prefetched during the kernels of this one.
+ *   prefetched during the kernels of this one. Where the CPU has AMX (AMX-TILE, AMX-BF16) and
+ *   Linux grants its state, full blocks of 16 rows take the panel's pairs as TDPBF16PS tiles
+ *   instead (w4a_kern: the same exact products, 16 x 16 x 32 per instruction).
  *
  * Instruction sets: the AVX2 (+FMA, F16C) and AVX-512 variants are one template (the second half
  * of this file, included twice with different vector primitives), compiled with per-function
