@@ -38,7 +38,8 @@ static void *rand_tensor(int64_t n, int dtype, float lo, float hi) {
 
 typedef struct {
     int64_t M, K, N, gs;
-    int act;      /* g_idx: 0 none, 1 act-order permutation, 2 explicit k / gs */
+    int act;      /* g_idx: 0 none, 1 act-order permutation, 2 explicit k / gs, 3 sorted, runs of
+                   * random whole words (groups of uneven sizes, each word in one) */
     int zf;       /* 0: NULL (symmetric), 1: v1, 2: v2 */
     int zfill;    /* -1 random zeros, else every zero equals this */
     int xd, sd, od, bd; /* bd < 0: no bias */
@@ -83,6 +84,11 @@ static void w4_make(w4data *d, const w4case *c) {
     if (c->act) {
         d->g_idx = malloc((size_t)K * 4);
         for (int64_t k = 0; k < K; k++) d->g_idx[k] = (int32_t)(k / c->gs);
+        if (c->act == 3) /* a group ends after a word with probability 1/4, while groups are left */
+            for (int64_t k = 0, g = 0; k < K; k += 8) {
+                for (int i = 0; i < 8; i++) d->g_idx[k + i] = (int32_t)g;
+                if (g + 1 < K / c->gs && tu_rand() % 4 == 0) g++;
+            }
         if (c->act == 1) /* random permutation of k // gs */
             for (int64_t k = K - 1; k > 0; k--) {
                 int64_t j = (int64_t)(tu_rand() % (unsigned)(k + 1));
@@ -305,7 +311,7 @@ static void test_bf16dot(void) {
  * against the reference and against the fp32 blocked path (bf16dot off): M = 9..100 (uneven row
  * blocks; 16, 17, 64, 100 give the tiles full blocks and rows left over), group sizes 32 / 64 / 128
  * / K (K = 264 once: a run of one word, which the tiles leave to vdpbf16ps), g_idx k / gs
- * (plain groups given explicitly) and act-order (falls back to fp32), symmetric and both zero
+ * (plain groups given explicitly), sorted g_idx of uneven runs, and act-order (falls back to fp32), symmetric and both zero
  * formats, bias, N with an 8-column tail (the AVX2 path), strided x rows (odd strides too), K not a
  * multiple of 16 or of the k tile, x >= 0, split column ranges. Skipped without AVX512_BF16. */
 static void test_bf16_blocked(void) {
@@ -327,7 +333,9 @@ static void test_bf16_blocked(void) {
                 const int64_t M = Ms[mi], N = Ns[(mi + gi + zf) % 4];
                 const int64_t K = gi == 3 && zf == 1 ? 264 : (gi + zf) % 3 == 0 ? 1152 : (gi + zf) % 3 == 1 ? 256 : 640;
                 const int64_t gs = Gs[gi] ? Gs[gi] : K;
-                const int act = (mi + zf) % 5 == 4 ? 2 : (mi + gi) % 7 == 6; /* a few g_idx cases */
+                /* a few g_idx cases: act-order, k / gs, and runs of uneven length (the tiles take
+                 * those of a multiple of 4 words, vdpbf16ps the others, in one k tile) */
+                const int act = (mi + zf) % 5 == 4 ? 2 : (mi + gi) % 7 == 6 ? 1 : (mi + gi + zf) % 4 == 1 ? 3 : 0;
                 w4case c = {M, K, N, gs, act, zf, -1, TOPS_BF16, (int)(tu_rand() % 3), (int)(tu_rand() % 3),
                             (int)(tu_rand() % 4) - 1, (mi + gi) % 3 == 0 ? 0 : (int64_t)(8 * (gi % 2) + zf % 2), 0};
                 g_xpos = (mi + gi + zf) % 4 == 3;
