@@ -837,10 +837,9 @@ static BATTR void w4b_kern_call(int mr, int nv, const uint32_t *xq, int64_t ldx,
  * bf16 pairs (q_j - z, q_{j+4} - z), W4B_PW * 4 bytes apart; and xq's rows hold x as the matching
  * pairs (x_j, x_{j+4}): 16 pairs of 16 rows are an A tile. One tile instruction does 16 x 16 x 32
  * products (the AVX-512 kernel's 8 x 48 x 2 per 24 instructions), exact as vdpbf16ps's and summed
- * in fp32, so the panel's dequantisation and the weight reads are what is left. A row block takes
- * a panel's vectors two at a time (w4a_block: two sets of two accumulator tiles, x in tile 4, the
- * pairs in tiles 5 and 6); each run's sums go through a small buffer to C += s * sum, as the
- * AVX-512 kernel's do.
+ * in fp32, so the panel's dequantisation and the weight reads are what is left. Tiles 0-2
+ * accumulate a row block's 16 x 48 sums over a run of one group, tile 3 holds x, tiles 4-6 the
+ * panel's pairs; the sums go through a small buffer to C += s * sum, as the AVX-512 kernel's do.
  * Runs of a pair count that is not a multiple of 16 (K not a multiple of 32 in the group, group
  * sizes below 32) and the rows after the last full block take the AVX-512 kernel.
  * Linux asks for AMX state per process (arch_prctl ARCH_REQ_XCOMP_PERM); without it (another OS,
@@ -898,78 +897,39 @@ static AATTR void w4a_release(void) { _tile_release(); }
 #endif
 
 #if W4_AMX
-/* run on tiles T0 (and T1, nv = 2): the sums over np pairs (a multiple of 16) of x (tile 4) times
- * the pairs of the block's one or two vectors (tiles 5, 6) */
-#define W4A_SUMS(T0, T1)                                                                           \
-    do {                                                                                           \
-        W4A_ZERO(T0);                                                                              \
-        if (nv > 1) W4A_ZERO(T1);                                                                  \
-        for (int64_t q = pw; q < pw + np; q += 16) {                                               \
-            W4A_LOAD(4, xq + q, ldx * 4);                                                          \
-            W4A_LOAD(5, bq + q * W4B_PW, W4B_PW * 4);                                              \
-            W4A_DP(T0, 4, 5);                                                                      \
-            if (nv > 1) {                                                                          \
-                W4A_LOAD(6, bq + q * W4B_PW + 16, W4B_PW * 4);                                     \
-                W4A_DP(T1, 4, 6);                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-    } while (0)
-/* C += s * the sums waiting on tiles T0 (and T1), through buf */
-#define W4A_FLUSH(T0, T1, buf, s)                                                                  \
-    do {                                                                                           \
-        W4A_STORE(T0, buf, 32 * 4);                                                                \
-        if (nv > 1) W4A_STORE(T1, buf + 16, 32 * 4);                                               \
-        for (int v = 0; v < nv; v++) {                                                             \
-            const __m512 sv = _mm512_loadu_ps((s) + v * 16);                                       \
-            for (int m = 0; m < 16; m++) {                                                         \
-                float *cp = c + m * ldc + v * 16;                                                  \
-                _mm512_storeu_ps(cp, _mm512_fmadd_ps(sv, _mm512_loadu_ps(buf + m * 32 + v * 16),   \
-                                                     _mm512_loadu_ps(cp)));                        \
-            }                                                                                      \
-        }                                                                                          \
-    } while (0)
-
-/* C[16 rows][nv vectors, 1 or 2] (ldc apart) += the products of a k tile's runs (nruns of them:
- * group, words) for 16 rows of x (xq: at the tile's first pair, ldx apart) and one or two vectors
- * of the panel (bq: at the tile's first pair and the first of these vectors, W4B_PW apart; tab: the
- * scale table at the first of these columns, group g's W4B_NT * 2 g on). Runs alternate between two
- * sets of accumulator tiles (0-1, 2-3), and a run's sums are issued before the last run's are
- * scaled into C, so that the tile unit multiplies while the vector units scale (one set, as the
- * first version had, left each idle while the other worked: the next run's tiles had to wait for
- * the stores of the last). A run of a pair count that is not a multiple of 16 takes the AVX-512
- * kernel, 8 rows at a time. */
-static AATTR void w4a_block(int nv, const uint32_t *xq, int64_t ldx, const uint32_t *bq, const int32_t *runs,
-                            int nruns, const float *tab, float *c, int64_t ldc) {
-    float sums[2][16 * 32] __attribute__((aligned(64)));
-    const float *pend = NULL; /* the scales of the run whose sums wait on the other set */
-    int set = 0;
-    int64_t pw = 0; /* the run's first pair */
-    for (int i = 0; i < nruns; pw += 4 * (int64_t)runs[2 * i + 1], i++) {
-        const int64_t np = 4 * (int64_t)runs[2 * i + 1];
-        const float *s = tab + 2 * (int64_t)runs[2 * i] * W4B_NT;
-        if (np % 16) {
-            for (int h = 0; h < 16; h += 8)
-                w4b_kern_call(8, nv, xq + h * ldx + pw, ldx, (uint32_t *)bq + pw * W4B_PW, np, s, c + h * ldc, ldc,
-                              NULL, 0, 0);
-            continue;
+/* C[16 rows][nv vectors] (ldc apart) += s * sum over np pairs (a multiple of 16) of the x pairs of 16
+ * rows (xq, ldx apart) times the panel's pairs (bq, W4B_PW apart); the tiles configured */
+static AATTR void w4a_kern(int nv, const uint32_t *xq, int64_t ldx, const uint32_t *bq, int64_t np,
+                           const float *s, float *c, int64_t ldc) {
+    float sums[16 * W4B_PW] __attribute__((aligned(64)));
+    W4A_ZERO(0);
+    W4A_ZERO(1);
+    W4A_ZERO(2);
+    for (int64_t p = 0; p < np; p += 16) {
+        const uint32_t *b = bq + p * W4B_PW;
+        W4A_LOAD(3, xq + p, ldx * 4);
+        W4A_LOAD(4, b, W4B_PW * 4);
+        W4A_DP(0, 3, 4);
+        if (nv > 1) {
+            W4A_LOAD(5, b + 16, W4B_PW * 4);
+            W4A_DP(1, 3, 5);
         }
-        if (set == 0) {
-            W4A_SUMS(0, 1);
-            if (pend) W4A_FLUSH(2, 3, sums[1], pend);
-        } else {
-            W4A_SUMS(2, 3);
-            if (pend) W4A_FLUSH(0, 1, sums[0], pend);
+        if (nv > 2) {
+            W4A_LOAD(6, b + 32, W4B_PW * 4);
+            W4A_DP(2, 3, 6);
         }
-        pend = s;
-        set ^= 1;
     }
-    if (pend) {
-        if (set == 0) W4A_FLUSH(2, 3, sums[1], pend);
-        else W4A_FLUSH(0, 1, sums[0], pend);
+    W4A_STORE(0, sums, W4B_PW * 4);
+    if (nv > 1) W4A_STORE(1, sums + 16, W4B_PW * 4);
+    if (nv > 2) W4A_STORE(2, sums + 32, W4B_PW * 4);
+    for (int v = 0; v < nv; v++) {
+        const __m512 sv = _mm512_loadu_ps(s + v * 16);
+        for (int m = 0; m < 16; m++) {
+            float *cp = c + m * ldc + v * 16;
+            _mm512_storeu_ps(cp, _mm512_fmadd_ps(sv, _mm512_loadu_ps(sums + m * W4B_PW + v * 16), _mm512_loadu_ps(cp)));
+        }
     }
 }
-#undef W4A_SUMS
-#undef W4A_FLUSH
 #endif
 
 /* workspace of w4b_blocked: x pairs [mce][ldx], row exponents, the scale and zero table, one weight
@@ -1122,9 +1082,18 @@ static BATTR int w4b_blocked_run(const tops_w4a16_args *a, int64_t nb, int64_t n
 #if W4_AMX
                     for (int64_t mb = 0; mb < arows; mb += 16) {
                         w4b_prefetch_rows(nq, N, nlines, &pr, pstep, nrows);
-                        for (int v0 = 0; v0 < nv; v0 += 2)
-                            w4a_block((int)w4_min(2, nv - v0), xq + mb * ldx + 4 * r0, ldx, bq + v0 * 16, runs, nruns,
-                                      tab + p * W4B_PW + v0 * 16, cbuf + mb * W4B_NT + p * W4B_PW + v0 * 16, W4B_NT);
+                        for (int i = 0, w = 0; i < nruns; w += runs[2 * i + 1], i++) {
+                            const int64_t np = 4 * (int64_t)runs[2 * i + 1];
+                            const float *sp = tab + 2 * (int64_t)runs[2 * i] * W4B_NT + p * W4B_PW;
+                            if (np % 16 == 0) {
+                                w4a_kern(nv, xq + mb * ldx + 4 * (r0 + w), ldx, bq + 4 * w * W4B_PW, np, sp,
+                                         cbuf + mb * W4B_NT + p * W4B_PW, W4B_NT);
+                                continue;
+                            }
+                            for (int64_t h = mb; h < mb + 16; h += 8)
+                                w4b_kern_call(8, nv, xq + h * ldx + 4 * (r0 + w), ldx, bq + 4 * w * W4B_PW, np, sp,
+                                              cbuf + h * W4B_NT + p * W4B_PW, W4B_NT, NULL, N, 0);
+                        }
                     }
 #endif
                 }
