@@ -293,15 +293,20 @@ static int w4_bf16dot_detected(void) {
 #endif
 }
 
-static int w4_bf16dot(void) {
-    const int forced = atomic_load_explicit(&w4_bfd_forced, memory_order_relaxed);
-    return forced >= 0 ? forced && w4_bf16dot_detected() : w4_bf16dot_detected();
+/* a CPU feature the tests can turn off: in force where detected, unless forced off (forced: -1 as
+ * detected, 0 off, 1 on where detected) */
+static int w4_feature(_Atomic int *forced, int (*detected)(void)) {
+    return atomic_load_explicit(forced, memory_order_relaxed) != 0 && detected();
 }
 
-int tops_w4a16_bf16dot_set(int mode) {
-    atomic_store_explicit(&w4_bfd_forced, mode < 0 ? -1 : mode != 0, memory_order_relaxed);
-    return w4_bf16dot();
+static int w4_feature_set(_Atomic int *forced, int (*detected)(void), int mode) {
+    atomic_store_explicit(forced, mode < 0 ? -1 : mode != 0, memory_order_relaxed);
+    return w4_feature(forced, detected);
 }
+
+static int w4_bf16dot(void) { return w4_feature(&w4_bfd_forced, w4_bf16dot_detected); }
+
+int tops_w4a16_bf16dot_set(int mode) { return w4_feature_set(&w4_bfd_forced, w4_bf16dot_detected, mode); }
 
 /* AMX tiles in w4b_blocked (below): built where the compiler has the tile intrinsics and Linux can
  * grant the state; W4_AMX_EMULATE (the C tests' second build) models the tile instructions in C */
@@ -342,15 +347,9 @@ static int w4_amx_detected(void) {
 #endif
 }
 
-static int w4_amx(void) {
-    const int forced = atomic_load_explicit(&w4_amx_forced, memory_order_relaxed);
-    return forced >= 0 ? forced && w4_amx_detected() : w4_amx_detected();
-}
+static int w4_amx(void) { return w4_feature(&w4_amx_forced, w4_amx_detected); }
 
-int tops_w4a16_amx_set(int mode) {
-    atomic_store_explicit(&w4_amx_forced, mode < 0 ? -1 : mode != 0, memory_order_relaxed);
-    return w4_amx();
-}
+int tops_w4a16_amx_set(int mode) { return w4_feature_set(&w4_amx_forced, w4_amx_detected, mode); }
 
 /* ---- scalar path: direct dequantization, 8 columns (one qzeros word) x up to 64 rows at a time -- */
 static int w4_scalar(const tops_w4a16_args *a, int64_t nb, int64_t ne) {
