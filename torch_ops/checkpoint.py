@@ -437,15 +437,22 @@ def _output_embedding_quantized(model: nn.Module) -> bool:
                for n, m in model.named_modules())
 
 
-def _untie_quantized_head(model: nn.Module, configs) -> None:
-    """Set ``tie_word_embeddings`` false in ``configs`` (dicts or config objects: a model's and
-    its ``text_config``) that say true where the output embedding is quantized: the float
+def _untie_quantized_head(model: nn.Module, config) -> None:
+    """Set ``tie_word_embeddings`` false in ``config`` (a dict or a config object) and in its
+    ``text_config``, where they say true and the output embedding is quantized: the float
     embedding no longer is lm_head's weight, and a loader that ties them (transformers'
     ``tie_weights``, vLLM) would put the float embedding in lm_head's place or find no weight to
-    tie to the quantized one."""
+    tie to the quantized one. A dict's text_config is replaced by a copy (a caller's nested dict
+    stays as it was)."""
     if not _output_embedding_quantized(model):
         return
-    for c in configs:
+    if isinstance(config, dict):
+        text = config.get("text_config")
+        if isinstance(text, Mapping):
+            config["text_config"] = text = dict(text)
+    else:
+        text = getattr(config, "text_config", None)
+    for c in (config, text):
         if isinstance(c, dict):
             if c.get("tie_word_embeddings"):
                 c["tie_word_embeddings"] = False
@@ -487,8 +494,7 @@ def _record_quant_config(model: nn.Module, base: dict | None = None) -> None:
         return
     if base:
         qc = _over_source(base, qc)
-    text = getattr(config, "text_config", None)
-    _untie_quantized_head(model, [config] + ([text] if text is not None else []))
+    _untie_quantized_head(model, config)
     try:
         config.quantization_config = qc
     except Exception:  # (a validating config refuses with ValueError: the load itself succeeded)
@@ -1144,9 +1150,9 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     AutoConfig needs ``model_type``), else writes quantization_config alone. Configs say
     ``"lm_head": true`` where lm_head is quantized, and ``"tie_word_embeddings": false`` where
     they said true (the float embedding is no longer lm_head's weight); a ``dtype`` (or
-    ``torch_dtype``) the config leaves None is written as the model's, as save_pretrained does. GPTQ configs name every float Linear but
-    lm_head in a negative ``dynamic`` entry (``"-:^name$"``, read by GPTQModel, vLLM and SGLang)
-    and, where decoder blocks (``<blocks>.<i>.<name>``) hold one (an MoE router), list the
+    ``torch_dtype``) the config leaves None is written as the model's, as save_pretrained does.
+    GPTQ configs name every float Linear but lm_head in a negative ``dynamic`` entry
+    (``"-:^name$"``, read by GPTQModel, vLLM and SGLang) and, where decoder blocks (``<blocks>.<i>.<name>``) hold one (an MoE router), list the
     quantized ones in ``modules_in_block_to_quantize`` (transformers); a GPTQ config vLLM or
     SGLang would refuse (asymmetric, act-order, another group size) is warned of. AWQ configs
     say ``"sym": false``. A row shard of an act-order layer (``QuantLinear(num_groups=...)``)
@@ -1171,9 +1177,7 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no QuantLinear layer")
-    if isinstance(config.get("text_config"), Mapping):
-        config["text_config"] = dict(config["text_config"])  # (changed below: the caller's kept)
-    _untie_quantized_head(model, [config, config.get("text_config")])
+    _untie_quantized_head(model, config)
     # the dtype save_pretrained writes (its model.dtype: the first float parameter's), where the
     # config leaves it None (a model made from a config): loaders read None as float32
     floats = [t.dtype for t in model.parameters() if t.is_floating_point()]
