@@ -2233,8 +2233,9 @@ def test_load_into_fused_experts_says_the_layouts_differ(tmp_path):
     AWQ tools write them, and as transformers 5's save_pretrained writes even its own fused
     experts back) loaded into a transformers 5 model, whose experts are 3-D parameters
     (experts.gate_up_proj), raised only "missing tensors ... unexpected tensors ...": two long
-    lists, with nothing saying why. The error now says so."""
-    class Experts(nn.Module):  # transformers 5's MixtralExperts / Qwen3MoeExperts
+    lists, with nothing saying why. The error now says so. (Experts UnfusedExperts computes load:
+    tests/test_experts.py; these lack transformers' act_fn and forward.)"""
+    class Experts(nn.Module):  # 3-D parameters as transformers 5's MixtralExperts holds them
         def __init__(self):
             super().__init__()
             self.gate_up_proj = nn.Parameter(torch.zeros(2, 64, 32))
@@ -2253,12 +2254,23 @@ def test_load_into_fused_experts_says_the_layouts_differ(tmp_path):
     torch_ops.quantize_model(per_expert, group_size=32)
     torch_ops.save_quantized(per_expert, tmp_path / "c", "awq")
     fused = nn.ModuleDict({"layers": nn.ModuleList([Block(True)])})
+    experts = fused.layers[0].experts
     with pytest.raises(CheckpointError, match=re.escape(
-            "unexpected tensors (18): layers.0.experts.0.down_proj.qweight") + ".*" + re.escape(
-            "(the checkpoint holds the experts of layers.0.experts one by one, "
-            "experts.<i>.<proj>, where the model fuses them into 3-D parameters")):
+            "layers.0.experts: the checkpoint quantizes this MoE block's experts one by one "
+            "(down_proj, gate_proj, up_proj), which the model fuses into 3-D parameters (Experts), "
+            "and UnfusedExperts cannot take its place: no act_fn")):
         load_quantized(fused, tmp_path / "c")
     assert type(fused.layers[0].q_proj) is nn.Linear  # (the model as it was)
+    assert fused.layers[0].experts is experts
+    # float experts one by one (skip=): the keys differ, and the error says why
+    per_expert = nn.ModuleDict({"layers": nn.ModuleList([Block(False)])})
+    torch_ops.quantize_model(per_expert, group_size=32, skip=["experts"])
+    torch_ops.save_quantized(per_expert, tmp_path / "f", "awq")
+    with pytest.raises(CheckpointError, match=re.escape(
+            "unexpected tensors (6): layers.0.experts.0.down_proj.weight") + ".*" + re.escape(
+            "(the checkpoint holds the experts of layers.0.experts one by one, "
+            "experts.<i>.<proj>, where the model fuses them into 3-D parameters")):
+        load_quantized(fused, tmp_path / "f")
     # other mismatches say nothing of experts
     other = nn.ModuleDict({"layers": nn.ModuleList([Block(False)])})
     del other.layers[0].experts[1]

@@ -1337,7 +1337,8 @@ class Conv1D(nn.Module):
 
 
 class FusedExperts(nn.Module):
-    """transformers 5's MoE experts (MixtralExperts, Qwen3MoeExperts): 3-D parameters."""
+    """Experts held in 3-D parameters as transformers 5 holds them, without its act_fn and forward
+    (so not computed by UnfusedExperts: tests/test_experts.py has those)."""
     def __init__(self, experts=4, hidden=64, inter=128):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inter, hidden))
@@ -1383,8 +1384,8 @@ def test_quantize_model_warns_of_weight_matrices_it_leaves_float():
         quantize_model(model, group_size=32)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
-    assert ("2 module(s)" in messages[0] and "0.experts (FusedExperts: gate_up_proj, down_proj); "
-            "1.experts (FusedExperts" in messages[0] and "gate" not in messages[0].replace(
+    assert ("2 module(s)" in messages[0] and "0.experts (FusedExperts: gate_up_proj, down_proj; "
+            "no act_fn); 1.experts (FusedExperts" in messages[0] and "gate" not in messages[0].replace(
                 "gate_up", "") and "conv" not in messages[0] and "nothing" not in messages[0])
     assert isinstance(model[0].q_proj, QuantLinear)
     # named in skip=: no warning; a second call finds nothing left to quantize and says so

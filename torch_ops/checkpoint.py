@@ -30,9 +30,10 @@ from torch import nn
 
 from . import _ops
 from .reference import group_len
-from .module import (_FLOAT_DTYPES, QuantLinear, _check_model, _check_zero_format,
-                     _v2_zeros_warning, check_dims, checked_g_idx, must_stay_float, name_matches,
-                     replace_module, trivial_g_idx, v2_zeros_read_as_v1, zero_points_all_eight)
+from .module import (_FLOAT_DTYPES, EXPERT_NAMES, QuantLinear, UnfusedExperts, _check_model,
+                     _check_zero_format, _v2_zeros_warning, check_dims, checked_g_idx,
+                     fused_experts_layout, must_stay_float, name_matches, replace_module,
+                     trivial_g_idx, v2_zeros_read_as_v1, zero_points_all_eight)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
@@ -617,9 +618,19 @@ class Checkpoint:
                     raise CheckpointError(f"{self.folder / INDEX_NAME}: maps {key} to {shard}, "
                                           "but that file does not hold it")
         self._open = {}
+        self._file_key = {}  # renamed key -> its key in the file (rename)
 
     def keys(self):
         return self.shard_of.keys()
+
+    def rename(self, renamed: dict) -> None:
+        """Hold the tensors of ``renamed`` ({key in the files: name to use}) under their new
+        names (the files unchanged: reads go to the old key)."""
+        for shard in {self.shard_of[old] for old in renamed}:
+            self.headers[shard] = {renamed.get(k, k): v for k, v in self.headers[shard].items()}
+        for old, new in renamed.items():
+            self.shard_of[new] = self.shard_of.pop(old)
+            self._file_key[new] = self._file_key.pop(old, old)
 
     def shape(self, key) -> list:
         return self.headers[self.shard_of[key]][key][1]
@@ -634,7 +645,7 @@ class Checkpoint:
         try:
             if shard not in self._open:
                 self._open[shard] = safe_open(str(shard), framework="pt", device="cpu")
-            return self._open[shard].get_tensor(key)
+            return self._open[shard].get_tensor(self._file_key.get(key, key))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{shard}: cannot read tensor {key} ({e})") from None
 
@@ -802,7 +813,12 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     Every ``nn.Linear`` the checkpoint quantizes (it has ``<name>.qweight``: the tensors decide,
     not ``modules_to_not_convert``, whose entries loaders match in different ways) becomes a :class:`QuantLinear` (one Linear under several
     names, once, under all of them); the others stay float, and one tied to a tensor the checkpoint
-    holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. Then the quantized
+    holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. A fused MoE experts
+    module (transformers 5's 3-D ``gate_up_proj`` / ``down_proj``) whose experts the checkpoint
+    quantizes one by one (``experts.<i>.gate_proj.qweight``..., or Mixtral's w1 / w3 / w2)
+    becomes an :class:`UnfusedExperts` of QuantLinear layers; keys under a module the model has
+    under transformers 5's newer name only (Mixtral's ``block_sparse_moe``, now ``mlp``) are read
+    under that name (errors name them so). Then the quantized
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
     parameters). A model built on the meta device is loaded with ``assign=True``: float tensors
     take the dtype its parameters had, and tied parameters are tied again; tensors no checkpoint
@@ -834,40 +850,45 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     if qc is None:
         raise CheckpointError(f"{folder}: config.json has no quantization_config")
     ckpt = Checkpoint(folder)
+    renamed = _renamed_to_model(model, ckpt.keys())
+    if renamed:
+        ckpt.rename(renamed)
     keys = set(ckpt.keys())
     qprefixes = set(ckpt.quantized_prefixes())
 
-    # a Linear shared by several names (tied) is one layer: quantized when the checkpoint holds
-    # qweight under any of its names, then every name gets the same QuantLinear
-    names_of = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, (nn.Linear, QuantLinear)):
-            names_of.setdefault(id(m), (m, []))[1].append(name)
-    layers = []  # (module, its names)
-    for m, names in names_of.values():
-        if not any(n in qprefixes for n in names):
-            continue  # stored unquantized (e.g. lm_head), or tied to a float tensor: stays float
-        reason = None if isinstance(m, QuantLinear) else must_stay_float(m)
-        if reason is not None:  # (quantize_model leaves these float; here the model is untouched)
-            raise CheckpointError(
-                f"{next(n for n in names if n in qprefixes)}: the checkpoint quantizes this layer, "
-                f"but it is {reason}; a QuantLinear cannot take its place")
-        layers.append((m, names))
-        for name in names:
-            if name in qprefixes and f"{name}.scales" in keys:
-                K, N = _layer_dims(ckpt, name, qc)
-                if (K, N) != (m.in_features, m.out_features):
-                    raise CheckpointError(
-                        f"{name}: the checkpoint holds a {K}->{N} layer, the model a "
-                        f"{m.in_features}->{m.out_features} one")
-    quant_names = [name for _, names in layers for name in names]
-    owner = {f"{name}.{s}": name for name in quant_names  # loaded layer by layer
-             for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in keys}
     replaced = []  # (name, original module): put back if the checkpoint does not fit
     biased = []  # QuantLinear layers held without a bias, given one below: taken off again
     formats = []  # (held QuantLinear, its checkpoint_zero_format), set below: put back
     try:
         try:
+            # fused MoE experts the checkpoint holds one by one: QuantLinear layers of their own
+            _unfuse_experts(model, qprefixes, keys, qc, replaced)
+            # a Linear shared by several names (tied) is one layer: quantized when the checkpoint
+            # holds qweight under any of its names, then every name gets the same QuantLinear
+            names_of = {}
+            for name, m in model.named_modules(remove_duplicate=False):
+                if isinstance(m, (nn.Linear, QuantLinear)):
+                    names_of.setdefault(id(m), (m, []))[1].append(name)
+            layers = []  # (module, its names)
+            for m, names in names_of.values():
+                if not any(n in qprefixes for n in names):
+                    continue  # stored unquantized (lm_head), or tied to a float tensor: stays float
+                reason = None if isinstance(m, QuantLinear) else must_stay_float(m)
+                if reason is not None:  # (quantize_model leaves these float)
+                    raise CheckpointError(
+                        f"{next(n for n in names if n in qprefixes)}: the checkpoint quantizes "
+                        f"this layer, but it is {reason}; a QuantLinear cannot take its place")
+                layers.append((m, names))
+                for name in names:
+                    if name in qprefixes and f"{name}.scales" in keys:
+                        K, N = _layer_dims(ckpt, name, qc)
+                        if (K, N) != (m.in_features, m.out_features):
+                            raise CheckpointError(
+                                f"{name}: the checkpoint holds a {K}->{N} layer, the model a "
+                                f"{m.in_features}->{m.out_features} one")
+            quant_names = [name for _, names in layers for name in names]
+            owner = {f"{name}.{s}": name for name in quant_names  # loaded layer by layer
+                     for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in keys}
             for m, names in layers:
                 if isinstance(m, QuantLinear):
                     if m.group_size != qc.group_size:
@@ -883,7 +904,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
                     check_dims(m.in_features, m.out_features, qc.group_size, what=names[0])
                 except ValueError as e:
                     raise CheckpointError(str(e)) from None
-                # AutoGPTQ writes a (zero) bias for every layer, also where the model has none: keep it
+                # AutoGPTQ writes a (zero) bias for every layer, also where the model has none:
+                # keep it
                 bias = m.bias is not None or any(f"{n}.bias" in keys for n in names)
                 new = QuantLinear(m.in_features, m.out_features, bias=bias,
                                   group_size=qc.group_size, dtype=torch.float16,
@@ -955,6 +977,77 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     _warn_v2_zeros("load_quantized", folder, config, v2_zeros, len(quant_names), stacklevel=3)
     _record_quant_config(model, qc.raw if qc.method == "gptq" else None)
     return model
+
+
+# modules transformers 5 renamed in MoE models (old name, new name): Mixtral's, PhiMoE's and
+# MiniMax's block_sparse_moe is their mlp (its conversion_mapping.py; the float experts it also
+# fuses are UnfusedExperts' business, _unfuse_experts)
+_MODULE_RENAMES = (("block_sparse_moe", "mlp"),)
+
+
+def _renamed_to_model(model: nn.Module, keys) -> dict:
+    """{checkpoint key: the model's name for it} for keys under a module the model has under a
+    newer name only (_MODULE_RENAMES): ``layers.0.block_sparse_moe.experts.0.w1.qweight`` ->
+    ``layers.0.mlp.experts.0.w1.qweight`` where the model has ``layers.0.mlp`` and no
+    ``layers.0.block_sparse_moe``."""
+    modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    renamed = {}
+    for key in keys:
+        parts = key.split(".")
+        for old, new in _MODULE_RENAMES:
+            for i in range(len(parts) - 1):
+                if parts[i] == old:
+                    head = ".".join(parts[:i])
+                    was, now = (f"{head}.{n}" if head else n for n in (old, new))
+                    if was not in modules and now in modules:
+                        parts[i] = new
+        name = ".".join(parts)
+        if name != key and name not in keys:  # (a checkpoint holding both: left to the key check)
+            renamed[key] = name
+    return renamed
+
+
+def _unfuse_experts(model: nn.Module, qprefixes, keys, qc: QuantConfig, replaced: list) -> None:
+    """Put an UnfusedExperts in the place of each fused MoE experts module of ``model``
+    (transformers 5's 3-D gate_up_proj and down_proj) whose experts the checkpoint quantizes one
+    by one (``<name>.<i>.gate_proj.qweight``..., or Mixtral's w1 / w3 / w2), as GPTQ and AWQ
+    tools write them: QuantLinear layers of the checkpoint's group size on the module's device,
+    zeros until the load fills them. Each (name, fused module) goes to ``replaced`` as it is
+    replaced, to be put back if the load fails; CheckpointError where the module's layout or the
+    experts' names are not ones UnfusedExperts computes."""
+    projs = {}  # fused module's name -> the projection names the checkpoint holds under it
+    for prefix in qprefixes:
+        m = _EXPERT_LAYER.match(prefix)
+        if m:
+            projs.setdefault(m.group(1), set()).add(m.group(2))
+    done = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        layout = fused_experts_layout(m)
+        if layout is None or name not in projs:
+            continue
+        names = next((n for n in EXPERT_NAMES if set(n) == projs[name]), None)
+        if isinstance(layout, str) or names is None:
+            raise CheckpointError(
+                f"{name}: the checkpoint quantizes this MoE block's experts one by one "
+                f"({', '.join(sorted(projs[name]))}), which the model fuses into 3-D parameters "
+                f"({type(m).__name__}), and UnfusedExperts cannot take its place: "
+                + (layout if isinstance(layout, str) else
+                   "the projections are not named " + " or ".join(
+                       "/".join(n) for n in EXPERT_NAMES)))
+        if id(m) not in done:
+            E, H, I, _ = layout
+            bias = any(f"{name}.{e}.{p}.bias" in keys for e in range(E) for p in names)
+            dims = ((H, I), (H, I), (I, H))  # (in, out) of gate, up, down
+            device = m.gate_up_proj.device
+            done[id(m)] = UnfusedExperts(
+                [[QuantLinear(k, n, bias=bias, group_size=qc.group_size, dtype=torch.float16,
+                              device=device) for k, n in dims] for _ in range(E)],
+                m.act_fn, names).train(m.training)
+        replace_module(model, name, done[id(m)])
+        replaced.append((name, m))
+
+
+_EXPERT_LAYER = re.compile(r"^(.*)\.[0-9]+\.([^.]+)$")
 
 
 def _warn_v2_zeros(what: str, folder, config: dict, layers: list, total: int,
@@ -1068,11 +1161,10 @@ _EXPERT_KEY = re.compile(r"^(.*\.experts)\.[0-9]+\.")
 
 
 def _fused_experts_hint(missing, unexpected, expected: dict) -> str:
-    """Where the checkpoint holds an MoE's experts one by one (``<x>.experts.<i>.<proj>.*``, as
-    AutoGPTQ, AutoAWQ and GPTQModel write them, and as transformers 5's save_pretrained writes
-    them back) and the model fuses them into 3-D parameters (``<x>.experts.gate_up_proj``, as
-    transformers 5 builds Mixtral, Qwen2/3-MoE and others): a sentence saying so, which the
-    two lists of names left to be worked out."""
+    """Where the checkpoint holds an MoE's experts one by one (``<x>.experts.<i>.<proj>.*``) as
+    float tensors (quantized ones load: _unfuse_experts) and the model fuses them into 3-D
+    parameters (``<x>.experts.gate_up_proj``, as transformers 5 builds Mixtral, Qwen2/3-MoE and
+    others): a sentence saying so, which the two lists of names left to be worked out."""
     per_expert = {m.group(1) for k in unexpected if (m := _EXPERT_KEY.match(k))}
     fused = sorted(p for p in per_expert
                    if any(k.startswith(p + ".") and expected[k].dim() >= 3 for k in missing))
@@ -1081,8 +1173,9 @@ def _fused_experts_hint(missing, unexpected, expected: dict) -> str:
     return (f" (the checkpoint holds the experts of {fused[0]}"
             + (f" and {len(fused) - 1} more MoE block(s)" if len(fused) > 1 else "")
             + " one by one, experts.<i>.<proj>, where the model fuses them into 3-D parameters,"
-            " as transformers 5 builds MoE models: load_quantized loads nn.Linear layers by"
-            " name and maps no tensors between the two layouts)")
+            " as transformers 5 builds MoE models: load_quantized puts layers of their own in"
+            " the fused module's place for quantized experts only, and maps no float tensors"
+            " between the two layouts)")
 
 
 def _check_tied_values(folder, ckpt: Checkpoint, keys, expected: dict, owner: dict) -> None:

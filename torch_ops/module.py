@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
+import re
+import sys
 import warnings
 from collections import OrderedDict
 
@@ -43,7 +46,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from . import _ops
 from .reference import group_len
 
-__all__ = ["QuantLinear", "quantize_model"]
+__all__ = ["QuantLinear", "UnfusedExperts", "quantize_model"]
 
 BITS = 4
 PACK = 32 // BITS  # 4-bit values per int32 word
@@ -715,6 +718,175 @@ def _v2_zeros_warning(enabled: bool):
         _WARN_V2_ZEROS.reset(token)
 
 
+# ---------------------------------------------------------------------- MoE experts
+# the names of an expert's (gate, up, down) projections in checkpoints that hold the experts one
+# by one (AutoGPTQ, GPTQModel, AutoAWQ, vLLM): Qwen-MoE's, DeepSeek's, OLMoE's...; Mixtral's
+EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+_EXPERTS_FORWARD = ["hidden_states", "top_k_index", "top_k_weights"]
+
+
+def checkpoint_expert_names(model: nn.Module) -> tuple:
+    """The names checkpoints of ``model``'s kind give an expert's (gate, up, down) projections:
+    for a transformers model, those its checkpoint conversion (``transformers.conversion_mapping``,
+    for ``config.model_type``) fuses into ``experts.gate_up_proj``, w1 / w3 / w2 for Mixtral and
+    its kin, which vLLM reads under those names; else gate_proj / up_proj / down_proj."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if isinstance(model_type, str) and "transformers" in sys.modules:
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+            found = {}
+            for convert in get_checkpoint_conversion_mapping(model_type) or ():
+                sources = [str(p) for p in getattr(convert, "source_patterns", None) or ()]
+                targets = [str(p) for p in getattr(convert, "target_patterns", None) or ()]
+                names = [m.group(1) for p in sources
+                         if (m := re.search(r"experts\.\*\.(\w+)\.weight$", p))]
+                if len(names) != len(sources) or len(targets) != 1:
+                    continue
+                if targets[0].endswith("experts.gate_up_proj") and len(names) == 2:
+                    found["gate"], found["up"] = names
+                elif targets[0].endswith("experts.down_proj") and len(names) == 1:
+                    found["down"] = names[0]
+            names = tuple(found.get(k) for k in ("gate", "up", "down"))
+            if names in EXPERT_NAMES:
+                return names
+        except Exception:  # (another transformers: its names unknown, the common ones taken)
+            pass
+    return EXPERT_NAMES[0]
+
+
+def fused_experts_layout(m: nn.Module):
+    """What ``m`` is as transformers 5's fused MoE experts module (Mixtral, Qwen2/3-MoE,
+    DeepSeek, OLMoE and most of its MoE models: ``gate_up_proj`` [E, 2I, H] (gate rows, then up
+    rows), ``down_proj`` [E, H, I], both [E, in, out] where ``is_transposed``; ``act_fn``;
+    ``forward(hidden_states, top_k_index, top_k_weights)``): None where ``m`` holds no such
+    3-D parameters; ``(E, H, I, transposed)`` where :class:`UnfusedExperts` computes what it
+    does; otherwise a str saying why not (biases, interleaved gate/up rows, a gate or norm of
+    its own: gpt-oss and a few others)."""
+    params = dict(m.named_parameters(recurse=False))
+    gu, down = params.get("gate_up_proj"), params.get("down_proj")
+    if gu is None or down is None or gu.dim() != 3 or down.dim() != 3:
+        return None
+    others = sorted(set(params) - {"gate_up_proj", "down_proj"})
+    if others:
+        return f"parameters besides gate_up_proj and down_proj: {', '.join(others)}"
+    for flag, want in (("has_bias", False), ("has_gate", True), ("is_concatenated", True),
+                       ("has_post_expert_norm", False)):
+        if bool(getattr(m, flag, want)) != want:
+            return f"{flag}={not want}"
+    gate = getattr(type(m), "_apply_gate", None)
+    if gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate":
+        return "a gating function of its own (_apply_gate)"
+    if not callable(getattr(m, "act_fn", None)):
+        return "no act_fn"
+    try:
+        args = list(inspect.signature(type(m).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        args = None
+    if args != _EXPERTS_FORWARD:
+        return f"a forward other than forward({', '.join(_EXPERTS_FORWARD)})"
+    transposed = bool(getattr(m, "is_transposed", False))
+    if transposed:
+        (E, H, I2), (E2, I, H2) = gu.shape, down.shape
+    else:
+        (E, I2, H), (E2, H2, I) = gu.shape, down.shape
+    if E2 != E or H2 != H or I2 != 2 * I:
+        return (f"gate_up_proj {list(gu.shape)} and down_proj {list(down.shape)} of no "
+                "[E, 2I, H] / [E, H, I] pair")
+    return E, H, I, transposed
+
+
+class _Expert(nn.Module):
+    """One expert of :class:`UnfusedExperts`: its gate, up and down projections, under the names
+    its checkpoint gives them."""
+
+    def __init__(self, names, gate: nn.Module, up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.names = tuple(names)
+        for name, layer in zip(self.names, (gate, up, down)):
+            self.add_module(name, layer)
+
+    def forward(self, x: torch.Tensor, act_fn) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(act_fn(gate(x)) * up(x))
+
+
+class UnfusedExperts(nn.Module):
+    """An MoE block's experts as layers of their own, one gate, up and down projection per
+    expert (QuantLinear, or nn.Linear), in the place of transformers 5's fused experts module
+    (:func:`fused_experts_layout`), which holds every expert in two 3-D parameters no 4-bit
+    layout holds. Its state dict has the keys GPTQ and AWQ tools write and vLLM reads, expert by
+    expert: ``<i>.gate_proj.qweight`` ... (``names``; Mixtral's checkpoints say w1, w3, w2).
+
+    ``forward(hidden_states, top_k_index, top_k_weights)`` is the fused module's: each token's
+    top-k experts (indices outside [0, E) skipped, as transformers' padding index E is), their
+    outputs weighted and summed in fp32, returned in the dtype of ``hidden_states``. It runs the
+    experts the batch routes to, one after another (the index of those is read on the host)."""
+
+    def __init__(self, experts, act_fn, names=EXPERT_NAMES[0]):
+        super().__init__()
+        self.num_experts = 0
+        for i, (gate, up, down) in enumerate(experts):
+            self.add_module(str(i), _Expert(names, gate, up, down))
+            self.num_experts += 1
+        self.act_fn = act_fn
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, i: int) -> _Expert:
+        return self._modules[str(i)]
+
+    @staticmethod
+    def _layout_to_quantize(fused: nn.Module, group_size: int, what: str) -> tuple:
+        """fused_experts_layout(fused); ValueError naming ``what`` where it is no fused experts
+        module, its shapes do not quantize with ``group_size`` or its weights are on meta."""
+        layout = fused_experts_layout(fused)
+        if not isinstance(layout, tuple):
+            raise ValueError(f"{what}: not a fused experts module UnfusedExperts can take the "
+                             f"place of ({layout or 'no 3-D gate_up_proj and down_proj'})")
+        E, H, I, _ = layout
+        check_dims(H, I, group_size, what=f"{what} (gate and up projections)")
+        check_dims(I, H, group_size, what=f"{what} (down projections)")
+        if fused.gate_up_proj.is_meta or fused.down_proj.is_meta:
+            raise ValueError(f"{what}: the weights are on the meta device (not materialised)")
+        return layout
+
+    @classmethod
+    def quantize_fused(cls, fused: nn.Module, group_size: int = 128, sym: bool = False,
+                       names=EXPERT_NAMES[0]) -> "UnfusedExperts":
+        """Round-to-nearest quantization (``QuantLinear.from_linear``) of every expert of a fused
+        experts module (:func:`fused_experts_layout`); ValueError where it is none or its shapes
+        do not quantize with ``group_size``."""
+        E, H, I, transposed = cls._layout_to_quantize(fused, group_size, type(fused).__name__)
+
+        def layer(weight):  # weight [out, in]
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+            return QuantLinear.from_linear(linear, group_size=group_size, sym=sym)
+
+        experts = []
+        for e in range(E):
+            gu, down = fused.gate_up_proj[e], fused.down_proj[e]
+            if transposed:
+                gu, down = gu.t(), down.t()
+            experts.append((layer(gu[:I]), layer(gu[I:]), layer(down)))
+        return cls(experts, fused.act_fn, names)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        index = top_k_index.reshape(x.shape[0], -1)
+        weights = top_k_weights.reshape(x.shape[0], -1)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in torch.unique(index).tolist():
+            if 0 <= e < len(self):
+                token, k = torch.where(index == e)
+                y = self[e](x[token], self.act_fn)
+                out.index_add_(0, token, y.float() * weights[token, k, None].float())
+        return out.to(hidden_states.dtype).reshape(hidden_states.shape)
+
+
 def name_matches(name: str, patterns) -> bool:
     """True if a dotted module name contains one of ``patterns`` as a run of whole components:
     "lm_head" matches "lm_head" and "model.lm_head" (not "lm_head2"); "layers.0" matches everything
@@ -780,6 +952,10 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     with hooks of their own or a ``forward`` set on the instance, whose extra behaviour a
     QuantLinear would drop) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
     several names is quantized once and stays shared (skipped if any of its names matches).
+    transformers 5's fused MoE experts (3-D ``gate_up_proj`` and ``down_proj``: see
+    :func:`fused_experts_layout`) become an :class:`UnfusedExperts`, a QuantLinear per expert
+    and projection, whose state dict has the per-expert keys GPTQ and AWQ checkpoints hold
+    (``experts.<i>.gate_proj.qweight``); ``skip`` names them as the rest (``"experts"``).
 
     Where the model has a config object with ``to_dict()`` (a transformers model's
     ``model.config``), its ``quantization_config`` is set to a plain dict describing what
@@ -820,12 +996,20 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     skipped = {id(m) for name, m in linears if name_matches(name, skip) or must_stay_float(m)
                or (not routers and looks_like_router(name))}
     targets = [(name, m) for name, m in linears if id(m) not in skipped]
+    # transformers 5's fused MoE experts: one QuantLinear per expert and projection
+    fused = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+             if isinstance(fused_experts_layout(m), tuple) and not name_matches(name, skip)]
     bad = []
     for name, m in targets:
         try:
             check_dims(m.in_features, m.out_features, group_size, what=name)
             if m.weight.is_meta:
                 raise ValueError(f"{name}: the weight is on the meta device (not materialised)")
+        except ValueError as e:
+            bad.append(str(e))
+    for name, m in fused:
+        try:
+            UnfusedExperts._layout_to_quantize(m, group_size, name)
         except ValueError as e:
             bad.append(str(e))
     if bad:
@@ -838,7 +1022,12 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
             # in eval() before quantizing held QuantLinears in training mode)
             layer = QuantLinear.from_linear(m, group_size=group_size, sym=sym)
             done[id(m)] = layer.train(m.training)
-    for name, m in targets:
+    names = checkpoint_expert_names(model) if fused else None
+    for name, m in fused:
+        if id(m) not in done:
+            done[id(m)] = UnfusedExperts.quantize_fused(m, group_size, sym,
+                                                        names).train(m.training)
+    for name, m in targets + fused:
         replace_module(model, name, done[id(m)])
     if done:
         from .checkpoint import _record_quant_config  # (checkpoint imports this module)
@@ -868,8 +1057,8 @@ def _warn_weights_left_float(model: nn.Module, skip, quantized: bool) -> None:
     """Warn of weight matrices quantize_model leaves float for not being nn.Linear layers:
     transformers' ``Conv1D`` (GPT-2 and its kin: every projection, so nothing was quantized and
     the model came back unchanged, silently) and modules holding parameters of 3 or more dims
-    that are not convolutions (transformers 5's fused MoE experts, ``gate_up_proj`` [E, 2I, H]:
-    most of an MoE's weights stayed float, silently). Embeddings and convolutions are not
+    that are not convolutions (fused MoE experts UnfusedExperts cannot take the place of: gpt-oss's,
+    with biases; most of an MoE's weights stayed float, silently). Embeddings and convolutions are not
     named; neither is what ``skip`` names."""
     left, numel = [], 0
     for name, m in model.named_modules():
@@ -883,7 +1072,9 @@ def _warn_weights_left_float(model: nn.Module, skip, quantized: bool) -> None:
         else:
             params = [(n, p) for n, p in params if p.dim() >= 3]
         if params:
-            left.append(f"{name} ({type(m).__name__}: {', '.join(n for n, _ in params)})")
+            why = fused_experts_layout(m)  # (a str: fused experts UnfusedExperts cannot take)
+            left.append(f"{name} ({type(m).__name__}: {', '.join(n for n, _ in params)}"
+                        + (f"; {why}" if isinstance(why, str) else "") + ")")
             numel += sum(p.numel() for _, p in params)
     if not left:
         if not quantized:
@@ -898,6 +1089,6 @@ def _warn_weights_left_float(model: nn.Module, skip, quantized: bool) -> None:
     warnings.warn(
         f"quantize_model: {len(left)} module(s) holding weight matrices are not nn.Linear "
         f"layers and stay float ({numel / max(total, 1):.0%} of the model's weights): {shown}. "
-        "quantize_model replaces nn.Linear only (transformers' Conv1D, as in GPT-2, and fused "
-        "MoE experts held as 3-D parameters are not quantized)"
+        "quantize_model replaces nn.Linear layers and transformers 5's fused MoE experts "
+        "(transformers' Conv1D, as in GPT-2, and other modules of 3-D weights are not quantized)"
         + ("; nothing was quantized" if not quantized else ""), UserWarning, stacklevel=3)
