@@ -115,17 +115,26 @@ def test_quantize_model_unfuses_fused_experts(transposed):
     _close(out.reshape(10, 64), want, 2e-2)
 
 
-def test_unfused_experts_grad_of_x():
-    """LoRA-style training over a quantized MoE: the gradient reaches the hidden states through
-    every expert a token is routed to."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unfused_experts_on_device_and_grad_of_x(device, dtype):
+    """On each device (moved there with .to()), fp32 and fp16 hidden states; and LoRA-style
+    training over a quantized MoE: the gradient reaches the hidden states through every expert
+    a token is routed to."""
     fused = Experts()
-    unfused = UnfusedExperts.quantize_fused(fused, group_size=32)
-    ref = _dequantized_like(unfused, fused)
-    x, index, weights = _routing()
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    unfused(xa, index, weights).square().sum().backward()
-    ref(xb, index, weights).square().sum().backward()
-    _close(xa.grad, xb.grad, 2e-3)
+    unfused = UnfusedExperts.quantize_fused(fused, group_size=32).to(device)
+    ref = _dequantized_like(unfused.cpu(), fused)
+    unfused.to(device)
+    x, index, weights = _routing(T=33, k=3)
+    xa = x.to(device, dtype, copy=True).requires_grad_()
+    xb = x.clone().requires_grad_()
+    out = unfused(xa, index.to(device), weights.to(device, dtype))
+    want = ref(xb, index, weights)
+    assert out.device.type == device and out.dtype == dtype
+    tol = 2e-3 if dtype == torch.float32 else 5e-3
+    _close(out.cpu(), want, tol)
+    out.float().square().sum().backward()
+    want.square().sum().backward()
+    _close(xa.grad.cpu(), xb.grad, tol)
 
 
 def test_fused_experts_it_cannot_take_stay_float_and_say_why():
