@@ -885,7 +885,9 @@ def test_a_path_that_is_not_a_path_is_refused_by_name(tmp_path, path):
                        (lambda: convert_checkpoint(src, path, progress=False),
                         "convert_checkpoint: dst"),
                        (lambda: torch_ops.save_quantized(load_quantized(TinyLM(), src), path),
-                        "save_quantized: path")]:
+                        "save_quantized: path"),
+                       (lambda: torch_ops.checkpoint.read_quant_config(path),
+                        "read_quant_config: folder")]:
         with pytest.raises(TypeError, match=re.escape(
                 f"{what} must be a str or os.PathLike, got {got}")):
             call()

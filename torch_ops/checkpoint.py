@@ -310,7 +310,7 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
 def read_quant_config(folder) -> tuple[dict, QuantConfig | None]:
     """(config.json contents, its QuantConfig), falling back to quantize_config.json (AutoGPTQ)
     or quant_config.json (AutoAWQ); QuantConfig is None for a checkpoint that is not quantized."""
-    folder = Path(folder)
+    folder = _checked_path("read_quant_config", "folder", folder)
     config = _load_json(folder / CONFIG_NAME) if _is_file(folder / CONFIG_NAME) else {}
     qc = config.get("quantization_config")
     where = f"{folder / CONFIG_NAME}: quantization_config"
