@@ -824,6 +824,9 @@ class UnfusedExperts(nn.Module):
     experts the batch routes to, one after another (the index of those is read on the host)."""
 
     def __init__(self, experts, act_fn, names=EXPERT_NAMES[0]):
+        """``experts``: a (gate, up, down) triple of layers per expert, [H -> I, H -> I, I -> H];
+        ``act_fn``: the gate's activation (the fused module's ``act_fn``); ``names``: the
+        three layers' names in the state dict."""
         super().__init__()
         self.num_experts = 0
         for i, (gate, up, down) in enumerate(experts):
