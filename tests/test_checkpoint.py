@@ -2279,3 +2279,98 @@ def test_load_into_fused_experts_says_the_layouts_differ(tmp_path):
     with pytest.raises(CheckpointError, match="unexpected tensors") as e:
         load_quantized(other, tmp_path / "c")
     assert "fuses" not in str(e.value)
+
+
+def test_keys_renamed_as_transformers_renames_them(tmp_path, monkeypatch):
+    """transformers 5 moved the language model of its vision-language models under
+    model.language_model and the vision tower under model.visual (Qwen2-VL, Llava, Gemma 3...):
+    AWQ / GPTQ checkpoints of those models (model.layers.0..., visual...), and what transformers'
+    own save_pretrained writes, failed with every tensor missing. load_quantized renames the keys
+    as transformers' from_pretrained does (its conversion mapping's renamings, here a stand-in:
+    CI has no transformers), where the new name reaches deeper into the model; a model of the
+    old layout reads them as they are."""
+    import re as re_
+    import sys
+    import types
+
+    class WeightTransform:
+        def __init__(self, source, target):
+            self.source, self.target = source, target
+
+        def rename_source_key(self, key):
+            new = re_.sub(self.source, self.target, key, count=1)
+            return new, (self.source if new != key else None)
+
+    class WeightRenaming(WeightTransform):
+        pass
+
+    class WeightConverter(WeightTransform):  # (fuses tensors: not a renaming, never applied)
+        pass
+
+    mapping = [WeightRenaming(r"^visual", "model.visual"),
+               WeightRenaming(r"^model(?!\.(language_model|visual))", "model.language_model"),
+               WeightConverter(r"\.up\.", ".gate_up.")]
+    conversion = types.ModuleType("transformers.conversion_mapping")
+    conversion.get_model_conversion_mapping = lambda model: mapping
+    loading = types.ModuleType("transformers.core_model_loading")
+    loading.WeightRenaming = WeightRenaming
+    monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
+    monkeypatch.setitem(sys.modules, "transformers.conversion_mapping", conversion)
+    monkeypatch.setitem(sys.modules, "transformers.core_model_loading", loading)
+
+    def vlm(old):
+        language = nn.ModuleDict({"embed": nn.Embedding(48, 64),
+                                  "layers": nn.ModuleList([Block(64), Block(64)])})
+        visual = nn.ModuleDict({"proj": nn.Linear(64, 64)})
+        model = nn.ModuleDict({"model": language, "visual": visual} if old else
+                              {"model": nn.ModuleDict({"language_model": language,
+                                                       "visual": visual})})
+        model.add_module("lm_head", nn.Linear(64, 48, bias=False))
+        model.config = _Config(model_type="vlm")
+        return model
+
+    old = vlm(old=True)
+    torch_ops.quantize_model(old, group_size=32, skip=["lm_head", "visual"])
+    torch_ops.save_quantized(old, tmp_path / "old", "awq")
+    new = vlm(old=False)
+    load_quantized(new, tmp_path / "old")
+    layer = new.model.language_model.layers[1].up
+    assert isinstance(layer, QuantLinear) and torch.equal(layer.qweight, old.model.layers[1].up.qweight)
+    assert torch.equal(new.model.visual.proj.weight, old.visual.proj.weight)
+    assert torch.equal(new.lm_head.weight, old.lm_head.weight)
+    again = vlm(old=True)  # (its own layout: nothing renamed)
+    load_quantized(again, tmp_path / "old")
+    assert torch.equal(again.model.layers[0].up.qweight, old.model.layers[0].up.qweight)
+    # without transformers, only the built-in block_sparse_moe -> mlp stays: refused by name
+    monkeypatch.delitem(sys.modules, "transformers")
+    with pytest.raises(CheckpointError, match=r"missing tensors .*model\.language_model\.embed"):
+        load_quantized(vlm(old=False), tmp_path / "old")
+
+
+def test_transformers_vlm_checkpoint_of_the_old_layout_loads(tmp_path):
+    """Where transformers is installed (CI has none): a quantized Qwen2.5-VL saved by
+    save_pretrained, which writes the old layout (model.layers..., visual...) as AWQ checkpoints
+    of it hold, loads into a fresh transformers 5 model with the same logits."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration") or int(
+            transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 5 with Qwen2.5-VL not installed")
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=256, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=256))
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    torch_ops.quantize_model(model, group_size=32, skip=["lm_head", "visual"])
+    ids = torch.randint(0, 200, (1, 10))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "c")
+    keys = set(load_file(tmp_path / "c" / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.qweight" in keys and "visual.patch_embed.proj.weight" in keys
+    fresh = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    load_quantized(fresh, tmp_path / "c")
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, want)

@@ -816,9 +816,11 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     holds (an ``lm_head`` sharing the embedding) needs no tensor of its own. A fused MoE experts
     module (transformers 5's 3-D ``gate_up_proj`` / ``down_proj``) whose experts the checkpoint
     quantizes one by one (``experts.<i>.gate_proj.qweight``..., or Mixtral's w1 / w3 / w2)
-    becomes an :class:`UnfusedExperts` of QuantLinear layers; keys under a module the model has
-    under transformers 5's newer name only (Mixtral's ``block_sparse_moe``, now ``mlp``) are read
-    under that name (errors name them so). Then the quantized
+    becomes an :class:`UnfusedExperts` of QuantLinear layers. Keys of an older layout of a
+    transformers model are renamed as its from_pretrained renames them (its conversion mapping's
+    renamings: the ``model.language_model`` and ``model.visual`` of vision-language models,
+    Mixtral's ``block_sparse_moe``, now ``mlp``, which is also renamed without transformers)
+    where the new name reaches deeper into the model (errors name them so). Then the quantized
     layers are loaded, shard by shard, and the float tensors after them (cast into the model's
     parameters). A model built on the meta device is loaded with ``assign=True``: float tensors
     take the dtype its parameters had, and tied parameters are tied again; tensors no checkpoint
@@ -979,32 +981,60 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     return model
 
 
-# modules transformers 5 renamed in MoE models (old name, new name): Mixtral's, PhiMoE's and
-# MiniMax's block_sparse_moe is their mlp (its conversion_mapping.py; the float experts it also
-# fuses are UnfusedExperts' business, _unfuse_experts)
+# modules transformers 5 renamed (old name, new name), for when its own renamings are not at hand
+# (_transformers_renamings): Mixtral's, PhiMoE's and MiniMax's block_sparse_moe is now their mlp
 _MODULE_RENAMES = (("block_sparse_moe", "mlp"),)
 
 
+def _transformers_renamings(model: nn.Module) -> list:
+    """transformers' renamings of checkpoint keys for ``model``, as its from_pretrained applies
+    them (the WeightRenaming entries of ``get_model_conversion_mapping``: Mixtral's
+    block_sparse_moe -> mlp, the language_model / visual prefixes of its vision-language models,
+    LayerNorm.gamma...), where ``model`` is a transformers model; [] otherwise, or where this
+    transformers has no such API."""
+    if "transformers" not in sys.modules or not callable(
+            getattr(getattr(model, "config", None), "to_dict", None)):
+        return []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        return [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    except Exception:
+        return []
+
+
 def _renamed_to_model(model: nn.Module, keys) -> dict:
-    """{checkpoint key: the model's name for it} for keys under a module the model has under a
-    newer name only (_MODULE_RENAMES): ``layers.0.block_sparse_moe.experts.0.w1.qweight`` ->
-    ``layers.0.mlp.experts.0.w1.qweight`` where the model has ``layers.0.mlp`` and no
-    ``layers.0.block_sparse_moe``."""
+    """{checkpoint key: the model's name for it} for the keys that an older layout of the model
+    names otherwise: renamed by transformers' renamings (_transformers_renamings), else by
+    _MODULE_RENAMES, where the new name reaches deeper into the model's modules than the key
+    does (``layers.0.block_sparse_moe.experts.0.w1.qweight`` -> ``layers.0.mlp.experts.0.w1
+    .qweight`` where the model has ``layers.0.mlp.experts`` and no ``layers.0.block_sparse_moe``).
+    A key the checkpoint holds under both names, or two keys of one new name, stay as they are
+    (the key check names them)."""
     modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
+
+    def depth(key):  # components of the longest module path key starts with
+        parts = key.split(".")
+        return max((i for i in range(1, len(parts)) if ".".join(parts[:i]) in modules), default=0)
+
+    renamings = _transformers_renamings(model)
     renamed = {}
     for key in keys:
-        parts = key.split(".")
+        name = key
+        for renaming in renamings:
+            try:
+                name = renaming.rename_source_key(name)[0]
+            except Exception:  # (a renaming of another form: skipped)
+                pass
+        parts = name.split(".")
         for old, new in _MODULE_RENAMES:
-            for i in range(len(parts) - 1):
-                if parts[i] == old:
-                    head = ".".join(parts[:i])
-                    was, now = (f"{head}.{n}" if head else n for n in (old, new))
-                    if was not in modules and now in modules:
-                        parts[i] = new
+            parts = [new if p == old else p for p in parts[:-1]] + parts[-1:]
         name = ".".join(parts)
-        if name != key and name not in keys:  # (a checkpoint holding both: left to the key check)
+        if name != key and name not in keys and depth(name) > depth(key):
             renamed[key] = name
-    return renamed
+    taken = Counter(renamed.values())
+    return {k: v for k, v in renamed.items() if taken[v] == 1}
 
 
 def _unfuse_experts(model: nn.Module, qprefixes, keys, qc: QuantConfig, replaced: list) -> None:
