@@ -1804,6 +1804,15 @@ def test_a_quantized_tied_lm_head_is_untied_in_the_configs(tmp_path, head):
     assert loaded.config.tie_word_embeddings is tied
     ids = torch.randint(0, 48, (2, 5))
     assert torch.equal(loaded(ids), model(ids))
+    # another tool's checkpoint whose config still ties its quantized lm_head: convert unties it
+    written.update(tie_word_embeddings=True, text_config={"tie_word_embeddings": True})
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(written))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (lm_head in AWQ, serving engines: warned of)
+        convert_checkpoint(tmp_path / "ckpt", tmp_path / "awq", to="awq", progress=False)
+    converted = json.loads((tmp_path / "awq" / "config.json").read_text())
+    assert converted["tie_word_embeddings"] is tied
+    assert converted["text_config"] == {"tie_word_embeddings": tied}
 
 
 class _Rotary(nn.Module):

@@ -439,14 +439,18 @@ def _output_embedding_quantized(model: nn.Module) -> bool:
 
 
 def _untie_quantized_head(model: nn.Module, config) -> None:
+    """_untie(config) where the model's output embedding is quantized."""
+    if _output_embedding_quantized(model):
+        _untie(config)
+
+
+def _untie(config) -> None:
     """Set ``tie_word_embeddings`` false in ``config`` (a dict or a config object) and in its
-    ``text_config``, where they say true and the output embedding is quantized: the float
-    embedding no longer is lm_head's weight, and a loader that ties them (transformers'
-    ``tie_weights``, vLLM) would put the float embedding in lm_head's place or find no weight to
-    tie to the quantized one. A dict's text_config is replaced by a copy (a caller's nested dict
-    stays as it was)."""
-    if not _output_embedding_quantized(model):
-        return
+    ``text_config``, where they say true, for a quantized output embedding: the float embedding
+    no longer is lm_head's weight, and a loader that ties them (transformers' ``tie_weights``,
+    vLLM) would put the float embedding in lm_head's place or find no weight to tie to the
+    quantized one. A dict's text_config is replaced by a copy (a caller's nested dict stays as
+    it was)."""
     if isinstance(config, dict):
         text = config.get("text_config")
         if isinstance(text, Mapping):
@@ -1656,6 +1660,9 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         new_qc = _loader_fields(new_qc, prefixes, _float_layers(ckpt), "convert to GPTQ", 3,
                                 qc.raw.get("dynamic") if qc.method == "gptq" else None)
         _warn_serving_engines("convert to GPTQ", new_qc, stacklevel=3)
+        config = dict(config)  # (a source whose config ties a quantized lm_head: untied here)
+        if any(name_matches(p, "lm_head") for p in prefixes):
+            _untie(config)
         _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total)
         if verify:
             _verify(ckpt, Checkpoint(tmp), qc, read_quant_config(tmp)[1], prefixes, progress)
