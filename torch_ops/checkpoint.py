@@ -1014,17 +1014,20 @@ def _renamed_to_model(model: nn.Module, keys) -> dict:
     _MODULE_RENAMES, where the new name reaches deeper into the model's modules than the key
     does (``layers.0.block_sparse_moe.experts.0.w1.qweight`` -> ``layers.0.mlp.experts.0.w1
     .qweight`` where the model has ``layers.0.mlp.experts`` and no ``layers.0.block_sparse_moe``).
-    A key the checkpoint holds under both names, or two keys of one new name, stay as they are
-    (the key check names them)."""
+    A key the model holds as it is, one the checkpoint holds under both names, and two keys of
+    one new name stay as they are (the key check names the last two)."""
     modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
 
     def depth(key):  # components of the longest module path key starts with
         parts = key.split(".")
         return max((i for i in range(1, len(parts)) if ".".join(parts[:i]) in modules), default=0)
 
+    held = _state_tensors(model).keys()
     renamings = _transformers_renamings(model)
     renamed = {}
     for key in keys:
+        if key in held:  # (the model's own name: kept)
+            continue
         name = key
         for renaming in renamings:
             try:
