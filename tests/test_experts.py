@@ -115,6 +115,23 @@ def test_quantize_model_unfuses_fused_experts(transposed):
     _close(out.reshape(10, 64), want, 2e-2)
 
 
+def test_unfused_experts_empty_batch_one_expert_per_token_and_repr():
+    """An empty batch (no -1 to infer k from: reshape raised), k = 1 with int32 indices and a
+    negative padding index; the repr prints a run of alike experts once, as nn.ModuleList does
+    (128 experts printed 640 lines per block)."""
+    unfused = UnfusedExperts.quantize_fused(Experts(), group_size=32)
+    out = unfused(torch.randn(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert out.shape == (0, 64)
+    x = torch.randn(3, 64)
+    out = unfused(x, torch.tensor([[1], [-1], [2]], dtype=torch.int32), torch.ones(3, 1))
+    assert torch.equal(out[1], torch.zeros(64))
+    torch.testing.assert_close(out[2], unfused[2](x[2:], unfused.act_fn)[0], rtol=1e-6, atol=1e-6)
+    text = repr(unfused)
+    assert "(0-3): 4 x _Expert(" in text and text.count("QuantLinear(") == 3 and "(act_fn): SiLU()" in text
+    unfused[2].gate_proj.bias = torch.zeros(96, dtype=torch.float16)
+    assert "(0-1): 2 x _Expert(" in repr(unfused) and "  (2): _Expert(" in repr(unfused)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_unfused_experts_on_device_and_grad_of_x(device, dtype):
     """On each device (moved there with .to()), fp32 and fp16 hidden states; and LoRA-style

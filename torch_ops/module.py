@@ -840,6 +840,19 @@ class UnfusedExperts(nn.Module):
     def __getitem__(self, i: int) -> _Expert:
         return self._modules[str(i)]
 
+    def __repr__(self) -> str:
+        # experts of the same repr in a row as one entry, as nn.ModuleList prints them (a model's
+        # 128 experts printed 640 lines per block)
+        lines, i = [], 0
+        while i < len(self):
+            text, j = repr(self[i]), i + 1
+            while j < len(self) and repr(self[j]) == text:
+                j += 1
+            lines.append(f"  ({i}): {text}" if j == i + 1 else f"  ({i}-{j - 1}): {j - i} x {text}")
+            i = j
+        lines.append(f"  (act_fn): {self.act_fn!r}")
+        return f"{type(self).__name__}(\n" + "\n".join(l.replace("\n", "\n  ") for l in lines) + "\n)"
+
     @staticmethod
     def _layout_to_quantize(fused: nn.Module, group_size: int, what: str) -> tuple:
         """fused_experts_layout(fused); ValueError naming ``what`` where it is no fused experts
@@ -879,8 +892,9 @@ class UnfusedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        index = top_k_index.reshape(x.shape[0], -1)
-        weights = top_k_weights.reshape(x.shape[0], -1)
+        # (k from the index's last dimension: an empty batch has no -1 to infer)
+        index = top_k_index.reshape(x.shape[0], top_k_index.shape[-1])
+        weights = top_k_weights.reshape(x.shape[0], top_k_weights.shape[-1])
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in torch.unique(index).tolist():
             if 0 <= e < len(self):
