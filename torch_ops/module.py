@@ -896,11 +896,23 @@ class UnfusedExperts(nn.Module):
         index = top_k_index.reshape(x.shape[0], top_k_index.shape[-1])
         weights = top_k_weights.reshape(x.shape[0], top_k_weights.shape[-1])
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in torch.unique(index).tolist():
-            if 0 <= e < len(self):
-                token, k = torch.where(index == e)
-                y = self[e](x[token], self.act_fn)
-                out.index_add_(0, token, y.float() * weights[token, k, None].float())
+        # the (token, k) slots sorted by expert (stable: by token within one, as torch.where
+        # lists them), indices outside [0, E) last; one read of the counts on the host, where a
+        # torch.where per expert synchronised with the GPU once per expert
+        E = len(self)
+        flat = index.reshape(-1).long()
+        flat = torch.where((flat >= 0) & (flat < E), flat, E)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+        token = torch.div(order, index.shape[-1], rounding_mode="floor")
+        routed = weights.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                t = token[start:start + n]
+                y = self[e](x[t], self.act_fn)
+                out.index_add_(0, t, y.float() * routed[start:start + n, None].float())
+                start += n
         return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
 
