@@ -9,6 +9,7 @@ from torch import nn
 
 import torch_ops
 from torch_ops import QuantLinear, UnfusedExperts, load_quantized, quantize_model, save_quantized
+from torch_ops import reference as ref
 from torch_ops.checkpoint import CheckpointError
 from torch_ops.module import EXPERT_NAMES, fused_experts_layout
 
@@ -20,7 +21,8 @@ def _default_apply_gate(self, gate_up_out):  # (transformers.integrations.moe's,
 
 class Experts(nn.Module):
     """transformers 5's fused experts (MixtralExperts, Qwen2MoeExperts... as
-    ``use_experts_implementation`` decorates them): its attributes, its eager forward."""
+    ``use_experts_implementation`` decorates them): its attributes, its eager forward
+    (torch_ops.reference.fused_experts)."""
     _apply_gate = _default_apply_gate
 
     def __init__(self, E=4, H=64, I=96, transposed=False, dtype=torch.float32):
@@ -35,16 +37,8 @@ class Experts(nn.Module):
         self.act_fn = nn.SiLU()
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e in range(self.num_experts):
-            token, k = torch.where(top_k_index == e)
-            gate_up, down = self.gate_up_proj[e], self.down_proj[e]
-            if self.is_transposed:
-                gate_up, down = gate_up.t(), down.t()
-            h = self._apply_gate(nn.functional.linear(hidden_states[token], gate_up))
-            y = nn.functional.linear(h, down) * top_k_weights[token, k, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
+        return ref.fused_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj,
+                                 self.down_proj, self.act_fn, self.is_transposed)
 
 
 def _dequantized_like(unfused: UnfusedExperts, fused: Experts) -> Experts:

@@ -300,3 +300,24 @@ def unprepack_w4a16(qweight):
     q = unpack(qweight.unsqueeze(2), 4, dim=2).reshape(B, 4, 2, 2, 2, N)  # [b, t, e, jj, h, n]
     q = q.permute(0, 3, 4, 1, 2, 5).reshape(B * 32, N)  # k = 32 b + 16 jj + 8 h + 2 t + e
     return pack(q, 4, dim=0)
+
+
+def fused_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn,
+                  transposed=False):
+    """What transformers 5's fused MoE experts compute (its eager loop): token t's expert
+    e = top_k_index[t, k] (indices outside [0, E) skipped) adds top_k_weights[t, k] *
+    down_e(act_fn(gate_e(x_t)) * up_e(x_t)), gate_up_proj [E, 2I, H] holding gate's rows then
+    up's, down_proj [E, H, I] (both [E, in, out] where ``transposed``); the reference of
+    ``torch_ops.UnfusedExperts``."""
+    out = torch.zeros_like(hidden_states)
+    for e in torch.unique(top_k_index).tolist():  # (the experts hit, as transformers loops)
+        if not 0 <= e < gate_up_proj.shape[0]:
+            continue
+        token, k = torch.where(top_k_index == e)
+        gate_up, down = gate_up_proj[e], down_proj[e]
+        if transposed:
+            gate_up, down = gate_up.t(), down.t()
+        gate, up = F.linear(hidden_states[token], gate_up).chunk(2, dim=-1)
+        y = F.linear(act_fn(gate) * up, down) * top_k_weights[token, k, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
