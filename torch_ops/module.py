@@ -905,13 +905,13 @@ class UnfusedExperts(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
         token = torch.div(order, index.shape[-1], rounding_mode="floor")
-        routed = weights.reshape(-1)[order]
+        routed = weights.reshape(-1)[order].float()
         start = 0
         for e, n in enumerate(counts):
             if n:
                 t = token[start:start + n]
                 y = self[e](x[t], self.act_fn)
-                out.index_add_(0, t, y.float() * routed[start:start + n, None].float())
+                out.index_add_(0, t, y.float() * routed[start:start + n, None])
                 start += n
         return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
