@@ -1489,6 +1489,30 @@ def test_a_bias_or_scales_made_a_parameter_stays_one_through_loads():
             layer(torch.randn(2, K, dtype=torch.float16)).float().sum().backward()
 
 
+def test_a_parameter_bias_or_scales_is_read_in_eager_and_compiled_forward():
+    """forward reads its tensors from the buffer dict (host time); a bias or scales made an
+    nn.Parameter leaves that dict, and must still be the one the product reads, in eager mode
+    and in a fullgraph compile (the bias with its gradient; w4a16_linear gives scales none)."""
+    for name in ("bias", "scales"):
+        layer = QuantLinear.from_gptq(**random_gptq(), bias=torch.zeros(N), group_size=G)
+        x = torch.randn(3, K, dtype=torch.float16)
+        setattr(layer, name, nn.Parameter(getattr(layer, name).float() * 2 + (name == "bias")))
+        assert name not in layer._buffers
+        w = layer.dequantize().float()
+        expected = x.float() @ w.t() + layer.bias.detach().float()
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+            for run in (layer, compiled):
+                getattr(layer, name).grad = None
+                y = run(x)
+                torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=2e-3)
+                y.float().sum().backward()
+                assert (getattr(layer, name).grad is not None) == (name == "bias")
+        finally:
+            torch._dynamo.reset()
+
+
 def test_a_layer_pickled_before_its_newer_attributes_existed_loads(tmp_path):
     """A QuantLinear saved whole (torch.save(model)) before kinterleave and num_groups existed
     has neither in its __dict__: its next load_state_dict raised AttributeError "'QuantLinear'
