@@ -361,6 +361,14 @@ def test_gradient_only_where_asked(device):
     assert torch_ops.w4a16_linear(x, **t).grad_fn is None
     with torch.no_grad():
         assert torch_ops.w4a16_linear(x.requires_grad_(), bias=bias, **t).grad_fn is None
+    # scales alone requiring grad: a graph (the output requires grad, as any op's would), whose
+    # backward gives scales nothing; the call that skips the autograd Function (nothing to
+    # differentiate) must not skip this one
+    scales = t["scales"].float().requires_grad_()
+    out = torch_ops.w4a16_linear(x.detach(), **{**t, "scales": scales})
+    assert out.requires_grad and out.grad_fn is not None
+    out.sum().backward()
+    assert scales.grad is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
