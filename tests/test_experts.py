@@ -148,6 +148,29 @@ def test_unfused_experts_on_device_and_grad_of_x(device, dtype):
     _close(xa.grad.cpu(), xb.grad, tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unfused_experts_batched_and_expert_by_expert_give_the_same_bits(device, dtype, monkeypatch):
+    """Few routed rows are gathered and weighted in one piece, many expert by expert (bounded
+    temporaries); both add in expert order, so the output is the same to the bit whichever the
+    size picks (the gradient of x up to rounding: its k parts are added in another order);
+    padding indices and a token routed to one expert twice included."""
+    import torch_ops.module as module
+    unfused = UnfusedExperts.quantize_fused(Experts(E=5), group_size=32).to(device)
+    x, index, weights = _routing(T=41, E=5, k=3)
+    index[0], index[1, 0] = torch.tensor([2, 2, 4]), -1
+    index[2, 1] = 5  # (transformers' padding index: E)
+    results = []
+    for limit in (module._EXPERTS_BATCHED_ELEMENTS, 0):
+        monkeypatch.setattr(module, "_EXPERTS_BATCHED_ELEMENTS", limit)
+        xa = x.to(device, dtype, copy=True).requires_grad_()
+        out = unfused(xa, index.to(device), weights.to(device, dtype))
+        out.float().square().sum().backward()
+        results.append((out, xa.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    _close(results[0][1].cpu(), results[1][1].cpu(), 1e-6 if dtype == torch.float32 else 2e-3)
+    assert not torch.equal(results[0][0][0], torch.zeros_like(results[0][0][0]))
+
+
 def test_fused_experts_it_cannot_take_stay_float_and_say_why():
     """gpt-oss's experts (biases, interleaved gate and up rows, a gate of its own) and modules
     that only look like experts are not computed by UnfusedExperts: quantize_model leaves them

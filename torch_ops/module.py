@@ -821,6 +821,12 @@ class _Expert(nn.Module):
         return down(act_fn(gate(x)) * up(x))
 
 
+# UnfusedExperts.forward: up to how many routed elements (routed rows x hidden size) it gathers
+# and weights in one piece (4 Mi: with the outputs' copy and their fp32 product, ~32 MB of
+# temporaries at most)
+_EXPERTS_BATCHED_ELEMENTS = 1 << 22
+
+
 class UnfusedExperts(nn.Module):
     """An MoE block's experts as layers of their own, one gate, up and down projection per
     expert (QuantLinear, or nn.Linear), in the place of transformers 5's fused experts module
@@ -916,31 +922,39 @@ class UnfusedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
         hit = sum(counts)
         order = order[:hit]
-        # the routed rows of x gathered once and each expert given its run of them, the
-        # outputs weighted in one product and added in expert order (per-expert gathers, casts
-        # and products were ~40 of the ~75 us an expert cost on the host: CPU, one token)
         token = torch.div(order, index.shape[-1], rounding_mode="floor")
-        xs = x[token]
+        routed = weights.reshape(-1)[order].float()
+        # Few routed rows (decode): x's rows gathered once, each expert given its run of them,
+        # the outputs weighted in one product (per-expert gathers, casts and products were ~40
+        # of the ~75 us an expert cost on the host: CPU, one token). Many (prefill): expert by
+        # expert, so that the temporaries are one expert's, not every routed row's several times
+        # over. Both add in expert order, the same bits.
+        batched = hit * x.shape[-1] <= _EXPERTS_BATCHED_ELEMENTS
+        xs = x[token] if batched else None
         ys, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                ys.append(self[e](xs[start:start + n], self.act_fn))
+                if batched:
+                    ys.append(self[e](xs[start:start + n], self.act_fn))
+                else:
+                    t = token[start:start + n]
+                    # (y times fp32 weights: promoted to fp32 before the product, y.float() * w)
+                    out.index_add_(0, t, self[e](x[t], self.act_fn) * routed[start:start + n, None])
                 start += n
-        if not ys:
-            return out.to(hidden_states.dtype).reshape(hidden_states.shape)
-        # (y times fp32 weights: promoted to fp32 before the product, as y.float() * w)
-        y = (ys[0] if len(ys) == 1 else torch.cat(ys)) * weights.reshape(-1)[order].float()[:, None]
-        if out.device.type == "cpu":
-            out.index_add_(0, token, y)  # (in index order: expert by expert, as below)
-        else:
-            # one index_add_ per expert: within one a token comes once (unless routed to that
-            # expert twice), so the CUDA atomics add a token's outputs expert by expert, where
-            # one call over all slots would add them in whatever order the atomics land
-            start = 0
-            for n in counts:
-                if n:
-                    out.index_add_(0, token[start:start + n], y[start:start + n])
-                    start += n
+        if ys:
+            y = (ys[0] if len(ys) == 1 else torch.cat(ys)) * routed[:, None]
+            if out.device.type == "cpu":
+                out.index_add_(0, token, y)  # (in index order: expert by expert)
+            else:
+                # one index_add_ per expert: within one a token comes once (unless routed to
+                # that expert twice), so the CUDA atomics add a token's outputs expert by
+                # expert, where one call over all slots would add them in whatever order the
+                # atomics land
+                start = 0
+                for n in counts:
+                    if n:
+                        out.index_add_(0, token[start:start + n], y[start:start + n])
+                        start += n
         return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
 
