@@ -160,14 +160,18 @@ def test_unfused_experts_batched_and_expert_by_expert_give_the_same_bits(device,
     index[0], index[1, 0] = torch.tensor([2, 2, 4]), -1
     index[2, 1] = 5  # (transformers' padding index: E)
     results = []
-    for limit in (module._EXPERTS_BATCHED_ELEMENTS, 0):
+    # (the last: the batched path adding expert by expert, as on CUDA, here on any device)
+    for limit, one_add in ((module._EXPERTS_BATCHED_ELEMENTS, ("cpu",)), (0, ("cpu",)),
+                           (module._EXPERTS_BATCHED_ELEMENTS, ())):
         monkeypatch.setattr(module, "_EXPERTS_BATCHED_ELEMENTS", limit)
+        monkeypatch.setattr(module, "_ONE_INDEX_ADD", one_add)
         xa = x.to(device, dtype, copy=True).requires_grad_()
         out = unfused(xa, index.to(device), weights.to(device, dtype))
         out.float().square().sum().backward()
         results.append((out, xa.grad))
-    assert torch.equal(results[0][0], results[1][0])
-    _close(results[0][1].cpu(), results[1][1].cpu(), 1e-6 if dtype == torch.float32 else 2e-3)
+    for out, grad in results[1:]:
+        assert torch.equal(results[0][0], out)
+        _close(results[0][1].cpu(), grad.cpu(), 1e-6 if dtype == torch.float32 else 2e-3)
     assert not torch.equal(results[0][0][0], torch.zeros_like(results[0][0][0]))
 
 

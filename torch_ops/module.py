@@ -825,6 +825,8 @@ class _Expert(nn.Module):
 # and weights in one piece (4 Mi: with the outputs' copy and their fp32 product, ~32 MB of
 # temporaries at most)
 _EXPERTS_BATCHED_ELEMENTS = 1 << 22
+# the devices whose index_add_ adds in index order (one call for all experts' outputs)
+_ONE_INDEX_ADD = ("cpu",)
 
 
 class UnfusedExperts(nn.Module):
@@ -943,7 +945,7 @@ class UnfusedExperts(nn.Module):
                 start += n
         if ys:
             y = (ys[0] if len(ys) == 1 else torch.cat(ys)) * routed[:, None]
-            if out.device.type == "cpu":
+            if out.device.type in _ONE_INDEX_ADD:
                 out.index_add_(0, token, y)  # (in index order: expert by expert)
             else:
                 # one index_add_ per expert: within one a token comes once (unless routed to
