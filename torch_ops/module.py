@@ -927,36 +927,28 @@ class UnfusedExperts(nn.Module):
         token = torch.div(order, index.shape[-1], rounding_mode="floor")
         routed = weights.reshape(-1)[order].float()
         # Few routed rows (decode): x's rows gathered once, each expert given its run of them,
-        # the outputs weighted in one product (per-expert gathers, casts and products were ~40
-        # of the ~75 us an expert cost on the host: CPU, one token). Many (prefill): expert by
-        # expert, so that the temporaries are one expert's, not every routed row's several times
-        # over. Both add in expert order, the same bits.
+        # and where index_add_ adds in index order (the CPU) all outputs weighted and added in
+        # one product and one call (per-expert gathers, casts and products were ~40 of the ~75
+        # us an expert cost on the host: CPU, one token). Many (prefill): the rows of one expert
+        # at a time, so that the temporaries are one expert's, not every routed row's. Always
+        # added in expert order, the same bits; on CUDA one index_add_ per expert, in which a
+        # token comes once (unless routed to that expert twice), where one call over all slots
+        # would add a token's outputs in whatever order its atomics land.
         batched = hit * x.shape[-1] <= _EXPERTS_BATCHED_ELEMENTS
+        deferred = batched and out.device.type in _ONE_INDEX_ADD
         xs = x[token] if batched else None
         ys, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                if batched:
-                    ys.append(self[e](xs[start:start + n], self.act_fn))
-                else:
-                    t = token[start:start + n]
-                    # (y times fp32 weights: promoted to fp32 before the product, y.float() * w)
-                    out.index_add_(0, t, self[e](x[t], self.act_fn) * routed[start:start + n, None])
+                run = slice(start, start + n)
+                y = self[e](xs[run] if batched else x[token[run]], self.act_fn)
+                if deferred:
+                    ys.append(y)
+                else:  # (y times fp32 weights: promoted to fp32 first, as y.float() * w)
+                    out.index_add_(0, token[run], y * routed[run, None])
                 start += n
         if ys:
-            y = (ys[0] if len(ys) == 1 else torch.cat(ys)) * routed[:, None]
-            if out.device.type in _ONE_INDEX_ADD:
-                out.index_add_(0, token, y)  # (in index order: expert by expert)
-            else:
-                # one index_add_ per expert: within one a token comes once (unless routed to
-                # that expert twice), so the CUDA atomics add a token's outputs expert by
-                # expert, where one call over all slots would add them in whatever order the
-                # atomics land
-                start = 0
-                for n in counts:
-                    if n:
-                        out.index_add_(0, token[start:start + n], y[start:start + n])
-                        start += n
+            out.index_add_(0, token, (ys[0] if len(ys) == 1 else torch.cat(ys)) * routed[:, None])
         return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
 
