@@ -1678,6 +1678,43 @@ def test_compiled_data_dependent_sizes_are_refused_in_the_kernels_words(name, ba
         torch._dynamo.reset()
 
 
+_I32 = dict(dtype=torch.int32)
+_DYNAMIC_SIZE_CALLS = {  # (call, arguments the kernels refuse, the eager message)
+    "pack": (lambda v: torch_ops.pack(v, 3, 0), (torch.zeros(48, 3, dtype=torch.uint8),),
+             r"pack: values.shape\[0\] = 48 must be a multiple of 32"),
+    "dequantize": (lambda q, s: torch_ops.dequantize(q, s, None, "gptq", 4, 128),
+                   (torch.zeros(48, 8, **_I32), torch.ones(2, 8)),
+                   r"scales must have shape \[K/G, N\] = \[3, 8\] for K = 384 and group_size = 128, "
+                   r"got \[2, 8\]"),
+    "w4a16_linear x": (lambda x, q, s: torch_ops.w4a16_linear(x, q, s, group_size=32),
+                       (torch.ones(2, 40), torch.zeros(8, 16, **_I32), torch.ones(2, 16)),
+                       r"x.shape\[-1\] = 40 must equal K = 8 \* qweight.shape\[0\] = 64"),
+    "w4a16_linear N": (lambda x, q, s: torch_ops.w4a16_linear(x, q, s, group_size=32),
+                       (torch.ones(2, 64), torch.zeros(8, 12, **_I32), torch.ones(2, 12)),
+                       r"N = qweight.shape\[1\] = 12 must be a multiple of 8"),
+    "quantize": (lambda w: torch_ops.quantize(w, 4, 32), (torch.ones(8, 40),),
+                 r"K = weight.shape\[1\] = 40 must be a multiple of group_size = 32"),
+}
+
+
+@pytest.mark.parametrize("name", list(_DYNAMIC_SIZE_CALLS))
+def test_compiled_dynamic_sizes_are_named_by_their_values(name):
+    """Under torch.compile's dynamic shapes (dynamic=True, or a size that changed between calls)
+    the fakes see sizes as symbols: their messages read "values.shape[0] = s33" or "[K/G, N] =
+    [((8*s85 + 127)//128), 8]" where the eager call's said 48 and [3, 8]"""
+    call, args, message = _DYNAMIC_SIZE_CALLS[name]
+    with pytest.raises(ValueError, match=message):
+        call(*args)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception) as compiled:
+            torch.compile(call, fullgraph=True, dynamic=True)(*args)
+        text = str(compiled.value).split("from user code:")[0]
+        assert re.search(message, text), text
+    finally:
+        torch._dynamo.reset()
+
+
 def _zeros(device, *shape, dtype=torch.int32):
     return torch.zeros(*shape, dtype=dtype, device=device)
 

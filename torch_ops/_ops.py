@@ -462,7 +462,7 @@ def _quantize_op(weight: torch.Tensor, bits: int, group_size: int, sym: bool, fo
 def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_dtype):
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize: weight must be a 2-D float tensor [N, K], got "
-                         f"{weight.dtype} of shape {list(weight.shape)}")
+                         f"{weight.dtype} of shape {_sz(list(weight.shape))}")
     if scales_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"quantize: scales_dtype must be torch.float16, torch.bfloat16, "
                         f"torch.float32 or None, got {scales_dtype}")
@@ -486,17 +486,17 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
                          "K = weight.shape[1] = 0")
     G = _reference.group_len(K, group_size)
     if guard_or_false(K % G != 0):
-        raise ValueError(f"quantize: K = weight.shape[1] = {K} must be a multiple of "
+        raise ValueError(f"quantize: K = weight.shape[1] = {_sz(K)} must be a multiple of "
                          f"group_size = {group_size}")
     if format == "awq":  # qweight [K, N/8]: packed along N only, any K
         if guard_or_false(N % 8 != 0):
-            raise ValueError(f"quantize: weight shape {list(weight.shape)} does not pack into "
-                             f"4-bit awq words (N must be a multiple of 8)")
+            raise ValueError(f"quantize: weight shape {_sz(list(weight.shape))} does not pack "
+                             f"into 4-bit awq words (N must be a multiple of 8)")
         return
     k_multiple = 32 if bits == 3 else 32 // bits  # whole int32 words along K (GPTQ qweight)
     n_multiple = 32 // math.gcd(32, bits)  # whole words of qzeros
     if guard_or_false(K % k_multiple != 0) or guard_or_false(N % n_multiple != 0):
-        raise ValueError(f"quantize: weight shape {list(weight.shape)} does not pack into "
+        raise ValueError(f"quantize: weight shape {_sz(list(weight.shape))} does not pack into "
                          f"{bits}-bit {format} words (K must be a multiple of {k_multiple} and N "
                          f"of {n_multiple})")
 
@@ -527,7 +527,7 @@ def _dims(op: str, arg: str, t: torch.Tensor, ndim: Optional[int] = None) -> Non
     if ndim is None and t.dim() < 1:
         raise ValueError(f"{op}: {arg} must have at least 1 dimension")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{op}: {arg} must be {ndim}-D, got shape {list(t.shape)}")
+        raise ValueError(f"{op}: {arg} must be {ndim}-D, got shape {_sz(list(t.shape))}")
 
 
 def _wrap_dim(op: str, arg: str, t: torch.Tensor, dim: int) -> int:
@@ -580,6 +580,19 @@ def _fake_order_and_dim(op, arg, t, bits, dim, order, word_bytes, awq_needs):
     return _wrap_dim(op, arg, t, dim), 8 * word_bytes // math.gcd(bits, 8 * word_bytes)
 
 
+def _sz(v):
+    """A size (or list of sizes) for a fake's message, as this call has it: under torch.compile's
+    dynamic shapes the fakes see symbols, and the messages read "values.shape[0] = s33" or
+    "[((8*s85 + 127)//128), 8]" where the kernel's said 48 or [3, 8]. (A size known only when the
+    graph runs has no value yet and stays a symbol; the checks leave those to the kernels.)"""
+    if isinstance(v, (list, tuple)):
+        return [_sz(a) for a in v]
+    node = getattr(v, "node", None)
+    if isinstance(v, torch.SymInt) and node is not None and node.has_hint():
+        return int(node.hint)
+    return v
+
+
 def _fake_check(cond, message) -> None:
     """The fakes' size checks: ValueError(message()) where ``cond`` is false. A condition on a
     size known only when the graph runs (an unbacked symbol: rows picked by a mask inside
@@ -592,7 +605,7 @@ def _fake_check(cond, message) -> None:
 
 
 def _fake_multiple(op, what, size, m, tail=""):
-    _fake_check(size % m == 0, lambda: f"{op}: {what} = {size} must be a multiple of {m}{tail}")
+    _fake_check(size % m == 0, lambda: f"{op}: {what} = {_sz(size)} must be a multiple of {m}{tail}")
 
 
 def _fake_float(op, arg, t):
@@ -643,8 +656,8 @@ def _fake_shape(op, arg, t, want, formula):
     """The kernels' check_shape, for the fakes (sizes may be symbolic)."""
     # (size by size: a list's == asks bool() of each, which raised on a data-dependent size)
     same = t.dim() == len(want) and all(guard_or_true(a == b) for a, b in zip(t.shape, want))
-    _fake_check(same, lambda: f"{op}: {arg} must have shape {formula} = {want}, got "
-                              f"{list(t.shape)}")
+    _fake_check(same, lambda: f"{op}: {arg} must have shape {formula} = {_sz(want)}, got "
+                              f"{_sz(list(t.shape))}")
 
 
 @torch.library.register_fake("torch_ops::pack")
@@ -676,7 +689,7 @@ def _(packed, bits, dim=-1, order="sequential"):
     words = group * bits // (8 * wb)
     nwords = packed.shape[dim]
     _fake_check(nwords % words == 0, lambda: (
-        f"unpack: packed.shape[{dim}] = {nwords} is not a whole number of words: bits={bits} "
+        f"unpack: packed.shape[{dim}] = {_sz(nwords)} is not a whole number of words: bits={bits} "
         f"spans {words} words per group, so it must be a multiple of {words}"))
     return _resized(packed, dim, _size_mul("unpack", "the unpacked length", nwords // words, group),
                     torch.uint8)
@@ -695,7 +708,7 @@ def _fake_repack_groups(op, qzeros, K, N, k_formula):
     G = qzeros.shape[0]
     # (guard_or_true: "and" asks bool() of G >= 1, which raised on a data-dependent size)
     _fake_check(guard_or_true(G >= 1) and K % G == 0, lambda: (
-        f"{op}: qzeros.shape[0] = {G} groups must divide K = {k_formula} = {K}"))
+        f"{op}: qzeros.shape[0] = {_sz(G)} groups must divide K = {k_formula} = {_sz(K)}"))
     _fake_shape(op, "qzeros", qzeros, [G, N // 8], "[K/G, N/8]")
 
 
@@ -732,8 +745,8 @@ def _fake_outs(op, results, qweight_out, qzeros_out):
         # (an if, not torch._check_value: Dynamo traces this too, from _copy_into, and refuses a
         # message closure over tensors)
         if list(out.shape) != list(want.shape):
-            raise ValueError(f"{op}: {arg} must have the result's shape {list(want.shape)}, got "
-                             f"{list(out.shape)}")
+            raise ValueError(f"{op}: {arg} must have the result's shape {_sz(list(want.shape))}, "
+                             f"got {_sz(list(out.shape))}")
         if not out.is_contiguous():
             raise ValueError(f"{op}: {arg} must be contiguous")
 
@@ -819,14 +832,14 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
         if g_idx is not None:
             raise ValueError(f'{op}: format="awq" takes no g_idx')
         K = qweight.shape[0]
-        _fake_check(N % 8 == 0, lambda: f"{op}: N = scales.shape[1] = {N} must be a "
+        _fake_check(N % 8 == 0, lambda: f"{op}: N = scales.shape[1] = {_sz(N)} must be a "
                                         f"multiple of 8 for AWQ")
         _fake_shape(op, "qweight", qweight, [K, N // 8], "[K, N/8]")
     else:
         _fake_bits(op, bits, (2, 3, 4, 8))
         _fake_check(qweight.shape[1] == N, lambda: f"{op}: qweight.shape[1] = "
-                                                   f"{qweight.shape[1]} must equal N = "
-                                                   f"scales.shape[1] = {N}")
+                                                   f"{_sz(qweight.shape[1])} must equal N = "
+                                                   f"scales.shape[1] = {_sz(N)}")
         rows = qweight.shape[0]
         if g_idx is not None:
             _on_one_device(op, qweight, g_idx=g_idx)
@@ -835,7 +848,7 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
         else:
             if bits == 3:
                 _fake_check(rows % 3 == 0, lambda: (
-                    f"{op}: qweight.shape[0] = {rows} is not a whole number of 3-bit groups "
+                    f"{op}: qweight.shape[0] = {_sz(rows)} is not a whole number of 3-bit groups "
                     f"(bits=3 needs a multiple of 3 rows)"))
             K = rows * 32 // bits
             if isinstance(K, int) and K >= 2**63:  # (the kernel's size check, in its words)
@@ -843,14 +856,15 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
                                  f"overflows int64")
         words = (K * bits + 31) // 32
         _fake_check(rows == words, lambda: (
-            f"{op}: qweight must have shape [ceil(K*bits/32), N] = {[words, N]} for K = {K}, got "
-            f"{list(qweight.shape)}"))
+            f"{op}: qweight must have shape [ceil(K*bits/32), N] = {_sz([words, N])} for K = "
+            f"{_sz(K)}, got {_sz(list(qweight.shape))}"))
     gs = _fake_group_size(op, group_size, K)
     if g_idx is None:
         groups = (K + gs - 1) // gs
         _fake_check(G == groups, lambda: f"{op}: scales must have shape [K/G, N] = "
-                                         f"{[groups, N]} for K = {K} and group_size = "
-                                         f"{group_size}, got {list(scales.shape)}")
+                                         f"{_sz([groups, N])} for K = {_sz(K)} and "
+                                         f"group_size = {group_size}, got "
+                                         f"{_sz(list(scales.shape))}")
     if qzeros is not None:
         _fake_dtype(op, "qzeros", qzeros, torch.int32)
         _on_one_device(op, qweight, qzeros=qzeros)
@@ -876,7 +890,7 @@ def _(qweight):
     _fake_dtype("unprepack_w4a16", "qweight", qweight, torch.int32)
     _dims("unprepack_w4a16", "qweight", qweight, 3)
     _fake_check(qweight.shape[1] == 4, lambda: f"unprepack_w4a16: qweight must have shape "
-                                               f"[K/32, 4, N], got {list(qweight.shape)}")
+                                               f"[K/32, 4, N], got {_sz(list(qweight.shape))}")
     _size_mul("unprepack_w4a16", "K = qweight.shape[0] * 32", qweight.shape[0], 32)
     return qweight.new_empty((qweight.shape[0] * 4, qweight.shape[2]))
 
@@ -895,28 +909,28 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
     kil = qweight.dim() == 3  # k-interleaved [K/32, 4, N] or GPTQ [K/8, N]
     if not (qweight.dim() == 2 or (kil and qweight.shape[1] == 4)):
         raise ValueError(f"{op}: qweight must be [K/8, N] (GPTQ) or [K/32, 4, N] (prepack_w4a16), "
-                         f"got shape {list(qweight.shape)}")
+                         f"got shape {_sz(list(qweight.shape))}")
     _dims(op, "scales", scales, 2)
     _dims(op, "x", x)
     _fake_zero_format(op, zero_format)
     per_row = 32 if kil else 8
     K = _size_mul(op, f"K = qweight.shape[0] * {per_row}", qweight.shape[0], per_row)
     N = qweight.shape[-1]
-    _fake_check(x.shape[-1] == K, lambda: f"{op}: x.shape[-1] = {x.shape[-1]} must equal "
-                                          f"K = {per_row} * qweight.shape[0] = {K}")
+    _fake_check(x.shape[-1] == K, lambda: f"{op}: x.shape[-1] = {_sz(x.shape[-1])} must equal "
+                                          f"K = {per_row} * qweight.shape[0] = {_sz(K)}")
     if kil and g_idx is not None:
         raise ValueError(f"{op}: a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order "
                          f"weights: act_order_prepack first, then perm)")
-    _fake_check(N % 8 == 0, lambda: f"{op}: N = qweight.shape[1] = {N} must be a multiple "
+    _fake_check(N % 8 == 0, lambda: f"{op}: N = qweight.shape[1] = {_sz(N)} must be a multiple "
                                     f"of 8")
     gs = _fake_group_size(op, group_size, K)
     act = g_idx is not None  # (any number of groups, any K: a row shard of an act-order layer)
-    _fake_check(act or K % gs == 0, lambda: f"{op}: K = {K} must be a multiple of "
-                                            f"group_size = {gs}")
+    _fake_check(act or K % gs == 0, lambda: f"{op}: K = {_sz(K)} must be a multiple of "
+                                            f"group_size = {_sz(gs)}")
     G = scales.shape[0] if act else K // gs
     if kil:
         _fake_check(gs % 32 == 0 or gs == K, lambda: (
-            f"{op}: group_size = {gs} must be a multiple of 32 with a k-interleaved qweight "
+            f"{op}: group_size = {_sz(gs)} must be a multiple of 32 with a k-interleaved qweight "
             f"(prepack_w4a16)"))
     _fake_shape(op, "scales", scales, [G, N], "[groups, N]" if act else "[K/group_size, N]")
     if qzeros is not None:
