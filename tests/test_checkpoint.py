@@ -391,7 +391,9 @@ def test_g_idx_wrapping_in_int32_is_refused_everywhere(tmp_path):
 def test_load_refuses_unsupported_configs(tmp_path):
     for i, (qc_change, message) in enumerate([
             ({"bits": 8}, "only 4-bit"), ({"version": "gemv_fast"}, "AWQ version"),
-            ({"quant_method": "bitsandbytes"}, "unsupported quant_method")]):
+            ({"quant_method": "bitsandbytes"}, "unsupported quant_method"),
+            # (transformers reads llm-awq's layout whatever the version says)
+            ({"backend": "llm-awq"}, "unsupported AWQ backend 'llm-awq'")]):
         folder = tmp_path / str(i)
         make_checkpoint(folder, "awq")
         config = json.loads((folder / "config.json").read_text())
@@ -635,6 +637,11 @@ def test_config_numbers_written_as_strings(tmp_path):
     info = inspect_with("awq", {"w_bit": "4", "q_group_size": str(G)}, legacy=True)
     assert (info["format"], info["bits"], info["group_size"]) == ("awq", 4, G)
     assert parse_quant_config({"quant_method": "gptq", "bits": 4, "group_size": "-1"}).group_size == -1
+    # whole numbers written as floats: bits 4.0 was read, group_size 128.0 refused
+    qc = parse_quant_config({"quant_method": "gptq", "bits": 4.0, "group_size": 128.0})
+    assert qc.group_size == 128 and type(qc.group_size) is int
+    with pytest.raises(CheckpointError, match="group_size must be -1 or a positive integer, got 128.5"):
+        parse_quant_config({"quant_method": "gptq", "bits": 4, "group_size": 128.5})
     with pytest.raises(CheckpointError, match="group_size must be -1 or a positive integer, got 0"):
         inspect_with("gptq", {"group_size": "0"})
     with pytest.raises(CheckpointError, match=r"unsupported bits=8 \(only 4-bit"):

@@ -251,6 +251,24 @@ def test_convert_refuses_links_that_loop(tmp_path, capsys, link):
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["src"]
 
 
+def test_convert_refuses_a_link_to_the_folder_of_dst(tmp_path, capsys):
+    """SRC/extra linking to the folder DST goes in: the copy walked into the hidden partial
+    folder being written, which held extra again, until the path was too long for the system
+    ("cannot write DST ([Errno 36] File name too long: '.../extra/.dst.partial-.../extra/...')",
+    4,000 characters). Refused by name, nothing left behind"""
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_checkpoint(src, "awq")
+    out.mkdir()
+    (src / "extra").symlink_to(out)
+    before = tree_digest(src)
+    assert main(["convert", str(src), str(out / "dst"), "--to", "gptq", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "holds the output being written" in err and "loop" in err and len(err) < 600, err
+    assert tree_digest(src) == before
+    assert list(out.iterdir()) == []
+
+
 def test_convert_failing_on_a_source_file_cleans_read_only_folders(tmp_path, capsys, monkeypatch):
     """A read-only subfolder copied into DST's hidden partial folder is removed with it when a
     later file fails; an unreadable source file is reported as a read error of SRC"""

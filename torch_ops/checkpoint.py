@@ -11,6 +11,7 @@ act-order to AWQ) is a :class:`CheckpointError` with a one-line message.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -234,6 +235,8 @@ def _config_int(qc: dict, keys: tuple, where):
     no key is set."""
     key = next((k for k in keys if qc.get(k) is not None), keys[0])
     value = qc.get(key)
+    if isinstance(value, float) and value.is_integer():  # (128.0: bits 4.0 passed, this did not)
+        return int(value)
     if not isinstance(value, str):
         return value
     if re.fullmatch(r"\s*[-+]?[0-9]+\s*", value):
@@ -275,6 +278,11 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
         # the tensor layout: AutoAWQ and transformers name it "version", GPTQModel also "format"
         # and "checkpoint_format" (same value); a layout only "format" names (gemv_fast,
         # llm-awq, marlin) was read as gemm
+        if str(qc.get("backend") or "").lower() == "llm-awq":
+            # transformers' AwqConfig reads backend "llm-awq" as llm-awq's layout (int16
+            # qweight, scaled_zeros), whatever the version says
+            raise CheckpointError(f"{where}: unsupported AWQ backend 'llm-awq' (llm-awq's "
+                                  "tensor layout; only AutoAWQ's 'gemm' is supported)")
         for key in ("version", "format", "checkpoint_format"):
             if qc.get(key) is not None and str(qc[key]).lower() != "gemm":
                 raise CheckpointError(f"{where}: unsupported AWQ {key} {qc[key]!r} "
@@ -1805,29 +1813,40 @@ def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
             continue
         if item.is_dir():  # links followed, as at the top (a Hugging Face cache snapshot's
             # relative links would dangle in DST); dangling ones left out, loops refused
-            _refuse_link_loop(str(item))
-            shutil.copytree(item, tmp / item.name, symlinks=False, ignore=_dangling_links)
+            _refuse_link_loop(str(item), tmp)
+            shutil.copytree(item, tmp / item.name, symlinks=False,
+                            ignore=functools.partial(_dangling_links, staging=tmp))
         else:  # a link's target is copied (a Hugging Face cache's snapshot is all links), a
             # dangling link as it is
             shutil.copy2(item, tmp / item.name, follow_symlinks=item.exists())
 
 
-def _dangling_links(folder, names):
+def _dangling_links(folder, names, staging=None):
     """copytree's ignore: links that resolve to nothing (its own ignore_dangling_symlinks checks
-    a relative link's target against the working directory). A link that loops is refused."""
+    a relative link's target against the working directory). A link that loops, or that leads
+    to the folder being written (``staging``), is refused."""
     for n in names:
-        _refuse_link_loop(os.path.join(folder, n))
+        _refuse_link_loop(os.path.join(folder, n), staging)
     return [n for n in names if not os.path.exists(os.path.join(folder, n))]
 
 
-def _refuse_link_loop(path: str) -> None:
+def _refuse_link_loop(path: str, staging=None) -> None:
     """CheckpointError where ``path`` is a link to a folder that holds it (along its path as
     written or as resolved). Followed, it would be copied again inside its own copy, the
     checkpoint with it, until the system's limit of links in a path makes the link look
-    dangling: a "successful" DST holding ~40 copies of SRC."""
+    dangling: a "successful" DST holding ~40 copies of SRC. Also where the link's folder holds
+    ``staging``, the hidden folder DST is written in (SRC/extra -> DST's parent): the copy went
+    on into the copy being made, until the path was too long for the system, and the error
+    was a 4,000-character path."""
     if not (os.path.islink(path) and os.path.isdir(path)):
         return
     target = os.path.realpath(path)
+    if staging is not None:
+        written = os.path.realpath(staging)
+        if written == target or written.startswith(target.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"{path}: a link to {target}, a folder that holds the "
+                                  "output being written: copying it would copy that output into "
+                                  "itself, a loop without end")
     holder = os.path.dirname(os.path.abspath(path))
     for p in (holder, os.path.realpath(holder)):
         while True:
