@@ -63,6 +63,7 @@ class Args(ctypes.Structure):
         ("out", ctypes.c_void_p), ("out_dtype", ctypes.c_int),
         ("perm", ctypes.c_void_p),
         ("kinterleaved", ctypes.c_int),
+        ("weights_fresh", ctypes.c_int),
     ]
 
 

@@ -245,6 +245,22 @@ def test_gradient_wrt_x(device):
     assert torch.allclose(bias.grad.cpu(), grad.cpu().sum((0, 1)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_bias_gradient_is_summed_in_the_dtype_of_bias(device, x_dtype):
+    """An fp32 bias beside 16-bit activations: its gradient was summed in the activations' dtype
+    and rounded there (2e-3 relative with bf16) before autograd cast it to fp32"""
+    K, N = 64, 32
+    t = make_weights(K, N, 32, device=device, scales_dtype=x_dtype)
+    x = torch.randn(300, K, device=device, dtype=x_dtype, requires_grad=True)
+    bias = torch.randn(N, device=device, requires_grad=True)
+    out = torch_ops.w4a16_linear(x, bias=bias, **t)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert bias.grad.dtype == torch.float32
+    exact = grad.double().sum(0)
+    assert ((bias.grad.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
+
+
 @pytest.mark.parametrize("M", [1, 5, 32, 64, 200, 700])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_perm_reads_permuted_x(device, M, dtype):
@@ -840,6 +856,46 @@ def test_cuda_graph_capture():
     assert not torch.equal(out, expected)
 
 
+_CAPTURE_UNSEEN_G_IDX = """
+import sys, torch, torch_ops
+K, N, G = 512, 256, 128
+qweight = torch.randint(-2**31, 2**31, (K // 8, N), dtype=torch.int32, device="cuda")
+scales = torch.rand(K // G, N, device="cuda", dtype=torch.float16) / 64
+x = torch.randn(2, K, device="cuda", dtype=torch.float16)
+g_idx = (torch.randperm(K, device="cuda") // G).to(torch.int32)
+if sys.argv[1] == "bad":
+    g_idx[7] = K // G  # one past the last group of scales
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # no eager call first: g_idx is new to the op
+    out = torch_ops.w4a16_linear(x, qweight, scales, None, G, g_idx)
+graph.replay()
+torch.cuda.synchronize()
+w = torch_ops.dequantize(qweight, scales, None, "gptq", 4, G, g_idx.clamp(max=K // G - 1))
+err = ((out.double() - x.double() @ w.double().t()).norm() / out.double().norm()).item()
+print("rel_err", err)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("which", ["good", "bad"])
+def test_cuda_graph_capture_checks_a_g_idx_not_seen_before(which, tmp_path):
+    """A g_idx first met during capture (no eager warm-up) cannot be read on the host there (no
+    sync): it was taken unchecked, and out-of-range values read past the kernels' group tables
+    without a word. The graph now checks it on each replay (a device-side assert, which ends the
+    process's CUDA context: run in a process of its own)"""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CAPTURE_UNSEEN_G_IDX, which], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if which == "good":
+        assert r.returncode == 0, r.stderr
+        assert float(r.stdout.split()[-1]) < TOL[torch.float16], r.stdout
+    else:
+        assert r.returncode != 0 and "assert" in r.stderr.lower(), (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("M,K", [(1, 1024), (16, 1024), (12, 4096), (64, 1024), (200, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dependent_layers_back_to_back(device, M, K, dtype):
@@ -847,14 +903,18 @@ def test_dependent_layers_back_to_back(device, M, K, dtype):
     starts (programmatic dependent launch) while the previous one still runs and may only read x
     after waiting for it: a missing wait shows up as a layer computed from a stale input. The
     shapes take each way of gathering x for perm (by element signalling the GEMM early or, at
-    12 x 4096, late; by row from 32 rows)."""
+    12 x 4096, late; by row from 32 rows). The last two layers' scales are in the other 16-bit
+    dtype and the last perm is int64: converted by the op just before its kernel, they are
+    written by the kernel before it, which a programmatic dependent launch (reading the weights
+    before its wait) may not see finished: those launches go after it."""
     layers = []
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
     for i in range(6):
         t = make_weights(K, K, 128, zeros=("v1", "v2", "sym")[i % 3], device=device,
-                         scales_dtype=dtype)
+                         scales_dtype=dtype if i < 4 else other)
         t["scales"] = t["scales"] * 0.3  # keeps the activations' magnitude about constant
         if i % 2:  # x gathered by perm (a gather kernel, then the GEMM)
-            t["perm"] = torch.randperm(K, device=device).to(torch.int32)
+            t["perm"] = torch.randperm(K, device=device).to(torch.int32 if i < 5 else torch.int64)
         layers.append(t)
     ys = [torch.randn(M, K, device=device, dtype=dtype)]
     for t in layers:

@@ -189,6 +189,32 @@ def test_repack_into_out(device):
     assert torch.equal(buf[n - 1:n - 1 + gz.numel()].view(gz.shape), gz) and torch.equal(strided, qzeros)
 
 
+def test_repack_into_out_refuses_an_out_in_another_storage_of_the_same_memory():
+    """Two tensors over one buffer through two storages (two torch.from_numpy of one array):
+    torch's overlap test compares storages and found none, and the repack read words it had
+    already overwritten (a wrong answer, no error)"""
+    import numpy as np
+
+    K, N, G = 256, 64, 128
+    qweight, qzeros = awq_tensors(K, N, G, "cpu")
+    buf = np.zeros(qweight.numel() + 8, np.int32)
+    qw = torch.from_numpy(buf)[:qweight.numel()].view(qweight.shape)
+    qw.copy_(qweight)
+    out = torch.from_numpy(buf)[8:8 + qweight.numel()].view(K // 8, N)
+    before = buf.copy()
+    with pytest.raises(ValueError, match="awq_to_gptq: qweight_out overlaps an input"):
+        torch_ops.awq_to_gptq(qw, qzeros, out=(out, torch.empty_like(qzeros)))
+    assert np.array_equal(buf, before)
+    # the same buffer, apart: taken
+    buf = np.zeros(2 * qweight.numel(), np.int32)
+    qw = torch.from_numpy(buf)[:qweight.numel()].view(qweight.shape)
+    qw.copy_(qweight)
+    out = torch.from_numpy(buf)[qweight.numel():].view(K // 8, N)
+    gq, gz = torch_ops.awq_to_gptq(qweight, qzeros)
+    torch_ops.awq_to_gptq(qw, qzeros, out=(out, torch.empty_like(qzeros)))
+    assert torch.equal(out, gq)
+
+
 def test_repack_into_out_refuses_none(device):
     """out= with None for one of its tensors: an error naming it, the other out left as it was
     (None was taken as "allocate": the words went to a tensor the call dropped, silently)"""

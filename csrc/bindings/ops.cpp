@@ -156,8 +156,8 @@ void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi,
 
 // Index entries (g_idx: groups, perm: positions in a row of x) in [0, limit). On CUDA this needs
 // a sync, so an index tensor already seen unchanged (same address, dtype, size, strides, limit
-// and version counter) is not checked again, and none is checked while a CUDA graph is being
-// captured (capture requires an eager warm-up, which checked it). Each entry keeps a weak
+// and version counter) is not checked again, and while a CUDA graph is being captured one not
+// seen is checked by a device-side assert the graph replays (an eager warm-up checks it too). Each entry keeps a weak
 // reference to its storage and matches only that storage: another tensor at a freed one's address
 // is checked anew. (A strong reference kept every index seen alive, up to 4096 of them, after the
 // caller dropped it: a deleted model's g_idx / perm, or the whole of a larger tensor an index was
@@ -205,7 +205,18 @@ bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, i
     const bool answered = seen_unchanged && (!want_perm || seen_perm >= 0);
     if (answered && idx.is_cuda()) return seen_perm == 1;
 #ifdef TOPS_WITH_CUDA
-    if (idx.is_cuda() && cuda::is_capturing(idx)) return false;
+    if (idx.is_cuda() && cuda::is_capturing(idx)) {
+        // no sync while capturing: an index not seen before (no eager warm-up, or made inside
+        // the captured region) is checked by the graph itself, a device-side assert on each
+        // replay, where out-of-range values read past the kernels' tables without a word
+        if (!seen_unchanged) {
+            auto [lo, hi] = at::aminmax(idx);
+            at::_assert_async(at::logical_and(lo.ge(0), hi.lt(limit)),
+                              std::string(op) + ": " + arg + " values out of range (" + meaning +
+                                  ") in a captured CUDA graph");
+        }
+        return false;
+    }
 #endif
     if (!seen_unchanged || !idx.is_cuda()) {
         auto [lo, hi] = at::aminmax(idx);  // (readable: checked on entry)
@@ -265,8 +276,8 @@ void check_index_range_in_transform(const char *op, const char *arg, const at::T
     check_index_range(op, arg, inner, limit, meaning);
 }
 
-// Split [0, n) across torch's intra-op threads in chunks of at least `grain`; returns the first
-// failing chunk's status.
+// Split [0, n) across torch's intra-op threads in chunks of at least `grain`; returns a failing
+// chunk's status (the last stored; every kernel fails all its chunks for one reason).
 template <typename F>
 int run_cpu_status(int64_t n, int64_t grain, const F &f) {
     std::atomic<int> status{TOPS_OK};
@@ -407,13 +418,16 @@ std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor &t) {
     return {first, last};
 }
 
-// Whether two tensors may share memory: get_overlap_status cannot tell for a strided view
-// (TooHard); then tensors of one storage may where the bytes they span meet (a strided view of
-// one part of a buffer beside an out in another part of it was refused as overlapping).
+// Whether two tensors may share memory. get_overlap_status answers for dense tensors of one
+// storage; it cannot tell for a strided view (TooHard), and it answers No for two storages, which
+// may still hold one buffer (two torch.from_numpy of one array, from_blob, DLPack: a repack read
+// words it had already overwritten). Then they may where the bytes they span meet (a strided view
+// of one part of a buffer beside an out in another part of it is not refused).
 bool may_overlap(const at::Tensor &a, const at::Tensor &b) {
-    auto status = at::get_overlap_status(a, b);
-    if (status != at::MemOverlapStatus::TooHard) return status != at::MemOverlapStatus::No;
-    if (!a.storage().is_alias_of(b.storage()) || a.numel() == 0 || b.numel() == 0) return false;
+    if (a.numel() == 0 || b.numel() == 0) return false;
+    const auto status = at::get_overlap_status(a, b);
+    if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial) return true;
+    if (status == at::MemOverlapStatus::No && a.storage().is_alias_of(b.storage())) return false;
     const auto sa = byte_span(a), sb = byte_span(b);
     return sa.first <= sb.second && sb.first <= sa.second;
 }
@@ -1005,6 +1019,14 @@ at::Tensor w4a16_linear(const at::Tensor &x_in, const at::Tensor &qweight_in,
     a.out_dtype = a.x_dtype;
     a.perm = nullptr; /* CPU: x is gathered above; CUDA: cuda::w4a16_linear takes perm */
     a.kinterleaved = kil && on_cuda ? 1 : 0; /* (CPU: x gathered above) */
+    // a weight converted or copied above was written by the kernel just before the product's
+    // (fp16 scales for bf16 x, an int64 g_idx or perm, a non-contiguous qweight): see the field
+    auto made = [](const at::Tensor &t, const c10::optional<at::Tensor> &in) {
+        return t.defined() && !t.is_same(*in);
+    };
+    a.weights_fresh = on_cuda && (!qweight.is_same(qweight_in) || !scales.is_same(scales_in) ||
+                                  made(qzeros, qzeros_in) || made(g_idx, g_idx_in) ||
+                                  made(perm, perm_in) || made(bias, bias_in));
     if (on_cuda) {
         TOPS_CUDA(op, cuda::w4a16_linear(a, x, out, bias, perm, w.perm_is_permutation));
     } else {
@@ -1064,6 +1086,8 @@ public:
         ctx->saved_data["group_size"] = group_size;
         ctx->saved_data["zero_format"] = std::string(zero_format);
         ctx->saved_data["bias_grad"] = bias.has_value() && bias->defined() && bias->requires_grad();
+        if (ctx->saved_data["bias_grad"].toBool())
+            ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
         return out;
     }
 
@@ -1083,8 +1107,10 @@ public:
             if (perm.defined()) /* the product read x[..., perm]: scatter back, repeats adding up */
                 grad_x = at::zeros_like(grad_x).index_add_(-1, perm.to(at::kLong), grad_x);
         }
-        if (ctx->saved_data["bias_grad"].toBool())
-            grad_bias = as_rows(grad).sum(0);
+        if (ctx->saved_data["bias_grad"].toBool()) /* summed into bias's dtype: an fp32 bias of a
+            bf16 layer got its gradient rounded to bf16 (2e-3) on the way */
+            grad_bias = as_rows(grad).sum(
+                0, false, static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
         /* one per forward argument: x, qweight, scales, qzeros, group_size, g_idx, bias,
          * zero_format, perm */
         return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),

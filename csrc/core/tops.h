@@ -164,6 +164,11 @@ typedef struct {
      * K % 32 == 0, plain groups (no g_idx); with perm, real k r multiplies x[m, perm[r]]. CUDA
      * only: the CPU binding gathers x in that order and passes the words as GPTQ ones. */
     int kinterleaved;
+    /* CUDA only: 1 where qweight, scales, qzeros, g_idx, perm or bias was written by the kernel
+     * just before this call's in the stream (a conversion the binding made): the kernels then
+     * start after it, not by programmatic dependent launch, under which they read the weights
+     * before waiting for the kernel before them */
+    int weights_fresh;
 } tops_w4a16_args;
 int tops_w4a16_linear(const tops_w4a16_args *a, int64_t n_begin, int64_t n_end);
 /* AMX tiles for bf16 x (the blocked path's full blocks of 16 rows), used where the CPU and the OS

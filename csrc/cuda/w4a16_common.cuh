@@ -464,12 +464,34 @@ inline int g_last_split = 0;
 inline bool g_last_workspace = false; /* the last call split K through the workspace */
 inline int g_last_grid_gather = 0; /* x[:, perm] gathered by its grid (1) or each block (2) */
 inline bool g_pdl = true; /* launch with programmatic dependent launch on sm_90+ */
+/* this call's weights (qweight, scales, qzeros, g_idx, perm, bias) were written by the kernel just
+ * before it in the stream (the binding's conversion of fp16 scales for bf16 x, an int64 perm, a
+ * non-contiguous qweight): no programmatic dependent launch, whose kernels read the weights
+ * before their grid_dependency_wait (they are the layer's own otherwise, written long before).
+ * Set for one call by NoPdlScope. */
+inline thread_local bool t_weights_fresh = false;
+struct NoPdlScope {
+    bool old;
+    explicit NoPdlScope(bool fresh) : old(t_weights_fresh) { t_weights_fresh = old || fresh; }
+    ~NoPdlScope() { t_weights_fresh = old; }
+};
 /* cluster scheduling policy preference of split-K launches (cudaClusterSchedulingPolicy: 0 the
  * default, 1 spread the blocks of a cluster over SMs, 2 load balancing) */
 inline int g_cluster_policy = 0;
 
+/* This translation unit's device code as the current device runs it: its ptxVersion is the
+ * virtual architecture it was compiled for (__CUDA_ARCH__ / 10), which is below the device's
+ * where a build holds only older code (TORCH_CUDA_ARCH_LIST="8.0+PTX" on an H100: compute_80 PTX,
+ * JIT-compiled). (All the extension's CUDA sources are built with the same targets.) */
+static __global__ void arch_probe_kernel() {}
+
 struct DevInfo {
     int dev = 0, sms = 0, major = 0, minor = 0, optin_smem = 0, sm_smem = 0;
+    /* the device is sm_90+ and the code it runs was built for sm_90+: the split-K reduction
+     * through a thread block cluster, its push epilogue and the programmatic dependent launch's
+     * wait exist only there (__CUDA_ARCH__ >= 900). Chosen by the device's major alone, an sm_80
+     * build on an H100 took a cluster split whose epilogue its code lacks: out never written */
+    bool sm90_code = false;
 };
 inline DevInfo dev_info() {
     static DevInfo cache[64];
@@ -486,10 +508,17 @@ inline DevInfo dev_info() {
         cudaDeviceGetAttribute(&n.sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
         cudaDeviceGetAttribute(&n.sms, cudaDevAttrMultiProcessorCount, dev);
         if (n.sms <= 0) n.sms = 1;
+        cudaFuncAttributes fa;
+        n.sm90_code = n.major >= 9 && cudaFuncGetAttributes(&fa, arch_probe_kernel) == cudaSuccess &&
+                      fa.ptxVersion >= 90;
+        (void)cudaGetLastError(); /* (not left for a launch's check) */
         d = n;
     }
     return d;
 }
+
+/* launch with programmatic dependent launch (see g_pdl, t_weights_fresh) */
+inline bool pdl_on(const DevInfo &di) { return g_pdl && di.sm90_code && !t_weights_fresh; }
 
 /* raise a kernel's dynamic shared memory limit to `bytes` (once per kernel and device) */
 inline bool allow_dyn_smem(const void *kern, size_t bytes, const DevInfo &di) {
@@ -592,7 +621,7 @@ inline int choose_split(Kern kern, const LinParams &p, int64_t tiles, size_t pip
     const size_t smem_max = std::max(pipe, out) + tab;
     if (!allow_dyn_smem((const void *)kern, std::min(smem_max, (size_t)di.optin_smem), di)) return 0;
     const bool global = p.locks != nullptr; /* (else split-K reduces through a cluster: sm_90+) */
-    if (di.major < 9 && !global) return 1;
+    if (!di.sm90_code && !global) return 1;
     /* global: at most as many partials as part holds */
     const int64_t room = global ? std::max<int64_t>(1, p.part_floats / ((int64_t)p.M * p.N)) : 8;
     if (g_force_split > 0) return (int)std::min<int64_t>(std::min(g_force_split, 8), room);
@@ -697,7 +726,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
                         bool spread = false, size_t slice_per_kt = 0) {
     const DevInfo di = dev_info();
     if (tiles <= 0 || tiles > 0x7fffffffLL) return TOPS_ERR_ARG;
-    if (split <= 0 || g_force_split > 0 || di.major < 9) {
+    if (split <= 0 || g_force_split > 0 || !di.sm90_code) {
         split = choose_split(kern, p, tiles, pipe, out, tab, streaming);
     } else if (!allow_dyn_smem((const void *)kern, std::min(std::max(pipe, out) + tab, (size_t)di.optin_smem), di)) {
         split = 0;
@@ -737,7 +766,7 @@ inline int launch_split(Kern kern, LinParams p, int64_t tiles, size_t pipe, size
             ++na;
         }
     }
-    if (g_pdl && di.major >= 9) {
+    if (pdl_on(di)) {
         /* the weights of the first stages stream in while the previous kernel drains */
         attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[na].val.programmaticStreamSerializationAllowed = 1;

@@ -1076,7 +1076,7 @@ static cudaLaunchConfig_t pdl_launch(cudaLaunchAttribute *attr, unsigned threads
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = (g_pdl && dev_info().major >= 9) ? 1 : 0;
+    cfg.numAttrs = pdl_on(dev_info()) ? 1 : 0;
     return cfg;
 }
 
@@ -1461,6 +1461,8 @@ size_t tops_cuda_w4a16_workspace_bytes(const tops_w4a16_args *a) {
 }
 
 int tops_cuda_w4a16_gather_x(const tops_w4a16_args *a, void *dst, void *stream) {
+    if (a == nullptr) return TOPS_ERR_ARG;
+    const NoPdlScope no_pdl(a->weights_fresh != 0);
     return gather_checked(a, dst, stream, false);
 }
 
@@ -1587,6 +1589,7 @@ static int linear_on(const tops_w4a16_args *a, void *workspace, size_t workspace
 
 int tops_cuda_w4a16_linear(const tops_w4a16_args *a, void *workspace, size_t workspace_bytes, void *stream) {
     if (a == nullptr) return TOPS_ERR_ARG;
+    const NoPdlScope no_pdl(a->weights_fresh != 0);
     g_last_grid_gather = 0;
     if (a->perm == nullptr || a->M <= 0) return linear_on(a, workspace, workspace_bytes, stream, 0);
     /* x[:, perm] into the workspace, then the plain product on it, with the rest of the workspace
