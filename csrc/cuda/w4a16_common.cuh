@@ -479,11 +479,11 @@ struct NoPdlScope {
  * default, 1 spread the blocks of a cluster over SMs, 2 load balancing) */
 inline int g_cluster_policy = 0;
 
-/* This translation unit's device code as the current device runs it: its ptxVersion is the
- * virtual architecture it was compiled for (__CUDA_ARCH__ / 10), which is below the device's
- * where a build holds only older code (TORCH_CUDA_ARCH_LIST="8.0+PTX" on an H100: compute_80 PTX,
- * JIT-compiled). (All the extension's CUDA sources are built with the same targets.) */
-static __global__ void arch_probe_kernel() {}
+/* The virtual architecture (__CUDA_ARCH__ / 10) of the device code the current device runs: below
+ * the device's where a build holds only older code (TORCH_CUDA_ARCH_LIST="8.0+PTX" on an H100:
+ * compute_80 PTX, JIT-compiled); 0 where it cannot be read. (w4a16_kernels.cu; every CUDA source
+ * of the extension is built for the same targets.) */
+int device_code_version();
 
 struct DevInfo {
     int dev = 0, sms = 0, major = 0, minor = 0, optin_smem = 0, sm_smem = 0;
@@ -508,10 +508,7 @@ inline DevInfo dev_info() {
         cudaDeviceGetAttribute(&n.sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
         cudaDeviceGetAttribute(&n.sms, cudaDevAttrMultiProcessorCount, dev);
         if (n.sms <= 0) n.sms = 1;
-        cudaFuncAttributes fa;
-        n.sm90_code = n.major >= 9 && cudaFuncGetAttributes(&fa, arch_probe_kernel) == cudaSuccess &&
-                      fa.ptxVersion >= 90;
-        (void)cudaGetLastError(); /* (not left for a launch's check) */
+        n.sm90_code = n.major >= 9 && device_code_version() >= 90;
         d = n;
     }
     return d;

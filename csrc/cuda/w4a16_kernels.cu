@@ -1415,6 +1415,15 @@ static int gather_checked(const tops_w4a16_args *a, void *dst, void *stream, boo
     return launch_gather(a, dst, stream, ws_split);
 }
 
+static __global__ void arch_probe_kernel() {}
+
+int device_code_version() {
+    cudaFuncAttributes fa;
+    const int v = cudaFuncGetAttributes(&fa, arch_probe_kernel) == cudaSuccess ? fa.ptxVersion : 0;
+    (void)cudaGetLastError(); /* (not left for a launch's check) */
+    return v;
+}
+
 } // namespace tops_w4
 
 using namespace tops_w4;
