@@ -126,6 +126,46 @@ def test_unfused_experts_empty_batch_one_expert_per_token_and_repr():
     assert "(0-1): 2 x _Expert(" in repr(unfused) and "  (2): _Expert(" in repr(unfused)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_unfused_experts_compile_with_fullgraph(backend):
+    """torch.compile(fullgraph=True): the per-expert counts are sizes known only when the graph
+    runs, and the forward branched on them ("Could not guard on data-dependent expression 64*u1
+    + 64*u2 + ... <= 4194304": a quantized MoE model no longer compiled where the float one
+    did). Compiled: every expert runs on its run of rows, however short; the same outputs
+    (Inductor's bf16 rounds its fused pointwise products once, in fp32)"""
+    unfused = UnfusedExperts.quantize_fused(Experts(), group_size=32)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, i, w: unfused(x, i, w), fullgraph=True, backend=backend)
+    for T in (1, 5, 16, 0):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, i, w = torch.randn(T, 64, dtype=dtype), torch.randint(0, 4, (T, 2)), torch.rand(T, 2)
+            if T:
+                i[0, 1] = 4  # (the padding index)
+                i[-1] = 3  # (one expert twice)
+            got, want = f(x, i, w), unfused(x, i, w)
+            if backend == "aot_eager" or dtype == torch.float32:
+                assert torch.equal(got, want), (T, dtype)
+            else:
+                torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
+
+
+def test_unfused_experts_refuse_weights_that_do_not_match_the_index():
+    """top_k_weights wider than top_k_index: reshaped by its own width, weights of other tokens
+    and slots were read at the index's flat positions (relative error 0.8, no error); refused.
+    Leading shapes may differ ([B, S, k] beside [B * S, k])"""
+    unfused = UnfusedExperts.quantize_fused(Experts(), group_size=32)
+    x, index = torch.randn(5, 64), torch.randint(0, 4, (5, 2))
+    with pytest.raises(ValueError, match=r"top_k_weights must hold a weight per entry of "
+                                         r"top_k_index .* got shapes \[5, 3\] and \[5, 2\]"):
+        unfused(x, index, torch.rand(5, 3))
+    with pytest.raises(ValueError, match="got shapes \\[10\\] and \\[5, 2\\]"):
+        unfused(x, index, torch.rand(10))
+    w = torch.rand(5, 2)
+    torch.testing.assert_close(unfused(x.view(1, 5, 64), index.view(1, 5, 2), w).view(5, 64),
+                               unfused(x, index, w), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_unfused_experts_on_device_and_grad_of_x(device, dtype):
     """On each device (moved there with .to()), fp32 and fp16 hidden states; and LoRA-style
@@ -411,8 +451,9 @@ def test_transformers_moe_models_quantize_save_and_load(tmp_path, kind):
     """Real transformers 5 MoE models (where transformers is installed; CI has none): quantized,
     saved by save_quantized and by save_pretrained, loaded into a fresh model, the same logits.
     Mixtral's experts are named w1 / w3 / w2, as its checkpoints name them (transformers'
-    conversion mapping), and save_pretrained writes them under block_sparse_moe, as AutoGPTQ's
-    Mixtral checkpoints hold them."""
+    conversion mapping), and save_pretrained and save_quantized write them under
+    block_sparse_moe, as AutoGPTQ's Mixtral checkpoints hold them and vLLM reads them
+    (save_quantized wrote the names transformers 5 holds in memory, mlp: vLLM refuses them)."""
     transformers = pytest.importorskip("transformers")
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("transformers 5 (fused experts) not installed")
@@ -443,10 +484,13 @@ def test_transformers_moe_models_quantize_save_and_load(tmp_path, kind):
         save_quantized(model, tmp_path / "ours", "awq")
         model.save_pretrained(tmp_path / "theirs")
     from safetensors import safe_open
-    with safe_open(str(tmp_path / "theirs" / "model.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    keys = {}
+    for folder in ("ours", "theirs"):
+        with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as f:
+            keys[folder] = set(f.keys())
+    assert keys["ours"] == keys["theirs"]  # (AWQ: no g_idx)
     assert (f"model.layers.0.{'block_sparse_moe' if kind == 'mixtral' else 'mlp'}.experts.0."
-            f"{experts[0].names[0]}.qweight") in keys
+            f"{experts[0].names[0]}.qweight") in keys["ours"]
     for folder in ("ours", "theirs"):
         fresh = cls(cfg).eval()
         load_quantized(fresh, tmp_path / folder)

@@ -1016,6 +1016,41 @@ def _transformers_renamings(model: nn.Module) -> list:
         return []
 
 
+def _checkpoint_renaming(model: nn.Module):
+    """A function from ``model``'s key names to those its checkpoints hold, as transformers'
+    save_pretrained writes them (its revert_weight_conversion: the model's renamings reversed,
+    Mixtral's mlp -> block_sparse_moe, the vision-language models' prefixes...); the identity for
+    other models, or where this transformers has no such API. save_quantized wrote the names the
+    model holds in memory: a Mixtral checkpoint vLLM refuses ("There is no module or parameter
+    named 'model.layers.0.mlp'"), whose save_pretrained wrote block_sparse_moe."""
+    if "transformers" not in sys.modules or not callable(
+            getattr(getattr(model, "config", None), "to_dict", None)):
+        return lambda name: name
+    try:
+        from transformers.core_model_loading import PrefixChange, WeightRenaming
+
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions is None:  # (as save_pretrained: no legacy renaming, no prefix change)
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                           if not isinstance(c, PrefixChange)]
+        renamings = [r for r in (c.reverse_transform() for c in conversions[::-1])
+                     if isinstance(r, WeightRenaming)]
+    except Exception:
+        return lambda name: name
+
+    def rename(name: str) -> str:
+        try:
+            for renaming in renamings:
+                name = renaming.rename_source_key(name)[0]
+        except Exception:  # (a renaming of another form: the name as it is)
+            pass
+        return name
+
+    return rename
+
+
 def _renamed_to_model(model: nn.Module, keys) -> dict:
     """{checkpoint key: the model's name for it} for the keys that an older layout of the model
     names otherwise: renamed by transformers' renamings (_transformers_renamings), else by
@@ -1293,7 +1328,9 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     (``"-:^name$"``, read by GPTQModel, vLLM and SGLang) and, where decoder blocks (``<blocks>.<i>.<name>``) hold one (an MoE router), list the
     quantized ones in ``modules_in_block_to_quantize`` (transformers); a GPTQ config vLLM or
     SGLang would refuse (asymmetric, act-order, another group size) is warned of. AWQ configs
-    say ``"sym": false``. A row shard of an act-order layer (``QuantLinear(num_groups=...)``)
+    say ``"sym": false``. A transformers model's keys and layer names are written as its
+    save_pretrained writes them (its key renamings reversed: Mixtral's ``block_sparse_moe``
+    where transformers 5 holds ``mlp``), the layout vLLM and GPTQ / AWQ tools read. A row shard of an act-order layer (``QuantLinear(num_groups=...)``)
     is refused: checkpoints hold whole layers."""
     from safetensors.torch import save_file
 
@@ -1366,9 +1403,21 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         act_order |= m.act_order
         sym &= m.symmetric
         tensors.update({f"{name}.{s}": t for s, t in exported.items()})
+    # the names checkpoints of this model hold (save_pretrained's), for tensors and layers alike
+    # (a layer's name as its weight's key: the renamings match keys)
+    rename = _checkpoint_renaming(model)
+    renamed = {rename(k): k for k in tensors}
+    if len(renamed) == len(tensors):  # (two keys of one new name: kept as the model names them)
+        tensors = {new: tensors[k] for new, k in renamed.items()}
+    else:
+        rename = lambda name: name  # noqa: E731
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    quantized_names = [n for n, m in model.named_modules(remove_duplicate=False)
+
+    def layer_name(name):
+        return rename(name + ".weight").removesuffix(".weight")
+
+    skip = sorted(layer_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    quantized_names = [layer_name(n) for n, m in model.named_modules(remove_duplicate=False)
                        if id(m) in quantized]
     if format == "awq":  # (as convert to AWQ warns)
         _warn_skip_substrings("save_quantized as AWQ", skip, quantized_names, stacklevel=3)

@@ -839,7 +839,9 @@ class UnfusedExperts(nn.Module):
     ``forward(hidden_states, top_k_index, top_k_weights)`` is the fused module's: each token's
     top-k experts (indices outside [0, E) skipped, as transformers' padding index E is), their
     outputs weighted and summed in fp32, returned in the dtype of ``hidden_states``. It runs the
-    experts the batch routes to, one after another (the index of those is read on the host)."""
+    experts the batch routes to, one after another (the index of those is read on the host);
+    under torch.compile, which reads the counts inside the graph (fullgraph too), every expert,
+    on its run of rows however short."""
 
     def __init__(self, experts, act_fn, names=EXPERT_NAMES[0]):
         """``experts``: a (gate, up, down) triple of layers per expert, [H -> I, H -> I, I -> H];
@@ -909,6 +911,14 @@ class UnfusedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if (top_k_weights.dim() == 0 or top_k_index.dim() == 0 or
+                top_k_weights.shape[-1] != top_k_index.shape[-1] or
+                top_k_weights.numel() != top_k_index.numel()):
+            # (reshaped by their own widths, the weights of a wider top_k_weights were read at
+            # the index's flat positions: other tokens' and slots' weights, without a word)
+            raise ValueError(f"UnfusedExperts: top_k_weights must hold a weight per entry of "
+                             f"top_k_index (k = its last dimension), got shapes "
+                             f"{list(top_k_weights.shape)} and {list(top_k_index.shape)}")
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         # (k from the index's last dimension: an empty batch has no -1 to infer)
         index = top_k_index.reshape(x.shape[0], top_k_index.shape[-1])
@@ -922,6 +932,16 @@ class UnfusedExperts(nn.Module):
         flat = torch.where((flat >= 0) & (flat < E), flat, E)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+        # torch.compile: the counts are sizes known only when the graph runs (unbacked symbols);
+        # no Python branch may depend on them (fullgraph failed: "Could not guard on
+        # data-dependent expression"), so every expert runs, on its run of rows however short,
+        # and the batched choice below is made from the batch's shape
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            for n in counts:
+                torch._check(n >= 0)
+                torch._check(n <= flat.numel())
+            torch._check(sum(counts) <= flat.numel())
         hit = sum(counts)
         order = order[:hit]
         token = torch.div(order, index.shape[-1], rounding_mode="floor")
@@ -934,12 +954,12 @@ class UnfusedExperts(nn.Module):
         # added in expert order, the same bits; on CUDA one index_add_ per expert, in which a
         # token comes once (unless routed to that expert twice), where one call over all slots
         # would add a token's outputs in whatever order its atomics land.
-        batched = hit * x.shape[-1] <= _EXPERTS_BATCHED_ELEMENTS
+        batched = (flat.numel() if compiling else hit) * x.shape[-1] <= _EXPERTS_BATCHED_ELEMENTS
         deferred = batched and out.device.type in _ONE_INDEX_ADD
         xs = x[token] if batched else None
         ys, start = [], 0
         for e, n in enumerate(counts):
-            if n:
+            if compiling or n:
                 run = slice(start, start + n)
                 y = self[e](xs[run] if batched else x[token[run]], self.act_fn)
                 if deferred:
