@@ -1330,8 +1330,9 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
     SGLang would refuse (asymmetric, act-order, another group size) is warned of. AWQ configs
     say ``"sym": false``. A transformers model's keys and layer names are written as its
     save_pretrained writes them (its key renamings reversed: Mixtral's ``block_sparse_moe``
-    where transformers 5 holds ``mlp``), the layout vLLM and GPTQ / AWQ tools read. A row shard of an act-order layer (``QuantLinear(num_groups=...)``)
-    is refused: checkpoints hold whole layers."""
+    where transformers 5 holds ``mlp``), the layout vLLM and GPTQ / AWQ tools read. A row shard
+    of an act-order layer (``QuantLinear(num_groups=...)``) is refused: checkpoints hold whole
+    layers."""
     from safetensors.torch import save_file
 
     _check_model(model, "save_quantized")

@@ -154,18 +154,18 @@ void check_index_bounds(const char *op, const char *arg, int64_t lo, int64_t hi,
                       meaning, "), got values in [", lo, ", ", hi, "]");
 }
 
-// Index entries (g_idx: groups, perm: positions in a row of x) in [0, limit). On CUDA this needs
-// a sync, so an index tensor already seen unchanged (same address, dtype, size, strides, limit
-// and version counter) is not checked again, and while a CUDA graph is being captured one not
-// seen is checked by a device-side assert the graph replays (an eager warm-up checks it too). Each entry keeps a weak
-// reference to its storage and matches only that storage: another tensor at a freed one's address
-// is checked anew. (A strong reference kept every index seen alive, up to 4096 of them, after the
-// caller dropped it: a deleted model's g_idx / perm, or the whole of a larger tensor an index was
-// a view of; a weak one keeps only the StorageImpl's header, its data is freed.) One entry per
-// act-order layer. Values that cannot be read (index_values_readable) are neither
-// checked nor cached. A write the version counter does not see (through .data or numpy, or to an
-// inference tensor) goes unnoticed on CUDA; on the CPU, where reading costs no sync, the range is
-// read on every call.
+// Index entries (g_idx: groups, perm: positions in a row of x) in [0, limit). On CUDA this needs a
+// sync, so an index tensor already seen unchanged (same address, dtype, size, strides, limit and
+// version counter) is not checked again, and while a CUDA graph is being captured one not seen is
+// checked by a device-side assert the graph replays (an eager warm-up checks it too). Each entry
+// keeps a weak reference to its storage and matches only that storage: another tensor at a freed
+// one's address is checked anew. (A strong reference kept every index seen alive, up to 4096 of
+// them, after the caller dropped it: a deleted model's g_idx / perm, or the whole of a larger
+// tensor an index was a view of; a weak one keeps only the StorageImpl's header, its data is
+// freed.) One entry per act-order layer. Values that cannot be read (index_values_readable) are
+// neither checked nor cached. A write the version counter does not see (through .data or numpy, or
+// to an inference tensor) goes unnoticed on CUDA; on the CPU, where reading costs no sync, the
+// range is read on every call.
 // want_perm: also find out (once, cached alike) whether idx is a permutation of [0, limit);
 // returns that, false where unknown (during capture of a tensor not seen before) or not asked.
 bool check_index_range(const char *op, const char *arg, const at::Tensor &idx, int64_t limit,
