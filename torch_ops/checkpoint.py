@@ -998,14 +998,30 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
 _MODULE_RENAMES = (("block_sparse_moe", "mlp"),)
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    """transformers is loaded and ``model`` has a config object (a transformers model)"""
+    return "transformers" in sys.modules and callable(
+        getattr(getattr(model, "config", None), "to_dict", None))
+
+
+def _apply_renamings(name: str, renamings) -> str:
+    """``name`` through each of transformers' WeightRenaming ``renamings`` in turn (one of
+    another form skipped)"""
+    for renaming in renamings:
+        try:
+            name = renaming.rename_source_key(name)[0]
+        except Exception:
+            pass
+    return name
+
+
 def _transformers_renamings(model: nn.Module) -> list:
     """transformers' renamings of checkpoint keys for ``model``, as its from_pretrained applies
     them (the WeightRenaming entries of ``get_model_conversion_mapping``: Mixtral's
     block_sparse_moe -> mlp, the language_model / visual prefixes of its vision-language models,
     LayerNorm.gamma...), where ``model`` is a transformers model; [] otherwise, or where this
     transformers has no such API."""
-    if "transformers" not in sys.modules or not callable(
-            getattr(getattr(model, "config", None), "to_dict", None)):
+    if not _is_transformers_model(model):
         return []
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -1023,8 +1039,7 @@ def _checkpoint_renaming(model: nn.Module):
     other models, or where this transformers has no such API. save_quantized wrote the names the
     model holds in memory: a Mixtral checkpoint vLLM refuses ("There is no module or parameter
     named 'model.layers.0.mlp'"), whose save_pretrained wrote block_sparse_moe."""
-    if "transformers" not in sys.modules or not callable(
-            getattr(getattr(model, "config", None), "to_dict", None)):
+    if not _is_transformers_model(model):
         return lambda name: name
     try:
         from transformers.core_model_loading import PrefixChange, WeightRenaming
@@ -1039,16 +1054,7 @@ def _checkpoint_renaming(model: nn.Module):
                      if isinstance(r, WeightRenaming)]
     except Exception:
         return lambda name: name
-
-    def rename(name: str) -> str:
-        try:
-            for renaming in renamings:
-                name = renaming.rename_source_key(name)[0]
-        except Exception:  # (a renaming of another form: the name as it is)
-            pass
-        return name
-
-    return rename
+    return functools.partial(_apply_renamings, renamings=renamings)
 
 
 def _renamed_to_model(model: nn.Module, keys) -> dict:
@@ -1071,13 +1077,7 @@ def _renamed_to_model(model: nn.Module, keys) -> dict:
     for key in keys:
         if key in held:  # (the model's own name: kept)
             continue
-        name = key
-        for renaming in renamings:
-            try:
-                name = renaming.rename_source_key(name)[0]
-            except Exception:  # (a renaming of another form: skipped)
-                pass
-        parts = name.split(".")
+        parts = _apply_renamings(key, renamings).split(".")
         for old, new in _MODULE_RENAMES:
             parts = [new if p == old else p for p in parts[:-1]] + parts[-1:]
         name = ".".join(parts)
