@@ -242,6 +242,58 @@ def test_load_into_held_act_order_layers_a_checkpoint_without_g_idx(tmp_path):
     check_logits(model, oracle)
 
 
+def drop_g_idx(folder, names, qc_changes=None):
+    """Remove the g_idx of layers ``names`` from a one-shard checkpoint; update its
+    quantization_config with ``qc_changes``."""
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name in names:
+        del tensors[f"{name}.g_idx"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(qc_changes or {})
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_act_order_config_with_a_layer_without_g_idx_is_refused_by_name(tmp_path):
+    """desc_act=true says the groups are g_idx's, not arange(K) // G: a layer without g_idx was
+    read in plain group order (wrong weights, no word) and convert wrote desc_act=false."""
+    src = tmp_path / "src"
+    make_checkpoint(src, "gptq", act_order=True)
+    drop_g_idx(src, ["blocks.1.down"])
+    refused_everywhere(src, TinyLM(), r"blocks\.1\.down: .*desc_act=true.*no g_idx")
+
+
+@pytest.mark.parametrize("qc_changes", [
+    {"desc_act": True, "static_groups": True},
+    {"desc_act": True, "dynamic": {r"+:blocks\.1\.": {"desc_act": False}}},
+    {"desc_act": True, "group_size": -1}])
+def test_a_layer_without_g_idx_loads_where_its_groups_are_in_order(tmp_path, qc_changes):
+    """static_groups, a dynamic rule turning desc_act off for the layer, or one group: the plain
+    order is the layer's, and a missing g_idx stays optional."""
+    src = tmp_path / "src"
+    if qc_changes.get("group_size") == -1:
+        torch.manual_seed(0)
+        model = TinyLM()
+        tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        oracle = copy.deepcopy(model)
+        for name in QUANTIZED:
+            weight = tensors.pop(f"{name}.weight")
+            K = weight.shape[1]
+            q = ref.quantize(weight, 4, K, False, "gptq", "v1")
+            tensors.update({f"{name}.{k}": v for k, v in q.items()})
+            oracle.get_submodule(name).weight.data.copy_(ref.dequantize(
+                q["qweight"], q["scales"].float(), q["qzeros"], "gptq", 4, K, None, "v1"))
+        src.mkdir()
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": True}
+        (src / "config.json").write_text(json.dumps({"quantization_config": qc}))
+        save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        _, oracle = make_checkpoint(src, "gptq")
+    drop_g_idx(src, ["blocks.1.up", "blocks.1.down"], qc_changes)
+    check_logits(load_quantized(TinyLM(), src), oracle)
+    convert_checkpoint(src, tmp_path / "dst", to="gptq", verify=True, progress=False)
+
+
 def test_load_reports_missing_and_unexpected_tensors(tmp_path):
     folder = tmp_path / "c"
     make_checkpoint(folder, "awq")

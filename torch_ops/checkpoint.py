@@ -801,7 +801,24 @@ def _layer_dims(ckpt: Checkpoint, prefix: str, qc: QuantConfig) -> tuple[int, in
             raise CheckpointError(f"{prefix}.{suffix} is {dtype} {shape}, expected "
                                   f"{'/'.join(dtypes)} {exp_shape} for qweight {[rows, cols]} "
                                   f"in the {layout}")
+    if (qc.method == "gptq" and K // G > 1 and f"{prefix}.g_idx" not in ckpt.shard_of
+            and _layer_desc_act(qc, prefix)):
+        # (read in plain group order, an act-order layer's weights came out wrong, silently)
+        raise CheckpointError(f"{prefix}: the config says desc_act=true (act-order) but the layer "
+                              "has no g_idx: which group each row of K belongs to is unknown")
     return K, N
+
+
+def _layer_desc_act(qc: QuantConfig, prefix: str) -> bool:
+    """Whether GPTQ layer ``prefix`` has act-order groups (a g_idx other than arange(K) // G):
+    the config's desc_act, or its ``dynamic`` rule's for the layer; static_groups (GPTQModel,
+    AutoGPTQ) keeps the groups in order under desc_act."""
+    rule = _dynamic_rule(qc, prefix)
+    overrides = rule[1] if rule is not None else {}
+    where = f"quantization_config (layer {prefix})"
+    return (_config_bool(overrides, "desc_act", qc.desc_act, where)
+            and not _config_bool(overrides, "static_groups",
+                                 _config_bool(qc.raw, "static_groups", False, where), where))
 
 
 # ---------------------------------------------------------------------- loading into a model
