@@ -10,6 +10,7 @@ act-order to AWQ) is a :class:`CheckpointError` with a one-line message.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -103,6 +104,19 @@ def _chmod_ordinary(path: Path) -> None:
     """safetensors' save_file makes private (0600) files: give a written weight file the mode any
     other file gets (0666 less the umask), so that another user's server can read it."""
     os.chmod(path, 0o666 & ~_umask())
+
+
+@contextlib.contextmanager
+def _naming_the_file(op: str, path: Path):
+    """An error while writing ``path`` (through a staging file) raised as an OSError that names
+    it: safetensors raises its own error type with no path, and a full disk's OSError from a
+    write names no file either."""
+    try:
+        yield
+    except Exception as e:
+        message = f"{op}: cannot write {path} ({getattr(e, 'strerror', None) or e})"
+        code = getattr(e, "errno", None)
+        raise (OSError(code, message) if code else OSError(message)) from None
 
 
 def _rmtree(path: Path) -> None:
@@ -1471,18 +1485,22 @@ def save_quantized(model: nn.Module, path, format: str = "awq", zero_format: str
         # save that fails (a full disk) leaves an earlier checkpoint in the folder whole
         staging = _writer_folder(folder, _STAGING_PREFIX)
         try:
+            written = []
             for name, shard in zip(names, shards):
-                save_file(shard, str(staging / name), metadata={"format": "pt"})
-                _chmod_ordinary(staging / name)
-            written = list(names)
+                with _naming_the_file("save_quantized", folder / name):
+                    save_file(shard, str(staging / name), metadata={"format": "pt"})
+                    _chmod_ordinary(staging / name)
+                written.append(name)
             if len(shards) > 1:
                 weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
                 total = sum(t.numel() * t.element_size() for t in tensors.values())
-                with open(staging / INDEX_NAME, "w", encoding="utf-8") as f:
+                with _naming_the_file("save_quantized", folder / INDEX_NAME), open(
+                        staging / INDEX_NAME, "w", encoding="utf-8") as f:
                     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
                               indent=2)
                 written.append(INDEX_NAME)
-            with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
+            with _naming_the_file("save_quantized", folder / CONFIG_NAME), open(
+                    staging / CONFIG_NAME, "w", encoding="utf-8") as f:
                 json.dump({**config, "quantization_config": qc}, f, indent=2)
             written.append(CONFIG_NAME)
             # an earlier save's files this one replaces, and its index or shards that would be
