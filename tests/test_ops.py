@@ -1720,6 +1720,16 @@ _DYNAMIC_SIZE_CALLS = {  # (call, arguments the kernels refuse, the eager messag
                        r"N = qweight.shape\[1\] = 12 must be a multiple of 8"),
     "quantize": (lambda w: torch_ops.quantize(w, 4, 32), (torch.ones(8, 40),),
                  r"K = weight.shape\[1\] = 40 must be a multiple of group_size = 32"),
+    # integer arguments of the compiled function are symbols too (bits=s45, group_size = s56)
+    "quantize group_size": (lambda w, gs: torch_ops.quantize(w, 4, gs), (torch.ones(8, 64), 48),
+                            r"K = weight.shape\[1\] = 64 must be a multiple of group_size = 48"),
+    "quantize bits": (lambda w, bits: torch_ops.quantize(w, bits, 32), (torch.ones(8, 64), 5),
+                      r"quantize: bits=5 is not supported for format=gptq"),
+    "pack bits": (lambda v, bits: torch_ops.pack(v, bits), (torch.zeros(4, 8, dtype=torch.uint8), 5),
+                  r"pack: bits must be one of \{1, 2, 3, 4, 8\}, got 5"),
+    "w4a16_linear group_size": (lambda x, q, s, gs: torch_ops.w4a16_linear(x, q, s, group_size=gs),
+                                (torch.ones(2, 64), torch.zeros(8, 16, **_I32), torch.ones(2, 16), 0),
+                                r"group_size must be positive or -1 \(one group\), got 0"),
 }
 
 
@@ -1828,6 +1838,11 @@ _REFUSED += [
                                                             _f16(d, 4, 16), None, 16)),
     ("w4a16_linear: g_idx and perm", lambda d: _lin(_f16(d, 2, 32), _zeros(d, 4, 16), _f16(d, 1, 16),
                                                     None, -1, _zeros(d, 32), perm=_zeros(d, 32))),
+    ("w4a16_linear: g_idx out of range and perm", lambda d: _lin(  # (the pair is refused first)
+        _f16(d, 2, 32), _zeros(d, 4, 16), _f16(d, 1, 16), None, -1, _zeros(d, 32) + 7,
+        perm=_zeros(d, 32))),
+    ("w4a16_linear: g_idx of bad dtype and perm", lambda d: _lin(
+        _f16(d, 2, 32), _zeros(d, 4, 16), _f16(d, 1, 16), None, -1, _f16(d, 32), perm=_zeros(d, 32))),
     ("w4a16_linear: int bias", lambda d: _lin(_f16(d, 2, 32), _zeros(d, 4, 16), _f16(d, 1, 16), None,
                                               -1, None, _zeros(d, 16))),
     ("w4a16_linear: N 12", lambda d: _lin(_f16(d, 2, 32), _zeros(d, 4, 12), _f16(d, 1, 12), None, -1)),

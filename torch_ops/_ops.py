@@ -424,7 +424,7 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
         raise ValueError(f"act_order_prepack: g_idx is on {g_idx.device}, qweight on "
                          f"{qweight.device}; they must be on the same device")
     if group_size != -1 and group_size <= 0:
-        raise ValueError(f"act_order_prepack: group_size must be -1 or positive, got {group_size}")
+        raise ValueError(f"act_order_prepack: group_size must be -1 or positive, got {_sz(group_size)}")
     if group_size == -1 and K == 0:  # (K % G below raised ZeroDivisionError, naming nothing)
         raise ValueError("act_order_prepack: group_size = -1 (one group of all K rows) needs K > 0, "
                          "got K = 0")
@@ -471,7 +471,7 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
     if zero_format not in ("v1", "v2"):
         raise ValueError(f'quantize: zero_format must be "v1" or "v2", got "{zero_format}"')
     if bits not in ((4,) if format == "awq" else (2, 3, 4, 8)):
-        raise ValueError(f"quantize: bits={bits} is not supported for format={format}")
+        raise ValueError(f"quantize: bits={_sz(bits)} is not supported for format={format}")
     N, K = weight.shape
     # (the size tests below are guard_or_false: this is also the fake's check, and inside
     # torch.compile a size may depend on the data (rows picked by a mask), where bool() of one
@@ -480,14 +480,14 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
     # multiple of group_size = -1" named neither cause
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"quantize: group_size must be positive or -1 (one group), got "
-                         f"{group_size}")
+                         f"{_sz(group_size)}")
     if group_size == -1 and guard_or_false(K == 0):
         raise ValueError("quantize: group_size = -1 (one group of all K rows) needs K > 0, got "
                          "K = weight.shape[1] = 0")
     G = _reference.group_len(K, group_size)
     if guard_or_false(K % G != 0):
         raise ValueError(f"quantize: K = weight.shape[1] = {_sz(K)} must be a multiple of "
-                         f"group_size = {group_size}")
+                         f"group_size = {_sz(group_size)}")
     if format == "awq":  # qweight [K, N/8]: packed along N only, any K
         if guard_or_false(N % 8 != 0):
             raise ValueError(f"quantize: weight shape {_sz(list(weight.shape))} does not pack "
@@ -497,8 +497,8 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
     n_multiple = 32 // math.gcd(32, bits)  # whole words of qzeros
     if guard_or_false(K % k_multiple != 0) or guard_or_false(N % n_multiple != 0):
         raise ValueError(f"quantize: weight shape {_sz(list(weight.shape))} does not pack into "
-                         f"{bits}-bit {format} words (K must be a multiple of {k_multiple} and N "
-                         f"of {n_multiple})")
+                         f"{_sz(bits)}-bit {format} words (K must be a multiple of {_sz(k_multiple)} and N "
+                         f"of {_sz(n_multiple)})")
 
 
 @_quantize_op.register_fake
@@ -567,7 +567,7 @@ def _fake_dtype(op, arg, t, want):
 
 def _fake_bits(op, bits, allowed):
     if bits not in allowed:
-        raise ValueError(f"{op}: bits must be one of {{{', '.join(map(str, allowed))}}}, got {bits}")
+        raise ValueError(f"{op}: bits must be one of {{{', '.join(map(str, allowed))}}}, got {_sz(bits)}")
 
 
 def _fake_order_and_dim(op, arg, t, bits, dim, order, word_bytes, awq_needs):
@@ -626,7 +626,8 @@ def _fake_zero_format(op, zero_format, arg="zero_format"):
 def _fake_group_size(op, group_size, K):
     """resolve_group_size: -1 is one group of all K rows"""
     if group_size != -1 and group_size <= 0:
-        raise ValueError(f"{op}: group_size must be positive or -1 (one group), got {group_size}")
+        raise ValueError(f"{op}: group_size must be positive or -1 (one group), got "
+                         f"{_sz(group_size)}")
     if group_size == -1:
         _fake_check(K > 0, lambda: f"{op}: group_size = -1 (one group of all K rows) needs "
                                    f"K > 0, got K = 0")
@@ -670,9 +671,9 @@ def _(values, bits, dim=-1, order="sequential", dtype=None):
         raise TypeError(f"pack: dtype must be torch.int32 or torch.uint8, got {dtype}")
     wb = _word_bytes(dtype)
     dim, group = _fake_order_and_dim("pack", "values", values, bits, dim, order, wb,
-                                     f"dtype=torch.int32, got bits={bits} and dtype={dtype}")
+                                     f"dtype=torch.int32, got bits={_sz(bits)} and dtype={dtype}")
     _fake_multiple("pack", f"values.shape[{dim}]", values.shape[dim], group,
-                   f" (bits={bits} into {dtype})")
+                   f" (bits={_sz(bits)} into {dtype})")
     return _resized(values, dim, values.shape[dim] // group * (group * bits // (8 * wb)), dtype)
 
 
@@ -685,12 +686,12 @@ def _(packed, bits, dim=-1, order="sequential"):
     _dims("unpack", "packed", packed)
     wb = _word_bytes(packed.dtype)
     dim, group = _fake_order_and_dim("unpack", "packed", packed, bits, dim, order, wb,
-                                     f"int32 words, got bits={bits} and packed.dtype={packed.dtype}")
+                                     f"int32 words, got bits={_sz(bits)} and packed.dtype={packed.dtype}")
     words = group * bits // (8 * wb)
     nwords = packed.shape[dim]
     _fake_check(nwords % words == 0, lambda: (
-        f"unpack: packed.shape[{dim}] = {_sz(nwords)} is not a whole number of words: bits={bits} "
-        f"spans {words} words per group, so it must be a multiple of {words}"))
+        f"unpack: packed.shape[{dim}] = {_sz(nwords)} is not a whole number of words: bits={_sz(bits)} "
+        f"spans {_sz(words)} words per group, so it must be a multiple of {_sz(words)}"))
     return _resized(packed, dim, _size_mul("unpack", "the unpacked length", nwords // words, group),
                     torch.uint8)
 
@@ -828,7 +829,7 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
     G, N = scales.shape
     if format == "awq":
         if bits != 4:
-            raise ValueError(f'{op}: format="awq" is 4-bit only, got bits={bits}')
+            raise ValueError(f'{op}: format="awq" is 4-bit only, got bits={_sz(bits)}')
         if g_idx is not None:
             raise ValueError(f'{op}: format="awq" takes no g_idx')
         K = qweight.shape[0]
@@ -852,7 +853,7 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
                     f"(bits=3 needs a multiple of 3 rows)"))
             K = rows * 32 // bits
             if isinstance(K, int) and K >= 2**63:  # (the kernel's size check, in its words)
-                raise ValueError(f"{op}: K = qweight.shape[0] * 32 / bits = {rows} * 32 / {bits} "
+                raise ValueError(f"{op}: K = qweight.shape[0] * 32 / bits = {rows} * 32 / {_sz(bits)} "
                                  f"overflows int64")
         words = (K * bits + 31) // 32
         _fake_check(rows == words, lambda: (
@@ -863,7 +864,7 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
         groups = (K + gs - 1) // gs
         _fake_check(G == groups, lambda: f"{op}: scales must have shape [K/G, N] = "
                                          f"{_sz([groups, N])} for K = {_sz(K)} and "
-                                         f"group_size = {group_size}, got "
+                                         f"group_size = {_sz(group_size)}, got "
                                          f"{_sz(list(scales.shape))}")
     if qzeros is not None:
         _fake_dtype(op, "qzeros", qzeros, torch.int32)
@@ -938,12 +939,12 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
         _on_one_device(op, x, qzeros=qzeros)
         _fake_shape(op, "qzeros", qzeros, [G, N // 8],
                     "[scales.shape[0], N/8]" if act else "[K/group_size, N/8]")
+    if g_idx is not None and perm is not None:  # (before g_idx's checks, as the kernels)
+        raise ValueError(f"{op}: pass g_idx (act-order as stored) or perm (rows sorted by "
+                         f"act_order_prepack), not both")
     if g_idx is not None:
         _fake_index_arg(op, "g_idx", g_idx, x, K)
     if perm is not None:
-        if g_idx is not None:
-            raise ValueError(f"{op}: pass g_idx (act-order as stored) or perm (rows sorted by "
-                             f"act_order_prepack), not both")
         _fake_index_arg(op, "perm", perm, x, K)
     if bias is not None:
         _fake_float(op, "bias", bias)

@@ -915,6 +915,11 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
         check_device(op, arg, t, x);
         check_shape(op, arg, t, {K}, "[K]");
     };
+    // (an argument rule, before g_idx's values are read: the fake kernel, which cannot read
+    // them, refuses the pair in the same words)
+    TORCH_CHECK_VALUE(!(g_idx.has_value() && perm.has_value()), op,
+                      ": pass g_idx (act-order as stored) or perm (rows sorted by "
+                      "act_order_prepack), not both");
     if (g_idx.has_value()) {
         check_index_arg("g_idx", *g_idx);
         if (in_transform)
@@ -923,9 +928,6 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
             check_g_idx_range(op, *g_idx, G);  // the caller's tensor: a cache hit next time
     }
     if (perm.has_value()) {
-        TORCH_CHECK_VALUE(!g_idx.has_value(), op,
-                          ": pass g_idx (act-order as stored) or perm (rows sorted by "
-                          "act_order_prepack), not both");
         check_index_arg("perm", *perm);
         if (in_transform)
             check_index_range_in_transform(op, "perm", *perm, K, "positions in a row of x");
@@ -1107,10 +1109,16 @@ public:
             if (perm.defined()) /* the product read x[..., perm]: scatter back, repeats adding up */
                 grad_x = at::zeros_like(grad_x).index_add_(-1, perm.to(at::kLong), grad_x);
         }
-        if (ctx->saved_data["bias_grad"].toBool()) /* summed into bias's dtype: an fp32 bias of a
-            bf16 layer got its gradient rounded to bf16 (2e-3) on the way */
-            grad_bias = as_rows(grad).sum(
-                0, false, static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+        if (ctx->saved_data["bias_grad"].toBool()) {
+            /* summed in fp32 (fp64 where either is double) and rounded once to bias's dtype: an
+             * fp32 bias of a bf16 layer got its gradient rounded to bf16 (2e-3) on the way, and
+             * sum(dtype=bf16) of an fp16 gradient rounds every element to bf16 first (as
+             * Inductor's compiled backward does not) */
+            const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+            const auto acc = bias_dtype == at::kDouble || grad.scalar_type() == at::kDouble
+                                 ? at::kDouble : at::kFloat;
+            grad_bias = as_rows(grad).sum(0, false, acc).to(bias_dtype);
+        }
         /* one per forward argument: x, qweight, scales, qzeros, group_size, g_idx, bias,
          * zero_format, perm */
         return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
