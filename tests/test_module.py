@@ -1435,6 +1435,24 @@ def test_quantize_model_keeps_moe_routers_float():
                                          "router"):
         quantize_model(nn.ModuleDict({"gate": nn.Linear(64, 8)}), group_size=32, skip=())
 
+    # routers=True where some cannot be: a Linear(H, 1) gate (Qwen2-MoE's shared_expert_gate
+    # refused the whole call) and a router that is a module of its own (transformers 5's
+    # Qwen3MoeTopKRouter...: left float without a word) stay float, named in a warning
+    class TopKRouter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 64))
+
+    model = nn.ModuleList([Block(True), Block(False)])
+    model[1].gate = TopKRouter()
+    with pytest.warns(UserWarning, match=r"routers=True, but 2 router\(s\) stay float: "
+                      r"0.shared_expert_gate: .*multiple of 8; 1.gate: a TopKRouter, not an "
+                      r"nn.Linear$") as record:
+        quantize_model(model, group_size=32, routers=True)
+    assert len(record) == 1 and record[0].filename == __file__
+    assert type(model[0].shared_expert_gate) is nn.Linear and type(model[1].gate) is TopKRouter
+    assert isinstance(model[0].gate, QuantLinear) and isinstance(model[1].shared_expert_gate, QuantLinear)
+
 
 def test_built_under_fake_tensor_mode():
     """Under FakeTensorMode (shapes only, no values) from_linear built nothing: it read the g_idx

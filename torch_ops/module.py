@@ -1032,7 +1032,9 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
     :func:`name_matches`, MoE routers unless ``routers`` (see :func:`looks_like_router`: GPTQ
     and AWQ tools keep them float and vLLM loads them float; a 4-bit router can pick other
-    experts), ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
+    experts; with ``routers`` the router Linears whose shape can be quantized are, and the
+    others stay float with a warning naming them: Linear(H, 1) gates, and transformers 5's own
+    routers, modules that are not nn.Linear), ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
     reads itself, subclasses of ``nn.Linear`` with a ``forward`` of their own, and Linears
     with hooks of their own or a ``forward`` set on the instance, whose extra behaviour a
     QuantLinear would drop) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
@@ -1084,14 +1086,27 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     # transformers 5's fused MoE experts: one QuantLinear per expert and projection
     fused = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
              if isinstance(fused_experts_layout(m), tuple) and not name_matches(name, skip)]
-    bad = []
+    bad, routers_left = [], []
     for name, m in targets:
         try:
             check_dims(m.in_features, m.out_features, group_size, what=name)
             if m.weight.is_meta:
                 raise ValueError(f"{name}: the weight is on the meta device (not materialised)")
         except ValueError as e:
-            bad.append(str(e))
+            if routers and looks_like_router(name) and not m.weight.is_meta:
+                # (routers=True asks for the routers that can be: Qwen2-MoE's
+                # shared_expert_gate, Linear(H, 1), refused the whole model)
+                routers_left.append(str(e))  # ("<name>: in_features=...")
+                skipped.add(id(m))
+            else:
+                bad.append(str(e))
+    targets = [(name, m) for name, m in targets if id(m) not in skipped]
+    if routers:  # transformers 5's routers are modules of their own (Qwen3MoeTopKRouter...)
+        routers_left += [f"{name}: a {type(m).__name__}, not an nn.Linear"
+                         for name, m in model.named_modules()
+                         if looks_like_router(name) and not isinstance(m, (nn.Linear, QuantLinear))
+                         and isinstance(getattr(m, "weight", None), torch.Tensor)
+                         and m.weight.dim() == 2 and not name_matches(name, skip)]
     for name, m in fused:
         try:
             UnfusedExperts._layout_to_quantize(m, group_size, name)
@@ -1119,6 +1134,9 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
 
         _record_quant_config(model)
     _warn_weights_left_float(model, skip, quantized=bool(done))
+    if routers_left:
+        warnings.warn(f"quantize_model: routers=True, but {len(routers_left)} router(s) stay "
+                      f"float: {_ops._first_few(routers_left, 4, '; ')}", UserWarning, stacklevel=2)
     return model
 
 
