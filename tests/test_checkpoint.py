@@ -985,6 +985,27 @@ def refused_everywhere(src, model, match):
     assert sorted(p.name for p in src.parent.iterdir()) == [src.name]
 
 
+def test_a_folder_that_is_no_quantized_checkpoint_is_told_what_it_lacks(tmp_path):
+    """convert and load_quantized said "config.json has no quantization_config" of a folder
+    without config.json, and convert "not a checkpoint folder" of a path that does not exist"""
+    def refused(src, match):
+        with pytest.raises(CheckpointError, match=match):
+            convert_checkpoint(src, tmp_path / "dst", to="gptq", progress=False)
+        with pytest.raises(CheckpointError, match=match):
+            load_quantized(TinyLM(), src)
+        assert not (tmp_path / "dst").exists()
+
+    refused(tmp_path / "nothing", r"nothing: no such file or folder$")
+    (tmp_path / "file").write_text("")
+    refused(tmp_path / "file", r"file: not a folder$")
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", r"empty: no config.json \(nor quantize_config.json, "
+                                r"quant_config.json\): not a quantized checkpoint$")
+    (tmp_path / "float").mkdir()
+    (tmp_path / "float" / "config.json").write_text('{"model_type": "tiny"}')
+    refused(tmp_path / "float", r"float: config.json has no quantization_config \(not quantized\)$")
+
+
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model-00002-of-00002.safetensors"])
 def test_a_dangling_link_in_the_checkpoint_is_named(tmp_path, name):
     """A Hugging Face cache snapshot copied without its blobs holds links to nothing. is_file() is

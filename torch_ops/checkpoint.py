@@ -329,6 +329,23 @@ def parse_quant_config(qc: dict, where: str = "quantization_config") -> QuantCon
                        dict(qc))
 
 
+def _quantized_folder(folder: Path) -> tuple[dict, QuantConfig]:
+    """read_quant_config of a folder that must hold a quantized checkpoint; CheckpointError
+    saying what is missing (a folder without config.json was said to have one "with no
+    quantization_config")."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: " + ("not a folder" if folder.exists() else
+                                               "no such file or folder"))
+    config, qc = read_quant_config(folder)
+    if qc is None:
+        if not _is_file(folder / CONFIG_NAME):
+            raise CheckpointError(f"{folder}: no {CONFIG_NAME} (nor {', '.join(LEGACY_CONFIGS)}): "
+                                  "not a quantized checkpoint")
+        raise CheckpointError(f"{folder}: {CONFIG_NAME} has no quantization_config (not "
+                              "quantized)")
+    return config, qc
+
+
 def read_quant_config(folder) -> tuple[dict, QuantConfig | None]:
     """(config.json contents, its QuantConfig), falling back to quantize_config.json (AutoGPTQ)
     or quant_config.json (AutoAWQ); QuantConfig is None for a checkpoint that is not quantized."""
@@ -889,11 +906,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     ``_warn_v2_zeros``) loads as its config says, with a warning naming the layers."""
     _check_model(model, "load_quantized")
     folder = _checked_path("load_quantized", "path", path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder")
-    config, qc = read_quant_config(folder)
-    if qc is None:
-        raise CheckpointError(f"{folder}: config.json has no quantization_config")
+    config, qc = _quantized_folder(folder)
     ckpt = Checkpoint(folder)
     renamed = _renamed_to_model(model, ckpt.keys())
     if renamed:
@@ -1688,11 +1701,9 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
         raise CheckpointError("convert_checkpoint: zero_format must be one of ('v1', 'v2'), "
                               f"got {zero_format!r}")
     if not src.is_dir():
-        raise CheckpointError(f"{src}: not a checkpoint folder")
+        _quantized_folder(src)  # (its error: no such folder, or not a folder)
     _check_destination(src, dst)
-    config, qc = read_quant_config(src)
-    if qc is None:
-        raise CheckpointError(f"{src}: config.json has no quantization_config (not quantized)")
+    config, qc = _quantized_folder(src)
     ckpt = Checkpoint(src)
     if ckpt.index is not None and (src / WEIGHTS_NAME).is_file() and (
             src / WEIGHTS_NAME not in ckpt.shards):
