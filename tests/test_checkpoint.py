@@ -1807,6 +1807,8 @@ def test_save_quantized_is_exported_beside_load_quantized():
     load_quantized were exported, so the save half of the journey lived in torch_ops.checkpoint."""
     assert torch_ops.save_quantized is torch_ops.checkpoint.save_quantized
     assert "save_quantized" in torch_ops.__all__
+    # (what they raise, for a loader to catch: the docstrings named it, torch_ops had no such name)
+    assert torch_ops.CheckpointError is CheckpointError and "CheckpointError" in torch_ops.__all__
 
 
 

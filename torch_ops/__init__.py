@@ -5,7 +5,8 @@ from ._ops import (act_order_prepack, awq_to_gptq, convert_gptq_zeros, dequantiz
                    pack, pack_v2, prepack_w4a16, quantize, unpack, unpack_v2, unprepack_w4a16,
                    w4a16_linear)
 from .module import QuantLinear, UnfusedExperts, quantize_model
-from .checkpoint import convert_checkpoint, inspect_checkpoint, load_quantized, save_quantized
+from .checkpoint import (CheckpointError, convert_checkpoint, inspect_checkpoint, load_quantized,
+                         save_quantized)
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,5 @@ __all__ = [
     "dequantize", "quantize", "w4a16_linear", "prepack_w4a16", "unprepack_w4a16", "act_order_prepack",
     "QuantLinear", "UnfusedExperts", "quantize_model",
     "load_quantized", "save_quantized", "convert_checkpoint", "inspect_checkpoint",
+    "CheckpointError",
 ]

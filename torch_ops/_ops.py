@@ -291,6 +291,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[tor
     """Float weight [N, K] (nn.Linear orientation) in ``scales.dtype``: s * (q - z).
     ``format="awq"`` reads AWQ tensors (4-bit); ``"gptq"`` reads bits 2/3/4/8 and ``g_idx``.
     ``qzeros=None`` is symmetric (z = 2**(bits-1)); ``group_size=-1`` is one group.
+    ``zero_format`` (GPTQ): ``"v1"``, qzeros hold z - 1 (AutoGPTQ), or ``"v2"``, z (GPTQModel).
     Differentiable with respect to ``scales`` (d w / d s = q - z), for learning scales over
     frozen codes, under autograd, forward-mode AD and torch.func's transforms (README)."""
     for arg, t, optional in (("qweight", qweight, False), ("scales", scales, False),
@@ -316,9 +317,11 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
     clamp(-round(min / s), 0, 15) (so the codes of a group far from 0, a constant nonzero one
     included, are clipped, as in AutoAWQ). ``sym=True``, either format: s = 2 max|w| /
     (2**bits - 1), z = 2**(bits-1) (stored in qzeros too). Scales are at least 1e-5 (AutoAWQ's
-    1e-5 / 15: it clamps the range). ``scales_dtype``: the dtype the scales are stored in, None
-    for the weight's dtype when it is fp16 or bf16, else fp16; codes are rounded with the stored
-    scales (and so are ``"awq"``'s zero points, as AutoAWQ's). A NaN or inf weight, or scales
+    1e-5 / 15: it clamps the range). ``zero_format`` (GPTQ): the qzeros written, ``"v1"`` z - 1
+    (AutoGPTQ; symmetric 4-bit: 0x77777777) or ``"v2"`` z (GPTQModel; 0x88888888).
+    ``scales_dtype``: the dtype the scales are stored in, None for the weight's dtype when it is
+    fp16 or bf16, else fp16; codes are rounded with the stored scales (and so are ``"awq"``'s
+    zero points, as AutoAWQ's). A NaN or inf weight, or scales
     past ``scales_dtype``'s range, raise ValueError."""
     # (the op has no autograd formula: a weight that requires grad would give scales a grad_fn
     # whose backward raises, far from here, when a loss is backpropagated through dequantize)
@@ -361,7 +364,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zero_format: str = "v1", perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, dequantize(...), bias)`` fused: x [..., K] (fp16/bf16/fp32) times 4-bit
     GPTQ weights (qweight [K/8, N], scales [K/G, N], qzeros [K/G, N/8] or None for symmetric,
-    optional act-order g_idx [K]); returns [..., N] in x.dtype, accumulated in fp32. With g_idx
+    optional act-order g_idx [K]; ``zero_format`` "v1": qzeros hold z - 1, as AutoGPTQ writes
+    them, "v2": z); returns [..., N] in x.dtype, accumulated in fp32. With g_idx
     the scales and qzeros may hold any number of groups (those g_idx names) and K need not be a
     multiple of group_size: a row-parallel shard of an act-order layer (its rows of qweight and
     g_idx, the whole scales and qzeros), whose shards' products sum to the layer's.
@@ -401,7 +405,10 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
     the slow path):
 
         w4a16_linear(x, qweight_sorted, scales, qzeros, group_size, perm=perm)
-          == w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx=g_idx)
+          ~= w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx=g_idx)
+
+    (the same products, summed in another order: equal up to fp32 rounding). A Python helper,
+    not an op (``torch.ops.torch_ops`` has none of that name): not for torch.compile graphs.
 
     Returns ``(qweight_sorted, perm)``: ``perm`` [K] int32 is the stable argsort of ``g_idx``, and
     row k' of the unpacked ``qweight_sorted`` is row ``perm[k']`` of the unpacked ``qweight``.

@@ -903,7 +903,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
     ``tie_word_embeddings`` becomes false where lm_head is now quantized.
 
     A GPTQ v1 checkpoint whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label, see
-    ``_warn_v2_zeros``) loads as its config says, with a warning naming the layers."""
+    ``torch_ops.checkpoint._warn_v2_zeros``) loads as its config says, with a warning naming the
+    layers."""
     _check_model(model, "load_quantized")
     folder = _checked_path("load_quantized", "path", path)
     config, qc = _quantized_folder(folder)
@@ -1691,7 +1692,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
     (loaders disagree on which is the checkpoint). ``verify`` re-reads the written files and
     checks that every layer dequantizes to exactly the same weight and every other tensor is
     equal. A GPTQ v1 source whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label,
-    see ``_warn_v2_zeros``) is converted as its config says, with a warning. Returns a summary
+    see ``torch_ops.checkpoint._warn_v2_zeros``) is converted as its config says, with a
+    warning. ``progress``: a progress bar on stderr (tqdm, bytes written). Returns a summary
     dict."""
     src = _checked_path("convert_checkpoint", "src", src)
     dst = _checked_path("convert_checkpoint", "dst", dst)
@@ -2013,7 +2015,7 @@ def inspect_checkpoint(path) -> dict:
     shapes are checked (headers only); a folder's layer missing a tensor is an error, a file's
     (one shard may hold part of a layer) is left out. A folder whose config says GPTQ v1 and
     whose layers' qzeros are all 0x88888888 (v2 zeros under a v1 label) is warned of
-    (``_warn_v2_zeros``)."""
+    (``torch_ops.checkpoint._warn_v2_zeros``)."""
     path = _checked_path("inspect_checkpoint", "path", path)
     ckpt = Checkpoint(path)
     try:

@@ -144,6 +144,13 @@ def trivial_g_idx(K: int, group_size: int, device=None) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """4-bit weight-only linear layer: ``y = x @ dequantize().T + bias``, by ``w4a16_linear``.
 
+    ``dtype`` (fp16, bf16 or fp32) and ``device``: of the scales and bias it holds (the integer
+    tensors are int32 on ``device``). ``kinterleave``: hold qweight k-interleaved
+    (``prepack_w4a16``, [K/32, 4, N]) where the layer allows it (K a multiple of 32, the group
+    size a power of two from 32 or the whole K, no act-order g_idx left after
+    ``act_order_prepack``; see the module's docstring), the faster form on CUDA; its state dict
+    holds the checkpoint's layout whichever it holds.
+
     ``checkpoint_zero_format`` ("v1" or "v2") is the zero format of the GPTQ state dicts this module
     reads and writes (``load_state_dict`` / ``state_dict``); GPTQ checkpoints are v1 unless their
     config says ``gptq_v2``. ``state_dict`` also records the format in the state dict's metadata, and
@@ -832,9 +839,10 @@ _ONE_INDEX_ADD = ("cpu",)
 class UnfusedExperts(nn.Module):
     """An MoE block's experts as layers of their own, one gate, up and down projection per
     expert (QuantLinear, or nn.Linear), in the place of transformers 5's fused experts module
-    (:func:`fused_experts_layout`), which holds every expert in two 3-D parameters no 4-bit
-    layout holds. Its state dict has the keys GPTQ and AWQ tools write and vLLM reads, expert by
-    expert: ``<i>.gate_proj.qweight`` ... (``names``; Mixtral's checkpoints say w1, w3, w2).
+    (:func:`torch_ops.module.fused_experts_layout`), which holds every expert in two 3-D
+    parameters no 4-bit layout holds. Its state dict has the keys GPTQ and AWQ tools write and
+    vLLM reads, expert by expert: ``<i>.gate_proj.qweight`` ... (``names``; Mixtral's
+    checkpoints say w1, w3, w2).
 
     ``forward(hidden_states, top_k_index, top_k_weights)`` is the fused module's: each token's
     top-k experts (indices outside [0, E) skipped, as transformers' padding index E is), their
@@ -892,8 +900,10 @@ class UnfusedExperts(nn.Module):
     def quantize_fused(cls, fused: nn.Module, group_size: int = 128, sym: bool = False,
                        names=EXPERT_NAMES[0]) -> "UnfusedExperts":
         """Round-to-nearest quantization (``QuantLinear.from_linear``) of every expert of a fused
-        experts module (:func:`fused_experts_layout`); ValueError where it is none or its shapes
-        do not quantize with ``group_size``."""
+        experts module (:func:`torch_ops.module.fused_experts_layout`); ValueError where it is
+        none or its shapes do not quantize with ``group_size``. ``sym``: symmetric zero points,
+        as ``QuantLinear.from_linear``'s; ``names``: the projections' names (gate, up, down)
+        in the state dict, ``("w1", "w3", "w2")`` for Mixtral's checkpoints."""
         E, H, I, transposed = cls._layout_to_quantize(fused, group_size, type(fused).__name__)
 
         def layer(weight):  # weight [out, in]
@@ -1030,19 +1040,21 @@ def _check_model(model, where: str) -> None:
 def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
                    skip=("lm_head",), routers: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
-    :func:`name_matches`, MoE routers unless ``routers`` (see :func:`looks_like_router`: GPTQ
-    and AWQ tools keep them float and vLLM loads them float; a 4-bit router can pick other
-    experts; with ``routers`` the router Linears whose shape can be quantized are, and the
-    others stay float with a warning naming them: Linear(H, 1) gates, and transformers 5's own
-    routers, modules that are not nn.Linear), ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention
-    reads itself, subclasses of ``nn.Linear`` with a ``forward`` of their own, and Linears
-    with hooks of their own or a ``forward`` set on the instance, whose extra behaviour a
-    QuantLinear would drop) with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by
-    several names is quantized once and stays shared (skipped if any of its names matches).
+    :func:`torch_ops.module.name_matches`, MoE routers unless ``routers`` (see
+    :func:`torch_ops.module.looks_like_router`: GPTQ and AWQ tools keep them float and vLLM
+    loads them float; a 4-bit router can pick other experts; with ``routers`` the router Linears
+    whose shape can be quantized are, and the others stay float with a warning naming them:
+    Linear(H, 1) gates, and transformers 5's own routers, modules that are not nn.Linear),
+    ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads itself,
+    subclasses of ``nn.Linear`` with a ``forward`` of their own, and Linears with hooks of their
+    own or a ``forward`` set on the instance, whose extra behaviour a QuantLinear would drop)
+    with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by several
+    names is quantized once and stays shared (skipped if any of its names matches).
     transformers 5's fused MoE experts (3-D ``gate_up_proj`` and ``down_proj``: see
-    :func:`fused_experts_layout`) become an :class:`UnfusedExperts`, a QuantLinear per expert
-    and projection, whose state dict has the per-expert keys GPTQ and AWQ checkpoints hold
-    (``experts.<i>.gate_proj.qweight``); ``skip`` names them as the rest (``"experts"``).
+    :func:`torch_ops.module.fused_experts_layout`) become an :class:`UnfusedExperts`, a
+    QuantLinear per expert and projection, whose state dict has the per-expert keys GPTQ and
+    AWQ checkpoints hold (``experts.<i>.gate_proj.qweight``); ``skip`` names them as the rest
+    (``"experts"``).
 
     Where the model has a config object with ``to_dict()`` (a transformers model's
     ``model.config``), its ``quantization_config`` is set to a plain dict describing what
