@@ -431,7 +431,8 @@ def act_order_prepack(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: in
         raise ValueError(f"act_order_prepack: g_idx is on {g_idx.device}, qweight on "
                          f"{qweight.device}; they must be on the same device")
     if group_size != -1 and group_size <= 0:
-        raise ValueError(f"act_order_prepack: group_size must be -1 or positive, got {_sz(group_size)}")
+        raise ValueError(f"act_order_prepack: group_size must be -1 or positive, got "
+                         f"{_sz(group_size)}")
     if group_size == -1 and K == 0:  # (K % G below raised ZeroDivisionError, naming nothing)
         raise ValueError("act_order_prepack: group_size = -1 (one group of all K rows) needs K > 0, "
                          "got K = 0")
@@ -504,8 +505,8 @@ def _check_quantize_args(weight, bits, group_size, format, zero_format, scales_d
     n_multiple = 32 // math.gcd(32, bits)  # whole words of qzeros
     if guard_or_false(K % k_multiple != 0) or guard_or_false(N % n_multiple != 0):
         raise ValueError(f"quantize: weight shape {_sz(list(weight.shape))} does not pack into "
-                         f"{_sz(bits)}-bit {format} words (K must be a multiple of {_sz(k_multiple)} and N "
-                         f"of {_sz(n_multiple)})")
+                         f"{_sz(bits)}-bit {format} words (K must be a multiple of "
+                         f"{_sz(k_multiple)} and N of {_sz(n_multiple)})")
 
 
 @_quantize_op.register_fake
@@ -574,7 +575,8 @@ def _fake_dtype(op, arg, t, want):
 
 def _fake_bits(op, bits, allowed):
     if bits not in allowed:
-        raise ValueError(f"{op}: bits must be one of {{{', '.join(map(str, allowed))}}}, got {_sz(bits)}")
+        raise ValueError(f"{op}: bits must be one of {{{', '.join(map(str, allowed))}}}, "
+                         f"got {_sz(bits)}")
 
 
 def _fake_order_and_dim(op, arg, t, bits, dim, order, word_bytes, awq_needs):
@@ -693,12 +695,14 @@ def _(packed, bits, dim=-1, order="sequential"):
     _dims("unpack", "packed", packed)
     wb = _word_bytes(packed.dtype)
     dim, group = _fake_order_and_dim("unpack", "packed", packed, bits, dim, order, wb,
-                                     f"int32 words, got bits={_sz(bits)} and packed.dtype={packed.dtype}")
+                                     f"int32 words, got bits={_sz(bits)} and "
+                                     f"packed.dtype={packed.dtype}")
     words = group * bits // (8 * wb)
     nwords = packed.shape[dim]
     _fake_check(nwords % words == 0, lambda: (
-        f"unpack: packed.shape[{dim}] = {_sz(nwords)} is not a whole number of words: bits={_sz(bits)} "
-        f"spans {_sz(words)} words per group, so it must be a multiple of {_sz(words)}"))
+        f"unpack: packed.shape[{dim}] = {_sz(nwords)} is not a whole number of words: "
+        f"bits={_sz(bits)} spans {_sz(words)} words per group, so it must be a multiple of "
+        f"{_sz(words)}"))
     return _resized(packed, dim, _size_mul("unpack", "the unpacked length", nwords // words, group),
                     torch.uint8)
 
@@ -860,8 +864,8 @@ def _(qweight, scales, qzeros=None, format="gptq", bits=4, group_size=128, g_idx
                     f"(bits=3 needs a multiple of 3 rows)"))
             K = rows * 32 // bits
             if isinstance(K, int) and K >= 2**63:  # (the kernel's size check, in its words)
-                raise ValueError(f"{op}: K = qweight.shape[0] * 32 / bits = {rows} * 32 / {_sz(bits)} "
-                                 f"overflows int64")
+                raise ValueError(f"{op}: K = qweight.shape[0] * 32 / bits = {rows} * 32 / "
+                                 f"{_sz(bits)} overflows int64")
         words = (K * bits + 31) // 32
         _fake_check(rows == words, lambda: (
             f"{op}: qweight must have shape [ceil(K*bits/32), N] = {_sz([words, N])} for K = "

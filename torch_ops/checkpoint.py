@@ -111,9 +111,11 @@ def _naming_the_file(op: str, path: Path):
     """An error while writing ``path`` (through a staging file) raised as an OSError that names
     it: safetensors raises its own error type with no path, and a full disk's OSError from a
     write names no file either."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except Exception as e:
+    except (OSError, SafetensorError) as e:  # (not a programming error's TypeError...)
         message = f"{op}: cannot write {path} ({getattr(e, 'strerror', None) or e})"
         code = getattr(e, "errno", None)
         raise (OSError(code, message) if code else OSError(message)) from None

@@ -1114,7 +1114,8 @@ public:
              * fp32 bias of a bf16 layer got its gradient rounded to bf16 (2e-3) on the way, and
              * sum(dtype=bf16) of an fp16 gradient rounds every element to bf16 first (as
              * Inductor's compiled backward does not) */
-            const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+            const auto bias_dtype =
+                static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
             const auto acc = bias_dtype == at::kDouble || grad.scalar_type() == at::kDouble
                                  ? at::kDouble : at::kFloat;
             grad_bias = as_rows(grad).sum(0, false, acc).to(bias_dtype);
