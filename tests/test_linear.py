@@ -594,6 +594,43 @@ def test_compile_dynamic_torch_func_grad(device, weights):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("case", ["bias [1]", "bias float64", "perm float", "g_idx and perm",
+                                  "N not a multiple of 8", "perm [K - 8]"])
+def test_compile_dynamic_torch_func_bad_input(device, case):
+    """torch.compile(dynamic=True) of torch.func.grad: the composite route, whose sizes are
+    symbols there, checked x against K only, and compiled code took a [1] bias (broadcast by
+    linear), a float64 bias, a float perm (cast to int64) and g_idx with perm, each refused by
+    eager, and gave a gradient; now the same message as eager's (sizes as symbols)"""
+    K, N = 64, 16
+    t = make_weights(K, N, 32, device=device)
+    x = torch.randn(4, K, device=device)
+    kw = {"bias [1]": dict(bias=torch.randn(1, device=device)),
+          "bias float64": dict(bias=torch.randn(N, dtype=torch.float64, device=device)),
+          "perm float": dict(perm=torch.randperm(K, device=device).float()),
+          "g_idx and perm": dict(g_idx=(torch.arange(K, device=device) // 32).int(),
+                                 perm=torch.randperm(K, device=device).int()),
+          "N not a multiple of 8": dict(qweight=t["qweight"][:, :12], scales=t["scales"][:, :12],
+                                        qzeros=None),
+          "perm [K - 8]": dict(perm=torch.arange(K - 8, device=device))}[case]
+    message = {"bias [1]": r"w4a16_linear: bias must have shape \[N\] = \[\w+\], got \[1\]",
+               "bias float64": r"w4a16_linear: bias must be float32, float16 or bfloat16",
+               "perm float": r"w4a16_linear: perm must be int32 or int64, got torch.float32",
+               "g_idx and perm": r"w4a16_linear: pass g_idx .* or perm .*, not both",
+               "N not a multiple of 8": r"w4a16_linear: N = qweight.shape\[-1\] = \w+ must be a "
+                                        r"multiple of 8",
+               "perm [K - 8]": r"w4a16_linear: perm must have shape \[K\] = \[[*\w]+\], got \[\w+\]"}[case]
+    args = dict(t, **kw)
+    grad = torch.func.grad(lambda x: torch_ops.w4a16_linear(x, **args).sum())
+    with pytest.raises(Exception, match=message):
+        grad(x)  # eager
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match=message):
+            torch.compile(grad, fullgraph=True, dynamic=True, backend="aot_eager")(x)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compile_dynamic_bias_gradient_one_graph(device):
     """torch.compile(dynamic=True) of a loss whose bias requires grad: the backward's sum of grad
     over the batch read grad's sizes as ints, which specialised the batch (and N) while

@@ -187,6 +187,18 @@ def test_repack_into_out(device):
         torch_ops.awq_to_gptq(qweight, strided, out=(beside[0], buf[n - 2:n - 2 + gz.numel()].view(gz.shape)))
     torch_ops.awq_to_gptq(qweight, strided, out=(beside[0], buf[n - 1:n - 1 + gz.numel()].view(gz.shape)))
     assert torch.equal(buf[n - 1:n - 1 + gz.numel()].view(gz.shape), gz) and torch.equal(strided, qzeros)
+    # an out in a gap between the strided input's elements shares none of them: taken (its
+    # bytes lie in the span the input's meet, which was refused as overlapping); on an element:
+    # refused
+    words = torch.full((16,), -1, dtype=torch.int32, device=device)
+    qw = words.view(8, 2)[:, :1]  # AWQ qweight [8, 1]: words 0, 2, .., 14
+    qw.copy_(qweight[:8, :1])
+    qz = qzeros[:1, :1].clone()
+    expected = torch_ops.awq_to_gptq(qw.clone(), qz)
+    torch_ops.awq_to_gptq(qw, qz, out=(torch.empty_like(expected[0]), words[1:2].view(1, 1)))
+    assert torch.equal(words[1:2].view(1, 1), expected[1]) and torch.equal(qw, qweight[:8, :1])
+    with pytest.raises(ValueError, match="qzeros_out overlaps an input"):
+        torch_ops.awq_to_gptq(qw, qz, out=(torch.empty_like(expected[0]), words[2:3].view(1, 1)))
 
 
 def test_repack_into_out_refuses_an_out_in_another_storage_of_the_same_memory():
@@ -678,7 +690,8 @@ def test_dequantize_scales_derivatives_with_a_group_size_past_k(device):
 def test_dequantize_checks_scales_under_torch_func(device, transform):
     """Under the transforms the op reads unit fp32 scales (q - z) and multiplies by the scales
     after: it checked the scales' dtype and device nowhere, and a float64 or complex scales gave
-    a result in its dtype where the op refuses it; a meta one an error naming neither"""
+    a result in its dtype where the op refuses it; a meta one an error naming neither; a 3-D
+    one gave a 3-D weight"""
     t = torch_ops.quantize(torch.randn(16, 64, device=device), 4, 32)
 
     def run(s):
@@ -695,6 +708,9 @@ def test_dequantize_checks_scales_under_torch_func(device, transform):
     with pytest.raises(ValueError, match=f"dequantize: scales is on meta but the other inputs are "
                                          f"on {device}"):
         run(t["scales"].float().to("meta"))
+    # a 3-D scales (no batch of vmap's) was broadcast into a 3-D weight
+    with pytest.raises(ValueError, match=r"dequantize: scales must be 2-D, got shape \[3, 2, 16\]"):
+        run(t["scales"].expand(3, 2, 16).contiguous())
 
 
 @pytest.mark.parametrize("g_idx", [False, True])
@@ -1171,7 +1187,7 @@ def test_errors_name_op_argument_and_value(device):
          r"dequantize: group_size = -1 \(one group of all K rows\) needs K > 0, got K = 0"),
         (lambda: torch_ops.quantize(torch.randn(16, 64, device=device), scales_dtype=torch.int32),
          r"quantize: scales_dtype must be torch.float16, torch.bfloat16, torch.float32 or None"),
-        (lambda: torch_ops.unpack(i32(4), 3), r"unpack: packed.shape\[0\] = 4 is not a whole number of words"),
+        (lambda: torch_ops.unpack(i32(4), 3), r"unpack: packed.shape\[0\] = 4 is not a whole number of groups"),
         (lambda: torch_ops.awq_to_gptq(i32(12, 2), i32(1, 2)), r"awq_to_gptq: K = qweight.shape\[0\] = 12 must be a multiple of 8"),
         (lambda: torch_ops.awq_to_gptq(i32(16, 2), i32(2, 3)), r"awq_to_gptq: qzeros must have shape \[K/G, N/8\] = \[2, 2\], got \[2, 3\]"),
         (lambda: torch_ops.awq_to_gptq(i32(16, 2), i32(3, 2)), r"qzeros.shape\[0\] = 3 groups must divide K"),
@@ -1675,7 +1691,7 @@ _DATA_DEPENDENT_CALLS = {  # (rows picked by a mask: a size the trace knows only
     "pack": (lambda v: torch_ops.pack(v[v[:, 0] < 5], 4, dim=0),
              r"pack: values.shape\[0\] = 13 must be a multiple of 8"),
     "unpack": (lambda v: torch_ops.unpack(v[v[:, 0] < 5].view(torch.uint8), 3, dim=0),
-               r"unpack: packed.shape\[0\] = 13 is not a whole number of words"),
+               r"unpack: packed.shape\[0\] = 13 is not a whole number of groups"),
     "pack_v2": (lambda v: torch_ops.pack_v2(v[v[:, 0] < 5]),
                 r"pack_v2: N = unpacked.shape\[0\] = 13 must be a multiple of 4"),
     "prepack_w4a16": (lambda v: torch_ops.prepack_w4a16(v[v[:, 0] < 5][:, :4].view(torch.int32)),
@@ -1717,7 +1733,7 @@ _DYNAMIC_SIZE_CALLS = {  # (call, arguments the kernels refuse, the eager messag
                        r"x.shape\[-1\] = 40 must equal K = 8 \* qweight.shape\[0\] = 64"),
     "w4a16_linear N": (lambda x, q, s: torch_ops.w4a16_linear(x, q, s, group_size=32),
                        (torch.ones(2, 64), torch.zeros(8, 12, **_I32), torch.ones(2, 12)),
-                       r"N = qweight.shape\[1\] = 12 must be a multiple of 8"),
+                       r"N = qweight.shape\[-1\] = 12 must be a multiple of 8"),
     "quantize": (lambda w: torch_ops.quantize(w, 4, 32), (torch.ones(8, 40),),
                  r"K = weight.shape\[1\] = 40 must be a multiple of group_size = 32"),
     # integer arguments of the compiled function are symbols too (bits=s45, group_size = s56)

@@ -700,7 +700,7 @@ def _(packed, bits, dim=-1, order="sequential"):
     words = group * bits // (8 * wb)
     nwords = packed.shape[dim]
     _fake_check(nwords % words == 0, lambda: (
-        f"unpack: packed.shape[{dim}] = {_sz(nwords)} is not a whole number of words: "
+        f"unpack: packed.shape[{dim}] = {_sz(nwords)} is not a whole number of groups: "
         f"bits={_sz(bits)} spans {_sz(words)} words per group, so it must be a multiple of "
         f"{_sz(words)}"))
     return _resized(packed, dim, _size_mul("unpack", "the unpacked length", nwords // words, group),
@@ -933,7 +933,7 @@ def _(x, qweight, scales, qzeros=None, group_size=128, g_idx=None, bias=None, ze
     if kil and g_idx is not None:
         raise ValueError(f"{op}: a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order "
                          f"weights: act_order_prepack first, then perm)")
-    _fake_check(N % 8 == 0, lambda: f"{op}: N = qweight.shape[1] = {_sz(N)} must be a multiple "
+    _fake_check(N % 8 == 0, lambda: f"{op}: N = qweight.shape[-1] = {_sz(N)} must be a multiple "
                                     f"of 8")
     gs = _fake_group_size(op, group_size, K)
     act = g_idx is not None  # (any number of groups, any K: a row shard of an act-order layer)
@@ -984,14 +984,16 @@ def _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format, sc
                                       zero_format)
 
 
-def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format):
+def _dequantize_composite(qweight, scales, qzeros, format, bits, group_size, g_idx, zero_format,
+                          batched=False):
     """s[g(k), n] * (q - z)[n, k] from differentiable ops, then one rounding of the product to the
-    scales' dtype, as the kernels round"""
-    # the op reads unit fp32 scales here, so it checks the real scales' dtype and device only
-    # here: a float64 or complex scales went through jvp / grad and gave a result in its dtype,
-    # where the op refuses it
+    scales' dtype, as the kernels round (``batched``: scales [B, G, N], the batching rule's)"""
+    # the op reads unit fp32 scales here, so it checks the real scales' dtype, device and rank
+    # only here: a float64 or complex scales went through jvp / grad and gave a result in its
+    # dtype, where the op refuses it, and a 3-D one was broadcast into a 3-D weight
     _fake_float("dequantize", "scales", scales)
     _on_one_device("dequantize", qweight, scales=scales)
+    _dims("dequantize", "scales", scales, 3 if batched else 2)
     q_minus_z = _q_minus_z(qweight, qzeros, format, bits, group_size, g_idx, zero_format,
                            scales.shape[-2:])  # [N, K]
     K = q_minus_z.shape[1]
@@ -1118,7 +1120,8 @@ def _(info, in_dims, qweight, scales, qzeros=None, format="gptq", bits=4, group_
         # a batch of scales over one set of codes (learning scales): the product is linear in
         # them, so one product of (q - z) with the batch, the per-entry results bit for bit; the
         # loop over the entries was unrolled under torch.compile, one graph per batch size
-        return _dequantize_composite(qweight, scales.movedim(dims[1], 0), *args[2:]), 0
+        return _dequantize_composite(qweight, scales.movedim(dims[1], 0), *args[2:],
+                                     batched=True), 0
     return _stack_per_entry(_ops.dequantize.default, args, dims, B), 0
 
 

@@ -373,7 +373,7 @@ at::Tensor unpack(const at::Tensor &packed_in, int64_t bits, int64_t dim, c10::s
     int64_t nwords = packed_in.size(dim);
     int64_t words_per_group = tops_pack_group((int)bits, wb) * bits / (8 * wb);
     TORCH_CHECK_VALUE(nwords % words_per_group == 0, op, ": packed.shape[", dim, "] = ", nwords,
-                      " is not a whole number of words: bits=", bits, " spans ", words_per_group,
+                      " is not a whole number of groups: bits=", bits, " spans ", words_per_group,
                       " words per group, so it must be a multiple of ", words_per_group);
     at::Tensor packed = packed_in.contiguous();
     auto shape = packed.sizes().vec();
@@ -418,18 +418,44 @@ std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor &t) {
     return {first, last};
 }
 
+// Whether some element of t has a byte in [lo, hi]: each element's offset, in index order
+// (numel steps, on the host: only for a strided view whose span meets a dense tensor's)
+bool has_element_in(const at::Tensor &t, uintptr_t lo, uintptr_t hi) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const auto es = static_cast<uintptr_t>(t.element_size());
+    const int64_t nd = t.dim();
+    std::vector<int64_t> idx(nd, 0);
+    uintptr_t at_ = base;
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+        if (at_ <= hi && lo <= at_ + es - 1) return true;
+        for (int64_t d = nd - 1; d >= 0; --d) {  // the next index, its offset kept as it moves
+            at_ += static_cast<uintptr_t>(t.stride(d)) * es;
+            if (++idx[d] < t.size(d)) break;
+            at_ -= static_cast<uintptr_t>(t.stride(d) * t.size(d)) * es;
+            idx[d] = 0;
+        }
+    }
+    return false;
+}
+
 // Whether two tensors may share memory. get_overlap_status answers for dense tensors of one
 // storage; it cannot tell for a strided view (TooHard), and it answers No for two storages, which
 // may still hold one buffer (two torch.from_numpy of one array, from_blob, DLPack: a repack read
 // words it had already overwritten). Then they may where the bytes they span meet (a strided view
-// of one part of a buffer beside an out in another part of it is not refused).
+// of one part of a buffer beside an out in another part of it is not refused); where one of them
+// is contiguous (every byte of its span its own) and the other a strided view, they do where an
+// element of the view lies in that span (an out in the gaps of an every-other-word view is not).
 bool may_overlap(const at::Tensor &a, const at::Tensor &b) {
     if (a.numel() == 0 || b.numel() == 0) return false;
     const auto status = at::get_overlap_status(a, b);
     if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial) return true;
     if (status == at::MemOverlapStatus::No && a.storage().is_alias_of(b.storage())) return false;
     const auto sa = byte_span(a), sb = byte_span(b);
-    return sa.first <= sb.second && sb.first <= sa.second;
+    if (!(sa.first <= sb.second && sb.first <= sa.second)) return false;
+    if (a.is_contiguous() != b.is_contiguous())
+        return a.is_contiguous() ? has_element_in(b, sa.first, sa.second)
+                                 : has_element_in(a, sb.first, sb.second);
+    return true;
 }
 
 // out: the caller's output tensors (the .out overloads), or undefined to allocate them.
@@ -888,7 +914,7 @@ W4a16Shape check_w4a16_linear(const at::Tensor &x, const at::Tensor &qweight, co
     TORCH_CHECK_VALUE(!w.kil || !g_idx.has_value(), op,
                       ": a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order weights: "
                       "act_order_prepack first, then perm)");
-    TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[1] = ", N, " must be a multiple of 8");
+    TORCH_CHECK_VALUE(N % 8 == 0, op, ": N = qweight.shape[-1] = ", N, " must be a multiple of 8");
     const int64_t gs = resolve_group_size(op, group_size, K);
     // act-order (g_idx): the scales hold the groups g_idx names, any number of them, and K need
     // not be a multiple of group_size: a row-parallel shard of an act-order layer (its rows of
@@ -1154,16 +1180,78 @@ bool needs_composite(const at::Tensor &x, const at::Tensor &scales,
            (bias.has_value() && bias->_fw_grad(/*level=*/0).defined());
 }
 
+// check_w4a16_linear's rules where sizes are symbolic (torch.compile(dynamic=True) tracing a
+// transform): dtypes, devices, ranks and the argument rules as they are, sizes as guards (symbol
+// against symbol; expect_true). What dequantize and index_add check after (the weights' shapes,
+// group_size, g_idx's and perm's values) is left to them; the rest nothing after would catch: a
+// [1] bias broadcast by linear, a float perm cast to int64, g_idx with perm.
+void check_w4a16_linear_symbolic(const at::Tensor &x, const at::Tensor &qweight,
+                                 const at::Tensor &scales, const c10::optional<at::Tensor> &qzeros,
+                                 int64_t group_size, const c10::optional<at::Tensor> &g_idx,
+                                 const c10::optional<at::Tensor> &bias, c10::string_view zero_format,
+                                 const c10::optional<at::Tensor> &perm) {
+    const char *op = "w4a16_linear";
+    auto holds = [](const c10::SymBool &b) { return b.expect_true(__FILE__, __LINE__); };
+    check_float(op, "x", x);
+    check_dtype(op, "qweight", qweight, at::kInt);
+    check_float(op, "scales", scales);
+    check_device(op, "qweight", qweight, x);
+    check_device(op, "scales", scales, x);
+    const bool kil = qweight.dim() == 3;
+    TORCH_CHECK_VALUE((qweight.dim() == 2 || (kil && holds(qweight.sym_size(1).sym_eq(4)))), op,
+                      ": qweight must be [K/8, N] (GPTQ) or [K/32, 4, N] (prepack_w4a16), got shape ",
+                      qweight.sym_sizes());
+    check_ndim(op, "scales", scales, 2);
+    TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension");
+    parse_zero_format(op, "zero_format", zero_format);
+    // (where linear's own check named neither the op nor K: "a and b must have same reduction dim")
+    const c10::SymInt K = qweight.sym_size(0) * (kil ? 32 : 8), N = qweight.sym_size(-1);
+    TORCH_CHECK_VALUE(holds(x.sym_size(-1).sym_eq(K)), op, ": x.shape[-1] = ", x.sym_size(-1),
+                      " must equal K = ", kil ? "32" : "8", " * qweight.shape[0] = ", K);
+    TORCH_CHECK_VALUE(!kil || !g_idx.has_value(), op,
+                      ": a k-interleaved qweight (prepack_w4a16) takes no g_idx (act-order weights: "
+                      "act_order_prepack first, then perm)");
+    TORCH_CHECK_VALUE(holds((N % 8).sym_eq(0)), op, ": N = qweight.shape[-1] = ", N,
+                      " must be a multiple of 8");
+    // (K is a multiple of 32 there: group_size = K is one)
+    TORCH_CHECK_VALUE(!kil || group_size == -1 || (group_size > 0 && group_size % 32 == 0), op,
+                      ": group_size = ", group_size,
+                      " must be a multiple of 32 with a k-interleaved qweight (prepack_w4a16)");
+    if (qzeros.has_value()) {
+        check_dtype(op, "qzeros", *qzeros, at::kInt);
+        check_device(op, "qzeros", *qzeros, x);
+    }
+    TORCH_CHECK_VALUE(!(g_idx.has_value() && perm.has_value()), op,
+                      ": pass g_idx (act-order as stored) or perm (rows sorted by "
+                      "act_order_prepack), not both");
+    for (auto [arg, t] : {std::pair<const char *, const c10::optional<at::Tensor> *>{"g_idx", &g_idx},
+                          {"perm", &perm}}) {
+        if (!t->has_value()) continue;
+        const at::Tensor &idx = **t;
+        TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op, ": ",
+                         arg, " must be int32 or int64, got ", dtype_name(idx.scalar_type()));
+        check_device(op, arg, idx, x);
+        check_ndim(op, arg, idx, 1);
+        TORCH_CHECK_VALUE(holds(idx.sym_size(0).sym_eq(K)), op, ": ", arg,
+                          " must have shape [K] = [", K, "], got ", idx.sym_sizes());
+    }
+    if (bias.has_value()) {
+        check_float(op, "bias", *bias);
+        check_device(op, "bias", *bias, x);
+        check_ndim(op, "bias", *bias, 1);
+        TORCH_CHECK_VALUE(holds(bias->sym_size(0).sym_eq(N)), op, ": bias must have shape [N] = [",
+                          N, "], got ", bias->sym_sizes());
+    }
+}
+
 at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight,
                                   const at::Tensor &scales, const c10::optional<at::Tensor> &qzeros,
                                   int64_t group_size, const c10::optional<at::Tensor> &g_idx,
                                   const c10::optional<at::Tensor> &bias,
                                   c10::string_view zero_format, const c10::optional<at::Tensor> &perm) {
     // Sizes are symbolic only while torch.compile(dynamic=True) traces the transform, and reading
-    // them here failed (torch 2.11: an internal assert on the functorch wrapper; 2.13 read them).
-    // There x is checked against K below, and the ops after check what they read, in the trace
-    // and again when the graph runs (dequantize's fake and kernel: shapes and g_idx's range;
-    // index_add: perm's).
+    // them as integers failed (torch 2.11: an internal assert on the functorch wrapper; 2.13 read
+    // them): there the checks compare symbols (check_w4a16_linear_symbolic).
     auto symbolic = [](const at::Tensor &t) {
         return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
     };
@@ -1174,14 +1262,9 @@ at::Tensor w4a16_linear_composite(const at::Tensor &x, const at::Tensor &qweight
           symbolic_opt(g_idx) || symbolic_opt(bias) || symbolic_opt(perm))) {
         check_w4a16_linear(x, qweight, scales, qzeros, group_size, g_idx, bias, zero_format, perm,
                            false, /*in_transform=*/true);
-    } else if (x.dim() >= 1 && (qweight.dim() == 2 || qweight.dim() == 3)) {
-        // x against K symbolically (a guard where both are symbols), where linear's own check
-        // named neither the op nor K ("a and b must have same reduction dim")
-        const bool kil = qweight.dim() == 3;
-        const c10::SymInt K = qweight.sym_size(0) * (kil ? 32 : 8);
-        TORCH_CHECK_VALUE(x.sym_size(-1).sym_eq(K).expect_true(__FILE__, __LINE__),
-                          "w4a16_linear: x.shape[-1] = ", x.sym_size(-1), " must equal K = ",
-                          kil ? "32" : "8", " * qweight.shape[0] = ", K);
+    } else {
+        check_w4a16_linear_symbolic(x, qweight, scales, qzeros, group_size, g_idx, bias,
+                                    zero_format, perm);
     }
     // (scales detached: the weights get no derivative, and dequantize would give them one)
     at::Tensor w = dequantized_weight(qweight, scales.detach(), qzeros, group_size, g_idx,
