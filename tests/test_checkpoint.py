@@ -374,6 +374,19 @@ def test_load_refuses_quantized_layers_that_must_stay_float(tmp_path):
         assert all(torch.equal(after[k], before[k]) for k in before)
     # a plain Linear in the subclass's place loads (only the layers that must stay float stop it)
     assert isinstance(load_quantized(Model(), tmp_path / "first").first, QuantLinear)
+    # nn.TransformerEncoderLayer reads linear1's / linear2's weights itself (its fast path)
+    encoder = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    tensors = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    q = ref.quantize(tensors.pop("linear1.weight"), 4, 32, False, "gptq", "v1")
+    tensors.update({f"linear1.{k}": v for k, v in q.items()})
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"^linear1: the checkpoint quantizes this layer, but "
+                       r"it is the linear1 of an nn.TransformerEncoderLayer"):
+        load_quantized(encoder, folder)
+    assert type(encoder.linear1) is nn.Linear
 
 
 @pytest.mark.parametrize("defect", ["g_idx out of range", "float tensor of another shape"])

@@ -224,7 +224,9 @@ def test_unfused_experts_batched_and_expert_by_expert_give_the_same_bits(device,
 def test_fused_experts_it_cannot_take_stay_float_and_say_why():
     """gpt-oss's experts (biases, interleaved gate and up rows, a gate of its own) and modules
     that only look like experts are not computed by UnfusedExperts: quantize_model leaves them
-    float and its warning says why; quantize_fused refuses them."""
+    float and its warning says why; quantize_fused refuses them. So are experts with hooks of
+    their own or a forward set on the instance (quantize_model replaced them, the hooks never
+    ran again), as such Linears are."""
     def variant(change):
         m = Experts()
         change(m)
@@ -247,6 +249,11 @@ def test_fused_experts_it_cannot_take_stay_float_and_say_why():
              "own_gate": (OwnGate(), "a gating function of its own"),
              "other_forward": (OtherForward(), "a forward other than forward(hidden_states, "
                                                "top_k_index, top_k_weights)")}
+    hooked = variant(lambda m: m.register_forward_hook(lambda *a: None))
+    replaced = variant(lambda m: setattr(m, "forward", lambda *a: a[0]))  # (accelerate's dispatch)
+    cases.update({"hooked": (hooked, "a module with forward hooks, which UnfusedExperts would drop"),
+                  "instance_forward": (replaced, "a module whose forward is replaced on the "
+                                                 "instance")})
     assert isinstance(fused_experts_layout(gated), tuple)  # (an instance attribute: the class's)
     assert fused_experts_layout(nn.Linear(8, 8)) is None
     for name, (m, why) in cases.items():
@@ -258,6 +265,36 @@ def test_fused_experts_it_cannot_take_stay_float_and_say_why():
                           rf"\({type(m).__name__}: gate_up_proj, down_proj.*; {why[:20]}"):
             quantize_model(model, group_size=32)
         assert model.experts is m and type(model.q_proj) is QuantLinear
+
+
+def test_unfused_experts_is_a_sequence_of_experts():
+    """len, indexing from either end, iteration and `in`, as nn.ModuleList's: __getitem__ raised
+    KeyError past the end, so list(experts), a for loop and `in` failed"""
+    unfused = UnfusedExperts.quantize_fused(Experts(), group_size=32)
+    experts = list(unfused)
+    assert len(experts) == len(unfused) == 4 and experts[1] is unfused[1] is unfused[-3]
+    assert [e for e in unfused] == experts and unfused[3] in unfused and nn.ReLU() not in unfused
+    for i in (4, -5):
+        with pytest.raises(IndexError, match=f"expert index {i} is out of range for 4 experts"):
+            unfused[i]
+
+
+def test_load_refuses_per_expert_checkpoint_for_hooked_fused_experts(tmp_path):
+    """A checkpoint quantizing experts one by one, loaded into a model whose fused experts have
+    a hook of their own: refused by name (the UnfusedExperts put in their place dropped the hook
+    silently), the model left as it was"""
+    source = Block()
+    quantize_model(source, group_size=32)
+    save_quantized(source, tmp_path / "c", "gptq")
+    model = Block()
+    calls = []
+    model.experts.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(CheckpointError, match=r"experts: the checkpoint quantizes this MoE block's "
+                       r"experts one by one .*a module with forward hooks"):
+        load_quantized(model, tmp_path / "c")
+    assert type(model.experts) is Experts and type(model.q_proj) is nn.Linear
+    model(*_routing())
+    assert calls == [1]
 
 
 def test_quantize_model_checks_experts_before_changing_anything():

@@ -1129,13 +1129,29 @@ def test_quantize_model_keeps_shared_layers_shared():
 
 
 def test_quantize_model_leaves_attention_out_proj_and_fails_whole():
-    # nn.MultiheadAttention reads out_proj.weight itself: its out_proj stays float
+    """nn.MultiheadAttention reads out_proj.weight itself, and nn.TransformerEncoderLayer the
+    weights of linear1 / linear2 (its inference fast path: a quantized encoder failed every
+    eval-mode forward with AttributeError 'QuantLinear' object has no attribute 'weight'):
+    they stay float, a Linear beside them is quantized"""
     layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                          nn.Linear(64, 64)).eval()
     x = torch.randn(2, 5, 64)
-    quantize_model(layer, group_size=32)
-    assert type(layer.self_attn.out_proj) is not QuantLinear
-    assert isinstance(layer.linear1, QuantLinear)
-    assert layer(x).shape == x.shape
+    with torch.no_grad():
+        expected = model(x)
+    quantize_model(model, group_size=32)
+    for block in model[0].layers:
+        assert [type(m) for m in (block.self_attn.out_proj, block.linear1, block.linear2)] == [
+            nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Linear, nn.Linear]
+    assert isinstance(model[1], QuantLinear)
+    with torch.no_grad():
+        assert rel_error(model(x), expected) < 0.15  # (the eval fast path runs; 4-bit RTN)
+    assert "linear1 of an nn.TransformerEncoderLayer" in torch_ops.module.must_stay_float(
+        layer.linear1, torch_ops.module.weights_read_by_parents(layer))
+    # nn.TransformerDecoderLayer calls its Linears: quantized
+    decoder = nn.TransformerDecoderLayer(64, 4, 128, batch_first=True)
+    quantize_model(decoder, group_size=32)
+    assert isinstance(decoder.linear1, QuantLinear) and isinstance(decoder.linear2, QuantLinear)
     # a weight not materialised (meta) is refused before any layer is replaced
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64, device="meta"))
     with pytest.raises(ValueError, match="1: the weight is on the meta device"):
@@ -1184,6 +1200,24 @@ def test_quantize_model_leaves_linears_with_hooks_or_an_instance_forward():
     assert [type(m) for m in model][:4] == [nn.Linear] * 4 and isinstance(model[4], QuantLinear)
     assert rel_error(model(x), expected) < 0.1
     assert "forward hooks" in torch_ops.module.must_stay_float(make()[0])
+
+
+def test_quantize_model_scales_dtype():
+    """weights whose groups need scales past fp16's range: quantize's message says "pass
+    scales_dtype=torch.float32", which quantize_model (and quantize_fused) had no argument for"""
+    model = nn.Sequential(nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.mul_(1e7)
+    x = torch.randn(2, 64)
+    expected = model(x)
+    with pytest.raises(ValueError, match=r"scales overflow .* pass scales_dtype=torch.float32"):
+        quantize_model(model, group_size=32)
+    assert type(model[0]) is nn.Linear
+    quantize_model(model, group_size=32, scales_dtype=torch.float32)
+    assert model[0].scales.dtype == torch.float32
+    assert rel_error(model(x), expected) < 0.15  # (4-bit RTN)
+    with pytest.raises(TypeError, match="quantize_model: scales_dtype must be"):
+        quantize_model(nn.Sequential(nn.Linear(64, 64)), 32, scales_dtype=torch.float64)
 
 
 def test_float64_linear_quantizes_to_a_working_layer():

@@ -35,7 +35,8 @@ from .reference import group_len
 from .module import (_FLOAT_DTYPES, EXPERT_NAMES, QuantLinear, UnfusedExperts, _check_model,
                      _check_zero_format, _v2_zeros_warning, check_dims, checked_g_idx,
                      fused_experts_layout, must_stay_float, name_matches, replace_module,
-                     trivial_g_idx, v2_zeros_read_as_v1, zero_points_all_eight)
+                     trivial_g_idx, v2_zeros_read_as_v1, weights_read_by_parents,
+                     zero_points_all_eight)
 
 __all__ = ["CheckpointError", "QuantConfig", "load_quantized", "convert_checkpoint",
            "inspect_checkpoint", "save_quantized", "read_quant_config"]
@@ -926,7 +927,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             _unfuse_experts(model, qprefixes, keys, qc, replaced)
             # a Linear shared by several names (tied) is one layer: quantized when the checkpoint
             # holds qweight under any of its names, then every name gets the same QuantLinear
-            names_of = {}
+            names_of, read_by_parents = {}, weights_read_by_parents(model)
             for name, m in model.named_modules(remove_duplicate=False):
                 if isinstance(m, (nn.Linear, QuantLinear)):
                     names_of.setdefault(id(m), (m, []))[1].append(name)
@@ -934,7 +935,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             for m, names in names_of.values():
                 if not any(n in qprefixes for n in names):
                     continue  # stored unquantized (lm_head), or tied to a float tensor: stays float
-                reason = None if isinstance(m, QuantLinear) else must_stay_float(m)
+                reason = None if isinstance(m, QuantLinear) else must_stay_float(m, read_by_parents)
                 if reason is not None:  # (quantize_model leaves these float)
                     raise CheckpointError(
                         f"{next(n for n in names if n in qprefixes)}: the checkpoint quantizes "

@@ -24,7 +24,9 @@ kernels read fastest (H200: 2-10% at every batch size); ``kinterleave=False`` ke
 That too is invisible from outside: state dicts and exports are GPTQ.
 
 All of them are buffers, so ``.to()``, ``.cuda()``, ``state_dict()`` and ``load_state_dict()``
-work as for any module. ``forward`` is a single call to ``torch_ops.w4a16_linear`` (given
+work as for any module (``.double()`` too, as for a whole model, but the kernels take float32,
+float16 or bfloat16 scales: forward, ``load_state_dict`` and ``save_quantized`` refuse float64
+ones, by name, until ``.float()`` or ``.half()`` brings them back). ``forward`` is a single call to ``torch_ops.w4a16_linear`` (given
 ``perm`` when prepacked): no host sync, no Python branching on tensor values, so it traces under
 ``torch.compile(fullgraph=True)`` and replays in CUDA graphs.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import operator
 import re
 import sys
 import warnings
@@ -55,6 +58,7 @@ STORED_ZERO_FORMAT = "v1"  # the zero format of the qzeros buffer, whatever was 
 _QUANT_KEYS = ("qweight", "qzeros", "scales")
 _KEYS = _QUANT_KEYS + ("g_idx", "bias")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of scales and bias (the op's)
+_SCALES_DTYPES = "torch.float16, torch.bfloat16, torch.float32 or None"  # (quantize's scales_dtype)
 _ZERO_FORMAT_METADATA = "gptq_zero_format"  # per-module state-dict metadata: the saved qzeros' format
 # load_state_dict warns of v2 zeros under a v1 label (see v2_zeros_read_as_v1) unless this is
 # False: load_quantized, which warns once for the whole checkpoint, naming the folder
@@ -801,6 +805,9 @@ def fused_experts_layout(m: nn.Module):
         args = None
     if args != _EXPERTS_FORWARD:
         return f"a forward other than forward({', '.join(_EXPERTS_FORWARD)})"
+    own = _own_behaviour(m)  # (the rule of must_stay_float's Linears)
+    if own:
+        return f"a module {own}, which UnfusedExperts would drop"
     transposed = bool(getattr(m, "is_transposed", False))
     if transposed:
         (E, H, I2), (E2, I, H2) = gu.shape, down.shape
@@ -866,7 +873,16 @@ class UnfusedExperts(nn.Module):
         return self.num_experts
 
     def __getitem__(self, i: int) -> _Expert:
-        return self._modules[str(i)]
+        # (IndexError past the end, as a sequence's: iteration and `in` stop there; KeyError
+        # made list(experts) and a for loop raise)
+        i = operator.index(i)
+        if not -self.num_experts <= i < self.num_experts:
+            raise IndexError(f"UnfusedExperts: expert index {i} is out of range for "
+                             f"{self.num_experts} experts")
+        return self._modules[str(i % self.num_experts)]
+
+    def __iter__(self):
+        return (self._modules[str(i)] for i in range(self.num_experts))
 
     def __repr__(self) -> str:
         # experts of the same repr in a row as one entry, as nn.ModuleList prints them (a model's
@@ -898,18 +914,21 @@ class UnfusedExperts(nn.Module):
 
     @classmethod
     def quantize_fused(cls, fused: nn.Module, group_size: int = 128, sym: bool = False,
-                       names=EXPERT_NAMES[0]) -> "UnfusedExperts":
+                       names=EXPERT_NAMES[0],
+                       scales_dtype: torch.dtype | None = None) -> "UnfusedExperts":
         """Round-to-nearest quantization (``QuantLinear.from_linear``) of every expert of a fused
         experts module (:func:`torch_ops.module.fused_experts_layout`); ValueError where it is
         none or its shapes do not quantize with ``group_size``. ``sym``: symmetric zero points,
         as ``QuantLinear.from_linear``'s; ``names``: the projections' names (gate, up, down)
-        in the state dict, ``("w1", "w3", "w2")`` for Mixtral's checkpoints."""
+        in the state dict, ``("w1", "w3", "w2")`` for Mixtral's checkpoints; ``scales_dtype``
+        as ``QuantLinear.from_linear``'s."""
         E, H, I, transposed = cls._layout_to_quantize(fused, group_size, type(fused).__name__)
 
         def layer(weight):  # weight [out, in]
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
             linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
-            return QuantLinear.from_linear(linear, group_size=group_size, sym=sym)
+            return QuantLinear.from_linear(linear, group_size=group_size, sym=sym,
+                                           scales_dtype=scales_dtype)
 
         experts = []
         for e in range(E):
@@ -1003,31 +1022,52 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def must_stay_float(m: nn.Linear) -> str | None:
-    """Why a QuantLinear cannot take the place of ``m`` (None where it can): the attention's
-    ``out_proj`` (``nn.MultiheadAttention`` reads its ``.weight`` itself, through
-    ``F.multi_head_attention_forward``, never calling it), a subclass with a ``forward`` of its
-    own, or a Linear with a ``forward`` set on the instance or hooks of its own (forward, forward
-    pre-, backward), whose extra behaviour a QuantLinear would drop."""
-    if isinstance(m, NonDynamicallyQuantizableLinear):
-        return ("nn.MultiheadAttention's out_proj, whose weight the attention reads itself "
-                "(F.multi_head_attention_forward)")
-    if type(m).forward is not nn.Linear.forward:
-        return (f"a {type(m).__name__}, an nn.Linear subclass with a forward of its own, which a "
-                "QuantLinear would drop")
+def _own_behaviour(m: nn.Module) -> str | None:
+    """What a module's replacement would drop of ``m``'s own: a ``forward`` set on the instance
+    (accelerate's dispatch sets one), or hooks registered on it (a hook that rescales the output,
+    torch.nn.utils.weight_norm's pre-hook that recomputes the weight); None where none."""
     if "forward" in vars(m):
-        return ("an nn.Linear whose forward is replaced on the instance, which a QuantLinear "
-                "would drop")
-    # hooks registered on the Linear itself (a hook that rescales the output, torch.nn.utils.
-    # weight_norm's pre-hook that recomputes the weight) belong to that module: a QuantLinear in
-    # its place would run without them
+        return "whose forward is replaced on the instance"
     hooks = [what for what, d in (("forward pre-hooks", m._forward_pre_hooks),
                                   ("forward hooks", m._forward_hooks),
                                   ("backward pre-hooks", m._backward_pre_hooks),
                                   ("backward hooks", m._backward_hooks)) if d]
-    if hooks:
-        return f"an nn.Linear with {' and '.join(hooks)}, which a QuantLinear would drop"
-    return None
+    return f"with {' and '.join(hooks)}" if hooks else None
+
+
+def weights_read_by_parents(model: nn.Module) -> dict:
+    """id -> why, for the Linears of ``model`` whose weight the module holding them reads
+    itself: nn.TransformerEncoderLayer's linear1 / linear2 (its inference fast path reads
+    ``.weight`` of both, and a QuantLinear in their place failed every eval forward with
+    AttributeError). nn.MultiheadAttention's out_proj is :func:`must_stay_float`'s own case."""
+    why = {}
+    for parent in model.modules():
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            for n in ("linear1", "linear2"):
+                child = parent._modules.get(n)
+                if isinstance(child, nn.Linear):
+                    why[id(child)] = (f"the {n} of an nn.TransformerEncoderLayer, whose weight "
+                                      "the layer's fast path reads itself")
+    return why
+
+
+def must_stay_float(m: nn.Linear, read_by_parents: dict | None = None) -> str | None:
+    """Why a QuantLinear cannot take the place of ``m`` (None where it can): the attention's
+    ``out_proj`` (``nn.MultiheadAttention`` reads its ``.weight`` itself, through
+    ``F.multi_head_attention_forward``, never calling it), a Linear whose weight its parent
+    reads (``read_by_parents``, :func:`weights_read_by_parents` of the model), a subclass with a
+    ``forward`` of its own, or a Linear with a ``forward`` set on the instance or hooks of its
+    own (forward, forward pre-, backward), whose extra behaviour a QuantLinear would drop."""
+    if isinstance(m, NonDynamicallyQuantizableLinear):
+        return ("nn.MultiheadAttention's out_proj, whose weight the attention reads itself "
+                "(F.multi_head_attention_forward)")
+    if read_by_parents and id(m) in read_by_parents:
+        return read_by_parents[id(m)]
+    if type(m).forward is not nn.Linear.forward:
+        return (f"a {type(m).__name__}, an nn.Linear subclass with a forward of its own, which a "
+                "QuantLinear would drop")
+    own = _own_behaviour(m)
+    return f"an nn.Linear {own}, which a QuantLinear would drop" if own else None
 
 
 def _check_model(model, where: str) -> None:
@@ -1038,7 +1078,8 @@ def _check_model(model, where: str) -> None:
 
 
 def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
-                   skip=("lm_head",), routers: bool = False) -> nn.Module:
+                   skip=("lm_head",), routers: bool = False,
+                   scales_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except those whose name matches ``skip``, see
     :func:`torch_ops.module.name_matches`, MoE routers unless ``routers`` (see
     :func:`torch_ops.module.looks_like_router`: GPTQ and AWQ tools keep them float and vLLM
@@ -1048,7 +1089,8 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads itself,
     subclasses of ``nn.Linear`` with a ``forward`` of their own, and Linears with hooks of their
     own or a ``forward`` set on the instance, whose extra behaviour a QuantLinear would drop)
-    with ``QuantLinear.from_linear``, in place; returns ``model``. A Linear shared by several
+    with ``QuantLinear.from_linear``, in place (``sym`` and ``scales_dtype`` as there:
+    torch.float32 for weights whose groups overflow fp16 scales); returns ``model``. A Linear shared by several
     names is quantized once and stays shared (skipped if any of its names matches).
     transformers 5's fused MoE experts (3-D ``gate_up_proj`` and ``down_proj``: see
     :func:`torch_ops.module.fused_experts_layout`) become an :class:`UnfusedExperts`, a
@@ -1077,6 +1119,9 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"quantize_model: group_size must be -1 or a positive int, "
                          f"got {group_size}")
+    if _ops._dtype("quantize_model", "scales_dtype", scales_dtype, _SCALES_DTYPES,
+                   optional=True) not in (*_FLOAT_DTYPES, None):
+        raise TypeError(f"quantize_model: scales_dtype must be {_SCALES_DTYPES}, got {scales_dtype}")
     # (5 raised "'int' object is not iterable", [5] "'int' object has no attribute 'split'")
     what = "quantize_model: skip must be a module name or a list of them, got"
     if skip is None or isinstance(skip, str):
@@ -1092,8 +1137,9 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     routers = _ops._flag("quantize_model", "routers", routers)
     linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, nn.Linear)]
-    skipped = {id(m) for name, m in linears if name_matches(name, skip) or must_stay_float(m)
-               or (not routers and looks_like_router(name))}
+    read_by_parents = weights_read_by_parents(model)
+    skipped = {id(m) for name, m in linears if name_matches(name, skip)
+               or must_stay_float(m, read_by_parents) or (not routers and looks_like_router(name))}
     targets = [(name, m) for name, m in linears if id(m) not in skipped]
     # transformers 5's fused MoE experts: one QuantLinear per expert and projection
     fused = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
@@ -1132,13 +1178,14 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
         if id(m) not in done:
             # (in the Linear's train/eval mode: a new module is in training mode, so a model put
             # in eval() before quantizing held QuantLinears in training mode)
-            layer = QuantLinear.from_linear(m, group_size=group_size, sym=sym)
+            layer = QuantLinear.from_linear(m, group_size=group_size, sym=sym,
+                                            scales_dtype=scales_dtype)
             done[id(m)] = layer.train(m.training)
     names = checkpoint_expert_names(model) if fused else None
     for name, m in fused:
         if id(m) not in done:
-            done[id(m)] = UnfusedExperts.quantize_fused(m, group_size, sym,
-                                                        names).train(m.training)
+            done[id(m)] = UnfusedExperts.quantize_fused(m, group_size, sym, names,
+                                                        scales_dtype).train(m.training)
     for name, m in targets + fused:
         replace_module(model, name, done[id(m)])
     if done:
