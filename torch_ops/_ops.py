@@ -89,7 +89,7 @@ def _copy_into(op: str, functional, qweight, out) -> tuple:
     ``functional()``'s results copied into them (copy_ crosses devices, so the device check is
     not optional here)"""
     _fake_outs_given(op, *out)
-    _on_one_device(f"{op}_out", qweight, qweight_out=out[0], qzeros_out=out[1])
+    _on_one_device(op, qweight, qweight_out=out[0], qzeros_out=out[1])
     results = functional()
     _fake_outs(op, results, *out)
     for t, r in zip(out, results):
@@ -773,7 +773,7 @@ def _fake_outs_given(op, qweight_out, qzeros_out):
 @torch.library.register_fake("torch_ops::awq_to_gptq_out")
 def _(qweight, qzeros, zero_format="v1", *, qweight_out, qzeros_out):
     _fake_outs_given("awq_to_gptq", qweight_out, qzeros_out)
-    _on_one_device("awq_to_gptq_out", qweight, qzeros=qzeros, qweight_out=qweight_out,
+    _on_one_device("awq_to_gptq", qweight, qzeros=qzeros, qweight_out=qweight_out,
                    qzeros_out=qzeros_out)
     _fake_outs("awq_to_gptq", _fake_awq_to_gptq(qweight, qzeros, zero_format), qweight_out,
                qzeros_out)
@@ -783,7 +783,7 @@ def _(qweight, qzeros, zero_format="v1", *, qweight_out, qzeros_out):
 @torch.library.register_fake("torch_ops::gptq_to_awq_out")
 def _(qweight, qzeros, zero_format="v1", g_idx=None, *, qweight_out, qzeros_out):
     _fake_outs_given("gptq_to_awq", qweight_out, qzeros_out)
-    _on_one_device("gptq_to_awq_out", qweight, qzeros=qzeros, g_idx=g_idx,
+    _on_one_device("gptq_to_awq", qweight, qzeros=qzeros, g_idx=g_idx,
                    qweight_out=qweight_out, qzeros_out=qzeros_out)
     _fake_outs("gptq_to_awq", _fake_gptq_to_awq(qweight, qzeros, zero_format, g_idx),
                qweight_out, qzeros_out)
