@@ -251,7 +251,8 @@ def test_fused_experts_it_cannot_take_stay_float_and_say_why():
                                                "top_k_index, top_k_weights)")}
     hooked = variant(lambda m: m.register_forward_hook(lambda *a: None))
     replaced = variant(lambda m: setattr(m, "forward", lambda *a: a[0]))  # (accelerate's dispatch)
-    cases.update({"hooked": (hooked, "a module with forward hooks, which UnfusedExperts would drop"),
+    cases.update({"hooked": (hooked, "a module with forward hooks, which UnfusedExperts would "
+                                     "drop"),
                   "instance_forward": (replaced, "a module whose forward is replaced on the "
                                                  "instance")})
     assert isinstance(fused_experts_layout(gated), tuple)  # (an instance attribute: the class's)

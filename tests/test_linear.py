@@ -618,7 +618,8 @@ def test_compile_dynamic_torch_func_bad_input(device, case):
                "g_idx and perm": r"w4a16_linear: pass g_idx .* or perm .*, not both",
                "N not a multiple of 8": r"w4a16_linear: N = qweight.shape\[-1\] = \w+ must be a "
                                         r"multiple of 8",
-               "perm [K - 8]": r"w4a16_linear: perm must have shape \[K\] = \[[*\w]+\], got \[\w+\]"}[case]
+               "perm [K - 8]": r"w4a16_linear: perm must have shape \[K\] = \[[*\w]+\], "
+                               r"got \[\w+\]"}[case]
     args = dict(t, **kw)
     grad = torch.func.grad(lambda x: torch_ops.w4a16_linear(x, **args).sum())
     with pytest.raises(Exception, match=message):

@@ -26,9 +26,10 @@ That too is invisible from outside: state dicts and exports are GPTQ.
 All of them are buffers, so ``.to()``, ``.cuda()``, ``state_dict()`` and ``load_state_dict()``
 work as for any module (``.double()`` too, as for a whole model, but the kernels take float32,
 float16 or bfloat16 scales: forward, ``load_state_dict`` and ``save_quantized`` refuse float64
-ones, by name, until ``.float()`` or ``.half()`` brings them back). ``forward`` is a single call to ``torch_ops.w4a16_linear`` (given
-``perm`` when prepacked): no host sync, no Python branching on tensor values, so it traces under
-``torch.compile(fullgraph=True)`` and replays in CUDA graphs.
+ones, by name, until ``.float()`` or ``.half()`` brings them back). ``forward`` is a single
+call to ``torch_ops.w4a16_linear`` (given ``perm`` when prepacked): no host sync, no Python
+branching on tensor values, so it traces under ``torch.compile(fullgraph=True)`` and replays in
+CUDA graphs.
 """
 from __future__ import annotations
 
@@ -1086,11 +1087,12 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
     loads them float; a 4-bit router can pick other experts; with ``routers`` the router Linears
     whose shape can be quantized are, and the others stay float with a warning naming them:
     Linear(H, 1) gates, and transformers 5's own routers, modules that are not nn.Linear),
-    ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads itself,
-    subclasses of ``nn.Linear`` with a ``forward`` of their own, and Linears with hooks of their
-    own or a ``forward`` set on the instance, whose extra behaviour a QuantLinear would drop)
-    with ``QuantLinear.from_linear``, in place (``sym`` and ``scales_dtype`` as there:
-    torch.float32 for weights whose groups overflow fp16 scales); returns ``model``. A Linear shared by several
+    ``nn.MultiheadAttention``'s ``out_proj`` and ``nn.TransformerEncoderLayer``'s ``linear1`` /
+    ``linear2``, whose weights the attention / the layer read themselves, subclasses of
+    ``nn.Linear`` with a ``forward`` of their own, and Linears with hooks of their own or a
+    ``forward`` set on the instance, whose extra behaviour a QuantLinear would drop) with
+    ``QuantLinear.from_linear``, in place (``sym`` and ``scales_dtype`` as there: torch.float32
+    for weights whose groups overflow fp16 scales); returns ``model``. A Linear shared by several
     names is quantized once and stays shared (skipped if any of its names matches).
     transformers 5's fused MoE experts (3-D ``gate_up_proj`` and ``down_proj``: see
     :func:`torch_ops.module.fused_experts_layout`) become an :class:`UnfusedExperts`, a
@@ -1121,7 +1123,8 @@ def quantize_model(model: nn.Module, group_size: int = 128, sym: bool = False,
                          f"got {group_size}")
     if _ops._dtype("quantize_model", "scales_dtype", scales_dtype, _SCALES_DTYPES,
                    optional=True) not in (*_FLOAT_DTYPES, None):
-        raise TypeError(f"quantize_model: scales_dtype must be {_SCALES_DTYPES}, got {scales_dtype}")
+        raise TypeError(f"quantize_model: scales_dtype must be {_SCALES_DTYPES}, "
+                        f"got {scales_dtype}")
     # (5 raised "'int' object is not iterable", [5] "'int' object has no attribute 'split'")
     what = "quantize_model: skip must be a module name or a list of them, got"
     if skip is None or isinstance(skip, str):
