@@ -171,6 +171,17 @@ def test_constructor_sizes_must_be_ints():
     np = pytest.importorskip("numpy")
     layer = QuantLinear(np.int64(384), np.int64(N), group_size=np.int64(128), num_groups=3)
     assert not layer.row_shard and type(layer.group_size) is int and layer.kinterleaved
+    # num_groups too (refused: "must be an int >= 1"), and from_gptq's group_size, whose row-shard
+    # test took np.int64 for no group size and refused a shard, blaming its shape
+    shard = QuantLinear(136, N, group_size=np.int64(64), num_groups=np.int64(4))
+    assert shard.row_shard and type(shard.num_groups) is int and shard.num_groups == 4
+    gq = random_gptq("cpu", k=256, g=64)
+    g_idx = act_order_g_idx(k=256, g=64)
+    for rows in (136, 128):
+        q = torch_ops.pack(torch_ops.unpack(gq["qweight"], 4, dim=0)[:rows], 4, dim=0)
+        layer = QuantLinear.from_gptq(q, gq["qzeros"], gq["scales"], g_idx=g_idx[:rows],
+                                      group_size=np.int64(64))
+        assert layer.row_shard and layer.num_groups == 4 and type(layer.group_size) is int
 
 
 

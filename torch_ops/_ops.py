@@ -343,8 +343,8 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bo
 def prepack_w4a16(qweight: torch.Tensor) -> torch.Tensor:
     """The k-interleaved form of a GPTQ 4-bit qweight [K/8, N] (K a multiple of 32): int32
     [K/32, 4, N], the same words with each 32-k block's nibbles reordered so that one word is a
-    tensor-core fragment row's values for two k16 steps (FORMATS: word (b, t, n) nibble
-    2 jj + h + 4 e holds k = 32 b + 16 jj + 8 h + 2 t + e). :func:`w4a16_linear` takes it in place
+    tensor-core fragment row's values for two k16 steps (README's formats table: word (b, t, n)
+    nibble 2 jj + h + 4 e holds k = 32 b + 16 jj + 8 h + 2 t + e). :func:`w4a16_linear` takes it in place
     of qweight (not with g_idx: act-order rows sorted by :func:`act_order_prepack` first, then
     perm) and is faster with it on CUDA (H200: 2-10%, every batch size); on the CPU it costs a
     gather of x. Lossless: :func:`unprepack_w4a16` undoes it."""

@@ -206,7 +206,11 @@ class QuantLinear(nn.Module):
         _check_float_dtype(dtype, "QuantLinear: dtype")
         self.kinterleave = bool(kinterleave)  # keep qweight k-interleaved where the layer allows
         if num_groups is not None:
-            # (bool is an int: True would be one group)
+            # (bool is an int: True would be one group; a numpy integer is taken as
+            # in_features and group_size are)
+            if (not isinstance(num_groups, (bool, torch.Tensor))
+                    and hasattr(type(num_groups), "__index__")):
+                num_groups = operator.index(num_groups)
             if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
                 raise ValueError(f"QuantLinear: num_groups (the groups of the whole layer's scales "
                                  f"and qzeros, for a row shard) must be an int >= 1, got "
@@ -337,6 +341,9 @@ class QuantLinear(nn.Module):
         _check_tensor(scales, "from_gptq: scales")
         # (its dtype is the layer's: checked here, where the constructor's error would name dtype)
         _check_float_dtype(scales.dtype, "from_gptq: scales")
+        # (a numpy integer as an int: the row-shard test below took np.int64(64) for no group
+        # size and refused a shard, blaming its shape)
+        group_size = _ops._int("from_gptq", "group_size", group_size)
         K, N = qweight.shape[0] * PACK, qweight.shape[1]
         num_groups = None
         if (g_idx is not None and isinstance(group_size, int) and group_size > 0
