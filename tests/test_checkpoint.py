@@ -332,6 +332,49 @@ def test_load_ignores_rotary_inv_freq_that_older_transformers_saved(tmp_path):
         load_quantized(TinyLM(), folder)
 
 
+@pytest.mark.parametrize("shard", ["../elsewhere/x.safetensors", "ABSOLUTE", ""])
+def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, shard):
+    """An index whose weight_map names ../x or an absolute path: load_quantized and inspect read
+    that file, wherever it was (convert refused it, and its message itself failed on an absolute
+    path: "is not in the subpath of"); an empty name was reported as the folder "missing"."""
+    src = tmp_path / "ckpt"
+    make_checkpoint(src, "awq", shards=2)
+    outside = tmp_path / "elsewhere" / "x.safetensors"
+    outside.parent.mkdir()
+    first = sorted(src.glob("model-*.safetensors"))[0]
+    shutil.move(first, outside)
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: (shard if v == first.name else v) for k, v in index["weight_map"].items()}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = (re.escape(f"{src / 'model.safetensors.index.json'}: shard {shard!r} is not a file "
+                         "inside the checkpoint folder"))
+    for call in (lambda: load_quantized(TinyLM(), src), lambda: inspect_checkpoint(src),
+                 lambda: convert_checkpoint(src, tmp_path / "dst", "gptq")):
+        with pytest.raises(CheckpointError, match=message):
+            call()
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("where", ["config.json", "model.safetensors.index.json", "header"])
+def test_deeply_nested_json_is_a_checkpoint_error(tmp_path, where):
+    """JSON nested past the parser's depth raised RecursionError, naming no file"""
+    src = tmp_path / "ckpt"
+    make_checkpoint(src, "awq", shards=2)
+    deep = "[" * 100000 + "]" * 100000
+    if where == "header":
+        target = sorted(src.glob("model-*.safetensors"))[0]
+        target.write_bytes(len(deep).to_bytes(8, "little") + deep.encode())
+        message = rf"{re.escape(str(target))}: corrupt safetensors header \(maximum recursion"
+    else:
+        target = src / where
+        target.write_text(deep)
+        message = rf"{re.escape(str(target))}: cannot read JSON \(maximum recursion"
+    for call in (lambda: load_quantized(TinyLM(), src), lambda: inspect_checkpoint(src)):
+        with pytest.raises(CheckpointError, match=message):
+            call()
+
+
 def test_load_refuses_quantized_layers_that_must_stay_float(tmp_path):
     """quantize_model leaves float a Linear subclass with a forward of its own (a QuantLinear would
     drop what it adds) and nn.MultiheadAttention's out_proj (the attention reads its weight

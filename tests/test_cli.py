@@ -395,6 +395,22 @@ def test_convert_special_file_in_a_subfolder_is_a_read_error_of_src(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+@pytest.mark.parametrize("where", ["tok/zero", "zero"])
+def test_convert_refuses_a_side_file_linked_to_a_device(tmp_path, capsys, where):
+    """A side file that is a link to /dev/zero was copied (copy2 follows links) until the disk
+    filled; now refused as a named pipe is, leaving no DST"""
+    src = tmp_path / "src"
+    make_checkpoint(src, "awq")
+    (src / "tok").mkdir()
+    os.symlink("/dev/zero", src / where)
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--to", "gptq", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert f"cannot read {src} (`{src / where}` is a device or socket)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_killed_save_leaves_no_staging_folder_for_the_next_save_or_convert(tmp_path):
     from torch_ops.checkpoint import _STAGING_PREFIX, save_quantized
 

@@ -19,6 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 import shutil
+import stat
 import socket
 import sys
 import tempfile
@@ -222,7 +223,7 @@ def _load_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (nesting past the parser's depth)
         raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
@@ -600,7 +601,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
             raise ValueError(f"{data_len - covered} bytes after the last tensor")
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     return tensors, meta
 
@@ -635,6 +636,14 @@ class Checkpoint:
                 if metadata is not None and not isinstance(metadata, dict):
                     raise CheckpointError(f"{path / INDEX_NAME}: metadata must be a JSON object, "
                                           f"got {metadata!r}")
+                # (an absolute name or ../ led load and inspect out of the folder, to whatever
+                # file it named; convert refused it. Names, not resolved paths: a Hugging Face
+                # cache snapshot's shards are links into ../../blobs)
+                outside = [s for s in weight_map.values() if os.path.isabs(s) or
+                           os.path.normpath(s).split(os.sep)[0] in ("..", ".")]
+                if outside:
+                    raise CheckpointError(f"{path / INDEX_NAME}: shard {outside[0]!r} is not a "
+                                          "file inside the checkpoint folder")
                 shards = [path / s for s in dict.fromkeys(weight_map.values())]
             elif _is_file(path / WEIGHTS_NAME):
                 # as transformers reads it: other .safetensors files are side files (Mistral
@@ -1721,8 +1730,8 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
                               "remove the one that is not the checkpoint")
     nested = [s for s in ckpt.shards if s.parent != src]
     if nested:
-        raise CheckpointError(f"{src / INDEX_NAME}: shard {nested[0].relative_to(src)} is not a "
-                              "file of the folder itself (not supported by convert)")
+        raise CheckpointError(f"{src / INDEX_NAME}: shard {os.path.relpath(nested[0], src)} is "
+                              "not a file of the folder itself (not supported by convert)")
     prefixes = ckpt.quantized_prefixes()
     if not prefixes:
         raise CheckpointError(f"{src}: no quantized layers (no *.qweight tensors)")
@@ -1811,8 +1820,10 @@ def convert_checkpoint(src, dst, to: str = "gptq", zero_format: str = "v1", veri
             # (copy2 names no file when it refuses a special file; only SRC can hold one.) A full
             # disk is DST's, though shutil's copy names the source file it was copying: that
             # was reported as "cannot read SRC"
+            # (the culprit's folder, not the culprit itself: a link out of SRC, to /dev/zero,
+            # resolves outside it)
             read = code not in _WRITE_ERRNOS and (isinstance(e, shutil.SpecialFileError) or (
-                culprit is not None and _inside(Path(culprit), src)))
+                culprit is not None and _inside(Path(culprit).parent, src)))
             raise CheckpointError(f"cannot {'read' if read else 'write'} {src if read else dst} "
                                   f"({why})") from None
         raise
@@ -1915,11 +1926,22 @@ def _write_side_files(src, tmp, config, new_qc, to, ckpt, weight_map, total):
         if item.is_dir():  # links followed, as at the top (a Hugging Face cache snapshot's
             # relative links would dangle in DST); dangling ones left out, loops refused
             _refuse_link_loop(str(item), tmp)
-            shutil.copytree(item, tmp / item.name, symlinks=False,
+            shutil.copytree(item, tmp / item.name, symlinks=False, copy_function=_copy_regular,
                             ignore=functools.partial(_dangling_links, staging=tmp))
         else:  # a link's target is copied (a Hugging Face cache's snapshot is all links), a
             # dangling link as it is
-            shutil.copy2(item, tmp / item.name, follow_symlinks=item.exists())
+            _copy_regular(item, tmp / item.name, follow_symlinks=item.exists())
+
+
+def _copy_regular(src, dst, follow_symlinks=True):
+    """shutil.copy2 of a regular file (or a dangling link, not followed): a device, a socket or a
+    link to one is refused, as shutil refuses a named pipe (a side file linked to /dev/zero was
+    copied until the disk filled)"""
+    if follow_symlinks and os.path.exists(src):
+        mode = os.stat(src).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+            raise shutil.SpecialFileError(f"`{src}` is a device or socket")
+    return shutil.copy2(src, dst, follow_symlinks=follow_symlinks)
 
 
 def _dangling_links(folder, names, staging=None):
